@@ -1,0 +1,43 @@
+# Newcomer path: `make demo` and `make test` each create .venv, install what is needed and build.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+QUICK   ?= 0
+OUT     ?= bench-results
+
+.PHONY: demo test build gpu-compile-check bench gpu-check info clean
+
+$(STAMP): requirements-dev.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+# Builds effops._C in place (ninja; only changed files are recompiled). --no-build-isolation is
+# implied: setup.py runs with the venv's own torch, so nothing downloads another torch.
+build: $(STAMP)
+	$(VPY) setup.py -q build_ext --inplace
+
+demo: build
+	$(VPY) -m effops.demo
+
+test: build
+	$(VPY) -m pytest -q
+
+info: build
+	$(VPY) -m effops info
+
+# Every .cu through nvcc for sm_80/sm_90a and every Triton kernel config through Triton's compiler.
+gpu-compile-check: $(STAMP)
+	$(VPY) tools/gpu_compile_check.py --out build/gpu-compile-check
+
+bench: build
+	$(VPY) -m benchmarks.run $(if $(filter 1,$(QUICK)),--quick) --out $(OUT)
+
+# The one command for a lent GPU machine: its own python/torch/triton, no installs, no network.
+gpu-check:
+	bash benchmarks/gpu_check.sh $(OUT)/gpu-check
+
+clean:
+	rm -rf build effops/_C*.so

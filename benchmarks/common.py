@@ -1,0 +1,78 @@
+"""Timing side by side: every implementation of one case timed in the same process, interleaved,
+medians compared as ratios against a named baseline (this machine is shared and noisy: one absolute
+time means little, a ratio taken in one run means more).
+
+Each benchmarks/bench_<op>.py has `run(quick, device) -> list[dict]` that builds rows with `compare`.
+"""
+import statistics
+import time
+
+import torch
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device, min_time=0.2):
+    """Median seconds per call of fn() after a warm-up call (which may compile)."""
+    fn()
+    _sync(device)
+    if torch.device(device).type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    import torch.utils.benchmark as tb
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_time)
+    return m.median
+
+
+def compare(op, case, impls, baseline, device="cpu", rounds=3, min_time=0.2, work=None, work_unit=None,
+            extra=None):
+    """Time every impl of one case, interleaved over `rounds` rounds; one row per impl.
+
+    impls: {name: zero-argument callable}; baseline: the name of the outside implementation the
+    ratio is taken against (ratio > 1 means faster than the baseline). work: FLOPs or bytes per call,
+    giving a rate in work_unit/s ("GFLOP/s", "GB/s", "GOP/s").
+    """
+    samples = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            samples[name].append(time_fn(fn, device, min_time))
+    medians = {name: statistics.median(s) for name, s in samples.items()}
+    rows = []
+    for name, t in medians.items():
+        row = dict(op=op, case=case, impl=name, baseline=baseline, time_ms=t * 1e3,
+                   speedup=medians[baseline] / t)
+        if work is not None:
+            row["rate"] = work / t / 1e9
+            row["rate_unit"] = work_unit
+        row.update(extra or {})
+        rows.append(row)
+    return rows
+
+
+def peak_memory(fn, device="cpu"):
+    """Peak bytes allocated while fn() runs (CUDA allocator stats, or the CPU profiler's tally)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Running sum of allocations/frees in event order; its maximum is the peak above the start.
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    level = peak = 0
+    for e in events:
+        level += e.cpu_memory_usage
+        peak = max(peak, level)
+    return peak
+
+
+def now():
+    return time.strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,102 @@
+"""`make bench`: every benchmarks/bench_*.py side by side with its outside baseline.
+
+Writes <out>/results.json (rows plus machine, versions and commit) and <out>/results.md (one table per
+op), and prints the tables.
+
+    python -m benchmarks.run [--quick] [--only adam_step,...] [--device cpu|cuda] [--out DIR]
+"""
+import argparse
+import glob
+import importlib
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def machine_info(device):
+    info = dict(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), python=platform.python_version(),
+                torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                device=device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True).stdout.strip()
+    except OSError:
+        info["commit"] = None
+    return info
+
+
+def markdown(rows):
+    out, by_op = [], {}
+    for r in rows:
+        by_op.setdefault(r["op"], []).append(r)
+    for op, op_rows in by_op.items():
+        out.append("### %s (speedup = baseline time / time; baseline: %s)\n" % (op, op_rows[0]["baseline"]))
+        extra_keys = sorted({k for r in op_rows for k in r} - {"op", "case", "impl", "baseline", "time_ms", "speedup",
+                                                                "rate", "rate_unit"})
+        head = ["case", "impl", "time ms", "speedup", "rate"] + extra_keys
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for r in op_rows:
+            rate = "%.1f %s" % (r["rate"], r["rate_unit"]) if "rate" in r else ""
+            cells = [str(r["case"]), r["impl"], "%.3f" % r["time_ms"], "%.2fx" % r["speedup"], rate]
+            cells += [("%.3g" % r[k]) if isinstance(r.get(k), float) else str(r.get(k, "")) for k in extra_keys]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds (under 3 minutes on 2 cores)")
+    parser.add_argument("--only", default="", help="comma-separated bench names (e.g. adam_step)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args()
+    names = sorted(os.path.basename(p)[len("bench_"):-3] for p in glob.glob(os.path.join(ROOT, "benchmarks", "bench_*.py")))
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for name in names:
+        start = time.time()
+        module = importlib.import_module("benchmarks.bench_" + name)
+        new = module.run(quick=args.quick, device=args.device)
+        rows += new
+        print(markdown(new))
+        print("(%s: %.0f s)\n" % (name, time.time() - start), flush=True)
+    result = dict(machine=machine_info(args.device), quick=args.quick, rows=rows)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        m = result["machine"]
+        f.write("Measured %s, commit %s, %s, %d threads, torch %s\n\n" % (m["date"], m["commit"], m.get("gpu", m["cpu"]),
+                                                                         m["threads"], m["torch"]))
+        f.write(markdown(rows))
+    try:
+        from benchmarks import plots
+        plots.write_plots(rows, args.out)
+    except ImportError:
+        pass
+    print("results in %s" % args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+// The SIMD vocabulary every CPU kernel uses: one 8-lane fp32 vector type with load/store/fma and
+// conversions from and to bf16/fp16, in an AVX2 flavour and a scalar flavour with the same names.
+//
+// Kernels are templates over `Vec` and are instantiated twice: once inside a function marked
+// EFFOPS_AVX2_TARGET (compiled for AVX2+FMA although the file is not), once for the scalar path.
+// cpu_features.h decides at run time which one runs. Never compile these files with -march=native.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define EFFOPS_HAVE_X86 1
+#define EFFOPS_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#else
+#define EFFOPS_HAVE_X86 0
+#define EFFOPS_AVX2_TARGET
+#endif
+
+namespace effops::cpu {
+
+// ---- element conversions (scalar, exact as torch does them: bf16 rounds to nearest even) ----
+template <typename T> inline float to_float(T v) { return static_cast<float>(v); }
+template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
+
+// ---- scalar "vector": width 1, the reference the AVX2 body is checked against ----
+struct ScalarVec {
+  static constexpr int kWidth = 1;
+  float v;
+  static ScalarVec zero() { return {0.f}; }
+  static ScalarVec broadcast(float x) { return {x}; }
+  template <typename T> static ScalarVec load(const T* p) { return {to_float(*p)}; }
+  template <typename T> void store(T* p) const { *p = from_float<T>(v); }
+  friend ScalarVec operator+(ScalarVec a, ScalarVec b) { return {a.v + b.v}; }
+  friend ScalarVec operator-(ScalarVec a, ScalarVec b) { return {a.v - b.v}; }
+  friend ScalarVec operator*(ScalarVec a, ScalarVec b) { return {a.v * b.v}; }
+  friend ScalarVec operator/(ScalarVec a, ScalarVec b) { return {a.v / b.v}; }
+  static ScalarVec fma(ScalarVec a, ScalarVec b, ScalarVec c) { return {a.v * b.v + c.v}; }
+  static ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v > b.v ? a.v : b.v}; }
+  static ScalarVec sqrt(ScalarVec a) { return {__builtin_sqrtf(a.v)}; }
+  float reduce_add() const { return v; }
+};
+
+#if EFFOPS_HAVE_X86
+// ---- AVX2: 8 fp32 lanes. Every member is compiled for AVX2+FMA through the target attribute. ----
+struct Avx2Vec {
+  static constexpr int kWidth = 8;
+  __m256 v;
+  EFFOPS_AVX2_TARGET static Avx2Vec zero() { return {_mm256_setzero_ps()}; }
+  EFFOPS_AVX2_TARGET static Avx2Vec broadcast(float x) { return {_mm256_set1_ps(x)}; }
+  EFFOPS_AVX2_TARGET static Avx2Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  EFFOPS_AVX2_TARGET static Avx2Vec load(const c10::BFloat16* p) {
+    // bf16 is the top half of an fp32: widen to 32 bits and shift left.
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+  }
+  EFFOPS_AVX2_TARGET static Avx2Vec load(const c10::Half* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  EFFOPS_AVX2_TARGET void store(float* p) const { _mm256_storeu_ps(p, v); }
+  EFFOPS_AVX2_TARGET void store(c10::BFloat16* p) const {
+    // Round to nearest even, NaN kept quiet: the same rule as c10::BFloat16's constructor.
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    __m256 is_nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc00000), _mm256_castps_si256(is_nan));
+    __m256i hi = _mm256_srli_epi32(rounded, 16);
+    // Pack 8 x 32-bit to 8 x 16-bit (packus works per 128-bit lane, then fix the lane order).
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(hi, hi), 0xd8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  EFFOPS_AVX2_TARGET void store(c10::Half* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  EFFOPS_AVX2_TARGET friend Avx2Vec operator+(Avx2Vec a, Avx2Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  EFFOPS_AVX2_TARGET friend Avx2Vec operator-(Avx2Vec a, Avx2Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  EFFOPS_AVX2_TARGET friend Avx2Vec operator*(Avx2Vec a, Avx2Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  EFFOPS_AVX2_TARGET friend Avx2Vec operator/(Avx2Vec a, Avx2Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
+  EFFOPS_AVX2_TARGET static Avx2Vec fma(Avx2Vec a, Avx2Vec b, Avx2Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  EFFOPS_AVX2_TARGET static Avx2Vec max(Avx2Vec a, Avx2Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  EFFOPS_AVX2_TARGET static Avx2Vec sqrt(Avx2Vec a) { return {_mm256_sqrt_ps(a.v)}; }
+  EFFOPS_AVX2_TARGET float reduce_add() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+  }
+};
+#endif
+
+}  // namespace effops::cpu

@@ -1,0 +1,25 @@
+"""effops: fused kernels for efficient PyTorch training and inference.
+
+    effops.ops        dwpw_conv2d, masked_linear, quantize_rowwise, int8_linear, int8_mm, adam_step
+    effops.nn         SeparableConv2d, SparseLinear, Int8Linear
+    effops.optim      Adam, AdamW
+    effops.fuse_separable / effops.prune / effops.quantize   model transforms
+    effops.backends() / effops.use_backend(name)             backend choice (also EFFOPS_BACKEND)
+"""
+from effops._backends import BackendError, backends, use_backend
+from effops._lazy import lazy_getattr
+
+__version__ = "0.1.0"
+__all__ = ["ops", "nn", "optim", "transforms", "backends", "use_backend", "BackendError",
+           "fuse_separable", "prune", "quantize", "GradualPruner"]
+
+__getattr__ = lazy_getattr(__name__, {
+    "ops": "effops.ops",
+    "nn": "effops.nn",
+    "optim": "effops.optim",
+    "transforms": "effops.transforms",
+    "fuse_separable": "effops.transforms.fuse_separable:fuse_separable",
+    "prune": "effops.transforms.prune:prune",
+    "GradualPruner": "effops.transforms.prune:GradualPruner",
+    "quantize": "effops.transforms.quantize:quantize",
+})

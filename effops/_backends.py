@@ -1,0 +1,191 @@
+"""The backend registry: which implementations exist, which are usable here, and which one runs.
+
+Each op registers one kernel per backend with `register_kernel(op, backend, supports=...)`. The
+`supports` callable receives the op's arguments and returns None to accept them or a short reason to
+decline (a dtype it lacks, a layout, a size where plain PyTorch is faster). `dispatch` then picks:
+
+* forced (``use_backend(name)`` or ``EFFOPS_BACKEND``): that backend, or a clear error when it is
+  unusable here, has no kernel for the op, or declines the input. Forcing never falls back quietly.
+* automatic: the first usable backend in ``AUTO_ORDER[device type]`` whose kernel accepts the input.
+  ``reference`` (plain PyTorch) accepts everything, so every input has an answer.
+
+Triton on CPU tensors runs only in its interpreter (``TRITON_INTERPRET=1`` set before Triton is
+imported): that is for tests, so the automatic choice never picks it.
+"""
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# Best first, per device type of the op's tensors.
+AUTO_ORDER = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+_forced = contextvars.ContextVar("effops_forced_backend", default=None)
+_kernels = {}  # op name -> {backend name -> _Kernel}
+
+
+class BackendError(RuntimeError):
+    """A forced backend cannot run (unusable here, no kernel for this op, or it declined the input)."""
+
+
+class _Kernel:
+    def __init__(self, fn, supports):
+        self._fn = fn  # a callable, or "module:function" imported on first use (keeps Triton lazy)
+        self.supports = supports
+
+    @property
+    def fn(self):
+        if isinstance(self._fn, str):
+            module, name = self._fn.split(":")
+            self._fn = getattr(importlib.import_module(module), name)
+        return self._fn
+
+
+def register_kernel(op, backend, fn=None, *, supports=None):
+    """Register `fn` as `backend`'s kernel for `op`. Usable as a decorator when `fn` is omitted."""
+    if backend not in BACKENDS:
+        raise ValueError("backend must be one of %s, got %r" % (BACKENDS, backend))
+
+    def add(f):
+        _kernels.setdefault(op, {})[backend] = _Kernel(f, supports)
+        return f
+
+    return add if fn is None else add(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which backends are usable here
+# ---------------------------------------------------------------------------------------------
+def _triton_interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _status(name):
+    """(usable, reason) for a backend on this machine, independent of any device."""
+    from effops import _ext
+
+    if name == "reference":
+        return True, "plain PyTorch"
+    if name == "cpu":
+        return (True, "compiled CPU kernels") if _ext.load() else (False, _ext.reason())
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        if not _ext.load():
+            return False, _ext.reason()
+        if not _ext.build_info().get("cuda_kernels"):
+            return False, "extension built without CUDA kernels (EFFOPS_BUILD_CUDA)"
+        return True, "compiled CUDA kernels"
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed"
+        if torch.cuda.is_available():
+            return True, "Triton on CUDA"
+        if _triton_interpreting():
+            return True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1)"
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+    raise ValueError("unknown backend %r; expected one of %s" % (name, BACKENDS))
+
+
+def backend_reasons():
+    """{backend: (usable, reason)} for `python -m effops info`."""
+    return {name: _status(name) for name in BACKENDS}
+
+
+def backends():
+    """{backend name: usable here}."""
+    return {name: ok for name, (ok, _) in backend_reasons().items()}
+
+
+def _runs_on(backend, device_type):
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device_type == "cpu"
+    if backend == "cuda":
+        return device_type == "cuda"
+    if backend == "triton":
+        return device_type == "cuda" or (device_type == "cpu" and _triton_interpreting())
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Forcing a backend
+# ---------------------------------------------------------------------------------------------
+def _check_name(name, source):
+    if name not in BACKENDS:
+        raise ValueError("%s must be one of %s, got %r" % (source, BACKENDS, name))
+
+
+def forced_backend():
+    """The backend forced by `use_backend` (innermost wins) or EFFOPS_BACKEND, else None."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get("EFFOPS_BACKEND") or None
+    if env is not None:
+        _check_name(env, "EFFOPS_BACKEND")
+    return env
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run every effops op inside the block on backend `name`; raises BackendError if it is unusable."""
+    _check_name(name, "use_backend(name)")
+    ok, why = _status(name)
+    if not ok:
+        raise BackendError("backend %r is not usable here: %s" % (name, why))
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing and running
+# ---------------------------------------------------------------------------------------------
+def select(op, device, *args, **kwargs):
+    """Name of the backend that would run `op` on tensors of `device` with these arguments."""
+    return _choose(op, torch.device(device).type, args, kwargs)[0]
+
+
+def _choose(op, device_type, args, kwargs):
+    table = _kernels.get(op)
+    if not table:
+        raise KeyError("no kernels registered for op %r" % op)
+    forced = forced_backend()
+    if forced is not None:
+        ok, why = _status(forced)
+        if not ok:
+            raise BackendError("backend %r is forced but not usable here: %s" % (forced, why))
+        if not _runs_on(forced, device_type):
+            raise BackendError("backend %r is forced but cannot run on %s tensors" % (forced, device_type))
+        kernel = table.get(forced)
+        if kernel is None:
+            raise BackendError("backend %r is forced but has no kernel for %s" % (forced, op))
+        declined = kernel.supports(*args, **kwargs) if kernel.supports else None
+        if declined:
+            raise BackendError("backend %r is forced but declines this %s input: %s" % (forced, op, declined))
+        return forced, kernel
+    for name in AUTO_ORDER.get(device_type, ("reference",)):
+        kernel = table.get(name)
+        if kernel is None or not _status(name)[0]:
+            continue
+        if kernel.supports is None or not kernel.supports(*args, **kwargs):
+            return name, kernel
+    raise BackendError("no backend accepts this %s input on %s" % (op, device_type))
+
+
+def dispatch(op, device, *args, **kwargs):
+    """Run `op` on the chosen backend. `device` is the device of the op's tensors."""
+    _, kernel = _choose(op, torch.device(device).type, args, kwargs)
+    return kernel.fn(*args, **kwargs)

@@ -1,0 +1,43 @@
+"""Loading the compiled kernels (effops._C), tolerantly.
+
+A missing or broken build is not an error: the `cpu`/`cuda` backends report themselves unusable with
+the reason, a warning names it once, and the remaining backends run.
+"""
+import json
+import os
+import warnings
+
+_state = {"loaded": None, "reason": None, "info": {}}
+
+
+def load():
+    """Import effops._C once. Returns True when the kernels are registered with torch."""
+    if _state["loaded"] is not None:
+        return _state["loaded"]
+    if os.environ.get("EFFOPS_NO_EXT") == "1":
+        _state.update(loaded=False, reason="disabled by EFFOPS_NO_EXT=1")
+        return False
+    try:
+        import torch
+        from effops import _C  # noqa: F401  (its import registers torch.ops.effops_cpu.*)
+        _state["info"] = json.loads(torch.ops.effops_cpu.build_info())
+        _state.update(loaded=True, reason=None)
+    except Exception as exc:  # ImportError, undefined symbols from a stale build, ...
+        reason = "extension effops._C not loaded (%s: %s)" % (type(exc).__name__, exc)
+        if isinstance(exc, ModuleNotFoundError):
+            reason = "extension effops._C not built (run `make build` or `pip install --no-build-isolation .`)"
+        _state.update(loaded=False, reason=reason)
+        warnings.warn("effops: %s; using the remaining backends" % reason, RuntimeWarning, stacklevel=2)
+    return _state["loaded"]
+
+
+def reason():
+    """Why the extension is not loaded (None when it is)."""
+    load()
+    return _state["reason"]
+
+
+def build_info():
+    """The build report of the loaded extension: {"cuda_kernels": bool, "cpu_avx2_fma_runtime": ...}."""
+    load()
+    return dict(_state["info"])

@@ -1,0 +1,104 @@
+"""The backend registry: availability, automatic choice, forcing, declining."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import effops
+from effops import _backends, _ext
+
+
+def test_backends_reports_each_name():
+    status = effops.backends()
+    assert set(status) == set(_backends.BACKENDS)
+    assert status["reference"] is True
+    assert status["cuda"] == (torch.cuda.is_available() and _ext.build_info().get("cuda_kernels", False))
+
+
+@pytest.mark.skipif(os.environ.get("EFFOPS_NO_EXT") == "1", reason="pure-Python install requested")
+def test_extension_is_built_and_loaded():
+    # `make test` builds the extension: a missing build must fail here, not quietly skip every kernel.
+    assert _ext.load(), _ext.reason()
+    assert effops.backends()["cpu"]
+    assert isinstance(_ext.build_info()["cpu_avx2_fma_runtime"], bool)
+
+
+@pytest.fixture
+def toy_op():
+    """A private op with a reference kernel and a cpu kernel that declines odd sizes."""
+    name = "_test_toy_op"
+    _backends.register_kernel(name, "reference", lambda x: ("reference", x + 1))
+    _backends.register_kernel(name, "cpu", lambda x: ("cpu", x + 1),
+                              supports=lambda x: "odd size" if x.numel() % 2 else None)
+    yield name
+    _backends._kernels.pop(name)
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_automatic_choice_prefers_cpu_and_falls_back_when_declined(toy_op):
+    even, odd = torch.zeros(4), torch.zeros(3)
+    assert _backends.dispatch(toy_op, "cpu", even)[0] == "cpu"
+    assert _backends.dispatch(toy_op, "cpu", odd)[0] == "reference"
+    assert _backends.select(toy_op, "cpu", odd) == "reference"
+
+
+def test_use_backend_forces_and_restores(toy_op):
+    with effops.use_backend("reference"):
+        assert _backends.dispatch(toy_op, "cpu", torch.zeros(4))[0] == "reference"
+        assert _backends.forced_backend() == "reference"
+    assert _backends.forced_backend() is None
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_forced_backend_that_declines_raises_instead_of_falling_back(toy_op):
+    with effops.use_backend("cpu"):
+        with pytest.raises(effops.BackendError, match="declines.*odd size"):
+            _backends.dispatch(toy_op, "cpu", torch.zeros(3))
+
+
+def test_forcing_an_unusable_backend_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("cuda is usable here")
+    with pytest.raises(effops.BackendError, match="cuda.*not usable"):
+        with effops.use_backend("cuda"):
+            pass
+
+
+def test_forcing_a_backend_without_a_kernel_for_the_op(toy_op):
+    if not _backends._status("triton")[0] or not _backends._runs_on("triton", "cpu"):
+        pytest.skip("triton cannot run on CPU tensors here")
+    with effops.use_backend("triton"):
+        with pytest.raises(effops.BackendError, match="no kernel"):
+            _backends.dispatch(toy_op, "cpu", torch.zeros(4))
+
+
+def test_unknown_backend_name_is_a_value_error():
+    with pytest.raises(ValueError, match="use_backend"):
+        with effops.use_backend("tpu"):
+            pass
+
+
+def test_environment_variable_forces_a_backend(monkeypatch, toy_op):
+    monkeypatch.setenv("EFFOPS_BACKEND", "reference")
+    assert _backends.dispatch(toy_op, "cpu", torch.zeros(4))[0] == "reference"
+    monkeypatch.setenv("EFFOPS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="EFFOPS_BACKEND"):
+        _backends.dispatch(toy_op, "cpu", torch.zeros(4))
+
+
+def test_import_is_fast_and_does_not_import_triton():
+    code = ("import time, sys; import torch; t = time.perf_counter(); import effops; "
+            "print(time.perf_counter() - t, 'triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, TRITON_INTERPRET="0")).stdout.split()
+    assert float(out[0]) < 0.5, "import effops (after torch) took %s s" % out[0]
+    assert out[1] == "False"
+
+
+def test_info_report_names_backends_and_versions():
+    from effops.info import report
+    text = report()
+    for needle in ("torch " + torch.__version__, "backends:", "reference", "triton"):
+        assert needle in text
