@@ -1,5 +1,13 @@
-"""The environment report behind `python -m effops info`."""
+"""The environment report behind `python -m effops info`: what to paste into a bug report.
+
+Versions (effops, python, torch, triton, numpy, CUDA), the CPU and its vector features, the GPUs with
+their compute capability, how the extension was built (compiler, OpenMP, CUDA kernels, AVX2/FMA at
+run time), which backends are usable here and why not, which backends have a kernel for each op,
+and the environment variables effops reads.
+"""
+import importlib
 import importlib.util
+import os
 import platform
 
 import torch
@@ -7,40 +15,128 @@ import torch
 import effops
 from effops import _backends, _ext
 
+# Vector features that matter to the CPU kernels (present ones are listed, the rest as absent).
+VECTOR_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                   "avx512_bf16", "amx_int8", "amx_bf16")
+# _OPENMP (yyyymm of the specification) -> OpenMP version.
+OPENMP_VERSIONS = {200505: "2.5", 200805: "3.0", 201107: "3.1", 201307: "4.0", 201511: "4.5", 201811: "5.0",
+                   202011: "5.1", 202111: "5.2"}
+ENV_VARS = ("EFFOPS_BACKEND", "EFFOPS_NO_EXT", "EFFOPS_DISABLE_AVX2", "EFFOPS_BUILD_CUDA", "TRITON_INTERPRET",
+            "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TORCH_CUDA_ARCH_LIST")
 
-def _cpu_flags():
+
+def _version(module):
+    if importlib.util.find_spec(module) is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return getattr(importlib.import_module(module), "__version__", "?")
+
+
+def cpu_info():
+    """(model name, [present vector features], [absent ones]) from /proc/cpuinfo (Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next(l.split(":", 1)[1].split() for l in f if l.startswith("flags"))
-        model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine(), []
-    wanted = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
-    return model, [f for f in wanted if f in flags]
+            text = f.read()
+    except OSError:
+        return platform.processor() or platform.machine(), [], []
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    if not flags:
+        return model, [], []
+    return model, [f for f in VECTOR_FEATURES if f in flags], [f for f in VECTOR_FEATURES if f not in flags]
+
+
+def gpu_lines():
+    if not torch.cuda.is_available():
+        why = "torch built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
+        return ["gpu: none (%s)" % why]
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append("gpu %d: %s, compute capability %d.%d, %.0f GiB, %d SMs"
+                   % (i, p.name, p.major, p.minor, p.total_memory / 2 ** 30, p.multi_processor_count))
+    return out
+
+
+def build_lines():
+    """How effops._C was built, from its build_info JSON, or why it is not loaded."""
+    if not _ext.load():
+        return ["extension effops._C: not loaded: %s" % _ext.reason()]
+    from effops import _C
+    info = _ext.build_info()
+    lines = ["extension effops._C: loaded from %s" % getattr(_C, "__file__", "?")]
+    compiler = str(info.get("compiler", "?"))
+    if compiler[:1].isdigit():  # GCC's __VERSION__ is the bare version; Clang's names itself
+        compiler = "GCC " + compiler
+    openmp = info.get("openmp")
+    lines.append("  compiler: %s" % compiler)
+    lines.append("  openmp: %s" % ("no (kernels run single-threaded)" if openmp is None else "%s (_OPENMP %s)" % (
+        OPENMP_VERSIONS.get(openmp, "?"), openmp)))
+    cuda = info.get("cuda_kernels")
+    lines.append("  cuda kernels: %s" % ("built" if cuda else "not built (needs torch with CUDA and nvcc, or "
+                                                               "EFFOPS_BUILD_CUDA=1)"))
+    avx2 = info.get("cpu_avx2_fma_runtime")
+    if avx2 is None:
+        lines.append("  cpu kernels: ?")
+    elif avx2:
+        lines.append("  cpu kernels: AVX2/FMA bodies chosen at run time")
+    else:
+        why = "EFFOPS_DISABLE_AVX2=1" if os.environ.get("EFFOPS_DISABLE_AVX2") == "1" else "this CPU lacks AVX2/FMA"
+        lines.append("  cpu kernels: scalar bodies (%s)" % why)
+    for key in sorted(set(info) - {"compiler", "openmp", "cuda_kernels", "cpu_avx2_fma_runtime"}):
+        lines.append("  %s: %s" % (key, info[key]))
+    return lines
+
+
+def kernel_lines():
+    """Per op, the backends with a registered kernel (importing each op module registers them)."""
+    from effops import ops
+    missing = []
+    for target in sorted(set(t.partition(":")[0] for t in ops._OPS.values())):
+        try:
+            importlib.import_module(target)
+        except ImportError as exc:
+            missing.append("%s (%s)" % (target.rpartition(".")[2], exc))
+    lines = ["kernels per op (automatic order on cpu: %s; on cuda: %s):"
+             % (" > ".join(_backends.AUTO_ORDER["cpu"]), " > ".join(_backends.AUTO_ORDER["cuda"]))]
+    for op in sorted(_backends._kernels):
+        if op.startswith("_test"):
+            continue
+        names = [b for b in _backends.BACKENDS if b in _backends._kernels[op]]
+        lines.append("  %-24s %s" % (op, ", ".join(names)))
+    for m in missing:
+        lines.append("  not in this build: %s" % m)
+    return lines
 
 
 def report():
-    lines = ["effops %s" % effops.__version__,
-             "python %s, torch %s (CUDA %s)" % (platform.python_version(), torch.__version__, torch.version.cuda)]
-    triton_version = None
-    if importlib.util.find_spec("triton") is not None:
-        from importlib.metadata import version
-        triton_version = version("triton")
-    lines.append("triton %s" % (triton_version or "not installed"))
-    model, flags = _cpu_flags()
-    lines.append("cpu: %s; threads %d; vector features: %s" % (model, torch.get_num_threads(), " ".join(flags) or "?"))
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            cap = torch.cuda.get_device_capability(i)
-            lines.append("gpu %d: %s, compute capability %d.%d" % (i, torch.cuda.get_device_name(i), *cap))
-    else:
-        lines.append("gpu: none visible to torch")
-    lines.append("extension effops._C: %s" % ("loaded" if _ext.load() else _ext.reason()))
-    for key, value in _ext.build_info().items():
-        lines.append("  build %s: %s" % (key, value))
+    py = "python %s (%s)" % (platform.python_version(), platform.platform())
+    cuda = torch.version.cuda or "none"
+    lines = ["effops %s (%s)" % (effops.__version__, os.path.dirname(os.path.abspath(effops.__file__))), py,
+             "torch %s (CUDA %s, cuDNN %s)" % (torch.__version__, cuda,
+                                               torch.backends.cudnn.version() if torch.cuda.is_available() else "-"),
+             "triton %s" % (_version("triton") or "not installed"),
+             "numpy %s" % (_version("numpy") or "not installed")]
+    model, present, absent = cpu_info()
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
+    lines.append("cpu: %s; %d logical cores; torch threads %d; torch CPU capability %s"
+                 % (model, os.cpu_count() or 0, torch.get_num_threads(), capability))
+    lines.append("  vector features: %s" % (" ".join(present) or "unknown"))
+    if absent:
+        lines.append("  absent: %s" % " ".join(absent))
+    lines += gpu_lines()
+    lines += build_lines()
     lines.append("backends:")
     for name, (ok, why) in _backends.backend_reasons().items():
-        lines.append("  %-9s %s  (%s)" % (name, "usable" if ok else "unusable", why))
+        lines.append("  %-9s %-8s (%s)" % (name, "usable" if ok else "unusable", why))
     forced = _backends.forced_backend()
     lines.append("forced backend: %s" % (forced or "none (automatic)"))
+    lines += kernel_lines()
+    env = ["%s=%s" % (k, os.environ[k]) for k in ENV_VARS if k in os.environ]
+    lines.append("environment: %s" % (" ".join(env) or "none of the variables effops reads is set"))
     return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""The two pipelines the demo runs side by side, stage by stage, on the same schedule.
+
+effops: SeparableConv2d model + effops.optim.AdamW -> effops.GradualPruner (SparseLinear, masked_linear)
+        -> effops.quantize (Int8Linear).
+plain:  two nn.Conv2d per block + torch.optim.AdamW -> torch.nn.utils.prune (l1 magnitude masks
+        re-applied on the same cubic schedule) -> torch.ao dynamic int8 quantization of the Linears.
+
+An effops piece that this build lacks (ImportError) makes its stage raise Unavailable; the demo
+reports that stage as not available, it never substitutes something else under the effops name.
+"""
+import warnings
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from effops.demo import models
+
+
+class Unavailable(Exception):
+    """A stage cannot run in this build or on this device; the message says why."""
+
+
+def _effops(what, fn):
+    try:
+        return fn()
+    except ImportError as exc:
+        raise Unavailable("%s not available in this build (%s: %s)" % (what, type(exc).__name__, exc)) from None
+
+
+class PruneSchedule:
+    """Zhu & Gupta's cubic ramp: sparsity(t) = target * (1 - (1 - t / end)^3) for t <= end, re-masking
+    every `every` optimizer steps, then fine-tuning at the target for the remaining steps."""
+
+    def __init__(self, target, total_steps, every=None):
+        self.target = float(target)
+        self.end = max(1, int(total_steps * 0.7))
+        self.every = every or max(1, self.end // 10)
+
+    def sparsity_at(self, step):
+        t = min(step, self.end) / self.end
+        return self.target * (1.0 - (1.0 - t) ** 3)
+
+    def updates_at(self, step):
+        return step <= self.end and (step % self.every == 0 or step == self.end)
+
+
+class Pipeline:
+    """One side of the comparison. Subclasses build the model and do each stage's transform."""
+    name = ""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.pruned_layers = []  # names of the layers pruned, for the table's note
+
+    def to_device(self, model):
+        return model.to(self.cfg.device)
+
+
+class EffopsPipeline(Pipeline):
+    name = "effops"
+
+    def build(self, num_classes):
+        model = _effops("effops.nn.SeparableConv2d", lambda: models.effops_model(num_classes, self.cfg.width,
+                                                                                  seed=self.cfg.seed))
+        return self.to_device(model)
+
+    def optimizer(self, params, lr):
+        AdamW = _effops("effops.optim.AdamW", lambda: __import__("effops.optim", fromlist=["AdamW"]).AdamW)
+        return AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
+
+    def start_pruning(self, model, schedule, optimizer):
+        """effops.GradualPruner on the model's Linear and 1x1-conv layers (SparseLinear / SparseConv1x1,
+        swapped in place with the same Parameter objects, so `optimizer` keeps working); it re-masks
+        from an optimizer step hook. Returns (model, None): no extra per-step callback."""
+        import effops
+        GradualPruner = _effops("effops.GradualPruner", lambda: effops.GradualPruner)
+        GradualPruner(model, schedule.target, end_step=schedule.end, frequency=schedule.every,
+                      pattern="unstructured", scope=self.cfg.prune_scope, optimizer=optimizer)
+        self.pruned_layers = [n for n, m in model.named_modules() if isinstance(getattr(m, "mask", None), torch.Tensor)]
+        return model, None
+
+    def prune_structure(self, model):
+        """The pruned model's structure (masked layers) on a fresh model, to load a checkpoint into."""
+        import effops
+        prune = _effops("effops.prune", lambda: effops.prune)
+        return self.to_device(prune(model, self.cfg.sparsity, pattern="unstructured", scope=self.cfg.prune_scope))
+
+    def quantize(self, model):
+        """Pruned Linear layers made dense again (zeros kept: SparseLinear.to_linear), then
+        effops.quantize with its defaults (Linear layers of at least 128 features -> Int8Linear)."""
+        import effops
+        quantize = _effops("effops.quantize", lambda: effops.quantize)
+        for name, m in list(model.named_modules()):
+            if hasattr(m, "to_linear") and hasattr(m, "mask"):
+                _set_submodule(model, name, m.to_linear())
+        return self.to_device(quantize(model))
+
+    def int8_layers(self, model):
+        return [n for n, m in model.named_modules() if type(m).__name__ == "Int8Linear"]
+
+
+class PlainPipeline(Pipeline):
+    name = "plain"
+    quantized_layers = None  # names given to quantize (the layers effops quantized), None: every Linear
+
+    def build(self, num_classes):
+        return self.to_device(models.plain_model(num_classes, self.cfg.width, seed=self.cfg.seed))
+
+    def optimizer(self, params, lr):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
+
+    def start_pruning(self, model, schedule, optimizer, layer_names):
+        """torch.nn.utils.prune on `layer_names`, re-applied as l1 magnitude masks on the schedule
+        (over all the layers' weights together for --prune-scope global, else per layer)."""
+        layers = [model.get_submodule(n) for n in layer_names]
+        self.pruned_layers = list(layer_names)
+        state = {"step": 0}
+
+        def mask_to(sparsity):
+            for m in layers:
+                if torch_prune.is_pruned(m):
+                    torch_prune.remove(m, "weight")  # weight = weight_orig * mask, same Parameter object
+            # Already-pruned weights are zero, the smallest magnitudes: masks only grow.
+            if self.cfg.prune_scope == "global":
+                total = sum(m.weight.numel() for m in layers)
+                torch_prune.global_unstructured([(m, "weight") for m in layers], torch_prune.L1Unstructured,
+                                                amount=int(round(sparsity * total)))
+            else:
+                for m in layers:
+                    torch_prune.l1_unstructured(m, "weight", amount=int(round(sparsity * m.weight.numel())))
+
+        mask_to(0.0)
+
+        def on_step():
+            state["step"] += 1
+            if schedule.updates_at(state["step"]):
+                with torch.no_grad():
+                    mask_to(schedule.sparsity_at(state["step"]))
+
+        return model, on_step
+
+    def prune_structure(self, model):
+        for n in self.pruned_layers:
+            torch_prune.identity(model.get_submodule(n), "weight")
+        return model
+
+    def quantize(self, model, layers=None):
+        """torch.ao dynamic int8 quantization of `layers` (names; default every Linear)."""
+        if torch.device(self.cfg.device).type != "cpu":
+            raise Unavailable("torch's dynamic int8 quantization runs on CPU only")
+        for n in self.pruned_layers:
+            m = model.get_submodule(n)
+            if torch_prune.is_pruned(m):
+                torch_prune.remove(m, "weight")
+        if layers is not None:
+            self.quantized_layers = list(layers)
+        spec = {nn.Linear} if self.quantized_layers is None else set(self.quantized_layers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+            return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+
+    def int8_layers(self, model):
+        return [n for n, m in model.named_modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+
+
+def _set_submodule(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def plain_layer_names(effops_pruned, plain_model):
+    """The plain model's layers matching those effops pruned (effops names a pointwise conv
+    blockN.sep.pointwise, the plain model blockN.pointwise)."""
+    wanted = {n.replace(".sep.", ".") for n in effops_pruned}
+    return [n for n in models.prunable_layers(plain_model) if n in wanted]
