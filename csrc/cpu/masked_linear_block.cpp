@@ -54,11 +54,7 @@ EFFOPS_ALWAYS_INLINE void block_mm_rows(const T* a, const BlockMmArgs& g, const 
           for (int64_t c = 0; c < kPanel; ++c)
             tile[i * kPanel + c] = (bias != nullptr && c < cols) ? to_float(bias[r0 + c]) : 0.f;
         const float* panel = g.packed + g.offset[br] + p * nkept * b * kPanel;
-        for (int64_t j = 0; j < nkept; ++j) {
-          const int64_t c0 = kept[j] * b;
-          const int64_t kc = std::min<int64_t>(b, g.C - c0);
-          micro_dispatch<Vec>(rows, a + m0 * g.C + c0, g.C, int64_t{1}, panel + j * b * kPanel, kPanel, kc, tile);
-        }
+        micro_blocks_dispatch<Vec>(rows, a + m0 * g.C, g.C, kept, nkept, b, g.C, panel, tile);
         for (int i = 0; i < rows; ++i)
           for (int64_t c = 0; c < cols; ++c) out[(m0 + i) * g.R + r0 + c] = from_float<T>(tile[i * kPanel + c]);
       }
@@ -128,6 +124,41 @@ void block_gw_rows_scalar(const T* gy, const T* x, int64_t M, int64_t N, int64_t
   block_gw_rows<ScalarVec, T>(gy, x, M, N, K, ptr, idx, b, gw, b0, b1);
 }
 
+// Pack block-row br of W' into dst (layout in the file comment). The loop order follows W's memory:
+// for the forward product (w_cs == 1) one weight row at a time across its kept blocks; for the
+// transposed product (w_rs == 1) one weight row (a column c of W') at a time within each block, so
+// reads are always contiguous runs (walking the other way costs a TLB miss per element).
+template <typename T>
+void pack_block_row(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C, const int64_t* ptr,
+                    const int64_t* idx, int64_t b, int64_t br, float* dst) {
+  const int64_t nkept = ptr[br + 1] - ptr[br];
+  const int64_t* kept = idx + ptr[br];
+  auto slot = [&](int64_t j, int64_t rr) { return dst + ((rr / kPanel) * nkept + j) * b * kPanel + rr % kPanel; };
+  for (int64_t j = 0; j < nkept; ++j) {
+    const int64_t c0 = kept[j] * b;
+    if (w_cs == 1) continue;  // handled row by row below
+    for (int64_t k = 0; k < b; ++k) {
+      const int64_t c = c0 + k;
+      for (int64_t rr = 0; rr < b; ++rr) {
+        const int64_t r = br * b + rr;
+        slot(j, rr)[k * kPanel] = (r < R && c < C) ? to_float(w[r * w_rs + c * w_cs]) : 0.f;
+      }
+    }
+  }
+  if (w_cs != 1) return;
+  for (int64_t rr = 0; rr < b; ++rr) {
+    const int64_t r = br * b + rr;
+    for (int64_t j = 0; j < nkept; ++j) {
+      const int64_t c0 = kept[j] * b;
+      float* out = slot(j, rr);
+      const T* src = w + r * w_rs + c0;
+      const int64_t kc = (r < R) ? std::min(b, C - c0) : 0;
+      for (int64_t k = 0; k < kc; ++k) out[k * kPanel] = to_float(src[k]);
+      for (int64_t k = kc; k < b; ++k) out[k * kPanel] = 0.f;
+    }
+  }
+}
+
 // Grain for parallel_for over block-rows: about 4 ranges per thread evens out unequal rows.
 int64_t block_row_grain(int64_t nbr) {
   return std::max<int64_t>(1, nbr / (4 * std::max(1, at::get_num_threads())));
@@ -141,26 +172,15 @@ void block_sparse_mm(const T* a, int64_t M, int64_t C, const T* w, int64_t w_rs,
   const int64_t b = block, nbr = (R + b - 1) / b;
   std::vector<int64_t> offset(nbr + 1);
   for (int64_t br = 0; br <= nbr; ++br) offset[br] = ptr[br] * b * b;
-  std::vector<float> packed(static_cast<size_t>(offset[nbr]));
+  // Reused across calls (grow-only, per calling thread): a fresh multi-MB buffer per call costs more
+  // in page faults than the packing itself.
+  thread_local std::vector<float> packed_storage;
+  if (packed_storage.size() < static_cast<size_t>(offset[nbr])) packed_storage.resize(static_cast<size_t>(offset[nbr]));
+  float* const packed = packed_storage.data();  // the worker threads see this pointer, not their own thread_local
   at::parallel_for(0, nbr, block_row_grain(nbr), [&](int64_t br0, int64_t br1) {
-    for (int64_t br = br0; br < br1; ++br) {
-      const int64_t nkept = ptr[br + 1] - ptr[br];
-      for (int64_t j = 0; j < nkept; ++j) {
-        const int64_t c0 = idx[ptr[br] + j] * b;
-        for (int64_t p = 0; p < b / kPanel; ++p) {
-          float* dst = packed.data() + offset[br] + (p * nkept + j) * b * kPanel;
-          for (int64_t cc = 0; cc < kPanel; ++cc) {
-            const int64_t r = br * b + p * kPanel + cc;
-            for (int64_t k = 0; k < b; ++k) {
-              const int64_t c = c0 + k;
-              dst[k * kPanel + cc] = (r < R && c < C) ? to_float(w[r * w_rs + c * w_cs]) : 0.f;
-            }
-          }
-        }
-      }
-    }
+    for (int64_t br = br0; br < br1; ++br) pack_block_row(w, w_rs, w_cs, R, C, ptr, idx, b, br, packed + offset[br]);
   });
-  const BlockMmArgs g{M, C, R, b, ptr, idx, packed.data(), offset.data()};
+  const BlockMmArgs g{M, C, R, b, ptr, idx, packed, offset.data()};
   const bool avx2 = EFFOPS_HAVE_X86 && has_avx2_fma();
   at::parallel_for(0, nbr, block_row_grain(nbr), [&](int64_t br0, int64_t br1) {
     if (avx2)
