@@ -54,6 +54,14 @@ class MaskInfo:
     def block_cols(self, b):
         return self._memo(("cols", b), lambda: _csr(self.block_mask(b).t()))
 
+    def block_coo(self, b):
+        """(block-row, block-column) of every kept block, in block_rows order (for per-block programs)."""
+        return self._memo(("coo", b), lambda: tuple(t.contiguous() for t in self.block_mask(b).nonzero(as_tuple=True)))
+
+    def mask_u8(self):
+        """The mask as a contiguous uint8 tensor (what the dense-with-mask Triton kernel loads)."""
+        return self._memo("u8", lambda: self.bool_mask.to(torch.uint8))
+
     def csr(self):
         return self._memo("csr", lambda: _csr(self.bool_mask))
 

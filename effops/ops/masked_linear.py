@@ -214,3 +214,11 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+
+# ---------------------------------------------------------------------------------------------
+# triton backend (imported on first use: Triton stays out of `import effops`)
+# ---------------------------------------------------------------------------------------------
+_backends.register_kernel("masked_linear", "triton", "effops.triton_kernels.masked_matmul:masked_linear")
+_backends.register_kernel("masked_linear_backward", "triton",
+                          "effops.triton_kernels.masked_matmul:masked_linear_backward")
