@@ -1,0 +1,271 @@
+// int8 GEMM kernels: packing, the register-blocked micro-kernels (AVX2 and scalar side by side), the
+// fused epilogue, and the tile loop. See int8_gemm.h for the layouts and the saturation argument.
+#include "cpu/int8_gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/simd.h"
+
+namespace effops::cpu {
+namespace {
+
+constexpr int kMR = 4;  // rows per micro-tile: 4 rows x 2 vectors = 8 int32 accumulators in registers
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels: c[MR][16] = A[MR rows, 0:K] @ B_panel[0:K, 16 columns]
+// ---------------------------------------------------------------------------------------------
+// Scalar: the plain definition over either packed layout (KG = 4 for s8, 2 for s16).
+template <typename TA, typename TB, int KG, int MR>
+void micro_scalar(const TA* a, int64_t lda, int64_t K, const TB* b, int32_t* c) {
+  int32_t acc[MR][kInt8NR] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const TB* bk = b + (k / KG) * kInt8NR * KG + k % KG;
+    for (int r = 0; r < MR; ++r) {
+      const int32_t ar = a[r * lda + k];
+      for (int j = 0; j < kInt8NR; ++j) acc[r][j] += ar * static_cast<int32_t>(bk[j * KG]);
+    }
+  }
+  std::memcpy(c, acc, sizeof(acc));
+}
+
+#if EFFOPS_HAVE_X86
+// One 4-k step of the s8 path for one row and 8 columns: |a| * (sign(a) * b) in int16 pairs (no
+// saturation, see the header), pairs summed into int32 by vpmaddwd with ones, added to acc.
+EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i s8_step(__m256i acc, __m256i abs_a, __m256i a,
+                                                                         __m256i b, __m256i ones) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_a, _mm256_sign_epi8(b, a)), ones));
+}
+
+template <int MR>
+EFFOPS_AVX2_TARGET void micro_s8_avx2(const int8_t* a, int64_t lda, int64_t K, const int8_t* b, int32_t* c) {
+  __m256i acc0[MR], acc1[MR];
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t full = K / kInt8KG;
+  for (int64_t g = 0; g < full; ++g) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64 + 32));
+    for (int r = 0; r < MR; ++r) {
+      int32_t w;
+      std::memcpy(&w, a + r * lda + g * kInt8KG, 4);
+      const __m256i av = _mm256_set1_epi32(w);
+      const __m256i ua = _mm256_abs_epi8(av);
+      acc0[r] = s8_step(acc0[r], ua, av, b0, ones);
+      acc1[r] = s8_step(acc1[r], ua, av, b1, ones);
+    }
+  }
+  if (const int64_t tail = K - full * kInt8KG) {  // A's last partial group, zero padded (B is padded already)
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + full * 64));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + full * 64 + 32));
+    for (int r = 0; r < MR; ++r) {
+      int32_t w = 0;
+      std::memcpy(&w, a + r * lda + full * kInt8KG, tail);
+      const __m256i av = _mm256_set1_epi32(w);
+      const __m256i ua = _mm256_abs_epi8(av);
+      acc0[r] = s8_step(acc0[r], ua, av, b0, ones);
+      acc1[r] = s8_step(acc1[r], ua, av, b1, ones);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR), acc0[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR + 8), acc1[r]);
+  }
+}
+
+// s16 path: A already widened to int16 with rows padded to an even length; one vpmaddwd per
+// (row, 8 columns, 2 k), exact for every int8 input.
+template <int MR>
+EFFOPS_AVX2_TARGET void micro_s16_avx2(const int16_t* a, int64_t lda, int64_t K, const int16_t* b, int32_t* c) {
+  __m256i acc0[MR], acc1[MR];
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm256_setzero_si256();
+  const int64_t groups = (K + kInt16KG - 1) / kInt16KG;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 32));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 32 + 16));
+    for (int r = 0; r < MR; ++r) {
+      int32_t w;
+      std::memcpy(&w, a + r * lda + g * kInt16KG, 4);
+      const __m256i av = _mm256_set1_epi32(w);
+      acc0[r] = _mm256_add_epi32(acc0[r], _mm256_madd_epi16(av, b0));
+      acc1[r] = _mm256_add_epi32(acc1[r], _mm256_madd_epi16(av, b1));
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR), acc0[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR + 8), acc1[r]);
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue: one micro-tile (mr rows, nc <= 16 valid columns) of int32 sums to the output.
+// ---------------------------------------------------------------------------------------------
+template <typename OutT>
+void epilogue_scalar(const int32_t* c, int mr, int64_t i0, int64_t j0, int nc, const Int8Epilogue& e) {
+  OutT* out = static_cast<OutT*>(e.out);
+  for (int r = 0; r < mr; ++r) {
+    const float xs = e.row_scale[i0 + r];
+    for (int j = 0; j < nc; ++j) {
+      float v = static_cast<float>(c[r * kInt8NR + j]) * xs * e.col_scale[j0 + j];
+      if (e.bias) v += e.bias[j0 + j];
+      out[(i0 + r) * e.ldo + j0 + j] = from_float<OutT>(v);
+    }
+  }
+}
+
+void epilogue_int32(const int32_t* c, int mr, int64_t i0, int64_t j0, int nc, const Int8Epilogue& e) {
+  int32_t* out = static_cast<int32_t*>(e.out);
+  for (int r = 0; r < mr; ++r) std::memcpy(out + (i0 + r) * e.ldo + j0, c + r * kInt8NR, nc * sizeof(int32_t));
+}
+
+#if EFFOPS_HAVE_X86
+// Same arithmetic and order as epilogue_scalar ((acc * xs) * ws + bias, no FMA contraction).
+template <typename OutT>
+EFFOPS_AVX2_TARGET void epilogue_avx2(const int32_t* c, int mr, int64_t i0, int64_t j0, int nc,
+                                      const Int8Epilogue& e) {
+  if (nc != kInt8NR) return epilogue_scalar<OutT>(c, mr, i0, j0, nc, e);
+  OutT* out = static_cast<OutT*>(e.out);
+  for (int r = 0; r < mr; ++r) {
+    const __m256 xs = _mm256_set1_ps(e.row_scale[i0 + r]);
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * kInt8NR + 8 * h)));
+      v = _mm256_mul_ps(_mm256_mul_ps(v, xs), _mm256_loadu_ps(e.col_scale + j0 + 8 * h));
+      if (e.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(e.bias + j0 + 8 * h));
+      Avx2Vec{v}.store(out + (i0 + r) * e.ldo + j0 + 8 * h);
+    }
+  }
+}
+#endif
+
+using EpilogueFn = void (*)(const int32_t*, int, int64_t, int64_t, int, const Int8Epilogue&);
+
+EpilogueFn pick_epilogue(Int8Out kind, bool avx2) {
+  switch (kind) {
+    case Int8Out::kInt32: return epilogue_int32;
+#if EFFOPS_HAVE_X86
+    case Int8Out::kFloat: return avx2 ? epilogue_avx2<float> : epilogue_scalar<float>;
+    case Int8Out::kBFloat16: return avx2 ? epilogue_avx2<c10::BFloat16> : epilogue_scalar<c10::BFloat16>;
+    case Int8Out::kHalf: return avx2 ? epilogue_avx2<c10::Half> : epilogue_scalar<c10::Half>;
+#else
+    case Int8Out::kFloat: return epilogue_scalar<float>;
+    case Int8Out::kBFloat16: return epilogue_scalar<c10::BFloat16>;
+    case Int8Out::kHalf: return epilogue_scalar<c10::Half>;
+#endif
+  }
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile loop. Threads take tiles of MC rows x NCP panels; inside a tile, each 4-row micro-tile of A
+// (4 x K bytes, in L1) meets NCP panels of B (NCP x 16 x K bytes, sized to stay in L2), so B is read
+// from memory once per MC rows and A once per NCP panels.
+// ---------------------------------------------------------------------------------------------
+template <typename TA, typename TB>
+using MicroFn = void (*)(const TA*, int64_t, int64_t, const TB*, int32_t*);
+
+template <typename TA, typename TB>
+void gemm_tiles(const TA* a, int64_t lda, int64_t M, int64_t K, const TB* b, int64_t kpad, int64_t N,
+                const MicroFn<TA, TB> (&micro)[kMR], EpilogueFn epilogue, const Int8Epilogue& e) {
+  const int64_t panels = (N + kInt8NR - 1) / kInt8NR;
+  const int64_t panel_elems = kpad * kInt8NR;
+  constexpr int64_t kMC = 128;
+  constexpr int64_t kL2Budget = 256 * 1024;
+  const int64_t ncp = std::max<int64_t>(1, std::min<int64_t>(4, kL2Budget / (panel_elems * (int64_t)sizeof(TB))));
+  const int64_t tiles_m = (M + kMC - 1) / kMC, tiles_n = (panels + ncp - 1) / ncp;
+  at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t t0, int64_t t1) {
+    alignas(32) int32_t c[kMR * kInt8NR];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = (t / tiles_n) * kMC, m1 = std::min(M, m0 + kMC);
+      const int64_t p0 = (t % tiles_n) * ncp, p1 = std::min(panels, p0 + ncp);
+      for (int64_t i0 = m0; i0 < m1; i0 += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - i0));
+        for (int64_t p = p0; p < p1; ++p) {
+          micro[mr - 1](a + i0 * lda, lda, K, b + p * panel_elems, c);
+          const int nc = static_cast<int>(std::min<int64_t>(kInt8NR, N - p * kInt8NR));
+          epilogue(c, mr, i0, p * kInt8NR, nc, e);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Packing
+// ---------------------------------------------------------------------------------------------
+template <typename TB, int KG>
+static void pack_b(const int8_t* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t N, TB* out) {
+  const int64_t panels = (N + kInt8NR - 1) / kInt8NR, kpad = ceil_to(K, KG);
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      TB* dst = out + p * kpad * kInt8NR;
+      for (int64_t g = 0; g < kpad / KG; ++g)
+        for (int64_t j = 0; j < kInt8NR; ++j)
+          for (int t = 0; t < KG; ++t) {
+            const int64_t n = p * kInt8NR + j, k = g * KG + t;
+            *dst++ = (n < N && k < K) ? static_cast<TB>(b[k * stride_k + n * stride_n]) : TB(0);
+          }
+    }
+  });
+}
+
+void int8_pack_b_s8(const int8_t* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t N, int8_t* out) {
+  pack_b<int8_t, kInt8KG>(b, stride_k, stride_n, K, N, out);
+}
+
+void int8_pack_b_s16(const int8_t* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t N, int16_t* out) {
+  pack_b<int16_t, kInt16KG>(b, stride_k, stride_n, K, N, out);
+}
+
+bool int8_contains_min(const int8_t* p, int64_t n) {
+  return std::find(p, p + n, static_cast<int8_t>(-128)) != p + n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                  const Int8Epilogue& epi) {
+  const bool avx2 = has_avx2_fma();
+#if EFFOPS_HAVE_X86
+  static const MicroFn<int8_t, int8_t> vec[kMR] = {micro_s8_avx2<1>, micro_s8_avx2<2>, micro_s8_avx2<3>,
+                                                   micro_s8_avx2<4>};
+#endif
+  static const MicroFn<int8_t, int8_t> scalar[kMR] = {
+      micro_scalar<int8_t, int8_t, kInt8KG, 1>, micro_scalar<int8_t, int8_t, kInt8KG, 2>,
+      micro_scalar<int8_t, int8_t, kInt8KG, 3>, micro_scalar<int8_t, int8_t, kInt8KG, 4>};
+  const int64_t kpad = ceil_to(K, kInt8KG);
+#if EFFOPS_HAVE_X86
+  if (avx2) return gemm_tiles(a, lda, M, K, b_packed, kpad, N, vec, pick_epilogue(epi.kind, true), epi);
+#endif
+  gemm_tiles(a, lda, M, K, b_packed, kpad, N, scalar, pick_epilogue(epi.kind, avx2), epi);
+}
+
+void int8_gemm_s16(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int16_t* b_packed, int64_t N,
+                   const Int8Epilogue& epi) {
+  const bool avx2 = has_avx2_fma();
+  // Widen A once (O(M K), small next to the O(M N K) product), rows padded to an even length.
+  const int64_t kpad = ceil_to(K, kInt16KG);
+  std::vector<int16_t> a16(static_cast<size_t>(M * kpad), 0);
+  at::parallel_for(0, M, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = 0; k < K; ++k) a16[i * kpad + k] = a[i * lda + k];
+  });
+#if EFFOPS_HAVE_X86
+  static const MicroFn<int16_t, int16_t> vec[kMR] = {micro_s16_avx2<1>, micro_s16_avx2<2>, micro_s16_avx2<3>,
+                                                     micro_s16_avx2<4>};
+  if (avx2) return gemm_tiles(a16.data(), kpad, M, K, b_packed, kpad, N, vec, pick_epilogue(epi.kind, true), epi);
+#endif
+  static const MicroFn<int16_t, int16_t> scalar[kMR] = {
+      micro_scalar<int16_t, int16_t, kInt16KG, 1>, micro_scalar<int16_t, int16_t, kInt16KG, 2>,
+      micro_scalar<int16_t, int16_t, kInt16KG, 3>, micro_scalar<int16_t, int16_t, kInt16KG, 4>};
+  gemm_tiles(a16.data(), kpad, M, K, b_packed, kpad, N, scalar, pick_epilogue(epi.kind, avx2), epi);
+}
+
+}  // namespace effops::cpu
