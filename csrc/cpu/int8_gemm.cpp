@@ -21,7 +21,7 @@ constexpr int kMR = 4;  // rows per micro-tile: 4 rows x 2 vectors = 8 int32 acc
 // ---------------------------------------------------------------------------------------------
 // Scalar: the plain definition over either packed layout (KG = 4 for s8, 2 for s16).
 template <typename TA, typename TB, int KG, int MR>
-void micro_scalar(const TA* a, int64_t lda, int64_t K, const TB* b, int32_t* c) {
+void micro_scalar(const TA* a, const TA* /*abs_a: unused*/, int64_t lda, int64_t K, const TB* b, int32_t* c) {
   int32_t acc[MR][kInt8NR] = {};
   for (int64_t k = 0; k < K; ++k) {
     const TB* bk = b + (k / KG) * kInt8NR * KG + k % KG;
@@ -41,63 +41,95 @@ EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i s8_step(__m256i
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_a, _mm256_sign_epi8(b, a)), ones));
 }
 
+EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i bcast4(const int8_t* p) {
+  int32_t w;
+  std::memcpy(&w, p, 4);
+  return _mm256_set1_epi32(w);
+}
+
+// A is given twice, as a (signed) and |a| (unsigned bytes, precomputed once per GEMM so the loop has
+// no vpabsb), both with rows zero padded to a multiple of 4. Accumulators are named variables (an
+// array of __m256i made GCC spill them to the stack inside the loop).
 template <int MR>
-EFFOPS_AVX2_TARGET void micro_s8_avx2(const int8_t* a, int64_t lda, int64_t K, const int8_t* b, int32_t* c) {
-  __m256i acc0[MR], acc1[MR];
-  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm256_setzero_si256();
+EFFOPS_AVX2_TARGET void micro_s8_avx2(const int8_t* a, const int8_t* abs_a, int64_t lda, int64_t K, const int8_t* b,
+                                      int32_t* c) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
   const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t full = K / kInt8KG;
-  for (int64_t g = 0; g < full; ++g) {
+  const int64_t groups = (K + kInt8KG - 1) / kInt8KG;
+  for (int64_t g = 0; g < groups; ++g) {
     const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64));
     const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64 + 32));
-    for (int r = 0; r < MR; ++r) {
-      int32_t w;
-      std::memcpy(&w, a + r * lda + g * kInt8KG, 4);
-      const __m256i av = _mm256_set1_epi32(w);
-      const __m256i ua = _mm256_abs_epi8(av);
-      acc0[r] = s8_step(acc0[r], ua, av, b0, ones);
-      acc1[r] = s8_step(acc1[r], ua, av, b1, ones);
+    const int64_t off = g * kInt8KG;
+    {
+      const __m256i av = bcast4(a + off), ua = bcast4(abs_a + off);
+      c00 = s8_step(c00, ua, av, b0, ones);
+      c01 = s8_step(c01, ua, av, b1, ones);
+    }
+    if constexpr (MR > 1) {
+      const __m256i av = bcast4(a + lda + off), ua = bcast4(abs_a + lda + off);
+      c10 = s8_step(c10, ua, av, b0, ones);
+      c11 = s8_step(c11, ua, av, b1, ones);
+    }
+    if constexpr (MR > 2) {
+      const __m256i av = bcast4(a + 2 * lda + off), ua = bcast4(abs_a + 2 * lda + off);
+      c20 = s8_step(c20, ua, av, b0, ones);
+      c21 = s8_step(c21, ua, av, b1, ones);
+    }
+    if constexpr (MR > 3) {
+      const __m256i av = bcast4(a + 3 * lda + off), ua = bcast4(abs_a + 3 * lda + off);
+      c30 = s8_step(c30, ua, av, b0, ones);
+      c31 = s8_step(c31, ua, av, b1, ones);
     }
   }
-  if (const int64_t tail = K - full * kInt8KG) {  // A's last partial group, zero padded (B is padded already)
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + full * 64));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + full * 64 + 32));
-    for (int r = 0; r < MR; ++r) {
-      int32_t w = 0;
-      std::memcpy(&w, a + r * lda + full * kInt8KG, tail);
-      const __m256i av = _mm256_set1_epi32(w);
-      const __m256i ua = _mm256_abs_epi8(av);
-      acc0[r] = s8_step(acc0[r], ua, av, b0, ones);
-      acc1[r] = s8_step(acc1[r], ua, av, b1, ones);
-    }
-  }
+  const __m256i rows[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
   for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR), acc0[r]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR + 8), acc1[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR), rows[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR + 8), rows[r][1]);
   }
 }
 
 // s16 path: A already widened to int16 with rows padded to an even length; one vpmaddwd per
 // (row, 8 columns, 2 k), exact for every int8 input.
+EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i bcast2x16(const int16_t* p) {
+  int32_t w;
+  std::memcpy(&w, p, 4);
+  return _mm256_set1_epi32(w);
+}
+
 template <int MR>
-EFFOPS_AVX2_TARGET void micro_s16_avx2(const int16_t* a, int64_t lda, int64_t K, const int16_t* b, int32_t* c) {
-  __m256i acc0[MR], acc1[MR];
-  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm256_setzero_si256();
+EFFOPS_AVX2_TARGET void micro_s16_avx2(const int16_t* a, const int16_t*, int64_t lda, int64_t K, const int16_t* b,
+                                       int32_t* c) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
   const int64_t groups = (K + kInt16KG - 1) / kInt16KG;
   for (int64_t g = 0; g < groups; ++g) {
     const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 32));
     const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 32 + 16));
-    for (int r = 0; r < MR; ++r) {
-      int32_t w;
-      std::memcpy(&w, a + r * lda + g * kInt16KG, 4);
-      const __m256i av = _mm256_set1_epi32(w);
-      acc0[r] = _mm256_add_epi32(acc0[r], _mm256_madd_epi16(av, b0));
-      acc1[r] = _mm256_add_epi32(acc1[r], _mm256_madd_epi16(av, b1));
+    const int64_t off = g * kInt16KG;
+    {
+      const __m256i av = bcast2x16(a + off);
+      c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(av, b0));
+      c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(av, b1));
+    }
+    if constexpr (MR > 1) {
+      const __m256i av = bcast2x16(a + lda + off);
+      c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(av, b0));
+      c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(av, b1));
+    }
+    if constexpr (MR > 2) {
+      const __m256i av = bcast2x16(a + 2 * lda + off);
+      c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(av, b0));
+      c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(av, b1));
+    }
+    if constexpr (MR > 3) {
+      const __m256i av = bcast2x16(a + 3 * lda + off);
+      c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(av, b0));
+      c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(av, b1));
     }
   }
+  const __m256i rows[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
   for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR), acc0[r]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR + 8), acc1[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR), rows[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR + 8), rows[r][1]);
   }
 }
 #endif
@@ -166,10 +198,10 @@ EpilogueFn pick_epilogue(Int8Out kind, bool avx2) {
 // from memory once per MC rows and A once per NCP panels.
 // ---------------------------------------------------------------------------------------------
 template <typename TA, typename TB>
-using MicroFn = void (*)(const TA*, int64_t, int64_t, const TB*, int32_t*);
+using MicroFn = void (*)(const TA*, const TA*, int64_t, int64_t, const TB*, int32_t*);
 
 template <typename TA, typename TB>
-void gemm_tiles(const TA* a, int64_t lda, int64_t M, int64_t K, const TB* b, int64_t kpad, int64_t N,
+void gemm_tiles(const TA* a, const TA* abs_a, int64_t lda, int64_t M, int64_t K, const TB* b, int64_t kpad, int64_t N,
                 const MicroFn<TA, TB> (&micro)[kMR], EpilogueFn epilogue, const Int8Epilogue& e) {
   const int64_t panels = (N + kInt8NR - 1) / kInt8NR;
   const int64_t panel_elems = kpad * kInt8NR;
@@ -185,7 +217,7 @@ void gemm_tiles(const TA* a, int64_t lda, int64_t M, int64_t K, const TB* b, int
       for (int64_t i0 = m0; i0 < m1; i0 += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - i0));
         for (int64_t p = p0; p < p1; ++p) {
-          micro[mr - 1](a + i0 * lda, lda, K, b + p * panel_elems, c);
+          micro[mr - 1](a + i0 * lda, abs_a ? abs_a + i0 * lda : nullptr, lda, K, b + p * panel_elems, c);
           const int nc = static_cast<int>(std::min<int64_t>(kInt8NR, N - p * kInt8NR));
           epilogue(c, mr, i0, p * kInt8NR, nc, e);
         }
@@ -202,14 +234,27 @@ void gemm_tiles(const TA* a, int64_t lda, int64_t M, int64_t K, const TB* b, int
 template <typename TB, int KG>
 static void pack_b(const int8_t* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t N, TB* out) {
   const int64_t panels = (N + kInt8NR - 1) / kInt8NR, kpad = ceil_to(K, KG);
+  const int64_t full_groups = K / KG;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       TB* dst = out + p * kpad * kInt8NR;
-      for (int64_t g = 0; g < kpad / KG; ++g)
+      const int8_t* src = b + p * kInt8NR * stride_n;
+      if ((p + 1) * kInt8NR <= N) {
+        // Interior panel: no bounds checks; the groups' order keeps reads within a few cache lines.
+        for (int64_t g = 0; g < full_groups; ++g, dst += kInt8NR * KG)
+          for (int64_t j = 0; j < kInt8NR; ++j)
+            for (int t = 0; t < KG; ++t) dst[j * KG + t] = src[(g * KG + t) * stride_k + j * stride_n];
+      } else {
+        for (int64_t g = 0; g < full_groups; ++g, dst += kInt8NR * KG)
+          for (int64_t j = 0; j < kInt8NR; ++j)
+            for (int t = 0; t < KG; ++t)
+              dst[j * KG + t] = p * kInt8NR + j < N ? src[(g * KG + t) * stride_k + j * stride_n] : TB(0);
+      }
+      for (int64_t g = full_groups; g < kpad / KG; ++g, dst += kInt8NR * KG)  // K's zero-padded tail group
         for (int64_t j = 0; j < kInt8NR; ++j)
           for (int t = 0; t < KG; ++t) {
             const int64_t n = p * kInt8NR + j, k = g * KG + t;
-            *dst++ = (n < N && k < K) ? static_cast<TB>(b[k * stride_k + n * stride_n]) : TB(0);
+            dst[j * KG + t] = (n < N && k < K) ? static_cast<TB>(src[k * stride_k + j * stride_n]) : TB(0);
           }
     }
   });
@@ -233,18 +278,28 @@ bool int8_contains_min(const int8_t* p, int64_t n) {
 void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                   const Int8Epilogue& epi) {
   const bool avx2 = has_avx2_fma();
+  const int64_t kpad = ceil_to(K, kInt8KG);
+  // A with rows zero padded to whole 4-byte groups, and |A| as unsigned bytes (|-128| = 128 fits):
+  // O(M K) next to the O(M N K) product, and it takes the tail and the vpabsb out of the inner loop.
+  std::vector<int8_t> ap(static_cast<size_t>(M * kpad), 0), aa(static_cast<size_t>(M * kpad), 0);
+  at::parallel_for(0, M, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = 0; k < K; ++k) {
+        const int8_t v = a[i * lda + k];
+        ap[i * kpad + k] = v;
+        aa[i * kpad + k] = static_cast<int8_t>(static_cast<uint8_t>(v < 0 ? -static_cast<int>(v) : v));
+      }
+  });
 #if EFFOPS_HAVE_X86
   static const MicroFn<int8_t, int8_t> vec[kMR] = {micro_s8_avx2<1>, micro_s8_avx2<2>, micro_s8_avx2<3>,
                                                    micro_s8_avx2<4>};
+  if (avx2)
+    return gemm_tiles(ap.data(), aa.data(), kpad, M, K, b_packed, kpad, N, vec, pick_epilogue(epi.kind, true), epi);
 #endif
   static const MicroFn<int8_t, int8_t> scalar[kMR] = {
       micro_scalar<int8_t, int8_t, kInt8KG, 1>, micro_scalar<int8_t, int8_t, kInt8KG, 2>,
       micro_scalar<int8_t, int8_t, kInt8KG, 3>, micro_scalar<int8_t, int8_t, kInt8KG, 4>};
-  const int64_t kpad = ceil_to(K, kInt8KG);
-#if EFFOPS_HAVE_X86
-  if (avx2) return gemm_tiles(a, lda, M, K, b_packed, kpad, N, vec, pick_epilogue(epi.kind, true), epi);
-#endif
-  gemm_tiles(a, lda, M, K, b_packed, kpad, N, scalar, pick_epilogue(epi.kind, avx2), epi);
+  gemm_tiles(ap.data(), aa.data(), kpad, M, K, b_packed, kpad, N, scalar, pick_epilogue(epi.kind, avx2), epi);
 }
 
 void int8_gemm_s16(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int16_t* b_packed, int64_t N,
@@ -260,12 +315,12 @@ void int8_gemm_s16(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int
 #if EFFOPS_HAVE_X86
   static const MicroFn<int16_t, int16_t> vec[kMR] = {micro_s16_avx2<1>, micro_s16_avx2<2>, micro_s16_avx2<3>,
                                                      micro_s16_avx2<4>};
-  if (avx2) return gemm_tiles(a16.data(), kpad, M, K, b_packed, kpad, N, vec, pick_epilogue(epi.kind, true), epi);
+  if (avx2) return gemm_tiles(a16.data(), static_cast<const int16_t*>(nullptr), kpad, M, K, b_packed, kpad, N, vec, pick_epilogue(epi.kind, true), epi);
 #endif
   static const MicroFn<int16_t, int16_t> scalar[kMR] = {
       micro_scalar<int16_t, int16_t, kInt16KG, 1>, micro_scalar<int16_t, int16_t, kInt16KG, 2>,
       micro_scalar<int16_t, int16_t, kInt16KG, 3>, micro_scalar<int16_t, int16_t, kInt16KG, 4>};
-  gemm_tiles(a16.data(), kpad, M, K, b_packed, kpad, N, scalar, pick_epilogue(epi.kind, avx2), epi);
+  gemm_tiles(a16.data(), static_cast<const int16_t*>(nullptr), kpad, M, K, b_packed, kpad, N, scalar, pick_epilogue(epi.kind, avx2), epi);
 }
 
 }  // namespace effops::cpu
