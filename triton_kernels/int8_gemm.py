@@ -58,25 +58,29 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, KP
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    # Pointers built once and advanced by one K step per iteration (addresses per element inside the
-    # loop cost registers: the first version spilled in every configuration).
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    # Loads wrap rows/columns past the edge (rm % M) instead of masking them: only the K edge needs a
+    # mask, and the stores mask the rest. Offsets are int32 (the launcher declines tensors of 2**31
+    # elements or more) and built once, then advanced per K step: per-element 64-bit addresses inside
+    # the loop cost registers (the first version spilled in every configuration).
+    rm_ld = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    rn_ld = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    a_ptrs = a_ptr + rm_ld[:, None] * stride_am + rk[None, :] * stride_ak
     if PACKED_B:
-        b_ptrs = b_ptr + ((rn[None, :] // 16).to(tl.int64) * KP * 16 + (rk[:, None] // 4) * 64
-                          + (rn[None, :] % 16) * 4 + rk[:, None] % 4)
+        b_ptrs = b_ptr + ((rn_ld[None, :] // 16) * KP * 16 + (rk[:, None] // 4) * 64
+                          + (rn_ld[None, :] % 16) * 4 + rk[:, None] % 4)
         b_step = BLOCK_K * 16  # BLOCK_K / 4 groups of 64 bytes
     else:
-        b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :].to(tl.int64) * stride_bn
+        b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_ld[None, :] * stride_bn
         b_step = BLOCK_K * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k0), other=0)
-        b = tl.load(b_ptrs, mask=(rk[:, None] < K - k0) & (rn[None, :] < N), other=0)
+        a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0)
+        b = tl.load(b_ptrs, mask=rk[:, None] < K - k0, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += b_step
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     if DEQUANT:
         # Same order as the reference: (acc * x_scale) * w_scale + bias, in fp32.
         xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)

@@ -47,16 +47,37 @@ def _cpu_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_on
 
 _backends.register_kernel("int8_mm", "cpu", _cpu_int8_mm)
 _backends.register_kernel("int8_linear", "cpu", _cpu_int8_linear)
-_backends.register_kernel("int8_linear_dynamic", "cpu", _cpu_int8_linear_dynamic)
+# The weight-only kernel re-reads the int8 weights for every row: past 16 rows dequantizing once and an
+# fp32 GEMM (the reference) is as fast or faster.
+WEIGHT_ONLY_MAX_ROWS = 16
+_backends.register_kernel("int8_linear_dynamic", "cpu", _cpu_int8_linear_dynamic,
+                          supports=lambda x, w_packed, w_scale, bias, out_features, weight_only:
+                          "weight_only with more than %d rows (reference: dequantize + fp32 GEMM is faster)"
+                          % WEIGHT_ONLY_MAX_ROWS if weight_only and x.numel() // x.shape[-1] > WEIGHT_ONLY_MAX_ROWS
+                          else None)
 
 # ---------------------------------------------------------------------------------------------
 # triton backend (imported lazily)
 # ---------------------------------------------------------------------------------------------
-_backends.register_kernel("int8_mm", "triton", "effops.triton_kernels.int8_gemm:int8_mm")
-_backends.register_kernel("int8_linear", "triton", "effops.triton_kernels.int8_gemm:int8_linear")
+_INT32_LIMIT = 2 ** 31
+
+
+def _triton_declines(*tensors, out_numel=0):
+    # The Triton kernel uses int32 element offsets.
+    if max([t.numel() for t in tensors if t is not None] + [out_numel]) >= _INT32_LIMIT:
+        return "tensors of 2**31 elements or more (int32 offsets in the Triton kernel)"
+    return None
+
+
+_backends.register_kernel("int8_mm", "triton", "effops.triton_kernels.int8_gemm:int8_mm",
+                          supports=lambda a, b: _triton_declines(a, b, out_numel=a.shape[0] * b.shape[1]))
+_backends.register_kernel("int8_linear", "triton", "effops.triton_kernels.int8_gemm:int8_linear",
+                          supports=lambda x, xs, w, ws, bias, out_dtype: _triton_declines(
+                              x, w, out_numel=x.numel() // x.shape[-1] * w.shape[0]))
 _backends.register_kernel("int8_linear_dynamic", "triton", "effops.triton_kernels.int8_gemm:int8_linear_dynamic",
                           supports=lambda x, w_packed, w_scale, bias, out_features, weight_only:
-                          "weight_only mode has no Triton kernel" if weight_only else None)
+                          "weight_only mode has no Triton kernel" if weight_only else _triton_declines(
+                              x, w_packed, out_numel=x.numel() // x.shape[-1] * out_features))
 
 
 # ---------------------------------------------------------------------------------------------
