@@ -164,12 +164,17 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
 
     The optimizer checks every param group this way before stepping any of them.
     """
+    for name, flag in (("amsgrad", amsgrad), ("maximize", maximize), ("decoupled_weight_decay", decoupled_weight_decay)):
+        if not isinstance(flag, bool):
+            raise TypeError("%s must be a bool, got %s" % (name, type(flag).__name__))
     params = _tensor_list("params", params)
     n = len(params)
     grads = _tensor_list("grads", grads, n)
     exp_avgs = _tensor_list("exp_avgs", exp_avgs, n)
     exp_avg_sqs = _tensor_list("exp_avg_sqs", exp_avg_sqs, n)
     steps = _tensor_list("steps", steps, n)
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("max_exp_avg_sqs (one per param) is required when amsgrad=True")
     max_exp_avg_sqs = _tensor_list("max_exp_avg_sqs", max_exp_avg_sqs, n) if amsgrad else []
     master_params = [None] * n if master_params is None else list(_tensor_list("master_params", master_params, n))
     lr = _number("lr", lr, 0.0)
@@ -177,9 +182,6 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
     beta2 = _number("beta2", beta2, 0.0, 1.0)
     eps = _number("eps", eps, 0.0)
     weight_decay = _number("weight_decay", weight_decay, 0.0)
-    for name, flag in (("amsgrad", amsgrad), ("maximize", maximize), ("decoupled_weight_decay", decoupled_weight_decay)):
-        if not isinstance(flag, bool):
-            raise TypeError("%s must be a bool, got %s" % (name, type(flag).__name__))
 
     dev = params[0].device if n else None
     for i, p in enumerate(params):
@@ -217,18 +219,23 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
     _check_scalar_tensor("grad_scale", grad_scale, dev)
     _check_scalar_tensor("found_inf", found_inf, dev)
 
+    # The op takes the master copies that exist plus a flag per param: torch.compile's
+    # auto-functionalization cannot take a mutable list holding None (Tensor?[]).
+    has_master = [m is not None for m in master_params]
+    masters = [m for m in master_params if m is not None]
+
     def run():
         if n:
-            torch.ops.effops.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
-                                       lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-                                       grad_scale, found_inf)
+            torch.ops.effops.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master,
+                                       steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                       decoupled_weight_decay, grad_scale, found_inf)
     return run
 
 
 @torch.library.custom_op("effops::adam_step", mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs",
-                                                            "max_exp_avg_sqs", "master_params", "steps"))
+                                                            "max_exp_avg_sqs", "masters", "steps"))
 def _adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-               max_exp_avg_sqs: List[Tensor], master_params: List[Optional[Tensor]], steps: List[Tensor], lr: float,
+               max_exp_avg_sqs: List[Tensor], masters: List[Tensor], has_master: List[bool], steps: List[Tensor], lr: float,
                beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
                decoupled_weight_decay: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
     if not params:
@@ -238,8 +245,8 @@ def _adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     if found_inf is not None and found_inf.item() != 0:
         return
     scale = None if grad_scale is None else float(grad_scale.item())
-    if not master_params:
-        master_params = [None] * len(params)
+    it = iter(masters)
+    master_params = [next(it) if flag else None for flag in has_master]
     new_steps = [float(s.item()) + 1 for s in steps]
     _backends.dispatch("adam_step", params[0].device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                        master_params, new_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
@@ -250,7 +257,7 @@ def _adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
 
 
 @_adam_step.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr, beta1, beta2, eps,
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1, beta2, eps,
       weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf):
     return None
 
