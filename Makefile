@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 QUICK   ?= 0
 OUT     ?= bench-results
 
-.PHONY: demo test build gpu-compile-check bench gpu-check info clean
+.PHONY: demo test build gpu-compile-check cuda-build-check bench gpu-check info clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ info: build
 # Every .cu through nvcc for sm_80/sm_90a and every Triton kernel config through Triton's compiler.
 gpu-compile-check: $(STAMP)
 	$(VPY) tools/gpu_compile_check.py --out build/gpu-compile-check
+
+# The CUDA extension with its torch glue, built against the CUDA torch wheel on disk (no GPU needed).
+cuda-build-check:
+	bash tools/cuda_build_check.sh
 
 bench: build
 	$(VPY) -m benchmarks.run $(if $(filter 1,$(QUICK)),--quick) --out $(OUT)

@@ -14,13 +14,10 @@ Instruction sets are chosen at run time (target attributes + cpuid), never with 
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = [
-    "effops", "effops.ops", "effops.reference", "effops.nn", "effops.optim", "effops.transforms",
-    "effops.demo", "effops.triton_kernels",
-]
+PACKAGES = sorted(set(find_packages(include=["effops", "effops.*"])) | {"effops.triton_kernels"})
 # `triton_kernels` is also the import name of Triton's own kernel library: install ours under effops.
 PACKAGE_DIR = {"effops.triton_kernels": "triton_kernels"}
 

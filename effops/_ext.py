@@ -3,6 +3,7 @@
 A missing or broken build is not an error: the `cpu`/`cuda` backends report themselves unusable with
 the reason, a warning names it once, and the remaining backends run.
 """
+import importlib.util
 import json
 import os
 import warnings
@@ -17,6 +18,11 @@ def load():
     if os.environ.get("EFFOPS_NO_EXT") == "1":
         _state.update(loaded=False, reason="disabled by EFFOPS_NO_EXT=1")
         return False
+    if importlib.util.find_spec("effops._C") is None:
+        reason = "extension effops._C not built (pure-Python install, or run `make build`)"
+        _state.update(loaded=False, reason=reason)
+        warnings.warn("effops: %s; using the reference backend" % reason, RuntimeWarning, stacklevel=2)
+        return False
     try:
         import torch
         from effops import _C  # noqa: F401  (its import registers torch.ops.effops_cpu.*)
@@ -24,8 +30,6 @@ def load():
         _state.update(loaded=True, reason=None)
     except Exception as exc:  # ImportError, undefined symbols from a stale build, ...
         reason = "extension effops._C not loaded (%s: %s)" % (type(exc).__name__, exc)
-        if isinstance(exc, ModuleNotFoundError):
-            reason = "extension effops._C not built (run `make build` or `pip install --no-build-isolation .`)"
         _state.update(loaded=False, reason=reason)
         warnings.warn("effops: %s; using the remaining backends" % reason, RuntimeWarning, stacklevel=2)
     return _state["loaded"]

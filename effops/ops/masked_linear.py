@@ -2,25 +2,39 @@
 
 The public function checks arguments and applies autocast; the custom op (schema, fake kernel,
 autograd) dispatches to a backend. The weight gradient is masked: pruned weights stay pruned.
+
+Backends:
+* reference: plain PyTorch (effops/reference/masked_linear.py).
+* cpu: C++ kernels (csrc/cpu/masked_linear_*.cpp) walking a compressed index of the mask, built once
+  per mask change (effops/ops/_sparse_index.py): a block-CSR index when the mask is constant over
+  16/32/64 blocks, a CSR index otherwise (unstructured, 2:4). In automatic mode it declines where
+  dense F.linear is faster (high density, tiny products: see _CPU_LIMITS); forced, it runs any mask.
+* triton: block and 2:4 kernels, and a dense-with-mask kernel for other masks
+  (triton_kernels/masked_matmul.py).
 """
+import sys
+import types
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from effops import _backends
-from effops.ops import _checks
+from effops.ops import _checks, _sparse_index
 from effops.reference import masked_linear as reference
 
 _backends.register_kernel("masked_linear", "reference", reference.masked_linear)
 _backends.register_kernel("masked_linear_backward", "reference", reference.masked_linear_backward)
 
 
-def masked_linear(x, weight, mask, bias=None):
+def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None):
     """y = x @ (weight * mask)^T + bias for x of shape (..., in_features).
 
     weight: (out_features, in_features); mask: same shape, bool or 0/1 in weight's dtype;
     bias: (out_features,) or None. Output has x's leading dims and dtype (autocast's under autocast).
+    pattern / block_size (optional): declare the mask's structure ("unstructured", "block" with
+    block_size in 16/32/64, "2:4"); a mask that does not fit raises ValueError. The kernels detect
+    the structure themselves (once per mask change), so the hint only validates.
     """
     _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("weight", weight, ndim=2, dtypes=_checks.FLOAT_DTYPES, device=x.device)
@@ -34,13 +48,35 @@ def masked_linear(x, weight, mask, bias=None):
     _checks.optional_tensor("bias", bias, device=x.device)
     if bias is not None:
         _checks.shape("bias", bias, (weight.shape[0],))
+    check_pattern(pattern, block_size)
+    if not torch.compiler.is_compiling():
+        # Cached per mask version, so this costs one pass over the mask only when the mask changes.
+        info = _sparse_index.mask_info(mask)
+        if pattern is not None:
+            why = info.matches(pattern, block_size)
+            if why:
+                raise ValueError("mask does not fit pattern=%r: %s" % (pattern, why))
     cast = _checks.autocast_dtype(x.device.type)
     if cast is not None:
         x, weight = x.to(cast), weight.to(cast)
         bias = None if bias is None else bias.to(cast)
+        if mask.dtype != torch.bool:
+            mask = mask.to(cast)
     _checks.same_dtype("weight", weight, x.dtype)
     _checks.same_dtype("bias", bias, x.dtype)
     return torch.ops.effops.masked_linear(x, weight, mask, bias)
+
+
+def check_pattern(pattern, block_size):
+    """Validate a pattern / block_size pair (shared with SparseLinear and prune)."""
+    if pattern is not None:
+        _checks.choice("pattern", pattern, _sparse_index.PATTERNS)
+    if block_size is not None:
+        if pattern not in (None, "block"):
+            raise ValueError("block_size applies to pattern='block' only, got pattern=%r" % (pattern,))
+        if isinstance(block_size, bool) or not isinstance(block_size, int):
+            raise TypeError("block_size must be an int, got %r" % (block_size,))
+        _checks.choice("block_size", block_size, (16, 32, 64))
 
 
 @torch.library.custom_op("effops::masked_linear", mutates_args=())
@@ -83,3 +119,106 @@ def _backward(ctx, grad_y):
 
 
 _masked_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu backend
+# ---------------------------------------------------------------------------------------------
+# Automatic choice: the highest density at which each cpu kernel still beats dense F.linear
+# (fp32, 2 threads, AVX2; measured with benchmarks/bench_masked_linear.py), and the smallest
+# product (rows x out x in multiply-adds) worth the index walk and packing overhead.
+_CPU_LIMITS = {"block_max_density": 0.5, "csr_max_density": 0.2, "min_macs": 1 << 20}
+
+
+def _cpu_decline(x, weight, mask):
+    """A reason the cpu kernels should not take this input, or None."""
+    if x.device.type != "cpu":
+        return "cpu kernels take CPU tensors"
+    if x.numel() == 0 or weight.numel() == 0:
+        return "empty input"
+    info = _sparse_index.mask_info(mask)
+    if _backends.forced_backend() == "cpu":
+        return None  # forced: correctness only, the kernels run any mask
+    rows = x.numel() // x.shape[-1]
+    if rows * weight.numel() < _CPU_LIMITS["min_macs"]:
+        return "product too small (%d MACs): dense F.linear is faster" % (rows * weight.numel())
+    limit = _CPU_LIMITS["block_max_density"] if info.block else _CPU_LIMITS["csr_max_density"]
+    if info.density > limit:
+        return "mask %.0f%% dense, above the %.0f%% where the %s kernel beats dense F.linear" % (
+            100 * info.density, 100 * limit, "block" if info.block else "csr")
+    return None
+
+
+def _padded_t(a):
+    """a[M, C] -> fp32 a^T [C, Mpad], batch padded with zeros to a multiple of 64 (the CSR kernels' chunk)."""
+    m = a.shape[0]
+    out = a.new_zeros((a.shape[1], -(-m // 64) * 64), dtype=torch.float32)
+    out[:, :m] = a.t()
+    return out
+
+
+def _cpu_masked_linear(x, weight, mask, bias):
+    ops = torch.ops.effops_cpu
+    info = _sparse_index.mask_info(mask)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    w = weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    if info.block:
+        ptr, idx = info.block_rows(info.block)
+        y = ops.masked_linear_block_mm(x2, w, b, ptr, idx, info.block, False)
+    else:
+        ptr, idx = info.csr()
+        y = ops.masked_linear_csr_mm(_padded_t(x2), x2.shape[0], w, b, ptr, idx, False)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _cpu_masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
+    ops = torch.ops.effops_cpu
+    need_x, need_w, need_b = needs_input_grad
+    info = _sparse_index.mask_info(mask)
+    n, k = weight.shape
+    g2 = grad_y.reshape(-1, n).contiguous()
+    x2 = x.reshape(-1, k).contiguous()
+    w = weight.contiguous()
+    grad_x = grad_w = None
+    if info.block:
+        b = info.block
+        if need_x:
+            grad_x = ops.masked_linear_block_mm(g2, w, None, *info.block_cols(b), b, True).reshape(x.shape)
+        if need_w:
+            grad_w = ops.masked_linear_block_grad_weight(g2, x2, *info.block_rows(b), b)
+    else:
+        gT = _padded_t(g2)
+        if need_x:
+            grad_x = ops.masked_linear_csr_mm(gT, g2.shape[0], w, None, *info.csc(), True).reshape(x.shape)
+        if need_w:
+            grad_w = ops.masked_linear_csr_grad_weight(gT, _padded_t(x2), *info.csr(), weight.dtype)
+    grad_b = g2.sum(0) if need_b else None
+    return grad_x, grad_w, grad_b
+
+
+_backends.register_kernel("masked_linear", "cpu", _cpu_masked_linear,
+                          supports=lambda x, weight, mask, bias: _cpu_decline(x, weight, mask))
+_backends.register_kernel("masked_linear_backward", "cpu", _cpu_masked_linear_backward,
+                          supports=lambda grad_y, x, weight, mask, need: _cpu_decline(x, weight, mask))
+
+
+# Workaround for a name clash in the lazy effops.ops table: importing this submodule directly (as
+# effops.nn.sparse_linear does) makes Python set `effops.ops.masked_linear` to this module, hiding the
+# function of the same name. A callable module keeps `effops.ops.masked_linear(x, w, mask)` working
+# in either import order. (Proper fix belongs in effops/ops/__init__.py.)
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return masked_linear(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+
+# ---------------------------------------------------------------------------------------------
+# triton backend (imported on first use: Triton stays out of `import effops`)
+# ---------------------------------------------------------------------------------------------
+_backends.register_kernel("masked_linear", "triton", "effops.triton_kernels.masked_matmul:masked_linear")
+_backends.register_kernel("masked_linear_backward", "triton",
+                          "effops.triton_kernels.masked_matmul:masked_linear_backward")

@@ -1,0 +1,127 @@
+"""masked_linear: sparse masked matmul vs dense F.linear (baseline) and torch's CSR sparse.mm.
+
+Per case: a weight of transformer / MLP shape, a mask of one pattern at one sparsity, x of M tokens.
+impls (all in one process, interleaved):
+  dense F.linear  the baseline: forward F.linear(x, W * mask) with W * mask precomputed;
+                  forward+backward F.linear(x, W * mask) under autograd (what plain PyTorch does)
+  effops auto     effops.ops.masked_linear with the automatic backend choice
+  effops cpu      the cpu backend forced (its kernels even where auto would decline)
+  torch CSR       torch.sparse.mm(W_csr, x^T) (forward only; CSR built outside the timing)
+rate: dense-equivalent GFLOP/s, 2*M*N*K per forward, 6*M*N*K per forward+backward, so a speedup over
+dense shows as a rate above dense's.
+"""
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import effops
+from benchmarks.common import compare
+from effops.ops.masked_linear import masked_linear
+
+FULL_SHAPES = [(4096, 4096, 256), (4096, 4096, 2048), (11008, 4096, 256), (4096, 11008, 256)]  # (N, K, M)
+FULL_SPARSITIES = (0.5, 0.75, 0.9, 0.95)
+# Quick: the issue's headline cases (4096 x 4096, 256 tokens).
+QUICK_CASES = [("block32", 0.9), ("unstructured", 0.9), ("2:4", 0.5)]
+
+
+def make_mask(pattern, n, k, sparsity, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if pattern.startswith("block"):
+        b = int(pattern[5:])
+        scores = torch.rand(-(-n // b), -(-k // b), generator=g)
+        keep = scores.flatten().argsort()[: round((1 - sparsity) * scores.numel())]
+        kept = torch.zeros(scores.numel(), dtype=torch.bool)
+        kept[keep] = True
+        return kept.view_as(scores).repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k].contiguous()
+    if pattern == "2:4":
+        groups = torch.rand(n, k // 4, 4, generator=g)
+        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+        mask = mask.view(n, k)
+        if sparsity > 0.5:  # still 2:4-compliant, with further weights dropped at random
+            mask &= torch.rand(n, k, generator=g) < (1 - sparsity) / 0.5
+        return mask
+    return torch.rand(n, k, generator=g) < (1 - sparsity)
+
+
+def _cases(quick):
+    if quick:
+        return [((4096, 4096, 256), p, s) for p, s in QUICK_CASES]
+    out = []
+    for shape in FULL_SHAPES:
+        for pattern in ("block32", "unstructured", "2:4"):
+            for s in FULL_SPARSITIES:
+                out.append((shape, pattern, s))
+    return out
+
+
+def run(quick, device):
+    if device != "cpu":
+        return _run_cuda(quick, device)
+    rows = []
+    rounds, min_time = (2, 0.1) if quick else (3, 0.2)
+    for (n, k, m), pattern, sparsity in _cases(quick):
+        torch.manual_seed(0)
+        x = torch.randn(m, k)
+        w = torch.randn(n, k)
+        mask = make_mask(pattern, n, k, sparsity)
+        wm = w * mask
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            csr = wm.to_sparse_csr()
+        xt = x.t().contiguous()
+        name = "%dx%d M=%d %s %.0f%%" % (n, k, m, pattern, 100 * sparsity)
+        chosen = effops._backends.select("masked_linear", "cpu", x, w, mask, None)
+        extra = dict(sparsity=sparsity, auto_backend=chosen)
+
+        def forced_cpu(fn):
+            def call():
+                with effops.use_backend("cpu"):
+                    return fn()
+            return call
+
+        fwd = {
+            "dense F.linear": lambda: F.linear(x, wm),
+            "effops auto": lambda: masked_linear(x, w, mask),
+            "effops cpu": forced_cpu(lambda: masked_linear(x, w, mask)),
+        }
+        if not quick or sparsity >= 0.9:  # CSR is many times slower than dense below 90%: quick mode skips it
+            fwd["torch CSR"] = lambda: torch.sparse.mm(csr, xt)
+        rows += compare("masked_linear fwd", name, fwd, "dense F.linear", rounds=rounds, min_time=min_time,
+                        work=2 * m * n * k, work_unit="GFLOP/s", extra=extra)
+        if quick and not (pattern in ("block32", "unstructured") and sparsity == 0.9):
+            continue
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+        def dense_fb():
+            F.linear(xg, wg * mask).sum().backward()
+
+        def ours_fb():
+            masked_linear(xg, wg, mask).sum().backward()
+
+        fb = {"dense F.linear": dense_fb, "effops auto": ours_fb, "effops cpu": forced_cpu(ours_fb)}
+        rows += compare("masked_linear fwd+bwd", name, fb, "dense F.linear", rounds=rounds, min_time=min_time,
+                        work=6 * m * n * k, work_unit="GFLOP/s", extra=extra)
+    return rows
+
+
+def _run_cuda(quick, device):
+    """GPU: effops (auto: triton for now) vs cuBLAS bf16 F.linear, and torch's 2:4 semi-structured if available."""
+    rows = []
+    for (n, k, m), pattern, sparsity in _cases(quick):
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+        mask = make_mask(pattern, n, k, sparsity).to(device)
+        wm = w * mask
+        name = "%dx%d M=%d %s %.0f%%" % (n, k, m, pattern, 100 * sparsity)
+        impls = {"cuBLAS F.linear": lambda: F.linear(x, wm), "effops auto": lambda: masked_linear(x, w, mask)}
+        if pattern == "2:4" and sparsity == 0.5:
+            try:
+                from torch.sparse import to_sparse_semi_structured
+                ws = to_sparse_semi_structured(wm)
+                impls["torch semi-structured"] = lambda: F.linear(x, ws)
+            except Exception:  # not supported on this GPU / build: leave it out
+                pass
+        rows += compare("masked_linear fwd", name, impls, "cuBLAS F.linear", device=device,
+                        work=2 * m * n * k, work_unit="GFLOP/s", extra=dict(sparsity=sparsity))
+    return rows

@@ -1,0 +1,84 @@
+// torch glue for the CPU Adam step: effops_cpu::adam_step. Checks everything before writing anything
+// (a failed call leaves every tensor untouched), then hands raw pointers to csrc/cpu/adam_step.cpp.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "cpu/adam_step.h"
+
+namespace {
+
+using effops::cpu::AdamDtype;
+using effops::cpu::AdamTensor;
+
+AdamDtype adam_dtype(const at::Tensor& t, int64_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return AdamDtype::kFloat32;
+    case at::kBFloat16: return AdamDtype::kBFloat16;
+    case at::kHalf: return AdamDtype::kFloat16;
+    default: TORCH_CHECK(false, "adam_step: params[", i, "] must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+// A tensor the kernel may walk as `numel` contiguous elements in the param's element order.
+void check_like(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype, const char* name, int64_t i) {
+  TORCH_CHECK(t.device().is_cpu(), "adam_step: ", name, "[", i, "] must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, "adam_step: ", name, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == param.sizes(), "adam_step: ", name, "[", i, "] must have the param's shape");
+  TORCH_CHECK(t.numel() == 0 || (t.is_non_overlapping_and_dense() && t.strides() == param.strides()),
+              "adam_step: ", name, "[", i, "] must be dense with the param's strides");
+}
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList max_exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& master_params,
+                   at::ArrayRef<double> step_sizes, at::ArrayRef<double> bias_correction2_sqrts, double lr,
+                   double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                   bool decoupled_weight_decay, std::optional<double> grad_scale) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(exp_avgs.size()) == n &&
+                  static_cast<int64_t>(exp_avg_sqs.size()) == n && static_cast<int64_t>(master_params.size()) == n &&
+                  static_cast<int64_t>(step_sizes.size()) == n &&
+                  static_cast<int64_t>(bias_correction2_sqrts.size()) == n,
+              "adam_step: every list must have one entry per param (", n, ")");
+  TORCH_CHECK(!amsgrad || static_cast<int64_t>(max_exp_avg_sqs.size()) == n,
+              "adam_step: amsgrad needs one max_exp_avg_sq per param");
+  std::vector<AdamTensor> tensors;
+  tensors.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const std::optional<at::Tensor> master = master_params.get(i);
+    const bool has_master = master.has_value() && master->defined();
+    AdamDtype dtype = adam_dtype(p, i);
+    TORCH_CHECK(!has_master || dtype != AdamDtype::kFloat32, "adam_step: params[", i,
+                "] is float32 and needs no master copy");
+    const at::ScalarType state_dtype = has_master ? at::kFloat : p.scalar_type();
+    check_like(p, p, p.scalar_type(), "params", i);
+    check_like(grads[i], p, p.scalar_type(), "grads", i);
+    check_like(exp_avgs[i], p, state_dtype, "exp_avgs", i);
+    check_like(exp_avg_sqs[i], p, state_dtype, "exp_avg_sqs", i);
+    if (amsgrad) check_like(max_exp_avg_sqs[i], p, state_dtype, "max_exp_avg_sqs", i);
+    if (has_master) check_like(*master, p, at::kFloat, "master_params", i);
+    if (p.numel() == 0) continue;
+    tensors.push_back(AdamTensor{p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+                                 amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr,
+                                 has_master ? master->data_ptr<float>() : nullptr, p.numel(), dtype, step_sizes[i],
+                                 bias_correction2_sqrts[i]});
+  }
+  effops::cpu::AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+                               grad_scale.has_value(), grad_scale.value_or(1.0)};
+  effops::cpu::adam_step(tensors.data(), static_cast<int64_t>(tensors.size()), hyper);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(effops_cpu, m) {
+  m.def(
+      "adam_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+      "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)?[] master_params, float[] step_sizes, "
+      "float[] bias_correction2_sqrts, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool amsgrad, bool maximize, bool decoupled_weight_decay, float? grad_scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(effops_cpu, CPU, m) { m.impl("adam_step", &adam_step_cpu); }

@@ -1,0 +1,218 @@
+// Fused Adam/AdamW step (see adam_step.h for the arithmetic).
+//
+// Loop nest: the tensors are cut into chunks of kChunk elements (a small tensor is one chunk);
+// at::parallel_for spreads the chunks over threads; each chunk runs the vector body (8 fp32 lanes
+// with AVX2/FMA, or the scalar body), its tail through the same body on a padded copy. The kernel is a
+// template over the vector type, the param dtype and master weights: one body, instantiated per
+// combination, never copied per dtype.
+#include "cpu/adam_step.h"
+
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/simd.h"
+
+#define EFFOPS_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+namespace effops::cpu {
+namespace {
+
+// Elements per chunk: 32K elements move about 1 MB at fp32 (28 bytes per element), enough to hide
+// the per-chunk setup, small enough to balance threads over a few large tensors.
+constexpr int64_t kChunk = 1 << 15;
+
+// Per-tensor constants in fp32, converted from double exactly as torch converts its Python scalars.
+struct Coeffs {
+  float lerp_weight;   // 1 - beta1
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float weight_decay;  // coupled (Adam): g += weight_decay * p
+  float decay_factor;  // decoupled (AdamW): p *= 1 - lr * weight_decay
+  float neg_step_size;
+  float bias_correction2_sqrt;
+  float grad_scale;
+  bool amsgrad, maximize, decoupled, has_weight_decay, unscale;
+};
+
+Coeffs make_coeffs(const AdamTensor& t, const AdamHyper& h) {
+  Coeffs c;
+  c.lerp_weight = static_cast<float>(1.0 - h.beta1);
+  c.beta2 = static_cast<float>(h.beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  c.eps = static_cast<float>(h.eps);
+  c.weight_decay = static_cast<float>(h.weight_decay);
+  c.decay_factor = static_cast<float>(1.0 - h.lr * h.weight_decay);
+  c.neg_step_size = static_cast<float>(-t.step_size);
+  c.bias_correction2_sqrt = static_cast<float>(t.bias_correction2_sqrt);
+  c.grad_scale = static_cast<float>(h.grad_scale);
+  c.amsgrad = h.amsgrad;
+  c.maximize = h.maximize;
+  c.decoupled = h.decoupled_weight_decay;
+  c.has_weight_decay = h.weight_decay != 0.0;
+  c.unscale = h.unscale;
+  return c;
+}
+
+// Where one vector's elements live: in the tensors, or in a stack buffer for a tensor's tail.
+template <class P, class S>
+struct Ptrs {
+  P* param;
+  P* grad;
+  S* exp_avg;
+  S* exp_avg_sq;
+  S* max_exp_avg_sq;
+  float* master;
+};
+
+// One vector (Vec::kWidth elements). P: param/grad dtype; S: moment dtype. Each operation is the
+// one torch's vectorized CPU kernels use (same FMAs, same order), so the AVX2 body reproduces
+// torch.optim.Adam(foreach=False) on fp32 bit for bit.
+template <class Vec, class P, class S, bool kMaster>
+EFFOPS_ALWAYS_INLINE void adam_vector(const Ptrs<P, S>& x, const Coeffs& c) {
+  Vec g = Vec::load(x.grad);
+  if (c.unscale) {
+    g = g / Vec::broadcast(c.grad_scale);
+    g.store(x.grad);
+  }
+  if (c.maximize) g = g * Vec::broadcast(-1.f);
+  Vec p = kMaster ? Vec::load(x.master) : Vec::load(x.param);
+  if (c.has_weight_decay) {
+    if (c.decoupled) {
+      p = p * Vec::broadcast(c.decay_factor);  // mul_(1 - lr * weight_decay)
+    } else {
+      g = Vec::fma(p, Vec::broadcast(c.weight_decay), g);  // add(p, alpha=wd): fmadd(p, wd, g)
+    }
+  }
+  // lerp_(g, w): fmadd(w, g - m, m) for |w| < 0.5, fmadd(w - 1, g - m, g) otherwise.
+  Vec m = Vec::load(x.exp_avg);
+  if (c.lerp_weight < 0.5f) {
+    m = Vec::fma(Vec::broadcast(c.lerp_weight), g - m, m);
+  } else {
+    m = Vec::fma(Vec::broadcast(c.lerp_weight - 1.f), g - m, g);
+  }
+  // mul_(beta2).addcmul_(g, g, value=1 - beta2): fmadd(value * g, g, v * beta2)
+  Vec v = Vec::load(x.exp_avg_sq) * Vec::broadcast(c.beta2);
+  v = Vec::fma(Vec::broadcast(c.one_minus_beta2) * g, g, v);
+  Vec vhat = v;
+  if (c.amsgrad) {
+    vhat = Vec::max(Vec::load(x.max_exp_avg_sq), v);
+    vhat.store(x.max_exp_avg_sq);
+  }
+  Vec denom = Vec::sqrt(vhat) / Vec::broadcast(c.bias_correction2_sqrt) + Vec::broadcast(c.eps);
+  // addcdiv_(m, denom, value=-step_size): p + (value * m) / denom
+  p = p + Vec::broadcast(c.neg_step_size) * m / denom;
+
+  m.store(x.exp_avg);
+  v.store(x.exp_avg_sq);
+  if (kMaster) p.store(x.master);
+  p.store(x.param);
+}
+
+template <class P, class S>
+Ptrs<P, S> ptrs_at(const AdamTensor& t, int64_t i) {
+  return {static_cast<P*>(t.param) + i, static_cast<P*>(t.grad) + i, static_cast<S*>(t.exp_avg) + i,
+          static_cast<S*>(t.exp_avg_sq) + i, t.max_exp_avg_sq ? static_cast<S*>(t.max_exp_avg_sq) + i : nullptr,
+          t.master ? t.master + i : nullptr};
+}
+
+// Elements [begin, end) of one tensor: full vectors, then the tail (fewer than kWidth elements)
+// through the same vector body on a zero-padded copy, so every element gets the same arithmetic.
+template <class Vec, class P, class S, bool kMaster>
+EFFOPS_ALWAYS_INLINE void adam_span(const AdamTensor& t, const Coeffs& c, int64_t begin, int64_t end) {
+  int64_t i = begin;
+  for (; i + Vec::kWidth <= end; i += Vec::kWidth) adam_vector<Vec, P, S, kMaster>(ptrs_at<P, S>(t, i), c);
+  const int64_t rest = end - i;
+  if (rest == 0) return;
+  constexpr int W = Vec::kWidth;
+  P param[W] = {}, grad[W] = {};
+  S exp_avg[W] = {}, exp_avg_sq[W] = {}, max_sq[W] = {};
+  float master[W] = {};
+  // Padding lanes compute sqrt(0) / b + eps > 0: no division by zero, and they are never stored.
+  Ptrs<P, S> src = ptrs_at<P, S>(t, i);
+  Ptrs<P, S> buf{param, grad, exp_avg, exp_avg_sq, max_sq, master};
+  for (int64_t k = 0; k < rest; ++k) {
+    param[k] = src.param[k];
+    grad[k] = src.grad[k];
+    exp_avg[k] = src.exp_avg[k];
+    exp_avg_sq[k] = src.exp_avg_sq[k];
+    if (src.max_exp_avg_sq) max_sq[k] = src.max_exp_avg_sq[k];
+    if (kMaster) master[k] = src.master[k];
+  }
+  adam_vector<Vec, P, S, kMaster>(buf, c);
+  for (int64_t k = 0; k < rest; ++k) {
+    src.param[k] = param[k];
+    if (c.unscale) src.grad[k] = grad[k];
+    src.exp_avg[k] = exp_avg[k];
+    src.exp_avg_sq[k] = exp_avg_sq[k];
+    if (src.max_exp_avg_sq) src.max_exp_avg_sq[k] = max_sq[k];
+    if (kMaster) src.master[k] = master[k];
+  }
+}
+
+using SpanFn = void (*)(const AdamTensor&, const Coeffs&, int64_t, int64_t);
+
+template <class P, class S, bool kMaster>
+void span_scalar(const AdamTensor& t, const Coeffs& c, int64_t begin, int64_t end) {
+  adam_span<ScalarVec, P, S, kMaster>(t, c, begin, end);
+}
+
+#if EFFOPS_HAVE_X86
+template <class P, class S, bool kMaster>
+EFFOPS_AVX2_TARGET void span_avx2(const AdamTensor& t, const Coeffs& c, int64_t begin, int64_t end) {
+  adam_span<Avx2Vec, P, S, kMaster>(t, c, begin, end);
+}
+#endif
+
+template <class P, class S, bool kMaster>
+SpanFn pick(bool avx2) {
+#if EFFOPS_HAVE_X86
+  if (avx2) return &span_avx2<P, S, kMaster>;
+#endif
+  return &span_scalar<P, S, kMaster>;
+}
+
+// The body for one tensor's dtype combination; fp32 params never carry a master copy.
+SpanFn span_fn(const AdamTensor& t, bool avx2) {
+  const bool master = t.master != nullptr;
+  switch (t.dtype) {
+    case AdamDtype::kFloat32:
+      return pick<float, float, false>(avx2);
+    case AdamDtype::kBFloat16:
+      return master ? pick<c10::BFloat16, float, true>(avx2) : pick<c10::BFloat16, c10::BFloat16, false>(avx2);
+    case AdamDtype::kFloat16:
+      return master ? pick<c10::Half, float, true>(avx2) : pick<c10::Half, c10::Half, false>(avx2);
+  }
+  return nullptr;
+}
+
+struct Chunk {
+  int32_t tensor;
+  int64_t begin, end;
+};
+
+}  // namespace
+
+void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper& hyper) {
+  const bool avx2 = has_avx2_fma();
+  std::vector<Chunk> chunks;
+  std::vector<SpanFn> fns(count);
+  std::vector<Coeffs> coeffs(count);
+  for (int64_t k = 0; k < count; ++k) {
+    fns[k] = span_fn(tensors[k], avx2);
+    coeffs[k] = make_coeffs(tensors[k], hyper);
+    for (int64_t b = 0; b < tensors[k].numel; b += kChunk) {
+      chunks.push_back({static_cast<int32_t>(k), b, std::min(b + kChunk, tensors[k].numel)});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      const Chunk& ch = chunks[j];
+      fns[ch.tensor](tensors[ch.tensor], coeffs[ch.tensor], ch.begin, ch.end);
+    }
+  });
+}
+
+}  // namespace effops::cpu

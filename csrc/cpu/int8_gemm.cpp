@@ -1,0 +1,326 @@
+// int8 GEMM kernels: packing, the register-blocked micro-kernels (AVX2 and scalar side by side), the
+// fused epilogue, and the tile loop. See int8_gemm.h for the layouts and the saturation argument.
+#include "cpu/int8_gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/simd.h"
+
+namespace effops::cpu {
+namespace {
+
+constexpr int kMR = 4;  // rows per micro-tile: 4 rows x 2 vectors = 8 int32 accumulators in registers
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels: c[MR][16] = A[MR rows, 0:K] @ B_panel[0:K, 16 columns]
+// ---------------------------------------------------------------------------------------------
+// Scalar: the plain definition over either packed layout (KG = 4 for s8, 2 for s16).
+template <typename TA, typename TB, int KG, int MR>
+void micro_scalar(const TA* a, const TA* /*abs_a: unused*/, int64_t lda, int64_t K, const TB* b, int32_t* c) {
+  int32_t acc[MR][kInt8NR] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const TB* bk = b + (k / KG) * kInt8NR * KG + k % KG;
+    for (int r = 0; r < MR; ++r) {
+      const int32_t ar = a[r * lda + k];
+      for (int j = 0; j < kInt8NR; ++j) acc[r][j] += ar * static_cast<int32_t>(bk[j * KG]);
+    }
+  }
+  std::memcpy(c, acc, sizeof(acc));
+}
+
+#if EFFOPS_HAVE_X86
+// One 4-k step of the s8 path for one row and 8 columns: |a| * (sign(a) * b) in int16 pairs (no
+// saturation, see the header), pairs summed into int32 by vpmaddwd with ones, added to acc.
+EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i s8_step(__m256i acc, __m256i abs_a, __m256i a,
+                                                                         __m256i b, __m256i ones) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_a, _mm256_sign_epi8(b, a)), ones));
+}
+
+EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i bcast4(const int8_t* p) {
+  int32_t w;
+  std::memcpy(&w, p, 4);
+  return _mm256_set1_epi32(w);
+}
+
+// A is given twice, as a (signed) and |a| (unsigned bytes, precomputed once per GEMM so the loop has
+// no vpabsb), both with rows zero padded to a multiple of 4. Accumulators are named variables (an
+// array of __m256i made GCC spill them to the stack inside the loop).
+template <int MR>
+EFFOPS_AVX2_TARGET void micro_s8_avx2(const int8_t* a, const int8_t* abs_a, int64_t lda, int64_t K, const int8_t* b,
+                                      int32_t* c) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t groups = (K + kInt8KG - 1) / kInt8KG;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64 + 32));
+    const int64_t off = g * kInt8KG;
+    {
+      const __m256i av = bcast4(a + off), ua = bcast4(abs_a + off);
+      c00 = s8_step(c00, ua, av, b0, ones);
+      c01 = s8_step(c01, ua, av, b1, ones);
+    }
+    if constexpr (MR > 1) {
+      const __m256i av = bcast4(a + lda + off), ua = bcast4(abs_a + lda + off);
+      c10 = s8_step(c10, ua, av, b0, ones);
+      c11 = s8_step(c11, ua, av, b1, ones);
+    }
+    if constexpr (MR > 2) {
+      const __m256i av = bcast4(a + 2 * lda + off), ua = bcast4(abs_a + 2 * lda + off);
+      c20 = s8_step(c20, ua, av, b0, ones);
+      c21 = s8_step(c21, ua, av, b1, ones);
+    }
+    if constexpr (MR > 3) {
+      const __m256i av = bcast4(a + 3 * lda + off), ua = bcast4(abs_a + 3 * lda + off);
+      c30 = s8_step(c30, ua, av, b0, ones);
+      c31 = s8_step(c31, ua, av, b1, ones);
+    }
+  }
+  const __m256i rows[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR), rows[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR + 8), rows[r][1]);
+  }
+}
+
+// s16 path: A already widened to int16 with rows padded to an even length; one vpmaddwd per
+// (row, 8 columns, 2 k), exact for every int8 input.
+EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i bcast2x16(const int16_t* p) {
+  int32_t w;
+  std::memcpy(&w, p, 4);
+  return _mm256_set1_epi32(w);
+}
+
+template <int MR>
+EFFOPS_AVX2_TARGET void micro_s16_avx2(const int16_t* a, const int16_t*, int64_t lda, int64_t K, const int16_t* b,
+                                       int32_t* c) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  const int64_t groups = (K + kInt16KG - 1) / kInt16KG;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 32));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 32 + 16));
+    const int64_t off = g * kInt16KG;
+    {
+      const __m256i av = bcast2x16(a + off);
+      c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(av, b0));
+      c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(av, b1));
+    }
+    if constexpr (MR > 1) {
+      const __m256i av = bcast2x16(a + lda + off);
+      c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(av, b0));
+      c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(av, b1));
+    }
+    if constexpr (MR > 2) {
+      const __m256i av = bcast2x16(a + 2 * lda + off);
+      c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(av, b0));
+      c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(av, b1));
+    }
+    if constexpr (MR > 3) {
+      const __m256i av = bcast2x16(a + 3 * lda + off);
+      c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(av, b0));
+      c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(av, b1));
+    }
+  }
+  const __m256i rows[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR), rows[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR + 8), rows[r][1]);
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue: one micro-tile (mr rows, nc <= 16 valid columns) of int32 sums to the output.
+// ---------------------------------------------------------------------------------------------
+template <typename OutT>
+void epilogue_scalar(const int32_t* c, int mr, int64_t i0, int64_t j0, int nc, const Int8Epilogue& e) {
+  OutT* out = static_cast<OutT*>(e.out);
+  for (int r = 0; r < mr; ++r) {
+    const float xs = e.row_scale[i0 + r];
+    for (int j = 0; j < nc; ++j) {
+      float v = static_cast<float>(c[r * kInt8NR + j]) * xs * e.col_scale[j0 + j];
+      if (e.bias) v += e.bias[j0 + j];
+      out[(i0 + r) * e.ldo + j0 + j] = from_float<OutT>(v);
+    }
+  }
+}
+
+void epilogue_int32(const int32_t* c, int mr, int64_t i0, int64_t j0, int nc, const Int8Epilogue& e) {
+  int32_t* out = static_cast<int32_t*>(e.out);
+  for (int r = 0; r < mr; ++r) std::memcpy(out + (i0 + r) * e.ldo + j0, c + r * kInt8NR, nc * sizeof(int32_t));
+}
+
+#if EFFOPS_HAVE_X86
+// Same arithmetic and order as epilogue_scalar ((acc * xs) * ws + bias, no FMA contraction).
+template <typename OutT>
+EFFOPS_AVX2_TARGET void epilogue_avx2(const int32_t* c, int mr, int64_t i0, int64_t j0, int nc,
+                                      const Int8Epilogue& e) {
+  if (nc != kInt8NR) return epilogue_scalar<OutT>(c, mr, i0, j0, nc, e);
+  OutT* out = static_cast<OutT*>(e.out);
+  for (int r = 0; r < mr; ++r) {
+    const __m256 xs = _mm256_set1_ps(e.row_scale[i0 + r]);
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * kInt8NR + 8 * h)));
+      v = _mm256_mul_ps(_mm256_mul_ps(v, xs), _mm256_loadu_ps(e.col_scale + j0 + 8 * h));
+      if (e.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(e.bias + j0 + 8 * h));
+      Avx2Vec{v}.store(out + (i0 + r) * e.ldo + j0 + 8 * h);
+    }
+  }
+}
+#endif
+
+using EpilogueFn = void (*)(const int32_t*, int, int64_t, int64_t, int, const Int8Epilogue&);
+
+EpilogueFn pick_epilogue(Int8Out kind, bool avx2) {
+  switch (kind) {
+    case Int8Out::kInt32: return epilogue_int32;
+#if EFFOPS_HAVE_X86
+    case Int8Out::kFloat: return avx2 ? epilogue_avx2<float> : epilogue_scalar<float>;
+    case Int8Out::kBFloat16: return avx2 ? epilogue_avx2<c10::BFloat16> : epilogue_scalar<c10::BFloat16>;
+    case Int8Out::kHalf: return avx2 ? epilogue_avx2<c10::Half> : epilogue_scalar<c10::Half>;
+#else
+    case Int8Out::kFloat: return epilogue_scalar<float>;
+    case Int8Out::kBFloat16: return epilogue_scalar<c10::BFloat16>;
+    case Int8Out::kHalf: return epilogue_scalar<c10::Half>;
+#endif
+  }
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile loop. Threads take tiles of MC rows x NCP panels; inside a tile, each 4-row micro-tile of A
+// (4 x K bytes, in L1) meets NCP panels of B (NCP x 16 x K bytes, sized to stay in L2), so B is read
+// from memory once per MC rows and A once per NCP panels.
+// ---------------------------------------------------------------------------------------------
+template <typename TA, typename TB>
+using MicroFn = void (*)(const TA*, const TA*, int64_t, int64_t, const TB*, int32_t*);
+
+template <typename TA, typename TB>
+void gemm_tiles(const TA* a, const TA* abs_a, int64_t lda, int64_t M, int64_t K, const TB* b, int64_t kpad, int64_t N,
+                const MicroFn<TA, TB> (&micro)[kMR], EpilogueFn epilogue, const Int8Epilogue& e) {
+  const int64_t panels = (N + kInt8NR - 1) / kInt8NR;
+  const int64_t panel_elems = kpad * kInt8NR;
+  constexpr int64_t kMC = 128;
+  constexpr int64_t kL2Budget = 256 * 1024;
+  const int64_t ncp = std::max<int64_t>(1, std::min<int64_t>(4, kL2Budget / (panel_elems * (int64_t)sizeof(TB))));
+  const int64_t tiles_m = (M + kMC - 1) / kMC, tiles_n = (panels + ncp - 1) / ncp;
+  at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t t0, int64_t t1) {
+    alignas(32) int32_t c[kMR * kInt8NR];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = (t / tiles_n) * kMC, m1 = std::min(M, m0 + kMC);
+      const int64_t p0 = (t % tiles_n) * ncp, p1 = std::min(panels, p0 + ncp);
+      for (int64_t i0 = m0; i0 < m1; i0 += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - i0));
+        for (int64_t p = p0; p < p1; ++p) {
+          micro[mr - 1](a + i0 * lda, abs_a ? abs_a + i0 * lda : nullptr, lda, K, b + p * panel_elems, c);
+          const int nc = static_cast<int>(std::min<int64_t>(kInt8NR, N - p * kInt8NR));
+          epilogue(c, mr, i0, p * kInt8NR, nc, e);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Packing
+// ---------------------------------------------------------------------------------------------
+template <typename TB, int KG>
+static void pack_b(const int8_t* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t N, TB* out) {
+  const int64_t panels = (N + kInt8NR - 1) / kInt8NR, kpad = ceil_to(K, KG);
+  const int64_t full_groups = K / KG;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      TB* dst = out + p * kpad * kInt8NR;
+      const int8_t* src = b + p * kInt8NR * stride_n;
+      if ((p + 1) * kInt8NR <= N) {
+        // Interior panel: no bounds checks; the groups' order keeps reads within a few cache lines.
+        for (int64_t g = 0; g < full_groups; ++g, dst += kInt8NR * KG)
+          for (int64_t j = 0; j < kInt8NR; ++j)
+            for (int t = 0; t < KG; ++t) dst[j * KG + t] = src[(g * KG + t) * stride_k + j * stride_n];
+      } else {
+        for (int64_t g = 0; g < full_groups; ++g, dst += kInt8NR * KG)
+          for (int64_t j = 0; j < kInt8NR; ++j)
+            for (int t = 0; t < KG; ++t)
+              dst[j * KG + t] = p * kInt8NR + j < N ? src[(g * KG + t) * stride_k + j * stride_n] : TB(0);
+      }
+      for (int64_t g = full_groups; g < kpad / KG; ++g, dst += kInt8NR * KG)  // K's zero-padded tail group
+        for (int64_t j = 0; j < kInt8NR; ++j)
+          for (int t = 0; t < KG; ++t) {
+            const int64_t n = p * kInt8NR + j, k = g * KG + t;
+            dst[j * KG + t] = (n < N && k < K) ? static_cast<TB>(src[k * stride_k + j * stride_n]) : TB(0);
+          }
+    }
+  });
+}
+
+void int8_pack_b_s8(const int8_t* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t N, int8_t* out) {
+  pack_b<int8_t, kInt8KG>(b, stride_k, stride_n, K, N, out);
+}
+
+void int8_pack_b_s16(const int8_t* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t N, int16_t* out) {
+  pack_b<int16_t, kInt16KG>(b, stride_k, stride_n, K, N, out);
+}
+
+bool int8_contains_min(const int8_t* p, int64_t n) {
+  return std::find(p, p + n, static_cast<int8_t>(-128)) != p + n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                  const Int8Epilogue& epi) {
+  const bool avx2 = has_avx2_fma();
+  const int64_t kpad = ceil_to(K, kInt8KG);
+  // A with rows zero padded to whole 4-byte groups, and |A| as unsigned bytes (|-128| = 128 fits):
+  // O(M K) next to the O(M N K) product, and it takes the tail and the vpabsb out of the inner loop.
+  std::vector<int8_t> ap(static_cast<size_t>(M * kpad), 0), aa(static_cast<size_t>(M * kpad), 0);
+  at::parallel_for(0, M, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = 0; k < K; ++k) {
+        const int8_t v = a[i * lda + k];
+        ap[i * kpad + k] = v;
+        aa[i * kpad + k] = static_cast<int8_t>(static_cast<uint8_t>(v < 0 ? -static_cast<int>(v) : v));
+      }
+  });
+#if EFFOPS_HAVE_X86
+  static const MicroFn<int8_t, int8_t> vec[kMR] = {micro_s8_avx2<1>, micro_s8_avx2<2>, micro_s8_avx2<3>,
+                                                   micro_s8_avx2<4>};
+  if (avx2)
+    return gemm_tiles(ap.data(), aa.data(), kpad, M, K, b_packed, kpad, N, vec, pick_epilogue(epi.kind, true), epi);
+#endif
+  static const MicroFn<int8_t, int8_t> scalar[kMR] = {
+      micro_scalar<int8_t, int8_t, kInt8KG, 1>, micro_scalar<int8_t, int8_t, kInt8KG, 2>,
+      micro_scalar<int8_t, int8_t, kInt8KG, 3>, micro_scalar<int8_t, int8_t, kInt8KG, 4>};
+  gemm_tiles(ap.data(), aa.data(), kpad, M, K, b_packed, kpad, N, scalar, pick_epilogue(epi.kind, avx2), epi);
+}
+
+void int8_gemm_s16(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int16_t* b_packed, int64_t N,
+                   const Int8Epilogue& epi) {
+  const bool avx2 = has_avx2_fma();
+  // Widen A once (O(M K), small next to the O(M N K) product), rows padded to an even length.
+  const int64_t kpad = ceil_to(K, kInt16KG);
+  std::vector<int16_t> a16(static_cast<size_t>(M * kpad), 0);
+  at::parallel_for(0, M, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = 0; k < K; ++k) a16[i * kpad + k] = a[i * lda + k];
+  });
+#if EFFOPS_HAVE_X86
+  static const MicroFn<int16_t, int16_t> vec[kMR] = {micro_s16_avx2<1>, micro_s16_avx2<2>, micro_s16_avx2<3>,
+                                                     micro_s16_avx2<4>};
+  if (avx2) return gemm_tiles(a16.data(), static_cast<const int16_t*>(nullptr), kpad, M, K, b_packed, kpad, N, vec, pick_epilogue(epi.kind, true), epi);
+#endif
+  static const MicroFn<int16_t, int16_t> scalar[kMR] = {
+      micro_scalar<int16_t, int16_t, kInt16KG, 1>, micro_scalar<int16_t, int16_t, kInt16KG, 2>,
+      micro_scalar<int16_t, int16_t, kInt16KG, 3>, micro_scalar<int16_t, int16_t, kInt16KG, 4>};
+  gemm_tiles(a16.data(), static_cast<const int16_t*>(nullptr), kpad, M, K, b_packed, kpad, N, scalar, pick_epilogue(epi.kind, avx2), epi);
+}
+
+}  // namespace effops::cpu

@@ -1,0 +1,64 @@
+// int8 GEMM with int32 accumulation and a fused dequantizing epilogue, on prepacked B.
+//
+//   C[i, n] = sum_k A[i, k] * B[k, n]          (int32, exact)
+//   out[i, n] = C[i, n] * row_scale[i] * col_scale[n] + bias[n]   cast to fp32/bf16/fp16  (or C itself)
+//
+// B is packed once into panels of 16 output columns (reference/int8.py, PACK_NR/PACK_KG):
+//   s8 layout  [N/16][K/4][16][4] int8   element (k, n) at (n/16)*Kp*16 + (k/4)*64 + (n%16)*4 + k%4
+//   s16 layout [N/16][K/2][16][2] int16  (the widening path)
+// so that one 32-byte load holds 8 columns x 4 k (s8) or 8 columns x 2 k (s16): the operand order of
+// vpmaddubsw / vpmaddwd with one broadcast of A's 4 (or 2) bytes per row.
+//
+// Saturation trap: vpmaddubsw multiplies unsigned by signed bytes and adds pairs into *saturating*
+// int16. The s8 path feeds |a| (unsigned, <= 128) and sign(a) * b (needs b in [-127, 127]), so a pair
+// is at most 2 * 128 * 127 = 32512 < 32767: exact for any A as long as B has no -128. A B with -128
+// (general int8_mm inputs) goes through the s16 path: A and B sign-extended to int16, vpmaddwd into
+// int32, exact for everything. K <= 131071 keeps every int32 sum from overflowing (checked in Python).
+#pragma once
+
+#include <cstdint>
+
+namespace effops::cpu {
+
+constexpr int64_t kInt8NR = 16;   // columns per packed panel: two vectors of 8 int32 accumulators
+constexpr int64_t kInt8KG = 4;    // k per group, s8 layout
+constexpr int64_t kInt16KG = 2;   // k per group, s16 layout
+
+inline int64_t ceil_to(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Pack B, whose element (k, n) is b[k * stride_k + n * stride_n], zero padded. `out` holds
+// ceil(N/16)*16 * ceil(K/KG)*KG elements.
+void int8_pack_b_s8(const int8_t* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t N, int8_t* out);
+void int8_pack_b_s16(const int8_t* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t N, int16_t* out);
+bool int8_contains_min(const int8_t* p, int64_t n);  // any -128?
+
+enum class Int8Out { kInt32, kFloat, kBFloat16, kHalf };
+
+struct Int8Epilogue {
+  Int8Out kind;
+  void* out;                // M x N, row stride ldo, element type per `kind`
+  int64_t ldo;
+  const float* row_scale;   // M    (unused for kInt32)
+  const float* col_scale;   // N    (unused for kInt32)
+  const float* bias;        // N or nullptr
+};
+
+// A: M x K int8, row stride lda. b_packed: s8 layout, no -128 in it.
+void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                  const Int8Epilogue& epi);
+// Any int8 values: A is widened to int16 internally, b_packed in the s16 layout.
+void int8_gemm_s16(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int16_t* b_packed, int64_t N,
+                   const Int8Epilogue& epi);
+
+// Row-wise symmetric quantization of x (M x K, contiguous): scale = absmax / 127 (1 for a zero row),
+// q = clamp(round_half_even(x / scale), -127, 127). Bit-identical to reference/int8.py.
+template <typename T>
+void quantize_rowwise(const T* x, int64_t M, int64_t K, int8_t* q, float* scale);
+
+// Weight-only: out = x (M x K, float type T) @ dequant(B)^T + bias, B in the s8 layout with per-column
+// scales, fp32 accumulation, out in T.
+template <typename T>
+void int8_weight_only_linear(const T* x, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                             const float* col_scale, const float* bias, T* out);
+
+}  // namespace effops::cpu

@@ -1,0 +1,41 @@
+// Sparse masked matmul kernels for effops::masked_linear (torch-free: raw pointers and sizes).
+//
+// Two storage schemes for the kept weights, both indexed once per mask change on the Python side
+// (effops/ops/_sparse_index.py) and handed in as int64 (ptr, idx) arrays:
+//  * block: the mask is constant over b x b blocks (b in 16, 32, 64). A block-CSR index lists the
+//    kept blocks of each block-row of W' (W for the forward product, W^T for grad_x), so each output
+//    tile belongs to one thread and no atomics are needed. grad_weight is computed on kept blocks only.
+//  * csr: any mask (unstructured, 2:4). Per-row lists of kept columns; the dense operand is passed
+//    transposed and zero-padded (aT[C, Mpad], fp32) so each kept weight drives contiguous FMAs over
+//    the batch dimension.
+// All accumulation is fp32; T (float, bf16, fp16) is the storage type of x, weight and outputs.
+#pragma once
+
+#include <cstdint>
+
+namespace effops::cpu {
+
+// out[M, R] = a[M, C] @ W'^T (+ bias[R]) where W'[r, c] = w[r * w_rs + c * w_cs] restricted to the
+// kept blocks: block-row br keeps block-columns idx[ptr[br] .. ptr[br+1]).
+template <typename T>
+void block_sparse_mm(const T* a, int64_t M, int64_t C, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
+                     const T* bias, const int64_t* ptr, const int64_t* idx, int64_t block, T* out);
+
+// gw[N, K] (pre-zeroed) = (gy[M, N]^T @ x[M, K]) on the kept blocks of the block-CSR index only.
+template <typename T>
+void block_sparse_grad_weight(const T* gy, const T* x, int64_t M, int64_t N, int64_t K,
+                              const int64_t* ptr, const int64_t* idx, int64_t block, T* gw);
+
+// out[M, R] = a @ W'^T (+ bias) with a given transposed as aT[C, Mpad] (fp32, rows zero-padded to
+// Mpad, a multiple of 64). Row r of W' keeps columns idx[ptr[r] .. ptr[r+1]), values
+// w[r * w_rs + c * w_cs].
+template <typename T>
+void csr_sparse_mm(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
+                   const T* bias, const int64_t* ptr, const int64_t* idx, T* out);
+
+// gw[N, K] (pre-zeroed) at the kept (n, k) of the CSR index: dot(gyT[n, :], xT[k, :]) over Mpad.
+template <typename T>
+void csr_sparse_grad_weight(const float* gyT, const float* xT, int64_t Mpad, int64_t N, int64_t K,
+                            const int64_t* ptr, const int64_t* idx, T* gw);
+
+}  // namespace effops::cpu

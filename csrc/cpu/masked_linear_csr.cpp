@@ -1,0 +1,136 @@
+// Unstructured (and 2:4) masked matmul on CPU through a CSR index of the mask. See masked_linear.h.
+//
+// csr_sparse_mm: the dense operand comes transposed, aT[C, Mpad] in fp32, so one kept weight w[r, c]
+// multiplies a contiguous row aT[c, m0 .. m0 + 64) into 64 fp32 accumulators (8 AVX2 registers):
+// one broadcast, 8 loads, 8 FMAs per kept weight and 64 batch rows. Only kept weights are read.
+// Loop nest per thread: batch chunk of 64 (outer, so aT's chunk stays in L2 across rows r), then
+// rows r of its range, then the kept columns of r.
+//
+// csr_sparse_grad_weight: a sampled dense-dense product: each kept (n, k) is one dot product of two
+// contiguous rows gyT[n, :] and xT[k, :]; nothing is computed for pruned weights.
+#include "cpu/masked_linear.h"
+#include "cpu/masked_linear_micro.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace effops::cpu {
+namespace {
+
+constexpr int64_t kChunk = 64;  // batch rows per accumulator set
+
+template <class Vec, typename T>
+EFFOPS_ALWAYS_INLINE void csr_mm_rows(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs,
+                                      int64_t w_cs, int64_t R, const T* bias, const int64_t* ptr,
+                                      const int64_t* idx, T* out, int64_t r0, int64_t r1) {
+  constexpr int NV = kChunk / Vec::kWidth;
+  alignas(32) float tmp[kChunk];
+  for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+    const int64_t rows = std::min(kChunk, M - m0);
+    for (int64_t r = r0; r < r1; ++r) {
+      Vec acc[NV];
+      const Vec init = Vec::broadcast(bias != nullptr ? to_float(bias[r]) : 0.f);
+      for (int v = 0; v < NV; ++v) acc[v] = init;
+      for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
+        const int64_t c = idx[j];
+        const Vec wv = Vec::broadcast(to_float(w[r * w_rs + c * w_cs]));
+        const float* src = aT + c * Mpad + m0;
+        for (int v = 0; v < NV; ++v) acc[v] = Vec::fma(wv, Vec::load(src + v * Vec::kWidth), acc[v]);
+      }
+      for (int v = 0; v < NV; ++v) acc[v].store(tmp + v * Vec::kWidth);
+      for (int64_t i = 0; i < rows; ++i) out[(m0 + i) * R + r] = from_float<T>(tmp[i]);
+    }
+  }
+}
+
+template <typename T>
+EFFOPS_AVX2_TARGET void csr_mm_rows_avx2(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs,
+                                         int64_t w_cs, int64_t R, const T* bias, const int64_t* ptr,
+                                         const int64_t* idx, T* out, int64_t r0, int64_t r1) {
+#if EFFOPS_HAVE_X86
+  csr_mm_rows<Avx2Vec, T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, out, r0, r1);
+#endif
+}
+
+template <typename T>
+void csr_mm_rows_scalar(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs, int64_t w_cs,
+                        int64_t R, const T* bias, const int64_t* ptr, const int64_t* idx, T* out, int64_t r0,
+                        int64_t r1) {
+  csr_mm_rows<ScalarVec, T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, out, r0, r1);
+}
+
+template <class Vec, typename T>
+EFFOPS_ALWAYS_INLINE void csr_gw_rows(const float* gyT, const float* xT, int64_t Mpad, int64_t K,
+                                      const int64_t* ptr, const int64_t* idx, T* gw, int64_t n0, int64_t n1) {
+  constexpr int64_t W = Vec::kWidth;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* g = gyT + n * Mpad;
+    for (int64_t j = ptr[n]; j < ptr[n + 1]; ++j) {
+      const float* xr = xT + idx[j] * Mpad;
+      // Four independent sums hide the FMA latency; Mpad is a multiple of 64.
+      Vec s0 = Vec::zero(), s1 = Vec::zero(), s2 = Vec::zero(), s3 = Vec::zero();
+      for (int64_t m = 0; m < Mpad; m += 4 * W) {
+        s0 = Vec::fma(Vec::load(g + m), Vec::load(xr + m), s0);
+        s1 = Vec::fma(Vec::load(g + m + W), Vec::load(xr + m + W), s1);
+        s2 = Vec::fma(Vec::load(g + m + 2 * W), Vec::load(xr + m + 2 * W), s2);
+        s3 = Vec::fma(Vec::load(g + m + 3 * W), Vec::load(xr + m + 3 * W), s3);
+      }
+      gw[n * K + idx[j]] = from_float<T>(((s0 + s1) + (s2 + s3)).reduce_add());
+    }
+  }
+}
+
+template <typename T>
+EFFOPS_AVX2_TARGET void csr_gw_rows_avx2(const float* gyT, const float* xT, int64_t Mpad, int64_t K,
+                                         const int64_t* ptr, const int64_t* idx, T* gw, int64_t n0, int64_t n1) {
+#if EFFOPS_HAVE_X86
+  csr_gw_rows<Avx2Vec, T>(gyT, xT, Mpad, K, ptr, idx, gw, n0, n1);
+#endif
+}
+
+template <typename T>
+void csr_gw_rows_scalar(const float* gyT, const float* xT, int64_t Mpad, int64_t K, const int64_t* ptr,
+                        const int64_t* idx, T* gw, int64_t n0, int64_t n1) {
+  csr_gw_rows<ScalarVec, T>(gyT, xT, Mpad, K, ptr, idx, gw, n0, n1);
+}
+
+int64_t row_grain(int64_t rows) { return std::max<int64_t>(1, rows / (8 * std::max(1, at::get_num_threads()))); }
+
+}  // namespace
+
+template <typename T>
+void csr_sparse_mm(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
+                   const T* bias, const int64_t* ptr, const int64_t* idx, T* out) {
+  const bool avx2 = EFFOPS_HAVE_X86 && has_avx2_fma();
+  at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
+    if (avx2)
+      csr_mm_rows_avx2<T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, out, r0, r1);
+    else
+      csr_mm_rows_scalar<T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, out, r0, r1);
+  });
+}
+
+template <typename T>
+void csr_sparse_grad_weight(const float* gyT, const float* xT, int64_t Mpad, int64_t N, int64_t K,
+                            const int64_t* ptr, const int64_t* idx, T* gw) {
+  const bool avx2 = EFFOPS_HAVE_X86 && has_avx2_fma();
+  at::parallel_for(0, N, row_grain(N), [&](int64_t n0, int64_t n1) {
+    if (avx2)
+      csr_gw_rows_avx2<T>(gyT, xT, Mpad, K, ptr, idx, gw, n0, n1);
+    else
+      csr_gw_rows_scalar<T>(gyT, xT, Mpad, K, ptr, idx, gw, n0, n1);
+  });
+}
+
+#define EFFOPS_INSTANTIATE(T)                                                                                \
+  template void csr_sparse_mm<T>(const float*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, const T*, \
+                                 const int64_t*, const int64_t*, T*);                                        \
+  template void csr_sparse_grad_weight<T>(const float*, const float*, int64_t, int64_t, int64_t,              \
+                                          const int64_t*, const int64_t*, T*);
+EFFOPS_INSTANTIATE(float)
+EFFOPS_INSTANTIATE(c10::BFloat16)
+EFFOPS_INSTANTIATE(c10::Half)
+#undef EFFOPS_INSTANTIATE
+
+}  // namespace effops::cpu

@@ -1,0 +1,93 @@
+// The register-tiled micro-kernel shared by the block-sparse products (masked_linear_block.cpp):
+//   tile[i][0..16) += sum_{k < kc} a(i, k) * b(k, 0..16)     for i < MR
+// with a(i, k) = a[i * a_is + k * a_ks] (a scalar, broadcast) and b(k, :) = b[k * b_ks + 0..16)
+// (16 contiguous values, two AVX2 vectors). The accumulators live in registers for the whole k loop;
+// tile (fp32, row stride 16) carries them between calls (one call per kept block).
+// Instantiated with Avx2Vec inside EFFOPS_AVX2_TARGET functions and with ScalarVec elsewhere.
+#pragma once
+
+#include "cpu/cpu_features.h"
+#include "cpu/simd.h"
+
+#include <cstdint>
+
+#define EFFOPS_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace effops::cpu {
+
+template <class Vec, int MR, typename TA, typename TB>
+EFFOPS_ALWAYS_INLINE void micro(const TA* a, int64_t a_is, int64_t a_ks, const TB* b, int64_t b_ks, int64_t kc,
+                                float* tile) {
+  constexpr int NV = 16 / Vec::kWidth;
+  Vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = Vec::load(tile + i * 16 + v * Vec::kWidth);
+  for (int64_t k = 0; k < kc; ++k) {
+    Vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::load(b + k * b_ks + v * Vec::kWidth);
+    for (int i = 0; i < MR; ++i) {
+      const Vec ai = Vec::broadcast(to_float(a[i * a_is + k * a_ks]));
+      for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(ai, bv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v].store(tile + i * 16 + v * Vec::kWidth);
+}
+
+// The forward/grad_x tile over all kept blocks of one block-row, accumulators kept in registers
+// across blocks: a(i, k) = a[i * lda + kept[j] * b + k], b(k, :) = panel[(j * b + k) * 16 + 0..16).
+// kc_last bounds k in a block that reaches the matrix edge (the block starting at edge_col).
+template <class Vec, int MR, typename TA>
+EFFOPS_ALWAYS_INLINE void micro_blocks(const TA* a, int64_t lda, const int64_t* kept, int64_t nkept, int64_t b,
+                                       int64_t C, const float* panel, float* tile) {
+  constexpr int NV = 16 / Vec::kWidth;
+  Vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = Vec::load(tile + i * 16 + v * Vec::kWidth);
+  for (int64_t j = 0; j < nkept; ++j) {
+    const int64_t c0 = kept[j] * b;
+    const int64_t kc = C - c0 < b ? C - c0 : b;
+    const TA* aj = a + c0;
+    const float* pj = panel + j * b * 16;
+    for (int64_t k = 0; k < kc; ++k) {
+      Vec bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = Vec::load(pj + k * 16 + v * Vec::kWidth);
+      for (int i = 0; i < MR; ++i) {
+        const Vec ai = Vec::broadcast(to_float(aj[i * lda + k]));
+        for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(ai, bv[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v].store(tile + i * 16 + v * Vec::kWidth);
+}
+
+template <class Vec, typename TA>
+EFFOPS_ALWAYS_INLINE void micro_blocks_dispatch(int rows, const TA* a, int64_t lda, const int64_t* kept,
+                                                int64_t nkept, int64_t b, int64_t C, const float* panel,
+                                                float* tile) {
+  switch (rows) {
+    case 6: micro_blocks<Vec, 6>(a, lda, kept, nkept, b, C, panel, tile); break;
+    case 5: micro_blocks<Vec, 5>(a, lda, kept, nkept, b, C, panel, tile); break;
+    case 4: micro_blocks<Vec, 4>(a, lda, kept, nkept, b, C, panel, tile); break;
+    case 3: micro_blocks<Vec, 3>(a, lda, kept, nkept, b, C, panel, tile); break;
+    case 2: micro_blocks<Vec, 2>(a, lda, kept, nkept, b, C, panel, tile); break;
+    default: micro_blocks<Vec, 1>(a, lda, kept, nkept, b, C, panel, tile); break;
+  }
+}
+
+// The same for a run-time row count 1..6 (the last tile of a matrix edge).
+template <class Vec, typename TA, typename TB>
+EFFOPS_ALWAYS_INLINE void micro_dispatch(int rows, const TA* a, int64_t a_is, int64_t a_ks, const TB* b,
+                                         int64_t b_ks, int64_t kc, float* tile) {
+  switch (rows) {
+    case 6: micro<Vec, 6>(a, a_is, a_ks, b, b_ks, kc, tile); break;
+    case 5: micro<Vec, 5>(a, a_is, a_ks, b, b_ks, kc, tile); break;
+    case 4: micro<Vec, 4>(a, a_is, a_ks, b, b_ks, kc, tile); break;
+    case 3: micro<Vec, 3>(a, a_is, a_ks, b, b_ks, kc, tile); break;
+    case 2: micro<Vec, 2>(a, a_is, a_ks, b, b_ks, kc, tile); break;
+    default: micro<Vec, 1>(a, a_is, a_ks, b, b_ks, kc, tile); break;
+  }
+}
+
+}  // namespace effops::cpu

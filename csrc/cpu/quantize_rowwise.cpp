@@ -1,0 +1,83 @@
+// Row-wise symmetric int8 quantization: one pass for the absmax, one for the rounded values, per row.
+// Bit-identical to reference/int8.py: fp32 scale = absmax / 127 (IEEE division, not a reciprocal),
+// q = x / scale rounded half to even (vroundps / nearbyint in the default rounding mode), clamped.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/cpu_features.h"
+#include "cpu/int8_gemm.h"
+#include "cpu/simd.h"
+
+namespace effops::cpu {
+namespace {
+
+inline float row_scale(float absmax) {
+  const float s = absmax / 127.0f;
+  return s > 0.0f ? s : 1.0f;  // a zero row (or an absmax so small that s underflows) gets scale 1
+}
+
+inline int8_t quantize_one(float v, float scale) {
+  const float r = std::nearbyint(v / scale);
+  return static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+}
+
+template <typename T>
+void quantize_row_scalar(const T* x, int64_t K, int8_t* q, float* scale) {
+  float absmax = 0.0f;
+  for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::fabs(to_float(x[k])));
+  const float s = row_scale(absmax);
+  for (int64_t k = 0; k < K; ++k) q[k] = quantize_one(to_float(x[k]), s);
+  *scale = s;
+}
+
+#if EFFOPS_HAVE_X86
+template <typename T>
+EFFOPS_AVX2_TARGET void quantize_row_avx2(const T* x, int64_t K, int8_t* q, float* scale) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(Avx2Vec::load(x + k).v, abs_mask));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float absmax = *std::max_element(lanes, lanes + 8);
+  for (; k < K; ++k) absmax = std::max(absmax, std::fabs(to_float(x[k])));
+  const float s = row_scale(absmax);
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  for (k = 0; k + 8 <= K; k += 8) {
+    __m256 v = _mm256_round_ps(_mm256_div_ps(Avx2Vec::load(x + k).v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+    const __m256i i32 = _mm256_cvtps_epi32(v);  // already integral and within int8
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(i16, i16));
+  }
+  for (; k < K; ++k) q[k] = quantize_one(to_float(x[k]), s);
+  *scale = s;
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+void quantize_rowwise(const T* x, int64_t M, int64_t K, int8_t* q, float* scale) {
+  const bool avx2 = has_avx2_fma();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+#if EFFOPS_HAVE_X86
+      if (avx2) {
+        quantize_row_avx2(x + i * K, K, q + i * K, scale + i);
+        continue;
+      }
+#endif
+      quantize_row_scalar(x + i * K, K, q + i * K, scale + i);
+    }
+  });
+}
+
+template void quantize_rowwise<float>(const float*, int64_t, int64_t, int8_t*, float*);
+template void quantize_rowwise<c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, int8_t*, float*);
+template void quantize_rowwise<c10::Half>(const c10::Half*, int64_t, int64_t, int8_t*, float*);
+
+}  // namespace effops::cpu

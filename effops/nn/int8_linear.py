@@ -1,0 +1,105 @@
+"""Int8Linear: a Linear with int8 weights (per-output-channel scales), for inference and frozen bases.
+
+The weights are quantized once (symmetric, per output channel) and kept packed in the CPU kernel's
+layout (reference.int8.pack_weight); the state_dict holds the plain (N, K) int8 weight instead, so it
+is portable and about a quarter of the fp32 size, and loading repacks it.
+
+Modes:
+* "dynamic": activations quantized per row (per token) at run time, int8 x int8 GEMM with the scales,
+  bias and cast fused into its epilogue. Twice the arithmetic rate of fp32 on AVX2.
+* "weight_only": activations stay floating; the int8 weights are dequantized on the fly. For small
+  batches, where the GEMM is bound by reading the weights and quantizing activations does not pay.
+* "auto": weight_only for inputs of at most `auto_rows` rows, dynamic above.
+
+Gradients: the input gets a straight-through gradient (grad_y @ dequantized weight), so trainable
+layers (adapters) can sit above and below a frozen int8 base; the int8 weights are buffers (frozen);
+the bias is a Parameter with requires_grad=False unless the user enables it.
+"""
+import torch
+from torch import nn
+
+from effops.ops import _checks
+from effops.ops.int8_gemm import int8_linear_dynamic
+from effops.ops.quantize_rowwise import quantize_rowwise
+from effops.reference import int8 as reference
+
+MODES = ("dynamic", "weight_only", "auto")
+# "auto" switches to weight_only at or below this many rows. On the AVX2 CPU the dynamic path already
+# reads the int8 weights once at M = 1 (so both are bound by the same bytes) and is about 3x faster
+# at M = 16 (docs/int8.md): weight_only is chosen only for single rows, where it costs nothing and
+# keeps the activations unquantized.
+AUTO_ROWS = 1
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features, out_features, bias=True, mode="auto", device=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError("%s must be a positive int, got %r" % (name, v))
+        _checks.choice("mode", mode, MODES)
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        w = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        # Not persistent: the state_dict carries the plain weight as "weight" (see _save_to_state_dict).
+        self.register_buffer("weight_packed", reference.pack_weight(w), persistent=False)
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear, mode="auto"):
+        """Quantize an nn.Linear's weight per output channel (absmax / 127, round half to even)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError("linear must be an nn.Linear, got %s" % type(linear).__name__)
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode, device=w.device)
+        with torch.no_grad():
+            q, scale = quantize_rowwise(w.float())
+            m.weight_packed = reference.pack_weight(q)
+            m.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    @property
+    def weight(self):
+        """The (out_features, in_features) int8 weight (unpacked view of the packed storage)."""
+        return reference.unpack_weight(self.weight_packed, self.out_features, self.in_features)
+
+    def dequantized_weight(self):
+        return self.weight.float() * self.weight_scale.unsqueeze(1)
+
+    def forward(self, x):
+        _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES, device=self.weight_scale.device)
+        if x.shape[-1] != self.in_features:
+            raise ValueError("x's last dim must equal in_features %d, got shape %s" % (self.in_features, tuple(x.shape)))
+        weight_only = self.mode == "weight_only" or (self.mode == "auto" and x.numel() // x.shape[-1] <= AUTO_ROWS)
+        return int8_linear_dynamic(x, self.weight_packed, self.weight_scale, self.bias, self.out_features, weight_only)
+
+    # ---- state_dict: plain int8 weight on disk, packed in memory ----
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.weight.contiguous()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "weight"
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        w = state_dict[key]
+        if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or tuple(w.shape) != (self.out_features,
+                                                                                          self.in_features):
+            error_msgs.append("%s: expected an int8 tensor of shape %s, got %s" % (
+                key, (self.out_features, self.in_features),
+                "%s %s" % (w.dtype, tuple(w.shape)) if isinstance(w, torch.Tensor) else type(w).__name__))
+            return
+        with torch.no_grad():
+            self.weight_packed = reference.pack_weight(w.to(self.weight_scale.device))
+
+    def extra_repr(self):
+        return "in_features=%d, out_features=%d, bias=%s, mode=%s" % (
+            self.in_features, self.out_features, self.bias is not None, self.mode)

@@ -1,0 +1,164 @@
+"""SparseLinear: a Linear whose weight is multiplied by a fixed 0/1 `mask` buffer (pruned weights).
+
+The forward is effops.ops.masked_linear, so the sparse kernels skip pruned weights and the weight
+gradient is masked. Pruned weights are also kept at exactly zero in `weight` itself (from_linear and
+set_mask zero them), so `to_linear()` and plain optimizers see the pruned model as it is.
+SparseConv1x1 is the same for a 1x1 convolution (a Linear over channels), keeping Conv2d's parameters.
+"""
+import sys
+
+import torch
+from torch import nn
+
+from effops.ops import _checks
+import effops.ops.masked_linear  # noqa: F401  (registers the op)
+
+_op = sys.modules["effops.ops.masked_linear"]  # the module, whatever effops.ops.masked_linear is bound to
+
+
+def _validated_mask(mask, weight_shape, device, pattern, block_size, name="mask"):
+    """A bool mask of `weight_shape` on `device`; TypeError/ValueError with the reason otherwise."""
+    from effops.ops import _sparse_index
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(mask).__name__))
+    if tuple(mask.shape) != tuple(weight_shape):
+        raise ValueError("%s must have the weight's shape %s, got %s" % (name, tuple(weight_shape), tuple(mask.shape)))
+    if mask.dtype != torch.bool and not mask.is_floating_point() and mask.dtype not in (
+            torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        raise TypeError("%s must be bool or hold 0/1 numbers, got dtype %s" % (name, mask.dtype))
+    _sparse_index.check_binary(mask)
+    mask = mask.to(device=device, dtype=torch.bool)
+    _op.check_pattern(pattern, block_size)
+    if pattern is not None:
+        why = _sparse_index.MaskInfo(mask).matches(pattern, block_size)
+        if why:
+            raise ValueError("%s does not fit pattern=%r: %s" % (name, pattern, why))
+    return mask
+
+
+class _MaskedMixin:
+    """Shared mask handling of SparseLinear and SparseConv1x1 (weight viewed as out x in)."""
+
+    def _weight2d(self):
+        return self.weight.view(self.weight.shape[0], -1)
+
+    @property
+    def density(self):
+        """Fraction of weights kept."""
+        return float(self.mask.float().mean()) if self.mask.numel() else 1.0
+
+    @property
+    def sparsity(self):
+        """Fraction of weights pruned."""
+        return 1.0 - self.density
+
+    @torch.no_grad()
+    def set_mask(self, mask):
+        """Replace the mask in place (the cached sparse index follows) and zero the newly pruned weights."""
+        mask = _validated_mask(mask, self.mask.shape, self.mask.device, self.pattern, self.block_size)
+        self.mask.copy_(mask)
+        self.apply_mask_()
+
+    @torch.no_grad()
+    def apply_mask_(self):
+        """Set the pruned weights to exactly zero (after an optimizer step, say)."""
+        self._weight2d().mul_(self.mask.to(self.weight.dtype))
+
+    def _masked_forward(self, x):
+        return _op.masked_linear(x, self._weight2d(), self.mask, self.bias)
+
+
+class SparseLinear(_MaskedMixin, nn.Linear):
+    """nn.Linear with a `mask` buffer: y = x @ (weight * mask)^T + bias.
+
+    pattern / block_size record the mask's declared structure ("unstructured", "block" with
+    block_size 16/32/64, "2:4", or None for any); masks set later are checked against it.
+    state_dict holds weight, bias and mask.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, mask=None, *, pattern=None, block_size=None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.pattern, self.block_size = pattern, block_size
+        full = torch.ones(out_features, in_features, dtype=torch.bool, device=self.weight.device)
+        self.register_buffer("mask", full if mask is None else _validated_mask(
+            mask, full.shape, full.device, pattern, block_size))
+        self.apply_mask_()
+
+    @classmethod
+    def from_linear(cls, linear, mask, *, pattern=None, block_size=None):
+        """A SparseLinear sharing `linear`'s Parameter objects (an existing optimizer keeps working);
+        the pruned weights are zeroed in place."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError("linear must be an nn.Linear, got %s" % type(linear).__name__)
+        mask = _validated_mask(mask, linear.weight.shape, linear.weight.device, pattern, block_size)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = linear.in_features, linear.out_features
+        module.weight, module.bias = linear.weight, linear.bias
+        module.pattern, module.block_size = pattern, block_size
+        module.register_buffer("mask", mask)
+        module.apply_mask_()
+        module.train(linear.training)
+        return module
+
+    def to_linear(self):
+        """A plain nn.Linear with weight * mask (new parameters)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.weight * self.mask.to(self.weight.dtype))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def forward(self, x):
+        return self._masked_forward(x)
+
+    def extra_repr(self):
+        return "%s, density=%.3f, pattern=%s" % (super().extra_repr(), self.density, self.pattern)
+
+
+class SparseConv1x1(_MaskedMixin, nn.Conv2d):
+    """A 1x1 nn.Conv2d (stride 1, no padding, groups 1) with a `mask` of shape (out, in) on its weight.
+
+    Keeps Conv2d's parameters (weight of shape (out, in, 1, 1)), so a Conv2d state_dict plus a mask loads.
+    """
+
+    @classmethod
+    def from_conv(cls, conv, mask, *, pattern=None, block_size=None):
+        if not is_pointwise_conv(conv):
+            raise TypeError("conv must be a 1x1 nn.Conv2d with stride 1, padding 0, dilation 1, groups 1")
+        shape = conv.weight.shape[:2]
+        mask = _validated_mask(mask, shape, conv.weight.device, pattern, block_size)
+        module = cls.__new__(cls)
+        module.__dict__.update({k: v for k, v in conv.__dict__.items()})  # Conv2d's config, params, hooks
+        for attr in ("_parameters", "_buffers", "_modules"):
+            setattr(module, attr, dict(getattr(conv, attr)))
+        module.pattern, module.block_size = pattern, block_size
+        module.register_buffer("mask", mask)
+        module.apply_mask_()
+        return module
+
+    def to_conv(self):
+        out = nn.Conv2d(self.in_channels, self.out_channels, 1, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.weight * self.mask.to(self.weight.dtype)[:, :, None, None])
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def extra_repr(self):
+        return "%s, density=%.3f, pattern=%s" % (super().extra_repr(), self.density, self.pattern)
+
+    def forward(self, x):
+        _checks.tensor("x", x, ndim=4)
+        y = self._masked_forward(x.permute(0, 2, 3, 1))
+        return y.permute(0, 3, 1, 2)
+
+
+def is_pointwise_conv(module):
+    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.padding in ((0, 0), "valid") and module.dilation == (1, 1) and module.groups == 1
+            and module.padding_mode == "zeros")

@@ -1,0 +1,153 @@
+"""What a mask looks like, and the compressed indices the sparse kernels walk: built once per mask change.
+
+`mask_info(mask)` validates a mask (only 0 and 1) and describes it: density, the largest block size b in
+(64, 32, 16) over which it is constant (partial blocks at the edges included), whether it is 2:4 along
+the input dimension. Its lazily built indices:
+
+* `block_rows(b)`: block-CSR of the kept b x b blocks per block-row of the weight (forward product);
+* `block_cols(b)`: the same per block-column, i.e. of the transposed weight (grad_x product);
+* `csr()` / `csc()`: kept (row, column) lists per weight row / per weight column (unstructured path).
+
+The cache is keyed on the mask tensor itself: its identity (a weak reference, so a new tensor that
+happens to reuse a freed one's memory is never mistaken for it), data pointer, version counter (bumped
+by every in-place write, e.g. `mask.copy_(new)`), shape, strides and dtype. Inference tensors have no
+version counter: their descriptions are rebuilt on every call.
+"""
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_SIZES = (64, 32, 16)
+PATTERNS = ("unstructured", "block", "2:4")
+
+_cache = {}  # id(mask) -> (weakref to mask, key, MaskInfo)
+stats = {"builds": 0}  # how many descriptions were built (tests check the cache through it)
+
+
+class MaskInfo:
+    """Facts about one mask version and its compressed indices (int64, on the mask's device)."""
+
+    def __init__(self, mask):
+        m = mask if mask.dtype == torch.bool else mask != 0
+        self.bool_mask = m.contiguous()
+        self.shape = tuple(m.shape)
+        self.nnz = int(m.sum())
+        self.numel = m.numel()
+        self.density = self.nnz / self.numel if self.numel else 1.0
+        self.block = next((b for b in BLOCK_SIZES if _block_constant(self.bool_mask, b)), 0)
+        self.is_2_4 = _is_n_m(self.bool_mask, 2, 4)
+        self._built = {}
+
+    def _memo(self, key, build):
+        if key not in self._built:
+            self._built[key] = build()
+        return self._built[key]
+
+    def block_mask(self, b):
+        """[ceil(N/b), ceil(K/b)] bool: which blocks are kept (valid for a block-constant mask)."""
+        return self._memo(("blocks", b), lambda: _block_counts(self.bool_mask, b) > 0)
+
+    def block_rows(self, b):
+        return self._memo(("rows", b), lambda: _csr(self.block_mask(b)))
+
+    def block_cols(self, b):
+        return self._memo(("cols", b), lambda: _csr(self.block_mask(b).t()))
+
+    def block_coo(self, b):
+        """(block-row, block-column) of every kept block, in block_rows order (for per-block programs)."""
+        return self._memo(("coo", b), lambda: tuple(t.contiguous() for t in self.block_mask(b).nonzero(as_tuple=True)))
+
+    def mask_u8(self):
+        """The mask as a contiguous uint8 tensor (what the dense-with-mask Triton kernel loads)."""
+        return self._memo("u8", lambda: self.bool_mask.to(torch.uint8))
+
+    def csr(self):
+        return self._memo("csr", lambda: _csr(self.bool_mask))
+
+    def csc(self):
+        return self._memo("csc", lambda: _csr(self.bool_mask.t()))
+
+    def matches(self, pattern, block_size=None):
+        """None when the mask fits `pattern` (and block_size), else why not."""
+        if pattern == "block":
+            b = block_size or 32
+            if not _block_constant(self.bool_mask, b):
+                return "it is not constant over %d x %d blocks" % (b, b)
+        elif pattern == "2:4" and not self.is_2_4:
+            return "some group of 4 consecutive inputs keeps more than 2 weights"
+        return None
+
+
+def _block_counts(m, b):
+    """Kept entries per b x b block, edge blocks partial."""
+    n, k = m.shape
+    nb, kb = -(-n // b), -(-k // b)
+    padded = F.pad(m.to(torch.int32), (0, kb * b - k, 0, nb * b - n))
+    return padded.view(nb, b, kb, b).sum(dim=(1, 3))
+
+
+def _block_constant(m, b):
+    n, k = m.shape
+    if n == 0 or k == 0:
+        return True
+    counts = _block_counts(m, b)
+    rows = torch.full((counts.shape[0],), b, dtype=torch.int32, device=m.device)
+    cols = torch.full((counts.shape[1],), b, dtype=torch.int32, device=m.device)
+    rows[-1] = n - (counts.shape[0] - 1) * b
+    cols[-1] = k - (counts.shape[1] - 1) * b
+    full = rows[:, None] * cols[None, :]
+    return bool(((counts == 0) | (counts == full)).all())
+
+
+def _is_n_m(m, n_keep, group):
+    n, k = m.shape
+    padded = F.pad(m.to(torch.int32), (0, -k % group))
+    return bool((padded.view(n, -1, group).sum(-1) <= n_keep).all())
+
+
+def _csr(m):
+    """(ptr [rows + 1], idx [nnz]) of a 2-D bool matrix, column indices ascending within a row."""
+    rows, cols = m.nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=m.shape[0])
+    ptr = torch.zeros(m.shape[0] + 1, dtype=torch.int64, device=m.device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return ptr, cols.contiguous()
+
+
+def check_binary(mask):
+    """ValueError unless a non-bool mask holds only 0 and 1."""
+    if mask.dtype != torch.bool and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError("mask must hold only 0 and 1 (or be bool), found %r" % bad)
+
+
+def _key(mask):
+    return (mask.data_ptr(), mask._version, tuple(mask.shape), mask.stride(), mask.dtype, mask.device)
+
+
+def mask_info(mask):
+    """The cached MaskInfo of `mask`, rebuilt when the mask changed (ValueError for non-binary masks)."""
+    if mask.is_inference():
+        check_binary(mask)
+        stats["builds"] += 1
+        return MaskInfo(mask)
+    key = _key(mask)
+    entry = _cache.get(id(mask))
+    if entry is not None and entry[0]() is mask and entry[1] == key:
+        return entry[2]
+    check_binary(mask)
+    info = MaskInfo(mask)
+    stats["builds"] += 1
+    _cache[id(mask)] = (weakref.ref(mask, _forget(id(mask))), key, info)
+    return info
+
+
+def _forget(ident):
+    """Weak-reference callback dropping a dead mask's entry (not a newer one under the same id)."""
+    def callback(ref, cache=_cache):
+        entry = cache.get(ident) if cache is not None else None
+        if entry is not None and entry[0] is ref:
+            del cache[ident]
+    return callback
+

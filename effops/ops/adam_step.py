@@ -1,0 +1,275 @@
+"""effops::adam_step: one fused Adam/AdamW step over lists of tensors, in place.
+
+The public function checks every argument; the custom op (a mutating torch.library op with a fake
+kernel, so torch.compile keeps it as one node) handles the GradScaler flag, dispatches to a backend
+and only then advances the step counts. Every backend kernel receives the same arguments:
+
+    kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1,
+           beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale)
+
+with `steps` the incremented step counts as floats, `master_params` a list of None / fp32 tensors of
+the same length as `params`, and `grad_scale` None or a float. A kernel checks what it needs before
+writing anything, so a step that fails leaves every tensor untouched.
+"""
+import sys
+import types
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from effops import _backends
+from effops.ops import _checks
+from effops.reference import adam as reference
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the compiled kernels accept (declared once, used by every backend's `supports`)
+# ---------------------------------------------------------------------------------------------
+def _dense(t):
+    """True when t's elements fill one block of memory with no gaps or overlap (any dim order)."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def flat_layout_reason(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, amsgrad):
+    """None when every tensor can be walked as flat memory in the same element order, else why not.
+
+    The step is elementwise, so any dense layout works provided a param, its gradient and its state
+    share strides (zeros_like keeps the param's layout; autograd gives gradients the param's layout).
+    """
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        group = [p, grads[i], exp_avgs[i], exp_avg_sqs[i]]
+        if amsgrad:
+            group.append(max_exp_avg_sqs[i])
+        if master_params[i] is not None:
+            group.append(master_params[i])
+        if not _dense(p) or any(t.stride() != p.stride() for t in group):
+            return "params[%d] or its grad/state is not dense with one shared layout (strides %s)" % (
+                i, [tuple(t.stride()) for t in group])
+    return None
+
+
+def _compiled_supports(device_type):
+    def supports(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, **kw):
+        if params and params[0].device.type != device_type:
+            return "tensors are on %s" % params[0].device.type
+        return flat_layout_reason(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
+                                  kw["amsgrad"])
+    return supports
+
+
+def _cpu_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1,
+                beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale):
+    step_sizes, bc2_sqrts = per_tensor_scalars(lr, beta1, beta2, steps)
+    torch.ops.effops_cpu.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, step_sizes,
+                                   bc2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                   decoupled_weight_decay, grad_scale)
+
+
+def _cuda_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1,
+                 beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale):
+    step_sizes, bc2_sqrts = per_tensor_scalars(lr, beta1, beta2, steps)
+    torch.ops.effops_cuda.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
+                                    step_sizes, bc2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                    decoupled_weight_decay, grad_scale)
+
+
+def per_tensor_scalars(lr, beta1, beta2, steps):
+    """Per tensor: step_size = lr / (1 - beta1^t) and sqrt(1 - beta2^t), in double as torch does."""
+    step_sizes, bc2_sqrts = [], []
+    for step in steps:
+        bc1, bc2_sqrt = reference.bias_corrections(beta1, beta2, step)
+        step_sizes.append(lr / bc1)
+        bc2_sqrts.append(bc2_sqrt)
+    return step_sizes, bc2_sqrts
+
+
+_backends.register_kernel("adam_step", "reference", reference.adam_step)
+_backends.register_kernel("adam_step", "cpu", _cpu_kernel, supports=_compiled_supports("cpu"))
+_backends.register_kernel("adam_step", "cuda", _cuda_kernel, supports=_compiled_supports("cuda"))
+_backends.register_kernel("adam_step", "triton", "effops.triton_kernels.adam_step:adam_step",
+                          supports=lambda *a, **kw: flat_layout_reason(*a[:6], kw["amsgrad"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function: checks, then the custom op
+# ---------------------------------------------------------------------------------------------
+def _tensor_list(name, value, length=None):
+    if not isinstance(value, (list, tuple)):
+        raise TypeError("%s must be a list of tensors, got %s" % (name, type(value).__name__))
+    if length is not None and len(value) != length:
+        raise ValueError("%s must have one entry per param (%d), got %d" % (name, length, len(value)))
+    return list(value)
+
+
+def _number(name, value, low, high=None, high_open=True):
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError("%s must be a number or a 1-element tensor, got shape %s" % (name, tuple(value.shape)))
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("%s must be a float, got %s" % (name, type(value).__name__))
+    value = float(value)
+    if not value >= low or (high is not None and not (value < high if high_open else value <= high)):
+        bound = "" if high is None else (" and < %g" % high if high_open else " and <= %g" % high)
+        raise ValueError("%s must be >= %g%s, got %r" % (name, low, bound, value))
+    return value
+
+
+def _check_scalar_tensor(name, value, device):
+    if value is None:
+        return None
+    _checks.tensor(name, value, dtypes=(torch.float32,))
+    if value.numel() != 1:
+        raise ValueError("%s must have one element, got shape %s" % (name, tuple(value.shape)))
+    return value
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+              weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False, decoupled_weight_decay=False,
+              master_params=None, grad_scale=None, found_inf=None):
+    """One Adam (or AdamW with decoupled_weight_decay=True) step, updating every tensor in place.
+
+    params, grads, exp_avgs, exp_avg_sqs: lists of same-shaped tensors on one device; params fp32, bf16
+    or fp16 (a list may mix them), each grad in its param's dtype. steps: one scalar tensor per param
+    holding the number of steps taken so far; it is incremented. Moments have the param's dtype, or
+    fp32 where master_params[i] (None or an fp32 copy of a bf16/fp16 param) is given: the step then
+    runs on the master and the rounded result is written into the param. amsgrad needs
+    max_exp_avg_sqs. grad_scale / found_inf (1-element fp32 tensors, the GradScaler protocol):
+    gradients are divided by grad_scale (and stored back unscaled); a nonzero found_inf skips the
+    whole step, leaving every tensor and step count untouched. All math is fp32.
+    """
+    prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                      weight_decay=weight_decay, amsgrad=amsgrad, max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
+                      decoupled_weight_decay=decoupled_weight_decay, master_params=master_params,
+                      grad_scale=grad_scale, found_inf=found_inf)()
+
+
+def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                      weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False,
+                      decoupled_weight_decay=False, master_params=None, grad_scale=None, found_inf=None):
+    """Check adam_step's arguments without touching anything; returns a callable running the step.
+
+    The optimizer checks every param group this way before stepping any of them.
+    """
+    for name, flag in (("amsgrad", amsgrad), ("maximize", maximize), ("decoupled_weight_decay", decoupled_weight_decay)):
+        if not isinstance(flag, bool):
+            raise TypeError("%s must be a bool, got %s" % (name, type(flag).__name__))
+    params = _tensor_list("params", params)
+    n = len(params)
+    grads = _tensor_list("grads", grads, n)
+    exp_avgs = _tensor_list("exp_avgs", exp_avgs, n)
+    exp_avg_sqs = _tensor_list("exp_avg_sqs", exp_avg_sqs, n)
+    steps = _tensor_list("steps", steps, n)
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("max_exp_avg_sqs (one per param) is required when amsgrad=True")
+    max_exp_avg_sqs = _tensor_list("max_exp_avg_sqs", max_exp_avg_sqs, n) if amsgrad else []
+    master_params = [None] * n if master_params is None else list(_tensor_list("master_params", master_params, n))
+    lr = _number("lr", lr, 0.0)
+    beta1 = _number("beta1", beta1, 0.0, 1.0)
+    beta2 = _number("beta2", beta2, 0.0, 1.0)
+    eps = _number("eps", eps, 0.0)
+    weight_decay = _number("weight_decay", weight_decay, 0.0)
+
+    dev = params[0].device if n else None
+    for i, p in enumerate(params):
+        _checks.tensor("params[%d]" % i, p, dtypes=_checks.FLOAT_DTYPES, device=dev)
+        g = grads[i]
+        _checks.tensor("grads[%d]" % i, g)
+        if g.layout != torch.strided:
+            raise RuntimeError("adam_step does not support sparse gradients (grads[%d] has layout %s); "
+                               "use torch.optim.SparseAdam" % (i, g.layout))
+        _checks.tensor("grads[%d]" % i, g, device=dev)
+        _checks.same_dtype("grads[%d]" % i, g, p.dtype)
+        master = master_params[i]
+        if master is not None:
+            _checks.tensor("master_params[%d]" % i, master, dtypes=(torch.float32,), device=dev)
+            if p.dtype not in _LOW_PRECISION:
+                raise ValueError("master_params[%d] is only for bf16/fp16 params; params[%d] is %s"
+                                 % (i, i, p.dtype))
+        state_dtype = torch.float32 if master is not None else p.dtype
+        state = [("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])]
+        if amsgrad:
+            state.append(("max_exp_avg_sqs", max_exp_avg_sqs[i]))
+        for name, t in state:
+            _checks.tensor("%s[%d]" % (name, i), t, device=dev)
+            if t.dtype != state_dtype:
+                raise TypeError("%s[%d] must have dtype %s (%s), got %s" % (
+                    name, i, state_dtype, "fp32 beside a master copy" if master is not None else "the param's",
+                    t.dtype))
+        for name, t in [("grads", g), ("master_params", master)] + state:
+            if t is not None:
+                _checks.shape("%s[%d]" % (name, i), t, p.shape)
+        s = steps[i]
+        _checks.tensor("steps[%d]" % i, s, dtypes=(torch.float32, torch.float64))
+        if s.numel() != 1:
+            raise ValueError("steps[%d] must be a 1-element tensor, got shape %s" % (i, tuple(s.shape)))
+    _check_scalar_tensor("grad_scale", grad_scale, dev)
+    _check_scalar_tensor("found_inf", found_inf, dev)
+
+    # The op takes the master copies that exist plus a flag per param: torch.compile's
+    # auto-functionalization cannot take a mutable list holding None (Tensor?[]).
+    has_master = [m is not None for m in master_params]
+    masters = [m for m in master_params if m is not None]
+
+    def run():
+        if n:
+            torch.ops.effops.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master,
+                                       steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                       decoupled_weight_decay, grad_scale, found_inf)
+    return run
+
+
+@torch.library.custom_op("effops::adam_step", mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs",
+                                                            "max_exp_avg_sqs", "masters", "steps"))
+def _adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+               max_exp_avg_sqs: List[Tensor], masters: List[Tensor], has_master: List[bool], steps: List[Tensor], lr: float,
+               beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+               decoupled_weight_decay: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    if not params:
+        return
+    # The GradScaler flag is read on the host: a skipped step must not advance the (host) step counts.
+    # On CUDA this is one sync per step, as in torch's non-fused GradScaler path.
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    scale = None if grad_scale is None else float(grad_scale.item())
+    it = iter(masters)
+    master_params = [next(it) if flag else None for flag in has_master]
+    new_steps = [float(s.item()) + 1 for s in steps]
+    _backends.dispatch("adam_step", params[0].device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                       master_params, new_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                       amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+                       grad_scale=scale)
+    # Only after the kernel succeeded: a failed step leaves the counts as they were.
+    torch._foreach_add_(steps, 1)
+
+
+@_adam_step.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1, beta2, eps,
+      weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf):
+    return None
+
+
+class _CallableModule(types.ModuleType):
+    """effops.ops lists `adam_step` lazily, but Python's import machinery sets the package attribute
+    `effops.ops.adam_step` to this module whenever the module itself is imported first (effops.optim
+    does), hiding the function of the same name. A callable module keeps `effops.ops.adam_step(...)`
+    working in every import order."""
+
+    def __call__(self, *args, **kwargs):
+        return adam_step(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,246 @@
+"""effops::int8_mm, effops::int8_linear and Int8Linear's effops::int8_linear_dynamic.
+
+* int8_mm(a, b): (M, K) int8 @ (K, N) int8 -> (M, N) int32, exactly a.int() @ b.int() (like torch._int_mm).
+* int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype): int32 accumulation, then the row and
+  column scales, the bias and the cast to out_dtype in the kernel's epilogue.
+* int8_linear_dynamic(x, w_packed, ...): the module's op on float x: per-row quantization of x, the
+  int8 GEMM on prepacked weights (reference.int8.pack_weight) and the epilogue; or, with weight_only,
+  float x times the dequantized int8 weights. Its autograd gives x a straight-through gradient.
+
+Public functions check arguments; the custom ops (schema, fake kernel, autograd) dispatch to a backend.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from effops import _backends
+from effops.ops import _checks
+from effops.reference import int8 as reference
+
+MAX_K = reference.MAX_K
+
+for _op in ("int8_mm", "int8_linear", "int8_linear_dynamic", "int8_linear_dynamic_backward"):
+    _backends.register_kernel(_op, "reference", getattr(reference, _op))
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu backend (effops._C). Declines only where plain PyTorch is as fast (measured: see docs/int8.md).
+# ---------------------------------------------------------------------------------------------
+def _cpu_int8_mm(a, b):
+    return torch.ops.effops_cpu.int8_mm(a.contiguous(), b.contiguous())
+
+
+def _cpu_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
+    k = x_int8.shape[-1]
+    y = torch.ops.effops_cpu.int8_linear(x_int8.reshape(-1, k).contiguous(), x_scale.reshape(-1).contiguous(),
+                                         w_int8.contiguous(), w_scale.contiguous(), bias, out_dtype)
+    return y.reshape(*x_int8.shape[:-1], w_int8.shape[0])
+
+
+def _cpu_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only):
+    k = x.shape[-1]
+    y = torch.ops.effops_cpu.int8_linear_dynamic(x.reshape(-1, k).contiguous(), w_packed, w_scale, bias,
+                                                 out_features, weight_only)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+_backends.register_kernel("int8_mm", "cpu", _cpu_int8_mm)
+_backends.register_kernel("int8_linear", "cpu", _cpu_int8_linear)
+# The weight-only kernel re-reads the int8 weights for every row: past 16 rows dequantizing once and an
+# fp32 GEMM (the reference) is as fast or faster.
+WEIGHT_ONLY_MAX_ROWS = 16
+_backends.register_kernel("int8_linear_dynamic", "cpu", _cpu_int8_linear_dynamic,
+                          supports=lambda x, w_packed, w_scale, bias, out_features, weight_only:
+                          "weight_only with more than %d rows (reference: dequantize + fp32 GEMM is faster)"
+                          % WEIGHT_ONLY_MAX_ROWS if weight_only and x.numel() // x.shape[-1] > WEIGHT_ONLY_MAX_ROWS
+                          else None)
+
+# ---------------------------------------------------------------------------------------------
+# triton backend (imported lazily)
+# ---------------------------------------------------------------------------------------------
+_INT32_LIMIT = 2 ** 31
+
+
+def _triton_declines(*tensors, out_numel=0):
+    # The Triton kernel uses int32 element offsets.
+    if max([t.numel() for t in tensors if t is not None] + [out_numel]) >= _INT32_LIMIT:
+        return "tensors of 2**31 elements or more (int32 offsets in the Triton kernel)"
+    return None
+
+
+_backends.register_kernel("int8_mm", "triton", "effops.triton_kernels.int8_gemm:int8_mm",
+                          supports=lambda a, b: _triton_declines(a, b, out_numel=a.shape[0] * b.shape[1]))
+_backends.register_kernel("int8_linear", "triton", "effops.triton_kernels.int8_gemm:int8_linear",
+                          supports=lambda x, xs, w, ws, bias, out_dtype: _triton_declines(
+                              x, w, out_numel=x.numel() // x.shape[-1] * w.shape[0]))
+_backends.register_kernel("int8_linear_dynamic", "triton", "effops.triton_kernels.int8_gemm:int8_linear_dynamic",
+                          supports=lambda x, w_packed, w_scale, bias, out_features, weight_only:
+                          "weight_only mode has no Triton kernel" if weight_only else _triton_declines(
+                              x, w_packed, out_numel=x.numel() // x.shape[-1] * out_features))
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda backend (effops._C built with CUDA kernels)
+# ---------------------------------------------------------------------------------------------
+def _cuda_int8_mm(a, b):
+    return torch.ops.effops_cuda.int8_mm(a.contiguous(), b.contiguous())
+
+
+def _cuda_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
+    k = x_int8.shape[-1]
+    y = torch.ops.effops_cuda.int8_linear(x_int8.reshape(-1, k).contiguous(), x_scale.reshape(-1).contiguous(),
+                                          w_int8.contiguous(), w_scale.contiguous(), bias, out_dtype)
+    return y.reshape(*x_int8.shape[:-1], w_int8.shape[0])
+
+
+_backends.register_kernel("int8_mm", "cuda", _cuda_int8_mm)
+_backends.register_kernel("int8_linear", "cuda", _cuda_int8_linear)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+def _check_k(name, k):
+    if k < 1:
+        raise ValueError("%s must be >= 1, got %d" % (name, k))
+    if k > MAX_K:
+        raise ValueError("%s must be <= %d so that the int32 accumulator cannot overflow, got %d" % (name, MAX_K, k))
+
+
+def _check_out_dtype(out_dtype):
+    if not isinstance(out_dtype, torch.dtype):
+        raise TypeError("out_dtype must be a torch.dtype, got %s" % type(out_dtype).__name__)
+    if out_dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError("out_dtype must be one of %s, got %s" % (_checks.FLOAT_DTYPES, out_dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# int8_mm
+# ---------------------------------------------------------------------------------------------
+def int8_mm(a, b):
+    """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact (K <= MAX_K, so nothing overflows)."""
+    _checks.tensor("a", a, ndim=2, dtypes=(torch.int8,))
+    _checks.tensor("b", b, ndim=2, dtypes=(torch.int8,), device=a.device)
+    if a.shape[1] != b.shape[0]:
+        raise ValueError("b's first dim must equal a's second dim %d, got b of shape %s" % (a.shape[1], tuple(b.shape)))
+    _check_k("a's second dim (K)", a.shape[1])
+    return torch.ops.effops.int8_mm(a, b)
+
+
+@torch.library.custom_op("effops::int8_mm", mutates_args=())
+def _int8_mm(a: Tensor, b: Tensor) -> Tensor:
+    return _backends.dispatch("int8_mm", a.device, a, b)
+
+
+@_int8_mm.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8_linear
+# ---------------------------------------------------------------------------------------------
+def int8_linear(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=torch.float32):
+    """(x_int8 @ w_int8^T) * x_scale[..., None] * w_scale + bias, as out_dtype.
+
+    x_int8 (..., K) int8; x_scale (...) fp32; w_int8 (N, K) int8; w_scale (N,) fp32; bias (N,) float or
+    None (used in fp32). int32 accumulation (exact), then an fp32 epilogue fused into the GEMM.
+    """
+    _checks.tensor("x_int8", x_int8, min_ndim=1, dtypes=(torch.int8,))
+    dev = x_int8.device
+    _checks.tensor("x_scale", x_scale, dtypes=(torch.float32,), device=dev)
+    _checks.shape("x_scale", x_scale, x_int8.shape[:-1])
+    _checks.tensor("w_int8", w_int8, ndim=2, dtypes=(torch.int8,), device=dev)
+    if w_int8.shape[1] != x_int8.shape[-1]:
+        raise ValueError("w_int8 must have shape (N, %d) to match x_int8's last dim, got %s"
+                         % (x_int8.shape[-1], tuple(w_int8.shape)))
+    _check_k("x_int8's last dim (K)", x_int8.shape[-1])
+    _checks.tensor("w_scale", w_scale, dtypes=(torch.float32,), device=dev)
+    _checks.shape("w_scale", w_scale, (w_int8.shape[0],))
+    _checks.optional_tensor("bias", bias, dtypes=_checks.FLOAT_DTYPES, device=dev)
+    if bias is not None:
+        _checks.shape("bias", bias, (w_int8.shape[0],))
+        bias = bias.float()
+    _check_out_dtype(out_dtype)
+    return torch.ops.effops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
+
+
+@torch.library.custom_op("effops::int8_linear", mutates_args=())
+def _int8_linear(x_int8: Tensor, x_scale: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                 out_dtype: torch.dtype) -> Tensor:
+    return _backends.dispatch("int8_linear", x_int8.device, x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
+
+
+@_int8_linear.register_fake
+def _(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
+    return x_int8.new_empty((*x_int8.shape[:-1], w_int8.shape[0]), dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8_linear_dynamic: Int8Linear's op (float in, float out, gradient to x)
+# ---------------------------------------------------------------------------------------------
+def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=False):
+    """Int8Linear's forward: x (..., K) float, w_packed from reference.int8.pack_weight of an (N, K) int8
+    weight, w_scale (N,) fp32, bias (N,) fp32 or None. Output in x's dtype (autocast's under autocast).
+    x gets a straight-through gradient (x's rounding treated as identity); bias gets its usual gradient."""
+    _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
+    k = x.shape[-1]
+    _check_k("x's last dim (in_features)", k)
+    _checks.tensor("w_packed", w_packed, ndim=4, dtypes=(torch.int8,), device=x.device)
+    nr, kg = reference.PACK_NR, reference.PACK_KG
+    expected = (-(-out_features // nr), -(-k // kg), nr, kg)
+    _checks.shape("w_packed", w_packed, expected)
+    _checks.tensor("w_scale", w_scale, dtypes=(torch.float32,), device=x.device)
+    _checks.shape("w_scale", w_scale, (out_features,))
+    _checks.optional_tensor("bias", bias, dtypes=(torch.float32,), device=x.device)
+    if bias is not None:
+        _checks.shape("bias", bias, (out_features,))
+    cast = _checks.autocast_dtype(x.device.type)
+    if cast is not None:
+        x = x.to(cast)
+    return torch.ops.effops.int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, bool(weight_only))
+
+
+@torch.library.custom_op("effops::int8_linear_dynamic", mutates_args=())
+def _int8_linear_dynamic(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_features: int,
+                         weight_only: bool) -> Tensor:
+    return _backends.dispatch("int8_linear_dynamic", x.device, x, w_packed, w_scale, bias, out_features, weight_only)
+
+
+@_int8_linear_dynamic.register_fake
+def _(x, w_packed, w_scale, bias, out_features, weight_only):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("effops::int8_linear_dynamic_backward", mutates_args=())
+def _int8_linear_dynamic_backward(grad_y: Tensor, w_packed: Tensor, w_scale: Tensor, in_features: int,
+                                  need_bias: bool) -> Tuple[Tensor, Tensor]:
+    grad_x, grad_b = _backends.dispatch("int8_linear_dynamic_backward", grad_y.device, grad_y, w_packed, w_scale,
+                                        in_features, need_bias)
+    # A custom op cannot return None: an unneeded gradient travels as an empty tensor.
+    return grad_x, grad_b if grad_b is not None else grad_y.new_empty(0, dtype=torch.float32)
+
+
+@_int8_linear_dynamic_backward.register_fake
+def _(grad_y, w_packed, w_scale, in_features, need_bias):
+    grad_x = grad_y.new_empty((*grad_y.shape[:-1], in_features))
+    return grad_x, grad_y.new_empty(w_scale.shape[0] if need_bias else 0, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_packed, w_scale, bias, out_features, weight_only = inputs
+    ctx.save_for_backward(w_packed, w_scale)
+    ctx.in_features = x.shape[-1]
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    w_packed, w_scale = ctx.saved_tensors
+    need_bias = ctx.has_bias and ctx.needs_input_grad[3]
+    grad_x, grad_b = torch.ops.effops.int8_linear_dynamic_backward(grad_y.contiguous(), w_packed, w_scale,
+                                                                   ctx.in_features, need_bias)
+    return (grad_x if ctx.needs_input_grad[0] else None, None, None, grad_b if need_bias else None, None, None)
+
+
+_int8_linear_dynamic.register_autograd(_backward, setup_context=_setup_context)

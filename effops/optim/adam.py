@@ -1,0 +1,193 @@
+"""effops.optim.Adam / AdamW: torch.optim.Adam / AdamW with the step done by the fused effops::adam_step.
+
+Same constructor arguments, same param-group keys and the same state layout as torch's (`step` a
+scalar float tensor on the CPU, `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`), so checkpoints move
+between the two in both directions. Additions:
+
+* ``master_weights=True``: bf16/fp16 params get an fp32 copy (``state["master_param"]``, so it is in
+  checkpoints) and fp32 moments; the step runs on the copy and writes the rounded result into the
+  param in the same pass. A torch checkpoint loaded into such an optimizer gets its master copies
+  created from the params on the next step.
+* The GradScaler fused protocol (``_step_supports_amp_scaling``): the scaler hands over ``grad_scale``
+  and ``found_inf``; gradients are unscaled inside the kernel, and a step with an inf/NaN gradient
+  leaves params, moments and step counts untouched.
+* DTensor params (FSDP2's ``fully_shard``) are stepped through their local shards.
+
+``foreach`` and ``fused`` are accepted for compatibility and ignored (the step is always fused);
+``capturable`` and ``differentiable`` are not supported.
+"""
+from itertools import chain
+
+import torch
+from torch.optim.optimizer import Optimizer, _get_scalar_dtype
+
+from effops.ops.adam_step import prepare_adam_step
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_MASTER_KEYS = ("master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _local(t):
+    """The local shard of a DTensor (a view sharing its storage), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
+def _real(t):
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class Adam(Optimizer):
+    """Drop-in for torch.optim.Adam (see the module docstring for what is added)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False, master_weights=False):
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        elif not isinstance(lr, (int, float)) or isinstance(lr, bool):
+            raise TypeError("lr must be a float or a 1-element tensor, got %s" % type(lr).__name__)
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError("betas must be a pair (beta1, beta2), got %r" % (betas,))
+        betas = tuple(b.item() if isinstance(b, torch.Tensor) else b for b in betas)
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if capturable:
+            raise ValueError("effops Adam does not support capturable=True (CUDA graph capture)")
+        if differentiable:
+            raise ValueError("effops Adam does not support differentiable=True")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=False, differentiable=False, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights)
+        super().__init__(params, defaults)
+        # GradScaler: hand us grad_scale/found_inf instead of unscaling the gradients itself.
+        self._step_supports_amp_scaling = True
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("master_weights", False)
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_get_scalar_dtype())
+
+    def load_state_dict(self, state_dict):
+        """As torch's, except that fp32 master copies and moments of low-precision params stay fp32
+        (torch's loader casts every floating state tensor to its param's dtype)."""
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for pid, p in zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)):
+            saved = saved_state.get(pid)
+            if saved and "master_param" in saved:
+                for key in _MASTER_KEYS:
+                    if key in saved:
+                        self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
+
+    # -----------------------------------------------------------------------------------------
+    def _prepare_state(self, group, p):
+        """The state of p, created or adapted (amsgrad switched on, master copies added/removed)."""
+        state = self.state[p]
+        wants_master = bool(group["master_weights"]) and p.dtype in _LOW_PRECISION
+        state_dtype = torch.float32 if wants_master else p.dtype
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            if wants_master:
+                state["master_param"] = p.detach().to(torch.float32, copy=True)
+            state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+        elif wants_master != ("master_param" in state):
+            # A torch checkpoint (no masters) or master_weights switched: rebuild from the params.
+            if wants_master:
+                state["master_param"] = p.detach().to(torch.float32, copy=True)
+            else:
+                del state["master_param"]
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in state and state[key].dtype != state_dtype:
+                state[key] = state[key].to(state_dtype)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+        return state
+
+    def _group_lists(self, group):
+        """{device: argument lists for adam_step} for the params of `group` that have a gradient."""
+        by_device = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+            state = self._prepare_state(group, p)
+            param, grad = _local(p), _local(p.grad)
+            lists = by_device.setdefault(param.device, dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[],
+                                                            max_exp_avg_sqs=[], master_params=[], steps=[]))
+            lists["params"].append(_real(param))
+            lists["grads"].append(_real(grad))
+            lists["exp_avgs"].append(_real(_local(state["exp_avg"])))
+            lists["exp_avg_sqs"].append(_real(_local(state["exp_avg_sq"])))
+            if group["amsgrad"]:
+                lists["max_exp_avg_sqs"].append(_real(_local(state["max_exp_avg_sq"])))
+            master = state.get("master_param")
+            lists["master_params"].append(None if master is None else _local(master))
+            lists["steps"].append(state["step"])
+        return by_device
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step (closure: reevaluates the model and returns the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        calls = []
+        # Gather (and check, in adam_step) every group before touching any: a bad group fails the
+        # whole step instead of leaving earlier groups stepped.
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                         weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+                         decoupled_weight_decay=group["decoupled_weight_decay"])
+            for lists in self._group_lists(group).values():
+                calls.append((lists, hyper))
+        runs = []
+        for lists, hyper in calls:
+            scale = grad_scale.to(lists["params"][0].device) if grad_scale is not None else None
+            flag = found_inf.to(lists["params"][0].device) if found_inf is not None else None
+            runs.append(prepare_adam_step(**lists, **hyper, grad_scale=scale, found_inf=flag))
+        for run in runs:
+            run()
+        return loss
+
+
+class AdamW(Adam):
+    """Drop-in for torch.optim.AdamW: Adam with decoupled weight decay (default 1e-2)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 master_weights=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, master_weights=master_weights)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

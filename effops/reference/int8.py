@@ -1,0 +1,102 @@
+"""Reference: symmetric row-wise int8 quantization and int8 GEMMs. The definition of correct for every
+quantize_rowwise / int8_linear / int8_mm kernel.
+
+Quantization (per row of the last dim):   scale = absmax / 127   (fp32; 1.0 for a row whose scale
+would be 0, so a row of zeros gets a valid scale and no division by zero);  q = clamp(round_half_even
+(x / scale), -127, 127). The fp32 arithmetic is exactly the kernels' (IEEE division, no reciprocal),
+so every backend reproduces the int8 values bit for bit.
+
+Also here: the packed weight layout the module keeps (the CPU kernel's order) with its pack/unpack,
+and the module's "dynamic" linear (quantize the activations per row, int8 GEMM, dequantize) with its
+straight-through input gradient.
+"""
+import torch
+import torch.nn.functional as F
+
+# Largest K for which no int32 accumulator can overflow: K * 128 * 128 < 2**31.
+MAX_K = (2 ** 31 - 1) // (128 * 128)
+
+# Packed weight layout: N padded to a multiple of PACK_NR, K to a multiple of PACK_KG, then
+# (N/PACK_NR, K/PACK_KG, PACK_NR, PACK_KG): for each panel of 16 output channels, for each group of 4
+# input features, the 16 channels' 4 bytes side by side. One 32-byte load then holds 8 channels x 4 k,
+# the operand order of the AVX2 vpmaddubsw micro-kernel (csrc/cpu/int8_gemm.h).
+PACK_NR = 16
+PACK_KG = 4
+
+
+def quantize_rowwise(x):
+    """(q int8, scale fp32) with q of x's shape and scale of shape x.shape[:-1]; x ~= q * scale[..., None]."""
+    x32 = x.float().contiguous()
+    scale = x32.abs().amax(dim=-1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x32 / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_mm(a, b):
+    """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exactly a.int() @ b.int().
+
+    Computed in fp64, which is exact here: every partial sum is an integer of magnitude at most
+    K * 2**14 <= 2**31 < 2**53 (K <= MAX_K), and fp64 matmul also runs on CUDA, where integer matmul does not.
+    """
+    return (a.double() @ b.double()).to(torch.int32)
+
+
+def int8_linear(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=torch.float32):
+    """(x_int8 @ w_int8^T) * x_scale[..., None] * w_scale + bias, int32 accumulation, fp32 epilogue."""
+    lead = x_int8.shape[:-1]
+    acc = int8_mm(x_int8.reshape(-1, x_int8.shape[-1]), w_int8.t())
+    y = acc.float() * x_scale.reshape(-1, 1).float() * w_scale.reshape(1, -1).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*lead, w_int8.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed weights (Int8Linear's storage)
+# ---------------------------------------------------------------------------------------------
+def _ceil_to(n, m):
+    return (n + m - 1) // m * m
+
+
+def pack_weight(w_int8):
+    """(N, K) int8 -> (N_pad/16, K_pad/4, 16, 4) int8 in the layout described at PACK_NR, zero padded."""
+    n, k = w_int8.shape
+    w = F.pad(w_int8, (0, _ceil_to(k, PACK_KG) - k, 0, _ceil_to(n, PACK_NR) - n))
+    np_, kp = w.shape
+    return w.reshape(np_ // PACK_NR, PACK_NR, kp // PACK_KG, PACK_KG).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_weight(packed, out_features, in_features):
+    """Inverse of pack_weight: (N, K) int8."""
+    panels, groups = packed.shape[0], packed.shape[1]
+    w = packed.permute(0, 2, 1, 3).reshape(panels * PACK_NR, groups * PACK_KG)
+    return w[:out_features, :in_features]
+
+
+def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only):
+    """Int8Linear's forward on float x (..., K): output in x's dtype.
+
+    weight_only=False: x quantized per row at run time, int8 x int8 GEMM, dequantized epilogue.
+    weight_only=True: x stays floating; y = x @ (w_int8 * w_scale)^T + bias computed in fp32.
+    """
+    w = unpack_weight(w_packed, out_features, x.shape[-1])
+    if weight_only:
+        w_deq = w.float() * w_scale.float().unsqueeze(1)
+        return F.linear(x.float(), w_deq, None if bias is None else bias.float()).to(x.dtype)
+    q, s = quantize_rowwise(x)
+    return int8_linear(q, s, w, w_scale, bias, out_dtype=x.dtype)
+
+
+def int8_linear_dynamic_backward(grad_y, w_packed, w_scale, in_features, need_bias):
+    """(grad_x, grad_bias or None): the straight-through gradient of int8_linear_dynamic.
+
+    The rounding of x is treated as identity, so grad_x = grad_y @ (w_int8 * w_scale) (the dequantized
+    weight), in fp32 and cast to grad_y's dtype. Written out: op kernels run below the autograd key.
+    """
+    w = unpack_weight(w_packed, w_scale.shape[0], in_features)
+    w_deq = w.float() * w_scale.float().unsqueeze(1)
+    g = grad_y.float()
+    grad_x = (g @ w_deq).to(grad_y.dtype)
+    grad_b = g.reshape(-1, g.shape[-1]).sum(0) if need_bias else None
+    return grad_x, grad_b

@@ -1,0 +1,211 @@
+"""Magnitude pruning into SparseLinear, at once (`prune`) or gradually during training (`GradualPruner`).
+
+    model = effops.prune(model, 0.9, pattern="block", block_size=32)          # one shot
+    pruner = effops.GradualPruner(model, 0.9, end_step=1000, pattern="block",
+                                  optimizer=opt)                              # ramp 0 -> 90%
+    for batch in data: loss(model(batch)).backward(); opt.step()             # the hook re-masks
+
+Scores are weight magnitudes: |w| per weight ("unstructured"), the mean |w| of each b x b block
+("block"), the two largest |w| of every 4 consecutive inputs ("2:4"). scope="layer" prunes each layer
+to `sparsity`; scope="global" ranks all layers' scores together (layers end up with different
+sparsities, the model with `sparsity`). Linear layers and 1x1 convolutions (linear over channels)
+are pruned; modules are swapped in place, reusing their Parameter objects, so an optimizer built
+before pruning keeps working (for 1x1 convs too: SparseConv1x1 keeps the conv's 4-D weight).
+"""
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effops.nn.sparse_linear import SparseConv1x1, SparseLinear, is_pointwise_conv
+from effops.ops import _checks
+
+PATTERNS = ("unstructured", "block", "2:4")
+
+
+def prune(model, sparsity, pattern="unstructured", block_size=32, scope="layer", *, exclude=()):
+    """Prune the Linear and 1x1-conv layers of `model` by magnitude; returns `model` (changed in place).
+
+    sparsity: fraction of weights (blocks for "block") to remove, in [0, 1]; "2:4" needs 0.5.
+    exclude: qualified module names (fnmatch patterns, e.g. "head" or "blocks.*.out") left dense.
+    Layers already sparse are re-pruned from their current weights (pruned weights are zero, so
+    they stay pruned when sparsity does not decrease).
+    """
+    _check_args(sparsity, pattern, block_size, scope)
+    targets = _targets(model, exclude)
+    if not targets:
+        return model
+    masks = _masks([_weight2d(m) for _, _, m in targets], sparsity, pattern, block_size, scope)
+    hint = dict(pattern=pattern, block_size=block_size if pattern == "block" else None)
+    for (parent, name, module), mask in zip(targets, masks):
+        if isinstance(module, (SparseLinear, SparseConv1x1)):
+            module.pattern, module.block_size = hint["pattern"], hint["block_size"]
+            module.set_mask(mask)
+        elif isinstance(module, nn.Linear):
+            setattr(parent, name, SparseLinear.from_linear(module, mask, **hint))
+        else:
+            setattr(parent, name, SparseConv1x1.from_conv(module, mask, **hint))
+    return model
+
+
+def _check_args(sparsity, pattern, block_size, scope):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError("sparsity must be a number in [0, 1], got %r" % (sparsity,))
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError("sparsity must be in [0, 1], got %r" % (sparsity,))
+    _checks.choice("pattern", pattern, PATTERNS)
+    _checks.choice("scope", scope, ("layer", "global"))
+    if pattern == "block":
+        _checks.choice("block_size", block_size, (16, 32, 64))
+    if pattern == "2:4" and sparsity != 0.5:
+        raise ValueError("pattern='2:4' keeps 2 of every 4 weights: sparsity must be 0.5, got %r" % (sparsity,))
+
+
+def _targets(model, exclude):
+    if not isinstance(model, nn.Module):
+        raise TypeError("model must be an nn.Module, got %s" % type(model).__name__)
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    found = []
+    for qual, module in model.named_modules():
+        for name, child in module.named_children():
+            full = "%s.%s" % (qual, name) if qual else name
+            if any(fnmatch.fnmatchcase(full, pat) for pat in exclude):
+                continue
+            if isinstance(child, nn.Linear) or isinstance(child, SparseConv1x1) or is_pointwise_conv(child):
+                found.append((module, name, child))
+    return found
+
+
+def _weight2d(module):
+    return module.weight.detach().reshape(module.weight.shape[0], -1)
+
+
+def _block_scores(w, b):
+    """Mean |w| of each b x b block (edge blocks averaged over their valid entries)."""
+    n, k = w.shape
+    nb, kb = -(-n // b), -(-k // b)
+    pad = (0, kb * b - k, 0, nb * b - n)
+    total = F.pad(w.abs().float(), pad).view(nb, b, kb, b).sum(dim=(1, 3))
+    count = F.pad(torch.ones_like(w, dtype=torch.float32), pad).view(nb, b, kb, b).sum(dim=(1, 3))
+    return total / count
+
+
+def _expand_blocks(kept, b, shape):
+    return kept.repeat_interleave(b, 0).repeat_interleave(b, 1)[: shape[0], : shape[1]].contiguous()
+
+
+def _keep_top(scores, sparsity):
+    """Bool mask keeping the round((1 - sparsity) * n) largest scores (exact count, ties broken by order)."""
+    flat = scores.flatten()
+    keep = int(round((1.0 - sparsity) * flat.numel()))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if keep > 0:
+        mask[torch.topk(flat, keep, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def _two_of_four(w):
+    n, k = w.shape
+    groups = F.pad(w.abs().float(), (0, -k % 4)).view(n, -1, 4)
+    top = torch.topk(groups, 2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return mask.view(n, -1)[:, :k].contiguous()
+
+
+def _masks(weights, sparsity, pattern, block_size, scope):
+    if pattern == "2:4":
+        return [_two_of_four(w) for w in weights]
+    scores = [_block_scores(w, block_size) if pattern == "block" else w.abs().float() for w in weights]
+    if scope == "layer":
+        kept = [_keep_top(s, sparsity) for s in scores]
+    else:
+        joint = _keep_top(torch.cat([s.flatten() for s in scores]), sparsity)
+        kept = list(joint.split([s.numel() for s in scores]))
+        kept = [k.view_as(s) for k, s in zip(kept, scores)]
+    if pattern == "block":
+        return [_expand_blocks(k, block_size, w.shape) for k, w in zip(kept, weights)]
+    return kept
+
+
+class GradualPruner:
+    """Ramps sparsity from `initial_sparsity` to `target_sparsity` between begin_step and end_step
+    on the cubic schedule of Zhu & Gupta (2017), "To prune, or not to prune":
+
+        s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_end - t_0))^3
+
+    re-pruning every `frequency` steps. Call `step()` once after each optimizer step, or pass
+    `optimizer` and it is called for you (an optimizer step post-hook). Each step puts the pruned
+    weights back to exactly zero (momentum or Adam state could move them after a mask change) and,
+    when the mask changes, clears the optimizer state of newly pruned weights.
+    The model's Linear / 1x1-conv layers become SparseLinear / SparseConv1x1 at construction.
+    """
+
+    def __init__(self, model, target_sparsity, *, end_step, begin_step=0, frequency=1, initial_sparsity=0.0,
+                 pattern="unstructured", block_size=32, scope="layer", exclude=(), optimizer=None):
+        if pattern == "2:4":
+            raise ValueError("GradualPruner ramps a sparsity: use pattern 'unstructured' or 'block' "
+                             "(2:4 is a fixed 50%% pattern: use prune(model, 0.5, pattern='2:4'))")
+        _check_args(target_sparsity, pattern, block_size, scope)
+        _check_args(initial_sparsity, pattern, block_size, scope)
+        for name, value in (("begin_step", begin_step), ("end_step", end_step), ("frequency", frequency)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError("%s must be an int, got %r" % (name, value))
+        if begin_step < 0 or end_step <= begin_step:
+            raise ValueError("need 0 <= begin_step < end_step, got begin_step=%d end_step=%d" % (begin_step, end_step))
+        if frequency < 1:
+            raise ValueError("frequency must be >= 1, got %d" % frequency)
+        self.model, self.optimizer = model, optimizer
+        self.target, self.initial = float(target_sparsity), float(initial_sparsity)
+        self.begin, self.end, self.frequency = begin_step, end_step, frequency
+        self._prune_args = dict(pattern=pattern, block_size=block_size, scope=scope, exclude=exclude)
+        self.step_count = 0
+        self.current_sparsity = self.sparsity_at(0)
+        prune(model, self.current_sparsity, **self._prune_args)
+        self._hook = None
+        if optimizer is not None:
+            self._hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+
+    def sparsity_at(self, step):
+        """The scheduled sparsity at `step`."""
+        if step <= self.begin:
+            return self.initial
+        if step >= self.end:
+            return self.target
+        frac = (step - self.begin) / (self.end - self.begin)
+        return self.target + (self.initial - self.target) * (1.0 - frac) ** 3
+
+    def sparse_modules(self):
+        return [m for m in self.model.modules() if isinstance(m, (SparseLinear, SparseConv1x1))]
+
+    @torch.no_grad()
+    def step(self):
+        """Advance one step: re-prune if the schedule says so, then re-zero pruned weights."""
+        self.step_count += 1
+        t = self.step_count
+        due = self.begin <= t <= self.end and ((t - self.begin) % self.frequency == 0 or t == self.end)
+        if due:
+            s = self.sparsity_at(t)
+            if s != self.current_sparsity:
+                prune(self.model, s, **self._prune_args)
+                self.current_sparsity = s
+                self._clear_pruned_state()
+        for module in self.sparse_modules():
+            module.apply_mask_()
+
+    def _clear_pruned_state(self):
+        if self.optimizer is None:
+            return
+        for module in self.sparse_modules():
+            keep = module.mask.view(module.weight.shape[0], -1)
+            for param in (module.weight,):
+                for value in self.optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value.view(param.shape[0], -1).mul_(keep.to(value.dtype))
+
+    def remove(self):
+        """Detach from the optimizer (masks stay)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None

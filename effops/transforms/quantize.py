@@ -1,0 +1,42 @@
+"""effops.quantize(model): swap nn.Linear layers for Int8Linear (int8 weights, see effops.nn.Int8Linear)."""
+from torch import nn
+
+from effops.nn.int8_linear import MODES, Int8Linear
+from effops.ops import _checks
+
+
+def _skipped(name, skip):
+    return any(name == s or name.startswith(s + ".") for s in skip)
+
+
+def quantize(model, skip=(), min_features=128, mode="auto"):
+    """Replace every nn.Linear of `model` (in place; returns the model) by Int8Linear.from_linear.
+
+    skip: qualified module names (as in model.named_modules()) left alone, with everything under them
+    (e.g. ("head",) for a classifier you keep in floating point). min_features: a layer with fewer input
+    or output features stays floating (small layers gain nothing and lose the most accuracy).
+    mode: Int8Linear's mode ("dynamic", "weight_only" or "auto").
+    Linear subclasses that other modules read weights from directly (nn.MultiheadAttention's out_proj)
+    are left alone.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError("model must be an nn.Module, got %s" % type(model).__name__)
+    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+        raise TypeError("skip must be a tuple/list of module names, got %r" % (skip,))
+    if not isinstance(min_features, int) or isinstance(min_features, bool) or min_features < 1:
+        raise ValueError("min_features must be a positive int, got %r" % (min_features,))
+    _checks.choice("mode", mode, MODES)
+    if type(model) is nn.Linear:
+        raise ValueError("quantize swaps submodules: wrap the Linear in a container or use Int8Linear.from_linear")
+    swaps = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or _skipped(name, skip):
+            continue
+        if min(module.in_features, module.out_features) < min_features:
+            continue
+        swaps.append(name)
+    for name in swaps:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child), mode=mode))
+    return model

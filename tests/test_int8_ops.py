@@ -1,0 +1,329 @@
+"""quantize_rowwise, int8_mm, int8_linear (and Int8Linear's op): every backend against the reference.
+
+Integer results (int8_mm, the quantized values and scales) are compared exactly; int8_linear's float
+output within the stated tolerance (fp32: 1e-5 relative to the output's magnitude; the epilogue may
+contract into an FMA; bf16/fp16: one rounding of the same fp32 value, conftest's TOL).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import effops
+from effops import ops
+from effops.reference import int8 as reference
+from tests.conftest import TOL, device
+
+MAX_K = reference.MAX_K
+
+
+def _exact_mm(a, b):
+    return (a.cpu().long() @ b.cpu().long()).to(torch.int32)
+
+
+def _randi8(*shape, low=-128, high=128):
+    return torch.randint(low, high, shape, dtype=torch.int8, device=device())
+
+
+def _close(got, ref, dtype):
+    scale = ref.float().abs().max().clamp_min(1.0)
+    tol = TOL[dtype] if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8_mm: exact
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 64, 16), (5, 7, 3), (97, 123, 35), (33, 300, 17)])
+def test_int8_mm_exact(backend, m, k, n):
+    a, b = _randi8(m, k), _randi8(k, n)
+    got = ops.int8_mm(a, b)
+    assert got.dtype == torch.int32 and got.shape == (m, n)
+    assert torch.equal(got.cpu(), _exact_mm(a, b))
+
+
+def test_int8_mm_extreme_values(backend):
+    # Rows and columns of 127, -127 and -128: the largest products and pair sums, which a saturating
+    # 16-bit intermediate would clip. b without -128 takes the cpu's s8 path, b with -128 its s16 path.
+    k = 256
+    a = torch.stack([torch.full((k,), v, dtype=torch.int8) for v in (127, -127, -128, 0)]
+                    + [_randi8(k).cpu()]).to(device())
+    for col_values in ((127, -127, 1), (127, -127, -128)):
+        b = torch.stack([torch.full((k,), v, dtype=torch.int8) for v in col_values]
+                        + [_randi8(k).cpu()], dim=1).to(device())
+        assert torch.equal(ops.int8_mm(a, b).cpu(), _exact_mm(a, b))
+        # Alternating signs inside each group of 4 k: |a| * sign(a) * b per byte.
+        alt = a.clone()
+        alt[:, 1::2] = -alt[:, 1::2].clamp(-127, 127)
+        assert torch.equal(ops.int8_mm(alt, b).cpu(), _exact_mm(alt, b))
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_int8_mm_long_k_cpu():
+    with effops.use_backend("cpu"):
+        for k in (16384, MAX_K):
+            a = torch.tensor([[-128] * k, [127] * k, [-127] * k], dtype=torch.int8)
+            a = torch.cat([a, torch.randint(-128, 128, (2, k), dtype=torch.int8)])
+            b = torch.stack([torch.full((k,), v, dtype=torch.int8) for v in (-128, 127, -127)]
+                            + [torch.randint(-128, 128, (k,), dtype=torch.int8)], dim=1)
+            got = ops.int8_mm(a, b)
+            assert torch.equal(got, _exact_mm(a, b))
+            assert got[0, 0].item() == 128 * 128 * k  # no int32 overflow up to MAX_K
+            b2 = b.clamp(-127, 127)  # the s8 path
+            assert torch.equal(ops.int8_mm(a, b2), _exact_mm(a, b2))
+
+
+def test_int8_mm_non_contiguous(backend):
+    a = _randi8(40, 17).t()  # (17, 40) with strides (1, 17)
+    b = _randi8(9, 40).t()   # (40, 9)
+    assert torch.equal(ops.int8_mm(a, b).cpu(), _exact_mm(a, b))
+
+
+def test_int8_mm_bad_inputs():
+    a = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(TypeError, match="a must have dtype"):
+        ops.int8_mm(a.float(), a.t())
+    with pytest.raises(ValueError, match="b's first dim"):
+        ops.int8_mm(a, a)
+    with pytest.raises(ValueError, match="b must be 2-D"):
+        ops.int8_mm(a, a[0])
+    with pytest.raises(ValueError, match="overflow"):
+        ops.int8_mm(torch.zeros(1, MAX_K + 1, dtype=torch.int8), torch.zeros(MAX_K + 1, 1, dtype=torch.int8))
+    with pytest.raises(ValueError, match=">= 1"):
+        ops.int8_mm(torch.zeros(2, 0, dtype=torch.int8), torch.zeros(0, 3, dtype=torch.int8))
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_rowwise: exact (bit-identical q and scale)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 37), (97, 1025)])
+def test_quantize_rowwise_matches_reference(backend, dtype, shape):
+    x = (torch.randn(shape) * 3).to(dtype).to(device())
+    q, s = ops.quantize_rowwise(x)
+    q_ref, s_ref = reference.quantize_rowwise(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == shape[:-1]
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    # Invariants, independent of the reference: in range, the row max maps to +-127, error <= scale/2.
+    assert q.abs().max() <= 127
+    assert torch.equal(q.abs().amax(-1), torch.full_like(s, 127, dtype=torch.int8))
+    err = (q.float() * s.unsqueeze(-1) - x.float()).abs()
+    # (x / scale is rounded to fp32 before the integer rounding: allow that one fp32 rounding of slack)
+    assert (err <= s.unsqueeze(-1) / 2 + 1e-6 * x.float().abs()).all()
+
+
+def test_quantize_rowwise_zero_rows_ties_and_extremes(backend):
+    x = torch.zeros(6, 40)
+    x[1, :6] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5])  # scale 1: exact ties
+    x[2] = 1e30                                                   # huge
+    x[3, 0] = 1e-44                                               # absmax / 127 underflows to 0
+    x[4] = -torch.arange(40.0)                                    # negative extreme -> -127
+    x[5, 0] = 3.0                                                 # one nonzero in a zero row
+    x = x.to(device())
+    q, s = ops.quantize_rowwise(x)
+    assert torch.isfinite(s).all() and (s > 0).all()
+    assert s[0].item() == 1.0 and (q[0] == 0).all()
+    assert q[1, :6].tolist() == [127, 0, 2, 2, 0, -2]              # round half to even
+    assert (q[2] == 127).all()
+    assert s[3].item() == 1.0 and (q[3] == 0).all()
+    assert q[4, -1].item() == -127
+    q_ref, s_ref = reference.quantize_rowwise(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def test_quantize_rowwise_non_contiguous(backend):
+    x = torch.randn(33, 20, device=device()).t()
+    q, s = ops.quantize_rowwise(x)
+    q_ref, s_ref = reference.quantize_rowwise(x.contiguous())
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def test_quantize_rowwise_bad_inputs():
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ops.quantize_rowwise(torch.zeros(3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="at least 1 dims"):
+        ops.quantize_rowwise(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="row length"):
+        ops.quantize_rowwise(torch.zeros(3, 0))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.quantize_rowwise([1.0, 2.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# int8_linear: fused epilogue within tolerance
+# ---------------------------------------------------------------------------------------------
+def _linear_inputs(lead, k, n, w_low=-127):
+    x = torch.randn(*lead, k, device=device()) * 2
+    x_int8, x_scale = reference.quantize_rowwise(x)
+    w_int8 = _randi8(n, k, low=w_low)
+    w_scale = torch.rand(n, device=device()) * 0.02 + 0.001
+    bias = torch.randn(n, device=device())
+    return x_int8, x_scale, w_int8, w_scale, bias
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead,k,n", [((1,), 64, 16), ((5,), 7, 3), ((97,), 123, 35), ((2, 3), 129, 45)])
+def test_int8_linear_matches_reference(backend, out_dtype, lead, k, n):
+    x_int8, x_scale, w_int8, w_scale, bias = _linear_inputs(lead, k, n)
+    for b in (bias, None):
+        got = ops.int8_linear(x_int8, x_scale, w_int8, w_scale, b, out_dtype=out_dtype)
+        ref = reference.int8_linear(x_int8, x_scale, w_int8, w_scale, b, out_dtype)
+        assert got.dtype == out_dtype and got.shape == (*lead, n)
+        _close(got, ref, out_dtype)
+
+
+def test_int8_linear_weights_with_min_value(backend):
+    # A -128 in the weights (allowed here, never produced by quantize_rowwise) needs the widening path.
+    x_int8, x_scale, w_int8, w_scale, bias = _linear_inputs((9,), 70, 20, w_low=-128)
+    w_int8[0] = -128
+    x_int8[0] = -128
+    got = ops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias)
+    _close(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias), torch.float32)
+
+
+def test_int8_linear_bad_inputs():
+    x_int8, x_scale, w_int8, w_scale, bias = _linear_inputs((4,), 8, 5)
+    with pytest.raises(ValueError, match="x_scale must have shape"):
+        ops.int8_linear(x_int8, x_scale[:2], w_int8, w_scale)
+    with pytest.raises(TypeError, match="x_scale must have dtype"):
+        ops.int8_linear(x_int8, x_scale.double(), w_int8, w_scale)
+    with pytest.raises(ValueError, match="w_int8 must have shape"):
+        ops.int8_linear(x_int8, x_scale, w_int8[:, :4], w_scale)
+    with pytest.raises(ValueError, match="w_scale must have shape"):
+        ops.int8_linear(x_int8, x_scale, w_int8, w_scale[:2])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias[:2])
+    with pytest.raises(ValueError, match="out_dtype"):
+        ops.int8_linear(x_int8, x_scale, w_int8, w_scale, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.int8_linear(x_int8, x_scale, w_int8, w_scale, out_dtype="float32")
+    with pytest.raises(TypeError, match="x_int8 must have dtype"):
+        ops.int8_linear(x_int8.float(), x_scale, w_int8, w_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Int8Linear's op (dynamic and weight-only) on every backend that has it
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weight_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,k,n", [((1,), 33, 17), ((2, 3), 129, 45)])
+def test_int8_linear_dynamic_matches_reference(backend, weight_only, dtype, lead, k, n):
+    if backend == "triton" and weight_only:
+        pytest.skip("triton declines weight_only (no kernel): covered by test_triton_declines_weight_only")
+    x = torch.randn(*lead, k, device=device()).to(dtype)
+    w_int8, w_scale = reference.quantize_rowwise(torch.randn(n, k, device=device()))
+    packed, bias = reference.pack_weight(w_int8), torch.randn(n, device=device())
+    from effops.ops.int8_gemm import int8_linear_dynamic
+    got = int8_linear_dynamic(x, packed, w_scale, bias, n, weight_only)
+    ref = reference.int8_linear_dynamic(x, packed, w_scale, bias, n, weight_only)
+    assert got.dtype == dtype and got.shape == (*lead, n)
+    _close(got, ref, dtype if not weight_only else dtype)
+
+
+def test_triton_declines_weight_only():
+    if not effops.backends()["triton"]:
+        pytest.skip("triton not usable here")
+    from effops.ops.int8_gemm import int8_linear_dynamic
+    w_int8, w_scale = reference.quantize_rowwise(torch.randn(16, 8, device=device()))
+    with effops.use_backend("triton"):
+        with pytest.raises(effops.BackendError, match="weight_only"):
+            int8_linear_dynamic(torch.randn(2, 8, device=device()), reference.pack_weight(w_int8), w_scale, None, 16,
+                                True)
+
+
+def test_pack_unpack_roundtrip():
+    w = _randi8(37, 71, low=-127)
+    packed = reference.pack_weight(w)
+    assert packed.shape == (3, 18, reference.PACK_NR, reference.PACK_KG)
+    assert torch.equal(reference.unpack_weight(packed, 37, 71), w)
+    # The documented address formula of element (k, n).
+    n, k = 21, 66
+    flat = packed.reshape(-1)
+    assert flat[(n // 16) * 72 * 16 + (k // 4) * 64 + (n % 16) * 4 + k % 4] == w[n, k]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library and torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_opcheck_all_ops():
+    x = torch.randn(5, 24, device=device())
+    a, b = _randi8(5, 24), _randi8(24, 7)
+    x_int8, x_scale, w_int8, w_scale, bias = _linear_inputs((5,), 24, 7)
+    w_q, w_s = reference.quantize_rowwise(torch.randn(7, 24, device=device()))
+    packed = reference.pack_weight(w_q)
+    cases = [
+        (torch.ops.effops.quantize_rowwise.default, (x,)),
+        (torch.ops.effops.int8_mm.default, (a, b)),
+        (torch.ops.effops.int8_linear.default, (x_int8, x_scale, w_int8, w_scale, bias, torch.bfloat16)),
+        (torch.ops.effops.int8_linear.default, (x_int8, x_scale, w_int8, w_scale, None, torch.float32)),
+        (torch.ops.effops.int8_linear_dynamic.default, (x.clone().requires_grad_(), packed, w_s, bias, 7, False)),
+        (torch.ops.effops.int8_linear_dynamic.default, (x.clone().requires_grad_(), packed, w_s, None, 7, True)),
+        (torch.ops.effops.int8_linear_dynamic_backward.default, (torch.randn(5, 7, device=device()), packed, w_s, 24,
+                                                                  True)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_no_graph_breaks():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    lin = effops.nn.Int8Linear.from_linear(torch.nn.Linear(24, 10).to(device()), mode="dynamic")
+
+    def fn(x, a, b, w_int8, w_scale):
+        q, s = ops.quantize_rowwise(x)
+        y = ops.int8_linear(q, s, w_int8, w_scale, None, out_dtype=torch.float32)
+        return y, ops.int8_mm(a, b), lin(x)
+
+    x = torch.randn(6, 24, device=device())
+    a, b = _randi8(6, 24), _randi8(24, 5)
+    w_int8, w_scale = reference.quantize_rowwise(torch.randn(10, 24, device=device()))
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for got, ref in zip(compiled(x, a, b, w_int8, w_scale), fn(x, a, b, w_int8, w_scale)):
+        torch.testing.assert_close(got, ref)
+    assert torch._dynamo.utils.counters["graph_break"] == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The scalar path (no AVX2) of the cpu kernels, in a subprocess: the switch is read once per process.
+# ---------------------------------------------------------------------------------------------
+_SCALAR_SCRIPT = r"""
+import torch, effops
+from effops import ops, _ext
+from effops.ops.int8_gemm import int8_linear_dynamic
+from effops.reference import int8 as R
+assert _ext.build_info()["cpu_avx2_fma_runtime"] is False
+torch.manual_seed(0)
+with effops.use_backend("cpu"):
+    for m, k, n in [(1, 1, 1), (5, 7, 3), (33, 130, 37)]:
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+        b = torch.randint(-128, 128, (k, n), dtype=torch.int8)
+        b[0, 0] = -128
+        for bb in (b, b.clamp(-127, 127)):
+            assert torch.equal(ops.int8_mm(a, bb), (a.long() @ bb.long()).int())
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            x = (torch.randn(m, k) * 3).to(dt)
+            q, s = ops.quantize_rowwise(x)
+            qr, sr = R.quantize_rowwise(x)
+            assert torch.equal(q, qr) and torch.equal(s, sr)
+            w, ws = R.quantize_rowwise(torch.randn(n, k))
+            y = ops.int8_linear(q, s, w, ws, torch.randn(n), out_dtype=dt)
+            packed = R.pack_weight(w)
+            for wo in (False, True):
+                got = int8_linear_dynamic(x, packed, ws, None, n, wo)
+                ref = R.int8_linear_dynamic(x, packed, ws, None, n, wo)
+                torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+print("scalar ok")
+"""
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_cpu_scalar_path_matches_reference():
+    env = dict(os.environ, EFFOPS_DISABLE_AVX2="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _SCALAR_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0 and "scalar ok" in proc.stdout, proc.stderr[-3000:]

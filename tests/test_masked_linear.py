@@ -1,0 +1,262 @@
+"""effops.ops.masked_linear on every backend against the reference (forward and backward)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import effops
+from effops import _backends
+from effops.ops import _sparse_index
+from effops.ops.masked_linear import masked_linear
+from effops.reference import masked_linear as reference
+
+from conftest import TOL, device
+
+
+def make_mask(kind, n, k, density=0.3, seed=0):
+    """A bool mask of one structure: block16/32/64, unstructured, 2:4, full, empty, one_block."""
+    g = torch.Generator().manual_seed(seed)
+    if kind.startswith("block"):
+        b = int(kind[5:])
+        kept = torch.rand(-(-n // b), -(-k // b), generator=g) < density
+        kept[0, 0] = True  # never empty by chance
+        mask = kept.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k]
+    elif kind == "unstructured":
+        mask = torch.rand(n, k, generator=g) < density
+    elif kind == "2:4":
+        groups = torch.rand(n, -(-k // 4), 4, generator=g)
+        top = groups.topk(2, dim=-1).indices
+        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True).view(n, -1)[:, :k]
+    elif kind == "full":
+        mask = torch.ones(n, k, dtype=torch.bool)
+    elif kind == "empty":
+        mask = torch.zeros(n, k, dtype=torch.bool)
+    elif kind == "one_block":
+        mask = torch.zeros(n, k, dtype=torch.bool)
+        mask[16:32, 32:48] = True
+    else:
+        raise ValueError(kind)
+    return mask.contiguous().to(device())
+
+
+def run(x, w, mask, bias, grad_y):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    bias = None if bias is None else bias.detach().requires_grad_()
+    y = masked_linear(x, w, mask, bias)
+    inputs = [x, w] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(y, inputs, grad_y)
+    return [y] + list(grads)
+
+
+def expected(x, w, mask, bias, grad_y):
+    """The reference in fp32 (autograd through the reference forward)."""
+    f = [t if t is None else t.detach().float() for t in (x, w, bias)]
+    return run_reference(*f, mask, grad_y.float())
+
+
+def run_reference(x, w, bias, mask, grad_y):
+    x, w = x.requires_grad_(), w.requires_grad_()
+    bias = None if bias is None else bias.requires_grad_()
+    y = reference.masked_linear(x, w, mask, bias)
+    inputs = [x, w] + ([bias] if bias is not None else [])
+    return [y] + list(torch.autograd.grad(y, inputs, grad_y))
+
+
+def check(x_shape, n, kind, dtype, bias=True, density=0.3):
+    k = x_shape[-1]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*x_shape, generator=g).to(device(), dtype)
+    w = torch.randn(n, k, generator=g).to(device(), dtype)
+    b = torch.randn(n, generator=g).to(device(), dtype) if bias else None
+    mask = make_mask(kind, n, k, density)
+    grad_y = torch.randn(*x_shape[:-1], n, generator=g).to(device(), dtype)
+    got = run(x, w, mask, b, grad_y)
+    want = expected(x, w, mask, b, grad_y)
+    for name, a, e in zip(("y", "grad_x", "grad_w", "grad_b"), got, want):
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(a.float(), e, **TOL[dtype], msg=lambda m: "%s: %s" % (name, m))
+    # The weight gradient is masked exactly, not approximately.
+    assert not got[2][~mask].any()
+
+
+CASES = [  # (x shape, out_features, mask kind)
+    ((5, 64), 64, "block16"),
+    ((3, 7, 96), 80, "block32"),          # leading batch dims, out not a multiple of the block
+    ((1, 130), 97, "block64"),            # batch 1, sizes not divisible by the block
+    ((9, 123), 97, "unstructured"),
+    ((4, 36), 40, "2:4"),
+    ((6, 50), 33, "full"),                # sparsity 0%
+    ((6, 50), 33, "empty"),               # sparsity 100%
+    ((5, 70), 48, "one_block"),           # a single nonzero 16 x 16 block
+]
+
+
+@pytest.mark.parametrize("x_shape,n,kind", CASES, ids=[c[2] + "-" + "x".join(map(str, c[0])) for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_reference(backend, x_shape, n, kind, dtype):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter computes bf16 wrongly (DESIGN-NOTES); bf16 is for the GPU run")
+    check(x_shape, n, kind, dtype)
+
+
+@pytest.mark.parametrize("kind", ["block32", "unstructured"])
+def test_no_bias_and_only_some_grads(backend, kind):
+    x = torch.randn(4, 64, device=device())
+    w = torch.randn(32, 64, device=device(), requires_grad=True)
+    mask = make_mask(kind, 32, 64)
+    y = masked_linear(x, w, mask)
+    (gw,) = torch.autograd.grad(y, [w], torch.ones_like(y))
+    want = (torch.ones_like(y).t() @ x) * mask
+    torch.testing.assert_close(gw, want, **TOL[torch.float32])
+
+
+def test_non_contiguous_inputs(backend):
+    x = torch.randn(64, 6, device=device()).t()           # (6, 64) transposed view
+    w = torch.randn(64, 48, device=device()).t()           # (48, 64) transposed view
+    mask = make_mask("block16", 48, 64)
+    torch.testing.assert_close(masked_linear(x, w, mask), reference.masked_linear(x, w, mask), **TOL[torch.float32])
+
+
+def test_float_mask_equals_bool_mask(backend):
+    x, w = torch.randn(3, 32, device=device()), torch.randn(32, 32, device=device())
+    mask = make_mask("block16", 32, 32)
+    torch.testing.assert_close(masked_linear(x, w, mask.float()), masked_linear(x, w, mask))
+
+
+def test_opcheck():
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    w = torch.randn(48, 64, requires_grad=True)
+    b = torch.randn(48, requires_grad=True)
+    for kind in ("block16", "unstructured"):
+        mask = make_mask(kind, 48, 64).cpu()
+        torch.library.opcheck(torch.ops.effops.masked_linear.default, (x, w, mask, b))
+        gy = torch.randn(3, 5, 48)
+        torch.library.opcheck(torch.ops.effops.masked_linear_backward.default,
+                              (gy, x.detach(), w.detach(), mask, [True, True, True]))
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    w = torch.randn(64, 64, requires_grad=True)
+    mask = make_mask("block32", 64, 64).cpu()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x):
+        return masked_linear(x, w, mask).relu().sum()
+
+    x = torch.randn(4, 64)
+    loss = f(x)
+    loss.backward()
+    assert not counters["graph_break"]
+    torch.testing.assert_close(loss, reference.masked_linear(x, w, mask).relu().sum())
+    torch.testing.assert_close(w.grad, ((reference.masked_linear(x, w, mask) > 0).float().t() @ x) * mask)
+
+
+def test_autocast_bf16():
+    x, w = torch.randn(4, 64), torch.randn(32, 64)
+    mask = make_mask("block32", 32, 64).cpu()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = masked_linear(x, w, mask)
+    assert y.dtype == torch.bfloat16
+    want = reference.masked_linear(x.bfloat16().float(), w.bfloat16().float(), mask)  # autocast rounds the inputs
+    torch.testing.assert_close(y.float(), want, **TOL[torch.bfloat16])
+
+
+def test_bad_arguments():
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        masked_linear(x, w, torch.ones(4, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        masked_linear(x, w, torch.full((4, 8), 0.5))
+    with pytest.raises(TypeError, match="mask must be bool"):
+        masked_linear(x, w, torch.ones(4, 8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        masked_linear(x, w, [[1] * 8] * 4)
+    with pytest.raises(ValueError, match="x's last dim"):
+        masked_linear(torch.randn(2, 9), w, torch.ones(4, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        masked_linear(x, w, torch.ones(4, 8, dtype=torch.bool), pattern="3:4")
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        masked_linear(x, w, torch.ones(4, 8, dtype=torch.bool), pattern="block", block_size=8)
+
+
+def test_pattern_hint_validates_the_mask():
+    x, w = torch.randn(2, 64), torch.randn(64, 64)
+    block = make_mask("block32", 64, 64).cpu()
+    masked_linear(x, w, block, pattern="block", block_size=32)
+    unstructured = make_mask("unstructured", 64, 64).cpu()
+    with pytest.raises(ValueError, match="not constant over 32 x 32 blocks"):
+        masked_linear(x, w, unstructured, pattern="block", block_size=32)
+    with pytest.raises(ValueError, match="more than 2"):
+        masked_linear(x, w, torch.ones(64, 64, dtype=torch.bool), pattern="2:4")
+    masked_linear(x, w, make_mask("2:4", 64, 64).cpu(), pattern="2:4")
+
+
+def test_mask_description_is_cached_and_follows_in_place_changes():
+    x, w = torch.randn(3, 64), torch.randn(64, 64)
+    mask = make_mask("block32", 64, 64).cpu()
+    masked_linear(x, w, mask)
+    builds = _sparse_index.stats["builds"]
+    for _ in range(3):
+        masked_linear(x, w, mask).sum()
+    assert _sparse_index.stats["builds"] == builds
+    info = _sparse_index.mask_info(mask)
+    assert info.block == 32 and abs(info.density - mask.float().mean().item()) < 1e-9
+    mask.copy_(make_mask("unstructured", 64, 64, seed=3))        # bumps the version counter
+    y = masked_linear(x, w, mask)
+    assert _sparse_index.stats["builds"] == builds + 1
+    assert _sparse_index.mask_info(mask).block == 0
+    torch.testing.assert_close(y, reference.masked_linear(x, w, mask))
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_automatic_choice_uses_cpu_only_where_it_wins():
+    x = torch.randn(256, 1024)
+    w = torch.randn(1024, 1024)
+    sparse = make_mask("block32", 1024, 1024, density=0.1).cpu()
+    assert _backends.select("masked_linear", "cpu", x, w, sparse, None) == "cpu"
+    dense = make_mask("full", 1024, 1024).cpu()
+    assert _backends.select("masked_linear", "cpu", x, w, dense, None) == "reference"
+    tiny = make_mask("block16", 16, 16, density=0.1).cpu()
+    assert _backends.select("masked_linear", "cpu", x[:2, :16], w[:16, :16], tiny, None) == "reference"
+    with effops.use_backend("cpu"):  # forced, it takes any mask
+        assert _backends.select("masked_linear", "cpu", x, w, dense, None) == "cpu"
+
+
+SCALAR_SCRIPT = textwrap.dedent("""
+    import torch, effops
+    from effops import _ext
+    from effops.ops.masked_linear import masked_linear
+    from effops.reference import masked_linear as reference
+    assert _ext.build_info()["cpu_avx2_fma_runtime"] is False
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for mask in (torch.rand(3, 5).repeat_interleave(16, 0).repeat_interleave(16, 1)[:40, :70] < 0.5,
+                     torch.rand(40, 70) < 0.3):
+            x = torch.randn(7, 70, dtype=dtype, requires_grad=True)
+            w = torch.randn(40, 70, dtype=dtype, requires_grad=True)
+            with effops.use_backend("cpu"):
+                y = masked_linear(x, w, mask)
+                gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+            xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+            yr = reference.masked_linear(xr, wr, mask)
+            gxr, gwr = torch.autograd.grad(yr, (xr, wr), torch.ones_like(yr))
+            for a, b in ((y, yr), (gx, gxr), (gw, gwr)):
+                torch.testing.assert_close(a.float(), b, atol=tol, rtol=tol)
+    print("scalar ok")
+""")
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_cpu_scalar_path_matches_reference():
+    env = dict(os.environ, EFFOPS_DISABLE_AVX2="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "scalar ok" in out.stdout

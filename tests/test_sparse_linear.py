@@ -1,0 +1,144 @@
+"""effops.nn.SparseLinear / SparseConv1x1 against plain Linear / Conv2d with masked weights."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from effops.nn import SparseLinear
+from effops.nn.sparse_linear import SparseConv1x1
+
+from conftest import TOL
+
+
+def block_mask(n, k, b=16, density=0.4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kept = torch.rand(-(-n // b), -(-k // b), generator=g) < density
+    return kept.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :k].contiguous()
+
+
+def test_from_linear_matches_masked_linear_and_shares_parameters():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40)
+    mask = block_mask(40, 48)
+    expect_w = lin.weight.detach() * mask
+    sparse = SparseLinear.from_linear(lin, mask, pattern="block", block_size=16)
+    assert sparse.weight is lin.weight and sparse.bias is lin.bias  # an optimizer made earlier keeps working
+    assert torch.equal(sparse.weight.detach(), expect_w)           # pruned weights are exactly zero
+    x = torch.randn(2, 3, 48)
+    torch.testing.assert_close(sparse(x), x @ expect_w.t() + lin.bias, **TOL[torch.float32])
+    assert sparse.density == pytest.approx(mask.float().mean().item())
+    assert sparse.sparsity == pytest.approx(1 - sparse.density)
+
+
+def test_gradients_are_masked_and_to_linear_roundtrips():
+    sparse = SparseLinear(37, 29, mask=torch.rand(29, 37) < 0.3)
+    x = torch.randn(5, 37)
+    sparse(x).square().sum().backward()
+    assert not sparse.weight.grad[~sparse.mask].any()
+    dense = sparse.to_linear()
+    assert type(dense) is nn.Linear
+    torch.testing.assert_close(dense(x), sparse(x), **TOL[torch.float32])
+
+
+def test_state_dict_has_mask_and_loads_into_linear_after_to_linear():
+    sparse = SparseLinear(32, 16, mask=block_mask(16, 32))
+    state = sparse.state_dict()
+    assert set(state) == {"weight", "bias", "mask"}
+    other = SparseLinear(32, 16)
+    other.load_state_dict(state)
+    assert torch.equal(other.mask, sparse.mask)
+    plain = nn.Linear(32, 16)
+    plain.load_state_dict(sparse.to_linear().state_dict())
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(plain(x), sparse(x), **TOL[torch.float32])
+
+
+def test_set_mask_zeroes_newly_pruned_weights():
+    sparse = SparseLinear(16, 16)
+    new = torch.rand(16, 16) < 0.5
+    sparse.set_mask(new)
+    assert torch.equal(sparse.mask, new)
+    assert not sparse.weight[~new].any()
+
+
+def test_bad_masks_get_clear_errors():
+    lin = nn.Linear(32, 16)
+    with pytest.raises(ValueError, match="weight's shape"):
+        SparseLinear.from_linear(lin, torch.ones(16, 31, dtype=torch.bool))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        SparseLinear.from_linear(lin, torch.full((16, 32), 2.0))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        SparseLinear.from_linear(lin, None)
+    with pytest.raises(ValueError, match="not constant over 16 x 16 blocks"):
+        SparseLinear.from_linear(lin, torch.rand(16, 32) < 0.5, pattern="block", block_size=16)
+    with pytest.raises(ValueError, match="more than 2"):
+        SparseLinear.from_linear(lin, torch.ones(16, 32), pattern="2:4")
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        SparseLinear.from_linear(lin, torch.ones(16, 32), pattern="blocky")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        SparseLinear.from_linear(nn.Conv2d(3, 3, 1), torch.ones(3, 3))
+    sparse = SparseLinear.from_linear(lin, block_mask(16, 32), pattern="block", block_size=16)
+    with pytest.raises(ValueError, match="not constant"):
+        sparse.set_mask(torch.rand(16, 32) < 0.5)
+
+
+def test_sparse_conv1x1_matches_conv2d():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 20, 1)
+    mask = torch.rand(20, 24) < 0.4
+    expect = nn.Conv2d(24, 20, 1)
+    with torch.no_grad():
+        expect.weight.copy_(conv.weight * mask[:, :, None, None])
+        expect.bias.copy_(conv.bias)
+    sparse = SparseConv1x1.from_conv(conv, mask)
+    assert sparse.weight is conv.weight
+    x = torch.randn(2, 24, 5, 7)
+    torch.testing.assert_close(sparse(x), expect(x), **TOL[torch.float32])
+    torch.testing.assert_close(sparse.to_conv()(x), expect(x), **TOL[torch.float32])
+    sparse(x).sum().backward()
+    assert not sparse.weight.grad[:, :, 0, 0][~mask].any()
+
+
+def _ddp_worker(rank, world, init_file, result_file):
+    torch.manual_seed(0)
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    try:
+        model = nn.Sequential(SparseLinear(32, 32, mask=block_mask(32, 32)), nn.ReLU(), nn.Linear(32, 4))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            x, y = torch.randn(8, 32, generator=g), torch.randn(8, 4, generator=g)
+            opt.zero_grad()
+            nn.functional.mse_loss(ddp(x), y).backward()
+            opt.step()
+        if rank == 0:
+            torch.save({k: v.clone() for k, v in model.state_dict().items()}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_keep_pruned_weights_zero_and_agree():
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "state.pt")
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), result), nprocs=2, join=True)
+        state = torch.load(result)
+    mask = state["0.mask"]
+    assert not state["0.weight"][~mask].any()
+    assert state["0.weight"][mask].abs().sum() > 0
+
+    # Single-process replay with the same data (both ranks' batches averaged) gives the same weights.
+    torch.manual_seed(0)
+    model = nn.Sequential(SparseLinear(32, 32, mask=block_mask(32, 32)), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    gens = [torch.Generator().manual_seed(r) for r in range(2)]
+    for _ in range(3):
+        batches = [(torch.randn(8, 32, generator=g), torch.randn(8, 4, generator=g)) for g in gens]
+        opt.zero_grad()
+        sum(nn.functional.mse_loss(model(x), y) for x, y in batches).div(2).backward()
+        opt.step()
+    torch.testing.assert_close(model.state_dict()["0.weight"], state["0.weight"], atol=1e-5, rtol=1e-5)

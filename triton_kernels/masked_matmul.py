@@ -1,0 +1,212 @@
+"""Triton kernels for effops::masked_linear: y = x @ (W * mask)^T + b and its backward.
+
+Block-sparse masks (constant over B x B blocks, B in 16/32/64), index from effops/ops/_sparse_index.py:
+* `_block_mm_kernel`: out[M, R] = A[M, C] @ W'^T (+ bias). Program (m-tile of BM rows, block-row br of
+  W') walks only the kept blocks of br through the block-CSR index (ptr, idx): one (BM x B) @ (B x B)
+  tensor-core dot per kept block, fp32 accumulator, no atomics (each program owns its output tile).
+  W' is W for the forward (index per block-row) and W^T for grad_x (index per block-column), given by
+  strides, so the transposed product needs no copy.
+* `_block_grad_weight_kernel`: one program per kept block (coordinates from the block list), reducing
+  gy[:, n-block]^T @ x[:, k-block] over M in BM chunks: the sampled product, nothing for pruned blocks.
+
+Any other mask (unstructured, 2:4): `_masked_mm_kernel`, a tiled matmul (BM x BR output tile, BC-deep
+K steps) that loads the weight tile and the uint8 mask tile and zeroes pruned weights in registers
+(never materialising W * mask); with OUT_MASKED it masks the output tile instead, which gives the
+weight gradient (gy^T @ x) * mask. This path is dense work: the win is only for the block pattern.
+
+fp32 inputs use IEEE dots (torch's CUDA matmul default is not TF32 for fp32), fp16/bf16 use tensor cores.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from effops.ops import _sparse_index
+from effops.triton_kernels._aot import AotSpec
+
+
+@triton.jit
+def _block_mm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, ptr_ptr, idx_ptr, M, C, R,
+                     stride_am, stride_wr, stride_wc,
+                     BLOCK: tl.constexpr, BM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    br = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rr = br * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    start = tl.load(ptr_ptr + br)
+    end = tl.load(ptr_ptr + br + 1)
+    acc = tl.zeros((BM, BLOCK), dtype=tl.float32)
+    for j in range(start, end):
+        rc = tl.load(idx_ptr + j) * BLOCK + offs
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rc[None, :], mask=(rm[:, None] < M) & (rc[None, :] < C),
+                    other=0.0)
+        # (c, r) tile of W', i.e. W'^T: ready for a @ W'^T
+        wt = tl.load(w_ptr + rc[:, None] * stride_wc + rr[None, :] * stride_wr,
+                     mask=(rc[:, None] < C) & (rr[None, :] < R), other=0.0)
+        if IEEE:
+            acc = tl.dot(a, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, wt, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * R + rr[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def _block_grad_weight_kernel(gy_ptr, x_ptr, gw_ptr, rows_ptr, cols_ptr, M, N, K,
+                              BLOCK: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = tl.load(rows_ptr + pid) * BLOCK + tl.arange(0, BLOCK)
+    rk = tl.load(cols_ptr + pid) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        rm = m0 + tl.arange(0, BM)
+        gyt = tl.load(gy_ptr + rm[None, :] * N + rn[:, None], mask=(rm[None, :] < M) & (rn[:, None] < N), other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        if IEEE:
+            acc = tl.dot(gyt, x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(gyt, x, acc)
+    tl.store(gw_ptr + rn[:, None] * K + rk[None, :], acc.to(gw_ptr.dtype.element_ty),
+             mask=(rn[:, None] < N) & (rk[None, :] < K))
+
+
+@triton.jit
+def _masked_mm_kernel(a_ptr, b_ptr, mask_ptr, bias_ptr, out_ptr, M, C, R,
+                      stride_am, stride_ac, stride_br, stride_bc, stride_mr, stride_mc,
+                      BM: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, OUT_MASKED: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """out[M, R] = A[M, C] @ B'^T with B'[r, c] = b[r * stride_br + c * stride_bc], masked by
+    mask[r * stride_mr + c * stride_mc] (OUT_MASKED=False) or the output by mask[m * stride_mr + r * stride_mc]."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rr = pid_r * BR + tl.arange(0, BR)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rc[None, :] * stride_ac,
+                    mask=(rm[:, None] < M) & (rc[None, :] < C), other=0.0)
+        inside = (rc[:, None] < C) & (rr[None, :] < R)
+        bt = tl.load(b_ptr + rc[:, None] * stride_bc + rr[None, :] * stride_br, mask=inside, other=0.0)
+        if not OUT_MASKED:
+            keep = tl.load(mask_ptr + rc[:, None] * stride_mc + rr[None, :] * stride_mr, mask=inside, other=0)
+            bt = tl.where(keep != 0, bt, tl.zeros_like(bt))
+        if IEEE:
+            acc = tl.dot(a, bt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, bt, acc)
+    inside = (rm[:, None] < M) & (rr[None, :] < R)
+    if OUT_MASKED:
+        keep = tl.load(mask_ptr + rm[:, None] * stride_mr + rr[None, :] * stride_mc, mask=inside, other=0)
+        acc = tl.where(keep != 0, acc, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * R + rr[None, :], acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+# Tiles: BM rows of the batch per program; the dense-with-mask path uses 64 x 64 x 64 tiles.
+BM_BLOCK = 64
+TILE = 64
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _block_mm(a, w, bias, ptr, idx, block, transpose_w):
+    n, k = w.shape
+    r, c = (k, n) if transpose_w else (n, k)
+    s_wr, s_wc = (1, k) if transpose_w else (k, 1)
+    m = a.shape[0]
+    out = torch.empty((m, r), dtype=a.dtype, device=a.device)
+    grid = (_cdiv(m, BM_BLOCK), _cdiv(r, block))
+    _block_mm_kernel[grid](a, w, bias if bias is not None else out, out, ptr, idx, m, c, r, a.stride(0), s_wr, s_wc,
+                           BLOCK=block, BM=BM_BLOCK, HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32)
+    return out
+
+
+def _masked_mm(a, b, mask_u8, bias, out_shape, strides, out_masked):
+    """One launch of _masked_mm_kernel; strides = (am, ac, br, bc, mr, mc)."""
+    m, r = out_shape
+    c = a.shape[1] if strides[1] == 1 else a.shape[0]
+    out = torch.empty(out_shape, dtype=b.dtype, device=b.device)
+    grid = (_cdiv(m, TILE), _cdiv(r, TILE))
+    _masked_mm_kernel[grid](a, b, mask_u8, bias if bias is not None else out, out, m, c, r, *strides,
+                            BM=TILE, BR=TILE, BC=TILE, OUT_MASKED=out_masked, HAS_BIAS=bias is not None,
+                            IEEE=b.dtype == torch.float32)
+    return out
+
+
+def masked_linear(x, weight, mask, bias):
+    """The "triton" kernel of effops::masked_linear."""
+    info = _sparse_index.mask_info(mask)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    w = weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    if info.block:
+        ptr, idx = info.block_rows(info.block)
+        y = _block_mm(x2, w, b, ptr, idx, info.block, False)
+    else:
+        y = _masked_mm(x2, w, info.mask_u8(), b, (x2.shape[0], n), (k, 1, k, 1, k, 1), False)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
+    """The "triton" kernel of effops::masked_linear_backward: (grad_x, grad_weight, grad_bias)."""
+    need_x, need_w, need_b = needs_input_grad
+    info = _sparse_index.mask_info(mask)
+    n, k = weight.shape
+    g2 = grad_y.reshape(-1, n).contiguous()
+    x2 = x.reshape(-1, k).contiguous()
+    w = weight.contiguous()
+    m = g2.shape[0]
+    grad_x = grad_w = None
+    if info.block:
+        blk = info.block
+        if need_x:
+            grad_x = _block_mm(g2, w, None, *info.block_cols(blk), blk, True).reshape(x.shape)
+        if need_w:
+            rows, cols = info.block_coo(blk)
+            grad_w = torch.zeros_like(w)
+            if rows.numel():
+                _block_grad_weight_kernel[(rows.numel(),)](g2, x2, grad_w, rows, cols, m, n, k, BLOCK=blk,
+                                                           BM=BM_BLOCK, IEEE=w.dtype == torch.float32)
+    else:
+        mask_u8 = info.mask_u8()
+        if need_x:  # grad_x[M, K] = gy[M, N] @ (W * mask): B'[r=k, c=n] = W[n, k]
+            grad_x = _masked_mm(g2, w, mask_u8, None, (m, k), (n, 1, 1, k, 1, k), False).reshape(x.shape)
+        if need_w:  # grad_w[N, K] = (gy^T @ x) * mask: A'[n, m] = gy[m, n], B'[k, m] = x[m, k]
+            grad_w = _masked_mm(g2, x2, mask_u8, None, (n, k), (1, n, 1, k, k, 1), True)
+    grad_b = g2.sum(0) if need_b else None
+    return grad_x, grad_w, grad_b
+
+
+def _specs():
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        p = "*" + dt
+        for block in (16, 32, 64):
+            specs.append(AotSpec(_block_mm_kernel, dict(
+                a_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p, ptr_ptr="*i64", idx_ptr="*i64", M="i32", C="i32",
+                R="i32", stride_am="i32", stride_wr="i32", stride_wc="i32", BLOCK="constexpr", BM="constexpr",
+                HAS_BIAS="constexpr", IEEE="constexpr"),
+                dict(BLOCK=block, BM=BM_BLOCK, HAS_BIAS=True, IEEE=dt == "fp32")))
+            specs.append(AotSpec(_block_grad_weight_kernel, dict(
+                gy_ptr=p, x_ptr=p, gw_ptr=p, rows_ptr="*i64", cols_ptr="*i64", M="i32", N="i32", K="i32",
+                BLOCK="constexpr", BM="constexpr", IEEE="constexpr"),
+                dict(BLOCK=block, BM=BM_BLOCK, IEEE=dt == "fp32")))
+        for out_masked in (False, True):
+            specs.append(AotSpec(_masked_mm_kernel, dict(
+                a_ptr=p, b_ptr=p, mask_ptr="*u8", bias_ptr=p, out_ptr=p, M="i32", C="i32", R="i32",
+                stride_am="i32", stride_ac="i32", stride_br="i32", stride_bc="i32", stride_mr="i32",
+                stride_mc="i32", BM="constexpr", BR="constexpr", BC="constexpr", OUT_MASKED="constexpr",
+                HAS_BIAS="constexpr", IEEE="constexpr"),
+                dict(BM=TILE, BR=TILE, BC=TILE, OUT_MASKED=out_masked, HAS_BIAS=not out_masked,
+                     IEEE=dt == "fp32")))
+    return specs
+
+
+AOT_SPECS = _specs()
