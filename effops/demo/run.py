@@ -107,7 +107,10 @@ class Demo:
         x_test, y_test = self.data.x_test, self.data.y_test
         batch = x_test[:self.cfg.infer_batch]
         live = {s.name: s.model for s in self.active()}
-        infer = train.inference_ms(live, batch, device=self.device, amp=self.cfg.amp) if live else {}
+        # int8 inference is its own precision: no bf16 autocast around it (torch.ao's int8 Linear
+        # takes fp32 only).
+        amp = self.cfg.amp and stage != "int8"
+        infer = train.inference_ms(live, batch, device=self.device, amp=amp) if live else {}
         for side in self.sides:
             row = dict(stage=stage, impl=side.name)
             if side.unavailable is not None:
@@ -115,7 +118,7 @@ class Demo:
                            else "not run: %s stage unavailable" % side.unavailable[0])
                 self.rows.append(row)
                 continue
-            acc = train.accuracy(side.model, x_test, y_test, device=self.device, amp=self.cfg.amp)
+            acc = train.accuracy(side.model, x_test, y_test, device=self.device, amp=amp)
             nonzero, total = metrics.count_params(side.model)
             row.update(available=True, accuracy=acc, nonzero_params=nonzero, total_params=total,
                        model_bytes=metrics.checkpoint_bytes(side.model),
@@ -123,10 +126,10 @@ class Demo:
                        infer_ms_per_batch=infer[side.name], infer_batch=len(batch),
                        ranks_agree=distributed.all_equal(acc))
             if self.cfg.out and self.rank == 0:
-                row["checkpoint"], row["reloaded_accuracy"] = self.save_and_reload(side, stage)
+                row["checkpoint"], row["reloaded_accuracy"] = self.save_and_reload(side, stage, amp)
             self.rows.append(row)
 
-    def save_and_reload(self, side, stage):
+    def save_and_reload(self, side, stage, amp):
         """Save the stage's state_dict, rebuild the structure from a fresh model with the same
         transforms, load the file into it and evaluate it again."""
         path = os.path.join(self.cfg.out, "%s-%s.pt" % (side.name, stage))
@@ -136,7 +139,7 @@ class Demo:
             warnings.simplefilter("ignore")  # TypedStorage deprecation from torch.ao's packed params
             # weights_only=False: torch.ao's int8 Linear stores packed params, which weights_only refuses.
             fresh.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
-        acc = train.accuracy(fresh, self.data.x_test, self.data.y_test, device=self.device, amp=self.cfg.amp)
+        acc = train.accuracy(fresh, self.data.x_test, self.data.y_test, device=self.device, amp=amp)
         self.checkpoints.append(path)
         return path, acc
 

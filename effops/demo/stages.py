@@ -87,13 +87,16 @@ class EffopsPipeline(Pipeline):
         return self.to_device(prune(model, self.cfg.sparsity, pattern="unstructured", scope=self.cfg.prune_scope))
 
     def quantize(self, model):
-        """Pruned Linear layers made dense again (zeros kept: SparseLinear.to_linear), then
-        effops.quantize with its defaults (Linear layers of at least 128 features -> Int8Linear)."""
+        """Pruned layers made dense again (zeros kept: SparseLinear.to_linear, SparseConv1x1.to_conv),
+        then effops.quantize with its defaults (Linear layers of at least 128 features -> Int8Linear)."""
         import effops
         quantize = _effops("effops.quantize", lambda: effops.quantize)
         for name, m in list(model.named_modules()):
-            if hasattr(m, "to_linear") and hasattr(m, "mask"):
+            # Inference needs no masks: pruned layers become dense layers holding the zeros.
+            if hasattr(m, "mask") and hasattr(m, "to_linear"):
                 _set_submodule(model, name, m.to_linear())
+            elif hasattr(m, "mask") and hasattr(m, "to_conv"):
+                _set_submodule(model, name, m.to_conv())
         return self.to_device(quantize(model))
 
     def int8_layers(self, model):

@@ -1,0 +1,269 @@
+"""The demo (`python -m effops.demo`): data loading and its errors, the models, the counts in the
+table, and tiny end-to-end runs (outputs, checkpoint reload, seeding, a missing piece, DDP)."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from effops.demo import data, metrics, models, stages
+from effops.demo.__main__ import main, parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A run small enough for tests: 96 training images, width 4, one epoch per stage.
+TINY = ["--epochs", "1", "--finetune-epochs", "1", "--train-subset", "96", "--width", "4", "--batch-size", "32",
+        "--infer-batch", "32", "--no-progress", "--device", "cpu"]
+
+
+def _importable(module, name):
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
+HAS_SEPARABLE = _importable("effops.nn", "SeparableConv2d")
+HAS_ADAMW = _importable("effops.optim", "AdamW")
+HAS_PRUNE = _importable("effops.transforms", "GradualPruner")
+HAS_QUANTIZE = _importable("effops.transforms", "quantize")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def test_digits_are_32x32_with_a_fixed_stratified_split():
+    a, b = data.load_digits(seed=0), data.load_digits(seed=0)
+    assert a.x_train.shape[1:] == (1, 32, 32) and a.x_test.shape[1:] == (1, 32, 32)
+    assert len(a.y_train) + len(a.y_test) == 1797
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert sorted(a.y_test.unique().tolist()) == list(range(10))  # every class in the test split
+    assert abs(float(a.x_train.mean())) < 1e-4 and abs(float(a.x_train.std()) - 1) < 1e-3
+
+
+def _write_folder(root, classes=("cat", "dog", "fox"), per_class=5, size=(12, 9)):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            img = (rng.random(size) * 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(root, c, "%d.png" % i))
+    return root
+
+
+def test_image_folder_loads_classes_in_sorted_order(tmp_path):
+    root = _write_folder(str(tmp_path / "imgs"))
+    ds = data.load_folder(root)
+    assert ds.classes == ["cat", "dog", "fox"]
+    assert ds.x_train.shape[1:] == (1, 32, 32)
+    assert len(ds.y_train) + len(ds.y_test) == 15
+    assert set(ds.y_test.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "does not exist"),
+    ("file", "is not a directory"),
+    ("empty", "no class sub-folders"),
+    ("one_class", "at least 2"),
+    ("no_images", "has no image files"),
+    ("one_image", "has 1 image"),
+    ("unreadable", "cannot read image .*broken.png"),
+])
+def test_bad_data_folders_are_clear_errors(tmp_path, case, match):
+    root = str(tmp_path / "d")
+    if case == "file":
+        open(root, "w").close()
+    elif case == "empty":
+        os.makedirs(root)
+    elif case == "one_class":
+        _write_folder(root, classes=("only",))
+    elif case == "no_images":
+        _write_folder(root, classes=("a",))
+        os.makedirs(os.path.join(root, "b"))
+        open(os.path.join(root, "b", "notes.txt"), "w").close()
+    elif case == "one_image":
+        _write_folder(root, classes=("a",))
+        _write_folder(root, classes=("b",), per_class=1)
+    elif case == "unreadable":
+        _write_folder(root, classes=("a", "b"))
+        with open(os.path.join(root, "b", "broken.png"), "wb") as f:
+            f.write(b"not a png at all")
+    with pytest.raises(data.DataError, match=match):
+        data.load_folder(root)
+
+
+def test_cli_reports_a_bad_data_folder_and_exits_2(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "nope")] + TINY) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--sparsity", "1.5"], ["--epochs", "0"], ["--accum", "128"],
+                                  ["--backend", "tpu"]])
+def test_cli_rejects_bad_options(argv):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# models and counts
+# ---------------------------------------------------------------------------------------------
+def test_plain_model_has_two_convs_per_block_and_classifies_32x32():
+    m = models.plain_model(num_classes=7, width=4)
+    blocks = [b for n, b in m.named_children() if n.startswith("block")]
+    assert blocks and all(b.depthwise.groups == b.depthwise.in_channels and b.pointwise.kernel_size == (1, 1)
+                          for b in blocks)
+    assert m(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    assert set(models.prunable_layers(m)) == {"block%d.pointwise" % (i + 1) for i in range(len(blocks))} | {"fc1", "fc2"}
+
+
+@pytest.mark.skipif(not HAS_SEPARABLE, reason="effops.nn.SeparableConv2d not in this build")
+def test_effops_model_matches_the_plain_model():
+    from effops.nn import SeparableConv2d
+    plain, fused = models.plain_model(width=4, seed=3), models.effops_model(width=4, seed=3)
+    assert sum(isinstance(m, SeparableConv2d) for m in fused.modules()) == 4
+    assert not any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.kernel_size == (3, 3)
+                   for n, m in fused.named_children())
+    plain.eval(), fused.eval()
+    x = torch.randn(3, 1, 32, 32)
+    torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_count_params_sees_masks_torch_prune_and_int8():
+    lin = nn.Linear(8, 4)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+        lin.bias.zero_()
+    m = nn.Sequential(lin)
+    assert metrics.count_params(m) == (32, 36)
+    torch.nn.utils.prune.l1_unstructured(lin, "weight", amount=8)
+    assert metrics.count_params(m) == (24, 36)  # weight_orig * weight_mask, bias zeros
+    q = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(8, 4)), {nn.Linear}, dtype=torch.qint8)
+    nonzero, total = metrics.count_params(q)
+    assert total == 36 and nonzero <= 36
+
+
+@pytest.mark.skipif(not HAS_PRUNE, reason="effops.prune not in this build")
+def test_count_params_applies_a_sparse_layers_mask():
+    import effops
+    m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    effops.prune(m, 0.75)
+    nonzero, total = metrics.count_params(m)
+    assert total == 16 * 8 + 8 + 8 * 8 + 8
+    assert nonzero <= 0.25 * (16 * 8 + 8 * 8) + 16
+
+
+def test_checkpoint_bytes_is_the_saved_size(tmp_path):
+    m = nn.Linear(100, 10)
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    assert metrics.checkpoint_bytes(m) == os.path.getsize(tmp_path / "m.pt")
+
+
+def test_prune_schedule_is_cubic_and_reaches_the_target():
+    s = stages.PruneSchedule(0.8, total_steps=100)
+    assert s.end == 70 and s.sparsity_at(0) == 0.0 and s.sparsity_at(70) == pytest.approx(0.8)
+    assert s.sparsity_at(35) == pytest.approx(0.8 * (1 - 0.5 ** 3))
+    assert s.sparsity_at(99) == pytest.approx(0.8)
+    assert s.updates_at(s.every) and s.updates_at(70) and not s.updates_at(71)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+# ---------------------------------------------------------------------------------------------
+def _expected_available():
+    """Which effops stages this build can run (each needs the earlier ones)."""
+    train = HAS_SEPARABLE and HAS_ADAMW
+    prune = train and HAS_PRUNE
+    return {"train": train, "prune": prune, "int8": prune and HAS_QUANTIZE}
+
+
+def _rows(out):
+    with open(os.path.join(out, "demo.json")) as f:
+        return json.load(f)
+
+
+def test_demo_end_to_end_writes_table_json_png_and_reloads_checkpoints(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(TINY + ["--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "| 1 train |" in printed and "3 int8 inference" in printed
+    result = _rows(out)
+    rows = {(r["stage"], r["impl"]): r for r in result["rows"]}
+    assert set(rows) == {(s, i) for s in ("train", "prune", "int8") for i in ("effops", "plain")}
+    expected = _expected_available()
+    for stage in ("train", "prune", "int8"):
+        assert rows[stage, "plain"]["available"]
+        assert rows[stage, "effops"]["available"] == expected[stage], rows[stage, "effops"]
+        if not expected[stage]:
+            assert "not available in this build" in rows[stage, "effops"]["note"] or "not run" in rows[stage, "effops"]["note"]
+    for r in result["rows"]:
+        if r["available"]:
+            # the checkpoint was saved, rebuilt from a fresh model, loaded and gives the same accuracy
+            assert os.path.exists(r["checkpoint"]) and r["reloaded_accuracy"] == r["accuracy"]
+            assert 0.0 <= r["accuracy"] <= 1.0 and r["infer_ms_per_batch"] > 0
+            assert (r["train_ms_per_step"] is None) == (r["stage"] == "int8")
+    plain_dense, plain_pruned = rows["train", "plain"], rows["prune", "plain"]
+    # 80% of the pruned layers' weights are zero
+    pruned_weights = sum(m.weight.numel() for m in models.prunable_layers(models.plain_model(width=4)).values())
+    assert plain_dense["nonzero_params"] - plain_pruned["nonzero_params"] >= 0.79 * pruned_weights
+    if expected["train"]:
+        assert "train" in result["ratios"] and result["ratios"]["train"]["train_ms_per_step"] > 0
+        assert "adam_step" in result["backends_used"] and "dwpw_conv2d" in result["backends_used"]
+    if expected["prune"]:
+        # the same layers pruned to the same count on both sides (+-1 for rounding of the count)
+        assert abs(rows["prune", "effops"]["nonzero_params"] - plain_pruned["nonzero_params"]) <= 1
+    with open(os.path.join(out, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeded_runs_repeat_their_accuracy_with_accumulation(tmp_path):
+    runs = []
+    for i in range(2):
+        out = str(tmp_path / str(i))
+        assert main(TINY + ["--accum", "2", "--out", out]) == 0
+        runs.append([(r["stage"], r["impl"], r.get("accuracy"), r.get("nonzero_params")) for r in _rows(out)["rows"]])
+    assert runs[0] == runs[1]
+
+
+def test_a_missing_effops_piece_is_reported_not_faked(tmp_path, monkeypatch):
+    def missing(*args, **kwargs):
+        raise ImportError("No module named 'effops.nn.separable_conv'")
+    monkeypatch.setattr(models, "effops_model", missing)
+    out = str(tmp_path / "out")
+    assert main(TINY + ["--out", out, "--finetune-epochs", "1"]) == 0
+    rows = {(r["stage"], r["impl"]): r for r in _rows(out)["rows"]}
+    assert not rows["train", "effops"]["available"]
+    assert "effops.nn.SeparableConv2d not available in this build" in rows["train", "effops"]["note"]
+    assert all(not rows[s, "effops"]["available"] for s in ("prune", "int8"))
+    assert all(rows[s, "plain"]["available"] for s in ("train", "prune", "int8"))
+    # without effops.prune to say which layers it takes, the plain side prunes Linear and pointwise
+    assert any("block1.pointwise" in n for n in _rows(out)["notes"])
+
+
+@pytest.mark.skipif(not _expected_available()["train"], reason="effops train stage not in this build")
+def test_forced_reference_backend_and_amp(tmp_path):
+    out = str(tmp_path / "out")
+    assert main(TINY + ["--out", out, "--backend", "reference", "--amp"]) == 0
+    result = _rows(out)
+    assert set(result["backends_used"]["dwpw_conv2d"].split(", ")) == {"reference"}
+    assert all(r["available"] for r in result["rows"] if r["impl"] == "plain")
+
+
+def test_torchrun_two_processes_ddp(tmp_path):
+    out = str(tmp_path / "out")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "effops.demo"] + TINY + ["--out", out]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = _rows(out)
+    assert result["world_size"] == 2
+    assert "DDP over 2 processes" in proc.stdout
+    for r in result["rows"]:
+        if r["available"]:
+            assert r["ranks_agree"], r  # both ranks evaluate the same synchronized model
