@@ -17,6 +17,35 @@ ACTIVATIONS = reference.ACTIVATIONS
 
 _backends.register_kernel("dwpw_conv2d", "reference", reference.dwpw_conv2d)
 _backends.register_kernel("dwpw_conv2d_backward", "reference", reference.dwpw_conv2d_backward)
+_ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4}  # csrc/cpu/dwpw_conv2d.h
+
+
+def _cpu_supports(x, dw_weight, pw_weight, *args):
+    """Why the cpu kernels decline this input (None: they take it)."""
+    if x.device.type != "cpu":
+        return "not a CPU tensor"
+    if max(dw_weight.shape[2:]) > 7:
+        return "kernel larger than 7x7"
+    if x.numel() == 0 or pw_weight.shape[0] == 0:
+        return "empty tensor"
+    return None
+
+
+def _cpu_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
+    return torch.ops.effops_cpu.dwpw_conv2d(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+                                            _ACTIVATION_CODES[activation])
+
+
+def _cpu_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation, activation, needs_input_grad):
+    needs = sum(1 << i for i, wanted in enumerate(needs_input_grad) if wanted)
+    grads = torch.ops.effops_cpu.dwpw_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding,
+                                                      dilation, _ACTIVATION_CODES[activation], needs)
+    return tuple(g if wanted else None for g, wanted in zip(grads, needs_input_grad))
+
+
+_backends.register_kernel("dwpw_conv2d", "cpu", _cpu_forward, supports=_cpu_supports)
+_backends.register_kernel("dwpw_conv2d_backward", "cpu", _cpu_backward,
+                          supports=lambda grad_y, x, dw_weight, pw_weight, *rest: _cpu_supports(x, dw_weight, pw_weight))
 
 
 def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, padding=0, dilation=1,
