@@ -1,6 +1,7 @@
 // Torch glue for the CPU dwpw_conv2d kernels (csrc/cpu/dwpw_conv2d.h): layout, weight packing, dtype
 // dispatch. The Python op layer (effops/ops/dwpw_conv2d.py) validates arguments; these ops take any
-// strides (activations are made channels-last here) and return channels-last results.
+// strides (inputs are read channels-last). The forward returns x's layout (channels-last or NCHW),
+// the backward returns grad_x channels-last (the op layer converts it).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -57,10 +58,15 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& dw_weight, const at::T
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor dw = pack_depthwise(dw_weight), pw = pack_columns(pw_weight.reshape({s.O, s.C}));
   const at::Tensor db = optional_float(dw_bias), pb = optional_float(pw_bias);
-  at::Tensor y = at::empty({s.N, s.O, s.OH, s.OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // The output takes x's layout: channels-last, or NCHW written plane by plane (no transposing copy).
+  const bool nchw = !x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.is_contiguous();
+  const at::Tensor pw_rows = nchw ? pw_weight.reshape({s.O, s.C}).to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({s.N, s.O, s.OH, s.OW},
+                           x.options().memory_format(nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast));
   EFFOPS_DISPATCH_FLOAT(x.scalar_type(), "dwpw_conv2d_cpu", [&] {
     effops::cpu::dwpw::forward<scalar_t>(s, xc.data_ptr<scalar_t>(), dw.data_ptr<float>(), ptr_or_null(db),
-                                         pw.data_ptr<float>(), ptr_or_null(pb), y.data_ptr<scalar_t>());
+                                         pw.data_ptr<float>(), ptr_or_null(pb), y.data_ptr<scalar_t>(),
+                                         ptr_or_null(pw_rows));
   });
   return y;
 }

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -154,7 +155,8 @@ EFFOPS_INLINE int64_t depthwise_channels(const Shape& s, const T* xn, const floa
   return c;
 }
 
-// The depthwise output of pixels [q0, q0 + np) of image xn into h[np][Cp] (pad columns untouched),
+// The depthwise output of pixels [q0, q0 + np) of image xn into h[np][Cp] (Cp: the row stride; columns
+// past C are left alone),
 // with the activation applied when `act` is given (the forward) or not (the backward needs h itself).
 template <typename V, typename T>
 EFFOPS_INLINE void depthwise_tile(const Shape& s, const T* xn, const float* w, const float* b, int64_t q0, int64_t np,
@@ -165,11 +167,12 @@ EFFOPS_INLINE void depthwise_tile(const Shape& s, const T* xn, const float* w, c
     const int64_t c = depthwise_channels<V>(s, xn, w, b, oh, ow, 0, s.C, hp);
     depthwise_channels<ScalarVec>(s, xn, w, b, oh, ow, c, s.C, hp);
     if (act != kNone)  // while the row is in L1; pad columns hold 0 and act(0) == 0 for every activation
-      for (int64_t k = 0; k < Cp; k += V::kWidth) act_forward(V::load(hp + k), act).store(hp + k);
+      for (int64_t k = 0; k < round_up(s.C, kNr); k += V::kWidth) act_forward(V::load(hp + k), act).store(hp + k);
   }
 }
 
-// out[R][16] = sum_k a[r * a_rs + k * a_ks] * b[k * b_ks + 0..16): the register-blocked product.
+// out[R][16] = sum_k a[r * a_rs + k * a_ks] * b[k * b_ks + 0..16): the register-blocked product,
+// 6 x 2 AVX2 accumulators + 2 B vectors + 1 broadcast = 15 of the 16 ymm registers.
 template <typename V, int R, typename TA>
 EFFOPS_INLINE void micro(const TA* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks, int64_t K,
                          float* out) {
@@ -189,18 +192,56 @@ EFFOPS_INLINE void micro(const TA* a, int64_t a_rs, int64_t a_ks, const float* b
     for (int v = 0; v < NV; ++v) acc[r][v].store(out + r * kNr + v * V::kWidth);
 }
 
-template <typename V, typename TA>
-EFFOPS_INLINE void micro_rows(int64_t rows, const TA* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks,
-                              int64_t K, float* out) {
-  switch (rows) {
-    case 6: return micro<V, 6>(a, a_rs, a_ks, b, b_ks, K, out);
-    case 5: return micro<V, 5>(a, a_rs, a_ks, b, b_ks, K, out);
-    case 4: return micro<V, 4>(a, a_rs, a_ks, b, b_ks, K, out);
-    case 3: return micro<V, 3>(a, a_rs, a_ks, b, b_ks, K, out);
-    case 2: return micro<V, 2>(a, a_rs, a_ks, b, b_ks, K, out);
-    default: return micro<V, 1>(a, a_rs, a_ks, b, b_ks, K, out);
-  }
+// The micro-kernel as its own function (noinline): inlined into a large tile function, the compiler
+// kept that function's constants in ymm registers and spilled an accumulator to the stack (a store ->
+// load chain in the inner loop, measured 2x slower). On its own it gets all 16 registers.
+template <int R, typename TA>
+__attribute__((noinline)) EFFOPS_FLATTEN void micro_scalar(const TA* a, int64_t a_rs, int64_t a_ks, const float* b,
+                                                           int64_t b_ks, int64_t K, float* out) {
+  micro<ScalarVec, R>(a, a_rs, a_ks, b, b_ks, K, out);
 }
+
+#if EFFOPS_HAVE_X86
+template <int R, typename TA>
+__attribute__((noinline)) EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void micro_avx2(const TA* a, int64_t a_rs, int64_t a_ks,
+                                                                            const float* b, int64_t b_ks, int64_t K,
+                                                                            float* out) {
+  micro<Avx2Vec, R>(a, a_rs, a_ks, b, b_ks, K, out);
+}
+#endif
+
+template <typename V, int R, typename TA>
+EFFOPS_INLINE void micro_call(const TA* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks, int64_t K,
+                              float* out) {
+#if EFFOPS_HAVE_X86
+  if constexpr (std::is_same_v<V, Avx2Vec>) {
+    micro_avx2<R>(a, a_rs, a_ks, b, b_ks, K, out);
+    return;
+  }
+#endif
+  micro_scalar<R>(a, a_rs, a_ks, b, b_ks, K, out);
+}
+
+// rows (1..6) x 16 results, each accumulator vector then handed to epi(r, column, value).
+template <typename V, typename TA, typename Epi>
+EFFOPS_INLINE void micro_rows(int64_t rows, const TA* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks,
+                              int64_t K, Epi&& epi) {
+  alignas(32) float out[kMr * kNr];
+  switch (rows) {
+    case 6: micro_call<V, 6>(a, a_rs, a_ks, b, b_ks, K, out); break;
+    case 5: micro_call<V, 5>(a, a_rs, a_ks, b, b_ks, K, out); break;
+    case 4: micro_call<V, 4>(a, a_rs, a_ks, b, b_ks, K, out); break;
+    case 3: micro_call<V, 3>(a, a_rs, a_ks, b, b_ks, K, out); break;
+    case 2: micro_call<V, 2>(a, a_rs, a_ks, b, b_ks, K, out); break;
+    default: micro_call<V, 1>(a, a_rs, a_ks, b, b_ks, K, out); break;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t v = 0; v < kNr; v += V::kWidth) epi(static_cast<int>(r), v, V::load(out + r * kNr + v));
+}
+
+// Row stride of the fp32 tile buffers: channels rounded up to the micro-kernel's 16 columns, plus 16
+// so that the stride is never a power of two (those map every few rows to the same L1 set).
+int64_t row_stride(int64_t C) { return round_up(C, kNr) + kNr; }
 
 // Pixels per tile: one fp32 tile buffer of P x Cp stays within ~64 KB (L2), P a multiple of kMr.
 int64_t tile_pixels(int64_t Cp) { return std::max<int64_t>(kMr, (16384 / Cp) / kMr * kMr); }
@@ -210,25 +251,50 @@ int64_t tile_pixels(int64_t Cp) { return std::max<int64_t>(kMr, (16384 / Cp) / k
 // ------------------------------------------------------------------------------------------------
 template <typename V, typename T>
 EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw,
-                                const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A) {
+                                const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A,
+                                const float* pw_rows, float* AT) {
   depthwise_tile<V>(s, x + n * s.H * s.W * s.C, dw_w, dw_b, q0, np, Cp, s.act, A);
-  T* yt = y + (n * s.OH * s.OW + q0) * s.O;
   alignas(32) float out[kMr * kNr];
+  if (pw_rows) {
+    // NCHW output: y[o][p] = sum_c W[o][c] * A^T[c][p], 6 outputs x 16 pixels per micro-tile, so each
+    // result row is 16 consecutive pixels of one output plane. A is transposed once, in cache.
+    const int64_t Pp = round_up(np, kNr) + kNr;  // + 16: a power-of-two row stride would thrash L1 sets
+    // Blocks of 16 pixels: 16 source rows stay in L1 while each channel's 16 values fill one line.
+    for (int64_t pb = 0; pb < Pp; pb += kNr)
+      for (int64_t c = 0; c < s.C; ++c)
+        for (int64_t p = pb; p < pb + kNr; ++p) AT[c * Pp + p] = p < np ? A[p * Cp + c] : 0.f;
+    T* yn = y + n * s.O * s.OH * s.OW + q0;
+    for (int64_t o0 = 0; o0 < s.O; o0 += kMr) {
+      const int64_t rows = std::min<int64_t>(kMr, s.O - o0);
+      for (int64_t p0 = 0; p0 < np; p0 += kNr) {
+        const bool full = p0 + kNr <= np;
+        micro_rows<V>(rows, pw_rows + o0 * s.C, s.C, 1, AT + p0, Pp, s.C, [&](int r, int64_t v, V acc) {
+          if (full) (acc + V::broadcast(pw_b ? pw_b[o0 + r] : 0.f)).store(yn + (o0 + r) * s.OH * s.OW + p0 + v);
+          else acc.store(out + r * kNr + v);
+        });
+        if (full) continue;
+        for (int64_t r = 0; r < rows; ++r) {
+          T* yr = yn + (o0 + r) * s.OH * s.OW + p0;
+          for (int64_t j = 0; j < np - p0; ++j) yr[j] = from_float<T>(out[r * kNr + j] + (pw_b ? pw_b[o0 + r] : 0.f));
+        }
+      }
+    }
+    return;
+  }
+  T* yt = y + (n * s.OH * s.OW + q0) * s.O;
   for (int64_t o = 0; o < s.O; o += kNr) {
     const float* pwb = pw + (o / kNr) * s.C * kNr;
     const bool full = o + kNr <= s.O;
     for (int64_t r0 = 0; r0 < np; r0 += kMr) {
       const int64_t rows = std::min<int64_t>(kMr, np - r0);
-      micro_rows<V>(rows, A + r0 * Cp, Cp, 1, pwb, kNr, s.C, out);
+      micro_rows<V>(rows, A + r0 * Cp, Cp, 1, pwb, kNr, s.C, [&](int r, int64_t v, V acc) {
+        if (full) (acc + (pw_b ? V::load(pw_b + o + v) : V::zero())).store(yt + (r0 + r) * s.O + o + v);
+        else acc.store(out + r * kNr + v);
+      });
+      if (full) continue;
       for (int64_t r = 0; r < rows; ++r) {
         T* yr = yt + (r0 + r) * s.O + o;
-        const float* acc = out + r * kNr;
-        if (full) {
-          for (int64_t v = 0; v < kNr; v += V::kWidth)
-            (V::load(acc + v) + (pw_b ? V::load(pw_b + o + v) : V::zero())).store(yr + v);
-        } else {
-          for (int64_t j = 0; j < s.O - o; ++j) yr[j] = from_float<T>(acc[j] + (pw_b ? pw_b[o + j] : 0.f));
-        }
+        for (int64_t j = 0; j < s.O - o; ++j) yr[j] = from_float<T>(out[r * kNr + j] + (pw_b ? pw_b[o + j] : 0.f));
       }
     }
   }
@@ -237,16 +303,17 @@ EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, c
 template <typename T>
 EFFOPS_FLATTEN void forward_tile_scalar(const Shape& s, const T* x, const float* dw_w, const float* dw_b,
                                         const float* pw, const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np,
-                                        int64_t Cp, float* A) {
-  forward_tile<ScalarVec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A);
+                                        int64_t Cp, float* A, const float* pw_rows, float* AT) {
+  forward_tile<ScalarVec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, pw_rows, AT);
 }
 
 #if EFFOPS_HAVE_X86
 template <typename T>
 EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void forward_tile_avx2(const Shape& s, const T* x, const float* dw_w,
                                                          const float* dw_b, const float* pw, const float* pw_b, T* y,
-                                                         int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A) {
-  forward_tile<Avx2Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A);
+                                                         int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A,
+                                                         const float* pw_rows, float* AT) {
+  forward_tile<Avx2Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, pw_rows, AT);
 }
 #endif
 
@@ -297,7 +364,6 @@ EFFOPS_INLINE void backward_tile(const Shape& s, const T* x, const T* gy, const 
   float* gxn = gx ? gx + n * s.H * s.W * s.C : nullptr;
   const T* gyt = gy + (n * s.OH * s.OW + q0) * s.O;
   const bool need_g = gx || part.g_dw || part.g_dwb;
-  alignas(32) float out[kMr * kNr];
   depthwise_tile<V>(s, xn, dw_w, dw_b, q0, np, Cp, kNone, H);
   if (part.g_pwb) {
     for (int64_t p = 0; p < np; ++p) {
@@ -316,30 +382,25 @@ EFFOPS_INLINE void backward_tile(const Shape& s, const T* x, const T* gy, const 
     // g_pw[o][c] += sum_p gy[p][o] * a[p][c]: rows are outputs, the reduction runs over the pixels.
     for (int64_t o0 = 0; o0 < s.O; o0 += kMr) {
       const int64_t rows = std::min<int64_t>(kMr, s.O - o0);
-      for (int64_t cb = 0; cb < Cp; cb += kNr) {
-        micro_rows<V>(rows, gyt + o0, 1, s.O, a + cb, Cp, np, out);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* dst = part.g_pw + (o0 + r) * Cp + cb;
-          for (int64_t v = 0; v < kNr; v += V::kWidth) (V::load(dst + v) + V::load(out + r * kNr + v)).store(dst + v);
-        }
+      for (int64_t cb = 0; cb < round_up(s.C, kNr); cb += kNr) {
+        micro_rows<V>(rows, gyt + o0, 1, s.O, a + cb, Cp, np, [&](int r, int64_t v, V acc) {
+          float* dst = part.g_pw + (o0 + r) * Cp + cb + v;
+          (V::load(dst) + acc).store(dst);
+        });
       }
     }
   }
   if (!need_g) return;
   // G[p][c] = (sum_o gy[p][o] * Wpw[o][c]) * act'(h[p][c]).
-  for (int64_t cb = 0; cb < Cp; cb += kNr) {
+  for (int64_t cb = 0; cb < round_up(s.C, kNr); cb += kNr) {
     const float* wb = pwT + (cb / kNr) * s.O * kNr;
     for (int64_t r0 = 0; r0 < np; r0 += kMr) {
       const int64_t rows = std::min<int64_t>(kMr, np - r0);
-      micro_rows<V>(rows, gyt + r0 * s.O, s.O, 1, wb, kNr, s.O, out);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t off = (r0 + r) * Cp + cb;
-        for (int64_t v = 0; v < kNr; v += V::kWidth) {
-          V g = V::load(out + r * kNr + v);
-          if (s.act != kNone) g = g * act_derivative(V::load(H + off + v), s.act);
-          g.store(G + off + v);
-        }
-      }
+      micro_rows<V>(rows, gyt + r0 * s.O, s.O, 1, wb, kNr, s.O, [&](int r, int64_t v, V g) {
+        const int64_t off = (r0 + r) * Cp + cb + v;
+        if (s.act != kNone) g = g * act_derivative(V::load(H + off), s.act);
+        g.store(G + off);
+      });
     }
   }
   for (int64_t p = 0; p < np; ++p) {
@@ -378,21 +439,22 @@ bool use_avx2() {
 
 template <typename T>
 void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
-             const float* pw_b, T* y) {
-  const int64_t Cp = round_up(s.C, kNr), P = tile_pixels(Cp);
+             const float* pw_b, T* y, const float* pw_rows) {
+  const int64_t Cp = row_stride(s.C), P = tile_pixels(Cp);
   const int64_t OHW = s.OH * s.OW, tiles = (OHW + P - 1) / P;
   const bool avx2 = use_avx2();
   at::parallel_for(0, s.N * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> A(P * Cp, 0.f);  // pad columns stay 0: the micro-kernel reads only c < C anyway
+    std::vector<float> AT(pw_rows ? (round_up(P, kNr) + kNr) * s.C : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / tiles, q0 = (i % tiles) * P, np = std::min(P, OHW - q0);
 #if EFFOPS_HAVE_X86
       if (avx2) {
-        forward_tile_avx2<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data());
+        forward_tile_avx2<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), pw_rows, AT.data());
         continue;
       }
 #endif
-      forward_tile_scalar<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data());
+      forward_tile_scalar<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), pw_rows, AT.data());
     }
   });
 }
@@ -400,7 +462,7 @@ void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, c
 template <typename T>
 void backward(const Shape& s, const T* x, const T* gy, const float* dw_w, const float* dw_b, const float* pw_packed_t,
               float* gx, float* g_dw, float* g_pw, float* g_dwb, float* g_pwb) {
-  const int64_t Cp = round_up(s.C, kNr), P = tile_pixels(Cp), taps = s.KH * s.KW;
+  const int64_t Cp = row_stride(s.C), P = tile_pixels(Cp), taps = s.KH * s.KW;
   // Bands of output rows: band b and b + 2 touch disjoint input rows when (KH-1)*DH < (R+1)*SH.
   const int64_t min_rows = std::max<int64_t>(1, (s.KH - 1) * s.DH / s.SH);
   const int64_t R = std::min(s.OH, std::max(min_rows, (P + s.OW - 1) / s.OW));
@@ -452,7 +514,8 @@ void backward(const Shape& s, const T* x, const T* gy, const float* dw_w, const 
 }
 
 #define EFFOPS_INSTANTIATE(T)                                                                               \
-  template void forward<T>(const Shape&, const T*, const float*, const float*, const float*, const float*, T*); \
+  template void forward<T>(const Shape&, const T*, const float*, const float*, const float*, const float*, T*,   \
+                           const float*);                                                                 \
   template void backward<T>(const Shape&, const T*, const T*, const float*, const float*, const float*, float*,  \
                             float*, float*, float*, float*);
 EFFOPS_INSTANTIATE(float)
