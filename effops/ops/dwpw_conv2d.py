@@ -44,6 +44,9 @@ def _cpu_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dil
 
 
 _backends.register_kernel("dwpw_conv2d", "cpu", _cpu_forward, supports=_cpu_supports)
+# Triton: imported on first use (effops.triton_kernels is the top-level triton_kernels folder).
+_backends.register_kernel("dwpw_conv2d", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_forward")
+_backends.register_kernel("dwpw_conv2d_backward", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_backward")
 _backends.register_kernel("dwpw_conv2d_backward", "cpu", _cpu_backward,
                           supports=lambda grad_y, x, dw_weight, pw_weight, *rest: _cpu_supports(x, dw_weight, pw_weight))
 
