@@ -18,8 +18,8 @@ __getattr__ = lazy_getattr(__name__, {
     "nn": "effops.nn",
     "optim": "effops.optim",
     "transforms": "effops.transforms",
-    "fuse_separable": "effops.transforms.fuse_separable:fuse_separable",
-    "prune": "effops.transforms.prune:prune",
-    "GradualPruner": "effops.transforms.prune:GradualPruner",
-    "quantize": "effops.transforms.quantize:quantize",
+    "fuse_separable": "effops.transforms:fuse_separable",
+    "prune": "effops.transforms:prune",
+    "GradualPruner": "effops.transforms:GradualPruner",
+    "quantize": "effops.transforms:quantize",
 })

@@ -1,22 +1,14 @@
-"""The ops: each a torch.library custom op (effops::name) behind a checking Python function."""
-import importlib
+"""The ops: each a torch.library custom op (effops::name) behind a checking Python function.
 
-from effops._lazy import lazy_getattr
+Each op lives in a module of the same name (effops/ops/masked_linear.py defines masked_linear), so
+the functions are imported eagerly here: a lazy lookup would lose to the import system, which binds
+the submodule itself to the package attribute of the same name once anything imports it. Importing
+these modules is cheap (no Triton; kernels load on first use) and registers every effops:: op.
+"""
+from effops.ops.adam_step import adam_step
+from effops.ops.dwpw_conv2d import dwpw_conv2d
+from effops.ops.int8_gemm import int8_linear, int8_mm
+from effops.ops.masked_linear import masked_linear
+from effops.ops.quantize_rowwise import quantize_rowwise
 
-# Public name -> module defining it. Importing a module registers its custom ops and kernels.
-_OPS = {
-    "dwpw_conv2d": "effops.ops.dwpw_conv2d:dwpw_conv2d",
-    "masked_linear": "effops.ops.masked_linear:masked_linear",
-    "quantize_rowwise": "effops.ops.quantize_rowwise:quantize_rowwise",
-    "int8_linear": "effops.ops.int8_gemm:int8_linear",
-    "int8_mm": "effops.ops.int8_gemm:int8_mm",
-    "adam_step": "effops.ops.adam_step:adam_step",
-}
-__all__ = sorted(_OPS) + ["load_all"]
-__getattr__ = lazy_getattr(__name__, _OPS)
-
-
-def load_all():
-    """Import every op module, registering all effops:: custom ops and their kernels."""
-    for target in sorted(set(t.partition(":")[0] for t in _OPS.values())):
-        importlib.import_module(target)
+__all__ = ["adam_step", "dwpw_conv2d", "int8_linear", "int8_mm", "masked_linear", "quantize_rowwise"]

@@ -1,10 +1,9 @@
-"""Model-level workflows: each walks a model and swaps modules for effops ones."""
-from effops._lazy import lazy_getattr
+"""Model-level workflows: each walks a model and swaps modules for effops ones.
+
+Imported eagerly for the same reason as effops.ops: each function shares its module's name.
+"""
+from effops.transforms.fuse_separable import fuse_separable
+from effops.transforms.prune import GradualPruner, prune
+from effops.transforms.quantize import quantize
 
 __all__ = ["fuse_separable", "prune", "GradualPruner", "quantize"]
-__getattr__ = lazy_getattr(__name__, {
-    "fuse_separable": "effops.transforms.fuse_separable:fuse_separable",
-    "prune": "effops.transforms.prune:prune",
-    "GradualPruner": "effops.transforms.prune:GradualPruner",
-    "quantize": "effops.transforms.quantize:quantize",
-})

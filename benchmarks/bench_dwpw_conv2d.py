@@ -1,0 +1,92 @@
+"""dwpw_conv2d: fused depthwise 3x3 + ReLU6 + pointwise 1x1 vs torch's own two convolutions.
+
+Cases: MobileNetV2 / EfficientNet block shapes (batch 32 in full mode; quick mode: a subset at batch 4).
+impls, timed interleaved in one process:
+  torch NCHW / torch channels_last   F.conv2d(relu6(F.conv2d(x, dw, groups=C)), pw) on that layout
+  effops NCHW / effops channels_last effops.ops.dwpw_conv2d, automatic backend, on that layout
+The baseline is the FASTER torch layout per case (speedup = that time / time). Modes: forward (no
+grad) and fwd+bwd (one training step: forward, backward to x and all weights). Peak memory of the
+training step (benchmarks.common.peak_memory) is reported for torch and effops in channels_last.
+rate: GFLOP/s with 2*N*OH*OW*C*(kh*kw + O) per forward and 3x that per training step.
+"""
+import torch
+import torch.nn.functional as F
+
+import effops
+from benchmarks.common import compare, peak_memory
+from effops.ops import dwpw_conv2d
+
+# (N, C, O, H, stride)
+FULL = [(32, 32, 64, 112, 1), (32, 64, 128, 56, 1), (32, 96, 96, 56, 2), (32, 256, 256, 14, 1),
+        (32, 512, 512, 7, 1), (32, 144, 24, 56, 1)]
+QUICK = [(4, 32, 64, 112, 1), (4, 64, 128, 56, 1), (4, 256, 256, 14, 1), (4, 512, 512, 7, 1)]
+
+
+def _torch_block(x, dw, pw, stride):
+    return F.conv2d(F.relu6(F.conv2d(x, dw, None, stride, 1, 1, x.shape[1])), pw)
+
+
+def _effops_block(x, dw, pw, stride):
+    return dwpw_conv2d(x, dw, pw, stride=stride, padding=1, activation="relu6")
+
+
+def _step(block, x, dw, pw, stride, gy):
+    def call():
+        for t in (x, dw, pw):
+            t.grad = None
+        block(x, dw, pw, stride).backward(gy)
+    return call
+
+
+def _rebase(rows, torch_names):
+    """Make the faster torch layout the baseline of every row."""
+    best = min(r["time_ms"] for r in rows if r["impl"] in torch_names)
+    for r in rows:
+        r["speedup"] = best / r["time_ms"]
+        r["baseline"] = "faster of torch NCHW / channels_last"
+    return rows
+
+
+def run(quick, device):
+    rows = []
+    rounds, min_time = (2, 0.1) if quick else (3, 0.2)
+    for N, C, O, H, stride in (QUICK if quick else FULL):
+        torch.manual_seed(0)
+        x = torch.randn(N, C, H, H, device=device)
+        xs = {"NCHW": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
+        dw = torch.randn(C, 1, 3, 3, device=device) / 3
+        pw = torch.randn(O, C, 1, 1, device=device) / C ** 0.5
+        OH = (H + 2 - 3) // stride + 1
+        flops = 2 * N * OH * OH * C * (9 + O)
+        case = "%dx%d->%d %dx%d s%d" % (N, C, O, H, H, stride)
+        auto = effops._backends.select("dwpw_conv2d", device, xs["channels_last"], dw, pw, None, None,
+                                       [stride] * 2, [1, 1], [1, 1], "relu6")
+        auto_nchw = effops._backends.select("dwpw_conv2d", device, x, dw, pw, None, None, [stride] * 2, [1, 1],
+                                            [1, 1], "relu6")
+        extra = dict(mode="forward", auto_backend="%s / %s" % (auto_nchw, auto))
+        impls = {}
+        for layout, xl in xs.items():
+            impls["torch " + layout] = (lambda xl=xl: _torch_block(xl, dw, pw, stride))
+            impls["effops " + layout] = (lambda xl=xl: _effops_block(xl, dw, pw, stride))
+        with torch.no_grad():
+            fwd = compare("dwpw_conv2d", case, impls, "torch channels_last", device, rounds, min_time, flops,
+                          "GFLOP/s", extra)
+        rows += _rebase(fwd, ("torch NCHW", "torch channels_last"))
+
+        params = [t.clone().requires_grad_() for t in (dw, pw)]
+        gy = torch.randn(N, O, OH, OH, device=device)
+        impls, memory = {}, {}
+        for layout, xl in xs.items():
+            xg = xl.clone().requires_grad_()
+            g = gy.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else gy
+            impls["torch " + layout] = _step(_torch_block, xg, *params, stride, g)
+            impls["effops " + layout] = _step(_effops_block, xg, *params, stride, g)
+            if layout == "channels_last":
+                for name in ("torch " + layout, "effops " + layout):
+                    memory[name] = peak_memory(impls[name], device) / 2 ** 20
+        step = compare("dwpw_conv2d", case, impls, "torch channels_last", device, rounds, min_time, 3 * flops,
+                       "GFLOP/s", dict(extra, mode="fwd+bwd"))
+        for r in step:
+            r["peak_MiB"] = memory.get(r["impl"], float("nan"))
+        rows += _rebase(step, ("torch NCHW", "torch channels_last"))
+    return rows

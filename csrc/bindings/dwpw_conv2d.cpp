@@ -1,0 +1,120 @@
+// Torch glue for the CPU dwpw_conv2d kernels (csrc/cpu/dwpw_conv2d.h): layout, weight packing, dtype
+// dispatch. The Python op layer (effops/ops/dwpw_conv2d.py) validates arguments; these ops take any
+// strides (inputs are read channels-last). The forward returns x's layout (channels-last or NCHW),
+// the backward returns grad_x channels-last (the op layer converts it).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/dwpw_conv2d.h"
+
+#define EFFOPS_DISPATCH_FLOAT(TYPE, NAME, ...)                                                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                         \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)                  \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace {
+
+using effops::cpu::dwpw::Shape;
+constexpr int64_t kNr = 16;  // the micro-kernel's column block
+
+Shape make_shape(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight, at::IntArrayRef stride,
+                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t act) {
+  TORCH_CHECK(x.dim() == 4 && dw_weight.dim() == 4 && pw_weight.dim() == 4, "x and weights must be 4-D");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "stride/padding/dilation: 2 ints");
+  TORCH_CHECK(act >= 0 && act <= 4, "activation code must be 0..4");
+  Shape s{};
+  s.N = x.size(0), s.C = x.size(1), s.H = x.size(2), s.W = x.size(3), s.O = pw_weight.size(0);
+  s.KH = dw_weight.size(2), s.KW = dw_weight.size(3);
+  s.SH = stride[0], s.SW = stride[1], s.PH = padding[0], s.PW = padding[1], s.DH = dilation[0], s.DW = dilation[1];
+  s.OH = (s.H + 2 * s.PH - s.DH * (s.KH - 1) - 1) / s.SH + 1;
+  s.OW = (s.W + 2 * s.PW - s.DW * (s.KW - 1) - 1) / s.SW + 1;
+  s.act = static_cast<int>(act);
+  TORCH_CHECK(dw_weight.size(0) == s.C && pw_weight.size(1) == s.C, "weights do not match x's channels");
+  TORCH_CHECK(s.OH > 0 && s.OW > 0 && s.SH > 0 && s.SW > 0 && s.DH > 0 && s.DW > 0, "bad convolution geometry");
+  return s;
+}
+
+// [C, 1, KH, KW] -> [KH*KW][C] fp32: the channels of one tap are contiguous for vector loads.
+at::Tensor pack_depthwise(const at::Tensor& w) { return w.reshape({w.size(0), -1}).t().contiguous().to(at::kFloat); }
+
+// [R, K] -> [ceil(R/16)][K][16] fp32, zero-padded past R: one 16-column block of the micro-kernel's B.
+at::Tensor pack_columns(const at::Tensor& w2d) {
+  const int64_t R = w2d.size(0), K = w2d.size(1), Rp = (R + kNr - 1) / kNr * kNr;
+  at::Tensor padded = at::zeros({Rp, K}, w2d.options().dtype(at::kFloat));
+  padded.narrow(0, 0, R).copy_(w2d);
+  return padded.view({Rp / kNr, kNr, K}).permute({0, 2, 1}).contiguous();
+}
+
+at::Tensor optional_float(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous().to(at::kFloat) : at::Tensor();
+}
+
+const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
+                   const std::optional<at::Tensor>& dw_bias, const std::optional<at::Tensor>& pw_bias,
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t act) {
+  const Shape s = make_shape(x, dw_weight, pw_weight, stride, padding, dilation, act);
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor dw = pack_depthwise(dw_weight), pw = pack_columns(pw_weight.reshape({s.O, s.C}));
+  const at::Tensor db = optional_float(dw_bias), pb = optional_float(pw_bias);
+  // The output takes x's layout: channels-last, or NCHW written plane by plane (no transposing copy).
+  const bool nchw = !x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.is_contiguous();
+  const at::Tensor pw_rows = nchw ? pw_weight.reshape({s.O, s.C}).to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y = at::empty({s.N, s.O, s.OH, s.OW},
+                           x.options().memory_format(nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast));
+  EFFOPS_DISPATCH_FLOAT(x.scalar_type(), "dwpw_conv2d_cpu", [&] {
+    effops::cpu::dwpw::forward<scalar_t>(s, xc.data_ptr<scalar_t>(), dw.data_ptr<float>(), ptr_or_null(db),
+                                         pw.data_ptr<float>(), ptr_or_null(pb), y.data_ptr<scalar_t>(),
+                                         ptr_or_null(pw_rows));
+  });
+  return y;
+}
+
+// needs: bit i set = gradient i wanted (x, dw_weight, pw_weight, dw_bias, pw_bias); others come back empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
+    const std::optional<at::Tensor>& dw_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t act, int64_t needs) {
+  const Shape s = make_shape(x, dw_weight, pw_weight, stride, padding, dilation, act);
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == s.N && grad_y.size(1) == s.O && grad_y.size(2) == s.OH &&
+                  grad_y.size(3) == s.OW && grad_y.scalar_type() == x.scalar_type(),
+              "grad_y does not match the output");
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor gyc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor dw = pack_depthwise(dw_weight), db = optional_float(dw_bias);
+  const at::Tensor pwT = pack_columns(pw_weight.reshape({s.O, s.C}).t());
+  const auto f32 = x.options().dtype(at::kFloat);
+  const auto want = [&](int i) { return (needs >> i) & 1; };
+  at::Tensor gx = want(0) ? at::empty({s.N, s.C, s.H, s.W}, f32.memory_format(at::MemoryFormat::ChannelsLast)).zero_()
+                          : at::Tensor();
+  at::Tensor g_dw = want(1) ? at::empty({s.KH * s.KW, s.C}, f32) : at::Tensor();
+  at::Tensor g_pw = want(2) ? at::empty({s.O, s.C}, f32) : at::Tensor();
+  at::Tensor g_dwb = want(3) ? at::empty({s.C}, f32) : at::Tensor();
+  at::Tensor g_pwb = want(4) ? at::empty({s.O}, f32) : at::Tensor();
+  auto mut = [](at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  EFFOPS_DISPATCH_FLOAT(x.scalar_type(), "dwpw_conv2d_backward_cpu", [&] {
+    effops::cpu::dwpw::backward<scalar_t>(s, xc.data_ptr<scalar_t>(), gyc.data_ptr<scalar_t>(), dw.data_ptr<float>(),
+                                          ptr_or_null(db), pwT.data_ptr<float>(), mut(gx), mut(g_dw), mut(g_pw),
+                                          mut(g_dwb), mut(g_pwb));
+  });
+  const auto dt = x.scalar_type();
+  const auto out = [&](const at::Tensor& t) { return t.defined() ? t.to(dt) : at::empty({0}, x.options()); };
+  return {out(gx), g_dw.defined() ? out(g_dw.t().reshape(dw_weight.sizes())) : out(g_dw),
+          g_pw.defined() ? out(g_pw.view(pw_weight.sizes())) : out(g_pw), out(g_dwb), out(g_pwb)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(effops_cpu, m) {
+  m.def("dwpw_conv2d(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? dw_bias, Tensor? pw_bias, "
+        "int[] stride, int[] padding, int[] dilation, int activation) -> Tensor");
+  m.def("dwpw_conv2d_backward(Tensor grad_y, Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? dw_bias, "
+        "int[] stride, int[] padding, int[] dilation, int activation, int needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(effops_cpu, CPU, m) {
+  m.impl("dwpw_conv2d", &forward);
+  m.impl("dwpw_conv2d_backward", &backward);
+}

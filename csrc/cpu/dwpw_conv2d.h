@@ -1,0 +1,41 @@
+// Fused depthwise + pointwise convolution kernels for effops::dwpw_conv2d (torch-free: raw pointers).
+//
+// Layout: activations channels-last (NHWC), T = float, bf16 or fp16 storage, fp32 arithmetic.
+// Forward, per tile of P output pixels of one image:
+//   1. depthwise: the tile's depthwise output for ALL channels, activation applied, into a buffer
+//      A[P][Cp] (fp32, channels-last, Cp = C rounded up to 16) sized to stay in L2;
+//   2. pointwise: y[P][O] = A @ Wpw^T by a register-blocked micro-kernel (6 pixels x 16 outputs,
+//      12 AVX2 accumulators), reading the pointwise weights packed as [ceil(O/16)][C][16].
+// The intermediate never reaches memory. The backward recomputes it per tile (see dwpw_conv2d.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace effops::cpu::dwpw {
+
+enum Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2, kGelu = 3, kSilu = 4 };
+
+struct Shape {
+  int64_t N, C, H, W;     // input
+  int64_t O, OH, OW;      // output channels and size
+  int64_t KH, KW, SH, SW, PH, PW, DH, DW;
+  int act;
+};
+
+// y[N][OH][OW][O] = pw(act(dw(x))). dw_w: [KH*KW][C] (tap-major, so channels are contiguous);
+// dw_b: [C] or null; pw_packed: [ceil(O/16)][C][16], zero-padded past O; pw_b: [O] or null.
+// pw_rows: null for a channels-last y; for an NCHW y (y[N][O][OH][OW]), the pointwise weight as fp32
+// [O][C], used by a transposed micro-kernel (6 outputs x 16 pixels) that writes y's planes directly.
+template <typename T>
+void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
+             const float* pw_b, T* y, const float* pw_rows);
+
+// Gradients from gy[N][OH][OW][O] (T). pw_packed_t: the pointwise weight transposed and packed as
+// [ceil(C/16)][O][16] (zero-padded past C). Outputs (each may be null when not wanted):
+// gx: [N][H][W][C] fp32, zeroed by the caller (accumulated into); g_dw: [KH*KW][C]; g_pw: [O][C];
+// g_dwb: [C]; g_pwb: [O] (all fp32, written).
+template <typename T>
+void backward(const Shape& s, const T* x, const T* gy, const float* dw_w, const float* dw_b, const float* pw_packed_t,
+              float* gx, float* g_dw, float* g_pw, float* g_dwb, float* g_pwb);
+
+}  // namespace effops::cpu::dwpw

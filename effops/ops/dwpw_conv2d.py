@@ -1,0 +1,160 @@
+"""effops::dwpw_conv2d: depthwise conv -> activation -> 1x1 pointwise conv, fused.
+
+The public function checks arguments and applies autocast; the custom op (schema, fake kernel,
+autograd) dispatches to a backend. The backward is its own custom op that recomputes the depthwise
+output instead of saving it, so a training step keeps only x (not the N x C x H' x W' intermediate).
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from effops import _backends
+from effops.ops import _checks
+from effops.reference import dwpw_conv2d as reference
+
+ACTIVATIONS = reference.ACTIVATIONS
+
+_backends.register_kernel("dwpw_conv2d", "reference", reference.dwpw_conv2d)
+_backends.register_kernel("dwpw_conv2d_backward", "reference", reference.dwpw_conv2d_backward)
+_ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4}  # csrc/cpu/dwpw_conv2d.h
+
+
+def _cpu_supports(x, dw_weight, pw_weight, *args):
+    """Why the cpu kernels decline this input (None: they take it)."""
+    if x.device.type != "cpu":
+        return "not a CPU tensor"
+    if max(dw_weight.shape[2:]) > 7:
+        return "kernel larger than 7x7"
+    if x.numel() == 0 or pw_weight.shape[0] == 0:
+        return "empty tensor"
+    return None
+
+
+def _cpu_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
+    return torch.ops.effops_cpu.dwpw_conv2d(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+                                            _ACTIVATION_CODES[activation])
+
+
+def _cpu_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation, activation, needs_input_grad):
+    needs = sum(1 << i for i, wanted in enumerate(needs_input_grad) if wanted)
+    grads = torch.ops.effops_cpu.dwpw_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding,
+                                                      dilation, _ACTIVATION_CODES[activation], needs)
+    return tuple(g if wanted else None for g, wanted in zip(grads, needs_input_grad))
+
+
+_backends.register_kernel("dwpw_conv2d", "cpu", _cpu_forward, supports=_cpu_supports)
+# Triton: imported on first use (effops.triton_kernels is the top-level triton_kernels folder).
+_backends.register_kernel("dwpw_conv2d", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_forward")
+_backends.register_kernel("dwpw_conv2d_backward", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_backward")
+_backends.register_kernel("dwpw_conv2d_backward", "cpu", _cpu_backward,
+                          supports=lambda grad_y, x, dw_weight, pw_weight, *rest: _cpu_supports(x, dw_weight, pw_weight))
+
+
+def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, padding=0, dilation=1,
+                activation=None):
+    """y = conv1x1(act(depthwise_conv(x))) in one op.
+
+    x: (N, C, H, W), NCHW or channels_last; dw_weight: (C, 1, kh, kw); pw_weight: (O, C, 1, 1);
+    dw_bias: (C,) or None; pw_bias: (O,) or None; stride/padding/dilation: int or pair (of the
+    depthwise conv); activation: None, "relu", "relu6", "gelu" (exact erf form) or "silu".
+    Returns (N, O, H', W') in x's memory format and dtype (autocast's under autocast).
+    """
+    _checks.tensor("x", x, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+    C = x.shape[1]
+    _checks.tensor("dw_weight", dw_weight, ndim=4, dtypes=_checks.FLOAT_DTYPES, device=x.device)
+    if dw_weight.shape[0] != C or dw_weight.shape[1] != 1:
+        raise ValueError("dw_weight must have shape (C=%d, 1, kh, kw) for x with %d channels, got %s"
+                         % (C, C, tuple(dw_weight.shape)))
+    _checks.tensor("pw_weight", pw_weight, ndim=4, dtypes=_checks.FLOAT_DTYPES, device=x.device)
+    if pw_weight.shape[1] != C or tuple(pw_weight.shape[2:]) != (1, 1):
+        raise ValueError("pw_weight must have shape (out_channels, C=%d, 1, 1), got %s" % (C, tuple(pw_weight.shape)))
+    _checks.optional_tensor("dw_bias", dw_bias, device=x.device)
+    if dw_bias is not None:
+        _checks.shape("dw_bias", dw_bias, (C,))
+    _checks.optional_tensor("pw_bias", pw_bias, device=x.device)
+    if pw_bias is not None:
+        _checks.shape("pw_bias", pw_bias, (pw_weight.shape[0],))
+    stride = _checks.int_pair("stride", stride, minimum=1)
+    padding = _checks.int_pair("padding", padding, minimum=0)
+    dilation = _checks.int_pair("dilation", dilation, minimum=1)
+    _checks.choice("activation", activation, ACTIVATIONS)
+    out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
+    if min(out_hw) < 1:
+        raise ValueError("x's spatial size %s is too small for kernel %s with padding %s and dilation %s"
+                         % (tuple(x.shape[2:]), tuple(dw_weight.shape[2:]), padding, dilation))
+    cast = _checks.autocast_dtype(x.device.type)
+    if cast is not None:
+        x, dw_weight, pw_weight = x.to(cast), dw_weight.to(cast), pw_weight.to(cast)
+        dw_bias = None if dw_bias is None else dw_bias.to(cast)
+        pw_bias = None if pw_bias is None else pw_bias.to(cast)
+    for name, value in (("dw_weight", dw_weight), ("pw_weight", pw_weight), ("dw_bias", dw_bias),
+                        ("pw_bias", pw_bias)):
+        _checks.same_dtype(name, value, x.dtype)
+    return torch.ops.effops.dwpw_conv2d(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+                                        activation)
+
+
+def output_size(in_hw, kernel_hw, stride, padding, dilation):
+    return [(in_hw[i] + 2 * padding[i] - dilation[i] * (kernel_hw[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+
+
+@torch.library.custom_op("effops::dwpw_conv2d", mutates_args=())
+def _dwpw_conv2d(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Optional[Tensor],
+                 pw_bias: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
+                 activation: Optional[str]) -> Tensor:
+    y = _backends.dispatch("dwpw_conv2d", x.device, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
+                           dilation, activation)
+    # The fake kernel promises x's memory format; every backend is held to it here.
+    return y.contiguous(memory_format=reference.memory_format(x))
+
+
+@_dwpw_conv2d.register_fake
+def _(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
+    out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
+    return x.new_empty((x.shape[0], pw_weight.shape[0], *out_hw)).contiguous(
+        memory_format=reference.memory_format(x))
+
+
+@torch.library.custom_op("effops::dwpw_conv2d_backward", mutates_args=())
+def _dwpw_conv2d_backward(grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor,
+                          dw_bias: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
+                          activation: Optional[str], needs_input_grad: List[bool]
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backends.dispatch("dwpw_conv2d_backward", x.device, grad_y, x, dw_weight, pw_weight, dw_bias, stride,
+                               padding, dilation, activation, needs_input_grad)
+    # A custom op cannot return None: an unneeded gradient travels as an empty tensor.
+    grad_x, grad_dw, grad_pw, grad_dwb, grad_pwb = (g if g is not None else x.new_empty(0) for g in grads)
+    if needs_input_grad[0]:
+        grad_x = grad_x.contiguous(memory_format=reference.memory_format(x))
+    return (grad_x, grad_dw.contiguous(), grad_pw.contiguous(), grad_dwb.contiguous(), grad_pwb.contiguous())
+
+
+@_dwpw_conv2d_backward.register_fake
+def _(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation, activation, needs_input_grad):
+    need_x, need_dw, need_pw, need_dwb, need_pwb = needs_input_grad
+    empty = x.new_empty(0)
+    return (torch.empty_like(x, memory_format=reference.memory_format(x)) if need_x else empty,
+            x.new_empty(dw_weight.shape) if need_dw else x.new_empty(0),
+            x.new_empty(pw_weight.shape) if need_pw else x.new_empty(0),
+            x.new_empty(dw_weight.shape[0]) if need_dwb else x.new_empty(0),
+            x.new_empty(pw_weight.shape[0]) if need_pwb else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation = inputs
+    # Only the inputs are kept: the backward recomputes the depthwise output tile by tile.
+    ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias)
+    ctx.has_dw_bias, ctx.has_pw_bias = dw_bias is not None, pw_bias is not None
+    ctx.conv = (stride, padding, dilation, activation)
+
+
+def _backward(ctx, grad_y):
+    x, dw_weight, pw_weight, dw_bias = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    need = [n[0], n[1], n[2], ctx.has_dw_bias and n[3], ctx.has_pw_bias and n[4]]
+    grads = torch.ops.effops.dwpw_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, *ctx.conv, need)
+    return tuple(g if wanted else None for g, wanted in zip(grads, need)) + (None,) * 4
+
+
+_dwpw_conv2d.register_autograd(_backward, setup_context=_setup_context)

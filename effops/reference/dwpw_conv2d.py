@@ -1,0 +1,85 @@
+"""Reference: depthwise conv -> activation -> 1x1 conv, with plain PyTorch. The definition of correct.
+
+Shapes follow nn.Conv2d: x (N, C, H, W); dw_weight (C, 1, kh, kw); dw_bias (C,); pw_weight (O, C, 1, 1);
+pw_bias (O,). The output takes x's memory format (channels_last in, channels_last out).
+"""
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = (None, "relu", "relu6", "gelu", "silu")
+
+
+def memory_format(x):
+    """channels_last when x is laid out that way (and not also plainly contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def activate(h, activation):
+    if activation is None:
+        return h
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "relu6":
+        return F.relu6(h)
+    if activation == "gelu":
+        return F.gelu(h)  # exact (erf) form, as nn.GELU() by default
+    if activation == "silu":
+        return F.silu(h)
+    raise ValueError("activation must be one of %s, got %r" % (ACTIVATIONS, activation))
+
+
+def activation_backward(grad_a, h, activation):
+    """grad of activate(h) given grad of its output, through aten's own backward formulas."""
+    if activation is None:
+        return grad_a
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad_a, h, 0)
+    if activation == "relu6":
+        return torch.ops.aten.hardtanh_backward(grad_a, h, 0.0, 6.0)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad_a, h)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad_a, h)
+    raise ValueError("activation must be one of %s, got %r" % (ACTIVATIONS, activation))
+
+
+def _depthwise(x, dw_weight, dw_bias, stride, padding, dilation):
+    return F.conv2d(x, dw_weight, dw_bias, stride, padding, dilation, groups=x.shape[1])
+
+
+def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=(1, 1), padding=(0, 0),
+                dilation=(1, 1), activation=None):
+    """F.conv2d(act(F.conv2d(x, dw_weight, dw_bias, groups=C)), pw_weight, pw_bias)."""
+    h = _depthwise(x, dw_weight, dw_bias, stride, padding, dilation)
+    y = F.conv2d(activate(h, activation), pw_weight, pw_bias)
+    return y.contiguous(memory_format=memory_format(x))
+
+
+def dwpw_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation, activation,
+                         needs_input_grad):
+    """(grad_x, grad_dw_weight, grad_pw_weight, grad_dw_bias, grad_pw_bias); None where not needed.
+
+    Written out rather than taken from autograd (kernels run below the autograd key). The depthwise
+    output is recomputed here instead of being saved by the forward: that is what saves memory.
+    """
+    need_x, need_dw, need_pw, need_dwb, need_pwb = needs_input_grad
+    C = x.shape[1]
+    h = _depthwise(x, dw_weight, dw_bias, stride, padding, dilation)
+    a = activate(h, activation)
+    pw2 = pw_weight.reshape(pw_weight.shape[0], C)
+    grad_pw = torch.einsum("nohw,nchw->oc", grad_y, a).reshape(pw_weight.shape) if need_pw else None
+    grad_pwb = grad_y.sum((0, 2, 3)) if need_pwb else None
+    grad_x = grad_dw = grad_dwb = None
+    if need_x or need_dw or need_dwb:
+        grad_a = torch.einsum("nohw,oc->nchw", grad_y, pw2)
+        grad_h = activation_backward(grad_a, h, activation)
+        if need_dwb:
+            grad_dwb = grad_h.sum((0, 2, 3))
+        if need_x:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, dw_weight, grad_h, stride, padding, dilation, groups=C)
+            grad_x = grad_x.contiguous(memory_format=memory_format(x))
+        if need_dw:
+            grad_dw = torch.nn.grad.conv2d_weight(x, dw_weight.shape, grad_h, stride, padding, dilation, groups=C)
+    return grad_x, grad_dw, grad_pw, grad_dwb, grad_pwb

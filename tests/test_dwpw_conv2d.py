@@ -1,0 +1,293 @@
+"""effops.ops.dwpw_conv2d on every backend against the reference (computed in float64)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effops
+from effops import _backends
+from effops.ops import dwpw_conv2d
+from effops.reference import dwpw_conv2d as reference
+from conftest import TOL, device
+
+# (N, C, O, H, W, kernel, stride, padding, dilation, dw_bias, pw_bias, activation): every option of the
+# issue appears at least once; channel counts are not multiples of any tile width on purpose.
+CASES = [
+    (2, 8, 16, 9, 9, 3, 1, 1, 1, True, True, "relu"),
+    (1, 5, 7, 8, 11, 3, 2, 1, 1, False, True, "relu6"),
+    (2, 13, 9, 10, 7, 5, 1, 2, 2, True, False, "gelu"),
+    (1, 17, 33, 12, 12, 7, 2, 3, 1, True, True, "silu"),
+    (2, 3, 4, 6, 5, 1, 1, 0, 1, False, False, None),
+    (1, 6, 10, 9, 8, 2, 1, (1, 0), 1, True, True, "relu"),
+    (1, 9, 5, 11, 13, 4, 2, (2, 1), 2, True, True, "gelu"),
+    (3, 4, 12, 7, 9, (3, 5), 1, (1, 2), (2, 1), True, True, "silu"),
+    (1, 11, 20, 15, 6, 6, 1, 3, 1, False, True, "relu6"),
+    (1, 24, 40, 13, 14, 3, 2, 1, 1, True, True, "relu6"),
+]
+IDS = ["k%s_s%s_p%s_d%s_%s" % (c[5], c[6], c[7], c[8], c[11]) for c in CASES]
+
+
+def make(case, dtype=torch.float32, layout="nchw", requires_grad=False, seed=0):
+    N, C, O, H, W, k, stride, padding, dilation, dwb, pwb, act = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "noncontiguous":
+        x = torch.randn(N, C, H, 2 * W, generator=g)[..., ::2]
+    dw_weight = torch.randn(C, 1, kh, kw, generator=g) / (kh * kw) ** 0.5
+    pw_weight = torch.randn(O, C, 1, 1, generator=g) / C ** 0.5
+    dw_bias = torch.randn(C, generator=g) * 0.5 if dwb else None
+    pw_bias = torch.randn(O, generator=g) * 0.5 if pwb else None
+    tensors = [t if t is None else t.to(device=device(), dtype=dtype).requires_grad_(requires_grad)
+               for t in (x, dw_weight, pw_weight, dw_bias, pw_bias)]
+    if layout == "channels_last":  # .to() may keep it, but make sure the layout under test is the one given
+        tensors[0] = tensors[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_(requires_grad)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, activation=act)
+    return tensors, kwargs
+
+
+def expected(tensors, kwargs):
+    """The reference in float64 (the definition of correct, with rounding kept out of the way)."""
+    t64 = [None if t is None else t.detach().double() for t in tensors]
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    return reference.dwpw_conv2d(*t64, pair(kwargs["stride"]), pair(kwargs["padding"]), pair(kwargs["dilation"]),
+                                 kwargs["activation"])
+
+
+def composed(t, kwargs):
+    """The two-conv block with autograd, for gradients (t: x, dw_weight, pw_weight, dw_bias, pw_bias)."""
+    h = F.conv2d(t[0], t[1], t[3], kwargs["stride"], kwargs["padding"], kwargs["dilation"], groups=t[0].shape[1])
+    return F.conv2d(reference.activate(h, kwargs["activation"]), t[2], t[4])
+
+
+def tiny(case):
+    """Small enough for the Triton interpreter."""
+    return case[0] * case[3] * case[4] <= 300
+
+
+# The Triton interpreter costs seconds per launch: its gradient tests take the cases that together cover
+# every kernel size parity, stride, dilation, padding form, bias combination and activation.
+TRITON_GRAD_CASES = (CASES[1], CASES[2], CASES[4], CASES[5], CASES[7])
+
+
+def skip_slow_backend(backend, case, grads=False):
+    if backend == "triton" and not tiny(case):
+        pytest.skip("triton runs in the interpreter here: tiny shapes only")
+    if backend == "triton" and grads and os.environ.get("TRITON_INTERPRET") == "1" and case not in TRITON_GRAD_CASES:
+        pytest.skip("triton interpreter: gradients checked on TRITON_GRAD_CASES (slow interpreter)")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_fp32(backend, case):
+    skip_slow_backend(backend, case)
+    tensors, kwargs = make(case)
+    y = dwpw_conv2d(*tensors, **kwargs)
+    torch.testing.assert_close(y, expected(tensors, kwargs).float(), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[7]], ids=[IDS[0], IDS[3], IDS[7]])
+def test_forward_layouts(backend, case, layout):
+    skip_slow_backend(backend, case)
+    tensors, kwargs = make(case, layout=layout)
+    y = dwpw_conv2d(*tensors, **kwargs)
+    want_cl = layout == "channels_last"
+    assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
+    torch.testing.assert_close(y, expected(tensors, kwargs).float(), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[9]], ids=[IDS[1], IDS[2], IDS[9]])
+def test_forward_low_precision(backend, case, dtype, layout):
+    skip_slow_backend(backend, case)
+    tensors, kwargs = make(case, dtype=dtype, layout=layout)
+    y = dwpw_conv2d(*tensors, **kwargs)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), expected(tensors, kwargs).float(), **TOL[dtype])
+
+
+def _grads(case, layout, dtype=torch.float32):
+    tensors, kwargs = make(case, layout=layout, dtype=dtype, requires_grad=True)
+    y = dwpw_conv2d(*tensors, **kwargs)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    leaves = [t for t in tensors if t is not None]
+    got = torch.autograd.grad(y, leaves, gy)
+    t64 = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+    want = torch.autograd.grad(composed(t64, kwargs), [t for t in t64 if t is not None], gy.double())
+    return tensors, got, want
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gradients(backend, case, layout):
+    skip_slow_backend(backend, case, grads=True)
+    if layout == "channels_last" and case not in (CASES[0], CASES[3], CASES[7]):
+        pytest.skip("channels_last gradients: checked on three cases")
+    tensors, got, want = _grads(case, layout)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), atol=1e-4, rtol=1e-4)
+    if layout == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gradients_low_precision(backend, dtype):
+    case = CASES[1]
+    skip_slow_backend(backend, case)
+    tensors, got, want = _grads(case, "nchw", dtype)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), w.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_only_requested_gradients(backend):
+    case = CASES[4]
+    tensors, kwargs = make(case)
+    x = tensors[0].requires_grad_()
+    y = dwpw_conv2d(*tensors, **kwargs)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    t64 = [None if t is None else t.detach().double() for t in tensors]
+    t64[0].requires_grad_()
+    (want,) = torch.autograd.grad(composed(t64, kwargs).sum(), [t64[0]])
+    torch.testing.assert_close(gx, want.float(), **TOL[torch.float32])
+
+
+def test_extreme_values(backend):
+    case = CASES[0]
+    tensors, kwargs = make(case)
+    tensors[0] = tensors[0] * 1e4
+    y = dwpw_conv2d(*tensors, **kwargs)
+    torch.testing.assert_close(y, expected(tensors, kwargs).float(), atol=1e-2, rtol=1e-5)
+
+
+def test_autocast_casts_to_bf16():
+    tensors, kwargs = make(CASES[0])
+    with torch.autocast(device().type, dtype=torch.bfloat16):
+        y = dwpw_conv2d(*tensors, **kwargs)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected(tensors, kwargs).float(), **TOL[torch.bfloat16])
+
+
+def test_opcheck():
+    for case, layout in ((CASES[0], "nchw"), (CASES[7], "channels_last"), (CASES[4], "nchw")):
+        tensors, kwargs = make(case, layout=layout, requires_grad=True)
+        pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+        args = (*tensors, pair(kwargs["stride"]), pair(kwargs["padding"]), pair(kwargs["dilation"]),
+                kwargs["activation"])
+        torch.library.opcheck(torch.ops.effops.dwpw_conv2d.default, args)
+        y = dwpw_conv2d(*[None if t is None else t.detach() for t in tensors], **kwargs)
+        bargs = (torch.randn_like(y), tensors[0].detach(), tensors[1].detach(), tensors[2].detach(),
+                 None if tensors[3] is None else tensors[3].detach(), *args[5:], [True] * 5)
+        torch.library.opcheck(torch.ops.effops.dwpw_conv2d_backward.default, bargs)
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    torch._dynamo.reset()
+    tensors, kwargs = make(CASES[1], requires_grad=True)
+
+    def f(x, dw, pw, b2):
+        return dwpw_conv2d(x, dw, pw, None, b2, **kwargs).relu().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = [tensors[0], tensors[1], tensors[2], tensors[4]]
+    out = compiled(*args)
+    out.backward()
+    grads = [a.grad.clone() for a in args]
+    for a in args:
+        a.grad = None
+    f(*args).backward()
+    torch.testing.assert_close(out, f(*args))
+    for g, a in zip(grads, args):
+        torch.testing.assert_close(g, a.grad)
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 4, 8, 8)
+    dw, pw = torch.randn(4, 1, 3, 3), torch.randn(6, 4, 1, 1)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        dwpw_conv2d(x.numpy(), dw, pw)
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        dwpw_conv2d(x[0], dw, pw)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        dwpw_conv2d(x.double(), dw, pw)
+    with pytest.raises(ValueError, match="dw_weight must have shape"):
+        dwpw_conv2d(x, torch.randn(4, 2, 3, 3), pw)
+    with pytest.raises(ValueError, match="pw_weight must have shape"):
+        dwpw_conv2d(x, dw, torch.randn(6, 5, 1, 1))
+    with pytest.raises(ValueError, match="pw_weight must have shape"):
+        dwpw_conv2d(x, dw, torch.randn(6, 4, 3, 3))
+    with pytest.raises(ValueError, match="dw_bias must have shape"):
+        dwpw_conv2d(x, dw, pw, dw_bias=torch.randn(5))
+    with pytest.raises(ValueError, match="pw_bias must have shape"):
+        dwpw_conv2d(x, dw, pw, pw_bias=torch.randn(4))
+    with pytest.raises(TypeError, match="pw_weight must have dtype torch.float32"):
+        dwpw_conv2d(x, dw, pw.half())
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        dwpw_conv2d(x, dw, pw, stride=0)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        dwpw_conv2d(x, dw, pw, padding=-1)
+    with pytest.raises(TypeError, match="dilation must be an int or a pair"):
+        dwpw_conv2d(x, dw, pw, dilation=(1, 1, 1))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        dwpw_conv2d(x, dw, pw, activation="tanh")
+    with pytest.raises(ValueError, match="too small"):
+        dwpw_conv2d(x[..., :2, :2], dw, pw)
+
+
+# Shapes spanning several pixel tiles and row bands of the cpu kernels (many tiles, both backward
+# phases, channel and output tails), checked forward and backward on the fast backends.
+LARGE = [
+    (2, 37, 45, 40, 33, 3, 1, 1, 1, True, True, "relu6"),
+    (1, 130, 21, 29, 30, 5, 2, 2, 1, True, True, "gelu"),
+    (3, 20, 70, 23, 61, 7, 1, 3, 2, False, True, "silu"),
+]
+
+
+@pytest.mark.parametrize("case", LARGE, ids=["c37", "c130", "k7d2"])
+def test_large_forward_and_gradients(backend, case):
+    if backend in ("triton", "reference"):
+        pytest.skip("tiling checks: triton runs in the interpreter here (tiny shapes only); the reference has no tiles")
+    tensors, kwargs = make(case, layout="channels_last" if case[1] == 130 else "nchw")
+    torch.testing.assert_close(dwpw_conv2d(*tensors, **kwargs), expected(tensors, kwargs).float(), atol=1e-4,
+                               rtol=1e-4)
+    tensors, got, want = _grads(case, "nchw")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.float(), atol=1e-3, rtol=1e-4)
+
+
+SCALAR_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, "tests")
+import effops
+from effops import _ext
+assert _ext.load() and not _ext.build_info()["cpu_avx2_fma_runtime"], "AVX2 should be disabled"
+import test_dwpw_conv2d as t
+with effops.use_backend("cpu"):
+    for case in (t.CASES[2], t.CASES[3], t.LARGE[0]):
+        tensors, kwargs = t.make(case)
+        torch.testing.assert_close(t.dwpw_conv2d(*tensors, **kwargs), t.expected(tensors, kwargs).float(),
+                                   atol=1e-4, rtol=1e-4)
+        tensors, got, want = t._grads(case, "nchw")
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w.float(), atol=1e-3, rtol=1e-4)
+    tensors, kwargs = t.make(t.CASES[9], dtype=torch.bfloat16)
+    torch.testing.assert_close(t.dwpw_conv2d(*tensors, **kwargs).float(), t.expected(tensors, kwargs).float(),
+                               **t.TOL[torch.bfloat16])
+print("scalar ok")
+"""
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_cpu_scalar_path_matches_reference():
+    # EFFOPS_DISABLE_AVX2 is read once per process: the scalar bodies run in a fresh one.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, EFFOPS_DISABLE_AVX2="1", PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "scalar ok" in done.stdout, done.stdout + done.stderr
