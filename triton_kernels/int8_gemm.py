@@ -192,17 +192,25 @@ def _aot_specs():
                 "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
                 "stride_cm": "i32", "stride_cn": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                 "BLOCK_K": "constexpr", "PACKED_B": "constexpr", "DEQUANT": "constexpr", "HAS_BIAS": "constexpr"}
+    # Unit strides as constexprs: Triton's JIT specializes integer arguments equal to 1, so this is the
+    # code that runs for contiguous tensors (A row-major; int8_linear's w (N, K) row-major, i.e.
+    # stride_bk = 1; int8_mm's b (K, N) row-major, i.e. stride_bn = 1; C row-major).
+    def spec(sig, consts, w, s):
+        unit = {name: 1 for name in consts.pop("_unit")}
+        return AotSpec(_int8_gemm_kernel, dict(sig, **{n: "constexpr" for n in unit}), dict(consts, **unit), w, s)
+
     specs = []
     for bm, bn, bk, w, s in CONFIGS:
+        tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         # int8_linear (bf16 out, bias) and int8_mm (int32 out): the two epilogues.
-        specs.append(AotSpec(_int8_gemm_kernel, gemm_sig, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PACKED_B=False,
-                                                               DEQUANT=True, HAS_BIAS=True), w, s))
-        specs.append(AotSpec(_int8_gemm_kernel, dict(gemm_sig, c_ptr="*i32"),
-                             dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PACKED_B=False, DEQUANT=False, HAS_BIAS=False),
-                             w, s))
+        specs.append(spec(gemm_sig, dict(tile, PACKED_B=False, DEQUANT=True, HAS_BIAS=True,
+                                         _unit=("stride_ak", "stride_bk", "stride_cn")), w, s))
+        specs.append(spec(dict(gemm_sig, c_ptr="*i32"), dict(tile, PACKED_B=False, DEQUANT=False, HAS_BIAS=False,
+                                                             _unit=("stride_ak", "stride_bn", "stride_cn")), w, s))
     bm, bn, bk, w, s = CONFIGS[2]
-    specs.append(AotSpec(_int8_gemm_kernel, dict(gemm_sig, c_ptr="*fp32"),
-                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PACKED_B=True, DEQUANT=True, HAS_BIAS=False), w, s))
+    specs.append(spec(dict(gemm_sig, c_ptr="*fp32"), dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PACKED_B=True,
+                                                          DEQUANT=True, HAS_BIAS=False,
+                                                          _unit=("stride_ak", "stride_cn")), w, s))
     specs.append(AotSpec(_quantize_rowwise_kernel,
                          {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_x": "i32",
                           "stride_q": "i32", "BLOCK_K": "constexpr"}, dict(BLOCK_K=_QUANT_BLOCK), 4, 1))
