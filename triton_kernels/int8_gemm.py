@@ -63,7 +63,9 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, KP
     # elements or more) and built once, then advanced per K step: per-element 64-bit addresses inside
     # the loop cost registers (the first version spilled in every configuration).
     rm_ld = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
-    rn_ld = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    # No contiguity hint along N: where N is the contiguous dim (int8_mm's b) the wrapped edge tile is
+    # not contiguous, and a vector load across the wrap could read past the allocation.
+    rn_ld = rn % N
     a_ptrs = a_ptr + rm_ld[:, None] * stride_am + rk[None, :] * stride_ak
     if PACKED_B:
         b_ptrs = b_ptr + ((rn_ld[None, :] // 16) * KP * 16 + (rk[:, None] // 4) * 64
