@@ -53,8 +53,6 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach()
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode, device=w.device)
         with torch.no_grad():
-            # Through the package attribute: importing effops.ops.quantize_rowwise by name would make
-            # that attribute the module instead of the function (see ops/quantize_rowwise.py).
             q, scale = ops.quantize_rowwise(w.float())
             m.weight_packed = reference.pack_weight(q)
             m.weight_scale.copy_(scale)

@@ -3,8 +3,6 @@
 The public function checks arguments; the custom op (schema, fake kernel) dispatches to a backend.
 The result is integers, so it has no gradient (Int8Linear gives its input a straight-through one).
 """
-import sys
-import types
 from typing import Tuple
 
 import torch
@@ -46,16 +44,3 @@ def _quantize_rowwise(x: Tensor) -> Tuple[Tensor, Tensor]:
 @_quantize_rowwise.register_fake
 def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
-
-
-class _CallableModule(types.ModuleType):
-    """`effops.ops.quantize_rowwise` names both this module and its function (the lazy table in
-    effops/ops/__init__.py). Importing the module by name (`from effops.ops.quantize_rowwise import ...`,
-    `effops.ops.load_all()`) sets the package attribute to the module, which then hides the function;
-    so the module forwards calls to the function and `effops.ops.quantize_rowwise(x)` works either way."""
-
-    def __call__(self, *args, **kwargs):
-        return quantize_rowwise(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
