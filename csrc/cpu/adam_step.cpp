@@ -22,6 +22,9 @@ namespace {
 // Elements per chunk: 32K elements move about 1 MB at fp32 (28 bytes per element), enough to hide
 // the per-chunk setup, small enough to balance threads over a few large tensors.
 constexpr int64_t kChunk = 1 << 15;
+// Below this many elements in total the step runs on the calling thread: waking a thread team
+// costs more than the work (torch's own elementwise kernels use a 32K-element grain as well).
+constexpr int64_t kParallelMin = 1 << 16;
 
 // Per-tensor constants in fp32, converted from double exactly as torch converts its Python scalars.
 struct Coeffs {
@@ -198,21 +201,29 @@ struct Chunk {
 void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper& hyper) {
   const bool avx2 = has_avx2_fma();
   std::vector<Chunk> chunks;
+  int64_t total = 0;
   std::vector<SpanFn> fns(count);
   std::vector<Coeffs> coeffs(count);
   for (int64_t k = 0; k < count; ++k) {
     fns[k] = span_fn(tensors[k], avx2);
     coeffs[k] = make_coeffs(tensors[k], hyper);
+    total += tensors[k].numel;
     for (int64_t b = 0; b < tensors[k].numel; b += kChunk) {
       chunks.push_back({static_cast<int32_t>(k), b, std::min(b + kChunk, tensors[k].numel)});
     }
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  auto run = [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
       const Chunk& ch = chunks[j];
       fns[ch.tensor](tensors[ch.tensor], coeffs[ch.tensor], ch.begin, ch.end);
     }
-  });
+  };
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  if (total < kParallelMin) {
+    run(0, n);
+  } else {
+    at::parallel_for(0, n, 1, run);
+  }
 }
 
 }  // namespace effops::cpu
