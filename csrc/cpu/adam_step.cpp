@@ -124,7 +124,11 @@ Ptrs<P, S> ptrs_at(const AdamTensor& t, int64_t i) {
 // Elements [begin, end) of one tensor: full vectors, then the tail (fewer than kWidth elements)
 // through the same vector body on a zero-padded copy, so every element gets the same arithmetic.
 template <class Vec, class P, class S, bool kMaster>
-EFFOPS_ALWAYS_INLINE void adam_span(const AdamTensor& t, const Coeffs& c, int64_t begin, int64_t end) {
+EFFOPS_ALWAYS_INLINE void adam_span(const AdamTensor& tensor, const Coeffs& coeffs, int64_t begin, int64_t end) {
+  // Local copies: the stores through float pointers below could alias the caller's structs, which
+  // would make the compiler reload every coefficient and pointer after each store.
+  const Coeffs c = coeffs;
+  const AdamTensor t = tensor;
   int64_t i = begin;
   for (; i + Vec::kWidth <= end; i += Vec::kWidth) adam_vector<Vec, P, S, kMaster>(ptrs_at<P, S>(t, i), c);
   const int64_t rest = end - i;
