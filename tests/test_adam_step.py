@@ -270,3 +270,14 @@ def test_torch_compile_fullgraph_no_graph_break():
                                                              s["exp_avg_sqs"], s["steps"])
     assert sum(counters["graph_break"].values()) == 0
     assert_state_close(s, want)
+
+
+def test_autocast_does_not_change_the_step():
+    """The step is no forward computation: autocast must neither cast its tensors nor change results."""
+    s = make_state([97, 13], torch.float32, False, False, 15)
+    want = clone_state(s)
+    run_step(want, None, OPTIONS["adamw"])
+    with torch.autocast(device().type, dtype=torch.bfloat16):
+        run_step(s, None, OPTIONS["adamw"])
+    assert all(p.dtype == torch.float32 for p in s["params"])
+    assert_state_close(s, want)

@@ -290,3 +290,18 @@ def test_master_weights_checkpoints():
     train(low, o3, 1)
     p0 = next(low.parameters())
     assert o3.state[p0]["master_param"].dtype == torch.float32 and o3.state[p0]["step"].item() == 7
+
+
+def test_complex_params_step_as_torch_does():
+    """torch steps complex params through their real view; so do we."""
+    g = torch.Generator().manual_seed(3)
+    init = torch.randn(17, dtype=torch.complex64, generator=g).to(device())
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    oa, ob = AdamW([a], lr=1e-2, amsgrad=True), torch.optim.AdamW([b], lr=1e-2, amsgrad=True, foreach=False)
+    for i in range(10):
+        grad = torch.randn(17, dtype=torch.complex64, generator=g).to(device())
+        a.grad, b.grad = grad.clone(), grad.clone()
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(a.detach(), b.detach(), **PARITY_TOL)
+    assert not torch.equal(a.detach(), init)

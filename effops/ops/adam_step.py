@@ -9,7 +9,8 @@ and only then advances the step counts. Every backend kernel receives the same a
 
 with `steps` the incremented step counts as floats, `master_params` a list of None / fp32 tensors of
 the same length as `params`, and `grad_scale` None or a float. A kernel checks what it needs before
-writing anything, so a step that fails leaves every tensor untouched.
+writing anything, so a step that fails leaves every tensor untouched. Autocast does not apply (the
+step is not a forward computation; its tensors keep their dtypes).
 """
 import sys
 import types
