@@ -196,7 +196,8 @@ def test_failed_step_changes_nothing():
     (lambda s: s["grads"].__setitem__(0, s["grads"][0].half()), TypeError, r"grads\[0\] must have dtype"),
     (lambda s: s["params"].__setitem__(0, s["params"][0].long()), TypeError, r"params\[0\] must have dtype"),
     (lambda s: s["steps"].__setitem__(0, torch.zeros(2)), ValueError, r"steps\[0\] must be a 1-element"),
-    (lambda s: s.__setitem__("master_params", [torch.zeros(97), None]), ValueError, "only for bf16/fp16"),
+    (lambda s: s.__setitem__("master_params", [torch.zeros(97, device=device()), None]), ValueError,
+     "only for bf16/fp16"),
     (lambda s: s["grads"].__setitem__(0, torch.zeros(97).to_sparse()), RuntimeError, "sparse gradients"),
 ])
 def test_bad_inputs(change, error, match):
