@@ -12,8 +12,6 @@ the same length as `params`, and `grad_scale` None or a float. A kernel checks w
 writing anything, so a step that fails leaves every tensor untouched. Autocast does not apply (the
 step is not a forward computation; its tensors keep their dtypes).
 """
-import sys
-import types
 from typing import List, Optional
 
 import torch
@@ -288,16 +286,3 @@ def _adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1, beta2, eps,
       weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf):
     return None
-
-
-class _CallableModule(types.ModuleType):
-    """effops.ops lists `adam_step` lazily, but Python's import machinery sets the package attribute
-    `effops.ops.adam_step` to this module whenever the module itself is imported first (effops.optim
-    does), hiding the function of the same name. A callable module keeps `effops.ops.adam_step(...)`
-    working in every import order."""
-
-    def __call__(self, *args, **kwargs):
-        return adam_step(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
