@@ -196,7 +196,8 @@ def test_failed_step_changes_nothing():
     (lambda s: s["grads"].__setitem__(0, s["grads"][0].half()), TypeError, r"grads\[0\] must have dtype"),
     (lambda s: s["params"].__setitem__(0, s["params"][0].long()), TypeError, r"params\[0\] must have dtype"),
     (lambda s: s["steps"].__setitem__(0, torch.zeros(2)), ValueError, r"steps\[0\] must be a 1-element"),
-    (lambda s: s.__setitem__("master_params", [torch.zeros(97), None]), ValueError, "only for bf16/fp16"),
+    (lambda s: s.__setitem__("master_params", [torch.zeros(97, device=device()), None]), ValueError,
+     "only for bf16/fp16"),
     (lambda s: s["grads"].__setitem__(0, torch.zeros(97).to_sparse()), RuntimeError, "sparse gradients"),
 ])
 def test_bad_inputs(change, error, match):
@@ -269,4 +270,15 @@ def test_torch_compile_fullgraph_no_graph_break():
     torch.compile(step, fullgraph=True, backend="aot_eager")(s["params"], s["grads"], s["exp_avgs"],
                                                              s["exp_avg_sqs"], s["steps"])
     assert sum(counters["graph_break"].values()) == 0
+    assert_state_close(s, want)
+
+
+def test_autocast_does_not_change_the_step():
+    """The step is no forward computation: autocast must neither cast its tensors nor change results."""
+    s = make_state([97, 13], torch.float32, False, False, 15)
+    want = clone_state(s)
+    run_step(want, None, OPTIONS["adamw"])
+    with torch.autocast(device().type, dtype=torch.bfloat16):
+        run_step(s, None, OPTIONS["adamw"])
+    assert all(p.dtype == torch.float32 for p in s["params"])
     assert_state_close(s, want)

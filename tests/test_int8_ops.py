@@ -23,6 +23,15 @@ def _exact_mm(a, b):
     return (a.cpu().long() @ b.cpu().long()).to(torch.int32)
 
 
+def _need_kernel(op, backend):
+    """Skip (with the reason) when `backend` has no kernel for `op` (e.g. cuda has no quantize kernel:
+    the Triton one serves CUDA tensors); forcing it would raise BackendError by design."""
+    from effops import _backends
+    ops.quantize_rowwise, ops.int8_mm  # noqa: B018  (first access imports the op modules: registers kernels)
+    if backend not in _backends._kernels.get(op, {}):
+        pytest.skip("%s backend has no %s kernel" % (backend, op))
+
+
 def _randi8(*shape, low=-128, high=128):
     return torch.randint(low, high, shape, dtype=torch.int8, device=device())
 
@@ -101,6 +110,7 @@ def test_int8_mm_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5, 37), (97, 1025)])
 def test_quantize_rowwise_matches_reference(backend, dtype, shape):
+    _need_kernel("quantize_rowwise", backend)
     x = (torch.randn(shape) * 3).to(dtype).to(device())
     q, s = ops.quantize_rowwise(x)
     q_ref, s_ref = reference.quantize_rowwise(x)
@@ -115,6 +125,7 @@ def test_quantize_rowwise_matches_reference(backend, dtype, shape):
 
 
 def test_quantize_rowwise_zero_rows_ties_and_extremes(backend):
+    _need_kernel("quantize_rowwise", backend)
     x = torch.zeros(6, 40)
     x[1, :6] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5])  # scale 1: exact ties
     x[2] = 1e30                                                   # huge
@@ -134,6 +145,7 @@ def test_quantize_rowwise_zero_rows_ties_and_extremes(backend):
 
 
 def test_quantize_rowwise_non_contiguous(backend):
+    _need_kernel("quantize_rowwise", backend)
     x = torch.randn(33, 20, device=device()).t()
     q, s = ops.quantize_rowwise(x)
     q_ref, s_ref = reference.quantize_rowwise(x.contiguous())
@@ -210,6 +222,7 @@ def test_int8_linear_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lead,k,n", [((1,), 33, 17), ((2, 3), 129, 45)])
 def test_int8_linear_dynamic_matches_reference(backend, weight_only, dtype, lead, k, n):
+    _need_kernel("int8_linear_dynamic", backend)
     if backend == "triton" and weight_only:
         pytest.skip("triton declines weight_only (no kernel): covered by test_triton_declines_weight_only")
     x = torch.randn(*lead, k, device=device()).to(dtype)
@@ -311,7 +324,7 @@ with effops.use_backend("cpu"):
             w, ws = R.quantize_rowwise(torch.randn(n, k))
             y = ops.int8_linear(q, s, w, ws, torch.randn(n), out_dtype=dt)
             packed = R.pack_weight(w)
-            for wo in (False, True):
+            for wo in (False, True) if m <= 16 else (False,):  # cpu declines weight_only above 16 rows
                 got = int8_linear_dynamic(x, packed, ws, None, n, wo)
                 ref = R.int8_linear_dynamic(x, packed, ws, None, n, wo)
                 torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())

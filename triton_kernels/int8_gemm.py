@@ -63,7 +63,9 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, KP
     # elements or more) and built once, then advanced per K step: per-element 64-bit addresses inside
     # the loop cost registers (the first version spilled in every configuration).
     rm_ld = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
-    rn_ld = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    # No contiguity hint along N: where N is the contiguous dim (int8_mm's b) the wrapped edge tile is
+    # not contiguous, and a vector load across the wrap could read past the allocation.
+    rn_ld = rn % N
     a_ptrs = a_ptr + rm_ld[:, None] * stride_am + rk[None, :] * stride_ak
     if PACKED_B:
         b_ptrs = b_ptr + ((rn_ld[None, :] // 16) * KP * 16 + (rk[:, None] // 4) * 64
@@ -94,18 +96,14 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, KP
 
 
 # Tile configurations for the GPU: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
-# int8 mma needs K tiles of 32; wide tiles amortize loads for big GEMMs, the 32/64-row ones serve
-# small batches.
+# int8 mma needs K tiles of 32. Kept: the configurations whose ahead-of-time compile (unit strides,
+# sm_80 and sm_90) shows no register spills. Dropped after the compile check showed 100-3800 bytes of
+# spill stack: 128x256x64 w8, 256x128x64 w8, 128x128x128 w8, 128x64x64 w4 s4, 64x128x64 w4 s4,
+# 64x64x128 w4, 32x64x128 w4, 16x128x128 w4. Every kept one still sits at ~255 registers per thread.
 CONFIGS = [
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
-    (128, 128, 128, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 128, 4, 4),
-    (32, 64, 128, 4, 4),
-    (16, 128, 128, 4, 4),
+    (128, 128, 64, 8, 3),
+    (64, 64, 64, 4, 2),
 ]
 _INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
 _QUANT_BLOCK = 1024
@@ -192,17 +190,25 @@ def _aot_specs():
                 "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
                 "stride_cm": "i32", "stride_cn": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                 "BLOCK_K": "constexpr", "PACKED_B": "constexpr", "DEQUANT": "constexpr", "HAS_BIAS": "constexpr"}
+    # Unit strides as constexprs: Triton's JIT specializes integer arguments equal to 1, so this is the
+    # code that runs for contiguous tensors (A row-major; int8_linear's w (N, K) row-major, i.e.
+    # stride_bk = 1; int8_mm's b (K, N) row-major, i.e. stride_bn = 1; C row-major).
+    def spec(sig, consts, w, s):
+        unit = {name: 1 for name in consts.pop("_unit")}
+        return AotSpec(_int8_gemm_kernel, dict(sig, **{n: "constexpr" for n in unit}), dict(consts, **unit), w, s)
+
     specs = []
     for bm, bn, bk, w, s in CONFIGS:
+        tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         # int8_linear (bf16 out, bias) and int8_mm (int32 out): the two epilogues.
-        specs.append(AotSpec(_int8_gemm_kernel, gemm_sig, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PACKED_B=False,
-                                                               DEQUANT=True, HAS_BIAS=True), w, s))
-        specs.append(AotSpec(_int8_gemm_kernel, dict(gemm_sig, c_ptr="*i32"),
-                             dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PACKED_B=False, DEQUANT=False, HAS_BIAS=False),
-                             w, s))
-    bm, bn, bk, w, s = CONFIGS[2]
-    specs.append(AotSpec(_int8_gemm_kernel, dict(gemm_sig, c_ptr="*fp32"),
-                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PACKED_B=True, DEQUANT=True, HAS_BIAS=False), w, s))
+        specs.append(spec(gemm_sig, dict(tile, PACKED_B=False, DEQUANT=True, HAS_BIAS=True,
+                                         _unit=("stride_ak", "stride_bk", "stride_cn")), w, s))
+        specs.append(spec(dict(gemm_sig, c_ptr="*i32"), dict(tile, PACKED_B=False, DEQUANT=False, HAS_BIAS=False,
+                                                             _unit=("stride_ak", "stride_bn", "stride_cn")), w, s))
+    bm, bn, bk, w, s = CONFIGS[0]
+    specs.append(spec(dict(gemm_sig, c_ptr="*fp32"), dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PACKED_B=True,
+                                                          DEQUANT=True, HAS_BIAS=False,
+                                                          _unit=("stride_ak", "stride_cn")), w, s))
     specs.append(AotSpec(_quantize_rowwise_kernel,
                          {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_x": "i32",
                           "stride_q": "i32", "BLOCK_K": "constexpr"}, dict(BLOCK_K=_QUANT_BLOCK), 4, 1))

@@ -22,6 +22,9 @@ namespace {
 // Elements per chunk: 32K elements move about 1 MB at fp32 (28 bytes per element), enough to hide
 // the per-chunk setup, small enough to balance threads over a few large tensors.
 constexpr int64_t kChunk = 1 << 15;
+// Below this many elements in total the step runs on the calling thread: waking a thread team
+// costs more than the work (torch's own elementwise kernels use a 32K-element grain as well).
+constexpr int64_t kParallelMin = 1 << 16;
 
 // Per-tensor constants in fp32, converted from double exactly as torch converts its Python scalars.
 struct Coeffs {
@@ -121,7 +124,11 @@ Ptrs<P, S> ptrs_at(const AdamTensor& t, int64_t i) {
 // Elements [begin, end) of one tensor: full vectors, then the tail (fewer than kWidth elements)
 // through the same vector body on a zero-padded copy, so every element gets the same arithmetic.
 template <class Vec, class P, class S, bool kMaster>
-EFFOPS_ALWAYS_INLINE void adam_span(const AdamTensor& t, const Coeffs& c, int64_t begin, int64_t end) {
+EFFOPS_ALWAYS_INLINE void adam_span(const AdamTensor& tensor, const Coeffs& coeffs, int64_t begin, int64_t end) {
+  // Local copies: the stores through float pointers below could alias the caller's structs, which
+  // would make the compiler reload every coefficient and pointer after each store.
+  const Coeffs c = coeffs;
+  const AdamTensor t = tensor;
   int64_t i = begin;
   for (; i + Vec::kWidth <= end; i += Vec::kWidth) adam_vector<Vec, P, S, kMaster>(ptrs_at<P, S>(t, i), c);
   const int64_t rest = end - i;
@@ -198,21 +205,29 @@ struct Chunk {
 void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper& hyper) {
   const bool avx2 = has_avx2_fma();
   std::vector<Chunk> chunks;
+  int64_t total = 0;
   std::vector<SpanFn> fns(count);
   std::vector<Coeffs> coeffs(count);
   for (int64_t k = 0; k < count; ++k) {
     fns[k] = span_fn(tensors[k], avx2);
     coeffs[k] = make_coeffs(tensors[k], hyper);
+    total += tensors[k].numel;
     for (int64_t b = 0; b < tensors[k].numel; b += kChunk) {
       chunks.push_back({static_cast<int32_t>(k), b, std::min(b + kChunk, tensors[k].numel)});
     }
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  auto run = [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
       const Chunk& ch = chunks[j];
       fns[ch.tensor](tensors[ch.tensor], coeffs[ch.tensor], ch.begin, ch.end);
     }
-  });
+  };
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  if (total < kParallelMin) {
+    run(0, n);
+  } else {
+    at::parallel_for(0, n, 1, run);
+  }
 }
 
 }  // namespace effops::cpu

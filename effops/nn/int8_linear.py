@@ -18,9 +18,9 @@ the bias is a Parameter with requires_grad=False unless the user enables it.
 import torch
 from torch import nn
 
+from effops import ops
 from effops.ops import _checks
 from effops.ops.int8_gemm import int8_linear_dynamic
-from effops.ops.quantize_rowwise import quantize_rowwise
 from effops.reference import int8 as reference
 
 MODES = ("dynamic", "weight_only", "auto")
@@ -53,7 +53,7 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach()
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode, device=w.device)
         with torch.no_grad():
-            q, scale = quantize_rowwise(w.float())
+            q, scale = ops.quantize_rowwise(w.float())
             m.weight_packed = reference.pack_weight(q)
             m.weight_scale.copy_(scale)
             if linear.bias is not None:

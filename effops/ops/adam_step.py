@@ -9,10 +9,9 @@ and only then advances the step counts. Every backend kernel receives the same a
 
 with `steps` the incremented step counts as floats, `master_params` a list of None / fp32 tensors of
 the same length as `params`, and `grad_scale` None or a float. A kernel checks what it needs before
-writing anything, so a step that fails leaves every tensor untouched.
+writing anything, so a step that fails leaves every tensor untouched. Autocast does not apply (the
+step is not a forward computation; its tensors keep their dtypes).
 """
-import sys
-import types
 from typing import List, Optional
 
 import torch
@@ -48,13 +47,13 @@ def flat_layout_reason(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, ma
     share strides (zeros_like keeps the param's layout; autograd gives gradients the param's layout).
     """
     for i, p in enumerate(params):
-        if p.numel() == 0:
-            continue
         group = [p, grads[i], exp_avgs[i], exp_avg_sqs[i]]
         if amsgrad:
             group.append(max_exp_avg_sqs[i])
         if master_params[i] is not None:
             group.append(master_params[i])
+        if all(t.is_contiguous() for t in group) or p.numel() == 0:
+            continue  # the common case, checked cheaply
         if not _dense(p) or any(t.stride() != p.stride() for t in group):
             return "params[%d] or its grad/state is not dense with one shared layout (strides %s)" % (
                 i, [tuple(t.stride()) for t in group])
@@ -137,6 +136,38 @@ def _check_scalar_tensor(name, value, device):
     return value
 
 
+def _check_tensor_set(i, p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, master, s, amsgrad, dev):
+    """The full checks of params[i] and its companions, each failure naming what is wrong."""
+    _checks.tensor("params[%d]" % i, p, dtypes=_checks.FLOAT_DTYPES, device=dev)
+    _checks.tensor("grads[%d]" % i, g)
+    if g.layout != torch.strided:
+        raise RuntimeError("adam_step does not support sparse gradients (grads[%d] has layout %s); "
+                           "use torch.optim.SparseAdam" % (i, g.layout))
+    _checks.tensor("grads[%d]" % i, g, device=dev)
+    _checks.same_dtype("grads[%d]" % i, g, p.dtype)
+    if master is not None:
+        _checks.tensor("master_params[%d]" % i, master, dtypes=(torch.float32,), device=dev)
+        if p.dtype not in _LOW_PRECISION:
+            raise ValueError("master_params[%d] is only for bf16/fp16 params; params[%d] is %s"
+                             % (i, i, p.dtype))
+    state_dtype = torch.float32 if master is not None else p.dtype
+    state = [("exp_avgs", exp_avg), ("exp_avg_sqs", exp_avg_sq)]
+    if amsgrad:
+        state.append(("max_exp_avg_sqs", max_exp_avg_sq))
+    for name, t in state:
+        _checks.tensor("%s[%d]" % (name, i), t, device=dev)
+        if t.dtype != state_dtype:
+            raise TypeError("%s[%d] must have dtype %s (%s), got %s" % (
+                name, i, state_dtype, "fp32 beside a master copy" if master is not None else "the param's",
+                t.dtype))
+    for name, t in [("grads", g), ("master_params", master)] + state:
+        if t is not None:
+            _checks.shape("%s[%d]" % (name, i), t, p.shape)
+    _checks.tensor("steps[%d]" % i, s, dtypes=(torch.float32, torch.float64))
+    if s.numel() != 1:
+        raise ValueError("steps[%d] must be a 1-element tensor, got shape %s" % (i, tuple(s.shape)))
+
+
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
               weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False, decoupled_weight_decay=False,
               master_params=None, grad_scale=None, found_inf=None):
@@ -184,38 +215,27 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
     weight_decay = _number("weight_decay", weight_decay, 0.0)
 
     dev = params[0].device if n else None
-    for i, p in enumerate(params):
-        _checks.tensor("params[%d]" % i, p, dtypes=_checks.FLOAT_DTYPES, device=dev)
-        g = grads[i]
-        _checks.tensor("grads[%d]" % i, g)
-        if g.layout != torch.strided:
-            raise RuntimeError("adam_step does not support sparse gradients (grads[%d] has layout %s); "
-                               "use torch.optim.SparseAdam" % (i, g.layout))
-        _checks.tensor("grads[%d]" % i, g, device=dev)
-        _checks.same_dtype("grads[%d]" % i, g, p.dtype)
-        master = master_params[i]
-        if master is not None:
-            _checks.tensor("master_params[%d]" % i, master, dtypes=(torch.float32,), device=dev)
-            if p.dtype not in _LOW_PRECISION:
-                raise ValueError("master_params[%d] is only for bf16/fp16 params; params[%d] is %s"
-                                 % (i, i, p.dtype))
-        state_dtype = torch.float32 if master is not None else p.dtype
-        state = [("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])]
-        if amsgrad:
-            state.append(("max_exp_avg_sqs", max_exp_avg_sqs[i]))
-        for name, t in state:
-            _checks.tensor("%s[%d]" % (name, i), t, device=dev)
-            if t.dtype != state_dtype:
-                raise TypeError("%s[%d] must have dtype %s (%s), got %s" % (
-                    name, i, state_dtype, "fp32 beside a master copy" if master is not None else "the param's",
-                    t.dtype))
-        for name, t in [("grads", g), ("master_params", master)] + state:
-            if t is not None:
-                _checks.shape("%s[%d]" % (name, i), t, p.shape)
-        s = steps[i]
-        _checks.tensor("steps[%d]" % i, s, dtypes=(torch.float32, torch.float64))
-        if s.numel() != 1:
-            raise ValueError("steps[%d] must be a 1-element tensor, got shape %s" % (i, tuple(s.shape)))
+    float_dtypes, step_dtypes, fp32, strided = _checks.FLOAT_DTYPES, (torch.float32, torch.float64), torch.float32, \
+        torch.strided
+    for i in range(n):
+        # The common case in one expression (this loop runs per tensor on every optimizer step);
+        # anything unusual goes through the full checks, which name the problem.
+        p, g, m, v, master, s = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], master_params[i], steps[i]
+        vm = max_exp_avg_sqs[i] if amsgrad else None
+        try:
+            sdtype = p.dtype if master is None else fp32
+            shape = p.shape
+            ok = (p.dtype in float_dtypes and g.dtype == p.dtype and g.layout == strided and m.dtype == sdtype
+                  and v.dtype == sdtype and g.shape == shape and m.shape == shape and v.shape == shape
+                  and p.device == dev and g.device == dev and m.device == dev and v.device == dev
+                  and s.dtype in step_dtypes and s.numel() == 1
+                  and (vm is None or (vm.dtype == sdtype and vm.shape == shape and vm.device == dev))
+                  and (master is None or (p.dtype != fp32 and master.dtype == fp32 and master.shape == shape
+                                          and master.device == dev)))
+        except AttributeError:
+            ok = False
+        if not ok:
+            _check_tensor_set(i, p, g, m, v, vm, master, s, amsgrad, dev)
     _check_scalar_tensor("grad_scale", grad_scale, dev)
     _check_scalar_tensor("found_inf", found_inf, dev)
 
@@ -247,7 +267,13 @@ def _adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     scale = None if grad_scale is None else float(grad_scale.item())
     it = iter(masters)
     master_params = [next(it) if flag else None for flag in has_master]
-    new_steps = [float(s.item()) + 1 for s in steps]
+    if all(s.device.type == "cpu" for s in steps):
+        try:
+            new_steps = (torch.stack(steps).double().reshape(-1) + 1).tolist()  # one op, not n .item()
+        except RuntimeError:  # steps of mixed shapes (() and (1,)) or dtypes
+            new_steps = [float(s.item()) + 1 for s in steps]
+    else:
+        new_steps = [float(s.item()) + 1 for s in steps]
     _backends.dispatch("adam_step", params[0].device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                        master_params, new_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                        amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
@@ -260,16 +286,3 @@ def _adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1, beta2, eps,
       weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf):
     return None
-
-
-class _CallableModule(types.ModuleType):
-    """effops.ops lists `adam_step` lazily, but Python's import machinery sets the package attribute
-    `effops.ops.adam_step` to this module whenever the module itself is imported first (effops.optim
-    does), hiding the function of the same name. A callable module keeps `effops.ops.adam_step(...)`
-    working in every import order."""
-
-    def __call__(self, *args, **kwargs):
-        return adam_step(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

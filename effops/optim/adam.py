@@ -27,13 +27,9 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MASTER_KEYS = ("master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def _local(t):
-    """The local shard of a DTensor (a view sharing its storage), the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
-
-
-def _real(t):
-    return torch.view_as_real(t) if t.is_complex() else t
+def _is_dtensor(t):
+    """True for a DTensor (FSDP2 params): its local shard (a view sharing storage) is what we step."""
+    return type(t) is not torch.nn.Parameter and type(t) is not torch.Tensor and hasattr(t, "device_mesh")
 
 
 class Adam(Optimizer):
@@ -104,6 +100,9 @@ class Adam(Optimizer):
     def _prepare_state(self, group, p):
         """The state of p, created or adapted (amsgrad switched on, master copies added/removed)."""
         state = self.state[p]
+        if len(state) != 0 and not group["master_weights"] and "master_param" not in state and \
+                (not group["amsgrad"] or "max_exp_avg_sq" in state) and state["exp_avg"].dtype == p.dtype:
+            return state  # the common case: nothing to create or adapt
         wants_master = bool(group["master_weights"]) and p.dtype in _LOW_PRECISION
         state_dtype = torch.float32 if wants_master else p.dtype
         if len(state) == 0:
@@ -128,23 +127,34 @@ class Adam(Optimizer):
     def _group_lists(self, group):
         """{device: argument lists for adam_step} for the params of `group` that have a gradient."""
         by_device = {}
+        amsgrad = group["amsgrad"]
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
             state = self._prepare_state(group, p)
-            param, grad = _local(p), _local(p.grad)
-            lists = by_device.setdefault(param.device, dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[],
-                                                            max_exp_avg_sqs=[], master_params=[], steps=[]))
-            lists["params"].append(_real(param))
-            lists["grads"].append(_real(grad))
-            lists["exp_avgs"].append(_real(_local(state["exp_avg"])))
-            lists["exp_avg_sqs"].append(_real(_local(state["exp_avg_sq"])))
-            if group["amsgrad"]:
-                lists["max_exp_avg_sqs"].append(_real(_local(state["max_exp_avg_sq"])))
+            tensors = [p, grad, state["exp_avg"], state["exp_avg_sq"]]
+            if amsgrad:
+                tensors.append(state["max_exp_avg_sq"])
             master = state.get("master_param")
-            lists["master_params"].append(None if master is None else _local(master))
+            if _is_dtensor(p):
+                tensors = [t.to_local() for t in tensors]
+                master = None if master is None else master.to_local()
+            if p.is_complex():
+                tensors = [torch.view_as_real(t) for t in tensors]
+            lists = by_device.get(tensors[0].device)
+            if lists is None:
+                lists = by_device[tensors[0].device] = dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[],
+                                                            max_exp_avg_sqs=[], master_params=[], steps=[])
+            lists["params"].append(tensors[0])
+            lists["grads"].append(tensors[1])
+            lists["exp_avgs"].append(tensors[2])
+            lists["exp_avg_sqs"].append(tensors[3])
+            if amsgrad:
+                lists["max_exp_avg_sqs"].append(tensors[4])
+            lists["master_params"].append(master)
             lists["steps"].append(state["step"])
         return by_device
 
