@@ -4,7 +4,6 @@ import contextlib
 import io
 
 import torch
-from torch import nn
 
 # Tensors that describe a layer but are not its learned weights.
 _NOT_WEIGHTS = ("mask", "scale", "running_mean", "running_var", "num_batches_tracked")
@@ -53,11 +52,6 @@ def checkpoint_bytes(model):
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.tell()
-
-
-def unwrap(model):
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 @contextlib.contextmanager

@@ -102,4 +102,4 @@ def write_curves(path, sides, stage_names):
 def write_all(out, demo, result):
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "demo.json"), result)
-    return write_curves(os.path.join(out, "curves.png"), demo.sides, [s for s in ("train", "prune")])
+    return write_curves(os.path.join(out, "curves.png"), demo.sides, ("train", "prune"))

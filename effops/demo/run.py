@@ -102,7 +102,7 @@ class Demo:
                                          amp=self.cfg.amp)
                     side.acc.append((side.step, acc, stage))
 
-    def finish_stage(self, stage, trained):
+    def finish_stage(self, stage):
         """Evaluate, time inference (sides interleaved), count, save and reload; one row per side."""
         x_test, y_test = self.data.x_test, self.data.y_test
         batch = x_test[:self.cfg.infer_batch]
@@ -164,7 +164,7 @@ class Demo:
             for side in self.sides:
                 side.model = self._try(side, "train", lambda: side.pipeline.build(self.num_classes))
             self.train_stage("train", cfg.epochs, self.optimizers("train", cfg.lr), {})
-            self.finish_stage("train", True)
+            self.finish_stage("train")
             self.prune()
             self.quantize()
         self.backends_used = metrics.summarize_backends(seen)
@@ -200,8 +200,8 @@ class Demo:
         if not any(".pointwise" in n for n in layers):
             self.notes.append("pointwise 1x1 convs not pruned: effops.prune does not take SeparableConv2d's "
                               "pointwise weights in this build, so neither side prunes them")
-        self.train_stage("prune", cfg.finetune_epochs, {k: v for k, v in opts.items()}, on_steps)
-        self.finish_stage("prune", True)
+        self.train_stage("prune", cfg.finetune_epochs, opts, on_steps)
+        self.finish_stage("prune")
 
     def quantize(self):
         """int8 Linear layers for inference: effops.quantize's choice of layers, the same layers with
@@ -219,7 +219,7 @@ class Demo:
                 plain_side.model = q
                 layers = plain_side.pipeline.int8_layers(q)
         self.notes.append("int8 layers: %s" % (", ".join(layers or []) or "none"))
-        self.finish_stage("int8", False)
+        self.finish_stage("int8")
 
 
 def _use_backend(name):
