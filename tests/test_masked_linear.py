@@ -260,3 +260,22 @@ def test_cpu_scalar_path_matches_reference():
     out = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "scalar ok" in out.stdout
+
+
+def test_results_follow_in_place_weight_updates(backend):
+    # The cpu backend caches packed weights per weight version: an optimizer-style in-place update must
+    # be seen by the next call (forward and backward).
+    x = torch.randn(5, 64, device=device())
+    w = torch.randn(48, 64, device=device())
+    mask = make_mask("block16", 48, 64)
+    masked_linear(x, w, mask)
+    with torch.no_grad():
+        w.mul_(-2.0).add_(1.0)
+    torch.testing.assert_close(masked_linear(x, w, mask), reference.masked_linear(x, w, mask), **TOL[torch.float32])
+    xg = x.clone().requires_grad_()
+    masked_linear(xg, w, mask).sum().backward()
+    with torch.no_grad():
+        w.add_(3.0)
+    xg2 = x.clone().requires_grad_()
+    masked_linear(xg2, w, mask).sum().backward()
+    torch.testing.assert_close(xg2.grad, torch.ones(5, 48) @ (w * mask), **TOL[torch.float32])

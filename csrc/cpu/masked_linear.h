@@ -15,11 +15,16 @@
 
 namespace effops::cpu {
 
-// out[M, R] = a[M, C] @ W'^T (+ bias[R]) where W'[r, c] = w[r * w_rs + c * w_cs] restricted to the
-// kept blocks: block-row br keeps block-columns idx[ptr[br] .. ptr[br+1]).
+// Pack the kept blocks of W'[r, c] = w[r * w_rs + c * w_cs] (R x C; block-row br keeps block-columns
+// idx[ptr[br] .. ptr[br+1])) into packed (ptr[nbr] * block * block floats) for block_sparse_mm.
 template <typename T>
-void block_sparse_mm(const T* a, int64_t M, int64_t C, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
-                     const T* bias, const int64_t* ptr, const int64_t* idx, int64_t block, T* out);
+void block_sparse_pack(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C, const int64_t* ptr,
+                       const int64_t* idx, int64_t block, float* packed);
+
+// out[M, R] = a[M, C] @ W'^T (+ bias[R]) over the kept blocks, W' given packed.
+template <typename T>
+void block_sparse_mm(const T* a, int64_t M, int64_t C, int64_t R, const T* bias, const int64_t* ptr,
+                     const int64_t* idx, int64_t block, const float* packed, T* out);
 
 // gw[N, K] (pre-zeroed) = (gy[M, N]^T @ x[M, K]) on the kept blocks of the block-CSR index only.
 template <typename T>

@@ -38,6 +38,7 @@ class MaskInfo:
         self.block = next((b for b in BLOCK_SIZES if _block_constant(self.bool_mask, b)), 0)
         self.is_2_4 = _is_n_m(self.bool_mask, 2, 4)
         self._built = {}
+        self.packs = {}  # backend-owned weight packs for this mask (see ops/masked_linear.py)
 
     def _memo(self, key, build):
         if key not in self._built:

@@ -14,6 +14,7 @@ Backends:
 """
 import sys
 import types
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -149,6 +150,23 @@ def _cpu_decline(x, weight, mask):
     return None
 
 
+def _cpu_packed(info, w, transpose):
+    """W (or W^T) kept blocks packed for the cpu block kernel, cached on the mask's description per
+    weight version: inference packs once; training repacks after each optimizer step (the version
+    counter moves). One pack per direction is kept (at most density x the weight's size, in fp32)."""
+    b = info.block
+    ptr, idx = info.block_cols(b) if transpose else info.block_rows(b)
+    if w.is_inference():
+        return torch.ops.effops_cpu.masked_linear_block_pack(w, ptr, idx, b, transpose)
+    key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+    cached = info.packs.get(transpose)
+    if cached is not None and cached[0]() is w and cached[1] == key:
+        return cached[2]
+    packed = torch.ops.effops_cpu.masked_linear_block_pack(w, ptr, idx, b, transpose)
+    info.packs[transpose] = (weakref.ref(w), key, packed)
+    return packed
+
+
 def _padded_t(a):
     """a[M, C] -> fp32 a^T [C, Mpad], batch padded with zeros to a multiple of 64 (the CSR kernels' chunk)."""
     m = a.shape[0]
@@ -166,7 +184,7 @@ def _cpu_masked_linear(x, weight, mask, bias):
     b = None if bias is None else bias.contiguous()
     if info.block:
         ptr, idx = info.block_rows(info.block)
-        y = ops.masked_linear_block_mm(x2, w, b, ptr, idx, info.block, False)
+        y = ops.masked_linear_block_mm(x2, _cpu_packed(info, w, False), n, b, ptr, idx, info.block)
     else:
         ptr, idx = info.csr()
         y = ops.masked_linear_csr_mm(_padded_t(x2), x2.shape[0], w, b, ptr, idx, False)
@@ -185,7 +203,8 @@ def _cpu_masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
     if info.block:
         b = info.block
         if need_x:
-            grad_x = ops.masked_linear_block_mm(g2, w, None, *info.block_cols(b), b, True).reshape(x.shape)
+            grad_x = ops.masked_linear_block_mm(g2, _cpu_packed(info, w, True), k, None, *info.block_cols(b),
+                                                b).reshape(x.shape)
         if need_w:
             grad_w = ops.masked_linear_block_grad_weight(g2, x2, *info.block_rows(b), b)
     else:
