@@ -125,10 +125,13 @@ _masked_linear.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # cpu backend
 # ---------------------------------------------------------------------------------------------
-# Automatic choice: the highest density at which each cpu kernel still beats dense F.linear
-# (fp32, 2 threads, AVX2; measured with benchmarks/bench_masked_linear.py), and the smallest
-# product (rows x out x in multiply-adds) worth the index walk and packing overhead.
-_CPU_LIMITS = {"block_max_density": 0.5, "csr_max_density": 0.2, "min_macs": 1 << 20}
+# Automatic choice: the highest density at which each cpu kernel still beats dense F.linear, and the
+# smallest product (rows x out x in multiply-adds) worth the Python dispatch, index walk and packing.
+# Measured (fp32, AVX2, density sweeps of the forced cpu backend against F.linear) on a
+# 2-core machine shared with other jobs, so set on the safe side: at 256 x 2048 x 2048 the block kernel
+# was about 2-3x dense forward at 30-50% density and about even at 70%, the CSR kernel 1.7x at 10% and
+# even at 20%; products under ~8M MACs were at best even. Re-measure on a quiet machine.
+_CPU_LIMITS = {"block_max_density": 0.4, "csr_max_density": 0.15, "min_macs": 1 << 23}
 
 
 def _cpu_decline(x, weight, mask):
