@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 namespace effops::cpu {
@@ -184,10 +185,20 @@ void block_sparse_mm(const T* a, int64_t M, int64_t C, int64_t R, const T* bias,
   // regrouping once makes each k step's 6 broadcasts one cache line instead of 6 rows 4*C bytes apart.
   // The buffer is reused across calls (grow-only, per calling thread): a fresh multi-MB allocation
   // per call costs more in page faults than the packing itself.
+  // Buffers above 64 MB are not kept (a one-off huge batch should not pin its memory).
   const int64_t mtiles = (M + kRows - 1) / kRows;
+  const size_t a_size = static_cast<size_t>(mtiles * C * kRows);
+  constexpr size_t kKeepLimit = size_t{16} << 20;  // floats
   thread_local std::vector<float> a_storage;
-  if (a_storage.size() < static_cast<size_t>(mtiles * C * kRows)) a_storage.resize(static_cast<size_t>(mtiles * C * kRows));
-  float* const a_packed = a_storage.data();  // worker threads see this pointer, not their own thread_local
+  std::unique_ptr<float[]> a_once;
+  float* a_packed;
+  if (a_size <= kKeepLimit) {
+    if (a_storage.size() < a_size) a_storage.resize(a_size);
+    a_packed = a_storage.data();  // worker threads see this pointer, not their own thread_local
+  } else {
+    a_once.reset(new float[a_size]);
+    a_packed = a_once.get();
+  }
   at::parallel_for(0, mtiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* dst = a_packed + t * C * kRows;
