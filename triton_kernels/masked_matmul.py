@@ -119,6 +119,11 @@ def _block_mm_warps(block):
 MASKED_MM_WARPS = 8  # the 64 x 64 fp32 (IEEE) tile spilled 5.7 KB of stack with 4 warps
 
 
+def _masked_mm_depth(fp32):
+    # fp32 (IEEE dots) with a 64-deep K step still spilled ~400 B with 8 warps: step 32 deep instead.
+    return 32 if fp32 else TILE
+
+
 def _cdiv(a, b):
     return (a + b - 1) // b
 
@@ -143,7 +148,8 @@ def _masked_mm(a, b, mask_u8, bias, out_shape, strides, out_masked):
     out = torch.empty(out_shape, dtype=b.dtype, device=b.device)
     grid = (_cdiv(m, TILE), _cdiv(r, TILE))
     _masked_mm_kernel[grid](a, b, mask_u8, bias if bias is not None else out, out, m, c, r, *strides,
-                            BM=TILE, BR=TILE, BC=TILE, OUT_MASKED=out_masked, HAS_BIAS=bias is not None,
+                            BM=TILE, BR=TILE, BC=_masked_mm_depth(b.dtype == torch.float32), OUT_MASKED=out_masked,
+                            HAS_BIAS=bias is not None,
                             IEEE=b.dtype == torch.float32, num_warps=MASKED_MM_WARPS)
     return out
 
@@ -213,7 +219,7 @@ def _specs():
                 stride_am="i32", stride_ac="i32", stride_br="i32", stride_bc="i32", stride_mr="i32",
                 stride_mc="i32", BM="constexpr", BR="constexpr", BC="constexpr", OUT_MASKED="constexpr",
                 HAS_BIAS="constexpr", IEEE="constexpr"),
-                dict(BM=TILE, BR=TILE, BC=TILE, OUT_MASKED=out_masked, HAS_BIAS=not out_masked,
+                dict(BM=TILE, BR=TILE, BC=_masked_mm_depth(dt == "fp32"), OUT_MASKED=out_masked, HAS_BIAS=not out_masked,
                      IEEE=dt == "fp32"), num_warps=MASKED_MM_WARPS))
     return specs
 

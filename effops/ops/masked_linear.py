@@ -226,6 +226,14 @@ _backends.register_kernel("masked_linear_backward", "cpu", _cpu_masked_linear_ba
                           supports=lambda grad_y, x, weight, mask, need: _cpu_decline(x, weight, mask))
 
 
+# ---------------------------------------------------------------------------------------------
+# triton backend (imported on first use: Triton stays out of `import effops`)
+# ---------------------------------------------------------------------------------------------
+_backends.register_kernel("masked_linear", "triton", "effops.triton_kernels.masked_matmul:masked_linear")
+_backends.register_kernel("masked_linear_backward", "triton",
+                          "effops.triton_kernels.masked_matmul:masked_linear_backward")
+
+
 # Workaround for a name clash in the lazy effops.ops table: importing this submodule directly (as
 # effops.nn.sparse_linear does) makes Python set `effops.ops.masked_linear` to this module, hiding the
 # function of the same name. A callable module keeps `effops.ops.masked_linear(x, w, mask)` working
@@ -237,10 +245,3 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-
-# ---------------------------------------------------------------------------------------------
-# triton backend (imported on first use: Triton stays out of `import effops`)
-# ---------------------------------------------------------------------------------------------
-_backends.register_kernel("masked_linear", "triton", "effops.triton_kernels.masked_matmul:masked_linear")
-_backends.register_kernel("masked_linear_backward", "triton",
-                          "effops.triton_kernels.masked_matmul:masked_linear_backward")
