@@ -279,3 +279,23 @@ def test_results_follow_in_place_weight_updates(backend):
     xg2 = x.clone().requires_grad_()
     masked_linear(xg2, w, mask).sum().backward()
     torch.testing.assert_close(xg2.grad, torch.ones(5, 48) @ (w * mask), **TOL[torch.float32])
+
+
+@pytest.mark.skipif(not effops.backends()["triton"], reason="triton backend not usable here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_two_of_four_compressed_path(dtype):
+    from effops.triton_kernels import masked_matmul
+    n, k = 40, 72
+    mask = make_mask("2:4", n, k)
+    mask &= make_mask("unstructured", n, k, density=0.7, seed=5)   # some groups keep fewer than 2
+    info = _sparse_index.mask_info(mask)
+    w = torch.randn(n, k, device=device(), dtype=dtype)
+    assert masked_matmul._uses_24(info, w)   # the compressed kernels, not the dense-with-mask one
+    with effops.use_backend("triton"):
+        check((3, k), n, "2:4", dtype)       # the generic 2:4 mask (exactly 2 per group)
+        x = torch.randn(3, k, device=device(), dtype=dtype, requires_grad=True)
+        y = masked_linear(x, w, mask)
+        (gx,) = torch.autograd.grad(y, [x], torch.ones_like(y))
+    want = reference.masked_linear(x.detach().float(), w.float(), mask)
+    torch.testing.assert_close(y.float(), want, **TOL[dtype])
+    torch.testing.assert_close(gx.float(), torch.ones(3, n) @ (w.float() * mask), **TOL[dtype])
