@@ -111,7 +111,8 @@ def run(quick, device):
 
 
 def _run_cuda(quick, device):
-    """GPU: effops (auto: triton for now) vs cuBLAS bf16 F.linear, and torch's 2:4 semi-structured if available."""
+    """GPU (never run yet): effops (auto, forced triton) vs cuBLAS bf16 F.linear, and torch's 2:4
+    semi-structured sparsity where this GPU / build supports it."""
     rows = []
     for (n, k, m), pattern, sparsity in _cases(quick):
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
@@ -119,7 +120,12 @@ def _run_cuda(quick, device):
         mask = make_mask(pattern, n, k, sparsity).to(device)
         wm = w * mask
         name = "%dx%d M=%d %s %.0f%%" % (n, k, m, pattern, 100 * sparsity)
-        impls = {"cuBLAS F.linear": lambda: F.linear(x, wm), "effops auto": lambda: masked_linear(x, w, mask)}
+        def forced_triton():
+            with effops.use_backend("triton"):
+                return masked_linear(x, w, mask)
+
+        impls = {"cuBLAS F.linear": lambda: F.linear(x, wm), "effops auto": lambda: masked_linear(x, w, mask),
+                 "effops triton": forced_triton}
         if pattern == "2:4" and sparsity == 0.5:
             try:
                 from torch.sparse import to_sparse_semi_structured

@@ -299,3 +299,11 @@ def test_triton_two_of_four_compressed_path(dtype):
     want = reference.masked_linear(x.detach().float(), w.float(), mask)
     torch.testing.assert_close(y.float(), want, **TOL[dtype])
     torch.testing.assert_close(gx.float(), torch.ones(3, n) @ (w.float() * mask), **TOL[dtype])
+
+
+def test_triton_automatic_choice_is_limited_to_sparse_block_masks():
+    from effops.ops.masked_linear import _triton_decline
+    x, w = torch.randn(4, 64), torch.randn(64, 64)
+    assert _triton_decline(x, w, make_mask("block32", 64, 64, density=0.1).cpu()) is None
+    assert "block mask" in _triton_decline(x, w, make_mask("full", 64, 64).cpu())
+    assert "not chosen automatically" in _triton_decline(x, w, make_mask("unstructured", 64, 64).cpu())
