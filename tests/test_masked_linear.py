@@ -207,6 +207,9 @@ def test_mask_description_is_cached_and_follows_in_place_changes():
     assert _sparse_index.stats["builds"] == builds
     info = _sparse_index.mask_info(mask)
     assert info.block == 32 and abs(info.density - mask.float().mean().item()) < 1e-9
+    mask.copy_(mask.clone())                                      # same values (as DDP's buffer broadcast)
+    masked_linear(x, w, mask)
+    assert _sparse_index.stats["builds"] == builds
     mask.copy_(make_mask("unstructured", 64, 64, seed=3))        # bumps the version counter
     y = masked_linear(x, w, mask)
     assert _sparse_index.stats["builds"] == builds + 1

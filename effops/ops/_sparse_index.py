@@ -10,8 +10,10 @@ the input dimension. Its lazily built indices:
 
 The cache is keyed on the mask tensor itself: its identity (a weak reference, so a new tensor that
 happens to reuse a freed one's memory is never mistaken for it), data pointer, version counter (bumped
-by every in-place write, e.g. `mask.copy_(new)`), shape, strides and dtype. Inference tensors have no
-version counter: their descriptions are rebuilt on every call.
+by every in-place write, e.g. `mask.copy_(new)`), shape, strides and dtype. After a version bump the
+mask is compared with the cached copy, so rewriting the same values (DDP's buffer broadcast each step)
+costs one comparison, not a rebuild. Inference tensors have no version counter: their descriptions are
+rebuilt on every call.
 """
 import weakref
 
@@ -30,7 +32,8 @@ class MaskInfo:
 
     def __init__(self, mask):
         m = mask if mask.dtype == torch.bool else mask != 0
-        self.bool_mask = m.contiguous()
+        # A private copy: mask_info compares it with the mask after a version bump (see there).
+        self.bool_mask = m.clone(memory_format=torch.contiguous_format) if m is mask else m.contiguous()
         self.shape = tuple(m.shape)
         self.nnz = int(m.sum())
         self.numel = m.numel()
@@ -135,8 +138,14 @@ def mask_info(mask):
         return MaskInfo(mask)
     key = _key(mask)
     entry = _cache.get(id(mask))
-    if entry is not None and entry[0]() is mask and entry[1] == key:
-        return entry[2]
+    if entry is not None and entry[0]() is mask:
+        if entry[1] == key:
+            return entry[2]
+        # Written in place with the same values (DDP broadcasting buffers every step, set_mask with
+        # an equal mask): one comparison pass instead of rebuilding indices and weight packs.
+        if entry[1][2:] == key[2:] and torch.equal(entry[2].bool_mask, mask if mask.dtype == torch.bool else mask != 0):
+            _cache[id(mask)] = (entry[0], key, entry[2])
+            return entry[2]
     check_binary(mask)
     info = MaskInfo(mask)
     stats["builds"] += 1
