@@ -267,7 +267,8 @@ def masked_linear(x, weight, mask, bias):
         m = x2.shape[0]
         y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
         _sparse24_mm_kernel[(_cdiv(m, TILE), _cdiv(n, TILE))](
-            x2, vals, pos, b if b is not None else y, y, m, n, k, BM=TILE, BN=TILE, BK=TILE,
+            x2, vals, pos, b if b is not None else y, y, m, n, k, BM=TILE, BN=TILE,
+            BK=_masked_mm_depth(x2.dtype == torch.float32),
             HAS_BIAS=b is not None, IEEE=x2.dtype == torch.float32, num_warps=MASKED_MM_WARPS)
     else:
         y = _masked_mm(x2, w, info.mask_u8(), b, (x2.shape[0], n), (k, 1, k, 1, k, 1), False)
@@ -299,7 +300,8 @@ def masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
             vals, pos = _compressed_24(info, w)
             grad_x = torch.empty((m, k), dtype=g2.dtype, device=g2.device)
             _sparse24_mm_t_kernel[(_cdiv(m, TILE), _cdiv(k, TILE))](
-                g2, vals, pos, grad_x, m, n, k, BM=TILE, BN=TILE, BK=TILE, IEEE=g2.dtype == torch.float32,
+                g2, vals, pos, grad_x, m, n, k, BM=TILE, BN=_masked_mm_depth(g2.dtype == torch.float32), BK=TILE,
+                IEEE=g2.dtype == torch.float32,
                 num_warps=MASKED_MM_WARPS)
             grad_x = grad_x.reshape(x.shape)
         if need_w:  # (gy^T @ x) * mask through the dense-with-mask kernel
@@ -339,11 +341,12 @@ def _specs():
         specs.append(AotSpec(_sparse24_mm_kernel, dict(
             a_ptr=p, vals_ptr=p, pos_ptr="*i8", bias_ptr=p, out_ptr=p, M="i32", N="i32", K="i32",
             BM="constexpr", BN="constexpr", BK="constexpr", HAS_BIAS="constexpr", IEEE="constexpr"),
-            dict(BM=TILE, BN=TILE, BK=TILE, HAS_BIAS=True, IEEE=dt == "fp32"), num_warps=MASKED_MM_WARPS))
+            dict(BM=TILE, BN=TILE, BK=_masked_mm_depth(dt == "fp32"), HAS_BIAS=True, IEEE=dt == "fp32"),
+            num_warps=MASKED_MM_WARPS))
         specs.append(AotSpec(_sparse24_mm_t_kernel, dict(
             g_ptr=p, vals_ptr=p, pos_ptr="*i8", out_ptr=p, M="i32", N="i32", K="i32",
             BM="constexpr", BN="constexpr", BK="constexpr", IEEE="constexpr"),
-            dict(BM=TILE, BN=TILE, BK=TILE, IEEE=dt == "fp32"), num_warps=MASKED_MM_WARPS))
+            dict(BM=TILE, BN=_masked_mm_depth(dt == "fp32"), BK=TILE, IEEE=dt == "fp32"), num_warps=MASKED_MM_WARPS))
     return specs
 
 
