@@ -281,7 +281,7 @@ def test_results_follow_in_place_weight_updates(backend):
         w.add_(3.0)
     xg2 = x.clone().requires_grad_()
     masked_linear(xg2, w, mask).sum().backward()
-    torch.testing.assert_close(xg2.grad, torch.ones(5, 48) @ (w * mask), **TOL[torch.float32])
+    torch.testing.assert_close(xg2.grad, torch.ones(5, 48, device=device()) @ (w * mask), **TOL[torch.float32])
 
 
 @pytest.mark.skipif(not effops.backends()["triton"], reason="triton backend not usable here")
@@ -301,7 +301,7 @@ def test_triton_two_of_four_compressed_path(dtype):
         (gx,) = torch.autograd.grad(y, [x], torch.ones_like(y))
     want = reference.masked_linear(x.detach().float(), w.float(), mask)
     torch.testing.assert_close(y.float(), want, **TOL[dtype])
-    torch.testing.assert_close(gx.float(), torch.ones(3, n) @ (w.float() * mask), **TOL[dtype])
+    torch.testing.assert_close(gx.float(), torch.ones(3, n, device=device()) @ (w.float() * mask), **TOL[dtype])
 
 
 def test_triton_automatic_choice_is_limited_to_sparse_block_masks():
