@@ -225,6 +225,10 @@ def test_automatic_choice_uses_cpu_only_where_it_wins():
     assert _backends.select("masked_linear", "cpu", x, w, sparse, None) == "cpu"
     dense = make_mask("full", 1024, 1024).cpu()
     assert _backends.select("masked_linear", "cpu", x, w, dense, None) == "reference"
+    unstructured = make_mask("unstructured", 1024, 1024, density=0.1).cpu()
+    assert _backends.select("masked_linear", "cpu", x, w, unstructured, None) == "cpu"
+    assert _backends.select("masked_linear", "cpu", x[:8], w, unstructured, None) == "reference"  # too few rows
+    assert _backends.select("masked_linear", "cpu", x[:8], w, sparse, None) == "cpu"
     tiny = make_mask("block16", 16, 16, density=0.1).cpu()
     assert _backends.select("masked_linear", "cpu", x[:2, :16], w[:16, :16], tiny, None) == "reference"
     with effops.use_backend("cpu"):  # forced, it takes any mask

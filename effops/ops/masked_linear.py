@@ -131,7 +131,9 @@ _masked_linear.register_autograd(_backward, setup_context=_setup_context)
 # 2-core machine shared with other jobs, so set on the safe side: at 256 x 2048 x 2048 the block kernel
 # was about 2-3x dense forward at 30-50% density and about even at 70%, the CSR kernel 1.7x at 10% and
 # even at 20%; products under ~8M MACs were at best even. Re-measure on a quiet machine.
-_CPU_LIMITS = {"block_max_density": 0.4, "csr_max_density": 0.15, "min_macs": 1 << 23}
+# The CSR kernel vectorises over 64 batch rows, so it also needs a batch: at 4096 x 4096, 10% dense,
+# one thread, it ran 0.25x dense at 1 row, 0.95x at 8, 1.96x at 32 (the block kernel: 4.6x / 10.7x / 12x).
+_CPU_LIMITS = {"block_max_density": 0.4, "csr_max_density": 0.15, "csr_min_rows": 32, "min_macs": 1 << 23}
 
 
 def _cpu_decline(x, weight, mask):
@@ -146,6 +148,8 @@ def _cpu_decline(x, weight, mask):
     rows = x.numel() // x.shape[-1]
     if rows * weight.numel() < _CPU_LIMITS["min_macs"]:
         return "product too small (%d MACs): dense F.linear is faster" % (rows * weight.numel())
+    if not info.block and rows < _CPU_LIMITS["csr_min_rows"]:
+        return "%d rows: the CSR kernel needs >= %d to beat dense F.linear" % (rows, _CPU_LIMITS["csr_min_rows"])
     limit = _CPU_LIMITS["block_max_density"] if info.block else _CPU_LIMITS["csr_max_density"]
     if info.density > limit:
         return "mask %.0f%% dense, above the %.0f%% where the %s kernel beats dense F.linear" % (
