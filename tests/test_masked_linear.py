@@ -87,6 +87,7 @@ CASES = [  # (x shape, out_features, mask kind)
     ((3, 7, 96), 80, "block32"),          # leading batch dims, out not a multiple of the block
     ((1, 130), 97, "block64"),            # batch 1, sizes not divisible by the block
     ((9, 123), 97, "unstructured"),
+    ((1, 123), 97, "unstructured"),       # batch 1: the cpu CSR kernel's few-rows path
     ((4, 36), 40, "2:4"),
     ((6, 50), 33, "full"),                # sparsity 0%
     ((6, 50), 33, "empty"),               # sparsity 100%

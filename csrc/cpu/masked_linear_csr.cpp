@@ -18,7 +18,8 @@
 namespace effops::cpu {
 namespace {
 
-constexpr int64_t kChunk = 64;  // batch rows per accumulator set
+constexpr int64_t kChunk = 64;    // batch rows per accumulator set
+constexpr int64_t kFewRows = 4;   // at most this many rows: the scalar per-row path
 
 template <class Vec, typename T>
 EFFOPS_ALWAYS_INLINE void csr_mm_rows(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs,
@@ -99,12 +100,32 @@ int64_t row_grain(int64_t rows) { return std::max<int64_t>(1, rows / (8 * std::m
 
 }  // namespace
 
+// A handful of batch rows (decoding one token, say): 64-wide vectors would be mostly padding, so
+// each kept weight does `M` scalar FMAs instead (the weights are the traffic, read once either way).
+template <typename T>
+void csr_mm_rows_few(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
+                     const T* bias, const int64_t* ptr, const int64_t* idx, T* out, int64_t r0, int64_t r1) {
+  float acc[kFewRows];
+  for (int64_t r = r0; r < r1; ++r) {
+    const float b = bias != nullptr ? to_float(bias[r]) : 0.f;
+    for (int64_t i = 0; i < M; ++i) acc[i] = b;
+    for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
+      const float wv = to_float(w[r * w_rs + idx[j] * w_cs]);
+      const float* src = aT + idx[j] * Mpad;
+      for (int64_t i = 0; i < M; ++i) acc[i] += wv * src[i];
+    }
+    for (int64_t i = 0; i < M; ++i) out[i * R + r] = from_float<T>(acc[i]);
+  }
+}
+
 template <typename T>
 void csr_sparse_mm(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
                    const T* bias, const int64_t* ptr, const int64_t* idx, T* out) {
   const bool avx2 = EFFOPS_HAVE_X86 && has_avx2_fma();
   at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
-    if (avx2)
+    if (M <= kFewRows)
+      csr_mm_rows_few<T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, out, r0, r1);
+    else if (avx2)
       csr_mm_rows_avx2<T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, out, r0, r1);
     else
       csr_mm_rows_scalar<T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, out, r0, r1);
