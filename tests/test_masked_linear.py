@@ -270,12 +270,13 @@ def test_cpu_scalar_path_matches_reference():
     assert "scalar ok" in out.stdout
 
 
-def test_results_follow_in_place_weight_updates(backend):
-    # The cpu backend caches packed weights per weight version: an optimizer-style in-place update must
-    # be seen by the next call (forward and backward).
-    x = torch.randn(5, 64, device=device())
+@pytest.mark.parametrize("kind,rows", [("block16", 5), ("unstructured", 5), ("unstructured", 40)])
+def test_results_follow_in_place_weight_updates(backend, kind, rows):
+    # The cpu backend caches packed / compressed weights per weight version: an optimizer-style in-place
+    # update must be seen by the next call (forward and backward).
+    x = torch.randn(rows, 64, device=device())
     w = torch.randn(48, 64, device=device())
-    mask = make_mask("block16", 48, 64)
+    mask = make_mask(kind, 48, 64)
     masked_linear(x, w, mask)
     with torch.no_grad():
         w.mul_(-2.0).add_(1.0)
@@ -286,7 +287,7 @@ def test_results_follow_in_place_weight_updates(backend):
         w.add_(3.0)
     xg2 = x.clone().requires_grad_()
     masked_linear(xg2, w, mask).sum().backward()
-    torch.testing.assert_close(xg2.grad, torch.ones(5, 48, device=device()) @ (w * mask), **TOL[torch.float32])
+    torch.testing.assert_close(xg2.grad, torch.ones(rows, 48, device=device()) @ (w * mask), **TOL[torch.float32])
 
 
 @pytest.mark.skipif(not effops.backends()["triton"], reason="triton backend not usable here")

@@ -79,9 +79,11 @@ at::Tensor block_grad_weight(const at::Tensor& gy, const at::Tensor& x, const at
 
 // out[M, R] = a @ W'^T (+ bias) with aT = a^T as fp32 [C, Mpad], Mpad a multiple of 64.
 at::Tensor csr_mm(const at::Tensor& aT, int64_t M, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const at::Tensor& ptr, const at::Tensor& idx, bool transpose_w) {
+                  const at::Tensor& ptr, const at::Tensor& idx, bool transpose_w,
+                  const std::optional<at::Tensor>& vals) {
   TORCH_CHECK(aT.dim() == 2 && aT.is_contiguous() && aT.scalar_type() == at::kFloat, "aT must be contiguous fp32 2-D");
-  TORCH_CHECK(aT.size(1) % 64 == 0 && aT.size(1) >= M, "aT's rows must be padded to a multiple of 64");
+  TORCH_CHECK((aT.size(1) % 64 == 0 && aT.size(1) >= M) || (M <= 4 && aT.size(1) == M),
+              "aT's rows must be padded to a multiple of 64 (or, for at most 4 rows, not padded)");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be contiguous 2-D");
   const int64_t N = weight.size(0), K = weight.size(1);
   const int64_t R = transpose_w ? K : N, C = transpose_w ? N : K;
@@ -90,11 +92,16 @@ at::Tensor csr_mm(const at::Tensor& aT, int64_t M, const at::Tensor& weight, con
   check_index(ptr, idx, R);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == R && bias->scalar_type() == weight.scalar_type());
+  const bool has_vals = vals.has_value() && vals->defined();
+  if (has_vals)
+    TORCH_CHECK(vals->is_contiguous() && vals->numel() == idx.numel() && vals->scalar_type() == weight.scalar_type(),
+                "vals must hold one value per kept weight, in weight's dtype");
   at::Tensor out = at::empty({M, R}, weight.options());
   EFFOPS_DISPATCH_FLOAT(weight.scalar_type(), "masked_linear_csr_mm", [&] {
     effops::cpu::csr_sparse_mm<scalar_t>(aT.data_ptr<float>(), M, aT.size(1), weight.data_ptr<scalar_t>(), w_rs, w_cs,
                                          R, has_bias ? bias->data_ptr<scalar_t>() : nullptr, ptr.data_ptr<int64_t>(),
-                                         idx.data_ptr<int64_t>(), out.data_ptr<scalar_t>());
+                                         idx.data_ptr<int64_t>(), has_vals ? vals->data_ptr<scalar_t>() : nullptr,
+                                         out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -124,7 +131,7 @@ TORCH_LIBRARY_FRAGMENT(effops_cpu, m) {
         "-> Tensor");
   m.def("masked_linear_block_grad_weight(Tensor gy, Tensor x, Tensor ptr, Tensor idx, int block) -> Tensor");
   m.def("masked_linear_csr_mm(Tensor aT, int M, Tensor weight, Tensor? bias, Tensor ptr, Tensor idx, "
-        "bool transpose_w) -> Tensor");
+        "bool transpose_w, Tensor? vals=None) -> Tensor");
   m.def("masked_linear_csr_grad_weight(Tensor gyT, Tensor xT, Tensor ptr, Tensor idx, ScalarType dtype) -> Tensor");
 }
 

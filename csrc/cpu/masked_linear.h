@@ -33,10 +33,11 @@ void block_sparse_grad_weight(const T* gy, const T* x, int64_t M, int64_t N, int
 
 // out[M, R] = a @ W'^T (+ bias) with a given transposed as aT[C, Mpad] (fp32, rows zero-padded to
 // Mpad, a multiple of 64). Row r of W' keeps columns idx[ptr[r] .. ptr[r+1]), values
-// w[r * w_rs + c * w_cs].
+// w[r * w_rs + c * w_cs], or vals[j] for the j-th kept weight when vals is not null (a compressed copy:
+// contiguous, so a small batch reads density x the weight's bytes instead of most of its cache lines).
 template <typename T>
 void csr_sparse_mm(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
-                   const T* bias, const int64_t* ptr, const int64_t* idx, T* out);
+                   const T* bias, const int64_t* ptr, const int64_t* idx, const T* vals, T* out);
 
 // gw[N, K] (pre-zeroed) at the kept (n, k) of the CSR index: dot(gyT[n, :], xT[k, :]) over Mpad.
 template <typename T>

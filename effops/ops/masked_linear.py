@@ -157,26 +157,41 @@ def _cpu_decline(x, weight, mask):
     return None
 
 
-def _cpu_packed(info, w, transpose):
-    """W (or W^T) kept blocks packed for the cpu block kernel, cached on the mask's description per
-    weight version: inference packs once; training repacks after each optimizer step (the version
-    counter moves). One pack per direction is kept (at most density x the weight's size, in fp32)."""
-    b = info.block
-    ptr, idx = info.block_cols(b) if transpose else info.block_rows(b)
+def _weight_cache(info, w, tag, build):
+    """build(), cached on the mask's description per weight version (`tag` names the form): inference
+    builds once; training rebuilds after each optimizer step (the version counter moves). One entry per
+    tag is kept, so the extra memory is at most density x the weight's size per form."""
     if w.is_inference():
-        return torch.ops.effops_cpu.masked_linear_block_pack(w, ptr, idx, b, transpose)
+        return build()
     key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
-    cached = info.packs.get(transpose)
+    cached = info.packs.get(tag)
     if cached is not None and cached[0]() is w and cached[1] == key:
         return cached[2]
-    packed = torch.ops.effops_cpu.masked_linear_block_pack(w, ptr, idx, b, transpose)
-    info.packs[transpose] = (weakref.ref(w), key, packed)
-    return packed
+    value = build()
+    info.packs[tag] = (weakref.ref(w), key, value)
+    return value
 
 
-def _padded_t(a):
-    """a[M, C] -> fp32 a^T [C, Mpad], batch padded with zeros to a multiple of 64 (the CSR kernels' chunk)."""
+def _cpu_packed(info, w, transpose):
+    """W (or W^T) kept blocks packed as fp32 panels for the cpu block kernel."""
+    b = info.block
+    ptr, idx = info.block_cols(b) if transpose else info.block_rows(b)
+    return _weight_cache(info, w, ("block", transpose),
+                         lambda: torch.ops.effops_cpu.masked_linear_block_pack(w, ptr, idx, b, transpose))
+
+
+def _cpu_csr_values(info, w, transpose):
+    """The kept weights in CSR (or, transposed, CSC) order: contiguous, read instead of W by index."""
+    return _weight_cache(info, w, ("csr", transpose), lambda: (w.t()[info.bool_mask.t()] if transpose
+                                                               else w[info.bool_mask]).contiguous())
+
+
+def _padded_t(a, few_rows_ok=False):
+    """a[M, C] -> fp32 a^T [C, Mpad], batch padded with zeros to a multiple of 64 (the CSR kernels' chunk);
+    with few_rows_ok, up to 4 rows stay unpadded (the kernel's per-row path: x stays dense in cache)."""
     m = a.shape[0]
+    if few_rows_ok and m <= 4:
+        return a.t().to(torch.float32).contiguous()
     out = a.new_zeros((a.shape[1], -(-m // 64) * 64), dtype=torch.float32)
     out[:, :m] = a.t()
     return out
@@ -194,7 +209,8 @@ def _cpu_masked_linear(x, weight, mask, bias):
         y = ops.masked_linear_block_mm(x2, _cpu_packed(info, w, False), n, b, ptr, idx, info.block)
     else:
         ptr, idx = info.csr()
-        y = ops.masked_linear_csr_mm(_padded_t(x2), x2.shape[0], w, b, ptr, idx, False)
+        y = ops.masked_linear_csr_mm(_padded_t(x2, True), x2.shape[0], w, b, ptr, idx, False,
+                                     _cpu_csr_values(info, w, False))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -217,7 +233,8 @@ def _cpu_masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
     else:
         gT = _padded_t(g2)
         if need_x:
-            grad_x = ops.masked_linear_csr_mm(gT, g2.shape[0], w, None, *info.csc(), True).reshape(x.shape)
+            grad_x = ops.masked_linear_csr_mm(_padded_t(g2, True) if g2.shape[0] <= 4 else gT, g2.shape[0], w, None, *info.csc(), True,
+                                              _cpu_csr_values(info, w, True)).reshape(x.shape)
         if need_w:
             grad_w = ops.masked_linear_csr_grad_weight(gT, _padded_t(x2), *info.csr(), weight.dtype)
     grad_b = g2.sum(0) if need_b else None
