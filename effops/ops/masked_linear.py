@@ -14,7 +14,6 @@ Backends:
 """
 import sys
 import types
-import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -163,12 +162,15 @@ def _weight_cache(info, w, tag, build):
     tag is kept, so the extra memory is at most density x the weight's size per form."""
     if w.is_inference():
         return build()
-    key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+    # Keyed on the memory and its version counter, which views and detach() share, so
+    # masked_linear(x, w.detach(), mask) hits too. The entry holds the tensor itself: its memory cannot be
+    # freed and reused by another tensor with the same address and version while the entry exists.
+    key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.stride(), w.device)
     cached = info.packs.get(tag)
-    if cached is not None and cached[0]() is w and cached[1] == key:
+    if cached is not None and cached[1] == key:
         return cached[2]
     value = build()
-    info.packs[tag] = (weakref.ref(w), key, value)
+    info.packs[tag] = (w, key, value)
     return value
 
 
