@@ -62,6 +62,13 @@ class MaskInfo:
         """(block-row, block-column) of every kept block, in block_rows order (for per-block programs)."""
         return self._memo(("coo", b), lambda: tuple(t.contiguous() for t in self.block_mask(b).nonzero(as_tuple=True)))
 
+    def csr_to_csc(self):
+        """Permutation taking values in csr() order to csc() order (cheaper than indexing W^T)."""
+        def build():
+            rows, cols = self.bool_mask.nonzero(as_tuple=True)
+            return torch.argsort(cols * self.shape[0] + rows)
+        return self._memo("csr_to_csc", build)
+
     def mask_u8(self):
         """The mask as a contiguous uint8 tensor (what the dense-with-mask Triton kernel loads)."""
         return self._memo("u8", lambda: self.bool_mask.to(torch.uint8))

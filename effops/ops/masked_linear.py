@@ -184,8 +184,10 @@ def _cpu_packed(info, w, transpose):
 
 def _cpu_csr_values(info, w, transpose):
     """The kept weights in CSR (or, transposed, CSC) order: contiguous, read instead of W by index."""
-    return _weight_cache(info, w, ("csr", transpose), lambda: (w.t()[info.bool_mask.t()] if transpose
-                                                               else w[info.bool_mask]).contiguous())
+    if transpose:  # CSC order: a permutation of the CSR values (W^T boolean indexing is much slower)
+        return _weight_cache(info, w, ("csr", True),
+                             lambda: _cpu_csr_values(info, w, False)[info.csr_to_csc()].contiguous())
+    return _weight_cache(info, w, ("csr", False), lambda: w[info.bool_mask].contiguous())
 
 
 def _padded_t(a, few_rows_ok=False):
