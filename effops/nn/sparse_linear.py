@@ -11,9 +11,6 @@ import torch
 from torch import nn
 
 from effops.ops import _checks
-# Through effops.ops' lazy table first, so `effops.ops.masked_linear` is bound to the function (importing
-# the submodule directly first would bind the name to the module: see the note in ops/masked_linear.py).
-from effops.ops import masked_linear as _public_masked_linear  # noqa: F401,E402
 
 _op = importlib.import_module("effops.ops.masked_linear")  # the module: masked_linear, check_pattern
 

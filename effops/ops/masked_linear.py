@@ -12,8 +12,6 @@ Backends:
 * triton: block and 2:4 kernels, and a dense-with-mask kernel for other masks
   (triton_kernels/masked_matmul.py).
 """
-import sys
-import types
 from typing import List, Optional, Tuple
 
 import torch
@@ -274,16 +272,4 @@ _backends.register_kernel("masked_linear", "triton", "effops.triton_kernels.mask
 _backends.register_kernel("masked_linear_backward", "triton",
                           "effops.triton_kernels.masked_matmul:masked_linear_backward",
                           supports=lambda grad_y, x, weight, mask, need: _triton_decline(x, weight, mask))
-
-
-# Workaround for a name clash in the lazy effops.ops table: importing this submodule directly (as
-# effops.nn.sparse_linear does) makes Python set `effops.ops.masked_linear` to this module, hiding the
-# function of the same name. A callable module keeps `effops.ops.masked_linear(x, w, mask)` working
-# in either import order. (Proper fix belongs in effops/ops/__init__.py.)
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return masked_linear(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
