@@ -7,6 +7,8 @@ impls (all in one process, interleaved):
   effops auto     effops.ops.masked_linear with the automatic backend choice
   effops cpu      the cpu backend forced (its kernels even where auto would decline)
   torch CSR       torch.sparse.mm(W_csr, x^T) (forward only; CSR built outside the timing)
+Forward calls reuse the weight (inference: the cpu kernel's weight pack is cached); forward+backward
+calls bump the weight's version first (training: packs rebuilt every step).
 rate: dense-equivalent GFLOP/s, 2*M*N*K per forward, 6*M*N*K per forward+backward, so a speedup over
 dense shows as a rate above dense's.
 """
@@ -97,6 +99,9 @@ def run(quick, device):
             F.linear(xg, wg * mask).sum().backward()
 
         def ours_fb():
+            # As after an optimizer step: the weight's version moves, so the cpu kernel's cached weight
+            # packs are rebuilt (forward and backward), as they are in training.
+            torch.autograd.graph.increment_version(wg)
             masked_linear(xg, wg, mask).sum().backward()
 
         fb = {"dense F.linear": dense_fb, "effops auto": ours_fb, "effops cpu": forced_cpu(ours_fb)}
@@ -106,7 +111,8 @@ def run(quick, device):
 
 
 def _run_cuda(quick, device):
-    """GPU: effops (auto: triton for now) vs cuBLAS bf16 F.linear, and torch's 2:4 semi-structured if available."""
+    """GPU (never run yet): effops (auto, forced triton) vs cuBLAS bf16 F.linear, and torch's 2:4
+    semi-structured sparsity where this GPU / build supports it."""
     rows = []
     for (n, k, m), pattern, sparsity in _cases(quick):
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
@@ -114,7 +120,12 @@ def _run_cuda(quick, device):
         mask = make_mask(pattern, n, k, sparsity).to(device)
         wm = w * mask
         name = "%dx%d M=%d %s %.0f%%" % (n, k, m, pattern, 100 * sparsity)
-        impls = {"cuBLAS F.linear": lambda: F.linear(x, wm), "effops auto": lambda: masked_linear(x, w, mask)}
+        def forced_triton():
+            with effops.use_backend("triton"):
+                return masked_linear(x, w, mask)
+
+        impls = {"cuBLAS F.linear": lambda: F.linear(x, wm), "effops auto": lambda: masked_linear(x, w, mask),
+                 "effops triton": forced_triton}
         if pattern == "2:4" and sparsity == 0.5:
             try:
                 from torch.sparse import to_sparse_semi_structured

@@ -87,6 +87,7 @@ CASES = [  # (x shape, out_features, mask kind)
     ((3, 7, 96), 80, "block32"),          # leading batch dims, out not a multiple of the block
     ((1, 130), 97, "block64"),            # batch 1, sizes not divisible by the block
     ((9, 123), 97, "unstructured"),
+    ((1, 123), 97, "unstructured"),       # batch 1: the cpu CSR kernel's few-rows path
     ((4, 36), 40, "2:4"),
     ((6, 50), 33, "full"),                # sparsity 0%
     ((6, 50), 33, "empty"),               # sparsity 100%
@@ -207,6 +208,9 @@ def test_mask_description_is_cached_and_follows_in_place_changes():
     assert _sparse_index.stats["builds"] == builds
     info = _sparse_index.mask_info(mask)
     assert info.block == 32 and abs(info.density - mask.float().mean().item()) < 1e-9
+    mask.copy_(mask.clone())                                      # same values (as DDP's buffer broadcast)
+    masked_linear(x, w, mask)
+    assert _sparse_index.stats["builds"] == builds
     mask.copy_(make_mask("unstructured", 64, 64, seed=3))        # bumps the version counter
     y = masked_linear(x, w, mask)
     assert _sparse_index.stats["builds"] == builds + 1
@@ -222,6 +226,10 @@ def test_automatic_choice_uses_cpu_only_where_it_wins():
     assert _backends.select("masked_linear", "cpu", x, w, sparse, None) == "cpu"
     dense = make_mask("full", 1024, 1024).cpu()
     assert _backends.select("masked_linear", "cpu", x, w, dense, None) == "reference"
+    unstructured = make_mask("unstructured", 1024, 1024, density=0.1).cpu()
+    assert _backends.select("masked_linear", "cpu", x, w, unstructured, None) == "cpu"
+    assert _backends.select("masked_linear", "cpu", x[:8], w, unstructured, None) == "reference"  # too few rows
+    assert _backends.select("masked_linear", "cpu", x[:8], w, sparse, None) == "cpu"
     tiny = make_mask("block16", 16, 16, density=0.1).cpu()
     assert _backends.select("masked_linear", "cpu", x[:2, :16], w[:16, :16], tiny, None) == "reference"
     with effops.use_backend("cpu"):  # forced, it takes any mask
@@ -260,3 +268,51 @@ def test_cpu_scalar_path_matches_reference():
     out = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "scalar ok" in out.stdout
+
+
+@pytest.mark.parametrize("kind,rows", [("block16", 5), ("unstructured", 5), ("unstructured", 40)])
+def test_results_follow_in_place_weight_updates(backend, kind, rows):
+    # The cpu backend caches packed / compressed weights per weight version: an optimizer-style in-place
+    # update must be seen by the next call (forward and backward).
+    x = torch.randn(rows, 64, device=device())
+    w = torch.randn(48, 64, device=device())
+    mask = make_mask(kind, 48, 64)
+    masked_linear(x, w, mask)
+    with torch.no_grad():
+        w.mul_(-2.0).add_(1.0)
+    torch.testing.assert_close(masked_linear(x, w, mask), reference.masked_linear(x, w, mask), **TOL[torch.float32])
+    xg = x.clone().requires_grad_()
+    masked_linear(xg, w, mask).sum().backward()
+    with torch.no_grad():
+        w.add_(3.0)
+    xg2 = x.clone().requires_grad_()
+    masked_linear(xg2, w, mask).sum().backward()
+    torch.testing.assert_close(xg2.grad, torch.ones(rows, 48, device=device()) @ (w * mask), **TOL[torch.float32])
+
+
+@pytest.mark.skipif(not effops.backends()["triton"], reason="triton backend not usable here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_two_of_four_compressed_path(dtype):
+    from effops.triton_kernels import masked_matmul
+    n, k = 40, 72
+    mask = make_mask("2:4", n, k)
+    mask &= make_mask("unstructured", n, k, density=0.7, seed=5)   # some groups keep fewer than 2
+    info = _sparse_index.mask_info(mask)
+    w = torch.randn(n, k, device=device(), dtype=dtype)
+    assert masked_matmul._uses_24(info, w)   # the compressed kernels, not the dense-with-mask one
+    with effops.use_backend("triton"):
+        check((3, k), n, "2:4", dtype)       # the generic 2:4 mask (exactly 2 per group)
+        x = torch.randn(3, k, device=device(), dtype=dtype, requires_grad=True)
+        y = masked_linear(x, w, mask)
+        (gx,) = torch.autograd.grad(y, [x], torch.ones_like(y))
+    want = reference.masked_linear(x.detach().float(), w.float(), mask)
+    torch.testing.assert_close(y.float(), want, **TOL[dtype])
+    torch.testing.assert_close(gx.float(), torch.ones(3, n, device=device()) @ (w.float() * mask), **TOL[dtype])
+
+
+def test_triton_automatic_choice_is_limited_to_sparse_block_masks():
+    from effops.ops.masked_linear import _triton_decline
+    x, w = torch.randn(4, 64), torch.randn(64, 64)
+    assert _triton_decline(x, w, make_mask("block32", 64, 64, density=0.1).cpu()) is None
+    assert "block mask" in _triton_decline(x, w, make_mask("full", 64, 64).cpu())
+    assert "not chosen automatically" in _triton_decline(x, w, make_mask("unstructured", 64, 64).cpu())

@@ -142,3 +142,14 @@ def test_ddp_two_processes_keep_pruned_weights_zero_and_agree():
         sum(nn.functional.mse_loss(model(x), y) for x, y in batches).div(2).backward()
         opt.step()
     torch.testing.assert_close(model.state_dict()["0.weight"], state["0.weight"], atol=1e-5, rtol=1e-5)
+
+
+def test_compiles_fullgraph():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    layer = SparseLinear(64, 32, mask=block_mask(32, 64))
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(compiled(x), layer(x), **TOL[torch.float32])
+    assert not counters["graph_break"]

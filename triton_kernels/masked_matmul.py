@@ -9,13 +9,20 @@ Block-sparse masks (constant over B x B blocks, B in 16/32/64), index from effop
 * `_block_grad_weight_kernel`: one program per kept block (coordinates from the block list), reducing
   gy[:, n-block]^T @ x[:, k-block] over M in BM chunks: the sampled product, nothing for pruned blocks.
 
-Any other mask (unstructured, 2:4): `_masked_mm_kernel`, a tiled matmul (BM x BR output tile, BC-deep
+2:4 masks (K a multiple of 4): `_sparse24_mm_kernel` (forward) and `_sparse24_mm_t_kernel` (grad_x) read
+the weight compressed (two values per group of 4 inputs plus their int8 positions, built once per weight
+version), expand each tile in registers and run a dense tensor-core dot: half the weight bytes, the
+same FLOPs (Triton has no sparse tensor-core instruction). grad_weight goes through the masked path below.
+
+Any other mask (unstructured): `_masked_mm_kernel`, a tiled matmul (BM x BR output tile, BC-deep
 K steps) that loads the weight tile and the uint8 mask tile and zeroes pruned weights in registers
 (never materialising W * mask); with OUT_MASKED it masks the output tile instead, which gives the
 weight gradient (gy^T @ x) * mask. This path is dense work: the win is only for the block pattern.
 
 fp32 inputs use IEEE dots (torch's CUDA matmul default is not TF32 for fp32), fp16/bf16 use tensor cores.
 """
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -106,9 +113,87 @@ def _masked_mm_kernel(a_ptr, b_ptr, mask_ptr, bias_ptr, out_ptr, M, C, R,
     tl.store(out_ptr + rm[:, None] * R + rr[None, :], acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _expand_24(vals_ptr, pos_ptr, rn, rh, N, KH):
+    """Dense (BN, 2 * BH) weight tile from the 2:4 compressed form: vals / pos are (N, K/2), two kept
+    values per group of 4 inputs and their positions 0..3 in the group (pruned slots hold value 0)."""
+    inside = (rn[:, None] < N) & (rh[None, :] < KH)
+    v = tl.load(vals_ptr + rn[:, None] * KH + rh[None, :], mask=inside, other=0.0).to(tl.float32)
+    p = tl.load(pos_ptr + rn[:, None] * KH + rh[None, :], mask=inside, other=0).to(tl.int32)
+    BN: tl.constexpr = v.shape[0]
+    BH: tl.constexpr = v.shape[1]
+    v3 = tl.reshape(v, (BN, BH // 2, 2))
+    p3 = tl.reshape(p, (BN, BH // 2, 2))
+    d0 = tl.sum(tl.where(p3 == 0, v3, 0.0), axis=2)
+    d1 = tl.sum(tl.where(p3 == 1, v3, 0.0), axis=2)
+    d2 = tl.sum(tl.where(p3 == 2, v3, 0.0), axis=2)
+    d3 = tl.sum(tl.where(p3 == 3, v3, 0.0), axis=2)
+    # join(join(d0, d2), join(d1, d3)) puts d_j at index j of each group of 4 after the reshape.
+    dense = tl.join(tl.join(d0, d2), tl.join(d1, d3))
+    return tl.reshape(dense, (BN, BH * 2))
+
+
+@triton.jit
+def _sparse24_mm_kernel(a_ptr, vals_ptr, pos_ptr, bias_ptr, out_ptr, M, N, K,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        IEEE: tl.constexpr):
+    """out[M, N] = a[M, K] @ W^T with W in 2:4 compressed form: half the weight bytes are read."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        w = _expand_24(vals_ptr, pos_ptr, rn, k0 // 2 + tl.arange(0, BK // 2), N, K // 2).to(a.dtype)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _sparse24_mm_t_kernel(g_ptr, vals_ptr, pos_ptr, out_ptr, M, N, K,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """out[M, K] = g[M, N] @ W with W in 2:4 compressed form (grad_x)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        g = tl.load(g_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+        w = _expand_24(vals_ptr, pos_ptr, rn, pid_k * (BK // 2) + tl.arange(0, BK // 2), N, K // 2).to(g.dtype)
+        if IEEE:
+            acc = tl.dot(g, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(g, w, acc)
+    tl.store(out_ptr + rm[:, None] * K + rk[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
 # Tiles: BM rows of the batch per program; the dense-with-mask path uses 64 x 64 x 64 tiles.
 BM_BLOCK = 64
 TILE = 64
+
+
+def _block_mm_warps(block):
+    # 64-wide blocks with 4 warps spilled registers in the sm_80/sm_90 compile check; 8 warps do not.
+    return 8 if block == 64 else 4
+
+
+MASKED_MM_WARPS = 8  # the 64 x 64 fp32 (IEEE) tile spilled 5.7 KB of stack with 4 warps
+
+
+def _masked_mm_depth(fp32):
+    # fp32 (IEEE dots) with a 64-deep K step still spilled ~400 B with 8 warps: step 32 deep instead.
+    return 32 if fp32 else TILE
 
 
 def _cdiv(a, b):
@@ -123,7 +208,8 @@ def _block_mm(a, w, bias, ptr, idx, block, transpose_w):
     out = torch.empty((m, r), dtype=a.dtype, device=a.device)
     grid = (_cdiv(m, BM_BLOCK), _cdiv(r, block))
     _block_mm_kernel[grid](a, w, bias if bias is not None else out, out, ptr, idx, m, c, r, a.stride(0), s_wr, s_wc,
-                           BLOCK=block, BM=BM_BLOCK, HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32)
+                           BLOCK=block, BM=BM_BLOCK, HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32,
+                           num_warps=_block_mm_warps(block))
     return out
 
 
@@ -134,9 +220,36 @@ def _masked_mm(a, b, mask_u8, bias, out_shape, strides, out_masked):
     out = torch.empty(out_shape, dtype=b.dtype, device=b.device)
     grid = (_cdiv(m, TILE), _cdiv(r, TILE))
     _masked_mm_kernel[grid](a, b, mask_u8, bias if bias is not None else out, out, m, c, r, *strides,
-                            BM=TILE, BR=TILE, BC=TILE, OUT_MASKED=out_masked, HAS_BIAS=bias is not None,
-                            IEEE=b.dtype == torch.float32)
+                            BM=TILE, BR=TILE, BC=_masked_mm_depth(b.dtype == torch.float32), OUT_MASKED=out_masked,
+                            HAS_BIAS=bias is not None,
+                            IEEE=b.dtype == torch.float32, num_warps=MASKED_MM_WARPS)
     return out
+
+
+def _compress_24(weight, mask):
+    """(vals, pos) of a 2:4 mask: per group of 4 inputs the two kept values first (a group with fewer
+    kept fills up with pruned slots holding 0) and their positions; shapes (N, K/2)."""
+    n, k = weight.shape
+    m4 = mask.reshape(n, k // 4, 4).to(torch.bool)
+    pos = torch.sort((~m4).to(torch.int8), dim=-1, stable=True).indices[..., :2]
+    vals = torch.gather(weight.reshape(n, k // 4, 4), -1, pos) * torch.gather(m4, -1, pos).to(weight.dtype)
+    return vals.reshape(n, k // 2).contiguous(), pos.reshape(n, k // 2).to(torch.int8).contiguous()
+
+
+def _compressed_24(info, weight):
+    """The 2:4 compressed weight, cached on the mask's description per weight version."""
+    key = (weight.data_ptr(), weight._version if not weight.is_inference() else None, weight.dtype)
+    cached = info.packs.get("triton24")
+    if cached is not None and key[1] is not None and cached[0]() is weight and cached[1] == key:
+        return cached[2]
+    packed = _compress_24(weight, info.bool_mask)
+    if key[1] is not None:
+        info.packs["triton24"] = (weakref.ref(weight), key, packed)
+    return packed
+
+
+def _uses_24(info, weight):
+    return info.is_2_4 and not info.block and weight.shape[1] % 4 == 0
 
 
 def masked_linear(x, weight, mask, bias):
@@ -149,6 +262,14 @@ def masked_linear(x, weight, mask, bias):
     if info.block:
         ptr, idx = info.block_rows(info.block)
         y = _block_mm(x2, w, b, ptr, idx, info.block, False)
+    elif _uses_24(info, w):
+        vals, pos = _compressed_24(info, w)
+        m = x2.shape[0]
+        y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+        _sparse24_mm_kernel[(_cdiv(m, TILE), _cdiv(n, TILE))](
+            x2, vals, pos, b if b is not None else y, y, m, n, k, BM=TILE, BN=TILE,
+            BK=_masked_mm_depth(x2.dtype == torch.float32),
+            HAS_BIAS=b is not None, IEEE=x2.dtype == torch.float32, num_warps=MASKED_MM_WARPS)
     else:
         y = _masked_mm(x2, w, info.mask_u8(), b, (x2.shape[0], n), (k, 1, k, 1, k, 1), False)
     return y.reshape(*x.shape[:-1], n)
@@ -174,6 +295,17 @@ def masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
             if rows.numel():
                 _block_grad_weight_kernel[(rows.numel(),)](g2, x2, grad_w, rows, cols, m, n, k, BLOCK=blk,
                                                            BM=BM_BLOCK, IEEE=w.dtype == torch.float32)
+    elif _uses_24(info, w):
+        if need_x:
+            vals, pos = _compressed_24(info, w)
+            grad_x = torch.empty((m, k), dtype=g2.dtype, device=g2.device)
+            _sparse24_mm_t_kernel[(_cdiv(m, TILE), _cdiv(k, TILE))](
+                g2, vals, pos, grad_x, m, n, k, BM=TILE, BN=_masked_mm_depth(g2.dtype == torch.float32), BK=TILE,
+                IEEE=g2.dtype == torch.float32,
+                num_warps=MASKED_MM_WARPS)
+            grad_x = grad_x.reshape(x.shape)
+        if need_w:  # (gy^T @ x) * mask through the dense-with-mask kernel
+            grad_w = _masked_mm(g2, x2, info.mask_u8(), None, (n, k), (1, n, 1, k, k, 1), True)
     else:
         mask_u8 = info.mask_u8()
         if need_x:  # grad_x[M, K] = gy[M, N] @ (W * mask): B'[r=k, c=n] = W[n, k]
@@ -193,7 +325,7 @@ def _specs():
                 a_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p, ptr_ptr="*i64", idx_ptr="*i64", M="i32", C="i32",
                 R="i32", stride_am="i32", stride_wr="i32", stride_wc="i32", BLOCK="constexpr", BM="constexpr",
                 HAS_BIAS="constexpr", IEEE="constexpr"),
-                dict(BLOCK=block, BM=BM_BLOCK, HAS_BIAS=True, IEEE=dt == "fp32")))
+                dict(BLOCK=block, BM=BM_BLOCK, HAS_BIAS=True, IEEE=dt == "fp32"), num_warps=_block_mm_warps(block)))
             specs.append(AotSpec(_block_grad_weight_kernel, dict(
                 gy_ptr=p, x_ptr=p, gw_ptr=p, rows_ptr="*i64", cols_ptr="*i64", M="i32", N="i32", K="i32",
                 BLOCK="constexpr", BM="constexpr", IEEE="constexpr"),
@@ -204,8 +336,17 @@ def _specs():
                 stride_am="i32", stride_ac="i32", stride_br="i32", stride_bc="i32", stride_mr="i32",
                 stride_mc="i32", BM="constexpr", BR="constexpr", BC="constexpr", OUT_MASKED="constexpr",
                 HAS_BIAS="constexpr", IEEE="constexpr"),
-                dict(BM=TILE, BR=TILE, BC=TILE, OUT_MASKED=out_masked, HAS_BIAS=not out_masked,
-                     IEEE=dt == "fp32")))
+                dict(BM=TILE, BR=TILE, BC=_masked_mm_depth(dt == "fp32"), OUT_MASKED=out_masked, HAS_BIAS=not out_masked,
+                     IEEE=dt == "fp32"), num_warps=MASKED_MM_WARPS))
+        specs.append(AotSpec(_sparse24_mm_kernel, dict(
+            a_ptr=p, vals_ptr=p, pos_ptr="*i8", bias_ptr=p, out_ptr=p, M="i32", N="i32", K="i32",
+            BM="constexpr", BN="constexpr", BK="constexpr", HAS_BIAS="constexpr", IEEE="constexpr"),
+            dict(BM=TILE, BN=TILE, BK=_masked_mm_depth(dt == "fp32"), HAS_BIAS=True, IEEE=dt == "fp32"),
+            num_warps=MASKED_MM_WARPS))
+        specs.append(AotSpec(_sparse24_mm_t_kernel, dict(
+            g_ptr=p, vals_ptr=p, pos_ptr="*i8", out_ptr=p, M="i32", N="i32", K="i32",
+            BM="constexpr", BN="constexpr", BK="constexpr", IEEE="constexpr"),
+            dict(BM=TILE, BN=_masked_mm_depth(dt == "fp32"), BK=TILE, IEEE=dt == "fp32"), num_warps=MASKED_MM_WARPS))
     return specs
 
 

@@ -15,11 +15,16 @@
 
 namespace effops::cpu {
 
-// out[M, R] = a[M, C] @ W'^T (+ bias[R]) where W'[r, c] = w[r * w_rs + c * w_cs] restricted to the
-// kept blocks: block-row br keeps block-columns idx[ptr[br] .. ptr[br+1]).
+// Pack the kept blocks of W'[r, c] = w[r * w_rs + c * w_cs] (R x C; block-row br keeps block-columns
+// idx[ptr[br] .. ptr[br+1])) into packed (ptr[nbr] * block * block floats) for block_sparse_mm.
 template <typename T>
-void block_sparse_mm(const T* a, int64_t M, int64_t C, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
-                     const T* bias, const int64_t* ptr, const int64_t* idx, int64_t block, T* out);
+void block_sparse_pack(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C, const int64_t* ptr,
+                       const int64_t* idx, int64_t block, float* packed);
+
+// out[M, R] = a[M, C] @ W'^T (+ bias[R]) over the kept blocks, W' given packed.
+template <typename T>
+void block_sparse_mm(const T* a, int64_t M, int64_t C, int64_t R, const T* bias, const int64_t* ptr,
+                     const int64_t* idx, int64_t block, const float* packed, T* out);
 
 // gw[N, K] (pre-zeroed) = (gy[M, N]^T @ x[M, K]) on the kept blocks of the block-CSR index only.
 template <typename T>
@@ -28,10 +33,11 @@ void block_sparse_grad_weight(const T* gy, const T* x, int64_t M, int64_t N, int
 
 // out[M, R] = a @ W'^T (+ bias) with a given transposed as aT[C, Mpad] (fp32, rows zero-padded to
 // Mpad, a multiple of 64). Row r of W' keeps columns idx[ptr[r] .. ptr[r+1]), values
-// w[r * w_rs + c * w_cs].
+// w[r * w_rs + c * w_cs], or vals[j] for the j-th kept weight when vals is not null (a compressed copy:
+// contiguous, so a small batch reads density x the weight's bytes instead of most of its cache lines).
 template <typename T>
 void csr_sparse_mm(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
-                   const T* bias, const int64_t* ptr, const int64_t* idx, T* out);
+                   const T* bias, const int64_t* ptr, const int64_t* idx, const T* vals, T* out);
 
 // gw[N, K] (pre-zeroed) at the kept (n, k) of the CSR index: dot(gyT[n, :], xT[k, :]) over Mpad.
 template <typename T>

@@ -35,45 +35,32 @@ EFFOPS_ALWAYS_INLINE void micro(const TA* a, int64_t a_is, int64_t a_ks, const T
 }
 
 // The forward/grad_x tile over all kept blocks of one block-row, accumulators kept in registers
-// across blocks: a(i, k) = a[i * lda + kept[j] * b + k], b(k, :) = panel[(j * b + k) * 16 + 0..16).
-// kc_last bounds k in a block that reaches the matrix edge (the block starting at edge_col).
-template <class Vec, int MR, typename TA>
-EFFOPS_ALWAYS_INLINE void micro_blocks(const TA* a, int64_t lda, const int64_t* kept, int64_t nkept, int64_t b,
-                                       int64_t C, const float* panel, float* tile) {
-  constexpr int NV = 16 / Vec::kWidth;
+// across blocks. a is a packed 6-row tile of the dense operand, column-major in groups of 6:
+// a(i, c) = a[c * 6 + i] (so the 6 broadcasts of one k come from one cache line);
+// b(k, :) = panel[(j * b + k) * 16 + 0..16) for the j-th kept block, whose columns start at kept[j] * b.
+template <class Vec>
+EFFOPS_ALWAYS_INLINE void micro_blocks(const float* a, const int64_t* kept, int64_t nkept, int64_t b, int64_t C,
+                                       const float* panel, float* tile) {
+  constexpr int MR = 6, NV = 16 / Vec::kWidth;
   Vec acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = Vec::load(tile + i * 16 + v * Vec::kWidth);
   for (int64_t j = 0; j < nkept; ++j) {
     const int64_t c0 = kept[j] * b;
     const int64_t kc = C - c0 < b ? C - c0 : b;
-    const TA* aj = a + c0;
+    const float* aj = a + c0 * MR;
     const float* pj = panel + j * b * 16;
     for (int64_t k = 0; k < kc; ++k) {
       Vec bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = Vec::load(pj + k * 16 + v * Vec::kWidth);
       for (int i = 0; i < MR; ++i) {
-        const Vec ai = Vec::broadcast(to_float(aj[i * lda + k]));
+        const Vec ai = Vec::broadcast(aj[k * MR + i]);
         for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(ai, bv[v], acc[i][v]);
       }
     }
   }
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v].store(tile + i * 16 + v * Vec::kWidth);
-}
-
-template <class Vec, typename TA>
-EFFOPS_ALWAYS_INLINE void micro_blocks_dispatch(int rows, const TA* a, int64_t lda, const int64_t* kept,
-                                                int64_t nkept, int64_t b, int64_t C, const float* panel,
-                                                float* tile) {
-  switch (rows) {
-    case 6: micro_blocks<Vec, 6>(a, lda, kept, nkept, b, C, panel, tile); break;
-    case 5: micro_blocks<Vec, 5>(a, lda, kept, nkept, b, C, panel, tile); break;
-    case 4: micro_blocks<Vec, 4>(a, lda, kept, nkept, b, C, panel, tile); break;
-    case 3: micro_blocks<Vec, 3>(a, lda, kept, nkept, b, C, panel, tile); break;
-    case 2: micro_blocks<Vec, 2>(a, lda, kept, nkept, b, C, panel, tile); break;
-    default: micro_blocks<Vec, 1>(a, lda, kept, nkept, b, C, panel, tile); break;
-  }
 }
 
 // The same for a run-time row count 1..6 (the last tile of a matrix edge).

@@ -5,15 +5,14 @@ gradient is masked. Pruned weights are also kept at exactly zero in `weight` its
 set_mask zero them), so `to_linear()` and plain optimizers see the pruned model as it is.
 SparseConv1x1 is the same for a 1x1 convolution (a Linear over channels), keeping Conv2d's parameters.
 """
-import sys
+import importlib
 
 import torch
 from torch import nn
 
 from effops.ops import _checks
-import effops.ops.masked_linear  # noqa: F401  (registers the op)
 
-_op = sys.modules["effops.ops.masked_linear"]  # the module, whatever effops.ops.masked_linear is bound to
+_op = importlib.import_module("effops.ops.masked_linear")  # the module: masked_linear, check_pattern
 
 
 def _validated_mask(mask, weight_shape, device, pattern, block_size, name="mask"):

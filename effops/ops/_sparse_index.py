@@ -10,8 +10,10 @@ the input dimension. Its lazily built indices:
 
 The cache is keyed on the mask tensor itself: its identity (a weak reference, so a new tensor that
 happens to reuse a freed one's memory is never mistaken for it), data pointer, version counter (bumped
-by every in-place write, e.g. `mask.copy_(new)`), shape, strides and dtype. Inference tensors have no
-version counter: their descriptions are rebuilt on every call.
+by every in-place write, e.g. `mask.copy_(new)`), shape, strides and dtype. After a version bump the
+mask is compared with the cached copy, so rewriting the same values (DDP's buffer broadcast each step)
+costs one comparison, not a rebuild. Inference tensors have no version counter: their descriptions are
+rebuilt on every call.
 """
 import weakref
 
@@ -30,7 +32,8 @@ class MaskInfo:
 
     def __init__(self, mask):
         m = mask if mask.dtype == torch.bool else mask != 0
-        self.bool_mask = m.contiguous()
+        # A private copy: mask_info compares it with the mask after a version bump (see there).
+        self.bool_mask = m.clone(memory_format=torch.contiguous_format) if m is mask else m.contiguous()
         self.shape = tuple(m.shape)
         self.nnz = int(m.sum())
         self.numel = m.numel()
@@ -38,6 +41,7 @@ class MaskInfo:
         self.block = next((b for b in BLOCK_SIZES if _block_constant(self.bool_mask, b)), 0)
         self.is_2_4 = _is_n_m(self.bool_mask, 2, 4)
         self._built = {}
+        self.packs = {}  # backend-owned weight packs for this mask (see ops/masked_linear.py)
 
     def _memo(self, key, build):
         if key not in self._built:
@@ -57,6 +61,13 @@ class MaskInfo:
     def block_coo(self, b):
         """(block-row, block-column) of every kept block, in block_rows order (for per-block programs)."""
         return self._memo(("coo", b), lambda: tuple(t.contiguous() for t in self.block_mask(b).nonzero(as_tuple=True)))
+
+    def csr_to_csc(self):
+        """Permutation taking values in csr() order to csc() order (cheaper than indexing W^T)."""
+        def build():
+            rows, cols = self.bool_mask.nonzero(as_tuple=True)
+            return torch.argsort(cols * self.shape[0] + rows)
+        return self._memo("csr_to_csc", build)
 
     def mask_u8(self):
         """The mask as a contiguous uint8 tensor (what the dense-with-mask Triton kernel loads)."""
@@ -134,8 +145,14 @@ def mask_info(mask):
         return MaskInfo(mask)
     key = _key(mask)
     entry = _cache.get(id(mask))
-    if entry is not None and entry[0]() is mask and entry[1] == key:
-        return entry[2]
+    if entry is not None and entry[0]() is mask:
+        if entry[1] == key:
+            return entry[2]
+        # Written in place with the same values (DDP broadcasting buffers every step, set_mask with
+        # an equal mask): one comparison pass instead of rebuilding indices and weight packs.
+        if entry[1][2:] == key[2:] and torch.equal(entry[2].bool_mask, mask if mask.dtype == torch.bool else mask != 0):
+            _cache[id(mask)] = (entry[0], key, entry[2])
+            return entry[2]
     check_binary(mask)
     info = MaskInfo(mask)
     stats["builds"] += 1

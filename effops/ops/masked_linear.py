@@ -12,8 +12,6 @@ Backends:
 * triton: block and 2:4 kernels, and a dense-with-mask kernel for other masks
   (triton_kernels/masked_matmul.py).
 """
-import sys
-import types
 from typing import List, Optional, Tuple
 
 import torch
@@ -124,10 +122,15 @@ _masked_linear.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # cpu backend
 # ---------------------------------------------------------------------------------------------
-# Automatic choice: the highest density at which each cpu kernel still beats dense F.linear
-# (fp32, 2 threads, AVX2; measured with benchmarks/bench_masked_linear.py), and the smallest
-# product (rows x out x in multiply-adds) worth the index walk and packing overhead.
-_CPU_LIMITS = {"block_max_density": 0.5, "csr_max_density": 0.2, "min_macs": 1 << 20}
+# Automatic choice: the highest density at which each cpu kernel still beats dense F.linear, and the
+# smallest product (rows x out x in multiply-adds) worth the Python dispatch, index walk and packing.
+# Measured (fp32, AVX2, density sweeps of the forced cpu backend against F.linear) on a
+# 2-core machine shared with other jobs, so set on the safe side: at 256 x 2048 x 2048 the block kernel
+# was about 2-3x dense forward at 30-50% density and about even at 70%, the CSR kernel 1.7x at 10% and
+# even at 20%; products under ~8M MACs were at best even. Re-measure on a quiet machine.
+# The CSR kernel vectorises over 64 batch rows, so it also needs a batch: at 4096 x 4096, 10% dense,
+# one thread, it ran 0.25x dense at 1 row, 0.95x at 8, 1.96x at 32 (the block kernel: 4.6x / 10.7x / 12x).
+_CPU_LIMITS = {"block_max_density": 0.4, "csr_max_density": 0.15, "csr_min_rows": 32, "min_macs": 1 << 23}
 
 
 def _cpu_decline(x, weight, mask):
@@ -142,6 +145,8 @@ def _cpu_decline(x, weight, mask):
     rows = x.numel() // x.shape[-1]
     if rows * weight.numel() < _CPU_LIMITS["min_macs"]:
         return "product too small (%d MACs): dense F.linear is faster" % (rows * weight.numel())
+    if not info.block and rows < _CPU_LIMITS["csr_min_rows"]:
+        return "%d rows: the CSR kernel needs >= %d to beat dense F.linear" % (rows, _CPU_LIMITS["csr_min_rows"])
     limit = _CPU_LIMITS["block_max_density"] if info.block else _CPU_LIMITS["csr_max_density"]
     if info.density > limit:
         return "mask %.0f%% dense, above the %.0f%% where the %s kernel beats dense F.linear" % (
@@ -149,9 +154,46 @@ def _cpu_decline(x, weight, mask):
     return None
 
 
-def _padded_t(a):
-    """a[M, C] -> fp32 a^T [C, Mpad], batch padded with zeros to a multiple of 64 (the CSR kernels' chunk)."""
+def _weight_cache(info, w, tag, build):
+    """build(), cached on the mask's description per weight version (`tag` names the form): inference
+    builds once; training rebuilds after each optimizer step (the version counter moves). One entry per
+    tag is kept, so the extra memory is at most density x the weight's size per form."""
+    if w.is_inference():
+        return build()
+    # Keyed on the memory and its version counter, which views and detach() share, so
+    # masked_linear(x, w.detach(), mask) hits too. The entry holds the tensor itself: its memory cannot be
+    # freed and reused by another tensor with the same address and version while the entry exists.
+    key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.stride(), w.device)
+    cached = info.packs.get(tag)
+    if cached is not None and cached[1] == key:
+        return cached[2]
+    value = build()
+    info.packs[tag] = (w, key, value)
+    return value
+
+
+def _cpu_packed(info, w, transpose):
+    """W (or W^T) kept blocks packed as fp32 panels for the cpu block kernel."""
+    b = info.block
+    ptr, idx = info.block_cols(b) if transpose else info.block_rows(b)
+    return _weight_cache(info, w, ("block", transpose),
+                         lambda: torch.ops.effops_cpu.masked_linear_block_pack(w, ptr, idx, b, transpose))
+
+
+def _cpu_csr_values(info, w, transpose):
+    """The kept weights in CSR (or, transposed, CSC) order: contiguous, read instead of W by index."""
+    if transpose:  # CSC order: a permutation of the CSR values (W^T boolean indexing is much slower)
+        return _weight_cache(info, w, ("csr", True),
+                             lambda: _cpu_csr_values(info, w, False)[info.csr_to_csc()].contiguous())
+    return _weight_cache(info, w, ("csr", False), lambda: w[info.bool_mask].contiguous())
+
+
+def _padded_t(a, few_rows_ok=False):
+    """a[M, C] -> fp32 a^T [C, Mpad], batch padded with zeros to a multiple of 64 (the CSR kernels' chunk);
+    with few_rows_ok, up to 4 rows stay unpadded (the kernel's per-row path: x stays dense in cache)."""
     m = a.shape[0]
+    if few_rows_ok and m <= 4:
+        return a.t().to(torch.float32).contiguous()
     out = a.new_zeros((a.shape[1], -(-m // 64) * 64), dtype=torch.float32)
     out[:, :m] = a.t()
     return out
@@ -166,10 +208,11 @@ def _cpu_masked_linear(x, weight, mask, bias):
     b = None if bias is None else bias.contiguous()
     if info.block:
         ptr, idx = info.block_rows(info.block)
-        y = ops.masked_linear_block_mm(x2, w, b, ptr, idx, info.block, False)
+        y = ops.masked_linear_block_mm(x2, _cpu_packed(info, w, False), n, b, ptr, idx, info.block)
     else:
         ptr, idx = info.csr()
-        y = ops.masked_linear_csr_mm(_padded_t(x2), x2.shape[0], w, b, ptr, idx, False)
+        y = ops.masked_linear_csr_mm(_padded_t(x2, True), x2.shape[0], w, b, ptr, idx, False,
+                                     _cpu_csr_values(info, w, False))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -185,13 +228,15 @@ def _cpu_masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
     if info.block:
         b = info.block
         if need_x:
-            grad_x = ops.masked_linear_block_mm(g2, w, None, *info.block_cols(b), b, True).reshape(x.shape)
+            grad_x = ops.masked_linear_block_mm(g2, _cpu_packed(info, w, True), k, None, *info.block_cols(b),
+                                                b).reshape(x.shape)
         if need_w:
             grad_w = ops.masked_linear_block_grad_weight(g2, x2, *info.block_rows(b), b)
     else:
         gT = _padded_t(g2)
         if need_x:
-            grad_x = ops.masked_linear_csr_mm(gT, g2.shape[0], w, None, *info.csc(), True).reshape(x.shape)
+            grad_x = ops.masked_linear_csr_mm(_padded_t(g2, True) if g2.shape[0] <= 4 else gT, g2.shape[0], w, None, *info.csc(), True,
+                                              _cpu_csr_values(info, w, True)).reshape(x.shape)
         if need_w:
             grad_w = ops.masked_linear_csr_grad_weight(gT, _padded_t(x2), *info.csr(), weight.dtype)
     grad_b = g2.sum(0) if need_b else None
@@ -204,21 +249,27 @@ _backends.register_kernel("masked_linear_backward", "cpu", _cpu_masked_linear_ba
                           supports=lambda grad_y, x, weight, mask, need: _cpu_decline(x, weight, mask))
 
 
-# Workaround for a name clash in the lazy effops.ops table: importing this submodule directly (as
-# effops.nn.sparse_linear does) makes Python set `effops.ops.masked_linear` to this module, hiding the
-# function of the same name. A callable module keeps `effops.ops.masked_linear(x, w, mask)` working
-# in either import order. (Proper fix belongs in effops/ops/__init__.py.)
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return masked_linear(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
-
 # ---------------------------------------------------------------------------------------------
 # triton backend (imported on first use: Triton stays out of `import effops`)
 # ---------------------------------------------------------------------------------------------
-_backends.register_kernel("masked_linear", "triton", "effops.triton_kernels.masked_matmul:masked_linear")
+def _triton_decline(x, weight, mask):
+    """Automatic choice only where the Triton kernels should beat cuBLAS: block masks up to 50% dense.
+
+    Not yet measured on a GPU (none here): the unstructured / 2:4 kernels do dense FLOPs and are left
+    to forcing (use_backend("triton")) until a GPU run sets their crossover."""
+    if _backends.forced_backend() == "triton" or x.numel() == 0:
+        return None
+    info = _sparse_index.mask_info(mask)
+    if not info.block:
+        return "unstructured / 2:4 Triton kernels are not chosen automatically (no GPU crossover measured yet)"
+    if info.density > 0.5:
+        return "block mask %.0f%% dense: cuBLAS on W * mask is expected to be faster" % (100 * info.density)
+    return None
+
+
+_backends.register_kernel("masked_linear", "triton", "effops.triton_kernels.masked_matmul:masked_linear",
+                          supports=lambda x, weight, mask, bias: _triton_decline(x, weight, mask))
 _backends.register_kernel("masked_linear_backward", "triton",
-                          "effops.triton_kernels.masked_matmul:masked_linear_backward")
+                          "effops.triton_kernels.masked_matmul:masked_linear_backward",
+                          supports=lambda grad_y, x, weight, mask, need: _triton_decline(x, weight, mask))
+

@@ -1,0 +1,143 @@
+"""effops.prune and effops.GradualPruner: which weights go, the patterns, training keeps exact zeros."""
+import pytest
+import torch
+from torch import nn
+
+import effops
+from effops.nn import SparseLinear
+from effops.nn.sparse_linear import SparseConv1x1
+from effops.ops import _sparse_index
+
+
+def mlp(seed=0, width=64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(48, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def test_unstructured_layer_scope_removes_the_smallest_weights():
+    model = mlp()
+    before = [m.weight.detach().clone() for m in model if isinstance(m, nn.Linear)]
+    effops.prune(model, 0.75)
+    layers = [m for m in model if isinstance(m, SparseLinear)]
+    assert len(layers) == 3
+    for layer, w in zip(layers, before):
+        assert layer.sparsity == pytest.approx(0.75, abs=1 / w.numel())
+        kept, pruned = w.abs()[layer.mask], w.abs()[~layer.mask]
+        assert kept.min() >= pruned.max()
+        assert torch.equal(layer.weight.detach(), w * layer.mask)
+
+
+def test_block_pattern_gives_block_constant_masks():
+    model = mlp(width=96)
+    effops.prune(model, 0.5, pattern="block", block_size=16)
+    for layer in model:
+        if isinstance(layer, SparseLinear):
+            info = _sparse_index.mask_info(layer.mask)
+            assert info.block >= 16
+            assert layer.pattern == "block" and layer.block_size == 16
+
+
+def test_two_of_four_keeps_the_two_largest_of_each_group():
+    model = mlp()
+    w = model[0].weight.detach().clone()
+    effops.prune(model, 0.5, pattern="2:4")
+    mask = model[0].mask
+    assert _sparse_index.mask_info(mask).is_2_4
+    groups_w, groups_m = w.abs().view(64, -1, 4), mask.view(64, -1, 4)
+    assert (groups_m.sum(-1) == 2).all()
+    kept_min = torch.where(groups_m, groups_w, torch.inf).amin(-1)
+    pruned_max = torch.where(groups_m, -torch.inf, groups_w).amax(-1)
+    assert (kept_min >= pruned_max).all()
+    with pytest.raises(ValueError, match="sparsity must be 0.5"):
+        effops.prune(mlp(), 0.75, pattern="2:4")
+
+
+def test_global_scope_meets_the_total_and_differs_per_layer():
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight.mul_(10)  # a layer with large weights keeps more of them under a global threshold
+    effops.prune(model, 0.8, scope="global")
+    layers = [m for m in model if isinstance(m, SparseLinear)]
+    total = sum(m.mask.numel() for m in layers)
+    kept = sum(int(m.mask.sum()) for m in layers)
+    assert kept == round(0.2 * total)
+    assert layers[0].density > 0.5 > layers[1].density
+
+
+def test_exclude_and_convs():
+    model = nn.Sequential(nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 4, 5))
+    effops.prune(model, 0.5, exclude=["3"])
+    assert isinstance(model[0], SparseConv1x1)
+    assert type(model[1]) is nn.Conv2d and type(model[3]) is nn.Linear
+    assert model[0].sparsity == pytest.approx(0.5)
+    assert model(torch.randn(2, 8, 2, 2)).shape == (2, 5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        effops.prune(mlp(), 1.5)
+    with pytest.raises(TypeError, match="sparsity must be a number"):
+        effops.prune(mlp(), "half")
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        effops.prune(mlp(), 0.5, pattern="rows")
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        effops.prune(mlp(), 0.5, pattern="block", block_size=8)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        effops.prune(mlp(), 0.5, scope="model")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        effops.prune([nn.Linear(2, 2)], 0.5)
+    with pytest.raises(ValueError, match="begin_step < end_step"):
+        effops.GradualPruner(mlp(), 0.9, end_step=0)
+
+
+def test_cubic_schedule():
+    pruner = effops.GradualPruner(mlp(), 0.9, begin_step=10, end_step=110, frequency=10)
+    assert pruner.sparsity_at(0) == 0.0 and pruner.sparsity_at(10) == 0.0
+    assert pruner.sparsity_at(60) == pytest.approx(0.9 - 0.9 * 0.5 ** 3)
+    assert pruner.sparsity_at(110) == pytest.approx(0.9) and pruner.sparsity_at(500) == pytest.approx(0.9)
+    s = [pruner.sparsity_at(t) for t in range(10, 111, 10)]
+    assert all(b >= a for a, b in zip(s, s[1:]))
+    # Cubic: most of the pruning happens early.
+    assert pruner.sparsity_at(35) > 0.9 * 0.5
+
+
+@pytest.mark.parametrize("optim", ["sgd_momentum", "adamw"])
+def test_gradual_block_pruning_to_90_percent_keeps_exact_zeros_and_trains(optim):
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    model = nn.Sequential(nn.Linear(64, 320), nn.ReLU(), nn.Linear(320, 320), nn.ReLU(), nn.Linear(320, 8))
+    if optim == "sgd_momentum":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2)
+    pruner = effops.GradualPruner(model, 0.9, begin_step=20, end_step=120, frequency=10, pattern="block",
+                                  block_size=32, exclude=["0", "4"], optimizer=opt)
+    middle = model[2]
+    assert isinstance(middle, SparseLinear) and type(model[0]) is nn.Linear
+    losses = []
+    for step in range(160):
+        x = torch.randn(64, 64)
+        with torch.no_grad():
+            y = teacher(x)
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()  # the pruner's post-hook re-masks
+        losses.append(loss.item())
+        assert not middle.weight[~middle.mask].any(), "pruned weight moved at step %d" % step
+    assert middle.sparsity == pytest.approx(0.9)
+    assert _sparse_index.mask_info(middle.mask).block >= 32
+    assert sum(losses[-20:]) / 20 < 0.7 * sum(losses[:20]) / 20
+
+
+def test_static_pruning_then_adam_with_weight_decay_keeps_zeros_without_a_pruner():
+    model = mlp()
+    effops.prune(model, 0.7)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(8, 48)).square().mean().backward()
+        opt.step()
+    for layer in model:
+        if isinstance(layer, SparseLinear):
+            assert not layer.weight[~layer.mask].any()
