@@ -12,6 +12,7 @@ decline (a dtype it lacks, a layout, a size where plain PyTorch is faster). `dis
 Triton on CPU tensors runs only in its interpreter (``TRITON_INTERPRET=1`` set before Triton is
 imported): that is for tests, so the automatic choice never picks it.
 """
+import collections
 import contextlib
 import contextvars
 import importlib
@@ -30,6 +31,7 @@ AUTO_ORDER = {
 
 _forced = contextvars.ContextVar("effops_forced_backend", default=None)
 _kernels = {}  # op name -> {backend name -> _Kernel}
+_recorders = []  # open record_choices() tallies
 
 
 class BackendError(RuntimeError):
@@ -187,5 +189,18 @@ def _choose(op, device_type, args, kwargs):
 
 def dispatch(op, device, *args, **kwargs):
     """Run `op` on the chosen backend. `device` is the device of the op's tensors."""
-    _, kernel = _choose(op, torch.device(device).type, args, kwargs)
+    name, kernel = _choose(op, torch.device(device).type, args, kwargs)
+    for tally in _recorders:
+        tally[op][name] = tally[op].get(name, 0) + 1
     return kernel.fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def record_choices():
+    """Count which backend ran each op inside the block: yields {op: {backend: calls}}, filled as ops run."""
+    tally = collections.defaultdict(dict)
+    _recorders.append(tally)
+    try:
+        yield tally
+    finally:
+        _recorders.remove(tally)

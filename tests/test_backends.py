@@ -102,3 +102,12 @@ def test_info_report_names_backends_and_versions():
     text = report()
     for needle in ("torch " + torch.__version__, "backends:", "reference", "triton"):
         assert needle in text
+
+
+def test_record_choices_counts_the_backend_of_each_dispatch(toy_op):
+    with _backends.record_choices() as tally:
+        with effops.use_backend("reference"):
+            _backends.dispatch(toy_op, "cpu", torch.zeros(4))
+            _backends.dispatch(toy_op, "cpu", torch.zeros(3))
+    _backends.dispatch(toy_op, "cpu", torch.zeros(4))  # outside the block: not counted
+    assert tally == {toy_op: {"reference": 2}}

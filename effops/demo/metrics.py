@@ -1,6 +1,5 @@
 """What the closing table counts: nonzero parameters, checkpoint bytes, and which backend ran each op."""
 import collections
-import contextlib
 import io
 
 import torch
@@ -54,29 +53,15 @@ def checkpoint_bytes(model):
     return buf.tell()
 
 
-@contextlib.contextmanager
 def record_backends():
-    """Count, per effops op, which backend the registry chose while the block runs.
-
-    Wraps effops._backends._choose (every dispatch goes through it) and restores it afterwards; yields
-    a {op: Counter(backend: calls)} dict filled as ops run."""
+    """Count, per effops op, which backend the registry chose while the block runs: a context manager
+    yielding {op: {backend: calls}} (effops._backends.record_choices)."""
     from effops import _backends
-    seen = collections.defaultdict(collections.Counter)
-    original = _backends._choose
-
-    def choose(op, device_type, args, kwargs):
-        name, kernel = original(op, device_type, args, kwargs)
-        seen[op][name] += 1
-        return name, kernel
-
-    _backends._choose = choose
-    try:
-        yield seen
-    finally:
-        _backends._choose = original
+    return _backends.record_choices()
 
 
 def summarize_backends(seen):
     """{op: "cpu" or "cpu 120, reference 3"} from record_backends' counts."""
-    return {op: ", ".join(name if len(c) == 1 else "%s %d" % (name, n) for name, n in c.most_common())
+    return {op: ", ".join(name if len(c) == 1 else "%s %d" % (name, n)
+                          for name, n in collections.Counter(c).most_common())
             for op, c in sorted(seen.items())}
