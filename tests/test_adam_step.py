@@ -282,3 +282,28 @@ def test_autocast_does_not_change_the_step():
         run_step(s, None, OPTIONS["adamw"])
     assert all(p.dtype == torch.float32 for p in s["params"])
     assert_state_close(s, want)
+
+
+@pytest.mark.parametrize("under_mode", [False, True])
+def test_version_counters_bumped(under_mode):
+    """Eager fast path (one C++ bump) and the custom-op path alike: autograd must see the in-place step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    p = torch.randn(5, requires_grad=True)
+    w = p.detach()  # shares p's version counter
+    saved = (w * 1.0).requires_grad_()
+    y = saved * w  # saves w for backward
+    g, m, v, s = torch.randn(5), torch.zeros(5), torch.zeros(5), torch.tensor(0.0)
+    before = [t._version for t in (w, g, m, v, s)]
+    if under_mode:
+        with Watch():
+            adam_step([w], [g], [m], [v], [s], lr=1e-2)
+    else:
+        adam_step([w], [g], [m], [v], [s], lr=1e-2)
+    assert all(t._version > b for t, b in zip((w, g, m, v, s), before))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -52,7 +52,10 @@ def flat_layout_reason(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, ma
             group.append(max_exp_avg_sqs[i])
         if master_params[i] is not None:
             group.append(master_params[i])
-        if all(t.is_contiguous() for t in group) or p.numel() == 0:
+        # Unrolled (not a generator): this runs per tensor on every step.
+        if (p.is_contiguous() and group[1].is_contiguous() and group[2].is_contiguous()
+                and group[3].is_contiguous() and (len(group) == 4 or all(t.is_contiguous() for t in group[4:]))) \
+                or p.numel() == 0:
             continue  # the common case, checked cheaply
         if not _dense(p) or any(t.stride() != p.stride() for t in group):
             return "params[%d] or its grad/state is not dense with one shared layout (strides %s)" % (
@@ -87,6 +90,9 @@ def _cuda_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_p
 
 def per_tensor_scalars(lr, beta1, beta2, steps):
     """Per tensor: step_size = lr / (1 - beta1^t) and sqrt(1 - beta2^t), in double as torch does."""
+    if steps and steps.count(steps[0]) == len(steps):  # the usual case: every param at the same step
+        bc1, bc2_sqrt = reference.bias_corrections(beta1, beta2, steps[0])
+        return [lr / bc1] * len(steps), [bc2_sqrt] * len(steps)
     step_sizes, bc2_sqrts = [], []
     for step in steps:
         bc1, bc2_sqrt = reference.bias_corrections(beta1, beta2, step)
@@ -245,11 +251,26 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
     masters = [m for m in master_params if m is not None]
 
     def run():
-        if n:
-            torch.ops.effops.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master,
-                                       steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                                       decoupled_weight_decay, grad_scale, found_inf)
+        if not n:
+            return
+        args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1,
+                beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf)
+        if _eager_plain():
+            # Eager with no mode or tracer watching: call the implementation directly and bump the
+            # version counters of everything mutated in ONE C++ call. The custom-op wrapper does the
+            # same bumps one Python call per tensor, which cost more than the step itself for
+            # hundreds of small tensors.
+            _adam_step_impl(*args)
+            torch._C._increment_version(params + grads + exp_avgs + exp_avg_sqs + max_exp_avg_sqs + masters + steps)
+        else:
+            torch.ops.effops.adam_step(*args)
     return run
+
+
+def _eager_plain():
+    """True when nothing (torch.compile, a dispatch or function mode) needs to see the op as one node."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled())
 
 
 @torch.library.custom_op("effops::adam_step", mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs",
@@ -258,6 +279,13 @@ def _adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
                max_exp_avg_sqs: List[Tensor], masters: List[Tensor], has_master: List[bool], steps: List[Tensor], lr: float,
                beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
                decoupled_weight_decay: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    _adam_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1,
+                    beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf)
+
+
+def _adam_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1,
+                    beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf):
+    """The custom op's body (also run directly by the eager fast path in prepare_adam_step)."""
     if not params:
         return
     # The GradScaler flag is read on the host: a skipped step must not advance the (host) step counts.
@@ -267,12 +295,10 @@ def _adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     scale = None if grad_scale is None else float(grad_scale.item())
     it = iter(masters)
     master_params = [next(it) if flag else None for flag in has_master]
-    if all(s.device.type == "cpu" for s in steps):
-        try:
-            new_steps = (torch.stack(steps).double().reshape(-1) + 1).tolist()  # one op, not n .item()
-        except RuntimeError:  # steps of mixed shapes (() and (1,)) or dtypes
-            new_steps = [float(s.item()) + 1 for s in steps]
-    else:
+    try:
+        # One op and one host read, not n .item() (steps on one device; on CUDA one sync, not n).
+        new_steps = (torch.stack(steps).double().reshape(-1) + 1).tolist()
+    except RuntimeError:  # steps of mixed shapes (() and (1,)), dtypes or devices
         new_steps = [float(s.item()) + 1 for s in steps]
     _backends.dispatch("adam_step", params[0].device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                        master_params, new_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,

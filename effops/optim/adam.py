@@ -128,12 +128,38 @@ class Adam(Optimizer):
         """{device: argument lists for adam_step} for the params of `group` that have a gradient."""
         by_device = {}
         amsgrad = group["amsgrad"]
+        master_weights = group["master_weights"]
+        last_dev, lists = None, None
+        tensor_types = (torch.nn.Parameter, torch.Tensor)
+        plain = lambda t: type(t) in tensor_types  # noqa: E731  (not a DTensor or other subclass)
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
             if grad.is_sparse:
                 raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+            state = self.state.get(p)
+            if state and not master_weights and plain(p) and not p.is_complex() and "master_param" not in state \
+                    and (not amsgrad or "max_exp_avg_sq" in state):
+                # The common case (fp32/bf16 params, state already built): straight into the lists.
+                exp_avg = state["exp_avg"]
+                if exp_avg.dtype == p.dtype:
+                    dev = p.device
+                    if dev != last_dev:
+                        lists = by_device.get(dev)
+                        if lists is None:
+                            lists = by_device[dev] = dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[],
+                                                          max_exp_avg_sqs=[], master_params=[], steps=[])
+                        last_dev = dev
+                    lists["params"].append(p)
+                    lists["grads"].append(grad)
+                    lists["exp_avgs"].append(exp_avg)
+                    lists["exp_avg_sqs"].append(state["exp_avg_sq"])
+                    if amsgrad:
+                        lists["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+                    lists["master_params"].append(None)
+                    lists["steps"].append(state["step"])
+                    continue
             state = self._prepare_state(group, p)
             tensors = [p, grad, state["exp_avg"], state["exp_avg_sq"]]
             if amsgrad:
@@ -144,6 +170,7 @@ class Adam(Optimizer):
                 master = None if master is None else master.to_local()
             if p.is_complex():
                 tensors = [torch.view_as_real(t) for t in tensors]
+            last_dev = None  # the fast path re-looks its lists up
             lists = by_device.get(tensors[0].device)
             if lists is None:
                 lists = by_device[tensors[0].device] = dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[],
