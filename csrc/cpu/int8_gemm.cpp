@@ -47,11 +47,13 @@ EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i bcast4(const in
   return _mm256_set1_epi32(w);
 }
 
-// A is given twice, as a (signed) and |a| (unsigned bytes, precomputed once per GEMM so the loop has
-// no vpabsb), both with rows zero padded to a multiple of 4. Accumulators are named variables (an
+// A's rows are zero padded to a multiple of 4. |a| is taken in registers (vpabsb, an ALU uop next to
+// the multiplier-bound maddubs/maddwd) rather than loaded from a precomputed |A| copy: that copy
+// doubled A's L1 footprint (2 x 4 rows x K bytes = 32 KiB at K = 4096, all of L1) so the streamed B
+// panel evicted A every micro-tile. Accumulators are named variables (an
 // array of __m256i made GCC spill them to the stack inside the loop).
 template <int MR>
-EFFOPS_AVX2_TARGET void micro_s8_avx2(const int8_t* a, const int8_t* abs_a, int64_t lda, int64_t K, const int8_t* b,
+EFFOPS_AVX2_TARGET void micro_s8_avx2(const int8_t* a, const int8_t* /*abs_a: unused*/, int64_t lda, int64_t K, const int8_t* b,
                                       int32_t* c) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -61,22 +63,22 @@ EFFOPS_AVX2_TARGET void micro_s8_avx2(const int8_t* a, const int8_t* abs_a, int6
     const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64 + 32));
     const int64_t off = g * kInt8KG;
     {
-      const __m256i av = bcast4(a + off), ua = bcast4(abs_a + off);
+      const __m256i av = bcast4(a + off), ua = _mm256_abs_epi8(av);
       c00 = s8_step(c00, ua, av, b0, ones);
       c01 = s8_step(c01, ua, av, b1, ones);
     }
     if constexpr (MR > 1) {
-      const __m256i av = bcast4(a + lda + off), ua = bcast4(abs_a + lda + off);
+      const __m256i av = bcast4(a + lda + off), ua = _mm256_abs_epi8(av);
       c10 = s8_step(c10, ua, av, b0, ones);
       c11 = s8_step(c11, ua, av, b1, ones);
     }
     if constexpr (MR > 2) {
-      const __m256i av = bcast4(a + 2 * lda + off), ua = bcast4(abs_a + 2 * lda + off);
+      const __m256i av = bcast4(a + 2 * lda + off), ua = _mm256_abs_epi8(av);
       c20 = s8_step(c20, ua, av, b0, ones);
       c21 = s8_step(c21, ua, av, b1, ones);
     }
     if constexpr (MR > 3) {
-      const __m256i av = bcast4(a + 3 * lda + off), ua = bcast4(abs_a + 3 * lda + off);
+      const __m256i av = bcast4(a + 3 * lda + off), ua = _mm256_abs_epi8(av);
       c30 = s8_step(c30, ua, av, b0, ones);
       c31 = s8_step(c31, ua, av, b1, ones);
     }
@@ -279,27 +281,32 @@ void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8
                   const Int8Epilogue& epi) {
   const bool avx2 = has_avx2_fma();
   const int64_t kpad = ceil_to(K, kInt8KG);
-  // A with rows zero padded to whole 4-byte groups, and |A| as unsigned bytes (|-128| = 128 fits):
-  // O(M K) next to the O(M N K) product, and it takes the tail and the vpabsb out of the inner loop.
-  std::vector<int8_t> ap(static_cast<size_t>(M * kpad), 0), aa(static_cast<size_t>(M * kpad), 0);
-  at::parallel_for(0, M, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t k = 0; k < K; ++k) {
-        const int8_t v = a[i * lda + k];
-        ap[i * kpad + k] = v;
-        aa[i * kpad + k] = static_cast<int8_t>(static_cast<uint8_t>(v < 0 ? -static_cast<int>(v) : v));
-      }
-  });
+  // A with rows zero padded to whole 4-byte groups (the kernels read whole groups): a copy only when
+  // K is not a multiple of 4 or rows are strided; O(M K) next to the O(M N K) product.
+  // (vpabsb of -128 gives 0x80 = 128 as an unsigned byte, so |a| is right for every int8.)
+  std::vector<int8_t> ap;
+  const int8_t* a_use = a;
+  int64_t lda_use = lda;
+  if (kpad != K || lda != K) {
+    ap.assign(static_cast<size_t>(M * kpad), 0);
+    at::parallel_for(0, M, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) std::memcpy(ap.data() + i * kpad, a + i * lda, K);
+    });
+    a_use = ap.data();
+    lda_use = kpad;
+  }
 #if EFFOPS_HAVE_X86
   static const MicroFn<int8_t, int8_t> vec[kMR] = {micro_s8_avx2<1>, micro_s8_avx2<2>, micro_s8_avx2<3>,
                                                    micro_s8_avx2<4>};
   if (avx2)
-    return gemm_tiles(ap.data(), aa.data(), kpad, M, K, b_packed, kpad, N, vec, pick_epilogue(epi.kind, true), epi);
+    return gemm_tiles(a_use, static_cast<const int8_t*>(nullptr), lda_use, M, K, b_packed, kpad, N, vec,
+                      pick_epilogue(epi.kind, true), epi);
 #endif
   static const MicroFn<int8_t, int8_t> scalar[kMR] = {
       micro_scalar<int8_t, int8_t, kInt8KG, 1>, micro_scalar<int8_t, int8_t, kInt8KG, 2>,
       micro_scalar<int8_t, int8_t, kInt8KG, 3>, micro_scalar<int8_t, int8_t, kInt8KG, 4>};
-  gemm_tiles(ap.data(), aa.data(), kpad, M, K, b_packed, kpad, N, scalar, pick_epilogue(epi.kind, avx2), epi);
+  gemm_tiles(a_use, static_cast<const int8_t*>(nullptr), lda_use, M, K, b_packed, kpad, N, scalar,
+             pick_epilogue(epi.kind, avx2), epi);
 }
 
 void int8_gemm_s16(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int16_t* b_packed, int64_t N,
