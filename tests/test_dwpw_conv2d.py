@@ -291,3 +291,15 @@ def test_cpu_scalar_path_matches_reference():
     done = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "scalar ok" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"] or torch.get_num_threads() < 2, reason="needs the cpu backend and 2+ threads")
+def test_cpu_backward_declines_inputs_it_cannot_parallelize():
+    # One 7x7 image with 512 channels is a single band pair: the backward would run on one core.
+    x, dw, pw = torch.randn(1, 512, 7, 7), torch.randn(512, 1, 3, 3), torch.randn(512, 512, 1, 1)
+    args = (x, dw, pw, None, [1, 1], [1, 1], [1, 1], None, [True] * 5)
+    assert _backends.select("dwpw_conv2d_backward", "cpu", torch.randn(1, 512, 7, 7), *args) == "reference"
+    assert _backends.select("dwpw_conv2d", "cpu", x, dw, pw, None, None, [1, 1], [1, 1], [1, 1], None) == "cpu"
+    with effops.use_backend("cpu"):
+        with pytest.raises(effops.BackendError, match="too few images"):
+            _backends.dispatch("dwpw_conv2d_backward", "cpu", torch.randn(1, 512, 7, 7), *args)

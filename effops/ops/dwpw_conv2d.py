@@ -20,7 +20,8 @@ _backends.register_kernel("dwpw_conv2d_backward", "reference", reference.dwpw_co
 _ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4}  # csrc/cpu/dwpw_conv2d.h
 
 
-def _cpu_supports(x, dw_weight, pw_weight, *args):
+def _cpu_supports(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=(1, 1), padding=(0, 0),
+                  dilation=(1, 1), activation=None, backward=False):
     """Why the cpu kernels decline this input (None: they take it)."""
     if x.device.type != "cpu":
         return "not a CPU tensor"
@@ -28,7 +29,32 @@ def _cpu_supports(x, dw_weight, pw_weight, *args):
         return "kernel larger than 7x7"
     if x.numel() == 0 or pw_weight.shape[0] == 0:
         return "empty tensor"
+    # The kernels parallelize over (image, pixel tile) forward and (image, band of output rows) backward,
+    # half the bands at a time. With fewer work items than threads they leave cores idle that torch's
+    # convolutions use: measured slower there (a training step of 1 x 64 -> 64 at 28x28 took about 2x
+    # the reference's time), so decline. Tiny inputs (under ~4M multiply-adds) are exempt: there the
+    # cost is per-call overhead and one fused call beat two convolutions (about 2x at 1 x 16 x 8 x 8).
+    # The sizes mirror csrc/cpu/dwpw_conv2d.cpp.
+    threads = torch.get_num_threads()
+    N, C = x.shape[:2]
+    out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
+    macs = N * out_hw[0] * out_hw[1] * C * pw_weight.shape[0]
+    if threads > 1 and macs >= 1 << 22 and _cpu_work_items(x, dw_weight, stride, padding, dilation, backward) < threads:
+        return "too few images x pixel tiles to use %d threads" % threads
     return None
+
+
+def _cpu_work_items(x, dw_weight, stride, padding, dilation, backward):
+    N, C = x.shape[:2]
+    OH, OW = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
+    row_stride = -(-C // 16) * 16 + 16
+    pixels = max(6, (16384 // row_stride) // 6 * 6)
+    if not backward:
+        return N * -(-(OH * OW) // pixels)
+    min_rows = max(1, (dw_weight.shape[2] - 1) * dilation[0] // stride[0])
+    rows = min(OH, max(min_rows, -(-pixels // OW)))
+    bands = -(-OH // rows)
+    return N * -(-bands // 2)
 
 
 def _cpu_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
@@ -48,7 +74,9 @@ _backends.register_kernel("dwpw_conv2d", "cpu", _cpu_forward, supports=_cpu_supp
 _backends.register_kernel("dwpw_conv2d", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_forward")
 _backends.register_kernel("dwpw_conv2d_backward", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_backward")
 _backends.register_kernel("dwpw_conv2d_backward", "cpu", _cpu_backward,
-                          supports=lambda grad_y, x, dw_weight, pw_weight, *rest: _cpu_supports(x, dw_weight, pw_weight))
+                          supports=lambda grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation,
+                          activation, needs_input_grad: _cpu_supports(x, dw_weight, pw_weight, None, None, stride,
+                                                                      padding, dilation, activation, backward=True))
 
 
 def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, padding=0, dilation=1,
