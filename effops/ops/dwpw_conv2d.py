@@ -20,6 +20,9 @@ _backends.register_kernel("dwpw_conv2d_backward", "reference", reference.dwpw_co
 _ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4}  # csrc/cpu/dwpw_conv2d.h
 
 
+_CPU_MAX_AUTO_MACS = 1 << 20  # see _cpu_supports
+
+
 def _cpu_supports(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=(1, 1), padding=(0, 0),
                   dilation=(1, 1), activation=None, backward=False):
     """Why the cpu kernels decline this input (None: they take it)."""
@@ -29,17 +32,28 @@ def _cpu_supports(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=(1
         return "kernel larger than 7x7"
     if x.numel() == 0 or pw_weight.shape[0] == 0:
         return "empty tensor"
-    # The kernels parallelize over (image, pixel tile) forward and (image, band of output rows) backward,
-    # half the bands at a time. With fewer work items than threads they leave cores idle that torch's
-    # convolutions use: measured slower there (a training step of 1 x 64 -> 64 at 28x28 took about 2x
-    # the reference's time), so decline. Tiny inputs (under ~4M multiply-adds) are exempt: there the
-    # cost is per-call overhead and one fused call beat two convolutions (about 2x at 1 x 16 x 8 x 8).
-    # The sizes mirror csrc/cpu/dwpw_conv2d.cpp.
-    threads = torch.get_num_threads()
+    # Speed rule (applies to the automatic choice only; a forced "cpu" still runs, so its tests and
+    # benchmarks can exercise the kernel). Measured 04:11-04:14 UTC on the shared 2-core machine
+    # (interleaved, min of 9, ratios within one run; /tmp script described in docs/dwpw_conv2d.md):
+    # on every benchmark block shape (batch 4: 32->64@112, 64->128@56, 256->256@14, 512->512@7), at 1
+    # and 2 threads, NCHW and channels_last, forward and training step, the fused kernel was 0.3-1.2x
+    # of torch's two convolutions, mostly below 1x; so above about 1M multiply-adds of the pointwise
+    # product it is declined and the reference (torch's convolutions) runs. Below that the cost is
+    # per-call overhead and one fused call beat the reference op by 1.3-1.4x (1 x 16 -> 16 at 8x8,
+    # 1 x 32 -> 32 at 16x16); at 2M MACs it was 0.95-1.2x, i.e. no longer a safe win.
     N, C = x.shape[:2]
     out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
     macs = N * out_hw[0] * out_hw[1] * C * pw_weight.shape[0]
-    if threads > 1 and macs >= 1 << 22 and _cpu_work_items(x, dw_weight, stride, padding, dilation, backward) < threads:
+    if macs >= _CPU_MAX_AUTO_MACS and _backends.forced_backend() != "cpu":
+        return "%d multiply-adds: above %d the fused cpu kernel measured slower than torch's convolutions" % (
+            macs, _CPU_MAX_AUTO_MACS)
+    # The kernels parallelize over (image, pixel tile) forward and (image, band of output rows) backward,
+    # half the bands at a time. With fewer work items than threads they leave cores idle (a training
+    # step of 1 x 64 -> 64 at 28x28 took about 2x the reference's time); for a forced backend this
+    # only matters above the tiny-input size. The sizes mirror csrc/cpu/dwpw_conv2d.cpp.
+    threads = torch.get_num_threads()
+    if (threads > 1 and macs >= 1 << 22 and _backends.forced_backend() != "cpu"
+            and _cpu_work_items(x, dw_weight, stride, padding, dilation, backward) < threads):
         return "too few images x pixel tiles to use %d threads" % threads
     return None
 
