@@ -291,3 +291,25 @@ def test_cpu_scalar_path_matches_reference():
     done = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "scalar ok" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_automatic_choice_declines_cpu_where_it_measured_slower(layout):
+    # The benchmark's block shapes (above ~1M multiply-adds) measured slower fused than torch's two
+    # convolutions: the automatic choice must be the reference there, forward and backward.
+    x, dw, pw = torch.randn(4, 256, 14, 14), torch.randn(256, 1, 3, 3) / 3, torch.randn(256, 256, 1, 1) / 16
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    fwd = (x, dw, pw, None, None, [1, 1], [1, 1], [1, 1], "relu6")
+    bwd = (torch.randn(4, 256, 14, 14), x, dw, pw, None, [1, 1], [1, 1], [1, 1], "relu6", [True] * 5)
+    assert _backends.select("dwpw_conv2d", "cpu", *fwd) == "reference"
+    assert _backends.select("dwpw_conv2d_backward", "cpu", *bwd) == "reference"
+    # Tiny inputs (per-call overhead dominates) keep the fused kernel.
+    small = (torch.randn(1, 16, 8, 8), torch.randn(16, 1, 3, 3), torch.randn(16, 16, 1, 1))
+    assert _backends.select("dwpw_conv2d", "cpu", *small, None, None, [1, 1], [1, 1], [1, 1], None) == "cpu"
+    # The speed rule only steers the automatic choice: forcing cpu still runs the kernel, correctly.
+    with effops.use_backend("cpu"):
+        assert _backends.select("dwpw_conv2d", "cpu", *fwd) == "cpu"
+        got = dwpw_conv2d(x, dw, pw, padding=1, activation="relu6")
+    torch.testing.assert_close(got, reference.dwpw_conv2d(x, dw, pw, None, None, [1, 1], [1, 1], [1, 1], "relu6"), atol=1e-4, rtol=1e-4)  # 256-term fp32 sums
