@@ -1,4 +1,4 @@
-"""Crossover check for the dwpw_conv2d cpu decline rule (effops/ops/dwpw_conv2d.py:_cpu_supports).
+"""Crossover check for the dwpw_conv2d cpu decline rule (effops/ops/dwpw_conv2d.py:_cpu_faster).
 
 Forces the cpu kernel and, interleaved with it, times torch's two-conv block in both layouts; prints
 (same-layout torch time / fused time) and (faster torch layout / fused time), min of 9 single calls,

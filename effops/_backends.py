@@ -1,13 +1,15 @@
 """The backend registry: which implementations exist, which are usable here, and which one runs.
 
-Each op registers one kernel per backend with `register_kernel(op, backend, supports=...)`. The
-`supports` callable receives the op's arguments and returns None to accept them or a short reason to
-decline (a dtype it lacks, a layout, a size where plain PyTorch is faster). `dispatch` then picks:
+Each op registers one kernel per backend with `register_kernel(op, backend, supports=..., faster=...)`.
+Both callables receive the op's arguments and return None to accept them or a short reason to decline:
+`supports` for what the kernel cannot compute (a dtype it lacks, a layout), `faster` for inputs it can
+compute but where, measured, plain PyTorch is faster. `dispatch` then picks:
 
 * forced (``use_backend(name)`` or ``EFFOPS_BACKEND``): that backend, or a clear error when it is
-  unusable here, has no kernel for the op, or declines the input. Forcing never falls back quietly.
-* automatic: the first usable backend in ``AUTO_ORDER[device type]`` whose kernel accepts the input.
-  ``reference`` (plain PyTorch) accepts everything, so every input has an answer.
+  unusable here, has no kernel for the op, or its `supports` declines the input. Forcing never falls
+  back quietly; the speed rule (`faster`) does not apply, so a forced kernel runs wherever it is correct.
+* automatic: the first usable backend in ``AUTO_ORDER[device type]`` whose kernel accepts the input
+  under both rules. ``reference`` (plain PyTorch) accepts everything, so every input has an answer.
 
 Triton on CPU tensors runs only in its interpreter (``TRITON_INTERPRET=1`` set before Triton is
 imported): that is for tests, so the automatic choice never picks it.
@@ -39,9 +41,10 @@ class BackendError(RuntimeError):
 
 
 class _Kernel:
-    def __init__(self, fn, supports):
+    def __init__(self, fn, supports, faster):
         self._fn = fn  # a callable, or "module:function" imported on first use (keeps Triton lazy)
         self.supports = supports
+        self.faster = faster
 
     @property
     def fn(self):
@@ -51,13 +54,15 @@ class _Kernel:
         return self._fn
 
 
-def register_kernel(op, backend, fn=None, *, supports=None):
-    """Register `fn` as `backend`'s kernel for `op`. Usable as a decorator when `fn` is omitted."""
+def register_kernel(op, backend, fn=None, *, supports=None, faster=None):
+    """Register `fn` as `backend`'s kernel for `op`. Usable as a decorator when `fn` is omitted.
+
+    supports(*args) / faster(*args): None to accept, else the reason to decline (see the module doc)."""
     if backend not in BACKENDS:
         raise ValueError("backend must be one of %s, got %r" % (BACKENDS, backend))
 
     def add(f):
-        _kernels.setdefault(op, {})[backend] = _Kernel(f, supports)
+        _kernels.setdefault(op, {})[backend] = _Kernel(f, supports, faster)
         return f
 
     return add if fn is None else add(fn)
@@ -182,8 +187,11 @@ def _choose(op, device_type, args, kwargs):
         kernel = table.get(name)
         if kernel is None or not _status(name)[0]:
             continue
-        if kernel.supports is None or not kernel.supports(*args, **kwargs):
-            return name, kernel
+        if kernel.supports is not None and kernel.supports(*args, **kwargs):
+            continue
+        if kernel.faster is not None and kernel.faster(*args, **kwargs):
+            continue
+        return name, kernel
     raise BackendError("no backend accepts this %s input on %s" % (op, device_type))
 
 

@@ -27,11 +27,13 @@ def test_extension_is_built_and_loaded():
 
 @pytest.fixture
 def toy_op():
-    """A private op with a reference kernel and a cpu kernel that declines odd sizes."""
+    """A private op with a reference kernel and a cpu kernel that cannot take odd sizes and is slower
+    than the reference on sizes above 100."""
     name = "_test_toy_op"
     _backends.register_kernel(name, "reference", lambda x: ("reference", x + 1))
     _backends.register_kernel(name, "cpu", lambda x: ("cpu", x + 1),
-                              supports=lambda x: "odd size" if x.numel() % 2 else None)
+                              supports=lambda x: "odd size" if x.numel() % 2 else None,
+                              faster=lambda x: "reference faster" if x.numel() > 100 else None)
     yield name
     _backends._kernels.pop(name)
 
@@ -49,6 +51,14 @@ def test_use_backend_forces_and_restores(toy_op):
         assert _backends.dispatch(toy_op, "cpu", torch.zeros(4))[0] == "reference"
         assert _backends.forced_backend() == "reference"
     assert _backends.forced_backend() is None
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_speed_rule_applies_to_the_automatic_choice_only(toy_op):
+    big = torch.zeros(102)
+    assert _backends.select(toy_op, "cpu", big) == "reference"
+    with effops.use_backend("cpu"):
+        assert _backends.dispatch(toy_op, "cpu", big)[0] == "cpu"
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")

@@ -20,11 +20,11 @@ _backends.register_kernel("dwpw_conv2d_backward", "reference", reference.dwpw_co
 _ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4}  # csrc/cpu/dwpw_conv2d.h
 
 
-_CPU_MAX_AUTO_MACS = 1 << 20  # see _cpu_supports
+_CPU_MAX_AUTO_MACS = 1 << 20  # see _cpu_faster
 
 
 def _cpu_supports(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=(1, 1), padding=(0, 0),
-                  dilation=(1, 1), activation=None, backward=False):
+                  dilation=(1, 1), activation=None):
     """Why the cpu kernels decline this input (None: they take it)."""
     if x.device.type != "cpu":
         return "not a CPU tensor"
@@ -32,8 +32,13 @@ def _cpu_supports(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=(1
         return "kernel larger than 7x7"
     if x.numel() == 0 or pw_weight.shape[0] == 0:
         return "empty tensor"
-    # Speed rule (applies to the automatic choice only; a forced "cpu" still runs, so its tests and
-    # benchmarks can exercise the kernel). Measured 04:11-04:14 UTC on the shared 2-core machine
+    return None
+
+
+def _cpu_faster(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
+    """Speed rule, for the automatic choice only (a forced "cpu" still runs, so its tests and benchmarks
+    can exercise the kernel): a reason the reference is faster, or None."""
+    # Measured 04:11-04:14 UTC on the shared 2-core machine
     # (interleaved, min of 9, ratios within one run; /tmp script described in docs/dwpw_conv2d.md):
     # on every benchmark block shape (batch 4: 32->64@112, 64->128@56, 256->256@14, 512->512@7), at 1
     # and 2 threads, NCHW and channels_last, forward and training step, the fused kernel was 0.3-1.2x
@@ -44,31 +49,10 @@ def _cpu_supports(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=(1
     N, C = x.shape[:2]
     out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
     macs = N * out_hw[0] * out_hw[1] * C * pw_weight.shape[0]
-    if macs >= _CPU_MAX_AUTO_MACS and _backends.forced_backend() != "cpu":
+    if macs >= _CPU_MAX_AUTO_MACS:
         return "%d multiply-adds: above %d the fused cpu kernel measured slower than torch's convolutions" % (
             macs, _CPU_MAX_AUTO_MACS)
-    # The kernels parallelize over (image, pixel tile) forward and (image, band of output rows) backward,
-    # half the bands at a time. With fewer work items than threads they leave cores idle (a training
-    # step of 1 x 64 -> 64 at 28x28 took about 2x the reference's time); for a forced backend this
-    # only matters above the tiny-input size. The sizes mirror csrc/cpu/dwpw_conv2d.cpp.
-    threads = torch.get_num_threads()
-    if (threads > 1 and macs >= 1 << 22 and _backends.forced_backend() != "cpu"
-            and _cpu_work_items(x, dw_weight, stride, padding, dilation, backward) < threads):
-        return "too few images x pixel tiles to use %d threads" % threads
     return None
-
-
-def _cpu_work_items(x, dw_weight, stride, padding, dilation, backward):
-    N, C = x.shape[:2]
-    OH, OW = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
-    row_stride = -(-C // 16) * 16 + 16
-    pixels = max(6, (16384 // row_stride) // 6 * 6)
-    if not backward:
-        return N * -(-(OH * OW) // pixels)
-    min_rows = max(1, (dw_weight.shape[2] - 1) * dilation[0] // stride[0])
-    rows = min(OH, max(min_rows, -(-pixels // OW)))
-    bands = -(-OH // rows)
-    return N * -(-bands // 2)
 
 
 def _cpu_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
@@ -83,14 +67,17 @@ def _cpu_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dil
     return tuple(g if wanted else None for g, wanted in zip(grads, needs_input_grad))
 
 
-_backends.register_kernel("dwpw_conv2d", "cpu", _cpu_forward, supports=_cpu_supports)
+_backends.register_kernel("dwpw_conv2d", "cpu", _cpu_forward, supports=_cpu_supports, faster=_cpu_faster)
 # Triton: imported on first use (effops.triton_kernels is the top-level triton_kernels folder).
 _backends.register_kernel("dwpw_conv2d", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_forward")
 _backends.register_kernel("dwpw_conv2d_backward", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_backward")
 _backends.register_kernel("dwpw_conv2d_backward", "cpu", _cpu_backward,
                           supports=lambda grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation,
                           activation, needs_input_grad: _cpu_supports(x, dw_weight, pw_weight, None, None, stride,
-                                                                      padding, dilation, activation, backward=True))
+                                                                      padding, dilation, activation),
+                          faster=lambda grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation,
+                          activation, needs_input_grad: _cpu_faster(x, dw_weight, pw_weight, None, None, stride,
+                                                                    padding, dilation, activation))
 
 
 def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, padding=0, dilation=1,

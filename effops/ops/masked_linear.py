@@ -134,14 +134,17 @@ _CPU_LIMITS = {"block_max_density": 0.4, "csr_max_density": 0.15, "csr_min_rows"
 
 
 def _cpu_decline(x, weight, mask):
-    """A reason the cpu kernels should not take this input, or None."""
+    """A reason the cpu kernels cannot take this input, or None (they run any mask)."""
     if x.device.type != "cpu":
         return "cpu kernels take CPU tensors"
     if x.numel() == 0 or weight.numel() == 0:
         return "empty input"
+    return None
+
+
+def _cpu_slower(x, weight, mask):
+    """Speed rule for the automatic choice: a reason dense F.linear is faster here, or None."""
     info = _sparse_index.mask_info(mask)
-    if _backends.forced_backend() == "cpu":
-        return None  # forced: correctness only, the kernels run any mask
     rows = x.numel() // x.shape[-1]
     if rows * weight.numel() < _CPU_LIMITS["min_macs"]:
         return "product too small (%d MACs): dense F.linear is faster" % (rows * weight.numel())
@@ -244,9 +247,11 @@ def _cpu_masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
 
 
 _backends.register_kernel("masked_linear", "cpu", _cpu_masked_linear,
-                          supports=lambda x, weight, mask, bias: _cpu_decline(x, weight, mask))
+                          supports=lambda x, weight, mask, bias: _cpu_decline(x, weight, mask),
+                          faster=lambda x, weight, mask, bias: _cpu_slower(x, weight, mask))
 _backends.register_kernel("masked_linear_backward", "cpu", _cpu_masked_linear_backward,
-                          supports=lambda grad_y, x, weight, mask, need: _cpu_decline(x, weight, mask))
+                          supports=lambda grad_y, x, weight, mask, need: _cpu_decline(x, weight, mask),
+                          faster=lambda grad_y, x, weight, mask, need: _cpu_slower(x, weight, mask))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +262,7 @@ def _triton_decline(x, weight, mask):
 
     Not yet measured on a GPU (none here): the unstructured / 2:4 kernels do dense FLOPs and are left
     to forcing (use_backend("triton")) until a GPU run sets their crossover."""
-    if _backends.forced_backend() == "triton" or x.numel() == 0:
+    if x.numel() == 0:
         return None
     info = _sparse_index.mask_info(mask)
     if not info.block:
@@ -268,8 +273,8 @@ def _triton_decline(x, weight, mask):
 
 
 _backends.register_kernel("masked_linear", "triton", "effops.triton_kernels.masked_matmul:masked_linear",
-                          supports=lambda x, weight, mask, bias: _triton_decline(x, weight, mask))
+                          faster=lambda x, weight, mask, bias: _triton_decline(x, weight, mask))
 _backends.register_kernel("masked_linear_backward", "triton",
                           "effops.triton_kernels.masked_matmul:masked_linear_backward",
-                          supports=lambda grad_y, x, weight, mask, need: _triton_decline(x, weight, mask))
+                          faster=lambda grad_y, x, weight, mask, need: _triton_decline(x, weight, mask))
 
