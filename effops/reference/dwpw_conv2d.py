@@ -65,21 +65,21 @@ def dwpw_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, paddi
     output is recomputed here instead of being saved by the forward: that is what saves memory.
     """
     need_x, need_dw, need_pw, need_dwb, need_pwb = needs_input_grad
-    C = x.shape[1]
+    C, O = x.shape[1], pw_weight.shape[0]
+    need_a = need_x or need_dw or need_dwb
     h = _depthwise(x, dw_weight, dw_bias, stride, padding, dilation)
     a = activate(h, activation)
-    pw2 = pw_weight.reshape(pw_weight.shape[0], C)
-    grad_pw = torch.einsum("nohw,nchw->oc", grad_y, a).reshape(pw_weight.shape) if need_pw else None
-    grad_pwb = grad_y.sum((0, 2, 3)) if need_pwb else None
+    # aten's convolution_backward is what autograd runs for F.conv2d: same kernels, same speed.
+    grad_a, grad_pw, grad_pwb = torch.ops.aten.convolution_backward(
+        grad_y, a, pw_weight, [O], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_a, need_pw, need_pwb])
     grad_x = grad_dw = grad_dwb = None
-    if need_x or need_dw or need_dwb:
-        grad_a = torch.einsum("nohw,oc->nchw", grad_y, pw2)
+    if need_a:
+        del a
         grad_h = activation_backward(grad_a, h, activation)
-        if need_dwb:
-            grad_dwb = grad_h.sum((0, 2, 3))
-        if need_x:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, dw_weight, grad_h, stride, padding, dilation, groups=C)
+        del grad_a, h
+        grad_x, grad_dw, grad_dwb = torch.ops.aten.convolution_backward(
+            grad_h, x, dw_weight, [C], list(stride), list(padding), list(dilation), False, [0, 0], C,
+            [need_x, need_dw, need_dwb])
+        if grad_x is not None:
             grad_x = grad_x.contiguous(memory_format=memory_format(x))
-        if need_dw:
-            grad_dw = torch.nn.grad.conv2d_weight(x, dw_weight.shape, grad_h, stride, padding, dilation, groups=C)
     return grad_x, grad_dw, grad_pw, grad_dwb, grad_pwb
