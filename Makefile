@@ -36,7 +36,9 @@ gpu-compile-check: $(STAMP)
 cuda-build-check:
 	bash tools/cuda_build_check.sh
 
+# DeepSpeed is only the Adam benchmark's outside baseline (its CPU Adam JIT-compiles ~90 s on first use).
 bench: build
+	$(VPY) -c "import deepspeed" 2>/dev/null || $(VPY) -m pip install -q deepspeed
 	$(VPY) -m benchmarks.run $(if $(filter 1,$(QUICK)),--quick) --out $(OUT)
 
 # The one command for a lent GPU machine: its own python/torch/triton, no installs, no network.

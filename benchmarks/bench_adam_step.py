@@ -14,8 +14,8 @@ param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq) and 28 B in 
 work figure is used for every implementation of a case, so rates compare like times do. The
 baseline's master case actually moves 40 B per parameter (2 extra copies).
 
-DeepSpeed's DeepSpeedCPUAdam is timed only if `deepspeed` is importable (it is not installed in
-this project's environment; the run says so).
+DeepSpeed's DeepSpeedCPUAdam is timed when `deepspeed` is importable (`make bench` installs it; the
+run says so when it is missing). Its first use JIT-compiles its C++ op for about 90 s.
 """
 import torch
 
