@@ -28,7 +28,7 @@ assert info["cuda_kernels"], info
 # Every op the CUDA glue defines must be registered with a CUDA kernel.
 names = set()
 for path in glob.glob("csrc/bindings/cuda/*.cpp"):
-    names |= set(re.findall(r'm\.def\("(\w+)\(', open(path).read()))
+    names |= set(re.findall(r'm\.def\(\s*"(\w+)\(', open(path).read()))
 missing = [n for n in sorted(names) if not torch._C._dispatch_has_kernel_for_dispatch_key("effops_cuda::" + n, "CUDA")]
 assert not missing, "CUDA ops without a CUDA kernel: %s" % missing
 print("CUDA build OK: %d CUDA ops registered (%s); build %s" % (len(names), ", ".join(sorted(names)) or "none", info))

@@ -120,8 +120,10 @@ def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, p
     for name, value in (("dw_weight", dw_weight), ("pw_weight", pw_weight), ("dw_bias", dw_bias),
                         ("pw_bias", pw_bias)):
         _checks.same_dtype(name, value, x.dtype)
-    return torch.ops.effops.dwpw_conv2d(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-                                        activation)
+    args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation)
+    if _backends.runs_plain_pytorch("dwpw_conv2d", x.device, *args):
+        return reference.dwpw_conv2d(*args)
+    return torch.ops.effops.dwpw_conv2d(*args)
 
 
 def output_size(in_hw, kernel_hw, stride, padding, dilation):

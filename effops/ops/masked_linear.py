@@ -62,6 +62,8 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None):
             mask = mask.to(cast)
     _checks.same_dtype("weight", weight, x.dtype)
     _checks.same_dtype("bias", bias, x.dtype)
+    if _backends.runs_plain_pytorch("masked_linear", x.device, x, weight, mask, bias):
+        return reference.masked_linear(x, weight, mask, bias)
     return torch.ops.effops.masked_linear(x, weight, mask, bias)
 
 
