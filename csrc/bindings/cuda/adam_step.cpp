@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "bindings/adam_step_checks.h"
 #include "cuda/adam_step.cuh"
 
 namespace {
@@ -18,22 +19,12 @@ namespace {
 using effops::cuda::AdamDtype;
 using effops::cuda::AdamTensorArgs;
 
-AdamDtype adam_dtype(const at::Tensor& t, int64_t i) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return AdamDtype::kFloat32;
-    case at::kBFloat16: return AdamDtype::kBFloat16;
-    case at::kHalf: return AdamDtype::kFloat16;
-    default: TORCH_CHECK(false, "adam_step: params[", i, "] must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
+AdamDtype adam_dtype(const at::Tensor& t, int64_t i) { return effops::adam_glue::param_dtype<AdamDtype>(t, i); }
 
 void check_like(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype, const char* name, int64_t i) {
   TORCH_CHECK(t.is_cuda() && t.device() == param.device(), "adam_step: ", name, "[", i,
               "] must be on the param's CUDA device");
-  TORCH_CHECK(t.scalar_type() == dtype, "adam_step: ", name, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == param.sizes(), "adam_step: ", name, "[", i, "] must have the param's shape");
-  TORCH_CHECK(t.numel() == 0 || (t.is_non_overlapping_and_dense() && t.strides() == param.strides()),
-              "adam_step: ", name, "[", i, "] must be dense with the param's strides");
+  effops::adam_glue::check_layout_like(t, param, dtype, name, i);
 }
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -42,13 +33,9 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                     bool decoupled_weight_decay, std::optional<double> grad_scale) {
   const int64_t n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(exp_avgs.size()) == n &&
-                  static_cast<int64_t>(exp_avg_sqs.size()) == n && static_cast<int64_t>(master_params.size()) == n &&
-                  static_cast<int64_t>(step_sizes.size()) == n &&
-                  static_cast<int64_t>(bias_correction2_sqrts.size()) == n,
-              "adam_step: every list must have one entry per param (", n, ")");
-  TORCH_CHECK(!amsgrad || static_cast<int64_t>(max_exp_avg_sqs.size()) == n,
-              "adam_step: amsgrad needs one max_exp_avg_sq per param");
+  effops::adam_glue::check_list_sizes(n, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), master_params.size(),
+                                     step_sizes.size(), bias_correction2_sqrts.size(), amsgrad,
+                                     max_exp_avg_sqs.size());
   if (n == 0) return;
   std::map<std::pair<int, bool>, std::vector<AdamTensorArgs>> groups;
   for (int64_t i = 0; i < n; ++i) {
