@@ -5,6 +5,7 @@ time means little, a ratio taken in one run means more).
 Each benchmarks/bench_<op>.py has `run(quick, device) -> list[dict]` that builds rows with `compare`.
 """
 import statistics
+import sys
 import time
 
 import torch
@@ -15,13 +16,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_fn(fn, device, min_time=0.2):
-    """Median seconds per call of fn() after a warm-up call (which may compile)."""
-    fn()
-    _sync(device)
+def time_fn(fn, device, min_time=0.2, warm_up=True):
+    """Median seconds per call of fn(), after a warm-up call (which may compile) unless warm_up=False."""
+    if warm_up:
+        fn()
+        _sync(device)
     if torch.device(device).type == "cuda":
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    # A call that alone lasts min_time is its own sample: blocked_autorange would run it at least twice
+    # more (block-size estimate, then a block), which made the full sweeps run for hours.
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    if once >= min_time:
+        return once
     import torch.utils.benchmark as tb
     m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_time)
@@ -37,10 +46,13 @@ def compare(op, case, impls, baseline, device="cpu", rounds=3, min_time=0.2, wor
     giving a rate in work_unit/s ("GFLOP/s", "GB/s", "GOP/s").
     """
     samples = {name: [] for name in impls}
-    for _ in range(rounds):
+    for i in range(rounds):
         for name, fn in impls.items():
-            samples[name].append(time_fn(fn, device, min_time))
+            samples[name].append(time_fn(fn, device, min_time, warm_up=(i == 0)))
     medians = {name: statistics.median(s) for name, s in samples.items()}
+    # Progress on stderr: a full sweep runs for many minutes.
+    print("  %s | %s | %s" % (op, case, ", ".join("%s %.2fx" % (n, medians[baseline] / t) for n, t in medians.items())),
+          file=sys.stderr, flush=True)
     rows = []
     for name, t in medians.items():
         row = dict(op=op, case=case, impl=name, baseline=baseline, time_ms=t * 1e3,

@@ -92,6 +92,7 @@ CASES = [  # (x shape, out_features, mask kind)
     ((6, 50), 33, "full"),                # sparsity 0%
     ((6, 50), 33, "empty"),               # sparsity 100%
     ((5, 70), 48, "one_block"),           # a single nonzero 16 x 16 block
+    ((2, 150, 70), 40, "block16"),        # 300 rows: crosses the cpu block kernels' 252-row chunks
 ]
 
 
@@ -316,3 +317,23 @@ def test_triton_automatic_choice_is_limited_to_sparse_block_masks():
     assert _triton_decline(x, w, make_mask("block32", 64, 64, density=0.1).cpu()) is None
     assert "block mask" in _triton_decline(x, w, make_mask("full", 64, 64).cpu())
     assert "not chosen automatically" in _triton_decline(x, w, make_mask("unstructured", 64, 64).cpu())
+
+
+def test_automatic_dense_fallback_caches_the_masked_weight_and_follows_updates():
+    # CPU, automatic mode, a mask too dense for any sparse kernel: inference runs F.linear on W * mask made once
+    # per weight version; training runs the reference (W * mask in the autograd graph, grad masked).
+    x = torch.randn(5, 64)
+    w = torch.randn(48, 64)
+    mask = make_mask("unstructured", 48, 64, density=0.9).cpu()
+    with torch.no_grad():
+        torch.testing.assert_close(masked_linear(x, w, mask), reference.masked_linear(x, w, mask))
+        cached = _sparse_index.mask_info(mask).packs.get(("masked", torch.float32))
+        assert cached is not None and torch.equal(cached[2], w * mask)
+        w.mul_(-2.0)  # an optimizer-style in-place update: the next call must see it
+        torch.testing.assert_close(masked_linear(x, w, mask), reference.masked_linear(x, w, mask))
+    xg = x.clone().requires_grad_()  # grad to x only: still the cached weight
+    masked_linear(xg, w, mask).sum().backward()
+    torch.testing.assert_close(xg.grad, torch.ones(5, 48) @ (w * mask))
+    wg = w.clone().requires_grad_()  # grad to the weight: masked, through the reference
+    masked_linear(x, wg, mask).sum().backward()
+    torch.testing.assert_close(wg.grad, (torch.ones(5, 48).t() @ x) * mask)

@@ -9,9 +9,14 @@
 //   6-row tile, for each panel, walk the kept blocks and accumulate a 6 x 16 tile in 12 vector
 //   registers (broadcast a[i, k], FMA with the panel row).
 //
-// block_sparse_grad_weight: for each kept block (owned by its block-row's thread), tiles of 6 weight
-// rows x 16 weight columns, reduction over the M rows of gy and x: gy[m, n..n+5] are 6 adjacent
-// scalars, x[m, k..k+15] two vectors.
+//   Rows are taken in chunks of kChunkRows: a chunk of the regrouped a stays in L3 while every
+//   block-row walks it (for M = 2048 x 4096 fp32, a is 32 MB and would be re-read from memory).
+//
+// block_sparse_grad_weight: gy and x are first packed per block (fp32, zero-padded): gy's columns of
+// each block-row in 6-row groups, m-major (gy_packed[br][group][m][6]), and x's columns of each
+// block-column m-major (x_packed[bc][m][b]). Then each kept block (owned by its block-row's thread) is
+// 6 x 16 register tiles reduced over m in chunks of kChunkRows: both operands stream contiguously
+// (reading gy and x in place walked both matrices with a row stride per step).
 #include "cpu/masked_linear.h"
 #include "cpu/masked_linear_micro.h"
 
@@ -26,6 +31,7 @@ namespace {
 
 constexpr int64_t kPanel = 16;  // output columns per micro-tile
 constexpr int kRows = 6;        // a rows per micro-tile: 6 x 2 accumulators + 2 loads + 1 broadcast fit 16 ymm
+constexpr int64_t kChunkRows = 42 * kRows;  // rows of a per pass over the block-rows (4 MB at C = 4096)
 
 struct BlockMmArgs {
   int64_t M, C, R, block;
@@ -41,10 +47,11 @@ template <class Vec, typename T>
 EFFOPS_ALWAYS_INLINE void block_mm_rows(const BlockMmArgs& g, const T* bias, T* out, int64_t br0, int64_t br1) {
   const int64_t b = g.block, panels = b / kPanel;
   alignas(32) float tile[kRows * kPanel];
+  for (int64_t chunk = 0; chunk < g.M; chunk += kChunkRows)
   for (int64_t br = br0; br < br1; ++br) {
     const int64_t nkept = g.ptr[br + 1] - g.ptr[br];
     const int64_t* kept = g.idx + g.ptr[br];
-    for (int64_t m0 = 0; m0 < g.M; m0 += kRows) {
+    for (int64_t m0 = chunk; m0 < std::min(g.M, chunk + kChunkRows); m0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, g.M - m0));
       const float* a_tile = g.a_packed + (m0 / kRows) * g.C * kRows;
       for (int64_t p = 0; p < panels; ++p) {
@@ -75,53 +82,58 @@ void block_mm_rows_scalar(const BlockMmArgs& g, const T* bias, T* out, int64_t b
   block_mm_rows<ScalarVec, T>(g, bias, out, b0, b1);
 }
 
-// Sampled gradient for the kept blocks of block-rows br0..br1.
+// Packed operands of the sampled weight gradient (layouts in the file comment).
+struct BlockGwArgs {
+  int64_t M, N, K, block, groups;  // groups: 6-row groups per block-row, ceil(block / 6)
+  const int64_t* ptr;
+  const int64_t* idx;
+  const float* gy_packed;
+  const float* x_packed;
+};
+
+// Sampled gradient for the kept blocks of block-rows br0..br1: gw[n, k] = sum_m gy[m, n] x[m, k].
 template <class Vec, typename T>
-EFFOPS_ALWAYS_INLINE void block_gw_rows(const T* gy, const T* x, int64_t M, int64_t N, int64_t K,
-                                        const int64_t* ptr, const int64_t* idx, int64_t b, T* gw,
-                                        int64_t br0, int64_t br1) {
-  alignas(32) float tile[kRows * kPanel];
+EFFOPS_ALWAYS_INLINE void block_gw_rows(const BlockGwArgs& g, T* gw, int64_t br0, int64_t br1) {
+  const int64_t b = g.block, panels = b / kPanel;
+  // One 6 x 16 tile per (row group, column panel) of a block, carried across the m chunks.
+  std::vector<float> tiles(static_cast<size_t>(g.groups * panels * kRows * kPanel));
   for (int64_t br = br0; br < br1; ++br) {
-    for (int64_t j = ptr[br]; j < ptr[br + 1]; ++j) {
-      const int64_t k_begin = idx[j] * b, k_end = std::min(K, k_begin + b);
-      const int64_t n_end = std::min(N, br * b + b);
-      for (int64_t k0 = k_begin; k0 < k_end; k0 += kPanel) {
-        const int64_t cols = std::min<int64_t>(kPanel, k_end - k0);
-        for (int64_t n0 = br * b; n0 < n_end; n0 += kRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kRows, n_end - n0));
-          std::fill(tile, tile + kRows * kPanel, 0.f);
-          if (cols == kPanel) {
-            // a(i, m) = gy[m, n0 + i]; b(m, :) = x[m, k0 .. k0 + 16)
-            micro_dispatch<Vec>(rows, gy + n0, int64_t{1}, N, x + k0, K, M, tile);
-          } else {
-            // The last, partial panel of the matrix: a vector load would run past x's rows.
-            for (int64_t m = 0; m < M; ++m)
-              for (int i = 0; i < rows; ++i) {
-                const float g = to_float(gy[m * N + n0 + i]);
-                for (int64_t c = 0; c < cols; ++c) tile[i * kPanel + c] += g * to_float(x[m * K + k0 + c]);
-              }
-          }
-          for (int i = 0; i < rows; ++i)
-            for (int64_t c = 0; c < cols; ++c) gw[(n0 + i) * K + k0 + c] = from_float<T>(tile[i * kPanel + c]);
-        }
+    const float* gy_br = g.gy_packed + br * g.groups * g.M * kRows;
+    for (int64_t j = g.ptr[br]; j < g.ptr[br + 1]; ++j) {
+      const float* x_bc = g.x_packed + g.idx[j] * g.M * b;
+      std::fill(tiles.begin(), tiles.end(), 0.f);
+      for (int64_t m0 = 0; m0 < g.M; m0 += kChunkRows) {
+        const int64_t mc = std::min(kChunkRows, g.M - m0);
+        for (int64_t t = 0; t < g.groups; ++t)
+          for (int64_t p = 0; p < panels; ++p)
+            micro<Vec, kRows>(gy_br + (t * g.M + m0) * kRows, int64_t{1}, int64_t{kRows}, x_bc + m0 * b + p * kPanel,
+                              b, mc, tiles.data() + (t * panels + p) * kRows * kPanel);
       }
+      const int64_t n0 = br * b, k0 = g.idx[j] * b;
+      for (int64_t t = 0; t < g.groups; ++t)
+        for (int i = 0; i < kRows; ++i) {
+          const int64_t n = n0 + t * kRows + i;
+          if (t * kRows + i >= b || n >= g.N) break;
+          for (int64_t p = 0; p < panels; ++p) {
+            const float* tile = tiles.data() + (t * panels + p) * kRows * kPanel + i * kPanel;
+            const int64_t cols = std::min<int64_t>(kPanel, g.K - (k0 + p * kPanel));
+            for (int64_t c = 0; c < cols; ++c) gw[n * g.K + k0 + p * kPanel + c] = from_float<T>(tile[c]);
+          }
+        }
     }
   }
 }
 
 template <typename T>
-EFFOPS_AVX2_TARGET void block_gw_rows_avx2(const T* gy, const T* x, int64_t M, int64_t N, int64_t K,
-                                           const int64_t* ptr, const int64_t* idx, int64_t b, T* gw, int64_t b0,
-                                           int64_t b1) {
+EFFOPS_AVX2_TARGET void block_gw_rows_avx2(const BlockGwArgs& g, T* gw, int64_t b0, int64_t b1) {
 #if EFFOPS_HAVE_X86
-  block_gw_rows<Avx2Vec, T>(gy, x, M, N, K, ptr, idx, b, gw, b0, b1);
+  block_gw_rows<Avx2Vec, T>(g, gw, b0, b1);
 #endif
 }
 
 template <typename T>
-void block_gw_rows_scalar(const T* gy, const T* x, int64_t M, int64_t N, int64_t K, const int64_t* ptr,
-                          const int64_t* idx, int64_t b, T* gw, int64_t b0, int64_t b1) {
-  block_gw_rows<ScalarVec, T>(gy, x, M, N, K, ptr, idx, b, gw, b0, b1);
+void block_gw_rows_scalar(const BlockGwArgs& g, T* gw, int64_t b0, int64_t b1) {
+  block_gw_rows<ScalarVec, T>(g, gw, b0, b1);
 }
 
 // Pack block-row br of W' into dst (layout in the file comment). The loop order follows W's memory:
@@ -226,13 +238,39 @@ void block_sparse_mm(const T* a, int64_t M, int64_t C, int64_t R, const T* bias,
 template <typename T>
 void block_sparse_grad_weight(const T* gy, const T* x, int64_t M, int64_t N, int64_t K, const int64_t* ptr,
                               const int64_t* idx, int64_t block, T* gw) {
-  const int64_t nbr = (N + block - 1) / block;
+  const int64_t b = block, nbr = (N + b - 1) / b, nbc = (K + b - 1) / b, groups = (b + kRows - 1) / kRows;
+  // Uninitialised: every element is written by the packing below (zeros past N, K and the block).
+  std::unique_ptr<float[]> gy_packed(new float[static_cast<size_t>(nbr * groups * M * kRows)]);
+  std::unique_ptr<float[]> x_packed(new float[static_cast<size_t>(nbc * M * b)]);
+  at::parallel_for(0, nbr, block_row_grain(nbr), [&](int64_t br0, int64_t br1) {
+    for (int64_t br = br0; br < br1; ++br)
+      for (int64_t t = 0; t < groups; ++t) {
+        float* dst = gy_packed.get() + (br * groups + t) * M * kRows;
+        for (int64_t m = 0; m < M; ++m)
+          for (int i = 0; i < kRows; ++i) {
+            const int64_t r = t * kRows + i, n = br * b + r;
+            dst[m * kRows + i] = (r < b && n < N) ? to_float(gy[m * N + n]) : 0.f;
+          }
+      }
+  });
+  at::parallel_for(0, nbc, block_row_grain(nbc), [&](int64_t bc0, int64_t bc1) {
+    for (int64_t bc = bc0; bc < bc1; ++bc) {
+      float* dst = x_packed.get() + bc * M * b;
+      const int64_t cols = std::min(b, K - bc * b);
+      for (int64_t m = 0; m < M; ++m) {
+        const T* src = x + m * K + bc * b;
+        for (int64_t c = 0; c < cols; ++c) dst[m * b + c] = to_float(src[c]);
+        for (int64_t c = cols; c < b; ++c) dst[m * b + c] = 0.f;
+      }
+    }
+  });
+  const BlockGwArgs g{M, N, K, b, groups, ptr, idx, gy_packed.get(), x_packed.get()};
   const bool avx2 = EFFOPS_HAVE_X86 && has_avx2_fma();
   at::parallel_for(0, nbr, block_row_grain(nbr), [&](int64_t br0, int64_t br1) {
     if (avx2)
-      block_gw_rows_avx2<T>(gy, x, M, N, K, ptr, idx, block, gw, br0, br1);
+      block_gw_rows_avx2<T>(g, gw, br0, br1);
     else
-      block_gw_rows_scalar<T>(gy, x, M, N, K, ptr, idx, block, gw, br0, br1);
+      block_gw_rows_scalar<T>(g, gw, br0, br1);
   });
 }
 

@@ -63,18 +63,4 @@ EFFOPS_ALWAYS_INLINE void micro_blocks(const float* a, const int64_t* kept, int6
     for (int v = 0; v < NV; ++v) acc[i][v].store(tile + i * 16 + v * Vec::kWidth);
 }
 
-// The same for a run-time row count 1..6 (the last tile of a matrix edge).
-template <class Vec, typename TA, typename TB>
-EFFOPS_ALWAYS_INLINE void micro_dispatch(int rows, const TA* a, int64_t a_is, int64_t a_ks, const TB* b,
-                                         int64_t b_ks, int64_t kc, float* tile) {
-  switch (rows) {
-    case 6: micro<Vec, 6>(a, a_is, a_ks, b, b_ks, kc, tile); break;
-    case 5: micro<Vec, 5>(a, a_is, a_ks, b, b_ks, kc, tile); break;
-    case 4: micro<Vec, 4>(a, a_is, a_ks, b, b_ks, kc, tile); break;
-    case 3: micro<Vec, 3>(a, a_is, a_ks, b, b_ks, kc, tile); break;
-    case 2: micro<Vec, 2>(a, a_is, a_ks, b, b_ks, kc, tile); break;
-    default: micro<Vec, 1>(a, a_is, a_ks, b, b_ks, kc, tile); break;
-  }
-}
-
 }  // namespace effops::cpu

@@ -168,3 +168,10 @@ def _forget(ident):
             del cache[ident]
     return callback
 
+
+
+def linear_operands(x, weight, bias):
+    """What every masked_linear kernel takes: x as a contiguous (tokens, in_features) matrix and the
+    weight and bias contiguous (leading batch dims are restored by the caller)."""
+    return (x.reshape(-1, weight.shape[1]).contiguous(), weight.contiguous(),
+            None if bias is None else bias.contiguous())

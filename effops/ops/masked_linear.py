@@ -63,7 +63,11 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None):
     _checks.same_dtype("weight", weight, x.dtype)
     _checks.same_dtype("bias", bias, x.dtype)
     if _backends.runs_plain_pytorch("masked_linear", x.device, x, weight, mask, bias):
-        return reference.masked_linear(x, weight, mask, bias)
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return reference.masked_linear(x, weight, mask, bias)  # training: W * mask changes every step
+        # Inference on a mask too dense for the sparse kernels: dense F.linear on W * mask, made once per
+        # weight version instead of per call (the cost plain PyTorch pays with a pre-masked weight).
+        return torch.nn.functional.linear(x, _masked_weight(_sparse_index.mask_info(mask), weight, mask), bias)
     return torch.ops.effops.masked_linear(x, weight, mask, bias)
 
 
@@ -177,6 +181,12 @@ def _weight_cache(info, w, tag, build):
     return value
 
 
+def _masked_weight(info, w, mask):
+    """W * mask as the reference computes it, cached per weight version (the automatic choice's dense
+    path for inference, any device). Costs one dense copy of the weight while the mask lives."""
+    return _weight_cache(info, w, ("masked", w.dtype), lambda: w * mask.to(w.dtype))
+
+
 def _cpu_packed(info, w, transpose):
     """W (or W^T) kept blocks packed as fp32 panels for the cpu block kernel."""
     b = info.block
@@ -208,9 +218,7 @@ def _cpu_masked_linear(x, weight, mask, bias):
     ops = torch.ops.effops_cpu
     info = _sparse_index.mask_info(mask)
     n, k = weight.shape
-    x2 = x.reshape(-1, k).contiguous()
-    w = weight.contiguous()
-    b = None if bias is None else bias.contiguous()
+    x2, w, b = _sparse_index.linear_operands(x, weight, bias)
     if info.block:
         ptr, idx = info.block_rows(info.block)
         y = ops.masked_linear_block_mm(x2, _cpu_packed(info, w, False), n, b, ptr, idx, info.block)
