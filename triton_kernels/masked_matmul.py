@@ -256,9 +256,7 @@ def masked_linear(x, weight, mask, bias):
     """The "triton" kernel of effops::masked_linear."""
     info = _sparse_index.mask_info(mask)
     n, k = weight.shape
-    x2 = x.reshape(-1, k).contiguous()
-    w = weight.contiguous()
-    b = None if bias is None else bias.contiguous()
+    x2, w, b = _sparse_index.linear_operands(x, weight, bias)
     if info.block:
         ptr, idx = info.block_rows(info.block)
         y = _block_mm(x2, w, b, ptr, idx, info.block, False)

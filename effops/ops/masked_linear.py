@@ -131,12 +131,14 @@ _masked_linear.register_autograd(_backward, setup_context=_setup_context)
 # Automatic choice: the highest density at which each cpu kernel still beats dense F.linear, and the
 # smallest product (rows x out x in multiply-adds) worth the Python dispatch, index walk and packing.
 # Measured (fp32, AVX2, density sweeps of the forced cpu backend against F.linear) on a
-# 2-core machine shared with other jobs, so set on the safe side: at 256 x 2048 x 2048 the block kernel
-# was about 2-3x dense forward at 30-50% density and about even at 70%, the CSR kernel 1.7x at 10% and
-# even at 20%; products under ~8M MACs were at best even. Re-measure on a quiet machine.
+# 2-core machine shared with other jobs, so set on the safe side. Block kernel (after the packed
+# grad_weight, 2026-11-29), forward / forward+backward vs dense: 256 x 4096 x 4096 at 50% density
+# 2.0-2.3x / 1.6x, at 70% 1.3-1.5x / 1.2-1.3x; 2048 rows at 50% 1.8-2.0x / 1.2-1.3x, at 75% 1.1-1.4x /
+# 0.85-1.3x; 64 x 2048 x 2048 at 50% 1.6x / 1.1-1.3x. The CSR kernel 1.7x at 10% and even at 20-25%;
+# products under ~8M MACs were at best even.
 # The CSR kernel vectorises over 64 batch rows, so it also needs a batch: at 4096 x 4096, 10% dense,
 # one thread, it ran 0.25x dense at 1 row, 0.95x at 8, 1.96x at 32 (the block kernel: 4.6x / 10.7x / 12x).
-_CPU_LIMITS = {"block_max_density": 0.4, "csr_max_density": 0.15, "csr_min_rows": 32, "min_macs": 1 << 23}
+_CPU_LIMITS = {"block_max_density": 0.6, "csr_max_density": 0.15, "csr_min_rows": 32, "min_macs": 1 << 23}
 
 
 def _cpu_decline(x, weight, mask):
