@@ -54,3 +54,17 @@ def pytest_report_header(config):
                                              for k, (ok, why) in _backends.backend_reasons().items())]
     lines.append("test device: %s; TRITON_INTERPRET=%s" % (TEST_DEVICE, os.environ.get("TRITON_INTERPRET")))
     return lines
+
+
+def run_scalar_path(script, timeout=240):
+    """Run `script` in a fresh Python with EFFOPS_DISABLE_AVX2=1, so the cpu kernels take their scalar
+    bodies (the variable is read once per process), on the cpu test device, with this checkout on the
+    path. Asserts that it exits 0 and prints "scalar ok"."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, EFFOPS_DISABLE_AVX2="1", EFFOPS_TEST_DEVICE="cpu")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0 and "scalar ok" in proc.stdout, proc.stderr[-3000:]

@@ -1,7 +1,4 @@
 """effops.ops.masked_linear on every backend against the reference (forward and backward)."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,7 +10,7 @@ from effops.ops import _sparse_index
 from effops.ops.masked_linear import masked_linear
 from effops.reference import masked_linear as reference
 
-from conftest import TOL, device
+from conftest import TOL, device, run_scalar_path
 
 
 def make_mask(kind, n, k, density=0.3, seed=0):
@@ -263,12 +260,7 @@ SCALAR_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 def test_cpu_scalar_path_matches_reference():
-    env = dict(os.environ, EFFOPS_DISABLE_AVX2="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "scalar ok" in out.stdout
+    run_scalar_path(SCALAR_SCRIPT)
 
 
 @pytest.mark.parametrize("kind,rows", [("block16", 5), ("unstructured", 5), ("unstructured", 40)])
