@@ -102,6 +102,9 @@ EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i s8u_step(__m256
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_b, _mm256_sign_epi8(a, b)), ones));
 }
 
+#ifndef EFFOPS_PF
+#define EFFOPS_PF 1024
+#endif
 template <int MR>
 EFFOPS_AVX2_TARGET void micro_s8u_avx2(const int8_t* a, const int8_t* /*unused*/, int64_t lda, int64_t K,
                                        const int8_t* b, int32_t* c) {
@@ -113,6 +116,7 @@ EFFOPS_AVX2_TARGET void micro_s8u_avx2(const int8_t* a, const int8_t* /*unused*/
     const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64));
     const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64 + 32));
     const __m256i u0 = _mm256_abs_epi8(b0), u1 = _mm256_abs_epi8(b1);
+    _mm_prefetch(reinterpret_cast<const char*>(b + g * 64 + EFFOPS_PF), _MM_HINT_T0);
     const int64_t off = g * kInt8KG;
 #define EFFOPS_S8U_ROW(r, x, y)                      \
   if constexpr (MR > r) {                            \
@@ -264,13 +268,18 @@ void gemm_tiles(const TA* a, const TA* abs_a, int64_t lda, int64_t M, int64_t K,
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = (t % tiles_m) * kMC, m1 = std::min(M, m0 + kMC);
       const int64_t p0 = (t / tiles_m) * ncp, p1 = std::min(panels, p0 + ncp);
-      for (int64_t i0 = m0; i0 < m1; i0 += MR) {
-        const int mr = static_cast<int>(std::min<int64_t>(MR, m1 - i0));
+      // Rows dealt evenly over the fewest micro-tiles (16 rows: 6 + 5 + 5, not 6 + 6 + 4): every
+      // micro-tile re-reads the B panels, so a short last one costs a full pass for few rows.
+      for (int64_t i0 = m0, left = m1 - m0; left > 0;) {
+        const int64_t tiles_left = (left + MR - 1) / MR;
+        const int mr = static_cast<int>((left + tiles_left - 1) / tiles_left);
         for (int64_t p = p0; p < p1; ++p) {
           micro[mr - 1](a + i0 * lda, abs_a ? abs_a + i0 * lda : nullptr, lda, K, b + p * panel_elems, c);
           const int nc = static_cast<int>(std::min<int64_t>(kInt8NR, N - p * kInt8NR));
           epilogue(c, mr, i0, p * kInt8NR, nc, e);
         }
+        i0 += mr;
+        left -= mr;
       }
     }
   });
@@ -345,9 +354,7 @@ void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8
   int64_t lda_use = lda;
   if (kpad != K || lda != K) {
     ap.assign(static_cast<size_t>(M * kpad), 0);
-    at::parallel_for(0, M, 64, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) std::memcpy(ap.data() + i * kpad, a + i * lda, K);
-    });
+    for (int64_t i = 0; i < M; ++i) std::memcpy(ap.data() + i * kpad, a + i * lda, K);  // memory-bound: 1 thread
     a_use = ap.data();
     lda_use = kpad;
   }
