@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -263,9 +264,15 @@ void gemm_tiles(const TA* a, const TA* abs_a, int64_t lda, int64_t M, int64_t K,
   constexpr int64_t kL2Budget = 256 * 1024;
   const int64_t ncp = std::max<int64_t>(1, std::min<int64_t>(4, kL2Budget / (panel_elems * (int64_t)sizeof(TB))));
   const int64_t tiles_m = (M + kMC - 1) / kMC, tiles_n = (panels + ncp - 1) / ncp;
-  at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t t0, int64_t t1) {
+  // Tiles are handed out one at a time from a shared counter rather than as one fixed range per
+  // thread: when another process holds a core for a time slice, the other thread takes over its tiles
+  // instead of waiting at the join (the machine this was tuned on is shared).
+  const int64_t tiles = tiles_m * tiles_n;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tiles, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     alignas(32) int32_t c[MR * kInt8NR];
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tiles;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t m0 = (t % tiles_m) * kMC, m1 = std::min(M, m0 + kMC);
       const int64_t p0 = (t / tiles_m) * ncp, p1 = std::min(panels, p0 + ncp);
       // Rows dealt evenly over the fewest micro-tiles (16 rows: 6 + 5 + 5, not 6 + 6 + 4): every
