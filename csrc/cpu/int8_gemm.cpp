@@ -103,9 +103,6 @@ EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i s8u_step(__m256
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_b, _mm256_sign_epi8(a, b)), ones));
 }
 
-#ifndef EFFOPS_PF
-#define EFFOPS_PF 1024
-#endif
 template <int MR>
 EFFOPS_AVX2_TARGET void micro_s8u_avx2(const int8_t* a, const int8_t* /*unused*/, int64_t lda, int64_t K,
                                        const int8_t* b, int32_t* c) {
@@ -117,7 +114,9 @@ EFFOPS_AVX2_TARGET void micro_s8u_avx2(const int8_t* a, const int8_t* /*unused*/
     const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64));
     const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64 + 32));
     const __m256i u0 = _mm256_abs_epi8(b0), u1 = _mm256_abs_epi8(b1);
-    _mm_prefetch(reinterpret_cast<const char*>(b + g * 64 + EFFOPS_PF), _MM_HINT_T0);
+    // 1 KiB ahead: at small M the packed weights stream from memory once, and the hardware
+    // prefetcher alone left the M = 1 GEMM at ~11 of ~20 GB/s (0.57 vs 1.06 ms single-threaded).
+    _mm_prefetch(reinterpret_cast<const char*>(b + g * 64 + 1024), _MM_HINT_T0);
     const int64_t off = g * kInt8KG;
 #define EFFOPS_S8U_ROW(r, x, y)                      \
   if constexpr (MR > r) {                            \
