@@ -88,7 +88,7 @@ def test_int8_mm_long_k_cpu():
 def test_int8_mm_cpu_abs_b_kernel_every_row_count():
     # A without -128 (always so for quantize_rowwise's output) takes the cpu's 6-row |b| kernel, whose
     # pairs |b| * (a * sign(b)) reach 2 * 127 * 127; every micro-tile height 1..6 (M = 1..13 deals rows
-    # as e.g. 13 = 5 + 4 + 4), K = 16384 and K not a multiple of 4, N not a multiple of 16.
+    # as e.g. 13 = 5 + 4 + 4, 17 = 6 + 6 + 5), K = 16384 and K not a multiple of 4, N not a multiple of 16.
     torch.manual_seed(1)
     with effops.use_backend("cpu"):
         for k, n in ((16384, 37), (4099, 21), (3, 5)):
@@ -96,7 +96,7 @@ def test_int8_mm_cpu_abs_b_kernel_every_row_count():
             b = torch.stack([torch.full((k,), v, dtype=torch.int8) for v in (127, -127)]
                             + [torch.tensor([(-1) ** (j // 2) * 127 for j in range(k)], dtype=torch.int8)]
                             + [torch.randint(-127, 128, (k,), dtype=torch.int8) for _ in range(n - 3)], dim=1)
-            for m in range(1, 14) if k != 16384 else (1, 5, 6, 13):
+            for m in [*range(1, 14), 17] if k != 16384 else (1, 5, 6, 13):
                 a = torch.cat([extremes, torch.randint(-127, 128, (max(0, m - 3), k), dtype=torch.int8)])[:m]
                 assert torch.equal(ops.int8_mm(a, b), _exact_mm(a, b)), (m, k, n)
         # One -128 as the very last element of A sends the call to the |a| kernel (the |b| kernel
