@@ -84,6 +84,30 @@ def test_int8_mm_long_k_cpu():
             assert torch.equal(ops.int8_mm(a, b2), _exact_mm(a, b2))
 
 
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_int8_mm_cpu_abs_b_kernel_every_row_count():
+    # A without -128 (always so for quantize_rowwise's output) takes the cpu's 6-row |b| kernel, whose
+    # pairs |b| * (a * sign(b)) reach 2 * 127 * 127; every micro-tile height 1..6 (M = 1..13 deals rows
+    # as e.g. 13 = 5 + 4 + 4, 17 = 6 + 6 + 5), K = 16384 and K not a multiple of 4, N not a multiple of 16.
+    torch.manual_seed(1)
+    with effops.use_backend("cpu"):
+        for k, n in ((16384, 37), (4099, 21), (3, 5)):
+            extremes = torch.tensor([[127] * k, [-127] * k, [(-1) ** j * 127 for j in range(k)]], dtype=torch.int8)
+            b = torch.stack([torch.full((k,), v, dtype=torch.int8) for v in (127, -127)]
+                            + [torch.tensor([(-1) ** (j // 2) * 127 for j in range(k)], dtype=torch.int8)]
+                            + [torch.randint(-127, 128, (k,), dtype=torch.int8) for _ in range(n - 3)], dim=1)
+            for m in [*range(1, 14), 17] if k != 16384 else (1, 5, 6, 13):
+                a = torch.cat([extremes, torch.randint(-127, 128, (max(0, m - 3), k), dtype=torch.int8)])[:m]
+                assert torch.equal(ops.int8_mm(a, b), _exact_mm(a, b)), (m, k, n)
+        # One -128 as the very last element of A sends the call to the |a| kernel (the |b| kernel
+        # would compute -(-128) * 127 wrongly): the scan for it must cover all of A.
+        a = torch.randint(-127, 128, (7, 5000), dtype=torch.int8)
+        a[6, 4999] = -128
+        b = torch.randint(-127, 128, (5000, 19), dtype=torch.int8)
+        b[4999] = -127
+        assert torch.equal(ops.int8_mm(a, b), _exact_mm(a, b))
+
+
 def test_int8_mm_non_contiguous(backend):
     a = _randi8(40, 17).t()  # (17, 40) with strides (1, 17)
     b = _randi8(9, 40).t()   # (40, 9)
@@ -310,7 +334,7 @@ from effops.reference import int8 as R
 assert _ext.build_info()["cpu_avx2_fma_runtime"] is False
 torch.manual_seed(0)
 with effops.use_backend("cpu"):
-    for m, k, n in [(1, 1, 1), (5, 7, 3), (33, 130, 37)]:
+    for m, k, n in [(1, 1, 1), (5, 7, 3), (17, 64, 16), (33, 130, 37)]:
         a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
         b = torch.randint(-128, 128, (k, n), dtype=torch.int8)
         b[0, 0] = -128

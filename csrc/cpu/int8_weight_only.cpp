@@ -32,6 +32,9 @@ EFFOPS_AVX2_TARGET void panel_dot_avx2(const float* x, int64_t kpad, const int8_
   for (int64_t g = 0; g < kpad / kInt8KG; ++g) {
     const __m256 x4 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + g * kInt8KG));
     const int8_t* bg = b + g * kInt8NR * kInt8KG;
+    // The weights stream from memory once (the whole cost at small M): fetch 1 KiB ahead of the
+    // hardware prefetcher, which alone left the M = 1 dynamic GEMM at ~11 of ~20 GB/s.
+    _mm_prefetch(reinterpret_cast<const char*>(bg + 1024), _MM_HINT_T0);
     for (int j = 0; j < 8; ++j) {
       const __m128i w8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bg + 8 * j));
       acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w8)), x4, acc[j]);

@@ -9,7 +9,7 @@ Modes:
   bias and cast fused into its epilogue. Twice the arithmetic rate of fp32 on AVX2.
 * "weight_only": activations stay floating; the int8 weights are dequantized on the fly. For small
   batches, where the GEMM is bound by reading the weights and quantizing activations does not pay.
-* "auto": weight_only for inputs of at most `auto_rows` rows, dynamic above.
+* "auto": weight_only for inputs of at most AUTO_ROWS rows, dynamic above (AUTO_ROWS is 0: see there).
 
 Gradients: the input gets a straight-through gradient (grad_y @ dequantized weight), so trainable
 layers (adapters) can sit above and below a frozen int8 base; the int8 weights are buffers (frozen);
@@ -24,11 +24,12 @@ from effops.ops.int8_gemm import int8_linear_dynamic
 from effops.reference import int8 as reference
 
 MODES = ("dynamic", "weight_only", "auto")
-# "auto" switches to weight_only at or below this many rows. On the AVX2 CPU the dynamic path already
-# reads the int8 weights once at M = 1 (so both are bound by the same bytes) and is about 3x faster
-# at M = 16 (docs/int8.md): weight_only is chosen only for single rows, where it costs nothing and
-# keeps the activations unquantized.
-AUTO_ROWS = 1
+# "auto" switches to weight_only at or below this many rows. Since the int8 GEMM's 6-row |b| kernel and
+# its weight prefetch, the dynamic path at M = 1 runs as fast as FBGEMM and about 1.5x faster than the
+# weight-only kernel (single-threaded CPU time, K = 4096, N = 4096 and 11008: 0.86 vs 1.35 ms and 2.5
+# vs 3.4 ms; docs/int8.md), so "auto" is dynamic at every size; weight_only stays available for
+# inputs whose quantization error matters more than the time.
+AUTO_ROWS = 0
 
 
 class Int8Linear(nn.Module):
