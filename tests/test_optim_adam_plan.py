@@ -236,3 +236,13 @@ def test_no_plan_where_the_op_would_not_run_the_cpu_kernel():
         backward(model, 3)
         opt.step()
     assert tally["adam_step"] == {"cpu": 1}
+
+
+def test_plan_and_checked_path_count_steps_alike_past_float32_precision():
+    """float32 step counts stop growing at 2**24 (torch: step_t += 1 in float32): both paths agree."""
+    def between(i, model, opt):
+        if i == 1:
+            for s in opt.state.values():
+                s["step"].fill_(2.0 ** 24 - 2)
+    model, opt = twin_run(lambda m: AdamW(m.parameters(), lr=1e-3), 5, between)
+    assert all(s["step"].item() == 2.0 ** 24 for s in opt.state.values())
