@@ -91,7 +91,7 @@ class Plan:
         for group, (params, amsgrad, master_weights) in zip(param_groups, self._groups):
             group_params = group["params"]
             if len(group_params) != len(params) or not all(map(is_, group_params, params)) \
-                    or group["amsgrad"] is not amsgrad or group["master_weights"] is not master_weights:
+                    or group["amsgrad"] is not amsgrad or group["master_weights"] != master_weights:
                 return False
             # The same conversions, in the same order, as the checked path (so the same errors).
             beta1, beta2 = group["betas"]

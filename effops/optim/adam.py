@@ -12,6 +12,9 @@ between the two in both directions. Additions:
   and ``found_inf``; gradients are unscaled inside the kernel, and a step with an inf/NaN gradient
   leaves params, moments and step counts untouched.
 * DTensor params (FSDP2's ``fully_shard``) are stepped through their local shards.
+* Eager CPU steps after the first go through a cached plan (``_adam_plan.py``): one C++ call per
+  step with no per-tensor Python work; any change it cannot follow sends the step down the checked
+  path, which rebuilds the plan.
 
 ``foreach`` and ``fused`` are accepted for compatibility and ignored (the step is always fused);
 ``capturable`` and ``differentiable`` are not supported.
