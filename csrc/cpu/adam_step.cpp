@@ -202,7 +202,7 @@ struct Chunk {
 
 }  // namespace
 
-void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper& hyper) {
+void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper* hypers) {
   const bool avx2 = has_avx2_fma();
   std::vector<Chunk> chunks;
   int64_t total = 0;
@@ -210,7 +210,7 @@ void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper& hyper)
   std::vector<Coeffs> coeffs(count);
   for (int64_t k = 0; k < count; ++k) {
     fns[k] = span_fn(tensors[k], avx2);
-    coeffs[k] = make_coeffs(tensors[k], hyper);
+    coeffs[k] = make_coeffs(tensors[k], hypers[tensors[k].hyper]);
     total += tensors[k].numel;
     for (int64_t b = 0; b < tensors[k].numel; b += kChunk) {
       chunks.push_back({static_cast<int32_t>(k), b, std::min(b + kChunk, tensors[k].numel)});

@@ -30,6 +30,7 @@ struct AdamTensor {
   AdamDtype dtype;       // of param and grad
   double step_size;      // lr / (1 - beta1^t)
   double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  int32_t hyper = 0;     // index into the hyper-parameter array (the tensor's param group)
 };
 
 struct AdamHyper {
@@ -39,7 +40,13 @@ struct AdamHyper {
   double grad_scale;
 };
 
-// Steps every tensor, split into chunks spread over at::parallel_for's threads.
-void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper& hyper);
+// Steps every tensor, split into chunks spread over at::parallel_for's threads; tensor k uses
+// hypers[tensors[k].hyper] (one entry per param group, so several groups go in one call).
+void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper* hypers);
+
+// All tensors with the same hyper-parameters.
+inline void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper& hyper) {
+  adam_step(tensors, count, &hyper);
+}
 
 }  // namespace effops::cpu

@@ -297,9 +297,10 @@ def _adam_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
     master_params = [next(it) if flag else None for flag in has_master]
     try:
         # One op and one host read, not n .item() (steps on one device; on CUDA one sync, not n).
-        new_steps = (torch.stack(steps).double().reshape(-1) + 1).tolist()
+        # The +1 in the steps' own dtype, as torch's `step_t += 1` (and the optimizer's plan) does.
+        new_steps = (torch.stack(steps).reshape(-1) + 1).tolist()
     except RuntimeError:  # steps of mixed shapes (() and (1,)), dtypes or devices
-        new_steps = [float(s.item()) + 1 for s in steps]
+        new_steps = [(s + 1).item() for s in steps]
     _backends.dispatch("adam_step", params[0].device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                        master_params, new_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                        amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,

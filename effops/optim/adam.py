@@ -12,6 +12,9 @@ between the two in both directions. Additions:
   and ``found_inf``; gradients are unscaled inside the kernel, and a step with an inf/NaN gradient
   leaves params, moments and step counts untouched.
 * DTensor params (FSDP2's ``fully_shard``) are stepped through their local shards.
+* Eager CPU steps after the first go through a cached plan (``_adam_plan.py``): one C++ call per
+  step with no per-tensor Python work; any change it cannot follow sends the step down the checked
+  path, which rebuilds the plan.
 
 ``foreach`` and ``fused`` are accepted for compatibility and ignored (the step is always fused);
 ``capturable`` and ``differentiable`` are not supported.
@@ -22,6 +25,7 @@ import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
 from effops.ops.adam_step import prepare_adam_step
+from effops.optim import _adam_plan
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MASTER_KEYS = ("master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -63,12 +67,14 @@ class Adam(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=False, differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights)
+        self._plan = None
         super().__init__(params, defaults)
         # GradScaler: hand us grad_scale/found_inf instead of unscaling the gradients itself.
         self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
-        super().__setstate__(state)
+        super().__setstate__(state)  # torch's load_state_dict ends here too
+        self._plan = None
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -95,6 +101,11 @@ class Adam(Optimizer):
                 for key in _MASTER_KEYS:
                     if key in saved:
                         self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
+        self._plan = None
+
+    def add_param_group(self, param_group):
+        self._plan = None  # (torch's __init__ calls this before ours sets anything)
+        super().add_param_group(param_group)
 
     # -----------------------------------------------------------------------------------------
     def _prepare_state(self, group, p):
@@ -194,7 +205,15 @@ class Adam(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        # Eager CPU steps go through a plan built after the last checked step (see _adam_plan.py): one
+        # C++ call with no per-tensor Python work. It declines (touching nothing) whenever anything
+        # changed; the checked path below then runs and builds a new plan.
+        plannable = grad_scale is None and found_inf is None and _adam_plan.may_run()
+        if plannable and self._plan is not None and self._plan.step(self):
+            return loss
+        self._plan = None
         calls = []
+        per_group = []
         # Gather (and check, in adam_step) every group before touching any: a bad group fails the
         # whole step instead of leaving earlier groups stepped.
         for group in self.param_groups:
@@ -202,7 +221,9 @@ class Adam(Optimizer):
             hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                          weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                          decoupled_weight_decay=group["decoupled_weight_decay"])
-            for lists in self._group_lists(group).values():
+            by_device = self._group_lists(group)
+            per_group.append(by_device)
+            for lists in by_device.values():
                 calls.append((lists, hyper))
         runs = []
         for lists, hyper in calls:
@@ -211,6 +232,8 @@ class Adam(Optimizer):
             runs.append(prepare_adam_step(**lists, **hyper, grad_scale=scale, found_inf=flag))
         for run in runs:
             run()
+        if plannable:
+            self._plan = _adam_plan.Plan.build(self, per_group)
         return loss
 
 
