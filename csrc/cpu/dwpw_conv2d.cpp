@@ -249,20 +249,91 @@ int64_t tile_pixels(int64_t Cp) { return std::max<int64_t>(kMr, (16384 / Cp) / k
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
+// Length of one stride-phase line of the NCHW depthwise (see depthwise_rows_nchw).
+int64_t phase_len(const Shape& s) { return s.OW + (s.KW - 1) * s.DW / s.SW + 1; }
+// Input rows an NCHW band of `rows` output rows reads.
+int64_t band_input_rows(const Shape& s, int64_t rows) { return (rows - 1) * s.SH + (s.KH - 1) * s.DH + 1; }
+
+// NCHW input: the depthwise output of output rows [oh0, oh0 + rows) of image xn (NCHW) for every
+// channel, activation applied, into AT[c][p] (row stride Pp, p = (oh - oh0) * OW + ow): the B panel of
+// the transposed micro-kernel, so neither x nor the tile is ever transposed. Vectorised along ow. Each
+// input row of the band is copied once per channel into zero-padded fp32 lines split by stride phase,
+// line[r][m] = xpad[m * SW + r], so tap kw reads line[(kw*DW) % SW][ow + (kw*DW) / SW]: unit-stride
+// vector loads for every stride, and no bounds checks in the tap loop.
+// V::kWidth consecutive output pixels from ow of one NCHW depthwise row (see depthwise_rows_nchw).
+// A function, not a lambda: a lambda is not compiled for AVX2 unless inlined, and 8-lane values then
+// cross an ABI boundary (measured: lanes 4..7 came back wrong).
+template <typename V>
+EFFOPS_INLINE void depthwise_nchw_pixels(const Shape& s, const float* rows_in, int64_t Lm, const float* wk, float bias,
+                                         int64_t kh0, int64_t kh1, int act, int64_t ow, float* out) {
+  V acc = V::broadcast(bias);
+  for (int64_t kh = kh0; kh < kh1; ++kh) {
+    const float* base = rows_in + kh * s.DH * s.SW * Lm + ow;
+    for (int64_t kw = 0; kw < s.KW; ++kw) {
+      const int64_t tw = kw * s.DW;
+      acc = V::fma(V::load(base + (tw % s.SW) * Lm + tw / s.SW), V::broadcast(wk[kh * s.KW + kw]), acc);
+    }
+  }
+  act_forward(acc, act).store(out + ow);
+}
+
+template <typename V, typename T>
+EFFOPS_INLINE void depthwise_rows_nchw(const Shape& s, const T* xn, const float* w, const float* b, int64_t oh0,
+                                       int64_t rows, int64_t Pp, int act, float* AT, float* lines) {
+  const int64_t Lm = phase_len(s), RI = band_input_rows(s, rows), ih_first = oh0 * s.SH - s.PH;
+  const int64_t taps = s.KH * s.KW;
+  float wk[64];  // this channel's taps (<= 7 x 7)
+  for (int64_t c = 0; c < s.C; ++c) {
+    const T* xc = xn + c * s.H * s.W;
+    for (int64_t i = 0; i < RI; ++i) {
+      const int64_t ih = ih_first + i;
+      if (ih < 0 || ih >= s.H) continue;  // rows outside the image are skipped by the tap loop below
+      const T* xr = xc + ih * s.W;
+      for (int64_t r = 0; r < s.SW; ++r) {
+        float* line = lines + (i * s.SW + r) * Lm;
+        // m covers iw = m * SW + r - PW: zeros left of the image, the row, zeros right of it.
+        const int64_t m_lo = std::min(Lm, std::max<int64_t>(0, (s.PW - r + s.SW - 1) / s.SW));
+        const int64_t m_hi = std::max(m_lo, std::min(Lm, (s.W + s.PW - r + s.SW - 1) / s.SW));
+        for (int64_t m = 0; m < m_lo; ++m) line[m] = 0.f;
+        if (s.SW == 1) {
+          const T* src = xr + (m_lo + r - s.PW);
+          int64_t m = 0;
+          for (; m + V::kWidth <= m_hi - m_lo; m += V::kWidth) V::load(src + m).store(line + m_lo + m);
+          for (; m < m_hi - m_lo; ++m) line[m_lo + m] = to_float(src[m]);
+        } else {
+          for (int64_t m = m_lo; m < m_hi; ++m) line[m] = to_float(xr[m * s.SW + r - s.PW]);
+        }
+        for (int64_t m = m_hi; m < Lm; ++m) line[m] = 0.f;
+      }
+    }
+    for (int64_t t = 0; t < taps; ++t) wk[t] = w[t * s.C + c];
+    const float bias = b ? b[c] : 0.f;
+    for (int64_t j = 0; j < rows; ++j) {
+      const int64_t oh = oh0 + j;
+      int64_t ih0, kh0, kh1;
+      tap_range(oh, s.SH, s.PH, s.DH, s.KH, s.H, ih0, kh0, kh1);
+      float* out = AT + c * Pp + j * s.OW;
+      const float* rows_in = lines + (ih0 - ih_first) * s.SW * Lm;
+      int64_t ow = 0;
+      for (; ow + V::kWidth <= s.OW; ow += V::kWidth)
+        depthwise_nchw_pixels<V>(s, rows_in, Lm, wk, bias, kh0, kh1, act, ow, out);
+      for (; ow < s.OW; ++ow) depthwise_nchw_pixels<ScalarVec>(s, rows_in, Lm, wk, bias, kh0, kh1, act, ow, out);
+    }
+  }
+}
+
 template <typename V, typename T>
 EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw,
                                 const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A,
-                                const float* pw_rows, float* AT) {
-  depthwise_tile<V>(s, x + n * s.H * s.W * s.C, dw_w, dw_b, q0, np, Cp, s.act, A);
+                                const float* pw_rows, float* lines) {
   alignas(32) float out[kMr * kNr];
   if (pw_rows) {
-    // NCHW output: y[o][p] = sum_c W[o][c] * A^T[c][p], 6 outputs x 16 pixels per micro-tile, so each
-    // result row is 16 consecutive pixels of one output plane. A is transposed once, in cache.
+    // NCHW: the tile is np / OW whole output rows; A holds the depthwise output transposed, AT[C][Pp].
+    // y[o][p] = sum_c W[o][c] * AT[c][p], 6 outputs x 16 pixels per micro-tile, so each result row is
+    // 16 consecutive pixels of one output plane.
     const int64_t Pp = round_up(np, kNr) + kNr;  // + 16: a power-of-two row stride would thrash L1 sets
-    // Blocks of 16 pixels: 16 source rows stay in L1 while each channel's 16 values fill one line.
-    for (int64_t pb = 0; pb < Pp; pb += kNr)
-      for (int64_t c = 0; c < s.C; ++c)
-        for (int64_t p = pb; p < pb + kNr; ++p) AT[c * Pp + p] = p < np ? A[p * Cp + c] : 0.f;
+    float* AT = A;
+    depthwise_rows_nchw<V>(s, x + n * s.C * s.H * s.W, dw_w, dw_b, q0 / s.OW, np / s.OW, Pp, s.act, AT, lines);
     T* yn = y + n * s.O * s.OH * s.OW + q0;
     for (int64_t o0 = 0; o0 < s.O; o0 += kMr) {
       const int64_t rows = std::min<int64_t>(kMr, s.O - o0);
@@ -281,6 +352,7 @@ EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, c
     }
     return;
   }
+  depthwise_tile<V>(s, x + n * s.H * s.W * s.C, dw_w, dw_b, q0, np, Cp, s.act, A);
   T* yt = y + (n * s.OH * s.OW + q0) * s.O;
   for (int64_t o = 0; o < s.O; o += kNr) {
     const float* pwb = pw + (o / kNr) * s.C * kNr;
@@ -303,8 +375,8 @@ EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, c
 template <typename T>
 EFFOPS_FLATTEN void forward_tile_scalar(const Shape& s, const T* x, const float* dw_w, const float* dw_b,
                                         const float* pw, const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np,
-                                        int64_t Cp, float* A, const float* pw_rows, float* AT) {
-  forward_tile<ScalarVec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, pw_rows, AT);
+                                        int64_t Cp, float* A, const float* pw_rows, float* lines) {
+  forward_tile<ScalarVec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, pw_rows, lines);
 }
 
 #if EFFOPS_HAVE_X86
@@ -312,8 +384,8 @@ template <typename T>
 EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void forward_tile_avx2(const Shape& s, const T* x, const float* dw_w,
                                                          const float* dw_b, const float* pw, const float* pw_b, T* y,
                                                          int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A,
-                                                         const float* pw_rows, float* AT) {
-  forward_tile<Avx2Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, pw_rows, AT);
+                                                         const float* pw_rows, float* lines) {
+  forward_tile<Avx2Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, pw_rows, lines);
 }
 #endif
 
@@ -440,21 +512,26 @@ bool use_avx2() {
 template <typename T>
 void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
              const float* pw_b, T* y, const float* pw_rows) {
-  const int64_t Cp = row_stride(s.C), P = tile_pixels(Cp);
-  const int64_t OHW = s.OH * s.OW, tiles = (OHW + P - 1) / P;
+  const int64_t Cp = row_stride(s.C), OHW = s.OH * s.OW;
+  // Channels-last: tiles of P pixels anywhere in the image. NCHW: tiles of whole output rows (the
+  // depthwise runs along rows), about as many pixels, at least one row.
+  const int64_t rows = std::max<int64_t>(1, tile_pixels(Cp) / s.OW);
+  const int64_t P = pw_rows ? rows * s.OW : tile_pixels(Cp), tiles = (OHW + P - 1) / P;
+  const int64_t buf = pw_rows ? (round_up(P, kNr) + kNr) * s.C : P * Cp;
+  const int64_t nlines = pw_rows ? band_input_rows(s, rows) * s.SW * phase_len(s) : 0;
   const bool avx2 = use_avx2();
   at::parallel_for(0, s.N * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> A(P * Cp, 0.f);  // pad columns stay 0: the micro-kernel reads only c < C anyway
-    std::vector<float> AT(pw_rows ? (round_up(P, kNr) + kNr) * s.C : 0);
+    // Zeroed once: pad columns / tail pixels stay finite (the micro-kernel's extra lanes are dropped).
+    std::vector<float> A(buf, 0.f), lines(nlines, 0.f);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / tiles, q0 = (i % tiles) * P, np = std::min(P, OHW - q0);
 #if EFFOPS_HAVE_X86
       if (avx2) {
-        forward_tile_avx2<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), pw_rows, AT.data());
+        forward_tile_avx2<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), pw_rows, lines.data());
         continue;
       }
 #endif
-      forward_tile_scalar<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), pw_rows, AT.data());
+      forward_tile_scalar<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), pw_rows, lines.data());
     }
   });
 }
