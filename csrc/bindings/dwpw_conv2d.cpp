@@ -34,7 +34,7 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& dw_weight, const at::Ten
   s.OW = (s.W + 2 * s.PW - s.DW * (s.KW - 1) - 1) / s.SW + 1;
   s.act = static_cast<int>(act);
   TORCH_CHECK(dw_weight.size(0) == s.C && pw_weight.size(1) == s.C, "weights do not match x's channels");
-  TORCH_CHECK(s.KH * s.KW <= 64, "depthwise kernels up to 8x8 taps");
+  TORCH_CHECK(s.KH <= 8 && s.KW <= 8, "depthwise kernels up to 8x8");
   TORCH_CHECK(s.OH > 0 && s.OW > 0 && s.SH > 0 && s.SW > 0 && s.DH > 0 && s.DW > 0, "bad convolution geometry");
   return s;
 }
@@ -80,16 +80,14 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& dw_weight, const at::T
   // (a copy only when it is not NCHW-contiguous) and y is written plane by plane.
   const bool nchw = !x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.is_contiguous();
   const at::Tensor xc = nchw ? x.contiguous() : x;
-  const at::Tensor dw = pack_depthwise(dw_weight), pw = nchw ? at::Tensor() : pack_columns(pw_weight.reshape({s.O, s.C}));
+  const at::Tensor dw = pack_depthwise(dw_weight), pw = pack_columns(pw_weight.reshape({s.O, s.C}));
   const at::Tensor db = optional_float(dw_bias), pb = optional_float(pw_bias);
-  const at::Tensor pw_rows = nchw ? pw_weight.reshape({s.O, s.C}).to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y = at::empty({s.N, s.O, s.OH, s.OW},
                            x.options().memory_format(nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast));
   advise_huge_pages(y);
   EFFOPS_DISPATCH_FLOAT(x.scalar_type(), "dwpw_conv2d_cpu", [&] {
     effops::cpu::dwpw::forward<scalar_t>(s, xc.data_ptr<scalar_t>(), dw.data_ptr<float>(), ptr_or_null(db),
-                                         ptr_or_null(pw), ptr_or_null(pb), y.data_ptr<scalar_t>(),
-                                         ptr_or_null(pw_rows));
+                                         ptr_or_null(pw), ptr_or_null(pb), y.data_ptr<scalar_t>(), nchw);
   });
   return y;
 }

@@ -250,7 +250,8 @@ int64_t tile_pixels(int64_t Cp) { return std::max<int64_t>(kMr, (16384 / Cp) / k
 // Forward
 // ------------------------------------------------------------------------------------------------
 // Length of one stride-phase line of the NCHW depthwise (see depthwise_rows_nchw).
-int64_t phase_len(const Shape& s) { return s.OW + (s.KW - 1) * s.DW / s.SW + 1; }
+// OW is rounded up to 8 so that a row's last vector may read past OW (its extra lanes are dropped).
+int64_t phase_len(const Shape& s) { return round_up(s.OW, 8) + (s.KW - 1) * s.DW / s.SW + 1; }
 // Input rows an NCHW band of `rows` output rows reads.
 int64_t band_input_rows(const Shape& s, int64_t rows) { return (rows - 1) * s.SH + (s.KH - 1) * s.DH + 1; }
 
@@ -264,15 +265,13 @@ int64_t band_input_rows(const Shape& s, int64_t rows) { return (rows - 1) * s.SH
 // A function, not a lambda: a lambda is not compiled for AVX2 unless inlined, and 8-lane values then
 // cross an ABI boundary (measured: lanes 4..7 came back wrong).
 template <typename V>
-EFFOPS_INLINE void depthwise_nchw_pixels(const Shape& s, const float* rows_in, int64_t Lm, const float* wk, float bias,
-                                         int64_t kh0, int64_t kh1, int act, int64_t ow, float* out) {
+EFFOPS_INLINE void depthwise_nchw_pixels(const Shape& s, const float* rows_in, int64_t Lm, const int64_t* koff,
+                                         const float* wk, float bias, int64_t kh0, int64_t kh1, int act, int64_t ow,
+                                         float* out) {
   V acc = V::broadcast(bias);
   for (int64_t kh = kh0; kh < kh1; ++kh) {
     const float* base = rows_in + kh * s.DH * s.SW * Lm + ow;
-    for (int64_t kw = 0; kw < s.KW; ++kw) {
-      const int64_t tw = kw * s.DW;
-      acc = V::fma(V::load(base + (tw % s.SW) * Lm + tw / s.SW), V::broadcast(wk[kh * s.KW + kw]), acc);
-    }
+    for (int64_t kw = 0; kw < s.KW; ++kw) acc = V::fma(V::load(base + koff[kw]), V::broadcast(wk[kh * s.KW + kw]), acc);
   }
   act_forward(acc, act).store(out + ow);
 }
@@ -282,7 +281,11 @@ EFFOPS_INLINE void depthwise_rows_nchw(const Shape& s, const T* xn, const float*
                                        int64_t rows, int64_t Pp, int act, float* AT, float* lines) {
   const int64_t Lm = phase_len(s), RI = band_input_rows(s, rows), ih_first = oh0 * s.SH - s.PH;
   const int64_t taps = s.KH * s.KW;
-  float wk[64];  // this channel's taps (<= 7 x 7)
+  float wk[64];  // this channel's taps (<= 8 x 8)
+  // Offset of tap kw in the phase lines, hoisted: a division per tap and pixel measured as the
+  // NCHW forward's largest cost (64-bit idiv).
+  int64_t koff[8];
+  for (int64_t kw = 0; kw < s.KW; ++kw) koff[kw] = (kw * s.DW) % s.SW * Lm + (kw * s.DW) / s.SW;
   for (int64_t c = 0; c < s.C; ++c) {
     const T* xc = xn + c * s.H * s.W;
     for (int64_t i = 0; i < RI; ++i) {
@@ -314,10 +317,13 @@ EFFOPS_INLINE void depthwise_rows_nchw(const Shape& s, const T* xn, const float*
       tap_range(oh, s.SH, s.PH, s.DH, s.KH, s.H, ih0, kh0, kh1);
       float* out = AT + c * Pp + j * s.OW;
       const float* rows_in = lines + (ih0 - ih_first) * s.SW * Lm;
+      // Whole vectors, the last one past the row's end: its extra lanes land on the next row's first
+      // pixels, which that row (computed next) overwrites, or on AT's padding after the last row.
+      // Rows shorter than a vector (7x7 maps) stay vectorised this way; a scalar tail measured as
+      // costly as the whole pointwise product there (a 9-FMA latency chain per pixel).
       int64_t ow = 0;
-      for (; ow + V::kWidth <= s.OW; ow += V::kWidth)
-        depthwise_nchw_pixels<V>(s, rows_in, Lm, wk, bias, kh0, kh1, act, ow, out);
-      for (; ow < s.OW; ++ow) depthwise_nchw_pixels<ScalarVec>(s, rows_in, Lm, wk, bias, kh0, kh1, act, ow, out);
+      for (; ow < s.OW; ow += V::kWidth)
+        depthwise_nchw_pixels<V>(s, rows_in, Lm, koff, wk, bias, kh0, kh1, act, ow, out);
     }
   }
 }
@@ -325,28 +331,30 @@ EFFOPS_INLINE void depthwise_rows_nchw(const Shape& s, const T* xn, const float*
 template <typename V, typename T>
 EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw,
                                 const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A,
-                                const float* pw_rows, float* lines) {
+                                bool nchw, float* lines) {
   alignas(32) float out[kMr * kNr];
-  if (pw_rows) {
-    // NCHW: the tile is np / OW whole output rows; A holds the depthwise output transposed, AT[C][Pp].
-    // y[o][p] = sum_c W[o][c] * AT[c][p], 6 outputs x 16 pixels per micro-tile, so each result row is
-    // 16 consecutive pixels of one output plane.
+  if (nchw) {
+    // NCHW: the tile is np / OW whole output rows, its depthwise output transposed, AT[C][Pp]. The
+    // pointwise product is the channels-last one (6 pixels x 16 outputs, B = the packed weight panel
+    // [C][16], L1-resident) with A read column-wise from AT: the 6 pixels of one k are 6 consecutive
+    // floats. The 6 x 16 result is stored transposed: 6 consecutive pixels of 16 output planes. (A
+    // 6 outputs x 16 pixels kernel over AT measured 3x slower at C = 256..512: it streamed all of AT
+    // from L2 for every 6 outputs.)
     const int64_t Pp = round_up(np, kNr) + kNr;  // + 16: a power-of-two row stride would thrash L1 sets
     float* AT = A;
     depthwise_rows_nchw<V>(s, x + n * s.C * s.H * s.W, dw_w, dw_b, q0 / s.OW, np / s.OW, Pp, s.act, AT, lines);
     T* yn = y + n * s.O * s.OH * s.OW + q0;
-    for (int64_t o0 = 0; o0 < s.O; o0 += kMr) {
-      const int64_t rows = std::min<int64_t>(kMr, s.O - o0);
-      for (int64_t p0 = 0; p0 < np; p0 += kNr) {
-        const bool full = p0 + kNr <= np;
-        micro_rows<V>(rows, pw_rows + o0 * s.C, s.C, 1, AT + p0, Pp, s.C, [&](int r, int64_t v, V acc) {
-          if (full) (acc + V::broadcast(pw_b ? pw_b[o0 + r] : 0.f)).store(yn + (o0 + r) * s.OH * s.OW + p0 + v);
-          else acc.store(out + r * kNr + v);
-        });
-        if (full) continue;
-        for (int64_t r = 0; r < rows; ++r) {
-          T* yr = yn + (o0 + r) * s.OH * s.OW + p0;
-          for (int64_t j = 0; j < np - p0; ++j) yr[j] = from_float<T>(out[r * kNr + j] + (pw_b ? pw_b[o0 + r] : 0.f));
+    const int64_t OHW = s.OH * s.OW;
+    for (int64_t o = 0; o < s.O; o += kNr) {
+      const float* pwb = pw + (o / kNr) * s.C * kNr;
+      const int64_t cols = std::min<int64_t>(kNr, s.O - o);
+      for (int64_t r0 = 0; r0 < np; r0 += kMr) {
+        const int64_t rows = std::min<int64_t>(kMr, np - r0);
+        micro_rows<V>(rows, AT + r0, 1, Pp, pwb, kNr, s.C, [&](int r, int64_t v, V acc) { acc.store(out + r * kNr + v); });
+        for (int64_t j = 0; j < cols; ++j) {
+          T* yo = yn + (o + j) * OHW + r0;
+          const float bias = pw_b ? pw_b[o + j] : 0.f;
+          for (int64_t r = 0; r < rows; ++r) yo[r] = from_float<T>(out[r * kNr + j] + bias);
         }
       }
     }
@@ -375,8 +383,8 @@ EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, c
 template <typename T>
 EFFOPS_FLATTEN void forward_tile_scalar(const Shape& s, const T* x, const float* dw_w, const float* dw_b,
                                         const float* pw, const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np,
-                                        int64_t Cp, float* A, const float* pw_rows, float* lines) {
-  forward_tile<ScalarVec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, pw_rows, lines);
+                                        int64_t Cp, float* A, bool nchw, float* lines) {
+  forward_tile<ScalarVec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, nchw, lines);
 }
 
 #if EFFOPS_HAVE_X86
@@ -384,8 +392,8 @@ template <typename T>
 EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void forward_tile_avx2(const Shape& s, const T* x, const float* dw_w,
                                                          const float* dw_b, const float* pw, const float* pw_b, T* y,
                                                          int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A,
-                                                         const float* pw_rows, float* lines) {
-  forward_tile<Avx2Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, pw_rows, lines);
+                                                         bool nchw, float* lines) {
+  forward_tile<Avx2Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, nchw, lines);
 }
 #endif
 
@@ -511,14 +519,14 @@ bool use_avx2() {
 
 template <typename T>
 void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
-             const float* pw_b, T* y, const float* pw_rows) {
+             const float* pw_b, T* y, bool nchw) {
   const int64_t Cp = row_stride(s.C), OHW = s.OH * s.OW;
   // Channels-last: tiles of P pixels anywhere in the image. NCHW: tiles of whole output rows (the
   // depthwise runs along rows), about as many pixels, at least one row.
   const int64_t rows = std::max<int64_t>(1, tile_pixels(Cp) / s.OW);
-  const int64_t P = pw_rows ? rows * s.OW : tile_pixels(Cp), tiles = (OHW + P - 1) / P;
-  const int64_t buf = pw_rows ? (round_up(P, kNr) + kNr) * s.C : P * Cp;
-  const int64_t nlines = pw_rows ? band_input_rows(s, rows) * s.SW * phase_len(s) : 0;
+  const int64_t P = nchw ? rows * s.OW : tile_pixels(Cp), tiles = (OHW + P - 1) / P;
+  const int64_t buf = nchw ? (round_up(P, kNr) + kNr) * s.C : P * Cp;
+  const int64_t nlines = nchw ? band_input_rows(s, rows) * s.SW * phase_len(s) : 0;
   const bool avx2 = use_avx2();
   at::parallel_for(0, s.N * tiles, 1, [&](int64_t begin, int64_t end) {
     // Zeroed once: pad columns / tail pixels stay finite (the micro-kernel's extra lanes are dropped).
@@ -527,11 +535,11 @@ void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, c
       const int64_t n = i / tiles, q0 = (i % tiles) * P, np = std::min(P, OHW - q0);
 #if EFFOPS_HAVE_X86
       if (avx2) {
-        forward_tile_avx2<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), pw_rows, lines.data());
+        forward_tile_avx2<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), nchw, lines.data());
         continue;
       }
 #endif
-      forward_tile_scalar<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), pw_rows, lines.data());
+      forward_tile_scalar<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), nchw, lines.data());
     }
   });
 }
@@ -592,7 +600,7 @@ void backward(const Shape& s, const T* x, const T* gy, const float* dw_w, const 
 
 #define EFFOPS_INSTANTIATE(T)                                                                               \
   template void forward<T>(const Shape&, const T*, const float*, const float*, const float*, const float*, T*,   \
-                           const float*);                                                                 \
+                           bool);                                                                         \
   template void backward<T>(const Shape&, const T*, const T*, const float*, const float*, const float*, float*,  \
                             float*, float*, float*, float*);
 EFFOPS_INSTANTIATE(float)

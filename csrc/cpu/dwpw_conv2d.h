@@ -25,12 +25,12 @@ struct Shape {
 
 // y[N][OH][OW][O] = pw(act(dw(x))). dw_w: [KH*KW][C] (tap-major, so channels are contiguous);
 // dw_b: [C] or null; pw_packed: [ceil(O/16)][C][16], zero-padded past O; pw_b: [O] or null.
-// pw_rows: null for channels-last x and y (x[N][H][W][C], y[N][OH][OW][O]); for NCHW x and y
-// (x[N][C][H][W], y[N][O][OH][OW]), the pointwise weight as fp32 [O][C]: the depthwise then runs along
-// rows into a transposed tile and a transposed micro-kernel (6 outputs x 16 pixels) writes y's planes.
+// nchw: false for channels-last x and y (x[N][H][W][C], y[N][OH][OW][O]); true for NCHW x and y
+// (x[N][C][H][W], y[N][O][OH][OW]): the depthwise then runs along rows into a transposed tile [C][P],
+// the same micro-kernel reads it column-wise and stores its results transposed into y's planes.
 template <typename T>
 void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
-             const float* pw_b, T* y, const float* pw_rows);
+             const float* pw_b, T* y, bool nchw);
 
 // Gradients from gy[N][OH][OW][O] (T). pw_packed_t: the pointwise weight transposed and packed as
 // [ceil(C/16)][O][16] (zero-padded past C). Outputs (each may be null when not wanted):
