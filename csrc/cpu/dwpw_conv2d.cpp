@@ -268,11 +268,19 @@ template <typename V>
 EFFOPS_INLINE void depthwise_nchw_pixels(const Shape& s, const float* rows_in, int64_t Lm, const int64_t* koff,
                                          const float* wk, float bias, int64_t kh0, int64_t kh1, int act, int64_t ow,
                                          float* out) {
-  V acc = V::broadcast(bias);
+  // Two accumulators (odd / even kw): half the FMA latency chain, which bounds short rows (7x7 maps).
+  V acc = V::broadcast(bias), acc1 = V::zero();
   for (int64_t kh = kh0; kh < kh1; ++kh) {
     const float* base = rows_in + kh * s.DH * s.SW * Lm + ow;
-    for (int64_t kw = 0; kw < s.KW; ++kw) acc = V::fma(V::load(base + koff[kw]), V::broadcast(wk[kh * s.KW + kw]), acc);
+    const float* wr = wk + kh * s.KW;
+    int64_t kw = 0;
+    for (; kw + 1 < s.KW; kw += 2) {
+      acc = V::fma(V::load(base + koff[kw]), V::broadcast(wr[kw]), acc);
+      acc1 = V::fma(V::load(base + koff[kw + 1]), V::broadcast(wr[kw + 1]), acc1);
+    }
+    if (kw < s.KW) acc = V::fma(V::load(base + koff[kw]), V::broadcast(wr[kw]), acc);
   }
+  acc = acc + acc1;
   act_forward(acc, act).store(out + ow);
 }
 
