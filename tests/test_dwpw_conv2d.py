@@ -261,6 +261,34 @@ def test_large_forward_and_gradients(backend, case):
         torch.testing.assert_close(g, w.float(), atol=1e-3, rtol=1e-4)
 
 
+# The cpu forward reads NCHW directly (depthwise along rows into a transposed tile of whole output
+# rows, zero-padded lines per stride phase): shapes with several row tiles per image (C large), a row
+# wider than a tile (one row per tile), rows shorter than a vector (7x7 maps), stride 2 and 3 with
+# odd/even kernels and dilation, odd channel counts. Each in both layouts and in bf16 (the line copy
+# converts), output in x's layout.
+NCHW_TILES = [
+    (2, 300, 19, 9, 7, 3, 1, 1, 1, True, True, "relu6"),
+    (1, 70, 21, 23, 37, 4, 2, (2, 1), 2, True, False, "gelu"),
+    (1, 40, 9, 3, 600, 5, 1, 2, 1, False, True, "silu"),
+    (3, 17, 33, 14, 13, 7, 3, 3, 1, True, True, None),
+    (1, 9, 5, 8, 8, 2, 2, 0, 2, False, False, "relu"),
+]
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", NCHW_TILES, ids=["c300", "s2d2", "wide", "s3k7", "k2"])
+def test_cpu_forward_row_tiles(case, layout, dtype):
+    tensors, kwargs = make(case, layout=layout, dtype=dtype)
+    with effops.use_backend("cpu"):
+        y = dwpw_conv2d(*tensors, **kwargs)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and y.dtype == dtype
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(y.float(), expected(tensors, kwargs).float(), **tol)
+
+
 SCALAR_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, "tests")
@@ -269,7 +297,7 @@ from effops import _ext
 assert _ext.load() and not _ext.build_info()["cpu_avx2_fma_runtime"], "AVX2 should be disabled"
 import test_dwpw_conv2d as t
 with effops.use_backend("cpu"):
-    for case in (t.CASES[2], t.CASES[3], t.LARGE[0]):
+    for case in (t.CASES[2], t.CASES[3], t.LARGE[0], t.NCHW_TILES[1], t.NCHW_TILES[3]):
         tensors, kwargs = t.make(case)
         torch.testing.assert_close(t.dwpw_conv2d(*tensors, **kwargs), t.expected(tensors, kwargs).float(),
                                    atol=1e-4, rtol=1e-4)
