@@ -1,4 +1,5 @@
 """effops.ops.dwpw_conv2d on every backend against the reference (computed in float64)."""
+import importlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from effops import _backends
 from effops.ops import dwpw_conv2d
 from effops.reference import dwpw_conv2d as reference
 from conftest import TOL, device
+
+dwpw = importlib.import_module("effops.ops.dwpw_conv2d")  # the module (effops.ops.dwpw_conv2d is the function)
 
 # (N, C, O, H, W, kernel, stride, padding, dilation, dw_bias, pw_bias, activation): every option of the
 # issue appears at least once; channel counts are not multiples of any tile width on purpose.
@@ -323,21 +326,42 @@ def test_cpu_scalar_path_matches_reference():
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_automatic_choice_declines_cpu_where_it_measured_slower(layout):
-    # The benchmark's block shapes (above ~1M multiply-adds) measured slower fused than torch's two
-    # convolutions: the automatic choice must be the reference there, forward and backward.
-    x, dw, pw = torch.randn(4, 256, 14, 14), torch.randn(256, 1, 3, 3) / 3, torch.randn(256, 256, 1, 1) / 16
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    fwd = (x, dw, pw, None, None, [1, 1], [1, 1], [1, 1], "relu6")
-    bwd = (torch.randn(4, 256, 14, 14), x, dw, pw, None, [1, 1], [1, 1], [1, 1], "relu6", [True] * 5)
-    assert _backends.select("dwpw_conv2d", "cpu", *fwd) == "reference"
+def test_automatic_choice_follows_the_measured_crossover(layout):
+    # See _cpu_faster / _cpu_backward_faster: the fused forward is chosen where torch's largest tensor
+    # reaches 32 MiB (measured 2-4x faster there) and for tiny inputs; in between the reference runs.
+    # The fused backward is chosen for tiny inputs only. Shapes are only described (meta tensors): the
+    # rule reads sizes, so the 32 x 64 x 112 x 112 case costs no memory here.
+    def fwd(N, C, O, H, device="meta"):
+        x = torch.empty(N, C, H, H, device=device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x, torch.empty(C, 1, 3, 3, device=device), torch.empty(O, C, 1, 1, device=device), None, None,
+                [1, 1], [1, 1], [1, 1], "relu6")
+
+    def faster(args):
+        return dwpw._cpu_faster(*args)
+
+    def bwd_faster(args):
+        return dwpw._cpu_backward_faster(torch.empty(0), *args[:3], None, *args[5:], [True] * 5)
+
+    assert faster(fwd(32, 64, 128, 56)) is None                  # y = 51 MB
+    assert faster(fwd(16, 32, 64, 112)) is None                  # y = 51 MB
+    assert faster(fwd(32, 144, 24, 56)) is None                  # depthwise output 58 MB
+    assert faster(fwd(1, 16, 16, 8)) is None                     # 16K multiply-adds
+    for shape in [(32, 256, 256, 14), (32, 512, 512, 7), (8, 32, 64, 112), (4, 64, 128, 56)]:
+        assert "largest tensor" in faster(fwd(*shape)), shape
+    assert "multiply-adds" in bwd_faster(fwd(32, 64, 128, 56))
+    assert bwd_faster(fwd(1, 16, 16, 8)) is None
+    # Through the registry, with real tensors: a declined size runs the reference, a tiny one the kernel.
+    real = fwd(4, 256, 256, 14, device="cpu")
+    assert _backends.select("dwpw_conv2d", "cpu", *real) == "reference"
+    bwd = (torch.randn(4, 256, 14, 14), *real[:3], None, *real[5:], [True] * 5)
     assert _backends.select("dwpw_conv2d_backward", "cpu", *bwd) == "reference"
-    # Tiny inputs (per-call overhead dominates) keep the fused kernel.
-    small = (torch.randn(1, 16, 8, 8), torch.randn(16, 1, 3, 3), torch.randn(16, 16, 1, 1))
-    assert _backends.select("dwpw_conv2d", "cpu", *small, None, None, [1, 1], [1, 1], [1, 1], None) == "cpu"
+    assert _backends.select("dwpw_conv2d", "cpu", *fwd(1, 16, 16, 8, device="cpu")) == "cpu"
     # The speed rule only steers the automatic choice: forcing cpu still runs the kernel, correctly.
+    x, dw, pw = (t.normal_() for t in real[:3])
     with effops.use_backend("cpu"):
-        assert _backends.select("dwpw_conv2d", "cpu", *fwd) == "cpu"
-        got = dwpw_conv2d(x, dw, pw, padding=1, activation="relu6")
-    torch.testing.assert_close(got, reference.dwpw_conv2d(x, dw, pw, None, None, [1, 1], [1, 1], [1, 1], "relu6"), atol=1e-4, rtol=1e-4)  # 256-term fp32 sums
+        assert _backends.select("dwpw_conv2d", "cpu", *real) == "cpu"
+        got = dwpw_conv2d(x, dw / 3, pw / 16, padding=1, activation="relu6")
+    want = reference.dwpw_conv2d(x, dw / 3, pw / 16, None, None, [1, 1], [1, 1], [1, 1], "relu6")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # 256-term fp32 sums
