@@ -348,6 +348,11 @@ def test_automatic_choice_follows_the_measured_crossover(layout):
     assert faster(fwd(16, 32, 64, 112)) is None                  # y = 51 MB
     assert faster(fwd(32, 144, 24, 56)) is None                  # depthwise output 58 MB
     assert faster(fwd(1, 16, 16, 8)) is None                     # 16K multiply-adds
+    training = fwd(32, 64, 128, 56)
+    training[1].requires_grad_()
+    assert "training" in faster(training)                        # autograd records: torch's own step
+    with torch.no_grad():
+        assert faster(training) is None
     for shape in [(32, 256, 256, 14), (32, 512, 512, 7), (8, 32, 64, 112), (4, 64, 128, 56)]:
         assert "largest tensor" in faster(fwd(*shape)), shape
     assert "multiply-adds" in bwd_faster(fwd(32, 64, 128, 56))
