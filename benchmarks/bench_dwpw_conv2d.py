@@ -96,11 +96,14 @@ def run(quick, device):
             if layout == "channels_last":
                 for name in [n for n in impls if n.endswith(layout)]:
                     memory[name] = peak_memory(impls[name], device) / 2 ** 20
+        # The automatic choice of a training step: the forward sees tensors that require grad.
+        fwd = [effops._backends.select("dwpw_conv2d", device, xl.detach().requires_grad_(), *params, None, None,
+                                       [stride] * 2, [1, 1], [1, 1], "relu6") for xl in xs.values()]
         bwd = [effops._backends.select("dwpw_conv2d_backward", device, gy, xl, dw, pw, None, [stride] * 2, [1, 1],
                                        [1, 1], "relu6", [True, True, True, False, False]) for xl in xs.values()]
         step = compare("dwpw_conv2d", case, impls, "torch channels_last", device, rounds, min_time, 3 * flops,
                        "GFLOP/s", dict(extra, mode="fwd+bwd",
-                                       auto_backend="fwd %s, bwd %s / %s" % (extra["auto_backend"], *bwd)))
+                                       auto_backend="fwd %s / %s, bwd %s / %s" % (*fwd, *bwd)))
         for r in step:
             if r["impl"] in memory:  # measured for the channels_last pair only
                 r["peak_MiB"] = memory[r["impl"]]
