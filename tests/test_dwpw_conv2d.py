@@ -326,7 +326,7 @@ def test_cpu_scalar_path_matches_reference():
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_automatic_choice_follows_the_measured_crossover(layout):
+def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
     # See _cpu_faster / _cpu_backward_faster: the fused forward is chosen where torch's largest tensor
     # reaches 32 MiB (measured 2-4x faster there) and for tiny inputs; in between the reference runs.
     # The fused backward is chosen for tiny inputs only. Shapes are only described (meta tensors): the
@@ -344,6 +344,7 @@ def test_automatic_choice_follows_the_measured_crossover(layout):
     def bwd_faster(args):
         return dwpw._cpu_backward_faster(torch.empty(0), *args[:3], None, *args[5:], [True] * 5)
 
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     assert faster(fwd(32, 64, 128, 56)) is None                  # y = 51 MB
     assert faster(fwd(16, 32, 64, 112)) is None                  # y = 51 MB
     assert faster(fwd(32, 144, 24, 56)) is None                  # depthwise output 58 MB
@@ -353,6 +354,10 @@ def test_automatic_choice_follows_the_measured_crossover(layout):
     assert "training" in faster(training)                        # autograd records: torch's own step
     with torch.no_grad():
         assert faster(training) is None
+    # torch's allocator on huge pages (its own switch) removes the page faults the size rule is about.
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert "THP_MEM_ALLOC_ENABLE" in faster(fwd(32, 64, 128, 56))
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
     for shape in [(32, 256, 256, 14), (32, 512, 512, 7), (8, 32, 64, 112), (4, 64, 128, 56)]:
         assert "largest tensor" in faster(fwd(*shape)), shape
     assert "multiply-adds" in bwd_faster(fwd(32, 64, 128, 56))
