@@ -1,9 +1,12 @@
 """dwpw_conv2d: fused depthwise 3x3 + ReLU6 + pointwise 1x1 vs torch's own two convolutions.
 
-Cases: MobileNetV2 / EfficientNet block shapes (batch 32 in full mode; quick mode: a subset at batch 4).
+Cases: MobileNetV2 / EfficientNet block shapes at batch 32, the issue's case (quick mode: two of them,
+64 -> 128 at 56x56 and 512 -> 512 at 7x7, the large- and the small-spatial end).
 impls, timed interleaved in one process:
   torch NCHW / torch channels_last   F.conv2d(relu6(F.conv2d(x, dw, groups=C)), pw) on that layout
   effops NCHW / effops channels_last effops.ops.dwpw_conv2d, automatic backend, on that layout
+  cpu NCHW / cpu channels_last       the same with the fused cpu kernel forced (effops.use_backend("cpu")),
+                                     forward and backward, also where the automatic choice declines it
 The baseline is the FASTER torch layout per case (speedup = that time / time). Modes: forward (no
 grad) and fwd+bwd (one training step: forward, backward to x and all weights). Peak memory of the
 training step (benchmarks.common.peak_memory) is reported for torch and effops in channels_last.
@@ -19,7 +22,7 @@ from effops.ops import dwpw_conv2d
 # (N, C, O, H, stride)
 FULL = [(32, 32, 64, 112, 1), (32, 64, 128, 56, 1), (32, 96, 96, 56, 2), (32, 256, 256, 14, 1),
         (32, 512, 512, 7, 1), (32, 144, 24, 56, 1)]
-QUICK = [(4, 32, 64, 112, 1), (4, 64, 128, 56, 1), (4, 256, 256, 14, 1), (4, 512, 512, 7, 1)]
+QUICK = [(32, 64, 128, 56, 1), (32, 512, 512, 7, 1)]
 
 
 def _torch_block(x, dw, pw, stride):
@@ -28,6 +31,11 @@ def _torch_block(x, dw, pw, stride):
 
 def _effops_block(x, dw, pw, stride):
     return dwpw_conv2d(x, dw, pw, stride=stride, padding=1, activation="relu6")
+
+
+def _forced_cpu_block(x, dw, pw, stride):
+    with effops.use_backend("cpu"):
+        return _effops_block(x, dw, pw, stride)
 
 
 def _step(block, x, dw, pw, stride, gy):
@@ -68,6 +76,8 @@ def run(quick, device):
         for layout, xl in xs.items():
             impls["torch " + layout] = (lambda xl=xl: _torch_block(xl, dw, pw, stride))
             impls["effops " + layout] = (lambda xl=xl: _effops_block(xl, dw, pw, stride))
+            if device == "cpu":
+                impls["cpu " + layout] = (lambda xl=xl: _forced_cpu_block(xl, dw, pw, stride))
         with torch.no_grad():
             fwd = compare("dwpw_conv2d", case, impls, "torch channels_last", device, rounds, min_time, flops,
                           "GFLOP/s", extra)
@@ -81,11 +91,19 @@ def run(quick, device):
             g = gy.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else gy
             impls["torch " + layout] = _step(_torch_block, xg, *params, stride, g)
             impls["effops " + layout] = _step(_effops_block, xg, *params, stride, g)
+            if device == "cpu":
+                impls["cpu " + layout] = _step(_forced_cpu_block, xg, *params, stride, g)
             if layout == "channels_last":
-                for name in ("torch " + layout, "effops " + layout):
+                for name in [n for n in impls if n.endswith(layout)]:
                     memory[name] = peak_memory(impls[name], device) / 2 ** 20
+        # The automatic choice of a training step: the forward sees tensors that require grad.
+        fwd = [effops._backends.select("dwpw_conv2d", device, xl.detach().requires_grad_(), *params, None, None,
+                                       [stride] * 2, [1, 1], [1, 1], "relu6") for xl in xs.values()]
+        bwd = [effops._backends.select("dwpw_conv2d_backward", device, gy, xl, dw, pw, None, [stride] * 2, [1, 1],
+                                       [1, 1], "relu6", [True, True, True, False, False]) for xl in xs.values()]
         step = compare("dwpw_conv2d", case, impls, "torch channels_last", device, rounds, min_time, 3 * flops,
-                       "GFLOP/s", dict(extra, mode="fwd+bwd"))
+                       "GFLOP/s", dict(extra, mode="fwd+bwd",
+                                       auto_backend="fwd %s / %s, bwd %s / %s" % (*fwd, *bwd)))
         for r in step:
             if r["impl"] in memory:  # measured for the channels_last pair only
                 r["peak_MiB"] = memory[r["impl"]]

@@ -1,54 +1,76 @@
-"""Crossover check for the dwpw_conv2d cpu decline rule (effops/ops/dwpw_conv2d.py:_cpu_faster).
+"""Crossover check for the dwpw_conv2d cpu speed rule (effops/ops/dwpw_conv2d.py:_cpu_faster).
 
-Forces the cpu kernel and, interleaved with it, times torch's two-conv block in both layouts; prints
-(same-layout torch time / fused time) and (faster torch layout / fused time), min of 9 single calls,
-for the benchmark's quick shapes at 1 and 2 threads, forward and a training step.
-Run: PYTHONPATH=. python benchmarks/dwpw_crossover.py
+Forward (no grad) of the benchmark's block shapes (3x3, ReLU6, stride 1, fp32) at several batch sizes:
+the fused cpu kernel (forced) against torch's two convolutions in the same layout (= the reference
+backend, what the automatic choice falls back to) and in the faster layout. Interleaved, min of
+at least `reps` single calls (and 0.5 s per impl), default threads. Prints fused/torch speed ratios (> 1: fused faster).
+Run: PYTHONPATH=. python benchmarks/dwpw_crossover.py [reps] [batches, e.g. 1,4,16,32] [cpu]
+With "cpu": one thread, and CPU time of that thread (time.thread_time) instead of wall time: on the
+shared 2-core machine wall times of 2-thread calls of a few ms were dominated by waking the second
+OpenMP thread (50 ms for a 0.6 ms call), CPU time of one thread is not.
 """
-import sys, time, torch, effops, torch.nn.functional as F
-from effops import _backends
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import effops
 from effops.ops import dwpw_conv2d
-torch.manual_seed(0)
-def ref(x,dw,pw): return F.conv2d(F.relu6(F.conv2d(x,dw,None,1,1,1,x.shape[1])),pw)
-def eff(x,dw,pw): return dwpw_conv2d(x,dw,pw,stride=1,padding=1,activation="relu6")
-def t(fn, reps):
-    ts=[]
-    for _ in range(reps):
-        s=time.perf_counter(); fn(); ts.append(time.perf_counter()-s)
-    return min(ts)
-for th in (1,2):
-    torch.set_num_threads(th)
-    for (N,C,O,H) in [(4,32,64,112),(4,64,128,56),(4,256,256,14),(4,512,512,7)]:
-        x0=torch.randn(N,C,H,H); dw=torch.randn(C,1,3,3)/3; pw=torch.randn(O,C,1,1)/C**.5
-        xs={"nchw":x0,"cl":x0.contiguous(memory_format=torch.channels_last)}
-        tb={}
-        for lay,x in xs.items():
-            for mode in ("fwd","train"):
-                xg=x.clone().requires_grad_(); dwg=dw.clone().requires_grad_(); pwg=pw.clone().requires_grad_()
-                gy=None
-                def run(f, b):
-                    def g():
-                        with _backends.use_backend(b):
-                            if mode=="fwd":
-                                with torch.no_grad(): f(x,dw,pw)
-                            else:
-                                y=f(xg,dwg,pwg); y.sum().backward()
-                    return g
-                fe=run(eff,"cpu")
-                try: fe()
-                except Exception as e: print(th,N,C,O,H,lay,mode,"declined"); continue
-                # torch best of both layouts
-                def torchbest():
-                    best=[]
-                    for lx in xs.values():
-                        if mode=="fwd":
-                            with torch.no_grad(): best.append(t(lambda: ref(lx,dw,pw),1))
-                        else:
-                            lg=lx.clone().requires_grad_(); best.append(t(lambda: ref(lg,dwg,pwg).sum().backward(),1))
-                    return best
-                rs=[];es=[]
-                for r in range(9):
-                    es.append(t(fe,1)); rs.append(torchbest())
-                tn=min(r[0] for r in rs); tc=min(r[1] for r in rs); te=min(es)
-                same = tn if lay=="nchw" else tc
-                print(th, (N,C,O,H), lay, mode, "same-layout torch/effops %.2f  best-torch/effops %.2f"%(same/te, min(tn,tc)/te), flush=True)
+
+SHAPES = [(32, 64, 112), (64, 128, 56), (256, 256, 14), (512, 512, 7)]  # (C, O, H)
+
+
+def torch_block(x, dw, pw):
+    return F.conv2d(F.relu6(F.conv2d(x, dw, None, 1, 1, 1, x.shape[1])), pw)
+
+
+def fused(x, dw, pw):
+    with effops.use_backend("cpu"):
+        return dwpw_conv2d(x, dw, pw, padding=1, activation="relu6")
+
+
+CLOCK = time.perf_counter
+
+
+def once(fn):
+    start = CLOCK()
+    fn()
+    return CLOCK() - start
+
+
+def main():
+    reps = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    batches = [int(b) for b in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1, 4, 16, 32]
+    if len(sys.argv) > 3 and sys.argv[3] == "cpu":
+        global CLOCK
+        CLOCK = time.thread_time
+        torch.set_num_threads(1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for N in batches:
+            for C, O, H in SHAPES:
+                x = torch.randn(N, C, H, H)
+                xs = {"nchw": x, "cl": x.contiguous(memory_format=torch.channels_last)}
+                dw, pw = torch.randn(C, 1, 3, 3) / 3, torch.randn(O, C, 1, 1) / C ** 0.5
+                impls = {(kind, lay): (lambda f=f, xl=xl: f(xl, dw, pw))
+                         for lay, xl in xs.items() for kind, f in (("torch", torch_block), ("fused", fused))}
+                for fn in impls.values():
+                    fn()  # warm-up
+                times = {k: [] for k in impls}
+                # At least `reps` rounds and 0.5 s per impl: small inputs get many more samples, since
+                # on a shared machine a single descheduled thread ruins a short call.
+                while len(times["torch", "cl"]) < reps or min(sum(v) for v in times.values()) < 0.5:
+                    for k, fn in impls.items():
+                        times[k].append(once(fn))
+                best = {k: min(v) for k, v in times.items()}
+                torch_best = min(best["torch", "nchw"], best["torch", "cl"])
+                macs = N * H * H * C * O
+                print("N=%-2d %3d->%-3d %3dx%-3d MACs=%.2e  " % (N, C, O, H, H, macs) + "  ".join(
+                    "%s: fused %.1f ms, vs same-layout torch %.2fx, vs faster torch %.2fx"
+                    % (lay, best["fused", lay] * 1e3, best["torch", lay] / best["fused", lay],
+                       torch_best / best["fused", lay]) for lay in xs), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,5 @@
 """effops.ops.dwpw_conv2d on every backend against the reference (computed in float64)."""
+import importlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from effops import _backends
 from effops.ops import dwpw_conv2d
 from effops.reference import dwpw_conv2d as reference
 from conftest import TOL, device
+
+dwpw = importlib.import_module("effops.ops.dwpw_conv2d")  # the module (effops.ops.dwpw_conv2d is the function)
 
 # (N, C, O, H, W, kernel, stride, padding, dilation, dw_bias, pw_bias, activation): every option of the
 # issue appears at least once; channel counts are not multiples of any tile width on purpose.
@@ -261,6 +264,34 @@ def test_large_forward_and_gradients(backend, case):
         torch.testing.assert_close(g, w.float(), atol=1e-3, rtol=1e-4)
 
 
+# The cpu forward reads NCHW directly (depthwise along rows into a transposed tile of whole output
+# rows, zero-padded lines per stride phase): shapes with several row tiles per image (C large), a row
+# wider than a tile (one row per tile), rows shorter than a vector (7x7 maps), stride 2 and 3 with
+# odd/even kernels and dilation, odd channel counts. Each in both layouts and in bf16 (the line copy
+# converts), output in x's layout.
+NCHW_TILES = [
+    (2, 300, 19, 9, 7, 3, 1, 1, 1, True, True, "relu6"),
+    (1, 70, 21, 23, 37, 4, 2, (2, 1), 2, True, False, "gelu"),
+    (1, 40, 9, 3, 600, 5, 1, 2, 1, False, True, "silu"),
+    (3, 17, 33, 14, 13, 7, 3, 3, 1, True, True, None),
+    (1, 9, 5, 8, 8, 2, 2, 0, 2, False, False, "relu"),
+]
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", NCHW_TILES, ids=["c300", "s2d2", "wide", "s3k7", "k2"])
+def test_cpu_forward_row_tiles(case, layout, dtype):
+    tensors, kwargs = make(case, layout=layout, dtype=dtype)
+    with effops.use_backend("cpu"):
+        y = dwpw_conv2d(*tensors, **kwargs)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and y.dtype == dtype
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(y.float(), expected(tensors, kwargs).float(), **tol)
+
+
 SCALAR_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, "tests")
@@ -269,7 +300,7 @@ from effops import _ext
 assert _ext.load() and not _ext.build_info()["cpu_avx2_fma_runtime"], "AVX2 should be disabled"
 import test_dwpw_conv2d as t
 with effops.use_backend("cpu"):
-    for case in (t.CASES[2], t.CASES[3], t.LARGE[0]):
+    for case in (t.CASES[2], t.CASES[3], t.LARGE[0], t.NCHW_TILES[1], t.NCHW_TILES[3]):
         tensors, kwargs = t.make(case)
         torch.testing.assert_close(t.dwpw_conv2d(*tensors, **kwargs), t.expected(tensors, kwargs).float(),
                                    atol=1e-4, rtol=1e-4)
@@ -295,21 +326,52 @@ def test_cpu_scalar_path_matches_reference():
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_automatic_choice_declines_cpu_where_it_measured_slower(layout):
-    # The benchmark's block shapes (above ~1M multiply-adds) measured slower fused than torch's two
-    # convolutions: the automatic choice must be the reference there, forward and backward.
-    x, dw, pw = torch.randn(4, 256, 14, 14), torch.randn(256, 1, 3, 3) / 3, torch.randn(256, 256, 1, 1) / 16
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    fwd = (x, dw, pw, None, None, [1, 1], [1, 1], [1, 1], "relu6")
-    bwd = (torch.randn(4, 256, 14, 14), x, dw, pw, None, [1, 1], [1, 1], [1, 1], "relu6", [True] * 5)
-    assert _backends.select("dwpw_conv2d", "cpu", *fwd) == "reference"
+def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
+    # See _cpu_faster / _cpu_backward_faster: the fused forward is chosen where torch's largest tensor
+    # reaches 32 MiB (measured 2-4x faster there) and for tiny inputs; in between the reference runs.
+    # The fused backward is chosen for tiny inputs only. Shapes are only described (meta tensors): the
+    # rule reads sizes, so the 32 x 64 x 112 x 112 case costs no memory here.
+    def fwd(N, C, O, H, device="meta"):
+        x = torch.empty(N, C, H, H, device=device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x, torch.empty(C, 1, 3, 3, device=device), torch.empty(O, C, 1, 1, device=device), None, None,
+                [1, 1], [1, 1], [1, 1], "relu6")
+
+    def faster(args):
+        return dwpw._cpu_faster(*args)
+
+    def bwd_faster(args):
+        return dwpw._cpu_backward_faster(torch.empty(0), *args[:3], None, *args[5:], [True] * 5)
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert faster(fwd(32, 64, 128, 56)) is None                  # y = 51 MB
+    assert faster(fwd(16, 32, 64, 112)) is None                  # y = 51 MB
+    assert faster(fwd(32, 144, 24, 56)) is None                  # depthwise output 58 MB
+    assert faster(fwd(1, 16, 16, 8)) is None                     # 16K multiply-adds
+    training = fwd(32, 64, 128, 56)
+    training[1].requires_grad_()
+    assert "training" in faster(training)                        # autograd records: torch's own step
+    with torch.no_grad():
+        assert faster(training) is None
+    # torch's allocator on huge pages (its own switch) removes the page faults the size rule is about.
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert "THP_MEM_ALLOC_ENABLE" in faster(fwd(32, 64, 128, 56))
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    for shape in [(32, 256, 256, 14), (32, 512, 512, 7), (8, 32, 64, 112), (4, 64, 128, 56)]:
+        assert "largest tensor" in faster(fwd(*shape)), shape
+    assert "multiply-adds" in bwd_faster(fwd(32, 64, 128, 56))
+    assert bwd_faster(fwd(1, 16, 16, 8)) is None
+    # Through the registry, with real tensors: a declined size runs the reference, a tiny one the kernel.
+    real = fwd(4, 256, 256, 14, device="cpu")
+    assert _backends.select("dwpw_conv2d", "cpu", *real) == "reference"
+    bwd = (torch.randn(4, 256, 14, 14), *real[:3], None, *real[5:], [True] * 5)
     assert _backends.select("dwpw_conv2d_backward", "cpu", *bwd) == "reference"
-    # Tiny inputs (per-call overhead dominates) keep the fused kernel.
-    small = (torch.randn(1, 16, 8, 8), torch.randn(16, 1, 3, 3), torch.randn(16, 16, 1, 1))
-    assert _backends.select("dwpw_conv2d", "cpu", *small, None, None, [1, 1], [1, 1], [1, 1], None) == "cpu"
+    assert _backends.select("dwpw_conv2d", "cpu", *fwd(1, 16, 16, 8, device="cpu")) == "cpu"
     # The speed rule only steers the automatic choice: forcing cpu still runs the kernel, correctly.
+    x, dw, pw = (t.normal_() for t in real[:3])
     with effops.use_backend("cpu"):
-        assert _backends.select("dwpw_conv2d", "cpu", *fwd) == "cpu"
-        got = dwpw_conv2d(x, dw, pw, padding=1, activation="relu6")
-    torch.testing.assert_close(got, reference.dwpw_conv2d(x, dw, pw, None, None, [1, 1], [1, 1], [1, 1], "relu6"), atol=1e-4, rtol=1e-4)  # 256-term fp32 sums
+        assert _backends.select("dwpw_conv2d", "cpu", *real) == "cpu"
+        got = dwpw_conv2d(x, dw / 3, pw / 16, padding=1, activation="relu6")
+    want = reference.dwpw_conv2d(x, dw / 3, pw / 16, None, None, [1, 1], [1, 1], [1, 1], "relu6")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # 256-term fp32 sums

@@ -249,38 +249,126 @@ int64_t tile_pixels(int64_t Cp) { return std::max<int64_t>(kMr, (16384 / Cp) / k
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
+// Length of one stride-phase line of the NCHW depthwise (see depthwise_rows_nchw).
+// OW is rounded up to 8 so that a row's last vector may read past OW (its extra lanes are dropped).
+int64_t phase_len(const Shape& s) { return round_up(s.OW, 8) + (s.KW - 1) * s.DW / s.SW + 1; }
+// Input rows an NCHW band of `rows` output rows reads.
+int64_t band_input_rows(const Shape& s, int64_t rows) { return (rows - 1) * s.SH + (s.KH - 1) * s.DH + 1; }
+
+// NCHW input: the depthwise output of output rows [oh0, oh0 + rows) of image xn (NCHW) for every
+// channel, activation applied, into AT[c][p] (row stride Pp, p = (oh - oh0) * OW + ow): the B panel of
+// the transposed micro-kernel, so neither x nor the tile is ever transposed. Vectorised along ow. Each
+// input row of the band is copied once per channel into zero-padded fp32 lines split by stride phase,
+// line[r][m] = xpad[m * SW + r], so tap kw reads line[(kw*DW) % SW][ow + (kw*DW) / SW]: unit-stride
+// vector loads for every stride, and no bounds checks in the tap loop.
+// V::kWidth consecutive output pixels from ow of one NCHW depthwise row (see depthwise_rows_nchw).
+// A function, not a lambda: a lambda is not compiled for AVX2 unless inlined, and 8-lane values then
+// cross an ABI boundary (measured: lanes 4..7 came back wrong).
+template <typename V>
+EFFOPS_INLINE void depthwise_nchw_pixels(const Shape& s, const float* rows_in, int64_t Lm, const int64_t* koff,
+                                         const float* wk, float bias, int64_t kh0, int64_t kh1, int act, int64_t ow,
+                                         float* out) {
+  // Two accumulators (odd / even kw): half the FMA latency chain, which bounds short rows (7x7 maps).
+  V acc = V::broadcast(bias), acc1 = V::zero();
+  for (int64_t kh = kh0; kh < kh1; ++kh) {
+    const float* base = rows_in + kh * s.DH * s.SW * Lm + ow;
+    const float* wr = wk + kh * s.KW;
+    int64_t kw = 0;
+    for (; kw + 1 < s.KW; kw += 2) {
+      acc = V::fma(V::load(base + koff[kw]), V::broadcast(wr[kw]), acc);
+      acc1 = V::fma(V::load(base + koff[kw + 1]), V::broadcast(wr[kw + 1]), acc1);
+    }
+    if (kw < s.KW) acc = V::fma(V::load(base + koff[kw]), V::broadcast(wr[kw]), acc);
+  }
+  acc = acc + acc1;
+  act_forward(acc, act).store(out + ow);
+}
+
+template <typename V, typename T>
+EFFOPS_INLINE void depthwise_rows_nchw(const Shape& s, const T* xn, const float* w, const float* b, int64_t oh0,
+                                       int64_t rows, int64_t Pp, int act, float* AT, float* lines) {
+  const int64_t Lm = phase_len(s), RI = band_input_rows(s, rows), ih_first = oh0 * s.SH - s.PH;
+  const int64_t taps = s.KH * s.KW;
+  float wk[64];  // this channel's taps (<= 8 x 8)
+  // Offset of tap kw in the phase lines, hoisted: a division per tap and pixel measured as the
+  // NCHW forward's largest cost (64-bit idiv).
+  int64_t koff[8];
+  for (int64_t kw = 0; kw < s.KW; ++kw) koff[kw] = (kw * s.DW) % s.SW * Lm + (kw * s.DW) / s.SW;
+  for (int64_t c = 0; c < s.C; ++c) {
+    const T* xc = xn + c * s.H * s.W;
+    for (int64_t i = 0; i < RI; ++i) {
+      const int64_t ih = ih_first + i;
+      if (ih < 0 || ih >= s.H) continue;  // rows outside the image are skipped by the tap loop below
+      const T* xr = xc + ih * s.W;
+      for (int64_t r = 0; r < s.SW; ++r) {
+        float* line = lines + (i * s.SW + r) * Lm;
+        // m covers iw = m * SW + r - PW: zeros left of the image, the row, zeros right of it.
+        const int64_t m_lo = std::min(Lm, std::max<int64_t>(0, (s.PW - r + s.SW - 1) / s.SW));
+        const int64_t m_hi = std::max(m_lo, std::min(Lm, (s.W + s.PW - r + s.SW - 1) / s.SW));
+        for (int64_t m = 0; m < m_lo; ++m) line[m] = 0.f;
+        if (s.SW == 1) {
+          const T* src = xr + (m_lo + r - s.PW);
+          int64_t m = 0;
+          for (; m + V::kWidth <= m_hi - m_lo; m += V::kWidth) V::load(src + m).store(line + m_lo + m);
+          for (; m < m_hi - m_lo; ++m) line[m_lo + m] = to_float(src[m]);
+        } else {
+          for (int64_t m = m_lo; m < m_hi; ++m) line[m] = to_float(xr[m * s.SW + r - s.PW]);
+        }
+        for (int64_t m = m_hi; m < Lm; ++m) line[m] = 0.f;
+      }
+    }
+    for (int64_t t = 0; t < taps; ++t) wk[t] = w[t * s.C + c];
+    const float bias = b ? b[c] : 0.f;
+    for (int64_t j = 0; j < rows; ++j) {
+      const int64_t oh = oh0 + j;
+      int64_t ih0, kh0, kh1;
+      tap_range(oh, s.SH, s.PH, s.DH, s.KH, s.H, ih0, kh0, kh1);
+      float* out = AT + c * Pp + j * s.OW;
+      const float* rows_in = lines + (ih0 - ih_first) * s.SW * Lm;
+      // Whole vectors, the last one past the row's end: its extra lanes land on the next row's first
+      // pixels, which that row (computed next) overwrites, or on AT's padding after the last row.
+      // Rows shorter than a vector (7x7 maps) stay vectorised this way; a scalar tail measured as
+      // costly as the whole pointwise product there (a 9-FMA latency chain per pixel).
+      int64_t ow = 0;
+      for (; ow < s.OW; ow += V::kWidth)
+        depthwise_nchw_pixels<V>(s, rows_in, Lm, koff, wk, bias, kh0, kh1, act, ow, out);
+    }
+  }
+}
+
 template <typename V, typename T>
 EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw,
                                 const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A,
-                                const float* pw_rows, float* AT) {
-  depthwise_tile<V>(s, x + n * s.H * s.W * s.C, dw_w, dw_b, q0, np, Cp, s.act, A);
+                                bool nchw, float* lines) {
   alignas(32) float out[kMr * kNr];
-  if (pw_rows) {
-    // NCHW output: y[o][p] = sum_c W[o][c] * A^T[c][p], 6 outputs x 16 pixels per micro-tile, so each
-    // result row is 16 consecutive pixels of one output plane. A is transposed once, in cache.
+  if (nchw) {
+    // NCHW: the tile is np / OW whole output rows, its depthwise output transposed, AT[C][Pp]. The
+    // pointwise product is the channels-last one (6 pixels x 16 outputs, B = the packed weight panel
+    // [C][16], L1-resident) with A read column-wise from AT: the 6 pixels of one k are 6 consecutive
+    // floats. The 6 x 16 result is stored transposed: 6 consecutive pixels of 16 output planes. (A
+    // 6 outputs x 16 pixels kernel over AT measured 3x slower at C = 256..512: it streamed all of AT
+    // from L2 for every 6 outputs.)
     const int64_t Pp = round_up(np, kNr) + kNr;  // + 16: a power-of-two row stride would thrash L1 sets
-    // Blocks of 16 pixels: 16 source rows stay in L1 while each channel's 16 values fill one line.
-    for (int64_t pb = 0; pb < Pp; pb += kNr)
-      for (int64_t c = 0; c < s.C; ++c)
-        for (int64_t p = pb; p < pb + kNr; ++p) AT[c * Pp + p] = p < np ? A[p * Cp + c] : 0.f;
+    float* AT = A;
+    depthwise_rows_nchw<V>(s, x + n * s.C * s.H * s.W, dw_w, dw_b, q0 / s.OW, np / s.OW, Pp, s.act, AT, lines);
     T* yn = y + n * s.O * s.OH * s.OW + q0;
-    for (int64_t o0 = 0; o0 < s.O; o0 += kMr) {
-      const int64_t rows = std::min<int64_t>(kMr, s.O - o0);
-      for (int64_t p0 = 0; p0 < np; p0 += kNr) {
-        const bool full = p0 + kNr <= np;
-        micro_rows<V>(rows, pw_rows + o0 * s.C, s.C, 1, AT + p0, Pp, s.C, [&](int r, int64_t v, V acc) {
-          if (full) (acc + V::broadcast(pw_b ? pw_b[o0 + r] : 0.f)).store(yn + (o0 + r) * s.OH * s.OW + p0 + v);
-          else acc.store(out + r * kNr + v);
-        });
-        if (full) continue;
-        for (int64_t r = 0; r < rows; ++r) {
-          T* yr = yn + (o0 + r) * s.OH * s.OW + p0;
-          for (int64_t j = 0; j < np - p0; ++j) yr[j] = from_float<T>(out[r * kNr + j] + (pw_b ? pw_b[o0 + r] : 0.f));
+    const int64_t OHW = s.OH * s.OW;
+    for (int64_t o = 0; o < s.O; o += kNr) {
+      const float* pwb = pw + (o / kNr) * s.C * kNr;
+      const int64_t cols = std::min<int64_t>(kNr, s.O - o);
+      for (int64_t r0 = 0; r0 < np; r0 += kMr) {
+        const int64_t rows = std::min<int64_t>(kMr, np - r0);
+        micro_rows<V>(rows, AT + r0, 1, Pp, pwb, kNr, s.C, [&](int r, int64_t v, V acc) { acc.store(out + r * kNr + v); });
+        for (int64_t j = 0; j < cols; ++j) {
+          T* yo = yn + (o + j) * OHW + r0;
+          const float bias = pw_b ? pw_b[o + j] : 0.f;
+          for (int64_t r = 0; r < rows; ++r) yo[r] = from_float<T>(out[r * kNr + j] + bias);
         }
       }
     }
     return;
   }
+  depthwise_tile<V>(s, x + n * s.H * s.W * s.C, dw_w, dw_b, q0, np, Cp, s.act, A);
   T* yt = y + (n * s.OH * s.OW + q0) * s.O;
   for (int64_t o = 0; o < s.O; o += kNr) {
     const float* pwb = pw + (o / kNr) * s.C * kNr;
@@ -303,8 +391,8 @@ EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, c
 template <typename T>
 EFFOPS_FLATTEN void forward_tile_scalar(const Shape& s, const T* x, const float* dw_w, const float* dw_b,
                                         const float* pw, const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np,
-                                        int64_t Cp, float* A, const float* pw_rows, float* AT) {
-  forward_tile<ScalarVec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, pw_rows, AT);
+                                        int64_t Cp, float* A, bool nchw, float* lines) {
+  forward_tile<ScalarVec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, nchw, lines);
 }
 
 #if EFFOPS_HAVE_X86
@@ -312,8 +400,8 @@ template <typename T>
 EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void forward_tile_avx2(const Shape& s, const T* x, const float* dw_w,
                                                          const float* dw_b, const float* pw, const float* pw_b, T* y,
                                                          int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A,
-                                                         const float* pw_rows, float* AT) {
-  forward_tile<Avx2Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, pw_rows, AT);
+                                                         bool nchw, float* lines) {
+  forward_tile<Avx2Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, nchw, lines);
 }
 #endif
 
@@ -439,22 +527,27 @@ bool use_avx2() {
 
 template <typename T>
 void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
-             const float* pw_b, T* y, const float* pw_rows) {
-  const int64_t Cp = row_stride(s.C), P = tile_pixels(Cp);
-  const int64_t OHW = s.OH * s.OW, tiles = (OHW + P - 1) / P;
+             const float* pw_b, T* y, bool nchw) {
+  const int64_t Cp = row_stride(s.C), OHW = s.OH * s.OW;
+  // Channels-last: tiles of P pixels anywhere in the image. NCHW: tiles of whole output rows (the
+  // depthwise runs along rows), about as many pixels, at least one row.
+  const int64_t rows = std::max<int64_t>(1, tile_pixels(Cp) / s.OW);
+  const int64_t P = nchw ? rows * s.OW : tile_pixels(Cp), tiles = (OHW + P - 1) / P;
+  const int64_t buf = nchw ? (round_up(P, kNr) + kNr) * s.C : P * Cp;
+  const int64_t nlines = nchw ? band_input_rows(s, rows) * s.SW * phase_len(s) : 0;
   const bool avx2 = use_avx2();
   at::parallel_for(0, s.N * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> A(P * Cp, 0.f);  // pad columns stay 0: the micro-kernel reads only c < C anyway
-    std::vector<float> AT(pw_rows ? (round_up(P, kNr) + kNr) * s.C : 0);
+    // Zeroed once: pad columns / tail pixels stay finite (the micro-kernel's extra lanes are dropped).
+    std::vector<float> A(buf, 0.f), lines(nlines, 0.f);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / tiles, q0 = (i % tiles) * P, np = std::min(P, OHW - q0);
 #if EFFOPS_HAVE_X86
       if (avx2) {
-        forward_tile_avx2<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), pw_rows, AT.data());
+        forward_tile_avx2<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), nchw, lines.data());
         continue;
       }
 #endif
-      forward_tile_scalar<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), pw_rows, AT.data());
+      forward_tile_scalar<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), nchw, lines.data());
     }
   });
 }
@@ -515,7 +608,7 @@ void backward(const Shape& s, const T* x, const T* gy, const float* dw_w, const 
 
 #define EFFOPS_INSTANTIATE(T)                                                                               \
   template void forward<T>(const Shape&, const T*, const float*, const float*, const float*, const float*, T*,   \
-                           const float*);                                                                 \
+                           bool);                                                                         \
   template void backward<T>(const Shape&, const T*, const T*, const float*, const float*, const float*, float*,  \
                             float*, float*, float*, float*);
 EFFOPS_INSTANTIATE(float)

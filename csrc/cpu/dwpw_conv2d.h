@@ -1,6 +1,7 @@
 // Fused depthwise + pointwise convolution kernels for effops::dwpw_conv2d (torch-free: raw pointers).
 //
-// Layout: activations channels-last (NHWC), T = float, bf16 or fp16 storage, fp32 arithmetic.
+// Layout: activations channels-last (NHWC) or, for the forward, NCHW; T = float, bf16 or fp16 storage,
+// fp32 arithmetic.
 // Forward, per tile of P output pixels of one image:
 //   1. depthwise: the tile's depthwise output for ALL channels, activation applied, into a buffer
 //      A[P][Cp] (fp32, channels-last, Cp = C rounded up to 16) sized to stay in L2;
@@ -24,11 +25,12 @@ struct Shape {
 
 // y[N][OH][OW][O] = pw(act(dw(x))). dw_w: [KH*KW][C] (tap-major, so channels are contiguous);
 // dw_b: [C] or null; pw_packed: [ceil(O/16)][C][16], zero-padded past O; pw_b: [O] or null.
-// pw_rows: null for a channels-last y; for an NCHW y (y[N][O][OH][OW]), the pointwise weight as fp32
-// [O][C], used by a transposed micro-kernel (6 outputs x 16 pixels) that writes y's planes directly.
+// nchw: false for channels-last x and y (x[N][H][W][C], y[N][OH][OW][O]); true for NCHW x and y
+// (x[N][C][H][W], y[N][O][OH][OW]): the depthwise then runs along rows into a transposed tile [C][P],
+// the same micro-kernel reads it column-wise and stores its results transposed into y's planes.
 template <typename T>
 void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
-             const float* pw_b, T* y, const float* pw_rows);
+             const float* pw_b, T* y, bool nchw);
 
 // Gradients from gy[N][OH][OW][O] (T). pw_packed_t: the pointwise weight transposed and packed as
 // [ceil(C/16)][O][16] (zero-padded past C). Outputs (each may be null when not wanted):

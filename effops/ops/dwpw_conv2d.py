@@ -4,6 +4,7 @@ The public function checks arguments and applies autocast; the custom op (schema
 autograd) dispatches to a backend. The backward is its own custom op that recomputes the depthwise
 output instead of saving it, so a training step keeps only x (not the N x C x H' x W' intermediate).
 """
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -21,6 +22,7 @@ _ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4}  # cs
 
 
 _CPU_MAX_AUTO_MACS = 1 << 20  # see _cpu_faster
+_CPU_MIN_AUTO_TENSOR_BYTES = 32 << 20  # see _cpu_faster
 
 
 def _cpu_supports(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=(1, 1), padding=(0, 0),
@@ -36,21 +38,68 @@ def _cpu_supports(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=(1
 
 
 def _cpu_faster(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
-    """Speed rule, for the automatic choice only (a forced "cpu" still runs, so its tests and benchmarks
-    can exercise the kernel): a reason the reference is faster, or None."""
-    # Measured 04:11-04:14 UTC on the shared 2-core machine
-    # (interleaved, min of 9, ratios within one run; /tmp script described in docs/dwpw_conv2d.md):
-    # on every benchmark block shape (batch 4: 32->64@112, 64->128@56, 256->256@14, 512->512@7), at 1
-    # and 2 threads, NCHW and channels_last, forward and training step, the fused kernel was 0.3-1.2x
-    # of torch's two convolutions, mostly below 1x; so above about 1M multiply-adds of the pointwise
-    # product it is declined and the reference (torch's convolutions) runs. Below that the cost is
-    # per-call overhead and one fused call beat the reference op by 1.3-1.4x (1 x 16 -> 16 at 8x8,
-    # 1 x 32 -> 32 at 16x16); at 2M MACs it was 0.95-1.2x, i.e. no longer a safe win.
+    """Speed rule of the FORWARD, for the automatic choice only (a forced "cpu" still runs, so its tests
+    and benchmarks can exercise the kernel): a reason the reference is faster, or None.
+
+    Measured 06:00 UTC on the shared 2-core machine, fp32, 3x3, ReLU6, one thread, CPU time of the
+    thread (robust against the other helpers' load; PYTHONPATH=. python benchmarks/dwpw_crossover.py
+    3 1,4,16,32 cpu, plus 32x144->24@56, 32x96->96@56 s2, 8x64->128@56, 8x32->64@112):
+    - where torch's largest tensor (the depthwise output or y, N * max(C, O) * H' * W' elements) is
+      32 MiB or more, the fused kernel was 2.2-4.7x faster than torch's convolutions in the same layout
+      (and 2.2-4.4x than torch's faster layout): glibc mmaps every allocation above its 32 MiB
+      threshold, so each of torch's big outputs page-faults and is zeroed by the kernel in every call
+      (33 ms for a fresh 51 MB tensor vs 4 ms reused), while the fused kernel writes only y, on
+      transparent huge pages (csrc/bindings/dwpw_conv2d.cpp).
+    - below that, everything torch touches is recycled by malloc and oneDNN's convolutions are as fast
+      or faster: 0.6-1.0x (channels_last) and 0.7-0.9x (NCHW) at batch 1-8, 0.75-1.07x at 256->256@14 and
+      512->512@7 even at batch 32; 1.38x/2.6x at 16x64->128@56 (25.7 MB) was left out to keep one rule.
+    - under ~1M multiply-adds the cost is per-call overhead and the fused op beat the reference op by
+      1.3-1.4x (1 x 16 -> 16 at 8x8, 1 x 32 -> 32 at 16x16).
+    """
+    N, C = x.shape[:2]
+    O = pw_weight.shape[0]
+    out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
+    macs = N * out_hw[0] * out_hw[1] * C * O
+    if macs < _CPU_MAX_AUTO_MACS:
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, dw_weight, pw_weight, dw_bias, pw_bias)):
+        # Training: the backward then runs the reference (see _cpu_backward_faster), and the fused forward
+        # + reference backward step measured 1.05x torch's step in channels_last but 0.59x in NCHW
+        # (32x64->128@56, one thread, CPU time, 135/142 ms and 314/184 ms): torch's own autograd, which
+        # keeps the depthwise output instead of recomputing it, is the safe choice.
+        return "training step: the fused forward with the reference backward measured slower than torch's autograd"
+    largest = N * max(C, O) * out_hw[0] * out_hw[1] * x.element_size()
+    if largest >= _CPU_MIN_AUTO_TENSOR_BYTES:
+        if not _torch_uses_huge_pages():
+            return None
+        return ("THP_MEM_ALLOC_ENABLE=1: torch's large tensors are on huge pages, and there its convolutions "
+                "measured about as fast as the fused cpu kernel")
+    return ("torch's largest tensor is %d bytes (< %d, malloc recycles it): there torch's convolutions measured "
+            "as fast as the fused cpu kernel or faster" % (largest, _CPU_MIN_AUTO_TENSOR_BYTES))
+
+
+def _torch_uses_huge_pages():
+    """THP_MEM_ALLOC_ENABLE=1 makes torch's CPU allocator put large tensors on huge pages too: its big
+    outputs then no longer fault page by page, and the fused forward measured 0.82-1.20x of torch's
+    convolutions (32x64->128@56 and 32x32->64@112, channels_last, one thread, CPU time), so the
+    size rule above does not apply. (Read per call: it is an environment switch of torch's.)"""
+    return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
+
+
+def _cpu_backward_faster(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation, activation,
+                         needs_input_grad):
+    """Speed rule of the BACKWARD (automatic choice only). The fused backward measured slower than the
+    reference's (aten's convolution_backward) on the benchmark shapes: 32x64->128@56 channels_last, one
+    thread, CPU time, 107 ms vs about 100 ms for torch's whole backward; its grad_x scatter and the
+    grad-of-tile product run well below the forward's rate. So above ~1M multiply-adds the automatic
+    choice runs the reference backward (which recomputes the depthwise output: nothing extra is saved
+    by the fused forward either way)."""
     N, C = x.shape[:2]
     out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
     macs = N * out_hw[0] * out_hw[1] * C * pw_weight.shape[0]
     if macs >= _CPU_MAX_AUTO_MACS:
-        return "%d multiply-adds: above %d the fused cpu kernel measured slower than torch's convolutions" % (
+        return "%d multiply-adds: above %d the fused cpu backward measured slower than torch's" % (
             macs, _CPU_MAX_AUTO_MACS)
     return None
 
@@ -75,9 +124,7 @@ _backends.register_kernel("dwpw_conv2d_backward", "cpu", _cpu_backward,
                           supports=lambda grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation,
                           activation, needs_input_grad: _cpu_supports(x, dw_weight, pw_weight, None, None, stride,
                                                                       padding, dilation, activation),
-                          faster=lambda grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation,
-                          activation, needs_input_grad: _cpu_faster(x, dw_weight, pw_weight, None, None, stride,
-                                                                    padding, dilation, activation))
+                          faster=_cpu_backward_faster)
 
 
 def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, padding=0, dilation=1,
