@@ -90,6 +90,7 @@ CASES = [  # (x shape, out_features, mask kind)
     ((6, 50), 33, "empty"),               # sparsity 100%
     ((5, 70), 48, "one_block"),           # a single nonzero 16 x 16 block
     ((2, 150, 70), 40, "block16"),        # 300 rows: crosses the cpu block kernels' 252-row chunks
+    ((300, 70), 40, "unstructured"),      # 300 rows: crosses the cpu CSR kernels' 256-row spans
 ]
 
 
