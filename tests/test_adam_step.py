@@ -6,9 +6,6 @@ round once, so they sit within one rounding of the reference). The Triton interp
 instead of rounding when it stores bf16 (the GPU rounds): its bf16 stores are off by one bf16 ulp,
 inside TOL[bf16]; the fp32 master copy is checked at fp32 tolerance.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ import torch
 import effops
 from effops.ops import adam_step  # through the package first: the public function
 from effops.ops.adam_step import flat_layout_reason
-from tests.conftest import TOL, device
+from tests.conftest import TOL, device, run_scalar_path
 
 # (param dtype, master weights): every storage combination the kernels have.
 CASES = [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True),
@@ -232,11 +229,8 @@ def test_cpu_scalar_path_matches_reference():
         "        run_step(want, 'reference', opt)\n"
         "        run_step(s, 'cpu', opt)\n"
         "        assert_state_close(s, want)\n"
-        "print('ok')\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, EFFOPS_DISABLE_AVX2="1", PYTHONPATH=root, EFFOPS_TEST_DEVICE="cpu")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+        "print('scalar ok')\n")
+    run_scalar_path(code)
 
 
 def _op_args(s, options):

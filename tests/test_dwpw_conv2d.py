@@ -1,8 +1,6 @@
 """effops.ops.dwpw_conv2d on every backend against the reference (computed in float64)."""
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import effops
 from effops import _backends
 from effops.ops import dwpw_conv2d
 from effops.reference import dwpw_conv2d as reference
-from conftest import TOL, device
+from conftest import TOL, device, run_scalar_path
 
 dwpw = importlib.import_module("effops.ops.dwpw_conv2d")  # the module (effops.ops.dwpw_conv2d is the function)
 
@@ -316,12 +314,7 @@ print("scalar ok")
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 def test_cpu_scalar_path_matches_reference():
-    # EFFOPS_DISABLE_AVX2 is read once per process: the scalar bodies run in a fresh one.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, EFFOPS_DISABLE_AVX2="1", PYTHONPATH=root)
-    done = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and "scalar ok" in done.stdout, done.stdout + done.stderr
+    run_scalar_path(SCALAR_SCRIPT, timeout=300)
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")

@@ -4,9 +4,6 @@ Integer results (int8_mm, the quantized values and scales) are compared exactly;
 output within the stated tolerance (fp32: 1e-5 relative to the output's magnitude; the epilogue may
 contract into an FMA; bf16/fp16: one rounding of the same fp32 value, conftest's TOL).
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ import torch
 import effops
 from effops import ops
 from effops.reference import int8 as reference
-from tests.conftest import TOL, device
+from tests.conftest import TOL, device, run_scalar_path
 
 MAX_K = reference.MAX_K
 
@@ -358,9 +355,4 @@ print("scalar ok")
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 def test_cpu_scalar_path_matches_reference():
-    env = dict(os.environ, EFFOPS_DISABLE_AVX2="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCALAR_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0 and "scalar ok" in proc.stdout, proc.stderr[-3000:]
+    run_scalar_path(_SCALAR_SCRIPT)
