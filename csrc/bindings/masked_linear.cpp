@@ -77,18 +77,28 @@ at::Tensor block_grad_weight(const at::Tensor& gy, const at::Tensor& x, const at
   return gw;
 }
 
-// out[M, R] = a @ W'^T (+ bias) with aT = a^T as fp32 [C, Mpad], Mpad a multiple of 64.
+// aT: a^T in batch spans as the CSR kernels take it (effops::cpu::SpannedT): fp32 [spans, C, width],
+// width a multiple of 64 covering M rows (or, for at most 4 rows, one unpadded span).
+effops::cpu::SpannedT spanned(const at::Tensor& t, int64_t M, int64_t C, const char* name) {
+  TORCH_CHECK(t.dim() == 3 && t.is_contiguous() && t.scalar_type() == at::kFloat, name,
+              " must be contiguous fp32 [spans, C, width]");
+  TORCH_CHECK(t.size(1) == C, name, " has ", t.size(1), " columns, expected ", C);
+  const int64_t spans = t.size(0), width = t.size(2);
+  TORCH_CHECK((width % 64 == 0 && width > 0 && spans * width >= M && (spans - 1) * width < M) ||
+                  (M <= 4 && spans == 1 && width == M),
+              name, "'s spans must be multiples of 64 rows covering the batch (or one unpadded span of <= 4 rows)");
+  return {t.data_ptr<float>(), C, spans, width};
+}
+
+// out[M, R] = a @ W'^T (+ bias) with a given as aT (above).
 at::Tensor csr_mm(const at::Tensor& aT, int64_t M, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& ptr, const at::Tensor& idx, bool transpose_w,
                   const std::optional<at::Tensor>& vals) {
-  TORCH_CHECK(aT.dim() == 2 && aT.is_contiguous() && aT.scalar_type() == at::kFloat, "aT must be contiguous fp32 2-D");
-  TORCH_CHECK((aT.size(1) % 64 == 0 && aT.size(1) >= M) || (M <= 4 && aT.size(1) == M),
-              "aT's rows must be padded to a multiple of 64 (or, for at most 4 rows, not padded)");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be contiguous 2-D");
   const int64_t N = weight.size(0), K = weight.size(1);
   const int64_t R = transpose_w ? K : N, C = transpose_w ? N : K;
   const int64_t w_rs = transpose_w ? 1 : K, w_cs = transpose_w ? K : 1;
-  TORCH_CHECK(aT.size(0) == C, "aT has ", aT.size(0), " rows, expected ", C);
+  const effops::cpu::SpannedT a = spanned(aT, M, C, "aT");
   check_index(ptr, idx, R);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == R && bias->scalar_type() == weight.scalar_type());
@@ -98,8 +108,8 @@ at::Tensor csr_mm(const at::Tensor& aT, int64_t M, const at::Tensor& weight, con
                 "vals must hold one value per kept weight, in weight's dtype");
   at::Tensor out = at::empty({M, R}, weight.options());
   EFFOPS_DISPATCH_FLOAT(weight.scalar_type(), "masked_linear_csr_mm", [&] {
-    effops::cpu::csr_sparse_mm<scalar_t>(aT.data_ptr<float>(), M, aT.size(1), weight.data_ptr<scalar_t>(), w_rs, w_cs,
-                                         R, has_bias ? bias->data_ptr<scalar_t>() : nullptr, ptr.data_ptr<int64_t>(),
+    effops::cpu::csr_sparse_mm<scalar_t>(a, M, weight.data_ptr<scalar_t>(), w_rs, w_cs, R,
+                                         has_bias ? bias->data_ptr<scalar_t>() : nullptr, ptr.data_ptr<int64_t>(),
                                          idx.data_ptr<int64_t>(), has_vals ? vals->data_ptr<scalar_t>() : nullptr,
                                          out.data_ptr<scalar_t>());
   });
@@ -108,16 +118,15 @@ at::Tensor csr_mm(const at::Tensor& aT, int64_t M, const at::Tensor& weight, con
 
 at::Tensor csr_grad_weight(const at::Tensor& gyT, const at::Tensor& xT, const at::Tensor& ptr, const at::Tensor& idx,
                            at::ScalarType dtype) {
-  TORCH_CHECK(gyT.dim() == 2 && xT.dim() == 2 && gyT.is_contiguous() && xT.is_contiguous() &&
-                  gyT.scalar_type() == at::kFloat && xT.scalar_type() == at::kFloat && gyT.size(1) == xT.size(1) &&
-                  gyT.size(1) % 64 == 0,
-              "gyT and xT must be contiguous fp32 2-D with equal padded rows");
-  const int64_t N = gyT.size(0), K = xT.size(0);
+  TORCH_CHECK(gyT.dim() == 3 && xT.dim() == 3 && gyT.size(0) == xT.size(0) && gyT.size(2) == xT.size(2) &&
+                  gyT.size(2) % 64 == 0,
+              "gyT and xT must be [spans, C, width] with equal spans padded to multiples of 64");
+  const int64_t N = gyT.size(1), K = xT.size(1), rows = gyT.size(0) * gyT.size(2);
+  const effops::cpu::SpannedT g = spanned(gyT, rows, N, "gyT"), x = spanned(xT, rows, K, "xT");
   check_index(ptr, idx, N);
   at::Tensor gw = at::zeros({N, K}, gyT.options().dtype(dtype));
   EFFOPS_DISPATCH_FLOAT(dtype, "masked_linear_csr_grad_weight", [&] {
-    effops::cpu::csr_sparse_grad_weight<scalar_t>(gyT.data_ptr<float>(), xT.data_ptr<float>(), gyT.size(1), N, K,
-                                                  ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(),
+    effops::cpu::csr_sparse_grad_weight<scalar_t>(g, x, N, K, ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(),
                                                   gw.data_ptr<scalar_t>());
   });
   return gw;

@@ -31,17 +31,33 @@ template <typename T>
 void block_sparse_grad_weight(const T* gy, const T* x, int64_t M, int64_t N, int64_t K,
                               const int64_t* ptr, const int64_t* idx, int64_t block, T* gw);
 
-// out[M, R] = a @ W'^T (+ bias) with a given transposed as aT[C, Mpad] (fp32, rows zero-padded to
-// Mpad, a multiple of 64). Row r of W' keeps columns idx[ptr[r] .. ptr[r+1]), values
-// w[r * w_rs + c * w_cs], or vals[j] for the j-th kept weight when vals is not null (a compressed copy:
-// contiguous, so a small batch reads density x the weight's bytes instead of most of its cache lines).
-template <typename T>
-void csr_sparse_mm(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
-                   const T* bias, const int64_t* ptr, const int64_t* idx, const T* vals, T* out);
+// A dense operand a[M, C] given transposed for the CSR kernels, fp32, in batch spans:
+// spans x [C, width] row-major, span s holding a^T[:, s * width .. (s + 1) * width), rows past M zero.
+// width is a multiple of 64 (or M itself when M <= 4, one span). Within a span one column's batch
+// values are contiguous and the whole span is one block of memory (C x width floats), so a kernel that
+// walks the batch span by span touches few pages (a plain [C, Mpad] layout at 2048 rows put every
+// 1 KB slice on its own page: a TLB miss per slice).
+struct SpannedT {
+  const float* data;
+  int64_t C, spans, width;
+  const float* at(int64_t c, int64_t m) const {
+    const int64_t s = m / width;
+    return data + (s * C + c) * width + (m - s * width);
+  }
+};
 
-// gw[N, K] (pre-zeroed) at the kept (n, k) of the CSR index: dot(gyT[n, :], xT[k, :]) over Mpad.
+// out[M, R] = a @ W'^T (+ bias) with a given as aT (above). Row r of W' keeps columns
+// idx[ptr[r] .. ptr[r+1]), values w[r * w_rs + c * w_cs], or vals[j] for the j-th kept weight when vals
+// is not null (a compressed copy: contiguous, so a small batch reads density x the weight's bytes
+// instead of most of its cache lines).
 template <typename T>
-void csr_sparse_grad_weight(const float* gyT, const float* xT, int64_t Mpad, int64_t N, int64_t K,
-                            const int64_t* ptr, const int64_t* idx, T* gw);
+void csr_sparse_mm(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R, const T* bias,
+                   const int64_t* ptr, const int64_t* idx, const T* vals, T* out);
+
+// gw[N, K] (pre-zeroed) at the kept (n, k) of the CSR index: dot(gy[:, n], x[:, k]) over the batch,
+// gy and x given as gyT (C = N) and xT (C = K) with the same spans.
+template <typename T>
+void csr_sparse_grad_weight(const SpannedT& gyT, const SpannedT& xT, int64_t N, int64_t K, const int64_t* ptr,
+                            const int64_t* idx, T* gw);
 
 }  // namespace effops::cpu

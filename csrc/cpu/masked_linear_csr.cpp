@@ -1,12 +1,15 @@
 // Unstructured (and 2:4) masked matmul on CPU through a CSR index of the mask. See masked_linear.h.
 //
-// csr_sparse_mm: the dense operand comes transposed, aT[C, Mpad] in fp32, so one kept weight w[r, c]
-// multiplies a contiguous row aT[c, m0 .. m0 + 64) into 64 fp32 accumulators (8 AVX2 registers):
-// one broadcast, 8 loads, 8 FMAs per kept weight and 64 batch rows. Only kept weights are read.
-// Loop nest per thread: rows r of its range, then batch chunks of 64, then the kept columns of r.
+// csr_sparse_mm: the dense operand comes transposed in batch spans (SpannedT, masked_linear.h), so one
+// kept weight w[r, c] multiplies 64 contiguous batch values of column c into 64 fp32 accumulators
+// (8 AVX2 registers): one broadcast, 8 loads, 8 FMAs per kept weight and 64 batch rows. Only kept
+// weights are read. Loop nest per thread: batch spans (at most 256 rows), then rows r of its range,
+// then chunks of 64, then the kept columns of r: the chunks after the first find row r's kept columns
+// (kept x span floats, ~400 KB at 4096 inputs and 10% density) still in L2.
 //
 // csr_sparse_grad_weight: a sampled dense-dense product: each kept (n, k) is one dot product of two
-// contiguous rows gyT[n, :] and xT[k, :]; nothing is computed for pruned weights.
+// contiguous batch runs of gyT and xT, span by span, summed in fp32; nothing is computed for pruned
+// weights.
 #include "cpu/masked_linear.h"
 #include "cpu/masked_linear_micro.h"
 
@@ -19,21 +22,17 @@ namespace effops::cpu {
 namespace {
 
 constexpr int64_t kChunk = 64;    // batch rows per accumulator set
-constexpr int64_t kSpan = 4 * kChunk;  // batch rows per pass over the output rows
 constexpr int64_t kFewRows = 4;   // at most this many rows: the scalar per-row path
 
 template <class Vec, typename T>
-EFFOPS_ALWAYS_INLINE void csr_mm_rows(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs,
-                                      int64_t w_cs, int64_t R, const T* bias, const int64_t* ptr,
-                                      const int64_t* idx, const T* vals, T* out, int64_t r0, int64_t r1) {
+EFFOPS_ALWAYS_INLINE void csr_mm_rows(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
+                                      const T* bias, const int64_t* ptr, const int64_t* idx, const T* vals, T* out,
+                                      int64_t r0, int64_t r1) {
   constexpr int NV = kChunk / Vec::kWidth;
   alignas(32) float tmp[kChunk];
-  // Batch in spans of kSpan rows, then row r, then chunks of 64: the chunks after the first find row r's
-  // aT rows (kept columns x kSpan floats, ~400 KB at 4096 inputs and 10% density) still in L2. (Without
-  // the span, 2048 rows made that 3.4 MB per row, re-read from memory for every r: 0.6x dense.)
-  for (int64_t span = 0; span < M; span += kSpan)
+  for (int64_t span = 0; span < M; span += aT.width)
   for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t m0 = span; m0 < std::min(M, span + kSpan); m0 += kChunk) {
+    for (int64_t m0 = span; m0 < std::min(M, span + aT.width); m0 += kChunk) {
       const int64_t rows = std::min(kChunk, M - m0);
       Vec acc[NV];
       const Vec init = Vec::broadcast(bias != nullptr ? to_float(bias[r]) : 0.f);
@@ -41,7 +40,7 @@ EFFOPS_ALWAYS_INLINE void csr_mm_rows(const float* aT, int64_t M, int64_t Mpad, 
       for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
         const int64_t c = idx[j];
         const Vec wv = Vec::broadcast(to_float(vals != nullptr ? vals[j] : w[r * w_rs + c * w_cs]));
-        const float* src = aT + c * Mpad + m0;
+        const float* src = aT.at(c, m0);
         for (int v = 0; v < NV; ++v) acc[v] = Vec::fma(wv, Vec::load(src + v * Vec::kWidth), acc[v]);
       }
       for (int v = 0; v < NV; ++v) acc[v].store(tmp + v * Vec::kWidth);
@@ -51,37 +50,37 @@ EFFOPS_ALWAYS_INLINE void csr_mm_rows(const float* aT, int64_t M, int64_t Mpad, 
 }
 
 template <typename T>
-EFFOPS_AVX2_TARGET void csr_mm_rows_avx2(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs,
-                                         int64_t w_cs, int64_t R, const T* bias, const int64_t* ptr,
-                                         const int64_t* idx, const T* vals, T* out, int64_t r0, int64_t r1) {
+EFFOPS_AVX2_TARGET void csr_mm_rows_avx2(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs,
+                                         int64_t R, const T* bias, const int64_t* ptr, const int64_t* idx,
+                                         const T* vals, T* out, int64_t r0, int64_t r1) {
 #if EFFOPS_HAVE_X86
-  csr_mm_rows<Avx2Vec, T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
+  csr_mm_rows<Avx2Vec, T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
 #endif
 }
 
 template <typename T>
-void csr_mm_rows_scalar(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs, int64_t w_cs,
-                        int64_t R, const T* bias, const int64_t* ptr, const int64_t* idx, const T* vals, T* out, int64_t r0,
+void csr_mm_rows_scalar(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
+                        const T* bias, const int64_t* ptr, const int64_t* idx, const T* vals, T* out, int64_t r0,
                         int64_t r1) {
-  csr_mm_rows<ScalarVec, T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
+  csr_mm_rows<ScalarVec, T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
 }
 
 template <class Vec, typename T>
-EFFOPS_ALWAYS_INLINE void csr_gw_rows(const float* gyT, const float* xT, int64_t Mpad, int64_t K,
-                                      const int64_t* ptr, const int64_t* idx, T* gw, int64_t n0, int64_t n1) {
+EFFOPS_ALWAYS_INLINE void csr_gw_rows(const SpannedT& gyT, const SpannedT& xT, int64_t K, const int64_t* ptr,
+                                      const int64_t* idx, T* gw, int64_t n0, int64_t n1) {
   constexpr int64_t W = Vec::kWidth;
-  // Batch in spans of kSpan rows (as in csr_mm_rows: row n's kept xT rows stay in L2 within a span),
-  // partial dot products summed in fp32 per kept weight, written once at the end.
+  // Span by span (as in csr_mm_rows: row n's kept columns stay in L2 within a span), partial dot
+  // products summed in fp32 per kept weight, written once at the end.
   std::vector<float> acc(static_cast<size_t>(ptr[n1] - ptr[n0]), 0.f);
-  for (int64_t span = 0; span < Mpad; span += kSpan) {
-    const int64_t end = std::min(Mpad, span + kSpan);
+  for (int64_t s = 0; s < gyT.spans; ++s) {
+    const int64_t m_begin = s * gyT.width;
     for (int64_t n = n0; n < n1; ++n) {
-      const float* g = gyT + n * Mpad;
+      const float* g = gyT.at(n, m_begin);
       for (int64_t j = ptr[n]; j < ptr[n + 1]; ++j) {
-        const float* xr = xT + idx[j] * Mpad;
-        // Four independent sums hide the FMA latency; spans are multiples of 64.
+        const float* xr = xT.at(idx[j], m_begin);
+        // Four independent sums hide the FMA latency; span widths are multiples of 64.
         Vec s0 = Vec::zero(), s1 = Vec::zero(), s2 = Vec::zero(), s3 = Vec::zero();
-        for (int64_t m = span; m < end; m += 4 * W) {
+        for (int64_t m = 0; m < gyT.width; m += 4 * W) {
           s0 = Vec::fma(Vec::load(g + m), Vec::load(xr + m), s0);
           s1 = Vec::fma(Vec::load(g + m + W), Vec::load(xr + m + W), s1);
           s2 = Vec::fma(Vec::load(g + m + 2 * W), Vec::load(xr + m + 2 * W), s2);
@@ -96,17 +95,17 @@ EFFOPS_ALWAYS_INLINE void csr_gw_rows(const float* gyT, const float* xT, int64_t
 }
 
 template <typename T>
-EFFOPS_AVX2_TARGET void csr_gw_rows_avx2(const float* gyT, const float* xT, int64_t Mpad, int64_t K,
-                                         const int64_t* ptr, const int64_t* idx, T* gw, int64_t n0, int64_t n1) {
+EFFOPS_AVX2_TARGET void csr_gw_rows_avx2(const SpannedT& gyT, const SpannedT& xT, int64_t K, const int64_t* ptr,
+                                         const int64_t* idx, T* gw, int64_t n0, int64_t n1) {
 #if EFFOPS_HAVE_X86
-  csr_gw_rows<Avx2Vec, T>(gyT, xT, Mpad, K, ptr, idx, gw, n0, n1);
+  csr_gw_rows<Avx2Vec, T>(gyT, xT, K, ptr, idx, gw, n0, n1);
 #endif
 }
 
 template <typename T>
-void csr_gw_rows_scalar(const float* gyT, const float* xT, int64_t Mpad, int64_t K, const int64_t* ptr,
-                        const int64_t* idx, T* gw, int64_t n0, int64_t n1) {
-  csr_gw_rows<ScalarVec, T>(gyT, xT, Mpad, K, ptr, idx, gw, n0, n1);
+void csr_gw_rows_scalar(const SpannedT& gyT, const SpannedT& xT, int64_t K, const int64_t* ptr, const int64_t* idx,
+                        T* gw, int64_t n0, int64_t n1) {
+  csr_gw_rows<ScalarVec, T>(gyT, xT, K, ptr, idx, gw, n0, n1);
 }
 
 int64_t row_grain(int64_t rows) { return std::max<int64_t>(1, rows / (8 * std::max(1, at::get_num_threads()))); }
@@ -116,15 +115,15 @@ int64_t row_grain(int64_t rows) { return std::max<int64_t>(1, rows / (8 * std::m
 // A handful of batch rows (decoding one token, say): 64-wide vectors would be mostly padding, so
 // each kept weight does `M` scalar FMAs instead (the weights are the traffic, read once either way).
 template <typename T>
-void csr_mm_rows_few(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
-                     const T* bias, const int64_t* ptr, const int64_t* idx, const T* vals, T* out, int64_t r0, int64_t r1) {
+void csr_mm_rows_few(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R, const T* bias,
+                     const int64_t* ptr, const int64_t* idx, const T* vals, T* out, int64_t r0, int64_t r1) {
   float acc[kFewRows];
   for (int64_t r = r0; r < r1; ++r) {
     const float b = bias != nullptr ? to_float(bias[r]) : 0.f;
     for (int64_t i = 0; i < M; ++i) acc[i] = b;
     for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
       const float wv = to_float(vals != nullptr ? vals[j] : w[r * w_rs + idx[j] * w_cs]);
-      const float* src = aT + idx[j] * Mpad;
+      const float* src = aT.at(idx[j], 0);  // one span
       for (int64_t i = 0; i < M; ++i) acc[i] += wv * src[i];
     }
     for (int64_t i = 0; i < M; ++i) out[i * R + r] = from_float<T>(acc[i]);
@@ -132,36 +131,36 @@ void csr_mm_rows_few(const float* aT, int64_t M, int64_t Mpad, const T* w, int64
 }
 
 template <typename T>
-void csr_sparse_mm(const float* aT, int64_t M, int64_t Mpad, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
-                   const T* bias, const int64_t* ptr, const int64_t* idx, const T* vals, T* out) {
+void csr_sparse_mm(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R, const T* bias,
+                   const int64_t* ptr, const int64_t* idx, const T* vals, T* out) {
   const bool avx2 = EFFOPS_HAVE_X86 && has_avx2_fma();
   at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
     if (M <= kFewRows)
-      csr_mm_rows_few<T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
+      csr_mm_rows_few<T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
     else if (avx2)
-      csr_mm_rows_avx2<T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
+      csr_mm_rows_avx2<T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
     else
-      csr_mm_rows_scalar<T>(aT, M, Mpad, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
+      csr_mm_rows_scalar<T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
   });
 }
 
 template <typename T>
-void csr_sparse_grad_weight(const float* gyT, const float* xT, int64_t Mpad, int64_t N, int64_t K,
-                            const int64_t* ptr, const int64_t* idx, T* gw) {
+void csr_sparse_grad_weight(const SpannedT& gyT, const SpannedT& xT, int64_t N, int64_t K, const int64_t* ptr,
+                            const int64_t* idx, T* gw) {
   const bool avx2 = EFFOPS_HAVE_X86 && has_avx2_fma();
   at::parallel_for(0, N, row_grain(N), [&](int64_t n0, int64_t n1) {
     if (avx2)
-      csr_gw_rows_avx2<T>(gyT, xT, Mpad, K, ptr, idx, gw, n0, n1);
+      csr_gw_rows_avx2<T>(gyT, xT, K, ptr, idx, gw, n0, n1);
     else
-      csr_gw_rows_scalar<T>(gyT, xT, Mpad, K, ptr, idx, gw, n0, n1);
+      csr_gw_rows_scalar<T>(gyT, xT, K, ptr, idx, gw, n0, n1);
   });
 }
 
 #define EFFOPS_INSTANTIATE(T)                                                                                \
-  template void csr_sparse_mm<T>(const float*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, const T*, \
+  template void csr_sparse_mm<T>(const SpannedT&, int64_t, const T*, int64_t, int64_t, int64_t, const T*,    \
                                  const int64_t*, const int64_t*, const T*, T*);                              \
-  template void csr_sparse_grad_weight<T>(const float*, const float*, int64_t, int64_t, int64_t,              \
-                                          const int64_t*, const int64_t*, T*);
+  template void csr_sparse_grad_weight<T>(const SpannedT&, const SpannedT&, int64_t, int64_t, const int64_t*, \
+                                          const int64_t*, T*);
 EFFOPS_INSTANTIATE(float)
 EFFOPS_INSTANTIATE(c10::BFloat16)
 EFFOPS_INSTANTIATE(c10::Half)

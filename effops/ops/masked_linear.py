@@ -206,13 +206,19 @@ def _cpu_csr_values(info, w, transpose):
 
 
 def _padded_t(a, few_rows_ok=False):
-    """a[M, C] -> fp32 a^T [C, Mpad], batch padded with zeros to a multiple of 64 (the CSR kernels' chunk);
-    with few_rows_ok, up to 4 rows stay unpadded (the kernel's per-row path: x stays dense in cache)."""
-    m = a.shape[0]
+    """a[M, C] -> fp32 a^T in batch spans, [spans, C, width] (effops::cpu::SpannedT): width a multiple
+    of 64 (the CSR kernels' chunk), at most 256, spans as even as 64-row chunks allow, rows past M zero.
+    With few_rows_ok, up to 4 rows stay one unpadded span (the kernel's per-row path)."""
+    m, c = a.shape
     if few_rows_ok and m <= 4:
-        return a.t().to(torch.float32).contiguous()
-    out = a.new_zeros((a.shape[1], -(-m // 64) * 64), dtype=torch.float32)
-    out[:, :m] = a.t()
+        return a.t().to(torch.float32).contiguous().unsqueeze(0)
+    chunks = -(-m // 64)
+    spans = -(-chunks // 4)
+    width = 64 * -(-chunks // spans)
+    out = a.new_zeros((spans, c, width), dtype=torch.float32)
+    for s in range(spans):
+        rows = a[s * width:(s + 1) * width]
+        out[s, :, :rows.shape[0]] = rows.t()
     return out
 
 
