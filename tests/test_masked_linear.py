@@ -330,3 +330,19 @@ def test_automatic_dense_fallback_caches_the_masked_weight_and_follows_updates()
     wg = w.clone().requires_grad_()  # grad to the weight: masked, through the reference
     masked_linear(x, wg, mask).sum().backward()
     torch.testing.assert_close(wg.grad, (torch.ones(5, 48).t() @ x) * mask)
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_cpu_csr_spans_of_wide_inputs():
+    # Above ~6000 inputs the CSR kernels' batch spans narrow to 128 rows; x^T and gy^T (fewer columns)
+    # must still be cut into the same spans for grad_weight. 300 rows: three spans.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 6200, generator=g)
+    w = torch.randn(24, 6200, generator=g)
+    mask = torch.rand(24, 6200, generator=g) < 0.1
+    grad_y = torch.randn(300, 24, generator=g)
+    with effops.use_backend("cpu"):
+        got = run(x, w, mask, None, grad_y)
+    want = expected(x, w, mask, None, grad_y)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)

@@ -205,16 +205,17 @@ def _cpu_csr_values(info, w, transpose):
     return _weight_cache(info, w, ("csr", False), lambda: w[info.bool_mask].contiguous())
 
 
-def _padded_t(a, few_rows_ok=False):
+def _padded_t(a, few_rows_ok=False, columns=None):
     """a[M, C] -> fp32 a^T in batch spans, [spans, C, width] (effops::cpu::SpannedT): width a multiple
     of 64 (the CSR kernels' chunk), at most 256, spans as even as 64-row chunks allow, rows past M zero.
-    With few_rows_ok, up to 4 rows stay one unpadded span (the kernel's per-row path)."""
+    With few_rows_ok, up to 4 rows stay one unpadded span (the kernel's per-row path). Operands used
+    together (grad_weight's gy^T and x^T) must share spans: pass the larger column count as `columns`."""
     m, c = a.shape
     if few_rows_ok and m <= 4:
         return a.t().to(torch.float32).contiguous().unsqueeze(0)
     # A span of ~6 MB at most: at 4096 inputs 256 rows; at 11008 inputs 128 rows (measured 256 x 4096 x
     # 11008, 90% unstructured: 1.4-2.2x dense with 256-row spans, 2.2-3.0x with 128).
-    max_chunks = max(1, min(4, (6 << 20) // (4 * 64 * max(c, 1))))
+    max_chunks = max(1, min(4, (6 << 20) // (4 * 64 * max(columns or c, 1))))
     chunks = -(-m // 64)
     spans = -(-chunks // max_chunks)
     width = 64 * -(-chunks // spans)
@@ -257,12 +258,13 @@ def _cpu_masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
         if need_w:
             grad_w = ops.masked_linear_block_grad_weight(g2, x2, *info.block_rows(b), b)
     else:
-        gT = _padded_t(g2)
+        gT = _padded_t(g2, columns=max(n, k))
         if need_x:
             grad_x = ops.masked_linear_csr_mm(_padded_t(g2, True) if g2.shape[0] <= 4 else gT, g2.shape[0], w, None, *info.csc(), True,
                                               _cpu_csr_values(info, w, True)).reshape(x.shape)
         if need_w:
-            grad_w = ops.masked_linear_csr_grad_weight(gT, _padded_t(x2), *info.csr(), weight.dtype)
+            grad_w = ops.masked_linear_csr_grad_weight(gT, _padded_t(x2, columns=max(n, k)), *info.csr(),
+                                                       weight.dtype)
     grad_b = g2.sum(0) if need_b else None
     return grad_x, grad_w, grad_b
 
