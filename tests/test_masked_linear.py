@@ -89,7 +89,7 @@ CASES = [  # (x shape, out_features, mask kind)
     ((6, 50), 33, "full"),                # sparsity 0%
     ((6, 50), 33, "empty"),               # sparsity 100%
     ((5, 70), 48, "one_block"),           # a single nonzero 16 x 16 block
-    ((2, 150, 70), 40, "block16"),        # 300 rows: crosses the cpu block kernels' 252-row chunks
+    ((2, 150, 70), 40, "block16"),        # 300 rows (600 rows: test_cpu_block_kernels_cross_row_chunks)
     ((300, 70), 40, "unstructured"),      # 300 rows: crosses the cpu CSR kernels' 256-row spans
 ]
 
@@ -345,4 +345,19 @@ def test_cpu_csr_spans_of_wide_inputs():
         got = run(x, w, mask, None, grad_y)
     want = expected(x, w, mask, None, grad_y)
     for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_cpu_block_kernels_cross_row_chunks():
+    # 600 rows: the forward walks x in 504-row chunks and grad_weight reduces over the rows in chunks.
+    # fp32 tolerance fitted to 600-term sums.
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 300, 70, generator=g)
+    w = torch.randn(40, 70, generator=g)
+    mask = make_mask("block16", 40, 70).cpu()
+    grad_y = torch.randn(2, 300, 40, generator=g)
+    with effops.use_backend("cpu"):
+        got = run(x, w, mask, None, grad_y)
+    for a, e in zip(got, expected(x, w, mask, None, grad_y)):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)

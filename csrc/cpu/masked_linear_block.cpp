@@ -9,7 +9,7 @@
 //   6-row tile, for each panel, walk the kept blocks and accumulate a 6 x 16 tile in 12 vector
 //   registers (broadcast a[i, k], FMA with the panel row).
 //
-//   Rows are taken in chunks of kChunkRows: a chunk of the regrouped a stays in L3 while every
+//   Rows are taken in chunks of kChunkRows (504): a chunk of the regrouped a stays in L3 while every
 //   block-row walks it (for M = 2048 x 4096 fp32, a is 32 MB and would be re-read from memory).
 //
 // block_sparse_grad_weight: gy and x are first packed per block (fp32, zero-padded): gy's columns of
@@ -31,7 +31,7 @@ namespace {
 
 constexpr int64_t kPanel = 16;  // output columns per micro-tile
 constexpr int kRows = 6;        // a rows per micro-tile: 6 x 2 accumulators + 2 loads + 1 broadcast fit 16 ymm
-constexpr int64_t kChunkRows = 42 * kRows;  // rows of a per pass over the block-rows (4 MB at C = 4096)
+constexpr int64_t kChunkRows = 84 * kRows;  // rows of a per pass over the block-rows (8 MB at C = 4096)
 
 struct BlockMmArgs {
   int64_t M, C, R, block;
