@@ -335,12 +335,13 @@ def test_automatic_dense_fallback_caches_the_masked_weight_and_follows_updates()
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 def test_cpu_csr_spans_of_wide_inputs():
     # Above ~6000 inputs the CSR kernels' batch spans narrow to 128 rows; x^T and gy^T (fewer columns)
-    # must still be cut into the same spans for grad_weight. 300 rows: three spans.
+    # must still be cut into the same spans for grad_weight. 512 rows: cut alone, x^T would take three
+    # 192-row spans and gy^T two 256-row spans.
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(300, 6200, generator=g)
+    x = torch.randn(512, 6200, generator=g)
     w = torch.randn(24, 6200, generator=g)
     mask = torch.rand(24, 6200, generator=g) < 0.1
-    grad_y = torch.randn(300, 24, generator=g)
+    grad_y = torch.randn(512, 24, generator=g)
     with effops.use_backend("cpu"):
         got = run(x, w, mask, None, grad_y)
     want = expected(x, w, mask, None, grad_y)
