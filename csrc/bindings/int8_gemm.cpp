@@ -82,8 +82,11 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& x_scale, const
 }
 
 // Int8Linear's op: w_packed is the s8 layout (reference/int8.py pack_weight), never holding -128.
+// w_corr (int32, ceil(N/16)*16) is given for 7-bit weights (all in [-63, 63]): -128 * the column sums,
+// the correction of int8_gemm_u8s7, which then runs instead of int8_gemm_s8.
 at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                                   const std::optional<at::Tensor>& bias, int64_t N, bool weight_only) {
+                                   const std::optional<at::Tensor>& bias, int64_t N, bool weight_only,
+                                   const std::optional<at::Tensor>& w_corr) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w_packed.is_contiguous(), "int8_linear_dynamic: bad layout");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(w_packed.numel() == ceil_to(N, kInt8NR) * ceil_to(K, kInt8KG), "int8_linear_dynamic: w_packed size");
@@ -98,9 +101,18 @@ at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_pack
     }
     auto q = at::empty({M, K}, x.options().dtype(at::kChar));
     auto xs = at::empty({M}, x.options().dtype(at::kFloat));
-    quantize_rowwise<scalar_t>(x.data_ptr<scalar_t>(), M, K, q.data_ptr<int8_t>(), xs.data_ptr<float>());
+    const bool u8s7 = w_corr.has_value();
+    quantize_rowwise<scalar_t>(x.data_ptr<scalar_t>(), M, K, q.data_ptr<int8_t>(), xs.data_ptr<float>(), u8s7);
     Int8Epilogue epi{out_kind(x.scalar_type()), out.data_ptr(), N, xs.data_ptr<float>(), w_scale.data_ptr<float>(), b};
-    int8_gemm_s8(q.data_ptr<int8_t>(), K, M, K, w_packed.data_ptr<int8_t>(), N, epi);
+    if (u8s7) {
+      TORCH_CHECK(w_corr->scalar_type() == at::kInt && w_corr->is_contiguous() &&
+                      w_corr->numel() == ceil_to(N, kInt8NR), "int8_linear_dynamic: w_corr must be int32 of ",
+                  ceil_to(N, kInt8NR), " elements");
+      int8_gemm_u8s7(reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), K, M, K, w_packed.data_ptr<int8_t>(), N,
+                     w_corr->data_ptr<int32_t>(), epi);
+    } else {
+      int8_gemm_s8(q.data_ptr<int8_t>(), K, M, K, w_packed.data_ptr<int8_t>(), N, epi);
+    }
   });
   return out;
 }
@@ -112,7 +124,7 @@ TORCH_LIBRARY_FRAGMENT(effops_cpu, m) {
   m.def("int8_mm(Tensor a, Tensor b) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("int8_linear_dynamic(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias, int out_features, "
-        "bool weight_only) -> Tensor");
+        "bool weight_only, Tensor? w_corr=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(effops_cpu, CPU, m) {

@@ -21,9 +21,12 @@ constexpr int kMR = 4;  // rows per micro-tile: 4 rows x 2 vectors = 8 int32 acc
 // Micro-kernels: c[MR][16] = A[MR rows, 0:K] @ B_panel[0:K, 16 columns]
 // ---------------------------------------------------------------------------------------------
 // Scalar: the plain definition over either packed layout (KG = 4 for s8, 2 for s16).
+// `init` (16 values or nullptr for zeros) starts every row's sums: the u8s7 path's column correction.
 template <typename TA, typename TB, int KG, int MR>
-void micro_scalar(const TA* a, const TA* /*abs_a: unused*/, int64_t lda, int64_t K, const TB* b, int32_t* c) {
+void micro_scalar(const TA* a, int64_t lda, int64_t K, const TB* b, const int32_t* init, int32_t* c) {
   int32_t acc[MR][kInt8NR] = {};
+  if (init)
+    for (int r = 0; r < MR; ++r) std::memcpy(acc[r], init, sizeof(acc[r]));
   for (int64_t k = 0; k < K; ++k) {
     const TB* bk = b + (k / KG) * kInt8NR * KG + k % KG;
     for (int r = 0; r < MR; ++r) {
@@ -54,8 +57,8 @@ EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i bcast4(const in
 // panel evicted A every micro-tile. Accumulators are named variables (an
 // array of __m256i made GCC spill them to the stack inside the loop).
 template <int MR>
-EFFOPS_AVX2_TARGET void micro_s8_avx2(const int8_t* a, const int8_t* /*abs_a: unused*/, int64_t lda, int64_t K, const int8_t* b,
-                                      int32_t* c) {
+EFFOPS_AVX2_TARGET void micro_s8_avx2(const int8_t* a, int64_t lda, int64_t K, const int8_t* b,
+                                      const int32_t* /*init: unused (nullptr)*/, int32_t* c) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t groups = (K + kInt8KG - 1) / kInt8KG;
@@ -104,8 +107,8 @@ EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i s8u_step(__m256
 }
 
 template <int MR>
-EFFOPS_AVX2_TARGET void micro_s8u_avx2(const int8_t* a, const int8_t* /*unused*/, int64_t lda, int64_t K,
-                                       const int8_t* b, int32_t* c) {
+EFFOPS_AVX2_TARGET void micro_s8u_avx2(const int8_t* a, int64_t lda, int64_t K, const int8_t* b,
+                                       const int32_t* /*init: unused (nullptr)*/, int32_t* c) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
           c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -139,6 +142,45 @@ EFFOPS_AVX2_TARGET void micro_s8u_avx2(const int8_t* a, const int8_t* /*unused*/
   }
 }
 
+// u8s7 path (7-bit weights): a_u = a + 128 unsigned, b in [-63, 63] signed, so vpmaddubsw's pairs are
+// at most 2 * 255 * 63 = 32130 (no saturation) and the step is maddubs, maddwd, add: no vpabsb per B
+// vector, no vpsignb per row (the uop that bounds the s8u loop). The sums start at the column
+// correction -128 * sum_k b (see the header), so the result is sum a * b exactly.
+template <int MR>
+EFFOPS_AVX2_TARGET void micro_u8s7_avx2(const uint8_t* a, int64_t lda, int64_t K, const int8_t* b,
+                                        const int32_t* init, int32_t* c) {
+  const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(init));
+  const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(init + 8));
+  __m256i c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1, c40 = i0, c41 = i1,
+          c50 = i0, c51 = i1;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t groups = (K + kInt8KG - 1) / kInt8KG;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64 + 32));
+    _mm_prefetch(reinterpret_cast<const char*>(b + g * 64 + 1024), _MM_HINT_T0);  // as in micro_s8u_avx2
+    const int64_t off = g * kInt8KG;
+#define EFFOPS_U8S7_ROW(r, x, y)                                                                  \
+  if constexpr (MR > r) {                                                                         \
+    const __m256i av = bcast4(reinterpret_cast<const int8_t*>(a) + r * lda + off);                \
+    x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));               \
+    y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));               \
+  }
+    EFFOPS_U8S7_ROW(0, c00, c01)
+    EFFOPS_U8S7_ROW(1, c10, c11)
+    EFFOPS_U8S7_ROW(2, c20, c21)
+    EFFOPS_U8S7_ROW(3, c30, c31)
+    EFFOPS_U8S7_ROW(4, c40, c41)
+    EFFOPS_U8S7_ROW(5, c50, c51)
+#undef EFFOPS_U8S7_ROW
+  }
+  const __m256i rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR), rows[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR + 8), rows[r][1]);
+  }
+}
+
 // s16 path: A already widened to int16 with rows padded to an even length; one vpmaddwd per
 // (row, 8 columns, 2 k), exact for every int8 input.
 EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i bcast2x16(const int16_t* p) {
@@ -148,8 +190,8 @@ EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i bcast2x16(const
 }
 
 template <int MR>
-EFFOPS_AVX2_TARGET void micro_s16_avx2(const int16_t* a, const int16_t*, int64_t lda, int64_t K, const int16_t* b,
-                                       int32_t* c) {
+EFFOPS_AVX2_TARGET void micro_s16_avx2(const int16_t* a, int64_t lda, int64_t K, const int16_t* b,
+                                       const int32_t* /*init: unused (nullptr)*/, int32_t* c) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
   const int64_t groups = (K + kInt16KG - 1) / kInt16KG;
   for (int64_t g = 0; g < groups; ++g) {
@@ -252,11 +294,13 @@ EpilogueFn pick_epilogue(Int8Out kind, bool avx2) {
 // panels in turn.
 // ---------------------------------------------------------------------------------------------
 template <typename TA, typename TB>
-using MicroFn = void (*)(const TA*, const TA*, int64_t, int64_t, const TB*, int32_t*);
+using MicroFn = void (*)(const TA*, int64_t, int64_t, const TB*, const int32_t*, int32_t*);
 
+// col_init: nullptr, or ceil(N/16)*16 starting values of the column sums (the u8s7 correction).
 template <typename TA, typename TB, int MR>
-void gemm_tiles(const TA* a, const TA* abs_a, int64_t lda, int64_t M, int64_t K, const TB* b, int64_t kpad, int64_t N,
-                const MicroFn<TA, TB> (&micro)[MR], EpilogueFn epilogue, const Int8Epilogue& e) {
+void gemm_tiles(const TA* a, int64_t lda, int64_t M, int64_t K, const TB* b, int64_t kpad, int64_t N,
+                const int32_t* col_init, const MicroFn<TA, TB> (&micro)[MR], EpilogueFn epilogue,
+                const Int8Epilogue& e) {
   const int64_t panels = (N + kInt8NR - 1) / kInt8NR;
   const int64_t panel_elems = kpad * kInt8NR;
   constexpr int64_t kMC = MR * 64;
@@ -280,7 +324,7 @@ void gemm_tiles(const TA* a, const TA* abs_a, int64_t lda, int64_t M, int64_t K,
         const int64_t tiles_left = (left + MR - 1) / MR;
         const int mr = static_cast<int>((left + tiles_left - 1) / tiles_left);
         for (int64_t p = p0; p < p1; ++p) {
-          micro[mr - 1](a + i0 * lda, abs_a ? abs_a + i0 * lda : nullptr, lda, K, b + p * panel_elems, c);
+          micro[mr - 1](a + i0 * lda, lda, K, b + p * panel_elems, col_init ? col_init + p * kInt8NR : nullptr, c);
           const int nc = static_cast<int>(std::min<int64_t>(kInt8NR, N - p * kInt8NR));
           epilogue(c, mr, i0, p * kInt8NR, nc, e);
         }
@@ -348,22 +392,27 @@ bool int8_contains_min(const int8_t* p, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // Entry points
 // ---------------------------------------------------------------------------------------------
+// A with rows zero padded to whole 4-byte groups (the kernels read whole groups): a copy only when K
+// is not a multiple of 4 or rows are strided; O(M K) next to the O(M N K) product. (The padding bytes
+// meet B's zero padding, so their value never matters.) Returns the row stride of *a.
+template <typename TA>
+static int64_t pad_a_rows(const TA*& a, int64_t lda, int64_t M, int64_t K, std::vector<TA>& storage) {
+  const int64_t kpad = ceil_to(K, kInt8KG);
+  if (kpad == K && lda == K) return lda;
+  storage.assign(static_cast<size_t>(M * kpad), TA(0));
+  for (int64_t i = 0; i < M; ++i) std::memcpy(storage.data() + i * kpad, a + i * lda, K);  // memory-bound: 1 thread
+  a = storage.data();
+  return kpad;
+}
+
 void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                   const Int8Epilogue& epi) {
   const bool avx2 = has_avx2_fma();
   const int64_t kpad = ceil_to(K, kInt8KG);
-  // A with rows zero padded to whole 4-byte groups (the kernels read whole groups): a copy only when
-  // K is not a multiple of 4 or rows are strided; O(M K) next to the O(M N K) product.
   // (vpabsb of -128 gives 0x80 = 128 as an unsigned byte, so |a| is right for every int8.)
   std::vector<int8_t> ap;
   const int8_t* a_use = a;
-  int64_t lda_use = lda;
-  if (kpad != K || lda != K) {
-    ap.assign(static_cast<size_t>(M * kpad), 0);
-    for (int64_t i = 0; i < M; ++i) std::memcpy(ap.data() + i * kpad, a + i * lda, K);  // memory-bound: 1 thread
-    a_use = ap.data();
-    lda_use = kpad;
-  }
+  const int64_t lda_use = pad_a_rows(a_use, lda, M, K, ap);
 #if EFFOPS_HAVE_X86
   if (avx2) {
     bool a_has_min = false;
@@ -373,20 +422,41 @@ void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8
     if (!a_has_min) {
       static const MicroFn<int8_t, int8_t> vec6[6] = {micro_s8u_avx2<1>, micro_s8u_avx2<2>, micro_s8u_avx2<3>,
                                                       micro_s8u_avx2<4>, micro_s8u_avx2<5>, micro_s8u_avx2<6>};
-      return gemm_tiles(a_use, static_cast<const int8_t*>(nullptr), lda_use, M, K, b_packed, kpad, N, vec6,
+      return gemm_tiles(a_use, lda_use, M, K, b_packed, kpad, N, nullptr, vec6,
                         pick_epilogue(epi.kind, true), epi);
     }
     static const MicroFn<int8_t, int8_t> vec[kMR] = {micro_s8_avx2<1>, micro_s8_avx2<2>, micro_s8_avx2<3>,
                                                      micro_s8_avx2<4>};
-    return gemm_tiles(a_use, static_cast<const int8_t*>(nullptr), lda_use, M, K, b_packed, kpad, N, vec,
+    return gemm_tiles(a_use, lda_use, M, K, b_packed, kpad, N, nullptr, vec,
                       pick_epilogue(epi.kind, true), epi);
   }
 #endif
   static const MicroFn<int8_t, int8_t> scalar[kMR] = {
       micro_scalar<int8_t, int8_t, kInt8KG, 1>, micro_scalar<int8_t, int8_t, kInt8KG, 2>,
       micro_scalar<int8_t, int8_t, kInt8KG, 3>, micro_scalar<int8_t, int8_t, kInt8KG, 4>};
-  gemm_tiles(a_use, static_cast<const int8_t*>(nullptr), lda_use, M, K, b_packed, kpad, N, scalar,
+  gemm_tiles(a_use, lda_use, M, K, b_packed, kpad, N, nullptr, scalar,
              pick_epilogue(epi.kind, avx2), epi);
+}
+
+void int8_gemm_u8s7(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                    const int32_t* col_corr, const Int8Epilogue& epi) {
+  const bool avx2 = has_avx2_fma();
+  const int64_t kpad = ceil_to(K, kInt8KG);
+  std::vector<uint8_t> ap;
+  const uint8_t* a_use = a_u;
+  const int64_t lda_use = pad_a_rows(a_use, lda, M, K, ap);
+#if EFFOPS_HAVE_X86
+  if (avx2) {
+    static const MicroFn<uint8_t, int8_t> vec6[6] = {micro_u8s7_avx2<1>, micro_u8s7_avx2<2>, micro_u8s7_avx2<3>,
+                                                     micro_u8s7_avx2<4>, micro_u8s7_avx2<5>, micro_u8s7_avx2<6>};
+    return gemm_tiles(a_use, lda_use, M, K, b_packed, kpad, N, col_corr, vec6, pick_epilogue(epi.kind, true), epi);
+  }
+#endif
+  // Scalar: the same arithmetic (sum a_u * b from the correction), so the correction is tested here too.
+  static const MicroFn<uint8_t, int8_t> scalar[kMR] = {
+      micro_scalar<uint8_t, int8_t, kInt8KG, 1>, micro_scalar<uint8_t, int8_t, kInt8KG, 2>,
+      micro_scalar<uint8_t, int8_t, kInt8KG, 3>, micro_scalar<uint8_t, int8_t, kInt8KG, 4>};
+  gemm_tiles(a_use, lda_use, M, K, b_packed, kpad, N, col_corr, scalar, pick_epilogue(epi.kind, avx2), epi);
 }
 
 void int8_gemm_s16(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int16_t* b_packed, int64_t N,
@@ -402,12 +472,12 @@ void int8_gemm_s16(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int
 #if EFFOPS_HAVE_X86
   static const MicroFn<int16_t, int16_t> vec[kMR] = {micro_s16_avx2<1>, micro_s16_avx2<2>, micro_s16_avx2<3>,
                                                      micro_s16_avx2<4>};
-  if (avx2) return gemm_tiles(a16.data(), static_cast<const int16_t*>(nullptr), kpad, M, K, b_packed, kpad, N, vec, pick_epilogue(epi.kind, true), epi);
+  if (avx2) return gemm_tiles(a16.data(), kpad, M, K, b_packed, kpad, N, nullptr, vec, pick_epilogue(epi.kind, true), epi);
 #endif
   static const MicroFn<int16_t, int16_t> scalar[kMR] = {
       micro_scalar<int16_t, int16_t, kInt16KG, 1>, micro_scalar<int16_t, int16_t, kInt16KG, 2>,
       micro_scalar<int16_t, int16_t, kInt16KG, 3>, micro_scalar<int16_t, int16_t, kInt16KG, 4>};
-  gemm_tiles(a16.data(), static_cast<const int16_t*>(nullptr), kpad, M, K, b_packed, kpad, N, scalar, pick_epilogue(epi.kind, avx2), epi);
+  gemm_tiles(a16.data(), kpad, M, K, b_packed, kpad, N, nullptr, scalar, pick_epilogue(epi.kind, avx2), epi);
 }
 
 }  // namespace effops::cpu

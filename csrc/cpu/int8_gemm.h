@@ -46,14 +46,24 @@ struct Int8Epilogue {
 // A: M x K int8, row stride lda. b_packed: s8 layout, no -128 in it.
 void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                   const Int8Epilogue& epi);
+// The 7-bit-weight path (Int8Linear's weight_bits=7): a_u = a + 128 (a in [-127, 127], so a_u in
+// [1, 255], unsigned bytes; quantize_rowwise(..., offset128=true) writes it), b_packed in the s8 layout
+// with every value in [-63, 63], col_corr[n] = -128 * sum_k b[k, n] for n < ceil(N/16)*16 (zero in the
+// padding). vpmaddubsw(a_u, b) pairs are at most 2 * 255 * 63 = 32130 < 32767, so they never saturate
+// and need neither vpsignb nor vpabsb (3 uops per row, 8 columns and 4 k instead of 4); the sums start
+// at col_corr, so C = sum (a_u - 128) b = sum a b exactly (int32 wraps at most in between, never at
+// the end: |C| <= K * 127 * 63).
+void int8_gemm_u8s7(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                    const int32_t* col_corr, const Int8Epilogue& epi);
 // Any int8 values: A is widened to int16 internally, b_packed in the s16 layout.
 void int8_gemm_s16(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int16_t* b_packed, int64_t N,
                    const Int8Epilogue& epi);
 
 // Row-wise symmetric quantization of x (M x K, contiguous): scale = absmax / 127 (1 for a zero row),
 // q = clamp(round_half_even(x / scale), -127, 127). Bit-identical to reference/int8.py.
+// offset128: store q + 128 (as the byte q ^ 0x80) instead, the unsigned operand of int8_gemm_u8s7.
 template <typename T>
-void quantize_rowwise(const T* x, int64_t M, int64_t K, int8_t* q, float* scale);
+void quantize_rowwise(const T* x, int64_t M, int64_t K, int8_t* q, float* scale, bool offset128 = false);
 
 // Weight-only: out = x (M x K, float type T) @ dequant(B)^T + bias, B in the s8 layout with per-column
 // scales, fp32 accumulation, out in T.

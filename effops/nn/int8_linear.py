@@ -11,6 +11,15 @@ Modes:
   batches, where the GEMM is bound by reading the weights and quantizing activations does not pay.
 * "auto": weight_only for inputs of at most AUTO_ROWS rows, dynamic above (AUTO_ROWS is 0: see there).
 
+weight_bits=7 (opt-in): the weights are quantized to [-63, 63] (scale absmax / 63) instead of
+[-127, 127]; activations keep the exact 8-bit spec. The CPU kernel then multiplies a + 128 (unsigned)
+by the 7-bit weights without saturating, so it drops the sign handling that exact 8-bit x 8-bit
+products need (3 vector operations per step instead of 4; see csrc/cpu/int8_gemm.h), with the
+column-sum correction exact in int32. Why the weights and not the activations lose the bit: per-token
+activation scales are set by outlier channels, so a 7-bit activation grid costs more accuracy than a
+7-bit per-channel weight grid (docs/int8.md: digits MLP logits 0.88% vs 0.61% relative error;
+activations with 20x outlier channels 8.1% vs 4.3%).
+
 Gradients: the input gets a straight-through gradient (grad_y @ dequantized weight), so trainable
 layers (adapters) can sit above and below a frozen int8 base; the int8 weights are buffers (frozen);
 the bias is a Parameter with requires_grad=False unless the user enables it.
@@ -24,6 +33,7 @@ from effops.ops.int8_gemm import int8_linear_dynamic
 from effops.reference import int8 as reference
 
 MODES = ("dynamic", "weight_only", "auto")
+WEIGHT_BITS = (8, 7)
 # "auto" switches to weight_only at or below this many rows. Since the int8 GEMM's 6-row |b| kernel and
 # its weight prefetch, the dynamic path at M = 1 runs as fast as FBGEMM and about 1.5x faster than the
 # weight-only kernel (single-threaded CPU time, K = 4096, N = 4096 and 11008: 0.86 vs 1.35 ms and 2.5
@@ -33,29 +43,37 @@ AUTO_ROWS = 0
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, in_features, out_features, bias=True, mode="auto", device=None):
+    def __init__(self, in_features, out_features, bias=True, mode="auto", device=None, weight_bits=8):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError("%s must be a positive int, got %r" % (name, v))
         _checks.choice("mode", mode, MODES)
+        _check_weight_bits(weight_bits)
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        self.weight_bits = weight_bits
         w = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         # Not persistent: the state_dict carries the plain weight as "weight" (see _save_to_state_dict).
         self.register_buffer("weight_packed", reference.pack_weight(w), persistent=False)
+        # 7-bit weights: the CPU kernel's column correction (derived from the weights, so not saved).
+        self.register_buffer("weight_corr", reference.weight_correction(self.weight_packed) if weight_bits == 7
+                             else None, persistent=False)
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear, mode="auto"):
-        """Quantize an nn.Linear's weight per output channel (absmax / 127, round half to even)."""
+    def from_linear(cls, linear, mode="auto", weight_bits=8):
+        """Quantize an nn.Linear's weight per output channel (absmax / 127, round half to even; with
+        weight_bits=7, absmax / 63 and values in [-63, 63])."""
         if not isinstance(linear, nn.Linear):
             raise TypeError("linear must be an nn.Linear, got %s" % type(linear).__name__)
         w = linear.weight.detach()
-        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode, device=w.device)
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode, device=w.device,
+                weight_bits=weight_bits)
         with torch.no_grad():
-            q, scale = ops.quantize_rowwise(w.float())
-            m.weight_packed = reference.pack_weight(q)
+            # 8 bits: the op (a kernel); 7 bits: the reference's definition (once per layer).
+            q, scale = ops.quantize_rowwise(w.float()) if weight_bits == 8 else reference.quantize_rowwise(w, 7)
+            m._set_packed(reference.pack_weight(q))
             m.weight_scale.copy_(scale)
             if linear.bias is not None:
                 m.bias.copy_(linear.bias.detach().float())
@@ -74,7 +92,13 @@ class Int8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError("x's last dim must equal in_features %d, got shape %s" % (self.in_features, tuple(x.shape)))
         weight_only = self.mode == "weight_only" or (self.mode == "auto" and x.numel() // x.shape[-1] <= AUTO_ROWS)
-        return int8_linear_dynamic(x, self.weight_packed, self.weight_scale, self.bias, self.out_features, weight_only)
+        return int8_linear_dynamic(x, self.weight_packed, self.weight_scale, self.bias, self.out_features, weight_only,
+                                   self.weight_corr)
+
+    def _set_packed(self, packed):
+        self.weight_packed = packed
+        if self.weight_bits == 7:
+            self.weight_corr = reference.weight_correction(packed)
 
     # ---- state_dict: plain int8 weight on disk, packed in memory ----
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -98,9 +122,21 @@ class Int8Linear(nn.Module):
                 key, (self.out_features, self.in_features),
                 "%s %s" % (w.dtype, tuple(w.shape)) if isinstance(w, torch.Tensor) else type(w).__name__))
             return
+        if self.weight_bits == 7 and w.numel() and w.abs().max().item() > 63:
+            # The 7-bit kernel's products of such weights would saturate: refuse rather than compute wrongly.
+            error_msgs.append("%s: weight_bits=7 needs weights in [-63, 63], got values up to %d (an 8-bit "
+                              "state_dict? load it into a module with weight_bits=8)"
+                              % (key, w.abs().max().item()))
+            return
         with torch.no_grad():
-            self.weight_packed = reference.pack_weight(w.to(self.weight_scale.device))
+            self._set_packed(reference.pack_weight(w.to(self.weight_scale.device)))
 
     def extra_repr(self):
-        return "in_features=%d, out_features=%d, bias=%s, mode=%s" % (
-            self.in_features, self.out_features, self.bias is not None, self.mode)
+        return "in_features=%d, out_features=%d, bias=%s, mode=%s%s" % (
+            self.in_features, self.out_features, self.bias is not None, self.mode,
+            ", weight_bits=7" if self.weight_bits == 7 else "")
+
+
+def _check_weight_bits(weight_bits):
+    if not isinstance(weight_bits, int) or isinstance(weight_bits, bool) or weight_bits not in WEIGHT_BITS:
+        raise ValueError("weight_bits must be 8 (the default) or 7, got %r" % (weight_bits,))

@@ -38,10 +38,10 @@ def _cpu_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
     return y.reshape(*x_int8.shape[:-1], w_int8.shape[0])
 
 
-def _cpu_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only):
+def _cpu_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None):
     k = x.shape[-1]
     y = torch.ops.effops_cpu.int8_linear_dynamic(x.reshape(-1, k).contiguous(), w_packed, w_scale, bias,
-                                                 out_features, weight_only)
+                                                 out_features, weight_only, w_corr)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -51,7 +51,7 @@ _backends.register_kernel("int8_linear", "cpu", _cpu_int8_linear)
 # fp32 GEMM (the reference) is as fast or faster.
 WEIGHT_ONLY_MAX_ROWS = 16
 _backends.register_kernel("int8_linear_dynamic", "cpu", _cpu_int8_linear_dynamic,
-                          supports=lambda x, w_packed, w_scale, bias, out_features, weight_only:
+                          supports=lambda x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None:
                           "weight_only with more than %d rows (reference: dequantize + fp32 GEMM is faster)"
                           % WEIGHT_ONLY_MAX_ROWS if weight_only and x.numel() // x.shape[-1] > WEIGHT_ONLY_MAX_ROWS
                           else None)
@@ -74,8 +74,15 @@ _backends.register_kernel("int8_mm", "triton", "effops.triton_kernels.int8_gemm:
 _backends.register_kernel("int8_linear", "triton", "effops.triton_kernels.int8_gemm:int8_linear",
                           supports=lambda x, xs, w, ws, bias, out_dtype: _triton_declines(
                               x, w, out_numel=x.numel() // x.shape[-1] * w.shape[0]))
-_backends.register_kernel("int8_linear_dynamic", "triton", "effops.triton_kernels.int8_gemm:int8_linear_dynamic",
-                          supports=lambda x, w_packed, w_scale, bias, out_features, weight_only:
+def _triton_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None):
+    # The Triton GEMM is exact for any int8 weights, 7-bit ones included: w_corr (a CPU-kernel detail)
+    # is not needed.
+    from effops.triton_kernels.int8_gemm import int8_linear_dynamic as launch
+    return launch(x, w_packed, w_scale, bias, out_features, weight_only)
+
+
+_backends.register_kernel("int8_linear_dynamic", "triton", _triton_int8_linear_dynamic,
+                          supports=lambda x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None:
                           "weight_only mode has no Triton kernel" if weight_only else _triton_declines(
                               x, w_packed, out_numel=x.numel() // x.shape[-1] * out_features))
 
@@ -180,10 +187,14 @@ def _(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
 # ---------------------------------------------------------------------------------------------
 # int8_linear_dynamic: Int8Linear's op (float in, float out, gradient to x)
 # ---------------------------------------------------------------------------------------------
-def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=False):
+def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=False, w_corr=None):
     """Int8Linear's forward: x (..., K) float, w_packed from reference.int8.pack_weight of an (N, K) int8
     weight, w_scale (N,) fp32, bias (N,) fp32 or None. Output in x's dtype (autocast's under autocast).
-    x gets a straight-through gradient (x's rounding treated as identity); bias gets its usual gradient."""
+    x gets a straight-through gradient (x's rounding treated as identity); bias gets its usual gradient.
+
+    w_corr: None, or reference.int8.weight_correction(w_packed) for weights that are all in [-63, 63]
+    (Int8Linear's weight_bits=7): a promise about the weights that lets the CPU kernel skip the sign
+    handling (same result; with weights outside [-63, 63] the CPU result would be wrong)."""
     _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
     k = x.shape[-1]
     _check_k("x's last dim (in_features)", k)
@@ -196,20 +207,24 @@ def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=Fa
     _checks.optional_tensor("bias", bias, dtypes=(torch.float32,), device=x.device)
     if bias is not None:
         _checks.shape("bias", bias, (out_features,))
+    _checks.optional_tensor("w_corr", w_corr, dtypes=(torch.int32,), device=x.device)
+    if w_corr is not None:
+        _checks.shape("w_corr", w_corr, (expected[0] * nr,))
     cast = _checks.autocast_dtype(x.device.type)
     if cast is not None:
         x = x.to(cast)
-    return torch.ops.effops.int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, bool(weight_only))
+    return torch.ops.effops.int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, bool(weight_only), w_corr)
 
 
 @torch.library.custom_op("effops::int8_linear_dynamic", mutates_args=())
 def _int8_linear_dynamic(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_features: int,
-                         weight_only: bool) -> Tensor:
-    return _backends.dispatch("int8_linear_dynamic", x.device, x, w_packed, w_scale, bias, out_features, weight_only)
+                         weight_only: bool, w_corr: Optional[Tensor] = None) -> Tensor:
+    return _backends.dispatch("int8_linear_dynamic", x.device, x, w_packed, w_scale, bias, out_features, weight_only,
+                              w_corr)
 
 
 @_int8_linear_dynamic.register_fake
-def _(x, w_packed, w_scale, bias, out_features, weight_only):
+def _(x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -229,7 +244,7 @@ def _(grad_y, w_packed, w_scale, in_features, need_bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_packed, w_scale, bias, out_features, weight_only = inputs
+    x, w_packed, w_scale, bias, out_features, weight_only, w_corr = inputs
     ctx.save_for_backward(w_packed, w_scale)
     ctx.in_features = x.shape[-1]
     ctx.has_bias = bias is not None
@@ -240,7 +255,8 @@ def _backward(ctx, grad_y):
     need_bias = ctx.has_bias and ctx.needs_input_grad[3]
     grad_x, grad_b = torch.ops.effops.int8_linear_dynamic_backward(grad_y.contiguous(), w_packed, w_scale,
                                                                    ctx.in_features, need_bias)
-    return (grad_x if ctx.needs_input_grad[0] else None, None, None, grad_b if need_bias else None, None, None)
+    return (grad_x if ctx.needs_input_grad[0] else None, None, None, grad_b if need_bias else None, None, None,
+            None)
 
 
 _int8_linear_dynamic.register_autograd(_backward, setup_context=_setup_context)

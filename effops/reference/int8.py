@@ -24,12 +24,16 @@ PACK_NR = 16
 PACK_KG = 4
 
 
-def quantize_rowwise(x):
-    """(q int8, scale fp32) with q of x's shape and scale of shape x.shape[:-1]; x ~= q * scale[..., None]."""
+def quantize_rowwise(x, bits=8):
+    """(q int8, scale fp32) with q of x's shape and scale of shape x.shape[:-1]; x ~= q * scale[..., None].
+
+    bits=7 (Int8Linear's weight_bits=7): the same with qmax = 63 in place of 127, i.e. scale = absmax / 63
+    and q in [-63, 63]."""
+    qmax = 2 ** (bits - 1) - 1
     x32 = x.float().contiguous()
-    scale = x32.abs().amax(dim=-1) / 127.0
+    scale = x32.abs().amax(dim=-1) / float(qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x32 / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    q = torch.round(x32 / scale.unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
 
 
@@ -74,8 +78,17 @@ def unpack_weight(packed, out_features, in_features):
     return w[:out_features, :in_features]
 
 
-def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only):
+def weight_correction(w_packed):
+    """int32 (N_pad,): -128 * the column sums of a packed weight, the starting value of the CPU kernel's
+    7-bit-weight path, which multiplies a + 128 (unsigned) by the weights (see csrc/cpu/int8_gemm.h)."""
+    return w_packed.sum(dim=(1, 3), dtype=torch.int32).reshape(-1) * -128
+
+
+def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None):
     """Int8Linear's forward on float x (..., K): output in x's dtype.
+
+    w_corr (weight_correction of 7-bit weights) only selects a faster CPU kernel computing the same
+    integers; the definition does not depend on it.
 
     weight_only=False: x quantized per row at run time, int8 x int8 GEMM, dequantized epilogue.
     weight_only=True: x stays floating; y = x @ (w_int8 * w_scale)^T + bias computed in fp32.

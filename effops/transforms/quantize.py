@@ -1,7 +1,7 @@
 """effops.quantize(model): swap nn.Linear layers for Int8Linear (int8 weights, see effops.nn.Int8Linear)."""
 from torch import nn
 
-from effops.nn.int8_linear import MODES, Int8Linear
+from effops.nn.int8_linear import MODES, Int8Linear, _check_weight_bits
 from effops.ops import _checks
 
 
@@ -9,13 +9,14 @@ def _skipped(name, skip):
     return any(name == s or name.startswith(s + ".") for s in skip)
 
 
-def quantize(model, skip=(), min_features=128, mode="auto"):
+def quantize(model, skip=(), min_features=128, mode="auto", weight_bits=8):
     """Replace every nn.Linear of `model` (in place; returns the model) by Int8Linear.from_linear.
 
     skip: qualified module names (as in model.named_modules()) left alone, with everything under them
     (e.g. ("head",) for a classifier you keep in floating point). min_features: a layer with fewer input
     or output features stays floating (small layers gain nothing and lose the most accuracy).
     mode: Int8Linear's mode ("dynamic", "weight_only" or "auto").
+    weight_bits: 8 (default) or 7 (opt-in: weights in [-63, 63], a faster CPU kernel; see Int8Linear).
     Linear subclasses that other modules read weights from directly (nn.MultiheadAttention's out_proj)
     are left alone.
     """
@@ -26,6 +27,7 @@ def quantize(model, skip=(), min_features=128, mode="auto"):
     if not isinstance(min_features, int) or isinstance(min_features, bool) or min_features < 1:
         raise ValueError("min_features must be a positive int, got %r" % (min_features,))
     _checks.choice("mode", mode, MODES)
+    _check_weight_bits(weight_bits)
     if type(model) is nn.Linear:
         raise ValueError("quantize swaps submodules: wrap the Linear in a container or use Int8Linear.from_linear")
     swaps = []
@@ -38,5 +40,5 @@ def quantize(model, skip=(), min_features=128, mode="auto"):
     for name in swaps:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child), mode=mode))
+        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child), mode=mode, weight_bits=weight_bits))
     return model
