@@ -29,7 +29,7 @@ from torch import nn
 
 from effops import ops
 from effops.ops import _checks
-from effops.ops.int8_gemm import int8_linear_dynamic
+from effops.ops.int8_gemm import run_int8_linear_dynamic
 from effops.reference import int8 as reference
 
 MODES = ("dynamic", "weight_only", "auto")
@@ -92,8 +92,8 @@ class Int8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError("x's last dim must equal in_features %d, got shape %s" % (self.in_features, tuple(x.shape)))
         weight_only = self.mode == "weight_only" or (self.mode == "auto" and x.numel() // x.shape[-1] <= AUTO_ROWS)
-        return int8_linear_dynamic(x, self.weight_packed, self.weight_scale, self.bias, self.out_features, weight_only,
-                                   self.weight_corr)
+        return run_int8_linear_dynamic(x, self.weight_packed, self.weight_scale, self.bias, self.out_features,
+                                       weight_only, self.weight_corr)
 
     def _set_packed(self, packed):
         self.weight_packed = packed
