@@ -251,3 +251,19 @@ print("scalar ok")
 @cpu_only
 def test_cpu_scalar_path_exact():
     run_scalar_path(_SCALAR_SCRIPT)
+
+
+@cpu_only
+@pytest.mark.parametrize("weight_bits", [8, 7])
+def test_cpu_row_chunks(weight_bits):
+    # The cpu op quantizes and multiplies large inputs in 256-row chunks: 600 rows = 256 + 256 + 88, each
+    # chunk's scales and output rows at their own offsets (a mix-up would swap or repeat rows).
+    torch.manual_seed(6)
+    w = _extreme_weights(40, 20) if weight_bits == 7 else torch.randint(-127, 128, (20, 40), dtype=torch.int8)
+    m = Int8Linear(40, 20, bias=False, weight_bits=weight_bits)
+    m.load_state_dict({"weight": w, "weight_scale": torch.ones(20)})
+    x = _integer_rows(600, 40) * torch.linspace(0.5, 2.0, 600)[:, None]  # row scales differ: 0.5 .. 2.0
+    with effops.use_backend("cpu"):
+        got = m(x)
+    ref = reference.int8_linear_dynamic(x, m.weight_packed, m.weight_scale, None, 20, False)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
