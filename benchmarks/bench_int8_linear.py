@@ -1,5 +1,6 @@
 """Int8Linear end to end (per-row activation quantization + int8 GEMM + fused epilogue) against fp32
-F.linear and torch's own dynamic int8 Linear (torch.ao quantize_dynamic, FBGEMM) on CPU; on CUDA,
+F.linear and torch's own dynamic int8 Linear (torch.ao quantize_dynamic, FBGEMM) on CPU, for the default
+8-bit weights and the opt-in 7-bit weights (Int8Linear weight_bits=7); on CUDA,
 effops int8_linear against bf16 F.linear (cuBLAS) and torch._int_mm.
 
 Work per call: 2 * M * K * N operations (multiply + add), reported in GOP/s.
@@ -38,6 +39,9 @@ def _cpu_rows(quick):
             "torch dynamic int8 (FBGEMM)": lambda: fbgemm(x),
             "effops Int8Linear dynamic": (lambda mod: lambda: mod(x))(
                 effops.nn.Int8Linear.from_linear(linear, mode="dynamic")),
+            # opt-in 7-bit weights (activations still 8-bit): the CPU kernel without the sign handling
+            "effops Int8Linear dynamic weight_bits=7": (lambda mod: lambda: mod(x))(
+                effops.nn.Int8Linear.from_linear(linear, mode="dynamic", weight_bits=7)),
         }
         if m <= 16:
             impls["effops Int8Linear weight_only"] = (lambda mod: lambda: mod(x))(
