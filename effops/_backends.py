@@ -222,6 +222,39 @@ def runs_plain_pytorch(op, device, *args, **kwargs):
     return True
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__
+
+
+def eager_route(op, device, *args, **kwargs):
+    """(backend name, kernel function) when an eager call of `op` may skip its custom op, else None.
+
+    Going through a torch.library custom op costs ~0.2 ms a call on this CPU (its Python dispatch and
+    autograd wrapper), more than a small kernel's whole run. Where it adds nothing, the op's public
+    function runs the chosen kernel itself: eager mode, automatic choice, plain tensors, and no tensor
+    argument that needs a gradient from a non-reference kernel. When the choice is `reference`, the
+    caller runs the reference, whose plain PyTorch ops torch's own autograd records. Everything else
+    keeps the custom op: torch.compile (dynamo traces the op, not its kernel), forced backends (tests
+    exercise the op's dispatch through them), tensor subclasses and dispatch or function modes
+    (FakeTensor, DTensor, profilers' modes see the op as one node), and training through our kernels
+    (the custom op's autograd formula). Records the choice for record_choices().
+    """
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the ContextVar read below
+        return None
+    if forced_backend() is not None:
+        return None
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0:
+        return None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors):
+        return None
+    name, kernel = _choose(op, torch.device(device).type, args, kwargs)
+    if name != "reference" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    for tally in _recorders:
+        tally[op][name] = tally[op].get(name, 0) + 1
+    return name, kernel.fn
+
+
 @contextlib.contextmanager
 def record_choices():
     """Count which backend ran each op inside the block: yields {op: {backend: calls}}, filled as ops run."""

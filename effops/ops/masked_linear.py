@@ -62,7 +62,10 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None):
             mask = mask.to(cast)
     _checks.same_dtype("weight", weight, x.dtype)
     _checks.same_dtype("bias", bias, x.dtype)
-    if _backends.runs_plain_pytorch("masked_linear", x.device, x, weight, mask, bias):
+    route = _backends.eager_route("masked_linear", x.device, x, weight, mask, bias)
+    if route is not None and route[0] != "reference":
+        return route[1](x, weight, mask, bias)  # no gradient needed: the kernel without the custom op
+    if route is not None:
         if torch.is_grad_enabled() and weight.requires_grad:
             return reference.masked_linear(x, weight, mask, bias)  # training: W * mask changes every step
         # Inference on a mask too dense for the sparse kernels: dense F.linear on W * mask, made once per
