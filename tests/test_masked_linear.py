@@ -382,3 +382,18 @@ def test_automatic_eager_calls_run_the_kernel_directly_and_keep_autograd():
     assert "effops_masked_linear" in y.grad_fn.name()  # the custom op's autograd node
     y.sum().backward()
     torch.testing.assert_close(w.grad, (torch.ones(64, 256).t() @ x) * mask, **TOL[torch.float32])
+
+
+def test_automatic_training_path_follows_in_place_mask_changes():
+    # The training path multiplies by the mask converted to weight's dtype once per mask version: a mask
+    # edited in place (pruning steps do that) must be seen by the next call, forward and weight gradient.
+    x = torch.randn(3, 40)
+    w = torch.randn(24, 40, requires_grad=True)
+    mask = torch.rand(24, 40) < 0.5
+    for _ in range(2):
+        y = masked_linear(x, w, mask)
+        torch.testing.assert_close(y, reference.masked_linear(x, w.detach(), mask), **TOL[torch.float32])
+        w.grad = None
+        y.sum().backward()
+        torch.testing.assert_close(w.grad, (torch.ones(3, 24).t() @ x) * mask, **TOL[torch.float32])
+        mask[:, :7] = ~mask[:, :7]
