@@ -225,14 +225,15 @@ def runs_plain_pytorch(op, device, *args, **kwargs):
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__
 
 
-def eager_route(op, device, *args, **kwargs):
+def eager_route(op, device, *args, reference_autograd=False, **kwargs):
     """(backend name, kernel function) when an eager call of `op` may skip its custom op, else None.
 
     Going through a torch.library custom op costs ~0.2 ms a call on this CPU (its Python dispatch and
     autograd wrapper), more than a small kernel's whole run. Where it adds nothing, the op's public
     function runs the chosen kernel itself: eager mode, automatic choice, plain tensors, and no tensor
-    argument that needs a gradient from a non-reference kernel. When the choice is `reference`, the
-    caller runs the reference, whose plain PyTorch ops torch's own autograd records. Everything else
+    argument that needs a gradient, except that with reference_autograd=True (the op's reference is
+    differentiable by torch's autograd with the op's own formula) a `reference` choice is returned
+    even when gradients are wanted: torch's autograd records its plain ops. Everything else
     keeps the custom op: torch.compile (dynamo traces the op, not its kernel), forced backends (tests
     exercise the op's dispatch through them), tensor subclasses and dispatch or function modes
     (FakeTensor, DTensor, profilers' modes see the op as one node), and training through our kernels
@@ -248,7 +249,8 @@ def eager_route(op, device, *args, **kwargs):
     if any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors):
         return None
     name, kernel = _choose(op, torch.device(device).type, args, kwargs)
-    if name != "reference" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not (name == "reference" and reference_autograd)):
         return None
     for tally in _recorders:
         tally[op][name] = tally[op].get(name, 0) + 1

@@ -143,8 +143,11 @@ def test_eager_route_skips_the_custom_op_only_where_nothing_depends_on_it(toy_op
     assert _backends.eager_route(toy_op, "cpu", wants_grad) is None
     with torch.no_grad():
         assert _backends.eager_route(toy_op, "cpu", wants_grad)[0] == "cpu"
-    # ...while the reference's plain ops are recorded by torch's own autograd.
-    assert _backends.eager_route(toy_op, "cpu", torch.zeros(3, requires_grad=True))[0] == "reference"
+    # ...while the reference's plain ops are recorded by torch's own autograd, where the op says that
+    # gives its own formula (not so for a reference that rounds, like int8's straight-through gradient).
+    odd_wants_grad = torch.zeros(3, requires_grad=True)
+    assert _backends.eager_route(toy_op, "cpu", odd_wants_grad, reference_autograd=True)[0] == "reference"
+    assert _backends.eager_route(toy_op, "cpu", odd_wants_grad) is None
     # A tensor subclass may carry its own dispatch: custom op. A module's Parameter is plain.
     class Tagged(torch.Tensor):
         pass

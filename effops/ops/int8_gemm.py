@@ -125,6 +125,9 @@ def int8_mm(a, b):
     if a.shape[1] != b.shape[0]:
         raise ValueError("b's first dim must equal a's second dim %d, got b of shape %s" % (a.shape[1], tuple(b.shape)))
     _check_k("a's second dim (K)", a.shape[1])
+    route = _backends.eager_route("int8_mm", a.device, a, b)
+    if route is not None:  # eager, no gradient needed: skip the custom op's dispatch
+        return route[1](a, b)
     return torch.ops.effops.int8_mm(a, b)
 
 
@@ -163,6 +166,9 @@ def int8_linear(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=torch.flo
         _checks.shape("bias", bias, (w_int8.shape[0],))
         bias = bias.float()
     _check_out_dtype(out_dtype)
+    route = _backends.eager_route("int8_linear", x_int8.device, x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
+    if route is not None:  # eager, no gradient needed: skip the custom op's dispatch
+        return route[1](x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
     return torch.ops.effops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
 
 
@@ -199,6 +205,10 @@ def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=Fa
     cast = _checks.autocast_dtype(x.device.type)
     if cast is not None:
         x = x.to(cast)
+    route = _backends.eager_route("int8_linear_dynamic", x.device, x, w_packed, w_scale, bias, out_features,
+                                  bool(weight_only))
+    if route is not None:  # eager, no gradient needed: skip the custom op's dispatch
+        return route[1](x, w_packed, w_scale, bias, out_features, bool(weight_only))
     return torch.ops.effops.int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, bool(weight_only))
 
 
