@@ -102,6 +102,20 @@ def _status(name):
     raise ValueError("unknown backend %r; expected one of %s" % (name, BACKENDS))
 
 
+_usable_cache = {}
+
+
+def _usable(name):
+    """_status(name)[0], remembered per process for the backends whose usability cannot change in one
+    (the extension loads once; CUDA is there or not). Triton's depends on TRITON_INTERPRET: asked each time."""
+    usable = _usable_cache.get(name)
+    if usable is None:
+        usable = _status(name)[0]
+        if name != "triton":
+            _usable_cache[name] = usable
+    return usable
+
+
 def backend_reasons():
     """{backend: (usable, reason)} for `python -m effops info`."""
     return {name: _status(name) for name in BACKENDS}
@@ -183,9 +197,13 @@ def _choose(op, device_type, args, kwargs):
         if declined:
             raise BackendError("backend %r is forced but declines this %s input: %s" % (forced, op, declined))
         return forced, kernel
+    return _choose_automatically(op, table, device_type, args, kwargs)
+
+
+def _choose_automatically(op, table, device_type, args, kwargs):
     for name in AUTO_ORDER.get(device_type, ("reference",)):
         kernel = table.get(name)
-        if kernel is None or not _status(name)[0]:
+        if kernel is None or not _usable(name):
             continue
         if kernel.supports is not None and kernel.supports(*args, **kwargs):
             continue
@@ -248,7 +266,11 @@ def eager_route(op, device, *args, reference_autograd=False, **kwargs):
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors):
         return None
-    name, kernel = _choose(op, torch.device(device).type, args, kwargs)
+    table = _kernels.get(op)
+    if not table:
+        raise KeyError("no kernels registered for op %r" % op)
+    name, kernel = _choose_automatically(op, table, device.type if isinstance(device, torch.device)
+                                         else torch.device(device).type, args, kwargs)
     if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
             and not (name == "reference" and reference_autograd)):
         return None
