@@ -68,24 +68,25 @@ def _train(module, x):
 def run(quick, device):
     if torch.device(device).type != "cpu":
         return []  # the overhead measured here is the CPU host's; on CUDA it hides behind the kernels
-    rounds, min_time = (2, 0.1) if quick else (5, 0.2)
+    rounds, min_time = (5, 0.1) if quick else (9, 0.2)  # cheap calls: more rounds against load spikes
     rows = []
     for batch in (1, 256):
         plain, ours = _pruned_pair(192, 0.8)
         x = torch.randn(batch, 192)
         for kind, timed in (("inference", _infer), ("training", _train)):
-            rows += compare("small_calls", "SparseLinear 192x192 80%% batch %d %s" % (batch, kind),
+            rows += compare("small_calls", "SparseLinear 192x192 80%% %s batch=%d" % (kind, batch),
                             {"torch prune": timed(plain, x), "effops": timed(ours, x)}, baseline="torch prune",
-                            rounds=rounds, min_time=min_time)
+                            rounds=rounds, min_time=min_time, extra=dict(batch=batch))
         plain, ours = _int8_pair(192)
-        rows += compare("small_calls", "Int8Linear 192x192 batch %d inference" % batch,
+        rows += compare("small_calls", "Int8Linear 192x192 inference batch=%d" % batch,
                         {"torch dynamic int8 (FBGEMM)": _infer(plain, x), "effops": _infer(ours, x)},
-                        baseline="torch dynamic int8 (FBGEMM)", rounds=rounds, min_time=min_time)
+                        baseline="torch dynamic int8 (FBGEMM)", rounds=rounds, min_time=min_time,
+                        extra=dict(batch=batch))
     for batch in (1, 64):
         plain, ours = _separable_pair(24, 48, 2)
         x = torch.randn(batch, 24, 32, 32)
         for kind, timed in (("inference", _infer), ("training", _train)):
-            rows += compare("small_calls", "SeparableConv2d 24->48 32x32 s2 batch %d %s" % (batch, kind),
+            rows += compare("small_calls", "SeparableConv2d 24->48 32x32 s2 %s batch=%d" % (kind, batch),
                             {"torch conv pair": timed(plain, x), "effops": timed(ours, x)},
-                            baseline="torch conv pair", rounds=rounds, min_time=min_time)
+                            baseline="torch conv pair", rounds=rounds, min_time=min_time, extra=dict(batch=batch))
     return rows
