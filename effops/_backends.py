@@ -102,6 +102,20 @@ def _status(name):
     raise ValueError("unknown backend %r; expected one of %s" % (name, BACKENDS))
 
 
+_usable_cache = {}
+
+
+def _usable(name):
+    """_status(name)[0], remembered per process for the backends whose usability cannot change in one
+    (the extension loads once; CUDA is there or not). Triton's depends on TRITON_INTERPRET: asked each time."""
+    usable = _usable_cache.get(name)
+    if usable is None:
+        usable = _status(name)[0]
+        if name != "triton":
+            _usable_cache[name] = usable
+    return usable
+
+
 def backend_reasons():
     """{backend: (usable, reason)} for `python -m effops info`."""
     return {name: _status(name) for name in BACKENDS}
@@ -183,9 +197,13 @@ def _choose(op, device_type, args, kwargs):
         if declined:
             raise BackendError("backend %r is forced but declines this %s input: %s" % (forced, op, declined))
         return forced, kernel
+    return _choose_automatically(op, table, device_type, args, kwargs)
+
+
+def _choose_automatically(op, table, device_type, args, kwargs):
     for name in AUTO_ORDER.get(device_type, ("reference",)):
         kernel = table.get(name)
-        if kernel is None or not _status(name)[0]:
+        if kernel is None or not _usable(name):
             continue
         if kernel.supports is not None and kernel.supports(*args, **kwargs):
             continue
@@ -220,6 +238,45 @@ def runs_plain_pytorch(op, device, *args, **kwargs):
     for tally in _recorders:
         tally[op]["reference"] = tally[op].get("reference", 0) + 1
     return True
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__
+
+
+def eager_route(op, device, *args, reference_autograd=False, **kwargs):
+    """(backend name, kernel function) when an eager call of `op` may skip its custom op, else None.
+
+    Going through a torch.library custom op costs ~0.2 ms a call on this CPU (its Python dispatch and
+    autograd wrapper), more than a small kernel's whole run. Where it adds nothing, the op's public
+    function runs the chosen kernel itself: eager mode, automatic choice, plain tensors, and no tensor
+    argument that needs a gradient, except that with reference_autograd=True (the op's reference is
+    differentiable by torch's autograd with the op's own formula) a `reference` choice is returned
+    even when gradients are wanted: torch's autograd records its plain ops. Everything else
+    keeps the custom op: torch.compile (dynamo traces the op, not its kernel), forced backends (tests
+    exercise the op's dispatch through them), tensor subclasses and dispatch or function modes
+    (FakeTensor, DTensor, profilers' modes see the op as one node), and training through our kernels
+    (the custom op's autograd formula). Records the choice for record_choices().
+    """
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the ContextVar read below
+        return None
+    if forced_backend() is not None:
+        return None
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0:
+        return None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if any(type(t) not in _PLAIN_TENSOR_TYPES for t in tensors):
+        return None
+    table = _kernels.get(op)
+    if not table:
+        raise KeyError("no kernels registered for op %r" % op)
+    name, kernel = _choose_automatically(op, table, device.type if isinstance(device, torch.device)
+                                         else torch.device(device).type, args, kwargs)
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not (name == "reference" and reference_autograd)):
+        return None
+    for tally in _recorders:
+        tally[op][name] = tally[op].get(name, 0) + 1
+    return name, kernel.fn
 
 
 @contextlib.contextmanager

@@ -362,3 +362,38 @@ def test_cpu_block_kernels_cross_row_chunks():
         got = run(x, w, mask, None, grad_y)
     for a, e in zip(got, expected(x, w, mask, None, grad_y)):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_automatic_eager_calls_run_the_kernel_directly_and_keep_autograd():
+    # Inference (no gradient wanted) runs the cpu kernel without the custom op's dispatch; a call that
+    # wants gradients goes through the custom op (its autograd formula): both match the reference.
+    x = torch.randn(64, 512)
+    w = torch.randn(256, 512, requires_grad=True)
+    mask = make_mask("block32", 256, 512, density=0.1).cpu()
+    assert _backends.select("masked_linear", "cpu", x, w, mask, None) == "cpu"
+    expected = reference.masked_linear(x, w.detach(), mask)
+    with torch.no_grad(), _backends.record_choices() as tally:
+        y = masked_linear(x, w, mask)
+    assert tally == {"masked_linear": {"cpu": 1}}
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, expected, **TOL[torch.float32])
+    y = masked_linear(x, w, mask)
+    assert "effops_masked_linear" in y.grad_fn.name()  # the custom op's autograd node
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, (torch.ones(64, 256).t() @ x) * mask, **TOL[torch.float32])
+
+
+def test_automatic_training_path_follows_in_place_mask_changes():
+    # The training path multiplies by the mask converted to weight's dtype once per mask version: a mask
+    # edited in place (pruning steps do that) must be seen by the next call, forward and weight gradient.
+    x = torch.randn(3, 40)
+    w = torch.randn(24, 40, requires_grad=True)
+    mask = torch.rand(24, 40) < 0.5
+    for _ in range(2):
+        y = masked_linear(x, w, mask)
+        torch.testing.assert_close(y, reference.masked_linear(x, w.detach(), mask), **TOL[torch.float32])
+        w.grad = None
+        y.sum().backward()
+        torch.testing.assert_close(w.grad, (torch.ones(3, 24).t() @ x) * mask, **TOL[torch.float32])
+        mask[:, :7] = ~mask[:, :7]

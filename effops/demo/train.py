@@ -82,17 +82,19 @@ def accuracy(model, x, y, *, device, amp=False):
 
 
 @torch.no_grad()
-def inference_ms(models, x, *, device, amp=False, rounds=5, calls=5):
+def inference_ms(models, x, *, device, amp=False, rounds=6, calls=4):
     """Median ms per forward of batch x for each model in {name: model}, interleaved over rounds so
-    that a noisy machine hits all of them alike."""
+    that a noisy machine hits all of them alike; the order turns every round, so no model always runs
+    first (right after another model's allocations and cache traffic)."""
     x = x.to(device)
     samples = {name: [] for name in models}
     for m in models.values():
         m.eval()
         with autocast(device, amp):
             m(x)  # warm-up (first-call allocations, lazy packing)
-    for _ in range(rounds):
-        for name, m in models.items():
+    order = list(models.items())
+    for r in range(rounds):
+        for name, m in order[r % len(order):] + order[:r % len(order)]:
             with autocast(device, amp):
                 _sync(device)
                 start = time.perf_counter()

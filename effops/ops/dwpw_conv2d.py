@@ -168,9 +168,16 @@ def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, p
                         ("pw_bias", pw_bias)):
         _checks.same_dtype(name, value, x.dtype)
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation)
-    if _backends.runs_plain_pytorch("dwpw_conv2d", x.device, *args):
-        return reference.dwpw_conv2d(*args)
+    route = _backends.eager_route("dwpw_conv2d", x.device, *args, reference_autograd=True)
+    if route is not None:
+        # reference: plain PyTorch recorded by torch's autograd; a kernel: no gradient is needed.
+        return route[1](*args) if route[0] == "reference" else _in_format_of(x, route[1](*args))
     return torch.ops.effops.dwpw_conv2d(*args)
+
+
+def _in_format_of(x, y):
+    # The fake kernel promises x's memory format; every backend is held to it.
+    return y.contiguous(memory_format=reference.memory_format(x))
 
 
 def output_size(in_hw, kernel_hw, stride, padding, dilation):
@@ -181,10 +188,8 @@ def output_size(in_hw, kernel_hw, stride, padding, dilation):
 def _dwpw_conv2d(x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Optional[Tensor],
                  pw_bias: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
                  activation: Optional[str]) -> Tensor:
-    y = _backends.dispatch("dwpw_conv2d", x.device, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
-                           dilation, activation)
-    # The fake kernel promises x's memory format; every backend is held to it here.
-    return y.contiguous(memory_format=reference.memory_format(x))
+    return _in_format_of(x, _backends.dispatch("dwpw_conv2d", x.device, x, dw_weight, pw_weight, dw_bias, pw_bias,
+                                               stride, padding, dilation, activation))
 
 
 @_dwpw_conv2d.register_fake

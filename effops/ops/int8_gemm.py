@@ -132,6 +132,9 @@ def int8_mm(a, b):
     if a.shape[1] != b.shape[0]:
         raise ValueError("b's first dim must equal a's second dim %d, got b of shape %s" % (a.shape[1], tuple(b.shape)))
     _check_k("a's second dim (K)", a.shape[1])
+    route = _backends.eager_route("int8_mm", a.device, a, b)
+    if route is not None:  # eager, no gradient needed: skip the custom op's dispatch
+        return route[1](a, b)
     return torch.ops.effops.int8_mm(a, b)
 
 
@@ -170,6 +173,9 @@ def int8_linear(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=torch.flo
         _checks.shape("bias", bias, (w_int8.shape[0],))
         bias = bias.float()
     _check_out_dtype(out_dtype)
+    route = _backends.eager_route("int8_linear", x_int8.device, x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
+    if route is not None:  # eager, no gradient needed: skip the custom op's dispatch
+        return route[1](x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
     return torch.ops.effops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
 
 
@@ -219,22 +225,13 @@ def run_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_onl
     cast = _checks.autocast_dtype(x.device.type)
     if cast is not None:
         x = x.to(cast)
-    if _no_autograd_eager(x, bias):
-        # Nothing to record for autograd and nothing tracing: run the dispatch (the custom op's body)
-        # directly. The custom op's Python machinery (autograd wrapper, redispatch, dynamo guard) costs
-        # ~40 us a call here, 5% of the whole 4096 x 4096 layer at M = 1 (docs/int8.md).
-        return _backends.dispatch("int8_linear_dynamic", x.device, x, w_packed, w_scale, bias, out_features,
+    # Eager and no gradient needed: run the chosen kernel without the custom op's Python machinery
+    # (_backends.eager_route says when that is safe).
+    route = _backends.eager_route("int8_linear_dynamic", x.device, x, w_packed, w_scale, bias, out_features,
                                   weight_only, w_corr)
+    if route is not None:
+        return route[1](x, w_packed, w_scale, bias, out_features, weight_only, w_corr)
     return torch.ops.effops.int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr)
-
-
-def _no_autograd_eager(x, bias):
-    if torch.compiler.is_compiling():  # first: dynamo must see the custom op
-        return False
-    # Plain tensors only (a subclass or fake tensor must see the custom op), and no gradient wanted.
-    if type(x) is not torch.Tensor or x.device.type != "cpu":
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
 
 
 @torch.library.custom_op("effops::int8_linear_dynamic", mutates_args=())

@@ -62,9 +62,15 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None):
             mask = mask.to(cast)
     _checks.same_dtype("weight", weight, x.dtype)
     _checks.same_dtype("bias", bias, x.dtype)
-    if _backends.runs_plain_pytorch("masked_linear", x.device, x, weight, mask, bias):
+    route = _backends.eager_route("masked_linear", x.device, x, weight, mask, bias, reference_autograd=True)
+    if route is not None and route[0] != "reference":
+        return route[1](x, weight, mask, bias)  # no gradient needed: the kernel without the custom op
+    if route is not None:
         if torch.is_grad_enabled() and weight.requires_grad:
-            return reference.masked_linear(x, weight, mask, bias)  # training: W * mask changes every step
+            # Training: W * mask changes every step. The mask in weight's dtype is made once per mask
+            # version (a bool mask multiplies ~5x slower: its promotion runs per element, every call).
+            return reference.masked_linear(x, weight, _mask_as(_sparse_index.mask_info(mask), mask, weight.dtype),
+                                           bias)
         # Inference on a mask too dense for the sparse kernels: dense F.linear on W * mask, made once per
         # weight version instead of per call (the cost plain PyTorch pays with a pre-masked weight).
         return torch.nn.functional.linear(x, _masked_weight(_sparse_index.mask_info(mask), weight, mask), bias)
@@ -187,6 +193,18 @@ def _masked_weight(info, w, mask):
     """W * mask as the reference computes it, cached per weight version (the automatic choice's dense
     path for inference, any device). Costs one dense copy of the weight while the mask lives."""
     return _weight_cache(info, w, ("masked", w.dtype), lambda: w * mask.to(w.dtype))
+
+
+def _mask_as(info, mask, dtype):
+    """mask as 0/1 values of `dtype`, cached on the mask's description (rebuilt when the mask changes)."""
+    if mask.dtype == dtype:
+        return mask
+    if mask.is_inference():
+        return mask.to(dtype)
+    converted = info.packs.get(("mask", dtype))
+    if converted is None:
+        converted = info.packs[("mask", dtype)] = mask.to(dtype)
+    return converted
 
 
 def _cpu_packed(info, w, transpose):

@@ -1,0 +1,96 @@
+"""The eager route (effops._backends.eager_route): an automatic eager call that needs no gradient runs
+its kernel without the torch.library custom op. Each op must give exactly what its custom op gives, in
+the same memory format, and keep its own autograd formula when a gradient is wanted."""
+import pytest
+import torch
+from torch import nn
+
+import effops
+from effops import _backends
+from effops.ops import dwpw_conv2d, quantize_rowwise
+
+needs_cpu = pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+
+
+def _through_custom_op(fn, *args):
+    # Forcing the backend the automatic choice took sends the call through the custom op.
+    with effops.use_backend("cpu"):
+        return fn(*args)
+
+
+@needs_cpu
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_dwpw_conv2d_inference_matches_the_custom_op_in_the_input_layout(layout):
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 9, 7).contiguous(memory_format=layout)  # tiny: the fused cpu kernel is chosen
+    dw, pw = torch.randn(8, 1, 3, 3), torch.randn(5, 8, 1, 1)
+    args = (x, dw, pw, torch.randn(8), torch.randn(5), 1, 1, 1, "relu")
+    assert _backends.select("dwpw_conv2d", "cpu", x, dw, pw, args[3], args[4], (1, 1), (1, 1), (1, 1), "relu") == "cpu"
+    with torch.no_grad(), _backends.record_choices() as tally:
+        y = dwpw_conv2d(*args)
+    assert tally == {"dwpw_conv2d": {"cpu": 1}}
+    expected = _through_custom_op(dwpw_conv2d, *args)
+    assert torch.equal(y, expected)
+    assert y.is_contiguous(memory_format=layout)
+
+
+@needs_cpu
+def test_dwpw_conv2d_training_keeps_the_custom_ops_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 9, 7, requires_grad=True)
+    dw, pw = torch.randn(8, 1, 3, 3, requires_grad=True), torch.randn(5, 8, 1, 1, requires_grad=True)
+    y = dwpw_conv2d(x, dw, pw, None, None, 1, 1, 1, "relu")
+    if _backends.select("dwpw_conv2d", "cpu", x, dw, pw, None, None, (1, 1), (1, 1), (1, 1), "relu") == "reference":
+        assert "Convolution" in y.grad_fn.name()  # plain PyTorch, recorded by torch's autograd
+    else:
+        assert "effops_dwpw_conv2d" in y.grad_fn.name()
+    y.square().sum().backward()
+    xr, dwr, pwr = (t.detach().clone().requires_grad_() for t in (x, dw, pw))
+    from effops.reference import dwpw_conv2d as reference
+    reference.dwpw_conv2d(xr, dwr, pwr, None, None, (1, 1), (1, 1), (1, 1), "relu").square().sum().backward()
+    for got, want in ((x.grad, xr.grad), (dw.grad, dwr.grad), (pw.grad, pwr.grad)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_cpu
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_int8_linear_inference_matches_the_custom_op(mode):
+    torch.manual_seed(0)
+    layer = effops.nn.Int8Linear.from_linear(nn.Linear(67, 33), mode=mode)
+    x = torch.randn(2, 5, 67)
+    with torch.no_grad(), _backends.record_choices() as tally:
+        y = layer(x)
+    assert tally == {"int8_linear_dynamic": {"cpu": 1}}
+    with torch.no_grad():
+        assert torch.equal(y, _through_custom_op(layer, x))
+    q, s = quantize_rowwise(x)
+    q2, s2 = _through_custom_op(quantize_rowwise, x)
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+
+
+@needs_cpu
+def test_int8_linear_gradient_is_straight_through_not_the_roundings_zero():
+    # The reference rounds x, whose autograd gradient would be zero: a call wanting x's gradient must
+    # go through the custom op (straight-through: grad_x = grad_y @ dequantized W).
+    torch.manual_seed(0)
+    layer = effops.nn.Int8Linear.from_linear(nn.Linear(67, 33))
+    x = torch.randn(4, 67, requires_grad=True)
+    y = layer(x)
+    assert "effops_int8_linear_dynamic" in y.grad_fn.name()
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(4, 33) @ layer.dequantized_weight(), atol=1e-4, rtol=1e-4)
+
+
+@needs_cpu
+def test_quantize_rowwise_keeps_the_custom_op_under_modes():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        quantize_rowwise(torch.randn(3, 16))
+    assert any("effops.quantize_rowwise" in name for name in seen)
