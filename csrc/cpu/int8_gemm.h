@@ -51,8 +51,9 @@ void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8
 // with every value in [-63, 63], col_corr[n] = -128 * sum_k b[k, n] for n < ceil(N/16)*16 (zero in the
 // padding). vpmaddubsw(a_u, b) pairs are at most 2 * 255 * 63 = 32130 < 32767, so they never saturate
 // and need neither vpsignb nor vpabsb (3 uops per row, 8 columns and 4 k instead of 4); the sums start
-// at col_corr, so C = sum (a_u - 128) b = sum a b exactly (int32 wraps at most in between, never at
-// the end: |C| <= K * 127 * 63).
+// at col_corr, so C = sum (a_u - 128) b = sum a b exactly. No partial sum leaves int32: with P / Q the
+// sums of the positive b / of |negative b| over all k, every partial sum lies in
+// [-128 P - 127 Q, 128 Q + 127 P], within +-128 * 63 * K ~ +-1.06e9 for K <= 131071.
 void int8_gemm_u8s7(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                     const int32_t* col_corr, const Int8Epilogue& epi);
 // Any int8 values: A is widened to int16 internally, b_packed in the s16 layout.
