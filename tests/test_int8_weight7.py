@@ -267,3 +267,23 @@ def test_cpu_row_chunks(weight_bits):
         got = m(x)
     ref = reference.int8_linear_dynamic(x, m.weight_packed, m.weight_scale, None, 20, False)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@cpu_only
+@pytest.mark.parametrize("weight_bits", [8, 7])
+def test_cpu_one_row_four_panel_kernel(weight_bits):
+    # One row takes a kernel reading 4 panels of 16 columns per pass (when a tile has 4 left): N = 64
+    # (one pass), 100 (a pass, then 3 single panels, the last one partial), 130; extremes in every
+    # column group; K = 4096, 4099 (tail group) and 16384.
+    torch.manual_seed(7)
+    lim = 63 if weight_bits == 7 else 127
+    for k in (4096, 4099, 16384):
+        for n in (64, 100, 130):
+            w = _extreme_weights(k, n).clamp(-lim, lim) * (2 if weight_bits == 8 else 1)
+            w = w.clamp(-lim, lim)
+            w[torch.randperm(n)[: n // 4]] = torch.randint(-lim, lim + 1, (n // 4, k), dtype=torch.int8)
+            m = Int8Linear(k, n, bias=False, weight_bits=weight_bits)
+            m.load_state_dict({"weight": w, "weight_scale": torch.ones(n)})
+            with effops.use_backend("cpu"):
+                for x in _integer_rows(3, k):
+                    assert torch.equal(m(x[None]), _exact(x[None], w)), (k, n)
