@@ -271,10 +271,11 @@ def test_cpu_row_chunks(weight_bits):
 
 @cpu_only
 @pytest.mark.parametrize("weight_bits", [8, 7])
-def test_cpu_one_row_four_panel_kernel(weight_bits):
-    # One row takes a kernel reading 4 panels of 16 columns per pass (when a tile has 4 left): N = 64
-    # (one pass), 100 (a pass, then 3 single panels, the last one partial), 130; extremes in every
-    # column group; K = 4096, 4099 (tail group) and 16384.
+def test_cpu_few_row_multi_panel_kernels(weight_bits):
+    # 1 row takes a kernel reading 4 panels of 16 columns per pass, 2 and 3 rows one reading 2 (when
+    # the tile has that many left; 7 rows = 4 + 3 mixes both kinds): N = 64, 100 (passes, then single
+    # panels, the last one partial), 130; extremes in every column group; K = 4096, 4099 (tail group)
+    # and 16384.
     torch.manual_seed(7)
     lim = 63 if weight_bits == 7 else 127
     for k in (4096, 4099, 16384):
@@ -285,5 +286,6 @@ def test_cpu_one_row_four_panel_kernel(weight_bits):
             m = Int8Linear(k, n, bias=False, weight_bits=weight_bits)
             m.load_state_dict({"weight": w, "weight_scale": torch.ones(n)})
             with effops.use_backend("cpu"):
-                for x in _integer_rows(3, k):
-                    assert torch.equal(m(x[None]), _exact(x[None], w)), (k, n)
+                for rows in (1, 2, 3, 7):
+                    x = _integer_rows(rows, k)[torch.randperm(rows)]
+                    assert torch.equal(m(x), _exact(x, w)), (rows, k, n)

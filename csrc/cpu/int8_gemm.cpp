@@ -16,8 +16,9 @@ namespace effops::cpu {
 namespace {
 
 constexpr int kMR = 4;
-// Panels per pass of the one-row kernel (micro_1xn_avx2): one tile's worth (gemm_tiles' ncp <= 4).
-constexpr int kOneRowPanels = 4;  // rows per micro-tile: 4 rows x 2 vectors = 8 int32 accumulators in registers
+// Small-M kernels (micro_rxn_avx2): panels per pass for 1, 2, 3 rows (one tile holds 4 panels).
+constexpr int kFewRows = 3;
+constexpr int kFewRowPanels[kFewRows] = {4, 2, 2};  // rows per micro-tile: 4 rows x 2 vectors = 8 int32 accumulators in registers
 
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels: c[MR][16] = A[MR rows, 0:K] @ B_panel[0:K, 16 columns]
@@ -183,23 +184,32 @@ EFFOPS_AVX2_TARGET void micro_u8s7_avx2(const uint8_t* a, int64_t lda, int64_t K
   }
 }
 
-// One row against NP neighbouring panels at once (M = 1 only): NP independent weight streams (one
-// panel apart) instead of one, for more reads in flight, since at M = 1 reading the weights is the
-// whole cost. One thread, K = 4096, N = 4096 and 11008, medians of 8 interleaved rounds: 4 panels ran
-// 1.08-1.28x the speed of one panel at a time, 2 panels 1.00-1.21x (8- and 7-bit, with the weights in
-// L3 and coming from memory). U8S7 picks the u8s7 step (a + 128 times 7-bit b, sums from init) or the
-// s8u step (|b| times sign(a, b)), init and c then hold NP x 16 values.
-template <bool U8S7, int NP, typename TA>
-EFFOPS_AVX2_TARGET void micro_1xn_avx2(const TA* a, int64_t /*lda*/, int64_t K, const int8_t* b, const int32_t* init,
+// R rows (1-3) against NP neighbouring panels at once (small M only): NP independent weight streams
+// (one panel apart) instead of one, for more reads in flight, since with few rows reading the weights
+// is the whole cost. One thread, M = 1, K = 4096, N = 4096 and 11008, medians of 8 interleaved rounds:
+// 4 panels ran 1.08-1.28x the speed of one panel at a time, 2 panels 1.00-1.21x (8- and 7-bit, with
+// the weights in L3 and coming from memory). U8S7 picks the u8s7 step (a + 128 times 7-bit b, sums
+// from init) or the s8u step (|b| times sign(a, b)). init holds NP x 16 values; c gets, for panel q
+// and row r, 16 sums at c + (q * R + r) * 16 (each panel's rows in the epilogue's layout).
+template <bool U8S7, int R, int NP, typename TA>
+EFFOPS_AVX2_TARGET void micro_rxn_avx2(const TA* a, int64_t lda, int64_t K, const int8_t* b, const int32_t* init,
                                        int32_t* c) {
   const int64_t panel = ceil_to(K, kInt8KG) * kInt8NR;
-  __m256i acc[2 * NP];
-  for (int i = 0; i < 2 * NP; ++i)
-    acc[i] = U8S7 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(init + 8 * i)) : _mm256_setzero_si256();
+  __m256i acc[NP][R][2];
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q)
+#pragma GCC unroll 3
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+        acc[q][r][h] = U8S7 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(init + 16 * q + 8 * h))
+                            : _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t groups = (K + kInt8KG - 1) / kInt8KG;
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256i av = bcast4(reinterpret_cast<const int8_t*>(a) + g * kInt8KG);
+    __m256i av[R];
+#pragma GCC unroll 3
+    for (int r = 0; r < R; ++r) av[r] = bcast4(reinterpret_cast<const int8_t*>(a) + r * lda + g * kInt8KG);
 #pragma GCC unroll 4
     for (int q = 0; q < NP; ++q) {
       const int8_t* bp = b + q * panel + g * 64;
@@ -207,15 +217,28 @@ EFFOPS_AVX2_TARGET void micro_1xn_avx2(const TA* a, int64_t /*lda*/, int64_t K, 
       const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 32));
       _mm_prefetch(reinterpret_cast<const char*>(bp + 1024), _MM_HINT_T0);
       if constexpr (U8S7) {
-        acc[2 * q] = _mm256_add_epi32(acc[2 * q], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));
-        acc[2 * q + 1] = _mm256_add_epi32(acc[2 * q + 1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));
+#pragma GCC unroll 3
+        for (int r = 0; r < R; ++r) {
+          acc[q][r][0] = _mm256_add_epi32(acc[q][r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(av[r], b0), ones));
+          acc[q][r][1] = _mm256_add_epi32(acc[q][r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(av[r], b1), ones));
+        }
       } else {
-        acc[2 * q] = s8u_step(acc[2 * q], _mm256_abs_epi8(b0), av, b0, ones);
-        acc[2 * q + 1] = s8u_step(acc[2 * q + 1], _mm256_abs_epi8(b1), av, b1, ones);
+        const __m256i u0 = _mm256_abs_epi8(b0), u1 = _mm256_abs_epi8(b1);
+#pragma GCC unroll 3
+        for (int r = 0; r < R; ++r) {
+          acc[q][r][0] = s8u_step(acc[q][r][0], u0, av[r], b0, ones);
+          acc[q][r][1] = s8u_step(acc[q][r][1], u1, av[r], b1, ones);
+        }
       }
     }
   }
-  for (int i = 0; i < 2 * NP; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 8 * i), acc[i]);
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q)
+#pragma GCC unroll 3
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + (q * R + r) * kInt8NR + 8 * h), acc[q][r][h]);
 }
 
 // s16 path: A already widened to int16 with rows padded to an even length; one vpmaddwd per
@@ -337,14 +360,14 @@ using MicroFn = void (*)(const TA*, int64_t, int64_t, const TB*, const int32_t*,
 template <typename TA, typename TB, int MR>
 void gemm_tiles(const TA* a, int64_t lda, int64_t M, int64_t K, const TB* b, int64_t kpad, int64_t N,
                 const int32_t* col_init, const MicroFn<TA, TB> (&micro)[MR], EpilogueFn epilogue,
-                const Int8Epilogue& e, MicroFn<TA, TB> micro_1row = nullptr) {
+                const Int8Epilogue& e, const MicroFn<TA, TB>* micro_few = nullptr) {
   const int64_t panels = (N + kInt8NR - 1) / kInt8NR;
   const int64_t panel_elems = kpad * kInt8NR;
   constexpr int64_t kMC = MR * 64;
   constexpr int64_t kL2Budget = 256 * 1024;
-  // (One row reads every panel once, so keeping a block of them in L2 buys nothing there: it gets
-  // the one-row kernel's 4 panels per tile at any K.)
-  const int64_t ncp = M == 1 && micro_1row ? kOneRowPanels
+  // (With at most MR rows, one micro-tile reads every panel once, so keeping a block of them in L2
+  // buys nothing: such M gets 4 panels per tile at any K, for the small-M kernels' multi-panel passes.)
+  const int64_t ncp = M <= MR && micro_few ? 4
                       : std::max<int64_t>(1, std::min<int64_t>(4, kL2Budget / (panel_elems * (int64_t)sizeof(TB))));
   const int64_t tiles_m = (M + kMC - 1) / kMC, tiles_n = (panels + ncp - 1) / ncp;
   // Tiles are handed out one at a time from a shared counter rather than as one fixed range per
@@ -353,7 +376,7 @@ void gemm_tiles(const TA* a, int64_t lda, int64_t M, int64_t K, const TB* b, int
   const int64_t tiles = tiles_m * tiles_n;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(tiles, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    alignas(32) int32_t c[std::max(MR, kOneRowPanels) * kInt8NR];
+    alignas(32) int32_t c[std::max(MR, 4) * kInt8NR];
     for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tiles;
          t = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t m0 = (t % tiles_m) * kMC, m1 = std::min(M, m0 + kMC);
@@ -365,10 +388,11 @@ void gemm_tiles(const TA* a, int64_t lda, int64_t M, int64_t K, const TB* b, int
         const int mr = static_cast<int>((left + tiles_left - 1) / tiles_left);
         for (int64_t p = p0; p < p1; ++p) {
           const int32_t* init = col_init ? col_init + p * kInt8NR : nullptr;
-          if (mr == 1 && micro_1row && p + kOneRowPanels <= p1) {  // one row: 4 panels per pass (micro_1xn_avx2)
-            micro_1row(a + i0 * lda, lda, K, b + p * panel_elems, init, c);
-            for (int q = 0; q < kOneRowPanels; ++q, ++p)
-              epilogue(c + q * kInt8NR, 1, i0, p * kInt8NR, static_cast<int>(std::min<int64_t>(kInt8NR, N - p * kInt8NR)), e);
+          if (mr <= kFewRows && micro_few && p + kFewRowPanels[mr - 1] <= p1) {  // few rows: several panels a pass
+            micro_few[mr - 1](a + i0 * lda, lda, K, b + p * panel_elems, init, c);
+            for (int q = 0; q < kFewRowPanels[mr - 1]; ++q, ++p)
+              epilogue(c + q * mr * kInt8NR, mr, i0, p * kInt8NR,
+                       static_cast<int>(std::min<int64_t>(kInt8NR, N - p * kInt8NR)), e);
             --p;
             continue;
           }
@@ -470,8 +494,11 @@ void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8
     if (!a_has_min) {
       static const MicroFn<int8_t, int8_t> vec6[6] = {micro_s8u_avx2<1>, micro_s8u_avx2<2>, micro_s8u_avx2<3>,
                                                       micro_s8u_avx2<4>, micro_s8u_avx2<5>, micro_s8u_avx2<6>};
+      static const MicroFn<int8_t, int8_t> few[kFewRows] = {
+          micro_rxn_avx2<false, 1, kFewRowPanels[0], int8_t>, micro_rxn_avx2<false, 2, kFewRowPanels[1], int8_t>,
+          micro_rxn_avx2<false, 3, kFewRowPanels[2], int8_t>};
       return gemm_tiles(a_use, lda_use, M, K, b_packed, kpad, N, nullptr, vec6,
-                        pick_epilogue(epi.kind, true), epi, micro_1xn_avx2<false, kOneRowPanels, int8_t>);
+                        pick_epilogue(epi.kind, true), epi, few);
     }
     static const MicroFn<int8_t, int8_t> vec[kMR] = {micro_s8_avx2<1>, micro_s8_avx2<2>, micro_s8_avx2<3>,
                                                      micro_s8_avx2<4>};
@@ -497,8 +524,11 @@ void int8_gemm_u8s7(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const
   if (avx2) {
     static const MicroFn<uint8_t, int8_t> vec6[6] = {micro_u8s7_avx2<1>, micro_u8s7_avx2<2>, micro_u8s7_avx2<3>,
                                                      micro_u8s7_avx2<4>, micro_u8s7_avx2<5>, micro_u8s7_avx2<6>};
+    static const MicroFn<uint8_t, int8_t> few[kFewRows] = {
+        micro_rxn_avx2<true, 1, kFewRowPanels[0], uint8_t>, micro_rxn_avx2<true, 2, kFewRowPanels[1], uint8_t>,
+        micro_rxn_avx2<true, 3, kFewRowPanels[2], uint8_t>};
     return gemm_tiles(a_use, lda_use, M, K, b_packed, kpad, N, col_corr, vec6, pick_epilogue(epi.kind, true), epi,
-                      micro_1xn_avx2<true, kOneRowPanels, uint8_t>);
+                      few);
   }
 #endif
   // Scalar: the same arithmetic (sum a_u * b from the correction), so the correction is tested here too.
