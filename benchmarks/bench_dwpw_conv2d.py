@@ -38,12 +38,19 @@ def _forced_cpu_block(x, dw, pw, stride):
         return _effops_block(x, dw, pw, stride)
 
 
-def _step(block, x, dw, pw, stride, gy):
+def _step(block, x, dw, pw, stride, gy, forced=None):
+    """One training step. `forced`: a backend forced around the forward AND the backward (autograd runs
+    the backward after a `with use_backend()` inside the block has exited: forcing only the forward
+    would time the automatic choice's backward)."""
     def call():
         for t in (x, dw, pw):
             t.grad = None
         block(x, dw, pw, stride).backward(gy)
-    return call
+
+    def forced_call():
+        with effops.use_backend(forced):
+            call()
+    return forced_call if forced else call
 
 
 def _rebase(rows, torch_names):
@@ -92,7 +99,7 @@ def run(quick, device):
             impls["torch " + layout] = _step(_torch_block, xg, *params, stride, g)
             impls["effops " + layout] = _step(_effops_block, xg, *params, stride, g)
             if device == "cpu":
-                impls["cpu " + layout] = _step(_forced_cpu_block, xg, *params, stride, g)
+                impls["cpu " + layout] = _step(_effops_block, xg, *params, stride, g, forced="cpu")
             if layout == "channels_last":
                 for name in [n for n in impls if n.endswith(layout)]:
                     memory[name] = peak_memory(impls[name], device) / 2 ** 20
