@@ -389,16 +389,17 @@ def test_cpu_scalar_path_matches_reference():
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
-    # See _cpu_faster / _cpu_backward_faster: the fused forward is chosen where torch's largest tensor
-    # reaches 32 MiB (measured 2-4x faster there) and for tiny inputs; in between the reference runs.
-    # The fused backward is chosen for tiny inputs only. Shapes are only described (meta tensors): the
-    # rule reads sizes, so the 32 x 64 x 112 x 112 case costs no memory here.
-    def fwd(N, C, O, H, device="meta"):
+    # See _cpu_faster / _cpu_step_slower / _cpu_backward_faster: the fused forward is chosen where torch's
+    # largest tensor reaches 32 MiB (measured 2-4x faster there) and for tiny inputs; in between the
+    # reference runs. A training step (autograd recording) is fused, forward and backward, where torch's
+    # largest tensor of the step (grad_x or the depthwise output / y) reaches 32 MiB, and for tiny inputs.
+    # Shapes are only described (meta tensors): the rule reads sizes, so 32 x 64 x 112 x 112 costs no memory.
+    def fwd(N, C, O, H, device="meta", stride=1):
         x = torch.empty(N, C, H, H, device=device)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         return (x, torch.empty(C, 1, 3, 3, device=device), torch.empty(O, C, 1, 1, device=device), None, None,
-                [1, 1], [1, 1], [1, 1], "relu6")
+                [stride] * 2, [1, 1], [1, 1], "relu6")
 
     def faster(args):
         return dwpw._cpu_faster(*args)
@@ -406,24 +407,34 @@ def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
     def bwd_faster(args):
         return dwpw._cpu_backward_faster(torch.empty(0), *args[:3], None, *args[5:], [True] * 5)
 
+    def training(args):
+        args[1].requires_grad_()
+        return args
+
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     assert faster(fwd(32, 64, 128, 56)) is None                  # y = 51 MB
     assert faster(fwd(16, 32, 64, 112)) is None                  # y = 51 MB
     assert faster(fwd(32, 144, 24, 56)) is None                  # depthwise output 58 MB
     assert faster(fwd(1, 16, 16, 8)) is None                     # 16K multiply-adds
-    training = fwd(32, 64, 128, 56)
-    training[1].requires_grad_()
-    assert "training" in faster(training)                        # autograd records: torch's own step
+    # Training steps: fused where torch's step allocates 32 MiB or more, forward and backward alike.
+    for shape, stride in [((32, 64, 128, 56), 1), ((32, 96, 96, 56), 2), ((32, 144, 24, 56), 1)]:
+        assert faster(training(fwd(*shape, stride=stride))) is None, shape
+        assert bwd_faster(fwd(*shape, stride=stride)) is None, shape
+    assert faster(fwd(32, 96, 96, 56, stride=2)) is not None     # inference: y is 9.6 MB, grad_x is not made
+    for shape in [(32, 256, 256, 14), (32, 512, 512, 7), (8, 64, 128, 56), (8, 32, 64, 112)]:
+        assert "training step" in faster(training(fwd(*shape))), shape
+        assert "training step" in bwd_faster(fwd(*shape)), shape
+    assert bwd_faster(fwd(1, 16, 16, 8)) is None
     with torch.no_grad():
-        assert faster(training) is None
+        assert faster(training(fwd(32, 64, 128, 56))) is None
     # torch's allocator on huge pages (its own switch) removes the page faults the size rule is about.
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     assert "THP_MEM_ALLOC_ENABLE" in faster(fwd(32, 64, 128, 56))
+    assert "THP_MEM_ALLOC_ENABLE" in faster(training(fwd(32, 64, 128, 56)))
+    assert "THP_MEM_ALLOC_ENABLE" in bwd_faster(fwd(32, 64, 128, 56))
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
     for shape in [(32, 256, 256, 14), (32, 512, 512, 7), (8, 32, 64, 112), (4, 64, 128, 56)]:
         assert "largest tensor" in faster(fwd(*shape)), shape
-    assert "multiply-adds" in bwd_faster(fwd(32, 64, 128, 56))
-    assert bwd_faster(fwd(1, 16, 16, 8)) is None
     # Through the registry, with real tensors: a declined size runs the reference, a tiny one the kernel.
     real = fwd(4, 256, 256, 14, device="cpu")
     assert _backends.select("dwpw_conv2d", "cpu", *real) == "reference"
