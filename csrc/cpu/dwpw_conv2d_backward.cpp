@@ -81,6 +81,7 @@ struct Partials {  // one thread's sums (null: not wanted)
 
 struct Work {  // one thread's buffers, zeroed once: pad channels and pad columns stay zero
   std::vector<float> X, H, A, GY, G, row;
+  std::vector<int64_t> goff;  // ring offsets of a chunk's pixels
 };
 
 #if EFFOPS_HAVE_X86
@@ -216,9 +217,13 @@ EFFOPS_INLINE float* ring_row(const Geometry& g, float* G, int64_t oh) { return 
 
 // G[oh][ow] = (GY @ Wpw) * act'(H) for the chunk's pixels (output rows from r), into the ring.
 template <typename V, typename T>
-EFFOPS_INLINE void grad_tile(const Args<T>& a, int64_t r, int64_t np, const float* GY, const float* H, float* G) {
+EFFOPS_INLINE void grad_tile(const Args<T>& a, int64_t r, int64_t np, const float* GY, const float* H, float* G,
+                             int64_t* goff) {
   const Shape& s = a.s;
   const Geometry& g = a.g;
+  // Ring offset of each pixel, once per chunk: a division per pixel in the micro-kernel's epilogue
+  // (12 per 6 x 16 block) cost as much as a quarter of the block's FMAs at O = 128.
+  for (int64_t p = 0; p < np; ++p) goff[p] = (ring_row(g, G, r + p / s.OW) - G) + (g.padL + p % s.OW) * g.Cp;
   for (int64_t cb = 0; cb < round_up(s.C, kNr); cb += kNr) {
     const float* wb = a.pwT + (cb / kNr) * s.O * kNr;
     for (int64_t r0 = 0; r0 < np; r0 += kMr) {
@@ -226,7 +231,7 @@ EFFOPS_INLINE void grad_tile(const Args<T>& a, int64_t r, int64_t np, const floa
       micro_rows<V>(rows, GY + r0 * g.Op, g.Op, 1, wb, kNr, s.O, [&](int rr, int64_t v, V gv) {
         const int64_t p = r0 + rr;
         if (s.act != kNone) gv = gv * act_derivative(V::load(H + p * g.Cp + cb + v), s.act);
-        gv.store(ring_row(g, G, r + p / s.OW) + (g.padL + p % s.OW) * g.Cp + cb + v);
+        gv.store(G + goff[p] + cb + v);
       });
     }
   }
@@ -385,7 +390,7 @@ EFFOPS_INLINE void backward_band(const Args<T>& a, Work& wk, const Partials& par
     float* A = own && a.need_a ? wk.A.data() : nullptr;
     depthwise<V>(a, X, np, H, A);
     pack_gy<V>(a, n, r, np, wk.GY.data());
-    if (a.need_g) grad_tile<V>(a, r, np, wk.GY.data(), H, G);
+    if (a.need_g) grad_tile<V>(a, r, np, wk.GY.data(), H, G, wk.goff.data());
     if (own) weight_grads<V>(a, part, r, own0, own1, X, a.need_a ? wk.A.data() : H, wk.GY.data(), G);
     if (!a.gx) continue;
     const int64_t done = r + rows;  // output rows < done are in the ring
@@ -445,7 +450,7 @@ void backward(const Shape& s, const T* x, bool x_nchw, const T* gy, bool gy_nchw
     Work wk{std::vector<float>(g.RX * g.Wx * g.Cp, 0.f), std::vector<float>(np * g.Cp, 0.f),
             std::vector<float>(a.need_a ? np * g.Cp : 0, 0.f), std::vector<float>(np * g.Op, 0.f),
             std::vector<float>(a.need_g ? g.RG * g.OWg * g.Cp : 0, 0.f),
-            std::vector<float>(gx ? s.W * g.Cp : 0, 0.f)};
+            std::vector<float>(gx ? s.W * g.Cp : 0, 0.f), std::vector<int64_t>(np)};
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / nb, k = i % nb, b0 = k * s.OH / nb, b1 = (k + 1) * s.OH / nb;
 #if EFFOPS_HAVE_X86
