@@ -430,8 +430,12 @@ def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
     # torch's allocator on huge pages (its own switch) removes the page faults the size rule is about.
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     assert "THP_MEM_ALLOC_ENABLE" in faster(fwd(32, 64, 128, 56))
-    assert "THP_MEM_ALLOC_ENABLE" in faster(training(fwd(32, 64, 128, 56)))
-    assert "THP_MEM_ALLOC_ENABLE" in bwd_faster(fwd(32, 64, 128, 56))
+    if layout == "channels_last":  # torch's channels_last step on huge pages measured as fast as the fused one
+        assert "THP_MEM_ALLOC_ENABLE" in faster(training(fwd(32, 64, 128, 56)))
+        assert "THP_MEM_ALLOC_ENABLE" in bwd_faster(fwd(32, 64, 128, 56))
+    else:  # torch's NCHW step stayed 1.2-1.7x slower than the fused one
+        assert faster(training(fwd(32, 64, 128, 56))) is None
+        assert bwd_faster(fwd(32, 64, 128, 56)) is None
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
     for shape in [(32, 256, 256, 14), (32, 512, 512, 7), (8, 32, 64, 112), (4, 64, 128, 56)]:
         assert "largest tensor" in faster(fwd(*shape)), shape

@@ -108,16 +108,19 @@ def _cpu_step_slower(x, dw_weight, pw_weight, stride, padding, dilation):
     - batch 32 at 256->256@14 and 512->512@7 (under 32 MiB: malloc recycles torch's memory) and every
       shape at batch 8: fused 0.74-1.01x: the pointwise products dominate and oneDNN's run at least as
       fast as the fused kernel's; the fused step does the same three products plus a depthwise recompute.
-    - THP_MEM_ALLOC_ENABLE=1 (torch's large tensors on huge pages): see _torch_uses_huge_pages.
+    - THP_MEM_ALLOC_ENABLE=1 (torch's large tensors on huge pages, its page faults gone; same command
+      with the variable set, batch 32, 09:07 UTC): channels_last fused 0.97-1.30x torch's channels_last
+      (32->64@112: 0.97x), so torch's step runs there; an NCHW x still gained, fused 1.19-1.67x torch's
+      NCHW step on the four large shapes (and 1.01-1.11x torch's faster layout), so the fused step runs.
     """
     largest = _step_largest_bytes(x, dw_weight, pw_weight, stride, padding, dilation)
     if largest < _CPU_MIN_AUTO_TENSOR_BYTES:
         return ("training step: torch's largest tensor is %d bytes (< %d, malloc recycles it): there torch's "
                 "autograd measured as fast as the fused forward + backward or faster"
                 % (largest, _CPU_MIN_AUTO_TENSOR_BYTES))
-    if _torch_uses_huge_pages():
-        return ("training step with THP_MEM_ALLOC_ENABLE=1: torch's large tensors are on huge pages, and there "
-                "its autograd measured about as fast as the fused forward + backward")
+    if _torch_uses_huge_pages() and reference.memory_format(x) == torch.channels_last:
+        return ("training step with THP_MEM_ALLOC_ENABLE=1 on channels_last: torch's large tensors are on huge "
+                "pages, and there its autograd measured about as fast as the fused forward + backward")
     return None
 
 
