@@ -168,6 +168,34 @@ template <typename V, typename T>
 EFFOPS_INLINE void depthwise(const Args<T>& a, const float* X, int64_t np, float* H, float* A) {
   const Shape& s = a.s;
   const int64_t Wx = a.g.Wx, Cp = a.g.Cp, Cv = a.g.Cv;
+  if (s.KH == 3 && s.KW == 3) {
+    // The 9 weights of one channel vector stay in registers over the chunk's pixels: one load per tap
+    // and pixel instead of two.
+    int64_t off[9];
+    for (int64_t t = 0; t < 9; ++t) off[t] = ((t / 3) * s.DH * Wx + (t % 3) * s.DW) * Cp;
+    for (int64_t c = 0; c < Cv; c += V::kWidth) {
+      V w[9];
+      for (int t = 0; t < 9; ++t) w[t] = V::load(a.w + t * Cv + c);
+      const V b = a.b ? V::load(a.b + c) : V::zero();
+      for (int64_t q = 0; q < np / s.OW; ++q) {
+        const float* xr = X + q * s.SH * Wx * Cp + c;
+        float* h = H + q * s.OW * Cp + c;
+        for (int64_t ow = 0; ow < s.OW; ++ow) {
+          const float* xp = xr + ow * s.SW * Cp;
+          V acc0 = V::fma(V::load(xp + off[0]), w[0], b), acc1 = V::load(xp + off[1]) * w[1];
+          for (int t = 2; t < 9; t += 2) {
+            acc0 = V::fma(V::load(xp + off[t]), w[t], acc0);
+            if (t + 1 < 9) acc1 = V::fma(V::load(xp + off[t + 1]), w[t + 1], acc1);
+          }
+          (acc0 + acc1).store(h + ow * Cp);
+        }
+      }
+    }
+    if (A)
+      for (int64_t p = 0; p < np; ++p)
+        for (int64_t k = 0; k < Cv; k += V::kWidth) act_forward(V::load(H + p * Cp + k), s.act).store(A + p * Cp + k);
+    return;
+  }
   for (int64_t p = 0; p < np; ++p) {
     const float* xb = X + ((p / s.OW) * s.SH * Wx + (p % s.OW) * s.SW) * Cp;
     float* h = H + p * Cp;
@@ -265,9 +293,11 @@ EFFOPS_INLINE void weight_grads(const Args<T>& a, const Partials& part, int64_t 
   const Geometry& g = a.g;
   const int64_t p0 = (oh0 - r) * s.OW, np = (oh1 - oh0) * s.OW;
   if (part.g_pwb)
-    for (int64_t p = p0; p < p0 + np; ++p)
-      for (int64_t o = 0; o < round_up(s.O, 8); o += V::kWidth)
-        (V::load(part.g_pwb + o) + V::load(GY + p * g.Op + o)).store(part.g_pwb + o);
+    for (int64_t o = 0; o < round_up(s.O, 8); o += V::kWidth) {
+      V acc = V::zero();
+      for (int64_t p = p0; p < p0 + np; ++p) acc = acc + V::load(GY + p * g.Op + o);
+      (V::load(part.g_pwb + o) + acc).store(part.g_pwb + o);
+    }
   if (part.g_pw) {
     // g_pw[o][c] += sum_p GY[p][o] * A[p][c]: rows are outputs, the reduction runs over the pixels.
     for (int64_t o0 = 0; o0 < s.O; o0 += kMr) {
@@ -332,6 +362,23 @@ EFFOPS_INLINE void grad_x_row(const Args<T>& a, int64_t n, int64_t ih, float* G,
         gp[nt] = grow[i] + (g.padL + u / s.SW) * g.Cp;
         wp[nt++] = a.w + (khs[i] * s.KW + kw) * g.Cv;
       }
+    if (nt == 9 && s.SW == 1) {
+      // 3x3, stride 1 (every column has all taps): a channel vector's 9 weights stay in registers.
+      for (int64_t c = 0; c < g.Cv; c += V::kWidth) {
+        V w[9];
+        for (int t = 0; t < 9; ++t) w[t] = V::load(wp[t] + c);
+        for (int64_t iw = 0; iw < s.W; ++iw) {
+          const int64_t mo = iw * g.Cp + c;
+          V acc0 = V::load(gp[0] + mo) * w[0], acc1 = V::load(gp[1] + mo) * w[1];
+          for (int t = 2; t < 9; t += 2) {
+            acc0 = V::fma(V::load(gp[t] + mo), w[t], acc0);
+            if (t + 1 < 9) acc1 = V::fma(V::load(gp[t + 1] + mo), w[t + 1], acc1);
+          }
+          (acc0 + acc1).store(row + mo);
+        }
+      }
+      continue;
+    }
     for (int64_t iw = ph, m = 0; iw < s.W; iw += s.SW, ++m) {
       float* out = row + iw * g.Cp;
       const int64_t mo = m * g.Cp;
