@@ -67,12 +67,16 @@ def auto_step_block(x, dw, pw, stride):
 
 
 def measure(impls, reps):
-    """Interleaved rounds: at least `reps` and 0.5 s per impl; the best time of each impl."""
+    """Interleaved rounds: at least `reps` and 0.5 s per impl; the best time of each impl. Each timed
+    step follows an untimed step of the same impl: the first step after another impl pays for that
+    impl's leftovers (freeing its gradients, glibc's mmap threshold and heap moved by its allocations;
+    identical code measured up to 2.5x apart depending on which impl ran before it)."""
     for fn in impls.values():
         fn()  # warm-up
     times = {k: [] for k in impls}
     while min(len(v) for v in times.values()) < reps or min(sum(v) for v in times.values()) < 0.5:
         for k, fn in impls.items():
+            fn()
             times[k].append(once(fn))
     return {k: min(v) for k, v in times.items()}
 
