@@ -97,21 +97,23 @@ def _cpu_step_slower(x, dw_weight, pw_weight, stride, padding, dilation):
     """Speed rule of a TRAINING STEP (fused forward + fused backward vs torch's autograd), for inputs
     of 1M multiply-adds or more: a reason to run torch's, or None.
 
-    Measured 09:00-09:05 UTC, fp32, 3x3, ReLU6, one thread, CPU time of the thread (page faults
-    included), the benchmark's six block shapes: `PYTHONPATH=. python benchmarks/dwpw_crossover.py 5 8,32
-    cpu train` (docs/dwpw_conv2d.md has the table):
-    - batch 32, where torch's largest tensor of the step is 32 MiB or more (32->64@112, 64->128@56,
-      96->96@56 s2, 144->24@56): fused 1.38-2.45x torch's faster layout in channels_last, 1.10-1.74x in
-      NCHW (2.0-3.6x torch's NCHW). torch's steps there spend most of their CPU time in the kernel
-      faulting in and zeroing fresh 4 KB pages (glibc mmaps every allocation above 32 MiB; e.g. 280 of
-      460 ms at 32->64@112 channels_last), the fused op allocates only y and grad_x, on huge pages.
+    Measured 09:23-09:25 UTC, fp32, 3x3, ReLU6, one thread, CPU time of the thread (page faults
+    included), steady state (each timed step after an untimed one of the same kind), the benchmark's six
+    block shapes: `PYTHONPATH=. python benchmarks/dwpw_crossover.py 4 32,8 cpu train` (the table is in
+    docs/dwpw_conv2d.md):
+    - batch 32 where torch's largest tensor of the step is 32 MiB or more (32->64@112, 64->128@56,
+      96->96@56 s2, 144->24@56): fused 1.66-2.65x torch's faster layout in channels_last, 1.45-2.50x in
+      NCHW. torch's steps there spend most of their CPU time in the kernel faulting in and zeroing fresh
+      4 KB pages (glibc mmaps every allocation above 32 MiB; 280 of 460 ms at 32->64@112 channels_last);
+      the fused step allocates only y and grad_x, on huge pages. Batch 21 (the line: y of 64->128@56 is
+      33.7 MB): 1.60-1.65x.
     - batch 32 at 256->256@14 and 512->512@7 (under 32 MiB: malloc recycles torch's memory) and every
-      shape at batch 8: fused 0.74-1.01x: the pointwise products dominate and oneDNN's run at least as
-      fast as the fused kernel's; the fused step does the same three products plus a depthwise recompute.
-    - THP_MEM_ALLOC_ENABLE=1 (torch's large tensors on huge pages, its page faults gone; same command
-      with the variable set, batch 32, 09:07 UTC): channels_last fused 0.97-1.30x torch's channels_last
-      (32->64@112: 0.97x), so torch's step runs there; an NCHW x still gained, fused 1.19-1.67x torch's
-      NCHW step on the four large shapes (and 1.01-1.11x torch's faster layout), so the fused step runs.
+      shape at batch 8: fused 0.83-1.09x: the pointwise products dominate, oneDNN's run as fast as the
+      fused kernel's, and the fused step does the same three products plus a depthwise recompute.
+    - THP_MEM_ALLOC_ENABLE=1 (torch's large tensors on huge pages too; same command with it set, batch
+      32, 09:24 UTC): channels_last fused 0.93-1.08x torch's channels_last step (1.31x at 144->24), so
+      torch's step runs there; with an NCHW x the fused step stayed 1.17-1.37x torch's NCHW step, so it
+      runs.
     """
     largest = _step_largest_bytes(x, dw_weight, pw_weight, stride, padding, dilation)
     if largest < _CPU_MIN_AUTO_TENSOR_BYTES:
