@@ -9,7 +9,9 @@ impls, timed interleaved in one process:
                                      forward and backward, also where the automatic choice declines it
 The baseline is the FASTER torch layout per case (speedup = that time / time). Modes: forward (no
 grad) and fwd+bwd (one training step: forward, backward to x and all weights). Peak memory of the
-training step (benchmarks.common.peak_memory) is reported for torch and effops in channels_last.
+training step is reported for torch, effops and cpu in channels_last: on CPU the bytes alive above the start
+(benchmarks/dwpw_step_memory.py:self_peak_memory; benchmarks.common.peak_memory counts an allocation once per
+nesting level of the ops that made it), on GPU benchmarks.common.peak_memory.
 rate: GFLOP/s with 2*N*OH*OW*C*(kh*kw + O) per forward and 3x that per training step.
 """
 import torch
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 import effops
 from benchmarks.common import compare, peak_memory
+from benchmarks.dwpw_step_memory import self_peak_memory
 from effops.ops import dwpw_conv2d
 
 # (N, C, O, H, stride)
@@ -38,12 +41,19 @@ def _forced_cpu_block(x, dw, pw, stride):
         return _effops_block(x, dw, pw, stride)
 
 
-def _step(block, x, dw, pw, stride, gy):
+def _step(block, x, dw, pw, stride, gy, forced=None):
+    """One training step. `forced`: a backend forced around the forward AND the backward (autograd runs
+    the backward after a `with use_backend()` inside the block has exited: forcing only the forward
+    would time the automatic choice's backward)."""
     def call():
         for t in (x, dw, pw):
             t.grad = None
         block(x, dw, pw, stride).backward(gy)
-    return call
+
+    def forced_call():
+        with effops.use_backend(forced):
+            call()
+    return forced_call if forced else call
 
 
 def _rebase(rows, torch_names):
@@ -92,10 +102,14 @@ def run(quick, device):
             impls["torch " + layout] = _step(_torch_block, xg, *params, stride, g)
             impls["effops " + layout] = _step(_effops_block, xg, *params, stride, g)
             if device == "cpu":
-                impls["cpu " + layout] = _step(_forced_cpu_block, xg, *params, stride, g)
+                impls["cpu " + layout] = _step(_effops_block, xg, *params, stride, g, forced="cpu")
             if layout == "channels_last":
                 for name in [n for n in impls if n.endswith(layout)]:
-                    memory[name] = peak_memory(impls[name], device) / 2 ** 20
+                    impls[name]()  # warm-up; then no gradients left from an earlier step (the profiler
+                    for t in (xg, *params):  # does not see frees of blocks allocated before it started)
+                        t.grad = None
+                    tally = self_peak_memory if device == "cpu" else (lambda fn: peak_memory(fn, device))
+                    memory[name] = tally(impls[name]) / 2 ** 20
         # The automatic choice of a training step: the forward sees tensors that require grad.
         fwd = [effops._backends.select("dwpw_conv2d", device, xl.detach().requires_grad_(), *params, None, None,
                                        [stride] * 2, [1, 1], [1, 1], "relu6") for xl in xs.values()]

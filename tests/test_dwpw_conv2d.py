@@ -290,6 +290,72 @@ def test_cpu_forward_row_tiles(case, layout, dtype):
     torch.testing.assert_close(y.float(), expected(tensors, kwargs).float(), **tol)
 
 
+# The cpu backward (csrc/cpu/dwpw_conv2d_backward.cpp) reads x and grad_y each in its own layout
+# (NCHW or channels-last, other strides copied to NCHW), writes grad_x in x's layout and dtype, and
+# splits images into bands of output rows whose grad_x rows are gathered with a halo: checked here for
+# mixed layouts, low precision and several band counts (the count follows the thread count).
+def _cpu_backward_vs_reference(case, x_layout, gy_layout, dtype=torch.float32, needs=(True,) * 5):
+    tensors, kwargs = make(case, layout=x_layout, dtype=dtype)
+    x, dw, pw, dwb, pwb = tensors
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    conv = (pair(kwargs["stride"]), pair(kwargs["padding"]), pair(kwargs["dilation"]), kwargs["activation"])
+    y = reference.dwpw_conv2d(x, dw, pw, dwb, pwb, *conv)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    if gy_layout == "channels_last":
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    elif gy_layout == "noncontiguous":
+        gy = torch.cat([gy, gy], dim=3)[..., ::2]
+    need = [needs[0], needs[1], needs[2], needs[3] and dwb is not None, needs[4] and pwb is not None]
+    with effops.use_backend("cpu"):
+        got = torch.ops.effops.dwpw_conv2d_backward(gy, x, dw, pw, dwb, *conv, need)
+    want = reference.dwpw_conv2d_backward(gy.double(), x.double(), dw.double(), pw.double(),
+                                          None if dwb is None else dwb.double(), *conv, need)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    for i, (g, w) in enumerate(zip(got, want)):
+        if not need[i]:
+            assert g.numel() == 0
+            continue
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+    if need[0]:
+        fmt = torch.channels_last if x_layout == "channels_last" else torch.contiguous_format
+        assert got[0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("x_layout,gy_layout", [("nchw", "channels_last"), ("channels_last", "nchw"),
+                                                ("noncontiguous", "noncontiguous"),
+                                                ("channels_last", "channels_last")])
+@pytest.mark.parametrize("case", [CASES[3], CASES[7], LARGE[0]], ids=["k7s2", "k3x5d2", "c37"])
+def test_cpu_backward_layouts(case, x_layout, gy_layout):
+    _cpu_backward_vs_reference(case, x_layout, gy_layout)
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_backward_low_precision(layout, dtype):
+    _cpu_backward_vs_reference(CASES[9], layout, layout, dtype)
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("case", [LARGE[2], NCHW_TILES[1], (1, 12, 20, 37, 29, 5, 1, 2, 1, True, True, "silu"),
+                                  (1, 7, 9, 30, 11, 3, 2, 0, 1, True, False, "relu")],
+                         ids=["k7d2", "s2d2", "k5", "s2p0"])
+def test_cpu_backward_bands(case, threads):
+    """Bands per image grow with the threads when the batch is small; every band count gives the same
+    gradients (halo rows, band edges at every stride/dilation/padding, the rows no output row reaches)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _cpu_backward_vs_reference(case, "nchw", "nchw")
+        _cpu_backward_vs_reference(case, "channels_last", "channels_last", needs=(True, False, True, False, True))
+        _cpu_backward_vs_reference(case, "nchw", "nchw", needs=(False, True, True, True, True))
+    finally:
+        torch.set_num_threads(old)
+
+
 SCALAR_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, "tests")
@@ -305,6 +371,9 @@ with effops.use_backend("cpu"):
         tensors, got, want = t._grads(case, "nchw")
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w.float(), atol=1e-3, rtol=1e-4)
+    for layout in ("channels_last", "nchw"):
+        t._cpu_backward_vs_reference(t.CASES[7], layout, "channels_last" if layout == "nchw" else "nchw")
+    t._cpu_backward_vs_reference(t.CASES[9], "channels_last", "channels_last", torch.bfloat16)
     tensors, kwargs = t.make(t.CASES[9], dtype=torch.bfloat16)
     torch.testing.assert_close(t.dwpw_conv2d(*tensors, **kwargs).float(), t.expected(tensors, kwargs).float(),
                                **t.TOL[torch.bfloat16])
@@ -320,16 +389,17 @@ def test_cpu_scalar_path_matches_reference():
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
-    # See _cpu_faster / _cpu_backward_faster: the fused forward is chosen where torch's largest tensor
-    # reaches 32 MiB (measured 2-4x faster there) and for tiny inputs; in between the reference runs.
-    # The fused backward is chosen for tiny inputs only. Shapes are only described (meta tensors): the
-    # rule reads sizes, so the 32 x 64 x 112 x 112 case costs no memory here.
-    def fwd(N, C, O, H, device="meta"):
+    # See _cpu_faster / _cpu_step_slower / _cpu_backward_faster: the fused forward is chosen where torch's
+    # largest tensor reaches 32 MiB (measured 2-4x faster there) and for tiny inputs; in between the
+    # reference runs. A training step (autograd recording) is fused, forward and backward, where torch's
+    # largest tensor of the step (grad_x or the depthwise output / y) reaches 32 MiB, and for tiny inputs.
+    # Shapes are only described (meta tensors): the rule reads sizes, so 32 x 64 x 112 x 112 costs no memory.
+    def fwd(N, C, O, H, device="meta", stride=1):
         x = torch.empty(N, C, H, H, device=device)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         return (x, torch.empty(C, 1, 3, 3, device=device), torch.empty(O, C, 1, 1, device=device), None, None,
-                [1, 1], [1, 1], [1, 1], "relu6")
+                [stride] * 2, [1, 1], [1, 1], "relu6")
 
     def faster(args):
         return dwpw._cpu_faster(*args)
@@ -337,24 +407,38 @@ def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
     def bwd_faster(args):
         return dwpw._cpu_backward_faster(torch.empty(0), *args[:3], None, *args[5:], [True] * 5)
 
+    def training(args):
+        args[1].requires_grad_()
+        return args
+
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     assert faster(fwd(32, 64, 128, 56)) is None                  # y = 51 MB
     assert faster(fwd(16, 32, 64, 112)) is None                  # y = 51 MB
     assert faster(fwd(32, 144, 24, 56)) is None                  # depthwise output 58 MB
     assert faster(fwd(1, 16, 16, 8)) is None                     # 16K multiply-adds
-    training = fwd(32, 64, 128, 56)
-    training[1].requires_grad_()
-    assert "training" in faster(training)                        # autograd records: torch's own step
+    # Training steps: fused where torch's step allocates 32 MiB or more, forward and backward alike.
+    for shape, stride in [((32, 64, 128, 56), 1), ((32, 96, 96, 56), 2), ((32, 144, 24, 56), 1)]:
+        assert faster(training(fwd(*shape, stride=stride))) is None, shape
+        assert bwd_faster(fwd(*shape, stride=stride)) is None, shape
+    assert faster(fwd(32, 96, 96, 56, stride=2)) is not None     # inference: y is 9.6 MB, grad_x is not made
+    for shape in [(32, 256, 256, 14), (32, 512, 512, 7), (8, 64, 128, 56), (8, 32, 64, 112)]:
+        assert "training step" in faster(training(fwd(*shape))), shape
+        assert "training step" in bwd_faster(fwd(*shape)), shape
+    assert bwd_faster(fwd(1, 16, 16, 8)) is None
     with torch.no_grad():
-        assert faster(training) is None
+        assert faster(training(fwd(32, 64, 128, 56))) is None
     # torch's allocator on huge pages (its own switch) removes the page faults the size rule is about.
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     assert "THP_MEM_ALLOC_ENABLE" in faster(fwd(32, 64, 128, 56))
+    if layout == "channels_last":  # torch's channels_last step on huge pages measured as fast as the fused one
+        assert "THP_MEM_ALLOC_ENABLE" in faster(training(fwd(32, 64, 128, 56)))
+        assert "THP_MEM_ALLOC_ENABLE" in bwd_faster(fwd(32, 64, 128, 56))
+    else:  # torch's NCHW step stayed 1.2-1.7x slower than the fused one
+        assert faster(training(fwd(32, 64, 128, 56))) is None
+        assert bwd_faster(fwd(32, 64, 128, 56)) is None
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
     for shape in [(32, 256, 256, 14), (32, 512, 512, 7), (8, 32, 64, 112), (4, 64, 128, 56)]:
         assert "largest tensor" in faster(fwd(*shape)), shape
-    assert "multiply-adds" in bwd_faster(fwd(32, 64, 128, 56))
-    assert bwd_faster(fwd(1, 16, 16, 8)) is None
     # Through the registry, with real tensors: a declined size runs the reference, a tiny one the kernel.
     real = fwd(4, 256, 256, 14, device="cpu")
     assert _backends.select("dwpw_conv2d", "cpu", *real) == "reference"

@@ -1,7 +1,7 @@
 // Torch glue for the CPU dwpw_conv2d kernels (csrc/cpu/dwpw_conv2d.h): layout, weight packing, dtype
 // dispatch. The Python op layer (effops/ops/dwpw_conv2d.py) validates arguments; these ops take any
-// strides (inputs are read channels-last). The forward returns x's layout (channels-last or NCHW),
-// the backward returns grad_x channels-last (the op layer converts it).
+// strides (channels-last or NCHW inputs are read as they are, others copied to NCHW). The forward returns x's layout (channels-last or NCHW),
+// the backward returns grad_x in x's layout too.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -101,17 +101,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == s.N && grad_y.size(1) == s.O && grad_y.size(2) == s.OH &&
                   grad_y.size(3) == s.OW && grad_y.scalar_type() == x.scalar_type(),
               "grad_y does not match the output");
-  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor gyc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  // x and grad_y are read as they are when channels-last, else as NCHW (copied only when neither);
+  // grad_x is written in x's layout and dtype.
+  const auto nchw = [](const at::Tensor& t) { return !t.is_contiguous(at::MemoryFormat::ChannelsLast) || t.is_contiguous(); };
+  const bool x_nchw = nchw(x), gy_nchw = nchw(grad_y);
+  const at::Tensor xc = x_nchw ? x.contiguous() : x, gyc = gy_nchw ? grad_y.contiguous() : grad_y;
   const at::Tensor dw = pack_depthwise(dw_weight), db = optional_float(dw_bias);
   const at::Tensor pwT = pack_columns(pw_weight.reshape({s.O, s.C}).t());
   const auto f32 = x.options().dtype(at::kFloat);
   const auto want = [&](int i) { return (needs >> i) & 1; };
   at::Tensor gx;
   if (want(0)) {
-    gx = at::empty({s.N, s.C, s.H, s.W}, f32.memory_format(at::MemoryFormat::ChannelsLast));
-    advise_huge_pages(gx);
-    gx.zero_();
+    gx = at::empty({s.N, s.C, s.H, s.W},
+                   x.options().memory_format(x_nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast));
+    advise_huge_pages(gx);  // written once by the kernel (no zeroing)
   }
   at::Tensor g_dw = want(1) ? at::empty({s.KH * s.KW, s.C}, f32) : at::Tensor();
   at::Tensor g_pw = want(2) ? at::empty({s.O, s.C}, f32) : at::Tensor();
@@ -119,13 +122,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor g_pwb = want(4) ? at::empty({s.O}, f32) : at::Tensor();
   auto mut = [](at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
   EFFOPS_DISPATCH_FLOAT(x.scalar_type(), "dwpw_conv2d_backward_cpu", [&] {
-    effops::cpu::dwpw::backward<scalar_t>(s, xc.data_ptr<scalar_t>(), gyc.data_ptr<scalar_t>(), dw.data_ptr<float>(),
-                                          ptr_or_null(db), pwT.data_ptr<float>(), mut(gx), mut(g_dw), mut(g_pw),
+    effops::cpu::dwpw::backward<scalar_t>(s, xc.data_ptr<scalar_t>(), x_nchw, gyc.data_ptr<scalar_t>(), gy_nchw,
+                                          dw.data_ptr<float>(), ptr_or_null(db), pwT.data_ptr<float>(),
+                                          gx.defined() ? gx.data_ptr<scalar_t>() : nullptr, mut(g_dw), mut(g_pw),
                                           mut(g_dwb), mut(g_pwb));
   });
   const auto dt = x.scalar_type();
   const auto out = [&](const at::Tensor& t) { return t.defined() ? t.to(dt) : at::empty({0}, x.options()); };
-  return {out(gx), g_dw.defined() ? out(g_dw.t().reshape(dw_weight.sizes())) : out(g_dw),
+  return {gx.defined() ? gx : at::empty({0}, x.options()), g_dw.defined() ? out(g_dw.t().reshape(dw_weight.sizes())) : out(g_dw),
           g_pw.defined() ? out(g_pw.view(pw_weight.sizes())) : out(g_pw), out(g_dwb), out(g_pwb)};
 }
 

@@ -32,12 +32,14 @@ template <typename T>
 void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
              const float* pw_b, T* y, bool nchw);
 
-// Gradients from gy[N][OH][OW][O] (T). pw_packed_t: the pointwise weight transposed and packed as
-// [ceil(C/16)][O][16] (zero-padded past C). Outputs (each may be null when not wanted):
-// gx: [N][H][W][C] fp32, zeroed by the caller (accumulated into); g_dw: [KH*KW][C]; g_pw: [O][C];
-// g_dwb: [C]; g_pwb: [O] (all fp32, written).
+// Gradients from gy (T), computed per band of output rows of one image (see dwpw_conv2d_backward.cpp).
+// x_nchw: x is x[N][C][H][W] (else x[N][H][W][C]) and gx is written in the same layout; gy_nchw: gy is
+// gy[N][O][OH][OW] (else gy[N][OH][OW][O]). pw_packed_t: the pointwise weight transposed and packed as
+// [ceil(C/16)][O][16] (zero-padded past C). Outputs (each may be null when not wanted), all written,
+// none accumulated into: gx (T, x's layout); g_dw: [KH*KW][C]; g_pw: [O][C]; g_dwb: [C]; g_pwb: [O] (fp32).
 template <typename T>
-void backward(const Shape& s, const T* x, const T* gy, const float* dw_w, const float* dw_b, const float* pw_packed_t,
-              float* gx, float* g_dw, float* g_pw, float* g_dwb, float* g_pwb);
+void backward(const Shape& s, const T* x, bool x_nchw, const T* gy, bool gy_nchw, const float* dw_w,
+              const float* dw_b, const float* pw_packed_t, T* gx, float* g_dw, float* g_pw, float* g_dwb,
+              float* g_pwb);
 
 }  // namespace effops::cpu::dwpw

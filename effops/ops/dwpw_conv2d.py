@@ -64,11 +64,9 @@ def _cpu_faster(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dila
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, dw_weight, pw_weight, dw_bias, pw_bias)):
-        # Training: the backward then runs the reference (see _cpu_backward_faster), and the fused forward
-        # + reference backward step measured 1.05x torch's step in channels_last but 0.59x in NCHW
-        # (32x64->128@56, one thread, CPU time, 135/142 ms and 314/184 ms): torch's own autograd, which
-        # keeps the depthwise output instead of recomputing it, is the safe choice.
-        return "training step: the fused forward with the reference backward measured slower than torch's autograd"
+        # Training step: the fused forward is taken exactly where the fused backward is (same rule), so a
+        # step runs either the fused pair or torch's own autograd (which keeps the depthwise output).
+        return _cpu_step_slower(x, dw_weight, pw_weight, stride, padding, dilation)
     largest = N * max(C, O) * out_hw[0] * out_hw[1] * x.element_size()
     if largest >= _CPU_MIN_AUTO_TENSOR_BYTES:
         if not _torch_uses_huge_pages():
@@ -87,21 +85,57 @@ def _torch_uses_huge_pages():
     return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
 
 
-def _cpu_backward_faster(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation, activation,
-                         needs_input_grad):
-    """Speed rule of the BACKWARD (automatic choice only). The fused backward measured slower than the
-    reference's (aten's convolution_backward) on the benchmark shapes: 32x64->128@56 channels_last, one
-    thread, CPU time, 107 ms vs about 100 ms for torch's whole backward; its grad_x scatter and the
-    grad-of-tile product run well below the forward's rate. So above ~1M multiply-adds the automatic
-    choice runs the reference backward (which recomputes the depthwise output: nothing extra is saved
-    by the fused forward either way)."""
+def _step_largest_bytes(x, dw_weight, pw_weight, stride, padding, dilation):
+    """Bytes of the largest tensor torch allocates in a training step of the block: grad_x (x's size),
+    or the depthwise output / y / their gradients (N x max(C, O) x H' x W')."""
     N, C = x.shape[:2]
     out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
-    macs = N * out_hw[0] * out_hw[1] * C * pw_weight.shape[0]
-    if macs >= _CPU_MAX_AUTO_MACS:
-        return "%d multiply-adds: above %d the fused cpu backward measured slower than torch's" % (
-            macs, _CPU_MAX_AUTO_MACS)
+    return max(x.numel(), N * max(C, pw_weight.shape[0]) * out_hw[0] * out_hw[1]) * x.element_size()
+
+
+def _cpu_step_slower(x, dw_weight, pw_weight, stride, padding, dilation):
+    """Speed rule of a TRAINING STEP (fused forward + fused backward vs torch's autograd), for inputs
+    of 1M multiply-adds or more: a reason to run torch's, or None.
+
+    Measured 09:23-09:25 UTC, fp32, 3x3, ReLU6, one thread, CPU time of the thread (page faults
+    included), steady state (each timed step after an untimed one of the same kind), the benchmark's six
+    block shapes: `PYTHONPATH=. python benchmarks/dwpw_crossover.py 4 32,8 cpu train` (the table is in
+    docs/dwpw_conv2d.md):
+    - batch 32 where torch's largest tensor of the step is 32 MiB or more (32->64@112, 64->128@56,
+      96->96@56 s2, 144->24@56): fused 1.66-2.65x torch's faster layout in channels_last, 1.45-2.50x in
+      NCHW. torch's steps there spend most of their CPU time in the kernel faulting in and zeroing fresh
+      4 KB pages (glibc mmaps every allocation above 32 MiB; 280 of 460 ms at 32->64@112 channels_last);
+      the fused step allocates only y and grad_x, on huge pages. Batch 21 (the line: y of 64->128@56 is
+      33.7 MB): 1.60-1.65x.
+    - batch 32 at 256->256@14 and 512->512@7 (under 32 MiB: malloc recycles torch's memory) and every
+      shape at batch 8: fused 0.83-1.09x: the pointwise products dominate, oneDNN's run as fast as the
+      fused kernel's, and the fused step does the same three products plus a depthwise recompute.
+    - THP_MEM_ALLOC_ENABLE=1 (torch's large tensors on huge pages too; same command with it set, batch
+      32, 09:24 UTC): channels_last fused 0.93-1.08x torch's channels_last step (1.31x at 144->24), so
+      torch's step runs there; with an NCHW x the fused step stayed 1.17-1.37x torch's NCHW step, so it
+      runs.
+    """
+    largest = _step_largest_bytes(x, dw_weight, pw_weight, stride, padding, dilation)
+    if largest < _CPU_MIN_AUTO_TENSOR_BYTES:
+        return ("training step: torch's largest tensor is %d bytes (< %d, malloc recycles it): there torch's "
+                "autograd measured as fast as the fused forward + backward or faster"
+                % (largest, _CPU_MIN_AUTO_TENSOR_BYTES))
+    if _torch_uses_huge_pages() and reference.memory_format(x) == torch.channels_last:
+        return ("training step with THP_MEM_ALLOC_ENABLE=1 on channels_last: torch's large tensors are on huge "
+                "pages, and there its autograd measured about as fast as the fused forward + backward")
     return None
+
+
+def _cpu_backward_faster(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation, activation,
+                         needs_input_grad):
+    """Speed rule of the BACKWARD (automatic choice only): the training-step rule (_cpu_step_slower), so
+    the backward of a fused forward is fused too; under ~1M multiply-adds the cost is per-call overhead
+    and the fused backward is taken."""
+    N, C = x.shape[:2]
+    out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
+    if N * out_hw[0] * out_hw[1] * C * pw_weight.shape[0] < _CPU_MAX_AUTO_MACS:
+        return None
+    return _cpu_step_slower(x, dw_weight, pw_weight, stride, padding, dilation)
 
 
 def _cpu_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):

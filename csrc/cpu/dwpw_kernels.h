@@ -1,0 +1,188 @@
+// Internal helpers shared by the dwpw_conv2d forward (dwpw_conv2d.cpp) and backward
+// (dwpw_conv2d_backward.cpp): activation functions and derivatives in vector form, the
+// register-blocked 6 x 16 micro-kernel, tile sizes. Not a public header: everything is in an
+// anonymous namespace, so each kernel file gets its own (inlined) copy.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "cpu/cpu_features.h"
+#include "cpu/dwpw_conv2d.h"
+#include "cpu/simd.h"
+
+namespace effops::cpu::dwpw {
+namespace {
+
+#define EFFOPS_INLINE inline __attribute__((always_inline))
+#define EFFOPS_FLATTEN __attribute__((flatten))
+
+constexpr int64_t kNr = 16;  // micro-kernel columns (2 AVX2 vectors)
+constexpr int kMr = 6;       // micro-kernel rows: 6 x 2 accumulators + 2 B vectors + 1 broadcast <= 16 ymm
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// ---- the vector functions simd.h does not have: min, a (lo, hi) indicator, exp, erf ----
+EFFOPS_INLINE ScalarVec vmin(ScalarVec a, ScalarVec b) { return {a.v < b.v ? a.v : b.v}; }
+EFFOPS_INLINE ScalarVec vinside(ScalarVec h, float lo, float hi) { return {(h.v > lo && h.v < hi) ? 1.f : 0.f}; }
+EFFOPS_INLINE ScalarVec vexp(ScalarVec a) { return {std::exp(a.v)}; }
+EFFOPS_INLINE ScalarVec verf(ScalarVec a) { return {std::erf(a.v)}; }
+
+#if EFFOPS_HAVE_X86
+EFFOPS_AVX2_TARGET inline Avx2Vec vmin(Avx2Vec a, Avx2Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
+EFFOPS_AVX2_TARGET inline Avx2Vec vinside(Avx2Vec h, float lo, float hi) {
+  __m256 m = _mm256_and_ps(_mm256_cmp_ps(h.v, _mm256_set1_ps(lo), _CMP_GT_OQ),
+                           _mm256_cmp_ps(h.v, _mm256_set1_ps(hi), _CMP_LT_OQ));
+  return {_mm256_and_ps(m, _mm256_set1_ps(1.f))};
+}
+// Cephes expf: exp(x) = 2^n * exp(r), r = x - n ln2 split in two parts, degree-6 polynomial (~1 ulp).
+EFFOPS_AVX2_TARGET inline Avx2Vec vexp(Avx2Vec a) {
+  __m256 x = _mm256_min_ps(_mm256_max_ps(a.v, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return {_mm256_mul_ps(p, _mm256_castsi256_ps(e))};
+}
+// Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), odd extension.
+EFFOPS_AVX2_TARGET inline Avx2Vec verf(Avx2Vec a) {
+  const __m256 sign = _mm256_and_ps(a.v, _mm256_set1_ps(-0.f));
+  const __m256 x = _mm256_andnot_ps(_mm256_set1_ps(-0.f), a.v);
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(x, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  p = _mm256_mul_ps(p, t);
+  const __m256 e = vexp(Avx2Vec{_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(x, x))}).v;
+  const __m256 y = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.f));
+  return {_mm256_or_ps(y, sign)};
+}
+#endif
+
+// act(h) and act'(h), as torch defines them (gelu: exact erf form; relu6 derivative 0 at 0 and 6).
+template <typename V>
+EFFOPS_INLINE V act_forward(V h, int act) {
+  switch (act) {
+    case kRelu: return V::max(h, V::zero());
+    case kRelu6: return vmin(V::max(h, V::zero()), V::broadcast(6.f));
+    case kGelu: return V::broadcast(0.5f) * h * (V::broadcast(1.f) + verf(h * V::broadcast(0.70710678118654752f)));
+    case kSilu: return h / (V::broadcast(1.f) + vexp(V::zero() - h));
+    default: return h;
+  }
+}
+
+template <typename V>
+EFFOPS_INLINE V act_derivative(V h, int act) {
+  switch (act) {
+    case kRelu: return vinside(h, 0.f, INFINITY);
+    case kRelu6: return vinside(h, 0.f, 6.f);
+    case kGelu: {
+      V cdf = V::broadcast(0.5f) * (V::broadcast(1.f) + verf(h * V::broadcast(0.70710678118654752f)));
+      V pdf = vexp(V::broadcast(-0.5f) * h * h) * V::broadcast(0.39894228040143268f);
+      return V::fma(h, pdf, cdf);
+    }
+    case kSilu: {
+      V sig = V::broadcast(1.f) / (V::broadcast(1.f) + vexp(V::zero() - h));
+      return sig * (V::broadcast(1.f) + h * (V::broadcast(1.f) - sig));
+    }
+    default: return V::broadcast(1.f);
+  }
+}
+
+
+// out[R][16] = sum_k a[r * a_rs + k * a_ks] * b[k * b_ks + 0..16): the register-blocked product,
+// 6 x 2 AVX2 accumulators + 2 B vectors + 1 broadcast = 15 of the 16 ymm registers.
+template <typename V, int R, typename TA>
+EFFOPS_INLINE void micro(const TA* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks, int64_t K,
+                         float* out) {
+  constexpr int NV = kNr / V::kWidth;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * b_ks + v * V::kWidth);
+    for (int r = 0; r < R; ++r) {
+      const V av = V::broadcast(to_float(a[r * a_rs + k * a_ks]));
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v].store(out + r * kNr + v * V::kWidth);
+}
+
+// The micro-kernel as its own function (noinline): inlined into a large tile function, the compiler
+// kept that function's constants in ymm registers and spilled an accumulator to the stack (a store ->
+// load chain in the inner loop, measured 2x slower). On its own it gets all 16 registers.
+template <int R, typename TA>
+__attribute__((noinline)) EFFOPS_FLATTEN void micro_scalar(const TA* a, int64_t a_rs, int64_t a_ks, const float* b,
+                                                           int64_t b_ks, int64_t K, float* out) {
+  micro<ScalarVec, R>(a, a_rs, a_ks, b, b_ks, K, out);
+}
+
+#if EFFOPS_HAVE_X86
+template <int R, typename TA>
+__attribute__((noinline)) EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void micro_avx2(const TA* a, int64_t a_rs, int64_t a_ks,
+                                                                            const float* b, int64_t b_ks, int64_t K,
+                                                                            float* out) {
+  micro<Avx2Vec, R>(a, a_rs, a_ks, b, b_ks, K, out);
+}
+#endif
+
+template <typename V, int R, typename TA>
+EFFOPS_INLINE void micro_call(const TA* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks, int64_t K,
+                              float* out) {
+#if EFFOPS_HAVE_X86
+  if constexpr (std::is_same_v<V, Avx2Vec>) {
+    micro_avx2<R>(a, a_rs, a_ks, b, b_ks, K, out);
+    return;
+  }
+#endif
+  micro_scalar<R>(a, a_rs, a_ks, b, b_ks, K, out);
+}
+
+// rows (1..6) x 16 results, each accumulator vector then handed to epi(r, column, value).
+template <typename V, typename TA, typename Epi>
+EFFOPS_INLINE void micro_rows(int64_t rows, const TA* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks,
+                              int64_t K, Epi&& epi) {
+  alignas(32) float out[kMr * kNr];
+  switch (rows) {
+    case 6: micro_call<V, 6>(a, a_rs, a_ks, b, b_ks, K, out); break;
+    case 5: micro_call<V, 5>(a, a_rs, a_ks, b, b_ks, K, out); break;
+    case 4: micro_call<V, 4>(a, a_rs, a_ks, b, b_ks, K, out); break;
+    case 3: micro_call<V, 3>(a, a_rs, a_ks, b, b_ks, K, out); break;
+    case 2: micro_call<V, 2>(a, a_rs, a_ks, b, b_ks, K, out); break;
+    default: micro_call<V, 1>(a, a_rs, a_ks, b, b_ks, K, out); break;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t v = 0; v < kNr; v += V::kWidth) epi(static_cast<int>(r), v, V::load(out + r * kNr + v));
+}
+
+// Row stride of the fp32 tile buffers: channels rounded up to the micro-kernel's 16 columns, plus 16
+// so that the stride is never a power of two (those map every few rows to the same L1 set).
+int64_t row_stride(int64_t C) { return round_up(C, kNr) + kNr; }
+
+// Pixels per tile: one fp32 tile buffer of P x Cp stays within ~64 KB (L2), P a multiple of kMr.
+int64_t tile_pixels(int64_t Cp) { return std::max<int64_t>(kMr, (16384 / Cp) / kMr * kMr); }
+
+bool use_avx2() {
+#if EFFOPS_HAVE_X86
+  return has_avx2_fma();
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace effops::cpu::dwpw
