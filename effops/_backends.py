@@ -221,25 +221,6 @@ def dispatch(op, device, *args, **kwargs):
     return kernel.fn(*args, **kwargs)
 
 
-def runs_plain_pytorch(op, device, *args, **kwargs):
-    """True when the automatic choice for these arguments is `reference` and we run eagerly.
-
-    The op's public function then calls the reference directly, so PyTorch's own autograd records it
-    and the call costs what plain PyTorch costs: going through the custom op would add its dispatch
-    (0.1-0.3 ms a call on this CPU) and the written-out backward, which recomputes instead of saving.
-    A forced backend (even `reference`) and torch.compile always go through the custom op.
-    """
-    if torch.compiler.is_compiling():  # first: dynamo cannot trace the ContextVar read below
-        return False
-    if forced_backend() is not None:
-        return False
-    if _choose(op, torch.device(device).type, args, kwargs)[0] != "reference":
-        return False
-    for tally in _recorders:
-        tally[op]["reference"] = tally[op].get("reference", 0) + 1
-    return True
-
-
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__
 
 
