@@ -9,9 +9,8 @@ impls, timed interleaved in one process:
                                      forward and backward, also where the automatic choice declines it
 The baseline is the FASTER torch layout per case (speedup = that time / time). Modes: forward (no
 grad) and fwd+bwd (one training step: forward, backward to x and all weights). Peak memory of the
-training step is reported for torch, effops and cpu in channels_last: on CPU the bytes alive above the start
-(benchmarks/dwpw_step_memory.py:self_peak_memory; benchmarks.common.peak_memory counts an allocation once per
-nesting level of the ops that made it), on GPU benchmarks.common.peak_memory.
+training step is reported for torch, effops and cpu in channels_last (benchmarks.common.peak_memory: on CPU
+the bytes alive above the start, each allocation counted once).
 rate: GFLOP/s with 2*N*OH*OW*C*(kh*kw + O) per forward and 3x that per training step.
 """
 import torch
@@ -19,7 +18,6 @@ import torch.nn.functional as F
 
 import effops
 from benchmarks.common import compare, peak_memory
-from benchmarks.dwpw_step_memory import self_peak_memory
 from effops.ops import dwpw_conv2d
 
 # (N, C, O, H, stride)
@@ -108,8 +106,7 @@ def run(quick, device):
                     impls[name]()  # warm-up; then no gradients left from an earlier step (the profiler
                     for t in (xg, *params):  # does not see frees of blocks allocated before it started)
                         t.grad = None
-                    tally = self_peak_memory if device == "cpu" else (lambda fn: peak_memory(fn, device))
-                    memory[name] = tally(impls[name]) / 2 ** 20
+                    memory[name] = peak_memory(impls[name], device) / 2 ** 20
         # The automatic choice of a training step: the forward sees tensors that require grad.
         fwd = [effops._backends.select("dwpw_conv2d", device, xl.detach().requires_grad_(), *params, None, None,
                                        [stride] * 2, [1, 1], [1, 1], "relu6") for xl in xs.values()]

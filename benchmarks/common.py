@@ -77,11 +77,14 @@ def peak_memory(fn, device="cpu"):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Running sum of allocations/frees in event order; its maximum is the peak above the start.
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    # Running sum of allocations/frees in event order; its maximum is the peak above the start. Self
+    # figures: an event's cpu_memory_usage includes its child ops', which would count one allocation
+    # once per nesting level (aten::conv2d -> aten::convolution -> ... -> aten::empty). The profiler
+    # sees no free of a block allocated before it started: free such blocks (old gradients) first.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     level = peak = 0
     for e in events:
-        level += e.cpu_memory_usage
+        level += e.self_cpu_memory_usage
         peak = max(peak, level)
     return peak
 

@@ -2,34 +2,16 @@
 convolutions vs the fused cpu op (forward and backward forced), both layouts, the benchmark's block
 shapes (benchmarks/bench_dwpw_conv2d.py, 3x3, ReLU6, fp32); x, gy and the weights exist before.
 
-Two tallies of the CPU profiler's memory events, each a running sum in event start order:
-- "nested": benchmarks.common.peak_memory, which sums every event's cpu_memory_usage. That figure
-  includes the allocations of an op's children, so an allocation made three ops deep (aten::conv2d ->
-  aten::convolution -> ... -> aten::empty) is counted once per level: it overstates both sides (torch's
-  step 661.7 MiB at 32 x 64 -> 128 @ 56x56, where its tensors alive at once sum to 98 MiB).
-- "self": the same running sum over self_cpu_memory_usage (each allocation counted once, in the op
-  that made it): the peak of the bytes alive above the start. This is the figure to quote.
+Tally: benchmarks.common.peak_memory (the peak of the bytes alive above the start, each allocation
+counted once in the op that made it).
 Run: PYTHONPATH=. python benchmarks/dwpw_step_memory.py [batch, default 32]
 """
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import peak_memory
 from benchmarks.dwpw_crossover import TRAIN_SHAPES, auto_step_block, step, torch_step_block
-
-
-def self_peak_memory(fn):
-    """Peak bytes alive above the start while fn() runs: running sum of self (not nested) allocations."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    level = peak = 0
-    for e in events:
-        level += e.self_cpu_memory_usage
-        peak = max(peak, level)
-    return peak
 
 
 def main():
@@ -55,10 +37,9 @@ def main():
                 for t in (xl, dw, pw):
                     t.grad = None
                 return tally(fn) / 2 ** 20
-            own = {k: measure(self_peak_memory, fn) for k, fn in fns.items()}
-            nested = {k: measure(peak_memory, fn) for k, fn in fns.items()}
-            cells.append("%s self: torch %.1f MiB, fused %.1f MiB (%.2fx) [nested: %.0f / %.0f]" % (
-                lay, own["torch"], own["fused"], own["fused"] / own["torch"], nested["torch"], nested["fused"]))
+            own = {k: measure(peak_memory, fn) for k, fn in fns.items()}
+            cells.append("%s: torch %.1f MiB, fused %.1f MiB (%.2fx)" % (
+                lay, own["torch"], own["fused"], own["fused"] / own["torch"]))
         print("N=%d %d->%d %dx%d s%d: %s" % (N, C, O, H, H, stride, "; ".join(cells)), flush=True)
 
 
