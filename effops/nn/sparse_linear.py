@@ -39,7 +39,8 @@ class _MaskedMixin:
     """Shared mask handling of SparseLinear and SparseConv1x1 (weight viewed as out x in)."""
 
     def _weight2d(self):
-        return self.weight.view(self.weight.shape[0], -1)
+        w = self.weight
+        return w if w.dim() == 2 else w.view(w.shape[0], -1)  # Linear's as is (a view per call costs ~3 us)
 
     @property
     def density(self):
