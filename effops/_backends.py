@@ -32,6 +32,7 @@ AUTO_ORDER = {
 }
 
 _forced = contextvars.ContextVar("effops_forced_backend", default=None)
+_chosen_outside = contextvars.ContextVar("effops_chosen_outside", default=None)  # (op, backend) or None
 _kernels = {}  # op name -> {backend name -> _Kernel}
 _recorders = []  # open record_choices() tallies
 
@@ -214,11 +215,29 @@ def _choose_automatically(op, table, device_type, args, kwargs):
 
 
 def dispatch(op, device, *args, **kwargs):
-    """Run `op` on the chosen backend. `device` is the device of the op's tensors."""
-    name, kernel = _choose(op, torch.device(device).type, args, kwargs)
+    """Run `op` on the chosen backend (or the one chosen_outside named). `device`: the op's tensors' device."""
+    outside = _chosen_outside.get()
+    if outside is not None and outside[0] == op:
+        name, kernel = outside[1], _kernels[op][outside[1]]
+    else:
+        name, kernel = _choose(op, torch.device(device).type, args, kwargs)
     for tally in _recorders:
         tally[op][name] = tally[op].get(name, 0) + 1
     return kernel.fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def chosen_outside(op, backend):
+    """Inside the block, dispatch of `op` runs `backend`: the choice its public function made with
+    select(), where it can see whether autograd records the call. A custom op's implementation runs
+    below the autograd key with grad mode off, so a rule that depends on training (a fused forward
+    worth taking only together with its fused backward) must be applied outside it. Eager only: under
+    torch.compile the public function's Python is traced and the op chooses inside, as for inference."""
+    token = _chosen_outside.set((op, backend))
+    try:
+        yield
+    finally:
+        _chosen_outside.reset(token)
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__

@@ -452,3 +452,28 @@ def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
         got = dwpw_conv2d(x, dw / 3, pw / 16, padding=1, activation="relu6")
     want = reference.dwpw_conv2d(x, dw / 3, pw / 16, None, None, [1, 1], [1, 1], [1, 1], "relu6")
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # 256-term fp32 sums
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_automatic_training_step_runs_the_fused_pair_where_the_step_rule_says(monkeypatch):
+    # The custom op's forward runs with grad mode off, so the training-step rule must be applied by the
+    # public function (_backends.chosen_outside). A stride-2 block whose x is large and whose output is
+    # small is the case where the step rule (fused: grad_x is big) and the inference rule (reference: y
+    # is small) disagree: both halves of the step must run the fused kernels. Thresholds scaled down.
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.setattr(dwpw, "_CPU_MIN_AUTO_TENSOR_BYTES", 512 << 10)
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 64, 64, requires_grad=True)  # 1 MiB; y (2 x 32 x 32 x 32) 256 KiB; 2.1M MACs
+    dw = (torch.randn(32, 1, 3, 3) / 3).requires_grad_()
+    pw = (torch.randn(32, 32, 1, 1) / 6).requires_grad_()
+    with torch.no_grad():
+        assert _backends.select("dwpw_conv2d", "cpu", x, dw, pw, None, None, [2, 2], [1, 1], [1, 1], "relu") == \
+            "reference"
+    with _backends.record_choices() as tally:
+        y = dwpw_conv2d(x, dw, pw, None, None, 2, 1, 1, "relu")
+        y.square().sum().backward()
+    assert tally == {"dwpw_conv2d": {"cpu": 1}, "dwpw_conv2d_backward": {"cpu": 1}}
+    xr, dwr, pwr = (t.detach().clone().requires_grad_() for t in (x, dw, pw))
+    reference.dwpw_conv2d(xr, dwr, pwr, None, None, (2, 2), (1, 1), (1, 1), "relu").square().sum().backward()
+    for got, want in ((x.grad, xr.grad), (dw.grad, dwr.grad), (pw.grad, pwr.grad)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -66,6 +66,8 @@ def _cpu_faster(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dila
                                        for t in (x, dw_weight, pw_weight, dw_bias, pw_bias)):
         # Training step: the fused forward is taken exactly where the fused backward is (same rule), so a
         # step runs either the fused pair or torch's own autograd (which keeps the depthwise output).
+        # Eager only: the public function applies this (chosen_outside); inside the custom op grad mode
+        # is off, so under torch.compile the forward gets the inference rule below.
         return _cpu_step_slower(x, dw_weight, pw_weight, stride, padding, dilation)
     largest = N * max(C, O) * out_hw[0] * out_hw[1] * x.element_size()
     if largest >= _CPU_MIN_AUTO_TENSOR_BYTES:
@@ -206,6 +208,10 @@ def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, p
     if route is not None:
         # reference: plain PyTorch recorded by torch's autograd; a kernel: no gradient is needed.
         return route[1](*args) if route[0] == "reference" else _in_format_of(x, route[1](*args))
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # A training step: _cpu_faster's step rule sees autograd only here, not inside the custom op.
+        with _backends.chosen_outside("dwpw_conv2d", _backends.select("dwpw_conv2d", x.device, *args)):
+            return torch.ops.effops.dwpw_conv2d(*args)
     return torch.ops.effops.dwpw_conv2d(*args)
 
 
