@@ -201,6 +201,27 @@ def test_bad_arguments():
         int8_linear_dynamic(x, m.weight_packed, m.weight_scale, m.bias, 8, False, m.weight_corr.long())
     with pytest.raises(ValueError, match="w_corr must have shape"):
         int8_linear_dynamic(x, m.weight_packed, m.weight_scale, m.bias, 8, False, m.weight_corr[:8])
+    # w_corr is a promise about the weights the CPU kernel relies on: a wrong one is refused, never used.
+    m8 = Int8Linear.from_linear(lin)
+    with pytest.raises(ValueError, match=r"w_corr is for weights in \[-63, 63\]"):
+        int8_linear_dynamic(x, m8.weight_packed, m8.weight_scale, m8.bias, 8, False,
+                            reference.weight_correction(m8.weight_packed))
+    with pytest.raises(ValueError, match="w_corr must equal"):
+        int8_linear_dynamic(x, m.weight_packed, m.weight_scale, m.bias, 8, False, m.weight_corr + 1)
+    # The module checks K once (its forward skips the op's checks): int32 sums must stay exact.
+    with pytest.raises(ValueError, match="in_features must be <="):
+        Int8Linear(reference.MAX_K + 1, 1)
+
+
+def test_7bit_module_refuses_minus_128_weights():
+    # abs(-128) wraps to -128 in int8: a state_dict holding -128 must still be refused by a 7-bit
+    # module, whose kernel would saturate on it (255 * -128 + 255 * -63 < -32768).
+    lin = nn.Linear(8, 4)
+    sd = Int8Linear.from_linear(lin, weight_bits=7).state_dict()
+    sd["weight"] = sd["weight"].clone()
+    sd["weight"][0, 0], sd["weight"][0, 1] = -128, -63
+    with pytest.raises(RuntimeError, match=r"weight_bits=7 needs weights in \[-63, 63\]"):
+        Int8Linear(8, 4, weight_bits=7).load_state_dict(sd)
 
 
 def test_quantize_transform_and_accuracy_on_trained_mlp():

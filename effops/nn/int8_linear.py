@@ -29,7 +29,7 @@ from torch import nn
 
 from effops import ops
 from effops.ops import _checks
-from effops.ops.int8_gemm import run_int8_linear_dynamic
+from effops.ops.int8_gemm import _check_k, run_int8_linear_dynamic
 from effops.reference import int8 as reference
 
 MODES = ("dynamic", "weight_only", "auto")
@@ -50,6 +50,8 @@ class Int8Linear(nn.Module):
                 raise ValueError("%s must be a positive int, got %r" % (name, v))
         _checks.choice("mode", mode, MODES)
         _check_weight_bits(weight_bits)
+        # Checked once here: forward skips the op's per-call checks (its int32 sums are exact up to MAX_K).
+        _check_k("in_features", in_features)
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
         self.weight_bits = weight_bits
         w = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
@@ -122,11 +124,12 @@ class Int8Linear(nn.Module):
                 key, (self.out_features, self.in_features),
                 "%s %s" % (w.dtype, tuple(w.shape)) if isinstance(w, torch.Tensor) else type(w).__name__))
             return
-        if self.weight_bits == 7 and w.numel() and w.abs().max().item() > 63:
+        # min/max, not abs(): an int8 abs(-128) wraps to -128 and would pass.
+        if self.weight_bits == 7 and w.numel() and (w.min().item() < -63 or w.max().item() > 63):
             # The 7-bit kernel's products of such weights would saturate: refuse rather than compute wrongly.
             error_msgs.append("%s: weight_bits=7 needs weights in [-63, 63], got values up to %d (an 8-bit "
                               "state_dict? load it into a module with weight_bits=8)"
-                              % (key, w.abs().max().item()))
+                              % (key, max(-w.min().item(), w.max().item())))
             return
         with torch.no_grad():
             self._set_packed(reference.pack_weight(w.to(self.weight_scale.device)))

@@ -216,6 +216,15 @@ def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=Fa
     _checks.optional_tensor("w_corr", w_corr, dtypes=(torch.int32,), device=x.device)
     if w_corr is not None:
         _checks.shape("w_corr", w_corr, (expected[0] * nr,))
+        w_corr = w_corr.contiguous()
+        # A promise the CPU kernel relies on: checked here (one pass over the weights; Int8Linear, whose
+        # buffers hold it by construction, calls run_int8_linear_dynamic and skips this).
+        if not torch.compiler.is_compiling():
+            if w_packed.numel() and (int(w_packed.min()) < -63 or int(w_packed.max()) > 63):
+                raise ValueError("w_corr is for weights in [-63, 63] (weight_bits=7); w_packed holds values in "
+                                 "[%d, %d]" % (int(w_packed.min()), int(w_packed.max())))
+            if not torch.equal(w_corr, reference.weight_correction(w_packed)):
+                raise ValueError("w_corr must equal effops.reference.int8.weight_correction(w_packed)")
     return run_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, bool(weight_only), w_corr)
 
 
