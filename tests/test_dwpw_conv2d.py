@@ -341,11 +341,16 @@ def test_cpu_backward_low_precision(layout, dtype):
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 @pytest.mark.parametrize("threads", [1, 3, 8])
 @pytest.mark.parametrize("case", [LARGE[2], NCHW_TILES[1], (1, 12, 20, 37, 29, 5, 1, 2, 1, True, True, "silu"),
-                                  (1, 7, 9, 30, 11, 3, 2, 0, 1, True, False, "relu")],
-                         ids=["k7d2", "s2d2", "k5", "s2p0"])
+                                  (1, 7, 9, 30, 11, 3, 2, 0, 1, True, False, "relu"),
+                                  (1, 16, 8, 80, 300, 3, 2, 2, 2, True, True, "relu"),
+                                  (1, 8, 12, 64, 300, 7, 1, 6, 2, True, False, "gelu")],
+                         ids=["k7d2", "s2d2", "k5", "s2p0", "wide_s2d2", "wide_k7d2"])
 def test_cpu_backward_bands(case, threads):
     """Bands per image grow with the threads when the batch is small; every band count gives the same
-    gradients (halo rows, band edges at every stride/dilation/padding, the rows no output row reaches)."""
+    gradients (halo rows, band edges at every stride/dilation/padding, the rows no output row reaches).
+    With grad_x wanted a band is at least two chunks tall, and a chunk is ~1000 pixels of 16 channels:
+    only the wide, thin images (300 columns: 3-6 rows a chunk, 40-64 output rows) split into several
+    bands at 3 and 8 threads, with halos of 1 (3x3 s2 d2) and 12 (7x7 d2) rows."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
