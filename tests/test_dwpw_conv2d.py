@@ -430,6 +430,7 @@ def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
         assert "training step" in faster(training(fwd(*shape))), shape
         assert "training step" in bwd_faster(fwd(*shape)), shape
     assert bwd_faster(fwd(1, 16, 16, 8)) is None
+    assert "tiny input" in faster(training(fwd(1, 16, 16, 8)))  # a tiny training step: torch's autograd
     with torch.no_grad():
         assert faster(training(fwd(32, 64, 128, 56))) is None
     # torch's allocator on huge pages (its own switch) removes the page faults the size rule is about.

@@ -60,10 +60,17 @@ def _cpu_faster(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dila
     O = pw_weight.shape[0]
     out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
     macs = N * out_hw[0] * out_hw[1] * C * O
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (x, dw_weight, pw_weight, dw_bias, pw_bias))
     if macs < _CPU_MAX_AUTO_MACS:
-        return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, dw_weight, pw_weight, dw_bias, pw_bias)):
+        # Tiny inputs: per-call overhead decides. Inference runs the fused kernel directly (eager_route);
+        # a training step would go through the custom op and its autograd (~0.3 ms of Python a step),
+        # which cost more than the kernels save there (benchmarks/bench_small_calls.py, 24->48 at 32x32 s2,
+        # batch 1: the fused pair 0.76-0.89x of torch's step in four runs; torch's ops through our op
+        # layer 0.88x in one, the rest being the layer's argument checks and choice).
+        return "training step of a tiny input: the custom op's autograd costs more than it saves" if training \
+            else None
+    if training:
         # Training step: the fused forward is taken exactly where the fused backward is (same rule), so a
         # step runs either the fused pair or torch's own autograd (which keeps the depthwise output).
         # Eager only: the public function applies this (chosen_outside); inside the custom op grad mode
