@@ -9,7 +9,7 @@ dispatch where a kernel runs) on top of the same work.
 Baselines (plain PyTorch, the way people write it):
 * SparseLinear (80% unstructured): nn.Linear pruned with torch.nn.utils.prune (weight * mask per call);
 * SeparableConv2d: nn.Conv2d(groups=C) -> ReLU -> nn.Conv2d(1x1);
-* Int8Linear: torch.ao quantize_dynamic (FBGEMM).
+* Int8Linear: torch.ao quantize_dynamic (FBGEMM); the fp32 nn.Linear it replaces is timed beside them.
 Inference under torch.no_grad(); the training rows time forward + backward of the float layers.
 Run: python -m benchmarks.run [--quick] --only small_calls
 """
@@ -42,14 +42,15 @@ def _separable_pair(cin, cout, stride):
     return plain, ours
 
 
-def _int8_pair(features):
+def _int8_trio(features):
+    """(fp32 Linear, torch's dynamic int8 Linear, effops Int8Linear) of one layer."""
     import effops
     torch.manual_seed(0)
     linear = nn.Linear(features, features)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices
         plain = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
-    return plain, effops.nn.Int8Linear.from_linear(linear)
+    return linear, plain, effops.nn.Int8Linear.from_linear(linear)
 
 
 def _infer(module, x):
@@ -77,11 +78,15 @@ def run(quick, device):
             rows += compare("small_calls", "SparseLinear 192x192 80%% %s batch=%d" % (kind, batch),
                             {"torch prune": timed(plain, x), "effops": timed(ours, x)}, baseline="torch prune",
                             rounds=rounds, min_time=min_time, extra=dict(batch=batch))
-        plain, ours = _int8_pair(192)
-        rows += compare("small_calls", "Int8Linear 192x192 inference batch=%d" % batch,
-                        {"torch dynamic int8 (FBGEMM)": _infer(plain, x), "effops": _infer(ours, x)},
-                        baseline="torch dynamic int8 (FBGEMM)", rounds=rounds, min_time=min_time,
-                        extra=dict(batch=batch))
+        for features in (192, 1024):
+            fp32, plain, ours = _int8_trio(features)
+            xi = torch.randn(batch, features)
+            # fp32 too: where int8 loses to the layer it replaces, it saves memory, not time.
+            rows += compare("small_calls", "Int8Linear %dx%d inference batch=%d" % (features, features, batch),
+                            {"torch dynamic int8 (FBGEMM)": _infer(plain, xi), "effops": _infer(ours, xi),
+                             "fp32 nn.Linear": _infer(fp32, xi)},
+                            baseline="torch dynamic int8 (FBGEMM)", rounds=rounds, min_time=min_time,
+                            extra=dict(batch=batch))
     for batch in (1, 64):
         plain, ours = _separable_pair(24, 48, 2)
         x = torch.randn(batch, 24, 32, 32)
