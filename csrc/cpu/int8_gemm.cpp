@@ -109,51 +109,41 @@ EFFOPS_AVX2_TARGET __attribute__((always_inline)) inline __m256i s8u_step(__m256
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_b, _mm256_sign_epi8(a, b)), ones));
 }
 
-template <int MR>
-EFFOPS_AVX2_TARGET void micro_s8u_avx2(const int8_t* a, int64_t lda, int64_t K, const int8_t* b,
-                                       const int32_t* /*init: unused (nullptr)*/, int32_t* c) {
-  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
-          c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t groups = (K + kInt8KG - 1) / kInt8KG;
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64 + 32));
-    const __m256i u0 = _mm256_abs_epi8(b0), u1 = _mm256_abs_epi8(b1);
-    // 1 KiB ahead: at small M the packed weights stream from memory once, and the hardware
-    // prefetcher alone left the M = 1 GEMM at ~11 of ~20 GB/s (0.57 vs 1.06 ms single-threaded).
-    _mm_prefetch(reinterpret_cast<const char*>(b + g * 64 + 1024), _MM_HINT_T0);
-    const int64_t off = g * kInt8KG;
-#define EFFOPS_S8U_ROW(r, x, y)                      \
-  if constexpr (MR > r) {                            \
-    const __m256i av = bcast4(a + r * lda + off);    \
-    x = s8u_step(x, u0, av, b0, ones);               \
-    y = s8u_step(y, u1, av, b1, ones);               \
+// The exact 8-bit step above, as a step policy of micro6_avx2: A is int8, the sums start at zero.
+struct S8uStep {
+  using AT = int8_t;
+  EFFOPS_AVX2_TARGET __attribute__((always_inline)) static __m256i start(const int32_t* /*init: nullptr*/) {
+    return _mm256_setzero_si256();
   }
-    EFFOPS_S8U_ROW(0, c00, c01)
-    EFFOPS_S8U_ROW(1, c10, c11)
-    EFFOPS_S8U_ROW(2, c20, c21)
-    EFFOPS_S8U_ROW(3, c30, c31)
-    EFFOPS_S8U_ROW(4, c40, c41)
-    EFFOPS_S8U_ROW(5, c50, c51)
-#undef EFFOPS_S8U_ROW
+  EFFOPS_AVX2_TARGET __attribute__((always_inline)) static __m256i prepare_b(__m256i b) { return _mm256_abs_epi8(b); }
+  EFFOPS_AVX2_TARGET __attribute__((always_inline)) static __m256i step(__m256i acc, __m256i prepared_b, __m256i a,
+                                                                        __m256i b, __m256i ones) {
+    return s8u_step(acc, prepared_b, a, b, ones);
   }
-  const __m256i rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR), rows[r][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kInt8NR + 8), rows[r][1]);
-  }
-}
+};
 
 // u8s7 path (7-bit weights): a_u = a + 128 unsigned, b in [-63, 63] signed, so vpmaddubsw's pairs are
 // at most 2 * 255 * 63 = 32130 (no saturation) and the step is maddubs, maddwd, add: no vpabsb per B
 // vector, no vpsignb per row (the uop that bounds the s8u loop). The sums start at the column
 // correction -128 * sum_k b (see the header), so the result is sum a * b exactly.
-template <int MR>
-EFFOPS_AVX2_TARGET void micro_u8s7_avx2(const uint8_t* a, int64_t lda, int64_t K, const int8_t* b,
-                                        const int32_t* init, int32_t* c) {
-  const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(init));
-  const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(init + 8));
+struct U8s7Step {
+  using AT = uint8_t;
+  EFFOPS_AVX2_TARGET __attribute__((always_inline)) static __m256i start(const int32_t* init) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(init));
+  }
+  EFFOPS_AVX2_TARGET __attribute__((always_inline)) static __m256i prepare_b(__m256i b) { return b; }
+  EFFOPS_AVX2_TARGET __attribute__((always_inline)) static __m256i step(__m256i acc, __m256i /*prepared_b*/, __m256i a,
+                                                                        __m256i b, __m256i ones) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+  }
+};
+
+// The 6-row micro-kernel of both B-side paths: MR (1-6) rows of A against one 16-column panel of B,
+// the step (and A's type, and where the sums start) from the Step policy above.
+template <int MR, typename Step>
+EFFOPS_AVX2_TARGET void micro6_avx2(const typename Step::AT* a, int64_t lda, int64_t K, const int8_t* b,
+                                    const int32_t* init, int32_t* c) {
+  const __m256i i0 = Step::start(init), i1 = Step::start(init ? init + 8 : nullptr);
   __m256i c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1, c40 = i0, c41 = i1,
           c50 = i0, c51 = i1;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -161,21 +151,24 @@ EFFOPS_AVX2_TARGET void micro_u8s7_avx2(const uint8_t* a, int64_t lda, int64_t K
   for (int64_t g = 0; g < groups; ++g) {
     const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64));
     const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * 64 + 32));
-    _mm_prefetch(reinterpret_cast<const char*>(b + g * 64 + 1024), _MM_HINT_T0);  // as in micro_s8u_avx2
+    const __m256i u0 = Step::prepare_b(b0), u1 = Step::prepare_b(b1);
+    // 1 KiB ahead: at small M the packed weights stream from memory once, and the hardware
+    // prefetcher alone left the M = 1 GEMM at ~11 of ~20 GB/s (0.57 vs 1.06 ms single-threaded).
+    _mm_prefetch(reinterpret_cast<const char*>(b + g * 64 + 1024), _MM_HINT_T0);
     const int64_t off = g * kInt8KG;
-#define EFFOPS_U8S7_ROW(r, x, y)                                                                  \
-  if constexpr (MR > r) {                                                                         \
-    const __m256i av = bcast4(reinterpret_cast<const int8_t*>(a) + r * lda + off);                \
-    x = _mm256_add_epi32(x, _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));               \
-    y = _mm256_add_epi32(y, _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));               \
+#define EFFOPS_MICRO6_ROW(r, x, y)                                                   \
+  if constexpr (MR > r) {                                                            \
+    const __m256i av = bcast4(reinterpret_cast<const int8_t*>(a) + r * lda + off);   \
+    x = Step::step(x, u0, av, b0, ones);                                             \
+    y = Step::step(y, u1, av, b1, ones);                                             \
   }
-    EFFOPS_U8S7_ROW(0, c00, c01)
-    EFFOPS_U8S7_ROW(1, c10, c11)
-    EFFOPS_U8S7_ROW(2, c20, c21)
-    EFFOPS_U8S7_ROW(3, c30, c31)
-    EFFOPS_U8S7_ROW(4, c40, c41)
-    EFFOPS_U8S7_ROW(5, c50, c51)
-#undef EFFOPS_U8S7_ROW
+    EFFOPS_MICRO6_ROW(0, c00, c01)
+    EFFOPS_MICRO6_ROW(1, c10, c11)
+    EFFOPS_MICRO6_ROW(2, c20, c21)
+    EFFOPS_MICRO6_ROW(3, c30, c31)
+    EFFOPS_MICRO6_ROW(4, c40, c41)
+    EFFOPS_MICRO6_ROW(5, c50, c51)
+#undef EFFOPS_MICRO6_ROW
   }
   const __m256i rows[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   for (int r = 0; r < MR; ++r) {
@@ -492,8 +485,9 @@ void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8
     // quantize_rowwise never produces -128, so Int8Linear always takes the faster |b| kernel; general
     // int8_mm inputs are checked (O(M K), next to the O(M N K) product).
     if (!a_has_min) {
-      static const MicroFn<int8_t, int8_t> vec6[6] = {micro_s8u_avx2<1>, micro_s8u_avx2<2>, micro_s8u_avx2<3>,
-                                                      micro_s8u_avx2<4>, micro_s8u_avx2<5>, micro_s8u_avx2<6>};
+      static const MicroFn<int8_t, int8_t> vec6[6] = {micro6_avx2<1, S8uStep>, micro6_avx2<2, S8uStep>,
+                                                      micro6_avx2<3, S8uStep>, micro6_avx2<4, S8uStep>,
+                                                      micro6_avx2<5, S8uStep>, micro6_avx2<6, S8uStep>};
       static const MicroFn<int8_t, int8_t> few[kFewRows] = {
           micro_rxn_avx2<false, 1, kFewRowPanels[0], int8_t>, micro_rxn_avx2<false, 2, kFewRowPanels[1], int8_t>,
           micro_rxn_avx2<false, 3, kFewRowPanels[2], int8_t>};
@@ -522,8 +516,9 @@ void int8_gemm_u8s7(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const
   const int64_t lda_use = pad_a_rows(a_use, lda, M, K, ap);
 #if EFFOPS_HAVE_X86
   if (avx2) {
-    static const MicroFn<uint8_t, int8_t> vec6[6] = {micro_u8s7_avx2<1>, micro_u8s7_avx2<2>, micro_u8s7_avx2<3>,
-                                                     micro_u8s7_avx2<4>, micro_u8s7_avx2<5>, micro_u8s7_avx2<6>};
+    static const MicroFn<uint8_t, int8_t> vec6[6] = {micro6_avx2<1, U8s7Step>, micro6_avx2<2, U8s7Step>,
+                                                     micro6_avx2<3, U8s7Step>, micro6_avx2<4, U8s7Step>,
+                                                     micro6_avx2<5, U8s7Step>, micro6_avx2<6, U8s7Step>};
     static const MicroFn<uint8_t, int8_t> few[kFewRows] = {
         micro_rxn_avx2<true, 1, kFewRowPanels[0], uint8_t>, micro_rxn_avx2<true, 2, kFewRowPanels[1], uint8_t>,
         micro_rxn_avx2<true, 3, kFewRowPanels[2], uint8_t>};
