@@ -39,7 +39,7 @@ def _forced_cpu_block(x, dw, pw, stride):
         return _effops_block(x, dw, pw, stride)
 
 
-def _step(block, x, dw, pw, stride, gy, forced=None):
+def training_step(block, x, dw, pw, stride, gy, forced=None):
     """One training step. `forced`: a backend forced around the forward AND the backward (autograd runs
     the backward after a `with use_backend()` inside the block has exited: forcing only the forward
     would time the automatic choice's backward)."""
@@ -97,10 +97,10 @@ def run(quick, device):
         for layout, xl in xs.items():
             xg = xl.clone().requires_grad_()
             g = gy.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else gy
-            impls["torch " + layout] = _step(_torch_block, xg, *params, stride, g)
-            impls["effops " + layout] = _step(_effops_block, xg, *params, stride, g)
+            impls["torch " + layout] = training_step(_torch_block, xg, *params, stride, g)
+            impls["effops " + layout] = training_step(_effops_block, xg, *params, stride, g)
             if device == "cpu":
-                impls["cpu " + layout] = _step(_effops_block, xg, *params, stride, g, forced="cpu")
+                impls["cpu " + layout] = training_step(_effops_block, xg, *params, stride, g, forced="cpu")
             if layout == "channels_last":
                 for name in [n for n in impls if n.endswith(layout)]:
                     impls[name]()  # warm-up; then no gradients left from an earlier step (the profiler

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import effops
+from benchmarks.bench_dwpw_conv2d import training_step as step
 from effops.ops import dwpw_conv2d
 
 SHAPES = [(32, 64, 112), (64, 128, 56), (256, 256, 14), (512, 512, 7)]  # (C, O, H)
@@ -44,18 +45,13 @@ def once(fn):
     return CLOCK() - start
 
 
-def step(block, x, dw, pw, stride, gy, forced=None):
-    """One training step. `forced`: a backend forced for the forward AND the backward (autograd runs
-    the backward after the forward's `with` block has exited, so it must be forced around both)."""
-    def call():
-        for t in (x, dw, pw):
-            t.grad = None
-        block(x, dw, pw, stride).backward(gy)
-
-    def forced_call():
-        with effops.use_backend(forced):
-            call()
-    return forced_call if forced else call
+def step_inputs(N, C, O, H, stride):
+    """x (N, C, H, H), the 3x3 depthwise and 1x1 weights (requiring grad) and gy of one training step."""
+    torch.manual_seed(0)
+    x = torch.randn(N, C, H, H)
+    dw, pw = (torch.randn(C, 1, 3, 3) / 3).requires_grad_(), (torch.randn(O, C, 1, 1) / C ** 0.5).requires_grad_()
+    OH = (H - 1) // stride + 1
+    return x, dw, pw, torch.randn(N, O, OH, OH)
 
 
 def torch_step_block(x, dw, pw, stride):
@@ -84,11 +80,7 @@ def measure(impls, reps):
 def train(reps, batches):
     for N in batches:
         for C, O, H, stride in TRAIN_SHAPES:
-            torch.manual_seed(0)
-            x = torch.randn(N, C, H, H)
-            dw, pw = (torch.randn(C, 1, 3, 3) / 3).requires_grad_(), (torch.randn(O, C, 1, 1) / C ** 0.5).requires_grad_()
-            OH = (H - 1) // stride + 1
-            gy = torch.randn(N, O, OH, OH)
+            x, dw, pw, gy = step_inputs(N, C, O, H, stride)
             impls = {}
             for lay in ("nchw", "cl"):
                 fmt = torch.channels_last if lay == "cl" else torch.contiguous_format

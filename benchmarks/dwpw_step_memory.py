@@ -11,18 +11,14 @@ import sys
 import torch
 
 from benchmarks.common import peak_memory
-from benchmarks.dwpw_crossover import TRAIN_SHAPES, auto_step_block, step, torch_step_block
+from benchmarks.dwpw_crossover import TRAIN_SHAPES, auto_step_block, step, step_inputs, torch_step_block
 
 
 def main():
     N = int(sys.argv[1]) if len(sys.argv) > 1 else 32
     torch.set_num_threads(1)
     for C, O, H, stride in TRAIN_SHAPES:
-        torch.manual_seed(0)
-        x = torch.randn(N, C, H, H)
-        dw, pw = (torch.randn(C, 1, 3, 3) / 3).requires_grad_(), (torch.randn(O, C, 1, 1) / C ** 0.5).requires_grad_()
-        OH = (H - 1) // stride + 1
-        gy = torch.randn(N, O, OH, OH)
+        x, dw, pw, gy = step_inputs(N, C, O, H, stride)
         cells = []
         for lay, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
             xl, g = x.contiguous(memory_format=fmt).requires_grad_(), gy.contiguous(memory_format=fmt)
