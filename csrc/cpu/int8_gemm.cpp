@@ -470,6 +470,20 @@ static int64_t pad_a_rows(const TA*& a, int64_t lda, int64_t M, int64_t K, std::
   return kpad;
 }
 
+#if EFFOPS_HAVE_X86
+// The kernel tables of one B-side path (Step: S8uStep or U8s7Step; U8S7: the same choice for the
+// few-row kernels): 1-6 rows by micro6_avx2, 1-3 rows against several panels by micro_rxn_avx2.
+template <typename Step, bool U8S7>
+struct BSideKernels {
+  using AT = typename Step::AT;
+  static constexpr MicroFn<AT, int8_t> six[6] = {micro6_avx2<1, Step>, micro6_avx2<2, Step>, micro6_avx2<3, Step>,
+                                                 micro6_avx2<4, Step>, micro6_avx2<5, Step>, micro6_avx2<6, Step>};
+  static constexpr MicroFn<AT, int8_t> few[kFewRows] = {micro_rxn_avx2<U8S7, 1, kFewRowPanels[0], AT>,
+                                                        micro_rxn_avx2<U8S7, 2, kFewRowPanels[1], AT>,
+                                                        micro_rxn_avx2<U8S7, 3, kFewRowPanels[2], AT>};
+};
+#endif
+
 void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                   const Int8Epilogue& epi) {
   const bool avx2 = has_avx2_fma();
@@ -485,14 +499,8 @@ void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8
     // quantize_rowwise never produces -128, so Int8Linear always takes the faster |b| kernel; general
     // int8_mm inputs are checked (O(M K), next to the O(M N K) product).
     if (!a_has_min) {
-      static const MicroFn<int8_t, int8_t> vec6[6] = {micro6_avx2<1, S8uStep>, micro6_avx2<2, S8uStep>,
-                                                      micro6_avx2<3, S8uStep>, micro6_avx2<4, S8uStep>,
-                                                      micro6_avx2<5, S8uStep>, micro6_avx2<6, S8uStep>};
-      static const MicroFn<int8_t, int8_t> few[kFewRows] = {
-          micro_rxn_avx2<false, 1, kFewRowPanels[0], int8_t>, micro_rxn_avx2<false, 2, kFewRowPanels[1], int8_t>,
-          micro_rxn_avx2<false, 3, kFewRowPanels[2], int8_t>};
-      return gemm_tiles(a_use, lda_use, M, K, b_packed, kpad, N, nullptr, vec6,
-                        pick_epilogue(epi.kind, true), epi, few);
+      return gemm_tiles(a_use, lda_use, M, K, b_packed, kpad, N, nullptr, BSideKernels<S8uStep, false>::six,
+                        pick_epilogue(epi.kind, true), epi, BSideKernels<S8uStep, false>::few);
     }
     static const MicroFn<int8_t, int8_t> vec[kMR] = {micro_s8_avx2<1>, micro_s8_avx2<2>, micro_s8_avx2<3>,
                                                      micro_s8_avx2<4>};
@@ -516,14 +524,8 @@ void int8_gemm_u8s7(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const
   const int64_t lda_use = pad_a_rows(a_use, lda, M, K, ap);
 #if EFFOPS_HAVE_X86
   if (avx2) {
-    static const MicroFn<uint8_t, int8_t> vec6[6] = {micro6_avx2<1, U8s7Step>, micro6_avx2<2, U8s7Step>,
-                                                     micro6_avx2<3, U8s7Step>, micro6_avx2<4, U8s7Step>,
-                                                     micro6_avx2<5, U8s7Step>, micro6_avx2<6, U8s7Step>};
-    static const MicroFn<uint8_t, int8_t> few[kFewRows] = {
-        micro_rxn_avx2<true, 1, kFewRowPanels[0], uint8_t>, micro_rxn_avx2<true, 2, kFewRowPanels[1], uint8_t>,
-        micro_rxn_avx2<true, 3, kFewRowPanels[2], uint8_t>};
-    return gemm_tiles(a_use, lda_use, M, K, b_packed, kpad, N, col_corr, vec6, pick_epilogue(epi.kind, true), epi,
-                      few);
+    return gemm_tiles(a_use, lda_use, M, K, b_packed, kpad, N, col_corr, BSideKernels<U8s7Step, true>::six,
+                      pick_epilogue(epi.kind, true), epi, BSideKernels<U8s7Step, true>::few);
   }
 #endif
   // Scalar: the same arithmetic (sum a_u * b from the correction), so the correction is tested here too.
