@@ -78,10 +78,12 @@ def run(quick, device):
             rows += compare("small_calls", "SparseLinear 192x192 80%% %s batch=%d" % (kind, batch),
                             {"torch prune": timed(plain, x), "effops": timed(ours, x)}, baseline="torch prune",
                             rounds=rounds, min_time=min_time, extra=dict(batch=batch))
-        for features in (192, 1024):
-            fp32, plain, ours = _int8_trio(features)
+    # Int8Linear against the fp32 nn.Linear it replaces and FBGEMM: where int8 loses to fp32, it saves
+    # memory, not time (effops.quantize's default min_features follows these rows).
+    for features in (192, 512, 1024):
+        fp32, plain, ours = _int8_trio(features)
+        for batch in (1, 16, 256):
             xi = torch.randn(batch, features)
-            # fp32 too: where int8 loses to the layer it replaces, it saves memory, not time.
             rows += compare("small_calls", "Int8Linear %dx%d inference batch=%d" % (features, features, batch),
                             {"torch dynamic int8 (FBGEMM)": _infer(plain, xi), "effops": _infer(ours, xi),
                              "fp32 nn.Linear": _infer(fp32, xi)},

@@ -265,3 +265,15 @@ def test_accuracy_on_trained_mlp_and_after_save_load():
     fresh.load_state_dict(torch.load(buf))
     with torch.no_grad():
         assert torch.equal(fresh(x), q_logits)
+
+
+def test_quantize_default_leaves_layers_where_int8_is_slower_alone():
+    # effops.quantize's default min_features (1024) follows bench_small_calls: below it Int8Linear ran
+    # slower than the fp32 layer it would replace. Smaller layers are quantized only when asked.
+    from effops.transforms.quantize import DEFAULT_MIN_FEATURES
+    assert DEFAULT_MIN_FEATURES == 1024
+    net = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 512))
+    effops.quantize(net)
+    assert isinstance(net[0], Int8Linear) and type(net[2]) is nn.Linear
+    effops.quantize(net, min_features=512)
+    assert isinstance(net[2], Int8Linear)

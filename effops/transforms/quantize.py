@@ -9,12 +9,21 @@ def _skipped(name, skip):
     return any(name == s or name.startswith(s + ".") for s in skip)
 
 
-def quantize(model, skip=(), min_features=128, mode="auto", weight_bits=8):
+# Below this many input or output features a layer stays fp32 by default: there Int8Linear (like torch's
+# FBGEMM int8 Linear) is slower than the fp32 nn.Linear it would replace, per-call costs outweighing the
+# int8 arithmetic (benchmarks/bench_small_calls.py, quick run 10:27 UTC: Int8Linear / fp32 at batch
+# 1 / 16 / 256: 192 features 0.43x / 0.59x / 0.89x, 512 features 0.66x / 1.59x / 1.16x, 1024 features
+# 1.8x / 2.3x / 1.7x). A smaller min_features still quantizes smaller layers, for their memory.
+DEFAULT_MIN_FEATURES = 1024
+
+
+def quantize(model, skip=(), min_features=DEFAULT_MIN_FEATURES, mode="auto", weight_bits=8):
     """Replace every nn.Linear of `model` (in place; returns the model) by Int8Linear.from_linear.
 
     skip: qualified module names (as in model.named_modules()) left alone, with everything under them
     (e.g. ("head",) for a classifier you keep in floating point). min_features: a layer with fewer input
-    or output features stays floating (small layers gain nothing and lose the most accuracy).
+    or output features stays floating (default 1024: below it int8 ran slower than fp32 here, and small
+    layers lose the most accuracy; pass a smaller value to quantize them for memory).
     mode: Int8Linear's mode ("dynamic", "weight_only" or "auto").
     weight_bits: 8 (default) or 7 (opt-in: weights in [-63, 63], a faster CPU kernel; see Int8Linear).
     Linear subclasses that other modules read weights from directly (nn.MultiheadAttention's out_proj)
