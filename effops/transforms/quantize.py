@@ -11,7 +11,7 @@ def _skipped(name, skip):
 
 # Below this many input or output features a layer stays fp32 by default: there Int8Linear (like torch's
 # FBGEMM int8 Linear) is slower than the fp32 nn.Linear it would replace, per-call costs outweighing the
-# int8 arithmetic (benchmarks/bench_small_calls.py, quick run 10:27 UTC: Int8Linear / fp32 at batch
+# int8 arithmetic (benchmarks/bench_small_calls.py, quick run 10:16 UTC: Int8Linear / fp32 at batch
 # 1 / 16 / 256: 192 features 0.43x / 0.59x / 0.89x, 512 features 0.66x / 1.59x / 1.16x, 1024 features
 # 1.8x / 2.3x / 1.7x). A smaller min_features still quantizes smaller layers, for their memory.
 DEFAULT_MIN_FEATURES = 1024
