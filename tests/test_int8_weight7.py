@@ -310,3 +310,22 @@ def test_cpu_few_row_multi_panel_kernels(weight_bits):
                 for rows in (1, 2, 3, 7):
                     x = _integer_rows(rows, k)[torch.randperm(rows)]
                     assert torch.equal(m(x), _exact(x, w)), (rows, k, n)
+
+
+def test_7bit_module_follows_weight_edits_and_refuses_out_of_range_ones():
+    # weight_corr is derived from weight_packed: an in-place edit or a replaced buffer must not leave a
+    # stale correction behind (the CPU kernel would return wrong sums), and 8-bit values are refused.
+    torch.manual_seed(6)
+    m = Int8Linear.from_linear(nn.Linear(40, 24), weight_bits=7)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        m(x)
+        m.weight_packed.neg_()  # still in [-63, 63]: a valid 7-bit weight, a different correction
+        expected = reference.int8_linear_dynamic(x, m.weight_packed, m.weight_scale, m.bias, 24, False)
+        torch.testing.assert_close(m(x), expected, atol=1e-4, rtol=1e-5)
+        assert torch.equal(m.weight_corr, reference.weight_correction(m.weight_packed))
+        m.weight_packed = m.weight_packed.clone()  # replaced: re-derived as well
+        torch.testing.assert_close(m(x), expected, atol=1e-4, rtol=1e-5)
+        m.weight_packed[0, 0, 0, 0] = 100
+        with pytest.raises(ValueError, match=r"weight_bits=7 needs weights in \[-63, 63\]"):
+            m(x)

@@ -95,12 +95,33 @@ class Int8Linear(nn.Module):
             raise ValueError("x's last dim must equal in_features %d, got shape %s" % (self.in_features, tuple(x.shape)))
         weight_only = self.mode == "weight_only" or (self.mode == "auto" and x.numel() // x.shape[-1] <= AUTO_ROWS)
         return run_int8_linear_dynamic(x, self.weight_packed, self.weight_scale, self.bias, self.out_features,
-                                       weight_only, self.weight_corr)
+                                       weight_only, self._current_corr())
 
     def _set_packed(self, packed):
         self.weight_packed = packed
         if self.weight_bits == 7:
             self.weight_corr = reference.weight_correction(packed)
+            self._corr_key = self._packed_key()
+
+    def _packed_key(self):
+        p = self.weight_packed
+        return (p.data_ptr(), p._version, p.device)
+
+    def _current_corr(self):
+        """weight_corr, re-derived (and the weights' range re-checked) when weight_packed was replaced or
+        written in place since it was made: the 7-bit CPU kernel would silently compute wrong sums from a
+        stale correction or from weights outside [-63, 63]. One tuple compare a call otherwise."""
+        if self.weight_bits != 7 or torch.compiler.is_compiling():
+            return self.weight_corr
+        key = self._packed_key()
+        if key != getattr(self, "_corr_key", None):
+            p = self.weight_packed
+            if p.numel() and (int(p.min()) < -63 or int(p.max()) > 63):
+                raise ValueError("weight_bits=7 needs weights in [-63, 63]; weight_packed now holds values in "
+                                 "[%d, %d]" % (int(p.min()), int(p.max())))
+            self.weight_corr = reference.weight_correction(p)
+            self._corr_key = key
+        return self.weight_corr
 
     # ---- state_dict: plain int8 weight on disk, packed in memory ----
     def _save_to_state_dict(self, destination, prefix, keep_vars):
