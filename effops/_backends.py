@@ -228,11 +228,10 @@ def dispatch(op, device, *args, **kwargs):
 
 @contextlib.contextmanager
 def chosen_outside(op, backend):
-    """Inside the block, dispatch of `op` runs `backend`: the choice its public function made with
-    select(), where it can see whether autograd records the call. A custom op's implementation runs
-    below the autograd key with grad mode off, so a rule that depends on training (a fused forward
-    worth taking only together with its fused backward) must be applied outside it. Eager only: under
-    torch.compile the public function's Python is traced and the op chooses inside, as for inference."""
+    """Inside the block, dispatch of `op` runs `backend`: the choice made by eager_route, where grad mode
+    is visible. A custom op's implementation runs below the autograd key with grad mode off, so a rule
+    that depends on training (dwpw_conv2d: a fused forward worth taking only with its fused backward)
+    must be applied outside it; and the op then does not choose a second time."""
     token = _chosen_outside.set((op, backend))
     try:
         yield
@@ -243,19 +242,25 @@ def chosen_outside(op, backend):
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__
 
 
+class Route(collections.namedtuple("Route", "name fn direct")):
+    """eager_route's answer: the automatic choice `name` (kernel `fn`) for an eager call; direct: the
+    public function may run it itself (fn, or for `reference` its own plain-PyTorch form); otherwise
+    the custom op must run (its autograd formula is wanted): through_custom_op(route, ...)."""
+
+
 def eager_route(op, device, *args, reference_autograd=False, **kwargs):
-    """(backend name, kernel function) when an eager call of `op` may skip its custom op, else None.
+    """The Route of an eager call of `op`, or None where the custom op must choose for itself.
 
     Going through a torch.library custom op costs ~0.2 ms a call on this CPU (its Python dispatch and
     autograd wrapper), more than a small kernel's whole run. Where it adds nothing, the op's public
-    function runs the chosen kernel itself: eager mode, automatic choice, plain tensors, and no tensor
-    argument that needs a gradient, except that with reference_autograd=True (the op's reference is
-    differentiable by torch's autograd with the op's own formula) a `reference` choice is returned
-    even when gradients are wanted: torch's autograd records its plain ops. Everything else
-    keeps the custom op: torch.compile (dynamo traces the op, not its kernel), forced backends (tests
-    exercise the op's dispatch through them), tensor subclasses and dispatch or function modes
-    (FakeTensor, DTensor, profilers' modes see the op as one node), and training through our kernels
-    (the custom op's autograd formula). Records the choice for record_choices().
+    function runs the chosen kernel itself (route.direct): no tensor argument needs a gradient, or the
+    choice is `reference` and reference_autograd=True (the op's reference is differentiable by torch's
+    autograd with the op's own formula; not so for int8's straight-through gradient). A call that needs
+    the custom op's autograd still gets the choice made here, where grad mode is visible
+    (through_custom_op). None, the custom op choosing inside: torch.compile (dynamo traces the op, not
+    its kernel), forced backends (tests exercise the op's dispatch through them), tensor subclasses and
+    dispatch or function modes (FakeTensor, DTensor, profilers' modes see the op as one node).
+    A direct route is recorded for record_choices() here; the others by dispatch.
     """
     if torch.compiler.is_compiling():  # first: dynamo cannot trace the ContextVar read below
         return None
@@ -271,12 +276,20 @@ def eager_route(op, device, *args, reference_autograd=False, **kwargs):
         raise KeyError("no kernels registered for op %r" % op)
     name, kernel = _choose_automatically(op, table, device.type if isinstance(device, torch.device)
                                          else torch.device(device).type, args, kwargs)
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and not (name == "reference" and reference_autograd)):
-        return None
-    for tally in _recorders:
-        tally[op][name] = tally[op].get(name, 0) + 1
-    return name, kernel.fn
+    direct = (not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+              or (name == "reference" and reference_autograd))
+    if direct:
+        for tally in _recorders:
+            tally[op][name] = tally[op].get(name, 0) + 1
+    return Route(name, kernel.fn, direct)
+
+
+def through_custom_op(route, op, custom_op, *args):
+    """custom_op(*args), dispatching to the route's choice when eager_route made one (else it chooses)."""
+    if route is None:
+        return custom_op(*args)
+    with chosen_outside(op, route.name):
+        return custom_op(*args)
 
 
 @contextlib.contextmanager

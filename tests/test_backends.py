@@ -128,9 +128,9 @@ def test_eager_route_skips_the_custom_op_only_where_nothing_depends_on_it(toy_op
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
     even = torch.zeros(4)
-    name, fn = _backends.eager_route(toy_op, "cpu", even)
-    assert name == "cpu" and fn(even)[0] == "cpu"
-    assert _backends.eager_route(toy_op, "cpu", torch.zeros(3))[0] == "reference"
+    name, fn, direct = _backends.eager_route(toy_op, "cpu", even)
+    assert name == "cpu" and fn(even)[0] == "cpu" and direct
+    assert _backends.eager_route(toy_op, "cpu", torch.zeros(3))[:3:2] == ("reference", True)
     # Forced backends and modes that must see the op as one node keep the custom op.
     with effops.use_backend("cpu"):
         assert _backends.eager_route(toy_op, "cpu", even) is None
@@ -138,22 +138,27 @@ def test_eager_route_skips_the_custom_op_only_where_nothing_depends_on_it(toy_op
         assert _backends.eager_route(toy_op, "cpu", even) is None
     with TorchDispatchMode():
         assert _backends.eager_route(toy_op, "cpu", even) is None
-    # A kernel's output needs the custom op's autograd formula when a gradient is wanted...
+    # A kernel's output needs the custom op's autograd formula when a gradient is wanted (not direct:
+    # the custom op runs, with the choice made here, where grad mode is visible)...
     wants_grad = torch.zeros(4, requires_grad=True)
-    assert _backends.eager_route(toy_op, "cpu", wants_grad) is None
+    assert _backends.eager_route(toy_op, "cpu", wants_grad)[:3:2] == ("cpu", False)
     with torch.no_grad():
-        assert _backends.eager_route(toy_op, "cpu", wants_grad)[0] == "cpu"
+        assert _backends.eager_route(toy_op, "cpu", wants_grad)[:3:2] == ("cpu", True)
     # ...while the reference's plain ops are recorded by torch's own autograd, where the op says that
     # gives its own formula (not so for a reference that rounds, like int8's straight-through gradient).
     odd_wants_grad = torch.zeros(3, requires_grad=True)
-    assert _backends.eager_route(toy_op, "cpu", odd_wants_grad, reference_autograd=True)[0] == "reference"
-    assert _backends.eager_route(toy_op, "cpu", odd_wants_grad) is None
+    assert _backends.eager_route(toy_op, "cpu", odd_wants_grad, reference_autograd=True)[:3:2] == ("reference", True)
+    assert _backends.eager_route(toy_op, "cpu", odd_wants_grad)[:3:2] == ("reference", False)
     # A tensor subclass may carry its own dispatch: custom op. A module's Parameter is plain.
     class Tagged(torch.Tensor):
         pass
     assert _backends.eager_route(toy_op, "cpu", even.as_subclass(Tagged)) is None
     with torch.no_grad():
-        assert _backends.eager_route(toy_op, "cpu", torch.nn.Parameter(even))[0] == "cpu"
+        assert _backends.eager_route(toy_op, "cpu", torch.nn.Parameter(even))[:3:2] == ("cpu", True)
+    # A direct route is counted here; one through the custom op by dispatch, once, with the choice made here.
     with _backends.record_choices() as tally:
         _backends.eager_route(toy_op, "cpu", even)
-    assert tally == {toy_op: {"cpu": 1}}
+        route = _backends.eager_route(toy_op, "cpu", wants_grad)
+        assert _backends.through_custom_op(route, toy_op, lambda x: _backends.dispatch(toy_op, "cpu", x),
+                                           torch.zeros(3))[0] == "cpu"  # odd: would choose reference itself
+    assert tally == {toy_op: {"cpu": 2}}

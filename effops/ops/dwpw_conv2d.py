@@ -73,7 +73,7 @@ def _cpu_faster(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dila
     if training:
         # Training step: the fused forward is taken exactly where the fused backward is (same rule), so a
         # step runs either the fused pair or torch's own autograd (which keeps the depthwise output).
-        # Eager only: the public function applies this (chosen_outside); inside the custom op grad mode
+        # Eager only: eager_route applies this (through_custom_op); inside the custom op grad mode
         # is off, so under torch.compile the forward gets the inference rule below.
         return _cpu_step_slower(x, dw_weight, pw_weight, stride, padding, dilation)
     largest = N * max(C, O) * out_hw[0] * out_hw[1] * x.element_size()
@@ -212,14 +212,12 @@ def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, p
         _checks.same_dtype(name, value, x.dtype)
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation)
     route = _backends.eager_route("dwpw_conv2d", x.device, *args, reference_autograd=True)
-    if route is not None:
+    if route is not None and route.direct:
         # reference: plain PyTorch recorded by torch's autograd; a kernel: no gradient is needed.
-        return route[1](*args) if route[0] == "reference" else _in_format_of(x, route[1](*args))
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # A training step: _cpu_faster's step rule sees autograd only here, not inside the custom op.
-        with _backends.chosen_outside("dwpw_conv2d", _backends.select("dwpw_conv2d", x.device, *args)):
-            return torch.ops.effops.dwpw_conv2d(*args)
-    return torch.ops.effops.dwpw_conv2d(*args)
+        return route.fn(*args) if route.name == "reference" else _in_format_of(x, route.fn(*args))
+    # A training step through our kernels: the route carries _cpu_faster's step rule, which sees
+    # autograd only out here, into the custom op.
+    return _backends.through_custom_op(route, "dwpw_conv2d", torch.ops.effops.dwpw_conv2d, *args)
 
 
 def _in_format_of(x, y):

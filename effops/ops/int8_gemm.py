@@ -133,9 +133,9 @@ def int8_mm(a, b):
         raise ValueError("b's first dim must equal a's second dim %d, got b of shape %s" % (a.shape[1], tuple(b.shape)))
     _check_k("a's second dim (K)", a.shape[1])
     route = _backends.eager_route("int8_mm", a.device, a, b)
-    if route is not None:  # eager, no gradient needed: skip the custom op's dispatch
-        return route[1](a, b)
-    return torch.ops.effops.int8_mm(a, b)
+    if route is not None and route.direct:  # eager, no gradient needed: skip the custom op's dispatch
+        return route.fn(a, b)
+    return _backends.through_custom_op(route, "int8_mm", torch.ops.effops.int8_mm, a, b)
 
 
 @torch.library.custom_op("effops::int8_mm", mutates_args=())
@@ -174,9 +174,10 @@ def int8_linear(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=torch.flo
         bias = bias.float()
     _check_out_dtype(out_dtype)
     route = _backends.eager_route("int8_linear", x_int8.device, x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
-    if route is not None:  # eager, no gradient needed: skip the custom op's dispatch
-        return route[1](x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
-    return torch.ops.effops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
+    if route is not None and route.direct:  # eager, no gradient needed: skip the custom op's dispatch
+        return route.fn(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
+    return _backends.through_custom_op(route, "int8_linear", torch.ops.effops.int8_linear, x_int8, x_scale, w_int8,
+                                       w_scale, bias, out_dtype)
 
 
 @torch.library.custom_op("effops::int8_linear", mutates_args=())
@@ -238,9 +239,10 @@ def run_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_onl
     # (_backends.eager_route says when that is safe).
     route = _backends.eager_route("int8_linear_dynamic", x.device, x, w_packed, w_scale, bias, out_features,
                                   weight_only, w_corr)
-    if route is not None:
-        return route[1](x, w_packed, w_scale, bias, out_features, weight_only, w_corr)
-    return torch.ops.effops.int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr)
+    if route is not None and route.direct:
+        return route.fn(x, w_packed, w_scale, bias, out_features, weight_only, w_corr)
+    return _backends.through_custom_op(route, "int8_linear_dynamic", torch.ops.effops.int8_linear_dynamic, x,
+                                       w_packed, w_scale, bias, out_features, weight_only, w_corr)
 
 
 @torch.library.custom_op("effops::int8_linear_dynamic", mutates_args=())

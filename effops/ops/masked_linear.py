@@ -63,9 +63,9 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None):
     _checks.same_dtype("weight", weight, x.dtype)
     _checks.same_dtype("bias", bias, x.dtype)
     route = _backends.eager_route("masked_linear", x.device, x, weight, mask, bias, reference_autograd=True)
-    if route is not None and route[0] != "reference":
-        return route[1](x, weight, mask, bias)  # no gradient needed: the kernel without the custom op
-    if route is not None:
+    if route is not None and route.direct and route.name != "reference":
+        return route.fn(x, weight, mask, bias)  # no gradient needed: the kernel without the custom op
+    if route is not None and route.direct:
         if torch.is_grad_enabled() and weight.requires_grad:
             # Training: W * mask changes every step. The mask in weight's dtype is made once per mask
             # version (a bool mask multiplies ~5x slower: its promotion runs per element, every call).
@@ -74,7 +74,7 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None):
         # Inference on a mask too dense for the sparse kernels: dense F.linear on W * mask, made once per
         # weight version instead of per call (the cost plain PyTorch pays with a pre-masked weight).
         return torch.nn.functional.linear(x, _masked_weight(_sparse_index.mask_info(mask), weight, mask), bias)
-    return torch.ops.effops.masked_linear(x, weight, mask, bias)
+    return _backends.through_custom_op(route, "masked_linear", torch.ops.effops.masked_linear, x, weight, mask, bias)
 
 
 def check_pattern(pattern, block_size):

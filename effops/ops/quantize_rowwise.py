@@ -34,9 +34,9 @@ def quantize_rowwise(x):
     if x.shape[-1] < 1:
         raise ValueError("x's last dim (the row length) must be >= 1, got shape %s" % (tuple(x.shape),))
     route = _backends.eager_route("quantize_rowwise", x.device, x)
-    if route is not None:  # eager (no gradient flows through rounding): skip the custom op's dispatch
-        return route[1](x)
-    return torch.ops.effops.quantize_rowwise(x)
+    if route is not None and route.direct:  # eager, no gradient needed: skip the custom op's dispatch
+        return route.fn(x)
+    return _backends.through_custom_op(route, "quantize_rowwise", torch.ops.effops.quantize_rowwise, x)
 
 
 @torch.library.custom_op("effops::quantize_rowwise", mutates_args=())
