@@ -99,9 +99,7 @@ class Int8Linear(nn.Module):
 
     def _set_packed(self, packed):
         self.weight_packed = packed
-        if self.weight_bits == 7:
-            self.weight_corr = reference.weight_correction(packed)
-            self._corr_key = self._packed_key()
+        self._current_corr()  # derive weight_corr now (7-bit), so it is there before a first forward
 
     def _packed_key(self):
         p = self.weight_packed
