@@ -35,6 +35,7 @@ _forced = contextvars.ContextVar("effops_forced_backend", default=None)
 _chosen_outside = contextvars.ContextVar("effops_chosen_outside", default=None)  # (op, backend) or None
 _kernels = {}  # op name -> {backend name -> _Kernel}
 _recorders = []  # open record_choices() tallies
+_generation = [0]  # moves with every register_kernel: memos of earlier choices (effops._call_plan) lapse
 
 
 class BackendError(RuntimeError):
@@ -64,6 +65,7 @@ def register_kernel(op, backend, fn=None, *, supports=None, faster=None):
 
     def add(f):
         _kernels.setdefault(op, {})[backend] = _Kernel(f, supports, faster)
+        _generation[0] += 1
         return f
 
     return add if fn is None else add(fn)
@@ -115,6 +117,11 @@ def _usable(name):
         if name != "triton":
             _usable_cache[name] = usable
     return usable
+
+
+def generation():
+    """A number that changes whenever the registry does (a kernel registered or replaced)."""
+    return _generation[0]
 
 
 def backend_reasons():

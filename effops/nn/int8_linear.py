@@ -27,9 +27,9 @@ the bias is a Parameter with requires_grad=False unless the user enables it.
 import torch
 from torch import nn
 
-from effops import ops
+from effops import _call_plan, ops
 from effops.ops import _checks
-from effops.ops.int8_gemm import _check_k, run_int8_linear_dynamic
+from effops.ops.int8_gemm import _check_k, int8_linear_dynamic_runner, run_int8_linear_dynamic
 from effops.reference import int8 as reference
 
 MODES = ("dynamic", "weight_only", "auto")
@@ -90,12 +90,24 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.weight_scale.unsqueeze(1)
 
     def forward(self, x):
+        # Through the module's memo of its last call (effops._call_plan): checks and choice run again only
+        # when x's shape, the grad mode, a buffer (weight_packed: also its version) or a setting changed.
+        tensors = (self.weight_packed, self.weight_scale, self.bias, self.weight_corr)
+        return _call_plan.call(self, x, tensors, lambda: self._runner(x), lambda: self._forward(x), versioned=(0,),
+                               extra=(self.mode, self.out_features, self.in_features, self.weight_bits))
+
+    def _checked_args(self, x):
         _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES, device=self.weight_scale.device)
         if x.shape[-1] != self.in_features:
             raise ValueError("x's last dim must equal in_features %d, got shape %s" % (self.in_features, tuple(x.shape)))
         weight_only = self.mode == "weight_only" or (self.mode == "auto" and x.numel() // x.shape[-1] <= AUTO_ROWS)
-        return run_int8_linear_dynamic(x, self.weight_packed, self.weight_scale, self.bias, self.out_features,
-                                       weight_only, self._current_corr())
+        return (self.weight_packed, self.weight_scale, self.bias, self.out_features, weight_only, self._current_corr())
+
+    def _forward(self, x):
+        return run_int8_linear_dynamic(x, *self._checked_args(x))
+
+    def _runner(self, x):
+        return int8_linear_dynamic_runner(x, *self._checked_args(x))
 
     def _set_packed(self, packed):
         self.weight_packed = packed

@@ -3,9 +3,14 @@
 Its parameters live in two nn.Conv2d submodules, `depthwise` and `pointwise`, exactly as in the block
 people write by hand, so a state_dict of that two-conv block loads as is.
 """
+import importlib
+
 import torch.nn as nn
 
+from effops import _call_plan
 from effops.ops.dwpw_conv2d import ACTIVATIONS, dwpw_conv2d
+
+_op = importlib.import_module("effops.ops.dwpw_conv2d")  # the module (effops.ops.dwpw_conv2d is the function)
 
 
 class SeparableConv2d(nn.Module):
@@ -53,9 +58,14 @@ class SeparableConv2d(nn.Module):
         return self.pointwise.out_channels
 
     def forward(self, x):
-        dw = self.depthwise
-        return dwpw_conv2d(x, dw.weight, self.pointwise.weight, dw.bias, self.pointwise.bias, stride=dw.stride,
-                           padding=dw.padding, dilation=dw.dilation, activation=self.activation)
+        # Through the module's memo of its last call (effops._call_plan): the op's checks and choice run
+        # again only when x's shape or layout, the grad mode, a parameter or a setting changed.
+        dw, pw = self.depthwise, self.pointwise
+        tensors = (dw.weight, pw.weight, dw.bias, pw.bias)
+        config = (dw.stride, dw.padding, dw.dilation, self.activation)
+        return _call_plan.call(self, x, tensors, lambda: _op.plan(x, *tensors, *config),
+                               lambda: dwpw_conv2d(x, *tensors, *config),
+                               extra=config + (_op.torch_uses_huge_pages(),))
 
     def extra_repr(self):
         return "activation=%r" % (self.activation,)

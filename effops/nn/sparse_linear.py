@@ -10,6 +10,7 @@ import importlib
 import torch
 from torch import nn
 
+from effops import _call_plan
 from effops.ops import _checks
 
 _op = importlib.import_module("effops.ops.masked_linear")  # the module: masked_linear, check_pattern
@@ -113,7 +114,11 @@ class SparseLinear(_MaskedMixin, nn.Linear):
         return out
 
     def forward(self, x):
-        return self._masked_forward(x)
+        # Through the module's memo of its last call (effops._call_plan): the op's checks and choice run
+        # again only when x's shape, the grad mode, the mask (its version) or a parameter changed.
+        weight, mask, bias = self.weight, self.mask, self.bias
+        return _call_plan.call(self, x, (weight, mask, bias), lambda: _op.plan(x, weight, mask, bias),
+                               lambda: _op.masked_linear(x, weight, mask, bias), versioned=(1,))
 
     def extra_repr(self):
         return "%s, density=%.3f, pattern=%s" % (super().extra_repr(), self.density, self.pattern)

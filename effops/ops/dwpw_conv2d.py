@@ -78,7 +78,7 @@ def _cpu_faster(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dila
         return _cpu_step_slower(x, dw_weight, pw_weight, stride, padding, dilation)
     largest = N * max(C, O) * out_hw[0] * out_hw[1] * x.element_size()
     if largest >= _CPU_MIN_AUTO_TENSOR_BYTES:
-        if not _torch_uses_huge_pages():
+        if not torch_uses_huge_pages():
             return None
         return ("THP_MEM_ALLOC_ENABLE=1: torch's large tensors are on huge pages, and there its convolutions "
                 "measured about as fast as the fused cpu kernel")
@@ -86,7 +86,7 @@ def _cpu_faster(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dila
             "as fast as the fused cpu kernel or faster" % (largest, _CPU_MIN_AUTO_TENSOR_BYTES))
 
 
-def _torch_uses_huge_pages():
+def torch_uses_huge_pages():
     """THP_MEM_ALLOC_ENABLE=1 makes torch's CPU allocator put large tensors on huge pages too: its big
     outputs then no longer fault page by page, and the fused forward measured 0.82-1.20x of torch's
     convolutions (32x64->128@56 and 32x32->64@112, channels_last, one thread, CPU time), so the
@@ -129,7 +129,7 @@ def _cpu_step_slower(x, dw_weight, pw_weight, stride, padding, dilation):
         return ("training step: torch's largest tensor is %d bytes (< %d, malloc recycles it): there torch's "
                 "autograd measured as fast as the fused forward + backward or faster"
                 % (largest, _CPU_MIN_AUTO_TENSOR_BYTES))
-    if _torch_uses_huge_pages() and reference.memory_format(x) == torch.channels_last:
+    if torch_uses_huge_pages() and reference.memory_format(x) == torch.channels_last:
         return ("training step with THP_MEM_ALLOC_ENABLE=1 on channels_last: torch's large tensors are on huge "
                 "pages, and there its autograd measured about as fast as the fused forward + backward")
     return None
@@ -179,6 +179,20 @@ def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, p
     depthwise conv); activation: None, "relu", "relu6", "gelu" (exact erf form) or "silu".
     Returns (N, O, H', W') in x's memory format and dtype (autocast's under autocast).
     """
+    args = _checked(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation)
+    run = _runner(args)
+    return run(args[0]) if run is not None else torch.ops.effops.dwpw_conv2d(*args)
+
+
+def plan(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
+    """For effops._call_plan (SeparableConv2d's memo; never under autocast): dwpw_conv2d's checks and
+    choice for this call, as a runner of x alone, or None where the custom op must run."""
+    return _runner(_checked(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation))
+
+
+def _checked(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
+    """The op's arguments checked (TypeError/ValueError naming the bad one), stride/padding/dilation as
+    pairs, cast under autocast."""
     _checks.tensor("x", x, ndim=4, dtypes=_checks.FLOAT_DTYPES)
     C = x.shape[1]
     _checks.tensor("dw_weight", dw_weight, ndim=4, dtypes=_checks.FLOAT_DTYPES, device=x.device)
@@ -210,14 +224,24 @@ def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, p
     for name, value in (("dw_weight", dw_weight), ("pw_weight", pw_weight), ("dw_bias", dw_bias),
                         ("pw_bias", pw_bias)):
         _checks.same_dtype(name, value, x.dtype)
-    args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation)
+    return x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation
+
+
+def _runner(args):
+    """How this eager call runs, as a callable of x (the other arguments bound), or None where the custom
+    op must choose for itself (_backends.eager_route)."""
+    x, rest = args[0], args[1:]
     route = _backends.eager_route("dwpw_conv2d", x.device, *args, reference_autograd=True)
-    if route is not None and route.direct:
-        # reference: plain PyTorch recorded by torch's autograd; a kernel: no gradient is needed.
-        return route.fn(*args) if route.name == "reference" else _in_format_of(x, route.fn(*args))
+    if route is None:
+        return None
+    kernel = route.fn
+    if route.direct and route.name == "reference":
+        return lambda x: kernel(x, *rest)  # plain PyTorch, recorded by torch's autograd where needed
+    if route.direct:
+        return lambda x: _in_format_of(x, kernel(x, *rest))  # a kernel: no gradient is needed
     # A training step through our kernels: the route carries _cpu_faster's step rule, which sees
     # autograd only out here, into the custom op.
-    return _backends.through_custom_op(route, "dwpw_conv2d", torch.ops.effops.dwpw_conv2d, *args)
+    return lambda x: _backends.through_custom_op(route, "dwpw_conv2d", torch.ops.effops.dwpw_conv2d, x, *rest)
 
 
 def _in_format_of(x, y):

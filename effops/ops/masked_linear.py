@@ -34,6 +34,20 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None):
     block_size in 16/32/64, "2:4"); a mask that does not fit raises ValueError. The kernels detect
     the structure themselves (once per mask change), so the hint only validates.
     """
+    x, weight, mask, bias = _checked(x, weight, mask, bias, pattern, block_size)
+    run = _runner(x, weight, mask, bias)
+    return run(x) if run is not None else torch.ops.effops.masked_linear(x, weight, mask, bias)
+
+
+def plan(x, weight, mask, bias):
+    """For effops._call_plan (SparseLinear's memo; never under autocast): masked_linear's checks and
+    choice for this call, as a runner of x alone, or None where the custom op must run."""
+    x, weight, mask, bias = _checked(x, weight, mask, bias, None, None)
+    return _runner(x, weight, mask, bias)
+
+
+def _checked(x, weight, mask, bias, pattern, block_size):
+    """The arguments checked (TypeError/ValueError naming the bad one) and cast under autocast."""
     _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("weight", weight, ndim=2, dtypes=_checks.FLOAT_DTYPES, device=x.device)
     _checks.tensor("mask", mask, device=x.device)
@@ -62,19 +76,30 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None):
             mask = mask.to(cast)
     _checks.same_dtype("weight", weight, x.dtype)
     _checks.same_dtype("bias", bias, x.dtype)
+    return x, weight, mask, bias
+
+
+def _runner(x, weight, mask, bias):
+    """How this eager call runs, as a callable of x (the other arguments bound), or None where the custom
+    op must choose for itself (_backends.eager_route)."""
     route = _backends.eager_route("masked_linear", x.device, x, weight, mask, bias, reference_autograd=True)
-    if route is not None and route.direct and route.name != "reference":
-        return route.fn(x, weight, mask, bias)  # no gradient needed: the kernel without the custom op
-    if route is not None and route.direct:
-        if torch.is_grad_enabled() and weight.requires_grad:
-            # Training: W * mask changes every step. The mask in weight's dtype is made once per mask
-            # version (a bool mask multiplies ~5x slower: its promotion runs per element, every call).
-            return reference.masked_linear(x, weight, _mask_as(_sparse_index.mask_info(mask), mask, weight.dtype),
-                                           bias)
-        # Inference on a mask too dense for the sparse kernels: dense F.linear on W * mask, made once per
-        # weight version instead of per call (the cost plain PyTorch pays with a pre-masked weight).
-        return torch.nn.functional.linear(x, _masked_weight(_sparse_index.mask_info(mask), weight, mask), bias)
-    return _backends.through_custom_op(route, "masked_linear", torch.ops.effops.masked_linear, x, weight, mask, bias)
+    if route is None:
+        return None
+    if not route.direct:
+        return lambda x: _backends.through_custom_op(route, "masked_linear", torch.ops.effops.masked_linear, x,
+                                                     weight, mask, bias)
+    if route.name != "reference":
+        kernel = route.fn
+        return lambda x: kernel(x, weight, mask, bias)  # no gradient needed: the kernel without the custom op
+    info = _sparse_index.mask_info(mask)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        # Training: W * mask changes every step. The mask in weight's dtype is made once per mask
+        # version (a bool mask multiplies ~5x slower: its promotion runs per element, every call).
+        mask_w = _mask_as(info, mask, weight.dtype)
+        return lambda x: reference.masked_linear(x, weight, mask_w, bias)
+    # Inference on a mask too dense for the sparse kernels: dense F.linear on W * mask, made once per
+    # weight version instead of per call (the cost plain PyTorch pays with a pre-masked weight).
+    return lambda x: torch.nn.functional.linear(x, _masked_weight(info, weight, mask), bias)
 
 
 def check_pattern(pattern, block_size):

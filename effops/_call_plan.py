@@ -1,0 +1,88 @@
+"""A module's memo of its last eager call: the checked, chosen way to run it, reused while nothing it
+depends on changed.
+
+The op layer's per-call work (argument checks, the backend choice with its size and density rules,
+building the call) costs 30-100 microseconds in Python: as much as a whole small layer's arithmetic.
+A module calls the same op with the same parameters over and over, so after one full call it keeps
+the runner the op built (a callable of x alone, holding the chosen kernel and the module's tensors)
+under a key of everything the checks and the choice read:
+
+* x: its type, shape, strides, dtype, device and requires_grad;
+* grad mode and inference mode;
+* each of the module's tensors: the object itself (the memo holds it, so its id cannot be reused),
+  its data pointer, shape, strides, dtype, device and requires_grad; and for the tensors whose
+  values steer the choice or a derived cache (a mask's density, int8 weights' correction) their
+  version counter, which every in-place write moves (an inference tensor has none: no memo then);
+* the module's own settings that reach the op (stride, activation, mode...), passed as `extra`;
+* the registry's generation (a kernel registered later changes the choice).
+
+No memo is made or used where the op must see the call itself: under torch.compile, a forced
+backend, a dispatch or function mode, a tensor subclass, autocast (the op casts per call), or while
+record_choices() is counting. The values of weights that do not steer the choice (a Linear weight
+during training) are not in the key: the runner reads them at each call.
+"""
+import torch
+
+from effops import _backends
+
+
+class CallPlan:
+    """One module's memo: its last key and runner. Dropped on copy and pickle (a runner holds closures
+    over the module's tensors: a copy rebuilds its own on first use)."""
+
+    __slots__ = ("key", "run", "tensors")
+
+    def __init__(self):
+        self.key = self.run = self.tensors = None
+
+    def __reduce__(self):
+        return CallPlan, ()
+
+
+def eager_key(x, tensors, versioned=(), extra=()):
+    """The memo key of a call on x with the module's `tensors` (versioned: indices into tensors whose
+    version counts), or None where no memo may stand in for the op (see the module docstring).
+    One flat list, built in one pass: it runs on every call, where each microsecond shows."""
+    if torch.compiler.is_compiling():  # first: dynamo traces the op, never the memo
+        return None
+    if type(x) is not torch.Tensor or _backends._recorders or _backends.forced_backend() is not None:
+        return None
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
+        return None
+    device = x.device
+    if torch.is_autocast_enabled(device.type):
+        return None
+    key = [x.shape, x.stride(), x.dtype, device, x.requires_grad, torch.is_grad_enabled(),
+           torch.is_inference_mode_enabled(), _backends.generation(), extra]
+    for i, t in enumerate(tensors):
+        if t is None:
+            key.append(None)
+            continue
+        if type(t) not in _backends._PLAIN_TENSOR_TYPES:
+            return None
+        key += (id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+        if i in versioned:
+            if t.is_inference():  # no version counter
+                return None
+            key.append(t._version)
+    return key
+
+
+def call(module, x, tensors, build, run_op, versioned=(), extra=()):
+    """The module's op on x: through its memo when the key matches, else build() (the op's checks and
+    choice, returning a runner of x or None) and remember the runner; run_op() where no runner can be
+    made (the op must see the call)."""
+    key = eager_key(x, tensors, versioned, extra)
+    if key is None:
+        return run_op()
+    plan = module.__dict__.get("_call_plan")
+    if plan is None:
+        plan = module.__dict__["_call_plan"] = CallPlan()
+    elif key == plan.key:
+        return plan.run(x)
+    run = build()
+    if run is None:
+        plan.key = plan.run = plan.tensors = None
+        return run_op()
+    plan.key, plan.run, plan.tensors = key, run, tensors  # tensors: their ids in the key stay theirs
+    return run(x)

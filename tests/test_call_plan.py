@@ -1,0 +1,291 @@
+"""The modules' memo of their last eager call (effops._call_plan): a repeated call skips the op's checks
+and choice, and every change the checks or the choice depend on makes the next call redo them. Each
+test changes one thing after a memo exists and compares with the reference computed afresh, so a key
+that missed that thing returns a stale answer and fails it."""
+import copy
+import importlib
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effops
+from effops import _backends
+from effops.nn import Int8Linear, SeparableConv2d, SparseLinear
+from effops.reference import dwpw_conv2d as dwpw_reference
+from effops.reference import int8 as int8_reference
+from tests.conftest import TOL
+
+masked_op = importlib.import_module("effops.ops.masked_linear")
+dwpw_op = importlib.import_module("effops.ops.dwpw_conv2d")
+needs_cpu = pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+
+
+class _Counter:
+    """Wraps a function and counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def _sparse_layer(features=48, sparsity=0.75, seed=0):
+    torch.manual_seed(seed)
+    return SparseLinear.from_linear(nn.Linear(features, features), torch.rand(features, features) >= sparsity)
+
+
+def _masked_expected(layer, x):
+    return F.linear(x, layer.weight * layer.mask.to(layer.weight.dtype), layer.bias)
+
+
+def _separable(activation="relu"):
+    torch.manual_seed(1)
+    return SeparableConv2d(6, 10, 3, padding=1, activation=activation)
+
+
+def _separable_expected(m, x):
+    dw, pw = m.depthwise, m.pointwise
+    return dwpw_reference.dwpw_conv2d(x, dw.weight, pw.weight, dw.bias, pw.bias, dw.stride, dw.padding, dw.dilation,
+                                      m.activation)
+
+
+def test_repeated_calls_build_once_and_a_new_shape_rebuilds(monkeypatch):
+    plans = _Counter(masked_op.plan)
+    monkeypatch.setattr(masked_op, "plan", plans)
+    layer = _sparse_layer()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(layer(x), _masked_expected(layer, x), **TOL[torch.float32])
+        assert plans.calls == 1
+        layer(torch.randn(7, 48))
+        assert plans.calls == 2
+
+
+def test_separable_and_int8_modules_keep_a_memo_too(monkeypatch):
+    dwpw_plans = _Counter(dwpw_op.plan)
+    monkeypatch.setattr(dwpw_op, "plan", dwpw_plans)
+    sep, x = _separable(), torch.randn(2, 6, 9, 8)
+    torch.manual_seed(2)
+    q, xq = Int8Linear.from_linear(nn.Linear(40, 24)), torch.randn(3, 40)
+    int8_runners = _Counter(q._runner)
+    monkeypatch.setattr(q, "_runner", int8_runners)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(sep(x), _separable_expected(sep, x), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(q(xq), int8_reference.int8_linear_dynamic(
+                xq, q.weight_packed, q.weight_scale, q.bias, 24, False), atol=1e-4, rtol=1e-5)
+    assert (dwpw_plans.calls, int8_runners.calls) == (1, 1)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_mask_edited_in_place_after_a_memo(training):
+    # The mask's density steers the choice and its cached forms (W * mask, the mask in weight's dtype)
+    # must follow an in-place edit. The weights are left as they are (no set_mask), so the old mask's
+    # kept weights show in a stale W * mask, and a stale mask in the gradient's.
+    layer = _sparse_layer()
+    x = torch.randn(5, 48)
+    with torch.set_grad_enabled(training):
+        layer(x)
+        layer.mask.copy_(torch.rand(48, 48) >= 0.5)
+        y = layer(x)
+        torch.testing.assert_close(y, _masked_expected(layer, x), **TOL[torch.float32])
+    if training:
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        torch.testing.assert_close(layer.weight.grad, (gy.t() @ x) * layer.mask, **TOL[torch.float32])
+
+
+def test_mask_replaced_by_another_tensor():
+    layer = _sparse_layer()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        layer(x)
+        layer.mask = torch.rand(48, 48) >= 0.5
+        layer.weight.mul_(layer.mask)  # keep pruned weights at zero, as set_mask would
+        torch.testing.assert_close(layer(x), _masked_expected(layer, x), **TOL[torch.float32])
+
+
+def _block_sparse_mask():
+    """A 90% block-32 mask of a 256 -> 512 layer: the cpu block kernel's, at 64 rows."""
+    torch.manual_seed(3)
+    return (torch.rand(16, 8) < 0.1).repeat_interleave(32, 0).repeat_interleave(32, 1)
+
+
+@needs_cpu
+def test_mask_change_that_changes_the_backend():
+    # Dense mask: the reference runs; a 90% block-sparse mask at 64 x 256 -> 512: the cpu block kernel.
+    layer = SparseLinear.from_linear(nn.Linear(256, 512), torch.ones(512, 256, dtype=torch.bool))
+    x = torch.randn(64, 256)
+    sparse = _block_sparse_mask()
+    assert _backends.select("masked_linear", "cpu", x, layer.weight, sparse, layer.bias) == "cpu"
+    kernel = _Counter(_backends._kernels["masked_linear"]["cpu"].fn)
+    with torch.no_grad():
+        layer(x)
+        _backends._kernels["masked_linear"]["cpu"]._fn = kernel
+        try:
+            layer.set_mask(sparse)
+            y = layer(x)
+        finally:
+            _backends._kernels["masked_linear"]["cpu"]._fn = kernel.fn
+    assert kernel.calls == 1
+    torch.testing.assert_close(y, _masked_expected(layer, x), atol=1e-4, rtol=1e-4)  # 256-term sums, other order
+
+
+def test_grad_mode_switch_after_a_memo():
+    layer = _sparse_layer()
+    x = torch.randn(5, 48, requires_grad=True)
+    with torch.no_grad():
+        layer(x)
+    layer(x).square().sum().backward()
+    w = layer.weight.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    F.linear(xr, w * layer.mask.float(), layer.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, **TOL[torch.float32])
+    torch.testing.assert_close(layer.weight.grad, w.grad * layer.mask, **TOL[torch.float32])  # masked gradient
+
+
+def test_dtype_change_after_a_memo():
+    layer = _sparse_layer()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        layer(x)
+        layer.bfloat16()  # replaces each parameter's data: new pointer and dtype
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, _masked_expected(layer, x.bfloat16()), **TOL[torch.bfloat16])
+
+
+def test_forced_backend_is_honoured_after_a_memo():
+    layer = _sparse_layer()
+    x = torch.randn(5, 48)
+    reference = _Counter(_backends._kernels["masked_linear"]["reference"].fn)
+    with torch.no_grad():
+        layer(x)
+        _backends._kernels["masked_linear"]["reference"]._fn = reference
+        try:
+            with effops.use_backend("reference"):
+                y = layer(x)
+        finally:
+            _backends._kernels["masked_linear"]["reference"]._fn = reference.fn
+    assert reference.calls == 1  # the op's dispatch ran, not the memo's dense fallback
+    torch.testing.assert_close(y, _masked_expected(layer, x), **TOL[torch.float32])
+
+
+@needs_cpu
+def test_autocast_after_a_memo():
+    # The cpu kernel's memo (it runs in x's dtype): autocast must reach the op's cast.
+    layer = SparseLinear.from_linear(nn.Linear(256, 512), _block_sparse_mask())
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), _masked_expected(layer, x), atol=0.1, rtol=0.02)  # 256-term bf16 sums
+
+
+def test_separable_settings_changed_after_a_memo():
+    m = _separable("relu")
+    x = torch.randn(2, 6, 9, 8)
+    with torch.no_grad():
+        m(x)
+        m.activation = "gelu"
+        torch.testing.assert_close(m(x), _separable_expected(m, x), atol=1e-4, rtol=1e-4)
+        m.depthwise.stride = (2, 2)
+        y = m(x)
+    assert y.shape == (2, 10, 5, 4)
+    torch.testing.assert_close(y, _separable_expected(m, x), atol=1e-4, rtol=1e-4)
+
+
+def test_separable_layout_change_after_a_memo():
+    m = _separable()
+    x = torch.randn(2, 6, 9, 8)
+    with torch.no_grad():
+        m(x)
+        y = m(x.contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, _separable_expected(m, x), atol=1e-4, rtol=1e-4)
+
+
+def test_registering_a_kernel_drops_the_memo(monkeypatch):
+    plans = _Counter(masked_op.plan)
+    monkeypatch.setattr(masked_op, "plan", plans)
+    layer = _sparse_layer()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        layer(x)
+        kernel = _backends._kernels["masked_linear"]["reference"]
+        _backends.register_kernel("masked_linear", "reference", kernel._fn, supports=kernel.supports,
+                                  faster=kernel.faster)  # the same kernel again: the registry's generation moves
+        layer(x)
+    assert plans.calls == 2
+
+
+@pytest.mark.parametrize("swap", ["data", "module"])
+def test_int8_weights_swapped_after_a_memo(swap):
+    # `.data =` keeps the tensor and its version counter: only the data pointer shows the new weights,
+    # whose 7-bit correction must be derived again.
+    torch.manual_seed(4)
+    m = Int8Linear.from_linear(nn.Linear(40, 24), weight_bits=7)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        m(x)
+        if swap == "data":
+            m.weight_packed.data = m.weight_packed.neg()
+        else:
+            m.weight_packed = m.weight_packed.neg()
+        expected = int8_reference.int8_linear_dynamic(x, m.weight_packed, m.weight_scale, m.bias, 24, False)
+        torch.testing.assert_close(m(x), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_copies_and_pickles_build_their_own_memo():
+    layer = _sparse_layer()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        before = layer(x)
+        twin = copy.deepcopy(layer)
+        twin.weight.mul_(2)
+        torch.testing.assert_close(twin(x), _masked_expected(twin, x), **TOL[torch.float32])
+        torch.testing.assert_close(layer(x), before, atol=0, rtol=0)
+        loaded = pickle.loads(pickle.dumps(layer))
+        torch.testing.assert_close(loaded(x), before, atol=0, rtol=0)
+
+
+def test_inference_tensor_mask_is_never_memoized(monkeypatch):
+    # An inference tensor has no version counter, so an in-place edit could not be seen: no memo.
+    plans = _Counter(masked_op.plan)
+    monkeypatch.setattr(masked_op, "plan", plans)
+    with torch.inference_mode():
+        layer = _sparse_layer()
+        x = torch.randn(5, 48)
+        layer(x)
+        layer.mask.copy_(torch.rand(48, 48) >= 0.5)
+        torch.testing.assert_close(layer(x), _masked_expected(layer, x), **TOL[torch.float32])
+    assert plans.calls == 0
+
+
+def test_bad_input_still_raises_after_a_memo():
+    layer = _sparse_layer()
+    with torch.no_grad():
+        layer(torch.randn(5, 48))
+        with pytest.raises(ValueError, match="last dim"):
+            layer(torch.randn(5, 47))
+        with pytest.raises(TypeError):
+            layer([1.0] * 48)
+        with pytest.raises(TypeError):
+            layer(torch.randn(5, 48, dtype=torch.float64))
+
+
+def test_compile_after_an_eager_memo():
+    layer = _sparse_layer()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), eager, **TOL[torch.float32])
