@@ -91,6 +91,8 @@ CASES = [  # (x shape, out_features, mask kind)
     ((5, 70), 48, "one_block"),           # a single nonzero 16 x 16 block
     ((2, 150, 70), 40, "block16"),        # 300 rows (600 rows: test_cpu_block_kernels_cross_row_chunks)
     ((300, 70), 40, "unstructured"),      # 300 rows: crosses the cpu CSR kernels' 256-row spans
+    ((5, 40), 1, "unstructured"),         # one output: gy^T has a plain matrix's strides
+    ((3, 2, 36), 1, "2:4"),
 ]
 
 

@@ -213,10 +213,11 @@ def _block_mm(a, w, bias, ptr, idx, block, transpose_w):
     return out
 
 
-def _masked_mm(a, b, mask_u8, bias, out_shape, strides, out_masked):
-    """One launch of _masked_mm_kernel; strides = (am, ac, br, bc, mr, mc)."""
+def _masked_mm(a, b, mask_u8, bias, out_shape, c, strides, out_masked):
+    """One launch of _masked_mm_kernel: out[m, r] = sum over c of A'[m, c] B'[r, c] (masked);
+    strides = (am, ac, br, bc, mr, mc). The reduction length c is passed, not guessed from the strides:
+    with a single output row the transposed operand's strides look like a plain one's."""
     m, r = out_shape
-    c = a.shape[1] if strides[1] == 1 else a.shape[0]
     out = torch.empty(out_shape, dtype=b.dtype, device=b.device)
     grid = (_cdiv(m, TILE), _cdiv(r, TILE))
     _masked_mm_kernel[grid](a, b, mask_u8, bias if bias is not None else out, out, m, c, r, *strides,
@@ -269,7 +270,7 @@ def masked_linear(x, weight, mask, bias):
             BK=_masked_mm_depth(x2.dtype == torch.float32),
             HAS_BIAS=b is not None, IEEE=x2.dtype == torch.float32, num_warps=MASKED_MM_WARPS)
     else:
-        y = _masked_mm(x2, w, info.mask_u8(), b, (x2.shape[0], n), (k, 1, k, 1, k, 1), False)
+        y = _masked_mm(x2, w, info.mask_u8(), b, (x2.shape[0], n), k, (k, 1, k, 1, k, 1), False)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -303,13 +304,13 @@ def masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
                 num_warps=MASKED_MM_WARPS)
             grad_x = grad_x.reshape(x.shape)
         if need_w:  # (gy^T @ x) * mask through the dense-with-mask kernel
-            grad_w = _masked_mm(g2, x2, info.mask_u8(), None, (n, k), (1, n, 1, k, k, 1), True)
+            grad_w = _masked_mm(g2, x2, info.mask_u8(), None, (n, k), m, (1, n, 1, k, k, 1), True)
     else:
         mask_u8 = info.mask_u8()
         if need_x:  # grad_x[M, K] = gy[M, N] @ (W * mask): B'[r=k, c=n] = W[n, k]
-            grad_x = _masked_mm(g2, w, mask_u8, None, (m, k), (n, 1, 1, k, 1, k), False).reshape(x.shape)
+            grad_x = _masked_mm(g2, w, mask_u8, None, (m, k), n, (n, 1, 1, k, 1, k), False).reshape(x.shape)
         if need_w:  # grad_w[N, K] = (gy^T @ x) * mask: A'[n, m] = gy[m, n], B'[k, m] = x[m, k]
-            grad_w = _masked_mm(g2, x2, mask_u8, None, (n, k), (1, n, 1, k, k, 1), True)
+            grad_w = _masked_mm(g2, x2, mask_u8, None, (n, k), m, (1, n, 1, k, k, 1), True)
     grad_b = g2.sum(0) if need_b else None
     return grad_x, grad_w, grad_b
 
