@@ -216,6 +216,20 @@ def test_int8_linear_weights_with_min_value(backend):
     _close(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias), torch.float32)
 
 
+def _strided(t):
+    """t's values in a tensor whose last dim has stride 2 (a view of a larger buffer)."""
+    out = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)[..., ::2]
+    out.copy_(t)
+    return out
+
+
+def test_int8_linear_strided_scales_and_bias(backend):
+    # Vectors viewed out of larger buffers: a kernel reading them at unit stride gives wrong sums.
+    x_int8, x_scale, w_int8, w_scale, bias = _linear_inputs((9,), 70, 20)
+    got = ops.int8_linear(x_int8, _strided(x_scale.unsqueeze(0)).squeeze(0), w_int8, _strided(w_scale), _strided(bias))
+    _close(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias), torch.float32)
+
+
 def test_int8_linear_bad_inputs():
     x_int8, x_scale, w_int8, w_scale, bias = _linear_inputs((4,), 8, 5)
     with pytest.raises(ValueError, match="x_scale must have shape"):
@@ -254,6 +268,19 @@ def test_int8_linear_dynamic_matches_reference(backend, weight_only, dtype, lead
     ref = reference.int8_linear_dynamic(x, packed, w_scale, bias, n, weight_only)
     assert got.dtype == dtype and got.shape == (*lead, n)
     _close(got, ref, dtype if not weight_only else dtype)
+
+
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_int8_linear_dynamic_strided_operands(backend, weight_only):
+    _need_kernel("int8_linear_dynamic", backend)
+    if backend == "triton" and weight_only:
+        pytest.skip("triton declines weight_only (no kernel): covered by test_triton_declines_weight_only")
+    x = torch.randn(5, 70, device=device())
+    w_int8, w_scale = reference.quantize_rowwise(torch.randn(20, 70, device=device()))
+    packed, bias = reference.pack_weight(w_int8), torch.randn(20, device=device())
+    from effops.ops.int8_gemm import int8_linear_dynamic
+    got = int8_linear_dynamic(x, _strided(packed), _strided(w_scale), _strided(bias), 20, weight_only)
+    _close(got, reference.int8_linear_dynamic(x, packed, w_scale, bias, 20, weight_only), torch.float32)
 
 
 def test_triton_declines_weight_only():

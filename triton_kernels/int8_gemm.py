@@ -165,7 +165,8 @@ def int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
     out = torch.empty((x2.shape[0], n), dtype=out_dtype, device=x_int8.device)
     if out.numel():
         _launch_gemm(x2, w_int8, out, n, k, (w_int8.stride(1), w_int8.stride(0)), packed=False,
-                     xs=x_scale.reshape(-1).contiguous(), ws=w_scale.contiguous(), bias=bias)
+                     xs=x_scale.reshape(-1).contiguous(), ws=w_scale.contiguous(),
+                     bias=None if bias is None else bias.contiguous())
     return out.reshape(*x_int8.shape[:-1], n)
 
 

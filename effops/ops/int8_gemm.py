@@ -24,6 +24,11 @@ for _op in ("int8_mm", "int8_linear", "int8_linear_dynamic", "int8_linear_dynami
     _backends.register_kernel(_op, "reference", getattr(reference, _op))
 
 
+def _dense(t):
+    """t with unit strides (the kernels index vectors and packed panels as dense arrays), or None."""
+    return None if t is None else t.contiguous()
+
+
 # ---------------------------------------------------------------------------------------------
 # cpu backend (effops._C). Declines only where plain PyTorch is as fast (measured: see docs/int8.md).
 # ---------------------------------------------------------------------------------------------
@@ -34,14 +39,15 @@ def _cpu_int8_mm(a, b):
 def _cpu_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
     k = x_int8.shape[-1]
     y = torch.ops.effops_cpu.int8_linear(x_int8.reshape(-1, k).contiguous(), x_scale.reshape(-1).contiguous(),
-                                         w_int8.contiguous(), w_scale.contiguous(), bias, out_dtype)
+                                         w_int8.contiguous(), w_scale.contiguous(), _dense(bias), out_dtype)
     return y.reshape(*x_int8.shape[:-1], w_int8.shape[0])
 
 
 def _cpu_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None):
     k = x.shape[-1]
-    y = torch.ops.effops_cpu.int8_linear_dynamic(x.reshape(-1, k).contiguous(), w_packed, w_scale, bias,
-                                                 out_features, weight_only, w_corr)
+    y = torch.ops.effops_cpu.int8_linear_dynamic(x.reshape(-1, k).contiguous(), w_packed.contiguous(),
+                                                 w_scale.contiguous(), _dense(bias), out_features, weight_only,
+                                                 _dense(w_corr))
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -78,7 +84,7 @@ def _triton_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight
     # The Triton GEMM is exact for any int8 weights, 7-bit ones included: w_corr (a CPU-kernel detail)
     # is not needed.
     from effops.triton_kernels.int8_gemm import int8_linear_dynamic as launch
-    return launch(x, w_packed, w_scale, bias, out_features, weight_only)
+    return launch(x, w_packed.contiguous(), w_scale.contiguous(), _dense(bias), out_features, weight_only)
 
 
 _backends.register_kernel("int8_linear_dynamic", "triton", _triton_int8_linear_dynamic,
@@ -97,7 +103,7 @@ def _cuda_int8_mm(a, b):
 def _cuda_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
     k = x_int8.shape[-1]
     y = torch.ops.effops_cuda.int8_linear(x_int8.reshape(-1, k).contiguous(), x_scale.reshape(-1).contiguous(),
-                                          w_int8.contiguous(), w_scale.contiguous(), bias, out_dtype)
+                                          w_int8.contiguous(), w_scale.contiguous(), _dense(bias), out_dtype)
     return y.reshape(*x_int8.shape[:-1], w_int8.shape[0])
 
 
