@@ -43,17 +43,46 @@ class BackendError(RuntimeError):
 
 
 class _Kernel:
-    def __init__(self, fn, supports, faster):
+    def __init__(self, fn, supports, faster, on_tensors_device=False):
         self._fn = fn  # a callable, or "module:function" imported on first use (keeps Triton lazy)
         self.supports = supports
         self.faster = faster
+        self._on_tensors_device = on_tensors_device
+        self._resolved = None
 
     @property
     def fn(self):
-        if isinstance(self._fn, str):
-            module, name = self._fn.split(":")
-            self._fn = getattr(importlib.import_module(module), name)
-        return self._fn
+        if self._resolved is None or self._resolved[0] is not self._fn:  # tests may swap _fn
+            fn = self._fn
+            if isinstance(fn, str):
+                module, name = fn.split(":")
+                fn = self._fn = getattr(importlib.import_module(module), name)
+            self._resolved = (fn, on_tensors_device(fn) if self._on_tensors_device else fn)
+        return self._resolved[1]
+
+
+def _first_device(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device
+    return None
+
+
+def on_tensors_device(fn):
+    """fn run with the CUDA device of its first tensor argument current. Triton launches its kernels on
+    the current device, not on the tensors': given cuda:1 tensors while cuda:0 is current, a kernel
+    would run on the wrong GPU with the other GPU's addresses."""
+    def run(*args, **kwargs):
+        device = _first_device(args)
+        if device is None or device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    run.__wrapped__ = fn
+    return run
 
 
 def register_kernel(op, backend, fn=None, *, supports=None, faster=None):
@@ -64,7 +93,7 @@ def register_kernel(op, backend, fn=None, *, supports=None, faster=None):
         raise ValueError("backend must be one of %s, got %r" % (BACKENDS, backend))
 
     def add(f):
-        _kernels.setdefault(op, {})[backend] = _Kernel(f, supports, faster)
+        _kernels.setdefault(op, {})[backend] = _Kernel(f, supports, faster, on_tensors_device=backend == "triton")
         _generation[0] += 1
         return f
 

@@ -162,3 +162,37 @@ def test_eager_route_skips_the_custom_op_only_where_nothing_depends_on_it(toy_op
         assert _backends.through_custom_op(route, toy_op, lambda x: _backends.dispatch(toy_op, "cpu", x),
                                            torch.zeros(3))[0] == "cpu"  # odd: would choose reference itself
     assert tally == {toy_op: {"cpu": 2}}
+
+
+def test_triton_kernels_run_with_their_tensors_cuda_device_current(monkeypatch):
+    # Triton launches on the current CUDA device: a kernel given cuda:1 tensors must run with cuda:1
+    # current. Checked without a GPU: fake CUDA tensors and a recording stand-in for torch.cuda.device.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    entered = []
+
+    class _Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", _Device)
+    calls = []
+    _backends.register_kernel("_test_guard_op", "triton", lambda *args: calls.append(len(entered)) or "ran")
+    _backends.register_kernel("_test_guard_op", "cpu", lambda *args: calls.append(len(entered)) or "ran")
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.empty(2, device="cuda:1")
+        assert _backends._kernels["_test_guard_op"]["triton"].fn(x, 3) == "ran"
+        assert entered == [torch.device("cuda:1")] and calls == [1]
+        assert _backends._kernels["_test_guard_op"]["triton"].fn([x], 3) == "ran"  # a list of tensors (adam)
+        assert entered[-1] == torch.device("cuda:1")
+        assert _backends._kernels["_test_guard_op"]["triton"].fn(torch.zeros(2), 3) == "ran"  # CPU: no guard
+        assert _backends._kernels["_test_guard_op"]["cpu"].fn(x) == "ran"  # other backends: no guard
+        assert len(entered) == 2
+    finally:
+        del _backends._kernels["_test_guard_op"]

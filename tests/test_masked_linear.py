@@ -399,3 +399,15 @@ def test_automatic_training_path_follows_in_place_mask_changes():
         y.sum().backward()
         torch.testing.assert_close(w.grad, (torch.ones(3, 24).t() @ x) * mask, **TOL[torch.float32])
         mask[:, :7] = ~mask[:, :7]
+
+
+def test_triton_declines_products_past_int32_offsets():
+    # The Triton kernels use int32 element offsets; shapes only (meta tensors), nothing is allocated.
+    supports = _backends._kernels["masked_linear"]["triton"].supports
+    mask = torch.ones(8, 2 ** 15, dtype=torch.bool, device="meta")
+    big_x = torch.empty(2 ** 16, 2 ** 15, device="meta")  # 2**31 elements
+    assert "int32" in supports(big_x, torch.empty(8, 2 ** 15, device="meta"), mask, None)
+    wide_out = torch.empty(2 ** 17, 64, device="meta")  # 2**17 rows x 2**14 outputs = 2**31
+    assert "int32" in supports(wide_out, torch.empty(2 ** 14, 64, device="meta"), mask, None)
+    assert supports(torch.empty(2 ** 15, 2 ** 15, device="meta"), torch.empty(8, 2 ** 15, device="meta"), mask,
+                    None) is None

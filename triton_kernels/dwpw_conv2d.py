@@ -175,6 +175,9 @@ def _dwpw_bwd_kernel(gy_ptr, x_ptr, dw_ptr, dwb_ptr, pw_ptr, gx_ptr, gdw_ptr, gp
 # second otherwise. A 128-pixel tile needed 173 KB of shared memory in fp32 (over sm_80's 163 KB).
 # Backward: the first in the interpreter, the second on a GPU (the first spilled 1.1 KB per thread in
 # the compile check; the second 0.2 KB in bf16).
+# fp32 forwards run with one stage (_fwd_stages): with two, Triton's pipeliner keeps every depthwise
+# tap's x tile in shared memory, 424 KB for a 7x7 kernel (91 KB at 3x3), past any GPU's limit, while
+# the 16-bit forward needs 4-8 KB either way (sm_80/sm_90 compiles, 2026-11-29).
 CONFIGS = [(64, 32, 64, 4, 2), (64, 32, 32, 4, 2)]
 BWD_CONFIGS = [(64, 32, 32, 4, 2), (32, 32, 64, 4, 2)]
 
@@ -197,6 +200,10 @@ def _lowp(x):
     return x.dtype in (torch.float16, torch.bfloat16) and not _INTERPRETING
 
 
+def _fwd_stages(stages, lowp):
+    return stages if lowp else 1  # see CONFIGS
+
+
 def dwpw_conv2d_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
     N, C, H, W, KH, KW, OH, OW = _geometry(x, dw_weight, stride, padding, dilation)
     O = pw_weight.shape[0]
@@ -209,7 +216,7 @@ def dwpw_conv2d_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, paddi
                            pw if pw_bias is None else pw_bias.contiguous(), y, C, H, W, O, OH, OW, *x.stride(),
                            *y.stride(), *stride, *padding, *dilation, KH=KH, KW=KW, ACT=_ACTIVATIONS[activation],
                            HAS_DWB=dw_bias is not None, HAS_PWB=pw_bias is not None, LOWP=_lowp(x), BLOCK_P=bp,
-                           BLOCK_C=bc, BLOCK_O=bo, num_warps=warps, num_stages=stages)
+                           BLOCK_C=bc, BLOCK_O=bo, num_warps=warps, num_stages=_fwd_stages(stages, _lowp(x)))
     return y
 
 
@@ -259,13 +266,14 @@ def _aot_specs():
     bwd_const = ["KH", "KW", "ACT", "HAS_DWB", "NEED_X", "NEED_DW", "NEED_PW", "NEED_DWB", "NEED_PWB", "LOWP",
                  "BLOCK_P", "BLOCK_C", "BLOCK_O"]
     specs = []
-    for bp, bc, bo, w, s in CONFIGS:
+    # 3x3 in every configuration; 7x7 (the largest kernel, the most shared memory) in the wider one.
+    for (bp, bc, bo, w, s), ksize in [(c, 3) for c in CONFIGS] + [(CONFIGS[0], 7)]:
         for dtype, lowp in (("bf16", True), ("fp32", False)):
             sig = {k: (v.replace("bf16", dtype)) for k, v in fwd_sig.items()}
             sig.update({k: "constexpr" for k in fwd_const})
-            consts = dict(KH=3, KW=3, ACT=2, HAS_DWB=True, HAS_PWB=True, LOWP=lowp, BLOCK_P=bp, BLOCK_C=bc,
+            consts = dict(KH=ksize, KW=ksize, ACT=2, HAS_DWB=True, HAS_PWB=True, LOWP=lowp, BLOCK_P=bp, BLOCK_C=bc,
                           BLOCK_O=bo)
-            specs.append(AotSpec(_dwpw_fwd_kernel, sig, consts, w, s))
+            specs.append(AotSpec(_dwpw_fwd_kernel, sig, consts, w, _fwd_stages(s, lowp)))
     for bp, bc, bo, w, s in BWD_CONFIGS:
         for dtype, lowp in (("bf16", True), ("fp32", False)):
             sig = {k: (v.replace("bf16", dtype)) for k, v in bwd_sig.items()}

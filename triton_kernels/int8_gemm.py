@@ -62,9 +62,10 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, KP
     # mask, and the stores mask the rest. Offsets are int32 (the launcher declines tensors of 2**31
     # elements or more) and built once, then advanced per K step: per-element 64-bit addresses inside
     # the loop cost registers (the first version spilled in every configuration).
-    rm_ld = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
-    # No contiguity hint along N: where N is the contiguous dim (int8_mm's b) the wrapped edge tile is
-    # not contiguous, and a vector load across the wrap could read past the allocation.
+    # No contiguity hints on the wrapped rows and columns: where M or N is the contiguous dim (a
+    # column-major a, int8_mm's b) the wrapped edge tile is not contiguous, and a vector load across the
+    # wrap could read past the allocation. Row-major operands vectorize along K, which needs no hint.
+    rm_ld = rm % M
     rn_ld = rn % N
     a_ptrs = a_ptr + rm_ld[:, None] * stride_am + rk[None, :] * stride_ak
     if PACKED_B:

@@ -76,7 +76,7 @@ template <bool kBIsKN, typename OutT>
 __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(Int8GemmArgs p) {
   __shared__ __align__(16) int8_t As[kBM * kLds];
   __shared__ __align__(16) int8_t Bs[kBN * kLds];
-  const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;  // row tiles on x: see launch()
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
   const int g = lane / 4, t = lane % 4;
@@ -127,7 +127,9 @@ __global__ void __launch_bounds__(kThreads) int8_gemm_kernel(Int8GemmArgs p) {
 
 template <bool kBIsKN, typename OutT>
 cudaError_t launch(const Int8GemmArgs& p, cudaStream_t stream) {
-  const dim3 grid((p.N + kBN - 1) / kBN, (p.M + kBM - 1) / kBM);
+  // Row tiles on grid.x (up to 2^31 - 1 blocks): the token count has no practical bound, while
+  // grid.y stops at 65535 tiles (4.19M rows on y; as columns, 4.19M output features).
+  const dim3 grid((p.M + kBM - 1) / kBM, (p.N + kBN - 1) / kBN);
   int8_gemm_kernel<kBIsKN, OutT><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }

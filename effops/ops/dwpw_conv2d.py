@@ -160,9 +160,28 @@ def _cpu_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dil
 
 
 _backends.register_kernel("dwpw_conv2d", "cpu", _cpu_forward, supports=_cpu_supports, faster=_cpu_faster)
+
+
+def _triton_supports(x, dw_weight, pw_weight, stride, padding, dilation):
+    """The Triton kernels put the batch on grid z (at most 65535) and index within one image with int32
+    offsets (the image's input and output under 2**31 elements)."""
+    N, C, H, W = x.shape
+    out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
+    if N > 65535:
+        return "batch of %d images: the Triton kernels take at most 65535 (CUDA grid z)" % N
+    if max(C * H * W, pw_weight.shape[0] * out_hw[0] * out_hw[1]) >= 2 ** 31:
+        return "an image of 2**31 elements or more (int32 offsets in the Triton kernels)"
+    return None
+
+
 # Triton: imported on first use (effops.triton_kernels is the top-level triton_kernels folder).
-_backends.register_kernel("dwpw_conv2d", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_forward")
-_backends.register_kernel("dwpw_conv2d_backward", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_backward")
+_backends.register_kernel("dwpw_conv2d", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_forward",
+                          supports=lambda x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+                          activation: _triton_supports(x, dw_weight, pw_weight, stride, padding, dilation))
+_backends.register_kernel("dwpw_conv2d_backward", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_backward",
+                          supports=lambda grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation,
+                          activation, needs_input_grad: _triton_supports(x, dw_weight, pw_weight, stride, padding,
+                                                                         dilation))
 _backends.register_kernel("dwpw_conv2d_backward", "cpu", _cpu_backward,
                           supports=lambda grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation,
                           activation, needs_input_grad: _cpu_supports(x, dw_weight, pw_weight, None, None, stride,

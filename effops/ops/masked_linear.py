@@ -338,9 +338,20 @@ def _triton_decline(x, weight, mask):
     return None
 
 
+def _triton_supports(x, weight):
+    """The Triton kernels index with int32 element offsets: every operand and result under 2**31 elements."""
+    n, k = weight.shape
+    rows = x.numel() // k if k else 0
+    if max(x.numel(), rows * n, n * k) >= 2 ** 31:
+        return "tensors of 2**31 elements or more (int32 offsets in the Triton kernels)"
+    return None
+
+
 _backends.register_kernel("masked_linear", "triton", "effops.triton_kernels.masked_matmul:masked_linear",
+                          supports=lambda x, weight, mask, bias: _triton_supports(x, weight),
                           faster=lambda x, weight, mask, bias: _triton_decline(x, weight, mask))
 _backends.register_kernel("masked_linear_backward", "triton",
                           "effops.triton_kernels.masked_matmul:masked_linear_backward",
+                          supports=lambda grad_y, x, weight, mask, need: _triton_supports(x, weight),
                           faster=lambda grad_y, x, weight, mask, need: _triton_decline(x, weight, mask))
 
