@@ -39,6 +39,15 @@ class CallPlan:
         return CallPlan, ()
 
 
+class RemembersCalls:
+    """Mixin of the modules that keep a memo: .to(), .cuda(), .half() and the like (Module._apply) drop it,
+    so the memo does not keep the tensors they replaced alive until the next call."""
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_call_plan", None)
+        return super()._apply(fn, *args, **kwargs)
+
+
 def eager_key(x, tensors, versioned=(), extra=()):
     """The memo key of a call on x with the module's `tensors` (versioned: indices into tensors whose
     version counts), or None where no memo may stand in for the op (see the module docstring).

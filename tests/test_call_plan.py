@@ -289,3 +289,16 @@ def test_compile_after_an_eager_memo():
         eager = layer(x)
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), eager, **TOL[torch.float32])
+
+
+def test_moving_a_module_drops_its_memo():
+    # .to() replaces the buffers: the memo must not keep the old ones alive until the next call.
+    import gc
+    import weakref
+    layer = _sparse_layer()
+    with torch.no_grad():
+        layer(torch.randn(5, 48))
+    old_mask = weakref.ref(layer.mask)
+    layer.to("meta")
+    gc.collect()
+    assert old_mask() is None

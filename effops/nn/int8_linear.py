@@ -42,7 +42,7 @@ WEIGHT_BITS = (8, 7)
 AUTO_ROWS = 0
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_call_plan.RemembersCalls, nn.Module):
     def __init__(self, in_features, out_features, bias=True, mode="auto", device=None, weight_bits=8):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):

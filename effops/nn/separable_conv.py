@@ -13,7 +13,7 @@ from effops.ops.dwpw_conv2d import ACTIVATIONS, dwpw_conv2d
 _op = importlib.import_module("effops.ops.dwpw_conv2d")  # the module (effops.ops.dwpw_conv2d is the function)
 
 
-class SeparableConv2d(nn.Module):
+class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
     """depthwise(groups=in_channels) -> activation -> pointwise(1x1), both with or without bias.
 
     activation: None, "relu", "relu6", "gelu" (exact erf form) or "silu".

@@ -69,7 +69,7 @@ class _MaskedMixin:
         return _op.masked_linear(x, self._weight2d(), self.mask, self.bias)
 
 
-class SparseLinear(_MaskedMixin, nn.Linear):
+class SparseLinear(_call_plan.RemembersCalls, _MaskedMixin, nn.Linear):
     """nn.Linear with a `mask` buffer: y = x @ (weight * mask)^T + bias.
 
     pattern / block_size record the mask's declared structure ("unstructured", "block" with
