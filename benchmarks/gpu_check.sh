@@ -93,24 +93,44 @@ pack() {
 }
 trap 'pack && rm -rf "$WORK"' EXIT
 
-VERSIONS="import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+# One python start (torch's import costs seconds): versions; this GPU's compute capability; where torch's
+# CUDA wheels keep headers (site-packages/nvidia/cu13/include) that CUDA_HOME may lack.
+PROBE='import os, torch
+try:
+    import triton
+    tv = triton.__version__
+except ImportError:
+    tv = None
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", tv)
+print("%d.%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else "")
+try:
+    import nvidia
+    print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))
+except ImportError:
+    print("")'
+mapfile -t PROBED < <(timeout 60 "$PY" -c "$PROBE" 2> "$WORK/probe.log")
 {
   if command -v nvidia-smi > /dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1 | tr '\n' ' '
   else printf 'no nvidia-smi '; fi
-  echo "| $(timeout 60 "$PY" -c "$VERSIONS" 2>&1 | tail -n 1) | $(nproc) cores"
+  echo "| ${PROBED[0]:-no python} | $(nproc) cores"
   echo "date: $(date -u); commit: $(commit)"
   command -v nvidia-smi > /dev/null && nvidia-smi 2>&1
 } > "$WORK/machine.txt"
 head -n 2 "$WORK/machine.txt"
 status=0
 
-# torch's CUDA wheels keep some headers under site-packages/nvidia/cu13/include rather than CUDA_HOME:
-# on that path as a fallback (-I paths come first), as tools/cuda_build_check.sh does.
-NV=$("$PY" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null)
+# The nvidia headers on the include path as a fallback (-I paths come first), as tools/cuda_build_check.sh
+# does. Only this GPU's architecture (9.0a on an H200; setup.py's default "8.0;9.0a" compiles every .cu
+# twice): tools/gpu_compile_check.py covers sm_80 without a GPU.
+NV=${PROBED[2]:-}
 [ -n "$NV" ] && [ -d "$NV" ] && export CPATH="$NV${CPATH:+:$CPATH}"
+ARCH=${PROBED[1]:-}
+[[ $ARCH =~ ^[0-9]+\.[0-9]+$ ]] || ARCH=
+[ "$ARCH" = 9.0 ] && ARCH=9.0a
 run_part build "$BUILD_S" TERM "$WORK/build.log" \
-  env EFFOPS_BUILD_CUDA=1 MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace || { status=1; tail -n 30 "$WORK/build.log"; }
+  env EFFOPS_BUILD_CUDA=1 MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${ARCH:-8.0;9.0a}}" \
+  "$PY" setup.py -q build_ext --inplace || { status=1; tail -n 30 "$WORK/build.log"; }
 timeout 60 "$PY" -m effops info > "$WORK/info.txt" 2>&1
 sed -n '/^backends:/,/^forced backend/p' "$WORK/info.txt"
 

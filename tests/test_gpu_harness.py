@@ -78,10 +78,10 @@ def test_only_a_missing_kernel_of_the_forced_partial_backend_is_skipped(tmp_path
 # is stopped by the SIGINT at its limit (printing its summary, as pytest does), the benchmark finishes.
 STUB_PYTHON = r"""#!/usr/bin/env bash
 case "$*" in
-  *"import torch, triton"*) echo "torch 2.11.0 cuda 13.0 triton 3.6.0" ;;
+  *"torch.version.cuda"*) printf 'torch 2.11.0 cuda 13.0 triton 3.6.0\n9.0\n\n' ;;
   *"import xdist"*) exit 0 ;;
   *"import "*) exit 1 ;;
-  *setup.py*) echo compiling; sleep 60 & wait ;;
+  *setup.py*) echo "$TORCH_CUDA_ARCH_LIST $EFFOPS_BUILD_CUDA" > "$STUB_ARGS.build"; sleep 60 & wait ;;
   *"-m effops info"*) printf 'cuda kernels: built\nbackends:\n  reference usable\n  cuda      usable\nforced backend: none\n' ;;
   *"-m pytest"*)
     trap 'echo "FAILED tests/test_a.py::test_b - AssertionError"; echo "==== 1 failed, 1 passed, 1 skipped in 2.50s ===="; exit 2' INT
@@ -118,6 +118,7 @@ def test_gpu_check_script_packs_every_part_when_some_fail_or_time_out(tmp_path):
         names = {os.path.normpath(n) for n in tar.getnames()}
     assert {"machine.txt", "build.log", "info.txt", "tests.log", "bench.log", "bench/results.md",
             "summary.txt", "status.txt"} <= names
+    assert (tmp_path / "args.build").read_text().split() == ["9.0a", "1"]  # this GPU's architecture only
     args = (tmp_path / "args").read_text()
     assert "-n 8" in args and "-ra" in args and "--durations=15" in args and "-v" in args and " -x" not in args
     assert not [p for p in os.listdir(tmp_path) if p.startswith("effops-gpu-check")]  # scratch folder removed
