@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import effops  # noqa: E402
 from effops import _backends, _ext  # noqa: E402
 
-if TEST_DEVICE == "cuda":
+if torch.device(TEST_DEVICE).type == "cuda":
     # cuDNN runs fp32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32 = True): ~10 bits of
     # mantissa, so the references and nn.Conv2d baselines computed on the GPU would miss the fp32 tolerances
     # below (1e-5) by orders of magnitude and every fp32 comparison would fail spuriously. The matmul flag
