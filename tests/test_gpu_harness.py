@@ -79,7 +79,7 @@ def test_only_a_missing_kernel_of_the_forced_partial_backend_is_skipped(tmp_path
 STUB_PYTHON = r"""#!/usr/bin/env bash
 case "$*" in
   *"torch.version.cuda"*) printf 'torch 2.11.0 cuda 13.0 triton 3.6.0\n9.0\n\n' ;;
-  *"import xdist"*) exit 0 ;;
+  *"xdist.__version__"*) exit 0 ;;  # xdist >= 3.2
   *"import "*) exit 1 ;;
   *setup.py*) echo "$TORCH_CUDA_ARCH_LIST $EFFOPS_BUILD_CUDA" > "$STUB_ARGS.build"; sleep 60 & wait ;;
   *"-m effops info"*) printf 'cuda kernels: built\nbackends:\n  reference usable\n  cuda      usable\nforced backend: none\n' ;;
@@ -120,7 +120,8 @@ def test_gpu_check_script_packs_every_part_when_some_fail_or_time_out(tmp_path):
             "summary.txt", "status.txt"} <= names
     assert (tmp_path / "args.build").read_text().split() == ["9.0a", "1"]  # this GPU's architecture only
     args = (tmp_path / "args").read_text()
-    assert "-n 8" in args and "-ra" in args and "--durations=15" in args and "-v" in args and " -x" not in args
+    assert "-n 8 --dist worksteal" in args and "--ignore=tests/test_demo.py" in args and "--timeout" not in args
+    assert "-ra" in args and "--durations=15" in args and "-v" in args and " -x" not in args
     assert not [p for p in os.listdir(tmp_path) if p.startswith("effops-gpu-check")]  # scratch folder removed
 
 
