@@ -30,7 +30,9 @@ START=$SECONDS
 commit() {
   if [ -n "${EFFOPS_COMMIT:-}" ]; then echo "$EFFOPS_COMMIT (EFFOPS_COMMIT)"; return; fi
   local head
-  head=$(git rev-parse HEAD 2>/dev/null) || { echo "unknown (no git checkout here; pass EFFOPS_COMMIT=<hash>)"; return; }
+  if ! head=$(git rev-parse HEAD 2>/dev/null); then
+    echo "unknown (no git checkout here; pass EFFOPS_COMMIT=<hash>)"; return
+  fi
   if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then echo "$head + uncommitted changes"
   else echo "$head"; fi
 }

@@ -116,7 +116,8 @@ def write_results(out, result):
         head += "(partial: not yet run: %s)\n\n" % ", ".join(result["pending"])
     if result["errors"]:
         head += "(failed: %s; tracebacks in results.json)\n\n" % ", ".join(result["errors"])
-    for fname, text in (("results.json", json.dumps(result, indent=1)), ("results.md", head + markdown(result["rows"]))):
+    texts = {"results.json": json.dumps(result, indent=1), "results.md": head + markdown(result["rows"])}
+    for fname, text in texts.items():
         path = os.path.join(out, fname)
         with open(path + ".tmp", "w") as f:
             f.write(text)
