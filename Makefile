@@ -41,9 +41,11 @@ bench: build
 	$(VPY) -c "import deepspeed" 2>/dev/null || $(VPY) -m pip install -q deepspeed
 	$(VPY) -m benchmarks.run $(if $(filter 1,$(QUICK)),--quick) --out $(OUT)
 
-# The one command for a lent GPU machine: its own python/torch/triton, no installs, no network.
+# The one command for a lent GPU machine: its own python/torch/triton, no installs, no network; ~8 min
+# at most (build, tests on CUDA tensors, quick benchmarks). Leaves $(OUT)/gpu-check/summary.txt and
+# gpu-check.tgz (every log and result); see docs/gpu-check.md.
 gpu-check:
-	bash benchmarks/gpu_check.sh $(OUT)/gpu-check
+	bash benchmarks/gpu_check.sh "$(OUT)/gpu-check"
 
 clean:
 	rm -rf build effops/_C*.so

@@ -13,6 +13,7 @@ calls bump the weight's version first (training: packs rebuilt every step).
 rate: dense-equivalent GFLOP/s, 2*M*N*K per forward, 6*M*N*K per forward+backward, so a speedup over
 dense shows as a rate above dense's.
 """
+import sys
 import warnings
 
 import torch
@@ -133,12 +134,18 @@ def _run_cuda(quick, device):
         impls = {"cuBLAS F.linear": lambda: F.linear(x, wm), "effops auto": lambda: masked_linear(x, w, mask),
                  "effops triton": forced_triton}
         if pattern == "2:4" and sparsity == 0.5:
+            # Both the conversion and the product can be unsupported on a GPU / build (cuSPARSELt or CUTLASS
+            # kernels missing, shape limits): one call, synchronized so a failing kernel shows here, decides.
             try:
                 from torch.sparse import to_sparse_semi_structured
                 ws = to_sparse_semi_structured(wm)
+                F.linear(x, ws)
+                torch.cuda.synchronize(device)
                 impls["torch semi-structured"] = lambda: F.linear(x, ws)
-            except Exception:  # not supported on this GPU / build: leave it out
-                pass
+            except Exception as e:  # leave it out, saying why
+                print("  masked_linear | %s | torch semi-structured left out: %s: %s"
+                      % (name, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else ""),
+                      file=sys.stderr, flush=True)
         rows += compare("masked_linear fwd", name, impls, "cuBLAS F.linear", device=device,
                         work=2 * m * n * k, work_unit="GFLOP/s", extra=dict(sparsity=sparsity))
     return rows

@@ -1,7 +1,9 @@
 """`make bench`: every benchmarks/bench_*.py side by side with its outside baseline.
 
 Writes <out>/results.json (rows plus machine, versions and commit) and <out>/results.md (one table per
-op), and prints the tables.
+op), and prints the tables. Both files are rewritten after every benchmark module, so a run stopped by a
+time limit (`make gpu-check`) keeps the modules that finished; a module that raises is reported (its
+traceback printed, its name under "errors" in results.json) and the others still run.
 
     python -m benchmarks.run [--quick] [--only adam_step,...] [--device cpu|cuda] [--out DIR]
 """
@@ -13,6 +15,7 @@ import os
 import platform
 import subprocess
 import time
+import traceback
 
 import torch
 
@@ -37,9 +40,11 @@ def machine_info(device):
         info["gpu"] = torch.cuda.get_device_name()
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True).stdout.strip()
+                                        text=True).stdout.strip() or None
     except OSError:
         info["commit"] = None
+    # A copy of the tree without .git (the GPU machine's) is named by EFFOPS_COMMIT (benchmarks/gpu_check.sh).
+    info["commit"] = os.environ.get("EFFOPS_COMMIT") or info["commit"]
     return info
 
 
@@ -74,28 +79,49 @@ def main():
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    rows = []
+    machine = machine_info(args.device)
+    rows, done, errors = [], [], {}
     for name in names:
         start = time.time()
-        module = importlib.import_module("benchmarks.bench_" + name)
-        new = module.run(quick=args.quick, device=args.device)
-        rows += new
-        print(markdown(new))
-        print("(%s: %.0f s)\n" % (name, time.time() - start), flush=True)
-    result = dict(machine=machine_info(args.device), quick=args.quick, rows=rows)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        m = result["machine"]
-        f.write("Measured %s, commit %s, %s, %d threads, torch %s\n\n" % (m["date"], m["commit"], m.get("gpu", m["cpu"]),
-                                                                         m["threads"], m["torch"]))
-        f.write(markdown(rows))
+        try:
+            module = importlib.import_module("benchmarks.bench_" + name)
+            new = module.run(quick=args.quick, device=args.device)
+        except Exception:  # one broken benchmark (a GPU path never run before) must not lose the others
+            errors[name] = traceback.format_exc()
+            print("(%s FAILED after %.0f s)\n%s" % (name, time.time() - start, errors[name]), flush=True)
+        else:
+            rows += new
+            done.append(name)
+            print(markdown(new))
+            print("(%s: %.0f s)\n" % (name, time.time() - start), flush=True)
+        write_results(args.out, dict(machine=machine, quick=args.quick, benchmarks=done,
+                                     pending=names[names.index(name) + 1:], errors=errors, rows=rows))
     try:
         from benchmarks import plots
         plots.write_plots(rows, args.out)
     except ImportError:
         pass
     print("results in %s" % args.out)
+    if errors:
+        raise SystemExit("benchmarks that failed: %s" % ", ".join(errors))
+
+
+def write_results(out, result):
+    """results.json and results.md as they stand; each written to a temporary name, then renamed, so a kill
+    mid-write leaves the previous complete file."""
+    m = result["machine"]
+    head = "Measured %s, commit %s, %s, %d threads, torch %s\n\n" % (m["date"], m["commit"], m.get("gpu", m["cpu"]),
+                                                                     m["threads"], m["torch"])
+    if result["pending"]:
+        head += "(partial: not yet run: %s)\n\n" % ", ".join(result["pending"])
+    if result["errors"]:
+        head += "(failed: %s; tracebacks in results.json)\n\n" % ", ".join(result["errors"])
+    texts = {"results.json": json.dumps(result, indent=1), "results.md": head + markdown(result["rows"])}
+    for fname, text in texts.items():
+        path = os.path.join(out, fname)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

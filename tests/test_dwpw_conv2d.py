@@ -1,4 +1,10 @@
-"""effops.ops.dwpw_conv2d on every backend against the reference (computed in float64)."""
+"""effops.ops.dwpw_conv2d on every backend against the reference (computed in float64).
+
+EFFOPS_GPU_QUICK=1 (set by benchmarks/gpu_check.sh, `make gpu-check`): when the suite runs on CUDA tensors,
+the gradient tests of the triton backend take only the 3x3-kernel cases. Triton compiles the backward
+kernel anew for each kernel size and activation (they are constexpr), and the big sizes take over a minute
+each (7x7: ~80 s), which the short GPU session's test budget cannot hold. Forward tests are not limited.
+"""
 import importlib
 import os
 
@@ -31,7 +37,9 @@ CASES = [
 IDS = ["k%s_s%s_p%s_d%s_%s" % (c[5], c[6], c[7], c[8], c[11]) for c in CASES]
 
 
-def make(case, dtype=torch.float32, layout="nchw", requires_grad=False, seed=0):
+def make(case, dtype=torch.float32, layout="nchw", requires_grad=False, seed=0, dev=None):
+    """The case's tensors on `dev` (default: the test device; tests that force the cpu backend pass "cpu",
+    so they still run when the suite runs on CUDA tensors) and its conv arguments."""
     N, C, O, H, W, k, stride, padding, dilation, dwb, pwb, act = case
     kh, kw = (k, k) if isinstance(k, int) else k
     g = torch.Generator().manual_seed(seed)
@@ -44,7 +52,8 @@ def make(case, dtype=torch.float32, layout="nchw", requires_grad=False, seed=0):
     pw_weight = torch.randn(O, C, 1, 1, generator=g) / C ** 0.5
     dw_bias = torch.randn(C, generator=g) * 0.5 if dwb else None
     pw_bias = torch.randn(O, generator=g) * 0.5 if pwb else None
-    tensors = [t if t is None else t.to(device=device(), dtype=dtype).requires_grad_(requires_grad)
+    dev = device() if dev is None else dev
+    tensors = [t if t is None else t.to(device=dev, dtype=dtype).requires_grad_(requires_grad)
                for t in (x, dw_weight, pw_weight, dw_bias, pw_bias)]
     if layout == "channels_last":  # .to() may keep it, but make sure the layout under test is the one given
         tensors[0] = tensors[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_(requires_grad)
@@ -74,6 +83,7 @@ def tiny(case):
 # The Triton interpreter costs seconds per launch: its gradient tests take the cases that together cover
 # every kernel size parity, stride, dilation, padding form, bias combination and activation.
 TRITON_GRAD_CASES = (CASES[1], CASES[2], CASES[4], CASES[5], CASES[7])
+GPU_QUICK = os.environ.get("EFFOPS_GPU_QUICK") == "1"  # see the module docstring
 
 
 def skip_slow_backend(backend, case, grads=False):
@@ -81,6 +91,8 @@ def skip_slow_backend(backend, case, grads=False):
         pytest.skip("triton runs in the interpreter here: tiny shapes only")
     if backend == "triton" and grads and os.environ.get("TRITON_INTERPRET") == "1" and case not in TRITON_GRAD_CASES:
         pytest.skip("triton interpreter: gradients checked on TRITON_GRAD_CASES (slow interpreter)")
+    if backend == "triton" and grads and GPU_QUICK and device().type == "cuda" and case[5] != 3:
+        pytest.skip("EFFOPS_GPU_QUICK=1: triton-on-CUDA gradients checked on the 3x3 cases only (compile time)")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -281,7 +293,7 @@ NCHW_TILES = [
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("case", NCHW_TILES, ids=["c300", "s2d2", "wide", "s3k7", "k2"])
 def test_cpu_forward_row_tiles(case, layout, dtype):
-    tensors, kwargs = make(case, layout=layout, dtype=dtype)
+    tensors, kwargs = make(case, layout=layout, dtype=dtype, dev="cpu")
     with effops.use_backend("cpu"):
         y = dwpw_conv2d(*tensors, **kwargs)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -295,7 +307,7 @@ def test_cpu_forward_row_tiles(case, layout, dtype):
 # splits images into bands of output rows whose grad_x rows are gathered with a halo: checked here for
 # mixed layouts, low precision and several band counts (the count follows the thread count).
 def _cpu_backward_vs_reference(case, x_layout, gy_layout, dtype=torch.float32, needs=(True,) * 5):
-    tensors, kwargs = make(case, layout=x_layout, dtype=dtype)
+    tensors, kwargs = make(case, layout=x_layout, dtype=dtype, dev="cpu")
     x, dw, pw, dwb, pwb = tensors
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
     conv = (pair(kwargs["stride"]), pair(kwargs["padding"]), pair(kwargs["dilation"]), kwargs["activation"])

@@ -64,11 +64,16 @@ def _ddp_worker(rank, init_file):
 
 
 def _sharded(seed=0):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    # An explicit CPU mesh: without one fully_shard builds its mesh on the current accelerator, so on a
+    # machine with a GPU it would move the shards to CUDA while this test's data and gloo stay on CPU.
+    mesh = init_device_mesh("cpu", (WORLD,))
     model = _model(seed)
     for layer in (model[0], model[2]):
-        fully_shard(layer)
-    return fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _fsdp_worker(rank, init_file, ckpt_dir):
