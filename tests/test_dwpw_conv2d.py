@@ -495,3 +495,17 @@ def test_automatic_training_step_runs_the_fused_pair_where_the_step_rule_says(mo
     reference.dwpw_conv2d(xr, dwr, pwr, None, None, (2, 2), (1, 1), (1, 1), "relu").square().sum().backward()
     for got, want in ((x.grad, xr.grad), (dw.grad, dwr.grad), (pw.grad, pwr.grad)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_declines_past_grid_z_and_int32_offsets():
+    # The Triton kernels put the batch on CUDA grid z (at most 65535) and use int32 offsets within one
+    # image. Shapes only (meta tensors): nothing is allocated.
+    supports = _backends._kernels["dwpw_conv2d"]["triton"].supports
+    dw, pw = torch.empty(8, 1, 3, 3, device="meta"), torch.empty(16, 8, 1, 1, device="meta")
+    args = (None, None, (1, 1), (1, 1), (1, 1), "relu")
+    assert "65535" in supports(torch.empty(65536, 8, 4, 4, device="meta"), dw, pw, *args)
+    assert "int32" in supports(torch.empty(1, 8, 16384, 16384, device="meta"), dw, pw, *args)
+    assert supports(torch.empty(65535, 8, 4, 4, device="meta"), dw, pw, *args) is None
+    backward = _backends._kernels["dwpw_conv2d_backward"]["triton"].supports
+    assert "65535" in backward(None, torch.empty(65536, 8, 4, 4, device="meta"), dw, pw, None, (1, 1), (1, 1),
+                               (1, 1), "relu", [True] * 5)
