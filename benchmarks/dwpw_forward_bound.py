@@ -1,4 +1,4 @@
-"""How fast could a fused depthwise + pointwise forward be, at best, against torch's convolutions?
+"""How fast could a fused depthwise + pointwise forward (and training step) be, at best, against torch?
 
 Times torch's own parts of the block (depthwise conv, activation, 1x1 conv) at the benchmark's batch-32
 shapes, one thread, each layout. A fused kernel that ran the 1x1 product at oneDNN's speed and got the
@@ -6,9 +6,12 @@ depthwise conv and the activation for free would take the 1x1 conv's time, so to
 its speedup; where torch's pointwise alone is most of the block, a 2x forward needs a 1x1 product
 faster than oneDNN's. (The bound is loose where torch's large outputs page-fault: the fused kernel
 writes fewer of them.) Minimum of 5 runs per part, after one warm-up.
+With `train`: the same for a training step (forward and backward for x and both weights): its three
+1x1 products (forward, gradient of the activation, gradient of the 1x1 weight) bound the fused step.
 
-Run: PYTHONPATH=. python benchmarks/dwpw_forward_bound.py
+Run: PYTHONPATH=. python benchmarks/dwpw_forward_bound.py [train]
 """
+import sys
 import time
 
 import torch
@@ -28,8 +31,26 @@ def best_ms(fn, reps=5):
     return min(times) * 1e3
 
 
+def train_bound():
+    for cin, cout, hw, stride in SHAPES:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(BATCH, cin, hw, hw).contiguous(memory_format=layout).requires_grad_()
+            dw = torch.randn(cin, 1, 3, 3, requires_grad=True)
+            pw = torch.randn(cout, cin, 1, 1, requires_grad=True)
+            with torch.no_grad():
+                a = F.relu(F.conv2d(x, dw, None, stride, 1, 1, cin))
+            a.requires_grad_()
+            step = best_ms(lambda: F.conv2d(F.relu(F.conv2d(x, dw, None, stride, 1, 1, cin)), pw).sum().backward())
+            pw_step = best_ms(lambda: F.conv2d(a, pw).sum().backward())
+            print("%3d -> %3d @%3d s%d %-4s  torch step %7.1f ms, its 1x1 conv forward + backward %6.1f ms  bound %.2fx"
+                  % (cin, cout, hw, stride, "CL" if layout == torch.channels_last else "NCHW", step, pw_step,
+                     step / pw_step), flush=True)
+
+
 def main():
     torch.set_num_threads(1)
+    if sys.argv[1:] == ["train"]:
+        return train_bound()
     with torch.no_grad():
         for cin, cout, hw, stride in SHAPES:
             for layout in (torch.contiguous_format, torch.channels_last):
