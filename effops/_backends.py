@@ -278,6 +278,14 @@ def chosen_outside(op, backend):
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__
 
 
+def under_transform():
+    """True inside a torch.func transform (vmap, grad, jvp: their tensors look plain but wrap others) or
+    a forward-mode AD level (dual tensors carry tangents without requires_grad): a kernel run directly,
+    or the custom op, would drop what they carry (eager_route runs the reference there)."""
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.forward_ad._current_level >= 0)
+
+
 class Route(collections.namedtuple("Route", "name fn direct")):
     """eager_route's answer: the automatic choice `name` (kernel `fn`) for an eager call; direct: the
     public function may run it itself (fn, or for `reference` its own plain-PyTorch form); otherwise
@@ -294,8 +302,9 @@ def eager_route(op, device, *args, reference_autograd=False, **kwargs):
     autograd with the op's own formula; not so for int8's straight-through gradient). A call that needs
     the custom op's autograd still gets the choice made here, where grad mode is visible
     (through_custom_op). None, the custom op choosing inside: torch.compile (dynamo traces the op, not
-    its kernel), forced backends (tests exercise the op's dispatch through them), tensor subclasses and
-    dispatch or function modes (FakeTensor, DTensor, profilers' modes see the op as one node).
+    its kernel), forced backends (tests exercise the op's dispatch through them), tensor subclasses,
+    dispatch or function modes (FakeTensor, DTensor, profilers' modes see the op as one node). Under
+    torch.func transforms and forward-mode AD the reference runs (where it is the op's formula).
     A direct route is recorded for record_choices() here; the others by dispatch.
     """
     if torch.compiler.is_compiling():  # first: dynamo cannot trace the ContextVar read below
@@ -310,10 +319,18 @@ def eager_route(op, device, *args, reference_autograd=False, **kwargs):
     table = _kernels.get(op)
     if not table:
         raise KeyError("no kernels registered for op %r" % op)
-    name, kernel = _choose_automatically(op, table, device.type if isinstance(device, torch.device)
-                                         else torch.device(device).type, args, kwargs)
-    direct = (not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-              or (name == "reference" and reference_autograd))
+    if under_transform():
+        # torch.func transforms and forward-mode AD batch and differentiate torch's own ops, not our
+        # kernels (a custom op has no forward-mode rule: its tangents would be dropped silently). The
+        # reference runs where torch's autograd of it is the op's formula; elsewhere the custom op.
+        if not reference_autograd:
+            return None
+        name, kernel, direct = "reference", table["reference"], True
+    else:
+        name, kernel = _choose_automatically(op, table, device.type if isinstance(device, torch.device)
+                                             else torch.device(device).type, args, kwargs)
+        direct = (not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                  or (name == "reference" and reference_autograd))
     if direct:
         for tally in _recorders:
             tally[op][name] = tally[op].get(name, 0) + 1

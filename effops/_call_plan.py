@@ -17,9 +17,14 @@ under a key of everything the checks and the choice read:
 * the registry's generation (a kernel registered later changes the choice).
 
 No memo is made or used where the op must see the call itself: under torch.compile, a forced
-backend, a dispatch or function mode, a tensor subclass, autocast (the op casts per call), or while
-record_choices() is counting. The values of weights that do not steer the choice (a Linear weight
-during training) are not in the key: the runner reads them at each call.
+backend, a dispatch or function mode, a torch.func transform or forward-mode AD, a tensor subclass, a
+sparse or meta x, autocast (the op casts per call), or while record_choices() is counting. The values
+of weights that do not steer the choice (a Linear weight during training) are not in the key: the
+runner reads them at each call.
+
+Not seen by the key, as with torch's own caches: writes through `.data` (a tensor whose version counter
+is not the parameter's) and edits of the ops' private tuning constants (`_CPU_LIMITS` and the like,
+read when a memo is built: a module moved with `.to()` or reloaded builds a new one).
 """
 import torch
 
@@ -40,12 +45,16 @@ class CallPlan:
 
 
 class RemembersCalls:
-    """Mixin of the modules that keep a memo: .to(), .cuda(), .half() and the like (Module._apply) drop it,
-    so the memo does not keep the tensors they replaced alive until the next call."""
+    """Mixin of the modules that keep a memo: .to(), .cuda(), .half() and the like (Module._apply) and
+    load_state_dict drop it, so the memo does not keep the tensors they replaced alive until the next call."""
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_call_plan", None)
         return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_call_plan", None)  # Int8Linear repacks into new buffers; assign=True replaces all
+        return super()._load_from_state_dict(*args, **kwargs)
 
 
 def eager_key(x, tensors, versioned=(), extra=()):
@@ -58,7 +67,11 @@ def eager_key(x, tensors, versioned=(), extra=()):
         return None
     if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
         return None
+    if _backends.under_transform():  # torch.func's wrapped tensors have no data pointer to key on
+        return None
     device = x.device
+    if x.layout is not torch.strided or device.type not in _backends.AUTO_ORDER:
+        return None  # sparse or meta x: the op's own checks answer (no strides to key on)
     if torch.is_autocast_enabled(device.type):
         return None
     key = [x.shape, x.stride(), x.dtype, device, x.requires_grad, torch.is_grad_enabled(),

@@ -6,13 +6,22 @@ the reason, a warning names it once, and the remaining backends run.
 import importlib.util
 import json
 import os
+import threading
 import warnings
 
 _state = {"loaded": None, "reason": None, "info": {}}
+_lock = threading.Lock()  # two threads' first calls: one imports, the other waits (find_spec raced)
 
 
 def load():
     """Import effops._C once. Returns True when the kernels are registered with torch."""
+    if _state["loaded"] is not None:
+        return _state["loaded"]
+    with _lock:
+        return _load_locked()
+
+
+def _load_locked():
     if _state["loaded"] is not None:
         return _state["loaded"]
     if os.environ.get("EFFOPS_NO_EXT") == "1":

@@ -150,15 +150,31 @@ def test_grad_mode_switch_after_a_memo():
     torch.testing.assert_close(layer.weight.grad, w.grad * layer.mask, **TOL[torch.float32])  # masked gradient
 
 
-def test_dtype_change_after_a_memo():
+def test_weight_data_swapped_to_another_dtype_after_a_memo():
+    # `.data =` keeps the Parameter object (and x's dtype is unchanged): only the tensor's dtype and
+    # pointer show the change, and the op's check must answer as without a memo.
     layer = _sparse_layer()
     x = torch.randn(5, 48)
     with torch.no_grad():
         layer(x)
-        layer.bfloat16()  # replaces each parameter's data: new pointer and dtype
-        y = layer(x.bfloat16())
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, _masked_expected(layer, x.bfloat16()), **TOL[torch.bfloat16])
+        layer.weight.data = layer.weight.data.bfloat16()
+        with pytest.raises(TypeError, match="weight must have dtype"):
+            layer(x)
+
+
+def test_requires_grad_switched_on_after_a_memo():
+    # Nothing required a gradient: the memo holds a direct kernel call. A parameter that now requires one
+    # must get the op's autograd (the masked gradient), not the stale direct call.
+    layer = SparseLinear.from_linear(nn.Linear(256, 512), _block_sparse_mask())
+    layer.requires_grad_(False)
+    x = torch.randn(64, 256)
+    layer(x)
+    layer.weight.requires_grad_(True)
+    y = layer(x)
+    assert y.grad_fn is not None
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    torch.testing.assert_close(layer.weight.grad, (gy.t() @ x) * layer.mask, atol=1e-4, rtol=1e-4)
 
 
 def test_forced_backend_is_honoured_after_a_memo():
@@ -203,6 +219,18 @@ def test_separable_settings_changed_after_a_memo():
     torch.testing.assert_close(y, _separable_expected(m, x), atol=1e-4, rtol=1e-4)
 
 
+def test_separable_setting_list_edited_in_place_after_a_memo():
+    m = _separable()
+    m.depthwise.stride = [1, 1]
+    x = torch.randn(1, 6, 8, 8)
+    with torch.no_grad():
+        m(x)
+        m.depthwise.stride[0] = 2
+        y = m(x)
+    assert y.shape == (1, 10, 4, 8)
+    torch.testing.assert_close(y, _separable_expected(m, x), atol=1e-4, rtol=1e-4)
+
+
 def test_separable_layout_change_after_a_memo():
     m = _separable()
     x = torch.randn(2, 6, 9, 8)
@@ -242,6 +270,84 @@ def test_int8_weights_swapped_after_a_memo(swap):
             m.weight_packed = m.weight_packed.neg()
         expected = int8_reference.int8_linear_dynamic(x, m.weight_packed, m.weight_scale, m.bias, 24, False)
         torch.testing.assert_close(m(x), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_int8_mode_and_auto_rows_changed_after_a_memo(monkeypatch):
+    torch.manual_seed(5)
+    m = Int8Linear.from_linear(nn.Linear(40, 24))
+    x = torch.randn(3, 40)
+
+    def expected(weight_only):
+        return int8_reference.int8_linear_dynamic(x, m.weight_packed, m.weight_scale, m.bias, 24, weight_only)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), expected(False), atol=1e-4, rtol=1e-5)
+        m.mode = "weight_only"
+        torch.testing.assert_close(m(x), expected(True), atol=1e-4, rtol=1e-5)
+        m.mode = "auto"
+        m(x)
+        monkeypatch.setattr(importlib.import_module("effops.nn.int8_linear"), "AUTO_ROWS", 4)
+        torch.testing.assert_close(m(x), expected(True), atol=1e-4, rtol=1e-5)
+
+
+def test_load_state_dict_drops_the_memo():
+    # Int8Linear repacks a loaded weight into a new buffer: the memo must not keep the old one alive.
+    import gc
+    import weakref
+    torch.manual_seed(6)
+    m = Int8Linear.from_linear(nn.Linear(40, 24))
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        m(x)
+    old = weakref.ref(m.weight_packed)
+    m.load_state_dict(Int8Linear.from_linear(nn.Linear(40, 24)).state_dict())
+    gc.collect()
+    assert old() is None
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), int8_reference.int8_linear_dynamic(
+            x, m.weight_packed, m.weight_scale, m.bias, 24, False), atol=1e-4, rtol=1e-5)
+
+
+def test_non_strided_or_meta_input_gets_the_ops_answer():
+    layer = _sparse_layer()
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        layer(x)
+        torch.testing.assert_close(layer(x.to_sparse_csr()), layer(x))  # the op takes it (reference)
+        with pytest.raises(ValueError, match="weight must be on meta"):
+            layer(x.to("meta"))
+
+
+def test_torch_func_transforms_over_modules():
+    # torch.func wraps tensors the key cannot describe and differentiates torch's ops, not our kernels:
+    # model ensembles (vmap over stacked parameters), gradients with respect to parameters, and
+    # forward-mode jvp through the cpu kernel's shape all give the reference's answers.
+    from torch.func import functional_call, grad, jvp, stack_module_state, vmap
+    torch.manual_seed(7)
+    models = [SeparableConv2d(4, 8, 3, padding=1) for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        models[0](x)  # a memo exists on the first model
+        expected = torch.stack([_separable_expected(m, x) for m in models])
+    got = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    layer = _sparse_layer()
+    xs = torch.randn(4, 48)
+    weights = {k: v.detach() for k, v in layer.named_parameters()}
+    g = grad(lambda p: functional_call(layer, p, (xs,)).square().sum())(weights)
+    w = layer.weight.detach().clone().requires_grad_()
+    F.linear(xs, w * layer.mask.float(), layer.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(g["weight"], w.grad, **TOL[torch.float32])
+
+    if effops.backends()["cpu"]:
+        big = SparseLinear.from_linear(nn.Linear(256, 512), _block_sparse_mask())
+        xb, tb = torch.randn(64, 256), torch.randn(64, 256)
+        with torch.no_grad():
+            big(xb)
+        _, tangent = jvp(big, (xb,), (tb,))
+        torch.testing.assert_close(tangent, F.linear(tb, big.weight * big.mask), atol=1e-4, rtol=1e-4)
 
 
 def test_copies_and_pickles_build_their_own_memo():

@@ -509,3 +509,12 @@ def test_triton_declines_past_grid_z_and_int32_offsets():
     backward = _backends._kernels["dwpw_conv2d_backward"]["triton"].supports
     assert "65535" in backward(None, torch.empty(65536, 8, 4, 4, device="meta"), dw, pw, None, (1, 1), (1, 1),
                                (1, 1), "relu", [True] * 5)
+
+
+def test_triton_declines_views_spanning_past_int32_offsets():
+    # A channel slice of a wider channels_last tensor: few elements, a span past 2**31 through its strides.
+    supports = _backends._kernels["dwpw_conv2d"]["triton"].supports
+    wide = torch.empty(1, 2 ** 20, 48, 48, device="meta").contiguous(memory_format=torch.channels_last)
+    x = wide[:, :8]
+    dw, pw = torch.empty(8, 1, 3, 3, device="meta"), torch.empty(16, 8, 1, 1, device="meta")
+    assert 8 * 48 * 48 < 2 ** 31 and "int32" in supports(x, dw, pw, None, None, (1, 1), (1, 1), (1, 1), "relu")

@@ -97,3 +97,20 @@ def test_quantize_rowwise_keeps_the_custom_op_under_modes():
     with Recorder():
         quantize_rowwise(torch.randn(3, 16))
     assert any("effops.quantize_rowwise" in name for name in seen)
+
+
+@needs_cpu
+def test_forward_mode_ad_gets_the_references_tangents():
+    # Dual tensors carry tangents without requires_grad: a kernel run directly (or the custom op, which
+    # has no forward-mode rule) would drop them silently; the reference's torch ops carry them.
+    import torch.autograd.forward_ad as fwAD
+    from effops.ops import masked_linear
+    torch.manual_seed(0)
+    mask = (torch.rand(16, 8) < 0.1).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    x, t, w = torch.randn(64, 256), torch.randn(64, 256), torch.randn(512, 256)
+    assert _backends.select("masked_linear", "cpu", x, w, mask, None) == "cpu"  # without the dual level
+    with fwAD.dual_level():
+        out = masked_linear(fwAD.make_dual(x, t), w, mask)
+        tangent = fwAD.unpack_dual(out).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, torch.nn.functional.linear(t, w * mask), atol=1e-4, rtol=1e-4)

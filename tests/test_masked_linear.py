@@ -411,3 +411,15 @@ def test_triton_declines_products_past_int32_offsets():
     assert "int32" in supports(wide_out, torch.empty(2 ** 14, 64, device="meta"), mask, None)
     assert supports(torch.empty(2 ** 15, 2 ** 15, device="meta"), torch.empty(8, 2 ** 15, device="meta"), mask,
                     None) is None
+
+
+def test_mask_converted_in_inference_mode_is_not_kept_for_training():
+    # A call under inference_mode + enable_grad converts the bool mask to the weight's dtype: that
+    # inference tensor must not be cached, or a later training call could not save it for backward.
+    w = torch.randn(8, 16, requires_grad=True)
+    mask = torch.rand(8, 16) > 0.5
+    x = torch.randn(3, 16)
+    with torch.inference_mode(), torch.enable_grad():
+        masked_linear(x, w, mask)
+    masked_linear(x, w, mask).sum().backward()
+    torch.testing.assert_close(w.grad, (torch.ones(3, 8).t() @ x) * mask, **TOL[torch.float32])

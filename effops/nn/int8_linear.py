@@ -94,7 +94,7 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
         # when x's shape, the grad mode, a buffer (weight_packed: also its version) or a setting changed.
         tensors = (self.weight_packed, self.weight_scale, self.bias, self.weight_corr)
         return _call_plan.call(self, x, tensors, lambda: self._runner(x), lambda: self._forward(x), versioned=(0,),
-                               extra=(self.mode, self.out_features, self.in_features, self.weight_bits))
+                               extra=(self.mode, self.out_features, self.in_features, self.weight_bits, AUTO_ROWS))
 
     def _checked_args(self, x):
         _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES, device=self.weight_scale.device)

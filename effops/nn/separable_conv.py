@@ -62,13 +62,18 @@ class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
         # again only when x's shape or layout, the grad mode, a parameter or a setting changed.
         dw, pw = self.depthwise, self.pointwise
         tensors = (dw.weight, pw.weight, dw.bias, pw.bias)
-        config = (dw.stride, dw.padding, dw.dilation, self.activation)
+        config = (_frozen(dw.stride), _frozen(dw.padding), _frozen(dw.dilation), self.activation)
         return _call_plan.call(self, x, tensors, lambda: _op.plan(x, *tensors, *config),
                                lambda: dwpw_conv2d(x, *tensors, *config),
                                extra=config + (_op.torch_uses_huge_pages(),))
 
     def extra_repr(self):
         return "activation=%r" % (self.activation,)
+
+
+def _frozen(value):
+    """A list setting as a tuple: the memo's key must not hold a list the user can still edit in place."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def check_depthwise(conv):

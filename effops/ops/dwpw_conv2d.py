@@ -162,15 +162,23 @@ def _cpu_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dil
 _backends.register_kernel("dwpw_conv2d", "cpu", _cpu_forward, supports=_cpu_supports, faster=_cpu_faster)
 
 
-def _triton_supports(x, dw_weight, pw_weight, stride, padding, dilation):
+def _image_span(t):
+    """1 + the largest element offset within one image of t (N, C, H, W), through its strides."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+def _triton_supports(x, dw_weight, pw_weight, stride, padding, dilation, grad_y=None):
     """The Triton kernels put the batch on grid z (at most 65535) and index within one image with int32
-    offsets (the image's input and output under 2**31 elements)."""
+    offsets through the tensors' strides (a view of a wider tensor spans more than its elements)."""
     N, C, H, W = x.shape
     out_hw = output_size(x.shape[2:], dw_weight.shape[2:], stride, padding, dilation)
     if N > 65535:
         return "batch of %d images: the Triton kernels take at most 65535 (CUDA grid z)" % N
-    if max(C * H * W, pw_weight.shape[0] * out_hw[0] * out_hw[1]) >= 2 ** 31:
-        return "an image of 2**31 elements or more (int32 offsets in the Triton kernels)"
+    spans = [_image_span(x), C * H * W, pw_weight.shape[0] * out_hw[0] * out_hw[1]]  # x, grad_x, y
+    if grad_y is not None:
+        spans.append(_image_span(grad_y))
+    if max(spans) >= 2 ** 31:
+        return "an image spanning 2**31 elements or more (int32 offsets in the Triton kernels)"
     return None
 
 
@@ -181,7 +189,7 @@ _backends.register_kernel("dwpw_conv2d", "triton", "effops.triton_kernels.dwpw_c
 _backends.register_kernel("dwpw_conv2d_backward", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_backward",
                           supports=lambda grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation,
                           activation, needs_input_grad: _triton_supports(x, dw_weight, pw_weight, stride, padding,
-                                                                         dilation))
+                                                                         dilation, grad_y))
 _backends.register_kernel("dwpw_conv2d_backward", "cpu", _cpu_backward,
                           supports=lambda grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation,
                           activation, needs_input_grad: _cpu_supports(x, dw_weight, pw_weight, None, None, stride,

@@ -224,8 +224,8 @@ def _mask_as(info, mask, dtype):
     """mask as 0/1 values of `dtype`, cached on the mask's description (rebuilt when the mask changes)."""
     if mask.dtype == dtype:
         return mask
-    if mask.is_inference():
-        return mask.to(dtype)
+    if mask.is_inference() or torch.is_inference_mode_enabled():
+        return mask.to(dtype)  # an inference tensor: not kept (a later training call could not save it)
     converted = info.packs.get(("mask", dtype))
     if converted is None:
         converted = info.packs[("mask", dtype)] = mask.to(dtype)
