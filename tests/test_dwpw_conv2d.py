@@ -518,3 +518,17 @@ def test_triton_declines_views_spanning_past_int32_offsets():
     x = wide[:, :8]
     dw, pw = torch.empty(8, 1, 3, 3, device="meta"), torch.empty(16, 8, 1, 1, device="meta")
     assert 8 * 48 * 48 < 2 ** 31 and "int32" in supports(x, dw, pw, None, None, (1, 1), (1, 1), (1, 1), "relu")
+
+
+def test_triton_is_chosen_automatically_for_16_bit_only():
+    # fp32 on CUDA: cuDNN's TF32 convolutions are expected to win (no GPU measurement yet); the rule is
+    # the kernels' `faster`, so forcing triton still runs fp32.
+    x = torch.empty(2, 8, 6, 6, device="meta")
+    dw, pw = torch.empty(8, 1, 3, 3, device="meta"), torch.empty(4, 8, 1, 1, device="meta")
+    forward = _backends._kernels["dwpw_conv2d"]["triton"].faster
+    backward = _backends._kernels["dwpw_conv2d_backward"]["triton"].faster
+    geometry = ((1, 1), (1, 1), (1, 1), "relu")
+    for t in (x, x.half(), x.bfloat16()):
+        want_decline = t.dtype == torch.float32
+        assert bool(forward(t, dw, pw, None, None, *geometry)) == want_decline
+        assert bool(backward(t, t, dw, pw, None, *geometry, [True] * 5)) == want_decline

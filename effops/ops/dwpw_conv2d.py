@@ -182,14 +182,26 @@ def _triton_supports(x, dw_weight, pw_weight, stride, padding, dilation, grad_y=
     return None
 
 
+def _triton_slower(x):
+    """Automatic choice on CUDA: the 16-bit kernels only, until a GPU run measures the crossover (none has
+    run yet). In fp32 the fused kernel multiplies in exact fp32 on the CUDA cores while cuDNN's
+    convolutions take TF32 tensor cores by default (torch.backends.cudnn.allow_tf32), so it is not
+    expected to win; forcing use_backend("triton") runs it."""
+    if x.dtype == torch.float32:
+        return "fp32: cuDNN's TF32 convolutions are expected to be faster (no GPU measurement yet)"
+    return None
+
+
 # Triton: imported on first use (effops.triton_kernels is the top-level triton_kernels folder).
 _backends.register_kernel("dwpw_conv2d", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_forward",
                           supports=lambda x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-                          activation: _triton_supports(x, dw_weight, pw_weight, stride, padding, dilation))
+                          activation: _triton_supports(x, dw_weight, pw_weight, stride, padding, dilation),
+                          faster=lambda x, *rest: _triton_slower(x))
 _backends.register_kernel("dwpw_conv2d_backward", "triton", "effops.triton_kernels.dwpw_conv2d:dwpw_conv2d_backward",
                           supports=lambda grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation,
                           activation, needs_input_grad: _triton_supports(x, dw_weight, pw_weight, stride, padding,
-                                                                         dilation, grad_y))
+                                                                         dilation, grad_y),
+                          faster=lambda grad_y, x, *rest: _triton_slower(x))
 _backends.register_kernel("dwpw_conv2d_backward", "cpu", _cpu_backward,
                           supports=lambda grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation,
                           activation, needs_input_grad: _cpu_supports(x, dw_weight, pw_weight, None, None, stride,
