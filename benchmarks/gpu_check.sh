@@ -19,9 +19,6 @@ TOTAL_S=${GPU_CHECK_TOTAL_S:-460}
 BUILD_S=${GPU_CHECK_BUILD_S:-150}
 BENCH_S=${GPU_CHECK_BENCH_S:-100}
 GRACE_S=5  # after a part's time runs out: SIGINT (pytest) or SIGTERM first, SIGKILL this much later
-# The Triton-on-CUDA compiles of the big dwpw backward kernels (7x7: ~80 s each) would eat the test
-# budget: tests/test_dwpw_conv2d.py then checks triton gradients on its 3x3 cases only. 0 checks all.
-export EFFOPS_GPU_QUICK=${EFFOPS_GPU_QUICK:-1}
 cd "$(dirname "$0")/.."
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/effops-gpu-check.XXXXXX")
 START=$SECONDS

@@ -1,10 +1,4 @@
-"""effops.ops.dwpw_conv2d on every backend against the reference (computed in float64).
-
-EFFOPS_GPU_QUICK=1 (set by benchmarks/gpu_check.sh, `make gpu-check`): when the suite runs on CUDA tensors,
-the gradient tests of the triton backend take only the 3x3-kernel cases. Triton compiles the backward
-kernel anew for each kernel size and activation (they are constexpr), and the big sizes take over a minute
-each (7x7: ~80 s), which the short GPU session's test budget cannot hold. Forward tests are not limited.
-"""
+"""effops.ops.dwpw_conv2d on every backend against the reference (computed in float64)."""
 import importlib
 import os
 
@@ -83,7 +77,6 @@ def tiny(case):
 # The Triton interpreter costs seconds per launch: its gradient tests take the cases that together cover
 # every kernel size parity, stride, dilation, padding form, bias combination and activation.
 TRITON_GRAD_CASES = (CASES[1], CASES[2], CASES[4], CASES[5], CASES[7])
-GPU_QUICK = os.environ.get("EFFOPS_GPU_QUICK") == "1"  # see the module docstring
 
 
 def skip_slow_backend(backend, case, grads=False):
@@ -91,8 +84,6 @@ def skip_slow_backend(backend, case, grads=False):
         pytest.skip("triton runs in the interpreter here: tiny shapes only")
     if backend == "triton" and grads and os.environ.get("TRITON_INTERPRET") == "1" and case not in TRITON_GRAD_CASES:
         pytest.skip("triton interpreter: gradients checked on TRITON_GRAD_CASES (slow interpreter)")
-    if backend == "triton" and grads and GPU_QUICK and device().type == "cuda" and case[5] != 3:
-        pytest.skip("EFFOPS_GPU_QUICK=1: triton-on-CUDA gradients checked on the 3x3 cases only (compile time)")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
