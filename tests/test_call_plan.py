@@ -333,6 +333,13 @@ def test_torch_func_transforms_over_modules():
     got = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
+    sparse = [_sparse_layer(16, seed=s) for s in range(3)]  # masks too are stacked (buffers)
+    sparse_params, sparse_buffers = stack_module_state(sparse)
+    sparse_base = copy.deepcopy(sparse[0]).to("meta")
+    x16 = torch.randn(4, 16)
+    got = vmap(lambda p, b: functional_call(sparse_base, (p, b), (x16,)))(sparse_params, sparse_buffers)
+    torch.testing.assert_close(got, torch.stack([_masked_expected(m, x16) for m in sparse]), **TOL[torch.float32])
+
     layer = _sparse_layer()
     xs = torch.randn(4, 48)
     weights = {k: v.detach() for k, v in layer.named_parameters()}

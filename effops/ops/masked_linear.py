@@ -61,7 +61,9 @@ def _checked(x, weight, mask, bias, pattern, block_size):
     if bias is not None:
         _checks.shape("bias", bias, (weight.shape[0],))
     check_pattern(pattern, block_size)
-    if not torch.compiler.is_compiling():
+    # The mask's description is cached by data pointer: not under torch.compile (traced) nor inside a
+    # torch.func transform (a vmapped mask is a wrapper without storage; the reference runs there).
+    if not torch.compiler.is_compiling() and not _backends.under_transform():
         # Cached per mask version, so this costs one pass over the mask only when the mask changes.
         info = _sparse_index.mask_info(mask)
         if pattern is not None:
@@ -91,6 +93,8 @@ def _runner(x, weight, mask, bias):
     if route.name != "reference":
         kernel = route.fn
         return lambda x: kernel(x, weight, mask, bias)  # no gradient needed: the kernel without the custom op
+    if _backends.under_transform():
+        return lambda x: reference.masked_linear(x, weight, mask, bias)  # no caches of wrapped tensors
     info = _sparse_index.mask_info(mask)
     if torch.is_grad_enabled() and weight.requires_grad:
         # Training: W * mask changes every step. The mask in weight's dtype is made once per mask
