@@ -4,8 +4,9 @@ depends on changed.
 The op layer's per-call work (argument checks, the backend choice with its size and density rules,
 building the call) costs 30-100 microseconds in Python: as much as a whole small layer's arithmetic.
 A module calls the same op with the same parameters over and over, so after one full call it keeps
-the runner the op built (a callable of x alone, holding the chosen kernel and the module's tensors)
-under a key of everything the checks and the choice read:
+the runner the op built (a function of x and the module's tensors, holding the chosen kernel and what
+the op derived from the tensors whose versions the key holds) under a key of everything the checks and
+the choice read:
 
 * x: its type, shape, strides, dtype, device and requires_grad;
 * grad mode and inference mode;
@@ -14,13 +15,14 @@ under a key of everything the checks and the choice read:
   values steer the choice or a derived cache (a mask's density, int8 weights' correction) their
   version counter, which every in-place write moves (an inference tensor has none: no memo then);
 * the module's own settings that reach the op (stride, activation, mode...), passed as `extra`;
-* the registry's generation (a kernel registered later changes the choice).
+* the registry's generation (a kernel registered later changes the choice);
+* under torch.autocast, its dtype: the runner is then given x and the tensors cast as the op casts
+  them (the module's `cast`, the op's autocast_args), per call, since the weights change.
 
 No memo is made or used where the op must see the call itself: under torch.compile, a forced
 backend, a dispatch or function mode, a torch.func transform or forward-mode AD, a tensor subclass, a
-sparse or meta x, autocast (the op casts per call), or while record_choices() is counting. The values
-of weights that do not steer the choice (a Linear weight during training) are not in the key: the
-runner reads them at each call.
+sparse or meta x, or while record_choices() is counting. The values of weights that do not steer the
+choice (a Linear weight during training) are not in the key: the runner is given them at each call.
 
 Not seen by the key, as with torch's own caches: writes through `.data` (a tensor whose version counter
 is not the parameter's) and edits of the ops' private tuning constants (`_CPU_LIMITS` and the like,
@@ -57,6 +59,10 @@ class RemembersCalls:
         return super()._load_from_state_dict(*args, **kwargs)
 
 
+def autocast_dtype(device_type):
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def eager_key(x, tensors, versioned=(), extra=()):
     """The memo key of a call on x with the module's `tensors` (versioned: indices into tensors whose
     version counts), or None where no memo may stand in for the op (see the module docstring).
@@ -72,10 +78,8 @@ def eager_key(x, tensors, versioned=(), extra=()):
     device = x.device
     if x.layout is not torch.strided or device.type not in _backends.AUTO_ORDER:
         return None  # sparse or meta x: the op's own checks answer (no strides to key on)
-    if torch.is_autocast_enabled(device.type):
-        return None
     key = [x.shape, x.stride(), x.dtype, device, x.requires_grad, torch.is_grad_enabled(),
-           torch.is_inference_mode_enabled(), _backends.generation(), extra]
+           torch.is_inference_mode_enabled(), autocast_dtype(device.type), _backends.generation(), extra]
     for i, t in enumerate(tensors):
         if t is None:
             key.append(None)
@@ -90,10 +94,10 @@ def eager_key(x, tensors, versioned=(), extra=()):
     return key
 
 
-def call(module, x, tensors, build, run_op, versioned=(), extra=()):
+def call(module, x, tensors, build, run_op, cast, versioned=(), extra=()):
     """The module's op on x: through its memo when the key matches, else build() (the op's checks and
-    choice, returning a runner of x or None) and remember the runner; run_op() where no runner can be
-    made (the op must see the call)."""
+    choice, returning a runner of (x, *tensors) or None) and remember the runner; run_op() where no
+    runner can be made (the op must see the call). cast(x, tensors, dtype): the op's own autocast casts."""
     key = eager_key(x, tensors, versioned, extra)
     if key is None:
         return run_op()
@@ -101,10 +105,30 @@ def call(module, x, tensors, build, run_op, versioned=(), extra=()):
     if plan is None:
         plan = module.__dict__["_call_plan"] = CallPlan()
     elif key == plan.key:
-        return plan.run(x)
+        return _run(plan.run, x, tensors, cast)
     run = build()
     if run is None:
         plan.key = plan.run = plan.tensors = None
         return run_op()
     plan.key, plan.run, plan.tensors = key, run, tensors  # tensors: their ids in the key stay theirs
-    return run(x)
+    return _run(run, x, tensors, cast)
+
+
+def _run(run, x, tensors, cast):
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None and not isinstance(run, CastsItself):
+        x, tensors = cast(x, tensors, dtype)
+    return run(x, *tensors)
+
+
+class CastsItself:
+    """A runner the memo gives the module's tensors uncast under autocast: plain PyTorch, whose own ops
+    (linear, conv2d) autocast in C++ to the values the op's Python casts would give."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run):
+        self.run = run
+
+    def __call__(self, *args):
+        return self.run(*args)

@@ -415,3 +415,55 @@ def test_moving_a_module_drops_its_memo():
     layer.to("meta")
     gc.collect()
     assert old_mask() is None
+
+
+def _module_cases():
+    """(name, module, x, the op's public path for that module): a memo must give exactly what it gives."""
+    torch.manual_seed(8)
+    sparse = _sparse_layer()
+    sep = _separable()
+    q = Int8Linear.from_linear(nn.Linear(40, 24))
+    int8_op = importlib.import_module("effops.ops.int8_gemm")
+    return [
+        ("sparse", sparse, torch.randn(5, 48), lambda m, x: masked_op.masked_linear(x, m.weight, m.mask, m.bias)),
+        ("separable", sep, torch.randn(2, 6, 9, 8), lambda m, x: dwpw_op.dwpw_conv2d(
+            x, m.depthwise.weight, m.pointwise.weight, m.depthwise.bias, m.pointwise.bias, m.depthwise.stride,
+            m.depthwise.padding, m.depthwise.dilation, m.activation)),
+        ("int8", q, torch.randn(3, 40), lambda m, x: int8_op.int8_linear_dynamic(
+            x, m.weight_packed, m.weight_scale, m.bias, m.out_features, False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3), ids=["sparse", "separable", "int8"])
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_memo_under_autocast_gives_the_ops_answer(monkeypatch, case, training):
+    # Under autocast the memo's runner is given x and the weights cast per call (the weights change
+    # between steps); outputs and gradients must be the op path's, exactly (the same torch ops).
+    name, module, x, op_path = _module_cases()[case]
+    if training and name == "int8":
+        module.bias.requires_grad_(True)
+    twin = copy.deepcopy(module)
+    builds = _Counter(module._runner) if name == "int8" else None
+    if name == "int8":
+        monkeypatch.setattr(module, "_runner", builds)
+    else:
+        builds = _Counter((masked_op if name == "sparse" else dwpw_op).plan)
+        monkeypatch.setattr(masked_op if name == "sparse" else dwpw_op, "plan", builds)
+    with torch.set_grad_enabled(training):
+        for step in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got, want = module(x), op_path(twin, x)
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got, want), (name, step)
+            if training:
+                got.float().square().sum().backward()
+                want.float().square().sum().backward()
+                for (pname, p), q in zip(module.named_parameters(), twin.parameters()):
+                    if p.requires_grad:
+                        assert torch.equal(p.grad, q.grad), (name, pname, step)
+                with torch.no_grad():  # an optimizer step: the memo must see the new values
+                    for p, q in zip(module.parameters(), twin.parameters()):
+                        if p.requires_grad:
+                            p.sub_(0.1 * p.grad)
+                            q.sub_(0.1 * q.grad)
+    assert builds.calls == 1

@@ -42,6 +42,11 @@ WEIGHT_BITS = (8, 7)
 AUTO_ROWS = 0
 
 
+def _autocast_args(x, tensors, dtype):
+    """Under autocast the op casts x only (the int8 weights, fp32 scales and bias stay)."""
+    return x.to(dtype), tensors
+
+
 class Int8Linear(_call_plan.RemembersCalls, nn.Module):
     def __init__(self, in_features, out_features, bias=True, mode="auto", device=None, weight_bits=8):
         super().__init__()
@@ -92,8 +97,10 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
     def forward(self, x):
         # Through the module's memo of its last call (effops._call_plan): checks and choice run again only
         # when x's shape, the grad mode, a buffer (weight_packed: also its version) or a setting changed.
-        tensors = (self.weight_packed, self.weight_scale, self.bias, self.weight_corr)
-        return _call_plan.call(self, x, tensors, lambda: self._runner(x), lambda: self._forward(x), versioned=(0,),
+        # weight_corr is derived from weight_packed (versioned in the key): the runner holds it.
+        tensors = (self.weight_packed, self.weight_scale, self.bias)
+        return _call_plan.call(self, x, tensors, lambda: self._runner(x), lambda: self._forward(x), _autocast_args,
+                               versioned=(0,),
                                extra=(self.mode, self.out_features, self.in_features, self.weight_bits, AUTO_ROWS))
 
     def _checked_args(self, x):
@@ -107,7 +114,8 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
         return run_int8_linear_dynamic(x, *self._checked_args(x))
 
     def _runner(self, x):
-        return int8_linear_dynamic_runner(x, *self._checked_args(x))
+        cast = _checks.autocast_dtype(x.device.type)
+        return int8_linear_dynamic_runner(x if cast is None else x.to(cast), *self._checked_args(x))
 
     def _set_packed(self, packed):
         self.weight_packed = packed

@@ -64,7 +64,7 @@ class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
         tensors = (dw.weight, pw.weight, dw.bias, pw.bias)
         config = (_frozen(dw.stride), _frozen(dw.padding), _frozen(dw.dilation), self.activation)
         return _call_plan.call(self, x, tensors, lambda: _op.plan(x, *tensors, *config),
-                               lambda: dwpw_conv2d(x, *tensors, *config),
+                               lambda: dwpw_conv2d(x, *tensors, *config), _op.autocast_args,
                                extra=config + (_op.torch_uses_huge_pages(),))
 
     def extra_repr(self):

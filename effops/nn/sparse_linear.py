@@ -118,7 +118,7 @@ class SparseLinear(_call_plan.RemembersCalls, _MaskedMixin, nn.Linear):
         # again only when x's shape, the grad mode, the mask (its version) or a parameter changed.
         weight, mask, bias = self.weight, self.mask, self.bias
         return _call_plan.call(self, x, (weight, mask, bias), lambda: _op.plan(x, weight, mask, bias),
-                               lambda: _op.masked_linear(x, weight, mask, bias), versioned=(1,))
+                               lambda: _op.masked_linear(x, weight, mask, bias), _op.autocast_args, versioned=(1,))
 
     def extra_repr(self):
         return "%s, density=%.3f, pattern=%s" % (super().extra_repr(), self.density, self.pattern)

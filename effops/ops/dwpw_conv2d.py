@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from effops import _backends
+from effops import _backends, _call_plan
 from effops.ops import _checks
 from effops.reference import dwpw_conv2d as reference
 
@@ -220,13 +220,27 @@ def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, p
     """
     args = _checked(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation)
     run = _runner(args)
-    return run(args[0]) if run is not None else torch.ops.effops.dwpw_conv2d(*args)
+    return run(*args[:5]) if run is not None else torch.ops.effops.dwpw_conv2d(*args)
 
 
 def plan(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
-    """For effops._call_plan (SeparableConv2d's memo; never under autocast): dwpw_conv2d's checks and
-    choice for this call, as a runner of x alone, or None where the custom op must run."""
-    return _runner(_checked(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation))
+    """For effops._call_plan (SeparableConv2d's memo): dwpw_conv2d's checks and choice for this call, as a
+    runner of (x, dw_weight, pw_weight, dw_bias, pw_bias) (given them cast by autocast_args under
+    autocast), or None where the custom op must run."""
+    checked = _checked(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation)
+    route = _route(checked)
+    if route is None:
+        return None
+    if checked[0] is not x and route.direct and route.name == "reference":
+        # Autocast and plain PyTorch chosen: its convolutions cast inside (in C++, to the same values),
+        # sparing the Python casts a call.
+        return _call_plan.CastsItself(_runner((x, dw_weight, pw_weight, dw_bias, pw_bias) + checked[5:], route))
+    return _runner(checked, route)
+
+
+def autocast_args(x, tensors, dtype):
+    """x and (dw_weight, pw_weight, dw_bias, pw_bias) as the op casts them under autocast to `dtype`."""
+    return x.to(dtype), tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def _checked(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
@@ -257,30 +271,34 @@ def _checked(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilatio
                          % (tuple(x.shape[2:]), tuple(dw_weight.shape[2:]), padding, dilation))
     cast = _checks.autocast_dtype(x.device.type)
     if cast is not None:
-        x, dw_weight, pw_weight = x.to(cast), dw_weight.to(cast), pw_weight.to(cast)
-        dw_bias = None if dw_bias is None else dw_bias.to(cast)
-        pw_bias = None if pw_bias is None else pw_bias.to(cast)
+        x, (dw_weight, pw_weight, dw_bias, pw_bias) = autocast_args(x, (dw_weight, pw_weight, dw_bias, pw_bias), cast)
     for name, value in (("dw_weight", dw_weight), ("pw_weight", pw_weight), ("dw_bias", dw_bias),
                         ("pw_bias", pw_bias)):
         _checks.same_dtype(name, value, x.dtype)
     return x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation
 
 
-def _runner(args):
-    """How this eager call runs, as a callable of x (the other arguments bound), or None where the custom
-    op must choose for itself (_backends.eager_route)."""
-    x, rest = args[0], args[1:]
-    route = _backends.eager_route("dwpw_conv2d", x.device, *args, reference_autograd=True)
+def _route(args):
+    return _backends.eager_route("dwpw_conv2d", args[0].device, *args, reference_autograd=True)
+
+
+def _runner(args, route=None):
+    """How this eager call runs (on `route`, else the one eager_route gives), as a function of (x,
+    dw_weight, pw_weight, dw_bias, pw_bias) (the geometry and activation bound), or None where the custom
+    op must choose for itself."""
+    config = args[5:]
+    route = route or _route(args)
     if route is None:
         return None
     kernel = route.fn
     if route.direct and route.name == "reference":
-        return lambda x: kernel(x, *rest)  # plain PyTorch, recorded by torch's autograd where needed
+        return lambda x, *tensors: kernel(x, *tensors, *config)  # plain PyTorch, under torch's autograd
     if route.direct:
-        return lambda x: _in_format_of(x, kernel(x, *rest))  # a kernel: no gradient is needed
+        return lambda x, *tensors: _in_format_of(x, kernel(x, *tensors, *config))  # no gradient needed
     # A training step through our kernels: the route carries _cpu_faster's step rule, which sees
     # autograd only out here, into the custom op.
-    return lambda x: _backends.through_custom_op(route, "dwpw_conv2d", torch.ops.effops.dwpw_conv2d, x, *rest)
+    return lambda x, *tensors: _backends.through_custom_op(route, "dwpw_conv2d", torch.ops.effops.dwpw_conv2d, x,
+                                                           *tensors, *config)
 
 
 def _in_format_of(x, y):

@@ -243,23 +243,26 @@ def run_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_onl
         x = x.to(cast)
     run = int8_linear_dynamic_runner(x, w_packed, w_scale, bias, out_features, weight_only, w_corr)
     if run is not None:
-        return run(x)
+        return run(x, w_packed, w_scale, bias)
     return torch.ops.effops.int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr)
 
 
 def int8_linear_dynamic_runner(x, w_packed, w_scale, bias, out_features, weight_only, w_corr):
-    """How this eager call runs, as a callable of x (the other arguments bound), or None where the custom
-    op must choose for itself (_backends.eager_route). No autocast cast here: the caller's."""
-    args = (w_packed, w_scale, bias, out_features, weight_only, w_corr)
-    route = _backends.eager_route("int8_linear_dynamic", x.device, x, *args)
+    """How this eager call runs, as a function of (x, w_packed, w_scale, bias) (out_features, weight_only
+    and w_corr, derived from w_packed, bound), or None where the custom op must choose for itself
+    (_backends.eager_route). No autocast cast here: the caller's (x only)."""
+    route = _backends.eager_route("int8_linear_dynamic", x.device, x, w_packed, w_scale, bias, out_features,
+                                  weight_only, w_corr)
     if route is None:
         return None
     if route.direct:
         # Eager and no gradient needed: the chosen kernel without the custom op's Python machinery.
         kernel = route.fn
-        return lambda x: kernel(x, *args)
-    return lambda x: _backends.through_custom_op(route, "int8_linear_dynamic", torch.ops.effops.int8_linear_dynamic,
-                                                 x, *args)
+        return lambda x, w_packed, w_scale, bias: kernel(x, w_packed, w_scale, bias, out_features, weight_only,
+                                                         w_corr)
+    return lambda x, w_packed, w_scale, bias: _backends.through_custom_op(
+        route, "int8_linear_dynamic", torch.ops.effops.int8_linear_dynamic, x, w_packed, w_scale, bias,
+        out_features, weight_only, w_corr)
 
 
 @torch.library.custom_op("effops::int8_linear_dynamic", mutates_args=())

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from effops import _backends
+from effops import _backends, _call_plan
 from effops.ops import _checks, _sparse_index
 from effops.reference import masked_linear as reference
 
@@ -36,14 +36,29 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None):
     """
     x, weight, mask, bias = _checked(x, weight, mask, bias, pattern, block_size)
     run = _runner(x, weight, mask, bias)
-    return run(x) if run is not None else torch.ops.effops.masked_linear(x, weight, mask, bias)
+    return run(x, weight, mask, bias) if run is not None else torch.ops.effops.masked_linear(x, weight, mask, bias)
 
 
 def plan(x, weight, mask, bias):
-    """For effops._call_plan (SparseLinear's memo; never under autocast): masked_linear's checks and
-    choice for this call, as a runner of x alone, or None where the custom op must run."""
-    x, weight, mask, bias = _checked(x, weight, mask, bias, None, None)
-    return _runner(x, weight, mask, bias)
+    """For effops._call_plan (SparseLinear's memo): masked_linear's checks and choice for this call, as a
+    runner of (x, weight, mask, bias) (given them cast by autocast_args under autocast, unless it casts
+    itself), or None where the custom op must run."""
+    checked = _checked(x, weight, mask, bias, None, None)
+    route = _route(*checked)
+    if route is None:
+        return None
+    if checked[0] is not x and route.direct and route.name == "reference":
+        # Autocast and plain PyTorch chosen: its own ops cast (in C++, to the same values: a 0/1 mask
+        # multiplies exactly either side of the cast), sparing the Python casts a call.
+        return _call_plan.CastsItself(_runner(x, weight, mask, bias, route))
+    return _runner(*checked, route)
+
+
+def autocast_args(x, tensors, dtype):
+    """x and (weight, mask, bias) as the op casts them under autocast to `dtype` (a bool mask stays)."""
+    weight, mask, bias = tensors
+    return x.to(dtype), (weight.to(dtype), mask if mask.dtype == torch.bool else mask.to(dtype),
+                         None if bias is None else bias.to(dtype))
 
 
 def _checked(x, weight, mask, bias, pattern, block_size):
@@ -72,38 +87,39 @@ def _checked(x, weight, mask, bias, pattern, block_size):
                 raise ValueError("mask does not fit pattern=%r: %s" % (pattern, why))
     cast = _checks.autocast_dtype(x.device.type)
     if cast is not None:
-        x, weight = x.to(cast), weight.to(cast)
-        bias = None if bias is None else bias.to(cast)
-        if mask.dtype != torch.bool:
-            mask = mask.to(cast)
+        x, (weight, mask, bias) = autocast_args(x, (weight, mask, bias), cast)
     _checks.same_dtype("weight", weight, x.dtype)
     _checks.same_dtype("bias", bias, x.dtype)
     return x, weight, mask, bias
 
 
-def _runner(x, weight, mask, bias):
-    """How this eager call runs, as a callable of x (the other arguments bound), or None where the custom
-    op must choose for itself (_backends.eager_route)."""
-    route = _backends.eager_route("masked_linear", x.device, x, weight, mask, bias, reference_autograd=True)
+def _route(x, weight, mask, bias):
+    return _backends.eager_route("masked_linear", x.device, x, weight, mask, bias, reference_autograd=True)
+
+
+def _runner(x, weight, mask, bias, route=None):
+    """How this eager call runs (on `route`, else the one eager_route gives), as a function of (x, weight,
+    mask, bias), or None where the custom op must choose for itself. It may keep what it derived from
+    the mask (the memo's key holds the mask's identity and version), never the weight's values."""
+    route = route or _route(x, weight, mask, bias)
     if route is None:
         return None
     if not route.direct:
-        return lambda x: _backends.through_custom_op(route, "masked_linear", torch.ops.effops.masked_linear, x,
-                                                     weight, mask, bias)
+        return lambda x, weight, mask, bias: _backends.through_custom_op(
+            route, "masked_linear", torch.ops.effops.masked_linear, x, weight, mask, bias)
     if route.name != "reference":
-        kernel = route.fn
-        return lambda x: kernel(x, weight, mask, bias)  # no gradient needed: the kernel without the custom op
+        return route.fn  # no gradient needed: the kernel without the custom op
     if _backends.under_transform():
-        return lambda x: reference.masked_linear(x, weight, mask, bias)  # no caches of wrapped tensors
+        return reference.masked_linear  # no caches of wrapped tensors
     info = _sparse_index.mask_info(mask)
     if torch.is_grad_enabled() and weight.requires_grad:
         # Training: W * mask changes every step. The mask in weight's dtype is made once per mask
         # version (a bool mask multiplies ~5x slower: its promotion runs per element, every call).
         mask_w = _mask_as(info, mask, weight.dtype)
-        return lambda x: reference.masked_linear(x, weight, mask_w, bias)
+        return lambda x, weight, mask, bias: reference.masked_linear(x, weight, mask_w, bias)
     # Inference on a mask too dense for the sparse kernels: dense F.linear on W * mask, made once per
     # weight version instead of per call (the cost plain PyTorch pays with a pre-masked weight).
-    return lambda x: torch.nn.functional.linear(x, _masked_weight(info, weight, mask), bias)
+    return lambda x, weight, mask, bias: torch.nn.functional.linear(x, _masked_weight(info, weight, mask), bias)
 
 
 def check_pattern(pattern, block_size):
