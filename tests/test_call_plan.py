@@ -34,6 +34,13 @@ class _Counter:
         return self.fn(*args, **kwargs)
 
 
+def _count_calls(monkeypatch, owner, name):
+    """owner.name replaced (for the test) by a _Counter around it."""
+    counter = _Counter(getattr(owner, name))
+    monkeypatch.setattr(owner, name, counter)
+    return counter
+
+
 def _sparse_layer(features=48, sparsity=0.75, seed=0):
     torch.manual_seed(seed)
     return SparseLinear.from_linear(nn.Linear(features, features), torch.rand(features, features) >= sparsity)
@@ -55,8 +62,7 @@ def _separable_expected(m, x):
 
 
 def test_repeated_calls_build_once_and_a_new_shape_rebuilds(monkeypatch):
-    plans = _Counter(masked_op.plan)
-    monkeypatch.setattr(masked_op, "plan", plans)
+    plans = _count_calls(monkeypatch, masked_op, "plan")
     layer = _sparse_layer()
     x = torch.randn(5, 48)
     with torch.no_grad():
@@ -68,13 +74,11 @@ def test_repeated_calls_build_once_and_a_new_shape_rebuilds(monkeypatch):
 
 
 def test_separable_and_int8_modules_keep_a_memo_too(monkeypatch):
-    dwpw_plans = _Counter(dwpw_op.plan)
-    monkeypatch.setattr(dwpw_op, "plan", dwpw_plans)
+    dwpw_plans = _count_calls(monkeypatch, dwpw_op, "plan")
     sep, x = _separable(), torch.randn(2, 6, 9, 8)
     torch.manual_seed(2)
     q, xq = Int8Linear.from_linear(nn.Linear(40, 24)), torch.randn(3, 40)
-    int8_runners = _Counter(q._runner)
-    monkeypatch.setattr(q, "_runner", int8_runners)
+    int8_runners = _count_calls(monkeypatch, q, "_runner")
     with torch.no_grad():
         for _ in range(3):
             torch.testing.assert_close(sep(x), _separable_expected(sep, x), atol=1e-4, rtol=1e-4)
@@ -242,8 +246,7 @@ def test_separable_layout_change_after_a_memo():
 
 
 def test_registering_a_kernel_drops_the_memo(monkeypatch):
-    plans = _Counter(masked_op.plan)
-    monkeypatch.setattr(masked_op, "plan", plans)
+    plans = _count_calls(monkeypatch, masked_op, "plan")
     layer = _sparse_layer()
     x = torch.randn(5, 48)
     with torch.no_grad():
@@ -372,8 +375,7 @@ def test_copies_and_pickles_build_their_own_memo():
 
 def test_inference_tensor_mask_is_never_memoized(monkeypatch):
     # An inference tensor has no version counter, so an in-place edit could not be seen: no memo.
-    plans = _Counter(masked_op.plan)
-    monkeypatch.setattr(masked_op, "plan", plans)
+    plans = _count_calls(monkeypatch, masked_op, "plan")
     with torch.inference_mode():
         layer = _sparse_layer()
         x = torch.randn(5, 48)
@@ -443,12 +445,10 @@ def test_memo_under_autocast_gives_the_ops_answer(monkeypatch, case, training):
     if training and name == "int8":
         module.bias.requires_grad_(True)
     twin = copy.deepcopy(module)
-    builds = _Counter(module._runner) if name == "int8" else None
     if name == "int8":
-        monkeypatch.setattr(module, "_runner", builds)
+        builds = _count_calls(monkeypatch, module, "_runner")
     else:
-        builds = _Counter((masked_op if name == "sparse" else dwpw_op).plan)
-        monkeypatch.setattr(masked_op if name == "sparse" else dwpw_op, "plan", builds)
+        builds = _count_calls(monkeypatch, masked_op if name == "sparse" else dwpw_op, "plan")
     with torch.set_grad_enabled(training):
         for step in range(3):
             with torch.autocast("cpu", dtype=torch.bfloat16):
