@@ -10,6 +10,8 @@ Baselines (plain PyTorch, the way people write it):
 * SparseLinear (80% unstructured): nn.Linear pruned with torch.nn.utils.prune (weight * mask per call);
 * SeparableConv2d: nn.Conv2d(groups=C) -> ReLU -> nn.Conv2d(1x1);
 * Int8Linear: torch.ao quantize_dynamic (FBGEMM); the fp32 nn.Linear it replaces is timed beside them.
+"effops.ops" rows call the functional op with the module's tensors (as a user's own module would):
+no module memo, the op's memo of recent calls instead.
 Inference under torch.no_grad(); the training rows time forward + backward of the float layers.
 Run: python -m benchmarks.run [--quick] --only small_calls
 """
@@ -66,6 +68,19 @@ def _train(module, x):
     return call
 
 
+def _functional_sparse(layer):
+    """The functional op on SparseLinear's tensors, as a module."""
+    import effops
+    return lambda x: effops.ops.masked_linear(x, layer.weight, layer.mask, layer.bias)
+
+
+def _functional_separable(block):
+    import effops
+    dw, pw = block.depthwise, block.pointwise
+    return lambda x: effops.ops.dwpw_conv2d(x, dw.weight, pw.weight, dw.bias, pw.bias, dw.stride, dw.padding,
+                                            dw.dilation, block.activation)
+
+
 def run(quick, device):
     if torch.device(device).type != "cpu":
         return []  # the overhead measured here is the CPU host's; on CUDA it hides behind the kernels
@@ -76,7 +91,8 @@ def run(quick, device):
         x = torch.randn(batch, 192)
         for kind, timed in (("inference", _infer), ("training", _train)):
             rows += compare("small_calls", "SparseLinear 192x192 80%% %s batch=%d" % (kind, batch),
-                            {"torch prune": timed(plain, x), "effops": timed(ours, x)}, baseline="torch prune",
+                            {"torch prune": timed(plain, x), "effops": timed(ours, x),
+                             "effops.ops": timed(_functional_sparse(ours), x)}, baseline="torch prune",
                             rounds=rounds, min_time=min_time, extra=dict(batch=batch))
     # Int8Linear against the fp32 nn.Linear it replaces and FBGEMM: where int8 loses to fp32, it saves
     # memory, not time (effops.quantize's default min_features follows these rows).
@@ -94,6 +110,7 @@ def run(quick, device):
         x = torch.randn(batch, 24, 32, 32)
         for kind, timed in (("inference", _infer), ("training", _train)):
             rows += compare("small_calls", "SeparableConv2d 24->48 32x32 s2 %s batch=%d" % (kind, batch),
-                            {"torch conv pair": timed(plain, x), "effops": timed(ours, x)},
+                            {"torch conv pair": timed(plain, x), "effops": timed(ours, x),
+                             "effops.ops": timed(_functional_separable(ours), x)},
                             baseline="torch conv pair", rounds=rounds, min_time=min_time, extra=dict(batch=batch))
     return rows

@@ -1,5 +1,5 @@
-"""A module's memo of its last eager call: the checked, chosen way to run it, reused while nothing it
-depends on changed.
+"""A module's memo of its last eager call (and a functional op's memo of its recent ones): the checked,
+chosen way to run it, reused while nothing it depends on changed.
 
 The op layer's per-call work (argument checks, the backend choice with its size and density rules,
 building the call) costs 30-100 microseconds in Python: as much as a whole small layer's arithmetic.
@@ -24,10 +24,18 @@ backend, a dispatch or function mode, a torch.func transform or forward-mode AD,
 sparse or meta x, or while record_choices() is counting. The values of weights that do not steer the
 choice (a Linear weight during training) are not in the key: the runner is given them at each call.
 
+A functional op (`effops.ops.masked_linear(x, w, mask)` in a user's own module) has no module to keep
+a memo on: it keeps a FunctionMemo of its recent calls instead, under the same key plus the call's
+non-tensor arguments with their types (stride=True must still raise), holding the tensors only
+weakly (an entry goes when any of its tensors dies, so neither a dead weight's id nor its derived
+caches live on).
+
 Not seen by the key, as with torch's own caches: writes through `.data` (a tensor whose version counter
 is not the parameter's) and edits of the ops' private tuning constants (`_CPU_LIMITS` and the like,
 read when a memo is built: a module moved with `.to()` or reloaded builds a new one).
 """
+import weakref
+
 import torch
 
 from effops import _backends
@@ -132,3 +140,60 @@ class CastsItself:
 
     def __call__(self, *args):
         return self.run(*args)
+
+
+class FunctionMemo:
+    """A functional op's memo: runners of recent calls by key. An entry holds its tensors weakly and is
+    dropped when any of them dies (so the ids in its key always name live tensors); past `limit`
+    entries the memo starts afresh (a model calls an op from a bounded number of places)."""
+
+    __slots__ = ("entries", "limit", "__weakref__")
+
+    def __init__(self, limit=256):
+        self.entries, self.limit = {}, limit
+
+    def __reduce__(self):
+        return FunctionMemo, (self.limit,)
+
+
+class _Entry:
+    __slots__ = ("run", "refs")
+
+
+def call_function(memo, x, tensors, settings, build, run_op, cast, versioned=()):
+    """A functional op on x and `tensors` with its non-tensor `settings`: through `memo` when a call with
+    the same key ran before, else build() (the op's checks and choice, returning a runner of
+    (x, *tensors) or None) and remember the runner; run_op() where no runner can be made. As `call`."""
+    key = eager_key(x, tensors, versioned, _typed(settings))
+    if key is None:
+        return run_op()
+    try:
+        key = tuple(key)
+        entry = memo.entries.get(key)
+    except TypeError:  # a setting that cannot be hashed (the op's checks will name it)
+        return run_op()
+    if entry is not None and all(ref() is t for ref, t in zip(entry.refs, tensors) if t is not None):
+        return _run(entry.run, x, tensors, cast)
+    run = build()
+    if run is None:
+        return run_op()
+    if len(memo.entries) >= memo.limit:
+        memo.entries.clear()
+    entry = _Entry()
+    entry.run = run
+    memo_ref = weakref.ref(memo)  # the callbacks hold neither the memo nor the entry (no cycles)
+
+    def forget(_, key=key):
+        owner = memo_ref()
+        if owner is not None:
+            owner.entries.pop(key, None)  # an entry under this key holds the dying tensor
+
+    entry.refs = tuple(None if t is None else weakref.ref(t, forget) for t in tensors)
+    memo.entries[key] = entry
+    return _run(run, x, tensors, cast)
+
+
+def _typed(values):
+    """Settings as a key that tells their types apart (1, 1.0 and True compare equal in Python), lists
+    as tuples."""
+    return tuple((type(v), _typed(v)) if isinstance(v, (tuple, list)) else (type(v), v) for v in values)

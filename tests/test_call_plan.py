@@ -3,6 +3,8 @@ and choice, and every change the checks or the choice depend on makes the next c
 test changes one thing after a memo exists and compares with the reference computed afresh, so a key
 that missed that thing returns a stale answer and fails it."""
 import copy
+import gc
+import weakref
 import importlib
 import pickle
 
@@ -294,8 +296,6 @@ def test_int8_mode_and_auto_rows_changed_after_a_memo(monkeypatch):
 
 def test_load_state_dict_drops_the_memo():
     # Int8Linear repacks a loaded weight into a new buffer: the memo must not keep the old one alive.
-    import gc
-    import weakref
     torch.manual_seed(6)
     m = Int8Linear.from_linear(nn.Linear(40, 24))
     x = torch.randn(3, 40)
@@ -408,8 +408,6 @@ def test_compile_after_an_eager_memo():
 
 def test_moving_a_module_drops_its_memo():
     # .to() replaces the buffers: the memo must not keep the old ones alive until the next call.
-    import gc
-    import weakref
     layer = _sparse_layer()
     with torch.no_grad():
         layer(torch.randn(5, 48))
@@ -420,15 +418,16 @@ def test_moving_a_module_drops_its_memo():
 
 
 def _module_cases():
-    """(name, module, x, the op's public path for that module): a memo must give exactly what it gives."""
+    """(name, module, x, the op's path for that module without any memo): a memo must give exactly what
+    it gives."""
     torch.manual_seed(8)
     sparse = _sparse_layer()
     sep = _separable()
     q = Int8Linear.from_linear(nn.Linear(40, 24))
     int8_op = importlib.import_module("effops.ops.int8_gemm")
     return [
-        ("sparse", sparse, torch.randn(5, 48), lambda m, x: masked_op.masked_linear(x, m.weight, m.mask, m.bias)),
-        ("separable", sep, torch.randn(2, 6, 9, 8), lambda m, x: dwpw_op.dwpw_conv2d(
+        ("sparse", sparse, torch.randn(5, 48), lambda m, x: masked_op._unmemoized(x, m.weight, m.mask, m.bias, None, None)),
+        ("separable", sep, torch.randn(2, 6, 9, 8), lambda m, x: dwpw_op._unmemoized(
             x, m.depthwise.weight, m.pointwise.weight, m.depthwise.bias, m.pointwise.bias, m.depthwise.stride,
             m.depthwise.padding, m.depthwise.dilation, m.activation)),
         ("int8", q, torch.randn(3, 40), lambda m, x: int8_op.int8_linear_dynamic(
@@ -467,3 +466,105 @@ def test_memo_under_autocast_gives_the_ops_answer(monkeypatch, case, training):
                             p.sub_(0.1 * p.grad)
                             q.sub_(0.1 * q.grad)
     assert builds.calls == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The functional ops' memo of recent calls (call_function): no module, so the tensors are held weakly
+# and the call's non-tensor arguments join the key with their types.
+# ---------------------------------------------------------------------------------------------
+def _masked_tensors(features=48, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(features, features), (torch.rand(features, features) >= 0.75), torch.randn(features)
+
+
+def test_functional_calls_build_once_per_tensors(monkeypatch):
+    plans = _count_calls(monkeypatch, masked_op, "plan")
+    w, mask, b = _masked_tensors()
+    x = torch.randn(5, 48)
+    for _ in range(3):
+        torch.testing.assert_close(effops.ops.masked_linear(x, w, mask, b), F.linear(x, w * mask, b),
+                                   **TOL[torch.float32])
+    assert plans.calls == 1
+    w2 = w.clone()  # another weight: another entry, its own answer
+    w2[0] = 1.0
+    torch.testing.assert_close(effops.ops.masked_linear(x, w2, mask, b), F.linear(x, w2 * mask, b),
+                               **TOL[torch.float32])
+    assert plans.calls == 2
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_functional_mask_edited_in_place(training):
+    # As for the module: the cached mask forms must follow an in-place edit of the mask.
+    w, mask, b = _masked_tensors()
+    w.requires_grad_(training)
+    x = torch.randn(5, 48)
+    with torch.set_grad_enabled(training):
+        effops.ops.masked_linear(x, w, mask, b)
+        mask.copy_(torch.rand(48, 48) >= 0.5)
+        y = effops.ops.masked_linear(x, w, mask, b)
+        torch.testing.assert_close(y, F.linear(x, w.detach() * mask, b), **TOL[torch.float32])
+    if training:
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        torch.testing.assert_close(w.grad, (gy.t() @ x) * mask, **TOL[torch.float32])
+
+
+def test_functional_entry_dies_with_its_tensors():
+    # Weak references: a dead mask's entry (and the mask forms its runner keeps) goes with it, so a
+    # new tensor that reuses its id and address never meets a stale runner.
+    memo = masked_op._MEMO
+    x = torch.randn(5, 48)
+    with torch.enable_grad():
+        w, mask, b = _masked_tensors(seed=4)
+        w.requires_grad_(True)  # the training runner keeps the mask in weight's dtype
+        effops.ops.masked_linear(x, w, mask, b)
+        keys = [k for k in memo.entries if id(mask) in k]
+        assert len(keys) == 1
+        del w, mask, b
+        gc.collect()
+        assert not any(k in memo.entries for k in keys)
+    for seed in range(5, 9):  # fresh tensors, likely at recycled addresses: each its own answer
+        w, mask, b = _masked_tensors(seed=seed)
+        torch.testing.assert_close(effops.ops.masked_linear(x, w, mask, b), F.linear(x, w * mask, b),
+                                   **TOL[torch.float32])
+        del w, mask, b
+
+
+def test_functional_settings_keep_their_types():
+    # 1 == True == 1.0 in Python: a memo keyed on values alone would let stride=True through.
+    torch.manual_seed(5)
+    x, dw, pw = torch.randn(1, 4, 7, 7), torch.randn(4, 1, 3, 3), torch.randn(6, 4, 1, 1)
+    y = effops.ops.dwpw_conv2d(x, dw, pw, stride=1, padding=1)
+    with pytest.raises(TypeError, match="stride"):
+        effops.ops.dwpw_conv2d(x, dw, pw, stride=True, padding=1)
+    with pytest.raises(TypeError, match="padding"):
+        effops.ops.dwpw_conv2d(x, dw, pw, stride=1, padding=1.0)
+    torch.testing.assert_close(effops.ops.dwpw_conv2d(x, dw, pw, stride=(1, 1), padding=[1, 1]), y)
+    with pytest.raises(ValueError, match="activation"):  # a list: no key, the op's own check answers
+        effops.ops.dwpw_conv2d(x, dw, pw, stride=1, padding=1, activation=["relu"])
+    with pytest.raises(ValueError, match="pattern"):
+        effops.ops.masked_linear(torch.randn(2, 48), *_masked_tensors(), pattern="blocks")
+
+
+def test_functional_settings_and_shapes_after_a_memo():
+    torch.manual_seed(6)
+    x, dw, pw = torch.randn(2, 4, 9, 8), torch.randn(4, 1, 3, 3), torch.randn(6, 4, 1, 1)
+    for stride, activation in [(1, None), (2, None), (2, "gelu"), (1, "gelu")]:
+        got = effops.ops.dwpw_conv2d(x, dw, pw, stride=stride, padding=1, activation=activation)
+        want = dwpw_reference.dwpw_conv2d(x, dw, pw, None, None, [stride] * 2, [1, 1], [1, 1], activation)
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert effops.ops.dwpw_conv2d(cl, dw, pw, padding=1).is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="x's spatial size"):
+        effops.ops.dwpw_conv2d(x[..., :1, :1], dw, pw)
+
+
+def test_functional_memo_starts_afresh_past_its_limit(monkeypatch):
+    monkeypatch.setattr(masked_op._MEMO, "limit", 3)
+    x = torch.randn(2, 48)
+    tensors = [_masked_tensors(seed=s) for s in range(5)]
+    for _ in range(2):
+        for w, mask, b in tensors:
+            torch.testing.assert_close(effops.ops.masked_linear(x, w, mask, b), F.linear(x, w * mask, b),
+                                       **TOL[torch.float32])
+            assert len(masked_op._MEMO.entries) <= 3

@@ -218,13 +218,25 @@ def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, p
     depthwise conv); activation: None, "relu", "relu6", "gelu" (exact erf form) or "silu".
     Returns (N, O, H', W') in x's memory format and dtype (autocast's under autocast).
     """
+    # Through the memo of recent calls (effops._call_plan.call_function): the checks and the choice
+    # below run again only when a call differs in what they read.
+    tensors, config = (dw_weight, pw_weight, dw_bias, pw_bias), (stride, padding, dilation, activation)
+    return _call_plan.call_function(_MEMO, x, tensors, config + (torch_uses_huge_pages(),),
+                                    lambda: plan(x, *tensors, *config), lambda: _unmemoized(x, *tensors, *config),
+                                    autocast_args)
+
+
+_MEMO = _call_plan.FunctionMemo()
+
+
+def _unmemoized(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
     args = _checked(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation)
     run = _runner(args)
     return run(*args[:5]) if run is not None else torch.ops.effops.dwpw_conv2d(*args)
 
 
 def plan(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
-    """For effops._call_plan (SeparableConv2d's memo): dwpw_conv2d's checks and choice for this call, as a
+    """For effops._call_plan (SeparableConv2d's memo, dwpw_conv2d's own): dwpw_conv2d's checks and choice for this call, as a
     runner of (x, dw_weight, pw_weight, dw_bias, pw_bias) (given them cast by autocast_args under
     autocast), or None where the custom op must run."""
     checked = _checked(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation)

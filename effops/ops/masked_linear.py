@@ -34,16 +34,28 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None):
     block_size in 16/32/64, "2:4"); a mask that does not fit raises ValueError. The kernels detect
     the structure themselves (once per mask change), so the hint only validates.
     """
+    # Through the memo of recent calls (effops._call_plan.call_function): the checks and the choice
+    # below run again only when a call differs in what they read (the mask by its version).
+    return _call_plan.call_function(_MEMO, x, (weight, mask, bias), (pattern, block_size),
+                                    lambda: plan(x, weight, mask, bias, pattern, block_size),
+                                    lambda: _unmemoized(x, weight, mask, bias, pattern, block_size), autocast_args,
+                                    versioned=(1,))
+
+
+_MEMO = _call_plan.FunctionMemo()
+
+
+def _unmemoized(x, weight, mask, bias, pattern, block_size):
     x, weight, mask, bias = _checked(x, weight, mask, bias, pattern, block_size)
     run = _runner(x, weight, mask, bias)
     return run(x, weight, mask, bias) if run is not None else torch.ops.effops.masked_linear(x, weight, mask, bias)
 
 
-def plan(x, weight, mask, bias):
-    """For effops._call_plan (SparseLinear's memo): masked_linear's checks and choice for this call, as a
-    runner of (x, weight, mask, bias) (given them cast by autocast_args under autocast, unless it casts
-    itself), or None where the custom op must run."""
-    checked = _checked(x, weight, mask, bias, None, None)
+def plan(x, weight, mask, bias, pattern=None, block_size=None):
+    """For effops._call_plan (SparseLinear's memo, masked_linear's own): masked_linear's checks and
+    choice for this call, as a runner of (x, weight, mask, bias) (given them cast by autocast_args
+    under autocast, unless it casts itself), or None where the custom op must run."""
+    checked = _checked(x, weight, mask, bias, pattern, block_size)
     route = _route(*checked)
     if route is None:
         return None
