@@ -129,8 +129,11 @@ def report():
     lines.append("backends:")
     for name, (ok, why) in _backends.backend_reasons().items():
         lines.append("  %-9s %-8s (%s)" % (name, "usable" if ok else "unusable", why))
-    forced = _backends.forced_backend()
-    lines.append("forced backend: %s" % (forced or "none (automatic)"))
+    try:
+        forced = _backends.forced_backend()
+        lines.append("forced backend: %s" % (forced or "none (automatic)"))
+    except ValueError as error:  # a bad EFFOPS_BACKEND: the report is where a user finds out
+        lines.append("forced backend: INVALID (%s; every op call raises until it is fixed)" % error)
     lines += kernel_lines()
     env = ["%s=%s" % (k, os.environ[k]) for k in ENV_VARS if k in os.environ]
     lines.append("environment: %s" % (" ".join(env) or "none of the variables effops reads is set"))

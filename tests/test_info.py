@@ -59,3 +59,10 @@ def test_command_line_without_the_extension_says_why_cpu_is_unusable():
     assert "cpu       unusable (disabled by EFFOPS_NO_EXT=1)" in out
     assert "forced backend: reference" in out
     assert "EFFOPS_NO_EXT=1" in out.splitlines()[-1]
+
+
+def test_report_names_a_bad_effops_backend_instead_of_failing(monkeypatch):
+    monkeypatch.setenv("EFFOPS_BACKEND", "bogus")
+    text = info.report()
+    assert "forced backend: INVALID" in text and "'bogus'" in text
+    assert "torch %s" % torch.__version__ in text  # the rest of the report is there

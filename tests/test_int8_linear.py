@@ -197,10 +197,44 @@ def test_quantize_transform_skip_and_min_size():
         assert torch.equal(fresh(x)[0], got[0])
 
 
+def test_quantize_takes_pruned_layers_and_a_single_skip_name():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    effops.prune(net, 0.5, exclude="4")
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        ref = net(x)
+    masked_weight = net[2].weight * net[2].mask
+    effops.quantize(net, skip="4", min_features=16)
+    assert isinstance(net[0], Int8Linear) and isinstance(net[2], Int8Linear) and type(net[4]) is nn.Linear
+    assert torch.equal(net[2].weight == 0, masked_weight == 0)  # pruned weights are exact int8 zeros
+    with torch.no_grad():
+        assert _rel_err(net(x), ref) < 0.03
+
+
+def test_float_casts_keep_int8_weights_and_fp32_scales_and_bias():
+    # model.to(torch.bfloat16) / .half() on a quantized model: integers stay, scales and bias stay fp32
+    # (the kernels take them so), and the output follows x's dtype.
+    torch.manual_seed(0)
+    m = Int8Linear.from_linear(nn.Linear(96, 40))
+    x = torch.randn(3, 96, device=device())
+    m = m.to(device())
+    want = {dtype: m(x.to(dtype)) for dtype in (torch.bfloat16, torch.float16)}
+    scale, bias = m.weight_scale.clone(), m.bias.detach().clone()
+    for cast, dtype in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
+                        (lambda m: m.double().float(), torch.float16)):
+        m = cast(m)
+        assert m.weight_packed.dtype == torch.int8 and m.weight_scale.dtype == torch.float32
+        assert torch.equal(m.weight_scale, scale) and torch.equal(m.bias, bias) and not m.bias.requires_grad
+        assert torch.equal(m(x.to(dtype)), want[dtype])
+
+
 def test_quantize_bad_arguments():
     net = nn.Sequential(nn.Linear(8, 8))
     with pytest.raises(TypeError, match="skip"):
-        effops.quantize(net, skip="0")
+        effops.quantize(net, skip=0)
+    with pytest.raises(TypeError, match="skip"):
+        effops.quantize(net, skip=("0", 1))
     with pytest.raises(ValueError, match="min_features"):
         effops.quantize(net, min_features=0)
     with pytest.raises(ValueError, match="mode"):

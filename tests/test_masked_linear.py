@@ -423,3 +423,22 @@ def test_mask_converted_in_inference_mode_is_not_kept_for_training():
         masked_linear(x, w, mask)
     masked_linear(x, w, mask).sum().backward()
     torch.testing.assert_close(w.grad, (torch.ones(3, 8).t() @ x) * mask, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["functional", "SparseLinear"])
+def test_frozen_weight_after_an_inference_mode_pass(module):
+    # The inference path caches W * mask; an entry made under inference_mode holds an inference tensor,
+    # which a later call with a trainable input (frozen base, LoRA-style) could not save for backward.
+    torch.manual_seed(0)
+    w, mask = torch.randn(6, 8), torch.rand(6, 8) > 0.5
+    layer = effops.nn.SparseLinear.from_linear(torch.nn.Linear(8, 6), mask).requires_grad_(False)
+    run = (lambda x: layer(x)) if module else (lambda x: masked_linear(x, w, mask))
+    weight = layer.weight if module else w
+    bias = layer.bias if module else None
+    with torch.inference_mode():
+        run(torch.randn(3, 8))
+    x = torch.randn(3, 8, requires_grad=True)
+    y = run(x)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, weight * mask, bias), **TOL[torch.float32])
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (weight * mask).sum(0).expand(3, 8), **TOL[torch.float32])

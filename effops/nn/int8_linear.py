@@ -86,6 +86,18 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
                 m.bias.copy_(linear.bias.detach().float())
         return m
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype), .half(), .bfloat16(), .double(): the int8 buffers are integers (float casts leave
+        # them) and the scales and bias stay fp32, as the kernels take them (the output follows x's
+        # dtype; torch's quantized Linear keeps fp32 scales too). Device moves apply to all.
+        scale, bias = self.weight_scale, None if self.bias is None else self.bias.detach()
+        out = super()._apply(fn, *args, **kwargs)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_scale.device)
+        if self.bias is not None and self.bias.dtype != torch.float32:
+            self.bias.data = bias.to(device=self.bias.device)  # the fp32 values from before the cast
+        return out
+
     @property
     def weight(self):
         """The (out_features, in_features) int8 weight (unpacked view of the packed storage)."""

@@ -237,12 +237,15 @@ def _weight_cache(info, w, tag, build):
     # Keyed on the memory and its version counter, which views and detach() share, so
     # masked_linear(x, w.detach(), mask) hits too. The entry holds the tensor itself: its memory cannot be
     # freed and reused by another tensor with the same address and version while the entry exists.
+    # An entry built under inference_mode holds inference tensors, which autograd cannot save: it
+    # serves inference-mode calls only (a frozen weight under a trainable input after an eval pass).
+    inference = torch.is_inference_mode_enabled()
     key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.stride(), w.device)
     cached = info.packs.get(tag)
-    if cached is not None and cached[1] == key:
+    if cached is not None and cached[1] == key and (inference or not cached[3]):
         return cached[2]
     value = build()
-    info.packs[tag] = (w, key, value)
+    info.packs[tag] = (w, key, value, inference)
     return value
 
 

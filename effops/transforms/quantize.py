@@ -2,6 +2,7 @@
 from torch import nn
 
 from effops.nn.int8_linear import MODES, Int8Linear, _check_weight_bits
+from effops.nn.sparse_linear import SparseLinear
 from effops.ops import _checks
 
 
@@ -20,8 +21,11 @@ DEFAULT_MIN_FEATURES = 1024
 def quantize(model, skip=(), min_features=DEFAULT_MIN_FEATURES, mode="auto", weight_bits=8):
     """Replace every nn.Linear of `model` (in place; returns the model) by Int8Linear.from_linear.
 
-    skip: qualified module names (as in model.named_modules()) left alone, with everything under them
-    (e.g. ("head",) for a classifier you keep in floating point). min_features: a layer with fewer input
+    Pruned layers (SparseLinear, from effops.prune) are quantized too, as their masked weight
+    (`to_linear()`): the pruned weights stay exactly zero in int8, but the int8 kernels are dense, so
+    pruning then saves nothing more at inference.
+    skip: a qualified module name or a tuple/list of them (as in model.named_modules()) left alone, with
+    everything under them (e.g. "head" for a classifier you keep in floating point). min_features: a layer with fewer input
     or output features stays floating (default 1024: below it int8 ran slower than fp32 here, and small
     layers lose the most accuracy; pass a smaller value to quantize them for memory).
     mode: Int8Linear's mode ("dynamic", "weight_only" or "auto").
@@ -31,8 +35,10 @@ def quantize(model, skip=(), min_features=DEFAULT_MIN_FEATURES, mode="auto", wei
     """
     if not isinstance(model, nn.Module):
         raise TypeError("model must be an nn.Module, got %s" % type(model).__name__)
-    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
-        raise TypeError("skip must be a tuple/list of module names, got %r" % (skip,))
+    if isinstance(skip, str):
+        skip = (skip,)
+    if not isinstance(skip, (tuple, list)) or not all(isinstance(s, str) for s in skip):
+        raise TypeError("skip must be a module name or a tuple/list of them, got %r" % (skip,))
     if not isinstance(min_features, int) or isinstance(min_features, bool) or min_features < 1:
         raise ValueError("min_features must be a positive int, got %r" % (min_features,))
     _checks.choice("mode", mode, MODES)
@@ -41,7 +47,7 @@ def quantize(model, skip=(), min_features=DEFAULT_MIN_FEATURES, mode="auto", wei
         raise ValueError("quantize swaps submodules: wrap the Linear in a container or use Int8Linear.from_linear")
     swaps = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or _skipped(name, skip):
+        if type(module) not in (nn.Linear, SparseLinear) or _skipped(name, skip):
             continue
         if min(module.in_features, module.out_features) < min_features:
             continue
@@ -49,5 +55,8 @@ def quantize(model, skip=(), min_features=DEFAULT_MIN_FEATURES, mode="auto", wei
     for name in swaps:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child), mode=mode, weight_bits=weight_bits))
+        linear = getattr(parent, child)
+        if isinstance(linear, SparseLinear):
+            linear = linear.to_linear()  # weight * mask: the pruned weights quantize to exact zeros
+        setattr(parent, child, Int8Linear.from_linear(linear, mode=mode, weight_bits=weight_bits))
     return model
