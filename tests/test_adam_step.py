@@ -187,6 +187,22 @@ def test_failed_step_changes_nothing():
         assert s["steps"][0].item() == before["steps"][0].item()
 
 
+@pytest.mark.parametrize("forced", [None, "reference"])
+def test_leaves_that_require_grad_step_outside_no_grad(forced):
+    # A functional call outside torch.no_grad on params (and step counts) that require grad, as a
+    # hand-written training loop has them: the step is not recorded by autograd and runs whole (the
+    # reference path wrote the moments, then failed on the param: a half-done step).
+    s = make_state([97, 13], torch.float32, False, False, 11)
+    s["params"] = [t[::1].detach().clone().requires_grad_() if i == 0 else
+                   torch.randn(2 * 13, device=device())[::2].requires_grad_() for i, t in enumerate(s["params"])]
+    s["steps"] = [t.detach().clone().requires_grad_() for t in s["steps"]]
+    want = {k: None if v is None else [t.detach().clone() for t in v] for k, v in s.items()}
+    run_step(want, "reference", OPTIONS["adamw"])
+    run_step(s, forced, OPTIONS["adamw"])
+    assert_state_close({k: None if v is None else [t.detach() for t in v] for k, v in s.items()}, want)
+    assert all(p.grad_fn is None for p in s["params"])
+
+
 @pytest.mark.parametrize("change,error,match", [
     (lambda s: s["grads"].pop(), ValueError, "grads must have one entry per param"),
     (lambda s: s["grads"].__setitem__(0, s["grads"][0][:5]), ValueError, r"grads\[0\] must have shape"),

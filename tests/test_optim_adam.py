@@ -290,6 +290,19 @@ def test_master_weights_checkpoints():
     train(low, o3, 1)
     p0 = next(low.parameters())
     assert o3.state[p0]["master_param"].dtype == torch.float32 and o3.state[p0]["step"].item() == 7
+    # A checkpoint of a torch optimizer that never saw effops (its groups have no master_weights key)
+    # keeps this optimizer's master_weights=True.
+    fresh = mlp(torch.bfloat16)
+    plain = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    train(fresh, plain, 2)
+    assert "master_weights" not in plain.state_dict()["param_groups"][0]
+    o4 = AdamW(fresh.parameters(), lr=1e-3, master_weights=True)
+    o4.load_state_dict(plain.state_dict())
+    assert o4.param_groups[0]["master_weights"] is True
+    train(fresh, o4, 1)
+    p0 = next(fresh.parameters())
+    assert o4.state[p0]["master_param"].dtype == o4.state[p0]["exp_avg"].dtype == torch.float32
+    assert o4.state[p0]["step"].item() == 3
 
 
 def test_complex_params_step_as_torch_does():

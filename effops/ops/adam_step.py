@@ -260,7 +260,8 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
             # version counters of everything mutated in ONE C++ call. The custom-op wrapper does the
             # same bumps one Python call per tensor, which cost more than the step itself for
             # hundreds of small tensors.
-            _adam_step_impl(*args)
+            with torch.no_grad():  # in-place updates of leaves that require grad, as torch's optimizers
+                _adam_step_impl(*args)
             torch._C._increment_version(params + grads + exp_avgs + exp_avg_sqs + max_exp_avg_sqs + masters + steps)
         else:
             torch.ops.effops.adam_step(*args)

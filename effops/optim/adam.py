@@ -94,6 +94,14 @@ class Adam(Optimizer):
         (torch's loader casts every floating state tensor to its param's dtype)."""
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         saved_state = state_dict["state"]
+        # A torch checkpoint's groups have no master_weights: they keep this optimizer's setting (torch's
+        # loader replaces the groups, and __setstate__'s default would switch master weights off).
+        # Unequal group counts: torch's loader raises its own error below.
+        groups = [g if "master_weights" in g or len(state_dict["param_groups"]) != len(self.param_groups)
+                  else dict(g, master_weights=current["master_weights"])
+                  for g, current in zip(state_dict["param_groups"], self.param_groups)]
+        if len(groups) == len(state_dict["param_groups"]):
+            state_dict = dict(state_dict, param_groups=groups)
         super().load_state_dict(state_dict)
         for pid, p in zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)):
             saved = saved_state.get(pid)
