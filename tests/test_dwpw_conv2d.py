@@ -13,6 +13,7 @@ from effops.reference import dwpw_conv2d as reference
 from conftest import TOL, device, run_scalar_path
 
 dwpw = importlib.import_module("effops.ops.dwpw_conv2d")  # the module (effops.ops.dwpw_conv2d is the function)
+ACTIVATIONS = reference.ACTIVATIONS
 
 # (N, C, O, H, W, kernel, stride, padding, dilation, dw_bias, pw_bias, activation): every option of the
 # issue appears at least once; channel counts are not multiples of any tile width on purpose.
@@ -168,6 +169,34 @@ def test_extreme_values(backend):
     tensors[0] = tensors[0] * 1e4
     y = dwpw_conv2d(*tensors, **kwargs)
     torch.testing.assert_close(y, expected(tensors, kwargs).float(), atol=1e-2, rtol=1e-5)
+
+
+def _non_finite_inputs(seed=0):
+    """16 channels, 1 x 8 pixels: NaN, +inf and -inf each alone in one channel of one pixel, in an
+    x large enough to fill the kernels' vector lanes; 1x1 depthwise so each special value reaches the
+    activation unmixed (the pointwise sum then spreads it as torch's does)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 1, 8, generator=g)
+    x[0, 3, 0, 0], x[0, 9, 0, 1], x[0, 12, 0, 2] = float("nan"), float("inf"), float("-inf")
+    x[0, 2, 0, 3] = -100.0  # exp overflow inside silu/gelu, a finite answer
+    return x, torch.randn(16, 1, 1, 1, generator=g), torch.randn(8, 16, 1, 1, generator=g)
+
+
+def non_finite_check(activation):
+    """Our op against torch's two convolutions on NaN/inf inputs (same NaN and inf positions)."""
+    x, dw, pw = _non_finite_inputs()
+    want = F.conv2d(reference.activate(F.conv2d(x, dw, groups=16), activation), pw)
+    torch.testing.assert_close(dwpw_conv2d(x.to(device()), dw.to(device()), pw.to(device()), activation=activation),
+                               want.to(device()), equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_non_finite_values_propagate_as_in_torch(backend, activation):
+    # relu(NaN) is NaN in torch: a max that returned its other operand turned it into 0 (and hid a
+    # diverging run); silu(-inf) is NaN as torch's -inf * sigmoid(-inf). (Triton's interpreter computes
+    # max with numpy, which propagates NaN anyway: only a GPU run checks the kernels' propagate_nan.)
+    non_finite_check(activation)
 
 
 def test_autocast_casts_to_bf16():
@@ -385,6 +414,9 @@ with effops.use_backend("cpu"):
     tensors, kwargs = t.make(t.CASES[9], dtype=torch.bfloat16)
     torch.testing.assert_close(t.dwpw_conv2d(*tensors, **kwargs).float(), t.expected(tensors, kwargs).float(),
                                **t.TOL[torch.bfloat16])
+for activation in t.ACTIVATIONS:
+    with effops.use_backend("cpu"):
+        t.non_finite_check(activation)
 print("scalar ok")
 """
 

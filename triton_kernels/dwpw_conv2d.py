@@ -27,10 +27,11 @@ _ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4}
 
 @triton.jit
 def _act(h, ACT: tl.constexpr):
+    # NaN propagates, as in torch (the default min/max return the other operand).
     if ACT == 1:
-        h = tl.maximum(h, 0.0)
+        h = tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
-        h = tl.minimum(tl.maximum(h, 0.0), 6.0)
+        h = tl.minimum(tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 3:
         h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     elif ACT == 4:

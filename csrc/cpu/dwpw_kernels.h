@@ -51,7 +51,11 @@ EFFOPS_AVX2_TARGET inline Avx2Vec vexp(Avx2Vec a) {
   p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return {_mm256_mul_ps(p, _mm256_castsi256_ps(e))};
+  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  // Past the clamp, as std::exp: overflow to +inf (silu(-inf) is then -inf / inf = NaN, as torch's
+  // -inf * sigmoid(-inf)), and NaN stays NaN (the clamp's max_ps dropped it).
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(a.v, _mm256_set1_ps(88.72283935546875f), _CMP_GT_OQ));
+  return {_mm256_blendv_ps(y, a.v, _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q))};
 }
 // Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), odd extension.
 EFFOPS_AVX2_TARGET inline Avx2Vec verf(Avx2Vec a) {
@@ -74,8 +78,10 @@ EFFOPS_AVX2_TARGET inline Avx2Vec verf(Avx2Vec a) {
 template <typename V>
 EFFOPS_INLINE V act_forward(V h, int act) {
   switch (act) {
-    case kRelu: return V::max(h, V::zero());
-    case kRelu6: return vmin(V::max(h, V::zero()), V::broadcast(6.f));
+    // Operand order matters: max_ps/min_ps (and the scalar a > b ? a : b) return the SECOND operand
+    // when one is NaN, so h goes second and a NaN passes through, as in torch.
+    case kRelu: return V::max(V::zero(), h);
+    case kRelu6: return vmin(V::broadcast(6.f), V::max(V::zero(), h));
     case kGelu: return V::broadcast(0.5f) * h * (V::broadcast(1.f) + verf(h * V::broadcast(0.70710678118654752f)));
     case kSilu: return h / (V::broadcast(1.f) + vexp(V::zero() - h));
     default: return h;
