@@ -113,6 +113,8 @@ def _block_constant(m, b):
 
 def _is_n_m(m, n_keep, group):
     n, k = m.shape
+    if m.numel() == 0:
+        return True  # nothing kept breaks the pattern (and view(0, -1, group) cannot infer its -1)
     padded = F.pad(m.to(torch.int32), (0, -k % group))
     return bool((padded.view(n, -1, group).sum(-1) <= n_keep).all())
 

@@ -1,4 +1,6 @@
 """Reference: F.linear with a masked weight. The definition of correct for every masked_linear kernel."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -17,8 +19,9 @@ def masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
     Written out rather than taken from autograd: the op layer runs kernels below the autograd key.
     """
     need_x, need_w, need_b = needs_input_grad
-    g2 = grad_y.reshape(-1, grad_y.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
+    rows = math.prod(x.shape[:-1])  # not reshape(-1, ...): with 0 features the -1 is undetermined
+    g2 = grad_y.reshape(rows, grad_y.shape[-1])
+    x2 = x.reshape(rows, x.shape[-1])
     grad_x = (g2 @ (weight * mask.to(weight.dtype))).reshape(x.shape) if need_x else None
     grad_w = (g2.t() @ x2) * mask.to(weight.dtype) if need_w else None
     grad_b = g2.sum(0) if need_b else None

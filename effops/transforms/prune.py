@@ -13,6 +13,7 @@ are pruned; modules are swapped in place, reusing their Parameter objects, so an
 before pruning keeps working (for 1x1 convs too: SparseConv1x1 keeps the conv's 4-D weight).
 """
 import fnmatch
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,9 @@ PATTERNS = ("unstructured", "block", "2:4")
 def prune(model, sparsity, pattern="unstructured", block_size=32, scope="layer", *, exclude=()):
     """Prune the Linear and 1x1-conv layers of `model` by magnitude; returns `model` (changed in place).
 
-    sparsity: fraction of weights (blocks for "block") to remove, in [0, 1]; "2:4" needs 0.5.
+    sparsity: fraction of weights (blocks for "block") to remove, in [0, 1]; "2:4" needs 0.5. Below 1,
+    every layer keeps at least one weight (block), even where rounding or the global ranking would
+    remove it all.
     exclude: qualified module names (fnmatch patterns, e.g. "head" or "blocks.*.out") left dense.
     Layers already sparse are re-pruned from their current weights (pruned weights are zero, so
     they stay pruned when sparsity does not decrease).
@@ -79,7 +82,8 @@ def _targets(model, exclude):
 
 
 def _weight2d(module):
-    return module.weight.detach().reshape(module.weight.shape[0], -1)
+    w = module.weight.detach()
+    return w.reshape(w.shape[0], math.prod(w.shape[1:]))  # not -1: a layer with no outputs has 0 elements
 
 
 def _block_scores(w, b):
@@ -106,6 +110,12 @@ def _keep_top(scores, sparsity):
     return mask.view_as(scores)
 
 
+def _keep_best(kept, scores):
+    kept = kept.clone()
+    kept.view(-1)[scores.flatten().argmax()] = True
+    return kept
+
+
 def _two_of_four(w):
     n, k = w.shape
     groups = F.pad(w.abs().float(), (0, -k % 4)).view(n, -1, 4)
@@ -124,6 +134,11 @@ def _masks(weights, sparsity, pattern, block_size, scope):
         joint = _keep_top(torch.cat([s.flatten() for s in scores]), sparsity)
         kept = list(joint.split([s.numel() for s in scores]))
         kept = [k.view_as(s) for k, s in zip(kept, scores)]
+    if sparsity < 1.0:
+        # A layer keeps at least its best weight (block): rounding (64 x 64 in 32-blocks at 90% keeps
+        # round(0.4) = 0 of 4 blocks) or a global ranking would otherwise cut it off entirely, leaving an
+        # output of its bias alone (a classifier head reduced to a constant), which no sparsity asks for.
+        kept = [k if k.any() or k.numel() == 0 else _keep_best(k, s) for k, s in zip(kept, scores)]
     if pattern == "block":
         return [_expand_blocks(k, block_size, w.shape) for k, w in zip(kept, weights)]
     return kept
