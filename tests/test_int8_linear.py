@@ -98,6 +98,25 @@ def test_gradient_flows_to_input(mode):
     torch.testing.assert_close(m.bias.grad, g.reshape(-1, 45).sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_torch_func_transforms_and_forward_ad(mode):
+    # jvp, grad, vmap and forward-mode AD differentiate torch's ops: the custom op dropped their
+    # tangents (jvp gave zeros). The straight-through derivative is the dequantized weight.
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(32, 16), mode=mode)
+    x, t = torch.randn(4, 32), torch.randn(4, 32)
+    w_deq = q.dequantized_weight()
+    y, tangent = torch.func.jvp(q, (x,), (t,))
+    torch.testing.assert_close(y, q(x))
+    torch.testing.assert_close(tangent, t @ w_deq.t())
+    torch.testing.assert_close(torch.func.grad(lambda x: q(x).sum())(x), w_deq.sum(0).expand(4, 32))
+    with torch.autograd.forward_ad.dual_level():
+        out = q(torch.autograd.forward_ad.make_dual(x, t))
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(out).tangent, t @ w_deq.t())
+    xs = torch.randn(3, 4, 32)
+    torch.testing.assert_close(torch.func.vmap(q)(xs), q(xs))
+
+
 def test_frozen_int8_base_under_trainable_adapter():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 129), nn.ReLU(), nn.Linear(129, 45), nn.ReLU(), nn.Linear(45, 4)).to(device())

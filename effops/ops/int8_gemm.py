@@ -251,6 +251,11 @@ def int8_linear_dynamic_runner(x, w_packed, w_scale, bias, out_features, weight_
     """How this eager call runs, as a function of (x, w_packed, w_scale, bias) (out_features, weight_only
     and w_corr, derived from w_packed, bound), or None where the custom op must choose for itself
     (_backends.eager_route). No autocast cast here: the caller's (x only)."""
+    if _backends.under_transform():
+        # vmap, grad, jvp and forward-mode AD see torch's ops only: a custom op (or kernel) would drop
+        # their tangents silently. The op in plain PyTorch, with the straight-through gradient.
+        return lambda x, w_packed, w_scale, bias: reference.int8_linear_dynamic_straight_through(
+            x, w_packed, w_scale, bias, out_features, weight_only, w_corr)
     route = _backends.eager_route("int8_linear_dynamic", x.device, x, w_packed, w_scale, bias, out_features,
                                   weight_only, w_corr)
     if route is None:

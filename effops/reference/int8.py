@@ -33,7 +33,7 @@ def quantize_rowwise(x, bits=8):
     x32 = x.float().contiguous()
     scale = x32.abs().amax(dim=-1) / float(qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x32 / scale.unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
+    q = torch.round(x32 / scale.unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int8)
     return q, scale
 
 
@@ -99,6 +99,20 @@ def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w
         return F.linear(x.float(), w_deq, None if bias is None else bias.float()).to(x.dtype)
     q, s = quantize_rowwise(x)
     return int8_linear(q, s, w, w_scale, bias, out_dtype=x.dtype)
+
+
+def int8_linear_dynamic_straight_through(x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None):
+    """int8_linear_dynamic's values with its straight-through gradient, in torch's own autograd: for
+    torch.func transforms and forward-mode AD, which differentiate torch ops (not a custom op's formula).
+
+    y = smooth + (exact - smooth).detach(), smooth = x @ (w_int8 * w_scale)^T + bias in fp32: the value
+    is the op's (to fp32 rounding), the derivative the dequantized weight's (and the bias's).
+    """
+    w = unpack_weight(w_packed, out_features, x.shape[-1])
+    w_deq = w.float() * w_scale.float().unsqueeze(1)
+    smooth = F.linear(x.float(), w_deq, None if bias is None else bias.float())
+    exact = int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr).float()
+    return (smooth + (exact - smooth).detach()).to(x.dtype)
 
 
 def int8_linear_dynamic_backward(grad_y, w_packed, w_scale, in_features, need_bias):
