@@ -115,6 +115,22 @@ def test_no_bias_and_only_some_grads(backend, kind):
     torch.testing.assert_close(gw, want, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("rows", [3, 96])
+def test_float_mask_that_requires_grad_gets_torchs_gradient(backend, rows):
+    # A learned (soft) mask: every path gives autograd's grad of weight * mask, (grad_y^T x) * weight
+    # (forced backends and the sparse kernels' sizes returned None before).
+    x = torch.randn(rows, 64, device=device(), requires_grad=True)
+    w = torch.randn(32, 64, device=device(), requires_grad=True)
+    mask = make_mask("block16", 32, 64).float().requires_grad_()
+    y = masked_linear(x, w, mask)
+    gy = torch.randn_like(y)
+    gx, gw, gm = torch.autograd.grad(y, [x, w, mask], gy)
+    xr, wr, mr = (t.detach().clone().requires_grad_() for t in (x, w, mask))
+    want = torch.autograd.grad(torch.nn.functional.linear(xr, wr * mr), [xr, wr, mr], gy)
+    for got, expect in zip((gx, gw, gm), want):
+        torch.testing.assert_close(got, expect, **TOL[torch.float32])
+
+
 def test_non_contiguous_inputs(backend):
     x = torch.randn(64, 6, device=device()).t()           # (6, 64) transposed view
     w = torch.randn(64, 48, device=device()).t()           # (48, 64) transposed view

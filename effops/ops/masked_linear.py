@@ -182,7 +182,10 @@ def _backward(ctx, grad_y):
     x, weight, mask = ctx.saved_tensors
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
     grad_x, grad_w, grad_b = torch.ops.effops.masked_linear_backward(grad_y, x, weight, mask, need)
-    return (grad_x if need[0] else None, grad_w if need[1] else None, None, grad_b if need[2] else None)
+    grad_mask = None
+    if ctx.needs_input_grad[2]:  # a float mask that requires grad: torch's autograd of weight * mask gives one
+        grad_mask = reference.masked_linear_mask_gradient(grad_y, x, weight).to(mask.dtype)
+    return (grad_x if need[0] else None, grad_w if need[1] else None, grad_mask, grad_b if need[2] else None)
 
 
 _masked_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -26,3 +26,10 @@ def masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
     grad_w = (g2.t() @ x2) * mask.to(weight.dtype) if need_w else None
     grad_b = g2.sum(0) if need_b else None
     return grad_x, grad_w, grad_b
+
+
+def masked_linear_mask_gradient(grad_y, x, weight):
+    """grad of a float mask that requires grad (a learned or soft mask): (grad_y^T x) * weight, dense,
+    as torch's autograd of weight * mask gives. Not part of the kernels: masks are usually constants."""
+    rows = math.prod(x.shape[:-1])
+    return (grad_y.reshape(rows, grad_y.shape[-1]).t() @ x.reshape(rows, x.shape[-1])) * weight
