@@ -165,6 +165,44 @@ def test_quantize_rowwise_zero_rows_ties_and_extremes(backend):
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
+def non_finite_rows():
+    """Rows with +inf, NaN and -inf each at a position the vector loop reads and one its tail reads,
+    a zero row and a normal one: the expected (q, scale) per row is independent of any backend."""
+    x = torch.randn(8, 37)
+    x[0, 3], x[1, 30], x[2, 36], x[3, 0] = float("inf"), float("nan"), float("-inf"), float("nan")
+    x[4] = 0.0
+    return x
+
+
+def check_non_finite_rows(quantize):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = non_finite_rows().to(dtype).to(device())
+        q, s = quantize(x)
+        assert torch.isnan(s[:4]).all() and (q[:4] == 0).all()  # no scale, no values: NaN downstream
+        assert s[4].item() == 1.0 and (q[4] == 0).all() and torch.isfinite(s[5:]).all()
+        q_ref, s_ref = reference.quantize_rowwise(x)
+        assert torch.equal(q, q_ref)
+        torch.testing.assert_close(s, s_ref, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+def test_quantize_rowwise_rows_with_nan_or_inf(backend):
+    # A NaN or inf gave the cpu kernel [-127, 0, ...] (a sign flip) or finite garbage with a valid
+    # scale: silently wrong values downstream. Such a row has no scale: NaN, with q = 0.
+    _need_kernel("quantize_rowwise", backend)
+    check_non_finite_rows(ops.quantize_rowwise)
+
+
+def test_int8_linear_module_gives_nan_rows_for_non_finite_inputs():
+    torch.manual_seed(0)
+    for kwargs in (dict(mode="dynamic"), dict(mode="dynamic", weight_bits=7), dict(mode="weight_only")):
+        m = effops.nn.Int8Linear.from_linear(torch.nn.Linear(37, 24), **kwargs).to(device())
+        x = non_finite_rows().to(device())
+        y = m(x)
+        assert not torch.isfinite(y[:4]).any(), kwargs  # F.linear gives NaN or inf there too
+        assert torch.isfinite(y[4:]).all(), kwargs
+
+
 def test_quantize_rowwise_non_contiguous(backend):
     _need_kernel("quantize_rowwise", backend)
     x = torch.randn(33, 20, device=device()).t()
@@ -376,6 +414,11 @@ with effops.use_backend("cpu"):
                 got = int8_linear_dynamic(x, packed, ws, None, n, wo)
                 ref = R.int8_linear_dynamic(x, packed, ws, None, n, wo)
                 torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+import sys
+sys.path.insert(0, "tests")
+import test_int8_ops as t
+with effops.use_backend("cpu"):
+    t.check_non_finite_rows(ops.quantize_rowwise)
 print("scalar ok")
 """
 

@@ -2,7 +2,8 @@
 dequantizing epilogue.
 
 _quantize_rowwise_kernel: one program per row, two passes over the row in BLOCK_K chunks: the absmax,
-then q = clamp(round_half_even(x / scale), -127, 127) with scale = absmax / 127 (1 for a zero row).
+then q = clamp(round_half_even(x / scale), -127, 127) with scale = absmax / 127 (1 for a zero row;
+NaN, with q = 0, for a row holding NaN or inf).
 IEEE division (div_rn, not the fast `/`) and round-half-even by the 1.5 * 2**23 trick keep it bit
 identical to effops/reference/int8.py.
 
@@ -32,18 +33,23 @@ def _quantize_rowwise_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K
     x_row = x_ptr + row.to(tl.int64) * stride_x
     q_row = q_ptr + row.to(tl.int64) * stride_q
     absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    probe = tl.zeros((BLOCK_K,), dtype=tl.float32)  # sums x * 0: NaN exactly when the row has NaN or inf
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         absmax = tl.maximum(absmax, tl.abs(x))
+        probe += x * 0.0
+    finite = tl.sum(probe, axis=0) == 0.0
     scale = tl.math.div_rn(tl.max(absmax, axis=0), 127.0)
     scale = tl.where(scale > 0.0, scale, 1.0)
+    scale = tl.where(finite, scale, float("nan"))  # a row with NaN or inf: scale NaN, q = 0
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         v = tl.math.div_rn(x, scale)
         v = (v + 12582912.0) - 12582912.0  # round half to even: fp32 adds at 1.5 * 2**23 keep no fraction
         v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+        v = tl.where(finite, v, 0.0)
         tl.store(q_row + offs, v.to(tl.int8), mask=offs < K)
     tl.store(s_ptr + row, scale)
 

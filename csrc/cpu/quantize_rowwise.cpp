@@ -1,6 +1,8 @@
 // Row-wise symmetric int8 quantization: one pass for the absmax, one for the rounded values, per row.
 // Bit-identical to reference/int8.py: fp32 scale = absmax / 127 (IEEE division, not a reciprocal),
 // q = x / scale rounded half to even (vroundps / nearbyint in the default rounding mode), clamped.
+// A row holding NaN or inf: q = 0 and scale NaN (max drops NaN, so a probe sums x * 0, which is NaN
+// exactly when some x is NaN or inf).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -23,10 +25,21 @@ inline int8_t quantize_one(float v, float scale) {
   return static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
 }
 
+// The row's result when it holds NaN or inf.
+inline void non_finite_row(int64_t K, int8_t* q, float* scale, uint8_t flip) {
+  std::fill(q, q + K, static_cast<int8_t>(flip));
+  *scale = std::nanf("");
+}
+
 template <typename T>
 void quantize_row_scalar(const T* x, int64_t K, int8_t* q, float* scale, uint8_t flip) {
-  float absmax = 0.0f;
-  for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::fabs(to_float(x[k])));
+  float absmax = 0.0f, probe = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = to_float(x[k]);
+    absmax = std::max(absmax, std::fabs(v));
+    probe += v * 0.0f;
+  }
+  if (std::isnan(probe)) return non_finite_row(K, q, scale, flip);
   const float s = row_scale(absmax);
   for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(quantize_one(to_float(x[k]), s) ^ flip);
   *scale = s;
@@ -36,13 +49,25 @@ void quantize_row_scalar(const T* x, int64_t K, int8_t* q, float* scale, uint8_t
 template <typename T>
 EFFOPS_AVX2_TARGET void quantize_row_avx2(const T* x, int64_t K, int8_t* q, float* scale, uint8_t flip) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vmax = _mm256_setzero_ps();
+  __m256 vmax = _mm256_setzero_ps(), vprobe = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(Avx2Vec::load(x + k).v, abs_mask));
-  alignas(32) float lanes[8];
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = Avx2Vec::load(x + k).v;
+    vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));
+    vprobe = _mm256_fmadd_ps(v, zero, vprobe);
+  }
+  alignas(32) float lanes[8], probes[8];
   _mm256_store_ps(lanes, vmax);
-  float absmax = *std::max_element(lanes, lanes + 8);
-  for (; k < K; ++k) absmax = std::max(absmax, std::fabs(to_float(x[k])));
+  _mm256_store_ps(probes, vprobe);
+  float absmax = *std::max_element(lanes, lanes + 8), probe = 0.0f;
+  for (float p : probes) probe += p;
+  for (; k < K; ++k) {
+    const float v = to_float(x[k]);
+    absmax = std::max(absmax, std::fabs(v));
+    probe += v * 0.0f;
+  }
+  if (std::isnan(probe)) return non_finite_row(K, q, scale, flip);
   const float s = row_scale(absmax);
   const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
   const __m128i vflip = _mm_set1_epi8(static_cast<char>(flip));

@@ -28,13 +28,18 @@ def quantize_rowwise(x, bits=8):
     """(q int8, scale fp32) with q of x's shape and scale of shape x.shape[:-1]; x ~= q * scale[..., None].
 
     bits=7 (Int8Linear's weight_bits=7): the same with qmax = 63 in place of 127, i.e. scale = absmax / 63
-    and q in [-63, 63]."""
+    and q in [-63, 63]. A row holding NaN or inf: q = 0, scale NaN."""
     qmax = 2 ** (bits - 1) - 1
     x32 = x.float().contiguous()
-    scale = x32.abs().amax(dim=-1) / float(qmax)
+    absmax = x32.abs().amax(dim=-1)  # NaN or inf where the row holds one
+    scale = absmax / float(qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x32 / scale.unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int8)
-    return q, scale
+    q = torch.round(x32 / scale.unsqueeze(-1)).clamp(-qmax, qmax)
+    # A row with NaN or inf has no scale: q = 0 and scale NaN, so whatever is computed from it is NaN
+    # (as F.linear on such a row gives NaN or inf), never finite values that look valid.
+    finite = torch.isfinite(absmax)
+    q = torch.where(finite.unsqueeze(-1), q, 0.0).to(torch.int8)
+    return q, torch.where(finite, scale, torch.full_like(scale, float("nan")))
 
 
 def int8_mm(a, b):
