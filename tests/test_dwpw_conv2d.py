@@ -199,6 +199,13 @@ def test_non_finite_values_propagate_as_in_torch(backend, activation):
     non_finite_check(activation)
 
 
+def test_unbatched_input_as_conv2d_takes_it():
+    tensors, kwargs = make(CASES[0])
+    x = tensors[0][:1]
+    want = dwpw_conv2d(x, *tensors[1:], **kwargs)[0]
+    torch.testing.assert_close(dwpw_conv2d(x[0], *tensors[1:], **kwargs), want, atol=0, rtol=0)
+
+
 def test_autocast_casts_to_bf16():
     tensors, kwargs = make(CASES[0])
     with torch.autocast(device().type, dtype=torch.bfloat16):
@@ -246,7 +253,9 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         dwpw_conv2d(x.numpy(), dw, pw)
     with pytest.raises(ValueError, match="x must be 4-D"):
-        dwpw_conv2d(x[0], dw, pw)
+        dwpw_conv2d(x[0, 0], dw, pw)
+    with pytest.raises(ValueError, match=r"x must have 4 channels for dw_weight of shape \(4, 1, 3, 3\)"):
+        dwpw_conv2d(x[:, :3], dw, pw)
     with pytest.raises(TypeError, match="x must have dtype"):
         dwpw_conv2d(x.double(), dw, pw)
     with pytest.raises(ValueError, match="dw_weight must have shape"):

@@ -106,6 +106,7 @@ def test_train_mode_fuses_plain_chains_and_trains_the_same():
     fused = effops.fuse_separable(model)
     rep = fused.fuse_separable_report
     assert (rep["fused"], rep["skipped"]) == (3, 1) and "Hardswish" in rep["reasons"][0]
+    assert rep["reasons"][0].startswith("9 (Conv2d): ")  # the skipped chain named by its place in the model
     assert [m.activation for m in fused.modules() if isinstance(m, SeparableConv2d)] == ["silu", "gelu", None]
     assert isinstance(fused[5], nn.BatchNorm2d)  # a train-mode BN after the 1x1 conv stays in place
     x = torch.randn(2, 3, 13, 11)

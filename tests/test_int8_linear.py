@@ -168,6 +168,8 @@ def test_module_bad_inputs():
         Int8Linear(4, 4, mode="int4")
     with pytest.raises(ValueError, match="in_features"):
         Int8Linear(0, 4)
+    with pytest.raises(TypeError, match="out_features"):
+        Int8Linear(4, 4.0)
     with pytest.raises(TypeError, match="nn.Linear"):
         Int8Linear.from_linear(nn.Conv2d(3, 3, 1))
     m = Int8Linear(16, 8)

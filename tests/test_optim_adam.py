@@ -169,6 +169,23 @@ def test_bad_constructor_arguments():
             AdamW(p, **kw)
 
 
+def test_bad_param_group_settings_raise_where_the_group_is_added():
+    p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    for kw, error, match in [(dict(lr="x"), TypeError, r"param_groups\[1\]\['lr'\]"),
+                             (dict(betas=(0.9,)), ValueError, r"param_groups\[1\]\['betas'\] must be a pair"),
+                             (dict(betas=(0.9, 1.0)), ValueError, r"\['betas'\] must be >= 0 and < 1"),
+                             (dict(eps="1e-8"), TypeError, r"\['eps'\]"),
+                             (dict(amsgrad=2), TypeError, r"\['amsgrad'\] must be a bool")]:
+        with pytest.raises(error, match=match):
+            AdamW([{"params": [p]}, {"params": [q], **kw}])
+        opt = AdamW([p])
+        with pytest.raises(error, match=match):
+            opt.add_param_group({"params": [q], **kw})
+        assert len(opt.param_groups) == 1  # not left half-added
+    opt = AdamW([p], amsgrad=1)  # torch takes any truthy flag: 0/1 become bools
+    assert opt.param_groups[0]["amsgrad"] is True
+
+
 def test_a_failing_group_leaves_every_group_untouched():
     a = mlp()
     opt = AdamW(groups(a, [dict(), dict(), dict()]), lr=1e-3)

@@ -78,3 +78,28 @@ def test_module_bf16_and_repr():
     y = sep(x)
     assert y.dtype == torch.bfloat16 and y.shape == (1, 10, 7, 7)
     assert "activation='relu'" in repr(sep)
+
+
+def test_unbatched_input_and_channel_count_error():
+    torch.manual_seed(0)
+    sep = SeparableConv2d(8, 16, 3, padding=1)
+    x = torch.randn(8, 5, 6)
+    torch.testing.assert_close(sep(x), sep(x.unsqueeze(0))[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="x must have 8 channels"):
+        sep(torch.randn(1, 7, 5, 5))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: setattr(m.depthwise, "padding_mode", "circular"),
+    lambda m: setattr(m.pointwise, "stride", (2, 2)),
+    lambda m: setattr(m.pointwise, "padding", (1, 1)),
+])
+def test_submodule_settings_the_op_cannot_run_raise_after_a_memo(edit):
+    # The fused op runs zero-padded depthwise + plain 1x1 convs: a submodule edited into something else
+    # must not run as before (it gave the old block's output, or a wrong shape).
+    sep = SeparableConv2d(4, 6, 3, padding=1)
+    x = torch.randn(1, 4, 6, 6)
+    sep(x)
+    edit(sep)
+    with pytest.raises(ValueError, match="cannot run its convs"):
+        sep(x)

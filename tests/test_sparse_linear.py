@@ -1,4 +1,5 @@
 """effops.nn.SparseLinear / SparseConv1x1 against plain Linear / Conv2d with masked weights."""
+import copy
 import os
 import tempfile
 
@@ -8,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import effops
 from effops.nn import SparseLinear
 from effops.nn.sparse_linear import SparseConv1x1
 
@@ -153,3 +155,33 @@ def test_compiles_fullgraph():
     x = torch.randn(3, 64)
     torch.testing.assert_close(compiled(x), layer(x), **TOL[torch.float32])
     assert not counters["graph_break"]
+
+
+def test_sparse_conv1x1_mask_in_weight_shape_unbatched_input_and_output_format():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 1)
+    mask = torch.rand(32, 16, 1, 1) < 0.3  # the conv weight's own shape
+    sparse = SparseConv1x1.from_conv(copy.deepcopy(conv), mask)
+    assert torch.equal(sparse.mask, mask[:, :, 0, 0])
+    sparse.set_mask(~mask)
+    assert torch.equal(sparse.mask, ~mask[:, :, 0, 0])
+    x = torch.randn(2, 16, 5, 4)
+    want = nn.functional.conv2d(x, sparse.weight * sparse.mask[:, :, None, None], sparse.bias)
+    y = sparse(x)
+    torch.testing.assert_close(y, want, **TOL[torch.float32])
+    assert y.is_contiguous()  # NCHW in, NCHW out, as nn.Conv2d
+    cl = sparse(x.contiguous(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(sparse(x[0]), y[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="x must have 16 channels"):
+        sparse(torch.randn(1, 15, 3, 3))
+
+
+def test_state_dict_mask_must_fit_the_declared_pattern():
+    torch.manual_seed(0)
+    unstructured = effops.prune(nn.Sequential(nn.Linear(64, 64)), 0.7)
+    two_four = effops.prune(nn.Sequential(nn.Linear(64, 64)), 0.5, pattern="2:4")
+    with pytest.raises(ValueError, match="state_dict's 0.mask does not fit pattern='2:4'"):
+        two_four.load_state_dict(unstructured.state_dict())
+    unstructured.load_state_dict(two_four.state_dict())  # a 2:4 mask is a valid unstructured one
+    assert torch.equal(unstructured[0].mask, two_four[0].mask)

@@ -51,7 +51,9 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
     def __init__(self, in_features, out_features, bias=True, mode="auto", device=None, weight_bits=8):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError("%s must be a positive int, got %r" % (name, v))
+            if v < 1:
                 raise ValueError("%s must be a positive int, got %r" % (name, v))
         _checks.choice("mode", mode, MODES)
         _check_weight_bits(weight_bits)

@@ -60,12 +60,23 @@ class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
     def forward(self, x):
         # Through the module's memo of its last call (effops._call_plan): the op's checks and choice run
         # again only when x's shape or layout, the grad mode, a parameter or a setting changed.
+        if getattr(x, "dim", None) is not None and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         dw, pw = self.depthwise, self.pointwise
         tensors = (dw.weight, pw.weight, dw.bias, pw.bias)
         config = (_frozen(dw.stride), _frozen(dw.padding), _frozen(dw.dilation), self.activation)
-        return _call_plan.call(self, x, tensors, lambda: _op.plan(x, *tensors, *config),
-                               lambda: dwpw_conv2d(x, *tensors, *config), _op.autocast_args,
-                               extra=config + (_op.torch_uses_huge_pages(),))
+        # The submodules' other settings are the op's fixed ones; they are checked where the memo is
+        # (re)built, and are in its key, so editing one (depthwise.padding_mode = "circular") is seen.
+        fixed = (dw.padding_mode, dw.groups, _frozen(pw.stride), _frozen(pw.padding), _frozen(pw.dilation), pw.groups)
+        return _call_plan.call(self, x, tensors, lambda: self._checked_convs() or _op.plan(x, *tensors, *config),
+                               lambda: self._checked_convs() or dwpw_conv2d(x, *tensors, *config), _op.autocast_args,
+                               extra=config + fixed + (_op.torch_uses_huge_pages(),))
+
+    def _checked_convs(self):
+        """None; ValueError if a submodule was changed into something the fused op does not compute."""
+        reason = check_depthwise(self.depthwise) or check_pointwise(self.pointwise, self.depthwise)
+        if reason:
+            raise ValueError("SeparableConv2d cannot run its convs as set: " + reason)
 
     def extra_repr(self):
         return "activation=%r" % (self.activation,)

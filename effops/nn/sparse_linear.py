@@ -16,18 +16,21 @@ from effops.ops import _checks
 _op = importlib.import_module("effops.ops.masked_linear")  # the module: masked_linear, check_pattern
 
 
-def _validated_mask(mask, weight_shape, device, pattern, block_size, name="mask"):
-    """A bool mask of `weight_shape` on `device`; TypeError/ValueError with the reason otherwise."""
+def _validated_mask(mask, weight_shape, device, pattern, block_size, name="mask", conv=False):
+    """A bool mask of `weight_shape` on `device`; TypeError/ValueError with the reason otherwise.
+    conv: a 1x1 conv's mask may also come in its weight's own shape (out, in, 1, 1)."""
     from effops.ops import _sparse_index
     if not isinstance(mask, torch.Tensor):
         raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(mask).__name__))
+    if conv and mask.dim() == 4 and tuple(mask.shape) == (*weight_shape, 1, 1):
+        mask = mask.reshape(weight_shape)
     if tuple(mask.shape) != tuple(weight_shape):
         raise ValueError("%s must have the weight's shape %s, got %s" % (name, tuple(weight_shape), tuple(mask.shape)))
     if mask.dtype != torch.bool and not mask.is_floating_point() and mask.dtype not in (
             torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
         raise TypeError("%s must be bool or hold 0/1 numbers, got dtype %s" % (name, mask.dtype))
     _sparse_index.check_binary(mask)
-    mask = mask.to(device=device, dtype=torch.bool)
+    mask = mask.to(device=device, dtype=torch.bool, copy=True)  # own it: a caller's mask is not aliased
     _op.check_pattern(pattern, block_size)
     if pattern is not None:
         why = _sparse_index.MaskInfo(mask).matches(pattern, block_size)
@@ -38,6 +41,17 @@ def _validated_mask(mask, weight_shape, device, pattern, block_size, name="mask"
 
 class _MaskedMixin:
     """Shared mask handling of SparseLinear and SparseConv1x1 (weight viewed as out x in)."""
+
+    _conv = False  # SparseConv1x1: masks may come in the conv weight's shape (out, in, 1, 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A loaded mask must fit the declared pattern, as set_mask's must (a 2:4 layer loading an
+        # unstructured mask would otherwise keep a label its mask breaks).
+        mask = state_dict.get(prefix + "mask")
+        if isinstance(mask, torch.Tensor) and self.pattern is not None and mask.shape == self.mask.shape:
+            _validated_mask(mask, self.mask.shape, self.mask.device, self.pattern, self.block_size,
+                            name="state_dict's %smask" % prefix)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _weight2d(self):
         w = self.weight
@@ -56,7 +70,8 @@ class _MaskedMixin:
     @torch.no_grad()
     def set_mask(self, mask):
         """Replace the mask in place (the cached sparse index follows) and zero the newly pruned weights."""
-        mask = _validated_mask(mask, self.mask.shape, self.mask.device, self.pattern, self.block_size)
+        mask = _validated_mask(mask, self.mask.shape, self.mask.device, self.pattern, self.block_size,
+                               conv=self._conv)
         self.mask.copy_(mask)
         self.apply_mask_()
 
@@ -128,14 +143,17 @@ class SparseConv1x1(_MaskedMixin, nn.Conv2d):
     """A 1x1 nn.Conv2d (stride 1, no padding, groups 1) with a `mask` of shape (out, in) on its weight.
 
     Keeps Conv2d's parameters (weight of shape (out, in, 1, 1)), so a Conv2d state_dict plus a mask loads.
+    A mask may be given as (out, in) or in the weight's shape (out, in, 1, 1).
     """
+
+    _conv = True
 
     @classmethod
     def from_conv(cls, conv, mask, *, pattern=None, block_size=None):
         if not is_pointwise_conv(conv):
             raise TypeError("conv must be a 1x1 nn.Conv2d with stride 1, padding 0, dilation 1, groups 1")
         shape = conv.weight.shape[:2]
-        mask = _validated_mask(mask, shape, conv.weight.device, pattern, block_size)
+        mask = _validated_mask(mask, shape, conv.weight.device, pattern, block_size, conv=True)
         module = cls.__new__(cls)
         module.__dict__.update({k: v for k, v in conv.__dict__.items()})  # Conv2d's config, params, hooks
         for attr in ("_parameters", "_buffers", "_modules"):
@@ -158,9 +176,15 @@ class SparseConv1x1(_MaskedMixin, nn.Conv2d):
         return "%s, density=%.3f, pattern=%s" % (super().extra_repr(), self.density, self.pattern)
 
     def forward(self, x):
+        _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         _checks.tensor("x", x, ndim=4)
-        y = self._masked_forward(x.permute(0, 2, 3, 1))
-        return y.permute(0, 3, 1, 2)
+        if x.shape[1] != self.in_channels:
+            raise ValueError("x must have %d channels (in_channels), got shape %s" % (self.in_channels, tuple(x.shape)))
+        y = self._masked_forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # In x's memory format, as nn.Conv2d returns it (the product comes out channels_last).
+        return y if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else y.contiguous()
 
 
 def is_pointwise_conv(module):

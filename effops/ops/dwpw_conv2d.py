@@ -213,11 +213,14 @@ def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, p
                 activation=None):
     """y = conv1x1(act(depthwise_conv(x))) in one op.
 
-    x: (N, C, H, W), NCHW or channels_last; dw_weight: (C, 1, kh, kw); pw_weight: (O, C, 1, 1);
+    x: (N, C, H, W), NCHW or channels_last, or unbatched (C, H, W); dw_weight: (C, 1, kh, kw); pw_weight: (O, C, 1, 1);
     dw_bias: (C,) or None; pw_bias: (O,) or None; stride/padding/dilation: int or pair (of the
     depthwise conv); activation: None, "relu", "relu6", "gelu" (exact erf form) or "silu".
     Returns (N, O, H', W') in x's memory format and dtype (autocast's under autocast).
     """
+    if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as F.conv2d takes
+        return dwpw_conv2d(x.unsqueeze(0), dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+                           activation).squeeze(0)
     # Through the memo of recent calls (effops._call_plan.call_function): the checks and the choice
     # below run again only when a call differs in what they read.
     tensors, config = (dw_weight, pw_weight, dw_bias, pw_bias), (stride, padding, dilation, activation)
@@ -261,9 +264,12 @@ def _checked(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilatio
     _checks.tensor("x", x, ndim=4, dtypes=_checks.FLOAT_DTYPES)
     C = x.shape[1]
     _checks.tensor("dw_weight", dw_weight, ndim=4, dtypes=_checks.FLOAT_DTYPES, device=x.device)
-    if dw_weight.shape[0] != C or dw_weight.shape[1] != 1:
-        raise ValueError("dw_weight must have shape (C=%d, 1, kh, kw) for x with %d channels, got %s"
-                         % (C, C, tuple(dw_weight.shape)))
+    if dw_weight.shape[1] != 1:
+        raise ValueError("dw_weight must have shape (C, 1, kh, kw) (one filter per channel), got %s"
+                         % (tuple(dw_weight.shape),))
+    if dw_weight.shape[0] != C:
+        raise ValueError("x must have %d channels for dw_weight of shape %s, got x of shape %s"
+                         % (dw_weight.shape[0], tuple(dw_weight.shape), tuple(x.shape)))
     _checks.tensor("pw_weight", pw_weight, ndim=4, dtypes=_checks.FLOAT_DTYPES, device=x.device)
     if pw_weight.shape[1] != C or tuple(pw_weight.shape[2:]) != (1, 1):
         raise ValueError("pw_weight must have shape (out_channels, C=%d, 1, 1), got %s" % (C, tuple(pw_weight.shape)))

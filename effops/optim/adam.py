@@ -114,6 +114,11 @@ class Adam(Optimizer):
     def add_param_group(self, param_group):
         self._plan = None  # (torch's __init__ calls this before ours sets anything)
         super().add_param_group(param_group)
+        try:
+            _check_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a bad group is not left half-added
+            raise
 
     # -----------------------------------------------------------------------------------------
     def _prepare_state(self, group, p):
@@ -243,6 +248,38 @@ class Adam(Optimizer):
         if plannable:
             self._plan = _adam_plan.Plan.build(self, per_group)
         return loss
+
+
+_FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay", "master_weights")
+
+
+def _check_group(group, index):
+    """A param group's settings, checked where it is added (not at the first step): TypeError/ValueError
+    naming the group and the setting. Flags given as 0/1 become bools (torch's Adam takes any truthy)."""
+    where = "param_groups[%d]['%%s']" % index
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("%s must be a float or a 1-element tensor, got shape %s" % (where % "lr", tuple(lr.shape)))
+    elif isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError("%s must be a float or a 1-element tensor, got %r" % (where % "lr", lr))
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError("%s must be a pair (beta1, beta2), got %r" % (where % "betas", betas))
+    for name, value, high in (("betas", betas[0], 1.0), ("betas", betas[1], 1.0), ("eps", group["eps"], None),
+                              ("weight_decay", group["weight_decay"], None)):
+        value = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError("%s must be a float, got %r" % (where % name, value))
+        if not value >= 0.0 or (high is not None and not value < high):
+            raise ValueError("%s must be >= 0%s, got %r" % (where % name, "" if high is None else " and < 1", value))
+    for flag in _FLAGS:
+        value = group[flag]
+        if not isinstance(value, bool):
+            if isinstance(value, int) and value in (0, 1):
+                group[flag] = bool(value)
+            else:
+                raise TypeError("%s must be a bool, got %r" % (where % flag, value))
 
 
 class AdamW(Adam):

@@ -124,6 +124,7 @@ def fuse_separable(model):
     if not isinstance(model, nn.Module):
         raise TypeError("model must be an nn.Module, got %s" % type(model).__name__)
     fused, reasons, nested = 0, [], set()
+    names = {id(m): name for name, m in model.named_modules()}  # before any swap: where each chain sits
     for module in list(model.modules()):
         if not _is_plain_sequential(module) or id(module) in nested:
             continue
@@ -136,7 +137,8 @@ def fuse_separable(model):
                 continue
             end, block, reason = found
             if block is None:
-                reasons.append("%s: %s" % (type(slots[i][2]).__name__, reason))
+                first = slots[i][2]
+                reasons.append("%s (%s): %s" % (names.get(id(first), "?"), type(first).__name__, reason))
             else:
                 container, name, _ = slots[i]
                 setattr(container, name, block)
