@@ -68,6 +68,7 @@ class RemembersCalls:
 
 
 def autocast_dtype(device_type):
+    # Only CPU and CUDA devices reach here (eager_key declines the others, meta included).
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 

@@ -229,6 +229,8 @@ def test_quantize_takes_pruned_layers_and_a_single_skip_name():
     effops.quantize(net, skip="4", min_features=16)
     assert isinstance(net[0], Int8Linear) and isinstance(net[2], Int8Linear) and type(net[4]) is nn.Linear
     assert torch.equal(net[2].weight == 0, masked_weight == 0)  # pruned weights are exact int8 zeros
+    double = effops.quantize(nn.Sequential(nn.Linear(32, 32).double()), min_features=16)
+    assert type(double[0]) is nn.Linear  # float64 stays: the int8 ops take fp32/bf16/fp16 inputs
     with torch.no_grad():
         assert _rel_err(net(x), ref) < 0.03
 
@@ -248,6 +250,12 @@ def test_float_casts_keep_int8_weights_and_fp32_scales_and_bias():
         assert m.weight_packed.dtype == torch.int8 and m.weight_scale.dtype == torch.float32
         assert torch.equal(m.weight_scale, scale) and torch.equal(m.bias, bias) and not m.bias.requires_grad
         assert torch.equal(m(x.to(dtype)), want[dtype])
+
+
+def test_meta_device_answers_shapes():
+    m = Int8Linear(32, 16, device="meta")
+    y = m(torch.empty(2, 3, 32, device="meta"))
+    assert y.device.type == "meta" and y.shape == (2, 3, 16)
 
 
 def test_quantize_bad_arguments():
@@ -332,3 +340,16 @@ def test_quantize_default_leaves_layers_where_int8_is_slower_alone():
     assert isinstance(net[0], Int8Linear) and type(net[2]) is nn.Linear
     effops.quantize(net, min_features=512)
     assert isinstance(net[2], Int8Linear)
+
+
+@pytest.mark.parametrize("weight_bits", [8, 7])
+def test_load_state_dict_inside_inference_mode_keeps_buffers_usable_for_gradients(weight_bits):
+    torch.manual_seed(0)
+    src = Int8Linear.from_linear(nn.Linear(24, 16), weight_bits=weight_bits)
+    m = Int8Linear(24, 16, weight_bits=weight_bits)
+    with torch.inference_mode():
+        m.load_state_dict(src.state_dict())
+    assert not m.weight_packed.is_inference()
+    x = torch.randn(3, 24, requires_grad=True)
+    m(x).sum().backward()  # raised: inference tensors cannot be saved for backward
+    torch.testing.assert_close(x.grad, src.dequantized_weight().sum(0).expand(3, 24))

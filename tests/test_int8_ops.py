@@ -203,6 +203,20 @@ def test_int8_linear_module_gives_nan_rows_for_non_finite_inputs():
         assert torch.isfinite(y[4:]).all(), kwargs
 
 
+def test_no_gradient_through_quantization_says_so_up_front():
+    x = torch.randn(3, 8, device=device(), requires_grad=True)
+    q, s = ops.quantize_rowwise(x)
+    assert not q.requires_grad and not s.requires_grad  # was: a backward that raised "no autograd formula"
+    w = torch.randint(-127, 128, (4, 8), dtype=torch.int8, device=device())
+    for name, args in (("x_scale", (s.detach().requires_grad_(), torch.ones(4, device=device()), None)),
+                       ("w_scale", (s, torch.ones(4, device=device(), requires_grad=True), None)),
+                       ("bias", (s, torch.ones(4, device=device()), torch.zeros(4, device=device(), requires_grad=True)))):
+        with pytest.raises(ValueError, match="int8_linear has no gradient: %s requires grad" % name):
+            ops.int8_linear(q, args[0], w, args[1], args[2])
+    with torch.no_grad():  # no gradient wanted: fine
+        ops.int8_linear(q, s.detach().requires_grad_(), w, torch.ones(4, device=device()))
+
+
 def test_quantize_rowwise_non_contiguous(backend):
     _need_kernel("quantize_rowwise", backend)
     x = torch.randn(33, 20, device=device()).t()

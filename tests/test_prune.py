@@ -172,3 +172,18 @@ def test_static_pruning_then_adam_with_weight_decay_keeps_zeros_without_a_pruner
     for layer in model:
         if isinstance(layer, SparseLinear):
             assert not layer.weight[~layer.mask].any()
+
+
+def test_meta_device_model_pruned_then_materialized_and_loaded():
+    # Large models are built on the meta device and loaded afterwards: pruning there makes the structure
+    # (no values to rank: the masks come with the state_dict), and the modules answer shapes.
+    torch.manual_seed(0)
+    real = effops.prune(mlp(), 0.75, pattern="block", block_size=16)
+    with torch.device("meta"):
+        lazy = effops.prune(mlp(), 0.75, pattern="block", block_size=16)
+    assert lazy(torch.empty(3, 48, device="meta")).shape == (3, 10)
+    assert "density=nan" in repr(lazy)
+    lazy.to_empty(device="cpu")
+    lazy.load_state_dict(real.state_dict())
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(lazy(x), real(x), atol=0, rtol=0)

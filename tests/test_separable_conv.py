@@ -103,3 +103,9 @@ def test_submodule_settings_the_op_cannot_run_raise_after_a_memo(edit):
     edit(sep)
     with pytest.raises(ValueError, match="cannot run its convs"):
         sep(x)
+
+
+def test_meta_device_answers_shapes():
+    sep = SeparableConv2d(4, 6, 3, stride=2, padding=1, device="meta")
+    y = sep(torch.empty(2, 4, 9, 8, device="meta"))
+    assert y.device.type == "meta" and y.shape == (2, 6, 5, 4)

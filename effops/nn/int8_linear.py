@@ -184,7 +184,9 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
                               "state_dict? load it into a module with weight_bits=8)"
                               % (key, max(-w.min().item(), w.max().item())))
             return
-        with torch.no_grad():
+        # Outside inference_mode even when loaded inside it (as nn.Linear's in-place loading keeps its
+        # parameters normal tensors): an inference-tensor buffer would break later calls that need grads.
+        with torch.no_grad(), torch.inference_mode(False):
             self._set_packed(reference.pack_weight(w.to(self.weight_scale.device)))
 
     def extra_repr(self):

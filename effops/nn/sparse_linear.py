@@ -29,10 +29,12 @@ def _validated_mask(mask, weight_shape, device, pattern, block_size, name="mask"
     if mask.dtype != torch.bool and not mask.is_floating_point() and mask.dtype not in (
             torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
         raise TypeError("%s must be bool or hold 0/1 numbers, got dtype %s" % (name, mask.dtype))
-    _sparse_index.check_binary(mask)
+    meta = "meta" in (mask.device.type, torch.device(device).type)  # shapes only: no values to check
+    if not meta:
+        _sparse_index.check_binary(mask)
     mask = mask.to(device=device, dtype=torch.bool, copy=True)  # own it: a caller's mask is not aliased
     _op.check_pattern(pattern, block_size)
-    if pattern is not None:
+    if pattern is not None and not meta:
         why = _sparse_index.MaskInfo(mask).matches(pattern, block_size)
         if why:
             raise ValueError("%s does not fit pattern=%r: %s" % (name, pattern, why))
@@ -59,7 +61,9 @@ class _MaskedMixin:
 
     @property
     def density(self):
-        """Fraction of weights kept."""
+        """Fraction of weights kept (NaN on the meta device: no values)."""
+        if self.mask.device.type == "meta":
+            return float("nan")
         return float(self.mask.float().mean()) if self.mask.numel() else 1.0
 
     @property

@@ -50,8 +50,12 @@ def choice(name, value, allowed):
     return value
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia", "privateuseone")
+
+
 def autocast_dtype(device_type):
-    """The dtype autocast asks for on this device, or None when autocast is off."""
-    if torch.is_autocast_enabled(device_type):
+    """The dtype autocast asks for on this device, or None when autocast is off (or has no notion of
+    the device: meta tensors, where torch's query raises)."""
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None

@@ -179,6 +179,11 @@ def int8_linear(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=torch.flo
         _checks.shape("bias", bias, (w_int8.shape[0],))
         bias = bias.float()
     _check_out_dtype(out_dtype)
+    if torch.is_grad_enabled():
+        for name, t in (("x_scale", x_scale), ("w_scale", w_scale), ("bias", bias)):
+            if t is not None and t.requires_grad:
+                raise ValueError("int8_linear has no gradient: %s requires grad (detach it; Int8Linear gives its "
+                                 "floating input a straight-through gradient)" % name)
     route = _backends.eager_route("int8_linear", x_int8.device, x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
     if route is not None and route.direct:  # eager, no gradient needed: skip the custom op's dispatch
         return route.fn(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)

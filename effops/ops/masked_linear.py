@@ -88,9 +88,7 @@ def _checked(x, weight, mask, bias, pattern, block_size):
     if bias is not None:
         _checks.shape("bias", bias, (weight.shape[0],))
     check_pattern(pattern, block_size)
-    # The mask's description is cached by data pointer: not under torch.compile (traced) nor inside a
-    # torch.func transform (a vmapped mask is a wrapper without storage; the reference runs there).
-    if not torch.compiler.is_compiling() and not _backends.under_transform():
+    if _describable(mask):
         # Cached per mask version, so this costs one pass over the mask only when the mask changes.
         info = _sparse_index.mask_info(mask)
         if pattern is not None:
@@ -121,8 +119,8 @@ def _runner(x, weight, mask, bias, route=None):
             route, "masked_linear", torch.ops.effops.masked_linear, x, weight, mask, bias)
     if route.name != "reference":
         return route.fn  # no gradient needed: the kernel without the custom op
-    if _backends.under_transform():
-        return reference.masked_linear  # no caches of wrapped tensors
+    if not _describable(mask):
+        return reference.masked_linear  # no caches of wrapped or meta tensors
     info = _sparse_index.mask_info(mask)
     if torch.is_grad_enabled() and weight.requires_grad:
         # Training: W * mask changes every step. The mask in weight's dtype is made once per mask
@@ -132,6 +130,13 @@ def _runner(x, weight, mask, bias, route=None):
     # Inference on a mask too dense for the sparse kernels: dense F.linear on W * mask, made once per
     # weight version instead of per call (the cost plain PyTorch pays with a pre-masked weight).
     return lambda x, weight, mask, bias: torch.nn.functional.linear(x, _masked_weight(info, weight, mask), bias)
+
+
+def _describable(mask):
+    """Whether the mask's values can be read for its description (kept by data pointer): not under
+    torch.compile (traced), inside a torch.func transform (a vmapped mask is a wrapper without storage)
+    or on the meta device (no values: shapes only, the reference runs)."""
+    return not (torch.compiler.is_compiling() or _backends.under_transform() or mask.device.type == "meta")
 
 
 def check_pattern(pattern, block_size):

@@ -47,3 +47,12 @@ def _quantize_rowwise(x: Tensor) -> Tuple[Tensor, Tensor]:
 @_quantize_rowwise.register_fake
 def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    # Rounding has no useful derivative: the outputs do not require grad (as torch's quantize_per_tensor),
+    # rather than failing at backward for want of a formula. Int8Linear gives x a straight-through one.
+    ctx.mark_non_differentiable(*output)
+
+
+_quantize_rowwise.register_autograd(lambda ctx, grad_q, grad_scale: None, setup_context=_setup_context)

@@ -138,7 +138,8 @@ def _masks(weights, sparsity, pattern, block_size, scope):
         # A layer keeps at least its best weight (block): rounding (64 x 64 in 32-blocks at 90% keeps
         # round(0.4) = 0 of 4 blocks) or a global ranking would otherwise cut it off entirely, leaving an
         # output of its bias alone (a classifier head reduced to a constant), which no sparsity asks for.
-        kept = [k if k.any() or k.numel() == 0 else _keep_best(k, s) for k, s in zip(kept, scores)]
+        kept = [k if k.numel() == 0 or k.device.type == "meta" or k.any() else _keep_best(k, s)
+                for k, s in zip(kept, scores)]  # (meta: no values; its mask comes with a state_dict)
     if pattern == "block":
         return [_expand_blocks(k, block_size, w.shape) for k, w in zip(kept, weights)]
     return kept

@@ -31,7 +31,7 @@ def quantize(model, skip=(), min_features=DEFAULT_MIN_FEATURES, mode="auto", wei
     mode: Int8Linear's mode ("dynamic", "weight_only" or "auto").
     weight_bits: 8 (default) or 7 (opt-in: weights in [-63, 63], a faster CPU kernel; see Int8Linear).
     Linear subclasses that other modules read weights from directly (nn.MultiheadAttention's out_proj)
-    are left alone.
+    and float64 layers (the int8 ops take fp32/bf16/fp16 inputs) are left alone.
     """
     if not isinstance(model, nn.Module):
         raise TypeError("model must be an nn.Module, got %s" % type(model).__name__)
@@ -51,6 +51,8 @@ def quantize(model, skip=(), min_features=DEFAULT_MIN_FEATURES, mode="auto", wei
             continue
         if min(module.in_features, module.out_features) < min_features:
             continue
+        if module.weight.dtype not in _checks.FLOAT_DTYPES:
+            continue  # float64: Int8Linear takes fp32/bf16/fp16 inputs; such a layer stays as it is
         swaps.append(name)
     for name in swaps:
         parent_name, _, child = name.rpartition(".")
