@@ -85,10 +85,11 @@ def eager_key(x, tensors, versioned=(), extra=()):
     if _backends.under_transform():  # torch.func's wrapped tensors have no data pointer to key on
         return None
     device = x.device
-    if x.layout is not torch.strided or device.type not in _backends.AUTO_ORDER:
+    device_type = device.type
+    if x.layout is not torch.strided or device_type not in _backends.AUTO_ORDER:
         return None  # sparse or meta x: the op's own checks answer (no strides to key on)
     key = [x.shape, x.stride(), x.dtype, device, x.requires_grad, torch.is_grad_enabled(),
-           torch.is_inference_mode_enabled(), autocast_dtype(device.type), _backends.generation(), extra]
+           torch.is_inference_mode_enabled(), autocast_dtype(device_type), _backends.generation(), extra]
     for i, t in enumerate(tensors):
         if t is None:
             key.append(None)
