@@ -96,6 +96,8 @@ def test_environment_variable_forces_a_backend(monkeypatch, toy_op):
     monkeypatch.setenv("EFFOPS_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="EFFOPS_BACKEND"):
         _backends.dispatch(toy_op, "cpu", torch.zeros(4))
+    monkeypatch.delenv("EFFOPS_BACKEND")  # read on every call (from os.environ's live dict): set, changed, gone
+    assert _backends.forced_backend() is None
 
 
 def test_import_is_fast_and_does_not_import_triton():
