@@ -28,7 +28,8 @@ A functional op (`effops.ops.masked_linear(x, w, mask)` in a user's own module) 
 a memo on: it keeps a FunctionMemo of its recent calls instead, under the same key plus the call's
 non-tensor arguments with their types (stride=True must still raise), holding the tensors only
 weakly (an entry goes when any of its tensors dies, so neither a dead weight's id nor its derived
-caches live on).
+caches live on; a runner must therefore not hold the tensors it is given), with the versions of the
+value-steering tensors kept in the entry (an in-place edit replaces it, not adds one).
 
 Not seen by the key, as with torch's own caches: writes through `.data` (a tensor whose version counter
 is not the parameter's) and edits of the ops' private tuning constants (`_CPU_LIMITS` and the like,
@@ -145,44 +146,54 @@ class CastsItself:
 
 
 class FunctionMemo:
-    """A functional op's memo: runners of recent calls by key. An entry holds its tensors weakly and is
-    dropped when any of them dies (so the ids in its key always name live tensors); past `limit`
-    entries the memo starts afresh (a model calls an op from a bounded number of places)."""
+    """A functional op's memo: runners of recent calls by key, least recently used first. An entry holds
+    its tensors weakly and is dropped when any of them dies (so the ids in its key always name live
+    tensors); past `limit` entries the least recently used goes. The versions of the tensors whose
+    values steer the choice are kept in the entry, not the key: an in-place edit replaces the entry
+    rather than adding one per version."""
 
     __slots__ = ("entries", "limit", "__weakref__")
 
-    def __init__(self, limit=256):
-        self.entries, self.limit = {}, limit
+    def __init__(self, limit=1024):
+        self.entries, self.limit = {}, limit  # a plain dict keeps insertion order: the first is the oldest
 
     def __reduce__(self):
         return FunctionMemo, (self.limit,)
 
 
 class _Entry:
-    __slots__ = ("run", "refs")
+    __slots__ = ("run", "refs", "versions")
 
 
 def call_function(memo, x, tensors, settings, build, run_op, cast, versioned=()):
     """A functional op on x and `tensors` with its non-tensor `settings`: through `memo` when a call with
     the same key ran before, else build() (the op's checks and choice, returning a runner of
-    (x, *tensors) or None) and remember the runner; run_op() where no runner can be made. As `call`."""
-    key = eager_key(x, tensors, versioned, _typed(settings))
+    (x, *tensors) or None) and remember the runner; run_op() where no runner can be made. As `call`.
+    A runner must not hold the tensors themselves (they are held weakly), only what it derived."""
+    key = eager_key(x, tensors, (), _typed(settings))
     if key is None:
         return run_op()
+    versions = []
+    for i in versioned:
+        t = tensors[i]
+        if t is not None:
+            if t.is_inference():  # no version counter: an in-place edit could not be seen
+                return run_op()
+            versions.append(t._version)
     try:
         key = tuple(key)
         entry = memo.entries.get(key)
     except TypeError:  # a setting that cannot be hashed (the op's checks will name it)
         return run_op()
-    if entry is not None and all(ref() is t for ref, t in zip(entry.refs, tensors) if t is not None):
+    if entry is not None and entry.versions == versions and all(
+            ref() is t for ref, t in zip(entry.refs, tensors) if t is not None):
+        memo.entries[key] = memo.entries.pop(key)  # to the end: the most recently used
         return _run(entry.run, x, tensors, cast)
     run = build()
     if run is None:
         return run_op()
-    if len(memo.entries) >= memo.limit:
-        memo.entries.clear()
     entry = _Entry()
-    entry.run = run
+    entry.run, entry.versions = run, versions
     memo_ref = weakref.ref(memo)  # the callbacks hold neither the memo nor the entry (no cycles)
 
     def forget(_, key=key):
@@ -191,7 +202,11 @@ def call_function(memo, x, tensors, settings, build, run_op, cast, versioned=())
             owner.entries.pop(key, None)  # an entry under this key holds the dying tensor
 
     entry.refs = tuple(None if t is None else weakref.ref(t, forget) for t in tensors)
-    memo.entries[key] = entry
+    entries = memo.entries
+    entries.pop(key, None)  # a replaced entry (new versions) moves to the end too
+    entries[key] = entry
+    while len(entries) > memo.limit:
+        entries.pop(next(iter(entries)), None)
     return _run(run, x, tensors, cast)
 
 

@@ -540,7 +540,7 @@ def test_functional_settings_keep_their_types():
     with pytest.raises(TypeError, match="padding"):
         effops.ops.dwpw_conv2d(x, dw, pw, stride=1, padding=1.0)
     torch.testing.assert_close(effops.ops.dwpw_conv2d(x, dw, pw, stride=(1, 1), padding=[1, 1]), y)
-    with pytest.raises(ValueError, match="activation"):  # a list: no key, the op's own check answers
+    with pytest.raises(ValueError, match="activation"):  # a list (keyed as a tuple): the build's check raises
         effops.ops.dwpw_conv2d(x, dw, pw, stride=1, padding=1, activation=["relu"])
     with pytest.raises(ValueError, match="pattern"):
         effops.ops.masked_linear(torch.randn(2, 48), *_masked_tensors(), pattern="blocks")
@@ -559,12 +559,41 @@ def test_functional_settings_and_shapes_after_a_memo():
         effops.ops.dwpw_conv2d(x[..., :1, :1], dw, pw)
 
 
-def test_functional_memo_starts_afresh_past_its_limit(monkeypatch):
+def test_functional_memo_evicts_the_least_recently_used(monkeypatch):
+    monkeypatch.setattr(masked_op._MEMO, "entries", {})
     monkeypatch.setattr(masked_op._MEMO, "limit", 3)
+    plans = _count_calls(monkeypatch, masked_op, "plan")
     x = torch.randn(2, 48)
-    tensors = [_masked_tensors(seed=s) for s in range(5)]
-    for _ in range(2):
-        for w, mask, b in tensors:
-            torch.testing.assert_close(effops.ops.masked_linear(x, w, mask, b), F.linear(x, w * mask, b),
+    a, b, c, d = [_masked_tensors(seed=s) for s in range(4)]
+    for w, mask, bias in (a, b, c, a, d, a):  # a is used again before d comes: b goes, a stays
+        torch.testing.assert_close(effops.ops.masked_linear(x, w, mask, bias), F.linear(x, w * mask, bias),
+                                   **TOL[torch.float32])
+        assert len(masked_op._MEMO.entries) <= 3
+    assert plans.calls == 4  # a, b, c, d built once each
+    effops.ops.masked_linear(x, *b)
+    assert plans.calls == 5  # b was evicted
+
+
+def test_functional_memo_holds_no_mask_and_one_entry_per_call_site(monkeypatch):
+    # A runner must not hold the tensors it is given (the entry holds them weakly): fresh float masks
+    # each call (a learned mask's hard threshold) must die with their entries; and in-place edits of a
+    # mask replace its entry rather than add one per version.
+    monkeypatch.setattr(masked_op._MEMO, "entries", {})
+    x = torch.randn(2, 48)
+    w = torch.randn(48, 48, requires_grad=True)
+    scores = torch.randn(48, 48)
+    masks = []
+    for i in range(5):
+        mask = (scores > i * 0.1).float()
+        masked_linear_out = effops.ops.masked_linear(x, w, mask)
+        masks.append(weakref.ref(mask))
+        del mask, masked_linear_out
+    gc.collect()
+    assert all(m() is None for m in masks) and len(masked_op._MEMO.entries) == 0
+    mask = torch.rand(48, 48) > 0.5
+    with torch.no_grad():
+        for _ in range(5):
+            mask.copy_(torch.rand(48, 48) > 0.5)
+            torch.testing.assert_close(effops.ops.masked_linear(x, w, mask), F.linear(x, w * mask),
                                        **TOL[torch.float32])
-            assert len(masked_op._MEMO.entries) <= 3
+    assert len(masked_op._MEMO.entries) == 1

@@ -115,20 +115,39 @@ def test_no_bias_and_only_some_grads(backend, kind):
     torch.testing.assert_close(gw, want, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("rows", [3, 96])
-def test_float_mask_that_requires_grad_gets_torchs_gradient(backend, rows):
-    # A learned (soft) mask: every path gives autograd's grad of weight * mask, (grad_y^T x) * weight
-    # (forced backends and the sparse kernels' sizes returned None before).
+def check_learned_mask(rows, frozen_weight):
+    """A learned (soft) mask, over a trained or a frozen weight: autograd's grad of weight * mask,
+    (grad_y^T x) * weight, step after step and after an inference pass."""
     x = torch.randn(rows, 64, device=device(), requires_grad=True)
-    w = torch.randn(32, 64, device=device(), requires_grad=True)
+    w = torch.randn(32, 64, device=device(), requires_grad=not frozen_weight)
     mask = make_mask("block16", 32, 64).float().requires_grad_()
-    y = masked_linear(x, w, mask)
-    gy = torch.randn_like(y)
-    gx, gw, gm = torch.autograd.grad(y, [x, w, mask], gy)
-    xr, wr, mr = (t.detach().clone().requires_grad_() for t in (x, w, mask))
-    want = torch.autograd.grad(torch.nn.functional.linear(xr, wr * mr), [xr, wr, mr], gy)
-    for got, expect in zip((gx, gw, gm), want):
-        torch.testing.assert_close(got, expect, **TOL[torch.float32])
+    with torch.no_grad():
+        masked_linear(x, w, mask)
+    for _ in range(2):
+        y = masked_linear(x, w, mask)
+        gy = torch.randn_like(y)
+        inputs = [x, mask] if frozen_weight else [x, w, mask]
+        got = torch.autograd.grad(y, inputs, gy)
+        ref = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, w, mask)]
+        want_y = torch.nn.functional.linear(ref[0], ref[1] * ref[2])
+        want = torch.autograd.grad(want_y, [r for r in ref if r.requires_grad], gy)
+        torch.testing.assert_close(y, want_y, **TOL[torch.float32])
+        for g, expect in zip(got, want):
+            torch.testing.assert_close(g, expect, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("frozen_weight", [False, True], ids=["trained-weight", "frozen-weight"])
+@pytest.mark.parametrize("rows", [3, 96])
+def test_float_mask_that_requires_grad_gets_torchs_gradient(backend, rows, frozen_weight):
+    # Forced backends and the sparse kernels' sizes returned None for the mask before.
+    check_learned_mask(rows, frozen_weight)
+
+
+@pytest.mark.parametrize("frozen_weight", [False, True], ids=["trained-weight", "frozen-weight"])
+def test_float_mask_that_requires_grad_on_the_automatic_choice(frozen_weight):
+    # A frozen weight took the cached-W*mask inference path: no mask grad after a no_grad pass, or
+    # "backward through the graph a second time" on the second step.
+    check_learned_mask(3, frozen_weight)
 
 
 def test_non_contiguous_inputs(backend):

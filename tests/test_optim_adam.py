@@ -184,6 +184,17 @@ def test_bad_param_group_settings_raise_where_the_group_is_added():
         assert len(opt.param_groups) == 1  # not left half-added
     opt = AdamW([p], amsgrad=1)  # torch takes any truthy flag: 0/1 become bools
     assert opt.param_groups[0]["amsgrad"] is True
+    # numpy scalars, as torch's AdamW takes them (a config loaded with numpy), step as floats do
+    import numpy as np
+    a, b = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5))
+    mine = AdamW([a], lr=np.float32(1e-2), eps=np.float32(1e-8), weight_decay=np.float32(0.01), amsgrad=np.bool_(True))
+    ref = torch.optim.AdamW([b], lr=1e-2, eps=float(np.float32(1e-8)), weight_decay=float(np.float32(0.01)),
+                            amsgrad=True)
+    for _ in range(3):
+        a.grad, b.grad = torch.full((5,), 0.5), torch.full((5,), 0.5)
+        mine.step()
+        ref.step()
+    torch.testing.assert_close(a.detach(), b.detach(), **PARITY_TOL)
 
 
 def test_a_failing_group_leaves_every_group_untouched():

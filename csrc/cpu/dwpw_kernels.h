@@ -52,8 +52,9 @@ EFFOPS_AVX2_TARGET inline Avx2Vec vexp(Avx2Vec a) {
   p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  // Past the clamp, as std::exp: overflow to +inf (silu(-inf) is then -inf / inf = NaN, as torch's
-  // -inf * sigmoid(-inf)), and NaN stays NaN (the clamp's max_ps dropped it).
+  // Overflow to +inf where std::exp does (above ln(FLT_MAX) = 88.7228; between the 88.3 clamp and that
+  // the result stays exp(88.3) ~ 2e38, below std::exp's, a difference no activation here shows), so
+  // silu(-inf) is -inf / inf = NaN as torch's -inf * sigmoid(-inf); NaN stays NaN (the clamp dropped it).
   y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(a.v, _mm256_set1_ps(88.72283935546875f), _CMP_GT_OQ));
   return {_mm256_blendv_ps(y, a.v, _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q))};
 }

@@ -183,11 +183,13 @@ class SparseConv1x1(_MaskedMixin, nn.Conv2d):
         _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        _checks.tensor("x", x, ndim=4)
+        if x.dim() != 4:
+            raise ValueError("x must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape %s" % (tuple(x.shape),))
         if x.shape[1] != self.in_channels:
             raise ValueError("x must have %d channels (in_channels), got shape %s" % (self.in_channels, tuple(x.shape)))
         y = self._masked_forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        # In x's memory format, as nn.Conv2d returns it (the product comes out channels_last).
+        # In x's memory format, as nn.Conv2d returns it: the product comes out channels_last, so NCHW
+        # input costs one copy of y (feed channels_last to a chain of these layers to spare it).
         return y if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else y.contiguous()
 
 

@@ -12,6 +12,7 @@ the same length as `params`, and `grad_scale` None or a float. A kernel checks w
 writing anything, so a step that fails leaves every tensor untouched. Autocast does not apply (the
 step is not a forward computation; its tensors keep their dtypes).
 """
+import numbers
 from typing import List, Optional
 
 import torch
@@ -124,7 +125,7 @@ def _number(name, value, low, high=None, high_open=True):
         if value.numel() != 1:
             raise ValueError("%s must be a number or a 1-element tensor, got shape %s" % (name, tuple(value.shape)))
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars too, as torch's Adam
         raise TypeError("%s must be a float, got %s" % (name, type(value).__name__))
     value = float(value)
     if not value >= low or (high is not None and not (value < high if high_open else value <= high)):

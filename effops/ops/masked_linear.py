@@ -122,11 +122,15 @@ def _runner(x, weight, mask, bias, route=None):
     if not _describable(mask):
         return reference.masked_linear  # no caches of wrapped or meta tensors
     info = _sparse_index.mask_info(mask)
-    if torch.is_grad_enabled() and weight.requires_grad:
-        # Training: W * mask changes every step. The mask in weight's dtype is made once per mask
-        # version (a bool mask multiplies ~5x slower: its promotion runs per element, every call).
+    if torch.is_grad_enabled() and (weight.requires_grad or mask.requires_grad):
+        # Training (a learned float mask too): W * mask changes every step. The reference's
+        # F.linear(x, weight * mask, bias) itself.
+        if mask.dtype == weight.dtype:
+            return lambda x, weight, mask, bias: torch.nn.functional.linear(x, weight * mask, bias)
+        # A bool mask multiplies ~5x slower (its promotion runs per element, every call): in weight's
+        # dtype, made once per mask version. (The runner holds this derived copy, never the mask: the
+        # functional memo holds its tensors weakly.)
         mask_w = _mask_as(info, mask, weight.dtype)
-        # The reference's F.linear(x, weight * mask, bias) itself, mask already in weight's dtype.
         return lambda x, weight, mask, bias: torch.nn.functional.linear(x, weight * mask_w, bias)
     # Inference on a mask too dense for the sparse kernels: dense F.linear on W * mask, made once per
     # weight version instead of per call (the cost plain PyTorch pays with a pre-masked weight).

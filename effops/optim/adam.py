@@ -19,8 +19,10 @@ between the two in both directions. Additions:
 ``foreach`` and ``fused`` are accepted for compatibility and ignored (the step is always fused);
 ``capturable`` and ``differentiable`` are not supported.
 """
+import numbers
 from itertools import chain
 
+import numpy as np
 import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
@@ -45,7 +47,7 @@ class Adam(Optimizer):
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
-        elif not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        elif not isinstance(lr, numbers.Real) or isinstance(lr, bool):  # numbers.Real: numpy scalars too
             raise TypeError("lr must be a float or a 1-element tensor, got %s" % type(lr).__name__)
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -97,11 +99,10 @@ class Adam(Optimizer):
         # A torch checkpoint's groups have no master_weights: they keep this optimizer's setting (torch's
         # loader replaces the groups, and __setstate__'s default would switch master weights off).
         # Unequal group counts: torch's loader raises its own error below.
-        groups = [g if "master_weights" in g or len(state_dict["param_groups"]) != len(self.param_groups)
-                  else dict(g, master_weights=current["master_weights"])
-                  for g, current in zip(state_dict["param_groups"], self.param_groups)]
-        if len(groups) == len(state_dict["param_groups"]):
-            state_dict = dict(state_dict, param_groups=groups)
+        if len(state_dict["param_groups"]) == len(self.param_groups):
+            state_dict = dict(state_dict, param_groups=[
+                g if "master_weights" in g else dict(g, master_weights=current["master_weights"])
+                for g, current in zip(state_dict["param_groups"], self.param_groups)])
         super().load_state_dict(state_dict)
         for pid, p in zip(saved_ids, chain.from_iterable(g["params"] for g in self.param_groups)):
             saved = saved_state.get(pid)
@@ -261,7 +262,7 @@ def _check_group(group, index):
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError("%s must be a float or a 1-element tensor, got shape %s" % (where % "lr", tuple(lr.shape)))
-    elif isinstance(lr, bool) or not isinstance(lr, (int, float)):
+    elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError("%s must be a float or a 1-element tensor, got %r" % (where % "lr", lr))
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -269,14 +270,14 @@ def _check_group(group, index):
     for name, value, high in (("betas", betas[0], 1.0), ("betas", betas[1], 1.0), ("eps", group["eps"], None),
                               ("weight_decay", group["weight_decay"], None)):
         value = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError("%s must be a float, got %r" % (where % name, value))
         if not value >= 0.0 or (high is not None and not value < high):
             raise ValueError("%s must be >= 0%s, got %r" % (where % name, "" if high is None else " and < 1", value))
     for flag in _FLAGS:
         value = group[flag]
         if not isinstance(value, bool):
-            if isinstance(value, int) and value in (0, 1):
+            if isinstance(value, (numbers.Integral, np.bool_)) and value in (0, 1):  # 0/1, numpy bools
                 group[flag] = bool(value)
             else:
                 raise TypeError("%s must be a bool, got %r" % (where % flag, value))
