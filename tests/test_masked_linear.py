@@ -352,9 +352,9 @@ def test_triton_automatic_choice_is_limited_to_sparse_block_masks():
 def test_automatic_dense_fallback_caches_the_masked_weight_and_follows_updates():
     # CPU, automatic mode, a mask too dense for any sparse kernel: inference runs F.linear on W * mask made once
     # per weight version; training runs the reference (W * mask in the autograd graph, grad masked).
-    x = torch.randn(5, 64)
-    w = torch.randn(48, 64)
-    mask = make_mask("unstructured", 48, 64, density=0.9).cpu()
+    x = torch.randn(5, 256)
+    w = torch.randn(256, 256)  # 2**16 elements: the smallest weight whose forms are cached
+    mask = make_mask("unstructured", 256, 256, density=0.9).cpu()
     with torch.no_grad():
         torch.testing.assert_close(masked_linear(x, w, mask), reference.masked_linear(x, w, mask))
         cached = _sparse_index.mask_info(mask).packs.get(("masked", torch.float32))
@@ -363,10 +363,35 @@ def test_automatic_dense_fallback_caches_the_masked_weight_and_follows_updates()
         torch.testing.assert_close(masked_linear(x, w, mask), reference.masked_linear(x, w, mask))
     xg = x.clone().requires_grad_()  # grad to x only: still the cached weight
     masked_linear(xg, w, mask).sum().backward()
-    torch.testing.assert_close(xg.grad, torch.ones(5, 48) @ (w * mask))
+    torch.testing.assert_close(xg.grad, torch.ones(5, 256) @ (w * mask))
     wg = w.clone().requires_grad_()  # grad to the weight: masked, through the reference
     masked_linear(x, wg, mask).sum().backward()
-    torch.testing.assert_close(wg.grad, (torch.ones(5, 48).t() @ x) * mask)
+    torch.testing.assert_close(wg.grad, (torch.ones(5, 256).t() @ x) * mask)
+
+
+@pytest.mark.parametrize("kind,rows", [("unstructured-dense", 5), ("block32", 64), ("unstructured", 64)])
+@pytest.mark.parametrize("writer", ["preserved-version", "data"])
+def test_weight_rewritten_behind_its_version_counter_is_seen(kind, rows, writer):
+    # FSDP2 refills unsharded parameters at each all-gather under _unsafe_preserve_version_counter, at the
+    # same address; writes through .data have their own counter. The cached W * mask / packed panels /
+    # CSR values must not serve the old weights (they did: FSDP2 training and eval ran stale weights).
+    torch.manual_seed(0)
+    n = k = 512
+    if kind == "unstructured-dense":
+        mask = make_mask("unstructured", n, k, density=0.9).cpu()
+    else:
+        mask = make_mask(kind, n, k, density=0.1).cpu()
+    w = torch.randn(n, k, requires_grad=True)
+    x = torch.randn(rows, k)
+    with torch.no_grad():
+        masked_linear(x, w, mask)  # builds the cached form
+        if writer == "data":
+            w.data.copy_(torch.randn(n, k))
+        else:
+            with torch.autograd._unsafe_preserve_version_counter(w):
+                w.copy_(torch.randn(n, k))
+        torch.testing.assert_close(masked_linear(x, w, mask), reference.masked_linear(x, w, mask),
+                                   atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")

@@ -21,7 +21,6 @@ weight gradient (gy^T @ x) * mask. This path is dense work: the win is only for 
 
 fp32 inputs use IEEE dots (torch's CUDA matmul default is not TF32 for fp32), fp16/bf16 use tensor cores.
 """
-import weakref
 
 import torch
 import triton
@@ -238,15 +237,10 @@ def _compress_24(weight, mask):
 
 
 def _compressed_24(info, weight):
-    """The 2:4 compressed weight, cached on the mask's description per weight version."""
-    key = (weight.data_ptr(), weight._version if not weight.is_inference() else None, weight.dtype)
-    cached = info.packs.get("triton24")
-    if cached is not None and key[1] is not None and cached[0]() is weight and cached[1] == key:
-        return cached[2]
-    packed = _compress_24(weight, info.bool_mask)
-    if key[1] is not None:
-        info.packs["triton24"] = (weakref.ref(weight), key, packed)
-    return packed
+    """The 2:4 compressed weight, cached on the mask's description while the weight is unchanged."""
+    from effops.ops import _sparse_index
+    return _sparse_index.cached_weight_form(info, weight, ("triton24", weight.dtype),
+                                            lambda: _compress_24(weight, info.bool_mask))
 
 
 def _uses_24(info, weight):

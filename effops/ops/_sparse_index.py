@@ -79,6 +79,16 @@ class MaskInfo:
     def csc(self):
         return self._memo("csc", lambda: _csr(self.bool_mask.t()))
 
+    def probe_positions(self):
+        """Row-major flat indices of up to PROBES kept entries spread over the mask (for Tensor.take,
+        which reads any strides; see cached_weight_form)."""
+        def build():
+            flat = self.bool_mask.reshape(-1).nonzero().squeeze(1)
+            if flat.numel() > PROBES:
+                flat = flat[torch.linspace(0, flat.numel() - 1, PROBES, device=flat.device).round().long()]
+            return flat.contiguous()
+        return self._memo("probes", build)
+
     def matches(self, pattern, block_size=None):
         """None when the mask fits `pattern` (and block_size), else why not."""
         if pattern == "block":
@@ -177,3 +187,39 @@ def linear_operands(x, weight, bias):
     weight and bias contiguous (leading batch dims are restored by the caller)."""
     return (x.reshape(-1, weight.shape[1]).contiguous(), weight.contiguous(),
             None if bias is None else bias.contiguous())
+
+
+# ---------------------------------------------------------------------------------------------
+# Forms derived from a weight (W * mask, packed panels, CSR values), cached on the mask's description
+# ---------------------------------------------------------------------------------------------
+PROBES = 64  # kept weights compared on every cache hit
+MIN_CACHED_NUMEL = 1 << 16  # smaller weights rebuild their forms per call (cheaper than the check)
+
+
+def cached_weight_form(info, w, tag, build):
+    """build() (a form derived from weight w and this mask), kept in info.packs[tag] and reused while w
+    is unchanged. One entry per tag, so the extra memory is at most one form per mask.
+
+    Unchanged means: the same memory, version counter and metadata, AND the same values at PROBES kept
+    positions. The version counter alone misses writers that bypass it: FSDP2 refills a layer's
+    unsharded parameters at each all-gather under torch.autograd._unsafe_preserve_version_counter
+    (often at the same address), and writes through `.data` have their own counter. An update that
+    changes any probed weight is seen (an optimizer step or a reload changes them all; a partial write
+    through `.data` touching none of the 64 is not). Weights below MIN_CACHED_NUMEL elements, and
+    inference tensors (no version counter), rebuild per call.
+    An entry built under inference_mode holds inference tensors, which autograd cannot save: it serves
+    inference-mode calls only (a frozen weight under a trainable input after an eval pass)."""
+    if w.is_inference() or w.numel() < MIN_CACHED_NUMEL:
+        return build()
+    inference = torch.is_inference_mode_enabled()
+    # The entry holds the tensor itself: its memory cannot be freed and reused by another tensor with the
+    # same address and version while the entry exists. Views and detach() share memory and counter.
+    key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.stride(), w.device)
+    probe = (w.detach() if w.requires_grad else w).take(info.probe_positions())  # ~5 us with the compare
+    cached = info.packs.get(tag)
+    if (cached is not None and cached[1] == key and (inference or not cached[3])
+            and torch.equal(cached[4], probe)):
+        return cached[2]
+    value = build()
+    info.packs[tag] = (w, key, value, inference, probe)
+    return value

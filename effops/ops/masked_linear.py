@@ -241,31 +241,10 @@ def _cpu_slower(x, weight, mask):
     return None
 
 
-def _weight_cache(info, w, tag, build):
-    """build(), cached on the mask's description per weight version (`tag` names the form): inference
-    builds once; training rebuilds after each optimizer step (the version counter moves). One entry per
-    tag is kept, so the extra memory is at most density x the weight's size per form."""
-    if w.is_inference():
-        return build()
-    # Keyed on the memory and its version counter, which views and detach() share, so
-    # masked_linear(x, w.detach(), mask) hits too. The entry holds the tensor itself: its memory cannot be
-    # freed and reused by another tensor with the same address and version while the entry exists.
-    # An entry built under inference_mode holds inference tensors, which autograd cannot save: it
-    # serves inference-mode calls only (a frozen weight under a trainable input after an eval pass).
-    inference = torch.is_inference_mode_enabled()
-    key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.stride(), w.device)
-    cached = info.packs.get(tag)
-    if cached is not None and cached[1] == key and (inference or not cached[3]):
-        return cached[2]
-    value = build()
-    info.packs[tag] = (w, key, value, inference)
-    return value
-
-
 def _masked_weight(info, w, mask):
     """W * mask as the reference computes it, cached per weight version (the automatic choice's dense
     path for inference, any device). Costs one dense copy of the weight while the mask lives."""
-    return _weight_cache(info, w, ("masked", w.dtype), lambda: w * mask.to(w.dtype))
+    return _sparse_index.cached_weight_form(info, w, ("masked", w.dtype), lambda: w * _mask_as(info, mask, w.dtype))
 
 
 def _mask_as(info, mask, dtype):
@@ -284,16 +263,16 @@ def _cpu_packed(info, w, transpose):
     """W (or W^T) kept blocks packed as fp32 panels for the cpu block kernel."""
     b = info.block
     ptr, idx = info.block_cols(b) if transpose else info.block_rows(b)
-    return _weight_cache(info, w, ("block", transpose),
+    return _sparse_index.cached_weight_form(info, w, ("block", transpose),
                          lambda: torch.ops.effops_cpu.masked_linear_block_pack(w, ptr, idx, b, transpose))
 
 
 def _cpu_csr_values(info, w, transpose):
     """The kept weights in CSR (or, transposed, CSC) order: contiguous, read instead of W by index."""
     if transpose:  # CSC order: a permutation of the CSR values (W^T boolean indexing is much slower)
-        return _weight_cache(info, w, ("csr", True),
+        return _sparse_index.cached_weight_form(info, w, ("csr", True),
                              lambda: _cpu_csr_values(info, w, False)[info.csr_to_csc()].contiguous())
-    return _weight_cache(info, w, ("csr", False), lambda: w[info.bool_mask].contiguous())
+    return _sparse_index.cached_weight_form(info, w, ("csr", False), lambda: w[info.bool_mask].contiguous())
 
 
 def _padded_t(a, few_rows_ok=False, columns=None):
