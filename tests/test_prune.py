@@ -1,6 +1,9 @@
 """effops.prune and effops.GradualPruner: which weights go, the patterns, training keeps exact zeros."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import effops
@@ -187,3 +190,80 @@ def test_meta_device_model_pruned_then_materialized_and_loaded():
     lazy.load_state_dict(real.state_dict())
     x = torch.randn(5, 48)
     torch.testing.assert_close(lazy(x), real(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("order", ["prune-separable", "prune-then-fuse"])
+def test_pruned_pointwise_conv_of_a_separable_block_stays_pruned(order):
+    # The fused op is dense: it must run the pointwise weight * mask (masked gradient). It ran the raw
+    # weight, so pruned weights got gradients and grew back under AdamW after a static prune.
+    torch.manual_seed(0)
+    if order == "prune-separable":
+        model = nn.Sequential(effops.nn.SeparableConv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(1024, 10))
+        effops.prune(model, 0.75, exclude=["2"])
+    else:
+        model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.Flatten(),
+                              nn.Linear(1024, 10))
+        effops.prune(model, 0.75, exclude=["4"])
+        effops.fuse_separable(model)  # train mode: fuses the chain around the SparseConv1x1
+    block = next(m for m in model.modules() if isinstance(m, effops.nn.SeparableConv2d))
+    pw = block.pointwise
+    assert isinstance(pw, SparseConv1x1)
+    opt = effops.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 8, 8, 8)
+    for _ in range(3):
+        opt.zero_grad()
+        y = model(x)
+        y.square().mean().backward()
+        assert (pw.weight.grad.view(16, -1)[~pw.mask] == 0).all()
+        opt.step()
+    assert (pw.weight.view(16, -1)[~pw.mask] == 0).all()
+    dw = block.depthwise  # and the block computes with the masked weight
+    want = F.conv2d(F.relu(F.conv2d(x, dw.weight, dw.bias, padding=1, groups=8)),
+                    pw.weight * pw.mask[:, :, None, None], pw.bias)
+    torch.testing.assert_close(block(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_gradual_pruner_resumes_from_its_state_dict():
+    def run(steps, resume_from=None):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = effops.optim.AdamW(model.parameters(), lr=1e-2)
+        pruner = effops.GradualPruner(model, 0.8, end_step=10, frequency=2, optimizer=opt)
+        if resume_from is not None:
+            model.load_state_dict(resume_from["model"])
+            opt.load_state_dict(resume_from["opt"])
+            pruner.load_state_dict(resume_from["pruner"])
+        for _ in range(steps):
+            x = torch.randn(8, 48, generator=torch.Generator().manual_seed(pruner.step_count))  # per step
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        return model, opt, pruner
+
+    full, _, full_pruner = run(10)
+    half, opt, pruner = run(5)
+    saved = {"model": copy.deepcopy(half.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
+             "pruner": pruner.state_dict()}
+    resumed, _, resumed_pruner = run(5, resume_from=saved)
+    # It restarted the schedule at 0 (final sparsity 0.75, weights 1.0 apart); now it resumes exactly.
+    assert resumed_pruner.step_count == full_pruner.step_count == 10
+    assert resumed_pruner.current_sparsity == pytest.approx(0.8)
+    for a, b in zip(resumed.state_dict().values(), full.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="GradualPruner.state_dict"):
+        pruner.load_state_dict({"step": 3})
+
+
+def test_gradual_pruner_does_not_count_steps_grad_scaler_skipped():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = effops.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner = effops.GradualPruner(model, 0.8, end_step=4, optimizer=opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    for _ in range(4):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 48)).square().mean() * float("inf")  # every gradient inf: skipped
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert pruner.step_count == 0 and pruner.current_sparsity == 0.0

@@ -5,6 +5,7 @@ people write by hand, so a state_dict of that two-conv block loads as is.
 """
 import importlib
 
+import torch
 import torch.nn as nn
 
 from effops import _call_plan
@@ -63,8 +64,16 @@ class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
         if getattr(x, "dim", None) is not None and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
             return self.forward(x.unsqueeze(0)).squeeze(0)
         dw, pw = self.depthwise, self.pointwise
-        tensors = (dw.weight, pw.weight, dw.bias, pw.bias)
         config = (_frozen(dw.stride), _frozen(dw.padding), _frozen(dw.dilation), self.activation)
+        mask = getattr(pw, "mask", None)
+        if isinstance(mask, torch.Tensor):
+            # A pruned pointwise conv (effops.prune makes it a SparseConv1x1): the fused op is dense, so
+            # it runs weight * mask, whose gradient is masked as the layer's own forward would make it
+            # (pruned weights stay exactly zero). A new tensor each call: no module memo for this form.
+            self._checked_convs()
+            pw_weight = pw.weight * mask.to(pw.weight.dtype)[:, :, None, None]
+            return _op._unmemoized(x, dw.weight, pw_weight, dw.bias, pw.bias, *config)
+        tensors = (dw.weight, pw.weight, dw.bias, pw.bias)
         # The submodules' other settings are the op's fixed ones; they are checked where the memo is
         # (re)built, and are in its key, so editing one (depthwise.padding_mode = "circular") is seen.
         fixed = (dw.padding_mode, dw.groups, _frozen(pw.stride), _frozen(pw.padding), _frozen(pw.dilation), pw.groups)

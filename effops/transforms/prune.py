@@ -181,7 +181,26 @@ class GradualPruner:
         prune(model, self.current_sparsity, **self._prune_args)
         self._hook = None
         if optimizer is not None:
-            self._hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+            self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+
+    def _after_optimizer_step(self, optimizer, args, kwargs):
+        # A step GradScaler skipped (inf/NaN gradients) is not a step of the schedule: GradScaler hands
+        # optimizers that unscale themselves (effops' Adam, torch's fused ones) `found_inf` as an
+        # attribute for the duration of step(), and calls step() even when it is set.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor) and found_inf.item() != 0:
+            return
+        self.step()
+
+    def state_dict(self):
+        """The schedule's position, to save beside the model and optimizer (the masks are in the model)."""
+        return {"step_count": self.step_count, "current_sparsity": self.current_sparsity}
+
+    def load_state_dict(self, state):
+        """Resume the schedule where state_dict() left it (load the model's state_dict too: its masks)."""
+        if not isinstance(state, dict) or set(state) != {"step_count", "current_sparsity"}:
+            raise ValueError("state must be a GradualPruner.state_dict(), got %r" % (state,))
+        self.step_count, self.current_sparsity = int(state["step_count"]), float(state["current_sparsity"])
 
     def sparsity_at(self, step):
         """The scheduled sparsity at `step`."""
