@@ -71,8 +71,11 @@ struct Ptrs {
 };
 
 // One vector (Vec::kWidth elements). P: param/grad dtype; S: moment dtype. Each operation is the
-// one torch's vectorized CPU kernels use (same FMAs, same order), so the AVX2 body reproduces
-// torch.optim.Adam(foreach=False) on fp32 bit for bit.
+// one torch's vectorized CPU kernels use (same FMAs, same order), so one AVX2 step matches
+// torch.optim.Adam(foreach=False) on fp32 to the last bit in most elements; over many steps they drift
+// apart by float32 rounding (sqrt: IEEE here, MKL's in torch; docs/adam.md). The scalar body rounds
+// a * b + c twice (ScalarVec::fma: no FMA instruction on the CPUs it serves), so it can differ by more
+// where Adam's normalisation amplifies a last-bit difference (g + wd * p nearly cancelling, beta2 = 0).
 template <class Vec, class P, class S, bool kMaster>
 EFFOPS_ALWAYS_INLINE void adam_vector(const Ptrs<P, S>& x, const Coeffs& c) {
   Vec g = Vec::load(x.grad);
