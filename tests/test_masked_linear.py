@@ -369,12 +369,28 @@ def test_automatic_dense_fallback_caches_the_masked_weight_and_follows_updates()
     torch.testing.assert_close(wg.grad, (torch.ones(5, 256).t() @ x) * mask)
 
 
+@pytest.fixture
+def one_process_group(tmp_path):
+    """torch.distributed initialized (gloo, one rank), as under FSDP2."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method="file://" + str(tmp_path / "init"), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("kind,rows", [("unstructured-dense", 5), ("block32", 64), ("unstructured", 64)])
-@pytest.mark.parametrize("writer", ["preserved-version", "data"])
-def test_weight_rewritten_behind_its_version_counter_is_seen(kind, rows, writer):
+@pytest.mark.parametrize("writer", ["preserved-version", "data", "one-column"])
+def test_weight_rewritten_behind_its_version_counter_is_seen(one_process_group, kind, rows, writer):
     # FSDP2 refills unsharded parameters at each all-gather under _unsafe_preserve_version_counter, at the
-    # same address; writes through .data have their own counter. The cached W * mask / packed panels /
-    # CSR values must not serve the old weights (they did: FSDP2 training and eval ran stale weights).
+    # same address (and .data writes have their own counter): in a distributed run the cached W * mask /
+    # packed panels / CSR values must not serve the old weights (they did: FSDP2 training and eval ran
+    # stale weights). "one-column": an update of one input column only (SGD on a sparse input).
+    # (tests/test_optim_distributed.py runs FSDP2 itself; whether its allocator reuses the address,
+    # and so whether the old code failed there, varies run to run: this test pins the mechanism.)
     torch.manual_seed(0)
     n = k = 512
     if kind == "unstructured-dense":
@@ -387,6 +403,10 @@ def test_weight_rewritten_behind_its_version_counter_is_seen(kind, rows, writer)
         masked_linear(x, w, mask)  # builds the cached form
         if writer == "data":
             w.data.copy_(torch.randn(n, k))
+        elif writer == "one-column":
+            column = int(mask.float().sum(0).argmax())  # a column with kept weights
+            with torch.autograd._unsafe_preserve_version_counter(w):
+                w[:, column] += 1.0
         else:
             with torch.autograd._unsafe_preserve_version_counter(w):
                 w.copy_(torch.randn(n, k))
@@ -502,3 +522,15 @@ def test_frozen_weight_after_an_inference_mode_pass(module):
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight * mask, bias), **TOL[torch.float32])
     y.sum().backward()
     torch.testing.assert_close(x.grad, (weight * mask).sum(0).expand(3, 8), **TOL[torch.float32])
+
+
+def test_probe_positions_cover_every_row_and_column_of_large_masks():
+    # The first probes came from a float32 linspace, which rounds nnz - 1 up to nnz past 2**24 kept
+    # weights: an IndexError for a 4096 x 11008 layer. Now integers: one kept entry per row and column.
+    mask = torch.ones(4097, 4097, dtype=torch.bool)  # 2**24 + 8193 kept
+    mask[5] = False  # an empty row
+    mask[:, 7] = False  # an empty column
+    flat = _sparse_index.MaskInfo(mask).probe_positions()
+    assert flat.max() < mask.numel() and mask.reshape(-1)[flat].all()
+    rows, cols = flat // 4097, flat % 4097
+    assert set(rows.tolist()) == set(range(4097)) - {5} and set(cols.tolist()) == set(range(4097)) - {7}

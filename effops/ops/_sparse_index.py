@@ -80,13 +80,20 @@ class MaskInfo:
         return self._memo("csc", lambda: _csr(self.bool_mask.t()))
 
     def probe_positions(self):
-        """Row-major flat indices of up to PROBES kept entries spread over the mask (for Tensor.take,
-        which reads any strides; see cached_weight_form)."""
+        """Row-major flat indices of one kept entry in every row and one in every column that keeps any
+        (at most N + K; for Tensor.take, which reads any strides; see cached_weight_form): an update
+        that changes any row's or any column's kept weights changes a probed one."""
         def build():
-            flat = self.bool_mask.reshape(-1).nonzero().squeeze(1)
-            if flat.numel() > PROBES:
-                flat = flat[torch.linspace(0, flat.numel() - 1, PROBES, device=flat.device).round().long()]
-            return flat.contiguous()
+            m = self.bool_mask
+            if m.numel() == 0:
+                return torch.zeros(0, dtype=torch.long, device=m.device)
+            n, k = m.shape
+            first_col = m.to(torch.uint8).argmax(dim=1)  # first kept column of each row (0 if none)
+            first_row = m.to(torch.uint8).argmax(dim=0)
+            rows = torch.arange(n, device=m.device)[m.any(dim=1)]
+            cols = torch.arange(k, device=m.device)[m.any(dim=0)]
+            flat = torch.cat([rows * k + first_col[rows], first_row[cols] * k + cols])
+            return torch.unique(flat)
         return self._memo("probes", build)
 
     def matches(self, pattern, block_size=None):
@@ -192,34 +199,45 @@ def linear_operands(x, weight, bias):
 # ---------------------------------------------------------------------------------------------
 # Forms derived from a weight (W * mask, packed panels, CSR values), cached on the mask's description
 # ---------------------------------------------------------------------------------------------
-PROBES = 64  # kept weights compared on every cache hit
-MIN_CACHED_NUMEL = 1 << 16  # smaller weights rebuild their forms per call (cheaper than the check)
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+MIN_PROBED_NUMEL = 1 << 16  # in a distributed run, smaller weights rebuild per call (cheaper than a probe)
 
 
 def cached_weight_form(info, w, tag, build):
     """build() (a form derived from weight w and this mask), kept in info.packs[tag] and reused while w
     is unchanged. One entry per tag, so the extra memory is at most one form per mask.
 
-    Unchanged means: the same memory, version counter and metadata, AND the same values at PROBES kept
-    positions. The version counter alone misses writers that bypass it: FSDP2 refills a layer's
-    unsharded parameters at each all-gather under torch.autograd._unsafe_preserve_version_counter
-    (often at the same address), and writes through `.data` have their own counter. An update that
-    changes any probed weight is seen (an optimizer step or a reload changes them all; a partial write
-    through `.data` touching none of the 64 is not). Weights below MIN_CACHED_NUMEL elements, and
-    inference tensors (no version counter), rebuild per call.
+    Unchanged means the same memory, version counter and metadata. In a distributed run, also the same
+    values at one kept weight of every row and every column (probe_positions): FSDP2 refills a layer's
+    unsharded parameters at each all-gather under torch.autograd._unsafe_preserve_version_counter,
+    often at the same address, which the version counter cannot see (stale weights in training and
+    eval before this check). There, on CPU the probe costs a few microseconds a reuse (weights under
+    MIN_PROBED_NUMEL elements rebuild instead); on other devices the form is rebuilt every call, since
+    comparing values would stall the device at every layer. Outside torch.distributed nothing rewrites
+    parameters behind their version counter but writes through `.data`, which are not seen (documented:
+    write weights under torch.no_grad()). Inference tensors (no version counter) rebuild per call.
     An entry built under inference_mode holds inference tensors, which autograd cannot save: it serves
     inference-mode calls only (a frozen weight under a trainable input after an eval pass)."""
-    if w.is_inference() or w.numel() < MIN_CACHED_NUMEL:
+    if w.is_inference():
+        return build()
+    probed = _distributed()
+    if probed and (w.device.type != "cpu" or w.numel() < MIN_PROBED_NUMEL):
         return build()
     inference = torch.is_inference_mode_enabled()
     # The entry holds the tensor itself: its memory cannot be freed and reused by another tensor with the
     # same address and version while the entry exists. Views and detach() share memory and counter.
     key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.stride(), w.device)
-    probe = (w.detach() if w.requires_grad else w).take(info.probe_positions())  # ~5 us with the compare
     cached = info.packs.get(tag)
-    if (cached is not None and cached[1] == key and (inference or not cached[3])
-            and torch.equal(cached[4], probe)):
-        return cached[2]
+    if cached is not None and cached[1] == key and (inference or not cached[3]):
+        if not probed or (cached[4] is not None and torch.equal(cached[4], _probe(info, w))):
+            return cached[2]
     value = build()
-    info.packs[tag] = (w, key, value, inference, probe)
+    info.packs[tag] = (w, key, value, inference, _probe(info, w) if probed else None)
     return value
+
+
+def _probe(info, w):
+    return (w.detach() if w.requires_grad else w).take(info.probe_positions())

@@ -152,7 +152,8 @@ class GradualPruner:
         s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_end - t_0))^3
 
     re-pruning every `frequency` steps. Call `step()` once after each optimizer step, or pass
-    `optimizer` and it is called for you (an optimizer step post-hook). Each step puts the pruned
+    `optimizer` and it is called for you (an optimizer step post-hook; steps GradScaler skipped are not
+    counted, so pass the optimizer GradScaler steps, not a wrapper around it). Each step puts the pruned
     weights back to exactly zero (momentum or Adam state could move them after a mask change) and,
     when the mask changes, clears the optimizer state of newly pruned weights.
     The model's Linear / 1x1-conv layers become SparseLinear / SparseConv1x1 at construction.
