@@ -203,6 +203,19 @@ def test_int8_linear_module_gives_nan_rows_for_non_finite_inputs():
         assert torch.isfinite(y[4:]).all(), kwargs
 
 
+@pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["2-D", "3-D"])
+def test_linear_outputs_are_not_views(backend, lead):
+    # As F.linear's (a view breaks in-place use of a module output under FSDP2).
+    _need_kernel("int8_linear_dynamic", backend)
+    m = effops.nn.Int8Linear.from_linear(torch.nn.Linear(64, 32)).to(device())
+    x = torch.randn(*lead, 64, device=device())
+    y = m(x)
+    assert y.shape == (*lead, 32) and not y._is_view()
+    q, s = ops.quantize_rowwise(x)
+    w = torch.randint(-127, 128, (32, 64), dtype=torch.int8, device=device())
+    assert not ops.int8_linear(q, s, w, torch.ones(32, device=device()))._is_view()
+
+
 def test_no_gradient_through_quantization_says_so_up_front():
     x = torch.randn(3, 8, device=device(), requires_grad=True)
     q, s = ops.quantize_rowwise(x)

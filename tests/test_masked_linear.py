@@ -527,10 +527,22 @@ def test_frozen_weight_after_an_inference_mode_pass(module):
 def test_probe_positions_cover_every_row_and_column_of_large_masks():
     # The first probes came from a float32 linspace, which rounds nnz - 1 up to nnz past 2**24 kept
     # weights: an IndexError for a 4096 x 11008 layer. Now integers: one kept entry per row and column.
-    mask = torch.ones(4097, 4097, dtype=torch.bool)  # 2**24 + 8193 kept
+    mask = torch.ones(4097, 4099, dtype=torch.bool)
     mask[5] = False  # an empty row
-    mask[:, 7] = False  # an empty column
+    mask[:, 7] = False  # an empty column: 16,785,408 kept, where the old linspace indexed one past the end
     flat = _sparse_index.MaskInfo(mask).probe_positions()
     assert flat.max() < mask.numel() and mask.reshape(-1)[flat].all()
-    rows, cols = flat // 4097, flat % 4097
-    assert set(rows.tolist()) == set(range(4097)) - {5} and set(cols.tolist()) == set(range(4097)) - {7}
+    rows, cols = flat // 4099, flat % 4099
+    assert set(rows.tolist()) == set(range(4097)) - {5} and set(cols.tolist()) == set(range(4099)) - {7}
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (2, 32, 256)], ids=["2-D", "3-D"])
+def test_outputs_are_not_views(backend, shape):
+    # As F.linear's: a module output that is a view breaks in-place use under FSDP2 (it warned for
+    # SparseLinear: the kernels' 2-D result was reshaped to x's leading dims as a view).
+    if backend == "triton":
+        shape = shape[:-1] + (32,)
+    x = torch.randn(*shape, device=device())
+    w = torch.randn(64, shape[-1], device=device())
+    y = masked_linear(x, w, make_mask("block16", 64, shape[-1], density=0.1))
+    assert y.shape == (*shape[:-1], 64) and not y._is_view()

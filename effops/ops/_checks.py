@@ -1,4 +1,5 @@
-"""Argument checks shared by every op. Each failure names the argument and what was expected."""
+"""Argument checks shared by every op (each failure names the argument and what was expected), and the
+shaping of a kernel's 2-D output back to its input's leading dims."""
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,3 +60,12 @@ def autocast_dtype(device_type):
     if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def with_leading_dims(y, x):
+    """A kernel's (tokens, features) output y as (*x.shape[:-1], features), as F.linear returns it: not
+    a view of y (y itself for 2-D x; else an _unsafe_view, as torch's matmul does), since a module
+    output that is a view breaks in-place use under FSDP2 (its pre-backward hook is dropped)."""
+    if x.dim() == 2:
+        return y
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))

@@ -82,7 +82,9 @@ class MaskInfo:
     def probe_positions(self):
         """Row-major flat indices of one kept entry in every row and one in every column that keeps any
         (at most N + K; for Tensor.take, which reads any strides; see cached_weight_form): an update
-        that changes any row's or any column's kept weights changes a probed one."""
+        that changes all kept weights of some row or some column (an optimizer step changes nearly all;
+        a sparse-input gradient whole columns) changes a probed one; one that changes only a few
+        scattered weights may not."""
         def build():
             m = self.bool_mask
             if m.numel() == 0:
@@ -214,9 +216,10 @@ def cached_weight_form(info, w, tag, build):
     values at one kept weight of every row and every column (probe_positions): FSDP2 refills a layer's
     unsharded parameters at each all-gather under torch.autograd._unsafe_preserve_version_counter,
     often at the same address, which the version counter cannot see (stale weights in training and
-    eval before this check). There, on CPU the probe costs a few microseconds a reuse (weights under
-    MIN_PROBED_NUMEL elements rebuild instead); on other devices the form is rebuilt every call, since
-    comparing values would stall the device at every layer. Outside torch.distributed nothing rewrites
+    eval before this check). There, on CPU the probe gathers N + K weights a reuse (10-100 us on large
+    layers, far less than a rebuild; weights under MIN_PROBED_NUMEL elements rebuild instead); on other
+    devices the form is rebuilt every call (DDP runs too), since comparing values would stall the
+    device at every layer. Outside torch.distributed nothing rewrites
     parameters behind their version counter but writes through `.data`, which are not seen (documented:
     write weights under torch.no_grad()). Inference tensors (no version counter) rebuild per call.
     An entry built under inference_mode holds inference tensors, which autograd cannot save: it serves
@@ -233,11 +236,15 @@ def cached_weight_form(info, w, tag, build):
     cached = info.packs.get(tag)
     if cached is not None and cached[1] == key and (inference or not cached[3]):
         if not probed or (cached[4] is not None and torch.equal(cached[4], _probe(info, w))):
-            return cached[2]
+            return cached[2]  # (the probes are compared as bits: a NaN weight matches itself)
     value = build()
     info.packs[tag] = (w, key, value, inference, _probe(info, w) if probed else None)
     return value
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _probe(info, w):
-    return (w.detach() if w.requires_grad else w).take(info.probe_positions())
+    values = (w.detach() if w.requires_grad else w).take(info.probe_positions())
+    return values.view(_BITS[values.element_size()]) if values.is_floating_point() else values

@@ -40,7 +40,7 @@ def _cpu_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
     k = x_int8.shape[-1]
     y = torch.ops.effops_cpu.int8_linear(x_int8.reshape(-1, k).contiguous(), x_scale.reshape(-1).contiguous(),
                                          w_int8.contiguous(), w_scale.contiguous(), _dense(bias), out_dtype)
-    return y.reshape(*x_int8.shape[:-1], w_int8.shape[0])
+    return _checks.with_leading_dims(y, x_int8)
 
 
 def _cpu_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None):
@@ -48,7 +48,7 @@ def _cpu_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_on
     y = torch.ops.effops_cpu.int8_linear_dynamic(x.reshape(-1, k).contiguous(), w_packed.contiguous(),
                                                  w_scale.contiguous(), _dense(bias), out_features, weight_only,
                                                  _dense(w_corr))
-    return y.reshape(*x.shape[:-1], out_features)
+    return _checks.with_leading_dims(y, x)
 
 
 _backends.register_kernel("int8_mm", "cpu", _cpu_int8_mm)
@@ -104,7 +104,7 @@ def _cuda_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
     k = x_int8.shape[-1]
     y = torch.ops.effops_cuda.int8_linear(x_int8.reshape(-1, k).contiguous(), x_scale.reshape(-1).contiguous(),
                                           w_int8.contiguous(), w_scale.contiguous(), _dense(bias), out_dtype)
-    return y.reshape(*x_int8.shape[:-1], w_int8.shape[0])
+    return _checks.with_leading_dims(y, x_int8)
 
 
 _backends.register_kernel("int8_mm", "cuda", _cuda_int8_mm)

@@ -308,7 +308,7 @@ def _cpu_masked_linear(x, weight, mask, bias):
         ptr, idx = info.csr()
         y = ops.masked_linear_csr_mm(_padded_t(x2, True), x2.shape[0], w, b, ptr, idx, False,
                                      _cpu_csr_values(info, w, False))
-    return y.reshape(*x.shape[:-1], n)
+    return _checks.with_leading_dims(y, x)
 
 
 def _cpu_masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):

@@ -53,12 +53,13 @@ def int8_mm(a, b):
 
 def int8_linear(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=torch.float32):
     """(x_int8 @ w_int8^T) * x_scale[..., None] * w_scale + bias, int32 accumulation, fp32 epilogue."""
-    lead = x_int8.shape[:-1]
-    acc = int8_mm(x_int8.reshape(-1, x_int8.shape[-1]), w_int8.t())
-    y = acc.float() * x_scale.reshape(-1, 1).float() * w_scale.reshape(1, -1).float()
+    # The integer product back in x's leading dims first, so the epilogue makes the output a tensor of
+    # its own (as F.linear's), not a view of a 2-D result.
+    acc = int8_mm(x_int8.reshape(-1, x_int8.shape[-1]), w_int8.t()).reshape(*x_int8.shape[:-1], w_int8.shape[0])
+    y = acc.float() * x_scale.unsqueeze(-1).float() * w_scale.float()
     if bias is not None:
         y = y + bias.float()
-    return y.to(out_dtype).reshape(*lead, w_int8.shape[0])
+    return y.to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
