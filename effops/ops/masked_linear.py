@@ -242,8 +242,9 @@ def _cpu_slower(x, weight, mask):
 
 
 def _masked_weight(info, w, mask):
-    """W * mask as the reference computes it, cached per weight version (the automatic choice's dense
-    path for inference, any device). Costs one dense copy of the weight while the mask lives."""
+    """W * mask as the reference computes it, cached while the weight is unchanged (the automatic
+    choice's dense path for inference, any device). Costs one dense copy of the weight while the mask
+    lives."""
     return _sparse_index.cached_weight_form(info, w, ("masked", w.dtype), lambda: w * _mask_as(info, mask, w.dtype))
 
 
