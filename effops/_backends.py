@@ -198,6 +198,17 @@ def _env_backend():
     return None if value is None else _ENV_DECODE(value)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia", "privateuseone")
+
+
+def autocast_dtype(device_type):
+    """The dtype autocast asks for on this device, or None when autocast is off (or has no notion of
+    the device: meta tensors, where torch's query raises). Used by the ops and the modules' memo."""
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def forced_backend():
     """The backend forced by `use_backend` (innermost wins) or EFFOPS_BACKEND, else None."""
     name = _forced.get()

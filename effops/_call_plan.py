@@ -68,11 +68,6 @@ class RemembersCalls:
         return super()._load_from_state_dict(*args, **kwargs)
 
 
-def autocast_dtype(device_type):
-    # Only CPU and CUDA devices reach here (eager_key declines the others, meta included).
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
 def eager_key(x, tensors, versioned=(), extra=()):
     """The memo key of a call on x with the module's `tensors` (versioned: indices into tensors whose
     version counts), or None where no memo may stand in for the op (see the module docstring).
@@ -90,7 +85,7 @@ def eager_key(x, tensors, versioned=(), extra=()):
     if x.layout is not torch.strided or device_type not in _backends.AUTO_ORDER:
         return None  # sparse or meta x: the op's own checks answer (no strides to key on)
     key = [x.shape, x.stride(), x.dtype, device, x.requires_grad, torch.is_grad_enabled(),
-           torch.is_inference_mode_enabled(), autocast_dtype(device_type), _backends.generation(), extra]
+           torch.is_inference_mode_enabled(), _backends.autocast_dtype(device_type), _backends.generation(), extra]
     for i, t in enumerate(tensors):
         if t is None:
             key.append(None)
@@ -126,7 +121,7 @@ def call(module, x, tensors, build, run_op, cast, versioned=(), extra=()):
 
 
 def _run(run, x, tensors, cast):
-    dtype = autocast_dtype(x.device.type)
+    dtype = _backends.autocast_dtype(x.device.type)
     if dtype is not None and not isinstance(run, CastsItself):
         x, tensors = cast(x, tensors, dtype)
     return run(x, *tensors)

@@ -61,7 +61,7 @@ class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
     def forward(self, x):
         # Through the module's memo of its last call (effops._call_plan): the op's checks and choice run
         # again only when x's shape or layout, the grad mode, a parameter or a setting changed.
-        if getattr(x, "dim", None) is not None and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
+        if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
             return self.forward(x.unsqueeze(0)).squeeze(0)
         dw, pw = self.depthwise, self.pointwise
         config = (_frozen(dw.stride), _frozen(dw.padding), _frozen(dw.dilation), self.activation)

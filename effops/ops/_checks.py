@@ -2,6 +2,8 @@
 shaping of a kernel's 2-D output back to its input's leading dims."""
 import torch
 
+from effops._backends import autocast_dtype  # noqa: F401  (defined beside the backends; the ops read it here)
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -49,17 +51,6 @@ def choice(name, value, allowed):
     if value not in allowed:
         raise ValueError("%s must be one of %s, got %r" % (name, allowed, value))
     return value
-
-
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia", "privateuseone")
-
-
-def autocast_dtype(device_type):
-    """The dtype autocast asks for on this device, or None when autocast is off (or has no notion of
-    the device: meta tensors, where torch's query raises)."""
-    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
 
 
 def with_leading_dims(y, x):
