@@ -151,6 +151,30 @@ def test_gradients_low_precision(backend, dtype):
         torch.testing.assert_close(g.float(), w.float(), atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_every_gpu_config(monkeypatch, dtype):
+    """On a GPU the Triton launchers pick their tiles by shape (_forward_config / _backward_config) while
+    the interpreter always takes the first: run every configuration here, forward and gradients, on a
+    shape that no tile divides (72 pixels, 37 channels, 35 outputs). fp16 takes the GPU's tensor-core
+    dot path in the interpreter (bf16 cannot: the interpreter computes bf16 dots wrongly)."""
+    if not effops.backends()["triton"] or device().type != "cpu":
+        pytest.skip("the Triton interpreter on CPU tensors is what this test drives")
+    tk = importlib.import_module("effops.triton_kernels.dwpw_conv2d")
+    assert tk._lowp(torch.empty(0, dtype=torch.float16)) and not tk._lowp(torch.empty(0))
+    case = (1, 37, 35, 9, 8, 3, 1, 1, 1, True, True, "silu")
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    for fwd, bwd in zip(tk.CONFIGS, tk.BWD_CONFIGS, strict=True):
+        monkeypatch.setattr(tk, "_forward_config", lambda O, fwd=fwd: fwd)
+        monkeypatch.setattr(tk, "_backward_config", lambda bwd=bwd: bwd)
+        with effops.use_backend("triton"):
+            tensors, got, want = _grads(case, "nchw", dtype)
+            y = dwpw_conv2d(*tensors, **make(case)[1])
+        torch.testing.assert_close(y.float(), expected(tensors, make(case)[1]).float(), **tol,
+                                   msg=lambda m: "forward %s: %s" % (fwd, m))
+        for name, g, w in zip(("x", "dw_weight", "pw_weight", "dw_bias", "pw_bias"), got, want):
+            torch.testing.assert_close(g.float(), w.float(), **tol, msg=lambda m: "grad %s %s: %s" % (name, bwd, m))
+
+
 def test_only_requested_gradients(backend):
     case = CASES[4]
     tensors, kwargs = make(case)

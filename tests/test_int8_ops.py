@@ -348,6 +348,31 @@ def test_int8_linear_dynamic_strided_operands(backend, weight_only):
     _close(got, reference.int8_linear_dynamic(x, packed, w_scale, bias, 20, weight_only), torch.float32)
 
 
+def test_triton_every_gpu_config(monkeypatch):
+    """On a GPU the Triton GEMM autotunes over CONFIGS while the interpreter runs one tile: run each
+    configuration's tile here, on sizes that no tile divides, for the three ways the kernel is used
+    (int8_mm's int32 store, int8_linear's epilogue, Int8Linear's packed weights)."""
+    if not effops.backends()["triton"] or device().type != "cpu":
+        pytest.skip("the Triton interpreter on CPU tensors is what this test drives")
+    import importlib
+    from effops.ops.int8_gemm import int8_linear_dynamic
+    tk = importlib.import_module("effops.triton_kernels.int8_gemm")
+    m, k, n = 131, 200, 133  # > 1 tile in M and N with the 128-wide tiles, 4 k steps of 64, last one partial
+    a, b = _randi8(m, k), _randi8(k, n)
+    x_int8, x_scale, w_int8, w_scale, bias = _linear_inputs((m,), k, n)
+    x = torch.randn(m, k)
+    w_q, w_s = reference.quantize_rowwise(torch.randn(n, k))
+    packed = reference.pack_weight(w_q)
+    for bm, bn, bk, _, _ in tk.CONFIGS:
+        monkeypatch.setattr(tk, "_INTERPRETER_CONFIG", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+        with effops.use_backend("triton"):
+            assert torch.equal(ops.int8_mm(a, b), _exact_mm(a, b)), (bm, bn, bk)
+            got = ops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype=torch.bfloat16)
+            dyn = int8_linear_dynamic(x, packed, w_s, bias, n, False)
+        _close(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, torch.bfloat16), torch.bfloat16)
+        _close(dyn, reference.int8_linear_dynamic(x, packed, w_s, bias, n, False), torch.float32)
+
+
 def test_triton_declines_weight_only():
     if not effops.backends()["triton"]:
         pytest.skip("triton not usable here")

@@ -13,7 +13,8 @@ g_h = g_a * act'(h); then g_dwb, g_dw (per tap, a reduction over pixels) and gx 
 taps). Partial sums from different programs meet in fp32 buffers through atomic adds.
 
 Tiles are >= 16 in every tl.dot dimension (tensor cores). Under TRITON_INTERPRET=1 (tests on CPU
-tensors) the dots run in fp32: the interpreter computes bf16 dots wrongly.
+tensors) bf16 dots run in fp32: the interpreter computes bf16 dots wrongly (fp16 ones correctly, so
+fp16 takes the GPU's 16-bit path there too).
 """
 import os
 
@@ -178,7 +179,8 @@ def _dwpw_bwd_kernel(gy_ptr, x_ptr, dw_ptr, dwb_ptr, pw_ptr, gx_ptr, gdw_ptr, gp
 # BLOCK_O reuses each depthwise tile more) and always in the interpreter (few, large programs), the
 # second otherwise. A 128-pixel tile needed 173 KB of shared memory in fp32 (over sm_80's 163 KB).
 # Backward: the first in the interpreter, the second on a GPU (the first spilled 1.1 KB per thread in
-# the compile check; the second 0.2 KB in bf16).
+# the compile check; the second 0.2 KB in bf16). Tests run every configuration in the interpreter
+# (test_triton_every_gpu_config), since the GPU's choices are not the interpreter's.
 # fp32 forwards run with one stage (_fwd_stages): with two, Triton's pipeliner keeps every depthwise
 # tap's x tile in shared memory, 424 KB for a 7x7 kernel (91 KB at 3x3), past any GPU's limit, while
 # the 16-bit forward needs 4-8 KB either way (sm_80/sm_90 compiles, 2026-11-29).
@@ -201,11 +203,20 @@ def _memory_format(x):
 
 
 def _lowp(x):
-    return x.dtype in (torch.float16, torch.bfloat16) and not _INTERPRETING
+    """Dots on tensor cores in x's 16-bit type (the interpreter: fp16 only, see the module docstring)."""
+    return x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not _INTERPRETING)
 
 
 def _fwd_stages(stages, lowp):
     return stages if lowp else 1  # see CONFIGS
+
+
+def _forward_config(O):
+    return CONFIGS[0] if _INTERPRETING or O > 32 else CONFIGS[1]
+
+
+def _backward_config():
+    return BWD_CONFIGS[0 if _INTERPRETING else 1]
 
 
 def dwpw_conv2d_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation):
@@ -214,7 +225,7 @@ def dwpw_conv2d_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, paddi
     y = torch.empty((N, O, OH, OW), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     dw = dw_weight.reshape(C, KH * KW).contiguous()
     pw = pw_weight.reshape(O, C).contiguous()
-    bp, bc, bo, warps, stages = CONFIGS[0] if _INTERPRETING or O > 32 else CONFIGS[1]
+    bp, bc, bo, warps, stages = _forward_config(O)
     grid = (triton.cdiv(OH * OW, bp), triton.cdiv(O, bo), N)
     _dwpw_fwd_kernel[grid](x, dw, dw if dw_bias is None else dw_bias.contiguous(), pw,
                            pw if pw_bias is None else pw_bias.contiguous(), y, C, H, W, O, OH, OW, *x.stride(),
@@ -237,7 +248,7 @@ def dwpw_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, paddi
     gpwb = torch.zeros(O, **f32) if need[4] else torch.empty(0, **f32)
     dw = dw_weight.reshape(C, KH * KW).contiguous()
     pw = pw_weight.reshape(O, C).contiguous()
-    bp, bc, bo, warps, stages = BWD_CONFIGS[0 if _INTERPRETING else 1]
+    bp, bc, bo, warps, stages = _backward_config()
     grid = (triton.cdiv(OH * OW, bp), triton.cdiv(C, bc), N)
     _dwpw_bwd_kernel[grid](grad_y, x, dw, dw if dw_bias is None else dw_bias.contiguous(), pw, gx, gdw, gpw, gdwb,
                            gpwb, C, H, W, O, OH, OW, *x.stride(), *grad_y.stride(), *stride, *padding, *dilation,
