@@ -349,24 +349,29 @@ def test_int8_linear_dynamic_strided_operands(backend, weight_only):
 
 
 def test_triton_every_gpu_config(monkeypatch):
-    """On a GPU the Triton GEMM autotunes over CONFIGS while the interpreter runs one tile: run each
-    configuration's tile here, on sizes that no tile divides, for the three ways the kernel is used
-    (int8_mm's int32 store, int8_linear's epilogue, Int8Linear's packed weights)."""
-    if not effops.backends()["triton"] or device().type != "cpu":
-        pytest.skip("the Triton interpreter on CPU tensors is what this test drives")
+    """On a GPU the Triton GEMM autotunes over CONFIGS and keeps the fastest, so the others never run;
+    the interpreter runs one tile. Launch each configuration directly (its tile, and on a GPU its warps
+    and stages) on sizes that no tile divides, for the three ways the kernel is used: int8_mm's int32
+    store, int8_linear's epilogue, Int8Linear's packed weights."""
+    if not effops.backends()["triton"]:
+        pytest.skip("triton not usable here")
     import importlib
     from effops.ops.int8_gemm import int8_linear_dynamic
     tk = importlib.import_module("effops.triton_kernels.int8_gemm")
+    monkeypatch.setattr(tk, "_interpreting", lambda t: True)  # the direct launch, with the config below
     m, k, n = 131, 200, 133  # > 1 tile in M and N with the 128-wide tiles, 4 k steps of 64, last one partial
     a, b = _randi8(m, k), _randi8(k, n)
     x_int8, x_scale, w_int8, w_scale, bias = _linear_inputs((m,), k, n)
-    x = torch.randn(m, k)
-    w_q, w_s = reference.quantize_rowwise(torch.randn(n, k))
+    x = torch.randn(m, k, device=device())
+    w_q, w_s = reference.quantize_rowwise(torch.randn(n, k, device=device()))
     packed = reference.pack_weight(w_q)
-    for bm, bn, bk, _, _ in tk.CONFIGS:
-        monkeypatch.setattr(tk, "_INTERPRETER_CONFIG", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+    for bm, bn, bk, warps, stages in tk.CONFIGS:
+        config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        if device().type == "cuda":
+            config.update(num_warps=warps, num_stages=stages)
+        monkeypatch.setattr(tk, "_INTERPRETER_CONFIG", config)
         with effops.use_backend("triton"):
-            assert torch.equal(ops.int8_mm(a, b), _exact_mm(a, b)), (bm, bn, bk)
+            assert torch.equal(ops.int8_mm(a, b).cpu(), _exact_mm(a, b)), config
             got = ops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype=torch.bfloat16)
             dyn = int8_linear_dynamic(x, packed, w_s, bias, n, False)
         _close(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, torch.bfloat16), torch.bfloat16)

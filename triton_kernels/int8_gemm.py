@@ -134,7 +134,7 @@ def _launch_gemm(a, b_ptr_tensor, out, n, k, strides_b, packed, xs=None, ws=None
             m, n, k, -(-k // PACK_KG) * PACK_KG, a.stride(0), a.stride(1), strides_b[0], strides_b[1],
             out.stride(0), out.stride(1))
     flags = dict(PACKED_B=packed, DEQUANT=dequant, HAS_BIAS=bias is not None)
-    if _interpreting(a):
+    if _interpreting(a):  # (tests on a GPU also come here, to launch each of CONFIGS in turn)
         c = _INTERPRETER_CONFIG
         grid = (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))
         _int8_gemm_kernel[grid](*args, **c, **flags)
