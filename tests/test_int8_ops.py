@@ -378,6 +378,21 @@ def test_triton_every_gpu_config(monkeypatch):
         _close(dyn, reference.int8_linear_dynamic(x, packed, w_s, bias, n, False), torch.float32)
 
 
+def test_cuda_gemm_yields_to_triton_in_the_automatic_choice(monkeypatch):
+    # Not measured on a GPU yet: the autotuned, pipelined Triton GEMM is expected to beat the plain
+    # mma.sync kernel, so the cuda kernels decline the automatic choice (`faster`) where Triton is
+    # usable, and stay the fallback where it is not. Forcing use_backend("cuda") ignores `faster`.
+    from effops import _backends
+    ops.int8_mm  # noqa: B018  (registers the kernels)
+    a, b = torch.empty(4, 8, dtype=torch.int8, device="meta"), torch.empty(8, 4, dtype=torch.int8, device="meta")
+    linear_args = (a, torch.empty(4, device="meta"), b.t(), torch.empty(4, device="meta"), None, torch.float32)
+    for triton_usable in (True, False):
+        monkeypatch.setattr(_backends, "_usable", lambda name, ok=triton_usable: ok if name == "triton" else True)
+        for op, args in (("int8_mm", (a, b)), ("int8_linear", linear_args)):
+            reason = _backends._kernels[op]["cuda"].faster(*args)
+            assert bool(reason) == triton_usable, (op, triton_usable, reason)
+
+
 def test_triton_declines_weight_only():
     if not effops.backends()["triton"]:
         pytest.skip("triton not usable here")

@@ -107,8 +107,18 @@ def _cuda_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
     return _checks.with_leading_dims(y, x_int8)
 
 
-_backends.register_kernel("int8_mm", "cuda", _cuda_int8_mm)
-_backends.register_kernel("int8_linear", "cuda", _cuda_int8_linear)
+def _cuda_slower(*args):
+    """Automatic choice on CUDA: the Triton GEMM where Triton is there. This kernel stages 64 x 64 tiles
+    with plain loads and mma.sync, no asynchronous copies or pipelining; Triton's is autotuned over
+    pipelined 128-wide tiles and compiles to warpgroup MMA (IGMMA) on sm_90 (the compile check's SASS).
+    No GPU has measured either yet: forcing use_backend("cuda") runs this one."""
+    if _backends._usable("triton"):
+        return "the autotuned Triton GEMM is expected to be faster (no GPU measurement yet)"
+    return None
+
+
+_backends.register_kernel("int8_mm", "cuda", _cuda_int8_mm, faster=_cuda_slower)
+_backends.register_kernel("int8_linear", "cuda", _cuda_int8_linear, faster=_cuda_slower)
 
 
 # ---------------------------------------------------------------------------------------------
