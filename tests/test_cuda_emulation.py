@@ -482,3 +482,61 @@ def test_adam_step_multi_launch_packing(adam_small_exe, emu_dir, sizes):
         assert err == 0
         assert [l[0] for l in launches] == want
         check_adam(d, ts, h, dtype, master)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The emulation catches planted bugs (so the passes above mean something)
+# ---------------------------------------------------------------------------------------------------
+STAGE_SYNC = "    else load_rows(Bs, p.b, p.ldb, n0, p.N, k0, p.K, b_vec);\n    __syncthreads();\n"
+MUTANTS = {
+    # No barrier between staging a tile and reading fragments from it.
+    "missing_stage_barrier": (STAGE_SYNC, STAGE_SYNC.replace("    __syncthreads();\n", "")),
+    # A fragment registers swapped (row g+8 <-> column block +16): the emulated mma must notice, since
+    # it follows the PTX ISA's layout and not the kernel's loads.
+    "swapped_a_fragments": ("        af[mi][1] = *reinterpret_cast<const uint32_t*>(r + 8 * kLds);\n"
+                            "        af[mi][2] = *reinterpret_cast<const uint32_t*>(r + 16);\n",
+                            "        af[mi][1] = *reinterpret_cast<const uint32_t*>(r + 16);\n"
+                            "        af[mi][2] = *reinterpret_cast<const uint32_t*>(r + 8 * kLds);\n"),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+def test_emulation_catches_wrong_int8_kernel(emu_dir, mutant):
+    exe = build.build("int8_gemm", "int8_gemm_main.cpp", emu_dir, launches=1, mutations=[MUTANTS[mutant]],
+                      sanitize=False)
+    rng = np.random.default_rng(7)
+    a, w = rand_i8(rng, 65, 200), rand_i8(rng, 70, 200)
+    rs, cs = np.ones(65, np.float32), np.ones(70, np.float32)
+    case = int8_case(os.path.join(emu_dir, "mutant_" + mutant), a, w, False, FLOAT, row_scale=rs, col_scale=cs)
+    (err, _), = run(exe, [case["dir"]])
+    assert err == 0
+    ref = linear_reference_bits(exact_mm(a, w.T), rs, cs, None, FLOAT)
+    assert (int8_output(case) != ref).any(), "the planted bug went unnoticed"
+
+
+def test_emulation_catches_out_of_bounds_read(emu_dir):
+    # A 16-byte load allowed 8 bytes past K: AddressSanitizer stops the run at the last row.
+    exe = build.build("int8_gemm", "int8_gemm_main.cpp", emu_dir, launches=1,
+                      mutations=[("gk + 16 <= K)", "gk + 8 <= K)")])
+    rng = np.random.default_rng(8)
+    a, w = rand_i8(rng, 65, 200), rand_i8(rng, 70, 200)
+    case = int8_case(os.path.join(emu_dir, "mutant_oob"), a, w, False, FLOAT, 208, 208, 70,
+                     row_scale=np.ones(65, np.float32), col_scale=np.ones(70, np.float32))
+    with pytest.raises(AssertionError, match="AddressSanitizer: heap-buffer-overflow"):
+        run(exe, [case["dir"]])
+
+
+def test_emulation_catches_wrong_launch_table(emu_dir):
+    # A tensor continued into the next launch table without its slot-0 entry.
+    exe = build.build("adam_step", "adam_step_main.cpp", emu_dir, launches=2, constants=SMALL_TABLES,
+                      mutations=[("          table.tensors[0] = tensors[k];", "          ;")], sanitize=False)
+    rng = np.random.default_rng(9)
+    sizes = SMALL_SIZES[0]
+    h = hyper(weight_decay=0.01)
+    ts = make_tensors(rng, sizes, F32, False, False, h)
+    d = os.path.join(emu_dir, "mutant_adam")
+    adam_case(d, ts, h, F32, False)
+    proc = subprocess.run([exe, d], capture_output=True, text=True, timeout=600)
+    if proc.returncode == 0:  # stepped the wrong tensor's elements (or none): the comparison must fail
+        with pytest.raises(AssertionError, match="elements differ"):
+            check_adam(d, ts, h, F32, False)

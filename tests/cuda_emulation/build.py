@@ -36,8 +36,14 @@ def missing_tools():
     return None
 
 
-def rewrite(source_text, launches, constants=None):
-    """The kernel source with its launches (exactly `launches` of them) and `constants` rewritten."""
+def rewrite(source_text, launches, constants=None, mutations=()):
+    """The kernel source with its launches (exactly `launches` of them) and `constants` rewritten, and
+    `mutations` ((old, new) exact text, each found once) applied: planted bugs for the tests that
+    check the emulation catches them."""
+    for old, new in mutations:
+        if source_text.count(old) != 1:
+            raise RuntimeError("mutation target found %d times: %r" % (source_text.count(old), old))
+        source_text = source_text.replace(old, new)
     text, n = LAUNCH.subn(lambda m: "::effops_emu::launch(%s, ::effops_emu::LaunchConfig(%s), %s);"
                           % (m["kernel"], m["cfg"], m["args"]), source_text)
     if n != launches or "<<<" in text:
@@ -49,18 +55,19 @@ def rewrite(source_text, launches, constants=None):
     return text
 
 
-def build(kernel, harness, out_dir, launches, constants=None, defines=()):
+def build(kernel, harness, out_dir, launches, constants=None, mutations=(), sanitize=True):
     """Compile csrc/cuda/<kernel>.cu (rewritten) with tests/cuda_emulation/<harness>; returns the exe."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(ROOT, "csrc", "cuda", kernel + ".cu")) as f:
-        text = rewrite(f.read(), launches, constants)
-    tag = hashlib.sha256(repr((text, sorted((constants or {}).items()), defines)).encode()).hexdigest()[:10]
+        text = rewrite(f.read(), launches, constants, mutations)
+    tag = hashlib.sha256(repr((text, sanitize)).encode()).hexdigest()[:10]
     src = os.path.join(out_dir, "%s.emu.%s.cpp" % (kernel, tag))
     with open(src, "w") as f:
         f.write('#line 1 "csrc/cuda/%s.cu"\n' % kernel)
         f.write(text)
     exe = os.path.join(out_dir, "%s_emu_%s" % (harness.rsplit(".", 1)[0], tag))
-    cmd = [CXX, *FLAGS, "-DEFFOPS_CUDA_HOST_EMULATION", *["-D" + d for d in defines],
+    flags = FLAGS if sanitize else [f for f in FLAGS if not f.startswith("-fsanitize")]
+    cmd = [CXX, *flags, "-DEFFOPS_CUDA_HOST_EMULATION",
            "-DEFFOPS_EMU_KERNEL_SOURCE=\"%s\"" % src, "-I" + os.path.join(ROOT, "csrc"), "-I" + HERE,
            "-isystem", CUDA_INCLUDE, "-include", os.path.join(HERE, "cuda_host_shim.h"),
            os.path.join(HERE, harness), "-o", exe]
