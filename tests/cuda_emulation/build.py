@@ -7,8 +7,11 @@ silently testing something else):
   * `kernel<<<cfg>>>(args);` -> `::effops_emu::launch(kernel, ::effops_emu::LaunchConfig(cfg), args);`
     (g++ cannot parse the launch syntax);
   * optional constant overrides (`constexpr int kName = value;` -> another value), used to shrink
-    adam_step's launch tables so the multi-launch paths run in a fast test.
+    adam_step's launch tables so the multi-launch paths run in a fast test;
+  * planted bugs (`mutations`), only for the tests that show the emulation catches them.
+Executables are cached in build/cuda_emulation/ (ignored by git) under a digest of all their inputs.
 """
+import glob
 import hashlib
 import os
 import re
@@ -19,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CUDA_INCLUDE = os.environ.get("EFFOPS_EMU_CUDA_INCLUDE", "/usr/local/cuda/include")
 CXX = os.environ.get("CXX_FOR_EMULATION", "g++")
+CACHE_DIR = os.path.join(ROOT, "build", "cuda_emulation")
 
 LAUNCH = re.compile(r"(?P<kernel>[A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(?P<cfg>[^;]*?)>>>\((?P<args>[^;]*)\);")
 # -O1: ASan/UBSan-instrumented code at -O0 is several times slower; -ffp-contract=off: no fused
@@ -55,23 +59,41 @@ def rewrite(source_text, launches, constants=None, mutations=()):
     return text
 
 
-def build(kernel, harness, out_dir, launches, constants=None, mutations=(), sanitize=True):
-    """Compile csrc/cuda/<kernel>.cu (rewritten) with tests/cuda_emulation/<harness>; returns the exe."""
+def _inputs_digest(text, flags):
+    """Everything the executable depends on: the rewritten kernel, the headers it may include, the
+    emulation sources, the flags and the compiler."""
+    h = hashlib.sha256(text.encode())
+    paths = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")) + glob.glob(os.path.join(HERE, "*.h"))
+                   + glob.glob(os.path.join(HERE, "*.cpp")))
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(path.encode() + b"\0" + f.read())
+    version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
+    h.update(repr((flags, version)).encode())
+    return h.hexdigest()[:16]
+
+
+def build(kernel, harness, launches, constants=None, mutations=(), sanitize=True, out_dir=CACHE_DIR):
+    """Compile csrc/cuda/<kernel>.cu (rewritten) with tests/cuda_emulation/<harness>; returns the
+    executable. Cached in out_dir under a digest of every input, so a rerun reuses it."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(ROOT, "csrc", "cuda", kernel + ".cu")) as f:
         text = rewrite(f.read(), launches, constants, mutations)
-    tag = hashlib.sha256(repr((text, sanitize)).encode()).hexdigest()[:10]
+    flags = FLAGS if sanitize else [f for f in FLAGS if not f.startswith("-fsanitize")]
+    tag = _inputs_digest(text, flags)
+    exe = os.path.join(out_dir, "%s_%s" % (harness.rsplit(".", 1)[0], tag))
+    if os.path.exists(exe):
+        return exe
     src = os.path.join(out_dir, "%s.emu.%s.cpp" % (kernel, tag))
     with open(src, "w") as f:
         f.write('#line 1 "csrc/cuda/%s.cu"\n' % kernel)
         f.write(text)
-    exe = os.path.join(out_dir, "%s_emu_%s" % (harness.rsplit(".", 1)[0], tag))
-    flags = FLAGS if sanitize else [f for f in FLAGS if not f.startswith("-fsanitize")]
-    cmd = [CXX, *flags, "-DEFFOPS_CUDA_HOST_EMULATION",
-           "-DEFFOPS_EMU_KERNEL_SOURCE=\"%s\"" % src, "-I" + os.path.join(ROOT, "csrc"), "-I" + HERE,
-           "-isystem", CUDA_INCLUDE, "-include", os.path.join(HERE, "cuda_host_shim.h"),
-           os.path.join(HERE, harness), "-o", exe]
+    tmp = "%s.tmp%d" % (exe, os.getpid())
+    cmd = [CXX, *flags, "-DEFFOPS_CUDA_HOST_EMULATION", "-DEFFOPS_EMU_KERNEL_SOURCE=\"%s\"" % src,
+           "-I" + os.path.join(ROOT, "csrc"), "-I" + HERE, "-isystem", CUDA_INCLUDE,
+           "-include", os.path.join(HERE, "cuda_host_shim.h"), os.path.join(HERE, harness), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError("emulation build failed:\n%s\n%s" % (" ".join(cmd), proc.stderr[-6000:]))
+    os.replace(tmp, exe)  # atomic: a concurrent session sees no half-written executable
     return exe
