@@ -235,6 +235,35 @@ def test_int8_linear_k4096_and_k0(int8_exe, emu_dir):
         np.testing.assert_array_equal(int8_output(case), ref)
 
 
+def test_int8_random_shapes(int8_exe, emu_dir):
+    # Random shapes, strides, base offsets and epilogues, in one run.
+    rng = np.random.default_rng(11)
+    cases, refs = [], []
+    for j in range(12):
+        M, N, K = (int(x) for x in rng.integers(1, 150, 3))
+        kind = int(rng.integers(0, 4))
+        lda = K + int(rng.choice([0, 16 - K % 16 if K % 16 else 0, 3]))
+        ldb_extra, ldo = int(rng.choice([0, 16, 5])), N + int(rng.integers(0, 4))
+        # int8 inputs may start at any byte; the output at any multiple of its element size.
+        offs = (int(rng.choice([0, 16, 1, 7])), int(rng.choice([0, 16, 1, 7])), int(rng.choice([0, 4, 8])))
+        a = rand_i8(rng, M, K)
+        d = os.path.join(emu_dir, "rand_%d" % j)
+        if kind == INT32:
+            b = rand_i8(rng, K, N)
+            cases.append(int8_case(d, a, b, True, INT32, lda, N + ldb_extra, ldo, offs, seed=j))
+            refs.append(exact_mm(a, b))
+        else:
+            w = rand_i8(rng, N, K)
+            rs = (rng.uniform(0.5, 1, M) * 2.0 ** rng.integers(-16, 2, M)).astype(np.float32)
+            cs = (rng.uniform(0.5, 1, N) * 2.0 ** rng.integers(-16, 2, N)).astype(np.float32)
+            bias = rng.standard_normal(N).astype(np.float32) if j % 3 else None
+            cases.append(int8_case(d, a, w, False, kind, lda, K + ldb_extra, ldo, offs, rs, cs, bias, seed=j))
+            refs.append(linear_reference_bits(exact_mm(a, w.T), rs, cs, bias, kind))
+    for case, ref, (err, _) in zip(cases, refs, run(int8_exe, [c["dir"] for c in cases])):
+        assert err == 0
+        np.testing.assert_array_equal(int8_output(case), ref, err_msg=case["dir"])
+
+
 def test_int8_gemm_host_checks(int8_exe, emu_dir):
     rng = np.random.default_rng(5)
     a, b = rand_i8(rng, 4, 8), rand_i8(rng, 8, 6)
@@ -497,6 +526,8 @@ MUTANTS = {
                             "        af[mi][2] = *reinterpret_cast<const uint32_t*>(r + 16);\n",
                             "        af[mi][1] = *reinterpret_cast<const uint32_t*>(r + 16);\n"
                             "        af[mi][2] = *reinterpret_cast<const uint32_t*>(r + 8 * kLds);\n"),
+    # The K tail of a tile not zero-filled: it keeps the previous k-step's (stale) bytes.
+    "missing_zero_fill": ("? src[gr * ld + gk + j] : int8_t(0);", "? src[gr * ld + gk + j] : d[j];"),
 }
 
 
@@ -540,3 +571,14 @@ def test_emulation_catches_wrong_launch_table(emu_dir):
     if proc.returncode == 0:  # stepped the wrong tensor's elements (or none): the comparison must fail
         with pytest.raises(AssertionError, match="elements differ"):
             check_adam(d, ts, h, F32, False)
+
+
+def test_int8_gemm_reports_grid_limit(int8_exe, emu_dir):
+    # Column tiles go on grid.y, at most 65535 of them: N = 65535 * 64 + 1 is refused at launch, and
+    # int8_gemm returns the launch's error (cudaErrorInvalidConfiguration) instead of success. (The
+    # cuda backend has no `supports` declining such N: the glue raises "CUDA launch failed".)
+    rng = np.random.default_rng(6)
+    N = 65535 * 64 + 1
+    case = int8_case(os.path.join(emu_dir, "grid_limit"), rand_i8(rng, 1, 1), rand_i8(rng, 1, N), True, INT32)
+    (err, launches), = run(int8_exe, [case["dir"]])
+    assert (err, launches) == (9, [])  # cudaErrorInvalidConfiguration
