@@ -51,10 +51,13 @@ def adam_small_exe():
     return build.build("adam_step", "adam_step_main.cpp", launches=2, constants=SMALL_TABLES)
 
 
-def run(exe, dirs, reverse=False):
+# Thread schedules (cuda_host_shim.h, effops_emu::Schedule): round robin by default.
+REVERSE, PRIORITY = ("--reverse",), ("--priority",)
+
+
+def run(exe, dirs, schedule=()):
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
-    proc = subprocess.run([exe] + (["--reverse"] if reverse else []) + list(dirs), capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run([exe, *schedule, *dirs], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, "emulated kernel failed (rc %d):\n%s" % (proc.returncode, proc.stderr[-8000:])
     out = []
     for d in dirs:
@@ -147,7 +150,7 @@ def test_int8_mm_shapes(int8_exe, emu_dir):
         a, b = rand_i8(rng, M, K), rand_i8(rng, K, N)
         cases.append(int8_case(os.path.join(emu_dir, "mm_%d_%d_%d" % (M, N, K)), a, b, True, INT32))
         refs.append(exact_mm(a, b))
-    results = run(int8_exe, [c["dir"] for c in cases])
+    results = run(int8_exe, [c["dir"] for c in cases], PRIORITY)
     for (M, N, K), case, ref, (err, launches) in zip(MM_SHAPES, cases, refs, results):
         assert err == 0
         assert launches == [((M + 63) // 64, (N + 63) // 64, 1, 128, 1, 1)], (M, N, K)
@@ -198,8 +201,8 @@ def test_int8_linear_strides_and_epilogue(int8_exe, emu_dir, kind):
         cases.append(int8_case(os.path.join(emu_dir, "lin_%d_%d" % (kind, j)), a, w, False, kind, lda, ldb, ldo,
                                offs, row_scale, col_scale, bias, seed=j))
         refs.append(linear_reference_bits(exact_mm(a, w.T), row_scale, col_scale, bias, kind))
-    # Reverse thread order on every other kind: the staging must not depend on which thread runs first.
-    results = run(int8_exe, [c["dir"] for c in cases], reverse=kind == BF16)
+    # A different thread schedule per kind: the staging must not depend on which thread runs first.
+    results = run(int8_exe, [c["dir"] for c in cases], {FLOAT: (), BF16: REVERSE, HALF: PRIORITY + REVERSE}[kind])
     for shape, case, ref, (err, _) in zip(STRIDES, cases, refs, results):
         assert err == 0
         np.testing.assert_array_equal(int8_output(case), ref, err_msg=str(shape))
@@ -215,7 +218,7 @@ def test_int8_mm_strided_and_misaligned(int8_exe, emu_dir):
         a, b = rand_i8(rng, M, K), rand_i8(rng, K, N)
         cases.append(int8_case(os.path.join(emu_dir, "mm_str_%d" % j), a, b, True, INT32, lda, ldb, ldo, offs, seed=j))
         refs.append(exact_mm(a, b))
-    for case, ref, (err, _) in zip(cases, refs, run(int8_exe, [c["dir"] for c in cases], reverse=True)):
+    for case, ref, (err, _) in zip(cases, refs, run(int8_exe, [c["dir"] for c in cases], REVERSE)):
         assert err == 0
         np.testing.assert_array_equal(int8_output(case), ref)
 
@@ -259,7 +262,7 @@ def test_int8_random_shapes(int8_exe, emu_dir):
             bias = rng.standard_normal(N).astype(np.float32) if j % 3 else None
             cases.append(int8_case(d, a, w, False, kind, lda, K + ldb_extra, ldo, offs, rs, cs, bias, seed=j))
             refs.append(linear_reference_bits(exact_mm(a, w.T), rs, cs, bias, kind))
-    for case, ref, (err, _) in zip(cases, refs, run(int8_exe, [c["dir"] for c in cases])):
+    for case, ref, (err, _) in zip(cases, refs, run(int8_exe, [c["dir"] for c in cases], PRIORITY)):
         assert err == 0
         np.testing.assert_array_equal(int8_output(case), ref, err_msg=case["dir"])
 
@@ -461,7 +464,7 @@ def test_adam_step_matches_reference(adam_exe, emu_dir, dtype, master):
         d = os.path.join(emu_dir, "adam_%d_%d_%d" % (dtype, master, j))
         adam_case(d, ts, h, dtype, master)
         cases.append((d, ts, h))
-    results = run(adam_exe, [c[0] for c in cases], reverse=dtype == BF16_P)
+    results = run(adam_exe, [c[0] for c in cases], {BF16_P: REVERSE, F16_P: PRIORITY}.get(dtype, ()))
     for (d, ts, h), (err, launches) in zip(cases, results):
         assert err == 0
         # 33 blocks for the first 32 non-empty tensors (one spans two chunks), then the last 2.
@@ -517,29 +520,32 @@ def test_adam_step_multi_launch_packing(adam_small_exe, emu_dir, sizes):
 # The emulation catches planted bugs (so the passes above mean something)
 # ---------------------------------------------------------------------------------------------------
 STAGE_SYNC = "    else load_rows(Bs, p.b, p.ldb, n0, p.N, k0, p.K, b_vec);\n    __syncthreads();\n"
-MUTANTS = {
+LAST_MMA = "        for (int ni = 0; ni < 4; ++ni) mma_s8(acc[mi][ni], af[mi], bf[ni]);\n    }\n"
+MUTANTS = {  # name: ((old, new), thread schedule that exposes it)
     # No barrier between staging a tile and reading fragments from it.
-    "missing_stage_barrier": (STAGE_SYNC, STAGE_SYNC.replace("    __syncthreads();\n", "")),
+    "missing_stage_barrier": ((STAGE_SYNC, STAGE_SYNC.replace("    __syncthreads();\n", "")), ()),
+    # No barrier before the next k-step overwrites the tile: seen when one warp runs ahead.
+    "missing_trailing_barrier": ((LAST_MMA + "    __syncthreads();\n", LAST_MMA), PRIORITY),
     # A fragment registers swapped (row g+8 <-> column block +16): the emulated mma must notice, since
     # it follows the PTX ISA's layout and not the kernel's loads.
-    "swapped_a_fragments": ("        af[mi][1] = *reinterpret_cast<const uint32_t*>(r + 8 * kLds);\n"
-                            "        af[mi][2] = *reinterpret_cast<const uint32_t*>(r + 16);\n",
-                            "        af[mi][1] = *reinterpret_cast<const uint32_t*>(r + 16);\n"
-                            "        af[mi][2] = *reinterpret_cast<const uint32_t*>(r + 8 * kLds);\n"),
+    "swapped_a_fragments": (("        af[mi][1] = *reinterpret_cast<const uint32_t*>(r + 8 * kLds);\n"
+                             "        af[mi][2] = *reinterpret_cast<const uint32_t*>(r + 16);\n",
+                             "        af[mi][1] = *reinterpret_cast<const uint32_t*>(r + 16);\n"
+                             "        af[mi][2] = *reinterpret_cast<const uint32_t*>(r + 8 * kLds);\n"), ()),
     # The K tail of a tile not zero-filled: it keeps the previous k-step's (stale) bytes.
-    "missing_zero_fill": ("? src[gr * ld + gk + j] : int8_t(0);", "? src[gr * ld + gk + j] : d[j];"),
+    "missing_zero_fill": (("? src[gr * ld + gk + j] : int8_t(0);", "? src[gr * ld + gk + j] : d[j];"), ()),
 }
 
 
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_emulation_catches_wrong_int8_kernel(emu_dir, mutant):
-    exe = build.build("int8_gemm", "int8_gemm_main.cpp", launches=1, mutations=[MUTANTS[mutant]],
-                      sanitize=False)
+    mutation, schedule = MUTANTS[mutant]
+    exe = build.build("int8_gemm", "int8_gemm_main.cpp", launches=1, mutations=[mutation], sanitize=False)
     rng = np.random.default_rng(7)
     a, w = rand_i8(rng, 65, 200), rand_i8(rng, 70, 200)
     rs, cs = np.ones(65, np.float32), np.ones(70, np.float32)
     case = int8_case(os.path.join(emu_dir, "mutant_" + mutant), a, w, False, FLOAT, row_scale=rs, col_scale=cs)
-    (err, _), = run(exe, [case["dir"]])
+    (err, _), = run(exe, [case["dir"]], schedule)
     assert err == 0
     ref = linear_reference_bits(exact_mm(a, w.T), rs, cs, None, FLOAT)
     assert (int8_output(case) != ref).any(), "the planted bug went unnoticed"

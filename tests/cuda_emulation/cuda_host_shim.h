@@ -78,7 +78,8 @@ struct Fiber {
   uint3 tid;
   int linear = 0;
   unsigned mma_count = 0;
-  const void* waiting_on = nullptr;
+  const struct Barrier* waiting_on = nullptr;  // the barrier this thread waits at, and its generation
+  unsigned wait_generation = 0;
 #if defined(__SANITIZE_ADDRESS__)
   void* fake_stack = nullptr;
 #endif
@@ -101,7 +102,6 @@ struct BlockState {
   std::function<void()> body;
   ucontext_t scheduler;
   int current = -1;
-  unsigned long long progress = 0;
 #if defined(__SANITIZE_ADDRESS__)
   const void* sched_stack_bottom = nullptr;
   size_t sched_stack_size = 0;
@@ -112,7 +112,14 @@ inline BlockState g_block;
 inline uint3 g_thread_idx, g_block_idx;
 inline dim3 g_block_dim, g_grid_dim;
 inline cudaError_t g_last_error = cudaSuccess;
-inline bool g_reverse_order = false;  // run the fibers of each block in reverse order between barriers
+// The order in which a block's threads run between barriers. Round robin: each runnable thread in
+// turn runs to its next barrier (warps advance in near lockstep). Priority: always the first
+// runnable thread, so one warp runs as far ahead of the others as the barriers allow (a warp that
+// overwrites a tile the others still read, for want of a barrier, is caught this way). Reverse:
+// threads taken from the last.
+enum class Schedule { kRoundRobin, kPriority };
+inline Schedule g_schedule = Schedule::kRoundRobin;
+inline bool g_reverse_order = false;
 struct LaunchRecord {
   dim3 grid, block;
 };
@@ -137,7 +144,6 @@ inline void yield_to_scheduler() {
 
 inline void barrier_wait(Barrier& b) {
   const unsigned gen = b.generation;
-  ++g_block.progress;
   if (++b.arrived == b.expected) {  // the last to arrive releases the others and runs on
     b.arrived = 0;
     ++b.generation;
@@ -145,6 +151,7 @@ inline void barrier_wait(Barrier& b) {
   }
   Fiber& f = current_fiber();
   f.waiting_on = &b;
+  f.wait_generation = gen;
   while (b.generation == gen) yield_to_scheduler();
   f.waiting_on = nullptr;
 }
@@ -156,7 +163,6 @@ inline void fiber_entry() {
   g_block.body();
   Fiber& f = current_fiber();
   f.done = true;
-  ++g_block.progress;
 #if defined(__SANITIZE_ADDRESS__)
   __sanitizer_start_switch_fiber(nullptr, g_block.sched_stack_bottom, g_block.sched_stack_size);
 #endif
@@ -206,17 +212,23 @@ inline void run_block(int nthreads) {
     f.ctx.uc_link = &s.scheduler;
     makecontext(&f.ctx, fiber_entry, 0);
   }
+  const auto runnable = [&](int t) {
+    const Fiber& f = s.fibers[t];
+    return !f.done && (f.waiting_on == nullptr || f.waiting_on->generation != f.wait_generation);
+  };
   int alive = nthreads;
   while (alive > 0) {
-    const unsigned long long before = s.progress;
+    bool ran = false;
     for (int k = 0; k < nthreads; ++k) {
       const int t = g_reverse_order ? nthreads - 1 - k : k;
-      if (s.fibers[t].done) continue;
+      if (!runnable(t)) continue;
       resume(t);
+      ran = true;
       if (s.fibers[t].done) --alive;
+      if (g_schedule == Schedule::kPriority) break;  // rescan from the first thread
     }
-    if (alive > 0 && s.progress == before) {
-      int at_block = 0, at_warp = 0, exited = nthreads - alive;
+    if (alive > 0 && !ran) {
+      int at_block = 0, at_warp = 0;
       for (int t = 0; t < nthreads; ++t) {
         if (s.fibers[t].done) continue;
         if (s.fibers[t].waiting_on == &s.block_barrier) ++at_block;
@@ -226,7 +238,7 @@ inline void run_block(int nthreads) {
       std::snprintf(msg, sizeof msg,
                     "deadlock in block (%u,%u,%u): %d threads wait at __syncthreads, %d at a warp barrier "
                     "(mma), %d exited",
-                    g_block_idx.x, g_block_idx.y, g_block_idx.z, at_block, at_warp, exited);
+                    g_block_idx.x, g_block_idx.y, g_block_idx.z, at_block, at_warp, nthreads - alive);
       fail(msg);
     }
   }

@@ -79,11 +79,13 @@ inline void write_status(const std::string& dir, int err) {
   std::fclose(f);
 }
 
-// Harness options before the case directories: --reverse runs each block's threads in reverse order.
+// Harness options before the case directories: --reverse (threads taken from the last), --priority
+// (the first runnable thread always runs; see effops_emu::Schedule).
 inline int parse_options(int argc, char** argv) {
   int i = 1;
   for (; i < argc && argv[i][0] == '-'; ++i) {
     if (std::strcmp(argv[i], "--reverse") == 0) effops_emu::g_reverse_order = true;
+    else if (std::strcmp(argv[i], "--priority") == 0) effops_emu::g_schedule = effops_emu::Schedule::kPriority;
     else die(std::string("unknown option ") + argv[i]);
   }
   return i;
