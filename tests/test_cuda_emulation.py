@@ -551,6 +551,17 @@ def test_emulation_catches_wrong_int8_kernel(emu_dir, mutant):
     assert (int8_output(case) != ref).any(), "the planted bug went unnoticed"
 
 
+def test_emulation_reports_divergent_barrier(emu_dir):
+    # A warp that returns early leaves the other three at __syncthreads forever.
+    exe = build.build("int8_gemm", "int8_gemm_main.cpp", launches=1, sanitize=False,
+                      mutations=[("  int acc[2][4][4] = {};\n", "  int acc[2][4][4] = {};\n  if (threadIdx.x >= 96) return;\n")])
+    rng = np.random.default_rng(12)
+    case = int8_case(os.path.join(emu_dir, "mutant_divergent"), rand_i8(rng, 5, 70), rand_i8(rng, 70, 6), True, INT32)
+    with pytest.raises(AssertionError, match="deadlock in block .*: 96 threads wait at __syncthreads, 0 at a warp "
+                                             "barrier .mma., 32 exited"):
+        run(exe, [case["dir"]])
+
+
 def test_emulation_catches_out_of_bounds_read(emu_dir):
     # A 16-byte load allowed 8 bytes past K: AddressSanitizer stops the run at the last row.
     exe = build.build("int8_gemm", "int8_gemm_main.cpp", launches=1,

@@ -25,9 +25,10 @@ CXX = os.environ.get("CXX_FOR_EMULATION", "g++")
 CACHE_DIR = os.path.join(ROOT, "build", "cuda_emulation")
 
 LAUNCH = re.compile(r"(?P<kernel>[A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(?P<cfg>[^;]*?)>>>\((?P<args>[^;]*)\);")
-# -O1: ASan/UBSan-instrumented code at -O0 is several times slower; -ffp-contract=off: no fused
-# multiply-adds the source does not ask for (fp32 results must be the IEEE per-operation ones).
-FLAGS = ["-std=c++20", "-O1", "-g", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wno-unknown-pragmas",
+# -O1: ASan/UBSan-instrumented code at -O0 is several times slower; -g1: line tables for the
+# sanitizers' reports; -ffp-contract=off: no fused multiply-adds the source does not ask for (fp32
+# results must be the IEEE per-operation ones).
+FLAGS = ["-std=c++20", "-O1", "-g1", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wno-unknown-pragmas",
          "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 
 
