@@ -382,7 +382,7 @@ def hyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=F
                 decay_factor=np.float32(1.0 - lr * weight_decay),
                 grad_scale=np.float32(grad_scale if grad_scale is not None else 1.0), amsgrad=amsgrad,
                 maximize=maximize, decoupled=decoupled, has_weight_decay=weight_decay != 0.0,
-                unscale=grad_scale is not None, lr=lr, beta1=beta1)
+                unscale=grad_scale is not None, lr=lr, beta1=beta1, beta2_double=beta2)
 
 
 def f32_bits(x):
@@ -406,7 +406,7 @@ def make_tensors(rng, sizes, dtype, master, amsgrad, h, step=7):
             t["master"] = (w + rng.standard_normal(n).astype(np.float32) * 1e-3).astype(np.float32).view(np.uint32)
         step_k = step + len(ts)  # per-tensor steps, as the glue allows
         t["neg_step"] = np.float32(-(h["lr"] / (1 - h["beta1"] ** step_k)))
-        t["bc2"] = np.float32(math.sqrt(1 - 0.999 ** step_k))
+        t["bc2"] = np.float32(math.sqrt(1 - h["beta2_double"] ** step_k))
         assert t["param"].dtype == p_np
         ts.append(t)
     return ts
@@ -549,6 +549,25 @@ def test_emulation_catches_wrong_int8_kernel(emu_dir, mutant):
     assert err == 0
     ref = linear_reference_bits(exact_mm(a, w.T), rs, cs, None, FLOAT)
     assert (int8_output(case) != ref).any(), "the planted bug went unnoticed"
+
+
+def test_vector_staging_path_taken_and_not(emu_dir):
+    # With the 16-byte staging loads planted to store zeros, the aligned cases of STRIDES go wrong and
+    # the misaligned one stays exact: the tests above run each path they claim to.
+    vec = "*reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(src + gr * ld + gk);"
+    exe = build.build("int8_gemm", "int8_gemm_main.cpp", launches=1, sanitize=False,
+                      mutations=[(vec, "*reinterpret_cast<uint4*>(d) = uint4{0, 0, 0, 0};")])
+    rng = np.random.default_rng(13)
+    cases, refs = [], []
+    for j in (0, 2, 3):  # A and B vectorized; neither (misaligned bases); B only (lda % 16 != 0)
+        M, N, K, lda, ldb, ldo, offs = STRIDES[j]
+        a, w = rand_i8(rng, M, K), rand_i8(rng, N, K)
+        rs, cs = np.ones(M, np.float32), np.ones(N, np.float32)
+        cases.append(int8_case(os.path.join(emu_dir, "vecpath_%d" % j), a, w, False, FLOAT, lda, ldb, ldo, offs, rs,
+                               cs))
+        refs.append(linear_reference_bits(exact_mm(a, w.T), rs, cs, None, FLOAT))
+    assert [err for err, _ in run(exe, [c["dir"] for c in cases])] == [0, 0, 0]
+    assert [bool((int8_output(c) == r).all()) for c, r in zip(cases, refs)] == [False, True, False]
 
 
 def test_emulation_reports_divergent_barrier(emu_dir):
