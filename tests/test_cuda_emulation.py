@@ -3,10 +3,11 @@ model (tests/cuda_emulation, docs/cuda-emulation.md), compared with exact refere
 
 The kernel source is compiled by g++ as written (launches rewritten into emulator calls; the int8
 GEMM's mma.sync has a marked emulation hook), with AddressSanitizer and UBSan: an out-of-bounds or
-misaligned access fails the run. What this proves: indexing, bounds, shared-memory staging and
-barrier placement, the mma fragment layouts (the emulated mma follows the PTX ISA's layout,
-transcribed independently of the kernel), the epilogue's arithmetic and the launch tables. What it
-does not: GPU speed, the GPU memory model, real tensor-core hardware.
+misaligned access fails the run. What this checks: indexing, bounds, shared-memory staging, the mma
+fragment layouts (the emulated mma follows the PTX ISA's layout, transcribed independently of the
+kernel), the epilogue's arithmetic and the launch tables; barrier placement under two adversarial
+thread schedules. What it does not: GPU speed, the GPU memory model (no race detector), real
+tensor-core hardware. The last tests plant bugs in copies of the kernels to show the checks fail.
 """
 import importlib.util
 import math
