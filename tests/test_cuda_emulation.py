@@ -398,7 +398,8 @@ def make_tensors(rng, sizes, dtype, master, amsgrad, h, step=7):
         w = rng.standard_normal(n).astype(np.float32)
         t = dict(n=n)
         t["param"] = from_f32(w, dtype)
-        t["grad"] = from_f32(rng.standard_normal(n).astype(np.float32) * (h["grad_scale"] if h["unscale"] else 1), dtype)
+        g_scale = h["grad_scale"] if h["unscale"] else 1  # scaled gradients when the step unscales them
+        t["grad"] = from_f32(rng.standard_normal(n).astype(np.float32) * g_scale, dtype)
         t["exp_avg"] = from_f32(rng.standard_normal(n).astype(np.float32) * 0.1, s_dtype)
         t["exp_avg_sq"] = from_f32(rng.uniform(0, 0.01, n).astype(np.float32), s_dtype)
         if amsgrad:
@@ -573,8 +574,9 @@ def test_vector_staging_path_taken_and_not(emu_dir):
 
 def test_emulation_reports_divergent_barrier(emu_dir):
     # A warp that returns early leaves the other three at __syncthreads forever.
+    decl = "  int acc[2][4][4] = {};\n"
     exe = build.build("int8_gemm", "int8_gemm_main.cpp", launches=1, sanitize=False,
-                      mutations=[("  int acc[2][4][4] = {};\n", "  int acc[2][4][4] = {};\n  if (threadIdx.x >= 96) return;\n")])
+                      mutations=[(decl, decl + "  if (threadIdx.x >= 96) return;\n")])
     rng = np.random.default_rng(12)
     case = int8_case(os.path.join(emu_dir, "mutant_divergent"), rand_i8(rng, 5, 70), rand_i8(rng, 70, 6), True, INT32)
     with pytest.raises(AssertionError, match="deadlock in block .*: 96 threads wait at __syncthreads, 0 at a warp "
