@@ -24,6 +24,10 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], cons
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(EFFOPS_CUDA_HOST_EMULATION)
+  // Test-only host emulation (tests/cuda_emulation; never defined by nvcc builds): the same
+  // warp-collective instruction, modelled from the PTX ISA's fragment layout.
+  effops_emu::mma_m16n8k32_s8(c, a, b);
 #endif
 }
 
