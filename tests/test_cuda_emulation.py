@@ -615,7 +615,7 @@ def test_emulation_catches_wrong_launch_table(emu_dir):
 def test_int8_gemm_reports_grid_limit(int8_exe, emu_dir):
     # Column tiles go on grid.y, at most 65535 of them: N = 65535 * 64 + 1 is refused at launch, and
     # int8_gemm returns the launch's error (cudaErrorInvalidConfiguration) instead of success. (The
-    # cuda backend has no `supports` declining such N: the glue raises "CUDA launch failed".)
+    # cuda backend declines such N, effops.ops.int8_gemm.CUDA_MAX_N, so the next backend runs it.)
     rng = np.random.default_rng(6)
     N = 65535 * 64 + 1
     case = int8_case(os.path.join(emu_dir, "grid_limit"), rand_i8(rng, 1, 1), rand_i8(rng, 1, N), True, INT32)

@@ -393,6 +393,22 @@ def test_cuda_gemm_yields_to_triton_in_the_automatic_choice(monkeypatch):
             assert bool(reason) == triton_usable, (op, triton_usable, reason)
 
 
+def test_cuda_gemm_declines_more_columns_than_its_grid_launches():
+    # Column tiles on grid.y (<= 65535): one more column would fail at launch ("CUDA launch failed",
+    # seen in tests/test_cuda_emulation.py); declining lets the next backend take it.
+    from effops import _backends
+    from effops.ops.int8_gemm import CUDA_MAX_N
+    ops.int8_mm  # noqa: B018  (registers the kernels)
+    a = torch.empty(2, 8, dtype=torch.int8, device="meta")
+    for n in (CUDA_MAX_N, CUDA_MAX_N + 1):
+        b = torch.empty(8, n, dtype=torch.int8, device="meta")
+        scales = (torch.empty(2, device="meta"), torch.empty(n, device="meta"))
+        want = n > CUDA_MAX_N
+        assert bool(_backends._kernels["int8_mm"]["cuda"].supports(a, b)) == want
+        assert bool(_backends._kernels["int8_linear"]["cuda"].supports(a, scales[0], b.t(), scales[1], None,
+                                                                       torch.float32)) == want
+
+
 def test_triton_declines_weight_only():
     if not effops.backends()["triton"]:
         pytest.skip("triton not usable here")

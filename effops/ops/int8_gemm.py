@@ -117,8 +117,21 @@ def _cuda_slower(*args):
     return None
 
 
-_backends.register_kernel("int8_mm", "cuda", _cuda_int8_mm, faster=_cuda_slower)
-_backends.register_kernel("int8_linear", "cuda", _cuda_int8_linear, faster=_cuda_slower)
+# The CUDA kernel puts column tiles (64 wide) on grid.y, which stops at 65535 (csrc/cuda/int8_gemm.cu).
+CUDA_MAX_N = 65535 * 64
+
+
+def _cuda_declines(n):
+    if n > CUDA_MAX_N:
+        return "%d output columns: the CUDA kernel launches at most %d (64-wide tiles on grid.y)" % (n, CUDA_MAX_N)
+    return None
+
+
+_backends.register_kernel("int8_mm", "cuda", _cuda_int8_mm, supports=lambda a, b: _cuda_declines(b.shape[1]),
+                          faster=_cuda_slower)
+_backends.register_kernel("int8_linear", "cuda", _cuda_int8_linear,
+                          supports=lambda x, xs, w, ws, bias, out_dtype: _cuda_declines(w.shape[0]),
+                          faster=_cuda_slower)
 
 
 # ---------------------------------------------------------------------------------------------
