@@ -11,6 +11,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+import effops
 from benchmarks.common import compare
 
 SIZES = [(4096, 4096), (4096, 11008)]  # (in_features K, out_features N) of transformer layers
@@ -57,6 +58,11 @@ def _cpu_rows(quick):
     return rows
 
 
+def _forced(backend, fn, *args, **kwargs):
+    with effops.use_backend(backend):
+        return fn(*args, **kwargs)
+
+
 def _cuda_rows(quick):
     from effops import ops
     from effops.reference.int8 import quantize_rowwise
@@ -74,6 +80,12 @@ def _cuda_rows(quick):
             "effops int8_linear": lambda: ops.int8_linear(xq, xs, wq, ws, out_dtype=torch.bfloat16),
             "effops int8_mm": lambda: ops.int8_mm(xq, wq_t),
         }
+        # Each GPU kernel forced too: the automatic choice (Triton over the CUDA kernel, unmeasured)
+        # should follow these rows.
+        for backend in ("cuda", "triton"):
+            if effops.backends()[backend]:
+                impls["effops int8_linear [%s]" % backend] = lambda b=backend: _forced(
+                    b, ops.int8_linear, xq, xs, wq, ws, out_dtype=torch.bfloat16)
         if m > 16 and k % 8 == 0 and n % 8 == 0:
             impls["torch._int_mm"] = lambda: torch._int_mm(xq, wq_t)
         rows += compare("int8_linear", "M=%d K=%d N=%d" % (m, k, n), impls, baseline="bf16 F.linear (cuBLAS)",

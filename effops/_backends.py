@@ -3,7 +3,8 @@
 Each op registers one kernel per backend with `register_kernel(op, backend, supports=..., faster=...)`.
 Both callables receive the op's arguments and return None to accept them or a short reason to decline:
 `supports` for what the kernel cannot compute (a dtype it lacks, a layout), `faster` for inputs it can
-compute but where, measured, plain PyTorch is faster. `dispatch` then picks:
+compute but where plain PyTorch (measured) or another backend (where no GPU has measured yet, the
+one expected faster, said so in the reason) should run instead. `dispatch` then picks:
 
 * forced (``use_backend(name)`` or ``EFFOPS_BACKEND``): that backend, or a clear error when it is
   unusable here, has no kernel for the op, or its `supports` declines the input. Forcing never falls

@@ -19,12 +19,18 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import device
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("cuda_emulation_build", os.path.join(HERE, "cuda_emulation", "build.py"))
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 
-pytestmark = pytest.mark.skipif(build.missing_tools() is not None, reason=str(build.missing_tools()))
+pytestmark = [
+    pytest.mark.skipif(build.missing_tools() is not None, reason=str(build.missing_tools())),
+    # On a GPU (make gpu-check) the kernels themselves run in the other tests: no CPU emulation there.
+    pytest.mark.skipif(device().type == "cuda", reason="tests on CUDA tensors run the real CUDA kernels"),
+]
 
 INT32, FLOAT, BF16, HALF = 0, 1, 2, 3  # Int8OutKind
 F32, BF16_P, F16_P = 0, 1, 2  # AdamDtype
@@ -607,9 +613,23 @@ def test_emulation_catches_wrong_launch_table(emu_dir):
     d = os.path.join(emu_dir, "mutant_adam")
     adam_case(d, ts, h, F32, False)
     proc = subprocess.run([exe, d], capture_output=True, text=True, timeout=600)
-    if proc.returncode == 0:  # stepped the wrong tensor's elements (or none): the comparison must fail
-        with pytest.raises(AssertionError, match="elements differ"):
-            check_adam(d, ts, h, F32, False)
+    assert proc.returncode == 0, proc.stderr[-4000:]  # it runs, stepping the wrong tensor's elements
+    with pytest.raises(AssertionError, match="elements differ"):
+        check_adam(d, ts, h, F32, False)
+
+
+def test_emulation_catches_write_before_a_buffer(emu_dir):
+    # Every store shifted one element down: the first lands 4 bytes before the output, inside the
+    # guard of a buffer 4 bytes past an aligned address (too close for AddressSanitizer's 8-byte
+    # granules to poison): the harness's guard check stops the run.
+    exe = build.build("int8_gemm", "int8_gemm_main.cpp", launches=1, sanitize=False,
+                      mutations=[("+ i * p.ldo + n;", "+ i * p.ldo + n - 1;")])
+    rng = np.random.default_rng(10)
+    a, w = rand_i8(rng, 5, 40), rand_i8(rng, 7, 40)
+    case = int8_case(os.path.join(emu_dir, "mutant_prefix"), a, w, False, FLOAT, offsets=(0, 0, 4),
+                     row_scale=np.ones(5, np.float32), col_scale=np.ones(7, np.float32))
+    with pytest.raises(AssertionError, match="a write before the start of a buffer"):
+        run(exe, [case["dir"]])
 
 
 def test_int8_gemm_reports_grid_limit(int8_exe, emu_dir):

@@ -381,16 +381,24 @@ def test_triton_every_gpu_config(monkeypatch):
 def test_cuda_gemm_yields_to_triton_in_the_automatic_choice(monkeypatch):
     # Not measured on a GPU yet: the autotuned, pipelined Triton GEMM is expected to beat the plain
     # mma.sync kernel, so the cuda kernels decline the automatic choice (`faster`) where Triton is
-    # usable, and stay the fallback where it is not. Forcing use_backend("cuda") ignores `faster`.
+    # usable and takes the input, and stay the choice where Triton is missing or declines (2**31
+    # elements: its int32 offsets; the next in line would be the fp64 reference). Forcing
+    # use_backend("cuda") ignores `faster`.
     from effops import _backends
     ops.int8_mm  # noqa: B018  (registers the kernels)
-    a, b = torch.empty(4, 8, dtype=torch.int8, device="meta"), torch.empty(8, 4, dtype=torch.int8, device="meta")
-    linear_args = (a, torch.empty(4, device="meta"), b.t(), torch.empty(4, device="meta"), None, torch.float32)
+
+    def inputs(m):
+        a = torch.empty(m, 1024, dtype=torch.int8, device="meta")
+        b = torch.empty(1024, 64, dtype=torch.int8, device="meta")
+        return {"int8_mm": (a, b),
+                "int8_linear": (a, torch.empty(m, device="meta"), b.t(), torch.empty(64, device="meta"), None,
+                                torch.float32)}
     for triton_usable in (True, False):
         monkeypatch.setattr(_backends, "_usable", lambda name, ok=triton_usable: ok if name == "triton" else True)
-        for op, args in (("int8_mm", (a, b)), ("int8_linear", linear_args)):
-            reason = _backends._kernels[op]["cuda"].faster(*args)
-            assert bool(reason) == triton_usable, (op, triton_usable, reason)
+        for m, triton_takes_it in ((4, True), (2 ** 21, False)):  # 2**21 x 1024 = 2**31 elements
+            for op, args in inputs(m).items():
+                reason = _backends._kernels[op]["cuda"].faster(*args)
+                assert bool(reason) == (triton_usable and triton_takes_it), (op, m, triton_usable, reason)
 
 
 def test_cuda_gemm_declines_more_columns_than_its_grid_launches():

@@ -107,14 +107,18 @@ def _cuda_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
     return _checks.with_leading_dims(y, x_int8)
 
 
-def _cuda_slower(*args):
-    """Automatic choice on CUDA: the Triton GEMM where Triton is there. This kernel stages 64 x 64 tiles
-    with plain loads and mma.sync, no asynchronous copies or pipelining; Triton's is autotuned over
-    pipelined 128-wide tiles and compiles to warpgroup MMA (IGMMA) on sm_90 (the compile check's SASS).
-    No GPU has measured either yet: forcing use_backend("cuda") runs this one."""
-    if _backends._usable("triton"):
+def _cuda_slower(op):
+    """Automatic choice on CUDA: the Triton GEMM wherever it takes the input. This kernel stages 64 x 64
+    tiles with plain loads and mma.sync, no asynchronous copies or pipelining; Triton's is autotuned
+    over pipelined 128-wide tiles and compiles to warpgroup MMA (IGMMA) on sm_90 (the compile check's
+    SASS). No GPU has measured either yet: forcing use_backend("cuda") runs this one, and it stays the
+    automatic choice where Triton is missing or declines (2**31 elements and more: int32 offsets)."""
+    def faster(*args):
+        triton = _backends._kernels[op].get("triton")
+        if triton is None or not _backends._usable("triton") or (triton.supports and triton.supports(*args)):
+            return None
         return "the autotuned Triton GEMM is expected to be faster (no GPU measurement yet)"
-    return None
+    return faster
 
 
 # The CUDA kernel puts column tiles (64 wide) on grid.y, which stops at 65535 (csrc/cuda/int8_gemm.cu).
@@ -128,10 +132,10 @@ def _cuda_declines(n):
 
 
 _backends.register_kernel("int8_mm", "cuda", _cuda_int8_mm, supports=lambda a, b: _cuda_declines(b.shape[1]),
-                          faster=_cuda_slower)
+                          faster=_cuda_slower("int8_mm"))
 _backends.register_kernel("int8_linear", "cuda", _cuda_int8_linear,
                           supports=lambda x, xs, w, ws, bias, out_dtype: _cuda_declines(w.shape[0]),
-                          faster=_cuda_slower)
+                          faster=_cuda_slower("int8_linear"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,9 +69,21 @@ def _inputs_digest(text, flags):
     for path in paths:
         with open(path, "rb") as f:
             h.update(path.encode() + b"\0" + f.read())
+    # The CUDA headers the shim takes its types and conversions from (their location and contents).
+    for name in ("cuda_runtime_api.h", "cuda_bf16.hpp", "cuda_fp16.hpp", "vector_types.h"):
+        path = os.path.join(CUDA_INCLUDE, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                h.update(path.encode() + b"\0" + f.read())
     version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
-    h.update(repr((flags, version)).encode())
+    h.update(repr((flags, version, _command("SRC", "HARNESS", "EXE", flags))).encode())
     return h.hexdigest()[:16]
+
+
+def _command(src, harness, out, flags):
+    return [CXX, *flags, "-DEFFOPS_CUDA_HOST_EMULATION", "-DEFFOPS_EMU_KERNEL_SOURCE=\"%s\"" % src,
+            "-I" + os.path.join(ROOT, "csrc"), "-I" + HERE, "-isystem", CUDA_INCLUDE,
+            "-include", os.path.join(HERE, "cuda_host_shim.h"), os.path.join(HERE, harness), "-o", out]
 
 
 def build(kernel, harness, launches, constants=None, mutations=(), sanitize=True, out_dir=CACHE_DIR):
@@ -85,16 +97,17 @@ def build(kernel, harness, launches, constants=None, mutations=(), sanitize=True
     exe = os.path.join(out_dir, "%s_%s" % (harness.rsplit(".", 1)[0], tag))
     if os.path.exists(exe):
         return exe
-    src = os.path.join(out_dir, "%s.emu.%s.cpp" % (kernel, tag))
+    # Per-process names for the source and the executable until the executable is renamed into place:
+    # two processes building the same digest (pytest-xdist workers) never read each other's half-written files.
+    src = os.path.join(out_dir, "%s.emu.%s.%d.cpp" % (kernel, tag, os.getpid()))
     with open(src, "w") as f:
         f.write('#line 1 "csrc/cuda/%s.cu"\n' % kernel)
         f.write(text)
     tmp = "%s.tmp%d" % (exe, os.getpid())
-    cmd = [CXX, *flags, "-DEFFOPS_CUDA_HOST_EMULATION", "-DEFFOPS_EMU_KERNEL_SOURCE=\"%s\"" % src,
-           "-I" + os.path.join(ROOT, "csrc"), "-I" + HERE, "-isystem", CUDA_INCLUDE,
-           "-include", os.path.join(HERE, "cuda_host_shim.h"), os.path.join(HERE, harness), "-o", tmp]
+    cmd = _command(src, harness, tmp, flags)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError("emulation build failed:\n%s\n%s" % (" ".join(cmd), proc.stderr[-6000:]))
     os.replace(tmp, exe)  # atomic: a concurrent session sees no half-written executable
+    os.remove(src)  # (#line maps the executable's diagnostics to csrc/cuda/<kernel>.cu)
     return exe

@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include <sanitizer/asan_interface.h>  // ASAN_(UN)POISON_MEMORY_REGION: no-ops without -fsanitize=address
+
 namespace harness {
 
 [[noreturn]] inline void die(const std::string& what) {
@@ -28,7 +30,12 @@ inline std::vector<long long> read_params(const std::string& dir) {
 }
 
 // A device-like buffer: exactly `bytes` usable bytes starting `offset` bytes past a 64-byte boundary
-// (so AddressSanitizer flags any access past its end, and misaligned bases can be tested).
+// (so AddressSanitizer flags any access past its end, and misaligned bases can be tested). The
+// `offset` bytes before it hold kGuard and are poisoned for AddressSanitizer, which can only poison
+// whole 8-byte granules below the buffer's own: a read there in the buffer's granule goes unseen, a
+// write anywhere there is caught by prefix_intact().
+constexpr unsigned char kGuard = 0x5A;
+
 struct Buffer {
   char* base = nullptr;
   char* ptr = nullptr;
@@ -39,7 +46,16 @@ struct Buffer {
     if (posix_memalign(&p, 64, offset + n + (offset + n == 0)) != 0) die("out of memory");
     base = static_cast<char*>(p);
     ptr = base + offset;
-    std::memset(base, fill, offset + n);
+    std::memset(base, kGuard, offset);
+    std::memset(ptr, fill, n);
+    ASAN_POISON_MEMORY_REGION(base, offset);
+  }
+  bool prefix_intact() const {
+    ASAN_UNPOISON_MEMORY_REGION(base, ptr - base);
+    bool ok = true;
+    for (const char* q = base; q < ptr; ++q) ok = ok && static_cast<unsigned char>(*q) == kGuard;
+    ASAN_POISON_MEMORY_REGION(base, ptr - base);
+    return ok;
   }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -50,7 +66,10 @@ struct Buffer {
     std::swap(bytes, o.bytes);
     return *this;
   }
-  ~Buffer() { std::free(base); }
+  ~Buffer() {
+    if (base) ASAN_UNPOISON_MEMORY_REGION(base, ptr - base);
+    std::free(base);
+  }
 };
 
 inline Buffer read_buffer(const std::string& path, size_t bytes, size_t offset = 0) {

@@ -27,10 +27,13 @@ void dirty_shared_memory() {
   for (auto& x : a) x = static_cast<int8_t>(rng());
   for (auto& x : b) x = static_cast<int8_t>(rng());
   std::vector<float> scale(64, 1.f);
-  std::vector<int32_t> out(64 * 64);
+  // A margin of one tile row on both sides: a planted store out of range (the tests' mutants) must
+  // reach the case's own checks, not corrupt the heap here first.
+  std::vector<int32_t> out_with_margins(3 * 64 * 64);
+  int32_t* out = out_with_margins.data() + 64 * 64;
   for (int kind = 0; kind < 4; ++kind) {
     const Int8OutKind k = static_cast<Int8OutKind>(kind);
-    Int8GemmArgs p{a.data(), b.data(), out.data(), scale.data(), scale.data(), nullptr, 64, 64, 64, 64, 64, 64,
+    Int8GemmArgs p{a.data(), b.data(), out, scale.data(), scale.data(), nullptr, 64, 64, 64, 64, 64, 64,
                    k == Int8OutKind::kInt32, k};
     if (effops::cuda::int8_gemm(p, nullptr) != cudaSuccess) harness::die("dirtying launch failed");
   }
@@ -61,6 +64,8 @@ void run_case(const std::string& dir) {
   effops_emu::g_launches.clear();
   cudaError_t err = effops::cuda::int8_gemm(p, nullptr);
   if (err == cudaSuccess) err = cudaGetLastError();
+  for (const harness::Buffer* buf : {&a, &b, &rs, &cs, &bias, &out})
+    if (buf->base && !buf->prefix_intact()) harness::die("a write before the start of a buffer in " + dir);
   harness::write_bytes(dir + "/out.bin", out.ptr, out.bytes);
   harness::write_status(dir, static_cast<int>(err));
 }
