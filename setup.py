@@ -41,7 +41,7 @@ def _extensions():
 
     build_cuda = _want_cuda(torch.version.cuda is not None, CUDA_HOME)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-    # The C++ standard is torch's choice (its headers need C++20 features since 2.10); kernels stay C++17.
+    # The C++ standard is torch's choice (2.13 builds extensions as C++20, 2.11 as C++17); kernels stay C++17.
     cxx = ["-O3", "-fopenmp", "-g0", "-DEFFOPS_BUILD_CUDA=%d" % int(build_cuda)]
     sources = _sources("csrc/cpu/*.cpp") + _sources("csrc/bindings/*.cpp")
     kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
