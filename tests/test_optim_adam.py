@@ -346,3 +346,34 @@ def test_complex_params_step_as_torch_does():
         ob.step()
     torch.testing.assert_close(a.detach(), b.detach(), **PARITY_TOL)
     assert not torch.equal(a.detach(), init)
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "cpu", "reference"])
+def test_channels_last_conv_weights_step_as_torch_does(backend_name):
+    # A channels_last depthwise weight (C, 1, k, k) and autograd's gradient for it agree on every
+    # dimension of size > 1 but not on the stride of the size-1 one: the same memory order, which the
+    # kernels' layout check must accept (it raised "must be dense with the param's strides").
+    if backend_name == "cpu" and (device().type != "cpu" or not effops.backends()["cpu"]):
+        pytest.skip("cpu backend on CPU tensors only")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 16, 1)).to(device())  # NCHW weights, channels_last input
+    twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    for p, t in zip(model.parameters(), twin):
+        t.data = t.data.as_strided(p.shape, p.stride())
+    ours, theirs = AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(twin, lr=1e-2)
+    x = torch.randn(2, 8, 6, 6, device=device()).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        model(x).square().mean().backward()
+        y = F.conv2d(F.relu(F.conv2d(x, twin[0], twin[1], padding=1, groups=8)), twin[2], twin[3])
+        y.square().mean().backward()
+        assert model[0].weight.grad.stride() != model[0].weight.stride()  # autograd's size-1 stride differs
+        if backend_name == "auto":
+            ours.step()
+        else:
+            with effops.use_backend(backend_name):
+                ours.step()
+        theirs.step()
+        ours.zero_grad(), theirs.zero_grad()
+    for p, t in zip(model.parameters(), twin):
+        torch.testing.assert_close(p, t, **TOL[torch.float32])

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bindings/adam_step_checks.h"
 #include "cpu/adam_step.h"
 
 namespace {
@@ -40,14 +41,14 @@ bool dtype_code(at::ScalarType s, AdamDtype* out) {
 }
 
 // What the kernel needs of every tensor of a param: a dense CPU tensor of `dtype` with the param's
-// shape and strides (the same rule as the op's glue, csrc/bindings/adam_step_checks.h).
+// shape and element order (the same rule as the op's glue, csrc/bindings/adam_step_checks.h).
 bool like(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype) {
   // Inference tensors are left to the checked path: their version counters cannot be bumped.
   if (!t.defined() || t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != dtype ||
       t.sizes() != param.sizes() || t.is_inference()) {
     return false;
   }
-  return t.numel() == 0 || (t.is_non_overlapping_and_dense() && t.strides() == param.strides());
+  return t.numel() == 0 || (t.is_non_overlapping_and_dense() && effops::adam_glue::same_order(t, param));
 }
 
 bool step_ok(const at::Tensor& s) {

@@ -21,14 +21,23 @@ Dtype param_dtype(const at::Tensor& t, int64_t i) {
   }
 }
 
+// Same element order in memory for two dense tensors of one shape: equal strides wherever a dimension
+// has more than one element (a size-1 dimension's stride is arbitrary: a channels_last conv weight
+// of shape (C, 1, k, k) and its gradient from autograd can differ there and still match).
+inline bool same_order(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
 // A tensor the kernel may walk as `numel` contiguous elements in the param's element order
 // (the device is checked by the caller, which knows its backend).
 inline void check_layout_like(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype, const char* name,
                               int64_t i) {
   TORCH_CHECK(t.scalar_type() == dtype, "adam_step: ", name, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == param.sizes(), "adam_step: ", name, "[", i, "] must have the param's shape");
-  TORCH_CHECK(t.numel() == 0 || (t.is_non_overlapping_and_dense() && t.strides() == param.strides()),
-              "adam_step: ", name, "[", i, "] must be dense with the param's strides");
+  TORCH_CHECK(t.numel() == 0 || (t.is_non_overlapping_and_dense() && same_order(t, param)),
+              "adam_step: ", name, "[", i, "] must be dense in the param's element order");
 }
 
 // Every per-param list has one entry per param (max_exp_avg_sqs only when amsgrad).

@@ -58,10 +58,17 @@ def flat_layout_reason(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, ma
                 and group[3].is_contiguous() and (len(group) == 4 or all(t.is_contiguous() for t in group[4:]))) \
                 or p.numel() == 0:
             continue  # the common case, checked cheaply
-        if not _dense(p) or any(t.stride() != p.stride() for t in group):
+        if not _dense(p) or not all(_dense(t) and _same_order(t, p) for t in group[1:]):
             return "params[%d] or its grad/state is not dense with one shared layout (strides %s)" % (
                 i, [tuple(t.stride()) for t in group])
     return None
+
+
+def _same_order(t, p):
+    """Dense t and p of one shape hold their elements in the same memory order: equal strides wherever
+    a dimension has more than one element (a size-1 dimension's stride is arbitrary: a channels_last
+    conv weight (C, 1, k, k) and autograd's gradient for it can differ there)."""
+    return all(n == 1 or a == b for n, a, b in zip(p.shape, t.stride(), p.stride()))
 
 
 def _compiled_supports(device_type):
