@@ -43,13 +43,15 @@ from effops import _backends
 
 
 class CallPlan:
-    """One module's memo: its last key and runner. Dropped on copy and pickle (a runner holds closures
-    over the module's tensors: a copy rebuilds its own on first use)."""
+    """One module's memo: its last key and runner, as one (key, runner, tensors) tuple or None, written
+    and read in one step so that threads calling the module at once never pair one call's key with
+    another's runner. Dropped on copy and pickle (a runner holds closures over the module's tensors: a
+    copy rebuilds its own on first use)."""
 
-    __slots__ = ("key", "run", "tensors")
+    __slots__ = ("last",)
 
     def __init__(self):
-        self.key = self.run = self.tensors = None
+        self.last = None
 
     def __reduce__(self):
         return CallPlan, ()
@@ -110,13 +112,15 @@ def call(module, x, tensors, build, run_op, cast, versioned=(), extra=()):
     plan = module.__dict__.get("_call_plan")
     if plan is None:
         plan = module.__dict__["_call_plan"] = CallPlan()
-    elif key == plan.key:
-        return _run(plan.run, x, tensors, cast)
+    else:
+        last = plan.last
+        if last is not None and key == last[0]:
+            return _run(last[1], x, tensors, cast)
     run = build()
     if run is None:
-        plan.key = plan.run = plan.tensors = None
+        plan.last = None
         return run_op()
-    plan.key, plan.run, plan.tensors = key, run, tensors  # tensors: their ids in the key stay theirs
+    plan.last = (key, run, tensors)  # tensors: their ids in the key stay theirs
     return _run(run, x, tensors, cast)
 
 
@@ -145,7 +149,12 @@ class FunctionMemo:
     its tensors weakly and is dropped when any of them dies (so the ids in its key always name live
     tensors); past `limit` entries the least recently used goes. The versions of the tensors whose
     values steer the choice are kept in the entry, not the key: an in-place edit replaces the entry
-    rather than adding one per version."""
+    rather than adding one per version.
+
+    Threads may call the op at once, and the weakref callbacks run in whichever thread drops a tensor
+    (inside any line, under the garbage collector): every change of `entries` is one dict operation
+    that tolerates a missing key, never a look-then-act pair, and no lock is taken (a callback taking
+    it inside the locked region of its own thread would deadlock)."""
 
     __slots__ = ("entries", "limit", "__weakref__")
 
@@ -182,7 +191,8 @@ def call_function(memo, x, tensors, settings, build, run_op, cast, versioned=())
         return run_op()
     if entry is not None and entry.versions == versions and all(
             ref() is t for ref, t in zip(entry.refs, tensors) if t is not None):
-        memo.entries[key] = memo.entries.pop(key)  # to the end: the most recently used
+        if memo.entries.pop(key, None) is not None:  # to the end: the most recently used (unless another
+            memo.entries[key] = entry                  # thread or a dying tensor removed it meanwhile)
         return _run(entry.run, x, tensors, cast)
     run = build()
     if run is None:
@@ -201,7 +211,10 @@ def call_function(memo, x, tensors, settings, build, run_op, cast, versioned=())
     entries.pop(key, None)  # a replaced entry (new versions) moves to the end too
     entries[key] = entry
     while len(entries) > memo.limit:
-        entries.pop(next(iter(entries)), None)
+        try:
+            entries.pop(next(iter(entries)), None)
+        except (RuntimeError, StopIteration):  # changed by another thread between iter() and next()
+            pass
     return _run(run, x, tensors, cast)
 
 

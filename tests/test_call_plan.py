@@ -597,3 +597,41 @@ def test_functional_memo_holds_no_mask_and_one_entry_per_call_site(monkeypatch):
             torch.testing.assert_close(effops.ops.masked_linear(x, w, mask), F.linear(x, w * mask),
                                        **TOL[torch.float32])
     assert len(masked_op._MEMO.entries) == 1
+
+
+def test_function_memo_is_safe_under_threads():
+    # Threads calling one op at once (a thread-pool server) on shared weights, so that their keys meet,
+    # with entries evicted (limit 3) and dropped by dying tensors all the while: the memo's dict changes
+    # must not race (KeyError and "dictionary changed size during iteration" before: every one of four
+    # runs of this test), and each call must get its own answer. Thread switches forced very often.
+    import sys
+    import threading
+    from effops import _call_plan
+    memo = _call_plan.FunctionMemo(limit=3)
+    weights = [torch.randn(4, 4) for _ in range(6)]
+    inputs = [torch.randn(n, 4) for n in (1, 2)]
+    errors, switch = [], sys.getswitchinterval()
+
+    def work(seed):
+        try:
+            for i in range(4000):
+                w, x = weights[(seed + i) % 6], inputs[i % 2]
+                got = _call_plan.call_function(memo, x, (w,), (), lambda: (lambda x, w: x @ w.t()),
+                                               lambda: x @ w.t(), None)
+                if not torch.equal(got, x @ w.t()):
+                    raise AssertionError("call %d got another call's answer" % i)
+                if i % 50 == seed:
+                    weights[(i // 50) % 6] = torch.randn(4, 4)  # the old one dies: its entries' callbacks run
+        except Exception as e:  # noqa: BLE001  (reported below with the thread's seed)
+            errors.append((seed, repr(e)))
+
+    sys.setswitchinterval(1e-7)
+    try:
+        threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors[:3]
