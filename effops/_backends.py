@@ -329,15 +329,16 @@ def eager_route(op, device, *args, reference_autograd=False, **kwargs):
     autograd with the op's own formula; not so for int8's straight-through gradient). A call that needs
     the custom op's autograd still gets the choice made here, where grad mode is visible
     (through_custom_op). None, the custom op choosing inside: torch.compile (dynamo traces the op, not
-    its kernel), forced backends (tests exercise the op's dispatch through them), tensor subclasses,
+    its kernel), torch.jit.trace (the graph keeps the op, not this call's kernel or its derived tensors),
+    forced backends (tests exercise the op's dispatch through them), tensor subclasses,
     dispatch or function modes (FakeTensor, DTensor, profilers' modes see the op as one node). Under
     torch.func transforms and forward-mode AD the reference runs (where it is the op's formula).
     A direct route is recorded for record_choices() here; the others by dispatch.
     """
     if torch.compiler.is_compiling():  # first: dynamo cannot trace the ContextVar read below
         return None
-    if forced_backend() is not None:
-        return None
+    if forced_backend() is not None or torch._C._get_tracing_state() is not None:
+        return None  # (torch.jit.trace records the custom op as one node, not the kernel chosen now)
     if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0:
         return None
     tensors = [a for a in args if isinstance(a, torch.Tensor)]

@@ -19,7 +19,7 @@ the choice read:
 * under torch.autocast, its dtype: the runner is then given x and the tensors cast as the op casts
   them (the module's `cast`, the op's autocast_args), per call, since the weights change.
 
-No memo is made or used where the op must see the call itself: under torch.compile, a forced
+No memo is made or used where the op must see the call itself: under torch.compile or torch.jit.trace, a forced
 backend, a dispatch or function mode, a torch.func transform or forward-mode AD, a tensor subclass, a
 sparse or meta x, or while record_choices() is counting. The values of weights that do not steer the
 choice (a Linear weight during training) are not in the key: the runner is given them at each call.
@@ -78,6 +78,8 @@ def eager_key(x, tensors, versioned=(), extra=()):
         return None
     if type(x) is not torch.Tensor or _backends._recorders or _backends.forced_backend() is not None:
         return None
+    if torch._C._get_tracing_state() is not None:  # torch.jit.trace: a memo's derived tensors would be
+        return None                               # frozen into the graph as constants
     if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
         return None
     if _backends.under_transform():  # torch.func's wrapped tensors have no data pointer to key on

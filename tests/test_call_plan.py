@@ -635,3 +635,26 @@ def test_function_memo_is_safe_under_threads():
     finally:
         sys.setswitchinterval(switch)
     assert not errors, errors[:3]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_jit_trace_records_the_op_not_a_memo(grad):
+    # torch.jit.trace after eager calls: the memo's W * mask (or the directly run kernel) was frozen into
+    # the graph as a constant, so a traced module given new weights computed with the old ones; a fresh
+    # SeparableConv2d traced in grad mode failed. The graph now holds the op itself.
+    torch.manual_seed(0)
+    cases = [(SparseLinear(16, 8), torch.randn(3, 16), "effops::masked_linear"),
+             (SeparableConv2d(4, 8, 3, padding=1, activation="relu"), torch.randn(2, 4, 6, 6), "effops::dwpw_conv2d")]
+    for module, x, op in cases:
+        module.eval()
+        with torch.set_grad_enabled(grad):
+            module(x), module(x)  # memo made
+            traced = torch.jit.trace(module, x)
+            assert op in [n.kind() for n in traced.graph.nodes()]
+            torch.testing.assert_close(traced(x), module(x))
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.mul_(1.5)
+            traced.load_state_dict(module.state_dict())
+            torch.testing.assert_close(traced(x), module(x))
