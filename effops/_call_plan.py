@@ -13,7 +13,8 @@ the choice read:
 * each of the module's tensors: the object itself (the memo holds it, so its id cannot be reused),
   its data pointer, shape, strides, dtype, device and requires_grad; and for the tensors whose
   values steer the choice or a derived cache (a mask's density, int8 weights' correction) their
-  version counter, which every in-place write moves (an inference tensor has none: no memo then);
+  version counter, which every in-place write moves (an inference tensor has none, and one in shared
+  CPU memory may be written by another process: no memo then);
 * the module's own settings that reach the op (stride, activation, mode...), passed as `extra`;
 * the registry's generation (a kernel registered later changes the choice);
 * under torch.autocast, its dtype: the runner is then given x and the tensors cast as the op casts
@@ -40,6 +41,10 @@ import weakref
 import torch
 
 from effops import _backends
+
+
+def _shared_cpu(t):
+    return t.is_cpu and t.untyped_storage().is_shared()  # see effops.ops._sparse_index.shared_cpu
 
 
 class CallPlan:
@@ -98,7 +103,7 @@ def eager_key(x, tensors, versioned=(), extra=()):
             return None
         key += (id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
         if i in versioned:
-            if t.is_inference():  # no version counter
+            if t.is_inference() or _shared_cpu(t):  # no version counter, or not the only writer's
                 return None
             key.append(t._version)
     return key
@@ -183,8 +188,8 @@ def call_function(memo, x, tensors, settings, build, run_op, cast, versioned=())
     for i in versioned:
         t = tensors[i]
         if t is not None:
-            if t.is_inference():  # no version counter: an in-place edit could not be seen
-                return run_op()
+            if t.is_inference() or _shared_cpu(t):  # no version counter, or another process writes it:
+                return run_op()                     # an edit could not be seen
             versions.append(t._version)
     try:
         key = tuple(key)

@@ -185,3 +185,39 @@ def test_state_dict_mask_must_fit_the_declared_pattern():
         two_four.load_state_dict(unstructured.state_dict())
     unstructured.load_state_dict(two_four.state_dict())  # a 2:4 mask is a valid unstructured one
     assert torch.equal(unstructured[0].mask, two_four[0].mask)
+
+
+def _alias(t):
+    """A tensor on t's storage with a version counter of its own: what another process's writes to
+    shared memory look like to this one (t's version does not move)."""
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
+def _mask(pattern, seed):
+    g = torch.Generator().manual_seed(seed)
+    if pattern == "block":  # 32 x 32 blocks, ~30% kept
+        return (torch.rand(8, 8, generator=g) < 0.3).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    return torch.rand(256, 256, generator=g) < 0.1
+
+
+@pytest.mark.parametrize("pattern", ["block", "unstructured"])
+def test_shared_memory_writes_by_another_process_are_seen(pattern):
+    # A model shared with worker processes (share_memory(): Hogwild training, evaluation in workers):
+    # another process's optimizer writes the weights (and a pruner the mask) behind this process's
+    # version counters. The cached W * mask / packed panels / mask indices served the old values
+    # (up to 47 apart in a review's two-process run); they are rebuilt for shared tensors.
+    torch.manual_seed(0)
+    layer = SparseLinear(256, 256, mask=_mask(pattern, 0)).eval()
+    layer.share_memory()
+    x = torch.randn(64, 256)
+    for grad, seed in ((False, 1), (True, 2)):
+        with torch.set_grad_enabled(grad):
+            layer(x), layer(x)  # caches made
+            with torch.no_grad():
+                _alias(layer.weight).mul_(-2.0)
+            want = torch.nn.functional.linear(x, layer.weight * layer.mask, layer.bias)
+            torch.testing.assert_close(layer(x), want, **TOL[torch.float32])
+            with torch.no_grad():
+                _alias(layer.mask).copy_(_mask(pattern, seed))
+            want = torch.nn.functional.linear(x, layer.weight * layer.mask, layer.bias)
+            torch.testing.assert_close(layer(x), want, **TOL[torch.float32])
