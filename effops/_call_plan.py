@@ -182,8 +182,8 @@ def call_function(memo, x, tensors, settings, build, run_op, cast, versioned=())
     (x, *tensors) or None) and remember the runner; run_op() where no runner can be made. As `call`.
     A runner must not hold the tensors themselves (they are held weakly), only what it derived."""
     key = eager_key(x, tensors, (), _typed(settings))
-    if key is None:
-        return run_op()
+    if key is None or torch.__future__.get_swap_module_params_on_conversion():
+        return run_op()  # (the entry's weak references would make torch.utils.swap_tensors refuse them)
     versions = []
     for i in versioned:
         t = tensors[i]

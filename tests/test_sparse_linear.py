@@ -221,3 +221,34 @@ def test_shared_memory_writes_by_another_process_are_seen(pattern):
                 _alias(layer.mask).copy_(_mask(pattern, seed))
             want = torch.nn.functional.linear(x, layer.weight * layer.mask, layer.bias)
             torch.testing.assert_close(layer(x), want, **TOL[torch.float32])
+
+
+def test_swap_module_params_on_conversion():
+    # torch.__future__.set_swap_module_params_on_conversion(True): load_state_dict and .half() swap
+    # tensors, which torch.utils.swap_tensors refuses for a tensor with a weak reference; the mask
+    # cache's and the functional memo's weak references made both fail after any call.
+    class User(nn.Module):  # masked_linear in a user's own module (the functional memo)
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 16))
+            self.register_buffer("mask", torch.rand(8, 16) < 0.5)
+
+        def forward(self, x):
+            return effops.ops.masked_linear(x, self.w, self.mask)
+
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        x = torch.randn(3, 16)
+        for module in (SparseLinear(16, 8, mask=torch.rand(8, 16) < 0.5), User()):
+            weight, mask = (module.weight, module.mask) if isinstance(module, SparseLinear) else (module.w, module.mask)
+            module(x), module(x)
+            module.load_state_dict(type(module)(16, 8).state_dict() if isinstance(module, SparseLinear)
+                                   else User().state_dict())
+            torch.testing.assert_close(module(x), nn.functional.linear(x, weight * mask, getattr(module, "bias", None)))
+            module.half()
+            assert weight.dtype == torch.float16  # swapped in place: the same Parameter object
+            module.float()
+            torch.testing.assert_close(module(x), nn.functional.linear(x, weight * mask, getattr(module, "bias", None)))
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)

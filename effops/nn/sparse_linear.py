@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from effops import _call_plan
-from effops.ops import _checks
+from effops.ops import _checks, _sparse_index
 
 _op = importlib.import_module("effops.ops.masked_linear")  # the module: masked_linear, check_pattern
 
@@ -19,7 +19,6 @@ _op = importlib.import_module("effops.ops.masked_linear")  # the module: masked_
 def _validated_mask(mask, weight_shape, device, pattern, block_size, name="mask", conv=False):
     """A bool mask of `weight_shape` on `device`; TypeError/ValueError with the reason otherwise.
     conv: a 1x1 conv's mask may also come in its weight's own shape (out, in, 1, 1)."""
-    from effops.ops import _sparse_index
     if not isinstance(mask, torch.Tensor):
         raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(mask).__name__))
     if conv and mask.dim() == 4 and tuple(mask.shape) == (*weight_shape, 1, 1):
@@ -46,7 +45,15 @@ class _MaskedMixin:
 
     _conv = False  # SparseConv1x1: masks may come in the conv weight's shape (out, in, 1, 1)
 
+    def _apply(self, fn, *args, **kwargs):
+        _sparse_index.forget_mask(self.mask)  # see _load_from_state_dict
+        return super()._apply(fn, *args, **kwargs)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The mask's cache entry holds a weak reference to it, which torch.utils.swap_tensors refuses
+        # (torch.__future__.set_swap_module_params_on_conversion(True): load_state_dict and .to()
+        # swap tensors): dropped here, rebuilt on the next call.
+        _sparse_index.forget_mask(self.mask)
         # A loaded mask must fit the declared pattern, as set_mask's must (a 2:4 layer loading an
         # unstructured mask would otherwise keep a label its mask breaks).
         mask = state_dict.get(prefix + "mask")

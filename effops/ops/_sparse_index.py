@@ -185,8 +185,16 @@ def mask_info(mask):
     check_binary(mask)
     info = MaskInfo(mask)
     stats["builds"] += 1
-    _cache[id(mask)] = (weakref.ref(mask, _forget(id(mask))), key, info)
+    if not torch.__future__.get_swap_module_params_on_conversion():  # (a weak reference blocks swap_tensors)
+        _cache[id(mask)] = (weakref.ref(mask, _forget(id(mask))), key, info)
     return info
+
+
+def forget_mask(mask):
+    """Drop mask's cache entry (and with it the weak reference to mask)."""
+    entry = _cache.get(id(mask))
+    if entry is not None and entry[0]() is mask:
+        _cache.pop(id(mask), None)
 
 
 def _forget(ident):
