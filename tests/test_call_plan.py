@@ -89,6 +89,30 @@ def test_separable_and_int8_modules_keep_a_memo_too(monkeypatch):
     assert (dwpw_plans.calls, int8_runners.calls) == (1, 1)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_sparse_conv1x1_keeps_a_memo(monkeypatch, layout):
+    # Its (out, in) weight view is a new tensor each call: through the functional memo (keyed on it)
+    # every call rebuilt. Now the module's memo, keyed on the conv weight; gradients still flow to it.
+    from effops.nn.sparse_linear import SparseConv1x1
+    plans = _count_calls(monkeypatch, masked_op, "plan")
+    torch.manual_seed(3)
+    conv = SparseConv1x1.from_conv(nn.Conv2d(12, 20, 1), torch.rand(20, 12) < 0.5)
+    x = torch.randn(2, 12, 5, 4)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x, conv.weight * conv.mask.view(20, 12, 1, 1), conv.bias)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            for _ in range(3):
+                y = conv(x)
+                torch.testing.assert_close(y, want.detach(), **TOL[torch.float32])
+    assert plans.calls == 2  # one per grad mode
+    (g,) = torch.autograd.grad(conv(x).square().sum(), [conv.weight])
+    (want_g,) = torch.autograd.grad(F.conv2d(x, conv.weight * conv.mask.view(20, 12, 1, 1), conv.bias).square().sum(),
+                                    [conv.weight])
+    torch.testing.assert_close(g, want_g, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_mask_edited_in_place_after_a_memo(training):
     # The mask's density steers the choice and its cached forms (W * mask, the mask in weight's dtype)
