@@ -94,7 +94,7 @@ def test_sparse_conv1x1_keeps_a_memo(monkeypatch, layout):
     # Its (out, in) weight view is a new tensor each call: through the functional memo (keyed on it)
     # every call rebuilt. Now the module's memo, keyed on the conv weight; gradients still flow to it.
     from effops.nn.sparse_linear import SparseConv1x1
-    plans = _count_calls(monkeypatch, masked_op, "plan")
+    plans = _count_calls(monkeypatch, masked_op, "conv1x1_plan")
     torch.manual_seed(3)
     conv = SparseConv1x1.from_conv(nn.Conv2d(12, 20, 1), torch.rand(20, 12) < 0.5)
     x = torch.randn(2, 12, 5, 4)

@@ -252,3 +252,37 @@ def test_swap_module_params_on_conversion():
             torch.testing.assert_close(module(x), nn.functional.linear(x, weight * mask, getattr(module, "bias", None)))
     finally:
         torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+@pytest.mark.parametrize("case", ["dense_route", "block_kernel"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_sparse_conv1x1_routes_match_conv2d(case, layout):
+    # SparseConv1x1 runs F.conv2d on W * mask where plain PyTorch is chosen (a half-dense mask), and the
+    # sparse kernels on x's channels-last view where they win (a 90%-sparse block mask, 256 channels):
+    # both against F.conv2d with the masked weight, in inference and training, repeated (the memo).
+    torch.manual_seed(0)
+    channels, mask = (24, torch.rand(24, 24) < 0.5) if case == "dense_route" else (
+        256, (torch.rand(8, 8) < 0.1).repeat_interleave(32, 0).repeat_interleave(32, 1))
+    conv = SparseConv1x1.from_conv(nn.Conv2d(channels, channels, 1), mask)
+    x = torch.randn(4, channels, 8, 8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    want_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for grad in (False, True):
+        for _ in range(2):
+            with torch.set_grad_enabled(grad):
+                y = conv(x)
+            w = conv.weight * conv.mask.view(channels, channels, 1, 1).to(conv.weight.dtype)
+            want = nn.functional.conv2d(x, w, conv.bias)
+            assert y.is_contiguous(memory_format=want_format)
+            torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+            if grad:
+                gy = torch.randn_like(y)
+                got = torch.autograd.grad(y, [conv.weight, conv.bias], gy)
+                ref = torch.autograd.grad(want, [conv.weight, conv.bias], gy)
+                for g, r in zip(got, ref):
+                    torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), nn.functional.conv2d(x, w, conv.bias).detach(), **TOL[torch.bfloat16])

@@ -184,16 +184,6 @@ class SparseConv1x1(_call_plan.RemembersCalls, _MaskedMixin, nn.Conv2d):
     def extra_repr(self):
         return "%s, density=%.3f, pattern=%s" % (super().extra_repr(), self.density, self.pattern)
 
-    def _masked_linear(self, x):
-        # Through the module's memo of its last call, as SparseLinear's, keyed on the conv weight itself:
-        # its (out, in) view is a new tensor each call, so a memo keyed on the view (the functional op's)
-        # never hit and every call paid the op's checks and choice (~5x nn.Conv2d's time at 48 channels).
-        weight, mask, bias = self.weight, self.mask, self.bias
-        return _call_plan.call(self, x, (weight, mask, bias),
-                               lambda: _on_conv_weight(_op.plan(x, _flat(weight), mask, bias)),
-                               lambda: _op.masked_linear(x, _flat(weight), mask, bias), _op.autocast_args,
-                               versioned=(1,))
-
     def forward(self, x):
         _checks.tensor("x", x, dtypes=_checks.FLOAT_DTYPES)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
@@ -202,7 +192,12 @@ class SparseConv1x1(_call_plan.RemembersCalls, _MaskedMixin, nn.Conv2d):
             raise ValueError("x must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape %s" % (tuple(x.shape),))
         if x.shape[1] != self.in_channels:
             raise ValueError("x must have %d channels (in_channels), got shape %s" % (self.in_channels, tuple(x.shape)))
-        y = self._masked_linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # Through the module's memo of its last call, as SparseLinear's, keyed on the conv weight itself
+        # (through the functional op on its (out, in) view, a new tensor each call, no memo ever hit).
+        weight, mask, bias = self.weight, self.mask, self.bias
+        y = _call_plan.call(self, x, (weight, mask, bias), lambda: _op.conv1x1_plan(x, weight, mask, bias),
+                            lambda: _op.masked_linear(x.permute(0, 2, 3, 1), _flat(weight), mask, bias).permute(
+                                0, 3, 1, 2), _op.autocast_args, versioned=(1,))
         # In x's memory format, as nn.Conv2d returns it: the product comes out channels_last, so NCHW
         # input costs one copy of y (feed channels_last to a chain of these layers to spare it).
         return y if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else y.contiguous()
@@ -210,14 +205,6 @@ class SparseConv1x1(_call_plan.RemembersCalls, _MaskedMixin, nn.Conv2d):
 
 def _flat(w):
     return w.view(w.shape[0], -1)
-
-
-def _on_conv_weight(run):
-    """A masked_linear runner of (x, weight (out, in), mask, bias) as one of the conv weight (out, in, 1, 1)."""
-    if run is None:
-        return None
-    flat = lambda x, w, mask, bias: run(x, _flat(w), mask, bias)  # noqa: E731
-    return _call_plan.CastsItself(flat) if isinstance(run, _call_plan.CastsItself) else flat
 
 
 def is_pointwise_conv(module):
