@@ -1,10 +1,10 @@
-"""A module's memo of its last eager call (and a functional op's memo of its recent ones): the checked,
+"""A module's memo of its last few eager calls (and a functional op's memo of its recent ones): the checked,
 chosen way to run it, reused while nothing it depends on changed.
 
 The op layer's per-call work (argument checks, the backend choice with its size and density rules,
 building the call) costs 30-100 microseconds in Python: as much as a whole small layer's arithmetic.
 A module calls the same op with the same parameters over and over, so after one full call it keeps
-the runner the op built (a function of x and the module's tensors, holding the chosen kernel and what
+(for its last CallPlan.RECENT keys) the runner the op built (a function of x and the module's tensors, holding the chosen kernel and what
 the op derived from the tensors whose versions the key holds) under a key of everything the checks and
 the choice read:
 
@@ -48,15 +48,17 @@ def _shared_cpu(t):
 
 
 class CallPlan:
-    """One module's memo: its last key and runner, as one (key, runner, tensors) tuple or None, written
-    and read in one step so that threads calling the module at once never pair one call's key with
-    another's runner. Dropped on copy and pickle (a runner holds closures over the module's tensors: a
-    copy rebuilds its own on first use)."""
+    """One module's memo: its RECENT last calls' (key, runner, tensors), most recent first, as one tuple
+    written and read in one step, so that threads calling the module at once never pair one call's key
+    with another's runner. A few, not one: a server's mixed batch sizes (or train and eval steps
+    taking turns) would rebuild on every call. Dropped on copy and pickle (a runner holds closures over
+    the module's tensors: a copy rebuilds its own on first use)."""
 
-    __slots__ = ("last",)
+    __slots__ = ("recent",)
+    RECENT = 4
 
     def __init__(self):
-        self.last = None
+        self.recent = ()
 
     def __reduce__(self):
         return CallPlan, ()
@@ -119,15 +121,17 @@ def call(module, x, tensors, build, run_op, cast, versioned=(), extra=()):
     plan = module.__dict__.get("_call_plan")
     if plan is None:
         plan = module.__dict__["_call_plan"] = CallPlan()
-    else:
-        last = plan.last
-        if last is not None and key == last[0]:
-            return _run(last[1], x, tensors, cast)
+    recent = plan.recent
+    for i, entry in enumerate(recent):
+        if key == entry[0]:
+            if i:  # to the front
+                plan.recent = (entry,) + recent[:i] + recent[i + 1:]
+            return _run(entry[1], x, tensors, cast)
     run = build()
     if run is None:
-        plan.last = None
         return run_op()
-    plan.last = (key, run, tensors)  # tensors: their ids in the key stay theirs
+    # tensors: their ids in the key stay theirs while the entry lives
+    plan.recent = ((key, run, tensors),) + recent[:CallPlan.RECENT - 1]
     return _run(run, x, tensors, cast)
 
 

@@ -682,3 +682,24 @@ def test_jit_trace_records_the_op_not_a_memo(grad):
                     p.mul_(1.5)
             traced.load_state_dict(module.state_dict())
             torch.testing.assert_close(traced(x), module(x))
+
+
+def test_module_memo_keeps_its_last_four_calls(monkeypatch):
+    # Mixed batch sizes (a server) and train / eval steps taking turns rebuilt on every call with a
+    # memo of one call: four keys are kept, the least recently used goes.
+    plans = _count_calls(monkeypatch, masked_op, "plan")
+    layer = _sparse_layer()
+    inputs = [torch.randn(n, 48) for n in (1, 2, 3, 4, 5)]
+    with torch.no_grad():
+        for _ in range(3):
+            for x in inputs[:4]:
+                torch.testing.assert_close(layer(x), _masked_expected(layer, x), **TOL[torch.float32])
+        assert plans.calls == 4
+        layer(inputs[4])  # a fifth key: the least recently used (batch 1) goes
+        assert plans.calls == 5
+        layer(inputs[3]), layer(inputs[1])
+        assert plans.calls == 5
+        layer(inputs[0])
+        assert plans.calls == 6
+    layer(inputs[0]), layer(inputs[0])  # grad mode: a key of its own, then kept
+    assert plans.calls == 7

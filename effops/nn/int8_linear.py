@@ -109,7 +109,7 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
         return self.weight.float() * self.weight_scale.unsqueeze(1)
 
     def forward(self, x):
-        # Through the module's memo of its last call (effops._call_plan): checks and choice run again only
+        # Through the module's memo of its last calls (effops._call_plan): checks and choice run again only
         # when x's shape, the grad mode, a buffer (weight_packed: also its version) or a setting changed.
         # weight_corr is derived from weight_packed (versioned in the key): the runner holds it.
         tensors = (self.weight_packed, self.weight_scale, self.bias)

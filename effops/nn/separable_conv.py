@@ -59,7 +59,7 @@ class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
         return self.pointwise.out_channels
 
     def forward(self, x):
-        # Through the module's memo of its last call (effops._call_plan): the op's checks and choice run
+        # Through the module's memo of its last calls (effops._call_plan): the op's checks and choice run
         # again only when x's shape or layout, the grad mode, a parameter or a setting changed.
         if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
             return self.forward(x.unsqueeze(0)).squeeze(0)

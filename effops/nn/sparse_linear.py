@@ -138,7 +138,7 @@ class SparseLinear(_call_plan.RemembersCalls, _MaskedMixin, nn.Linear):
         return out
 
     def forward(self, x):
-        # Through the module's memo of its last call (effops._call_plan): the op's checks and choice run
+        # Through the module's memo of its last calls (effops._call_plan): the op's checks and choice run
         # again only when x's shape, the grad mode, the mask (its version) or a parameter changed.
         weight, mask, bias = self.weight, self.mask, self.bias
         return _call_plan.call(self, x, (weight, mask, bias), lambda: _op.plan(x, weight, mask, bias),
@@ -192,7 +192,7 @@ class SparseConv1x1(_call_plan.RemembersCalls, _MaskedMixin, nn.Conv2d):
             raise ValueError("x must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape %s" % (tuple(x.shape),))
         if x.shape[1] != self.in_channels:
             raise ValueError("x must have %d channels (in_channels), got shape %s" % (self.in_channels, tuple(x.shape)))
-        # Through the module's memo of its last call, as SparseLinear's, keyed on the conv weight itself
+        # Through the module's memo of its last calls, as SparseLinear's, keyed on the conv weight itself
         # (through the functional op on its (out, in) view, a new tensor each call, no memo ever hit).
         weight, mask, bias = self.weight, self.mask, self.bias
         y = _call_plan.call(self, x, (weight, mask, bias), lambda: _op.conv1x1_plan(x, weight, mask, bias),
