@@ -77,6 +77,9 @@ class RemembersCalls:
         return super()._load_from_state_dict(*args, **kwargs)
 
 
+_X_FIELDS = 10  # eager_key's fields before the tensors
+
+
 def eager_key(x, tensors, versioned=(), extra=()):
     """The memo key of a call on x with the module's `tensors` (versioned: indices into tensors whose
     version counts), or None where no memo may stand in for the op (see the module docstring).
@@ -97,6 +100,7 @@ def eager_key(x, tensors, versioned=(), extra=()):
         return None  # sparse or meta x: the op's own checks answer (no strides to key on)
     key = [x.shape, x.stride(), x.dtype, device, x.requires_grad, torch.is_grad_enabled(),
            torch.is_inference_mode_enabled(), _backends.autocast_dtype(device_type), _backends.generation(), extra]
+    # (the first _X_FIELDS describe x, the modes and settings; the rest the tensors)
     for i, t in enumerate(tensors):
         if t is None:
             key.append(None)
@@ -130,8 +134,11 @@ def call(module, x, tensors, build, run_op, cast, versioned=(), extra=()):
     run = build()
     if run is None:
         return run_op()
-    # tensors: their ids in the key stay theirs while the entry lives
-    plan.recent = ((key, run, tensors),) + recent[:CallPlan.RECENT - 1]
+    # Entries kept only for the same tensors at the same versions (other shapes or modes of x): one for
+    # a replaced weight or an edited mask would keep the old tensors and what the runner derived from
+    # them (a dense W * mask) alive. (tensors: their ids in the key stay theirs while the entry lives)
+    tail = key[_X_FIELDS:]
+    plan.recent = ((key, run, tensors),) + tuple(e for e in recent if e[0][_X_FIELDS:] == tail)[:CallPlan.RECENT - 1]
     return _run(run, x, tensors, cast)
 
 

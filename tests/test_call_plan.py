@@ -1,4 +1,4 @@
-"""The modules' memo of their last eager call (effops._call_plan): a repeated call skips the op's checks
+"""The modules' memo of their last eager calls (effops._call_plan): a repeated call skips the op's checks
 and choice, and every change the checks or the choice depend on makes the next call redo them. Each
 test changes one thing after a memo exists and compares with the reference computed afresh, so a key
 that missed that thing returns a stale answer and fails it."""
@@ -703,3 +703,25 @@ def test_module_memo_keeps_its_last_four_calls(monkeypatch):
         assert plans.calls == 6
     layer(inputs[0]), layer(inputs[0])  # grad mode: a key of its own, then kept
     assert plans.calls == 7
+
+
+def test_module_memo_drops_entries_of_replaced_tensors():
+    # The memo keeps several entries for other shapes and modes of x, never for tensors that were
+    # replaced or edited: those entries would keep the old weight, and what their runners derived
+    # (a dense W * mask), alive.
+    layer = _sparse_layer()
+    with torch.no_grad():
+        layer(torch.randn(2, 48))
+        old = weakref.ref(layer.weight)
+        layer.weight = nn.Parameter(torch.randn(48, 48))
+        for n in (2, 3, 4):
+            layer(torch.randn(n, 48))
+    gc.collect()
+    assert old() is None, "a memo entry keeps the replaced weight alive"
+    with torch.no_grad():
+        info = weakref.ref(effops.ops._sparse_index.mask_info(layer.mask))
+        layer.mask.logical_not_()  # edited in place: a new version, a new description
+        for n in (2, 3, 4):
+            layer(torch.randn(n, 48))
+    gc.collect()
+    assert info() is None, "a memo entry keeps the old mask's description (and its W * mask) alive"

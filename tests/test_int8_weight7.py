@@ -329,3 +329,23 @@ def test_7bit_module_follows_weight_edits_and_refuses_out_of_range_ones():
         m.weight_packed[0, 0, 0, 0] = 100
         with pytest.raises(ValueError, match=r"weight_bits=7 needs weights in \[-63, 63\]"):
             m(x)
+
+
+def test_shared_memory_weights_written_by_another_process():
+    # share_memory(): another process writing weight_packed moves no version counter here, and the
+    # 7-bit kernel's column-sum correction derived from the old weights gave wrong sums (10.8 off on
+    # outputs of scale 2 in a review's run). Re-derived every call for shared weights.
+    if not effops.backends()["cpu"] or device().type != "cpu":
+        pytest.skip("the cpu backend's 7-bit kernel on CPU tensors")
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 32), weight_bits=7)
+    fresh = Int8Linear.from_linear(nn.Linear(64, 32), weight_bits=7)
+    q.share_memory()
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        q(x), q(x)
+        p = q.weight_packed  # a tensor on the same storage with its own version counter: another process
+        alias = torch.empty(0, dtype=p.dtype).set_(p.untyped_storage(), p.storage_offset(), p.shape, p.stride())
+        alias.copy_(fresh.weight_packed)
+        q.weight_scale.copy_(fresh.weight_scale), q.bias.copy_(fresh.bias)
+        torch.testing.assert_close(q(x), fresh(x))

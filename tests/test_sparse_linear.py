@@ -250,6 +250,11 @@ def test_swap_module_params_on_conversion():
             assert weight.dtype == torch.float16  # swapped in place: the same Parameter object
             module.float()
             torch.testing.assert_close(module(x), nn.functional.linear(x, weight * mask, getattr(module, "bias", None)))
+            builds = effops.ops._sparse_index.stats["builds"]
+            with torch.no_grad():
+                for n in (3, 4, 5, 6, 7, 8):  # more shapes than the module memo keeps: the mask's description
+                    module(torch.randn(n, 16))  # is still built once (held strongly in this mode)
+            assert effops.ops._sparse_index.stats["builds"] - builds <= 1
     finally:
         torch.__future__.set_swap_module_params_on_conversion(before)
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from effops import _call_plan, ops
-from effops.ops import _checks
+from effops.ops import _checks, _sparse_index
 from effops.ops.int8_gemm import _check_k, int8_linear_dynamic_runner, run_int8_linear_dynamic
 from effops.reference import int8 as reference
 
@@ -142,11 +142,14 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
     def _current_corr(self):
         """weight_corr, re-derived (and the weights' range re-checked) when weight_packed was replaced or
         written in place since it was made: the 7-bit CPU kernel would silently compute wrong sums from a
-        stale correction or from weights outside [-63, 63]. One tuple compare a call otherwise."""
+        stale correction or from weights outside [-63, 63]. One tuple compare a call otherwise (weights in
+        shared CPU memory: re-derived every call)."""
         if self.weight_bits != 7 or torch.compiler.is_compiling():
             return self.weight_corr
         key = self._packed_key()
-        if key != getattr(self, "_corr_key", None):
+        # In shared CPU memory another process may write the weights without moving this counter: then
+        # re-derived every call (the memo is off for it too: effops._call_plan.eager_key).
+        if key != getattr(self, "_corr_key", None) or _sparse_index.shared_cpu(self.weight_packed):
             p = self.weight_packed
             if p.numel() and (int(p.min()) < -63 or int(p.max()) > 63):
                 raise ValueError("weight_bits=7 needs weights in [-63, 63]; weight_packed now holds values in "

@@ -185,9 +185,34 @@ def mask_info(mask):
     check_binary(mask)
     info = MaskInfo(mask)
     stats["builds"] += 1
-    if not torch.__future__.get_swap_module_params_on_conversion():  # (a weak reference blocks swap_tensors)
+    if not torch.__future__.get_swap_module_params_on_conversion():
         _cache[id(mask)] = (weakref.ref(mask, _forget(id(mask))), key, info)
+    else:  # a weak reference would make torch.utils.swap_tensors refuse the mask: held strongly, a few
+        _cache[id(mask)] = (_Strong(mask), key, info)
+        _strong.append(id(mask))
+        while len(_strong) > MAX_STRONG:
+            old = _cache.get(_strong[0])
+            if old is not None and isinstance(old[0], _Strong):
+                _cache.pop(_strong[0], None)
+            _strong.pop(0)
     return info
+
+
+class _Strong:
+    """A strong reference called as a weak one is (the entry's mask under
+    torch.__future__.set_swap_module_params_on_conversion(True))."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __call__(self):
+        return self.obj
+
+
+MAX_STRONG = 64  # masks held strongly at most (the oldest entries go first)
+_strong = []
 
 
 def forget_mask(mask):

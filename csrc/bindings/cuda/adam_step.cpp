@@ -46,7 +46,10 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK(!has_master || dtype != AdamDtype::kFloat32, "adam_step: params[", i,
                 "] is float32 and needs no master copy");
     const at::ScalarType state_dtype = has_master ? at::kFloat : p.scalar_type();
-    check_like(p, params[0], p.scalar_type(), "params", i);
+    // On params[0]'s device, and dense (p against itself: the params of a group differ in shape).
+    TORCH_CHECK(p.is_cuda() && p.device() == params[0].device(), "adam_step: params[", i,
+                "] must be on params[0]'s CUDA device");
+    check_like(p, p, p.scalar_type(), "params", i);
     check_like(grads[i], p, p.scalar_type(), "grads", i);
     check_like(exp_avgs[i], p, state_dtype, "exp_avgs", i);
     check_like(exp_avg_sqs[i], p, state_dtype, "exp_avg_sqs", i);
