@@ -104,6 +104,14 @@ def register_kernel(op, backend, fn=None, *, supports=None, faster=None):
 # ---------------------------------------------------------------------------------------------
 # Which backends are usable here
 # ---------------------------------------------------------------------------------------------
+def shared_cpu(t):
+    """t lives in shared CPU memory (Tensor.share_memory_(), a model shared with worker processes):
+    another process may write it without moving this process's version counter, so nothing derived
+    from it may be reused on its version alone. (Storage.is_shared: ~0.1 us against Tensor.is_shared's
+    ~2 us; CUDA storages always count as shared, hence CPU only.)"""
+    return t.is_cpu and t.untyped_storage().is_shared()
+
+
 def _triton_interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 

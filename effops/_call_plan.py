@@ -43,10 +43,6 @@ import torch
 from effops import _backends
 
 
-def _shared_cpu(t):
-    return t.is_cpu and t.untyped_storage().is_shared()  # see effops.ops._sparse_index.shared_cpu
-
-
 class CallPlan:
     """One module's memo: its RECENT last calls' (key, runner, tensors), most recent first, as one tuple
     written and read in one step, so that threads calling the module at once never pair one call's key
@@ -109,7 +105,7 @@ def eager_key(x, tensors, versioned=(), extra=()):
             return None
         key += (id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
         if i in versioned:
-            if t.is_inference() or _shared_cpu(t):  # no version counter, or not the only writer's
+            if t.is_inference() or _backends.shared_cpu(t):  # no version counter, or not the only writer's
                 return None
             key.append(t._version)
     return key
@@ -199,7 +195,7 @@ def call_function(memo, x, tensors, settings, build, run_op, cast, versioned=())
     for i in versioned:
         t = tensors[i]
         if t is not None:
-            if t.is_inference() or _shared_cpu(t):  # no version counter, or another process writes it:
+            if t.is_inference() or _backends.shared_cpu(t):  # no version counter, or another process writes it:
                 return run_op()                     # an edit could not be seen
             versions.append(t._version)
     try:

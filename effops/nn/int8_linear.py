@@ -27,8 +27,8 @@ the bias is a Parameter with requires_grad=False unless the user enables it.
 import torch
 from torch import nn
 
-from effops import _call_plan, ops
-from effops.ops import _checks, _sparse_index
+from effops import _backends, _call_plan, ops
+from effops.ops import _checks
 from effops.ops.int8_gemm import _check_k, int8_linear_dynamic_runner, run_int8_linear_dynamic
 from effops.reference import int8 as reference
 
@@ -149,7 +149,7 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
         key = self._packed_key()
         # In shared CPU memory another process may write the weights without moving this counter: then
         # re-derived every call (the memo is off for it too: effops._call_plan.eager_key).
-        if key != getattr(self, "_corr_key", None) or _sparse_index.shared_cpu(self.weight_packed):
+        if key != getattr(self, "_corr_key", None) or _backends.shared_cpu(self.weight_packed):
             p = self.weight_packed
             if p.numel() and (int(p.min()) < -63 or int(p.max()) > 63):
                 raise ValueError("weight_bits=7 needs weights in [-63, 63]; weight_packed now holds values in "

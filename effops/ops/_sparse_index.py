@@ -20,6 +20,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from effops._backends import shared_cpu
+
 BLOCK_SIZES = (64, 32, 16)
 PATTERNS = ("unstructured", "block", "2:4")
 
@@ -152,14 +154,6 @@ def check_binary(mask):
     if mask.dtype != torch.bool and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
         bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
         raise ValueError("mask must hold only 0 and 1 (or be bool), found %r" % bad)
-
-
-def shared_cpu(t):
-    """t lives in shared CPU memory (Tensor.share_memory_(), a model shared with worker processes):
-    another process may write it without moving this process's version counter, so nothing derived
-    from it may be reused on its version alone. (Storage.is_shared: ~0.1 us against Tensor.is_shared's
-    ~2 us; CUDA storages always count as shared, hence CPU only.)"""
-    return t.is_cpu and t.untyped_storage().is_shared()
 
 
 def _key(mask):
