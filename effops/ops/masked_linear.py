@@ -80,20 +80,8 @@ def conv1x1_plan(x, weight, mask, bias):
     if route is None:
         return None
     if route.direct and route.name == "reference" and _describable(mask):
-        info = _sparse_index.mask_info(mask)
-        shape = weight.shape
-        if torch.is_grad_enabled() and (weight.requires_grad or mask.requires_grad):  # as _runner's
-            if mask.dtype == weight.dtype:
-                run = lambda x, weight, mask, bias: F.conv2d(x, weight * mask.view(shape), bias)  # noqa: E731
-            else:
-                mask_w = _mask_as(info, mask, weight.dtype).view(shape)
-                run = lambda x, weight, mask, bias: F.conv2d(x, weight * mask_w, bias)  # noqa: E731
-        else:
-            def run(x, weight, mask, bias):  # W * mask in the conv weight's shape, cached as _masked_weight's
-                masked = _sparse_index.cached_weight_form(info, weight, ("masked conv", weight.dtype),
-                                                          lambda: weight * _mask_as(info, mask, weight.dtype).view(shape))
-                return F.conv2d(x, masked, bias)
-        return _call_plan.CastsItself(run)  # F.conv2d casts under autocast itself, in C++, as F.linear would
+        # F.conv2d casts under autocast itself, in C++, as F.linear would
+        return _call_plan.CastsItself(_plain_runner(weight, mask, F.conv2d))
     run = _runner(*checked, route)  # (checked: cast as the memo's autocast_args will cast the call's tensors)
     return lambda x, weight, mask, bias: run(x.permute(0, 2, 3, 1), flat(weight), mask, bias).permute(0, 3, 1, 2)
 
@@ -153,20 +141,30 @@ def _runner(x, weight, mask, bias, route=None):
         return route.fn  # no gradient needed: the kernel without the custom op
     if not _describable(mask):
         return reference.masked_linear  # no caches of wrapped or meta tensors
+    return _plain_runner(weight, mask, F.linear)
+
+
+def _plain_runner(weight, mask, product):
+    """Plain PyTorch on W * mask as a runner of (x, weight, mask, bias): product(x, W * mask, bias), with
+    product F.linear (masked_linear) or F.conv2d (SparseConv1x1's (out, in, 1, 1) weight: the (out, in)
+    mask viewed in its shape). It keeps what it derives from the mask, never the weight's values."""
     info = _sparse_index.mask_info(mask)
+    shape = weight.shape
     if torch.is_grad_enabled() and (weight.requires_grad or mask.requires_grad):
         # Training (a learned float mask too): W * mask changes every step. The reference's
-        # F.linear(x, weight * mask, bias) itself.
+        # product(x, weight * mask, bias) itself.
         if mask.dtype == weight.dtype:
-            return lambda x, weight, mask, bias: torch.nn.functional.linear(x, weight * mask, bias)
+            if mask.shape == shape:
+                return lambda x, weight, mask, bias: product(x, weight * mask, bias)
+            return lambda x, weight, mask, bias: product(x, weight * mask.view(shape), bias)
         # A bool mask multiplies ~5x slower (its promotion runs per element, every call): in weight's
         # dtype, made once per mask version. (The runner holds this derived copy, never the mask: the
         # functional memo holds its tensors weakly.)
-        mask_w = _mask_as(info, mask, weight.dtype)
-        return lambda x, weight, mask, bias: torch.nn.functional.linear(x, weight * mask_w, bias)
-    # Inference on a mask too dense for the sparse kernels: dense F.linear on W * mask, made once per
+        mask_w = _mask_as(info, mask, weight.dtype).view(shape)
+        return lambda x, weight, mask, bias: product(x, weight * mask_w, bias)
+    # Inference on a mask too dense for the sparse kernels: dense product on W * mask, made once per
     # weight version instead of per call (the cost plain PyTorch pays with a pre-masked weight).
-    return lambda x, weight, mask, bias: torch.nn.functional.linear(x, _masked_weight(info, weight, mask), bias)
+    return lambda x, weight, mask, bias: product(x, _masked_weight(info, weight, mask), bias)
 
 
 def _describable(mask):
@@ -274,10 +272,11 @@ def _cpu_slower(x, weight, mask):
 
 
 def _masked_weight(info, w, mask):
-    """W * mask as the reference computes it, cached while the weight is unchanged (the automatic
-    choice's dense path for inference, any device). Costs one dense copy of the weight while the mask
-    lives."""
-    return _sparse_index.cached_weight_form(info, w, ("masked", w.dtype), lambda: w * _mask_as(info, mask, w.dtype))
+    """W * mask (in w's shape) as the reference computes it, cached while the weight is unchanged (the
+    automatic choice's dense path for inference, any device). Costs one dense copy of the weight while
+    the mask lives."""
+    return _sparse_index.cached_weight_form(info, w, ("masked", w.dtype),
+                                            lambda: w * _mask_as(info, mask, w.dtype).view(w.shape))
 
 
 def _mask_as(info, mask, dtype):
