@@ -16,6 +16,19 @@ def memory_format(x):
     return torch.contiguous_format
 
 
+def gelu(h):
+    """Exact (erf) GELU, as nn.GELU() by default: x * Phi(x), with infinities as that product gives them
+    in IEEE arithmetic: GELU(+inf) = +inf, GELU(-inf) = -inf * 0 = NaN (as torch's silu(-inf) = NaN).
+
+    torch's own vectorized GELU differs per CPU on infinities (its AVX-512 kernel returns NaN for both),
+    so they are set here rather than taken from whichever kernel this CPU's torch runs.
+    """
+    y = F.gelu(h)
+    if h.is_floating_point():
+        y = torch.where(h.isinf(), h * (h > 0), y)  # +inf * 1 = +inf, -inf * 0 = NaN
+    return y
+
+
 def activate(h, activation):
     if activation is None:
         return h
@@ -24,7 +37,7 @@ def activate(h, activation):
     if activation == "relu6":
         return F.relu6(h)
     if activation == "gelu":
-        return F.gelu(h)  # exact (erf) form, as nn.GELU() by default
+        return gelu(h)
     if activation == "silu":
         return F.silu(h)
     raise ValueError("activation must be one of %s, got %r" % (ACTIVATIONS, activation))
