@@ -5,19 +5,21 @@
     effops.optim      Adam, AdamW
     effops.fuse_separable / effops.prune / effops.quantize   model transforms
     effops.backends() / effops.use_backend(name)             backend choice (also EFFOPS_BACKEND)
+    effops.cpu_isa.current() / .use_cpu_isa(level)           CPU instruction-set level (also EFFOPS_CPU_ISA)
 """
 from effops._backends import BackendError, backends, use_backend
 from effops._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 __all__ = ["ops", "nn", "optim", "transforms", "backends", "use_backend", "BackendError",
-           "fuse_separable", "prune", "quantize", "GradualPruner"]
+           "fuse_separable", "prune", "quantize", "GradualPruner", "cpu_isa"]
 
 __getattr__ = lazy_getattr(__name__, {
     "ops": "effops.ops",
     "nn": "effops.nn",
     "optim": "effops.optim",
     "transforms": "effops.transforms",
+    "cpu_isa": "effops.cpu_isa",
     "fuse_separable": "effops.transforms:fuse_separable",
     "prune": "effops.transforms:prune",
     "GradualPruner": "effops.transforms:GradualPruner",

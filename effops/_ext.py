@@ -27,6 +27,13 @@ def _load_locked():
     if os.environ.get("EFFOPS_NO_EXT") == "1":
         _state.update(loaded=False, reason="disabled by EFFOPS_NO_EXT=1")
         return False
+    from effops.cpu_isa import env_level_error
+    bad_level = env_level_error()
+    if bad_level is not None:  # the kernels would ignore it: say so rather than run at another level
+        _state.update(loaded=False, reason=str(bad_level))
+        warnings.warn("effops: %s; the cpu backend is unusable until it is fixed" % bad_level, RuntimeWarning,
+                      stacklevel=2)
+        return False
     if importlib.util.find_spec("effops._C") is None:
         reason = "extension effops._C not built (pure-Python install, or run `make build`)"
         _state.update(loaded=False, reason=reason)
@@ -51,6 +58,6 @@ def reason():
 
 
 def build_info():
-    """The build report of the loaded extension: {"cuda_kernels": bool, "cpu_avx2_fma_runtime": ...}."""
+    """The build report of the loaded extension: {"cuda_kernels": bool, "cpu_isa_detected": ...}."""
     load()
     return dict(_state["info"])

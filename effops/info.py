@@ -1,8 +1,8 @@
 """The environment report behind `python -m effops info`: what to paste into a bug report.
 
 Versions (effops, python, torch, triton, numpy, CUDA), the CPU and its vector features, the GPUs with
-their compute capability, how the extension was built (compiler, OpenMP, CUDA kernels, AVX2/FMA at
-run time), which backends are usable here and why not, which backends have a kernel for each op,
+their compute capability, how the extension was built (compiler, OpenMP, CUDA kernels), the CPU
+instruction-set level and the body each hot path runs there, which backends are usable here and why not, which backends have a kernel for each op,
 and the environment variables effops reads.
 """
 import importlib
@@ -21,7 +21,7 @@ VECTOR_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"
 # _OPENMP (yyyymm of the specification) -> OpenMP version.
 OPENMP_VERSIONS = {200505: "2.5", 200805: "3.0", 201107: "3.1", 201307: "4.0", 201511: "4.5", 201811: "5.0",
                    202011: "5.1", 202111: "5.2"}
-ENV_VARS = ("EFFOPS_BACKEND", "EFFOPS_NO_EXT", "EFFOPS_DISABLE_AVX2", "EFFOPS_BUILD_CUDA", "TRITON_INTERPRET",
+ENV_VARS = ("EFFOPS_BACKEND", "EFFOPS_NO_EXT", "EFFOPS_CPU_ISA", "EFFOPS_DISABLE_AVX2", "EFFOPS_BUILD_CUDA", "TRITON_INTERPRET",
             "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TORCH_CUDA_ARCH_LIST")
 
 
@@ -80,16 +80,25 @@ def build_lines():
     cuda = info.get("cuda_kernels")
     lines.append("  cuda kernels: %s" % ("built" if cuda else "not built (needs torch with CUDA and nvcc, or "
                                                                "EFFOPS_BUILD_CUDA=1)"))
-    avx2 = info.get("cpu_avx2_fma_runtime")
-    if avx2 is None:
-        lines.append("  cpu kernels: ?")
-    elif avx2:
-        lines.append("  cpu kernels: AVX2/FMA bodies chosen at run time")
-    else:
-        why = "EFFOPS_DISABLE_AVX2=1" if os.environ.get("EFFOPS_DISABLE_AVX2") == "1" else "this CPU lacks AVX2/FMA"
-        lines.append("  cpu kernels: scalar bodies (%s)" % why)
-    for key in sorted(set(info) - {"compiler", "openmp", "cuda_kernels", "cpu_avx2_fma_runtime"}):
+    lines += cpu_level_lines(info)
+    for key in sorted(set(info) - {"compiler", "openmp", "cuda_kernels", "cpu_isa_detected"}):
         lines.append("  %s: %s" % (key, info[key]))
+    return lines
+
+
+def cpu_level_lines(info):
+    """The instruction-set level of the CPU kernels, why it is that one, and the body of each hot path."""
+    from effops import cpu_isa
+    detected, current = info.get("cpu_isa_detected", "?"), cpu_isa.current()
+    if current == detected:
+        why = "this CPU's highest level"
+    else:
+        capped_by = [v for v in (cpu_isa.ENV, "EFFOPS_DISABLE_AVX2") if os.environ.get(v)]
+        why = "capped from %s by %s" % (detected, " / ".join("%s=%s" % (v, os.environ[v]) for v in capped_by)
+                                         if capped_by else "effops.cpu_isa.use_cpu_isa")
+    lines = ["  cpu level: %s (%s; levels here: %s)" % (current, why, ", ".join(cpu_isa.levels()))]
+    for path, body in cpu_isa.kernel_bodies().items():
+        lines.append("    %-14s %s" % (path, body))
     return lines
 
 

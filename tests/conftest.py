@@ -5,6 +5,7 @@ kernel), so it is set here, before any test module imports effops' Triton kernel
 run on CPU tensors in the interpreter; on a CUDA machine (`make gpu-check`) set EFFOPS_TEST_DEVICE=cuda
 and TRITON_INTERPRET=0 to run every backend on the GPU instead.
 """
+import contextlib
 import os
 import re
 
@@ -38,23 +39,34 @@ def device():
     return torch.device(TEST_DEVICE)
 
 
+def cpu_levels():
+    """The instruction-set levels this CPU runs, lowest first (effops.cpu_isa), or () without the extension."""
+    return effops.cpu_isa.levels() if _ext.load() else ()
+
+
 def backends_on_device():
-    """Backends that can run on the test device, each with the reason it is skipped if it cannot."""
+    """Backends that can run on the test device, each with the reason it is skipped if it cannot. The cpu
+    backend comes once per instruction-set level this CPU runs (ids cpu-scalar, cpu-avx2, ...), so every
+    CPU kernel test proves every body this machine can execute."""
     out = []
     for name in _backends.BACKENDS:
         ok, why = _backends.backend_reasons()[name]
         runs = _backends._runs_on(name, device().type)
         mark = [] if ok and runs else [pytest.mark.skip(reason="%s backend: %s" % (name, why if not ok else
                                                                                     "cannot run on " + TEST_DEVICE))]
-        out.append(pytest.param(name, marks=mark, id=name))
+        if name == "cpu" and ok and runs:
+            out += [pytest.param((name, level), id="%s-%s" % (name, level)) for level in cpu_levels()]
+        else:
+            out.append(pytest.param((name, None), marks=mark, id=name))
     return out
 
 
 @pytest.fixture(params=backends_on_device())
 def backend(request):
-    """Run the test body with one backend forced."""
-    with effops.use_backend(request.param):
-        yield request.param
+    """Run the test body with one backend forced (the cpu backend at one instruction-set level)."""
+    name, level = request.param
+    with effops.use_backend(name), (effops.cpu_isa.use_cpu_isa(level) if level else contextlib.nullcontext()):
+        yield name
 
 
 # Backends that lack kernels for some ops on purpose: the `backend` fixture offers cuda on a CUDA test
@@ -68,6 +80,8 @@ _NO_KERNEL = re.compile(r"backend '(\w+)' is forced but has no kernel for (\w+)"
 
 def _missing_kernel_reason(item, exc):
     backend = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+    if isinstance(backend, tuple):  # (name, cpu level): the fixture below
+        backend = backend[0]
     if backend not in PARTIAL_BACKENDS or "backend" not in getattr(item, "fixturenames", ()):
         return None
     while exc is not None:  # the error itself, or one it was explicitly raised from (`raise ... from`)
@@ -98,15 +112,9 @@ def pytest_report_header(config):
     return lines
 
 
-def run_scalar_path(script, timeout=240):
-    """Run `script` in a fresh Python with EFFOPS_DISABLE_AVX2=1, so the cpu kernels take their scalar
-    bodies (the variable is read once per process), on the cpu test device, with this checkout on the
-    path. Asserts that it exits 0 and prints "scalar ok"."""
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, EFFOPS_DISABLE_AVX2="1", EFFOPS_TEST_DEVICE="cpu")
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0 and "scalar ok" in proc.stdout, proc.stderr[-3000:]
+def run_at_every_cpu_level(script):
+    """Run `script` (Python source) once per instruction-set level this CPU runs, scalar included, with
+    the cpu kernels capped to that level (effops.cpu_isa.use_cpu_isa) and LEVEL set to its name."""
+    for level in cpu_levels():
+        with effops.cpu_isa.use_cpu_isa(level):
+            exec(compile(script, "<script at %s>" % level, "exec"), {"__name__": "__level_script__", "LEVEL": level})

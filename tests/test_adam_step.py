@@ -13,7 +13,7 @@ import torch
 import effops
 from effops.ops import adam_step  # through the package first: the public function
 from effops.ops.adam_step import flat_layout_reason
-from tests.conftest import TOL, device, run_scalar_path
+from tests.conftest import TOL, device, run_at_every_cpu_level
 
 # (param dtype, master weights): every storage combination the kernels have.
 CASES = [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True),
@@ -231,13 +231,13 @@ def test_bad_hyperparameters(kwargs, match):
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-def test_cpu_scalar_path_matches_reference():
-    """EFFOPS_DISABLE_AVX2=1 (read once per process) forces the scalar body: run it in a subprocess."""
+def test_cpu_every_level_matches_reference():
+    """Every instruction-set level this CPU runs (the scalar body included) against the reference."""
     code = (
         "import torch, effops, json\n"
         "from effops import _ext\n"
         "from tests.test_adam_step import make_state, clone_state, run_step, assert_state_close, OPTIONS, CASES\n"
-        "assert _ext.build_info()['cpu_avx2_fma_runtime'] is False\n"
+        "assert torch.ops.effops_cpu.cpu_isa() == LEVEL\n"
         "for dtype, master in CASES:\n"
         "    for opt in OPTIONS.values():\n"
         "        s = make_state([97, 8, 0, 13], dtype, master, opt.get('amsgrad', False), dev=torch.device('cpu'))\n"
@@ -245,8 +245,8 @@ def test_cpu_scalar_path_matches_reference():
         "        run_step(want, 'reference', opt)\n"
         "        run_step(s, 'cpu', opt)\n"
         "        assert_state_close(s, want)\n"
-        "print('scalar ok')\n")
-    run_scalar_path(code)
+        "")
+    run_at_every_cpu_level(code)
 
 
 def _op_args(s, options):

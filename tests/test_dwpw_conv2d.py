@@ -10,7 +10,7 @@ import effops
 from effops import _backends
 from effops.ops import dwpw_conv2d
 from effops.reference import dwpw_conv2d as reference
-from conftest import TOL, device, run_scalar_path
+from conftest import TOL, device, run_at_every_cpu_level
 
 dwpw = importlib.import_module("effops.ops.dwpw_conv2d")  # the module (effops.ops.dwpw_conv2d is the function)
 ACTIVATIONS = reference.ACTIVATIONS
@@ -429,12 +429,12 @@ def test_cpu_backward_bands(case, threads):
         torch.set_num_threads(old)
 
 
-SCALAR_SCRIPT = r"""
+LEVELS_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, "tests")
 import effops
 from effops import _ext
-assert _ext.load() and not _ext.build_info()["cpu_avx2_fma_runtime"], "AVX2 should be disabled"
+assert torch.ops.effops_cpu.cpu_isa() == LEVEL
 import test_dwpw_conv2d as t
 with effops.use_backend("cpu"):
     for case in (t.CASES[2], t.CASES[3], t.LARGE[0], t.NCHW_TILES[1], t.NCHW_TILES[3]):
@@ -453,13 +453,12 @@ with effops.use_backend("cpu"):
 for activation in t.ACTIVATIONS:
     with effops.use_backend("cpu"):
         t.non_finite_check(activation)
-print("scalar ok")
 """
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-def test_cpu_scalar_path_matches_reference():
-    run_scalar_path(SCALAR_SCRIPT, timeout=300)
+def test_cpu_every_level_matches_reference():
+    run_at_every_cpu_level(LEVELS_SCRIPT)
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")

@@ -5,6 +5,8 @@ import sys
 
 import torch
 
+import effops
+
 from effops import _backends, _ext, info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +38,9 @@ def test_report_lists_the_build_options_of_the_extension():
     assert "compiler: " in text and str(build["compiler"]) in text
     assert "openmp: " in text and (build["openmp"] is None or str(build["openmp"]) in text)
     assert "cuda kernels: %s" % ("built" if build["cuda_kernels"] else "not built") in text
-    assert ("AVX2/FMA bodies" in text) == bool(build["cpu_avx2_fma_runtime"])
+    assert "cpu level: %s" % effops.cpu_isa.current() in text
+    for path, body in effops.cpu_isa.kernel_bodies().items():
+        assert "%-14s %s" % (path, body) in text
 
 
 def test_cpu_features_come_from_the_cpu_flags():

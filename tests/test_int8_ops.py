@@ -11,7 +11,7 @@ import torch
 import effops
 from effops import ops
 from effops.reference import int8 as reference
-from tests.conftest import TOL, device, run_scalar_path
+from tests.conftest import TOL, device, run_at_every_cpu_level
 
 MAX_K = reference.MAX_K
 
@@ -482,14 +482,14 @@ def test_torch_compile_fullgraph_no_graph_breaks():
 
 
 # ---------------------------------------------------------------------------------------------
-# The scalar path (no AVX2) of the cpu kernels, in a subprocess: the switch is read once per process.
+# The cpu kernels at every instruction-set level this CPU runs (scalar included), against the reference.
 # ---------------------------------------------------------------------------------------------
-_SCALAR_SCRIPT = r"""
+_LEVELS_SCRIPT = r"""
 import torch, effops
 from effops import ops, _ext
 from effops.ops.int8_gemm import int8_linear_dynamic
 from effops.reference import int8 as R
-assert _ext.build_info()["cpu_avx2_fma_runtime"] is False
+assert torch.ops.effops_cpu.cpu_isa() == LEVEL
 torch.manual_seed(0)
 with effops.use_backend("cpu"):
     for m, k, n in [(1, 1, 1), (5, 7, 3), (17, 64, 16), (33, 130, 37)]:
@@ -515,10 +515,9 @@ sys.path.insert(0, "tests")
 import test_int8_ops as t
 with effops.use_backend("cpu"):
     t.check_non_finite_rows(ops.quantize_rowwise)
-print("scalar ok")
 """
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-def test_cpu_scalar_path_matches_reference():
-    run_scalar_path(_SCALAR_SCRIPT)
+def test_cpu_every_level_matches_reference():
+    run_at_every_cpu_level(_LEVELS_SCRIPT)

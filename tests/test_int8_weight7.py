@@ -18,7 +18,7 @@ import effops
 from effops.nn import Int8Linear
 from effops.ops.int8_gemm import int8_linear_dynamic
 from effops.reference import int8 as reference
-from tests.conftest import device, run_scalar_path
+from tests.conftest import device, run_at_every_cpu_level
 from tests.test_int8_linear import _digits_mlp, _rel_err
 
 MAX_K = reference.MAX_K
@@ -240,12 +240,12 @@ def test_quantize_transform_and_accuracy_on_trained_mlp():
     assert abs(acc7 - acc_fp32) <= 0.01 and _rel_err(q7, logits) < 0.02
 
 
-_SCALAR_SCRIPT = r"""
+_LEVELS_SCRIPT = r"""
 import torch, effops
 from effops import _ext
 from effops.nn import Int8Linear
 from effops.reference import int8 as R
-assert _ext.build_info()["cpu_avx2_fma_runtime"] is False
+assert torch.ops.effops_cpu.cpu_isa() == LEVEL
 torch.manual_seed(0)
 with effops.use_backend("cpu"):
     for m, k, n in [(1, 1, 1), (5, 7, 3), (13, 130, 37), (6, 4099, 17)]:
@@ -265,13 +265,12 @@ with effops.use_backend("cpu"):
             xf = (torch.randn(m, k) * 3).to(dt)
             ref = R.int8_linear_dynamic(xf, mod.weight_packed, mod.weight_scale, mod.bias, n, False)
             torch.testing.assert_close(mod(xf).float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
-print("scalar ok")
 """
 
 
 @cpu_only
-def test_cpu_scalar_path_exact():
-    run_scalar_path(_SCALAR_SCRIPT)
+def test_cpu_every_level_exact():
+    run_at_every_cpu_level(_LEVELS_SCRIPT)
 
 
 @cpu_only

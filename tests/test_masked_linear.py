@@ -10,7 +10,7 @@ from effops.ops import _sparse_index
 from effops.ops.masked_linear import masked_linear
 from effops.reference import masked_linear as reference
 
-from conftest import TOL, device, run_scalar_path
+from conftest import TOL, device, run_at_every_cpu_level
 
 
 def make_mask(kind, n, k, density=0.3, seed=0):
@@ -272,12 +272,12 @@ def test_automatic_choice_uses_cpu_only_where_it_wins():
         assert _backends.select("masked_linear", "cpu", x, w, dense, None) == "cpu"
 
 
-SCALAR_SCRIPT = textwrap.dedent("""
+LEVELS_SCRIPT = textwrap.dedent("""
     import torch, effops
     from effops import _ext
     from effops.ops.masked_linear import masked_linear
     from effops.reference import masked_linear as reference
-    assert _ext.build_info()["cpu_avx2_fma_runtime"] is False
+    assert torch.ops.effops_cpu.cpu_isa() == LEVEL
     torch.manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         for mask in (torch.rand(3, 5).repeat_interleave(16, 0).repeat_interleave(16, 1)[:40, :70] < 0.5,
@@ -292,13 +292,12 @@ SCALAR_SCRIPT = textwrap.dedent("""
             gxr, gwr = torch.autograd.grad(yr, (xr, wr), torch.ones_like(yr))
             for a, b in ((y, yr), (gx, gxr), (gw, gwr)):
                 torch.testing.assert_close(a.float(), b, atol=tol, rtol=tol)
-    print("scalar ok")
-""")
+    """)
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-def test_cpu_scalar_path_matches_reference():
-    run_scalar_path(SCALAR_SCRIPT)
+def test_cpu_every_level_matches_reference():
+    run_at_every_cpu_level(LEVELS_SCRIPT)
 
 
 @pytest.mark.parametrize("kind,rows", [("block16", 5), ("unstructured", 5), ("unstructured", 40)])

@@ -31,12 +31,13 @@ void dispatch_float(at::ScalarType t, const char* name, F&& f) {
 }
 
 // C = A @ B for A (M, K) int8 and B given by its element (k, n) = b[k*stride_k + n*stride_n]:
-// packs B (s8 layout when B has no -128, else the widening s16 layout) and runs the kernel.
+// packs B (s8 layout when this CPU's s8 body takes any B or B has no -128, else the widening s16
+// layout) and runs the kernel.
 void gemm_any_b(const at::Tensor& a, const int8_t* b, int64_t stride_k, int64_t stride_n, int64_t N,
                 const Int8Epilogue& epi) {
   const int64_t M = a.size(0), K = a.size(1);
   const int64_t panels_cols = ceil_to(N, kInt8NR);
-  if (!int8_contains_min(b, K * N)) {
+  if (int8_s8_takes_any_b() || !int8_contains_min(b, K * N)) {
     auto packed = at::empty({panels_cols * ceil_to(K, kInt8KG)}, a.options().dtype(at::kChar));
     int8_pack_b_s8(b, stride_k, stride_n, K, N, packed.data_ptr<int8_t>());
     int8_gemm_s8(a.data_ptr<int8_t>(), K, M, K, packed.data_ptr<int8_t>(), N, epi);

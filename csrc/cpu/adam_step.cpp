@@ -233,4 +233,7 @@ void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper* hypers
   }
 }
 
+// The AVX2 body runs at every level above it: the step is memory-bound (docs/adam.md).
+const char* adam_step_body() { return has_avx2_fma() ? "avx2 (256-bit)" : "scalar"; }
+
 }  // namespace effops::cpu

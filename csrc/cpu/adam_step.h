@@ -49,4 +49,7 @@ inline void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper&
   adam_step(tensors, count, &hyper);
 }
 
+// Which body the step runs at the current level (for `python -m effops info`).
+const char* adam_step_body();
+
 }  // namespace effops::cpu

@@ -274,4 +274,7 @@ EFFOPS_INSTANTIATE(float)
 EFFOPS_INSTANTIATE(c10::BFloat16)
 EFFOPS_INSTANTIATE(c10::Half)
 
+// The AVX2 body runs at every level above it: no 512-bit body yet (docs/dwpw_conv2d.md).
+const char* dwpw_body() { return use_avx2() ? "avx2 (fp32 FMA, 256-bit)" : "scalar"; }
+
 }  // namespace effops::cpu::dwpw

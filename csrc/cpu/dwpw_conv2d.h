@@ -42,4 +42,7 @@ void backward(const Shape& s, const T* x, bool x_nchw, const T* gy, bool gy_nchw
               const float* dw_b, const float* pw_packed_t, T* gx, float* g_dw, float* g_pw, float* g_dwb,
               float* g_pwb);
 
+// Which body the forward and backward run at the current level (for `python -m effops info`).
+const char* dwpw_body();
+
 }  // namespace effops::cpu::dwpw

@@ -484,8 +484,20 @@ struct BSideKernels {
 };
 #endif
 
+bool int8_s8_takes_any_b() { return cpu_isa_at_least(CpuIsa::kAvx512Vnni); }
+
+const char* int8_gemm_body() {
+  switch (cpu_isa()) {
+    case CpuIsa::kScalar: return "scalar";
+    case CpuIsa::kAvx2: return "avx2 (vpmaddubsw + vpmaddwd, 256-bit)";
+    case CpuIsa::kAvx512: return "avx512 (vpmaddubsw + vpmaddwd, 512-bit)";
+    default: return "avx512_vnni (vpdpbusd, 512-bit)";
+  }
+}
+
 void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                   const Int8Epilogue& epi) {
+  if (int8_gemm_s8_avx512(a, lda, M, K, b_packed, N, epi)) return;
   const bool avx2 = has_avx2_fma();
   const int64_t kpad = ceil_to(K, kInt8KG);
   // (vpabsb of -128 gives 0x80 = 128 as an unsigned byte, so |a| is right for every int8.)
@@ -517,6 +529,7 @@ void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8
 
 void int8_gemm_u8s7(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                     const int32_t* col_corr, const Int8Epilogue& epi) {
+  if (int8_gemm_u8s7_avx512(a_u, lda, M, K, b_packed, N, col_corr, epi)) return;
   const bool avx2 = has_avx2_fma();
   const int64_t kpad = ceil_to(K, kInt8KG);
   std::vector<uint8_t> ap;

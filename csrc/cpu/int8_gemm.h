@@ -43,7 +43,8 @@ struct Int8Epilogue {
   const float* bias;        // N or nullptr
 };
 
-// A: M x K int8, row stride lda. b_packed: s8 layout, no -128 in it.
+// A: M x K int8, row stride lda. b_packed: s8 layout; no -128 in it below the avx512_vnni level
+// (int8_s8_takes_any_b() says whether this CPU's body takes any int8 B).
 void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                   const Int8Epilogue& epi);
 // The 7-bit-weight path (Int8Linear's weight_bits=7): a_u = a + 128 (a in [-127, 127], so a_u in
@@ -56,6 +57,15 @@ void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8
 // [-128 P - 127 Q, 128 Q + 127 P], within +-128 * 63 * K ~ +-1.06e9 for K <= 131071.
 void int8_gemm_u8s7(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                     const int32_t* col_corr, const Int8Epilogue& epi);
+bool int8_s8_takes_any_b();
+// The 512-bit bodies (int8_gemm_avx512.cpp), which the two entry points above run at the avx512 level
+// and up; false when they do not take the call (below that level, or A holding -128 without VNNI).
+bool int8_gemm_s8_avx512(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                         const Int8Epilogue& epi);
+bool int8_gemm_u8s7_avx512(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                           const int32_t* col_corr, const Int8Epilogue& epi);
+// Which body int8_gemm_s8 / int8_gemm_u8s7 run at the current level (for `python -m effops info`).
+const char* int8_gemm_body();
 // Any int8 values: A is widened to int16 internally, b_packed in the s16 layout.
 void int8_gemm_s16(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int16_t* b_packed, int64_t N,
                    const Int8Epilogue& epi);

@@ -60,4 +60,7 @@ template <typename T>
 void csr_sparse_grad_weight(const SpannedT& gyT, const SpannedT& xT, int64_t N, int64_t K, const int64_t* ptr,
                             const int64_t* idx, T* gw);
 
+// Which body the block and CSR kernels run at the current level (for `python -m effops info`).
+const char* masked_linear_body();
+
 }  // namespace effops::cpu

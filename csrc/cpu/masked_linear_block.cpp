@@ -286,4 +286,8 @@ EFFOPS_INSTANTIATE(c10::BFloat16)
 EFFOPS_INSTANTIATE(c10::Half)
 #undef EFFOPS_INSTANTIATE
 
+const char* masked_linear_body() {
+  return has_avx2_fma() ? "avx2 (fp32 FMA, 256-bit; bf16/fp16 computed in fp32)" : "scalar";
+}
+
 }  // namespace effops::cpu

@@ -1,9 +1,11 @@
-// The SIMD vocabulary every CPU kernel uses: one 8-lane fp32 vector type with load/store/fma and
-// conversions from and to bf16/fp16, in an AVX2 flavour and a scalar flavour with the same names.
+// The SIMD vocabulary every CPU kernel uses: an fp32 vector type with load/store/fma and conversions
+// from and to bf16/fp16, in a scalar, an AVX2 (8 lanes) and an AVX-512 (16 lanes) flavour with the
+// same names.
 //
-// Kernels are templates over `Vec` and are instantiated twice: once inside a function marked
-// EFFOPS_AVX2_TARGET (compiled for AVX2+FMA although the file is not), once for the scalar path.
-// cpu_features.h decides at run time which one runs. Never compile these files with -march=native.
+// Kernels are templates over `Vec` and are instantiated once per level: inside a function marked
+// EFFOPS_AVX512_TARGET / EFFOPS_AVX2_TARGET (compiled for that instruction set although the file is
+// not), and plainly for the scalar path. cpu_features.h decides at run time which one runs. Never
+// compile these files with -march=native.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -16,9 +18,18 @@
 #include <immintrin.h>
 #define EFFOPS_HAVE_X86 1
 #define EFFOPS_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+// The avx512 level of cpu_features.h (F/BW/DQ/VL), and the two extensions above it.
+#define EFFOPS_AVX512_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")))
+#define EFFOPS_AVX512_VNNI_TARGET \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+#define EFFOPS_AVX512_BF16_TARGET \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512bf16")))
 #else
 #define EFFOPS_HAVE_X86 0
 #define EFFOPS_AVX2_TARGET
+#define EFFOPS_AVX512_TARGET
+#define EFFOPS_AVX512_VNNI_TARGET
+#define EFFOPS_AVX512_BF16_TARGET
 #endif
 
 namespace effops::cpu {
@@ -90,6 +101,45 @@ struct Avx2Vec {
     s = _mm_hadd_ps(s, s);
     return _mm_cvtss_f32(s);
   }
+};
+
+// ---- AVX-512: 16 fp32 lanes, the same members; compiled for the avx512 level. ----
+struct Avx512Vec {
+  static constexpr int kWidth = 16;
+  __m512 v;
+  EFFOPS_AVX512_TARGET static Avx512Vec zero() { return {_mm512_setzero_ps()}; }
+  EFFOPS_AVX512_TARGET static Avx512Vec broadcast(float x) { return {_mm512_set1_ps(x)}; }
+  EFFOPS_AVX512_TARGET static Avx512Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  EFFOPS_AVX512_TARGET static Avx512Vec load(const c10::BFloat16* p) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  EFFOPS_AVX512_TARGET static Avx512Vec load(const c10::Half* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  EFFOPS_AVX512_TARGET void store(float* p) const { _mm512_storeu_ps(p, v); }
+  EFFOPS_AVX512_TARGET void store(c10::BFloat16* p) const {
+    // Round to nearest even, NaN kept quiet (as Avx2Vec::store and c10::BFloat16).
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7fc00000));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  }
+  EFFOPS_AVX512_TARGET void store(c10::Half* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  EFFOPS_AVX512_TARGET friend Avx512Vec operator+(Avx512Vec a, Avx512Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  EFFOPS_AVX512_TARGET friend Avx512Vec operator-(Avx512Vec a, Avx512Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  EFFOPS_AVX512_TARGET friend Avx512Vec operator*(Avx512Vec a, Avx512Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  EFFOPS_AVX512_TARGET friend Avx512Vec operator/(Avx512Vec a, Avx512Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
+  EFFOPS_AVX512_TARGET static Avx512Vec fma(Avx512Vec a, Avx512Vec b, Avx512Vec c) {
+    return {_mm512_fmadd_ps(a.v, b.v, c.v)};
+  }
+  EFFOPS_AVX512_TARGET static Avx512Vec max(Avx512Vec a, Avx512Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  EFFOPS_AVX512_TARGET static Avx512Vec sqrt(Avx512Vec a) { return {_mm512_sqrt_ps(a.v)}; }
+  EFFOPS_AVX512_TARGET float reduce_add() const { return _mm512_reduce_add_ps(v); }
 };
 #endif
 

@@ -1,0 +1,331 @@
+// int8 GEMM bodies on 512-bit vectors: the avx512 level (AVX-512BW: vpmaddubsw + vpmaddwd on zmm) and
+// the avx512_vnni level (vpdpbusd). int8_gemm.cpp's entry points call them at those levels; layouts,
+// epilogue and the saturation argument are in int8_gemm.h.
+//
+// B is the same packed s8 layout as the AVX2 body: one 4-k group of a 16-column panel is 64 bytes, one
+// zmm. A micro-tile is MR <= 6 rows x NP <= 4 panels: 24 accumulators, 4 B vectors and one broadcast of
+// A's 4 bytes fit the 32 zmm registers, and per 4-k group it issues 24 multiply-adds for 4 + 6 loads.
+//
+// Arithmetic per level (every path is exact: int32 sums of int8 products):
+//  * avx512_vnni: vpdpbusd multiplies unsigned by signed bytes and adds groups of four into int32 with
+//    no 16-bit intermediate, so nothing saturates. A is shifted to unsigned (a_u = a + 128, computed
+//    once per call) and the sums start at -128 * the column sums of B, so C = sum (a + 128) b - 128 sum b
+//    = sum a b for every int8 value of A and B, -128 included. The column sums are computed per tile
+//    from the panels the tile is about to read (they are then in L2), so B still streams from memory
+//    once; with at most kInlineRows rows they are summed inside the micro-kernel instead, from the B
+//    vectors already in registers (one more vpdpbusd per panel and group, free where reading B is the
+//    whole cost). The 7-bit path (int8_gemm_u8s7) hands in its a_u and correction.
+//  * avx512 without VNNI: the AVX2 body's steps on zmm. 8-bit: |b| (unsigned, <= 128) times a * sign(b)
+//    (vpsignb has no 512-bit form: a masked subtract from zero where b < 0), pairs <= 2 * 128 * 127 =
+//    32512 < 32767, exact when A has no -128 (such A takes the AVX2 body). 7-bit: a_u times b in
+//    [-63, 63], pairs <= 2 * 255 * 63.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/int8_gemm.h"
+#include "cpu/simd.h"
+
+#define EFFOPS_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace effops::cpu {
+
+#if EFFOPS_HAVE_X86
+namespace {
+
+constexpr int kMR = 6;  // rows per micro-tile
+constexpr int kNP = 4;  // panels per micro-tile
+constexpr int64_t kGroupBytes = kInt8NR * kInt8KG;  // one 4-k group of one panel: 64 bytes, one zmm
+constexpr int kInlineRows = 4;  // VNNI: up to this many rows sum the column correction in the micro-kernel
+
+// The loads and stores every step shares.
+struct Zmm {
+  EFFOPS_AVX512_TARGET static __m512i zero() { return _mm512_setzero_si512(); }
+  EFFOPS_AVX512_TARGET static __m512i load(const void* p) { return _mm512_loadu_si512(p); }
+  EFFOPS_AVX512_TARGET static __m512i bcast4(const uint8_t* p) {
+    int32_t w;
+    std::memcpy(&w, p, 4);
+    return _mm512_set1_epi32(w);
+  }
+  EFFOPS_AVX512_TARGET static void store(int32_t* p, __m512i v) { _mm512_storeu_si512(p, v); }
+  EFFOPS_AVX512_TARGET static __m512i u8(uint8_t v) { return _mm512_set1_epi8(static_cast<char>(v)); }
+  EFFOPS_AVX512_TARGET static __m512i sub(__m512i x, __m512i y) { return _mm512_sub_epi32(x, y); }
+  EFFOPS_AVX512_TARGET static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+// ---- steps: acc += the 4-k dot products of one row's broadcast bytes `a` with one prepared B vector ----
+struct VnniStep {  // a: a + 128 (unsigned); b: any int8
+  using B = __m512i;
+  EFFOPS_AVX512_VNNI_TARGET static B prepare(__m512i b) { return b; }
+  EFFOPS_AVX512_VNNI_TARGET static __m512i step(__m512i acc, __m512i a, const B& b) {
+    return _mm512_dpbusd_epi32(acc, a, b);
+  }
+};
+
+struct Bw7Step {  // a: a + 128 (unsigned); b in [-63, 63]
+  using B = __m512i;
+  EFFOPS_AVX512_TARGET static B prepare(__m512i b) { return b; }
+  EFFOPS_AVX512_TARGET static __m512i step(__m512i acc, __m512i a, const B& b) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)));
+  }
+};
+
+struct Bw8Step {  // a: int8 without -128; b: any int8
+  struct B {
+    __m512i abs_b;
+    __mmask64 negative;
+  };
+  EFFOPS_AVX512_TARGET static B prepare(__m512i b) { return {_mm512_abs_epi8(b), _mm512_movepi8_mask(b)}; }
+  EFFOPS_AVX512_TARGET static __m512i step(__m512i acc, __m512i a, const B& b) {
+    const __m512i a_sign_b = _mm512_mask_sub_epi8(a, b.negative, _mm512_setzero_si512(), a);
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(b.abs_b, a_sign_b), _mm512_set1_epi16(1)));
+  }
+};
+
+// ---- micro-kernel: MR rows of A (row stride lda, whole 4-byte groups) against NP neighbouring panels.
+// init: NP x 16 starting sums (the correction), or nullptr for zeros. c gets panel q's row r at
+// c + (q * MR + r) * 16, each panel's rows in the epilogue's layout.
+// kInline (VNNI only): the sums start at zero and -128 * the column sums, accumulated here from the
+// same B vectors, are added at the end.
+template <class Step, int MR, int NP, bool kInline>
+EFFOPS_ALWAYS_INLINE void micro(const uint8_t* a, int64_t lda, int64_t groups, const int8_t* b, int64_t panel_bytes,
+                                const int32_t* init, int32_t* c) {
+  __m512i acc[MR][NP], colsum128[NP];
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q) {
+    const __m512i start = init ? Zmm::load(init + q * kInt8NR) : Zmm::zero();
+    colsum128[q] = Zmm::zero();
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) acc[r][q] = start;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    typename Step::B bq[NP];
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) {
+      const int8_t* bp = b + q * panel_bytes + g * kGroupBytes;
+      bq[q] = Step::prepare(Zmm::load(bp));
+      if constexpr (kInline) colsum128[q] = Step::step(colsum128[q], Zmm::u8(0x80), bq[q]);
+      // With few rows the weights stream from memory and their reads are the whole cost: ask early.
+      if constexpr (MR <= 2) Zmm::prefetch(bp + 1024);
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m512i av = Zmm::bcast4(a + r * lda + g * kInt8KG);
+#pragma GCC unroll 4
+      for (int q = 0; q < NP; ++q) acc[r][q] = Step::step(acc[r][q], av, bq[q]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q)
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) Zmm::store(c + (q * MR + r) * kInt8NR, kInline ? Zmm::sub(acc[r][q], colsum128[q]) : acc[r][q]);
+}
+
+// -128 * (column sums of np panels), 16 per panel: the starting sums of the VNNI path.
+EFFOPS_AVX512_VNNI_TARGET void column_correction(const int8_t* b, int64_t panel_bytes, int64_t groups, int np,
+                                                 int32_t* corr) {
+  const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int q = 0; q < np; ++q) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0;  // two chains: the adds' latency, not their count, bounds it
+    const int8_t* bp = b + q * panel_bytes;
+    int64_t g = 0;
+    for (; g + 1 < groups; g += 2) {
+      s0 = _mm512_dpbusd_epi32(s0, u128, _mm512_loadu_si512(bp + g * kGroupBytes));
+      s1 = _mm512_dpbusd_epi32(s1, u128, _mm512_loadu_si512(bp + (g + 1) * kGroupBytes));
+    }
+    if (g < groups) s0 = _mm512_dpbusd_epi32(s0, u128, _mm512_loadu_si512(bp + g * kGroupBytes));
+    _mm512_storeu_si512(corr + q * kInt8NR, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_add_epi32(s0, s1)));
+  }
+}
+
+// ---- epilogue: one panel's mr rows of int32 sums (row stride 16) to the output, nc <= 16 columns ----
+// Same arithmetic and order as int8_gemm.cpp's scalar epilogue: (acc * xs) * ws + bias.
+template <typename OutT>
+EFFOPS_AVX512_TARGET void epilogue(const int32_t* c, int mr, int64_t i0, int64_t j0, int nc, const Int8Epilogue& e) {
+  if constexpr (std::is_same_v<OutT, int32_t>) {
+    for (int r = 0; r < mr; ++r)
+      std::memcpy(static_cast<int32_t*>(e.out) + (i0 + r) * e.ldo + j0, c + r * kInt8NR, nc * sizeof(int32_t));
+  } else {
+    OutT* out = static_cast<OutT*>(e.out);
+    if (nc != kInt8NR) {
+      for (int r = 0; r < mr; ++r)
+        for (int j = 0; j < nc; ++j) {
+          float v = static_cast<float>(c[r * kInt8NR + j]) * e.row_scale[i0 + r] * e.col_scale[j0 + j];
+          if (e.bias) v += e.bias[j0 + j];
+          out[(i0 + r) * e.ldo + j0 + j] = from_float<OutT>(v);
+        }
+      return;
+    }
+    const __m512 ws = _mm512_loadu_ps(e.col_scale + j0);
+    const __m512 bias = e.bias ? _mm512_loadu_ps(e.bias + j0) : _mm512_setzero_ps();
+    for (int r = 0; r < mr; ++r) {
+      __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(c + r * kInt8NR));
+      v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(e.row_scale[i0 + r])), ws);
+      if (e.bias) v = _mm512_add_ps(v, bias);
+      Avx512Vec{v}.store(out + (i0 + r) * e.ldo + j0);
+    }
+  }
+}
+
+using EpilogueFn = void (*)(const int32_t*, int, int64_t, int64_t, int, const Int8Epilogue&);
+
+EpilogueFn pick_epilogue(Int8Out kind) {
+  switch (kind) {
+    case Int8Out::kInt32: return epilogue<int32_t>;
+    case Int8Out::kFloat: return epilogue<float>;
+    case Int8Out::kBFloat16: return epilogue<c10::BFloat16>;
+    case Int8Out::kHalf: return epilogue<c10::Half>;
+  }
+  return nullptr;
+}
+
+using MicroFn = void (*)(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, const int32_t*, int32_t*);
+
+// One compiled function per (rows, panels), each under its level's target.
+template <class Step, int MR, int NP, bool kInline>
+EFFOPS_AVX512_TARGET void micro_avx512(const uint8_t* a, int64_t lda, int64_t groups, const int8_t* b,
+                                       int64_t panel_bytes, const int32_t* init, int32_t* c) {
+  micro<Step, MR, NP, kInline>(a, lda, groups, b, panel_bytes, init, c);
+}
+template <class Step, int MR, int NP, bool kInline>
+EFFOPS_AVX512_VNNI_TARGET void micro_vnni(const uint8_t* a, int64_t lda, int64_t groups, const int8_t* b,
+                                          int64_t panel_bytes, const int32_t* init, int32_t* c) {
+  micro<Step, MR, NP, kInline>(a, lda, groups, b, panel_bytes, init, c);
+}
+
+template <class Step, bool kInline, int MR, int... NP>
+constexpr std::array<MicroFn, kNP> micro_row(std::integer_sequence<int, NP...>) {
+  if constexpr (std::is_same_v<Step, VnniStep>) return {micro_vnni<Step, MR, NP + 1, kInline>...};
+  else return {micro_avx512<Step, MR, NP + 1, kInline>...};
+}
+template <class Step, bool kInline, int... MR>
+constexpr std::array<std::array<MicroFn, kNP>, sizeof...(MR)> micro_table(std::integer_sequence<int, MR...>) {
+  return {micro_row<Step, kInline, MR + 1>(std::make_integer_sequence<int, kNP>{})...};
+}
+template <class Step>
+constexpr auto kMicro = micro_table<Step, false>(std::make_integer_sequence<int, kMR>{});
+constexpr auto kMicroInline = micro_table<VnniStep, true>(std::make_integer_sequence<int, kInlineRows>{});
+
+// ---- tile loop: as int8_gemm.cpp's (tiles of rows x a block of panels, handed out from a shared
+// counter, panel-block-major), with micro-tiles of up to 6 rows x 4 panels. A tile's rows (144 x K
+// bytes) and panels (at most 256 KiB) fit one Zen 4 core's 1 MiB L2 together for K up to ~5000.
+// col_init: the starting sums of every panel, or nullptr; per_tile_correction (VNNI s8): compute them
+// per tile, or in the micro-kernel for at most kInlineRows rows.
+template <class Step>
+void gemm_tiles(const uint8_t* a, int64_t lda, int64_t M, int64_t kpad, const int8_t* b, int64_t N,
+                const int32_t* col_init, bool per_tile_correction, const Int8Epilogue& e) {
+  const bool inline_correction = per_tile_correction && M <= kInlineRows;
+  const EpilogueFn epi = pick_epilogue(e.kind);
+  const int64_t panels = (N + kInt8NR - 1) / kInt8NR, groups = kpad / kInt8KG, panel_bytes = kpad * kInt8NR;
+  constexpr int64_t kMC = kMR * 24;
+  constexpr int64_t kL2Budget = 256 * 1024;
+  // Few rows: 4 panels a tile (the threads share the weight stream finely); more: as many as fit L2.
+  const int64_t ncp = M <= kMR ? kNP
+                               : kNP * std::max<int64_t>(1, std::min<int64_t>(4, kL2Budget / (panel_bytes * kNP)));
+  const int64_t tiles_m = (M + kMC - 1) / kMC, tiles_n = (panels + ncp - 1) / ncp, tiles = tiles_m * tiles_n;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tiles, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    alignas(64) int32_t c[kMR * kNP * kInt8NR];
+    std::vector<int32_t> corr(per_tile_correction ? ncp * kInt8NR : 0);
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tiles;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t m0 = (t % tiles_m) * kMC, m1 = std::min(M, m0 + kMC);
+      const int64_t p0 = (t / tiles_m) * ncp, p1 = std::min(panels, p0 + ncp);
+      const int32_t* init = col_init ? col_init + p0 * kInt8NR : nullptr;
+      if (per_tile_correction && !inline_correction) {
+        for (int64_t p = p0; p < p1; p += kNP)
+          column_correction(b + p * panel_bytes, panel_bytes, groups, static_cast<int>(std::min<int64_t>(kNP, p1 - p)),
+                            corr.data() + (p - p0) * kInt8NR);
+        init = corr.data();
+      }
+      // Rows dealt evenly over the fewest micro-tiles (every micro-tile re-reads the panels).
+      for (int64_t i0 = m0, left = m1 - m0; left > 0;) {
+        const int64_t micro_tiles = (left + kMR - 1) / kMR;
+        const int mr = static_cast<int>((left + micro_tiles - 1) / micro_tiles);
+        for (int64_t p = p0; p < p1; p += kNP) {
+          const int np = static_cast<int>(std::min<int64_t>(kNP, p1 - p));
+          const MicroFn fn = inline_correction ? kMicroInline[mr - 1][np - 1] : kMicro<Step>[mr - 1][np - 1];
+          fn(a + i0 * lda, lda, groups, b + p * panel_bytes, panel_bytes,
+                                    init ? init + (p - p0) * kInt8NR : nullptr, c);
+          for (int q = 0; q < np; ++q)
+            epi(c + q * mr * kInt8NR, mr, i0, (p + q) * kInt8NR,
+                static_cast<int>(std::min<int64_t>(kInt8NR, N - (p + q) * kInt8NR)), e);
+        }
+        i0 += mr;
+        left -= mr;
+      }
+    }
+  });
+}
+
+// A's rows copied to whole 4-byte groups (zero padded; the padding meets B's zero padding), each byte
+// XORed with `flip` (0x80 turns int8 a into the unsigned a + 128).
+std::vector<uint8_t> padded_rows(const uint8_t* a, int64_t lda, int64_t M, int64_t K, int64_t kpad, uint8_t flip) {
+  std::vector<uint8_t> out(static_cast<size_t>(M * kpad), 0);
+  at::parallel_for(0, M, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = 0; k < K; ++k) out[i * kpad + k] = a[i * lda + k] ^ flip;
+  });
+  return out;
+}
+
+}  // namespace
+
+bool int8_gemm_s8_avx512(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                         const Int8Epilogue& epi) {
+  const CpuIsa level = cpu_isa();
+  if (static_cast<int>(level) < static_cast<int>(CpuIsa::kAvx512)) return false;
+  const int64_t kpad = ceil_to(K, kInt8KG);
+  const auto* bytes = reinterpret_cast<const uint8_t*>(a);
+  if (level >= CpuIsa::kAvx512Vnni) {
+    const std::vector<uint8_t> a_u = padded_rows(bytes, lda, M, K, kpad, 0x80);
+    gemm_tiles<VnniStep>(a_u.data(), kpad, M, kpad, b_packed, N, nullptr, true, epi);
+    return true;
+  }
+  for (int64_t i = 0; i < M; ++i)
+    if (int8_contains_min(a + i * lda, K)) return false;  // a * sign(b) would wrap: the AVX2 |a| body runs
+  if (kpad == K && lda == K) {
+    gemm_tiles<Bw8Step>(bytes, lda, M, kpad, b_packed, N, nullptr, false, epi);
+  } else {
+    const std::vector<uint8_t> ap = padded_rows(bytes, lda, M, K, kpad, 0);
+    gemm_tiles<Bw8Step>(ap.data(), kpad, M, kpad, b_packed, N, nullptr, false, epi);
+  }
+  return true;
+}
+
+bool int8_gemm_u8s7_avx512(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                           const int32_t* col_corr, const Int8Epilogue& epi) {
+  const CpuIsa level = cpu_isa();
+  if (static_cast<int>(level) < static_cast<int>(CpuIsa::kAvx512)) return false;
+  const int64_t kpad = ceil_to(K, kInt8KG);
+  std::vector<uint8_t> ap;
+  if (kpad != K || lda != K) {
+    ap = padded_rows(a_u, lda, M, K, kpad, 0);
+    a_u = ap.data();
+    lda = kpad;
+  }
+  if (level >= CpuIsa::kAvx512Vnni)
+    gemm_tiles<VnniStep>(a_u, lda, M, kpad, b_packed, N, col_corr, false, epi);
+  else
+    gemm_tiles<Bw7Step>(a_u, lda, M, kpad, b_packed, N, col_corr, false, epi);
+  return true;
+}
+
+#else
+bool int8_gemm_s8_avx512(const int8_t*, int64_t, int64_t, int64_t, const int8_t*, int64_t, const Int8Epilogue&) {
+  return false;
+}
+bool int8_gemm_u8s7_avx512(const uint8_t*, int64_t, int64_t, int64_t, const int8_t*, int64_t, const int32_t*,
+                           const Int8Epilogue&) {
+  return false;
+}
+#endif
+
+}  // namespace effops::cpu
