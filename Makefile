@@ -5,6 +5,15 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 QUICK   ?= 0
 OUT     ?= bench-results
+ISA     ?=
+
+# `make bench ISA=avx2`: an AVX2 machine seen from a wider one, torch capped too (FBGEMM ignores these);
+# any other level caps effops' kernels only.
+ifeq ($(ISA),avx2)
+BENCH_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 EFFOPS_CPU_ISA=avx2
+else ifneq ($(ISA),)
+BENCH_ENV := EFFOPS_CPU_ISA=$(ISA)
+endif
 
 .PHONY: demo test build gpu-compile-check cuda-build-check bench gpu-check info clean
 
@@ -36,10 +45,11 @@ gpu-compile-check: $(STAMP)
 cuda-build-check:
 	bash tools/cuda_build_check.sh
 
+# Level-dependent benchmarks (int8, masked_linear) run at every CPU level up to ISA (default: this CPU's).
 # DeepSpeed is only the Adam benchmark's outside baseline (its CPU Adam JIT-compiles ~90 s on first use).
 bench: build
 	$(VPY) -c "import deepspeed" 2>/dev/null || $(VPY) -m pip install -q deepspeed
-	$(VPY) -m benchmarks.run $(if $(filter 1,$(QUICK)),--quick) --out $(OUT)
+	$(BENCH_ENV) $(VPY) -m benchmarks.run $(if $(filter 1,$(QUICK)),--quick) --out $(OUT)
 
 # The one command for a lent GPU machine: its own python/torch/triton, no installs, no network; ~8 min
 # at most (build, tests on CUDA tensors, quick benchmarks). Leaves $(OUT)/gpu-check/summary.txt and

@@ -3,7 +3,8 @@ F.linear and torch's own dynamic int8 Linear (torch.ao quantize_dynamic, FBGEMM)
 8-bit weights and the opt-in 7-bit weights (Int8Linear weight_bits=7); on CUDA,
 effops int8_linear against bf16 F.linear (cuBLAS) and torch._int_mm.
 
-Work per call: 2 * M * K * N operations (multiply + add), reported in GOP/s.
+Work per call: 2 * M * K * N operations (multiply + add), reported in GOP/s, and on a CPU with
+AVX512-VNNI as a % of VNNI_PEAK_GOPS.
 Run: python -m benchmarks.run [--quick] --only int8_linear
 """
 import warnings
@@ -14,9 +15,14 @@ import torch.nn.functional as F
 import effops
 from benchmarks.common import compare
 
-SIZES = [(4096, 4096), (4096, 11008)]  # (in_features K, out_features N) of transformer layers
-ROWS = [1, 16, 256, 2048]
-QUICK_CASES = [(1, 4096, 4096), (256, 4096, 4096)]
+LEVEL_DEPENDENT = True  # benchmarks.run times it at every CPU level
+# (in_features K, out_features N) of transformer layers: LLaMA-7B-like, and BERT-base / ViT-B's MLP.
+SIZES = [(4096, 4096), (4096, 11008), (768, 3072), (3072, 768)]
+ROWS = [1, 8, 16, 256, 400, 2048]
+QUICK_CASES = [(1, 4096, 4096), (256, 4096, 4096), (8, 768, 3072), (400, 3072, 768)]
+# Two Zen 4 cores' int8 peak: a loop of independent 512-bit vpdpbusd, 10 accumulators, both cores
+# (shared/DESIGN-NOTES.md). A yardstick for CPUs with AVX512-VNNI, not a measurement of this one.
+VNNI_PEAK_GOPS = 932.0
 
 
 def _torch_dynamic_int8(linear):
@@ -52,8 +58,11 @@ def _cpu_rows(quick):
                           rounds=2 if quick else 3, min_time=0.1 if quick else 0.2, work=2 * m * k * n,
                           work_unit="GOP/s")
         t_fbgemm = next(r["time_ms"] for r in new if r["impl"] == "torch dynamic int8 (FBGEMM)")
+        vnni = "avx512_vnni" in effops.cpu_isa.levels()
         for r in new:
             r["vs_fbgemm"] = t_fbgemm / r["time_ms"]
+            if vnni:
+                r["pct_vnni_peak"] = 100 * r["rate"] / VNNI_PEAK_GOPS
         rows += new
     return rows
 

@@ -23,10 +23,12 @@ import effops
 from benchmarks.common import compare
 from effops.ops.masked_linear import masked_linear
 
+LEVEL_DEPENDENT = True  # benchmarks.run times it at every CPU level
 FULL_SHAPES = [(4096, 4096, 256), (4096, 4096, 2048), (11008, 4096, 256), (4096, 11008, 256)]  # (N, K, M)
 FULL_SPARSITIES = (0.5, 0.75, 0.9, 0.95)
-# Quick: the issue's headline cases (4096 x 4096, 256 tokens).
-QUICK_CASES = [("block32", 0.9), ("unstructured", 0.9), ("2:4", 0.5)]
+# Quick: the headline cases (4096 x 4096, 256 tokens), fp32, and the two 90% ones in bf16 (forward).
+QUICK_CASES = [("block32", 0.9, torch.float32), ("unstructured", 0.9, torch.float32), ("2:4", 0.5, torch.float32),
+               ("block32", 0.9, torch.bfloat16), ("unstructured", 0.9, torch.bfloat16)]
 
 
 def make_mask(pattern, n, k, sparsity, seed=0):
@@ -49,13 +51,17 @@ def make_mask(pattern, n, k, sparsity, seed=0):
 
 
 def _cases(quick):
+    """(shape (N, K, M), pattern, sparsity, dtype) per case."""
     if quick:
-        return [((4096, 4096, 256), p, s) for p, s in QUICK_CASES]
+        return [((4096, 4096, 256), p, s, dt) for p, s, dt in QUICK_CASES]
     out = []
     for shape in FULL_SHAPES:
         for pattern in ("block32", "unstructured", "2:4"):
             for s in FULL_SPARSITIES:
-                out.append((shape, pattern, s))
+                out.append((shape, pattern, s, torch.float32))
+    for pattern in ("block32", "unstructured"):  # bf16 forward, at the first shape
+        for s in FULL_SPARSITIES:
+            out.append((FULL_SHAPES[0], pattern, s, torch.bfloat16))
     return out
 
 
@@ -66,17 +72,17 @@ def run(quick, device):
     # Full: 48 cases up to 2048 x 4096 x 11008 products (a dense forward+backward there takes seconds):
     # 2 rounds keep the sweep near 15 minutes on 2 quiet cores.
     rounds, min_time = (2, 0.1)
-    for (n, k, m), pattern, sparsity in _cases(quick):
+    for (n, k, m), pattern, sparsity, dtype in _cases(quick):
         torch.manual_seed(0)
-        x = torch.randn(m, k)
-        w = torch.randn(n, k)
+        x = torch.randn(m, k, dtype=dtype)
+        w = torch.randn(n, k, dtype=dtype)
         mask = make_mask(pattern, n, k, sparsity)
         wm = w * mask
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             csr = wm.to_sparse_csr()
         xt = x.t().contiguous()
-        name = "%dx%d M=%d %s %.0f%%" % (n, k, m, pattern, 100 * sparsity)
+        name = "%dx%d M=%d %s %.0f%%%s" % (n, k, m, pattern, 100 * sparsity, "" if dtype == torch.float32 else " bf16")
         chosen = effops._backends.select("masked_linear", "cpu", x, w, mask, None)
         extra = dict(sparsity=sparsity, auto_backend=chosen)
 
@@ -92,11 +98,11 @@ def run(quick, device):
         }
         if quick or chosen != "cpu":  # full sweep: when auto runs the cpu kernel, forcing it times the same code
             fwd["effops cpu"] = forced_cpu(lambda: masked_linear(x, w, mask))
-        if not quick or sparsity >= 0.9:  # CSR is many times slower than dense below 90%: quick mode skips it
+        if dtype == torch.float32 and (not quick or sparsity >= 0.9):  # CSR: many times slower below 90%
             fwd["torch CSR"] = lambda: torch.sparse.mm(csr, xt)
         rows += compare("masked_linear fwd", name, fwd, "dense F.linear", rounds=rounds, min_time=min_time,
                         work=2 * m * n * k, work_unit="GFLOP/s", extra=extra)
-        if quick and not (pattern in ("block32", "unstructured") and sparsity == 0.9):
+        if dtype != torch.float32 or (quick and not (pattern in ("block32", "unstructured") and sparsity == 0.9)):
             continue
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
 
@@ -121,7 +127,9 @@ def _run_cuda(quick, device):
     """GPU (never run yet): effops (auto, forced triton) vs cuBLAS bf16 F.linear, and torch's 2:4
     semi-structured sparsity where this GPU / build supports it."""
     rows = []
-    for (n, k, m), pattern, sparsity in _cases(quick):
+    for (n, k, m), pattern, sparsity, dtype in _cases(quick):
+        if dtype != torch.float32:  # every GPU case runs in bf16 already
+            continue
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
         mask = make_mask(pattern, n, k, sparsity).to(device)

@@ -180,7 +180,13 @@ def plot_op(op, rows, path):
 
 
 def write_plots(rows, out_dir):
-    """Write <out_dir>/plot_<op>.png for every op in rows; returns the paths written."""
+    """Write <out_dir>/plot_<op>.png for every op in rows; returns the paths written. Rows timed at several
+    CPU levels are plotted at the highest one (the tables have them all)."""
+    levels = [r["cpu_level"] for r in rows if "cpu_level" in r]
+    if levels:
+        from effops.cpu_isa import LEVELS
+        top = max(levels, key=LEVELS.index)
+        rows = [r for r in rows if r.get("cpu_level", top) == top]
     by_op = {}
     for r in rows:
         if all(k in r for k in ("op", "case", "impl", "baseline", "speedup")):

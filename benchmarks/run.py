@@ -5,7 +5,12 @@ op), and prints the tables. Both files are rewritten after every benchmark modul
 time limit (`make gpu-check`) keeps the modules that finished; a module that raises is reported (its
 traceback printed, its name under "errors" in results.json) and the others still run.
 
-    python -m benchmarks.run [--quick] [--only adam_step,...] [--device cpu|cuda] [--out DIR]
+    python -m benchmarks.run [--quick] [--only adam_step,...] [--device cpu|cuda] [--out DIR] [--levels all|top|avx2,...]
+
+On the CPU, modules whose kernels have a body per instruction-set level (LEVEL_DEPENDENT = True: int8,
+masked_linear) run once per vector level this machine has, up to the current cap (EFFOPS_CPU_ISA;
+`make bench ISA=avx2` caps torch too), each row tagged with its `cpu_level`; the others run at the
+current level. The scalar level is a fallback for CPUs without AVX2 and is not timed.
 """
 import argparse
 import glob
@@ -38,6 +43,8 @@ def machine_info(device):
         info["triton"] = None
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    else:
+        info.update(cpu_level_info())
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                         text=True).stdout.strip() or None
@@ -46,6 +53,47 @@ def machine_info(device):
     # A copy of the tree without .git (the GPU machine's) is named by EFFOPS_COMMIT (benchmarks/gpu_check.sh).
     info["commit"] = os.environ.get("EFFOPS_COMMIT") or info["commit"]
     return info
+
+
+def cpu_level_info():
+    """The instruction sets behind the CPU figures: effops' levels here and now, and torch's own capability."""
+    from effops import cpu_isa
+    return dict(cpu_levels=list(cpu_isa.levels()), cpu_level=cpu_isa.current(),
+                torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                caps={k: os.environ[k] for k in ("EFFOPS_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                 "MKL_ENABLE_INSTRUCTIONS") if k in os.environ})
+
+
+def bench_levels(spec):
+    """The levels a level-dependent module runs at: every vector level up to the current one ('all'), the
+    current one ('top'), or the listed ones."""
+    from effops import cpu_isa
+    current = cpu_isa.current()
+    upto = cpu_isa.LEVELS[1:cpu_isa.LEVELS.index(current) + 1]
+    if spec == "all":
+        return list(upto) or [current]
+    if spec == "top":
+        return [current]
+    levels = spec.split(",")
+    for level in levels:
+        if level not in upto and level != current:
+            raise SystemExit("--levels: %r is not a level this run can use (%s)" % (level, ", ".join(upto)))
+    return levels
+
+
+def run_module(module, quick, device, levels):
+    """module.run at each level (CPU, level-dependent modules) or once, rows tagged with cpu_level."""
+    if torch.device(device).type != "cpu":
+        return module.run(quick=quick, device=device)
+    from effops import cpu_isa
+    rows = []
+    for level in levels if getattr(module, "LEVEL_DEPENDENT", False) else [cpu_isa.current()]:
+        with cpu_isa.use_cpu_isa(level):
+            new = module.run(quick=quick, device=device)
+        for r in new:
+            r["cpu_level"] = level
+        rows += new
+    return rows
 
 
 def markdown(rows):
@@ -74,18 +122,25 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated bench names (e.g. adam_step)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--levels", default="all", help="CPU levels of the level-dependent modules: all, top, or a list")
     args = parser.parse_args()
     names = sorted(os.path.basename(p)[len("bench_"):-3] for p in glob.glob(os.path.join(ROOT, "benchmarks", "bench_*.py")))
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     os.makedirs(args.out, exist_ok=True)
     machine = machine_info(args.device)
+    levels = bench_levels(args.levels) if args.device == "cpu" else []
+    if args.device == "cpu":
+        print("cpu: %s; effops levels here: %s; running at: %s; torch capability %s%s\n" % (
+            machine["cpu"], ", ".join(machine["cpu_levels"]), ", ".join(levels), machine["torch_cpu_capability"],
+            "; caps: " + " ".join("%s=%s" % kv for kv in machine["caps"].items()) if machine["caps"] else ""),
+            flush=True)
     rows, done, errors = [], [], {}
     for name in names:
         start = time.time()
         try:
             module = importlib.import_module("benchmarks.bench_" + name)
-            new = module.run(quick=args.quick, device=args.device)
+            new = run_module(module, args.quick, args.device, levels)
         except Exception:  # one broken benchmark (a GPU path never run before) must not lose the others
             errors[name] = traceback.format_exc()
             print("(%s FAILED after %.0f s)\n%s" % (name, time.time() - start, errors[name]), flush=True)
@@ -112,6 +167,10 @@ def write_results(out, result):
     m = result["machine"]
     head = "Measured %s, commit %s, %s, %d threads, torch %s\n\n" % (m["date"], m["commit"], m.get("gpu", m["cpu"]),
                                                                      m["threads"], m["torch"])
+    if "cpu_levels" in m:
+        head += "CPU levels here: %s; torch CPU capability %s%s\n\n" % (
+            ", ".join(m["cpu_levels"]), m["torch_cpu_capability"],
+            "; caps: " + " ".join("%s=%s" % kv for kv in m["caps"].items()) if m["caps"] else "")
     if result["pending"]:
         head += "(partial: not yet run: %s)\n\n" % ", ".join(result["pending"])
     if result["errors"]:

@@ -20,7 +20,10 @@ void check_index(const at::Tensor& ptr, const at::Tensor& idx, int64_t rows) {
   TORCH_CHECK(ptr.numel() == rows + 1, "index ptr has ", ptr.numel(), " entries, expected ", rows + 1);
 }
 
-// The kept blocks of W' = weight (transpose_w false) or weight^T (true), packed as fp32 panels.
+// The dtype of the packed panels for weights of dtype t: bf16 pairs for bf16, fp32 otherwise.
+at::ScalarType packed_dtype(at::ScalarType t) { return t == at::kBFloat16 ? at::kBFloat16 : at::kFloat; }
+
+// The kept blocks of W' = weight (transpose_w false) or weight^T (true), packed as panels.
 at::Tensor block_pack(const at::Tensor& weight, const at::Tensor& ptr, const at::Tensor& idx, int64_t block,
                       bool transpose_w) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be contiguous 2-D");
@@ -30,10 +33,11 @@ at::Tensor block_pack(const at::Tensor& weight, const at::Tensor& ptr, const at:
   const int64_t w_rs = transpose_w ? 1 : K, w_cs = transpose_w ? K : 1;
   const int64_t nbr = (R + block - 1) / block;
   check_index(ptr, idx, nbr);
-  at::Tensor packed = at::empty({ptr[nbr].item<int64_t>() * block * block}, weight.options().dtype(at::kFloat));
+  at::Tensor packed = at::empty({ptr[nbr].item<int64_t>() * block * block},
+                                weight.options().dtype(packed_dtype(weight.scalar_type())));
   EFFOPS_DISPATCH_FLOAT(weight.scalar_type(), "masked_linear_block_pack", [&] {
     effops::cpu::block_sparse_pack<scalar_t>(weight.data_ptr<scalar_t>(), w_rs, w_cs, R, C, ptr.data_ptr<int64_t>(),
-                                             idx.data_ptr<int64_t>(), block, packed.data_ptr<float>());
+                                             idx.data_ptr<int64_t>(), block, packed.data_ptr());
   });
   return packed;
 }
@@ -45,7 +49,7 @@ at::Tensor block_mm(const at::Tensor& a, const at::Tensor& packed, int64_t R, co
   TORCH_CHECK(block == 16 || block == 32 || block == 64, "block must be 16, 32 or 64");
   const int64_t nbr = (R + block - 1) / block;
   check_index(ptr, idx, nbr);
-  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
+  TORCH_CHECK(packed.scalar_type() == packed_dtype(a.scalar_type()) && packed.is_contiguous() &&
                   packed.numel() == ptr[nbr].item<int64_t>() * block * block,
               "packed does not match the index");
   const bool has_bias = bias.has_value() && bias->defined();
@@ -54,7 +58,7 @@ at::Tensor block_mm(const at::Tensor& a, const at::Tensor& packed, int64_t R, co
   EFFOPS_DISPATCH_FLOAT(a.scalar_type(), "masked_linear_block_mm", [&] {
     effops::cpu::block_sparse_mm<scalar_t>(a.data_ptr<scalar_t>(), a.size(0), a.size(1), R,
                                            has_bias ? bias->data_ptr<scalar_t>() : nullptr, ptr.data_ptr<int64_t>(),
-                                           idx.data_ptr<int64_t>(), block, packed.data_ptr<float>(),
+                                           idx.data_ptr<int64_t>(), block, packed.data_ptr(),
                                            out.data_ptr<scalar_t>());
   });
   return out;

@@ -16,15 +16,16 @@
 namespace effops::cpu {
 
 // Pack the kept blocks of W'[r, c] = w[r * w_rs + c * w_cs] (R x C; block-row br keeps block-columns
-// idx[ptr[br] .. ptr[br+1])) into packed (ptr[nbr] * block * block floats) for block_sparse_mm.
+// idx[ptr[br] .. ptr[br+1])) into packed (ptr[nbr] * block * block weights) for block_sparse_mm: fp32
+// for fp32 and fp16 weights, bf16 (in pairs of k) for bf16 weights (masked_linear_block.cpp).
 template <typename T>
 void block_sparse_pack(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C, const int64_t* ptr,
-                       const int64_t* idx, int64_t block, float* packed);
+                       const int64_t* idx, int64_t block, void* packed);
 
-// out[M, R] = a[M, C] @ W'^T (+ bias[R]) over the kept blocks, W' given packed.
+// out[M, R] = a[M, C] @ W'^T (+ bias[R]) over the kept blocks, W' given packed (by the same T).
 template <typename T>
 void block_sparse_mm(const T* a, int64_t M, int64_t C, int64_t R, const T* bias, const int64_t* ptr,
-                     const int64_t* idx, int64_t block, const float* packed, T* out);
+                     const int64_t* idx, int64_t block, const void* packed, T* out);
 
 // gw[N, K] (pre-zeroed) = (gy[M, N]^T @ x[M, K]) on the kept blocks of the block-CSR index only.
 template <typename T>

@@ -1,13 +1,16 @@
 // Block-sparse masked matmul on CPU: forward / grad_x (block_sparse_mm) and the sampled weight
 // gradient (block_sparse_grad_weight). See masked_linear.h for the contract.
 //
-// block_sparse_pack: the kept blocks of W' as fp32 panels of 16 output columns, k-major:
-//   packed[br][panel p][kept block j][k][16]  (zero-padded past R and C), so the micro-kernel reads
-//   two contiguous AVX2 vectors per k. O(kept weights); converts bf16/fp16 weights once. The Python
-//   side caches it per (weight version, mask version), so inference packs once.
-// block_sparse_mm: regroup a into 6-row fp32 tiles, then one thread per block-row range; for each
-//   6-row tile, for each panel, walk the kept blocks and accumulate a 6 x 16 tile in 12 vector
-//   registers (broadcast a[i, k], FMA with the panel row).
+// block_sparse_pack: the kept blocks of W' as panels of 16 output columns, k-major:
+//   fp32 / fp16 weights: fp32 packed[br][panel p][kept block j][k][16] (zero-padded past R and C), so
+//   the micro-kernel reads 16 contiguous floats per k. bf16 weights: bf16 pairs,
+//   packed[br][p][j][k / 2][16][2], the operand order of vdpbf16ps (two k of one column per 32-bit
+//   word); the other levels split a word into two fp32 values in registers. The layout depends on the
+//   dtype only, never on the level, so a packed weight is right at every level. O(kept weights). The
+//   Python side caches it per (weight version, mask version), so inference packs once.
+// block_sparse_mm: regroup a into 6-row tiles (fp32, or bf16 pairs for bf16), then one thread per
+//   block-row range; for each 6-row tile, for each panel, walk the kept blocks and accumulate a 6 x 16
+//   tile in registers (broadcast a[i, k], FMA with the panel row; or a pair and vdpbf16ps).
 //
 //   Rows are taken in chunks of kChunkRows (504): a chunk of the regrouped a stays in L3 while every
 //   block-row walks it (for M = 2048 x 4096 fp32, a is 32 MB and would be re-read from memory).
@@ -24,6 +27,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace effops::cpu {
@@ -37,49 +41,125 @@ struct BlockMmArgs {
   int64_t M, C, R, block;
   const int64_t* ptr;
   const int64_t* idx;
-  const float* packed;   // W' panels, see the file comment
-  const int64_t* offset; // packed offset of each block-row
-  const float* a_packed; // a in 6-row tiles: a_packed[(tile * C + c) * 6 + i] = a[tile * 6 + i, c], zero-padded
+  const void* packed;    // W' panels, see the file comment (float, or bf16 pairs)
+  const int64_t* offset; // packed offset of each block-row, in weights
+  const void* a_packed;  // a in 6-row tiles: [tile][column or pair][6], zero-padded
 };
 
-// One block-row range of the product: out[:, rows of br0..br1).
+// The tile kernels block_mm_rows runs. AElem / PElem: what a_packed and the panels hold (float, or a
+// uint32_t bf16 pair covering 2 k); kPanels: output panels of 16 per call (2 where registers allow).
+template <class Vec>
+struct Fp32Tile {
+  using AElem = float;
+  using PElem = float;
+  static constexpr int kPanels = Vec::kWidth == 16 ? 2 : 1;
+  template <int NP>
+  EFFOPS_ALWAYS_INLINE static void run(const float* a, const int64_t* kept, int64_t nkept, int64_t b, int64_t C,
+                                       const float* panel, int64_t panel_stride, float* tile) {
+    micro_blocks<Vec, NP>(a, kept, nkept, b, C, panel, panel_stride, tile);
+  }
+};
+template <class Vec>
+struct Bf16PanelTile {
+  using AElem = float;
+  using PElem = uint32_t;
+  static constexpr int kPanels = Vec::kWidth == 16 ? 2 : 1;
+  template <int NP>
+  EFFOPS_ALWAYS_INLINE static void run(const float* a, const int64_t* kept, int64_t nkept, int64_t b, int64_t C,
+                                       const uint32_t* panel, int64_t panel_stride, float* tile) {
+    micro_blocks_pairs<Vec, NP>(a, kept, nkept, b, C, panel, panel_stride, tile);
+  }
+};
+#if EFFOPS_HAVE_X86
+struct Dpbf16Tile {
+  using AElem = uint32_t;
+  using PElem = uint32_t;
+  static constexpr int kPanels = 2;
+  template <int NP>
+  EFFOPS_AVX512_BF16_TARGET static void run(const uint32_t* a, const int64_t* kept, int64_t nkept, int64_t b,
+                                             int64_t C, const uint32_t* panel, int64_t panel_stride, float* tile) {
+    micro_blocks_dpbf16<NP>(a, kept, nkept, b, C, panel, panel_stride, tile);
+  }
+};
+#endif
+
+template <typename T>
+constexpr bool kBf16Pairs = std::is_same_v<T, c10::BFloat16>;
+// The tile kernel of a Vec level for storage type T.
 template <class Vec, typename T>
+using TileFor = std::conditional_t<kBf16Pairs<T>, Bf16PanelTile<Vec>, Fp32Tile<Vec>>;
+
+// How many k one element of type E covers: a packed bf16 pair covers two.
+template <typename E>
+constexpr int64_t kPerElem = std::is_same_v<E, uint32_t> ? 2 : 1;
+
+// One block-row range of the product: out[:, rows of br0..br1).
+template <class Tile, typename T>
 EFFOPS_ALWAYS_INLINE void block_mm_rows(const BlockMmArgs& g, const T* bias, T* out, int64_t br0, int64_t br1) {
-  const int64_t b = g.block, panels = b / kPanel;
-  alignas(32) float tile[kRows * kPanel];
+  using AE = typename Tile::AElem;
+  using PE = typename Tile::PElem;
+  constexpr int kW = Tile::kPanels * kPanel;
+  const int64_t b = g.block, panels = b / kPanel, a_cols = (g.C + kPerElem<AE> - 1) / kPerElem<AE>;
+  alignas(64) float tile[kRows * kW];
   for (int64_t chunk = 0; chunk < g.M; chunk += kChunkRows)
   for (int64_t br = br0; br < br1; ++br) {
     const int64_t nkept = g.ptr[br + 1] - g.ptr[br];
     const int64_t* kept = g.idx + g.ptr[br];
+    const int64_t panel_stride = nkept * b * kPanel / kPerElem<PE>;
     for (int64_t m0 = chunk; m0 < std::min(g.M, chunk + kChunkRows); m0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, g.M - m0));
-      const float* a_tile = g.a_packed + (m0 / kRows) * g.C * kRows;
-      for (int64_t p = 0; p < panels; ++p) {
+      const AE* a_tile = static_cast<const AE*>(g.a_packed) + (m0 / kRows) * a_cols * kRows;
+      for (int64_t p = 0; p < panels; p += Tile::kPanels) {
         const int64_t r0 = br * b + p * kPanel;
         if (r0 >= g.R) break;
-        const int64_t cols = std::min<int64_t>(kPanel, g.R - r0);
+        const int np = static_cast<int>(std::min<int64_t>(Tile::kPanels, panels - p));
+        const int w = np * kPanel;  // the tile's row stride this call
+        const int64_t cols = std::min<int64_t>(w, g.R - r0);
         for (int i = 0; i < kRows; ++i)
-          for (int64_t c = 0; c < kPanel; ++c)
-            tile[i * kPanel + c] = (bias != nullptr && c < cols) ? to_float(bias[r0 + c]) : 0.f;
-        const float* panel = g.packed + g.offset[br] + p * nkept * b * kPanel;
-        micro_blocks<Vec>(a_tile, kept, nkept, b, g.C, panel, tile);
+          for (int64_t c = 0; c < w; ++c) tile[i * w + c] = (bias != nullptr && c < cols) ? to_float(bias[r0 + c]) : 0.f;
+        const PE* panel = static_cast<const PE*>(g.packed) + g.offset[br] / kPerElem<PE> + p * panel_stride;
+        if (np == 2)
+          Tile::template run<Tile::kPanels>(a_tile, kept, nkept, b, g.C, panel, panel_stride, tile);
+        else
+          Tile::template run<1>(a_tile, kept, nkept, b, g.C, panel, panel_stride, tile);
         for (int i = 0; i < rows; ++i)
-          for (int64_t c = 0; c < cols; ++c) out[(m0 + i) * g.R + r0 + c] = from_float<T>(tile[i * kPanel + c]);
+          for (int64_t c = 0; c < cols; ++c) out[(m0 + i) * g.R + r0 + c] = from_float<T>(tile[i * w + c]);
       }
     }
   }
 }
 
-template <typename T>
-EFFOPS_AVX2_TARGET void block_mm_rows_avx2(const BlockMmArgs& g, const T* bias, T* out, int64_t b0, int64_t b1) {
-#if EFFOPS_HAVE_X86
-  block_mm_rows<Avx2Vec, T>(g, bias, out, b0, b1);
-#endif
-}
-
+// One function per level, each compiled for its instruction set.
 template <typename T>
 void block_mm_rows_scalar(const BlockMmArgs& g, const T* bias, T* out, int64_t b0, int64_t b1) {
-  block_mm_rows<ScalarVec, T>(g, bias, out, b0, b1);
+  block_mm_rows<TileFor<ScalarVec, T>, T>(g, bias, out, b0, b1);
+}
+#if EFFOPS_HAVE_X86
+template <typename T>
+EFFOPS_AVX2_TARGET void block_mm_rows_avx2(const BlockMmArgs& g, const T* bias, T* out, int64_t b0, int64_t b1) {
+  block_mm_rows<TileFor<Avx2Vec, T>, T>(g, bias, out, b0, b1);
+}
+template <typename T>
+EFFOPS_AVX512_TARGET void block_mm_rows_avx512(const BlockMmArgs& g, const T* bias, T* out, int64_t b0, int64_t b1) {
+  block_mm_rows<TileFor<Avx512Vec, T>, T>(g, bias, out, b0, b1);
+}
+EFFOPS_AVX512_BF16_TARGET void block_mm_rows_dpbf16(const BlockMmArgs& g, const c10::BFloat16* bias,
+                                                    c10::BFloat16* out, int64_t b0, int64_t b1) {
+  block_mm_rows<Dpbf16Tile, c10::BFloat16>(g, bias, out, b0, b1);
+}
+#endif
+
+// dpbf16: T is bf16 and the level has vdpbf16ps (a was packed in pairs for it).
+template <typename T>
+void block_mm_rows_at_level(const BlockMmArgs& g, const T* bias, T* out, int64_t b0, int64_t b1, bool dpbf16) {
+#if EFFOPS_HAVE_X86
+  if constexpr (kBf16Pairs<T>) {
+    if (dpbf16) return block_mm_rows_dpbf16(g, bias, out, b0, b1);
+  }
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) return block_mm_rows_avx512<T>(g, bias, out, b0, b1);
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return block_mm_rows_avx2<T>(g, bias, out, b0, b1);
+#endif
+  block_mm_rows_scalar<T>(g, bias, out, b0, b1);
 }
 
 // Packed operands of the sampled weight gradient (layouts in the file comment).
@@ -125,15 +205,27 @@ EFFOPS_ALWAYS_INLINE void block_gw_rows(const BlockGwArgs& g, T* gw, int64_t br0
 }
 
 template <typename T>
-EFFOPS_AVX2_TARGET void block_gw_rows_avx2(const BlockGwArgs& g, T* gw, int64_t b0, int64_t b1) {
-#if EFFOPS_HAVE_X86
-  block_gw_rows<Avx2Vec, T>(g, gw, b0, b1);
-#endif
-}
-
-template <typename T>
 void block_gw_rows_scalar(const BlockGwArgs& g, T* gw, int64_t b0, int64_t b1) {
   block_gw_rows<ScalarVec, T>(g, gw, b0, b1);
+}
+#if EFFOPS_HAVE_X86
+template <typename T>
+EFFOPS_AVX2_TARGET void block_gw_rows_avx2(const BlockGwArgs& g, T* gw, int64_t b0, int64_t b1) {
+  block_gw_rows<Avx2Vec, T>(g, gw, b0, b1);
+}
+template <typename T>
+EFFOPS_AVX512_TARGET void block_gw_rows_avx512(const BlockGwArgs& g, T* gw, int64_t b0, int64_t b1) {
+  block_gw_rows<Avx512Vec, T>(g, gw, b0, b1);
+}
+#endif
+
+template <typename T>
+void block_gw_rows_at_level(const BlockGwArgs& g, T* gw, int64_t b0, int64_t b1) {
+#if EFFOPS_HAVE_X86
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) return block_gw_rows_avx512<T>(g, gw, b0, b1);
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return block_gw_rows_avx2<T>(g, gw, b0, b1);
+#endif
+  block_gw_rows_scalar<T>(g, gw, b0, b1);
 }
 
 // Pack block-row br of W' into dst (layout in the file comment). The loop order follows W's memory:
@@ -142,10 +234,18 @@ void block_gw_rows_scalar(const BlockGwArgs& g, T* gw, int64_t b0, int64_t b1) {
 // reads are always contiguous runs (walking the other way costs a TLB miss per element).
 template <typename T>
 void pack_block_row(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C, const int64_t* ptr,
-                    const int64_t* idx, int64_t b, int64_t br, float* dst) {
+                    const int64_t* idx, int64_t b, int64_t br, void* dst_row) {
   const int64_t nkept = ptr[br + 1] - ptr[br];
   const int64_t* kept = idx + ptr[br];
-  auto slot = [&](int64_t j, int64_t rr) { return dst + ((rr / kPanel) * nkept + j) * b * kPanel + rr % kPanel; };
+  // Where weight (k, rr) of kept block j goes: fp32 k-major rows of 16, or bf16 pairs (file comment).
+  using Out = std::conditional_t<kBf16Pairs<T>, c10::BFloat16, float>;
+  Out* dst = static_cast<Out*>(dst_row);
+  auto at = [&](int64_t j, int64_t rr, int64_t k) -> Out& {
+    Out* block = dst + ((rr / kPanel) * nkept + j) * b * kPanel;
+    if constexpr (kBf16Pairs<T>) return block[(k / 2) * 2 * kPanel + (rr % kPanel) * 2 + k % 2];
+    else return block[k * kPanel + rr % kPanel];
+  };
+  auto value = [](T v) { return kBf16Pairs<T> ? Out(v) : Out(to_float(v)); };
   for (int64_t j = 0; j < nkept; ++j) {
     const int64_t c0 = kept[j] * b;
     if (w_cs == 1) continue;  // handled row by row below
@@ -153,7 +253,7 @@ void pack_block_row(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C
       const int64_t c = c0 + k;
       for (int64_t rr = 0; rr < b; ++rr) {
         const int64_t r = br * b + rr;
-        slot(j, rr)[k * kPanel] = (r < R && c < C) ? to_float(w[r * w_rs + c * w_cs]) : 0.f;
+        at(j, rr, k) = (r < R && c < C) ? value(w[r * w_rs + c * w_cs]) : Out(0.f);
       }
     }
   }
@@ -162,11 +262,10 @@ void pack_block_row(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C
     const int64_t r = br * b + rr;
     for (int64_t j = 0; j < nkept; ++j) {
       const int64_t c0 = kept[j] * b;
-      float* out = slot(j, rr);
       const T* src = w + r * w_rs + c0;
       const int64_t kc = (r < R) ? std::min(b, C - c0) : 0;
-      for (int64_t k = 0; k < kc; ++k) out[k * kPanel] = to_float(src[k]);
-      for (int64_t k = kc; k < b; ++k) out[k * kPanel] = 0.f;
+      for (int64_t k = 0; k < kc; ++k) at(j, rr, k) = value(src[k]);
+      for (int64_t k = kc; k < b; ++k) at(j, rr, k) = Out(0.f);
     }
   }
 }
@@ -180,27 +279,64 @@ int64_t block_row_grain(int64_t nbr) {
 
 template <typename T>
 void block_sparse_pack(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C, const int64_t* ptr,
-                       const int64_t* idx, int64_t block, float* packed) {
+                       const int64_t* idx, int64_t block, void* packed) {
   const int64_t b = block, nbr = (R + b - 1) / b;
+  using Out = std::conditional_t<kBf16Pairs<T>, c10::BFloat16, float>;
   at::parallel_for(0, nbr, block_row_grain(nbr), [&](int64_t br0, int64_t br1) {
-    for (int64_t br = br0; br < br1; ++br) pack_block_row(w, w_rs, w_cs, R, C, ptr, idx, b, br, packed + ptr[br] * b * b);
+    for (int64_t br = br0; br < br1; ++br)
+      pack_block_row(w, w_rs, w_cs, R, C, ptr, idx, b, br, static_cast<Out*>(packed) + ptr[br] * b * b);
+  });
+}
+
+// The bits of a bf16 value (only called for T = bf16; any other T never reaches it).
+template <typename T>
+uint32_t bf16_bits(T v) {
+  if constexpr (kBf16Pairs<T>) return v.x;
+  else return 0;
+}
+
+// a regrouped into 6-row tiles for block_mm_rows: a_packed[(tile * cols + c) * 6 + i] = a[tile * 6 + i, c]
+// (zero past M), in fp32, or (pairs, bf16 only) as bf16 pairs: c a pair of columns, zero past C.
+template <typename T>
+void pack_a_tiles(const T* a, int64_t M, int64_t C, bool pairs, void* a_packed) {
+  const int64_t mtiles = (M + kRows - 1) / kRows;
+  at::parallel_for(0, mtiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int i = 0; i < kRows; ++i) {
+        const int64_t m = t * kRows + i;
+        const T* src = a + m * C;
+        if (kBf16Pairs<T> && pairs) {
+          const int64_t npairs = (C + 1) / 2;
+          uint32_t* dst = static_cast<uint32_t*>(a_packed) + t * npairs * kRows;
+          for (int64_t q = 0; q < npairs; ++q) {
+            const uint32_t lo = m < M ? bf16_bits(src[2 * q]) : 0;
+            const uint32_t hi = (m < M && 2 * q + 1 < C) ? bf16_bits(src[2 * q + 1]) : 0;
+            dst[q * kRows + i] = lo | (hi << 16);
+          }
+        } else {
+          float* dst = static_cast<float*>(a_packed) + t * C * kRows;
+          for (int64_t c = 0; c < C; ++c) dst[c * kRows + i] = m < M ? to_float(src[c]) : 0.f;
+        }
+      }
   });
 }
 
 template <typename T>
 void block_sparse_mm(const T* a, int64_t M, int64_t C, int64_t R, const T* bias, const int64_t* ptr,
-                     const int64_t* idx, int64_t block, const float* packed, T* out) {
+                     const int64_t* idx, int64_t block, const void* packed, T* out) {
   const int64_t b = block, nbr = (R + b - 1) / b;
   std::vector<int64_t> offset(nbr + 1);
   for (int64_t br = 0; br <= nbr; ++br) offset[br] = ptr[br] * b * b;
-  // a in 6-row tiles, fp32: every block-row reads the tiles' kept columns, so converting and
-  // regrouping once makes each k step's 6 broadcasts one cache line instead of 6 rows 4*C bytes apart.
+  // a in 6-row tiles: every block-row reads the tiles' kept columns, so converting and regrouping once
+  // makes each k step's 6 broadcasts one cache line instead of 6 rows 4*C bytes apart.
   // The buffer is reused across calls (grow-only, per calling thread): a fresh multi-MB allocation
   // per call costs more in page faults than the packing itself.
   // Buffers above 64 MB are not kept (a one-off huge batch should not pin its memory).
   const int64_t mtiles = (M + kRows - 1) / kRows;
-  const size_t a_size = static_cast<size_t>(mtiles * C * kRows);
-  constexpr size_t kKeepLimit = size_t{16} << 20;  // floats
+  const bool dpbf16 = kBf16Pairs<T> && cpu_isa_at_least(CpuIsa::kAvx512Bf16);  // a in pairs too
+  const int64_t a_cols = dpbf16 ? (C + 1) / 2 : C;  // 4-byte elements per tile row
+  const size_t a_size = static_cast<size_t>(mtiles * a_cols * kRows);
+  constexpr size_t kKeepLimit = size_t{16} << 20;  // 4-byte elements
   thread_local std::vector<float> a_storage;
   std::unique_ptr<float[]> a_once;
   float* a_packed;
@@ -211,27 +347,10 @@ void block_sparse_mm(const T* a, int64_t M, int64_t C, int64_t R, const T* bias,
     a_once.reset(new float[a_size]);
     a_packed = a_once.get();
   }
-  at::parallel_for(0, mtiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      float* dst = a_packed + t * C * kRows;
-      for (int i = 0; i < kRows; ++i) {
-        const int64_t m = t * kRows + i;
-        if (m < M) {
-          const T* src = a + m * C;
-          for (int64_t c = 0; c < C; ++c) dst[c * kRows + i] = to_float(src[c]);
-        } else {
-          for (int64_t c = 0; c < C; ++c) dst[c * kRows + i] = 0.f;
-        }
-      }
-    }
-  });
+  pack_a_tiles(a, M, C, dpbf16, a_packed);
   const BlockMmArgs g{M, C, R, b, ptr, idx, packed, offset.data(), a_packed};
-  const bool avx2 = EFFOPS_HAVE_X86 && has_avx2_fma();
   at::parallel_for(0, nbr, block_row_grain(nbr), [&](int64_t br0, int64_t br1) {
-    if (avx2)
-      block_mm_rows_avx2<T>(g, bias, out, br0, br1);
-    else
-      block_mm_rows_scalar<T>(g, bias, out, br0, br1);
+    block_mm_rows_at_level<T>(g, bias, out, br0, br1, dpbf16);
   });
 }
 
@@ -265,20 +384,16 @@ void block_sparse_grad_weight(const T* gy, const T* x, int64_t M, int64_t N, int
     }
   });
   const BlockGwArgs g{M, N, K, b, groups, ptr, idx, gy_packed.get(), x_packed.get()};
-  const bool avx2 = EFFOPS_HAVE_X86 && has_avx2_fma();
   at::parallel_for(0, nbr, block_row_grain(nbr), [&](int64_t br0, int64_t br1) {
-    if (avx2)
-      block_gw_rows_avx2<T>(g, gw, br0, br1);
-    else
-      block_gw_rows_scalar<T>(g, gw, br0, br1);
+    block_gw_rows_at_level<T>(g, gw, br0, br1);
   });
 }
 
 #define EFFOPS_INSTANTIATE(T)                                                                               \
   template void block_sparse_pack<T>(const T*, int64_t, int64_t, int64_t, int64_t, const int64_t*,          \
-                                     const int64_t*, int64_t, float*);                                      \
+                                     const int64_t*, int64_t, void*);                                       \
   template void block_sparse_mm<T>(const T*, int64_t, int64_t, int64_t, const T*, const int64_t*,           \
-                                   const int64_t*, int64_t, const float*, T*);                              \
+                                   const int64_t*, int64_t, const void*, T*);                               \
   template void block_sparse_grad_weight<T>(const T*, const T*, int64_t, int64_t, int64_t, const int64_t*,  \
                                             const int64_t*, int64_t, T*);
 EFFOPS_INSTANTIATE(float)
@@ -287,7 +402,13 @@ EFFOPS_INSTANTIATE(c10::Half)
 #undef EFFOPS_INSTANTIATE
 
 const char* masked_linear_body() {
-  return has_avx2_fma() ? "avx2 (fp32 FMA, 256-bit; bf16/fp16 computed in fp32)" : "scalar";
+  switch (cpu_isa()) {
+    case CpuIsa::kScalar: return "scalar";
+    case CpuIsa::kAvx2: return "avx2 (fp32 FMA, 256-bit)";
+    case CpuIsa::kAvx512:
+    case CpuIsa::kAvx512Vnni: return "avx512 (fp32 FMA, 512-bit)";
+    default: return "avx512_bf16 (bf16 block products by vdpbf16ps; fp32 FMA, 512-bit, otherwise)";
+  }
 }
 
 }  // namespace effops::cpu

@@ -2,7 +2,8 @@
 //
 // csr_sparse_mm: the dense operand comes transposed in batch spans (SpannedT, masked_linear.h), so one
 // kept weight w[r, c] multiplies 64 contiguous batch values of column c into 64 fp32 accumulators
-// (8 AVX2 registers): one broadcast, 8 loads, 8 FMAs per kept weight and 64 batch rows. Only kept
+// (8 AVX2 or 4 AVX-512 registers): one broadcast and 8 (4) loads and FMAs per kept weight and 64 batch
+// rows. Only kept
 // weights are read. Loop nest per thread: batch spans (at most 256 rows), then rows r of its range,
 // then chunks of 64, then the kept columns of r: the chunks after the first find row r's kept columns
 // (kept x span floats, ~400 KB at 4096 inputs and 10% density) still in L2.
@@ -49,21 +50,27 @@ EFFOPS_ALWAYS_INLINE void csr_mm_rows(const SpannedT& aT, int64_t M, const T* w,
   }
 }
 
-template <typename T>
-EFFOPS_AVX2_TARGET void csr_mm_rows_avx2(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs,
-                                         int64_t R, const T* bias, const int64_t* ptr, const int64_t* idx,
-                                         const T* vals, T* out, int64_t r0, int64_t r1) {
-#if EFFOPS_HAVE_X86
-  csr_mm_rows<Avx2Vec, T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
-#endif
-}
-
+// One function per level, each compiled for its instruction set.
 template <typename T>
 void csr_mm_rows_scalar(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
                         const T* bias, const int64_t* ptr, const int64_t* idx, const T* vals, T* out, int64_t r0,
                         int64_t r1) {
   csr_mm_rows<ScalarVec, T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
 }
+#if EFFOPS_HAVE_X86
+template <typename T>
+EFFOPS_AVX2_TARGET void csr_mm_rows_avx2(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs,
+                                         int64_t R, const T* bias, const int64_t* ptr, const int64_t* idx,
+                                         const T* vals, T* out, int64_t r0, int64_t r1) {
+  csr_mm_rows<Avx2Vec, T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
+}
+template <typename T>
+EFFOPS_AVX512_TARGET void csr_mm_rows_avx512(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs,
+                                             int64_t R, const T* bias, const int64_t* ptr, const int64_t* idx,
+                                             const T* vals, T* out, int64_t r0, int64_t r1) {
+  csr_mm_rows<Avx512Vec, T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
+}
+#endif
 
 template <class Vec, typename T>
 EFFOPS_ALWAYS_INLINE void csr_gw_rows(const SpannedT& gyT, const SpannedT& xT, int64_t K, const int64_t* ptr,
@@ -95,18 +102,22 @@ EFFOPS_ALWAYS_INLINE void csr_gw_rows(const SpannedT& gyT, const SpannedT& xT, i
 }
 
 template <typename T>
-EFFOPS_AVX2_TARGET void csr_gw_rows_avx2(const SpannedT& gyT, const SpannedT& xT, int64_t K, const int64_t* ptr,
-                                         const int64_t* idx, T* gw, int64_t n0, int64_t n1) {
-#if EFFOPS_HAVE_X86
-  csr_gw_rows<Avx2Vec, T>(gyT, xT, K, ptr, idx, gw, n0, n1);
-#endif
-}
-
-template <typename T>
 void csr_gw_rows_scalar(const SpannedT& gyT, const SpannedT& xT, int64_t K, const int64_t* ptr, const int64_t* idx,
                         T* gw, int64_t n0, int64_t n1) {
   csr_gw_rows<ScalarVec, T>(gyT, xT, K, ptr, idx, gw, n0, n1);
 }
+#if EFFOPS_HAVE_X86
+template <typename T>
+EFFOPS_AVX2_TARGET void csr_gw_rows_avx2(const SpannedT& gyT, const SpannedT& xT, int64_t K, const int64_t* ptr,
+                                         const int64_t* idx, T* gw, int64_t n0, int64_t n1) {
+  csr_gw_rows<Avx2Vec, T>(gyT, xT, K, ptr, idx, gw, n0, n1);
+}
+template <typename T>
+EFFOPS_AVX512_TARGET void csr_gw_rows_avx512(const SpannedT& gyT, const SpannedT& xT, int64_t K, const int64_t* ptr,
+                                             const int64_t* idx, T* gw, int64_t n0, int64_t n1) {
+  csr_gw_rows<Avx512Vec, T>(gyT, xT, K, ptr, idx, gw, n0, n1);
+}
+#endif
 
 int64_t row_grain(int64_t rows) { return std::max<int64_t>(1, rows / (8 * std::max(1, at::get_num_threads()))); }
 
@@ -133,26 +144,27 @@ void csr_mm_rows_few(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, in
 template <typename T>
 void csr_sparse_mm(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R, const T* bias,
                    const int64_t* ptr, const int64_t* idx, const T* vals, T* out) {
-  const bool avx2 = EFFOPS_HAVE_X86 && has_avx2_fma();
+  const CpuIsa level = cpu_isa();
   at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
-    if (M <= kFewRows)
-      csr_mm_rows_few<T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
-    else if (avx2)
-      csr_mm_rows_avx2<T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
-    else
-      csr_mm_rows_scalar<T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
+    if (M <= kFewRows) return csr_mm_rows_few<T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
+#if EFFOPS_HAVE_X86
+    if (level >= CpuIsa::kAvx512) return csr_mm_rows_avx512<T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
+    if (level >= CpuIsa::kAvx2) return csr_mm_rows_avx2<T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
+#endif
+    csr_mm_rows_scalar<T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
   });
 }
 
 template <typename T>
 void csr_sparse_grad_weight(const SpannedT& gyT, const SpannedT& xT, int64_t N, int64_t K, const int64_t* ptr,
                             const int64_t* idx, T* gw) {
-  const bool avx2 = EFFOPS_HAVE_X86 && has_avx2_fma();
+  const CpuIsa level = cpu_isa();
   at::parallel_for(0, N, row_grain(N), [&](int64_t n0, int64_t n1) {
-    if (avx2)
-      csr_gw_rows_avx2<T>(gyT, xT, K, ptr, idx, gw, n0, n1);
-    else
-      csr_gw_rows_scalar<T>(gyT, xT, K, ptr, idx, gw, n0, n1);
+#if EFFOPS_HAVE_X86
+    if (level >= CpuIsa::kAvx512) return csr_gw_rows_avx512<T>(gyT, xT, K, ptr, idx, gw, n0, n1);
+    if (level >= CpuIsa::kAvx2) return csr_gw_rows_avx2<T>(gyT, xT, K, ptr, idx, gw, n0, n1);
+#endif
+    csr_gw_rows_scalar<T>(gyT, xT, K, ptr, idx, gw, n0, n1);
   });
 }
 

@@ -38,6 +38,21 @@ namespace effops::cpu {
 template <typename T> inline float to_float(T v) { return static_cast<float>(v); }
 template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
 
+// A 32-bit word holding two bf16 values (k even in the low half, k odd in the high half, as packed for
+// vdpbf16ps) as two fp32 values: bf16 is the top half of an fp32, so the conversion is a shift and a mask.
+inline float bf16_pair_even(uint32_t w) {
+  const uint32_t bits = w << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline float bf16_pair_odd(uint32_t w) {
+  const uint32_t bits = w & 0xffff0000u;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 // ---- scalar "vector": width 1, the reference the AVX2 body is checked against ----
 struct ScalarVec {
   static constexpr int kWidth = 1;
@@ -45,6 +60,11 @@ struct ScalarVec {
   static ScalarVec zero() { return {0.f}; }
   static ScalarVec broadcast(float x) { return {x}; }
   template <typename T> static ScalarVec load(const T* p) { return {to_float(*p)}; }
+  // kWidth words of bf16 pairs (see bf16_pair_even) as their even and odd fp32 values.
+  static void load_bf16_pairs(const uint32_t* p, ScalarVec& even, ScalarVec& odd) {
+    even.v = bf16_pair_even(*p);
+    odd.v = bf16_pair_odd(*p);
+  }
   template <typename T> void store(T* p) const { *p = from_float<T>(v); }
   friend ScalarVec operator+(ScalarVec a, ScalarVec b) { return {a.v + b.v}; }
   friend ScalarVec operator-(ScalarVec a, ScalarVec b) { return {a.v - b.v}; }
@@ -71,6 +91,11 @@ struct Avx2Vec {
   }
   EFFOPS_AVX2_TARGET static Avx2Vec load(const c10::Half* p) {
     return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  EFFOPS_AVX2_TARGET static void load_bf16_pairs(const uint32_t* p, Avx2Vec& even, Avx2Vec& odd) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even.v = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    odd.v = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
   }
   EFFOPS_AVX2_TARGET void store(float* p) const { _mm256_storeu_ps(p, v); }
   EFFOPS_AVX2_TARGET void store(c10::BFloat16* p) const {
@@ -116,6 +141,11 @@ struct Avx512Vec {
   }
   EFFOPS_AVX512_TARGET static Avx512Vec load(const c10::Half* p) {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  EFFOPS_AVX512_TARGET static void load_bf16_pairs(const uint32_t* p, Avx512Vec& even, Avx512Vec& odd) {
+    const __m512i w = _mm512_loadu_si512(p);
+    even.v = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    odd.v = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
   }
   EFFOPS_AVX512_TARGET void store(float* p) const { _mm512_storeu_ps(p, v); }
   EFFOPS_AVX512_TARGET void store(c10::BFloat16* p) const {
