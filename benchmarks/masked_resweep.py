@@ -5,11 +5,14 @@ whole 15-minute sweep: PYTHONPATH=. python benchmarks/masked_resweep.py"""
 import json
 import os
 
+import torch
+
 from benchmarks import bench_masked_linear as b, run as r
 
 CASES = [("unstructured", 0.9), ("unstructured", 0.95), ("2:4", 0.9)]
-b._cases = lambda quick: ([((4096, 4096, 2048), "block32", 0.9)]
-                          + [(shape, p, s) for shape in ((4096, 4096, 2048), (4096, 11008, 256)) for p, s in CASES])
+b._cases = lambda quick: ([((4096, 4096, 2048), "block32", 0.9, torch.float32)]
+                          + [(shape, p, s, torch.float32) for shape in ((4096, 4096, 2048), (4096, 11008, 256))
+                             for p, s in CASES])
 rows = b.run(False, "cpu")
 out = "docs/perf/cpu-masked-resweep"
 os.makedirs(out, exist_ok=True)

@@ -104,6 +104,23 @@ def pytest_runtest_call(item):
         pytest.skip(reason)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Drop instances that can run on no machine: the `backend` fixture forcing a backend that has no
+    kernel for any op of the test module (its BACKEND_OPS). Modules without BACKEND_OPS keep them all."""
+    import effops.ops  # noqa: F401  (registers every op's kernels)
+    keep, drop = [], []
+    for item in items:
+        backend = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+        ops = getattr(item.module, "BACKEND_OPS", None)
+        if isinstance(backend, tuple) and ops and not any(backend[0] in _backends._kernels.get(op, ()) for op in ops):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def pytest_report_header(config):
     _ext.load()
     lines = ["effops backends: " + ", ".join("%s=%s" % (k, "yes" if ok else "no (%s)" % why)

@@ -12,6 +12,10 @@ from effops.reference import masked_linear as reference
 
 from conftest import TOL, device, run_at_every_cpu_level
 
+# The ops these tests run, for conftest: a backend with no kernel for them is not offered (an instance
+# that could run on no machine).
+BACKEND_OPS = ("masked_linear", "masked_linear_backward")
+
 
 def make_mask(kind, n, k, density=0.3, seed=0):
     """A bool mask of one structure: block16/32/64, unstructured, 2:4, full, empty, one_block."""

@@ -6,6 +6,10 @@ import torch.nn as nn
 from effops.nn import SeparableConv2d
 from conftest import TOL, device
 
+# The ops these tests run, for conftest: a backend with no kernel for them is not offered (an instance
+# that could run on no machine).
+BACKEND_OPS = ("dwpw_conv2d", "dwpw_conv2d_backward")
+
 ACTS = {None: nn.Identity(), "relu": nn.ReLU(), "relu6": nn.ReLU6(), "gelu": nn.GELU(), "silu": nn.SiLU()}
 
 
