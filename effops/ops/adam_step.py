@@ -23,6 +23,17 @@ from effops.ops import _checks
 from effops.reference import adam as reference
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# What the op takes. float64 (and complex128, stepped through its float64 real view) runs on the
+# reference only: no compiled kernel has a float64 body, and its math stays in float64 as torch's does.
+ADAM_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
+
+
+def _float64_reason(params):
+    """None when no param is float64 (which only the reference steps), else the reason to decline."""
+    for i, p in enumerate(params):
+        if p.dtype == torch.float64:
+            return "params[%d] is float64: only the reference backend steps float64" % i
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,8 +86,8 @@ def _compiled_supports(device_type):
     def supports(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, **kw):
         if params and params[0].device.type != device_type:
             return "tensors are on %s" % params[0].device.type
-        return flat_layout_reason(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
-                                  kw["amsgrad"])
+        return _float64_reason(params) or flat_layout_reason(params, grads, exp_avgs, exp_avg_sqs,
+                                                             max_exp_avg_sqs, master_params, kw["amsgrad"])
     return supports
 
 
@@ -113,7 +124,7 @@ _backends.register_kernel("adam_step", "reference", reference.adam_step)
 _backends.register_kernel("adam_step", "cpu", _cpu_kernel, supports=_compiled_supports("cpu"))
 _backends.register_kernel("adam_step", "cuda", _cuda_kernel, supports=_compiled_supports("cuda"))
 _backends.register_kernel("adam_step", "triton", "effops.triton_kernels.adam_step:adam_step",
-                          supports=lambda *a, **kw: flat_layout_reason(*a[:6], kw["amsgrad"]))
+                          supports=lambda *a, **kw: _float64_reason(a[0]) or flat_layout_reason(*a[:6], kw["amsgrad"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +163,7 @@ def _check_scalar_tensor(name, value, device):
 
 def _check_tensor_set(i, p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, master, s, amsgrad, dev):
     """The full checks of params[i] and its companions, each failure naming what is wrong."""
-    _checks.tensor("params[%d]" % i, p, dtypes=_checks.FLOAT_DTYPES, device=dev)
+    _checks.tensor("params[%d]" % i, p, dtypes=ADAM_DTYPES, device=dev)
     _checks.tensor("grads[%d]" % i, g)
     if g.layout != torch.strided:
         raise RuntimeError("adam_step does not support sparse gradients (grads[%d] has layout %s); "
@@ -187,14 +198,14 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, bet
               master_params=None, grad_scale=None, found_inf=None):
     """One Adam (or AdamW with decoupled_weight_decay=True) step, updating every tensor in place.
 
-    params, grads, exp_avgs, exp_avg_sqs: lists of same-shaped tensors on one device; params fp32, bf16
-    or fp16 (a list may mix them), each grad in its param's dtype. steps: one scalar tensor per param
+    params, grads, exp_avgs, exp_avg_sqs: lists of same-shaped tensors on one device; params fp32, bf16,
+    fp16 or float64 (a list may mix them; float64 runs on the reference backend, in float64), each grad in its param's dtype. steps: one scalar tensor per param
     holding the number of steps taken so far; it is incremented. Moments have the param's dtype, or
     fp32 where master_params[i] (None or an fp32 copy of a bf16/fp16 param) is given: the step then
     runs on the master and the rounded result is written into the param. amsgrad needs
     max_exp_avg_sqs. grad_scale / found_inf (1-element fp32 tensors, the GradScaler protocol):
     gradients are divided by grad_scale (and stored back unscaled); a nonzero found_inf skips the
-    whole step, leaving every tensor and step count untouched. All math is fp32.
+    whole step, leaving every tensor and step count untouched. All math is fp32 (float64 for float64).
     """
     prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                       weight_decay=weight_decay, amsgrad=amsgrad, max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
@@ -229,7 +240,7 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
     weight_decay = _number("weight_decay", weight_decay, 0.0)
 
     dev = params[0].device if n else None
-    float_dtypes, step_dtypes, fp32, strided = _checks.FLOAT_DTYPES, (torch.float32, torch.float64), torch.float32, \
+    float_dtypes, step_dtypes, fp32, strided = ADAM_DTYPES, (torch.float32, torch.float64), torch.float32, \
         torch.strided
     for i in range(n):
         # The common case in one expression (this loop runs per tensor on every optimizer step);

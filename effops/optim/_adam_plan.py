@@ -45,7 +45,7 @@ class Plan:
     def build(cls, optimizer, per_group):
         """A plan for the step just taken, or None when some group cannot use one.
 
-        per_group: for each param group, {device: lists} as the checked step gathered them (its
+        per_group: for each param group, {(device, is float64): lists} as the checked step gathered them (its
         state created or adapted)."""
         params, exp_avgs, exp_avg_sqs, maxes, masters, has_master, steps = [], [], [], [], [], [], []
         group_ends, amsgrad, absent, groups = [], [], [], []
@@ -56,9 +56,10 @@ class Plan:
             if by_device:
                 if len(by_device) != 1:
                     return None
-                (device, lists), = by_device.items()
-                # The lists must hold the params themselves: not DTensor shards or complex views.
-                if device.type != "cpu" or len(lists["params"]) != len(with_grad) or \
+                ((device, wide), lists), = by_device.items()
+                # The lists must hold the params themselves: not DTensor shards or complex views; and
+                # no float64 (the kernel has no float64 body).
+                if device.type != "cpu" or wide or len(lists["params"]) != len(with_grad) or \
                         not all(map(is_, lists["params"], with_grad)):
                     return None
                 params += lists["params"]

@@ -30,6 +30,9 @@ from effops.ops.adam_step import prepare_adam_step
 from effops.optim import _adam_plan
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# What the step takes: torch.optim.Adam's range. float64 (and complex128, through its float64 real
+# view) runs on the reference backend in float64 math (no compiled float64 body).
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64, torch.complex128)
 _MASTER_KEYS = ("master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -117,6 +120,7 @@ class Adam(Optimizer):
         super().add_param_group(param_group)
         try:
             _check_group(self.param_groups[-1], len(self.param_groups) - 1)
+            _check_param_dtypes(self.param_groups[-1], len(self.param_groups) - 1, type(self).__name__)
         except (TypeError, ValueError):
             self.param_groups.pop()  # a bad group is not left half-added
             raise
@@ -150,7 +154,9 @@ class Adam(Optimizer):
         return state
 
     def _group_lists(self, group):
-        """{device: argument lists for adam_step} for the params of `group` that have a gradient."""
+        """{(device, is float64): argument lists for adam_step} for the params of `group` that have a
+        gradient. float64 params (complex128 ones through their real views) get lists of their own:
+        they run on the reference backend, and fp32 params beside them keep the compiled kernels."""
         by_device = {}
         amsgrad = group["amsgrad"]
         master_weights = group["master_weights"]
@@ -169,7 +175,7 @@ class Adam(Optimizer):
                 # The common case (fp32/bf16 params, state already built): straight into the lists.
                 exp_avg = state["exp_avg"]
                 if exp_avg.dtype == p.dtype:
-                    dev = p.device
+                    dev = (p.device, p.dtype == torch.float64)
                     if dev != last_dev:
                         lists = by_device.get(dev)
                         if lists is None:
@@ -196,9 +202,10 @@ class Adam(Optimizer):
             if p.is_complex():
                 tensors = [torch.view_as_real(t) for t in tensors]
             last_dev = None  # the fast path re-looks its lists up
-            lists = by_device.get(tensors[0].device)
+            key = (tensors[0].device, tensors[0].dtype == torch.float64)
+            lists = by_device.get(key)
             if lists is None:
-                lists = by_device[tensors[0].device] = dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[],
+                lists = by_device[key] = dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[],
                                                             max_exp_avg_sqs=[], master_params=[], steps=[])
             lists["params"].append(tensors[0])
             lists["grads"].append(tensors[1])
@@ -281,6 +288,16 @@ def _check_group(group, index):
                 group[flag] = bool(value)
             else:
                 raise TypeError("%s must be a bool, got %r" % (where % flag, value))
+
+
+def _check_param_dtypes(group, index, name):
+    """Every param of a group has a dtype the step takes: a TypeError naming the param and its dtype
+    here, where the group is added, never at the first step."""
+    for i, p in enumerate(group["params"]):
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError("param_groups[%d]['params'][%d] has dtype %s; %s steps %s" % (
+                index, i, str(p.dtype).replace("torch.", ""), name,
+                ", ".join(str(d).replace("torch.", "") for d in PARAM_DTYPES)))
 
 
 class AdamW(Adam):

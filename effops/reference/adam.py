@@ -5,9 +5,10 @@ torch.optim.adam._single_tensor_adam (the foreach=False path), in the same order
 lerp of the first moment, mul + addcmul of the second, bias corrections computed on the host in
 double precision, then addcdiv. Two additions of the fused step:
 
-* fp32 math for every dtype: bf16/fp16 tensors are widened to fp32, stepped, and rounded once when
+* fp32 math for bf16/fp16/fp32: bf16/fp16 tensors are widened to fp32, stepped, and rounded once when
   stored (torch's own fused kernels do the same; its foreach=False path would round after every op).
-  For fp32 tensors the widening is a no-op, so the ops run in place exactly as torch's do.
+  For fp32 and float64 tensors the widening is a no-op, so the ops run in place exactly as torch's
+  do (float64 math for float64).
 * master weights: when ``master_params[i]`` is an fp32 tensor, the step runs on it and the rounded
   result is written to ``params[i]``.
 * ``grad_scale`` (GradScaler): gradients are divided by it first and the unscaled gradient is stored
@@ -16,6 +17,11 @@ double precision, then addcdiv. Two additions of the fused step:
 Steps are the already-incremented step counts, one per tensor.
 """
 import torch
+
+
+def _wide(t):
+    """t in the dtype the step computes in: fp32, or float64 for float64 (t itself when it is already)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def bias_corrections(beta1, beta2, step):
@@ -36,16 +42,16 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
         if param.numel() == 0:
             continue
         master = master_params[i] if master_params else None
-        theta = master if master is not None else param.float()
-        grad = grads[i].float()
+        theta = master if master is not None else _wide(param)
+        grad = _wide(grads[i])
         if grad_scale is not None:
             grad = grad / grad_scale
             grads[i].copy_(grad)
         if maximize:
             grad = -grad
-        exp_avg = exp_avgs[i].float()
-        exp_avg_sq = exp_avg_sqs[i].float()
-        max_exp_avg_sq = max_exp_avg_sqs[i].float() if amsgrad else None
+        exp_avg = _wide(exp_avgs[i])
+        exp_avg_sq = _wide(exp_avg_sqs[i])
+        max_exp_avg_sq = _wide(max_exp_avg_sqs[i]) if amsgrad else None
 
         if weight_decay != 0:
             if decoupled_weight_decay:
