@@ -11,10 +11,9 @@
 
 #include <vector>
 
+#include "cpu/adam_math.h"
 #include "cpu/cpu_features.h"
 #include "cpu/simd.h"
-
-#define EFFOPS_ALWAYS_INLINE __attribute__((always_inline)) inline
 
 namespace effops::cpu {
 namespace {
@@ -26,37 +25,10 @@ constexpr int64_t kChunk = 1 << 15;
 // costs more than the work (torch's own elementwise kernels use a 32K-element grain as well).
 constexpr int64_t kParallelMin = 1 << 16;
 
-// Per-tensor constants in fp32, converted from double exactly as torch converts its Python scalars.
-struct Coeffs {
-  float lerp_weight;   // 1 - beta1
-  float beta2;
-  float one_minus_beta2;
-  float eps;
-  float weight_decay;  // coupled (Adam): g += weight_decay * p
-  float decay_factor;  // decoupled (AdamW): p *= 1 - lr * weight_decay
-  float neg_step_size;
-  float bias_correction2_sqrt;
-  float grad_scale;
-  bool amsgrad, maximize, decoupled, has_weight_decay, unscale;
-};
+using Coeffs = AdamCoeffs;
 
 Coeffs make_coeffs(const AdamTensor& t, const AdamHyper& h) {
-  Coeffs c;
-  c.lerp_weight = static_cast<float>(1.0 - h.beta1);
-  c.beta2 = static_cast<float>(h.beta2);
-  c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
-  c.eps = static_cast<float>(h.eps);
-  c.weight_decay = static_cast<float>(h.weight_decay);
-  c.decay_factor = static_cast<float>(1.0 - h.lr * h.weight_decay);
-  c.neg_step_size = static_cast<float>(-t.step_size);
-  c.bias_correction2_sqrt = static_cast<float>(t.bias_correction2_sqrt);
-  c.grad_scale = static_cast<float>(h.grad_scale);
-  c.amsgrad = h.amsgrad;
-  c.maximize = h.maximize;
-  c.decoupled = h.decoupled_weight_decay;
-  c.has_weight_decay = h.weight_decay != 0.0;
-  c.unscale = h.unscale;
-  return c;
+  return make_adam_coeffs(t.step_size, t.bias_correction2_sqrt, h);
 }
 
 // Where one vector's elements live: in the tensors, or in a stack buffer for a tensor's tail.
@@ -83,33 +55,16 @@ EFFOPS_ALWAYS_INLINE void adam_vector(const Ptrs<P, S>& x, const Coeffs& c) {
     g = g / Vec::broadcast(c.grad_scale);
     g.store(x.grad);
   }
-  if (c.maximize) g = g * Vec::broadcast(-1.f);
   Vec p = kMaster ? Vec::load(x.master) : Vec::load(x.param);
-  if (c.has_weight_decay) {
-    if (c.decoupled) {
-      p = p * Vec::broadcast(c.decay_factor);  // mul_(1 - lr * weight_decay)
-    } else {
-      g = Vec::fma(p, Vec::broadcast(c.weight_decay), g);  // add(p, alpha=wd): fmadd(p, wd, g)
-    }
-  }
-  // lerp_(g, w): fmadd(w, g - m, m) for |w| < 0.5, fmadd(w - 1, g - m, g) otherwise.
   Vec m = Vec::load(x.exp_avg);
-  if (c.lerp_weight < 0.5f) {
-    m = Vec::fma(Vec::broadcast(c.lerp_weight), g - m, m);
-  } else {
-    m = Vec::fma(Vec::broadcast(c.lerp_weight - 1.f), g - m, g);
-  }
-  // mul_(beta2).addcmul_(g, g, value=1 - beta2): fmadd(value * g, g, v * beta2)
-  Vec v = Vec::load(x.exp_avg_sq) * Vec::broadcast(c.beta2);
-  v = Vec::fma(Vec::broadcast(c.one_minus_beta2) * g, g, v);
+  Vec v = Vec::load(x.exp_avg_sq);
+  adam_moments(p, g, m, v, c);
   Vec vhat = v;
   if (c.amsgrad) {
     vhat = Vec::max(Vec::load(x.max_exp_avg_sq), v);
     vhat.store(x.max_exp_avg_sq);
   }
-  Vec denom = Vec::sqrt(vhat) / Vec::broadcast(c.bias_correction2_sqrt) + Vec::broadcast(c.eps);
-  // addcdiv_(m, denom, value=-step_size): p + (value * m) / denom
-  p = p + Vec::broadcast(c.neg_step_size) * m / denom;
+  p = adam_apply(p, m, Vec::sqrt(vhat), c);
 
   m.store(x.exp_avg);
   v.store(x.exp_avg_sq);

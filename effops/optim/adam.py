@@ -44,6 +44,8 @@ def _is_dtensor(t):
 class Adam(Optimizer):
     """Drop-in for torch.optim.Adam (see the module docstring for what is added)."""
 
+    PARAM_DTYPES = PARAM_DTYPES  # what add_param_group accepts (subclasses narrow it)
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, master_weights=False):
@@ -120,7 +122,8 @@ class Adam(Optimizer):
         super().add_param_group(param_group)
         try:
             _check_group(self.param_groups[-1], len(self.param_groups) - 1)
-            _check_param_dtypes(self.param_groups[-1], len(self.param_groups) - 1, type(self).__name__)
+            _check_param_dtypes(self.param_groups[-1], len(self.param_groups) - 1, type(self).__name__,
+                                self.PARAM_DTYPES)
         except (TypeError, ValueError):
             self.param_groups.pop()  # a bad group is not left half-added
             raise
@@ -290,14 +293,14 @@ def _check_group(group, index):
                 raise TypeError("%s must be a bool, got %r" % (where % flag, value))
 
 
-def _check_param_dtypes(group, index, name):
+def _check_param_dtypes(group, index, name, dtypes):
     """Every param of a group has a dtype the step takes: a TypeError naming the param and its dtype
     here, where the group is added, never at the first step."""
     for i, p in enumerate(group["params"]):
-        if p.dtype not in PARAM_DTYPES:
+        if p.dtype not in dtypes:
             raise TypeError("param_groups[%d]['params'][%d] has dtype %s; %s steps %s" % (
                 index, i, str(p.dtype).replace("torch.", ""), name,
-                ", ".join(str(d).replace("torch.", "") for d in PARAM_DTYPES)))
+                ", ".join(str(d).replace("torch.", "") for d in dtypes)))
 
 
 class AdamW(Adam):
