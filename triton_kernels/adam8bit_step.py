@@ -30,7 +30,7 @@ def _round_even(x):
 
 @triton.jit
 def _adam8bit_step_kernel(param_ptrs, grad_ptrs, m_code_ptrs, m_scale_ptrs, r_code_ptrs, r_scale_ptrs, master_ptrs,
-                          numels, neg_step_sizes, bc2_sqrts, block_tensor, block_index, lerp_weight, beta2,
+                          numels, neg_step_sizes, inv_bc2_sqrts, block_tensor, block_index, lerp_weight, beta2,
                           one_minus_beta2, eps, weight_decay, decay_factor, grad_scale, P_KIND: tl.constexpr,
                           MASTER: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                           DECOUPLED: tl.constexpr, UNSCALE: tl.constexpr, BLOCK: tl.constexpr):
@@ -79,7 +79,7 @@ def _adam8bit_step_kernel(param_ptrs, grad_ptrs, m_code_ptrs, m_scale_ptrs, r_co
         m = g - (g - m) * (1.0 - lerp_weight)
     v = v * beta2 + one_minus_beta2 * g * g
     r = tl.sqrt_rn(v)
-    denom = tl.div_rn(r, tl.load(bc2_sqrts + t)) + eps
+    denom = r * tl.load(inv_bc2_sqrts + t) + eps  # the reference's multiply by 1 / sqrt(1 - beta2^t)
     p = p + tl.div_rn(tl.load(neg_step_sizes + t) * m, denom)
     if MASTER:
         tl.store(master + offs, p, mask=mask)
@@ -121,11 +121,11 @@ def adam8bit_step(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes
         block_index = torch.arange(len(block_tensor), dtype=torch.int64) - first[block_tensor.long()]
         tables = [pointers, torch.tensor(numels, dtype=torch.int64),
                   torch.tensor([-step_sizes[i] for i in idx], dtype=torch.float32),
-                  torch.tensor([bc2_sqrts[i] for i in idx], dtype=torch.float32), block_tensor, block_index]
-        pointers, numels_t, neg_steps, bc2, block_tensor, block_index = [x.to(device) for x in tables]
+                  torch.tensor([1.0 / bc2_sqrts[i] for i in idx], dtype=torch.float32), block_tensor, block_index]
+        pointers, numels_t, neg_steps, inv_bc2, block_tensor, block_index = [x.to(device) for x in tables]
         _adam8bit_step_kernel[(block_tensor.numel(),)](
             pointers[0], pointers[1], pointers[2], pointers[3], pointers[4], pointers[5], pointers[6], numels_t,
-            neg_steps, bc2, block_tensor, block_index, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
+            neg_steps, inv_bc2, block_tensor, block_index, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
             1.0 - lr * weight_decay, 1.0 if grad_scale is None else grad_scale, P_KIND=_KIND[dtype], MASTER=master,
             MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled_weight_decay,
             UNSCALE=grad_scale is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
@@ -137,7 +137,7 @@ def adam8bit_step(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes
 _SIGNATURE = dict(
     {name: "*i64" for name in ("param_ptrs", "grad_ptrs", "m_code_ptrs", "m_scale_ptrs", "r_code_ptrs",
                                "r_scale_ptrs", "master_ptrs", "numels", "block_index")},
-    neg_step_sizes="*fp32", bc2_sqrts="*fp32", block_tensor="*i32",
+    neg_step_sizes="*fp32", inv_bc2_sqrts="*fp32", block_tensor="*i32",
     **{name: "fp32" for name in ("lerp_weight", "beta2", "one_minus_beta2", "eps", "weight_decay", "decay_factor",
                                  "grad_scale")},
     **{name: "constexpr" for name in ("P_KIND", "MASTER", "MAXIMIZE", "WEIGHT_DECAY", "DECOUPLED", "UNSCALE",

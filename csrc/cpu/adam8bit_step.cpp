@@ -52,7 +52,10 @@ EFFOPS_ALWAYS_INLINE void step_vector(P* param, P* grad, float* master, const in
   Vec v = r * r;
   adam_moments(p, g, m, v, c);
   r = Vec::sqrt(v);
-  p = adam_apply(p, m, r, c);
+  // adam_apply's division by sqrt(1 - beta2^t) as a multiply by its inverse (one division per
+  // element fewer; the reference does the same): p + (-step_size * m) / (r * inv + eps)
+  const Vec denom = r * Vec::broadcast(c.inv_bias_correction2_sqrt) + Vec::broadcast(c.eps);
+  p = p + Vec::broadcast(c.neg_step_size) * m / denom;
   if (kMaster) p.store(master);
   p.store(param);
   m.store(m_out);
@@ -62,14 +65,16 @@ EFFOPS_ALWAYS_INLINE void step_vector(P* param, P* grad, float* master, const in
 }
 
 // Pass 2 for one vector: codes of m and r against their block maxima (m_inv = 1 / max |m|, r_inv =
-// 1 / max r, 0 for an all-zero block). sqrt(|x| * inv) <= 1 + 1 ulp, so the codes stay in range.
+// 1 / max r, 0 for an all-zero block). sqrt(|x| * inv) <= 1 + a few ulp, so the codes stay in range.
+// The roots only choose codes: sqrt_for_codes (simd_codes.h) may pick the neighbouring code where the
+// exact root sits within a few 1e-7 of a rounding boundary; the step itself uses the exact sqrt.
 template <class Vec>
 EFFOPS_ALWAYS_INLINE void encode_vector(const float* m, const float* r, float m_inv, float r_inv, int8_t* m_codes,
                                         uint8_t* r_codes) {
   const Vec x = Vec::load(m);
-  const Vec qm = Vec::sqrt(vabs(x) * Vec::broadcast(m_inv));
+  const Vec qm = sqrt_for_codes(vabs(x) * Vec::broadcast(m_inv));
   store_codes(vcopysign(vround(qm * Vec::broadcast(kSignedMax)), x), m_codes);
-  const Vec qr = Vec::sqrt(Vec::load(r) * Vec::broadcast(r_inv));
+  const Vec qr = sqrt_for_codes(Vec::load(r) * Vec::broadcast(r_inv));
   store_codes(Vec::max(vround(qr * Vec::broadcast(kUnsignedLevels)) - Vec::broadcast(1.f), Vec::zero()), r_codes);
 }
 

@@ -21,6 +21,7 @@ struct AdamCoeffs {
   float decay_factor;  // decoupled (AdamW): p *= 1 - lr * weight_decay
   float neg_step_size;
   float bias_correction2_sqrt;
+  float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t), rounded once from double (adam8bit_step)
   float grad_scale;
   bool amsgrad, maximize, decoupled, has_weight_decay, unscale;
 };
@@ -35,6 +36,7 @@ inline AdamCoeffs make_adam_coeffs(double step_size, double bias_correction2_sqr
   c.decay_factor = static_cast<float>(1.0 - h.lr * h.weight_decay);
   c.neg_step_size = static_cast<float>(-step_size);
   c.bias_correction2_sqrt = static_cast<float>(bias_correction2_sqrt);
+  c.inv_bias_correction2_sqrt = static_cast<float>(1.0 / bias_correction2_sqrt);
   c.grad_scale = static_cast<float>(h.grad_scale);
   c.amsgrad = h.amsgrad;
   c.maximize = h.maximize;

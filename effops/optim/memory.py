@@ -9,7 +9,14 @@ import torch
 
 def _tensors(value):
     if isinstance(value, torch.Tensor):
-        yield value
+        if hasattr(type(value), "__tensor_flatten__"):
+            # A wrapper subclass (torchao's 8-bit states, DTensor: this process's shard) holds no
+            # storage of its own: count the plain tensors inside it.
+            names, _ = value.__tensor_flatten__()
+            for name in names:
+                yield from _tensors(getattr(value, name))
+        else:
+            yield value
     elif isinstance(value, dict):
         for v in value.values():
             yield from _tensors(v)
@@ -25,8 +32,6 @@ def state_bytes(optimizer):
     seen, total = set(), 0
     for param_state in optimizer.state.values():
         for t in _tensors(param_state):
-            if hasattr(t, "to_local"):  # DTensor: this process's shard is what it holds
-                t = t.to_local()
             storage = t.untyped_storage()
             key = (storage.data_ptr(), t.device)
             if key in seen:
