@@ -20,7 +20,7 @@ BLOCK = 256  # the quantization block (effops/reference/adam8bit.py)
 NUM_WARPS = 2
 # Adding then subtracting 1.5 * 2^23 rounds a float in [0, 2^22) to the nearest integer, ties to even
 # (the reference's torch.round), with plain fp32 adds that the interpreter and the GPU agree on.
-_ROUNDER = 12582912.0
+_ROUNDER = tl.constexpr(12582912.0)
 
 
 @triton.jit
