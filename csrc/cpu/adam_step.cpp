@@ -9,11 +9,13 @@
 
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/adam_math.h"
 #include "cpu/cpu_features.h"
 #include "cpu/simd.h"
+#include "cpu/stochastic_round.h"
 
 namespace effops::cpu {
 namespace {
@@ -49,7 +51,7 @@ struct Ptrs {
 // a * b + c twice (ScalarVec::fma: no FMA instruction on the CPUs it serves), so it can differ by more
 // where Adam's normalisation amplifies a last-bit difference (g + wd * p nearly cancelling, beta2 = 0).
 template <class Vec, class P, class S, bool kMaster>
-EFFOPS_ALWAYS_INLINE void adam_vector(const Ptrs<P, S>& x, const Coeffs& c) {
+EFFOPS_ALWAYS_INLINE void adam_vector(const Ptrs<P, S>& x, const Coeffs& c, int64_t sr_seed, int64_t index) {
   Vec g = Vec::load(x.grad);
   if (c.unscale) {
     g = g / Vec::broadcast(c.grad_scale);
@@ -69,6 +71,12 @@ EFFOPS_ALWAYS_INLINE void adam_vector(const Ptrs<P, S>& x, const Coeffs& c) {
   m.store(x.exp_avg);
   v.store(x.exp_avg_sq);
   if (kMaster) p.store(x.master);
+  if constexpr (std::is_same_v<P, c10::BFloat16> && !kMaster) {
+    if (sr_seed >= 0) {
+      store_bf16_stochastic(p, x.param, static_cast<uint32_t>(sr_seed), index);
+      return;
+    }
+  }
   p.store(x.param);
 }
 
@@ -88,7 +96,9 @@ EFFOPS_ALWAYS_INLINE void adam_span(const AdamTensor& tensor, const Coeffs& coef
   const Coeffs c = coeffs;
   const AdamTensor t = tensor;
   int64_t i = begin;
-  for (; i + Vec::kWidth <= end; i += Vec::kWidth) adam_vector<Vec, P, S, kMaster>(ptrs_at<P, S>(t, i), c);
+  for (; i + Vec::kWidth <= end; i += Vec::kWidth) {
+    adam_vector<Vec, P, S, kMaster>(ptrs_at<P, S>(t, i), c, t.stochastic_round_seed, i);
+  }
   const int64_t rest = end - i;
   if (rest == 0) return;
   constexpr int W = Vec::kWidth;
@@ -106,7 +116,7 @@ EFFOPS_ALWAYS_INLINE void adam_span(const AdamTensor& tensor, const Coeffs& coef
     if (src.max_exp_avg_sq) max_sq[k] = src.max_exp_avg_sq[k];
     if (kMaster) master[k] = src.master[k];
   }
-  adam_vector<Vec, P, S, kMaster>(buf, c);
+  adam_vector<Vec, P, S, kMaster>(buf, c, t.stochastic_round_seed, i);
   for (int64_t k = 0; k < rest; ++k) {
     src.param[k] = param[k];
     if (c.unscale) src.grad[k] = grad[k];

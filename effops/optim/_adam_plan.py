@@ -50,6 +50,8 @@ class Plan:
         params, exp_avgs, exp_avg_sqs, maxes, masters, has_master, steps = [], [], [], [], [], [], []
         group_ends, amsgrad, absent, groups = [], [], [], []
         for group, by_device in zip(optimizer.param_groups, per_group):
+            if group.get("bf16_stochastic_round"):
+                return None  # seeds change every step: the checked path passes them
             group_params = group["params"]
             with_grad = [p for p in group_params if p.grad is not None]
             absent += [p for p in group_params if p.grad is None]
@@ -92,7 +94,8 @@ class Plan:
         for group, (params, amsgrad, master_weights) in zip(param_groups, self._groups):
             group_params = group["params"]
             if len(group_params) != len(params) or not all(map(is_, group_params, params)) \
-                    or group["amsgrad"] is not amsgrad or group["master_weights"] != master_weights:
+                    or group["amsgrad"] is not amsgrad or group["master_weights"] != master_weights \
+                    or group.get("bf16_stochastic_round"):
                 return False
             # The same conversions, in the same order, as the checked path (so the same errors).
             beta1, beta2 = group["betas"]

@@ -18,6 +18,7 @@ Steps are the already-incremented step counts, one per tensor.
 """
 import torch
 
+from effops.reference import stochastic_round
 
 def _wide(t):
     """t in the dtype the step computes in: fp32, or float64 for float64 (t itself when it is already)."""
@@ -32,11 +33,14 @@ def bias_corrections(beta1, beta2, step):
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1,
-              beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale=None):
+              beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale=None,
+              stochastic_round_seeds=None):
     """Update every tensor in place. steps: list of float step counts (already incremented).
 
     max_exp_avg_sqs is used only when amsgrad; master_params[i] is None or an fp32 tensor.
     grad_scale: None or a float the gradients are divided by (and stored back unscaled).
+    stochastic_round_seeds: None, or per param a seed >= 0 (bf16 params without a master copy: the new
+    param is rounded stochastically, effops/reference/stochastic_round.py) or -1 (round to nearest).
     """
     for i, param in enumerate(params):
         if param.numel() == 0:
@@ -72,6 +76,10 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
         theta.addcdiv_(exp_avg, denom, value=-step_size)
 
         # Store back whatever was widened (for fp32 tensors these are the same tensors: no-ops).
+        seed = -1 if stochastic_round_seeds is None else stochastic_round_seeds[i]
+        if seed >= 0:
+            param.copy_(stochastic_round.round_to_bf16(theta, seed))
+            theta = param
         for dst, src in ((exp_avgs[i], exp_avg), (exp_avg_sqs[i], exp_avg_sq), (param, theta)):
             if dst is not src:
                 dst.copy_(src)
