@@ -4,6 +4,8 @@ effops.optim.AdamW and effops.optim.AdamW8bit from the same initial weights and 
 * the demo's task: the demo's effops model (SeparableConv2d MobileNet-style CNN, width 24) on
   scikit-learn's digits, the demo's recipe (lr 3e-3, weight decay 1e-4, batch 64, 8 epochs), test
   accuracy after training, for several seeds (360 test images: one image is 0.28 points);
+* with --bf16: the demo's task with a bf16 model, AdamW with fp32 master weights against AdamW
+  without master weights and with bf16 stochastic rounding;
 * a character-level transformer LM on text shipped with Python (pydoc's topic help,
   pydoc_data/topics.py), a few hundred steps, loss on held-out text at the end.
 
@@ -38,6 +40,22 @@ def digits_run(opt_cls, seed, epochs=8, lr=3e-3, weight_decay=1e-4, batch_size=6
             train.train_step(model, opt, ds.x_train, ds.y_train, [idx], device="cpu", amp=False)
     model.eval()
     return 100.0 * train.accuracy(model, ds.x_test, ds.y_test, device="cpu"), state_bytes_per_param(opt)
+
+
+def digits_bf16_run(seed, stochastic, epochs=8, lr=3e-3, weight_decay=1e-4, batch_size=64, width=24):
+    """The demo's task with a bf16 model: AdamW with fp32 master weights, or without master weights
+    and with bf16 stochastic rounding (stochastic=True)."""
+    from effops.demo import data, models, train
+    ds = data.load_digits(seed=0)
+    model = models.effops_model(len(ds.classes), width, seed=seed).to(torch.bfloat16)
+    kw = dict(bf16_stochastic_round=True) if stochastic else dict(master_weights=True)
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+    x_train, x_test = ds.x_train.to(torch.bfloat16), ds.x_test.to(torch.bfloat16)
+    for epoch in range(epochs):
+        for idx in train.epoch_batches(len(ds.y_train), batch_size, epoch, seed):
+            train.train_step(model, opt, x_train, ds.y_train, [idx], device="cpu", amp=False)
+    model.eval()
+    return 100.0 * train.accuracy(model, x_test, ds.y_test, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +122,8 @@ def main(argv=None):
     p.add_argument("--lm-steps", type=int, default=400)
     p.add_argument("--skip-digits", action="store_true")
     p.add_argument("--skip-lm", action="store_true")
+    p.add_argument("--bf16", action="store_true",
+                   help="also the demo task with a bf16 model: fp32 master weights against stochastic rounding")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared machine OpenMP teams wait for descheduled threads)")
     args = p.parse_args(argv)
@@ -123,6 +143,16 @@ def main(argv=None):
             print("| %s | %s | %.2f | %.2f |" % (name, ", ".join("%.2f" % a for a in acc[name]),
                                                  statistics.mean(acc[name]), state[name]))
         print("| AdamW8bit - AdamW | | %+.2f points | |" % (statistics.mean(acc["AdamW8bit"]) - statistics.mean(acc["AdamW"])))
+    if args.bf16:
+        acc = {"fp32 master weights": [], "no master, stochastic rounding": []}
+        for seed in range(args.seeds):
+            for name, stochastic in (("fp32 master weights", False), ("no master, stochastic rounding", True)):
+                acc[name].append(digits_bf16_run(seed, stochastic))
+                print("digits bf16 seed %d %s: %.2f%%" % (seed, name, acc[name][-1]), flush=True)
+        print("\n| demo task, bf16 model, AdamW (%d seeds) | test accuracy per seed (%%) | mean |" % args.seeds)
+        print("|---|---|---|")
+        for name, values in acc.items():
+            print("| %s | %s | %.2f |" % (name, ", ".join("%.2f" % a for a in values), statistics.mean(values)))
     if not args.skip_lm:
         train_ids, val_ids, vocab = corpus()
         rows = {}
