@@ -342,6 +342,12 @@ def test_refusals_at_construction(cls):
     with pytest.raises(ValueError, match="min_8bit_size must be an int >= 1"):
         cls([p], min_8bit_size=0)
 
+    class ShardLike(torch.Tensor):  # what the optimizers take for a DTensor: a subclass with a device mesh
+        device_mesh = None
+
+    with pytest.raises(TypeError, match=r"\['params'\]\[0\] is a DTensor"):
+        cls([torch.zeros(3).as_subclass(ShardLike)])
+
 
 def test_opcheck():
     s = make_state([300, 5], torch.bfloat16, True, seed=13)

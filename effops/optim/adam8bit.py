@@ -9,8 +9,8 @@ memory is small and their moments would be dominated by the per-block scales.
 Same constructor as effops.optim.Adam / AdamW plus ``min_8bit_size``; ``amsgrad`` is refused (its
 running max would be a third quantized state). Params: fp32, bf16, fp16 and complex64 (stepped
 through its real view); float64 and complex128 are refused at construction (8-bit states defeat the
-purpose of float64 params: use effops.optim.AdamW for them). ``master_weights`` and the GradScaler
-protocol work as in AdamW.
+purpose of float64 params: use effops.optim.AdamW for them), and so are DTensor (FSDP2) params.
+``master_weights`` and the GradScaler protocol work as in AdamW.
 
 State per quantized param: ``step``, ``exp_avg_codes`` (int8, flat), ``exp_avg_scales`` (fp32, one
 per block), ``exp_avg_sq_codes`` (uint8, flat), ``exp_avg_sq_scales`` (fp32: the block maxima of
@@ -68,10 +68,16 @@ class Adam8bit(Adam):
         self.__dict__.setdefault("min_8bit_size", MIN_8BIT_SIZE)  # not in torch's pickled state
 
     def add_param_group(self, param_group):
+        index = len(self.param_groups)
         if param_group.get("amsgrad"):
-            raise ValueError("param_groups[%d]['amsgrad']: %s does not support amsgrad"
-                             % (len(self.param_groups), type(self).__name__))
-        super().add_param_group(param_group)
+            raise ValueError("param_groups[%d]['amsgrad']: %s does not support amsgrad" % (index, type(self).__name__))
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for i, p in enumerate(params):
+            if _is_dtensor(p):
+                raise TypeError("param_groups[%d]['params'][%d] is a DTensor (FSDP2): %s does not step sharded "
+                                "params; use effops.optim.AdamW" % (index, i, type(self).__name__))
+        super().add_param_group(dict(param_group, params=params))
 
     def _quantized(self, p):
         return p.numel() * (2 if p.is_complex() else 1) >= self.min_8bit_size
@@ -149,9 +155,6 @@ class Adam8bit(Adam):
                     raise RuntimeError("%s does not support sparse gradients" % type(self).__name__)
                 state = self._prepare_state8(group, p)
                 master = state.get("master_param")
-                if _is_dtensor(p):
-                    raise TypeError("%s does not step DTensor params (FSDP2): use effops.optim.AdamW"
-                                    % type(self).__name__)
                 tensors = [p, grad, master]
                 if p.is_complex():
                     tensors = [torch.view_as_real(t) if t is not None else None for t in tensors]
