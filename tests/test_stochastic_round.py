@@ -143,3 +143,22 @@ def test_opcheck_with_seeds():
     from tests.test_adam_step import _op_args, make_state
     s = make_state([97, 5], torch.bfloat16, False, False, 13)
     torch.library.opcheck(torch.ops.effops.adam_step.default, _op_args(s, dict(weight_decay=0.1)) + ([3, -1],))
+
+
+def test_the_cached_plan_steps_aside_for_stochastic_rounding():
+    """The eager CPU plan passes no seeds: it is not built for such a group, and a plan built before
+    the option was switched on declines (the checked path then rounds stochastically)."""
+    if device().type != "cpu" or not effops.backends()["cpu"]:
+        pytest.skip("the plan is the CPU fast path")
+    p = torch.nn.Parameter(torch.ones(512, dtype=torch.bfloat16))
+    opt = AdamW([p], lr=1e-3, weight_decay=0.0)
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert opt._plan is not None
+    opt.param_groups[0]["bf16_stochastic_round"] = True
+    for _ in range(20):
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert opt._plan is None
+    assert p.detach().float().mean().item() < 0.995  # nearest rounding alone would have stayed at 1.0
