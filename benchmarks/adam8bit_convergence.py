@@ -5,7 +5,7 @@ effops.optim.AdamW and effops.optim.AdamW8bit from the same initial weights and 
   scikit-learn's digits, the demo's recipe (lr 3e-3, weight decay 1e-4, batch 64, 8 epochs), test
   accuracy after training, for several seeds (360 test images: one image is 0.28 points);
 * with --bf16: the demo's task with a bf16 model, AdamW with fp32 master weights against AdamW
-  without master weights and with bf16 stochastic rounding;
+  without master weights, with bf16 stochastic rounding and with rounding to nearest;
 * a character-level transformer LM on text shipped with Python (pydoc's topic help,
   pydoc_data/topics.py), a few hundred steps, loss on held-out text at the end.
 
@@ -42,14 +42,17 @@ def digits_run(opt_cls, seed, epochs=8, lr=3e-3, weight_decay=1e-4, batch_size=6
     return 100.0 * train.accuracy(model, ds.x_test, ds.y_test, device="cpu"), state_bytes_per_param(opt)
 
 
-def digits_bf16_run(seed, stochastic, epochs=8, lr=3e-3, weight_decay=1e-4, batch_size=64, width=24):
-    """The demo's task with a bf16 model: AdamW with fp32 master weights, or without master weights
-    and with bf16 stochastic rounding (stochastic=True)."""
+BF16_MODES = {"fp32 master weights": dict(master_weights=True),
+              "no master, stochastic rounding": dict(bf16_stochastic_round=True),
+              "no master, round to nearest": dict()}
+
+
+def digits_bf16_run(seed, mode, epochs=8, lr=3e-3, weight_decay=1e-4, batch_size=64, width=24):
+    """The demo's task with a bf16 model and AdamW in one of BF16_MODES."""
     from effops.demo import data, models, train
     ds = data.load_digits(seed=0)
     model = models.effops_model(len(ds.classes), width, seed=seed).to(torch.bfloat16)
-    kw = dict(bf16_stochastic_round=True) if stochastic else dict(master_weights=True)
-    opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **BF16_MODES[mode])
     x_train, x_test = ds.x_train.to(torch.bfloat16), ds.x_test.to(torch.bfloat16)
     for epoch in range(epochs):
         for idx in train.epoch_batches(len(ds.y_train), batch_size, epoch, seed):
@@ -144,10 +147,10 @@ def main(argv=None):
                                                  statistics.mean(acc[name]), state[name]))
         print("| AdamW8bit - AdamW | | %+.2f points | |" % (statistics.mean(acc["AdamW8bit"]) - statistics.mean(acc["AdamW"])))
     if args.bf16:
-        acc = {"fp32 master weights": [], "no master, stochastic rounding": []}
+        acc = {name: [] for name in BF16_MODES}
         for seed in range(args.seeds):
-            for name, stochastic in (("fp32 master weights", False), ("no master, stochastic rounding", True)):
-                acc[name].append(digits_bf16_run(seed, stochastic))
+            for name in BF16_MODES:
+                acc[name].append(digits_bf16_run(seed, name))
                 print("digits bf16 seed %d %s: %.2f%%" % (seed, name, acc[name][-1]), flush=True)
         print("\n| demo task, bf16 model, AdamW (%d seeds) | test accuracy per seed (%%) | mean |" % args.seeds)
         print("|---|---|---|")
