@@ -12,6 +12,11 @@ between the two in both directions. Additions:
   and ``found_inf``; gradients are unscaled inside the kernel, and a step with an inf/NaN gradient
   leaves params, moments and step counts untouched.
 * DTensor params (FSDP2's ``fully_shard``) are stepped through their local shards.
+* ``bf16_stochastic_round=True`` (bf16 params without master weights): the new param is rounded to
+  bf16 stochastically, with bits from a counter-based generator seeded per step and param
+  (effops/reference/stochastic_round.py), so updates below bf16's resolution are not lost.
+* float64 and complex128 params step in float64 on the reference backend (no compiled float64
+  kernel); any dtype outside torch's range is refused where its group is added.
 * Eager CPU steps after the first go through a cached plan (``_adam_plan.py``): one C++ call per
   step with no per-tensor Python work; any change it cannot follow sends the step down the checked
   path, which rebuilds the plan.
@@ -218,7 +223,7 @@ class Adam(Optimizer):
             lists = by_device.get(key)
             if lists is None:
                 lists = by_device[key] = dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[],
-                                                            max_exp_avg_sqs=[], master_params=[], steps=[])
+                                              max_exp_avg_sqs=[], master_params=[], steps=[])
             lists["params"].append(tensors[0])
             lists["grads"].append(tensors[1])
             lists["exp_avgs"].append(tensors[2])
