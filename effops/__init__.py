@@ -1,6 +1,6 @@
 """effops: fused kernels for efficient PyTorch training and inference.
 
-    effops.ops        dwpw_conv2d, masked_linear, quantize_rowwise, int8_linear, int8_mm, adam_step
+    effops.ops        dwpw_conv2d, masked_linear, quantize_rowwise, int8_linear, int8_mm, adam_step, adam8bit_step
     effops.nn         SeparableConv2d, SparseLinear, Int8Linear
     effops.optim      Adam, AdamW
     effops.fuse_separable / effops.prune / effops.quantize   model transforms

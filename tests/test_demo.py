@@ -210,6 +210,11 @@ def test_demo_end_to_end_writes_table_json_png_and_reloads_checkpoints(tmp_path,
             assert os.path.exists(r["checkpoint"]) and r["reloaded_accuracy"] == r["accuracy"]
             assert 0.0 <= r["accuracy"] <= 1.0 and r["infer_ms_per_batch"] > 0
             assert (r["train_ms_per_step"] is None) == (r["stage"] == "int8")
+            # optimizer state per parameter: fp32 AdamW's two moments (int8 inference trains nothing)
+            if r["stage"] == "int8":
+                assert r["optimizer_bytes_per_param"] is None
+            else:
+                assert 8.0 <= r["optimizer_bytes_per_param"] < 8.1
     plain_dense, plain_pruned = rows["train", "plain"], rows["prune", "plain"]
     # 80% of the pruned layers' weights are zero
     pruned_weights = sum(m.weight.numel() for m in models.prunable_layers(models.plain_model(width=4)).values())
@@ -222,6 +227,15 @@ def test_demo_end_to_end_writes_table_json_png_and_reloads_checkpoints(tmp_path,
         assert abs(rows["prune", "effops"]["nonzero_params"] - plain_pruned["nonzero_params"]) <= 1
     with open(os.path.join(out, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not HAS_ADAMW, reason="effops.optim not available in this build")
+def test_optimizer_option_picks_adamw8bit_for_the_effops_side():
+    from effops.optim import AdamW, AdamW8bit
+    p = [nn.Parameter(torch.zeros(5000))]
+    assert type(stages.EffopsPipeline(parse_args(["--optimizer", "adamw8bit"])).optimizer(p, 1e-3)) is AdamW8bit
+    assert type(stages.EffopsPipeline(parse_args([])).optimizer(p, 1e-3)) is AdamW
+    assert type(stages.PlainPipeline(parse_args(["--optimizer", "adamw8bit"])).optimizer(p, 1e-3)) is torch.optim.AdamW
 
 
 def test_seeded_runs_repeat_their_accuracy_with_accumulation(tmp_path):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import effops
+from effops import _backends
 from effops.optim import Adam, AdamW
 from tests.conftest import TOL, device
 
@@ -377,3 +378,92 @@ def test_channels_last_conv_weights_step_as_torch_does(backend_name):
         ours.zero_grad(), theirs.zero_grad()
     for p, t in zip(model.parameters(), twin):
         torch.testing.assert_close(p, t, **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's full dtype range: float64 and complex128 (torch's optim_db configurations)
+# ---------------------------------------------------------------------------------------------
+WIDE_CONFIGS = {
+    "default": dict(),
+    "lr": dict(lr=1e-2),
+    "weight_decay": dict(weight_decay=0.1),
+    "maximize": dict(weight_decay=0.1, maximize=True),
+    "amsgrad": dict(weight_decay=0.1, amsgrad=True),
+    "tensor_lr_betas": dict(lr=torch.tensor(1e-2), betas=(torch.tensor(0.9), torch.tensor(0.99))),
+    "foreach": dict(weight_decay=0.1, foreach=True),
+    "grad_none": dict(weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.complex64])
+@pytest.mark.parametrize("adamw", [True, False], ids=["AdamW", "Adam"])
+@pytest.mark.parametrize("config", list(WIDE_CONFIGS))
+def test_float64_and_complex_match_torch(config, adamw, dtype):
+    """Our optimizer against torch's with the same config, on the same gradients. float64 runs torch's
+    foreach=False arithmetic in float64 (the reference route): bit-identical to torch's single-tensor
+    path, except where torch does tensor-lr math in the lr tensor's float32 or runs its foreach path."""
+    kw = WIDE_CONFIGS[config]
+    ours_cls, torch_cls = (AdamW, torch.optim.AdamW) if adamw else (Adam, torch.optim.Adam)
+    g = torch.Generator().manual_seed(7)
+    shapes = [(1,), (5, 3), (257,)]
+    init = [torch.randn(s, generator=g, dtype=dtype).to(device()) for s in shapes]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    oa = ours_cls(ours, **kw)
+    ob = torch_cls(theirs, **dict(dict(foreach=False), **kw))
+    for i in range(15):
+        for k, s in enumerate(shapes):
+            grad = torch.randn(s, generator=g, dtype=dtype).to(device())
+            skip = config == "grad_none" and k == 1 and i % 3 == 0
+            ours[k].grad = None if skip else grad.clone()
+            theirs[k].grad = None if skip else grad.clone()
+        oa.step()
+        ob.step()
+    exact = dtype == torch.float64 and config not in ("tensor_lr_betas", "foreach") and device().type == "cpu"
+    if exact:
+        tol = dict(atol=0, rtol=0)
+    elif dtype == torch.complex64 or config == "tensor_lr_betas":
+        # torch computes a tensor lr's step size in the tensor's float32: float32 rounding of a scalar
+        tol = TOL[torch.float32]
+    else:
+        tol = dict(atol=1e-12, rtol=1e-12)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.detach(), b.detach(), **tol)
+        assert not torch.equal(a.detach(), init[0]) or a.numel() != 1
+    # Checkpoints carry float64 moments, as torch's do.
+    if dtype == torch.float64:
+        assert oa.state_dict()["state"][2]["exp_avg"].dtype == torch.float64
+
+
+def test_float64_beside_fp32_keeps_fp32_on_the_compiled_kernel():
+    """A group mixing float64 and fp32 params: the float64 ones run on the reference, the fp32 ones stay
+    on the compiled kernel (not the whole group sent to the reference)."""
+    if not effops.backends()["cpu"] or device().type != "cpu":
+        pytest.skip("needs the cpu kernel")
+    a64, a32 = torch.nn.Parameter(torch.ones(9, dtype=torch.float64)), torch.nn.Parameter(torch.ones(9))
+    opt = AdamW([a64, a32], lr=1e-2)
+    a64.grad, a32.grad = torch.full((9,), 0.5, dtype=torch.float64), torch.full((9,), 0.5)
+    with _backends.record_choices() as tally:
+        opt.step()
+    assert tally["adam_step"] == {"reference": 1, "cpu": 1}
+    b64, b32 = torch.nn.Parameter(torch.ones(9, dtype=torch.float64)), torch.nn.Parameter(torch.ones(9))
+    ref = torch.optim.AdamW([b64, b32], lr=1e-2, foreach=False)
+    b64.grad, b32.grad = a64.grad.clone(), a32.grad.clone()
+    ref.step()
+    assert torch.equal(a64.detach(), b64.detach())
+    torch.testing.assert_close(a32.detach(), b32.detach(), **PARITY_TOL)
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW])
+def test_unsupported_dtypes_are_refused_at_construction_naming_the_dtype(cls):
+    good = torch.nn.Parameter(torch.zeros(3))
+    for bad, name in [(torch.zeros(3, dtype=torch.int32), "int32"),
+                      (torch.nn.Parameter(torch.zeros(3, dtype=torch.float8_e4m3fn)), "float8_e4m3fn"),
+                      (torch.zeros(3, dtype=torch.complex32), "complex32")]:
+        with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] has dtype %s" % name):
+            cls([good, bad])
+        opt = cls([good])
+        with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\] has dtype %s" % name):
+            opt.add_param_group({"params": [bad]})
+        assert len(opt.param_groups) == 1

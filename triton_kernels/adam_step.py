@@ -36,10 +36,11 @@ def _typed(address, KIND: tl.constexpr):
 
 @triton.jit
 def _adam_step_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_sq_ptrs, master_ptrs, numels,
-                      neg_step_sizes, bc2_sqrts, chunk_tensor, chunk_start, lerp_weight, beta2, one_minus_beta2, eps,
-                      weight_decay, decay_factor, grad_scale, P_KIND: tl.constexpr, MASTER: tl.constexpr,
-                      AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                      DECOUPLED: tl.constexpr, UNSCALE: tl.constexpr, BLOCK: tl.constexpr):
+                      neg_step_sizes, bc2_sqrts, sr_seeds, chunk_tensor, chunk_start, lerp_weight, beta2,
+                      one_minus_beta2, eps, weight_decay, decay_factor, grad_scale, P_KIND: tl.constexpr,
+                      MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                      WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, UNSCALE: tl.constexpr,
+                      STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid)
     offs = tl.load(chunk_start + pid) + tl.arange(0, BLOCK)
@@ -88,10 +89,35 @@ def _adam_step_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_
     tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
     if MASTER:
         tl.store(master + offs, p, mask=mask)
-    tl.store(param + offs, p.to(param.dtype.element_ty), mask=mask)
+    if STOCHASTIC:
+        seed = tl.load(sr_seeds + t)
+        rounded = _round_bf16_stochastic(p, offs, seed)
+        # a tensor of this launch with seed -1 rounds to nearest
+        tl.store(param + offs, tl.where(seed >= 0, rounded, p.to(tl.bfloat16)), mask=mask)
+    else:
+        tl.store(param + offs, p.to(param.dtype.element_ty), mask=mask)
 
 
-def _tables(device, params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, neg_step_sizes, bc2_sqrts):
+@triton.jit
+def _mix32(x):
+    """effops/reference/stochastic_round.py's mix (uint32, wrapping)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7feb352d
+    x = x ^ (x >> 15)
+    x = x * 0x1b873593
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _round_bf16_stochastic(p, offs, seed):
+    """p (fp32) to bf16, rounded up with probability (discarded bits) / 2^16 (see the reference)."""
+    noise = _mix32(offs.to(tl.uint32) ^ seed.to(tl.uint32)) & 0xFFFF
+    bits = (p.to(tl.uint32, bitcast=True) + noise) >> 16
+    bits = tl.where(p != p, 0x7FC0, bits)
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+def _tables(device, params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, neg_step_sizes, bc2_sqrts, seeds):
     """Pointer, size and chunk tables for one launch (built on the host, copied once)."""
     numels = [p.numel() for p in params]
     ptr = lambda ts: [0 if t is None else t.data_ptr() for t in ts]  # noqa: E731
@@ -103,13 +129,14 @@ def _tables(device, params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, neg_
     chunk_start = (torch.arange(len(chunk_tensor), dtype=torch.int64) - first_chunk[chunk_tensor.long()]) * BLOCK
     host = dict(pointers=pointers, numels=torch.tensor(numels, dtype=torch.int64),
                 neg_step_sizes=torch.tensor(neg_step_sizes, dtype=torch.float32),
-                bc2_sqrts=torch.tensor(bc2_sqrts, dtype=torch.float32), chunk_tensor=chunk_tensor,
+                bc2_sqrts=torch.tensor(bc2_sqrts, dtype=torch.float32),
+                sr_seeds=torch.tensor(seeds, dtype=torch.int64), chunk_tensor=chunk_tensor,
                 chunk_start=chunk_start)
     return {k: v.to(device) for k, v in host.items()}
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1, beta2,
-              eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale):
+              eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, stochastic_round_seeds=None):
     """The "triton" kernel of effops::adam_step: one launch per (param dtype, master weights) group."""
     from effops.ops.adam_step import per_tensor_scalars
 
@@ -120,17 +147,21 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
             groups.setdefault((p.dtype, master_params[i] is not None), []).append(i)
     for (dtype, master), idx in groups.items():
         pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
+        seeds = [-1] * len(idx) if stochastic_round_seeds is None else pick(stochastic_round_seeds)
         tab = _tables(params[0].device, pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
                       pick(max_exp_avg_sqs) if amsgrad else [None] * len(idx), pick(master_params),
-                      [-step_sizes[i] for i in idx], pick(bc2_sqrts))
+                      [-step_sizes[i] for i in idx], pick(bc2_sqrts), seeds)
         ptrs = tab["pointers"]
+        stochastic = any(s >= 0 for s in seeds)
         grid = (tab["chunk_tensor"].numel(),)
         _adam_step_kernel[grid](
             ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], tab["numels"], tab["neg_step_sizes"],
-            tab["bc2_sqrts"], tab["chunk_tensor"], tab["chunk_start"], 1.0 - beta1, beta2, 1.0 - beta2, eps,
+            tab["bc2_sqrts"], tab["sr_seeds"], tab["chunk_tensor"], tab["chunk_start"], 1.0 - beta1, beta2,
+            1.0 - beta2, eps,
             weight_decay, 1.0 - lr * weight_decay, 1.0 if grad_scale is None else grad_scale,
             P_KIND=_KIND[dtype], MASTER=master, AMSGRAD=amsgrad, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay != 0,
-            DECOUPLED=decoupled_weight_decay, UNSCALE=grad_scale is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            DECOUPLED=decoupled_weight_decay, UNSCALE=grad_scale is not None, STOCHASTIC=stochastic, BLOCK=BLOCK,
+            num_warps=NUM_WARPS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,16 +170,16 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
 _SIGNATURE = dict(
     {name: "*i64" for name in ("param_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs", "max_sq_ptrs",
                                "master_ptrs", "numels", "chunk_start")},
-    neg_step_sizes="*fp32", bc2_sqrts="*fp32", chunk_tensor="*i32",
+    neg_step_sizes="*fp32", bc2_sqrts="*fp32", sr_seeds="*i64", chunk_tensor="*i32",
     **{name: "fp32" for name in ("lerp_weight", "beta2", "one_minus_beta2", "eps", "weight_decay", "decay_factor",
                                  "grad_scale")},
     **{name: "constexpr" for name in ("P_KIND", "MASTER", "AMSGRAD", "MAXIMIZE", "WEIGHT_DECAY", "DECOUPLED",
-                                      "UNSCALE", "BLOCK")})
+                                      "UNSCALE", "STOCHASTIC", "BLOCK")})
 
 
 def _spec(p_kind, master, all_flags):
     flags = dict(AMSGRAD=all_flags, MAXIMIZE=all_flags, WEIGHT_DECAY=True, DECOUPLED=not all_flags,
-                 UNSCALE=all_flags)
+                 UNSCALE=all_flags, STOCHASTIC=all_flags and p_kind == 1 and not master)
     return AotSpec(_adam_step_kernel, _SIGNATURE, dict(P_KIND=p_kind, MASTER=master, BLOCK=BLOCK, **flags),
                    num_warps=NUM_WARPS, num_stages=1)
 

@@ -26,8 +26,11 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::TensorList max_exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& master_params,
                    at::ArrayRef<double> step_sizes, at::ArrayRef<double> bias_correction2_sqrts, double lr,
                    double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
-                   bool decoupled_weight_decay, std::optional<double> grad_scale) {
+                   bool decoupled_weight_decay, std::optional<double> grad_scale,
+                   at::OptionalIntArrayRef stochastic_round_seeds) {
   const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(!stochastic_round_seeds.has_value() || static_cast<int64_t>(stochastic_round_seeds->size()) == n,
+              "adam_step: stochastic_round_seeds must have one entry per param (", n, ")");
   effops::adam_glue::check_list_sizes(n, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), master_params.size(),
                                      step_sizes.size(), bias_correction2_sqrts.size(), amsgrad,
                                      max_exp_avg_sqs.size());
@@ -47,11 +50,14 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     check_like(exp_avg_sqs[i], p, state_dtype, "exp_avg_sqs", i);
     if (amsgrad) check_like(max_exp_avg_sqs[i], p, state_dtype, "max_exp_avg_sqs", i);
     if (has_master) check_like(*master, p, at::kFloat, "master_params", i);
+    const int64_t sr_seed = stochastic_round_seeds.has_value() ? (*stochastic_round_seeds)[i] : -1;
+    TORCH_CHECK(sr_seed < 0 || (dtype == AdamDtype::kBFloat16 && !has_master), "adam_step: params[", i,
+                "]: stochastic rounding is for bf16 params without a master copy");
     if (p.numel() == 0) continue;
     tensors.push_back(AdamTensor{p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
                                  amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr,
                                  has_master ? master->data_ptr<float>() : nullptr, p.numel(), dtype, step_sizes[i],
-                                 bias_correction2_sqrts[i]});
+                                 bias_correction2_sqrts[i], 0, sr_seed});
   }
   effops::cpu::AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
                                grad_scale.has_value(), grad_scale.value_or(1.0)};
@@ -65,7 +71,8 @@ TORCH_LIBRARY_FRAGMENT(effops_cpu, m) {
       "adam_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)?[] master_params, float[] step_sizes, "
       "float[] bias_correction2_sqrts, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "bool amsgrad, bool maximize, bool decoupled_weight_decay, float? grad_scale) -> ()");
+      "bool amsgrad, bool maximize, bool decoupled_weight_decay, float? grad_scale, "
+      "int[]? stochastic_round_seeds=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(effops_cpu, CPU, m) { m.impl("adam_step", &adam_step_cpu); }

@@ -9,12 +9,13 @@
 
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
+#include "cpu/adam_math.h"
 #include "cpu/cpu_features.h"
 #include "cpu/simd.h"
-
-#define EFFOPS_ALWAYS_INLINE __attribute__((always_inline)) inline
+#include "cpu/stochastic_round.h"
 
 namespace effops::cpu {
 namespace {
@@ -26,37 +27,10 @@ constexpr int64_t kChunk = 1 << 15;
 // costs more than the work (torch's own elementwise kernels use a 32K-element grain as well).
 constexpr int64_t kParallelMin = 1 << 16;
 
-// Per-tensor constants in fp32, converted from double exactly as torch converts its Python scalars.
-struct Coeffs {
-  float lerp_weight;   // 1 - beta1
-  float beta2;
-  float one_minus_beta2;
-  float eps;
-  float weight_decay;  // coupled (Adam): g += weight_decay * p
-  float decay_factor;  // decoupled (AdamW): p *= 1 - lr * weight_decay
-  float neg_step_size;
-  float bias_correction2_sqrt;
-  float grad_scale;
-  bool amsgrad, maximize, decoupled, has_weight_decay, unscale;
-};
+using Coeffs = AdamCoeffs;
 
 Coeffs make_coeffs(const AdamTensor& t, const AdamHyper& h) {
-  Coeffs c;
-  c.lerp_weight = static_cast<float>(1.0 - h.beta1);
-  c.beta2 = static_cast<float>(h.beta2);
-  c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
-  c.eps = static_cast<float>(h.eps);
-  c.weight_decay = static_cast<float>(h.weight_decay);
-  c.decay_factor = static_cast<float>(1.0 - h.lr * h.weight_decay);
-  c.neg_step_size = static_cast<float>(-t.step_size);
-  c.bias_correction2_sqrt = static_cast<float>(t.bias_correction2_sqrt);
-  c.grad_scale = static_cast<float>(h.grad_scale);
-  c.amsgrad = h.amsgrad;
-  c.maximize = h.maximize;
-  c.decoupled = h.decoupled_weight_decay;
-  c.has_weight_decay = h.weight_decay != 0.0;
-  c.unscale = h.unscale;
-  return c;
+  return make_adam_coeffs(t.step_size, t.bias_correction2_sqrt, h);
 }
 
 // Where one vector's elements live: in the tensors, or in a stack buffer for a tensor's tail.
@@ -77,43 +51,32 @@ struct Ptrs {
 // a * b + c twice (ScalarVec::fma: no FMA instruction on the CPUs it serves), so it can differ by more
 // where Adam's normalisation amplifies a last-bit difference (g + wd * p nearly cancelling, beta2 = 0).
 template <class Vec, class P, class S, bool kMaster>
-EFFOPS_ALWAYS_INLINE void adam_vector(const Ptrs<P, S>& x, const Coeffs& c) {
+EFFOPS_ALWAYS_INLINE void adam_vector(const Ptrs<P, S>& x, const Coeffs& c, int64_t sr_seed, int64_t index) {
   Vec g = Vec::load(x.grad);
   if (c.unscale) {
     g = g / Vec::broadcast(c.grad_scale);
     g.store(x.grad);
   }
-  if (c.maximize) g = g * Vec::broadcast(-1.f);
   Vec p = kMaster ? Vec::load(x.master) : Vec::load(x.param);
-  if (c.has_weight_decay) {
-    if (c.decoupled) {
-      p = p * Vec::broadcast(c.decay_factor);  // mul_(1 - lr * weight_decay)
-    } else {
-      g = Vec::fma(p, Vec::broadcast(c.weight_decay), g);  // add(p, alpha=wd): fmadd(p, wd, g)
-    }
-  }
-  // lerp_(g, w): fmadd(w, g - m, m) for |w| < 0.5, fmadd(w - 1, g - m, g) otherwise.
   Vec m = Vec::load(x.exp_avg);
-  if (c.lerp_weight < 0.5f) {
-    m = Vec::fma(Vec::broadcast(c.lerp_weight), g - m, m);
-  } else {
-    m = Vec::fma(Vec::broadcast(c.lerp_weight - 1.f), g - m, g);
-  }
-  // mul_(beta2).addcmul_(g, g, value=1 - beta2): fmadd(value * g, g, v * beta2)
-  Vec v = Vec::load(x.exp_avg_sq) * Vec::broadcast(c.beta2);
-  v = Vec::fma(Vec::broadcast(c.one_minus_beta2) * g, g, v);
+  Vec v = Vec::load(x.exp_avg_sq);
+  adam_moments(p, g, m, v, c);
   Vec vhat = v;
   if (c.amsgrad) {
     vhat = Vec::max(Vec::load(x.max_exp_avg_sq), v);
     vhat.store(x.max_exp_avg_sq);
   }
-  Vec denom = Vec::sqrt(vhat) / Vec::broadcast(c.bias_correction2_sqrt) + Vec::broadcast(c.eps);
-  // addcdiv_(m, denom, value=-step_size): p + (value * m) / denom
-  p = p + Vec::broadcast(c.neg_step_size) * m / denom;
+  p = adam_apply(p, m, Vec::sqrt(vhat), c);
 
   m.store(x.exp_avg);
   v.store(x.exp_avg_sq);
   if (kMaster) p.store(x.master);
+  if constexpr (std::is_same_v<P, c10::BFloat16> && !kMaster) {
+    if (sr_seed >= 0) {
+      store_bf16_stochastic(p, x.param, static_cast<uint32_t>(sr_seed), index);
+      return;
+    }
+  }
   p.store(x.param);
 }
 
@@ -133,7 +96,9 @@ EFFOPS_ALWAYS_INLINE void adam_span(const AdamTensor& tensor, const Coeffs& coef
   const Coeffs c = coeffs;
   const AdamTensor t = tensor;
   int64_t i = begin;
-  for (; i + Vec::kWidth <= end; i += Vec::kWidth) adam_vector<Vec, P, S, kMaster>(ptrs_at<P, S>(t, i), c);
+  for (; i + Vec::kWidth <= end; i += Vec::kWidth) {
+    adam_vector<Vec, P, S, kMaster>(ptrs_at<P, S>(t, i), c, t.stochastic_round_seed, i);
+  }
   const int64_t rest = end - i;
   if (rest == 0) return;
   constexpr int W = Vec::kWidth;
@@ -151,7 +116,7 @@ EFFOPS_ALWAYS_INLINE void adam_span(const AdamTensor& tensor, const Coeffs& coef
     if (src.max_exp_avg_sq) max_sq[k] = src.max_exp_avg_sq[k];
     if (kMaster) master[k] = src.master[k];
   }
-  adam_vector<Vec, P, S, kMaster>(buf, c);
+  adam_vector<Vec, P, S, kMaster>(buf, c, t.stochastic_round_seed, i);
   for (int64_t k = 0; k < rest; ++k) {
     src.param[k] = param[k];
     if (c.unscale) src.grad[k] = grad[k];

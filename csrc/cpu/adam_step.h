@@ -31,6 +31,9 @@ struct AdamTensor {
   double step_size;      // lr / (1 - beta1^t)
   double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
   int32_t hyper = 0;     // index into the hyper-parameter array (the tensor's param group)
+  // bf16 params without a master copy: >= 0 rounds the new param stochastically with this 32-bit
+  // seed (stochastic_round.h); -1 rounds to nearest.
+  int64_t stochastic_round_seed = -1;
 };
 
 struct AdamHyper {

@@ -26,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--finetune-lr-scale", type=float, default=0.3, help="fine-tuning lr = lr x this")
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
+                   help="the effops side's optimizer: effops.optim.AdamW (default) or AdamW8bit (8-bit states)")
     p.add_argument("--width", type=int, default=24, help="channels of the stem; blocks go to 8x this (default 24)")
     p.add_argument("--backend", default=None, choices=("reference", "cpu", "cuda", "triton"),
                    help="force this effops backend (default: automatic choice)")

@@ -15,7 +15,8 @@ def ratios(rows):
         p = next((r for r in rows if r["stage"] == stage and r["impl"] == "plain" and r["available"]), None)
         if e is None or p is None:
             continue
-        out[stage] = {k: e[k] / p[k] for k in ("train_ms_per_step", "infer_ms_per_batch", "model_bytes", "nonzero_params")
+        out[stage] = {k: e[k] / p[k] for k in ("train_ms_per_step", "infer_ms_per_batch", "model_bytes", "nonzero_params",
+                                               "optimizer_bytes_per_param")
                       if e.get(k) is not None and p.get(k)}
     return out
 
@@ -29,6 +30,8 @@ def _fmt(value, kind):
         return "{:,}".format(value)
     if kind == "bytes":
         return "%.1f KB" % (value / 1024)
+    if kind == "bpp":
+        return "%.2f" % value
     if kind == "ms":
         return "%.2f" % value
     if kind == "ratio":
@@ -38,7 +41,8 @@ def _fmt(value, kind):
 
 def table(rows):
     """A markdown table: per stage a row per side and an effops/plain ratio row."""
-    head = ["stage", "", "test accuracy", "nonzero params", "model bytes", "train ms/step", "infer ms/batch"]
+    head = ["stage", "", "test accuracy", "nonzero params", "model bytes", "optimizer state B/param", "train ms/step",
+            "infer ms/batch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rat = ratios(rows)
     for stage in dict.fromkeys(r["stage"] for r in rows):
@@ -47,15 +51,17 @@ def table(rows):
             title = STAGE_TITLES.get(stage, stage) if first else ""
             first = False
             if not r["available"]:
-                lines.append("| %s | %s | %s | | | | |" % (title, NAMES[r["impl"]], r["note"]))
+                lines.append("| %s | %s | %s | | | | | |" % (title, NAMES[r["impl"]], r["note"]))
                 continue
-            lines.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+            lines.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 title, NAMES[r["impl"]], _fmt(r["accuracy"], "pct"), _fmt(r["nonzero_params"], "int"),
-                _fmt(r["model_bytes"], "bytes"), _fmt(r["train_ms_per_step"], "ms"), _fmt(r["infer_ms_per_batch"], "ms")))
+                _fmt(r["model_bytes"], "bytes"), _fmt(r.get("optimizer_bytes_per_param"), "bpp"),
+                _fmt(r["train_ms_per_step"], "ms"), _fmt(r["infer_ms_per_batch"], "ms")))
         if stage in rat:
             q = rat[stage]
-            lines.append("| | effops / plain | | %s | %s | %s | %s |" % tuple(
-                _fmt(q.get(k), "ratio") for k in ("nonzero_params", "model_bytes", "train_ms_per_step", "infer_ms_per_batch")))
+            lines.append("| | effops / plain | | %s | %s | %s | %s | %s |" % tuple(
+                _fmt(q.get(k), "ratio") for k in ("nonzero_params", "model_bytes", "optimizer_bytes_per_param",
+                                                  "train_ms_per_step", "infer_ms_per_batch")))
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ class _Side:
         self.acc = []            # (global step, test accuracy, stage)
         self.step = 0
         self.step_ms = {}        # stage -> [ms per optimizer step]
+        self.optimizer = {}      # stage -> the optimizer that trained it
 
 
 class Demo:
@@ -88,6 +89,7 @@ class Demo:
                 batches = train.epoch_batches(len(y), self.micro_batch, epoch + 1000 * STAGES.index(stage),
                                               self.cfg.seed, self.rank, self.world)
                 for side in sides:
+                    side.optimizer[stage] = opts[side.name]
                     times = side.step_ms.setdefault(stage, [])
                     for micro in train.optimizer_steps(batches, self.cfg.accum):
                         loss, ms = train.timed_train_step(wrapped[side.name], opts[side.name], x, y, micro,
@@ -124,6 +126,7 @@ class Demo:
                        model_bytes=metrics.checkpoint_bytes(side.model),
                        train_ms_per_step=train.median_step_ms(side.step_ms.get(stage, [])),
                        infer_ms_per_batch=infer[side.name], infer_batch=len(batch),
+                       optimizer_bytes_per_param=_state_bytes_per_param(side.optimizer.get(stage)),
                        ranks_agree=distributed.all_equal(acc))
             if self.cfg.out and self.rank == 0:
                 row["checkpoint"], row["reloaded_accuracy"] = self.save_and_reload(side, stage, amp)
@@ -237,3 +240,11 @@ def _progress(total, desc, enabled):
         yield bar
     finally:
         bar.close()
+
+
+def _state_bytes_per_param(optimizer):
+    """Optimizer state bytes per parameter of the optimizer that trained a stage (None: no training)."""
+    if optimizer is None:
+        return None
+    from effops.optim.memory import state_bytes_per_param
+    return state_bytes_per_param(optimizer)

@@ -66,8 +66,9 @@ class EffopsPipeline(Pipeline):
         return self.to_device(model)
 
     def optimizer(self, params, lr):
-        AdamW = _effops("effops.optim.AdamW", lambda: __import__("effops.optim", fromlist=["AdamW"]).AdamW)
-        return AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
+        name = "AdamW8bit" if getattr(self.cfg, "optimizer", "adamw") == "adamw8bit" else "AdamW"
+        cls = _effops("effops.optim." + name, lambda: getattr(__import__("effops.optim", fromlist=[name]), name))
+        return cls(params, lr=lr, weight_decay=self.cfg.weight_decay)
 
     def start_pruning(self, model, schedule, optimizer):
         """effops.GradualPruner on the model's Linear and 1x1-conv layers (SparseLinear / SparseConv1x1,

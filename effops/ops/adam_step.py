@@ -5,10 +5,13 @@ kernel, so torch.compile keeps it as one node) handles the GradScaler flag, disp
 and only then advances the step counts. Every backend kernel receives the same arguments:
 
     kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1,
-           beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale)
+           beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale,
+           stochastic_round_seeds)
 
 with `steps` the incremented step counts as floats, `master_params` a list of None / fp32 tensors of
-the same length as `params`, and `grad_scale` None or a float. A kernel checks what it needs before
+the same length as `params`, `grad_scale` None or a float, and `stochastic_round_seeds` None or one
+int per param (>= 0: the bf16 param, which has no master copy, is rounded stochastically with that
+seed, effops/reference/stochastic_round.py; -1: to nearest). A kernel checks what it needs before
 writing anything, so a step that fails leaves every tensor untouched. Autocast does not apply (the
 step is not a forward computation; its tensors keep their dtypes).
 """
@@ -23,6 +26,17 @@ from effops.ops import _checks
 from effops.reference import adam as reference
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# What the op takes. float64 (and complex128, stepped through its float64 real view) runs on the
+# reference only: no compiled kernel has a float64 body, and its math stays in float64 as torch's does.
+ADAM_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
+
+
+def _float64_reason(params):
+    """None when no param is float64 (which only the reference steps), else the reason to decline."""
+    for i, p in enumerate(params):
+        if p.dtype == torch.float64:
+            return "params[%d] is float64: only the reference backend steps float64" % i
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,25 +85,41 @@ def _same_order(t, p):
     return all(n == 1 or a == b for n, a, b in zip(p.shape, t.stride(), p.stride()))
 
 
+def _stochastic_reason(params, seeds, kernel_has_it=True):
+    """None when the kernel can round as the reference does: it has stochastic rounding, and every
+    param it rounds stochastically is contiguous (the random bits follow the row-major index)."""
+    if seeds is None:
+        return None
+    if not kernel_has_it:
+        return "no stochastic rounding in this kernel"
+    for i, p in enumerate(params):
+        if seeds[i] >= 0 and not p.is_contiguous():
+            return "params[%d] is rounded stochastically and is not contiguous" % i
+    return None
+
+
 def _compiled_supports(device_type):
     def supports(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, **kw):
         if params and params[0].device.type != device_type:
             return "tensors are on %s" % params[0].device.type
-        return flat_layout_reason(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
-                                  kw["amsgrad"])
+        seeds = kw.get("stochastic_round_seeds")
+        return _stochastic_reason(params, seeds, kernel_has_it=device_type == "cpu") or _float64_reason(params) or flat_layout_reason(params, grads, exp_avgs, exp_avg_sqs,
+                                                             max_exp_avg_sqs, master_params, kw["amsgrad"])
     return supports
 
 
 def _cpu_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1,
-                beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale):
+                beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale,
+                stochastic_round_seeds=None):
     step_sizes, bc2_sqrts = per_tensor_scalars(lr, beta1, beta2, steps)
     torch.ops.effops_cpu.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, step_sizes,
                                    bc2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                                   decoupled_weight_decay, grad_scale)
+                                   decoupled_weight_decay, grad_scale, stochastic_round_seeds)
 
 
 def _cuda_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1,
-                 beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale):
+                 beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale,
+                 stochastic_round_seeds=None):  # declined by supports when not None
     step_sizes, bc2_sqrts = per_tensor_scalars(lr, beta1, beta2, steps)
     torch.ops.effops_cuda.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
                                     step_sizes, bc2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
@@ -113,7 +143,8 @@ _backends.register_kernel("adam_step", "reference", reference.adam_step)
 _backends.register_kernel("adam_step", "cpu", _cpu_kernel, supports=_compiled_supports("cpu"))
 _backends.register_kernel("adam_step", "cuda", _cuda_kernel, supports=_compiled_supports("cuda"))
 _backends.register_kernel("adam_step", "triton", "effops.triton_kernels.adam_step:adam_step",
-                          supports=lambda *a, **kw: flat_layout_reason(*a[:6], kw["amsgrad"]))
+                          supports=lambda *a, **kw: _stochastic_reason(a[0], kw.get("stochastic_round_seeds"))
+                          or _float64_reason(a[0]) or flat_layout_reason(*a[:6], kw["amsgrad"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +183,7 @@ def _check_scalar_tensor(name, value, device):
 
 def _check_tensor_set(i, p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, master, s, amsgrad, dev):
     """The full checks of params[i] and its companions, each failure naming what is wrong."""
-    _checks.tensor("params[%d]" % i, p, dtypes=_checks.FLOAT_DTYPES, device=dev)
+    _checks.tensor("params[%d]" % i, p, dtypes=ADAM_DTYPES, device=dev)
     _checks.tensor("grads[%d]" % i, g)
     if g.layout != torch.strided:
         raise RuntimeError("adam_step does not support sparse gradients (grads[%d] has layout %s); "
@@ -184,27 +215,30 @@ def _check_tensor_set(i, p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, master, s, a
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
               weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False, decoupled_weight_decay=False,
-              master_params=None, grad_scale=None, found_inf=None):
+              master_params=None, grad_scale=None, found_inf=None, stochastic_round_seeds=None):
     """One Adam (or AdamW with decoupled_weight_decay=True) step, updating every tensor in place.
 
-    params, grads, exp_avgs, exp_avg_sqs: lists of same-shaped tensors on one device; params fp32, bf16
-    or fp16 (a list may mix them), each grad in its param's dtype. steps: one scalar tensor per param
+    params, grads, exp_avgs, exp_avg_sqs: lists of same-shaped tensors on one device; params fp32, bf16,
+    fp16 or float64 (a list may mix them; float64 runs on the reference backend, in float64), each grad in its param's dtype. steps: one scalar tensor per param
     holding the number of steps taken so far; it is incremented. Moments have the param's dtype, or
     fp32 where master_params[i] (None or an fp32 copy of a bf16/fp16 param) is given: the step then
     runs on the master and the rounded result is written into the param. amsgrad needs
     max_exp_avg_sqs. grad_scale / found_inf (1-element fp32 tensors, the GradScaler protocol):
     gradients are divided by grad_scale (and stored back unscaled); a nonzero found_inf skips the
-    whole step, leaving every tensor and step count untouched. All math is fp32.
+    whole step, leaving every tensor and step count untouched. All math is fp32 (float64 for float64).
+    stochastic_round_seeds: None, or one int per param: a seed in [0, 2^32) rounds that bf16 param
+    (which must have no master copy) stochastically (effops/reference/stochastic_round.py), -1 to nearest.
     """
     prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                       weight_decay=weight_decay, amsgrad=amsgrad, max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
                       decoupled_weight_decay=decoupled_weight_decay, master_params=master_params,
-                      grad_scale=grad_scale, found_inf=found_inf)()
+                      grad_scale=grad_scale, found_inf=found_inf, stochastic_round_seeds=stochastic_round_seeds)()
 
 
 def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                       weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False,
-                      decoupled_weight_decay=False, master_params=None, grad_scale=None, found_inf=None):
+                      decoupled_weight_decay=False, master_params=None, grad_scale=None, found_inf=None,
+                      stochastic_round_seeds=None):
     """Check adam_step's arguments without touching anything; returns a callable running the step.
 
     The optimizer checks every param group this way before stepping any of them.
@@ -229,7 +263,7 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
     weight_decay = _number("weight_decay", weight_decay, 0.0)
 
     dev = params[0].device if n else None
-    float_dtypes, step_dtypes, fp32, strided = _checks.FLOAT_DTYPES, (torch.float32, torch.float64), torch.float32, \
+    float_dtypes, step_dtypes, fp32, strided = ADAM_DTYPES, (torch.float32, torch.float64), torch.float32, \
         torch.strided
     for i in range(n):
         # The common case in one expression (this loop runs per tensor on every optimizer step);
@@ -252,6 +286,7 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
             _check_tensor_set(i, p, g, m, v, vm, master, s, amsgrad, dev)
     _check_scalar_tensor("grad_scale", grad_scale, dev)
     _check_scalar_tensor("found_inf", found_inf, dev)
+    seeds = _check_seeds(stochastic_round_seeds, params, master_params)
 
     # The op takes the master copies that exist plus a flag per param: torch.compile's
     # auto-functionalization cannot take a mutable list holding None (Tensor?[]).
@@ -262,7 +297,7 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
         if not n:
             return
         args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1,
-                beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf)
+                beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf, seeds)
         if _eager_plain():
             # Eager with no mode or tracer watching: call the implementation directly and bump the
             # version counters of everything mutated in ONE C++ call. The custom-op wrapper does the
@@ -276,6 +311,27 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
     return run
 
 
+def _check_seeds(seeds, params, master_params):
+    """stochastic_round_seeds: None, or one int per param, in [0, 2^32) only for bf16 params without a
+    master copy, else -1."""
+    if seeds is None:
+        return None
+    if not isinstance(seeds, (list, tuple)) or len(seeds) != len(params):
+        raise ValueError("stochastic_round_seeds must be None or one int per param (%d), got %r"
+                         % (len(params), seeds if not isinstance(seeds, (list, tuple)) else len(seeds)))
+    out = []
+    for i, seed in enumerate(seeds):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -1 <= seed < 2 ** 32:
+            raise ValueError("stochastic_round_seeds[%d] must be an int in [0, 2^32) or -1, got %r" % (i, seed))
+        if seed >= 0 and (params[i].dtype != torch.bfloat16 or master_params[i] is not None):
+            raise ValueError("stochastic_round_seeds[%d]: stochastic rounding is for bf16 params without a master "
+                             "copy; params[%d] is %s%s" % (i, i, str(params[i].dtype).replace("torch.", ""),
+                                                           " with a master copy" if master_params[i] is not None
+                                                           else ""))
+        out.append(int(seed))
+    return out
+
+
 def _eager_plain():
     """True when nothing (torch.compile, a dispatch or function mode) needs to see the op as one node."""
     return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
@@ -287,13 +343,16 @@ def _eager_plain():
 def _adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                max_exp_avg_sqs: List[Tensor], masters: List[Tensor], has_master: List[bool], steps: List[Tensor], lr: float,
                beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
-               decoupled_weight_decay: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+               decoupled_weight_decay: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+               stochastic_round_seeds: Optional[List[int]] = None) -> None:
     _adam_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1,
-                    beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf)
+                    beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf,
+                    stochastic_round_seeds)
 
 
 def _adam_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1,
-                    beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf):
+                    beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf,
+                    stochastic_round_seeds=None):
     """The custom op's body (also run directly by the eager fast path in prepare_adam_step)."""
     if not params:
         return
@@ -313,12 +372,13 @@ def _adam_step_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
     _backends.dispatch("adam_step", params[0].device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                        master_params, new_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                        amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
-                       grad_scale=scale)
+                       grad_scale=scale, **({} if stochastic_round_seeds is None
+                                            else dict(stochastic_round_seeds=list(stochastic_round_seeds))))
     # Only after the kernel succeeded: a failed step leaves the counts as they were.
     torch._foreach_add_(steps, 1)
 
 
 @_adam_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1, beta2, eps,
-      weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf):
+      weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, found_inf, stochastic_round_seeds=None):
     return None

@@ -45,20 +45,23 @@ class Plan:
     def build(cls, optimizer, per_group):
         """A plan for the step just taken, or None when some group cannot use one.
 
-        per_group: for each param group, {device: lists} as the checked step gathered them (its
+        per_group: for each param group, {(device, is float64): lists} as the checked step gathered them (its
         state created or adapted)."""
         params, exp_avgs, exp_avg_sqs, maxes, masters, has_master, steps = [], [], [], [], [], [], []
         group_ends, amsgrad, absent, groups = [], [], [], []
         for group, by_device in zip(optimizer.param_groups, per_group):
+            if group.get("bf16_stochastic_round"):
+                return None  # seeds change every step: the checked path passes them
             group_params = group["params"]
             with_grad = [p for p in group_params if p.grad is not None]
             absent += [p for p in group_params if p.grad is None]
             if by_device:
                 if len(by_device) != 1:
                     return None
-                (device, lists), = by_device.items()
-                # The lists must hold the params themselves: not DTensor shards or complex views.
-                if device.type != "cpu" or len(lists["params"]) != len(with_grad) or \
+                ((device, wide), lists), = by_device.items()
+                # The lists must hold the params themselves: not DTensor shards or complex views; and
+                # no float64 (the kernel has no float64 body).
+                if device.type != "cpu" or wide or len(lists["params"]) != len(with_grad) or \
                         not all(map(is_, lists["params"], with_grad)):
                     return None
                 params += lists["params"]
@@ -91,7 +94,8 @@ class Plan:
         for group, (params, amsgrad, master_weights) in zip(param_groups, self._groups):
             group_params = group["params"]
             if len(group_params) != len(params) or not all(map(is_, group_params, params)) \
-                    or group["amsgrad"] is not amsgrad or group["master_weights"] != master_weights:
+                    or group["amsgrad"] is not amsgrad or group["master_weights"] != master_weights \
+                    or group.get("bf16_stochastic_round"):
                 return False
             # The same conversions, in the same order, as the checked path (so the same errors).
             beta1, beta2 = group["betas"]

@@ -12,6 +12,11 @@ between the two in both directions. Additions:
   and ``found_inf``; gradients are unscaled inside the kernel, and a step with an inf/NaN gradient
   leaves params, moments and step counts untouched.
 * DTensor params (FSDP2's ``fully_shard``) are stepped through their local shards.
+* ``bf16_stochastic_round=True`` (bf16 params without master weights): the new param is rounded to
+  bf16 stochastically, with bits from a counter-based generator seeded per step and param
+  (effops/reference/stochastic_round.py), so updates below bf16's resolution are not lost.
+* float64 and complex128 params step in float64 on the reference backend (no compiled float64
+  kernel); any dtype outside torch's range is refused where its group is added.
 * Eager CPU steps after the first go through a cached plan (``_adam_plan.py``): one C++ call per
   step with no per-tensor Python work; any change it cannot follow sends the step down the checked
   path, which rebuilds the plan.
@@ -28,8 +33,12 @@ from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
 from effops.ops.adam_step import prepare_adam_step
 from effops.optim import _adam_plan
+from effops.reference.stochastic_round import mix32_int
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# What the step takes: torch.optim.Adam's range. float64 (and complex128, through its float64 real
+# view) runs on the reference backend in float64 math (no compiled float64 body).
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64, torch.complex128)
 _MASTER_KEYS = ("master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -41,9 +50,14 @@ def _is_dtensor(t):
 class Adam(Optimizer):
     """Drop-in for torch.optim.Adam (see the module docstring for what is added)."""
 
+    PARAM_DTYPES = PARAM_DTYPES  # what add_param_group accepts (subclasses narrow it)
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, master_weights=False):
+                 decoupled_weight_decay=False, master_weights=False, bf16_stochastic_round=False):
+        if bf16_stochastic_round and master_weights:
+            raise ValueError("bf16_stochastic_round=True rounds bf16 params that have no master copy: it does "
+                             "nothing with master_weights=True (choose one)")
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
@@ -68,7 +82,8 @@ class Adam(Optimizer):
             raise ValueError("effops Adam does not support differentiable=True")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=False, differentiable=False, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights)
+                        decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
+                        bf16_stochastic_round=bf16_stochastic_round)
         self._plan = None
         super().__init__(params, defaults)
         # GradScaler: hand us grad_scale/found_inf instead of unscaling the gradients itself.
@@ -86,6 +101,7 @@ class Adam(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("master_weights", False)
+            group.setdefault("bf16_stochastic_round", False)
             for p in group["params"]:
                 p_state = self.state.get(p, [])
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
@@ -117,6 +133,8 @@ class Adam(Optimizer):
         super().add_param_group(param_group)
         try:
             _check_group(self.param_groups[-1], len(self.param_groups) - 1)
+            _check_param_dtypes(self.param_groups[-1], len(self.param_groups) - 1, type(self).__name__,
+                                self.PARAM_DTYPES)
         except (TypeError, ValueError):
             self.param_groups.pop()  # a bad group is not left half-added
             raise
@@ -149,14 +167,19 @@ class Adam(Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
         return state
 
-    def _group_lists(self, group):
-        """{device: argument lists for adam_step} for the params of `group` that have a gradient."""
+    def _group_lists(self, group, first_index=0):
+        """{(device, is float64): argument lists for adam_step} for the params of `group` that have a
+        gradient. float64 params (complex128 ones through their real views) get lists of their own:
+        they run on the reference backend, and fp32 params beside them keep the compiled kernels.
+        first_index: the optimizer-wide index of the group's first param (stochastic rounding's seeds)."""
         by_device = {}
         amsgrad = group["amsgrad"]
         master_weights = group["master_weights"]
         last_dev, lists = None, None
         tensor_types = (torch.nn.Parameter, torch.Tensor)
         plain = lambda t: type(t) in tensor_types  # noqa: E731  (not a DTensor or other subclass)
+        if group["bf16_stochastic_round"]:
+            return self._group_lists_stochastic(group, first_index)
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -169,7 +192,7 @@ class Adam(Optimizer):
                 # The common case (fp32/bf16 params, state already built): straight into the lists.
                 exp_avg = state["exp_avg"]
                 if exp_avg.dtype == p.dtype:
-                    dev = p.device
+                    dev = (p.device, p.dtype == torch.float64)
                     if dev != last_dev:
                         lists = by_device.get(dev)
                         if lists is None:
@@ -196,10 +219,11 @@ class Adam(Optimizer):
             if p.is_complex():
                 tensors = [torch.view_as_real(t) for t in tensors]
             last_dev = None  # the fast path re-looks its lists up
-            lists = by_device.get(tensors[0].device)
+            key = (tensors[0].device, tensors[0].dtype == torch.float64)
+            lists = by_device.get(key)
             if lists is None:
-                lists = by_device[tensors[0].device] = dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[],
-                                                            max_exp_avg_sqs=[], master_params=[], steps=[])
+                lists = by_device[key] = dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[],
+                                              max_exp_avg_sqs=[], master_params=[], steps=[])
             lists["params"].append(tensors[0])
             lists["grads"].append(tensors[1])
             lists["exp_avgs"].append(tensors[2])
@@ -208,6 +232,26 @@ class Adam(Optimizer):
                 lists["max_exp_avg_sqs"].append(tensors[4])
             lists["master_params"].append(master)
             lists["steps"].append(state["step"])
+        return by_device
+
+    def _group_lists_stochastic(self, group, first_index):
+        """_group_lists for a group with bf16_stochastic_round: the checked path, plus per param the
+        seed of this step's rounding (-1 where the param is not a bf16 param without a master copy)."""
+        by_device = {}
+        for j, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            # One param at a time through the checked path (it adapts the state and splits devices).
+            lists = self._group_lists(dict(group, params=[p], bf16_stochastic_round=False))
+            (key, one), = lists.items()
+            state = self.state[p]
+            seed = -1
+            if one["params"][0].dtype == torch.bfloat16 and one["master_params"][0] is None:
+                seed = stochastic_round_seed(int(state["step"].item()) + 1, first_index + j)
+            target = by_device.setdefault(key, {k: [] for k in one})
+            for k, v in one.items():
+                target[k] += v
+            target.setdefault("stochastic_round_seeds", []).append(seed)
         return by_device
 
     @torch.no_grad()
@@ -230,12 +274,14 @@ class Adam(Optimizer):
         per_group = []
         # Gather (and check, in adam_step) every group before touching any: a bad group fails the
         # whole step instead of leaving earlier groups stepped.
+        first_index = 0
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                          weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                          decoupled_weight_decay=group["decoupled_weight_decay"])
-            by_device = self._group_lists(group)
+            by_device = self._group_lists(group, first_index)
+            first_index += len(group["params"])
             per_group.append(by_device)
             for lists in by_device.values():
                 calls.append((lists, hyper))
@@ -251,7 +297,14 @@ class Adam(Optimizer):
         return loss
 
 
-_FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay", "master_weights")
+_FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay", "master_weights", "bf16_stochastic_round")
+
+
+def stochastic_round_seed(step, index):
+    """The 32-bit seed of param `index` (its position in the optimizer, over all groups) at step
+    `step` (the count after this step): a function of the two only, so a run is reproducible and
+    every backend rounds alike."""
+    return mix32_int(step * 0x9E3779B1 + index)
 
 
 def _check_group(group, index):
@@ -275,12 +328,25 @@ def _check_group(group, index):
         if not value >= 0.0 or (high is not None and not value < high):
             raise ValueError("%s must be >= 0%s, got %r" % (where % name, "" if high is None else " and < 1", value))
     for flag in _FLAGS:
-        value = group[flag]
+        value = group.setdefault(flag, False) if flag == "bf16_stochastic_round" else group[flag]
         if not isinstance(value, bool):
             if isinstance(value, (numbers.Integral, np.bool_)) and value in (0, 1):  # 0/1, numpy bools
                 group[flag] = bool(value)
             else:
                 raise TypeError("%s must be a bool, got %r" % (where % flag, value))
+    if group["bf16_stochastic_round"] and group["master_weights"]:
+        raise ValueError("%s: stochastic rounding is for bf16 params without master weights; this group has "
+                         "master_weights=True" % (where % "bf16_stochastic_round"))
+
+
+def _check_param_dtypes(group, index, name, dtypes):
+    """Every param of a group has a dtype the step takes: a TypeError naming the param and its dtype
+    here, where the group is added, never at the first step."""
+    for i, p in enumerate(group["params"]):
+        if p.dtype not in dtypes:
+            raise TypeError("param_groups[%d]['params'][%d] has dtype %s; %s steps %s" % (
+                index, i, str(p.dtype).replace("torch.", ""), name,
+                ", ".join(str(d).replace("torch.", "") for d in dtypes)))
 
 
 class AdamW(Adam):
@@ -288,10 +354,11 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 master_weights=False):
+                 master_weights=False, bf16_stochastic_round=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, master_weights=master_weights)
+                         decoupled_weight_decay=True, master_weights=master_weights,
+                         bf16_stochastic_round=bf16_stochastic_round)
 
     def __setstate__(self, state):
         super().__setstate__(state)
