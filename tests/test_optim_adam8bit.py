@@ -19,7 +19,7 @@ import effops
 from effops.ops import adam8bit_step
 from effops.optim import AdamW, AdamW8bit, Adam8bit, state_bytes_per_param
 from effops.reference import adam8bit as ref
-from tests.conftest import TOL, device, run_scalar_path
+from tests.conftest import TOL, device, run_at_every_cpu_level
 
 SIZES = [1, 255, 256, 257, 1000, 0, 4099]  # partial blocks, one element, empty, a tail of 3 past 8 lanes
 CASES = [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)]
@@ -101,7 +101,7 @@ def test_matches_reference(backend, dtype, master, option):
         assert not torch.equal(s[key][-1], start[key][-1]), key
 
 
-def test_scalar_body_matches_reference():
+def test_cpu_every_level_matches_reference():
     code = (
         "import torch\n"
         "from tests.test_optim_adam8bit import make_state, clone, run, assert_state_close, OPTIONS, CASES, SIZES\n"
@@ -111,11 +111,10 @@ def test_scalar_body_matches_reference():
         "        want = clone(s)\n"
         "        run(want, 'reference', opt)\n"
         "        run(s, 'cpu', opt)\n"
-        "        assert_state_close(s, want)\n"
-        "print('scalar ok')\n")
+        "        assert_state_close(s, want)\n")
     if not effops.backends()["cpu"]:
         pytest.skip("cpu kernel not built")
-    run_scalar_path(code)
+    run_at_every_cpu_level(code)
 
 
 def test_second_moment_is_written_back_and_decodes_to_the_update():

@@ -13,7 +13,7 @@ import effops
 from effops.ops import adam_step
 from effops.optim import Adam, AdamW
 from effops.reference import stochastic_round as sr
-from tests.conftest import TOL, device, run_scalar_path
+from tests.conftest import TOL, device, run_at_every_cpu_level
 
 
 def test_rounding_is_unbiased_with_the_discarded_bits_as_probability():
@@ -65,16 +65,15 @@ def test_every_backend_rounds_as_the_reference(backend):
     assert torch.equal(want[3], nearest[3])      # ... and seed -1 is nearest
 
 
-def test_scalar_body_rounds_as_the_reference():
+def test_cpu_every_level_rounds_as_the_reference():
     if not effops.backends()["cpu"]:
         pytest.skip("cpu kernel not built")
-    run_scalar_path(
+    run_at_every_cpu_level(
         "import torch\n"
         "from tests.test_stochastic_round import _run\n"
         "seeds = [5, 77, 123456789, -1]\n"
         "for a, b in zip(_run('cpu', seeds), _run('reference', seeds)):\n"
-        "    assert torch.equal(a, b)\n"
-        "print('scalar ok')\n")
+        "    assert torch.equal(a, b)\n")
 
 
 def test_updates_below_bf16_resolution_stall_to_nearest_and_progress_stochastically():
