@@ -114,13 +114,13 @@ def test_train_mode_fuses_plain_chains_and_trains_the_same():
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.SiLU(), nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12), nn.ReLU(),
         nn.Sequential(nn.Conv2d(12, 12, 5, stride=2, padding=2, groups=12), nn.GELU()), nn.Conv2d(12, 6, 1),
-        nn.Conv2d(6, 6, 3, groups=6), nn.Hardswish(), nn.Conv2d(6, 4, 1),  # unsupported activation: skipped
+        nn.Conv2d(6, 6, 3, groups=6), nn.LeakyReLU(), nn.Conv2d(6, 4, 1),  # unsupported activation: skipped
         nn.Conv2d(4, 4, 3, groups=4, bias=False), nn.Conv2d(4, 5, 1),  # no activation: fused
     ).train()
     plain = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=r"left 1 candidate\(s\) alone: 9 \(unsupported activation Hardswish"):
+    with pytest.warns(UserWarning, match=r"left 1 candidate\(s\) alone: 9 \(unsupported activation LeakyReLU"):
         fused, rep = effops.fuse_separable(model, return_report=True)
-    assert len(rep.changed) == 3 and rep.skipped_for("Hardswish") == ["9"]  # named by its place in the model
+    assert len(rep.changed) == 3 and rep.skipped_for("LeakyReLU") == ["9"]  # named by its place in the model
     assert [m.activation for m in fused.modules() if isinstance(m, SeparableConv2d)] == ["silu", "gelu", None]
     assert isinstance(fused[5], nn.BatchNorm2d)  # a train-mode BN after the 1x1 conv stays in place
     x = torch.randn(2, 3, 13, 11)
@@ -166,7 +166,7 @@ class Bottleneck(nn.Module):
         self.expand = nn.Conv2d(cin, hidden, 1, bias=False)
         self.bn0, self.act0 = nn.BatchNorm2d(hidden), nn.ReLU()
         self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
-        self.bn1, self.act1 = nn.BatchNorm2d(hidden), nn.ReLU()
+        self.bn1, self.act1 = nn.BatchNorm2d(hidden), nn.Hardswish()  # MobileNetV3's
         self.se = SqueezeExcitation(hidden, 8) if se else nn.Identity()
         self.project = nn.Conv2d(hidden, cout, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)

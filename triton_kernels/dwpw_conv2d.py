@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-_ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4}
+_ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4, "hardswish": 5}
 
 
 @triton.jit
@@ -37,12 +37,17 @@ def _act(h, ACT: tl.constexpr):
         h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     elif ACT == 4:
         h = h * tl.sigmoid(h)
+    elif ACT == 5:
+        r6 = tl.minimum(tl.maximum(h + 3.0, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0,
+                        propagate_nan=tl.PropagateNan.ALL)
+        h = h * r6 / 6.0
     return h
 
 
 @triton.jit
 def _act_backward(g, h, ACT: tl.constexpr):
-    """g * act'(h), with torch's conventions (relu' = 0 at 0; relu6' = 0 at 0 and 6)."""
+    """g * act'(h), with torch's conventions (relu' = 0 at 0; relu6' = 0 at 0 and 6; hardswish' = h / 3 + 1/2
+    at -3 and 3)."""
     if ACT == 1:
         g = tl.where(h > 0.0, g, 0.0)
     elif ACT == 2:
@@ -54,6 +59,8 @@ def _act_backward(g, h, ACT: tl.constexpr):
     elif ACT == 4:
         s = tl.sigmoid(h)
         g = g * s * (1.0 + h * (1.0 - s))
+    elif ACT == 5:  # torch's branches: 0 below -3, h / 3 + 1/2 on [-3, 3], 1 above (and for NaN)
+        g = tl.where(h < -3.0, 0.0, tl.where(h <= 3.0, g * (h / 3.0 + 0.5), g))
     return g
 
 

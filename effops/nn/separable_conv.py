@@ -17,7 +17,7 @@ _op = importlib.import_module("effops.ops.dwpw_conv2d")  # the module (effops.op
 class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
     """depthwise(groups=in_channels) -> activation -> pointwise(1x1), both with or without bias.
 
-    activation: None, "relu", "relu6", "gelu" (exact erf form) or "silu".
+    activation: None, "relu", "relu6", "gelu" (exact erf form), "silu" or "hardswish".
     folded_batchnorm: True when effops.fuse_separable folded eval-mode BatchNorm statistics into the
     weights; such a block refuses .train(), where the original model normalizes by batch statistics.
     """

@@ -15,8 +15,8 @@ Where chains are found:
   then refuses .train() (a RuntimeError): the original computes with batch statistics there.
 * A BatchNorm in train mode normalizes with batch statistics, which no fixed weights reproduce: a chain
   with one between the convs is skipped; one after the 1x1 conv is left in place after the fused block.
-* Activations fused: ReLU, ReLU6 (and Hardtanh(0, 6)), GELU (exact form), SiLU. Others
-  (Hardswish, tanh-GELU, ...) make the chain skipped, with the reason.
+* Activations fused: ReLU, ReLU6 (and Hardtanh(0, 6)), GELU (exact form), SiLU, Hardswish. Others
+  (tanh-GELU, LeakyReLU, ...) make the chain skipped, with the reason.
 * A squeeze-excitation block between the depthwise and the 1x1 conv (MobileNetV3, EfficientNet) makes
   the chain skipped, with that reason: the fused op has no place for it.
 
@@ -55,6 +55,8 @@ def _activation_name(module):
         return "gelu"
     if type(module) is nn.SiLU:
         return "silu"
+    if type(module) is nn.Hardswish:
+        return "hardswish"
     return None
 
 
