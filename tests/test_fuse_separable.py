@@ -106,6 +106,16 @@ def test_a_model_fused_with_folded_batchnorm_refuses_train():
     fused.eval()  # eval stays allowed; so does training a model fused in train mode (no folding)
     plain = effops.fuse_separable(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(), nn.Conv2d(4, 8, 1)))
     assert plain.train().training and isinstance(plain[0], SeparableConv2d)
+    # Training with frozen BatchNorm (train-mode model, eval-mode BNs): folded, and it trains as the original.
+    frozen = copy.deepcopy(model).train()
+    for m in frozen.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    fused = effops.fuse_separable(copy.deepcopy(frozen))
+    blocks = [m for m in fused.modules() if isinstance(m, SeparableConv2d)]
+    assert len(blocks) == 6 and all(b.train().training for b in blocks)  # model.train() would unfreeze the BNs
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(fused(x), frozen(x), atol=1e-4, rtol=1e-4)
 
 
 def test_train_mode_fuses_plain_chains_and_trains_the_same():

@@ -18,8 +18,9 @@ class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
     """depthwise(groups=in_channels) -> activation -> pointwise(1x1), both with or without bias.
 
     activation: None, "relu", "relu6", "gelu" (exact erf form), "silu" or "hardswish".
-    folded_batchnorm: True when effops.fuse_separable folded eval-mode BatchNorm statistics into the
-    weights; such a block refuses .train(), where the original model normalizes by batch statistics.
+    folded_batchnorm: True when effops.fuse_separable folded the BatchNorm statistics of an eval-mode
+    model into the weights; such a block refuses .train(), where the original model normalizes by batch
+    statistics.
     """
 
     folded_batchnorm = False
@@ -90,8 +91,8 @@ class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
             raise RuntimeError(
                 "SeparableConv2d has BatchNorm running statistics folded into its weights (fuse_separable "
                 "on an eval-mode model): in train mode the original normalizes by batch statistics, which "
-                "this block cannot compute. Train the unfused model (or fuse_separable it in train mode, "
-                "where chains with BatchNorm stay unfused) and fuse a copy for inference.")
+                "this block cannot compute. Train the unfused model and fuse a copy for inference; to train "
+                "with frozen BatchNorm, fuse_separable the model in train mode with its BatchNorms in eval mode.")
         return super().train(mode)
 
     def _checked_convs(self):

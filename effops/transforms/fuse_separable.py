@@ -11,8 +11,9 @@ Where chains are found:
   nested plain Sequentials (torchvision's Conv2dNormActivation is one), so a chain may start in a nested
   [dw conv, BN, ReLU6] and end at the 1x1 conv that follows it.
 
-* A BatchNorm in eval mode (running statistics) is folded into the conv it follows; the fused block
-  then refuses .train() (a RuntimeError): the original computes with batch statistics there.
+* A BatchNorm in eval mode (running statistics) is folded into the conv it follows. In a model fused in
+  eval mode the fused block then refuses .train() (a RuntimeError): the original would compute with
+  batch statistics there. A train-mode model with frozen (eval-mode) BatchNorms trains as fused.
 * A BatchNorm in train mode normalizes with batch statistics, which no fixed weights reproduce: a chain
   with one between the convs is skipped; one after the 1x1 conv is left in place after the fused block.
 * Activations fused: ReLU, ReLU6 (and Hardtanh(0, 6)), GELU (exact form), SiLU, Hardswish. Others
@@ -148,7 +149,9 @@ def _match(slots, i):
         else:
             pw, folded = _fold_bn(pw, bn2), True
     block = SeparableConv2d.from_convs(dw, pw, activation=activation)
-    block.folded_batchnorm = folded
+    # An eval-mode model's .train() would switch its BatchNorms to batch statistics: the block refuses it.
+    # A train-mode model with eval-mode (frozen) BatchNorms keeps them frozen: nothing to refuse.
+    block.folded_batchnorm = folded and not slots[i][2].training
     return end, block, None
 
 
