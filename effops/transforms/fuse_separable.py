@@ -205,7 +205,7 @@ def _graph_chains(model):
 def _se_in_graph(model, node, dw):
     """A squeeze-excitation reason if `node`'s output forks and, within a few nodes, reaches a 1x1 conv
     taking dw's channels through a multiply (the gate), else None."""
-    seen, frontier = set(), [(node, False)]
+    seen, frontier, where = set(), [(node, False)], "traced: pool, gate and multiply"
     while frontier and len(seen) < _SE_SEARCH_NODES:
         cur, through_mul = frontier.pop(0)
         for user in cur.users:
@@ -213,10 +213,14 @@ def _se_in_graph(model, node, dw):
                 continue
             seen.add(user)
             mul = through_mul or (user.op == "call_function" and getattr(user.target, "__name__", "") in ("mul", "mul_"))
-            if user.op == "call_module" and _is_pointwise_after(model.get_submodule(user.target), dw):
-                if mul:
-                    return _se_reason("traced: pool, gate and multiply")
-                continue
+            if user.op == "call_module":
+                if _is_pointwise_after(model.get_submodule(user.target), dw):
+                    if mul:
+                        return _se_reason(where)
+                    continue
+                parent = user.target.rpartition(".")[0]
+                if parent and _squeeze_excitation(model.get_submodule(parent)):
+                    where = "%s %s" % (type(model.get_submodule(parent)).__name__, parent)
             frontier.append((user, mul))
     return None
 
