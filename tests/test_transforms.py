@@ -9,36 +9,15 @@ import torch
 from torch import nn
 
 import effops
+from benchmarks import models
 from effops.nn import Int8Linear, SparseLinear
 from effops.transforms import _report
 from effops.transforms.quantize import default_min_features
 
 
-class EncoderBlock(nn.Module):
-    """torchvision's ViT EncoderBlock: pre-norm, nn.MultiheadAttention, MLP as a Sequential."""
-
-    def __init__(self, dim, heads, mlp):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(dim)
-        self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
-
-    def forward(self, x):
-        h = self.ln_1(x)
-        x = x + self.self_attention(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class TinyViT(nn.Module):
-    def __init__(self, dim=64, depth=2, classes=10):
-        super().__init__()
-        self.encoder = nn.Sequential(*[EncoderBlock(dim, 4, 2 * dim) for _ in range(depth)])
-        self.heads = nn.Sequential()
-        self.heads.add_module("head", nn.Linear(dim, classes))
-
-    def forward(self, x):
-        return self.heads(self.encoder(x)[:, 0])
+def TinyViT():
+    """ViT's layer structure (torchvision's: nn.MultiheadAttention blocks, heads.head), 64 wide."""
+    return models.VisionTransformer(image=32, patch=8, dim=64, depth=2, heads=4, mlp=128, num_classes=10)
 
 
 class TiedLM(nn.Module):
@@ -58,21 +37,21 @@ def test_prune_leaves_attention_out_proj_dense_reports_it_and_masks_hold_under_a
     model = TinyViT()
     with pytest.warns(UserWarning, match="out_proj.weight directly"):
         _, report = effops.prune(model, 0.9, pattern="block", block_size=16, exclude="heads", return_report=True)
-    outs = ["encoder.%d.self_attention.out_proj" % i for i in range(2)]
+    outs = ["layers.%d.self_attention.out_proj" % i for i in range(2)]
     assert report.skipped_for("MultiheadAttention") == outs
     assert report.skipped_for(_report.EXCLUDED) == ["heads.head"]  # "heads" covers its child
     assert type(model.heads.head) is nn.Linear
-    for block in model.encoder:
+    for block in model.layers:
         assert type(block.self_attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
         assert all(isinstance(m, SparseLinear) for m in (block.mlp[0], block.mlp[2]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         opt.zero_grad()
-        model(torch.randn(3, 7, 64)).square().mean().backward()
+        model(torch.randn(3, 3, 32, 32)).square().mean().backward()
         opt.step()
     sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
     assert len(sparse) == 4 and all(not m.weight[~m.mask].any() for m in sparse)
-    assert all(m.self_attention.out_proj.weight.count_nonzero() == 64 * 64 for m in model.encoder)
+    assert all(m.self_attention.out_proj.weight.count_nonzero() == 64 * 64 for m in model.layers)
 
 
 def test_prune_leaves_tied_weights_dense():
@@ -124,9 +103,9 @@ def test_transformer_encoder_layer_runs_the_swapped_layers_in_eval(transform, mo
 
 
 def test_exclude_means_the_same_in_every_transform():
-    names = {"encoder.0.mlp.0", "encoder.0.mlp.2", "encoder.1.mlp.0", "encoder.1.mlp.2", "heads.head"}
-    for exclude, kept in [("heads", {"heads.head"}), ("encoder.*.mlp", names - {"heads.head"}),
-                          (["encoder.1", "heads.head"], {"encoder.1.mlp.0", "encoder.1.mlp.2", "heads.head"})]:
+    names = {"layers.0.mlp.0", "layers.0.mlp.2", "layers.1.mlp.0", "layers.1.mlp.2", "heads.head"}
+    for exclude, kept in [("heads", {"heads.head"}), ("layers.*.mlp", names - {"heads.head"}),
+                          (["layers.1", "heads.head"], {"layers.1.mlp.0", "layers.1.mlp.2", "heads.head"})]:
         for transform in ("prune", "quantize", "quantize-skip"):
             model = TinyViT()
             with warnings.catch_warnings():
@@ -140,7 +119,7 @@ def test_exclude_means_the_same_in_every_transform():
             assert set(report.skipped_for(_report.EXCLUDED)) & names == kept, (transform, exclude)
             assert {n for n, _ in report.changed} == names - kept, (transform, exclude)
     with pytest.warns(UserWarning, match="'head' matches no module"):
-        effops.prune(TinyViT(), 0.5, exclude=["head", "encoder.*.self_attention"])  # a child's own name, not its qualified one
+        effops.prune(TinyViT(), 0.5, exclude=["head", "layers.*.self_attention"])  # "head": not a qualified name
     with pytest.raises(TypeError, match="exclude must be"):
         effops.prune(TinyViT(), 0.5, exclude=3)
     with pytest.raises(TypeError, match="exclude must be"):
@@ -151,10 +130,10 @@ def test_quantize_reports_skips_and_warns_when_it_swaps_nothing():
     # ViT-B's layers have 768 features on one side: the default policy must take them.
     assert default_min_features() <= 768
     model = TinyViT()  # 64-feature layers: below every default
-    with pytest.warns(UserWarning, match="quantize changed nothing: skipped encoder.0.self_attention.out_proj"):
+    with pytest.warns(UserWarning, match="quantize changed nothing: skipped layers.0.self_attention.out_proj"):
         _, report = effops.quantize(model, return_report=True)
-    assert not report.changed and "below min_features" in dict(report.skipped)["encoder.0.mlp.0"]
-    assert "directly" in dict(report.skipped)["encoder.1.self_attention.out_proj"]
+    assert not report.changed and "below min_features" in dict(report.skipped)["layers.0.mlp.0"]
+    assert "directly" in dict(report.skipped)["layers.1.self_attention.out_proj"]
     with pytest.warns(UserWarning, match="changed nothing: the model has no candidate"):
         effops.quantize(nn.Sequential(nn.Conv2d(3, 3, 1)))
     with warnings.catch_warnings():
