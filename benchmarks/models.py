@@ -108,7 +108,8 @@ def mobilenet_v3_large(num_classes=1000):
 
 def mnasnet1_0(num_classes=1000):
     # (kernel, stride, expansion, repeats, out): the stacks after the separable stem conv
-    table = [(3, 2, 3, 3, 24), (5, 2, 3, 3, 40), (5, 2, 6, 3, 80), (3, 1, 6, 2, 96), (5, 2, 6, 4, 192), (3, 1, 6, 1, 320)]
+    table = [(3, 2, 3, 3, 24), (5, 2, 3, 3, 40), (5, 2, 6, 3, 80), (3, 1, 6, 2, 96), (5, 2, 6, 4, 192),
+             (3, 1, 6, 1, 320)]
     eps = 1e-5
     layers = [conv_bn_act(3, 32, 3, 2, act=nn.ReLU), conv_bn_act(32, 32, 3, groups=32, act=nn.ReLU),
               conv_bn_act(32, 16, 1, act=None)]

@@ -65,9 +65,15 @@ def test_prune_leaves_tied_weights_dense():
     assert torch.equal(model.embed.weight, embed)  # no embedding rows zeroed by a mask meant for the head
     # A module registered in two places is one candidate, swapped in both.
     shared = nn.Linear(32, 32)
-    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    twice = nn.Sequential(nn.Sequential(shared), nn.ReLU(), shared)  # met first as "2", named "0.0"
     effops.prune(twice, 0.5)
-    assert isinstance(twice[0], SparseLinear) and twice[0] is twice[2]
+    assert isinstance(twice[2], SparseLinear) and twice[0][0] is twice[2]
+    # A 1x1 conv with a stride is no candidate for SparseConv1x1: reported, not warned about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = effops.prune(nn.Sequential(nn.Conv2d(8, 8, 1, stride=2), nn.Conv2d(8, 8, 1)), 0.5,
+                                 return_report=True)
+    assert report.skipped_for("stride") == ["0"] and [n for n, _ in report.changed] == ["1"]
 
 
 def _calls(monkeypatch, cls):

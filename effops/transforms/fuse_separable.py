@@ -98,7 +98,8 @@ def _is_depthwise(module):
 
 
 def _is_pointwise_after(module, dw):
-    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.in_channels == dw.out_channels
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+            and module.in_channels == dw.out_channels)
 
 
 def _squeeze_excitation(module):
@@ -212,7 +213,8 @@ def _se_in_graph(model, node, dw):
             if user in seen:
                 continue
             seen.add(user)
-            mul = through_mul or (user.op == "call_function" and getattr(user.target, "__name__", "") in ("mul", "mul_"))
+            mul = through_mul or (user.op == "call_function"
+                                  and getattr(user.target, "__name__", "") in ("mul", "mul_"))
             if user.op == "call_module":
                 if _is_pointwise_after(model.get_submodule(user.target), dw):
                     if mul:

@@ -38,14 +38,15 @@ def prune(model, sparsity, pattern="unstructured", block_size=32, scope="layer",
     Left dense, and reported with a warning: a layer whose weight another module reads directly, where
     a mask could not be enforced (nn.MultiheadAttention's out_proj: attention reads out_proj.weight
     itself; a weight tied to another module's, such as an LM head sharing the embedding's), and
-    subclasses of nn.Linear / nn.Conv2d (a SparseLinear would drop their own forward).
+    subclasses of nn.Linear / nn.Conv2d (a SparseLinear would drop their own forward). 1x1 convs with
+    a stride, padding, dilation or groups are reported, not warned about.
     nn.MultiheadAttention's in-projection is a parameter of the attention module, not a Linear: dense.
     Layers already sparse are re-pruned from their current weights (pruned weights are zero, so
     they stay pruned when sparsity does not decrease).
     """
     report = _prune(model, sparsity, pattern, block_size, scope, exclude)
     _report.warn_unmatched(model, _report.exclude_patterns(exclude), "prune")
-    return _report.finish(model, report, return_report)
+    return _report.finish(model, report, return_report, quiet_reasons=(_report.EXCLUDED, _NOT_POINTWISE))
 
 
 def _prune(model, sparsity, pattern, block_size, scope, exclude):
@@ -90,10 +91,10 @@ def _check_args(sparsity, pattern, block_size, scope):
 def _targets(model, exclude, report):
     """[(places, module)] to prune, places = [(parent, child name, qualified name)]; the candidates left
     alone go to report.skipped with the reason."""
-    owners = {}  # id(parameter) -> the qualified names of the distinct modules holding it
+    owners = {}  # id(parameter) -> [(id(module), qualified name)] of the distinct modules holding it
     for qual, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append("%s.%s" % (qual, pname) if qual else pname)
+            owners.setdefault(id(param), []).append((id(module), "%s.%s" % (qual, pname) if qual else pname))
     found, skipped = {}, set()
     for qual, module in model.named_modules():
         for name, child in module._modules.items():  # not named_children(): it lists a repeated child once
@@ -103,7 +104,7 @@ def _targets(model, exclude, report):
             if id(child) in found:
                 found[id(child)][0].append((module, name, full))
                 continue
-            why = _REASON_EXCLUDED if _report.excluded(full, exclude) else _why_dense(module, name, full, child, owners)
+            why = _report.EXCLUDED if _report.excluded(full, exclude) else _why_dense(module, name, child, owners)
             if why:
                 skipped.add(id(child))
                 report.skipped.append((full, why))
@@ -112,15 +113,15 @@ def _targets(model, exclude, report):
     return list(found.values())
 
 
-_REASON_EXCLUDED = _report.EXCLUDED
+_NOT_POINTWISE = "1x1 conv with stride, padding, dilation, groups or padding mode SparseConv1x1 does not take"
 
 
 def _is_candidate(module):
-    return isinstance(module, (nn.Linear, SparseConv1x1)) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
 
 
-def _why_dense(parent, name, full, module, owners):
-    """None if `module` (parent's child `name`, qualified name `full`) can become a SparseLinear / SparseConv1x1, else why not."""
+def _why_dense(parent, name, module, owners):
+    """None if `module` (parent's child `name`) can become a SparseLinear / SparseConv1x1, else why not."""
     if isinstance(parent, nn.MultiheadAttention) and name == "out_proj":
         return ("nn.MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward), "
                 "so a mask there would not be enforced: left dense")
@@ -128,8 +129,8 @@ def _why_dense(parent, name, full, module, owners):
         return "%s is a subclass of %s: a sparse module would replace its own forward" % (
             type(module).__name__, "nn.Linear" if isinstance(module, nn.Linear) else "nn.Conv2d")
     if isinstance(module, nn.Conv2d) and not isinstance(module, SparseConv1x1) and not is_pointwise_conv(module):
-        return "1x1 conv with stride, padding, dilation, groups or padding mode SparseConv1x1 does not take"
-    others = [h for h in owners.get(id(module.weight), []) if h != full + ".weight"]
+        return _NOT_POINTWISE
+    others = [where for owner, where in owners.get(id(module.weight), []) if owner != id(module)]
     if others:
         return ("its weight is tied to %s: that module would read the pruned weights unmasked and its "
                 "gradients would revive them" % ", ".join(others))
