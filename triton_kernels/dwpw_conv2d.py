@@ -296,6 +296,7 @@ def _aot_specs():
             consts = dict(KH=ksize, KW=ksize, ACT=2, HAS_DWB=True, HAS_PWB=True, LOWP=lowp, BLOCK_P=bp, BLOCK_C=bc,
                           BLOCK_O=bo)
             specs.append(AotSpec(_dwpw_fwd_kernel, sig, consts, w, _fwd_stages(s, lowp)))
+    first_bwd = len(specs)
     for bp, bc, bo, w, s in BWD_CONFIGS:
         for dtype, lowp in (("bf16", True), ("fp32", False)):
             sig = {k: (v.replace("bf16", dtype)) for k, v in bwd_sig.items()}
@@ -303,6 +304,11 @@ def _aot_specs():
             consts = dict(KH=3, KW=3, ACT=3, HAS_DWB=True, NEED_X=True, NEED_DW=True, NEED_PW=True, NEED_DWB=True,
                           NEED_PWB=True, LOWP=lowp, BLOCK_P=bp, BLOCK_C=bc, BLOCK_O=bo)
             specs.append(AotSpec(_dwpw_bwd_kernel, sig, consts, w, s))
+    # Every other activation once, forward and backward, in the first configuration (bf16 tensor cores).
+    for act in (1, 4, 5):
+        for kernel, base in ((_dwpw_fwd_kernel, specs[0]), (_dwpw_bwd_kernel, specs[first_bwd])):
+            specs.append(AotSpec(kernel, base.signature, dict(base.constexprs, ACT=act), base.num_warps,
+                                 base.num_stages))
     return specs
 
 
