@@ -171,9 +171,10 @@ class _Tracer(torch.fx.Tracer):
 
 
 def _graph_chains(model):
-    """Chains of module calls from a torch.fx trace: [(slots, se_reason or None)], or None if the model
+    """Chains of module calls from a torch.fx trace: [(slots, reason or None)], or None if the model
     does not trace. slots: (parent, attribute, module), each module called once in the forward and its
-    output used only by the next slot's call."""
+    output used only by the next slot's call; reason: why a chain that looks fusable cannot be (a
+    squeeze-excitation block, a module called more than once)."""
     try:
         graph = _Tracer().trace(model)
     except Exception:  # noqa: BLE001  (any tracing failure: fall back to nn.Sequential containers)
@@ -184,22 +185,34 @@ def _graph_chains(model):
         parent, _, attr = node.target.rpartition(".")
         return model.get_submodule(parent), attr, model.get_submodule(node.target)
 
-    def once(node):
-        return node.op == "call_module" and calls[id(model.get_submodule(node.target))] == 1
+    def times(node):
+        return calls[id(model.get_submodule(node.target))] if node.op == "call_module" else 0
 
-    chains = []
+    def shared(node):
+        return ("%s is called %d times in forward: swapping it for the fused block or nn.Identity would change "
+                "its other calls" % (node.target, times(node)))
+
+    chains, seen = [], set()
     for node in graph.nodes:
-        if not (once(node) and _is_depthwise(model.get_submodule(node.target))):
+        if node.op != "call_module" or not _is_depthwise(model.get_submodule(node.target)):
+            continue
+        if times(node) > 1:
+            if id(model.get_submodule(node.target)) not in seen:
+                seen.add(id(model.get_submodule(node.target)))
+                chains.append(([slot(node)], shared(node)))
             continue
         nodes = [node]
-        while len(nodes) < 6 and len(nodes[-1].users) == 1 and once(next(iter(nodes[-1].users))):
+        while len(nodes) < 6 and len(nodes[-1].users) == 1 and times(next(iter(nodes[-1].users))):
             nodes.append(next(iter(nodes[-1].users)))
         chain = [slot(n) for n in nodes]
         found = _match(chain, 0)
-        se = None
-        if found is None and len(nodes[-1].users) > 1:
-            se = _se_in_graph(model, nodes[-1], chain[0][2])
-        chains.append((chain, se))
+        first_shared = next((i for i, n in enumerate(nodes) if times(n) > 1), len(nodes))
+        reason = None
+        if found is not None and first_shared <= found[0]:
+            reason = shared(nodes[first_shared])  # a chain but for a module with other calls (one self.act)
+        elif found is None and len(nodes[-1].users) > 1:
+            reason = _se_in_graph(model, nodes[-1], chain[0][2])
+        chains.append((chain[:first_shared], reason))
     return chains
 
 
@@ -244,9 +257,9 @@ def fuse_separable(model, *, exclude=(), return_report=False):
     traced = chains is not None
     if not traced:
         chains = [(slots, None) for slots in _sequential_runs(model)]
-    for slots, se in chains:
-        if se is not None:
-            report.skipped.append((names.get(id(slots[0][2]), "?"), se))
+    for slots, reason in chains:
+        if reason is not None:
+            report.skipped.append((names.get(id(slots[0][2]), "?"), reason))
             continue
         i = 0
         while i < len(slots):
