@@ -82,7 +82,7 @@ def _eval_rows(name, model, batches, layouts, compiled, rounds, min_time):
             case = "eval b%d %s" % (batch, layout)
             with torch.no_grad():
                 got = compare("model " + name, case, impls, "eager", "cpu", rounds, min_time,
-                              extra=dict(mode="eval"))
+                              extra=dict(mode="eval", load1=_load()))
                 # Compiled code allocates its buffers outside the profiler's view: eager variants only.
                 memory = {k: peak_memory(fn) / 2 ** 20 for k, fn in impls.items() if k.startswith("eager")}
             for r in got:
@@ -90,6 +90,12 @@ def _eval_rows(name, model, batches, layouts, compiled, rounds, min_time):
                     r["peak_MiB"] = memory[r["impl"]]
             rows += got
     return rows
+
+
+def _load():
+    """The 1-minute load average when a case starts: this machine's cores are shared, and a case timed
+    while other processes ran (load above the 2 threads used here) can be off by several times."""
+    return round(os.getloadavg()[0], 2)
 
 
 def _frozen_bn(model):
@@ -129,7 +135,7 @@ def _train_rows(name, model, layouts, rounds, min_time):
         impls = {"eager": _step(original, x), other[0]: _step(other[1], x)}
         case = "train b%d %s" % (TRAIN_BATCH, layout)
         got = compare("model " + name, case, impls, "eager", "cpu", rounds, min_time,
-                      extra=dict(mode="train (frozen BN)" if name in models.CNNS else "train"))
+                      extra=dict(mode="train (frozen BN)" if name in models.CNNS else "train", load1=_load()))
         memory = {}
         for k, fn in impls.items():
             for m in (original, other[1]):
@@ -175,16 +181,19 @@ def main():
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timed sample (at least)")
     parser.add_argument("--out", default="bench-results/models")
     args = parser.parse_args()
     from benchmarks import run as runner
     os.makedirs(args.out, exist_ok=True)
-    start = time.time()
-    rows = bench(args.models.split(","), [int(b) for b in args.batches.split(",")], not args.no_compile,
-                 not args.no_train, args.rounds)
-    runner.write_results(args.out, dict(machine=runner.machine_info("cpu"), quick=False, benchmarks=["models"],
-                                        pending=[], errors={}, rows=rows, seconds=time.time() - start,
-                                        command=" ".join(["python -m benchmarks.bench_models"] + sys.argv[1:])))
+    start, rows, names = time.time(), [], args.models.split(",")
+    for i, name in enumerate(names):  # results rewritten after each model: a stopped run keeps the finished
+        rows += bench([name], [int(b) for b in args.batches.split(",")], not args.no_compile, not args.no_train,
+                      args.rounds, args.min_time)
+        runner.write_results(args.out, dict(
+            machine=runner.machine_info("cpu"), quick=False, benchmarks=names[:i + 1], pending=names[i + 1:],
+            errors={}, rows=rows, seconds=time.time() - start,
+            command=" ".join(["python -m benchmarks.bench_models"] + sys.argv[1:])))
     print(runner.markdown(rows))
 
 
