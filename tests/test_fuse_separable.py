@@ -97,7 +97,7 @@ def test_train_mode_skips_blocks_with_batchnorm_between_and_says_so():
 
 def test_a_model_fused_with_folded_batchnorm_refuses_train():
     # Its weights hold the running statistics; in train mode the original normalizes by batch statistics
-    # (0.75 max-relative off on a MobileNetV3 when this went unchecked).
+    # (issue #17: a MobileNetV3 put back into .train() silently computed something else).
     model = mobilenet_v2_style()
     randomize_bn(model)
     fused = effops.fuse_separable(copy.deepcopy(model).eval())
