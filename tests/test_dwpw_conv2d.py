@@ -32,6 +32,7 @@ CASES = [
     (3, 4, 12, 7, 9, (3, 5), 1, (1, 2), (2, 1), True, True, "silu"),
     (1, 11, 20, 15, 6, 6, 1, 3, 1, False, True, "relu6"),
     (1, 24, 40, 13, 14, 3, 2, 1, 1, True, True, "relu6"),
+    (1, 7, 6, 8, 9, 3, 1, 1, 1, True, True, "hardswish"),
 ]
 IDS = ["k%s_s%s_p%s_d%s_%s" % (c[5], c[6], c[7], c[8], c[11]) for c in CASES]
 
@@ -81,7 +82,7 @@ def tiny(case):
 
 # The Triton interpreter costs seconds per launch: its gradient tests take the cases that together cover
 # every kernel size parity, stride, dilation, padding form, bias combination and activation.
-TRITON_GRAD_CASES = (CASES[1], CASES[2], CASES[4], CASES[5], CASES[7])
+TRITON_GRAD_CASES = (CASES[1], CASES[2], CASES[4], CASES[5], CASES[7], CASES[10])
 
 
 def skip_slow_backend(backend, case, grads=False):

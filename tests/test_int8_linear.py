@@ -1,6 +1,7 @@
 """Int8Linear and effops.quantize: modes, gradients, state_dict, the transform, and accuracy on a
 small MLP trained on real data (sklearn digits)."""
 import copy
+import importlib
 import io
 
 import pytest
@@ -202,7 +203,8 @@ def test_quantize_transform_skip_and_min_size():
     x = torch.randn(2, 5, 256, device=device())
     with torch.no_grad():
         ref = net(x)
-    out = effops.quantize(net, skip=("head",), min_features=32, mode="dynamic")
+    with pytest.warns(UserWarning, match="attn.out_proj .nn.MultiheadAttention reads out_proj.weight directly"):
+        out = effops.quantize(net, skip=("head",), min_features=32, mode="dynamic")
     assert out is net
     assert isinstance(net.encoder[0], Int8Linear) and isinstance(net.encoder[2], Int8Linear)
     assert type(net.head) is nn.Linear                     # skipped by name
@@ -212,7 +214,8 @@ def test_quantize_transform_skip_and_min_size():
         got = net(x)
     assert _rel_err(got[0], ref[0]) < 0.03 and _rel_err(got[1], ref[1]) < 0.03
     # Save and load into a freshly quantized copy of the architecture.
-    fresh = effops.quantize(_Net().to(device()).eval(), skip=("head",), min_features=32, mode="dynamic")
+    with pytest.warns(UserWarning, match="out_proj"):
+        fresh = effops.quantize(_Net().to(device()).eval(), skip=("head",), min_features=32, mode="dynamic")
     fresh.load_state_dict(net.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(x)[0], got[0])
@@ -229,7 +232,8 @@ def test_quantize_takes_pruned_layers_and_a_single_skip_name():
     effops.quantize(net, skip="4", min_features=16)
     assert isinstance(net[0], Int8Linear) and isinstance(net[2], Int8Linear) and type(net[4]) is nn.Linear
     assert torch.equal(net[2].weight == 0, masked_weight == 0)  # pruned weights are exact int8 zeros
-    double = effops.quantize(nn.Sequential(nn.Linear(32, 32).double()), min_features=16)
+    with pytest.warns(UserWarning, match="changed nothing: skipped 0 .torch.float64 weight"):
+        double = effops.quantize(nn.Sequential(nn.Linear(32, 32).double()), min_features=16)
     assert type(double[0]) is nn.Linear  # float64 stays: the int8 ops take fp32/bf16/fp16 inputs
     with torch.no_grad():
         assert _rel_err(net(x), ref) < 0.03
@@ -330,16 +334,19 @@ def test_accuracy_on_trained_mlp_and_after_save_load():
         assert torch.equal(fresh(x), q_logits)
 
 
-def test_quantize_default_leaves_layers_where_int8_is_slower_alone():
-    # effops.quantize's default min_features (1024) follows bench_small_calls: below it Int8Linear ran
-    # slower than the fp32 layer it would replace. Smaller layers are quantized only when asked.
-    from effops.transforms.quantize import DEFAULT_MIN_FEATURES
-    assert DEFAULT_MIN_FEATURES == 1024
-    net = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 512))
-    effops.quantize(net)
-    assert isinstance(net[0], Int8Linear) and type(net[2]) is nn.Linear
-    effops.quantize(net, min_features=512)
-    assert isinstance(net[2], Int8Linear)
+def test_quantize_default_leaves_layers_where_int8_is_slower_alone(monkeypatch):
+    # The default min_features follows this CPU's instruction set (benchmarks/int8_min_features.py);
+    # smaller layers are quantized only when asked.
+    transform = importlib.import_module("effops.transforms.quantize")  # the module; the package's name is the function
+    for capability, threshold in [("AVX512", 512), ("AVX2", 768), ("DEFAULT", 1024)]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert transform.default_min_features() == threshold
+        net = nn.Sequential(nn.Linear(1024, 768), nn.ReLU(), nn.Linear(768, 384), nn.ReLU(), nn.Linear(384, 10))
+        _, report = effops.quantize(net, return_report=True)
+        assert isinstance(net[0], Int8Linear) == (threshold <= 768), capability
+        assert all(type(net[i]) is nn.Linear for i in (2, 4)) and len(report.skipped) == 2 + (threshold > 768)
+    effops.quantize(net, min_features=384)
+    assert isinstance(net[2], Int8Linear) and type(net[4]) is nn.Linear
 
 
 @pytest.mark.parametrize("weight_bits", [8, 7])

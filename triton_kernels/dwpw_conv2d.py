@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-_ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4}
+_ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4, "hardswish": 5}
 
 
 @triton.jit
@@ -37,12 +37,17 @@ def _act(h, ACT: tl.constexpr):
         h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     elif ACT == 4:
         h = h * tl.sigmoid(h)
+    elif ACT == 5:
+        r6 = tl.minimum(tl.maximum(h + 3.0, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0,
+                        propagate_nan=tl.PropagateNan.ALL)
+        h = h * r6 / 6.0
     return h
 
 
 @triton.jit
 def _act_backward(g, h, ACT: tl.constexpr):
-    """g * act'(h), with torch's conventions (relu' = 0 at 0; relu6' = 0 at 0 and 6)."""
+    """g * act'(h), with torch's conventions (relu' = 0 at 0; relu6' = 0 at 0 and 6; hardswish' = h / 3 + 1/2
+    at -3 and 3)."""
     if ACT == 1:
         g = tl.where(h > 0.0, g, 0.0)
     elif ACT == 2:
@@ -54,6 +59,8 @@ def _act_backward(g, h, ACT: tl.constexpr):
     elif ACT == 4:
         s = tl.sigmoid(h)
         g = g * s * (1.0 + h * (1.0 - s))
+    elif ACT == 5:  # torch's branches: 0 below -3, h / 3 + 1/2 on [-3, 3], 1 above (and for NaN)
+        g = tl.where(h < -3.0, 0.0, tl.where(h <= 3.0, g * (h / 3.0 + 0.5), g))
     return g
 
 
@@ -289,6 +296,7 @@ def _aot_specs():
             consts = dict(KH=ksize, KW=ksize, ACT=2, HAS_DWB=True, HAS_PWB=True, LOWP=lowp, BLOCK_P=bp, BLOCK_C=bc,
                           BLOCK_O=bo)
             specs.append(AotSpec(_dwpw_fwd_kernel, sig, consts, w, _fwd_stages(s, lowp)))
+    first_bwd = len(specs)
     for bp, bc, bo, w, s in BWD_CONFIGS:
         for dtype, lowp in (("bf16", True), ("fp32", False)):
             sig = {k: (v.replace("bf16", dtype)) for k, v in bwd_sig.items()}
@@ -296,6 +304,11 @@ def _aot_specs():
             consts = dict(KH=3, KW=3, ACT=3, HAS_DWB=True, NEED_X=True, NEED_DW=True, NEED_PW=True, NEED_DWB=True,
                           NEED_PWB=True, LOWP=lowp, BLOCK_P=bp, BLOCK_C=bc, BLOCK_O=bo)
             specs.append(AotSpec(_dwpw_bwd_kernel, sig, consts, w, s))
+    # Every other activation once, forward and backward, in the first configuration (bf16 tensor cores).
+    for act in (1, 4, 5):
+        for kernel, base in ((_dwpw_fwd_kernel, specs[0]), (_dwpw_bwd_kernel, specs[first_bwd])):
+            specs.append(AotSpec(kernel, base.signature, dict(base.constexprs, ACT=act), base.num_warps,
+                                 base.num_stages))
     return specs
 
 

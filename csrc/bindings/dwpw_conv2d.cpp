@@ -25,7 +25,7 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& dw_weight, const at::Ten
                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t act) {
   TORCH_CHECK(x.dim() == 4 && dw_weight.dim() == 4 && pw_weight.dim() == 4, "x and weights must be 4-D");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "stride/padding/dilation: 2 ints");
-  TORCH_CHECK(act >= 0 && act <= 4, "activation code must be 0..4");
+  TORCH_CHECK(act >= 0 && act <= 5, "activation code must be 0..5");
   Shape s{};
   s.N = x.size(0), s.C = x.size(1), s.H = x.size(2), s.W = x.size(3), s.O = pw_weight.size(0);
   s.KH = dw_weight.size(2), s.KW = dw_weight.size(3);

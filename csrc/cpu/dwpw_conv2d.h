@@ -14,7 +14,7 @@
 
 namespace effops::cpu::dwpw {
 
-enum Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2, kGelu = 3, kSilu = 4 };
+enum Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2, kGelu = 3, kSilu = 4, kHardswish = 5 };
 
 struct Shape {
   int64_t N, C, H, W;     // input

@@ -85,6 +85,8 @@ EFFOPS_INLINE V act_forward(V h, int act) {
     case kRelu6: return vmin(V::broadcast(6.f), V::max(V::zero(), h));
     case kGelu: return V::broadcast(0.5f) * h * (V::broadcast(1.f) + verf(h * V::broadcast(0.70710678118654752f)));
     case kSilu: return h / (V::broadcast(1.f) + vexp(V::zero() - h));
+    case kHardswish:  // h * relu6(h + 3) / 6, in torch's order of operations
+      return h * vmin(V::broadcast(6.f), V::max(V::zero(), h + V::broadcast(3.f))) / V::broadcast(6.f);
     default: return h;
   }
 }
@@ -103,6 +105,10 @@ EFFOPS_INLINE V act_derivative(V h, int act) {
       V sig = V::broadcast(1.f) / (V::broadcast(1.f) + vexp(V::zero() - h));
       return sig * (V::broadcast(1.f) + h * (V::broadcast(1.f) - sig));
     }
+    case kHardswish:  // torch: 0 below -3, h / 3 + 1/2 on [-3, 3] (both ends included), 1 above 3
+      return vinside(h, std::nextafter(-3.f, -INFINITY), std::nextafter(3.f, INFINITY)) *
+                 (h / V::broadcast(3.f) + V::broadcast(0.5f)) +
+             vinside(h, 3.f, INFINITY);
     default: return V::broadcast(1.f);
   }
 }

@@ -17,8 +17,13 @@ _op = importlib.import_module("effops.ops.dwpw_conv2d")  # the module (effops.op
 class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
     """depthwise(groups=in_channels) -> activation -> pointwise(1x1), both with or without bias.
 
-    activation: None, "relu", "relu6", "gelu" (exact erf form) or "silu".
+    activation: None, "relu", "relu6", "gelu" (exact erf form), "silu" or "hardswish".
+    folded_batchnorm: True when effops.fuse_separable folded the BatchNorm statistics of an eval-mode
+    model into the weights; such a block refuses .train(), where the original model normalizes by batch
+    statistics.
     """
+
+    folded_batchnorm = False
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=0, dilation=1, bias=True,
                  activation="relu", device=None, dtype=None):
@@ -80,6 +85,15 @@ class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
         return _call_plan.call(self, x, tensors, lambda: self._checked_convs() or _op.plan(x, *tensors, *config),
                                lambda: self._checked_convs() or dwpw_conv2d(x, *tensors, *config), _op.autocast_args,
                                extra=config + fixed + (_op.torch_uses_huge_pages(),))
+
+    def train(self, mode=True):
+        if mode and self.folded_batchnorm:
+            raise RuntimeError(
+                "SeparableConv2d has BatchNorm running statistics folded into its weights (fuse_separable "
+                "on an eval-mode model): in train mode the original normalizes by batch statistics, which "
+                "this block cannot compute. Train the unfused model and fuse a copy for inference; to train "
+                "with frozen BatchNorm, fuse_separable the model in train mode with its BatchNorms in eval mode.")
+        return super().train(mode)
 
     def _checked_convs(self):
         """None; ValueError if a submodule was changed into something the fused op does not compute."""

@@ -18,7 +18,7 @@ ACTIVATIONS = reference.ACTIVATIONS
 
 _backends.register_kernel("dwpw_conv2d", "reference", reference.dwpw_conv2d)
 _backends.register_kernel("dwpw_conv2d_backward", "reference", reference.dwpw_conv2d_backward)
-_ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4}  # csrc/cpu/dwpw_conv2d.h
+_ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2, "gelu": 3, "silu": 4, "hardswish": 5}  # csrc/cpu/dwpw_conv2d.h
 
 
 _CPU_MAX_AUTO_MACS = 1 << 20  # see _cpu_faster
@@ -215,7 +215,7 @@ def dwpw_conv2d(x, dw_weight, pw_weight, dw_bias=None, pw_bias=None, stride=1, p
 
     x: (N, C, H, W), NCHW or channels_last, or unbatched (C, H, W); dw_weight: (C, 1, kh, kw); pw_weight: (O, C, 1, 1);
     dw_bias: (C,) or None; pw_bias: (O,) or None; stride/padding/dilation: int or pair (of the
-    depthwise conv); activation: None, "relu", "relu6", "gelu" (exact erf form) or "silu".
+    depthwise conv); activation: None, "relu", "relu6", "gelu" (exact erf form), "silu" or "hardswish".
     Returns (N, O, H', W') in x's memory format and dtype (autocast's under autocast).
     """
     if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as F.conv2d takes

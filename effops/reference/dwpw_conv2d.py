@@ -6,7 +6,7 @@ pw_bias (O,). The output takes x's memory format (channels_last in, channels_las
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = (None, "relu", "relu6", "gelu", "silu")
+ACTIVATIONS = (None, "relu", "relu6", "gelu", "silu", "hardswish")
 
 
 def memory_format(x):
@@ -40,6 +40,8 @@ def activate(h, activation):
         return gelu(h)
     if activation == "silu":
         return F.silu(h)
+    if activation == "hardswish":
+        return F.hardswish(h)
     raise ValueError("activation must be one of %s, got %r" % (ACTIVATIONS, activation))
 
 
@@ -55,6 +57,8 @@ def activation_backward(grad_a, h, activation):
         return torch.ops.aten.gelu_backward(grad_a, h)
     if activation == "silu":
         return torch.ops.aten.silu_backward(grad_a, h)
+    if activation == "hardswish":
+        return torch.ops.aten.hardswish_backward(grad_a, h)
     raise ValueError("activation must be one of %s, got %r" % (ACTIVATIONS, activation))
 
 

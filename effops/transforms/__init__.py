@@ -4,6 +4,7 @@ Imported eagerly for the same reason as effops.ops: each function shares its mod
 """
 from effops.transforms.fuse_separable import fuse_separable
 from effops.transforms.prune import GradualPruner, prune
+from effops.transforms._report import TransformReport
 from effops.transforms.quantize import quantize
 
-__all__ = ["fuse_separable", "prune", "GradualPruner", "quantize"]
+__all__ = ["fuse_separable", "prune", "GradualPruner", "quantize", "TransformReport"]

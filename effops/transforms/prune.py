@@ -12,7 +12,6 @@ sparsities, the model with `sparsity`). Linear layers and 1x1 convolutions (line
 are pruned; modules are swapped in place, reusing their Parameter objects, so an optimizer built
 before pruning keeps working (for 1x1 convs too: SparseConv1x1 keeps the conv's 4-D weight).
 """
-import fnmatch
 import math
 
 import torch
@@ -21,35 +20,59 @@ from torch import nn
 
 from effops.nn.sparse_linear import SparseConv1x1, SparseLinear, is_pointwise_conv
 from effops.ops import _checks
+from effops.transforms import _report
 
 PATTERNS = ("unstructured", "block", "2:4")
 
 
-def prune(model, sparsity, pattern="unstructured", block_size=32, scope="layer", *, exclude=()):
-    """Prune the Linear and 1x1-conv layers of `model` by magnitude; returns `model` (changed in place).
+def prune(model, sparsity, pattern="unstructured", block_size=32, scope="layer", *, exclude=(),
+          return_report=False):
+    """Prune the Linear and 1x1-conv layers of `model` by magnitude; returns `model` (changed in place),
+    or (model, TransformReport) with return_report=True.
 
     sparsity: fraction of weights (blocks for "block") to remove, in [0, 1]; "2:4" needs 0.5. Below 1,
     every layer keeps at least one weight (block), even where rounding or the global ranking would
     remove it all.
-    exclude: qualified module names (fnmatch patterns, e.g. "head" or "blocks.*.out") left dense.
+    exclude: module names or fnmatch patterns (e.g. "head" or "blocks.*.out") left dense, each with
+    everything under it (effops.transforms._report).
+    Left dense, and reported with a warning: a layer whose weight another module reads directly, where
+    a mask could not be enforced (nn.MultiheadAttention's out_proj: attention reads out_proj.weight
+    itself; a weight tied to another module's, such as an LM head sharing the embedding's), and
+    subclasses of nn.Linear / nn.Conv2d (a SparseLinear would drop their own forward). 1x1 convs with
+    a stride, padding, dilation or groups are reported, not warned about.
+    nn.MultiheadAttention's in-projection is a parameter of the attention module, not a Linear: dense.
     Layers already sparse are re-pruned from their current weights (pruned weights are zero, so
     they stay pruned when sparsity does not decrease).
     """
+    report = _prune(model, sparsity, pattern, block_size, scope, exclude)
+    _report.warn_unmatched(model, _report.exclude_patterns(exclude), "prune")
+    return _report.finish(model, report, return_report, quiet_reasons=(_report.EXCLUDED, _NOT_POINTWISE))
+
+
+def _prune(model, sparsity, pattern, block_size, scope, exclude):
     _check_args(sparsity, pattern, block_size, scope)
-    targets = _targets(model, exclude)
+    _report.check_model(model)
+    exclude = _report.exclude_patterns(exclude)
+    report = _report.TransformReport("prune")
+    targets = _targets(model, exclude, report)
     if not targets:
-        return model
-    masks = _masks([_weight2d(m) for _, _, m in targets], sparsity, pattern, block_size, scope)
+        return report
+    masks = _masks([_weight2d(m) for _, m in targets], sparsity, pattern, block_size, scope)
     hint = dict(pattern=pattern, block_size=block_size if pattern == "block" else None)
-    for (parent, name, module), mask in zip(targets, masks):
+    for (places, module), mask in zip(targets, masks):
         if isinstance(module, (SparseLinear, SparseConv1x1)):
             module.pattern, module.block_size = hint["pattern"], hint["block_size"]
             module.set_mask(mask)
+            new = module
         elif isinstance(module, nn.Linear):
-            setattr(parent, name, SparseLinear.from_linear(module, mask, **hint))
+            new = SparseLinear.from_linear(module, mask, **hint)
         else:
-            setattr(parent, name, SparseConv1x1.from_conv(module, mask, **hint))
-    return model
+            new = SparseConv1x1.from_conv(module, mask, **hint)
+        for parent, name, _ in places:  # a module registered in several places is swapped in each
+            setattr(parent, name, new)
+        report.changed.append((places[0][2], "%s (density %.3f)" % (type(new).__name__, new.density)))
+    _report.keep_fast_path_off(model, [full for places, _ in targets for _, _, full in places])
+    return report
 
 
 def _check_args(sparsity, pattern, block_size, scope):
@@ -65,20 +88,53 @@ def _check_args(sparsity, pattern, block_size, scope):
         raise ValueError("pattern='2:4' keeps 2 of every 4 weights: sparsity must be 0.5, got %r" % (sparsity,))
 
 
-def _targets(model, exclude):
-    if not isinstance(model, nn.Module):
-        raise TypeError("model must be an nn.Module, got %s" % type(model).__name__)
-    if isinstance(exclude, str):
-        exclude = (exclude,)
-    found = []
+def _targets(model, exclude, report):
+    """[(places, module)] to prune, places = [(parent, child name, qualified name)]; the candidates left
+    alone go to report.skipped with the reason."""
+    owners = {}  # id(parameter) -> [(id(module), qualified name)] of the distinct modules holding it
     for qual, module in model.named_modules():
-        for name, child in module.named_children():
+        for pname, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((id(module), "%s.%s" % (qual, pname) if qual else pname))
+    found, skipped = {}, set()
+    for qual, module in model.named_modules():
+        for name, child in module._modules.items():  # not named_children(): it lists a repeated child once
             full = "%s.%s" % (qual, name) if qual else name
-            if any(fnmatch.fnmatchcase(full, pat) for pat in exclude):
+            if child is None or not _is_candidate(child) or id(child) in skipped:
                 continue
-            if isinstance(child, nn.Linear) or isinstance(child, SparseConv1x1) or is_pointwise_conv(child):
-                found.append((module, name, child))
-    return found
+            if id(child) in found:
+                found[id(child)][0].append((module, name, full))
+                continue
+            why = _report.EXCLUDED if _report.excluded(full, exclude) else _why_dense(module, name, child, owners)
+            if why:
+                skipped.add(id(child))
+                report.skipped.append((full, why))
+            else:
+                found[id(child)] = ([(module, name, full)], child)
+    return list(found.values())
+
+
+_NOT_POINTWISE = "1x1 conv with stride, padding, dilation, groups or padding mode SparseConv1x1 does not take"
+
+
+def _is_candidate(module):
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
+
+
+def _why_dense(parent, name, module, owners):
+    """None if `module` (parent's child `name`) can become a SparseLinear / SparseConv1x1, else why not."""
+    if isinstance(parent, nn.MultiheadAttention) and name == "out_proj":
+        return ("nn.MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward), "
+                "so a mask there would not be enforced: left dense")
+    if type(module) not in (nn.Linear, nn.Conv2d, SparseLinear, SparseConv1x1):
+        return "%s is a subclass of %s: a sparse module would replace its own forward" % (
+            type(module).__name__, "nn.Linear" if isinstance(module, nn.Linear) else "nn.Conv2d")
+    if isinstance(module, nn.Conv2d) and not isinstance(module, SparseConv1x1) and not is_pointwise_conv(module):
+        return _NOT_POINTWISE
+    others = [where for owner, where in owners.get(id(module.weight), []) if owner != id(module)]
+    if others:
+        return ("its weight is tied to %s: that module would read the pruned weights unmasked and its "
+                "gradients would revive them" % ", ".join(others))
+    return None
 
 
 def _weight2d(module):
@@ -179,7 +235,8 @@ class GradualPruner:
         self._prune_args = dict(pattern=pattern, block_size=block_size, scope=scope, exclude=exclude)
         self.step_count = 0
         self.current_sparsity = self.sparsity_at(0)
-        prune(model, self.current_sparsity, **self._prune_args)
+        # Warns as prune does, once; `report` says which layers stayed dense and why.
+        _, self.report = prune(model, self.current_sparsity, **self._prune_args, return_report=True)
         self._hook = None
         if optimizer is not None:
             self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
@@ -224,7 +281,7 @@ class GradualPruner:
         if due:
             s = self.sparsity_at(t)
             if s != self.current_sparsity:
-                prune(self.model, s, **self._prune_args)
+                _prune(self.model, s, **self._prune_args)
                 self.current_sparsity = s
                 self._clear_pruned_state()
         for module in self.sparse_modules():
