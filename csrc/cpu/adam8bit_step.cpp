@@ -169,25 +169,30 @@ template <class P, bool kMaster>
 EFFOPS_AVX2_TARGET void blocks_avx2(const Adam8bitTensor& t, const AdamCoeffs& c, int64_t first, int64_t last) {
   blocks<Avx2Vec, P, kMaster>(t, c, first, last);
 }
+template <class P, bool kMaster>
+EFFOPS_AVX512_TARGET void blocks_avx512(const Adam8bitTensor& t, const AdamCoeffs& c, int64_t first, int64_t last) {
+  blocks<Avx512Vec, P, kMaster>(t, c, first, last);
+}
 #endif
 
 template <class P, bool kMaster>
-BlocksFn pick(bool avx2) {
+BlocksFn pick(CpuIsa level) {
 #if EFFOPS_HAVE_X86
-  if (avx2) return &blocks_avx2<P, kMaster>;
+  if (level >= CpuIsa::kAvx512) return &blocks_avx512<P, kMaster>;
+  if (level >= CpuIsa::kAvx2) return &blocks_avx2<P, kMaster>;
 #endif
   return &blocks_scalar<P, kMaster>;
 }
 
-BlocksFn blocks_fn(const Adam8bitTensor& t, bool avx2) {
+BlocksFn blocks_fn(const Adam8bitTensor& t, CpuIsa level) {
   const bool master = t.master != nullptr;
   switch (t.dtype) {
     case AdamDtype::kFloat32:
-      return pick<float, false>(avx2);
+      return pick<float, false>(level);
     case AdamDtype::kBFloat16:
-      return master ? pick<c10::BFloat16, true>(avx2) : pick<c10::BFloat16, false>(avx2);
+      return master ? pick<c10::BFloat16, true>(level) : pick<c10::BFloat16, false>(level);
     case AdamDtype::kFloat16:
-      return master ? pick<c10::Half, true>(avx2) : pick<c10::Half, false>(avx2);
+      return master ? pick<c10::Half, true>(level) : pick<c10::Half, false>(level);
   }
   return nullptr;
 }
@@ -200,14 +205,14 @@ struct Chunk {
 }  // namespace
 
 void adam8bit_step(const Adam8bitTensor* tensors, int64_t count, const AdamHyper* hypers) {
-  const bool avx2 = has_avx2_fma();
+  const CpuIsa level = cpu_isa();
   std::vector<Chunk> chunks;
   std::vector<BlocksFn> fns(count);
   std::vector<AdamCoeffs> coeffs(count);
   int64_t total = 0;
   for (int64_t k = 0; k < count; ++k) {
     const Adam8bitTensor& t = tensors[k];
-    fns[k] = blocks_fn(t, avx2);
+    fns[k] = blocks_fn(t, level);
     coeffs[k] = make_adam_coeffs(t.step_size, t.bias_correction2_sqrt, hypers[t.hyper]);
     total += t.numel;
     const int64_t nblocks = (t.numel + kBlock - 1) / kBlock;

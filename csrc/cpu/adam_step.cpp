@@ -139,26 +139,31 @@ template <class P, class S, bool kMaster>
 EFFOPS_AVX2_TARGET void span_avx2(const AdamTensor& t, const Coeffs& c, int64_t begin, int64_t end) {
   adam_span<Avx2Vec, P, S, kMaster>(t, c, begin, end);
 }
+template <class P, class S, bool kMaster>
+EFFOPS_AVX512_TARGET void span_avx512(const AdamTensor& t, const Coeffs& c, int64_t begin, int64_t end) {
+  adam_span<Avx512Vec, P, S, kMaster>(t, c, begin, end);
+}
 #endif
 
 template <class P, class S, bool kMaster>
-SpanFn pick(bool avx2) {
+SpanFn pick(CpuIsa level) {
 #if EFFOPS_HAVE_X86
-  if (avx2) return &span_avx2<P, S, kMaster>;
+  if (level >= CpuIsa::kAvx512) return &span_avx512<P, S, kMaster>;
+  if (level >= CpuIsa::kAvx2) return &span_avx2<P, S, kMaster>;
 #endif
   return &span_scalar<P, S, kMaster>;
 }
 
 // The body for one tensor's dtype combination; fp32 params never carry a master copy.
-SpanFn span_fn(const AdamTensor& t, bool avx2) {
+SpanFn span_fn(const AdamTensor& t, CpuIsa level) {
   const bool master = t.master != nullptr;
   switch (t.dtype) {
     case AdamDtype::kFloat32:
-      return pick<float, float, false>(avx2);
+      return pick<float, float, false>(level);
     case AdamDtype::kBFloat16:
-      return master ? pick<c10::BFloat16, float, true>(avx2) : pick<c10::BFloat16, c10::BFloat16, false>(avx2);
+      return master ? pick<c10::BFloat16, float, true>(level) : pick<c10::BFloat16, c10::BFloat16, false>(level);
     case AdamDtype::kFloat16:
-      return master ? pick<c10::Half, float, true>(avx2) : pick<c10::Half, c10::Half, false>(avx2);
+      return master ? pick<c10::Half, float, true>(level) : pick<c10::Half, c10::Half, false>(level);
   }
   return nullptr;
 }
@@ -171,13 +176,13 @@ struct Chunk {
 }  // namespace
 
 void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper* hypers) {
-  const bool avx2 = has_avx2_fma();
+  const CpuIsa level = cpu_isa();
   std::vector<Chunk> chunks;
   int64_t total = 0;
   std::vector<SpanFn> fns(count);
   std::vector<Coeffs> coeffs(count);
   for (int64_t k = 0; k < count; ++k) {
-    fns[k] = span_fn(tensors[k], avx2);
+    fns[k] = span_fn(tensors[k], level);
     coeffs[k] = make_coeffs(tensors[k], hypers[tensors[k].hyper]);
     total += tensors[k].numel;
     for (int64_t b = 0; b < tensors[k].numel; b += kChunk) {
@@ -198,7 +203,9 @@ void adam_step(const AdamTensor* tensors, int64_t count, const AdamHyper* hypers
   }
 }
 
-// The AVX2 body runs at every level above it: the step is memory-bound (docs/adam.md).
-const char* adam_step_body() { return has_avx2_fma() ? "avx2 (256-bit)" : "scalar"; }
+const char* adam_step_body() {
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) return "avx512 (512-bit; 8-bit states too)";
+  return has_avx2_fma() ? "avx2 (256-bit; 8-bit states too)" : "scalar";
+}
 
 }  // namespace effops::cpu

@@ -1,8 +1,7 @@
 // Vector operations the 8-bit optimizer states need beyond simd.h's fp32 vocabulary: 8-bit codes
 // to and from fp32 lanes, absolute value, sign transfer, round-to-nearest-even and a horizontal max.
-// Overloads per vector type of simd.h (ScalarVec, Avx2Vec), so a kernel template over Vec calls them
-// by name; an AVX-512 type adds its overloads here. (They belong in simd.h, which is being changed
-// elsewhere; they move there when that lands.)
+// Overloads per vector type of simd.h (ScalarVec, Avx2Vec, Avx512Vec), so a kernel template over Vec
+// calls them by name.
 #pragma once
 
 #include <cmath>
@@ -69,6 +68,40 @@ EFFOPS_AVX2_TARGET inline float hmax(Avx2Vec a) {
   m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
   return _mm_cvtss_f32(m);
 }
+
+// ---- AVX-512 ----
+EFFOPS_AVX512_TARGET inline Avx512Vec load_codes(Avx512Vec, const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+EFFOPS_AVX512_TARGET inline Avx512Vec load_codes(Avx512Vec, const uint8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+// v holds integers in the code's range, so the saturating narrowings are exact.
+EFFOPS_AVX512_TARGET inline void store_codes(Avx512Vec v, int8_t* p) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v.v)));
+}
+EFFOPS_AVX512_TARGET inline void store_codes(Avx512Vec v, uint8_t* p) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(v.v)));
+}
+EFFOPS_AVX512_TARGET inline Avx512Vec vabs(Avx512Vec a) { return {_mm512_abs_ps(a.v)}; }
+EFFOPS_AVX512_TARGET inline Avx512Vec vcopysign(Avx512Vec magnitude, Avx512Vec sign) {
+  const __m512i bit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  // (magnitude & ~bit) | (sign & bit) in one ternary-logic instruction: 0xCA is the table of bit ? sign : magnitude.
+  return {_mm512_castsi512_ps(_mm512_ternarylogic_epi32(bit, _mm512_castps_si512(sign.v),
+                                                        _mm512_castps_si512(magnitude.v), 0xCA))};
+}
+EFFOPS_AVX512_TARGET inline Avx512Vec vround(Avx512Vec a) {
+  return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+// As the AVX2 version, from vrsqrt14ps (relative error 2^-14 before the Newton step, not 2^-12).
+EFFOPS_AVX512_TARGET inline Avx512Vec sqrt_for_codes(Avx512Vec a) {
+  const __m512 x = _mm512_max_ps(a.v, _mm512_set1_ps(1e-30f));
+  __m512 y = _mm512_rsqrt14_ps(x);
+  const __m512 half_x = _mm512_mul_ps(_mm512_set1_ps(0.5f), x);
+  y = _mm512_mul_ps(y, _mm512_fnmadd_ps(_mm512_mul_ps(half_x, y), y, _mm512_set1_ps(1.5f)));
+  return {_mm512_mul_ps(x, y)};
+}
+EFFOPS_AVX512_TARGET inline float hmax(Avx512Vec a) { return _mm512_reduce_max_ps(a.v); }
 #endif
 
 }  // namespace effops::cpu
