@@ -3,6 +3,7 @@ small MLP trained on real data (sklearn digits)."""
 import copy
 import importlib
 import io
+import warnings
 
 import pytest
 import torch
@@ -342,8 +343,12 @@ def test_quantize_default_leaves_layers_where_int8_is_slower_alone(monkeypatch):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         assert transform.default_min_features() == threshold
         net = nn.Sequential(nn.Linear(1024, 768), nn.ReLU(), nn.Linear(768, 384), nn.ReLU(), nn.Linear(384, 10))
-        _, report = effops.quantize(net, return_report=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, report = effops.quantize(net, return_report=True)
         assert isinstance(net[0], Int8Linear) == (threshold <= 768), capability
+        assert [str(w.message).startswith("quantize changed nothing") for w in caught] == (
+            [True] if threshold > 768 else []), capability
         assert all(type(net[i]) is nn.Linear for i in (2, 4)) and len(report.skipped) == 2 + (threshold > 768)
     effops.quantize(net, min_features=384)
     assert isinstance(net[2], Int8Linear) and type(net[4]) is nn.Linear

@@ -89,8 +89,9 @@ class EffopsPipeline(Pipeline):
 
     def quantize(self, model):
         """Pruned layers made dense again (zeros kept: SparseLinear.to_linear, SparseConv1x1.to_conv),
-        then effops.quantize on the Linear layers of at least 128 features (-> Int8Linear). Its default,
-        1024, would leave this small model alone: here int8 saves memory, not time."""
+        then effops.quantize on the Linear layers of at least 128 features (-> Int8Linear). Its default
+        (512 to 1024 features by instruction set) would leave this small model alone: here int8 saves memory,
+        not time."""
         import effops
         quantize = _effops("effops.quantize", lambda: effops.quantize)
         for name, m in list(model.named_modules()):
