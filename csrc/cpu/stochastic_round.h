@@ -60,24 +60,6 @@ EFFOPS_AVX2_TARGET inline void store_bf16_stochastic(Avx2Vec v, c10::BFloat16* p
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(hi, hi), 0xd8);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
-
-EFFOPS_AVX512_TARGET inline __m512i mix32(__m512i x) {
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kMix1)));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kMix2)));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-}
-
-EFFOPS_AVX512_TARGET inline void store_bf16_stochastic(Avx512Vec v, c10::BFloat16* p, uint32_t seed, int64_t index) {
-  const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(index))),
-                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __m512i noise = _mm512_and_si512(mix32(_mm512_xor_si512(lanes, _mm512_set1_epi32(static_cast<int>(seed)))),
-                                         _mm512_set1_epi32(0xffff));
-  __m512i bits = _mm512_add_epi32(_mm512_castps_si512(v.v), noise);
-  bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-}
 #endif
 
 }  // namespace effops::cpu
