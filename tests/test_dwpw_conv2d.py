@@ -595,3 +595,18 @@ def test_triton_is_chosen_automatically_for_16_bit_only():
         want_decline = t.dtype == torch.float32
         assert bool(forward(t, dw, pw, None, None, *geometry)) == want_decline
         assert bool(backward(t, t, dw, pw, None, *geometry, [True] * 5)) == want_decline
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_bf16_training_steps_run_torch_where_the_cpu_has_native_bf16(monkeypatch):
+    # torch's bf16 convolutions run natively on AVX512-BF16 CPUs: the fused step lost there
+    # (benchmarks/dwpw_bf16_crossover.py), so the step rule sends bf16 to torch's autograd; elsewhere
+    # (and in fp32) the size rule decides as before.
+    from effops.ops.dwpw_conv2d import _cpu_step_slower
+    x = torch.empty(32, 32, 112, 112, dtype=torch.bfloat16)
+    dw, pw = torch.empty(32, 1, 3, 3, dtype=torch.bfloat16), torch.empty(64, 32, 1, 1, dtype=torch.bfloat16)
+    for native in (True, False):
+        monkeypatch.setattr(effops.cpu_isa, "cpu_has_native_bf16", lambda: native)
+        reason = _cpu_step_slower(x, dw, pw, (1, 1), (1, 1), (1, 1))
+        assert (reason is not None and "AVX512-BF16" in reason) == native
+        assert _cpu_step_slower(x.float(), dw.float(), pw.float(), (1, 1), (1, 1), (1, 1)) is None

@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from effops import _backends, _call_plan
+from effops import _backends, _call_plan, cpu_isa
 from effops.ops import _checks
 from effops.reference import dwpw_conv2d as reference
 
@@ -124,6 +124,11 @@ def _cpu_step_slower(x, dw_weight, pw_weight, stride, padding, dilation):
       torch's step runs there; with an NCHW x the fused step stayed 1.17-1.37x torch's NCHW step, so it
       runs.
     """
+    if x.dtype == torch.bfloat16 and cpu_isa.cpu_has_native_bf16():
+        # Measured at the avx512_bf16 level (Zen 4), `python benchmarks/dwpw_bf16_crossover.py`: torch's
+        # bf16 convolutions run natively there while the fused kernels compute in fp32; the fused step
+        # was 0.34-0.42x torch's at 64->128@56 and 256->256@14 and 0.81-1.17x at 32->64@112 (batch 32).
+        return "bf16 training step on a CPU with AVX512-BF16: torch's native bf16 convolutions measured as fast or faster"
     largest = _step_largest_bytes(x, dw_weight, pw_weight, stride, padding, dilation)
     if largest < _CPU_MIN_AUTO_TENSOR_BYTES:
         return ("training step: torch's largest tensor is %d bytes (< %d, malloc recycles it): there torch's "

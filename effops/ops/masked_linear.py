@@ -14,11 +14,13 @@ Backends:
 """
 from typing import List, Optional, Tuple
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from effops import _backends, _call_plan
+from effops import _backends, _call_plan, cpu_isa
 from effops.ops import _checks, _sparse_index
 from effops.reference import masked_linear as reference
 
@@ -236,15 +238,31 @@ _masked_linear.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Automatic choice: the highest density at which each cpu kernel still beats dense F.linear, and the
 # smallest product (rows x out x in multiply-adds) worth the Python dispatch, index walk and packing.
-# Measured (fp32, AVX2, density sweeps of the forced cpu backend against F.linear) on a
-# 2-core machine shared with other jobs, so set on the safe side. Block kernel (after the packed
-# grad_weight, 2026-11-29), forward / forward+backward vs dense: 256 x 4096 x 4096 at 50% density
-# 2.0-2.3x / 1.6x, at 70% 1.3-1.5x / 1.2-1.3x; 2048 rows at 50% 1.8-2.0x / 1.2-1.3x, at 75% 1.1-1.4x /
-# 0.85-1.3x; 64 x 2048 x 2048 at 50% 1.6x / 1.1-1.3x. The CSR kernel 1.7x at 10% and even at 20-25%;
-# products under ~8M MACs were at best even.
-# The CSR kernel vectorises over 64 batch rows, so it also needs a batch: at 4096 x 4096, 10% dense,
-# one thread, it ran 0.25x dense at 1 row, 0.95x at 8, 1.96x at 32 (the block kernel: 4.6x / 10.7x / 12x).
-_CPU_LIMITS = {"block_max_density": 0.6, "csr_max_density": 0.15, "csr_min_rows": 32, "min_macs": 1 << 23}
+# One table per kind of dense baseline, each measured at the level it names (2-core machines, set on the
+# safe side):
+# - "default" (fp32 and fp16 everywhere; bf16 where the CPU has no AVX512-BF16, so torch's bf16 GEMM is
+#   slow): measured fp32 at the avx2 level (Zen 3) with density sweeps of the forced cpu backend against
+#   F.linear. Block kernel, forward / forward+backward vs dense: 256 x 4096 x 4096 at 50% density
+#   2.0-2.3x / 1.6x, at 70% 1.3-1.5x / 1.2-1.3x; 2048 rows at 75% 1.1-1.4x / 0.85-1.3x. The CSR kernel
+#   1.7x at 10% and even at 20-25%; products under ~8M MACs were at best even. The CSR kernel vectorises
+#   over 64 batch rows, so it also needs a batch (0.25x dense at 1 row, 1.96x at 32). At the avx512
+#   level both kernels are faster than at avx2 and so is torch's fp32 GEMM; the table holds there
+#   (benchmarks/bench_masked_linear.py runs every level).
+# - "bf16_native" (bf16 on a CPU with AVX512-BF16, where torch's bf16 F.linear runs ~2.8x its fp32):
+#   measured at the avx512_bf16 level (Zen 4), `python benchmarks/masked_bf16_crossover.py block32` and
+#   `... unstructured`: block-32 forward / forward+backward 1.8x / 1.05-1.8x at 30% density, 1.2-1.4x /
+#   0.93-1.46x at 45%; CSR 1.1-1.7x / 1.3-2.5x at 2%, 1.05-1.16x / 1.1-1.9x at 5%, 0.76-0.86x at 10%.
+_CPU_LIMITS = {
+    "default": {"block_max_density": 0.6, "csr_max_density": 0.15, "csr_min_rows": 32, "min_macs": 1 << 23},
+    "bf16_native": {"block_max_density": 0.3, "csr_max_density": 0.04, "csr_min_rows": 32, "min_macs": 1 << 23},
+}
+
+
+def _cpu_limits(dtype):
+    """The speed-rule table for products in `dtype` on this CPU (see _CPU_LIMITS)."""
+    if dtype == torch.bfloat16 and cpu_isa.cpu_has_native_bf16():
+        return _CPU_LIMITS["bf16_native"]
+    return _CPU_LIMITS["default"]
 
 
 def _cpu_decline(x, weight, mask):
@@ -260,11 +278,12 @@ def _cpu_slower(x, weight, mask):
     """Speed rule for the automatic choice: a reason dense F.linear is faster here, or None."""
     info = _sparse_index.mask_info(mask)
     rows = x.numel() // x.shape[-1]
-    if rows * weight.numel() < _CPU_LIMITS["min_macs"]:
+    limits = _cpu_limits(x.dtype)
+    if rows * weight.numel() < limits["min_macs"]:
         return "product too small (%d MACs): dense F.linear is faster" % (rows * weight.numel())
-    if not info.block and rows < _CPU_LIMITS["csr_min_rows"]:
-        return "%d rows: the CSR kernel needs >= %d to beat dense F.linear" % (rows, _CPU_LIMITS["csr_min_rows"])
-    limit = _CPU_LIMITS["block_max_density"] if info.block else _CPU_LIMITS["csr_max_density"]
+    if not info.block and rows < limits["csr_min_rows"]:
+        return "%d rows: the CSR kernel needs >= %d to beat dense F.linear" % (rows, limits["csr_min_rows"])
+    limit = limits["block_max_density"] if info.block else limits["csr_max_density"]
     if info.density > limit:
         return "mask %.0f%% dense, above the %.0f%% where the %s kernel beats dense F.linear" % (
             100 * info.density, 100 * limit, "block" if info.block else "csr")
