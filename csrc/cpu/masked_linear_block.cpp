@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -48,30 +49,33 @@ struct BlockMmArgs {
 
 // The tile kernels block_mm_rows runs. AElem / PElem: what a_packed and the panels hold (float, or a
 // uint32_t bf16 pair covering 2 k); kPanels: output panels of 16 per call (2 where registers allow).
-template <class Vec>
+template <class V>
 struct Fp32Tile {
+  using Vec = V;
   using AElem = float;
   using PElem = float;
-  static constexpr int kPanels = Vec::kWidth == 16 ? 2 : 1;
+  static constexpr int kPanels = V::kWidth == 16 ? 2 : 1;
   template <int NP>
   EFFOPS_ALWAYS_INLINE static void run(const float* a, const int64_t* kept, int64_t nkept, int64_t b, int64_t C,
                                        const float* panel, int64_t panel_stride, float* tile) {
-    micro_blocks<Vec, NP>(a, kept, nkept, b, C, panel, panel_stride, tile);
+    micro_blocks<V, NP>(a, kept, nkept, b, C, panel, panel_stride, tile);
   }
 };
-template <class Vec>
+template <class V>
 struct Bf16PanelTile {
+  using Vec = V;
   using AElem = float;
   using PElem = uint32_t;
-  static constexpr int kPanels = Vec::kWidth == 16 ? 2 : 1;
+  static constexpr int kPanels = V::kWidth == 16 ? 2 : 1;
   template <int NP>
   EFFOPS_ALWAYS_INLINE static void run(const float* a, const int64_t* kept, int64_t nkept, int64_t b, int64_t C,
                                        const uint32_t* panel, int64_t panel_stride, float* tile) {
-    micro_blocks_pairs<Vec, NP>(a, kept, nkept, b, C, panel, panel_stride, tile);
+    micro_blocks_pairs<V, NP>(a, kept, nkept, b, C, panel, panel_stride, tile);
   }
 };
 #if EFFOPS_HAVE_X86
 struct Dpbf16Tile {
+  using Vec = Avx512Vec;
   using AElem = uint32_t;
   using PElem = uint32_t;
   static constexpr int kPanels = 2;
@@ -88,6 +92,18 @@ constexpr bool kBf16Pairs = std::is_same_v<T, c10::BFloat16>;
 // The tile kernel of a Vec level for storage type T.
 template <class Vec, typename T>
 using TileFor = std::conditional_t<kBf16Pairs<T>, Bf16PanelTile<Vec>, Fp32Tile<Vec>>;
+
+// rows x cols of the fp32 tile (row stride w) to out (row stride ldo), converted to T: whole vectors
+// (Vec::store rounds as from_float does) where the columns fill them, the rest one by one.
+template <class Vec, typename T>
+EFFOPS_ALWAYS_INLINE void store_tile(const float* tile, int w, int rows, int64_t cols, T* out, int64_t ldo) {
+  constexpr int W = Vec::kWidth;
+  for (int i = 0; i < rows; ++i) {
+    int64_t c = 0;
+    for (; c + W <= cols; c += W) Vec::load(tile + i * w + c).store(out + i * ldo + c);
+    for (; c < cols; ++c) out[i * ldo + c] = from_float<T>(tile[i * w + c]);
+  }
+}
 
 // How many k one element of type E covers: a packed bf16 pair covers two.
 template <typename E>
@@ -115,15 +131,15 @@ EFFOPS_ALWAYS_INLINE void block_mm_rows(const BlockMmArgs& g, const T* bias, T* 
         const int np = static_cast<int>(std::min<int64_t>(Tile::kPanels, panels - p));
         const int w = np * kPanel;  // the tile's row stride this call
         const int64_t cols = std::min<int64_t>(w, g.R - r0);
-        for (int i = 0; i < kRows; ++i)
-          for (int64_t c = 0; c < w; ++c) tile[i * w + c] = (bias != nullptr && c < cols) ? to_float(bias[r0 + c]) : 0.f;
+        // The tile starts at the bias (row 0 filled, then copied: one conversion per column, not six).
+        for (int64_t c = 0; c < w; ++c) tile[c] = (bias != nullptr && c < cols) ? to_float(bias[r0 + c]) : 0.f;
+        for (int i = 1; i < kRows; ++i) std::memcpy(tile + i * w, tile, w * sizeof(float));
         const PE* panel = static_cast<const PE*>(g.packed) + g.offset[br] / kPerElem<PE> + p * panel_stride;
         if (np == 2)
           Tile::template run<Tile::kPanels>(a_tile, kept, nkept, b, g.C, panel, panel_stride, tile);
         else
           Tile::template run<1>(a_tile, kept, nkept, b, g.C, panel, panel_stride, tile);
-        for (int i = 0; i < rows; ++i)
-          for (int64_t c = 0; c < cols; ++c) out[(m0 + i) * g.R + r0 + c] = from_float<T>(tile[i * w + c]);
+        store_tile<typename Tile::Vec>(tile, w, rows, cols, out + m0 * g.R + r0, g.R);
       }
     }
   }
