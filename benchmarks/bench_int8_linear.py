@@ -4,7 +4,7 @@ F.linear and torch's own dynamic int8 Linear (torch.ao quantize_dynamic, FBGEMM)
 effops int8_linear against bf16 F.linear (cuBLAS) and torch._int_mm.
 
 Work per call: 2 * M * K * N operations (multiply + add), reported in GOP/s, and on a CPU with
-AVX512-VNNI as a % of VNNI_PEAK_GOPS.
+AVX512-VNNI as a % of its int8 peak, measured at the start of the run (benchmarks/cpu_peak.py).
 Run: python -m benchmarks.run [--quick] --only int8_linear
 """
 import warnings
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import effops
+from benchmarks import cpu_peak
 from benchmarks.common import compare
 
 LEVEL_DEPENDENT = True  # benchmarks.run times it at every CPU level
@@ -20,9 +21,6 @@ LEVEL_DEPENDENT = True  # benchmarks.run times it at every CPU level
 SIZES = [(4096, 4096), (4096, 11008), (768, 3072), (3072, 768)]
 ROWS = [1, 8, 16, 256, 400, 2048]
 QUICK_CASES = [(1, 4096, 4096), (256, 4096, 4096), (8, 768, 3072), (400, 3072, 768)]
-# Two Zen 4 cores' int8 peak: a loop of independent 512-bit vpdpbusd, 10 accumulators, both cores
-# (shared/DESIGN-NOTES.md). A yardstick for CPUs with AVX512-VNNI, not a measurement of this one.
-VNNI_PEAK_GOPS = 932.0
 
 
 def _torch_dynamic_int8(linear):
@@ -58,11 +56,11 @@ def _cpu_rows(quick):
                           rounds=2 if quick else 3, min_time=0.1 if quick else 0.2, work=2 * m * k * n,
                           work_unit="GOP/s")
         t_fbgemm = next(r["time_ms"] for r in new if r["impl"] == "torch dynamic int8 (FBGEMM)")
-        vnni = "avx512_vnni" in effops.cpu_isa.levels()
+        peak = cpu_peak.measure().get("int8_vnni_gops") if "avx512_vnni" in effops.cpu_isa.levels() else None
         for r in new:
             r["vs_fbgemm"] = t_fbgemm / r["time_ms"]
-            if vnni:
-                r["pct_vnni_peak"] = 100 * r["rate"] / VNNI_PEAK_GOPS
+            if peak:
+                r["pct_vnni_peak"] = 100 * r["rate"] / peak
         rows += new
     return rows
 

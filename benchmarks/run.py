@@ -58,7 +58,8 @@ def machine_info(device):
 def cpu_level_info():
     """The instruction sets behind the CPU figures: effops' levels here and now, and torch's own capability."""
     from effops import cpu_isa
-    return dict(cpu_levels=list(cpu_isa.levels()), cpu_level=cpu_isa.current(),
+    from benchmarks import cpu_peak
+    return dict(cpu_levels=list(cpu_isa.levels()), cpu_level=cpu_isa.current(), peaks=cpu_peak.measure(),
                 torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 caps={k: os.environ[k] for k in ("EFFOPS_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                                                  "MKL_ENABLE_INSTRUCTIONS") if k in os.environ})
@@ -171,6 +172,9 @@ def write_results(out, result):
         head += "CPU levels here: %s; torch CPU capability %s%s\n\n" % (
             ", ".join(m["cpu_levels"]), m["torch_cpu_capability"],
             "; caps: " + " ".join("%s=%s" % kv for kv in m["caps"].items()) if m["caps"] else "")
+        if m.get("peaks"):
+            head += "Measured peaks (benchmarks/cpu_peak.py, %d threads): %s\n\n" % (
+                m["threads"], ", ".join("%s %.0f" % kv for kv in m["peaks"].items()))
     if result["pending"]:
         head += "(partial: not yet run: %s)\n\n" % ", ".join(result["pending"])
     if result["errors"]:

@@ -51,10 +51,15 @@ def detected():
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16():
-    """True when this CPU has AVX512-BF16, so torch's own bf16 GEMMs and convolutions (oneDNN) run
-    natively, at about 2.8x their fp32 speed: the speed rules of the ops compare against that. From
-    cpuid, not the cap (capping effops does not slow torch down); False without the extension."""
-    return _ext.load() and _ext.build_info().get("cpu_isa_detected") == "avx512_bf16"
+    """True when torch's own bf16 GEMMs and convolutions (oneDNN) run natively here, at about 2.8x their
+    fp32 speed: the CPU has AVX512-BF16 (cpuid: capping effops does not slow torch down) and torch is not
+    capped below it (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA). The ops' speed rules compare against that."""
+    if not _ext.load() or _ext.build_info().get("cpu_isa_detected") != "avx512_bf16":
+        return False
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return onednn in ("", "ALL", "DEFAULT") or any(tag in onednn for tag in ("BF16", "AMX", "AVX10"))
 
 
 def levels():

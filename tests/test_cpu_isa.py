@@ -103,3 +103,13 @@ def test_int8_results_are_the_same_exact_integers_at_every_level():
         for level in cpu_isa.levels():
             with cpu_isa.use_cpu_isa(level), effops.use_backend("cpu"):
                 assert torch.equal(effops.ops.int8_mm(a, b), want), (m, k, n, level)
+
+
+def test_native_bf16_follows_the_cpu_and_torchs_own_caps():
+    code = "import effops; print(effops.cpu_isa.cpu_has_native_bf16())"
+    out, _ = _run({}, code)
+    assert out == str(cpu_isa.detected() == "avx512_bf16")
+    for env in ({"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}):
+        assert _run(env, code)[0] == "False", env  # torch's bf16 is not native when capped below it
+    # capping effops alone leaves torch's bf16 as it is
+    assert _run({"EFFOPS_CPU_ISA": "avx2"}, code)[0] == str(cpu_isa.detected() == "avx512_bf16")
