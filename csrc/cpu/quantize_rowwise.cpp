@@ -1,4 +1,5 @@
-// Row-wise symmetric int8 quantization: one pass for the absmax, one for the rounded values, per row.
+// Row-wise symmetric int8 quantization: one pass for the absmax, one for the rounded values, per row,
+// one template body per instruction-set level.
 // Bit-identical to reference/int8.py: fp32 scale = absmax / 127 (IEEE division, not a reciprocal),
 // q = x / scale rounded half to even (vroundps / nearbyint in the default rounding mode), clamped.
 // A row holding NaN or inf: q = 0 and scale NaN (max drops NaN, so a probe sums x * 0, which is NaN
@@ -11,6 +12,9 @@
 #include "cpu/cpu_features.h"
 #include "cpu/int8_gemm.h"
 #include "cpu/simd.h"
+#include "cpu/simd_codes.h"
+
+#define EFFOPS_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace effops::cpu {
 namespace {
@@ -31,37 +35,20 @@ inline void non_finite_row(int64_t K, int8_t* q, float* scale, uint8_t flip) {
   *scale = std::nanf("");
 }
 
-template <typename T>
-void quantize_row_scalar(const T* x, int64_t K, int8_t* q, float* scale, uint8_t flip) {
-  float absmax = 0.0f, probe = 0.0f;
-  for (int64_t k = 0; k < K; ++k) {
-    const float v = to_float(x[k]);
-    absmax = std::max(absmax, std::fabs(v));
-    probe += v * 0.0f;
-  }
-  if (std::isnan(probe)) return non_finite_row(K, q, scale, flip);
-  const float s = row_scale(absmax);
-  for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(quantize_one(to_float(x[k]), s) ^ flip);
-  *scale = s;
-}
-
-#if EFFOPS_HAVE_X86
-template <typename T>
-EFFOPS_AVX2_TARGET void quantize_row_avx2(const T* x, int64_t K, int8_t* q, float* scale, uint8_t flip) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vmax = _mm256_setzero_ps(), vprobe = _mm256_setzero_ps();
-  const __m256 zero = _mm256_setzero_ps();
+// One row at one level (Vec: ScalarVec, Avx2Vec, Avx512Vec): absmax and the NaN/inf probe, then
+// q = clamp(round_half_even(x / scale)) (a true division, as the reference), stored as int8, or with
+// flip as the unsigned q + 128 (= q ^ 0x80).
+template <class Vec, typename T>
+EFFOPS_ALWAYS_INLINE void quantize_row(const T* x, int64_t K, int8_t* q, float* scale, uint8_t flip) {
+  constexpr int W = Vec::kWidth;
+  Vec vmax = Vec::zero(), vprobe = Vec::zero();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    const __m256 v = Avx2Vec::load(x + k).v;
-    vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));
-    vprobe = _mm256_fmadd_ps(v, zero, vprobe);
+  for (; k + W <= K; k += W) {
+    const Vec v = Vec::load(x + k);
+    vmax = Vec::max(vmax, vabs(v));
+    vprobe = Vec::fma(v, Vec::zero(), vprobe);
   }
-  alignas(32) float lanes[8], probes[8];
-  _mm256_store_ps(lanes, vmax);
-  _mm256_store_ps(probes, vprobe);
-  float absmax = *std::max_element(lanes, lanes + 8), probe = 0.0f;
-  for (float p : probes) probe += p;
+  float absmax = hmax(vmax), probe = vprobe.reduce_add();
   for (; k < K; ++k) {
     const float v = to_float(x[k]);
     absmax = std::max(absmax, std::fabs(v));
@@ -69,17 +56,31 @@ EFFOPS_AVX2_TARGET void quantize_row_avx2(const T* x, int64_t K, int8_t* q, floa
   }
   if (std::isnan(probe)) return non_finite_row(K, q, scale, flip);
   const float s = row_scale(absmax);
-  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
-  const __m128i vflip = _mm_set1_epi8(static_cast<char>(flip));
-  for (k = 0; k + 8 <= K; k += 8) {
-    __m256 v = _mm256_round_ps(_mm256_div_ps(Avx2Vec::load(x + k).v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
-    const __m256i i32 = _mm256_cvtps_epi32(v);  // already integral and within int8
-    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_xor_si128(_mm_packs_epi16(i16, i16), vflip));
+  const Vec vs = Vec::broadcast(s), lo = Vec::broadcast(-127.0f), neg_hi = Vec::broadcast(-127.0f);
+  for (k = 0; k + W <= K; k += W) {
+    const Vec r = vround(Vec::load(x + k) / vs);
+    const Vec c = Vec::zero() - Vec::max(Vec::zero() - Vec::max(r, lo), neg_hi);  // clamp to [-127, 127]
+    if (flip)
+      store_codes(c + Vec::broadcast(128.0f), reinterpret_cast<uint8_t*>(q + k));
+    else
+      store_codes(c, q + k);
   }
   for (; k < K; ++k) q[k] = static_cast<int8_t>(quantize_one(to_float(x[k]), s) ^ flip);
   *scale = s;
+}
+
+template <typename T>
+void quantize_row_scalar(const T* x, int64_t K, int8_t* q, float* scale, uint8_t flip) {
+  quantize_row<ScalarVec>(x, K, q, scale, flip);
+}
+#if EFFOPS_HAVE_X86
+template <typename T>
+EFFOPS_AVX2_TARGET void quantize_row_avx2(const T* x, int64_t K, int8_t* q, float* scale, uint8_t flip) {
+  quantize_row<Avx2Vec>(x, K, q, scale, flip);
+}
+template <typename T>
+EFFOPS_AVX512_TARGET void quantize_row_avx512(const T* x, int64_t K, int8_t* q, float* scale, uint8_t flip) {
+  quantize_row<Avx512Vec>(x, K, q, scale, flip);
 }
 #endif
 
@@ -87,7 +88,7 @@ EFFOPS_AVX2_TARGET void quantize_row_avx2(const T* x, int64_t K, int8_t* q, floa
 
 template <typename T>
 void quantize_rowwise(const T* x, int64_t M, int64_t K, int8_t* q, float* scale, bool offset128) {
-  const bool avx2 = has_avx2_fma();
+  const CpuIsa level = cpu_isa();
   const uint8_t flip = offset128 ? 0x80 : 0;  // q ^ 0x80 == q + 128 as an unsigned byte
   // Threads only for big inputs (>= 2 Mi elements per chunk, ~1 ms of work): Int8Linear runs this
   // right before the GEMM's own parallel region, and each fork-join costs a scheduler time slice when
@@ -97,7 +98,11 @@ void quantize_rowwise(const T* x, int64_t M, int64_t K, int8_t* q, float* scale,
   at::parallel_for(0, M, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
 #if EFFOPS_HAVE_X86
-      if (avx2) {
+      if (level >= CpuIsa::kAvx512) {
+        quantize_row_avx512(x + i * K, K, q + i * K, scale + i, flip);
+        continue;
+      }
+      if (level >= CpuIsa::kAvx2) {
         quantize_row_avx2(x + i * K, K, q + i * K, scale + i, flip);
         continue;
       }
