@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from effops.triton_kernels._aot import AotSpec
-from effops.triton_kernels.adam_step import _KIND, _typed
+from effops.triton_kernels.adam_step import _KIND, _typed, adam_grad_and_param
 
 BLOCK = 256  # the quantization block (effops/reference/adam8bit.py)
 NUM_WARPS = 2
@@ -47,22 +47,8 @@ def _adam8bit_step_kernel(param_ptrs, grad_ptrs, m_code_ptrs, m_scale_ptrs, r_co
     m_scales = tl.load(m_scale_ptrs + t).to(tl.pointer_type(tl.float32))
     r_scales = tl.load(r_scale_ptrs + t).to(tl.pointer_type(tl.float32))
 
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if UNSCALE:
-        g = tl.div_rn(g, grad_scale)
-        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
-    if MAXIMIZE:
-        g = -g
-    if MASTER:
-        master = _typed(tl.load(master_ptrs + t), 0)
-        p = tl.load(master + offs, mask=mask, other=0.0)
-    else:
-        p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
-    if WEIGHT_DECAY:
-        if DECOUPLED:
-            p = p * decay_factor
-        else:
-            g = g + weight_decay * p
+    g, p, master = adam_grad_and_param(param, grad_ptr, master_ptrs, t, offs, mask, grad_scale, weight_decay,
+                                       decay_factor, MASTER, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, UNSCALE)
 
     # Dequantize: one multiply of an exact integer (c * |c|, (c + 1)^2) by the block's unit.
     m_unit = tl.div_rn(tl.load(m_scales + b), 16129.0)

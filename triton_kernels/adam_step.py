@@ -35,6 +35,33 @@ def _typed(address, KIND: tl.constexpr):
 
 
 @triton.jit
+def adam_grad_and_param(param, grad_ptr, master_ptrs, t, offs, mask, grad_scale, weight_decay, decay_factor,
+                        MASTER: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                        DECOUPLED: tl.constexpr, UNSCALE: tl.constexpr):
+    """One chunk's gradient (unscaled and stored back, negated for maximize) and parameter (the master
+    copy where there is one), weight decay applied, in fp32: the start of the step, shared by the fp32
+    and the 8-bit kernels. Returns (g, p, the master pointer: the param pointer without one)."""
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if UNSCALE:
+        g = tl.div_rn(g, grad_scale)
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    if MAXIMIZE:
+        g = -g
+    if MASTER:
+        master = _typed(tl.load(master_ptrs + t), 0)
+        p = tl.load(master + offs, mask=mask, other=0.0)
+    else:
+        master = param
+        p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
+    if WEIGHT_DECAY:
+        if DECOUPLED:
+            p = p * decay_factor
+        else:
+            g = g + weight_decay * p
+    return g, p, master
+
+
+@triton.jit
 def _adam_step_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_sq_ptrs, master_ptrs, numels,
                       neg_step_sizes, bc2_sqrts, sr_seeds, chunk_tensor, chunk_start, lerp_weight, beta2,
                       one_minus_beta2, eps, weight_decay, decay_factor, grad_scale, P_KIND: tl.constexpr,
@@ -52,22 +79,8 @@ def _adam_step_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_
     exp_avg_ptr = _typed(tl.load(exp_avg_ptrs + t), S_KIND)
     exp_avg_sq_ptr = _typed(tl.load(exp_avg_sq_ptrs + t), S_KIND)
 
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if UNSCALE:
-        g = tl.div_rn(g, grad_scale)
-        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
-    if MAXIMIZE:
-        g = -g
-    if MASTER:
-        master = _typed(tl.load(master_ptrs + t), 0)
-        p = tl.load(master + offs, mask=mask, other=0.0)
-    else:
-        p = tl.load(param + offs, mask=mask, other=0.0).to(tl.float32)
-    if WEIGHT_DECAY:
-        if DECOUPLED:
-            p = p * decay_factor
-        else:
-            g = g + weight_decay * p
+    g, p, master = adam_grad_and_param(param, grad_ptr, master_ptrs, t, offs, mask, grad_scale, weight_decay,
+                                       decay_factor, MASTER, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, UNSCALE)
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # torch's lerp: start + w * (end - start) for w < 0.5, else end - (end - start) * (1 - w)
     if lerp_weight < 0.5:
