@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(env, code):
-    env = dict({k: v for k, v in os.environ.items() if k not in ("EFFOPS_CPU_ISA", "EFFOPS_DISABLE_AVX2")}, **env)
+    caps = ("EFFOPS_CPU_ISA", "EFFOPS_DISABLE_AVX2", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # only env's own
+    env = dict({k: v for k, v in os.environ.items() if k not in caps}, **env)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
