@@ -3,8 +3,8 @@
 // epilogue and the saturation argument are in int8_gemm.h.
 //
 // B is the same packed s8 layout as the AVX2 body: one 4-k group of a 16-column panel is 64 bytes, one
-// zmm. A is repacked per call (O(M K), next to the O(M N K) product) in groups of 6 rows,
-// [M / 6][K / 4][6][4] bytes, so a micro-tile reads its A as one contiguous stream (6 rows read in
+// zmm. A is repacked per call (O(M K), next to the O(M N K) product) in groups of 6 rows (all rows when
+// there are at most 8), [M / 6][K / 4][6][4] bytes, so a micro-tile reads its A as one contiguous stream (6 rows read in
 // place were 6 streams beside B's 4, and ran 0.55-0.9x FBGEMM at K = 3072). A micro-tile is one such
 // row group (MR <= 6 rows) x NP <= 4 panels: 24 accumulators, 4 B vectors and one broadcast of A's 4
 // bytes fit the 32 zmm registers, and per 4-k group it issues 24 multiply-adds for 4 + 6 loads.
@@ -15,7 +15,7 @@
 //    once per call) and the sums start at -128 * the column sums of B, so C = sum (a + 128) b - 128 sum b
 //    = sum a b for every int8 value of A and B, -128 included. The column sums are computed per tile
 //    from the panels the tile is about to read (they are then in L2), so B still streams from memory
-//    once; with at most kInlineRows rows they are summed inside the micro-kernel instead, from the B
+//    once; with at most kSmallRows rows they are summed inside the micro-kernel instead, from the B
 //    vectors already in registers (one more vpdpbusd per panel and group, free where reading B is the
 //    whole cost). The 7-bit path (int8_gemm_u8s7) hands in its a_u and correction.
 //  * avx512 without VNNI: the AVX2 body's steps on zmm. 8-bit: |b| (unsigned, <= 128) times a * sign(b)
@@ -46,8 +46,13 @@ namespace {
 constexpr int kMR = 6;  // rows per micro-tile
 constexpr int kNP = 4;  // panels per micro-tile
 constexpr int64_t kGroupBytes = kInt8NR * kInt8KG;  // one 4-k group of one panel: 64 bytes, one zmm
-constexpr int64_t kRowGroupBytes = kMR * kInt8KG;  // one 4-k group of a packed 6-row group of A: 24 bytes
-constexpr int kInlineRows = 4;  // VNNI: up to this many rows sum the column correction in the micro-kernel
+// Few rows (M <= kSmallRows): A is one row group of M rows and one micro-tile covers them all, against 4
+// panels (M <= 4) or 2 (5-8 rows, for the registers), so B streams from memory once and no row
+// group re-reads it; on VNNI the column correction is summed in the micro-kernel there.
+constexpr int kSmallRows = 8;
+constexpr int small_panels(int rows) { return rows <= 4 ? kNP : 2; }
+// Rows per packed group of A: kMR, or all of a few-row A.
+int64_t group_rows(int64_t M) { return M <= kSmallRows ? std::max<int64_t>(M, 1) : kMR; }
 
 // The loads and stores every step shares.
 struct Zmm {
@@ -93,20 +98,21 @@ struct Bw8Step {  // a: int8 without -128; b: any int8
   }
 };
 
-// ---- micro-kernel: the first MR rows of one packed row group of A against NP neighbouring panels.
+// ---- micro-kernel: the first MR rows of one packed row group of A (group_stride bytes per 4-k group)
+// against NP neighbouring panels.
 // init: NP x 16 starting sums (the correction), or nullptr for zeros. c gets panel q's row r at
 // c + (q * MR + r) * 16, each panel's rows in the epilogue's layout.
 // kInline (VNNI only): the sums start at zero and -128 * the column sums, accumulated here from the
 // same B vectors, are added at the end.
 template <class Step, int MR, int NP, bool kInline>
-EFFOPS_ALWAYS_INLINE void micro(const uint8_t* a, int64_t groups, const int8_t* b, int64_t panel_bytes,
-                                const int32_t* init, int32_t* c) {
+EFFOPS_ALWAYS_INLINE void micro(const uint8_t* a, int64_t group_stride, int64_t groups, const int8_t* b,
+                                int64_t panel_bytes, const int32_t* init, int32_t* c) {
   __m512i acc[MR][NP], colsum128[NP];
 #pragma GCC unroll 4
   for (int q = 0; q < NP; ++q) {
     const __m512i start = init ? Zmm::load(init + q * kInt8NR) : Zmm::zero();
     colsum128[q] = Zmm::zero();
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) acc[r][q] = start;
   }
   for (int64_t g = 0; g < groups; ++g) {
@@ -119,16 +125,16 @@ EFFOPS_ALWAYS_INLINE void micro(const uint8_t* a, int64_t groups, const int8_t* 
       // With few rows the weights stream from memory and their reads are the whole cost: ask early.
       if constexpr (MR <= 2) Zmm::prefetch(bp + 1024);
     }
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512i av = Zmm::bcast4(a + g * kRowGroupBytes + r * kInt8KG);
+      const __m512i av = Zmm::bcast4(a + g * group_stride + r * kInt8KG);
 #pragma GCC unroll 4
       for (int q = 0; q < NP; ++q) acc[r][q] = Step::step(acc[r][q], av, bq[q]);
     }
   }
 #pragma GCC unroll 4
   for (int q = 0; q < NP; ++q)
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) Zmm::store(c + (q * MR + r) * kInt8NR, kInline ? Zmm::sub(acc[r][q], colsum128[q]) : acc[r][q]);
 }
 
@@ -190,44 +196,54 @@ EpilogueFn pick_epilogue(Int8Out kind) {
   return nullptr;
 }
 
-using MicroFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const int32_t*, int32_t*);
+using MicroFn = void (*)(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, const int32_t*, int32_t*);
 
 // One compiled function per (rows, panels), each under its level's target.
 template <class Step, int MR, int NP, bool kInline>
-EFFOPS_AVX512_TARGET void micro_avx512(const uint8_t* a, int64_t groups, const int8_t* b, int64_t panel_bytes,
-                                       const int32_t* init, int32_t* c) {
-  micro<Step, MR, NP, kInline>(a, groups, b, panel_bytes, init, c);
+EFFOPS_AVX512_TARGET void micro_avx512(const uint8_t* a, int64_t group_stride, int64_t groups, const int8_t* b,
+                                       int64_t panel_bytes, const int32_t* init, int32_t* c) {
+  micro<Step, MR, NP, kInline>(a, group_stride, groups, b, panel_bytes, init, c);
 }
 template <class Step, int MR, int NP, bool kInline>
-EFFOPS_AVX512_VNNI_TARGET void micro_vnni(const uint8_t* a, int64_t groups, const int8_t* b, int64_t panel_bytes,
-                                          const int32_t* init, int32_t* c) {
-  micro<Step, MR, NP, kInline>(a, groups, b, panel_bytes, init, c);
+EFFOPS_AVX512_VNNI_TARGET void micro_vnni(const uint8_t* a, int64_t group_stride, int64_t groups, const int8_t* b,
+                                          int64_t panel_bytes, const int32_t* init, int32_t* c) {
+  micro<Step, MR, NP, kInline>(a, group_stride, groups, b, panel_bytes, init, c);
 }
 
-template <class Step, bool kInline, int MR, int... NP>
-constexpr std::array<MicroFn, kNP> micro_row(std::integer_sequence<int, NP...>) {
-  if constexpr (std::is_same_v<Step, VnniStep>) return {micro_vnni<Step, MR, NP + 1, kInline>...};
-  else return {micro_avx512<Step, MR, NP + 1, kInline>...};
+// Tables of the micro-kernels by [rows - 1][panels - 1], up to max_panels(rows) panels (nullptr past it).
+template <class Step, bool kInline, int MR, int NP>
+constexpr MicroFn micro_fn(int max_panels) {
+  if (NP > max_panels) return nullptr;
+  if constexpr (std::is_same_v<Step, VnniStep>) return micro_vnni<Step, MR, NP, kInline>;
+  else return micro_avx512<Step, MR, NP, kInline>;
 }
-template <class Step, bool kInline, int... MR>
+template <class Step, bool kInline, bool kSmall, int MR, int... NP>
+constexpr std::array<MicroFn, kNP> micro_row(std::integer_sequence<int, NP...>) {
+  return {micro_fn<Step, kInline, MR, NP + 1>(kSmall ? small_panels(MR) : kNP)...};
+}
+template <class Step, bool kInline, bool kSmall, int... MR>
 constexpr std::array<std::array<MicroFn, kNP>, sizeof...(MR)> micro_table(std::integer_sequence<int, MR...>) {
-  return {micro_row<Step, kInline, MR + 1>(std::make_integer_sequence<int, kNP>{})...};
+  return {micro_row<Step, kInline, kSmall, MR + 1>(std::make_integer_sequence<int, kNP>{})...};
 }
 template <class Step>
-constexpr auto kMicro = micro_table<Step, false>(std::make_integer_sequence<int, kMR>{});
-constexpr auto kMicroInline = micro_table<VnniStep, true>(std::make_integer_sequence<int, kInlineRows>{});
+constexpr auto kMicro = micro_table<Step, false, false>(std::make_integer_sequence<int, kMR>{});
+template <class Step, bool kInline>
+constexpr auto kMicroSmall = micro_table<Step, kInline, true>(std::make_integer_sequence<int, kSmallRows>{});
 
 // ---- tile loop: as int8_gemm.cpp's (tiles of rows x a block of panels, handed out from a shared
 // counter, panel-block-major), with micro-tiles of up to 6 rows x 4 panels. A tile's rows (144 x K
 // bytes) and panels (at most 256 KiB) fit one Zen 4 core's 1 MiB L2 together for K up to ~5000.
-// col_init: the starting sums of every panel, or nullptr; per_tile_correction (VNNI s8): compute them
-// per tile, or in the micro-kernel for at most kInlineRows rows.
+// a: packed by pack_a with group_rows(M) rows a group. col_init: the starting sums of every panel, or
+// nullptr; correction (VNNI s8): compute them, per tile or (few rows) in the micro-kernel.
 template <class Step>
 void gemm_tiles(const uint8_t* a, int64_t M, int64_t kpad, const int8_t* b, int64_t N,
-                const int32_t* col_init, bool per_tile_correction, const Int8Epilogue& e) {
-  const bool inline_correction = per_tile_correction && M <= kInlineRows;
+                const int32_t* col_init, bool correction, const Int8Epilogue& e) {
+  const bool small = M <= kSmallRows;
+  const bool per_tile_correction = correction && !small;
   const EpilogueFn epi = pick_epilogue(e.kind);
   const int64_t panels = (N + kInt8NR - 1) / kInt8NR, groups = kpad / kInt8KG, panel_bytes = kpad * kInt8NR;
+  const int64_t rows_per_group = group_rows(M), group_stride = rows_per_group * kInt8KG;
+  const int np_step = small ? small_panels(static_cast<int>(M)) : kNP;
   constexpr int64_t kMC = kMR * 24;
   constexpr int64_t kL2Budget = 256 * 1024;
   // Few rows: 4 panels a tile (the threads share the weight stream finely); more: as many as fit L2.
@@ -243,19 +259,22 @@ void gemm_tiles(const uint8_t* a, int64_t M, int64_t kpad, const int8_t* b, int6
       const int64_t m0 = (t % tiles_m) * kMC, m1 = std::min(M, m0 + kMC);
       const int64_t p0 = (t / tiles_m) * ncp, p1 = std::min(panels, p0 + ncp);
       const int32_t* init = col_init ? col_init + p0 * kInt8NR : nullptr;
-      if (per_tile_correction && !inline_correction) {
+      if (per_tile_correction) {
         for (int64_t p = p0; p < p1; p += kNP)
           column_correction(b + p * panel_bytes, panel_bytes, groups, static_cast<int>(std::min<int64_t>(kNP, p1 - p)),
                             corr.data() + (p - p0) * kInt8NR);
         init = corr.data();
       }
-      for (int64_t i0 = m0; i0 < m1; i0 += kMR) {  // one packed row group per micro-tile (kMC is a multiple)
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - i0));
-        const uint8_t* a_group = a + (i0 / kMR) * groups * kRowGroupBytes;
-        for (int64_t p = p0; p < p1; p += kNP) {
-          const int np = static_cast<int>(std::min<int64_t>(kNP, p1 - p));
-          const MicroFn fn = inline_correction ? kMicroInline[mr - 1][np - 1] : kMicro<Step>[mr - 1][np - 1];
-          fn(a_group, groups, b + p * panel_bytes, panel_bytes, init ? init + (p - p0) * kInt8NR : nullptr, c);
+      for (int64_t i0 = m0; i0 < m1; i0 += rows_per_group) {  // one packed row group per micro-tile
+        const int mr = static_cast<int>(std::min<int64_t>(rows_per_group, m1 - i0));
+        const uint8_t* a_group = a + (i0 / rows_per_group) * groups * group_stride;
+        for (int64_t p = p0; p < p1; p += np_step) {
+          const int np = static_cast<int>(std::min<int64_t>(np_step, p1 - p));
+          const MicroFn fn = !small ? kMicro<Step>[mr - 1][np - 1]
+                             : correction ? kMicroSmall<VnniStep, true>[mr - 1][np - 1]
+                                          : kMicroSmall<Step, false>[mr - 1][np - 1];
+          fn(a_group, group_stride, groups, b + p * panel_bytes, panel_bytes,
+             init ? init + (p - p0) * kInt8NR : nullptr, c);
           for (int q = 0; q < np; ++q)
             epi(c + q * mr * kInt8NR, mr, i0, (p + q) * kInt8NR,
                 static_cast<int>(std::min<int64_t>(kInt8NR, N - (p + q) * kInt8NR)), e);
@@ -265,26 +284,27 @@ void gemm_tiles(const uint8_t* a, int64_t M, int64_t kpad, const int8_t* b, int6
   });
 }
 
-// A packed for the micro-kernels: [ceil(M / 6)][kpad / 4][6][4] bytes, each byte XORed with `flip`
-// (0x80 turns int8 a into the unsigned a + 128); rows past M and columns past K are zero (they meet
-// B's zero padding, and rows past M are never stored).
+// A packed for the micro-kernels: [ceil(M / R)][kpad / 4][R][4] bytes with R = group_rows(M), each byte
+// XORed with `flip` (0x80 turns int8 a into the unsigned a + 128); rows past M and columns past K are
+// zero (they meet B's zero padding, and rows past M are never stored).
 std::vector<uint8_t> pack_a(const uint8_t* a, int64_t lda, int64_t M, int64_t K, int64_t kpad, uint8_t flip) {
-  const int64_t row_groups = (M + kMR - 1) / kMR, groups = kpad / kInt8KG;
-  std::vector<uint8_t> out(static_cast<size_t>(row_groups * groups * kRowGroupBytes), 0);
+  const int64_t rows = group_rows(M), row_groups = (M + rows - 1) / rows, groups = kpad / kInt8KG;
+  const int64_t group_stride = rows * kInt8KG;
+  std::vector<uint8_t> out(static_cast<size_t>(row_groups * groups * group_stride), 0);
   at::parallel_for(0, row_groups, 8, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q)
-      for (int64_t r = 0; r < kMR && q * kMR + r < M; ++r) {
-        const uint8_t* src = a + (q * kMR + r) * lda;
-        uint8_t* dst = out.data() + q * groups * kRowGroupBytes + r * kInt8KG;
+      for (int64_t r = 0; r < rows && q * rows + r < M; ++r) {
+        const uint8_t* src = a + (q * rows + r) * lda;
+        uint8_t* dst = out.data() + q * groups * group_stride + r * kInt8KG;
         const uint32_t flip4 = flip * 0x01010101u;
         const int64_t whole = K / kInt8KG;
         for (int64_t g = 0; g < whole; ++g) {  // 4 bytes at a time
           uint32_t w;
           std::memcpy(&w, src + g * kInt8KG, 4);
           w ^= flip4;
-          std::memcpy(dst + g * kRowGroupBytes, &w, 4);
+          std::memcpy(dst + g * group_stride, &w, 4);
         }
-        for (int64_t k = whole * kInt8KG; k < K; ++k) dst[whole * kRowGroupBytes + k % kInt8KG] = src[k] ^ flip;
+        for (int64_t k = whole * kInt8KG; k < K; ++k) dst[whole * group_stride + k % kInt8KG] = src[k] ^ flip;
       }
   });
   return out;
