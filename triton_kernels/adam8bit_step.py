@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from effops.reference.adam import per_tensor_scalars
 from effops.triton_kernels._aot import AotSpec
 from effops.triton_kernels.adam_step import _KIND, _typed, adam_grad_and_param
 
@@ -87,7 +88,6 @@ def _adam8bit_step_kernel(param_ptrs, grad_ptrs, m_code_ptrs, m_scale_ptrs, r_co
 def adam8bit_step(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales, master_params,
                   steps, *, lr, beta1, beta2, eps, weight_decay, maximize, decoupled_weight_decay, grad_scale):
     """The "triton" kernel of effops::adam8bit_step: one launch per (param dtype, master weights) group."""
-    from effops.ops.adam_step import per_tensor_scalars
 
     step_sizes, bc2_sqrts = per_tensor_scalars(lr, beta1, beta2, steps)
     groups = {}

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from effops.reference.adam import per_tensor_scalars
 from effops.triton_kernels._aot import AotSpec
 
 BLOCK = 2048
@@ -151,7 +152,6 @@ def _tables(device, params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, neg_
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1, beta2,
               eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, stochastic_round_seeds=None):
     """The "triton" kernel of effops::adam_step: one launch per (param dtype, master weights) group."""
-    from effops.ops.adam_step import per_tensor_scalars
 
     step_sizes, bc2_sqrts = per_tensor_scalars(lr, beta1, beta2, steps)
     groups = {}

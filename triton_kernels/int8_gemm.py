@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from effops.ops import _checks
+from effops._shapes import with_leading_dims
 from effops.reference.int8 import PACK_KG, PACK_NR
 
 
@@ -175,7 +175,7 @@ def int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
         _launch_gemm(x2, w_int8, out, n, k, (w_int8.stride(1), w_int8.stride(0)), packed=False,
                      xs=x_scale.reshape(-1).contiguous(), ws=w_scale.contiguous(),
                      bias=None if bias is None else bias.contiguous())
-    return _checks.with_leading_dims(out, x_int8)
+    return with_leading_dims(out, x_int8)
 
 
 def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only):
@@ -185,7 +185,7 @@ def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only):
     out = torch.empty((q.shape[0], out_features), dtype=x.dtype, device=x.device)
     if out.numel():
         _launch_gemm(q, w_packed, out, out_features, k, (0, 0), packed=True, xs=s, ws=w_scale, bias=bias)
-    return _checks.with_leading_dims(out, x)
+    return with_leading_dims(out, x)
 
 
 # ---------------------------------------------------------------------------------------------

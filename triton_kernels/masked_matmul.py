@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from effops.ops import _checks, _sparse_index
+from effops._shapes import with_leading_dims
+from effops.ops import _sparse_index
 from effops.triton_kernels._aot import AotSpec
 
 
@@ -265,7 +266,7 @@ def masked_linear(x, weight, mask, bias):
             HAS_BIAS=b is not None, IEEE=x2.dtype == torch.float32, num_warps=MASKED_MM_WARPS)
     else:
         y = _masked_mm(x2, w, info.mask_u8(), b, (x2.shape[0], n), k, (k, 1, k, 1, k, 1), False)
-    return _checks.with_leading_dims(y, x)
+    return with_leading_dims(y, x)
 
 
 def masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):

@@ -3,6 +3,7 @@ shaping of a kernel's 2-D output back to its input's leading dims."""
 import torch
 
 from effops._backends import autocast_dtype  # noqa: F401  (defined beside the backends; the ops read it here)
+from effops._shapes import with_leading_dims  # noqa: F401  (shared with the kernel launchers; the ops read it here)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -51,12 +52,3 @@ def choice(name, value, allowed):
     if value not in allowed:
         raise ValueError("%s must be one of %s, got %r" % (name, allowed, value))
     return value
-
-
-def with_leading_dims(y, x):
-    """A kernel's (tokens, features) output y as (*x.shape[:-1], features), as F.linear returns it: not
-    a view of y (y itself for 2-D x; else an _unsafe_view, as torch's matmul does), since a module
-    output that is a view breaks in-place use under FSDP2 (its pre-backward hook is dropped)."""
-    if x.dim() == 2:
-        return y
-    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))

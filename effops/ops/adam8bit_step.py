@@ -21,7 +21,8 @@ from torch import Tensor
 
 from effops import _backends
 from effops.ops import _checks
-from effops.ops.adam_step import _eager_plain, _number, _check_scalar_tensor, _tensor_list, per_tensor_scalars
+from effops.ops.adam_step import _eager_plain, _number, _check_scalar_tensor, _tensor_list
+from effops.reference import adam as adam_reference
 from effops.reference import adam8bit as reference
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -45,7 +46,7 @@ def _cpu_supports(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes
 
 def _cpu_kernel(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales, master_params,
                 steps, *, lr, beta1, beta2, eps, weight_decay, maximize, decoupled_weight_decay, grad_scale):
-    step_sizes, bc2_sqrts = per_tensor_scalars(lr, beta1, beta2, steps)
+    step_sizes, bc2_sqrts = adam_reference.per_tensor_scalars(lr, beta1, beta2, steps)
     torch.ops.effops_cpu.adam8bit_step(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes,
                                        exp_avg_sq_scales, master_params, step_sizes, bc2_sqrts, lr, beta1, beta2, eps,
                                        weight_decay, maximize, decoupled_weight_decay, grad_scale)

@@ -111,7 +111,7 @@ def _compiled_supports(device_type):
 def _cpu_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1,
                 beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale,
                 stochastic_round_seeds=None):
-    step_sizes, bc2_sqrts = per_tensor_scalars(lr, beta1, beta2, steps)
+    step_sizes, bc2_sqrts = reference.per_tensor_scalars(lr, beta1, beta2, steps)
     torch.ops.effops_cpu.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, step_sizes,
                                    bc2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                                    decoupled_weight_decay, grad_scale, stochastic_round_seeds)
@@ -120,23 +120,10 @@ def _cpu_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_pa
 def _cuda_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1,
                  beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale,
                  stochastic_round_seeds=None):  # declined by supports when not None
-    step_sizes, bc2_sqrts = per_tensor_scalars(lr, beta1, beta2, steps)
+    step_sizes, bc2_sqrts = reference.per_tensor_scalars(lr, beta1, beta2, steps)
     torch.ops.effops_cuda.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
                                     step_sizes, bc2_sqrts, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                                     decoupled_weight_decay, grad_scale)
-
-
-def per_tensor_scalars(lr, beta1, beta2, steps):
-    """Per tensor: step_size = lr / (1 - beta1^t) and sqrt(1 - beta2^t), in double as torch does."""
-    if steps and steps.count(steps[0]) == len(steps):  # the usual case: every param at the same step
-        bc1, bc2_sqrt = reference.bias_corrections(beta1, beta2, steps[0])
-        return [lr / bc1] * len(steps), [bc2_sqrt] * len(steps)
-    step_sizes, bc2_sqrts = [], []
-    for step in steps:
-        bc1, bc2_sqrt = reference.bias_corrections(beta1, beta2, step)
-        step_sizes.append(lr / bc1)
-        bc2_sqrts.append(bc2_sqrt)
-    return step_sizes, bc2_sqrts
 
 
 _backends.register_kernel("adam_step", "reference", reference.adam_step)

@@ -32,6 +32,19 @@ def bias_corrections(beta1, beta2, step):
     return bias_correction1, bias_correction2 ** 0.5
 
 
+def per_tensor_scalars(lr, beta1, beta2, steps):
+    """Per tensor: step_size = lr / (1 - beta1^t) and sqrt(1 - beta2^t), in double as torch does."""
+    if steps and steps.count(steps[0]) == len(steps):  # the usual case: every param at the same step
+        bc1, bc2_sqrt = bias_corrections(beta1, beta2, steps[0])
+        return [lr / bc1] * len(steps), [bc2_sqrt] * len(steps)
+    step_sizes, bc2_sqrts = [], []
+    for step in steps:
+        bc1, bc2_sqrt = bias_corrections(beta1, beta2, step)
+        step_sizes.append(lr / bc1)
+        bc2_sqrts.append(bc2_sqrt)
+    return step_sizes, bc2_sqrts
+
+
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, *, lr, beta1,
               beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale=None,
               stochastic_round_seeds=None):
