@@ -16,33 +16,29 @@ def memory_format(x):
     return torch.contiguous_format
 
 
-def gelu(h):
-    """Exact (erf) GELU, as nn.GELU() by default: x * Phi(x), with infinities as that product gives them
-    in IEEE arithmetic: GELU(+inf) = +inf, GELU(-inf) = -inf * 0 = NaN (as torch's silu(-inf) = NaN).
-
-    torch's own vectorized GELU differs per CPU on infinities (its AVX-512 kernel returns NaN for both),
-    so they are set here rather than taken from whichever kernel this CPU's torch runs.
-    """
-    y = F.gelu(h)
-    if h.is_floating_point():
-        y = torch.where(h.isinf(), h * (h > 0), y)  # +inf * 1 = +inf, -inf * 0 = NaN
-    return y
+# torch's own activation of each name (gelu: the exact erf form, as nn.GELU() by default).
+_TORCH_ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "gelu": F.gelu, "silu": F.silu, "hardswish": F.hardswish}
+# Each activation's values at +inf and -inf, as its formula gives them in IEEE arithmetic (NaN stays
+# NaN): relu max(0, x); relu6 min(6, max(0, x)); gelu x * Phi(x) and silu x * sigmoid(x), so -inf * 0 =
+# NaN at -inf; hardswish x * relu6(x + 3) / 6, -inf * 0 = NaN. torch's own vectorized kernels differ per
+# CPU there (its AVX-512 GELU returns NaN for +inf too), so effops defines them here and every backend
+# follows this table, not whichever kernel this CPU's torch runs.
+_AT_INFINITY = {"relu": (float("inf"), 0.0), "relu6": (6.0, 0.0), "gelu": (float("inf"), float("nan")),
+                "silu": (float("inf"), float("nan")), "hardswish": (float("inf"), float("nan"))}
 
 
 def activate(h, activation):
+    """activation(h) as torch computes it, with the values at infinity and NaN of _AT_INFINITY."""
     if activation is None:
         return h
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "relu6":
-        return F.relu6(h)
-    if activation == "gelu":
-        return gelu(h)
-    if activation == "silu":
-        return F.silu(h)
-    if activation == "hardswish":
-        return F.hardswish(h)
-    raise ValueError("activation must be one of %s, got %r" % (ACTIVATIONS, activation))
+    if activation not in _TORCH_ACTIVATIONS:
+        raise ValueError("activation must be one of %s, got %r" % (ACTIVATIONS, activation))
+    y = _TORCH_ACTIVATIONS[activation](h)
+    if h.device.type == "cpu" and not torch.compiler.is_compiling() and torch.isfinite(h.sum()):
+        return y  # no infinity or NaN: one summing pass (a sum that overflows just takes the path below)
+    at_pos_inf, at_neg_inf = _AT_INFINITY[activation]
+    at_infinity = torch.where(h > 0, at_pos_inf, at_neg_inf).to(y.dtype)
+    return torch.where(h.isnan(), h, torch.where(h.isinf(), at_infinity, y))
 
 
 def activation_backward(grad_a, h, activation):
