@@ -3,11 +3,12 @@
 // epilogue and the saturation argument are in int8_gemm.h.
 //
 // B is the same packed s8 layout as the AVX2 body: one 4-k group of a 16-column panel is 64 bytes, one
-// zmm. A is repacked per call (O(M K), next to the O(M N K) product) in groups of 6 rows (all rows when
-// there are at most 8), [M / 6][K / 4][6][4] bytes, so a micro-tile reads its A as one contiguous stream (6 rows read in
-// place were 6 streams beside B's 4, and ran 0.55-0.9x FBGEMM at K = 3072). A micro-tile is one such
-// row group (MR <= 6 rows) x NP <= 4 panels: 24 accumulators, 4 B vectors and one broadcast of A's 4
-// bytes fit the 32 zmm registers, and per 4-k group it issues 24 multiply-adds for 4 + 6 loads.
+// zmm. A is repacked per call (O(M K), next to the O(M N K) product; copied 4 bytes at a time, shifted to
+// unsigned on the way for VNNI) in groups of 6 rows (all rows when there are at most 8),
+// [M / 6][K / 4][6][4] bytes, so a micro-tile reads its A as one contiguous stream beside B's panels.
+// A micro-tile is one such row group (MR <= 6 rows) x NP <= 4 panels: 24 accumulators, 4 B vectors and
+// one broadcast of A's 4 bytes fit the 32 zmm registers, and per 4-k group it issues 24 multiply-adds
+// for 4 + 6 loads.
 //
 // Arithmetic per level (every path is exact: int32 sums of int8 products):
 //  * avx512_vnni: vpdpbusd multiplies unsigned by signed bytes and adds groups of four into int32 with

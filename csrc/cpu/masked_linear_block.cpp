@@ -304,13 +304,6 @@ void block_sparse_pack(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_
   });
 }
 
-// The bits of a bf16 value (only called for T = bf16; any other T never reaches it).
-template <typename T>
-uint32_t bf16_bits(T v) {
-  if constexpr (kBf16Pairs<T>) return v.x;
-  else return 0;
-}
-
 // a regrouped into 6-row tiles for block_mm_rows: a_packed[(tile * cols + c) * 6 + i] = a[tile * 6 + i, c]
 // (zero past M), in fp32, or (pairs, bf16 only) as bf16 pairs: c a pair of columns, zero past C.
 template <typename T>
@@ -321,18 +314,20 @@ void pack_a_tiles(const T* a, int64_t M, int64_t C, bool pairs, void* a_packed) 
       for (int i = 0; i < kRows; ++i) {
         const int64_t m = t * kRows + i;
         const T* src = a + m * C;
-        if (kBf16Pairs<T> && pairs) {
-          const int64_t npairs = (C + 1) / 2;
-          uint32_t* dst = static_cast<uint32_t*>(a_packed) + t * npairs * kRows;
-          for (int64_t q = 0; q < npairs; ++q) {
-            const uint32_t lo = m < M ? bf16_bits(src[2 * q]) : 0;
-            const uint32_t hi = (m < M && 2 * q + 1 < C) ? bf16_bits(src[2 * q + 1]) : 0;
-            dst[q * kRows + i] = lo | (hi << 16);
+        if constexpr (kBf16Pairs<T>) {
+          if (pairs) {
+            const int64_t npairs = (C + 1) / 2;
+            uint32_t* dst = static_cast<uint32_t*>(a_packed) + t * npairs * kRows;
+            for (int64_t q = 0; q < npairs; ++q) {
+              const uint32_t lo = m < M ? src[2 * q].x : 0;
+              const uint32_t hi = (m < M && 2 * q + 1 < C) ? src[2 * q + 1].x : 0;
+              dst[q * kRows + i] = lo | (hi << 16);
+            }
+            continue;
           }
-        } else {
-          float* dst = static_cast<float*>(a_packed) + t * C * kRows;
-          for (int64_t c = 0; c < C; ++c) dst[c * kRows + i] = m < M ? to_float(src[c]) : 0.f;
         }
+        float* dst = static_cast<float*>(a_packed) + t * C * kRows;
+        for (int64_t c = 0; c < C; ++c) dst[c * kRows + i] = m < M ? to_float(src[c]) : 0.f;
       }
   });
 }

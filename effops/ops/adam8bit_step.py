@@ -21,7 +21,7 @@ from torch import Tensor
 
 from effops import _backends
 from effops.ops import _checks
-from effops.ops.adam_step import _eager_plain, _number, _check_scalar_tensor, _tensor_list
+from effops.ops.adam_step import _check_bools, _check_scalar_tensor, _eager_plain, _number, _tensor_list
 from effops.reference import adam as adam_reference
 from effops.reference import adam8bit as reference
 
@@ -106,9 +106,7 @@ def prepare_adam8bit_step(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_
                           lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False,
                           decoupled_weight_decay=False, master_params=None, grad_scale=None, found_inf=None):
     """Check adam8bit_step's arguments without touching anything; returns a callable running the step."""
-    for name, flag in (("maximize", maximize), ("decoupled_weight_decay", decoupled_weight_decay)):
-        if not isinstance(flag, bool):
-            raise TypeError("%s must be a bool, got %s" % (name, type(flag).__name__))
+    _check_bools(maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
     params = _tensor_list("params", params)
     n = len(params)
     grads = _tensor_list("grads", grads, n)

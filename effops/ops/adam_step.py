@@ -137,6 +137,12 @@ _backends.register_kernel("adam_step", "triton", "effops.triton_kernels.adam_ste
 # ---------------------------------------------------------------------------------------------
 # Public function: checks, then the custom op
 # ---------------------------------------------------------------------------------------------
+def _check_bools(**flags):
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError("%s must be a bool, got %s" % (name, type(flag).__name__))
+
+
 def _tensor_list(name, value, length=None):
     if not isinstance(value, (list, tuple)):
         raise TypeError("%s must be a list of tensors, got %s" % (name, type(value).__name__))
@@ -230,9 +236,7 @@ def prepare_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=
 
     The optimizer checks every param group this way before stepping any of them.
     """
-    for name, flag in (("amsgrad", amsgrad), ("maximize", maximize), ("decoupled_weight_decay", decoupled_weight_decay)):
-        if not isinstance(flag, bool):
-            raise TypeError("%s must be a bool, got %s" % (name, type(flag).__name__))
+    _check_bools(amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
     params = _tensor_list("params", params)
     n = len(params)
     grads = _tensor_list("grads", grads, n)
