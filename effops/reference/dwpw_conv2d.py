@@ -27,6 +27,16 @@ _AT_INFINITY = {"relu": (float("inf"), 0.0), "relu6": (6.0, 0.0), "gelu": (float
                 "silu": (float("inf"), float("nan")), "hardswish": (float("inf"), float("nan"))}
 
 
+# torch.func transforms (vmap, grad) wrap their tensors: those cannot steer Python control flow.
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: True)
+
+
+def _may_branch_on_values(h):
+    """Whether activate may test h's values in Python (a plain eager CPU tensor: no device sync, no
+    tracing, no torch.func transform); elsewhere it sets the values at infinity without a test."""
+    return h.device.type == "cpu" and not torch.compiler.is_compiling() and not _functorch_wrapped(h)
+
+
 def activate(h, activation):
     """activation(h) as torch computes it, with the values at infinity and NaN of _AT_INFINITY."""
     if activation is None:
@@ -34,7 +44,7 @@ def activate(h, activation):
     if activation not in _TORCH_ACTIVATIONS:
         raise ValueError("activation must be one of %s, got %r" % (ACTIVATIONS, activation))
     y = _TORCH_ACTIVATIONS[activation](h)
-    if h.device.type == "cpu" and not torch.compiler.is_compiling() and torch.isfinite(h.sum()):
+    if _may_branch_on_values(h) and torch.isfinite(h.sum()):
         return y  # no infinity or NaN: one summing pass (a sum that overflows just takes the path below)
     at_pos_inf, at_neg_inf = _AT_INFINITY[activation]
     at_infinity = torch.where(h > 0, at_pos_inf, at_neg_inf).to(y.dtype)
