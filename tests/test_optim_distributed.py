@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from effops.demo.distributed import teardown
+
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 WORLD = 2
@@ -60,7 +62,7 @@ def _ddp_worker(rank, init_file):
         torch.testing.assert_close(_full(ours), _full(ref), **TOL)
         assert not torch.equal(_full(ours), _full(_model()))
     finally:
-        dist.destroy_process_group()
+        teardown()  # barrier, then destroy: a gloo rank leaving alone aborted at exit
 
 
 def _sharded(seed=0):
@@ -107,7 +109,7 @@ def _fsdp_worker(rank, init_file, ckpt_dir):
         _train(resumed, opt2, rank, 5, start=5)
         torch.testing.assert_close(_full(resumed), _full(ours), **TOL)
     finally:
-        dist.destroy_process_group()
+        teardown()  # barrier, then destroy: a gloo rank leaving alone aborted at exit
 
 
 def _spawn(fn, *args):
@@ -164,7 +166,7 @@ def _fsdp_sparse_worker(rank, init_file):
                 torch.testing.assert_close(sharded(probe), single(probe), **TOL)
         torch.testing.assert_close(_full(sharded), _full(single), **TOL)
     finally:
-        dist.destroy_process_group()
+        teardown()  # barrier, then destroy: a gloo rank leaving alone aborted at exit
 
 
 def test_fsdp2_block_sparse_layer_trains_and_evaluates_on_current_weights():
