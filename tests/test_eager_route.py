@@ -7,7 +7,6 @@ import torch
 import effops
 from effops import _backends
 from effops.ops import dwpw_conv2d
-from tests.conftest import TOL
 
 needs_cpu = pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 

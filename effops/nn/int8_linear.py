@@ -110,7 +110,7 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.weight_scale.unsqueeze(1)
 
     def forward(self, x):
-        if x.shape[-1] != self.in_features:
+        if x.dim() and x.shape[-1] != self.in_features:  # (a 0-dim x: the op says what it expects)
             raise ValueError("x's last dim must equal in_features %d, got shape %s" % (self.in_features, tuple(x.shape)))
         weight_only = self.mode == "weight_only" or (
             self.mode == "auto" and AUTO_ROWS > 0 and x.numel() // self.in_features <= AUTO_ROWS)

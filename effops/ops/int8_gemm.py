@@ -5,10 +5,10 @@ policies, autograd. Here: the Python functions, and the Triton routes those impl
 """
 import contextlib
 import importlib.util
+from typing import Optional
 
 import torch
 from torch import Tensor
-from typing import Optional
 
 from effops import _ext
 from effops.reference import int8 as reference

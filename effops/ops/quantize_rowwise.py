@@ -5,10 +5,10 @@ Python function, and the Triton route those implementations call. The result is 
 no gradient (Int8Linear gives its input a straight-through one).
 """
 import importlib.util
+from typing import Tuple
 
 import torch
 from torch import Tensor
-from typing import Tuple
 
 from effops.ops.int8_gemm import on_device, runs_reference
 from effops.reference import int8 as reference
