@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "bindings/int8_common.h"
 #include "cpu/int8_gemm.h"
 

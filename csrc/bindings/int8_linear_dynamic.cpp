@@ -13,6 +13,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "bindings/int8_common.h"
 #include "cpu/int8_gemm.h"
 
