@@ -165,8 +165,8 @@ bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->de
 // docs/dwpw_conv2d.md): where torch's largest tensor is 32 MiB or more, glibc mmaps it fresh on every
 // call and each page faults and is zeroed, which the fused kernel (writing only y, on huge pages)
 // avoids: 2.2-4.7x faster forward, 1.45-2.65x a training step. Below that, oneDNN's convolutions run
-// as fast or faster (0.6-1.09x). Under ~1M multiply-adds inference is per-call overhead, where the
-// fused op wins.
+// as fast or faster (0.6-1.09x). Under ~1M multiply-adds the cost is per-call overhead, where the
+// fused op wins: 1.4-1.5x inference, 1.65x a training step (benchmarks/bench_small_calls.py's blocks).
 constexpr int64_t kTinyMacs = int64_t(1) << 20;
 constexpr int64_t kLargeTensorBytes = int64_t(32) << 20;
 
@@ -199,8 +199,7 @@ const char* cpu_cannot(const at::Tensor& x, const at::Tensor& dw_weight, const a
 }
 
 const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::MemoryFormat format) {
-  if (s.macs < kTinyMacs)
-    return training ? "training step of a tiny input: measured no faster than torch's autograd" : nullptr;
+  if (s.macs < kTinyMacs) return nullptr;
   if (training) {
     if (dtype == at::kBFloat16 && effops::dispatch::torch_bf16_is_native())
       return "bf16 training step on a CPU with AVX512-BF16: torch's native bf16 convolutions measured as fast or "
@@ -264,8 +263,9 @@ at::Tensor activate(const at::Tensor& h, int64_t act) {
     case 4: y = at::silu(h); break;
     default: y = at::hardswish(h); break;
   }
-  // One summing pass where the values can be read (plain eager CPU tensors): no infinity or NaN, no fix.
-  if (may_read_values(h) && at::isfinite(h.sum()).item<bool>()) return y;
+  // relu and relu6 are clamps: torch's give the table's values on every CPU, no fix needed. Otherwise one
+  // summing pass where the values can be read (plain eager CPU tensors): no infinity or NaN, no fix.
+  if (act == 1 || act == 2 || (may_read_values(h) && at::isfinite(h.sum()).item<bool>())) return y;
   const at::Tensor at_infinity =
       at::where(h > 0, at::scalar_tensor(at_pos_inf, h.options()), at::scalar_tensor(at_neg_inf, h.options()));
   return at::where(h.isnan(), h, at::where(h.isinf(), at_infinity, y));
