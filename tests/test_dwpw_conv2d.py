@@ -621,3 +621,54 @@ def test_forward_mode_ad_gets_the_references_tangents():
     h = F.conv2d(x, dw, None, 1, 1, 1, groups=8)
     want = F.conv2d(F.conv2d(t, dw, None, 1, 1, 1, groups=8) * (h > 0), pw)
     torch.testing.assert_close(tangent, want, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_batch_on_every_backend(backend):
+    # Nothing to fuse: every backend, forced or not, returns the empty result and empty gradients.
+    N, C, H, W, O = 0, 4, 6, 6, 5
+    x = torch.randn(N, C, H, W, device=device(), requires_grad=True)
+    dw = torch.randn(C, 1, 3, 3, device=device(), requires_grad=True)
+    pw = torch.randn(O, C, 1, 1, device=device(), requires_grad=True)
+    y = dwpw_conv2d(x, dw, pw, padding=1, activation="relu")
+    assert y.shape == (N, O, H, W)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not x.grad.any()
+    assert dw.grad.shape == dw.shape and not dw.grad.any()
+
+
+def test_no_channels_is_refused_as_torch_refuses_it():
+    x, dw = torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3)
+    with pytest.raises(ValueError, match="at least one channel"):
+        dwpw_conv2d(x, dw, torch.randn(0, 4, 1, 1))
+
+
+def test_tensors_on_another_device_are_named():
+    x, dw, pw = torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3), torch.randn(5, 4, 1, 1)
+    with pytest.raises(ValueError, match="pw_weight must be on cpu like the input, got meta"):
+        dwpw_conv2d(x, dw, pw.to("meta"))
+    with pytest.raises(ValueError, match="dw_bias must be on cpu like the input, got meta"):
+        dwpw_conv2d(x, dw, pw, dw_bias=torch.empty(4, device="meta"))
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_batch_32_of_real_images_at_every_level():
+    # Real data (handwritten digits: flat zero background, bright strokes) rather than normal noise, at
+    # the demo's batch size, forward and backward against the float64 reference.
+    from sklearn.datasets import load_digits
+    digits = torch.tensor(load_digits().images[:32], dtype=torch.float32) / 16  # (32, 8, 8) in [0, 1]
+    g = torch.Generator().manual_seed(0)
+    x = (digits[:, None] * torch.rand(1, 12, 1, 1, generator=g)).contiguous(memory_format=torch.channels_last)
+    dw = torch.randn(12, 1, 3, 3, generator=g) / 3
+    pw = torch.randn(20, 12, 1, 1, generator=g) / 12 ** 0.5
+    gy = torch.randn(32, 20, 8, 8, generator=g)
+    t64 = [t.double().requires_grad_() for t in (x, dw, pw)]
+    want = reference.dwpw_conv2d(*t64[:3], None, None, [1, 1], [1, 1], [1, 1], "relu6")
+    want.backward(gy.double())
+    for level in effops.cpu_isa.levels():
+        with effops.cpu_isa.use_cpu_isa(level), effops.use_backend("cpu"):
+            t = [v.clone().requires_grad_() for v in (x, dw, pw)]
+            y = dwpw_conv2d(*t, padding=1, activation="relu6")
+            y.backward(gy)
+        torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5, msg=level)
+        for got, ref in zip(t, t64):
+            torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=1e-4, msg=level)

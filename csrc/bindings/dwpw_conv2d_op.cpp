@@ -123,6 +123,9 @@ int64_t check_args(const at::Tensor& x, const at::Tensor& dw_weight, const at::T
   check_device("pw_weight", pw_weight, x);
   TORCH_CHECK_VALUE(size_of(pw_weight, 1) == C && size_of(pw_weight, 2) == 1 && size_of(pw_weight, 3) == 1,
                     "pw_weight must have shape (out_channels, C=", C, ", 1, 1), got ", shape_str(sizes_of_tensor(pw_weight)));
+  // As torch's convolutions: channels in and out, never none (an empty batch is fine).
+  TORCH_CHECK_VALUE(C >= 1 && size_of(pw_weight, 0) >= 1, "x and pw_weight must have at least one channel, got x of shape ",
+                    shape_str(sizes_of_tensor(x)), " and pw_weight of shape ", shape_str(sizes_of_tensor(pw_weight)));
   const bool autocasting = autocast_on(x.device().type());
   if (!autocasting) {  // under autocast the fused op casts every tensor to autocast's dtype
     check_same_dtype("dw_weight", dw_weight, x);
@@ -192,11 +195,13 @@ bool torch_uses_huge_pages() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
-const char* cpu_cannot(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight) {
+const char* cpu_cannot(const at::Tensor& dw_weight) {
   if (size_of(dw_weight, 2) > 7 || size_of(dw_weight, 3) > 7) return "kernel larger than 7x7";
-  if (numel_of(x) == 0 || size_of(pw_weight, 0) == 0) return "empty tensor";
   return nullptr;
 }
+
+// No arithmetic to fuse (an empty batch or image): torch's ops give the empty result, whichever route.
+bool nothing_to_fuse(const at::Tensor& x) { return numel_of(x) == 0; }
 
 const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::MemoryFormat format) {
   if (s.macs < kTinyMacs) return nullptr;
@@ -348,11 +353,10 @@ at::Tensor fused_forward_cpu(const at::Tensor& x, const at::Tensor& dw_weight, c
           .contiguous(memory_format(x));
     case Backend::kReference:
       return aten_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, act);
-    default: {
-      const char* cannot = cpu_cannot(x, dw_weight, pw_weight);
-      if (cannot != nullptr) return aten_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, act);
+    default:
+      if (cpu_cannot(dw_weight) != nullptr || nothing_to_fuse(x))
+        return aten_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, act);
       return effops::bindings::dwpw_forward_cpu(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, act);
-    }
   }
 }
 
@@ -389,7 +393,7 @@ Grads backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tens
     g = effops::dispatch::python_route<BackwardSig>("effops::_dwpw_conv2d_backward_triton")
             .call(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation, activation, needs_input_grad);
     effops::dispatch::record("dwpw_conv2d_backward", Backend::kTriton);
-  } else if (forced == Backend::kReference || cpu_cannot(x, dw_weight, pw_weight) != nullptr) {
+  } else if (forced == Backend::kReference || cpu_cannot(dw_weight) != nullptr || nothing_to_fuse(x)) {
     g = aten_backward(grad_y, x, dw_weight, pw_weight, dw_bias, stride, padding, dilation, act, need);
     effops::dispatch::record("dwpw_conv2d_backward", Backend::kReference);
   } else {
@@ -524,7 +528,7 @@ Policy policy(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor
               at::IntArrayRef padding, at::IntArrayRef dilation, bool training, c10::DeviceType device,
               at::ScalarType dtype) {
   if (device == c10::DeviceType::CPU) {
-    const char* cannot = cpu_cannot(x, dw_weight, pw_weight);
+    const char* cannot = cpu_cannot(dw_weight);
     if (cannot != nullptr) return {Backend::kCpu, cannot, nullptr};
     const Sizes sizes = sizes_of(x, dw_weight, pw_weight, stride, padding, dilation, c10::elementSize(dtype));
     return {Backend::kCpu, nullptr, cpu_slower(sizes, dtype, training, memory_format(x))};
