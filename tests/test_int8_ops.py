@@ -4,6 +4,7 @@ Integer results (int8_mm, the quantized values and scales) are compared exactly;
 output against the fp32 reference within one rounding to the output dtype (ONE_ROUNDING) plus fp32
 slack (the epilogue may contract into an FMA).
 """
+import importlib
 
 import pytest
 import torch
@@ -20,14 +21,16 @@ def _exact_mm(a, b):
     return (a.cpu().long() @ b.cpu().long()).to(torch.int32)
 
 
-# The backends with a kernel for each op ("reference": the plain ATen route). Tests of an op take the
-# `backend` fixture with these only, so no instance is generated that no machine can run.
+# The backends with a kernel for each op ("reference": the plain ATen route), as the op modules declare
+# them. Tests of an op take the `backend` fixture with these only, so no instance is generated that no
+# machine can run.
+_GEMM = importlib.import_module("effops.ops.int8_gemm")
 KERNELS = {
-    "quantize_rowwise": ("reference", "cpu", "triton"),
-    "int8_mm": ("reference", "cpu", "cuda", "triton"),
-    "int8_linear": ("reference", "cpu", "cuda", "triton"),
-    "int8_linear_dynamic": ("reference", "cpu", "triton"),
-    "int8_linear_dynamic weight_only": ("reference", "cpu"),
+    "quantize_rowwise": importlib.import_module("effops.ops.quantize_rowwise").BACKENDS,
+    "int8_mm": _GEMM.BACKENDS,
+    "int8_linear": _GEMM.BACKENDS,
+    "int8_linear_dynamic": _GEMM.DYNAMIC_BACKENDS,
+    "int8_linear_dynamic weight_only": tuple(b for b in _GEMM.DYNAMIC_BACKENDS if b != "triton"),
 }
 
 

@@ -19,8 +19,8 @@ using cpu::Int8Out;
 using MmSig = at::Tensor(const at::Tensor&, const at::Tensor&);
 using LinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const std::optional<at::Tensor>&, at::ScalarType);
-constexpr const char* kMmRoute = "effops::int8_mm_triton";
-constexpr const char* kLinearRoute = "effops::int8_linear_triton";
+constexpr const char* kMmRoute = "effops::_int8_mm_triton";
+constexpr const char* kLinearRoute = "effops::_int8_linear_triton";
 
 // The CUDA kernel puts 64-wide column tiles on grid.y, which stops at 65535 (csrc/cuda/int8_gemm.cu).
 constexpr int64_t kCudaMaxN = INT64_C(65535) * 64;

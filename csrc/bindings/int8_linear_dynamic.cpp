@@ -32,7 +32,7 @@ using RouteSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tens
 using BackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                                        bool);
 constexpr const char* kOp = "int8_linear_dynamic";
-constexpr const char* kTritonRoute = "effops::int8_linear_dynamic_triton";
+constexpr const char* kTritonRoute = "effops::_int8_linear_dynamic_triton";
 
 // The weight-only kernel re-reads the int8 weights for every row: past this many rows, dequantizing
 // once and an fp32 GEMM (the ATen route) is as fast or faster (benchmarks/int8_rows.py).

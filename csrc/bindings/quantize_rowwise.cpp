@@ -10,7 +10,7 @@ namespace effops::int8 {
 namespace {
 
 constexpr const char* kOp = "quantize_rowwise";
-constexpr const char* kTritonRoute = "effops::quantize_rowwise_triton";
+constexpr const char* kTritonRoute = "effops::_quantize_rowwise_triton";
 using Route = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&);
 
 void check(const at::Tensor& x) {

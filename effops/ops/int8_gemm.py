@@ -1,36 +1,27 @@
-"""int8_mm, int8_linear and Int8Linear's int8_linear_dynamic.
+"""effops.ops.int8_mm, int8_linear and Int8Linear's int8_linear_dynamic.
 
-The ops are C++ (csrc/bindings/int8_gemm.cpp, int8_linear_dynamic.cpp): schema, checks, the CPU and CUDA
-policies, autograd. Here: the Python functions, and the Triton routes those implementations call.
+The ops, their checks, their policies and autograd are C++ (csrc/bindings/int8_gemm.cpp,
+int8_linear_dynamic.cpp). This module adds what only Python can do (the reference inside torch.func
+transforms and without the extension) and registers the Triton routes the C++ ops call on CUDA
+tensors (and on CPU tensors in Triton's interpreter, for tests).
 """
-import contextlib
 import importlib.util
-from typing import Optional
 
 import torch
-from torch import Tensor
 
-from effops import _ext
+from effops import _backends, _ext
 from effops.reference import int8 as reference
 
 MAX_K = reference.MAX_K
-_EXT = _ext.load()
-_fwd_ad = torch.autograd.forward_ad
-_interpreter_stack = torch._C._functorch.peek_interpreter_stack
-
-
-def runs_reference():
-    """True where the reference runs in place of the op: without the compiled extension, and inside
-    torch.func transforms and forward-mode AD (torch batches and differentiates the reference's ops; the
-    C++ op has no rules for them and would drop their tangents)."""
-    if torch.compiler.is_compiling():
-        return not _EXT
-    return not _EXT or _interpreter_stack() is not None or _fwd_ad._current_level >= 0
+# The backends with a kernel (tests, `effops info`): int8_mm and int8_linear; int8_linear_dynamic has
+# no CUDA C++ kernel (Triton serves CUDA tensors) and its weight_only mode no Triton one.
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+DYNAMIC_BACKENDS = ("reference", "cpu", "triton")
 
 
 def int8_mm(a, b):
     """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact (K <= MAX_K, so nothing overflows)."""
-    if runs_reference():
+    if _backends.under_transform() or not _ext.load():
         return reference.int8_mm(a, b)
     return torch.ops.effops.int8_mm.default(a, b)
 
@@ -42,7 +33,7 @@ def int8_linear(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=torch.flo
     None (used in fp32). int32 accumulation (exact), then an fp32 epilogue fused into the GEMM. No
     gradient: scales or a bias that require one are refused.
     """
-    if runs_reference():
+    if _backends.under_transform() or not _ext.load():
         return reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
     return torch.ops.effops.int8_linear.default(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
 
@@ -56,41 +47,46 @@ def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=Fa
     (Int8Linear's weight_bits=7), with which the CPU kernel skips the sign handling. It is a promise
     about w_packed, not checked per call: with other weights the CPU result is wrong.
     """
-    if runs_reference():
+    if _backends.under_transform() or not _ext.load():
+        # torch.func transforms and forward-mode AD differentiate and batch torch's own ops: the
+        # reference, with the straight-through gradient written in them.
         return reference.int8_linear_dynamic_straight_through(x, w_packed, w_scale, bias, out_features, weight_only,
                                                               w_corr)
     return torch.ops.effops.int8_linear_dynamic.default(x, w_packed, w_scale, bias, out_features, weight_only, w_corr)
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton routes (effops/triton_kernels/int8_gemm.py, imported on first use), which the C++
-# implementations call on CUDA tensors and, when triton is forced, in the interpreter on CPU tensors.
+# The Triton routes (the kernels are imported on first use: Triton stays out of `import effops`)
 # ---------------------------------------------------------------------------------------------
-def _kernels():
-    from effops.triton_kernels import int8_gemm
-    return int8_gemm
+def _triton_int8_mm(a, b):
+    from effops.triton_kernels.int8_gemm import int8_mm as launch
+    return launch(a, b)
 
 
-def on_device(t):
-    """Triton launches on the current CUDA device, not the tensors': make theirs current."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def _triton_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
+    from effops.triton_kernels.int8_gemm import int8_linear as launch
+    return launch(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
 
 
-if importlib.util.find_spec("triton") is not None:
-    @torch.library.custom_op("effops::int8_mm_triton", mutates_args=())
-    def _int8_mm_triton(a: Tensor, b: Tensor) -> Tensor:
-        with on_device(a):
-            return _kernels().int8_mm(a, b)
+def _triton_int8_linear_dynamic(x, w_packed, w_scale, bias, out_features):
+    from effops.triton_kernels.int8_gemm import int8_linear_dynamic as launch
+    return launch(x, w_packed.contiguous(), w_scale.contiguous(), None if bias is None else bias.contiguous(),
+                  out_features)
 
-    @torch.library.custom_op("effops::int8_linear_triton", mutates_args=())
-    def _int8_linear_triton(x_int8: Tensor, x_scale: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                            out_dtype: torch.dtype) -> Tensor:
-        with on_device(x_int8):
-            return _kernels().int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
 
-    @torch.library.custom_op("effops::int8_linear_dynamic_triton", mutates_args=())
-    def _int8_linear_dynamic_triton(x: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                                    out_features: int) -> Tensor:
-        with on_device(x):
-            return _kernels().int8_linear_dynamic(x, w_packed.contiguous(), w_scale.contiguous(),
-                                                  None if bias is None else bias.contiguous(), out_features)
+def _register_triton_routes():
+    if importlib.util.find_spec("triton") is None or not _ext.load():
+        return None
+    lib = torch.library.Library("effops", "FRAGMENT")
+    lib.define("_int8_mm_triton(Tensor a, Tensor b) -> Tensor")
+    lib.define("_int8_linear_triton(Tensor x_int8, Tensor x_scale, Tensor w_int8, Tensor w_scale, Tensor? bias, "
+               "ScalarType out_dtype) -> Tensor")
+    lib.define("_int8_linear_dynamic_triton(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias, "
+               "int out_features) -> Tensor")
+    for name, fn in (("_int8_mm_triton", _triton_int8_mm), ("_int8_linear_triton", _triton_int8_linear),
+                     ("_int8_linear_dynamic_triton", _triton_int8_linear_dynamic)):
+        lib.impl(name, _backends.on_tensors_device(fn), "CompositeExplicitAutograd")
+    return lib
+
+
+_TRITON_LIBRARY = _register_triton_routes()  # kept: the registrations live as long as the Library object
