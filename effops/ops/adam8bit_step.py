@@ -15,6 +15,8 @@ from effops import _ext
 from effops.ops.adam_step import _check_bools, _floats, on_tensors_device
 from effops.reference import adam8bit as reference
 
+BACKENDS = ("reference", "cpu", "triton")  # the backends with a kernel for this op (tests, `effops info`)
+
 
 def adam8bit_step(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales, steps, *, lr,
                   beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, decoupled_weight_decay=False,

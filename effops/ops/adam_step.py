@@ -15,6 +15,8 @@ from torch import Tensor
 from effops import _ext
 from effops.reference import adam as reference
 
+BACKENDS = ("reference", "cpu", "cuda", "triton")  # the backends with a kernel for this op (tests, `effops info`)
+
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999, eps=1e-8,
               weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False, decoupled_weight_decay=False,
