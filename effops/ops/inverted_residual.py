@@ -1,0 +1,41 @@
+"""effops::inverted_residual: expand 1x1 -> act -> depthwise k x k -> act -> project 1x1 [+ x], fused.
+
+The op is defined in C++ (csrc/bindings/inverted_residual.cpp: schema, argument checks, the CPU
+implementation with its speed policy, the Meta implementation for torch.compile); this function is a
+thin call of torch.ops.effops.inverted_residual. Semantics: effops/reference/inverted_residual.py.
+Without the compiled extension (EFFOPS_NO_EXT=1, a pure-Python install) the reference runs.
+"""
+import torch
+
+from effops import _ext
+from effops.ops import _checks
+from effops.reference import inverted_residual as reference
+
+ACTIVATIONS = reference.ACTIVATIONS
+
+
+def inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride=1,
+                      padding=1, activation="relu6", residual=False, packed=None):
+    """y = project(act(depthwise(act(expand(x))))) [+ x], BatchNorms folded into the convs' weights.
+
+    expand_weight (hidden, Cin, 1, 1) or None (no expansion); dw_weight (hidden, 1, kh, kw);
+    project_weight (Cout, hidden, 1, 1); biases or None; stride and padding of the depthwise conv (int or
+    pair); activation None, "relu", "relu6", "gelu", "silu" or "hardswish"; residual adds x (stride 1,
+    Cout == Cin). packed: inverted_residual_pack of the same weights (a module builds it once), else the
+    CPU kernel packs them per call. The output takes x's memory format.
+    """
+    stride, padding = _checks.int_pair("stride", stride, minimum=1), _checks.int_pair("padding", padding, minimum=0)
+    if not _ext.load():
+        return reference.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
+                                           project_bias, stride, padding, activation, residual)
+    return torch.ops.effops.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
+                                              project_bias, stride, padding, activation, residual, packed)
+
+
+def inverted_residual_pack(expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias):
+    """The weights in the CPU kernel's order (one float32 vector; csrc/cpu/inverted_residual.h), or None
+    without the compiled extension."""
+    if not _ext.load():
+        return None
+    return torch.ops.effops.inverted_residual_pack(expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
+                                                   project_bias)

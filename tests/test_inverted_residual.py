@@ -1,0 +1,204 @@
+"""effops.ops.inverted_residual (and its CPU kernel at every instruction-set level) against the reference."""
+import pytest
+import torch
+
+import effops
+from effops import _ext
+from effops.ops import inverted_residual
+from effops.reference import inverted_residual as reference
+from conftest import TOL, cpu_levels
+
+needs_ext = pytest.mark.skipif(not _ext.load(), reason="effops._C not built: %s" % _ext.reason())
+LEVELS = [pytest.param(level, id=level) for level in cpu_levels()] or [
+    pytest.param(None, marks=pytest.mark.skip(reason="effops._C not built"))]
+
+# (N, Cin, hidden, Cout, H, W, kernel, stride, activation, residual); hidden == Cin with expand=False below.
+# Channel counts off every vector and panel width on purpose; odd sizes; the MobileNet stage shapes' kinds.
+CASES = [
+    (2, 8, 48, 8, 9, 9, 3, 1, "relu6", True),
+    (1, 5, 30, 7, 8, 11, 3, 2, "silu", False),
+    (1, 17, 40, 23, 7, 6, 5, 1, "hardswish", False),
+    (2, 16, 96, 24, 13, 12, 3, 2, "relu", False),
+    (3, 24, 144, 24, 11, 7, 3, 1, "relu6", True),
+    (1, 12, 72, 12, 5, 9, 5, 1, "gelu", True),
+    (1, 3, 11, 4, 1, 1, 3, 1, None, False),
+    (2, 40, 243, 40, 6, 5, 5, 2, "silu", False),
+]
+IDS = ["%dx%d-%d-%d@%dx%d_k%d_s%d_%s%s" % (c[:8] + (c[8], "_res" if c[9] else "")) for c in CASES]
+
+
+def make(case, dtype=torch.float32, layout="channels_last", expand=True, seed=0):
+    """The case's tensors and the op's keyword arguments (padding (k - 1) // 2, as in the networks)."""
+    N, Cin, Ch, Cout, H, W, k, stride, act, residual = case
+    if not expand:
+        Ch = Cin
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, Cin, H, W, generator=g)
+    if layout == "noncontiguous":
+        x = torch.randn(N, Cin, H, 2 * W, generator=g)[..., ::2]
+    ew = torch.randn(Ch, Cin, 1, 1, generator=g) / Cin ** 0.5 if expand else None
+    eb = torch.randn(Ch, generator=g) * 0.3 if expand else None
+    dw = torch.randn(Ch, 1, k, k, generator=g) / k
+    db = torch.randn(Ch, generator=g) * 0.3
+    pw = torch.randn(Cout, Ch, 1, 1, generator=g) / Ch ** 0.5
+    pb = torch.randn(Cout, generator=g) * 0.3
+    tensors = [None if t is None else t.to(dtype) for t in (x, ew, eb, dw, db, pw, pb)]
+    if layout == "channels_last":
+        tensors[0] = tensors[0].contiguous(memory_format=torch.channels_last)
+    return tensors, dict(stride=stride, padding=(k - 1) // 2, activation=act, residual=residual)
+
+
+def expected(tensors, kw):
+    """The reference in float64: rounding kept out of the way."""
+    t64 = [None if t is None else t.double() for t in tensors]
+    return reference.inverted_residual(*t64, [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
+                                       kw["residual"])
+
+
+def kernel(tensors, kw, packed=None):
+    """The CPU kernel alone (torch.ops.effops_cpu.inverted_residual), whatever the speed policy says."""
+    return torch.ops.effops_cpu.inverted_residual(*tensors, [kw["stride"]] * 2, [kw["padding"]] * 2,
+                                                  kw["activation"], kw["residual"], packed)
+
+
+@needs_ext
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "noncontiguous"])
+def test_kernel_matches_reference(level, case, layout):
+    tensors, kw = make(case, layout=layout)
+    with effops.cpu_isa.use_cpu_isa(level):
+        got = kernel(tensors, kw)
+    want = expected(tensors, kw)
+    torch.testing.assert_close(got, want.float(), **TOL[torch.float32])
+    cl = layout == "channels_last"
+    assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+@needs_ext
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]], ids=[IDS[0], IDS[3], IDS[5]])
+def test_kernel_without_expansion(level, case):
+    """MobileNetV2's first block: no expand conv, the depthwise reads x itself."""
+    tensors, kw = make(case, expand=False)
+    with effops.cpu_isa.use_cpu_isa(level):
+        got = kernel(tensors, kw)
+    torch.testing.assert_close(got, expected(tensors, kw).float(), **TOL[torch.float32])
+
+
+@needs_ext
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_kernel_16bit(level, dtype):
+    """At most twice the error of torch's own same-precision block against the float64 reference."""
+    tensors, kw = make(CASES[4], dtype=dtype)
+    want = expected(tensors, kw)
+    with effops.cpu_isa.use_cpu_isa(level):
+        got = kernel(tensors, kw)
+    assert got.dtype == dtype
+    torch_err = (reference.inverted_residual(*tensors, [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
+                                             kw["residual"]).double() - want).abs().max()
+    assert (got.double() - want).abs().max() <= 2 * torch_err
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
+@needs_ext
+@pytest.mark.parametrize("level", LEVELS)
+def test_kernel_packed_weights(level):
+    """Weights packed once (what a module keeps) give the same result as packing per call."""
+    tensors, kw = make(CASES[1])
+    packed = torch.ops.effops.inverted_residual_pack(*tensors[1:])
+    with effops.cpu_isa.use_cpu_isa(level):
+        torch.testing.assert_close(kernel(tensors, kw, packed), kernel(tensors, kw), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="packed"):
+        kernel(tensors, kw, packed[:-1].clone())
+
+
+@needs_ext
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("activation", reference.ACTIVATIONS, ids=str)
+def test_kernel_extreme_values(level, activation):
+    """inf, -inf and NaN in x, and values far out on the activations' tails, as the reference gives them."""
+    case = (1, 4, 20, 4, 6, 7, 3, 1, activation, True)
+    tensors, kw = make(case)
+    x, ew, _, dw, _, pw, _ = tensors
+    # Half the hidden channels see +inf, half -inf (so each activation's value at both ends is used);
+    # positive depthwise and project weights carry them to the output without cancelling.
+    ew.abs_()[10:] *= -1
+    dw.abs_()
+    pw.abs_()
+    x[0, :, 1, 1] = float("inf")
+    x[0, :, 4, 2] = -float("inf")
+    x[0, 2, 3, 5] = float("nan")
+    x[0, :, 0, 6] = 1e4
+    x[0, :, 5, 0] = -1e4
+    want = reference.inverted_residual(*tensors, [1, 1], [1, 1], activation, True)
+    with effops.cpu_isa.use_cpu_isa(level):
+        got = kernel(tensors, kw)
+    assert want.isfinite().any() and not want.isfinite().all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3, equal_nan=True)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_op_matches_reference(case):
+    """The op as users call it (its CPU implementation chooses the route)."""
+    tensors, kw = make(case)
+    torch.testing.assert_close(inverted_residual(*tensors, **kw), expected(tensors, kw).float(),
+                               **TOL[torch.float32])
+
+
+def test_op_large_kernel_and_empty_batch():
+    """A 9x9 depthwise (beyond the kernel's 8x8) and batch 0 still compute, through ATen."""
+    tensors, kw = make((1, 6, 18, 6, 12, 11, 9, 1, "relu6", True))
+    torch.testing.assert_close(inverted_residual(*tensors, **kw), expected(tensors, kw).float(), **TOL[torch.float32])
+    tensors, kw = make((0, 6, 18, 8, 5, 5, 3, 2, "relu", False))
+    y = inverted_residual(*tensors, **kw)
+    assert y.shape == (0, 8, 3, 3)
+
+
+@needs_ext
+def test_kernel_declines_what_it_cannot_take():
+    tensors, kw = make((0, 6, 18, 8, 5, 5, 3, 2, "relu", False))
+    with pytest.raises(ValueError, match="empty"):
+        kernel(tensors, kw)
+
+
+@needs_ext
+@pytest.mark.parametrize("change, error, name", [
+    (lambda t, kw: t.__setitem__(0, t[0].int()), TypeError, "x"),
+    (lambda t, kw: t.__setitem__(0, t[0][0]), ValueError, "x"),
+    (lambda t, kw: t.__setitem__(1, t[1][:, :3]), ValueError, "expand_weight"),
+    (lambda t, kw: t.__setitem__(2, t[2][:5]), ValueError, "expand_bias"),
+    (lambda t, kw: t.__setitem__(3, t[3].double()), TypeError, "dw_weight"),
+    (lambda t, kw: t.__setitem__(3, t[3][:7]), ValueError, "dw_weight"),
+    (lambda t, kw: t.__setitem__(4, t[4][:, None]), ValueError, "dw_bias"),
+    (lambda t, kw: t.__setitem__(5, t[5][:, :4]), ValueError, "project_weight"),
+    (lambda t, kw: t.__setitem__(6, t[6][:2]), ValueError, "project_bias"),
+    (lambda t, kw: kw.update(activation="tanh"), ValueError, "activation"),
+    (lambda t, kw: kw.update(stride=2), ValueError, "residual"),
+    (lambda t, kw: kw.update(stride=0), ValueError, "stride"),
+    (lambda t, kw: kw.update(stride="1"), TypeError, "stride"),
+    (lambda t, kw: kw.update(padding=-1), ValueError, "padding"),
+])
+def test_bad_arguments(change, error, name):
+    tensors, kw = make(CASES[0])
+    change(tensors, kw)
+    with pytest.raises(error, match=name):
+        inverted_residual(*tensors, **kw)
+
+
+@needs_ext
+def test_opcheck_and_compile():
+    """The op's schema and Meta implementation (torch.library.opcheck), and torch.compile(fullgraph=True)
+    with no graph break."""
+    tensors, kw = make(CASES[3])
+    args = (*tensors, [2, 2], [1, 1], "relu", False, None)
+    torch.library.opcheck(torch.ops.effops.inverted_residual.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    fn = torch.compile(lambda *t: inverted_residual(*t, **kw), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(*tensors), expected(tensors, kw).float(), **TOL[torch.float32])
+    assert sum(counters["graph_break"].values()) == 0
