@@ -39,8 +39,9 @@ _recorders = []  # open record_choices() tallies
 _generation = [0]  # moves with every register_kernel: memos of earlier choices (effops._call_plan) lapse
 
 
-class BackendError(RuntimeError):
-    """A forced backend cannot run (unusable here, no kernel for this op, or it declined the input)."""
+# A forced backend cannot run (unusable here, no kernel for this op, or it declined the input). The same
+# class as the ops' C++ implementations raise (torch turns TORCH_CHECK_NOT_IMPLEMENTED into it).
+BackendError = NotImplementedError
 
 
 class _Kernel:
@@ -237,10 +238,21 @@ def use_backend(name):
     if not ok:
         raise BackendError("backend %r is not usable here: %s" % (name, why))
     token = _forced.set(name)
+    cpp = _cpp_ops()
+    previous = cpp.set_forced_backend(name) if cpp is not None else None
     try:
         yield
     finally:
         _forced.reset(token)
+        if cpp is not None:
+            cpp.set_forced_backend(previous)
+
+
+def _cpp_ops():
+    """torch.ops.effops_cpu when the compiled ops are loaded (they hold their own forced backend, per
+    thread, and their own record_choices tally: csrc/bindings/dispatch.cpp), else None."""
+    from effops import _ext
+    return torch.ops.effops_cpu if _ext.load() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,10 +395,29 @@ def through_custom_op(route, op, custom_op, *args):
 
 @contextlib.contextmanager
 def record_choices():
-    """Count which backend ran each op inside the block: yields {op: {backend: calls}}, filled as ops run."""
+    """Count which backend ran each op inside the block: yields {op: {backend: calls}}, complete when the
+    block ends (the compiled ops' counts are added then)."""
     tally = collections.defaultdict(dict)
+    cpp = _cpp_ops()
+    if cpp is not None:
+        cpp.record_open()
+        before = _cpp_counts(cpp)
     _recorders.append(tally)
     try:
         yield tally
     finally:
         _recorders.remove(tally)
+        if cpp is not None:
+            for (op, name), runs in _cpp_counts(cpp).items():
+                runs -= before.get((op, name), 0)
+                if runs:
+                    tally[op][name] = tally[op].get(name, 0) + runs
+            cpp.record_close()
+
+
+def _cpp_counts(cpp):
+    counts = {}
+    for line in cpp.recorded().splitlines():
+        op, name, runs = line.split()
+        counts[(op, name)] = int(runs)
+    return counts

@@ -198,3 +198,21 @@ def test_triton_kernels_run_with_their_tensors_cuda_device_current(monkeypatch):
         assert len(entered) == 2
     finally:
         del _backends._kernels["_test_guard_op"]
+
+
+@pytest.mark.skipif(not _ext.load(), reason="compiled ops not built")
+def test_use_backend_sets_the_compiled_ops_forced_backend_per_thread():
+    import threading
+    cpp = torch.ops.effops_cpu
+    seen = {}
+    with effops.use_backend("cpu"):
+        with effops.use_backend("reference"):
+            seen["inner"] = cpp.set_forced_backend("reference")  # returns what was set: the inner one
+        seen["restored"] = cpp.set_forced_backend("cpu")
+        other = threading.Thread(target=lambda: seen.update(thread=cpp.set_forced_backend("")))
+        other.start()
+        other.join()
+    seen["after"] = cpp.set_forced_backend("")
+    assert seen == {"inner": "reference", "restored": "cpu", "thread": "", "after": ""}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cpp.set_forced_backend("gpu")
