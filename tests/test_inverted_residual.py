@@ -1,4 +1,6 @@
-"""effops.ops.inverted_residual (and its CPU kernel at every instruction-set level) against the reference."""
+"""effops.ops.inverted_residual on every CPU route (ATen, our kernel at every instruction-set level) against the reference."""
+import contextlib
+
 import pytest
 import torch
 
@@ -6,11 +8,12 @@ import effops
 from effops import _ext
 from effops.ops import inverted_residual
 from effops.reference import inverted_residual as reference
-from conftest import TOL, cpu_levels
+from conftest import TOL, backends_on_device
 
 needs_ext = pytest.mark.skipif(not _ext.load(), reason="effops._C not built: %s" % _ext.reason())
-LEVELS = [pytest.param(level, id=level) for level in cpu_levels()] or [
-    pytest.param(None, marks=pytest.mark.skip(reason="effops._C not built"))]
+# The backends with an inverted_residual route on CPU tensors: the plain ATen route and our kernel at
+# every instruction-set level (the `backend` fixture of conftest forces one per test).
+ROUTES = ("reference", "cpu")
 
 # (N, Cin, hidden, Cout, H, W, kernel, stride, activation, residual); hidden == Cin with expand=False below.
 # Channel counts off every vector and panel width on purpose; odd sizes; the MobileNet stage shapes' kinds.
@@ -56,19 +59,25 @@ def expected(tensors, kw):
 
 
 def kernel(tensors, kw, packed=None):
-    """The CPU kernel alone (torch.ops.effops_cpu.inverted_residual), whatever the speed policy says."""
-    return torch.ops.effops_cpu.inverted_residual(*tensors, [kw["stride"]] * 2, [kw["padding"]] * 2,
-                                                  kw["activation"], kw["residual"], packed)
+    """The op with the route the `backend` fixture forces, whatever the speed policy says."""
+    return torch.ops.effops.inverted_residual(*tensors, [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
+                                              kw["residual"], packed)
+
+
+@pytest.fixture(params=[p for p in backends_on_device() if p.values[0][0] in ROUTES])
+def backend(request):
+    """conftest's backend fixture, over the routes this op has."""
+    name, level = request.param
+    with effops.use_backend(name), (effops.cpu_isa.use_cpu_isa(level) if level else contextlib.nullcontext()):
+        yield name if level is None else "%s-%s" % (name, level)
 
 
 @needs_ext
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "noncontiguous"])
-def test_kernel_matches_reference(level, case, layout):
+def test_matches_reference(backend, case, layout):
     tensors, kw = make(case, layout=layout)
-    with effops.cpu_isa.use_cpu_isa(level):
-        got = kernel(tensors, kw)
+    got = kernel(tensors, kw)
     want = expected(tensors, kw)
     torch.testing.assert_close(got, want.float(), **TOL[torch.float32])
     cl = layout == "channels_last"
@@ -76,25 +85,21 @@ def test_kernel_matches_reference(level, case, layout):
 
 
 @needs_ext
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]], ids=[IDS[0], IDS[3], IDS[5]])
-def test_kernel_without_expansion(level, case):
+def test_without_expansion(backend, case):
     """MobileNetV2's first block: no expand conv, the depthwise reads x itself."""
     tensors, kw = make(case, expand=False)
-    with effops.cpu_isa.use_cpu_isa(level):
-        got = kernel(tensors, kw)
+    got = kernel(tensors, kw)
     torch.testing.assert_close(got, expected(tensors, kw).float(), **TOL[torch.float32])
 
 
 @needs_ext
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_kernel_16bit(level, dtype):
+def test_16bit(backend, dtype):
     """At most twice the error of torch's own same-precision block against the float64 reference."""
     tensors, kw = make(CASES[4], dtype=dtype)
     want = expected(tensors, kw)
-    with effops.cpu_isa.use_cpu_isa(level):
-        got = kernel(tensors, kw)
+    got = kernel(tensors, kw)
     assert got.dtype == dtype
     torch_err = (reference.inverted_residual(*tensors, [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
                                              kw["residual"]).double() - want).abs().max()
@@ -103,21 +108,19 @@ def test_kernel_16bit(level, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("level", LEVELS)
-def test_kernel_packed_weights(level):
+def test_packed_weights(backend):
     """Weights packed once (what a module keeps) give the same result as packing per call."""
     tensors, kw = make(CASES[1])
     packed = torch.ops.effops.inverted_residual_pack(*tensors[1:])
-    with effops.cpu_isa.use_cpu_isa(level):
-        torch.testing.assert_close(kernel(tensors, kw, packed), kernel(tensors, kw), atol=0, rtol=0)
-    with pytest.raises(ValueError, match="packed"):
-        kernel(tensors, kw, packed[:-1].clone())
+    torch.testing.assert_close(kernel(tensors, kw, packed), kernel(tensors, kw), atol=0, rtol=0)
+    if backend.startswith("cpu"):  # the ATen route reads the weights themselves
+        with pytest.raises(ValueError, match="packed"):
+            kernel(tensors, kw, packed[:-1].clone())
 
 
 @needs_ext
-@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS, ids=str)
-def test_kernel_extreme_values(level, activation):
+def test_extreme_values(backend, activation):
     """inf, -inf and NaN in x, and values far out on the activations' tails, as the reference gives them."""
     case = (1, 4, 20, 4, 6, 7, 3, 1, activation, True)
     tensors, kw = make(case)
@@ -133,15 +136,14 @@ def test_kernel_extreme_values(level, activation):
     x[0, :, 0, 6] = 1e4
     x[0, :, 5, 0] = -1e4
     want = reference.inverted_residual(*tensors, [1, 1], [1, 1], activation, True)
-    with effops.cpu_isa.use_cpu_isa(level):
-        got = kernel(tensors, kw)
+    got = kernel(tensors, kw)
     assert want.isfinite().any() and not want.isfinite().all()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3, equal_nan=True)
 
 
 @needs_ext
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_op_matches_reference(case):
+def test_automatic_choice_matches_reference(case):
     """The op as users call it (its CPU implementation chooses the route)."""
     tensors, kw = make(case)
     torch.testing.assert_close(inverted_residual(*tensors, **kw), expected(tensors, kw).float(),
@@ -158,10 +160,13 @@ def test_op_large_kernel_and_empty_batch():
 
 
 @needs_ext
-def test_kernel_declines_what_it_cannot_take():
-    tensors, kw = make((0, 6, 18, 8, 5, 5, 3, 2, "relu", False))
-    with pytest.raises(ValueError, match="empty"):
-        kernel(tensors, kw)
+def test_forced_kernel_declines_what_it_cannot_take():
+    """Forced, our kernel raises (never a quiet fallback) where the automatic choice runs ATen."""
+    for case, why in (((0, 6, 18, 8, 5, 5, 3, 2, "relu", False), "empty"),
+                      ((1, 6, 18, 6, 12, 11, 9, 1, "relu6", True), "8x8")):
+        tensors, kw = make(case)
+        with effops.use_backend("cpu"), pytest.raises(effops.BackendError, match=why):
+            kernel(tensors, kw)
 
 
 @needs_ext

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include "bindings/dispatch.h"
 #include "cpu/inverted_residual.h"
 
 namespace {
@@ -210,15 +211,30 @@ at::Tensor kernel_route(const ir::Shape& s, const at::Tensor& x, const OptTensor
   return format_of(x) == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
 }
 
+// The speed policy: why plain ATen is faster for this input, or nullptr. (Measured limits below.)
+const char* aten_faster(const ir::Shape& s) {
+  (void)s;
+  return nullptr;
+}
+
 at::Tensor forward_cpu(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
                        const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
                        const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        std::optional<c10::string_view> activation, bool residual, const OptTensor& packed) {
   const ir::Shape s = checked_shape(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
                                     stride, padding, activation, residual);
-  if (kernel_declines(s, x) != nullptr)
-    return aten_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias);
-  return kernel_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, packed);
+  using effops::dispatch::Backend;
+  const Backend route = effops::dispatch::choose("inverted_residual", c10::DeviceType::CPU, Backend::kCpu,
+                                                 kernel_declines(s, x), aten_faster(s));
+  switch (route) {
+    case Backend::kCpu:
+      return kernel_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, packed);
+    case Backend::kReference:
+      return aten_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias);
+    default:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, "backend '", effops::dispatch::backend_name(route),
+                                  "' is forced but has no kernel for inverted_residual on CPU tensors");
+  }
 }
 
 at::Tensor forward_meta(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
@@ -228,18 +244,6 @@ at::Tensor forward_meta(const at::Tensor& x, const OptTensor& expand_weight, con
   const ir::Shape s = checked_shape(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
                                     stride, padding, activation, residual);
   return at::empty({s.N, s.Cout, s.OH, s.OW}, x.options().memory_format(format_of(x)));
-}
-
-// The kernel alone, whatever the policy (tests and benchmarks of every instruction-set level).
-at::Tensor kernel_op(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
-                     const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
-                     const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                     std::optional<c10::string_view> activation, bool residual, const OptTensor& packed) {
-  const ir::Shape s = checked_shape(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
-                                    stride, padding, activation, residual);
-  const char* why = kernel_declines(s, x);
-  TORCH_CHECK_VALUE(why == nullptr, "the inverted_residual CPU kernel does not take this input: ", why);
-  return kernel_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, packed);
 }
 
 }  // namespace
@@ -258,11 +262,3 @@ TORCH_LIBRARY_IMPL(effops, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(effops, Meta, m) { m.impl("inverted_residual", &forward_meta); }
-
-TORCH_LIBRARY_FRAGMENT(effops_cpu, m) {
-  m.def("inverted_residual(Tensor x, Tensor? expand_weight, Tensor? expand_bias, Tensor dw_weight, "
-        "Tensor? dw_bias, Tensor project_weight, Tensor? project_bias, int[2] stride, int[2] padding, "
-        "str? activation, bool residual, Tensor? packed=None) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(effops_cpu, CPU, m) { m.impl("inverted_residual", &kernel_op); }
