@@ -246,6 +246,27 @@ at::Tensor forward_meta(const at::Tensor& x, const OptTensor& expand_weight, con
   return at::empty({s.N, s.Cout, s.OH, s.OW}, x.options().memory_format(format_of(x)));
 }
 
+// No fused backward yet: a call autograd would record is refused (the Python function differentiates the
+// reference instead), never answered with outputs that have no gradient.
+at::Tensor forward_autograd(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
+                            const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
+                            const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            std::optional<c10::string_view> activation, bool residual, const OptTensor& packed) {
+  const auto grad = [](const OptTensor& t) { return given(t) && t->requires_grad(); };
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !at::GradMode::is_enabled() || !(x.requires_grad() || grad(expand_weight) || grad(expand_bias) ||
+                                       dw_weight.requires_grad() || grad(dw_bias) || project_weight.requires_grad() ||
+                                       grad(project_bias)),
+      "effops::inverted_residual has no backward yet: call effops.ops.inverted_residual (it differentiates the "
+      "reference when a gradient is wanted) or run under torch.no_grad()");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("effops::inverted_residual", "")
+                             .typed<decltype(forward_autograd)>();
+  return op.call(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride, padding,
+                 activation, residual, packed);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(effops, m) {
@@ -262,3 +283,5 @@ TORCH_LIBRARY_IMPL(effops, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(effops, Meta, m) { m.impl("inverted_residual", &forward_meta); }
+
+TORCH_LIBRARY_IMPL(effops, Autograd, m) { m.impl("inverted_residual", &forward_autograd); }
