@@ -26,6 +26,8 @@ CASES = [
     (1, 12, 72, 12, 5, 9, 5, 1, "gelu", True),
     (1, 3, 11, 4, 1, 1, 3, 1, None, False),
     (2, 40, 243, 40, 6, 5, 5, 2, "silu", False),
+    (1, 8, 24, 8, 37, 40, 3, 1, "relu6", True),  # wide rows: steps of 2 output rows, the ring wraps
+    (1, 6, 36, 10, 41, 35, 5, 2, "relu", False),
 ]
 IDS = ["%dx%d-%d-%d@%dx%d_k%d_s%d_%s%s" % (c[:8] + (c[8], "_res" if c[9] else "")) for c in CASES]
 

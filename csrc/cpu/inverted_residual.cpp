@@ -1,10 +1,10 @@
 // Fused inverted-residual block, forward (see inverted_residual.h for what is computed and the layout).
 //
-// Loop nest: parallel over (image, band of output rows); per band, per output row oh:
-//   1. expand the input rows oh reads that the ring does not hold yet (each row once per band):
-//        ring[ih % KH][PW + iw][0..Chp) = act(x[ih][iw][:] @ We + be)      GEMM, M = W pixels, K = Cin
-//   2. depthwise: d[ow][c] = act(bd[c] + sum_taps ring[ih][ow * SW + kw][c] * wd[tap][c])
-//   3. project:   y[oh][ow][:] = d[ow][:] @ Wp + bp (+ x[oh][ow][:])         GEMM, M = OW pixels, K = Ch
+// Loop nest: parallel over (image, band of output rows); per band, per step of R output rows:
+//   1. expand the input rows the step reads that the ring does not hold yet (each row once per band):
+//        ring[ih % C][PW + iw][0..Chp) = act(x[ih][iw][:] @ We + be)     GEMM, M = new rows x W, K = Cin
+//   2. depthwise: d[p][c] = act(bd[c] + sum_taps ring[ih][ow * SW + kw][c] * wd[tap][c])
+//   3. project:   y[p][:] = d[p][:] @ Wp + bp (+ x[p][:])                  GEMM, M = R x OW, K = Ch
 // The two GEMMs run a register-blocked micro-kernel (MR pixels x NP panels of 16 columns, accumulators
 // in registers for the whole K loop) on the packed weight panels; bias, activation, residual and the
 // store are its epilogue. Every loop body is a template over the vector type V (ScalarVec, Avx2Vec,
@@ -178,89 +178,119 @@ EFFOPS_INLINE void depthwise_row(const Shape& s, const float* const* rows, const
   }
 }
 
-// Per-task buffers: the ring of expanded rows (KH rows of Wp x Chp, zero where the padding is), a
-// zero row for taps above or below the image, one depthwise output row, an fp32 copy of an input row.
-struct Buffers {
-  std::vector<float> ring, zero, d, xrow;
+// How a band is cut into steps of R output rows, and the buffers that follows from (per task): a ring
+// of C expanded input rows (each Wp x Chp, zero where the padding is; row ih in slot ih % C), a zero
+// row for taps above or below the image, the step's depthwise output d[R * OW][Chp], an fp32 copy of
+// the step's input rows for 16-bit x.
+struct Plan {
+  int64_t R, C, Wp, Chp;
 };
 
 // Width of a ring row: left padding, the row, and zeros far enough right for the last tap.
 int64_t ring_width(const Shape& s) { return std::max(s.PW + s.W, (s.OW - 1) * s.SW + s.KW); }
 
-// Output rows [oh0, oh1) of image n.
+// R output rows per step: enough for ~64 pixels per project GEMM and ~64 / SH rows of the expand GEMM
+// (each GEMM call streams its weight panels once: with one 7-pixel row per call, the last stages read
+// 1.2 MB of weights from L3 per 7 pixels), but at most `rows` (the band) and buffers of ~512 KB (L2).
+Plan plan(const Shape& s, int64_t rows) {
+  Plan p{};
+  p.Wp = ring_width(s), p.Chp = padded(s.Ch);
+  p.R = std::max<int64_t>(1, std::min<int64_t>(rows, (64 + s.OW - 1) / s.OW));
+  const auto floats = [&](int64_t R) { return (((R - 1) * s.SH + s.KH) * p.Wp + R * s.OW) * p.Chp; };
+  while (p.R > 1 && floats(p.R) * 4 > (512 << 10)) --p.R;
+  p.C = (p.R - 1) * s.SH + s.KH;
+  return p;
+}
+
+struct Buffers {
+  std::vector<float> ring, zero, d, xrows;
+};
+
+// Output rows [oh0, oh1) of image n, in steps of p.R rows: expand the input rows the step reads that
+// the ring does not hold (one GEMM over their pixels: x's rows are contiguous in channels-last), the
+// depthwise of each output row into d, the project GEMM over the step's pixels (y's rows are contiguous).
 template <class V, typename T>
-EFFOPS_INLINE void band(const Shape& s, const T* x, const Packed& w, T* y, int64_t n, int64_t oh0, int64_t oh1,
-                        Buffers& buf) {
-  const int64_t Chp = padded(s.Ch), Wp = ring_width(s);
+EFFOPS_INLINE void band(const Shape& s, const Plan& p, const T* x, const Packed& w, T* y, int64_t n, int64_t oh0,
+                        int64_t oh1, Buffers& buf) {
+  const int64_t Chp = p.Chp, row_floats = p.Wp * Chp;
   const int64_t ch_panels = Chp / kPanel, out_panels = padded(s.Cout) / kPanel;
   const T* xn = x + n * s.H * s.W * s.Cin;
   float* ring = buf.ring.data();
-  const float* rows[16];
+  const float* rows[8];
   int64_t next = oh0 * s.SH - s.PH;  // first input row the ring does not hold
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
-    const int64_t ih_lo = oh * s.SH - s.PH;
-    for (int64_t ih = std::max<int64_t>({next, ih_lo, 0}); ih <= std::min(ih_lo + s.KH - 1, s.H - 1); ++ih) {
-      float* e = ring + (ih % s.KH) * Wp * Chp + s.PW * Chp;
-      const T* xr = xn + ih * s.W * s.Cin;
-      if (!s.expand) {  // e = x: the row itself, in fp32 (the padding channels stay zero)
-        for (int64_t iw = 0; iw < s.W; ++iw)
-          for (int64_t c = 0; c < s.Cin; ++c) e[iw * Chp + c] = to_float(xr[iw * s.Cin + c]);
-        continue;
+  for (int64_t o = oh0; o < oh1; o += p.R) {
+    const int64_t r = std::min(p.R, oh1 - o), lo = o * s.SH - s.PH, hi = lo + (r - 1) * s.SH + s.KH - 1;
+    const int64_t a0 = std::max<int64_t>({next, lo, 0}), a1 = std::min(hi, s.H - 1);
+    next = std::max(next, hi + 1);
+    // Expanded pixel m of the new rows (m = (ih - a0) * W + iw) goes to its ring slot, after the padding.
+    const auto slot = [&](int64_t m) { return ring + ((a0 + m / s.W) % p.C) * row_floats + (s.PW + m % s.W) * Chp; };
+    if (a0 <= a1 && !s.expand) {  // e = x: the rows themselves, in fp32 (the padding channels stay zero)
+      const T* xr = xn + a0 * s.W * s.Cin;
+      for (int64_t m = 0; m < (a1 - a0 + 1) * s.W; ++m) {
+        float* e = slot(m);
+        for (int64_t c = 0; c < s.Cin; ++c) e[c] = to_float(xr[m * s.Cin + c]);
       }
-      const float* a = reinterpret_cast<const float*>(xr);
+    } else if (a0 <= a1) {
+      const int64_t M = (a1 - a0 + 1) * s.W;
+      const float* a = reinterpret_cast<const float*>(xn + a0 * s.W * s.Cin);
       if constexpr (!std::is_same_v<T, float>) {
-        for (int64_t i = 0; i < s.W * s.Cin; ++i) buf.xrow[i] = to_float(xr[i]);
-        a = buf.xrow.data();
+        const T* xr = xn + a0 * s.W * s.Cin;
+        for (int64_t i = 0; i < M * s.Cin; ++i) buf.xrows[i] = to_float(xr[i]);
+        a = buf.xrows.data();
       }
-      gemm<V>(s.W, s.Cin, a, s.Cin, w.expand_w, ch_panels, w.expand_b,
+      gemm<V>(M, s.Cin, a, s.Cin, w.expand_w, ch_panels, w.expand_b,
               [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
-                for (int r = 0; r < rows_; ++r)
+                for (int i = 0; i < rows_; ++i) {
+                  float* e = slot(m0 + i) + c0;
                   for (int64_t j = 0; j < width; j += V::kWidth)
-                    act_forward(V::load(out + r * width + j), s.act).store(e + (m0 + r) * Chp + c0 + j);
+                    act_forward(V::load(out + i * width + j), s.act).store(e + j);
+                }
               });
     }
-    next = std::max(next, ih_lo + s.KH);
-    for (int64_t kh = 0; kh < s.KH; ++kh) {
-      const int64_t ih = ih_lo + kh;
-      rows[kh] = ih >= 0 && ih < s.H ? ring + (ih % s.KH) * Wp * Chp : buf.zero.data();
+    for (int64_t j = 0; j < r; ++j) {
+      const int64_t ih0 = (o + j) * s.SH - s.PH;
+      for (int64_t kh = 0; kh < s.KH; ++kh) {
+        const int64_t ih = ih0 + kh;
+        rows[kh] = ih >= 0 && ih < s.H ? ring + (ih % p.C) * row_floats : buf.zero.data();
+      }
+      depthwise_row<V>(s, rows, w.dw_w, w.dw_b, Chp, buf.d.data() + j * s.OW * Chp);
     }
-    depthwise_row<V>(s, rows, w.dw_w, w.dw_b, Chp, buf.d.data());
-    T* yr = y + (n * s.OH + oh) * s.OW * s.Cout;
-    const T* res = s.residual ? xn + oh * s.W * s.Cin : nullptr;  // stride 1: the same pixel
-    gemm<V>(s.OW, s.Ch, buf.d.data(), Chp, w.project_w, out_panels, w.project_b,
+    T* yo = y + (n * s.OH + o) * s.OW * s.Cout;
+    const T* res = s.residual ? xn + o * s.W * s.Cin : nullptr;  // stride 1, W == OW: the same pixels
+    gemm<V>(r * s.OW, s.Ch, buf.d.data(), Chp, w.project_w, out_panels, w.project_b,
             [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
               const int64_t full = std::min(width, (s.Cout - c0) / V::kWidth * V::kWidth);
-              for (int r = 0; r < rows_; ++r) {
-                const int64_t p = (m0 + r) * s.Cout + c0;
-                const float* o = out + r * width;
+              for (int i = 0; i < rows_; ++i) {
+                const int64_t q = (m0 + i) * s.Cout + c0;
+                const float* oi = out + i * width;
                 int64_t j = 0;
                 for (; j < full; j += V::kWidth) {
-                  V v = V::load(o + j);
-                  if (res) v = v + V::load(res + p + j);
-                  v.store(yr + p + j);
+                  V v = V::load(oi + j);
+                  if (res) v = v + V::load(res + q + j);
+                  v.store(yo + q + j);
                 }
                 for (; j < width && c0 + j < s.Cout; ++j)
-                  yr[p + j] = from_float<T>(o[j] + (res ? to_float(res[p + j]) : 0.f));
+                  yo[q + j] = from_float<T>(oi[j] + (res ? to_float(res[q + j]) : 0.f));
               }
             });
   }
 }
 
 template <typename T>
-EFFOPS_FLATTEN void band_scalar(const Shape& s, const T* x, const Packed& w, T* y, int64_t n, int64_t oh0,
-                                int64_t oh1, Buffers& buf) {
-  band<ScalarVec>(s, x, w, y, n, oh0, oh1, buf);
+EFFOPS_FLATTEN void band_scalar(const Shape& s, const Plan& p, const T* x, const Packed& w, T* y, int64_t n,
+                                int64_t oh0, int64_t oh1, Buffers& buf) {
+  band<ScalarVec>(s, p, x, w, y, n, oh0, oh1, buf);
 }
 #if EFFOPS_HAVE_X86
 template <typename T>
-EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void band_avx2(const Shape& s, const T* x, const Packed& w, T* y, int64_t n,
-                                                 int64_t oh0, int64_t oh1, Buffers& buf) {
-  band<Avx2Vec>(s, x, w, y, n, oh0, oh1, buf);
+EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void band_avx2(const Shape& s, const Plan& p, const T* x, const Packed& w, T* y,
+                                                 int64_t n, int64_t oh0, int64_t oh1, Buffers& buf) {
+  band<Avx2Vec>(s, p, x, w, y, n, oh0, oh1, buf);
 }
 template <typename T>
-EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void band_avx512(const Shape& s, const T* x, const Packed& w, T* y, int64_t n,
-                                                     int64_t oh0, int64_t oh1, Buffers& buf) {
-  band<Avx512Vec>(s, x, w, y, n, oh0, oh1, buf);
+EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void band_avx512(const Shape& s, const Plan& p, const T* x, const Packed& w,
+                                                     T* y, int64_t n, int64_t oh0, int64_t oh1, Buffers& buf) {
+  band<Avx512Vec>(s, p, x, w, y, n, oh0, oh1, buf);
 }
 #endif
 
@@ -269,32 +299,32 @@ EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void band_avx512(const Shape& s, const T* x,
 template <typename T>
 void forward(const Shape& s, const T* x, const float* packed, T* y) {
   const Packed w = packed_views(s, packed);
-  const int64_t Chp = padded(s.Ch), Wp = ring_width(s);
   // Bands per image: one when the batch alone keeps every thread busy (no halo rows expanded twice);
   // otherwise enough bands for the threads, each re-expanding the KH - SH rows of halo above it.
   const int64_t threads = at::get_num_threads();
   const int64_t bands = std::min<int64_t>(s.OH, (threads + s.N - 1) / s.N);
+  const Plan p = plan(s, (s.OH + bands - 1) / bands);
   const CpuIsa level = cpu_isa();
   at::parallel_for(0, s.N * bands, 1, [&](int64_t begin, int64_t end) {
     Buffers buf;
-    buf.ring.assign(s.KH * Wp * Chp, 0.f);  // zeroed once: the padding columns are never written
-    buf.zero.assign(Wp * Chp, 0.f);
-    buf.d.assign(s.OW * Chp, 0.f);
-    if (!std::is_same_v<T, float>) buf.xrow.assign(s.W * s.Cin, 0.f);
+    buf.ring.assign(p.C * p.Wp * p.Chp, 0.f);  // zeroed once: the padding columns are never written
+    buf.zero.assign(p.Wp * p.Chp, 0.f);
+    buf.d.assign(p.R * s.OW * p.Chp, 0.f);
+    if (!std::is_same_v<T, float>) buf.xrows.assign(p.C * s.W * s.Cin, 0.f);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / bands, b = i % bands;
       const int64_t oh0 = b * s.OH / bands, oh1 = (b + 1) * s.OH / bands;
 #if EFFOPS_HAVE_X86
       if (level >= CpuIsa::kAvx512) {
-        band_avx512<T>(s, x, w, y, n, oh0, oh1, buf);
+        band_avx512<T>(s, p, x, w, y, n, oh0, oh1, buf);
         continue;
       }
       if (level >= CpuIsa::kAvx2) {
-        band_avx2<T>(s, x, w, y, n, oh0, oh1, buf);
+        band_avx2<T>(s, p, x, w, y, n, oh0, oh1, buf);
         continue;
       }
 #endif
-      band_scalar<T>(s, x, w, y, n, oh0, oh1, buf);
+      band_scalar<T>(s, p, x, w, y, n, oh0, oh1, buf);
     }
   });
 }

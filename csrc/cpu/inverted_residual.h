@@ -7,10 +7,11 @@
 //
 // Activations are channels-last (x[N][H][W][Cin], y[N][OH][OW][Cout]); T = float, bf16 or fp16
 // storage, fp32 arithmetic. The expanded tensor e (Ch = 6 Cin channels: the largest activation of
-// these networks) never reaches memory: each task owns a band of output rows of one image and keeps a
-// ring of the KH expanded input rows its current output row reads (fp32, zero-padded left and right,
-// in L2); each new input row is expanded once (one GEMM over the row's pixels), the depthwise writes
-// one output row d[OW][Chp], and the project GEMM turns it into one row of y.
+// these networks) never reaches memory: each task owns a band of output rows of one image, in steps of
+// a few output rows (~64 pixels), and keeps a ring of the expanded input rows the current step reads
+// (fp32, zero-padded left and right, in L2); each new input row is expanded once, the step's new rows
+// in one GEMM, the depthwise writes the step's output rows d[R * OW][Chp], and one project GEMM turns
+// them into rows of y.
 #pragma once
 
 #include <cstdint>
