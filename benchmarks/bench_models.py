@@ -2,7 +2,8 @@
 
 Per model, batch and layout, in one process, interleaved, medians (benchmarks.common.compare), the
 ratio against eager PyTorch on the original model:
-* eval: eager original; eager fused (fuse_separable; CNNs) or int8 (quantize) and pruned (prune 90%,
+* eval: eager original; eager fused (effops.fuse: inverted-residual blocks and separable chains; CNNs)
+  or int8 (quantize) and pruned (prune 90%,
   32 x 32 blocks, the classifier kept dense; transformers); torch.compile (inductor, freezing on) of
   the original and of the transformed model. NCHW and channels_last (model and input) for the CNNs.
 * train: one step (forward, backward, SGD) with frozen BatchNorm (train mode, BatchNorms in eval mode;
@@ -12,7 +13,7 @@ ratio against eager PyTorch on the original model:
   tally of aten allocations; compiled code allocates its buffers where the profiler does not see them).
 
     python -m benchmarks.bench_models [--models mobilenet_v2,vit_b_32] [--batches 1,16] [--no-compile]
-                                      [--no-train] [--out DIR]
+                                      [--no-train] [--layouts NCHW,channels_last] [--out DIR]
 `make bench` runs it through benchmarks/run.py (`run`): quick, MobileNetV2 and ViT-B/32 eager only; full,
 every model with torch.compile.
 """
@@ -31,6 +32,7 @@ from benchmarks import models
 from benchmarks.common import compare, peak_memory
 
 EVAL_BATCHES = (1, 16)
+CNN_LAYOUTS = ("NCHW", "channels_last")
 TRAIN_BATCH = 16
 
 
@@ -44,7 +46,7 @@ def _variants(name, model):
     """{label: eval-mode model}: the original and its transformed copies."""
     out = {"eager": model}
     if name in models.CNNS:
-        out["eager fused"] = _quiet(effops.fuse_separable, copy.deepcopy(model))
+        out["eager fused"] = _quiet(effops.fuse, copy.deepcopy(model))
     else:
         out["eager int8"] = _quiet(effops.quantize, copy.deepcopy(model))
         out["eager pruned"] = _quiet(effops.prune, copy.deepcopy(model), 0.9, pattern="block", block_size=32,
@@ -127,7 +129,7 @@ def _train_rows(name, model, layouts, rounds, min_time):
             base = base.to(memory_format=torch.channels_last)
         if name in models.CNNS:
             original = _frozen_bn(base)
-            other = ("eager fused", _quiet(effops.fuse_separable, _frozen_bn(copy.deepcopy(base))))
+            other = ("eager fused", _quiet(effops.fuse, _frozen_bn(copy.deepcopy(base))))
         else:
             original = base.train()
             other = ("eager pruned", _quiet(effops.prune, copy.deepcopy(base), 0.9, pattern="block", block_size=32,
@@ -147,7 +149,7 @@ def _train_rows(name, model, layouts, rounds, min_time):
     return rows
 
 
-def bench(names, batches=EVAL_BATCHES, compiled=True, train=True, rounds=3, min_time=0.2):
+def bench(names, batches=EVAL_BATCHES, compiled=True, train=True, rounds=3, min_time=0.2, cnn_layouts=CNN_LAYOUTS):
     rows = []
     freezing = torch._inductor.config.freezing
     torch._inductor.config.freezing = True
@@ -157,7 +159,7 @@ def bench(names, batches=EVAL_BATCHES, compiled=True, train=True, rounds=3, min_
             torch.manual_seed(0)
             model = models.MODELS[name]()
             model = models.calibrate_batchnorm(model) if name in models.CNNS else model.eval()
-            layouts = ("NCHW", "channels_last") if name in models.CNNS else ("tokens",)
+            layouts = cnn_layouts if name in models.CNNS else ("tokens",)
             rows += _eval_rows(name, model, batches, layouts, compiled, rounds, min_time)
             if train:
                 rows += _train_rows(name, model, layouts if name in models.CNNS else ("tokens",), rounds, min_time)
@@ -180,6 +182,7 @@ def main():
     parser.add_argument("--batches", default=",".join(map(str, EVAL_BATCHES)))
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--layouts", default=",".join(CNN_LAYOUTS), help="the CNNs' layouts")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timed sample (at least)")
     parser.add_argument("--out", default="bench-results/models")
@@ -189,7 +192,7 @@ def main():
     start, rows, names = time.time(), [], args.models.split(",")
     for i, name in enumerate(names):  # results rewritten after each model: a stopped run keeps the finished
         rows += bench([name], [int(b) for b in args.batches.split(",")], not args.no_compile, not args.no_train,
-                      args.rounds, args.min_time)
+                      args.rounds, args.min_time, tuple(args.layouts.split(",")))
         runner.write_results(args.out, dict(
             machine=runner.machine_info("cpu"), quick=False, benchmarks=names[:i + 1], pending=names[i + 1:],
             errors={}, rows=rows, seconds=time.time() - start,

@@ -41,6 +41,7 @@ def test_benchmark_networks(name):
     assert count(fused, InvertedResidual) == blocks
     assert sum(m.residual for m in fused.modules() if isinstance(m, InvertedResidual)) == in_op
     assert count(fused, SeparableConv2d) == separable
+    assert not any(m.training or m.packed is None for m in fused.modules() if isinstance(m, InvertedResidual))
     assert len(report.changed) == blocks + separable and len(report.skipped) == skipped
     assert len(report.skipped_for("squeeze-excitation")) == skipped
     assert len(caught) == (1 if skipped else 0) and fused.fuse_report is report

@@ -43,13 +43,15 @@ class InvertedResidual(nn.Module):
 
     @classmethod
     def from_convs(cls, expand, depthwise, project, activation="relu6", residual=False):
-        """A block that uses these convs' parameters (shared, not copied). expand: a 1x1 nn.Conv2d or None;
-        depthwise: groups == channels, zero padding; project: 1x1, stride 1."""
+        """A block that uses these convs' parameters (shared, not copied), in the depthwise conv's mode
+        (train or eval). expand: a 1x1 nn.Conv2d or None; depthwise: groups == channels, zero padding;
+        project: 1x1, stride 1."""
         reason = check_convs(expand, depthwise, project)
         if reason:
             raise ValueError(reason)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
+        self.training = depthwise.training  # the mode of the model the convs come from (eval: packed weights)
         self._set(expand, depthwise, project, activation, residual)
         return self
 

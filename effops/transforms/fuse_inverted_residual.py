@@ -147,6 +147,7 @@ def find_and_fuse(model, report, patterns):
         owner = _residual_owner(model, nodes, add) if add is not None else None
         block = InvertedResidual.from_convs(expand, dw, project, activation, residual=owner is not None)
         block.folded_batchnorm = folded
+        block.training = mods[0].training  # the model's mode (the folded convs are new modules, in train mode)
         consumed.update(nodes)
         if owner is not None:
             parent, _, attr = owner.rpartition(".")
