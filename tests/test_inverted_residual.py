@@ -143,6 +143,41 @@ def test_extreme_values(backend, activation):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3, equal_nan=True)
 
 
+GRAD_CASES = [(c, e) for c in (CASES[0], CASES[1], CASES[3], CASES[5], CASES[7]) for e in (True, False)]
+
+
+@needs_ext
+@pytest.mark.parametrize("case, expand", GRAD_CASES, ids=lambda c: "%dx%d-%d-%d@%d_s%d_%s" % (
+    c[0], c[1], c[2], c[3], c[4], c[7], c[8]) if isinstance(c, tuple) else "expand" if c else "noexpand")
+def test_gradients_match_reference_autograd(backend, case, expand):
+    """The C++ autograd (x and weights saved, the expanded tensor recomputed per chunk of images) against
+    torch's autograd through the float64 reference."""
+    check_gradients(case, expand)
+
+
+@needs_ext
+def test_gradients_in_chunks_of_images():
+    """4 MiB of expanded tensor per image: the cpu route's backward recomputes it 2 images at a time."""
+    with effops.use_backend("cpu"):
+        check_gradients((3, 5, 64, 5, 128, 128, 3, 1, "silu", True), True)
+
+
+def check_gradients(case, expand):
+    tensors, kw = make(case, expand=expand)
+    tensors = [None if t is None else t.requires_grad_() for t in tensors]
+    y = inverted_residual(*tensors, **kw)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [t for t in tensors if t is not None], gy)
+    t64 = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+    want = reference.inverted_residual(*t64, [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
+                                       kw["residual"])
+    wants = torch.autograd.grad(want, [t for t in t64 if t is not None], gy.double())
+    for g, w in zip(grads, wants):
+        # weight gradients sum over every pixel (49k in the largest case): fp32 error grows with the scale
+        torch.testing.assert_close(g, w.float(), atol=3e-5 * max(1.0, w.abs().max().item()), rtol=1e-4)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
 @needs_ext
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_automatic_choice_matches_reference(case):

@@ -84,16 +84,6 @@ def test_gradients_match_the_reference_autograd():
         torch.testing.assert_close(g, w, **TOL[torch.float32])
 
 
-@needs_ext
-def test_the_compiled_op_refuses_a_call_that_needs_gradients():
-    m = block()
-    x = torch.randn(1, 12, 5, 5, requires_grad=True)
-    e, d, p = m.expand, m.depthwise, m.project
-    with pytest.raises(NotImplementedError, match="no backward"):
-        torch.ops.effops.inverted_residual(x, e.weight, e.bias, d.weight, d.bias, p.weight, p.bias, [1, 1], [1, 1],
-                                           "relu6", True, None)
-
-
 def test_folded_batchnorm_refuses_train_and_bad_settings_are_named():
     m = block()
     m.folded_batchnorm = True

@@ -1,19 +1,20 @@
 // effops::inverted_residual: schema, argument checks, the CPU implementation (our fused kernel or the
 // plain ATen route, by a small speed policy), the Meta implementation for torch.compile, and the
-// weight packing op whose result modules keep as state (csrc/cpu/inverted_residual.h).
+// weight packing op whose result modules keep as state (csrc/cpu/inverted_residual.h). The backward
+// and the autograd registration are in inverted_residual_backward.cpp.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 
+#include "bindings/inverted_residual.h"
+
 #include "bindings/dispatch.h"
-#include "cpu/inverted_residual.h"
+#include "cpu/cpu_features.h"
 
-namespace {
-
-namespace ir = effops::cpu::ir;
-using OptTensor = std::optional<at::Tensor>;
+namespace effops::bindings::inverted_residual {
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
@@ -41,7 +42,6 @@ void check_bias(const OptTensor& b, const char* name, int64_t channels, const at
                     b->sizes());
 }
 
-// Every check of the op's arguments, once per call (CPU and Meta alike); the block's shape.
 ir::Shape checked_shape(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
                         const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
                         const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -145,9 +145,8 @@ at::Tensor pack_op(const OptTensor& expand_weight, const OptTensor& expand_bias,
   return pack(s, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias);
 }
 
-// activation(h) with effops' values at +-inf (effops/reference/dwpw_conv2d.py, _AT_INFINITY). torch's
-// own relu, relu6, silu and hardswish give those; its AVX-512 GELU returns NaN at +inf, so GELU is
-// corrected where h is infinite.
+// torch's own relu, relu6, silu and hardswish give effops' values at +-inf; its AVX-512 GELU returns
+// NaN at +inf, so GELU is corrected where h is infinite.
 at::Tensor activate(const at::Tensor& h, int act) {
   switch (act) {
     case ir::kRelu: return at::relu(h);
@@ -163,6 +162,12 @@ at::Tensor activate(const at::Tensor& h, int act) {
     default: return h;
   }
 }
+
+}  // namespace effops::bindings::inverted_residual
+
+namespace {
+
+using namespace effops::bindings::inverted_residual;
 
 // The same block through ATen's convolutions (oneDNN), each tensor in memory.
 at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& expand_weight,
@@ -211,9 +216,36 @@ at::Tensor kernel_route(const ir::Shape& s, const at::Tensor& x, const OptTensor
   return format_of(x) == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
 }
 
-// The speed policy: why plain ATen is faster for this input, or nullptr. (Measured limits below.)
-const char* aten_faster(const ir::Shape& s) {
-  (void)s;
+// The speed policy: why plain ATen is faster for this input, or nullptr. Measured with
+// `python -m benchmarks.bench_inverted_residual --cpu-time [--dtype bfloat16]` (one thread, CPU time of
+// the thread, the 13 blocks of MobileNetV2 / MobileNetV3-Large / MNASNet at batch 1 and 16, AMD Zen 5,
+// 2026-12-07; docs/inverted_residual.md):
+// - fp32, AVX-512 body: our kernel 1.11-2.5x the ATen route at 7x7-28x28, 1.7-11x at 56x56-112x112.
+// - fp32, AVX2 body (torch capped to AVX2 too, as on the AVX2 machines): 0.57-0.91x, except where
+//   torch's expanded tensor is 29-77 MB (2.7-4.3x): fresh tensors that large are mmapped and page-fault
+//   on every call (docs/dwpw_conv2d.md); torch's THP_MEM_ALLOC_ENABLE=1 removes that.
+// - bf16 where torch has native bf16 (AVX512-BF16: oneDNN's vdpbf16ps, our kernel multiplies in fp32):
+//   0.65-0.99x at batch 16 on the 7x7-28x28 blocks, 1.06-1.8x at batch 1 (below 32M expand multiply-
+//   adds), 4.4-5.2x where the expanded tensor is 14-38 MB.
+constexpr int64_t kAvx2MinExpandedBytes = 16ll << 20;
+constexpr int64_t kBf16MinExpandedBytes = 8ll << 20;
+constexpr int64_t kBf16MaxExpandMacs = 32ll << 20;
+
+const char* aten_faster(const ir::Shape& s, at::ScalarType dtype) {
+  namespace cpu = effops::cpu;
+  const int64_t expanded_bytes = s.N * s.Ch * s.H * s.W * static_cast<int64_t>(c10::elementSize(dtype));
+  const char* thp = std::getenv("THP_MEM_ALLOC_ENABLE");
+  const bool torch_faults = thp == nullptr || std::string(thp) != "1";
+  if (!cpu::cpu_isa_at_least(cpu::CpuIsa::kAvx512)) {
+    if (torch_faults && expanded_bytes >= kAvx2MinExpandedBytes) return nullptr;
+    return "below AVX-512, oneDNN's convolutions are faster (0.57-0.91x) unless torch's expanded tensor "
+           "page-faults (16 MiB or more)";
+  }
+  if (dtype == at::kBFloat16 && cpu::detected_cpu_isa() >= cpu::CpuIsa::kAvx512Bf16 &&
+      s.N * s.H * s.W * s.Cin * s.Ch >= kBf16MaxExpandMacs &&
+      !(torch_faults && expanded_bytes >= kBf16MinExpandedBytes))
+    return "bf16 with native bf16 in oneDNN (vdpbf16ps) is faster where the block is large and its tensors "
+           "are recycled by malloc";
   return nullptr;
 }
 
@@ -225,7 +257,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const OptTensor& expand_weight, cons
                                     stride, padding, activation, residual);
   using effops::dispatch::Backend;
   const Backend route = effops::dispatch::choose("inverted_residual", c10::DeviceType::CPU, Backend::kCpu,
-                                                 kernel_declines(s, x), aten_faster(s));
+                                                 kernel_declines(s, x), aten_faster(s, x.scalar_type()));
   switch (route) {
     case Backend::kCpu:
       return kernel_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, packed);
@@ -246,27 +278,6 @@ at::Tensor forward_meta(const at::Tensor& x, const OptTensor& expand_weight, con
   return at::empty({s.N, s.Cout, s.OH, s.OW}, x.options().memory_format(format_of(x)));
 }
 
-// No fused backward yet: a call autograd would record is refused (the Python function differentiates the
-// reference instead), never answered with outputs that have no gradient.
-at::Tensor forward_autograd(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
-                            const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
-                            const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                            std::optional<c10::string_view> activation, bool residual, const OptTensor& packed) {
-  const auto grad = [](const OptTensor& t) { return given(t) && t->requires_grad(); };
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !at::GradMode::is_enabled() || !(x.requires_grad() || grad(expand_weight) || grad(expand_bias) ||
-                                       dw_weight.requires_grad() || grad(dw_bias) || project_weight.requires_grad() ||
-                                       grad(project_bias)),
-      "effops::inverted_residual has no backward yet: call effops.ops.inverted_residual (it differentiates the "
-      "reference when a gradient is wanted) or run under torch.no_grad()");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("effops::inverted_residual", "")
-                             .typed<decltype(forward_autograd)>();
-  return op.call(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride, padding,
-                 activation, residual, packed);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(effops, m) {
@@ -283,5 +294,3 @@ TORCH_LIBRARY_IMPL(effops, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(effops, Meta, m) { m.impl("inverted_residual", &forward_meta); }
-
-TORCH_LIBRARY_IMPL(effops, Autograd, m) { m.impl("inverted_residual", &forward_autograd); }

@@ -3,10 +3,10 @@
 The op is defined in C++ (csrc/bindings/inverted_residual.cpp: schema, argument checks, the CPU
 implementation with its speed policy, the Meta implementation for torch.compile); this function is a
 thin call of torch.ops.effops.inverted_residual. Semantics: effops/reference/inverted_residual.py.
-Without the compiled extension (EFFOPS_NO_EXT=1, a pure-Python install) the reference runs, and so
-does a call that autograd records (a gradient is wanted): the op has no fused backward yet, so torch
-differentiates the reference (its C++ Autograd implementation refuses such a call rather than return
-outputs without gradients).
+Its autograd is C++ too (csrc/bindings/inverted_residual_backward.cpp: only x and the weights are
+saved; the backward recomputes the expanded tensor a chunk of images at a time). Without the compiled
+extension (EFFOPS_NO_EXT=1, a pure-Python install) and inside torch.func transforms the reference runs
+(torch differentiates and batches it).
 """
 import torch
 
@@ -15,6 +15,7 @@ from effops.ops import _checks
 from effops.reference import inverted_residual as reference
 
 ACTIVATIONS = reference.ACTIVATIONS
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 
 def inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride=1,
@@ -28,9 +29,7 @@ def inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project
     CPU kernel packs them per call. The output takes x's memory format.
     """
     stride, padding = _checks.int_pair("stride", stride, minimum=1), _checks.int_pair("padding", padding, minimum=0)
-    tensors = (x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias)
-    if not _ext.load() or (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                                            for t in tensors)):
+    if not _ext.load() or (not torch.compiler.is_compiling() and _functorch_wrapped(x)):
         return reference.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
                                            project_bias, stride, padding, activation, residual)
     return torch.ops.effops.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
