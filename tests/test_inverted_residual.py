@@ -244,3 +244,40 @@ def test_opcheck_and_compile():
     fn = torch.compile(lambda *t: inverted_residual(*t, **kw), fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(*tensors), expected(tensors, kw).float(), **TOL[torch.float32])
     assert sum(counters["graph_break"].values()) == 0
+
+
+@needs_ext
+def test_automatic_choice_follows_the_policy():
+    """Our kernel at AVX-512 (measured faster on every benchmarked block); below it, the ATen route for
+    a small block (oneDNN measured faster than our AVX2 body); `cpu_isa` as the machine has it."""
+    tensors, kw = make(CASES[4])
+    levels = effops.cpu_isa.levels()
+    expect = [("avx2", "reference")] + ([("avx512", "cpu")] if "avx512" in levels else [])
+    for level, route in expect:
+        with effops.cpu_isa.use_cpu_isa(level), effops._backends.record_choices() as tally:
+            inverted_residual(*tensors, **kw)
+        assert tally["inverted_residual"] == {route: 1}, (level, dict(tally))
+
+
+# Small enough for Triton's interpreter: (N, Cin, hidden, Cout, H, W, kernel, stride, activation, residual).
+TRITON_CASES = [(1, 8, 40, 8, 6, 7, 3, 1, "relu6", True), (2, 5, 20, 12, 5, 6, 5, 2, "hardswish", False),
+                (1, 4, 18, 4, 4, 5, 3, 1, "gelu", True), (1, 6, 36, 7, 3, 4, 3, 2, "silu", False)]
+needs_triton = pytest.mark.skipif(not effops.backends()["triton"], reason="triton backend not usable here")
+
+
+@needs_ext
+@needs_triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "%s_k%d_s%d" % (c[8], c[6], c[7]))
+@pytest.mark.parametrize("layout, expand, dtype", [("channels_last", True, torch.float32),
+                                                   ("nchw", True, torch.float32),
+                                                   ("channels_last", False, torch.float32),
+                                                   ("channels_last", True, torch.float16)],
+                         ids=["cl", "nchw", "noexpand", "fp16"])
+def test_triton_matches_reference(case, layout, expand, dtype):
+    """The Triton forward, forced on CPU tensors: Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+    tensors, kw = make(case, dtype=dtype, layout=layout, expand=expand)
+    with effops.use_backend("triton"):
+        got = kernel(tensors, kw)
+    torch.testing.assert_close(got.double(), expected(tensors, kw), **TOL[dtype])
+    assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                             torch.contiguous_format)

@@ -263,6 +263,10 @@ at::Tensor forward_cpu(const at::Tensor& x, const OptTensor& expand_weight, cons
       return kernel_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, packed);
     case Backend::kReference:
       return aten_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias);
+    case Backend::kTriton:  // forced on CPU tensors: Triton's interpreter (tests), registered from Python
+      return effops::dispatch::python_route<decltype(forward_cpu)>("effops::inverted_residual_triton")
+          .call(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride, padding,
+                activation, residual, packed);
     default:
       TORCH_CHECK_NOT_IMPLEMENTED(false, "backend '", effops::dispatch::backend_name(route),
                                   "' is forced but has no kernel for inverted_residual on CPU tensors");
