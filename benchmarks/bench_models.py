@@ -13,7 +13,7 @@ ratio against eager PyTorch on the original model:
   tally of aten allocations; compiled code allocates its buffers where the profiler does not see them).
 
     python -m benchmarks.bench_models [--models mobilenet_v2,vit_b_32] [--batches 1,16] [--no-compile]
-                                      [--no-train] [--layouts NCHW,channels_last] [--out DIR]
+                                      [--no-train] [--layouts NCHW,channels_last] [--cpu-time] [--out DIR]
 `make bench` runs it through benchmarks/run.py (`run`): quick, MobileNetV2 and ViT-B/32 eager only; full,
 every model with torch.compile.
 """
@@ -29,7 +29,7 @@ from torch import nn
 
 import effops
 from benchmarks import models
-from benchmarks.common import compare, peak_memory
+from benchmarks.common import compare, cpu_time_fn, peak_memory, time_fn
 
 EVAL_BATCHES = (1, 16)
 CNN_LAYOUTS = ("NCHW", "channels_last")
@@ -66,7 +66,7 @@ def _call(model, x):
     return lambda: model(x)
 
 
-def _eval_rows(name, model, batches, layouts, compiled, rounds, min_time):
+def _eval_rows(name, model, batches, layouts, compiled, rounds, min_time, timer=time_fn):
     rows = []
     variants = _variants(name, model)
     for layout in layouts:
@@ -84,7 +84,7 @@ def _eval_rows(name, model, batches, layouts, compiled, rounds, min_time):
             case = "eval b%d %s" % (batch, layout)
             with torch.no_grad():
                 got = compare("model " + name, case, impls, "eager", "cpu", rounds, min_time,
-                              extra=dict(mode="eval", load1=_load()))
+                              extra=dict(mode="eval", load1=_load()), timer=timer)
                 # Compiled code allocates its buffers outside the profiler's view: eager variants only.
                 memory = {k: peak_memory(fn) / 2 ** 20 for k, fn in impls.items() if k.startswith("eager")}
             for r in got:
@@ -119,7 +119,7 @@ def _step(model, x):
     return step
 
 
-def _train_rows(name, model, layouts, rounds, min_time):
+def _train_rows(name, model, layouts, rounds, min_time, timer=time_fn):
     rows = []
     for layout in layouts:
         x = models.example_input(name, TRAIN_BATCH)
@@ -137,7 +137,8 @@ def _train_rows(name, model, layouts, rounds, min_time):
         impls = {"eager": _step(original, x), other[0]: _step(other[1], x)}
         case = "train b%d %s" % (TRAIN_BATCH, layout)
         got = compare("model " + name, case, impls, "eager", "cpu", rounds, min_time,
-                      extra=dict(mode="train (frozen BN)" if name in models.CNNS else "train", load1=_load()))
+                      extra=dict(mode="train (frozen BN)" if name in models.CNNS else "train", load1=_load()),
+                      timer=timer)
         memory = {}
         for k, fn in impls.items():
             for m in (original, other[1]):
@@ -149,7 +150,8 @@ def _train_rows(name, model, layouts, rounds, min_time):
     return rows
 
 
-def bench(names, batches=EVAL_BATCHES, compiled=True, train=True, rounds=3, min_time=0.2, cnn_layouts=CNN_LAYOUTS):
+def bench(names, batches=EVAL_BATCHES, compiled=True, train=True, rounds=3, min_time=0.2, cnn_layouts=CNN_LAYOUTS,
+          timer=time_fn):
     rows = []
     freezing = torch._inductor.config.freezing
     torch._inductor.config.freezing = True
@@ -160,9 +162,10 @@ def bench(names, batches=EVAL_BATCHES, compiled=True, train=True, rounds=3, min_
             model = models.MODELS[name]()
             model = models.calibrate_batchnorm(model) if name in models.CNNS else model.eval()
             layouts = cnn_layouts if name in models.CNNS else ("tokens",)
-            rows += _eval_rows(name, model, batches, layouts, compiled, rounds, min_time)
+            rows += _eval_rows(name, model, batches, layouts, compiled, rounds, min_time, timer)
             if train:
-                rows += _train_rows(name, model, layouts if name in models.CNNS else ("tokens",), rounds, min_time)
+                rows += _train_rows(name, model, layouts if name in models.CNNS else ("tokens",), rounds, min_time,
+                                    timer)
     finally:
         torch._inductor.config.freezing = freezing
     return rows
@@ -183,16 +186,21 @@ def main():
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--layouts", default=",".join(CNN_LAYOUTS), help="the CNNs' layouts")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one thread, CPU time of the thread (robust on a shared machine) instead of wall clock")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timed sample (at least)")
     parser.add_argument("--out", default="bench-results/models")
     args = parser.parse_args()
+    if args.cpu_time:
+        torch.set_num_threads(1)
     from benchmarks import run as runner
     os.makedirs(args.out, exist_ok=True)
     start, rows, names = time.time(), [], args.models.split(",")
     for i, name in enumerate(names):  # results rewritten after each model: a stopped run keeps the finished
         rows += bench([name], [int(b) for b in args.batches.split(",")], not args.no_compile, not args.no_train,
-                      args.rounds, args.min_time, tuple(args.layouts.split(",")))
+                      args.rounds, args.min_time, tuple(args.layouts.split(",")),
+                      cpu_time_fn if args.cpu_time else time_fn)
         runner.write_results(args.out, dict(
             machine=runner.machine_info("cpu"), quick=False, benchmarks=names[:i + 1], pending=names[i + 1:],
             errors={}, rows=rows, seconds=time.time() - start,
