@@ -8,6 +8,7 @@ and TRITON_INTERPRET=0 to run every backend on the GPU instead.
 import contextlib
 import os
 import re
+import sys
 
 TEST_DEVICE = os.environ.get("EFFOPS_TEST_DEVICE", "cpu")
 if TEST_DEVICE == "cpu":
@@ -104,6 +105,14 @@ def pytest_runtest_call(item):
         pytest.skip(reason)
 
 
+def op_backends(op):
+    """The backends with a kernel for `op`: an op on the C++ dispatch declares them in its module's
+    BACKENDS (effops/ops/<op>.py), the others are in the Python registry."""
+    module = sys.modules.get("effops.ops." + op)
+    declared = getattr(module, "BACKENDS", None) if module is not None else None
+    return declared if declared is not None else _backends._kernels.get(op, ())
+
+
 def pytest_collection_modifyitems(config, items):
     """Drop instances that can run on no machine: the `backend` fixture forcing a backend that has no
     kernel for any op of the test module (its BACKEND_OPS). Modules without BACKEND_OPS keep them all."""
@@ -112,7 +121,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         backend = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
         ops = getattr(item.module, "BACKEND_OPS", None)
-        if isinstance(backend, tuple) and ops and not any(backend[0] in _backends._kernels.get(op, ()) for op in ops):
+        if isinstance(backend, tuple) and ops and not any(backend[0] in op_backends(op) for op in ops):
             drop.append(item)
         else:
             keep.append(item)
