@@ -552,3 +552,19 @@ def test_unsupported_dtypes_are_refused_at_construction_naming_the_dtype(cls):
         with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\] has dtype %s" % name):
             opt.add_param_group({"params": [bad]})
         assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("make", ["AdamW", "AdamW8bit"])
+def test_a_bad_gradient_in_a_later_group_steps_no_group(make):
+    # Each group is one op call; a gradient that does not match its param in the second group must
+    # fail the step before the first group moves.
+    import effops.optim
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(300, 300)), torch.nn.Parameter(torch.randn(8))
+    opt = getattr(effops.optim, make)([{"params": [a]}, {"params": [b], "lr": 0.1}])
+    a.grad, b.grad = torch.randn(300, 300), torch.randn(8)
+    b.grad.data = torch.randn(9)  # (assigning .grad checks the shape; writing through .data does not)
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match=r"grads\[0\] must match its param"):
+        opt.step()
+    assert torch.equal(a, before) and not opt.state[a].get("step", torch.zeros(1)).item()

@@ -269,11 +269,23 @@ class Adam(Optimizer):
             for lists in self._group_lists(group, first_index).values():
                 calls.append((lists, hyper))
             first_index += len(group["params"])
+        if len(calls) > 1:
+            _check_grads(calls)
         for lists, hyper in calls:
             device = lists["params"][0].device
             adam_step(**lists, **hyper, grad_scale=None if grad_scale is None else grad_scale.to(device),
                       found_inf=None if found_inf is None else found_inf.to(device))
         return loss
+
+
+def _check_grads(calls):
+    """Each call's gradients against its params, before any call steps: the op checks them too, but one
+    call at a time, so a bad gradient in a later group would leave the earlier groups stepped."""
+    for lists, _ in calls:
+        for i, (p, g) in enumerate(zip(lists["params"], lists["grads"])):
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise ValueError("grads[%d] must match its param (shape %s, %s, %s), got shape %s, %s, %s"
+                                 % (i, tuple(p.shape), p.dtype, p.device, tuple(g.shape), g.dtype, g.device))
 
 
 def group_hyper(group, index):

@@ -25,7 +25,7 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from effops.ops import adam8bit_step, adam_step
-from effops.optim.adam import _LOW_PRECISION, Adam, _is_dtensor, group_hyper
+from effops.optim.adam import _LOW_PRECISION, Adam, _check_grads, _is_dtensor, group_hyper
 from effops.reference import adam8bit as quant
 
 CODE_KEYS = ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales")
@@ -174,6 +174,8 @@ class Adam8bit(Adam):
                 calls.append((adam_step, dict(lists, amsgrad=False, **hyper), device))
             for device, lists in quantized.items():
                 calls.append((adam8bit_step, dict(lists, **hyper), device))
+        if len(calls) > 1:
+            _check_grads([(kwargs, None) for _, kwargs, _ in calls])
         for op, kwargs, device in calls:
             op(**kwargs, grad_scale=None if grad_scale is None else grad_scale.to(device),
                found_inf=None if found_inf is None else found_inf.to(device))
