@@ -279,13 +279,17 @@ class Adam(Optimizer):
 
 
 def _check_grads(calls):
-    """Each call's gradients against its params, before any call steps: the op checks them too, but one
-    call at a time, so a bad gradient in a later group would leave the earlier groups stepped."""
+    """Each call's gradients against its params, before any call steps, in the op's words: the op checks
+    them too, but one call at a time, so a bad gradient in a later group would leave the earlier groups
+    stepped."""
     for lists, _ in calls:
         for i, (p, g) in enumerate(zip(lists["params"], lists["grads"])):
-            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                raise ValueError("grads[%d] must match its param (shape %s, %s, %s), got shape %s, %s, %s"
-                                 % (i, tuple(p.shape), p.dtype, p.device, tuple(g.shape), g.dtype, g.device))
+            if g.dtype != p.dtype:
+                raise TypeError("grads[%d] must have dtype %s like params[%d], got %s"
+                                % (i, str(p.dtype).replace("torch.", ""), i, str(g.dtype).replace("torch.", "")))
+            if g.shape != p.shape or g.device != p.device:
+                raise ValueError("grads[%d] must have shape %s on %s like params[%d], got shape %s on %s"
+                                 % (i, tuple(p.shape), p.device, i, tuple(g.shape), g.device))
 
 
 def group_hyper(group, index):
