@@ -106,13 +106,17 @@ def pytest_runtest_call(item):
 
 def pytest_collection_modifyitems(config, items):
     """Drop instances that can run on no machine: the `backend` fixture forcing a backend that has no
-    kernel for any op of the test module (its BACKEND_OPS). Modules without BACKEND_OPS keep them all."""
+    kernel for any op of the test module (its BACKEND_OPS), or is not among its BACKENDS (ops in C++,
+    outside the Python registry). Modules without either keep them all."""
     import effops.ops  # noqa: F401  (registers every op's kernels)
     keep, drop = [], []
     for item in items:
         backend = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
         ops = getattr(item.module, "BACKEND_OPS", None)
-        if isinstance(backend, tuple) and ops and not any(backend[0] in _backends._kernels.get(op, ()) for op in ops):
+        named = getattr(item.module, "BACKENDS", None)
+        if isinstance(backend, tuple) and named is not None and backend[0] not in named:
+            drop.append(item)
+        elif isinstance(backend, tuple) and ops and not any(backend[0] in _backends._kernels.get(op, ()) for op in ops):
             drop.append(item)
         else:
             keep.append(item)
