@@ -6,7 +6,7 @@ import torch
 
 import effops
 from effops import _backends
-from effops.ops.masked_linear import masked_linear, masked_linear_index
+from effops.ops.masked_linear import masked_linear, masked_linear_index, masked_linear_pack
 from effops.reference import masked_linear as reference
 
 from conftest import TOL, device, run_at_every_cpu_level
@@ -189,8 +189,11 @@ def test_opcheck():
     b = torch.randn(48, requires_grad=True)
     for kind in ("block16", "unstructured"):
         mask = make_mask(kind, 48, 64).cpu()
-        for index in (None, masked_linear_index(mask)):
-            torch.library.opcheck(torch.ops.effops.masked_linear.default, (x, w, mask, b, index))
+        index = masked_linear_index(mask)
+        packed = masked_linear_pack(w.detach(), index)
+        for args in ((None, None), (index, None), (index, packed)):
+            torch.library.opcheck(torch.ops.effops.masked_linear.default, (x, w, mask, b, *args))
+        for index in (None, index):
             gy = torch.randn(3, 5, 48)
             torch.library.opcheck(torch.ops.effops.masked_linear_backward.default,
                                   (gy, x.detach(), w.detach(), mask, index, [True, True, True]))

@@ -353,3 +353,35 @@ def test_a_mask_written_in_place_needs_rebuild_index():
         layer.rebuild_index()
         want = nn.functional.linear(x, layer.weight * layer.mask, layer.bias)
         torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("kind", ["block", "unstructured"])
+def test_packed_weights_for_inference(kind):
+    # pack_weights(): the forward reads the kept weights packed once, until the weights or the mask
+    # change through the layer's own methods (repacked) or train() drops them.
+    torch.manual_seed(0)
+    mask = _block_mask_90() if kind == "block" else torch.rand(512, 256) < 0.1
+    layer = SparseLinear.from_linear(nn.Linear(256, 512), mask).eval()
+    x = torch.randn(64, 256)
+    want = lambda: nn.functional.linear(x, layer.weight * layer.mask, layer.bias)  # noqa: E731
+    layer.pack_weights()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want(), atol=1e-4, rtol=1e-4)
+        layer.weight.mul_(2)  # behind the packs: the documented contract is to repack
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight * layer.mask / 2, layer.bias),
+                                   atol=1e-4, rtol=1e-4)
+        layer.pack_weights()
+        torch.testing.assert_close(layer(x), want(), atol=1e-4, rtol=1e-4)
+        layer.set_mask(layer.mask.roll(32, 1))  # repacked with the new index
+        torch.testing.assert_close(layer(x), want(), atol=1e-4, rtol=1e-4)
+        layer.half().float()  # repacked after each conversion
+        torch.testing.assert_close(layer(x), want(), atol=1e-4, rtol=1e-4)
+    layer.train()
+    assert layer.weight_packed is None
+    with torch.no_grad():
+        layer.weight.add_(1).mul_(layer.mask)
+        torch.testing.assert_close(layer(x), want(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="packed does not fit"):
+        effops.ops.masked_linear(x, layer.weight, layer.mask, index=layer.mask_index,
+                                 packed=torch.zeros(3))

@@ -6,6 +6,9 @@
 // index (optional): masked_linear_index(mask), a module's state built when its mask is set. Without it
 // the op builds what the chosen route needs from the mask on each call: the summary (block size,
 // density) in one scan of the mask, and the lists the chosen kernel walks.
+// packed (optional, with index): masked_linear_pack(weight, index), the kept weights in the CPU forward
+// kernel's layout, which a module builds for inference when asked (SparseLinear.pack_weights). The
+// forward reads it instead of the weight: it must come from the weight as it is now.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/Version.h>
@@ -28,6 +31,7 @@ namespace {
 using dispatch::Backend;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using OptIndex = std::optional<at::TensorList>;
+using OptTensor = std::optional<at::Tensor>;
 
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream out;
@@ -231,8 +235,14 @@ Grads aten_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
   return {gx, gw, gb};
 }
 
+// The kept weights in the forward kernel's layout: block panels, or the CSR values.
+at::Tensor pack(const at::Tensor& w, const Index& index) {
+  return index.block ? block_pack(w, index.rows_ptr, index.rows_idx, index.block, false)
+                     : gather_values(w, index.rows_ptr, index.rows_idx, false);
+}
+
 at::Tensor cpu_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       CallIndex& call) {
+                       const OptTensor& packed, CallIndex& call) {
   const int64_t M = rows_of(x), N = weight.size(0), K = weight.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
   if (M == 0 || N == 0 || K == 0) {  // nothing to walk: the bias (or zeros) in the output's shape
@@ -243,14 +253,14 @@ at::Tensor cpu_forward(const at::Tensor& x, const at::Tensor& weight, const std:
   const at::Tensor x2 = x.reshape({M, K}).contiguous(), w = weight.contiguous();
   const std::optional<at::Tensor> b = has_bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   Index& index = call.rows();
+  // Packed per call unless given (O(kept weights)); CSR values contiguous: a small batch then reads
+  // density x the weight instead of most of its cache lines.
+  const at::Tensor kept = packed.has_value() && packed->defined() ? *packed : pack(w, index);
   at::Tensor y;
   if (index.block) {
-    const at::Tensor packed = block_pack(w, index.rows_ptr, index.rows_idx, index.block, false);
-    y = block_mm(x2, packed, N, b, index.rows_ptr, index.rows_idx, index.block);
+    y = block_mm(x2, kept, N, b, index.rows_ptr, index.rows_idx, index.block);
   } else {
-    // The kept weights gathered contiguous (O(kept)): a small batch then reads density x the weight.
-    const at::Tensor vals = gather_values(w, index.rows_ptr, index.rows_idx, false);
-    y = csr_mm(spanned_t(x2, true, 0), M, w, b, index.rows_ptr, index.rows_idx, false, vals);
+    y = csr_mm(spanned_t(x2, true, 0), M, w, b, index.rows_ptr, index.rows_idx, false, kept);
   }
   return with_leading_dims(y, x);
 }
@@ -339,14 +349,28 @@ Backend route(c10::DeviceType device, const at::Tensor& x, const at::Tensor& wei
   return chosen;
 }
 
+// packed must be what masked_linear_pack(weight, index) gives for this weight and index.
+void check_packed(const OptTensor& packed, const at::Tensor& weight, CallIndex& call) {
+  if (!packed.has_value() || !packed->defined()) return;
+  TORCH_CHECK_VALUE(call.given.has_value(), "packed needs the index it was packed with");
+  const Index& index = call.get();
+  const at::ScalarType dtype =
+      index.block && weight.scalar_type() != at::kBFloat16 ? at::kFloat : weight.scalar_type();
+  const int64_t kept = index.block ? index.rows_idx.numel() * index.block * index.block : index.rows_idx.numel();
+  TORCH_CHECK_VALUE(packed->scalar_type() == dtype && packed->numel() == kept && packed->is_contiguous() &&
+                        packed->device() == weight.device(),
+                    "packed does not fit this weight and index: build it with masked_linear_pack(weight, index)");
+}
+
 at::Tensor masked_linear_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
-                              const std::optional<at::Tensor>& bias, OptIndex index) {
+                              const std::optional<at::Tensor>& bias, OptIndex index, const OptTensor& packed) {
   check_args(x, weight, mask, bias);
   check_binary(mask);
   CallIndex call{mask, index, std::nullopt};
   if (index.has_value()) call.get();  // a given index is checked against the mask whichever route runs
+  check_packed(packed, weight, call);
   switch (route(x.device().type(), x, weight, call)) {
-    case Backend::kCpu: return cpu_forward(x, weight, bias, call);
+    case Backend::kCpu: return cpu_forward(x, weight, bias, packed, call);
     case Backend::kTriton: return triton_forward(x, weight, mask, bias, call);
     default: return aten_forward(x, weight, mask, bias);
   }
@@ -369,7 +393,7 @@ Grads masked_linear_backward_impl(const at::Tensor& grad_y, const at::Tensor& x,
 }
 
 at::Tensor masked_linear_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
-                              const std::optional<at::Tensor>& bias, OptIndex) {
+                              const std::optional<at::Tensor>& bias, OptIndex, const OptTensor&) {
   check_args(x, weight, mask, bias);
   return at::empty(out_shape(x, weight.size(0)), x.options());
 }
@@ -392,16 +416,25 @@ std::vector<at::Tensor> masked_linear_index(const at::Tensor& mask) {
   return to_list(index, mask);
 }
 
+at::Tensor masked_linear_pack(const at::Tensor& weight, at::TensorList index_list) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D, got shape ", shape_str(weight.sizes()));
+  TORCH_CHECK_TYPE(is_float(weight.scalar_type()), "weight must have dtype in (float32, bfloat16, float16), got ",
+                   dtype_str(weight.scalar_type()));
+  TORCH_CHECK_VALUE(weight.is_cpu(), "masked_linear_pack packs for the CPU kernels, got weight on ", weight.device());
+  // (from_list checks the index against a mask of the weight's shape and device; its values are not read)
+  const Index index = from_list(index_list, at::empty(weight.sizes(), weight.options().dtype(at::kBool)));
+  return pack(weight.contiguous(), index);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Autograd and autocast
 // ---------------------------------------------------------------------------------------------------
-c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const std::optional<at::Tensor>&, OptIndex)>
-forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("effops::masked_linear", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, OptIndex)>();
+using ForwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                    OptIndex, const OptTensor&);
+
+c10::TypedOperatorHandle<ForwardSignature> forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("effops::masked_linear", "").typed<ForwardSignature>();
   return op;
 }
 
@@ -418,12 +451,13 @@ backward_op() {
 class MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& mask, const std::optional<at::Tensor>& bias, OptIndex index) {
+                            const at::Tensor& mask, const std::optional<at::Tensor>& bias, OptIndex index,
+                            const OptTensor& packed) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({x, weight, mask});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     if (index.has_value()) ctx->saved_data["index"] = c10::List<at::Tensor>(index->vec());
-    return forward_op().call(x, weight, mask, bias, index);
+    return forward_op().call(x, weight, mask, bias, index, packed);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -449,43 +483,48 @@ class MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFuncti
       gmask = (at::mm(grad_y.reshape({rows, weight.size(0)}).t(), x.reshape({rows, weight.size(1)})) * weight)
                   .to(mask.scalar_type());
     }
-    return {gx, gw, gmask, gb, at::Tensor()};
+    return {gx, gw, gmask, gb, at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor masked_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
-                                  const std::optional<at::Tensor>& bias, OptIndex index) {
+                                  const std::optional<at::Tensor>& bias, OptIndex index, const OptTensor& packed) {
   const bool wants_grad = c10::GradMode::is_enabled() &&
                           (x.requires_grad() || weight.requires_grad() || mask.requires_grad() ||
                            (bias.has_value() && bias->defined() && bias->requires_grad()));
   if (!wants_grad) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return forward_op().call(x, weight, mask, bias, index);
+    return forward_op().call(x, weight, mask, bias, index, packed);
   }
-  return MaskedLinearFunction::apply(x, weight, mask, bias, index);
+  return MaskedLinearFunction::apply(x, weight, mask, bias, index, packed);
 }
 
 // As torch casts F.linear: the floating inputs to the autocast dtype (a bool mask stays bool).
 template <c10::DeviceType D>
 at::Tensor masked_linear_autocast(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
-                                  const std::optional<at::Tensor>& bias, OptIndex index) {
+                                  const std::optional<at::Tensor>& bias, OptIndex index, const OptTensor& packed) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(D));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(D);
   auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, D); };
   const at::Tensor cast_mask = mask.scalar_type() == at::kBool ? mask : cast(mask);
   const std::optional<at::Tensor> cast_bias =
       bias.has_value() && bias->defined() ? std::optional<at::Tensor>(cast(*bias)) : bias;
-  return forward_op().call(cast(x), cast(weight), cast_mask, cast_bias, index);
+  const at::Tensor cast_weight = cast(weight);
+  // (packed weights keep the weight's dtype: a cast weight no longer matches them)
+  const OptTensor cast_packed = cast_weight.scalar_type() == weight.scalar_type() ? packed : std::nullopt;
+  return forward_op().call(cast(x), cast_weight, cast_mask, cast_bias, index, cast_packed);
 }
 
 }  // namespace
 }  // namespace effops::masked
 
 TORCH_LIBRARY_FRAGMENT(effops, m) {
-  m.def("masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias=None, Tensor[]? index=None) -> Tensor");
+  m.def("masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias=None, Tensor[]? index=None, "
+        "Tensor? packed=None) -> Tensor");
   m.def("masked_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor mask, Tensor[]? index, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("masked_linear_index(Tensor mask) -> Tensor[]");
+  m.def("masked_linear_pack(Tensor weight, Tensor[] index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(effops, CPU, m) {
@@ -505,6 +544,7 @@ TORCH_LIBRARY_IMPL(effops, Meta, m) {
 
 TORCH_LIBRARY_IMPL(effops, CompositeExplicitAutograd, m) {
   m.impl("masked_linear_index", &effops::masked::masked_linear_index);
+  m.impl("masked_linear_pack", &effops::masked::masked_linear_pack);
 }
 
 TORCH_LIBRARY_IMPL(effops, Autograd, m) { m.impl("masked_linear", &effops::masked::masked_linear_autograd); }

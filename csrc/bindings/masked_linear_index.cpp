@@ -91,10 +91,11 @@ void build_rows(Index& index, const at::Tensor& mask) {
     return;
   }
   const int64_t N = m.size(0), K = m.size(1);
+  const auto* bytes = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
   index.rows_ptr = at::empty({N + 1}, m.options().dtype(at::kLong));
-  index.rows_idx = at::empty({index.nnz}, m.options().dtype(at::kLong));
-  effops::cpu::mask_row_lists(reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()), N, K,
-                              index.rows_ptr.data_ptr<int64_t>(), index.rows_idx.data_ptr<int64_t>());
+  const int64_t kept = effops::cpu::mask_row_counts(bytes, N, K, index.rows_ptr.data_ptr<int64_t>());
+  index.rows_idx = at::empty({kept}, m.options().dtype(at::kLong));
+  effops::cpu::mask_row_lists(bytes, N, K, index.rows_ptr.data_ptr<int64_t>(), index.rows_idx.data_ptr<int64_t>());
 }
 
 void build_cols(Index& index, const at::Tensor& mask) {
@@ -109,10 +110,11 @@ void build_cols(Index& index, const at::Tensor& mask) {
     return;
   }
   const int64_t N = m.size(0), K = m.size(1);
+  const auto* bytes = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
   index.cols_ptr = at::empty({K + 1}, m.options().dtype(at::kLong));
-  index.cols_idx = at::empty({index.nnz}, m.options().dtype(at::kLong));
-  effops::cpu::mask_col_lists(reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()), N, K,
-                              index.cols_ptr.data_ptr<int64_t>(), index.cols_idx.data_ptr<int64_t>());
+  const int64_t kept = effops::cpu::mask_col_counts(bytes, N, K, index.cols_ptr.data_ptr<int64_t>());
+  index.cols_idx = at::empty({kept}, m.options().dtype(at::kLong));
+  effops::cpu::mask_col_lists(bytes, N, K, index.cols_ptr.data_ptr<int64_t>(), index.cols_idx.data_ptr<int64_t>());
 }
 
 std::vector<at::Tensor> to_list(const Index& index, const at::Tensor& mask) {

@@ -61,13 +61,16 @@ template <typename T>
 void csr_sparse_grad_weight(const SpannedT& gyT, const SpannedT& xT, int64_t N, int64_t K, const int64_t* ptr,
                             const int64_t* idx, T* gw);
 
-// Mask scans for the index (mask_index.cpp). m: a row-major N x K byte mask, any nonzero byte kept.
-// counts[ceil(N/b) * ceil(K/b)]: kept entries per b x b block, edge blocks partial.
+// Mask scans for the index (mask_index.cpp). m: a row-major N x K byte mask.
+// counts[ceil(N/b) * ceil(K/b)]: the bytes summed per b x b block (edge blocks partial): kept entries
+// of a bool mask.
 void mask_block_counts(const uint8_t* m, int64_t N, int64_t K, int64_t b, int64_t* counts);
-// CSR of the kept entries: ptr[N + 1], idx[nnz] (columns ascending within a row).
-void mask_row_lists(const uint8_t* m, int64_t N, int64_t K, int64_t* ptr, int64_t* idx);
-// The same per column (CSC): ptr[K + 1], idx[nnz] (rows ascending within a column).
-void mask_col_lists(const uint8_t* m, int64_t N, int64_t K, int64_t* ptr, int64_t* idx);
+// CSR of the nonzero bytes: ptr[N + 1] (returns ptr[N]), then idx[ptr[N]] (columns ascending in a row).
+int64_t mask_row_counts(const uint8_t* m, int64_t N, int64_t K, int64_t* ptr);
+void mask_row_lists(const uint8_t* m, int64_t N, int64_t K, const int64_t* ptr, int64_t* idx);
+// The same per column (CSC): ptr[K + 1], idx (rows ascending in a column).
+int64_t mask_col_counts(const uint8_t* m, int64_t N, int64_t K, int64_t* ptr);
+void mask_col_lists(const uint8_t* m, int64_t N, int64_t K, const int64_t* ptr, int64_t* idx);
 
 // Which body the block and CSR kernels run at the current level (for `python -m effops info`).
 const char* masked_linear_body();

@@ -11,7 +11,13 @@ built when the mask is set: at construction (`from_linear`, `from_conv`), `set_m
 `load_state_dict` and `.to()` / `.cuda()` / `.half()` (any `Module._apply`). Change the mask only
 through these; a mask written in place otherwise (`layer.mask.copy_(new)`) needs `rebuild_index()`. A
 mask in shared memory (`share_memory()`: another process may write it) is scanned on every call instead.
-The weights are read directly on every call: nothing is derived from them.
+
+The weights are read on every call (the kernels pack the kept weights per call), unless `pack_weights()`
+was called: then the forward reads `weight_packed`, the kept weights packed once in the CPU kernels'
+layout, for inference on fixed weights. It is repacked at the same points as the index and by
+`apply_mask_`, and dropped by `train()` (training changes the weights) and `unpack_weights()`; after
+changing the weights any other way (an EMA update in eval mode, `copy_` into a parameter), call
+`pack_weights()` again.
 """
 import importlib
 
@@ -51,9 +57,32 @@ class _MaskedMixin:
     _conv = False  # SparseConv1x1: masks may come in the conv weight's shape (out, in, 1, 1)
 
     def rebuild_index(self):
-        """Build `mask_index` from the current mask (done by every method that sets the mask)."""
+        """Build `mask_index` from the current mask (done by every method that sets the mask), and
+        `weight_packed` from the weights when packed."""
         mask = self.mask
         self.mask_index = None if mask.device.type == "meta" else _op.masked_linear_index(mask)
+        if self.__dict__.get("weight_packed") is not None:  # packed for the CPU kernels only
+            if self.weight.device.type == "cpu" and self.mask_index is not None:
+                self.pack_weights()
+            else:
+                self.weight_packed = None
+
+    @torch.no_grad()
+    def pack_weights(self):
+        """Pack the kept weights as they are now for the forward (CPU layers; see the module docstring)."""
+        weight = self._weight2d()
+        if weight.device.type != "cpu" or self.mask_index is None:
+            raise ValueError("pack_weights packs CPU weights of a layer with a mask, got weight on %s" % weight.device)
+        self.weight_packed = _op.masked_linear_pack(weight, self.mask_index)
+
+    def unpack_weights(self):
+        """Drop `weight_packed`: the forward reads the weights again."""
+        self.weight_packed = None
+
+    def train(self, mode=True):
+        if mode:
+            self.weight_packed = None  # training changes the weights
+        return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -77,6 +106,11 @@ class _MaskedMixin:
             return self.mask_index  # (under a transform the reference runs: a batched mask has no storage)
         return None if mask.untyped_storage().is_shared() else self.mask_index
 
+    def _packed(self, index):
+        """weight_packed where the op may read it (with the index it was packed with, on the CPU)."""
+        packed = self.__dict__.get("weight_packed")
+        return None if packed is None or index is None else packed
+
     def _weight2d(self):
         w = self.weight
         return w if w.dim() == 2 else w.view(w.shape[0], -1)  # Linear's as is (a view per call costs ~3 us)
@@ -99,13 +133,15 @@ class _MaskedMixin:
         mask = _validated_mask(mask, self.mask.shape, self.mask.device, self.pattern, self.block_size,
                                conv=self._conv)
         self.mask.copy_(mask)
-        self.rebuild_index()
+        self.mask_index = _op.masked_linear_index(self.mask)
         self.apply_mask_()
 
     @torch.no_grad()
     def apply_mask_(self):
         """Set the pruned weights to exactly zero (after an optimizer step, say)."""
         self._weight2d().mul_(self.mask.to(self.weight.dtype))
+        if self.__dict__.get("weight_packed") is not None:
+            self.pack_weights()
 
 
 class SparseLinear(_MaskedMixin, nn.Linear):
@@ -155,7 +191,8 @@ class SparseLinear(_MaskedMixin, nn.Linear):
         return out
 
     def forward(self, x):
-        return _op.masked_linear(x, self.weight, self.mask, self.bias, index=self._index())
+        index = self._index()
+        return _op.masked_linear(x, self.weight, self.mask, self.bias, index=index, packed=self._packed(index))
 
     def extra_repr(self):
         return "%s, density=%.3f, pattern=%s" % (super().extra_repr(), self.density, self.pattern)
@@ -208,8 +245,9 @@ class SparseConv1x1(_MaskedMixin, nn.Conv2d):
         if x.shape[1] != self.in_channels:
             raise ValueError("x must have %d channels (in_channels), got shape %s" % (self.in_channels, tuple(x.shape)))
         # The product over channels on x's channels-last (N, H, W, C) view.
-        y = _op.masked_linear(x.permute(0, 2, 3, 1), _flat(self.weight), self.mask, self.bias,
-                              index=self._index()).permute(0, 3, 1, 2)
+        index = self._index()
+        y = _op.masked_linear(x.permute(0, 2, 3, 1), _flat(self.weight), self.mask, self.bias, index=index,
+                              packed=self._packed(index)).permute(0, 3, 1, 2)
         # In x's memory format, as nn.Conv2d returns it: the product comes out channels_last, so NCHW
         # input costs one copy of y (feed channels_last to a chain of these layers to spare it).
         return y if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else y.contiguous()

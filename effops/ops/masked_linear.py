@@ -18,7 +18,7 @@ from effops.reference import masked_linear as reference
 PATTERNS = ("unstructured", "block", "2:4")
 
 
-def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None, index=None):
+def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None, index=None, packed=None):
     """y = x @ (weight * mask)^T + bias for x of shape (..., in_features).
 
     weight: (out_features, in_features); mask: same shape, bool or 0/1 in weight's dtype;
@@ -28,6 +28,8 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None, 
     structure itself from the mask on every call, so the hint only validates.
     index (optional): masked_linear_index(mask), built once where the mask is set (SparseLinear holds
     it): the call then skips scanning the mask. It must be rebuilt whenever the mask changes.
+    packed (optional, with index): masked_linear_pack(weight, index), the kept weights in the CPU kernels'
+    layout, read instead of the weight by the forward; it must be rebuilt whenever the weight changes.
     """
     if pattern is not None or block_size is not None:
         check_pattern(pattern, block_size)
@@ -36,7 +38,7 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None, 
             if why:
                 raise ValueError("mask does not fit pattern=%r: %s" % (pattern, why))
     if torch.compiler.is_compiling():
-        return torch.ops.effops.masked_linear(x, weight, mask, bias, index)
+        return torch.ops.effops.masked_linear(x, weight, mask, bias, index, packed)
     for name, value in (("x", x), ("weight", weight), ("mask", mask)):
         if not isinstance(value, Tensor):
             raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(value).__name__))
@@ -44,13 +46,19 @@ def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None, 
         # torch differentiates and batches torch's own ops, not ours (a C++ op has no forward-mode rule);
         # F.linear also takes sparse x
         return reference.masked_linear(x, weight, mask, bias)
-    return _OP(x, weight, mask, bias, index)
+    return _OP(x, weight, mask, bias, index, packed)
 
 
 def masked_linear_index(mask):
     """The mask's index for masked_linear(..., index=): block size, kept count and the kept lists per row
     and per column (a list of tensors on the mask's device). None without the compiled extension."""
     return None if _OP is None else torch.ops.effops.masked_linear_index(mask)
+
+
+def masked_linear_pack(weight, index):
+    """The kept weights of a CPU weight in the forward kernel's layout (block panels or CSR values), for
+    masked_linear(..., index=index, packed=...): a copy of what they are now. None without the extension."""
+    return None if _OP is None else torch.ops.effops.masked_linear_pack(weight, index)
 
 
 def _under_transform():
