@@ -15,7 +15,7 @@ else ifneq ($(ISA),)
 BENCH_ENV := EFFOPS_CPU_ISA=$(ISA)
 endif
 
-.PHONY: demo test build gpu-compile-check cuda-build-check bench gpu-check info clean
+.PHONY: demo test build gpu-compile-check cuda-build-check lint-imports bench gpu-check info clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -40,6 +40,11 @@ info: build
 # Every .cu through nvcc for sm_80/sm_90a and every Triton kernel config through Triton's compiler.
 gpu-compile-check: $(STAMP)
 	$(VPY) tools/gpu_compile_check.py --out build/gpu-compile-check
+
+# The import boundaries of docs/architecture.md (.importlinter): kernels are leaves, the reference is plain
+# PyTorch, modules use the public ops, transforms launch no kernel.
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 # The CUDA extension with its torch glue, built against the CUDA torch wheel on disk (no GPU needed).
 cuda-build-check:

@@ -105,11 +105,13 @@ def run(quick, device):
                              "fp32 nn.Linear": _infer(fp32, xi)},
                             baseline="torch dynamic int8 (FBGEMM)", rounds=rounds, min_time=min_time,
                             extra=dict(batch=batch))
-    for batch in (1, 64):
-        plain, ours = _separable_pair(24, 48, 2)
-        x = torch.randn(batch, 24, 32, 32)
+    # The demo's block, and issue #16's small-call case (48 channels at 14x14, batch 1).
+    for (cin, cout, size, stride), batch in [((24, 48, 32, 2), 1), ((24, 48, 32, 2), 64), ((48, 48, 14, 1), 1)]:
+        plain, ours = _separable_pair(cin, cout, stride)
+        x = torch.randn(batch, cin, size, size)
         for kind, timed in (("inference", _infer), ("training", _train)):
-            rows += compare("small_calls", "SeparableConv2d 24->48 32x32 s2 %s batch=%d" % (kind, batch),
+            rows += compare("small_calls", "SeparableConv2d %d->%d %dx%d s%d %s batch=%d"
+                            % (cin, cout, size, size, stride, kind, batch),
                             {"torch conv pair": timed(plain, x), "effops": timed(ours, x),
                              "effops.ops": timed(_functional_separable(ours), x)},
                             baseline="torch conv pair", rounds=rounds, min_time=min_time, extra=dict(batch=batch))

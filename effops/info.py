@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import os
 import platform
+import sys
 
 import torch
 
@@ -110,11 +111,14 @@ def kernel_lines():
         return ["kernels per op: effops.ops does not import (%s: %s)" % (type(exc).__name__, exc)]
     lines = ["kernels per op (automatic order on cpu: %s; on cuda: %s):"
              % (" > ".join(_backends.AUTO_ORDER["cpu"]), " > ".join(_backends.AUTO_ORDER["cuda"]))]
-    for op in sorted(_backends._kernels):
-        if op.startswith("_test"):
-            continue
-        names = [b for b in _backends.BACKENDS if b in _backends._kernels[op]]
-        lines.append("  %-30s %s" % (op, ", ".join(names)))
+    table = {op: [b for b in _backends.BACKENDS if b in kernels] for op, kernels in _backends._kernels.items()
+             if not op.startswith("_test")}
+    for name in getattr(sys.modules["effops.ops"], "__all__", ()):
+        module = sys.modules.get("effops.ops." + name)
+        if getattr(module, "BACKENDS", None) is not None:  # an op on the C++ dispatch declares its backends
+            table[name] = list(module.BACKENDS)
+    for op in sorted(table):
+        lines.append("  %-30s %s" % (op, ", ".join(table[op])))
     return lines
 
 

@@ -8,6 +8,7 @@ and TRITON_INTERPRET=0 to run every backend on the GPU instead.
 import contextlib
 import os
 import re
+import sys
 
 TEST_DEVICE = os.environ.get("EFFOPS_TEST_DEVICE", "cpu")
 if TEST_DEVICE == "cpu":
@@ -104,19 +105,23 @@ def pytest_runtest_call(item):
         pytest.skip(reason)
 
 
+def op_backends(op):
+    """The backends with a kernel for `op`: an op on the C++ dispatch declares them in its module's
+    BACKENDS (effops/ops/<op>.py), the others are in the Python registry."""
+    module = sys.modules.get("effops.ops." + op)
+    declared = getattr(module, "BACKENDS", None) if module is not None else None
+    return declared if declared is not None else _backends._kernels.get(op, ())
+
+
 def pytest_collection_modifyitems(config, items):
     """Drop instances that can run on no machine: the `backend` fixture forcing a backend that has no
-    kernel for any op of the test module (its BACKEND_OPS), or is not among its BACKENDS (ops in C++,
-    outside the Python registry). Modules without either keep them all."""
+    kernel for any op of the test module (its BACKEND_OPS). Modules without BACKEND_OPS keep them all."""
     import effops.ops  # noqa: F401  (registers every op's kernels)
     keep, drop = [], []
     for item in items:
         backend = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
         ops = getattr(item.module, "BACKEND_OPS", None)
-        named = getattr(item.module, "BACKENDS", None)
-        if isinstance(backend, tuple) and named is not None and backend[0] not in named:
-            drop.append(item)
-        elif isinstance(backend, tuple) and ops and not any(backend[0] in _backends._kernels.get(op, ()) for op in ops):
+        if isinstance(backend, tuple) and ops and not any(backend[0] in op_backends(op) for op in ops):
             drop.append(item)
         else:
             keep.append(item)

@@ -216,3 +216,50 @@ def test_use_backend_sets_the_compiled_ops_forced_backend_per_thread():
     assert seen == {"inner": "reference", "restored": "cpu", "thread": "", "after": ""}
     with pytest.raises(ValueError, match="backend must be one of"):
         cpp.set_forced_backend("gpu")
+
+
+# Forcing, as the C++ ops apply it (csrc/bindings/dispatch.cpp), through dwpw_conv2d.
+def _dwpw_args():
+    return torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3), torch.randn(5, 4, 1, 1)
+
+
+@pytest.mark.skipif(not _ext.load(), reason="compiled ops not built")
+def test_compiled_ops_follow_the_forced_backend_and_the_environment(monkeypatch):
+    args = _dwpw_args()
+    with _backends.record_choices() as tally:
+        effops.ops.dwpw_conv2d(*args)
+        with effops.use_backend("reference"):
+            effops.ops.dwpw_conv2d(*args)
+        monkeypatch.setenv("EFFOPS_BACKEND", "reference")
+        effops.ops.dwpw_conv2d(*args)
+        with effops.use_backend("cpu"):  # use_backend wins over the environment
+            effops.ops.dwpw_conv2d(*args)
+    assert tally == {"dwpw_conv2d": {"cpu": 2, "reference": 2}}
+    monkeypatch.setenv("EFFOPS_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="EFFOPS_BACKEND must be one of"):
+        effops.ops.dwpw_conv2d(*args)
+
+
+@pytest.mark.skipif(not _ext.load(), reason="compiled ops not built")
+def test_a_forced_backend_that_cannot_run_raises_never_falls_back(monkeypatch):
+    args = _dwpw_args()
+    monkeypatch.setenv("EFFOPS_BACKEND", "cuda")  # (use_backend itself refuses an unusable backend)
+    with pytest.raises(effops.BackendError, match="backend 'cuda' is forced but cannot run on cpu tensors"):
+        effops.ops.dwpw_conv2d(*args)
+    monkeypatch.delenv("EFFOPS_BACKEND")
+    with effops.use_backend("cpu"):
+        with pytest.raises(effops.BackendError, match="declines this dwpw_conv2d input: kernel larger than 7x7"):
+            effops.ops.dwpw_conv2d(torch.randn(1, 4, 12, 12), torch.randn(4, 1, 9, 9), args[2])
+
+
+@pytest.mark.skipif(not _ext.load(), reason="compiled ops not built")
+def test_a_forced_backend_holds_on_its_own_thread_only():
+    import threading
+    args = _dwpw_args()
+    with _backends.record_choices() as tally:
+        with effops.use_backend("reference"):
+            other = threading.Thread(target=lambda: effops.ops.dwpw_conv2d(*args))
+            other.start()
+            other.join()
+            effops.ops.dwpw_conv2d(*args)
+    assert tally == {"dwpw_conv2d": {"cpu": 1, "reference": 1}}

@@ -62,18 +62,15 @@ def _separable_expected(m, x):
                                       m.activation)
 
 
-def test_separable_and_int8_modules_keep_a_memo_too(monkeypatch):
-    dwpw_plans = _count_calls(monkeypatch, dwpw_op, "plan")
-    sep, x = _separable(), torch.randn(2, 6, 9, 8)
+def test_int8_modules_keep_a_memo_too(monkeypatch):
     torch.manual_seed(2)
     q, xq = Int8Linear.from_linear(nn.Linear(40, 24)), torch.randn(3, 40)
     int8_runners = _count_calls(monkeypatch, q, "_runner")
     with torch.no_grad():
         for _ in range(3):
-            torch.testing.assert_close(sep(x), _separable_expected(sep, x), atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(q(xq), int8_reference.int8_linear_dynamic(
                 xq, q.weight_packed, q.weight_scale, q.bias, 24, False), atol=1e-4, rtol=1e-5)
-    assert (dwpw_plans.calls, int8_runners.calls) == (1, 1)
+    assert int8_runners.calls == 1
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -347,19 +344,15 @@ def _module_cases():
     """(name, module, x, the op's path for that module without any memo): a memo must give exactly what
     it gives."""
     torch.manual_seed(8)
-    sep = _separable()
     q = Int8Linear.from_linear(nn.Linear(40, 24))
     int8_op = importlib.import_module("effops.ops.int8_gemm")
     return [
-        ("separable", sep, torch.randn(2, 6, 9, 8), lambda m, x: dwpw_op._unmemoized(
-            x, m.depthwise.weight, m.pointwise.weight, m.depthwise.bias, m.pointwise.bias, m.depthwise.stride,
-            m.depthwise.padding, m.depthwise.dilation, m.activation)),
         ("int8", q, torch.randn(3, 40), lambda m, x: int8_op.int8_linear_dynamic(
             x, m.weight_packed, m.weight_scale, m.bias, m.out_features, False)),
     ]
 
 
-@pytest.mark.parametrize("case", range(2), ids=["separable", "int8"])
+@pytest.mark.parametrize("case", [0], ids=["int8"])  # (SparseLinear, SeparableConv2d: no memo any more)
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_memo_under_autocast_gives_the_ops_answer(monkeypatch, case, training):
     # Under autocast the memo's runner is given x and the weights cast per call (the weights change
@@ -368,10 +361,7 @@ def test_memo_under_autocast_gives_the_ops_answer(monkeypatch, case, training):
     if training and name == "int8":
         module.bias.requires_grad_(True)
     twin = copy.deepcopy(module)
-    if name == "int8":
-        builds = _count_calls(monkeypatch, module, "_runner")
-    else:
-        builds = _count_calls(monkeypatch, dwpw_op, "plan")
+    builds = _count_calls(monkeypatch, module, "_runner")
     with torch.set_grad_enabled(training):
         for step in range(3):
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -422,14 +412,6 @@ def test_functional_settings_keep_their_types():
     # 1 == True == 1.0 in Python: a memo keyed on values alone would let stride=True through.
     torch.manual_seed(5)
     x, dw, pw = torch.randn(1, 4, 7, 7), torch.randn(4, 1, 3, 3), torch.randn(6, 4, 1, 1)
-    y = effops.ops.dwpw_conv2d(x, dw, pw, stride=1, padding=1)
-    with pytest.raises(TypeError, match="stride"):
-        effops.ops.dwpw_conv2d(x, dw, pw, stride=True, padding=1)
-    with pytest.raises(TypeError, match="padding"):
-        effops.ops.dwpw_conv2d(x, dw, pw, stride=1, padding=1.0)
-    torch.testing.assert_close(effops.ops.dwpw_conv2d(x, dw, pw, stride=(1, 1), padding=[1, 1]), y)
-    with pytest.raises(ValueError, match="activation"):  # a list (keyed as a tuple): the build's check raises
-        effops.ops.dwpw_conv2d(x, dw, pw, stride=1, padding=1, activation=["relu"])
     with pytest.raises(ValueError, match="pattern"):
         effops.ops.masked_linear(torch.randn(2, 48), *_masked_tensors(), pattern="blocks")
 

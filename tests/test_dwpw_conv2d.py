@@ -1,5 +1,6 @@
 """effops.ops.dwpw_conv2d on every backend against the reference (computed in float64)."""
 import importlib
+import importlib.util
 import os
 
 import pytest
@@ -469,10 +470,10 @@ def test_cpu_every_level_matches_reference():
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
-    # See _cpu_faster / _cpu_step_slower / _cpu_backward_faster: the fused forward is chosen where torch's
-    # largest tensor reaches 32 MiB (measured 2-4x faster there) and for tiny inputs; in between the
-    # reference runs. A training step (autograd recording) is fused, forward and backward, where torch's
-    # largest tensor of the step (grad_x or the depthwise output / y) reaches 32 MiB, and for tiny inputs.
+    # The C++ policy (csrc/bindings/dwpw_conv2d_op.cpp): the fused forward is chosen where torch's
+    # largest tensor reaches 32 MiB (measured 2-4x faster there) and for tiny inputs; in between torch's
+    # convolutions run. A training step (autograd recording) is fused, forward and backward, where torch's
+    # largest tensor of the step (grad_x or the depthwise output / y) reaches 32 MiB.
     # Shapes are only described (meta tensors): the rule reads sizes, so 32 x 64 x 112 x 112 costs no memory.
     def fwd(N, C, O, H, device="meta", stride=1):
         x = torch.empty(N, C, H, H, device=device)
@@ -481,76 +482,64 @@ def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
         return (x, torch.empty(C, 1, 3, 3, device=device), torch.empty(O, C, 1, 1, device=device), None, None,
                 [stride] * 2, [1, 1], [1, 1], "relu6")
 
-    def faster(args):
-        return dwpw._cpu_faster(*args)
-
-    def bwd_faster(args):
-        return dwpw._cpu_backward_faster(torch.empty(0), *args[:3], None, *args[5:], [True] * 5)
-
-    def training(args):
-        args[1].requires_grad_()
-        return args
+    def reason(args, training=False):
+        return dwpw.route_reason(args[0], args[1], args[2], *args[5:8], training=training)
 
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    assert faster(fwd(32, 64, 128, 56)) is None                  # y = 51 MB
-    assert faster(fwd(16, 32, 64, 112)) is None                  # y = 51 MB
-    assert faster(fwd(32, 144, 24, 56)) is None                  # depthwise output 58 MB
-    assert faster(fwd(1, 16, 16, 8)) is None                     # 16K multiply-adds
-    # Training steps: fused where torch's step allocates 32 MiB or more, forward and backward alike.
+    assert reason(fwd(32, 64, 128, 56)) == ""                  # y = 51 MB
+    assert reason(fwd(16, 32, 64, 112)) == ""                  # y = 51 MB
+    assert reason(fwd(32, 144, 24, 56)) == ""                  # depthwise output 58 MB
+    assert reason(fwd(1, 16, 16, 8)) == ""                     # 16K multiply-adds
+    # Training steps: fused where torch's step allocates 32 MiB or more.
     for shape, stride in [((32, 64, 128, 56), 1), ((32, 96, 96, 56), 2), ((32, 144, 24, 56), 1)]:
-        assert faster(training(fwd(*shape, stride=stride))) is None, shape
-        assert bwd_faster(fwd(*shape, stride=stride)) is None, shape
-    assert faster(fwd(32, 96, 96, 56, stride=2)) is not None     # inference: y is 9.6 MB, grad_x is not made
+        assert reason(fwd(*shape, stride=stride), training=True) == "", shape
+    assert reason(fwd(32, 96, 96, 56, stride=2)) != ""         # inference: y is 9.6 MB, grad_x is not made
     for shape in [(32, 256, 256, 14), (32, 512, 512, 7), (8, 64, 128, 56), (8, 32, 64, 112)]:
-        assert "training step" in faster(training(fwd(*shape))), shape
-        assert "training step" in bwd_faster(fwd(*shape)), shape
-    assert bwd_faster(fwd(1, 16, 16, 8)) is None
-    assert "tiny input" in faster(training(fwd(1, 16, 16, 8)))  # a tiny training step: torch's autograd
-    with torch.no_grad():
-        assert faster(training(fwd(32, 64, 128, 56))) is None
+        assert "training step" in reason(fwd(*shape), training=True), shape
+    assert reason(fwd(1, 16, 16, 8), training=True) == ""  # a tiny training step: per-call cost, fused wins
     # torch's allocator on huge pages (its own switch) removes the page faults the size rule is about.
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
-    assert "THP_MEM_ALLOC_ENABLE" in faster(fwd(32, 64, 128, 56))
+    assert "THP_MEM_ALLOC_ENABLE" in reason(fwd(32, 64, 128, 56))
     if layout == "channels_last":  # torch's channels_last step on huge pages measured as fast as the fused one
-        assert "THP_MEM_ALLOC_ENABLE" in faster(training(fwd(32, 64, 128, 56)))
-        assert "THP_MEM_ALLOC_ENABLE" in bwd_faster(fwd(32, 64, 128, 56))
+        assert "THP_MEM_ALLOC_ENABLE" in reason(fwd(32, 64, 128, 56), training=True)
     else:  # torch's NCHW step stayed 1.2-1.7x slower than the fused one
-        assert faster(training(fwd(32, 64, 128, 56))) is None
-        assert bwd_faster(fwd(32, 64, 128, 56)) is None
+        assert reason(fwd(32, 64, 128, 56), training=True) == ""
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
     for shape in [(32, 256, 256, 14), (32, 512, 512, 7), (8, 32, 64, 112), (4, 64, 128, 56)]:
-        assert "largest tensor" in faster(fwd(*shape)), shape
-    # Through the registry, with real tensors: a declined size runs the reference, a tiny one the kernel.
+        assert "largest tensor" in reason(fwd(*shape)), shape
+    # Through the op, with real tensors: a declined size runs torch's convolutions, a tiny one the kernel.
     real = fwd(4, 256, 256, 14, device="cpu")
-    assert _backends.select("dwpw_conv2d", "cpu", *real) == "reference"
-    bwd = (torch.randn(4, 256, 14, 14), *real[:3], None, *real[5:], [True] * 5)
-    assert _backends.select("dwpw_conv2d_backward", "cpu", *bwd) == "reference"
-    assert _backends.select("dwpw_conv2d", "cpu", *fwd(1, 16, 16, 8, device="cpu")) == "cpu"
-    # The speed rule only steers the automatic choice: forcing cpu still runs the kernel, correctly.
     x, dw, pw = (t.normal_() for t in real[:3])
-    with effops.use_backend("cpu"):
-        assert _backends.select("dwpw_conv2d", "cpu", *real) == "cpu"
+    with torch.no_grad(), _backends.record_choices() as tally:
+        dwpw_conv2d(x, dw, pw, padding=1, activation="relu6")
+        dwpw_conv2d(*(t.normal_() for t in fwd(1, 16, 16, 8, device="cpu")[:3]), padding=1)
+    assert tally == {"dwpw_conv2d": {"reference": 1, "cpu": 1}}
+    # The speed rule only steers the automatic choice: forcing cpu still runs the kernel, correctly.
+    with effops.use_backend("cpu"), _backends.record_choices() as tally:
         got = dwpw_conv2d(x, dw / 3, pw / 16, padding=1, activation="relu6")
+    assert tally == {"dwpw_conv2d": {"cpu": 1}}
     want = reference.dwpw_conv2d(x, dw / 3, pw / 16, None, None, [1, 1], [1, 1], [1, 1], "relu6")
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # 256-term fp32 sums
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-def test_automatic_training_step_runs_the_fused_pair_where_the_step_rule_says(monkeypatch):
-    # The custom op's forward runs with grad mode off, so the training-step rule must be applied by the
-    # public function (_backends.chosen_outside). A stride-2 block whose x is large and whose output is
-    # small is the case where the step rule (fused: grad_x is big) and the inference rule (reference: y
-    # is small) disagree: both halves of the step must run the fused kernels. Thresholds scaled down.
-    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    monkeypatch.setattr(dwpw, "_CPU_MIN_AUTO_TENSOR_BYTES", 512 << 10)
+def test_the_policy_sees_training_steps():
+    # The public op is composite (above autograd), so its policy sees grad mode: a stride-2 block whose
+    # x is large and whose output is small is where the step rule (fused: grad_x is big) and the
+    # inference rule (torch: y is small) disagree. Meta tensors: sizes only.
+    x = torch.empty(32, 32, 112, 112, device="meta")  # x and grad_x 51 MB; depthwise output and y 12.8 MB
+    dw, pw = torch.empty(32, 1, 3, 3, device="meta"), torch.empty(32, 32, 1, 1, device="meta")
+    assert "largest tensor" in dwpw.route_reason(x, dw, pw, (2, 2), (1, 1), (1, 1))
+    assert dwpw.route_reason(x, dw, pw, (2, 2), (1, 1), (1, 1), training=True) == ""
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_training_step_gradients_through_the_fused_pair():
     torch.manual_seed(0)
-    x = torch.randn(2, 32, 64, 64, requires_grad=True)  # 1 MiB; y (2 x 32 x 32 x 32) 256 KiB; 2.1M MACs
+    x = torch.randn(2, 32, 64, 64, requires_grad=True)
     dw = (torch.randn(32, 1, 3, 3) / 3).requires_grad_()
     pw = (torch.randn(32, 32, 1, 1) / 6).requires_grad_()
-    with torch.no_grad():
-        assert _backends.select("dwpw_conv2d", "cpu", x, dw, pw, None, None, [2, 2], [1, 1], [1, 1], "relu") == \
-            "reference"
-    with _backends.record_choices() as tally:
+    with effops.use_backend("cpu"), _backends.record_choices() as tally:
         y = dwpw_conv2d(x, dw, pw, None, None, 2, 1, 1, "relu")
         y.square().sum().backward()
     assert tally == {"dwpw_conv2d": {"cpu": 1}, "dwpw_conv2d_backward": {"cpu": 1}}
@@ -563,50 +552,123 @@ def test_automatic_training_step_runs_the_fused_pair_where_the_step_rule_says(mo
 def test_triton_declines_past_grid_z_and_int32_offsets():
     # The Triton kernels put the batch on CUDA grid z (at most 65535) and use int32 offsets within one
     # image. Shapes only (meta tensors): nothing is allocated.
-    supports = _backends._kernels["dwpw_conv2d"]["triton"].supports
     dw, pw = torch.empty(8, 1, 3, 3, device="meta"), torch.empty(16, 8, 1, 1, device="meta")
-    args = (None, None, (1, 1), (1, 1), (1, 1), "relu")
-    assert "65535" in supports(torch.empty(65536, 8, 4, 4, device="meta"), dw, pw, *args)
-    assert "int32" in supports(torch.empty(1, 8, 16384, 16384, device="meta"), dw, pw, *args)
-    assert supports(torch.empty(65535, 8, 4, 4, device="meta"), dw, pw, *args) is None
-    backward = _backends._kernels["dwpw_conv2d_backward"]["triton"].supports
-    assert "65535" in backward(None, torch.empty(65536, 8, 4, 4, device="meta"), dw, pw, None, (1, 1), (1, 1),
-                               (1, 1), "relu", [True] * 5)
 
-
-def test_triton_declines_views_spanning_past_int32_offsets():
+    def reason(x):  # (x.half() of a strided view would copy it)
+        return dwpw.route_reason(x if x.dtype == torch.half else x.half(), dw.half(), pw.half(), device="cuda")
+    if importlib.util.find_spec("triton") is None:
+        assert reason(torch.empty(2, 8, 4, 4, device="meta")) == "triton is not installed"
+        return
+    assert "65535" in reason(torch.empty(65536, 8, 4, 4, device="meta"))
+    assert "int32" in reason(torch.empty(1, 8, 16384, 16384, device="meta"))
+    assert reason(torch.empty(65535, 8, 4, 4, device="meta")) == ""
     # A channel slice of a wider channels_last tensor: few elements, a span past 2**31 through its strides.
-    supports = _backends._kernels["dwpw_conv2d"]["triton"].supports
-    wide = torch.empty(1, 2 ** 20, 48, 48, device="meta").contiguous(memory_format=torch.channels_last)
-    x = wide[:, :8]
-    dw, pw = torch.empty(8, 1, 3, 3, device="meta"), torch.empty(16, 8, 1, 1, device="meta")
-    assert 8 * 48 * 48 < 2 ** 31 and "int32" in supports(x, dw, pw, None, None, (1, 1), (1, 1), (1, 1), "relu")
+    wide = torch.empty(1, 2 ** 20, 48, 48, device="meta", dtype=torch.half).contiguous(memory_format=torch.channels_last)
+    assert 8 * 48 * 48 < 2 ** 31 and "int32" in reason(wide[:, :8])
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_is_chosen_automatically_for_16_bit_only():
-    # fp32 on CUDA: cuDNN's TF32 convolutions are expected to win (no GPU measurement yet); the rule is
-    # the kernels' `faster`, so forcing triton still runs fp32.
+    # fp32 on CUDA: cuDNN's TF32 convolutions are expected to win (no GPU measurement yet); forcing
+    # triton still runs fp32.
     x = torch.empty(2, 8, 6, 6, device="meta")
     dw, pw = torch.empty(8, 1, 3, 3, device="meta"), torch.empty(4, 8, 1, 1, device="meta")
-    forward = _backends._kernels["dwpw_conv2d"]["triton"].faster
-    backward = _backends._kernels["dwpw_conv2d_backward"]["triton"].faster
-    geometry = ((1, 1), (1, 1), (1, 1), "relu")
-    for t in (x, x.half(), x.bfloat16()):
-        want_decline = t.dtype == torch.float32
-        assert bool(forward(t, dw, pw, None, None, *geometry)) == want_decline
-        assert bool(backward(t, t, dw, pw, None, *geometry, [True] * 5)) == want_decline
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = dwpw.route_reason(x.to(dtype), dw.to(dtype), pw.to(dtype), device="cuda")
+        assert (got != "") == (dtype == torch.float32), dtype
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 def test_bf16_training_steps_run_torch_where_the_cpu_has_native_bf16(monkeypatch):
     # torch's bf16 convolutions run natively on AVX512-BF16 CPUs: the fused step lost there
     # (benchmarks/dwpw_bf16_crossover.py), so the step rule sends bf16 to torch's autograd; elsewhere
-    # (and in fp32) the size rule decides as before.
-    from effops.ops.dwpw_conv2d import _cpu_step_slower
-    x = torch.empty(32, 32, 112, 112, dtype=torch.bfloat16)
-    dw, pw = torch.empty(32, 1, 3, 3, dtype=torch.bfloat16), torch.empty(64, 32, 1, 1, dtype=torch.bfloat16)
-    for native in (True, False):
-        monkeypatch.setattr(effops.cpu_isa, "cpu_has_native_bf16", lambda: native)
-        reason = _cpu_step_slower(x, dw, pw, (1, 1), (1, 1), (1, 1))
-        assert (reason is not None and "AVX512-BF16" in reason) == native
-        assert _cpu_step_slower(x.float(), dw.float(), pw.float(), (1, 1), (1, 1), (1, 1)) is None
+    # (and in fp32) the size rule decides as before. oneDNN capped below AVX512-BF16 is not native.
+    x = torch.empty(32, 32, 112, 112, dtype=torch.bfloat16, device="meta")
+    dw = torch.empty(32, 1, 3, 3, dtype=torch.bfloat16, device="meta")
+    pw = torch.empty(64, 32, 1, 1, dtype=torch.bfloat16, device="meta")
+    geometry = ((1, 1), (1, 1), (1, 1))
+    native = effops.cpu_isa.cpu_has_native_bf16()
+    assert ("AVX512-BF16" in dwpw.route_reason(x, dw, pw, *geometry, training=True)) == native
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert dwpw.route_reason(x, dw, pw, *geometry, training=True) == ""
+    assert dwpw.route_reason(x.float(), dw.float(), pw.float(), *geometry, training=True) == ""
+
+
+def test_settings_keep_their_types():
+    # 1 == True == 1.0 in Python: stride=True or padding=1.0 must not pass as 1.
+    torch.manual_seed(5)
+    x, dw, pw = torch.randn(1, 4, 7, 7), torch.randn(4, 1, 3, 3), torch.randn(6, 4, 1, 1)
+    y = dwpw_conv2d(x, dw, pw, stride=1, padding=1)
+    with pytest.raises(TypeError, match="stride"):
+        dwpw_conv2d(x, dw, pw, stride=True, padding=1)
+    with pytest.raises(TypeError, match="padding"):
+        dwpw_conv2d(x, dw, pw, stride=1, padding=1.0)
+    torch.testing.assert_close(dwpw_conv2d(x, dw, pw, stride=(1, 1), padding=[1, 1]), y)
+    with pytest.raises(ValueError, match="activation"):
+        dwpw_conv2d(x, dw, pw, stride=1, padding=1, activation=["relu"])
+
+
+def test_forward_mode_ad_gets_the_references_tangents():
+    # Dual tensors carry tangents without requires_grad: the fused kernels (no forward-mode rule) would
+    # drop them; the reference's torch ops carry them.
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 8, 9, 7), torch.randn(1, 8, 9, 7)
+    dw, pw = torch.randn(8, 1, 3, 3), torch.randn(5, 8, 1, 1)
+    with fwAD.dual_level():
+        out = dwpw_conv2d(fwAD.make_dual(x, t), dw, pw, None, None, 1, 1, 1, "relu")
+        tangent = fwAD.unpack_dual(out).tangent
+    h = F.conv2d(x, dw, None, 1, 1, 1, groups=8)
+    want = F.conv2d(F.conv2d(t, dw, None, 1, 1, 1, groups=8) * (h > 0), pw)
+    torch.testing.assert_close(tangent, want, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_batch_on_every_backend(backend):
+    # Nothing to fuse: every backend, forced or not, returns the empty result and empty gradients.
+    N, C, H, W, O = 0, 4, 6, 6, 5
+    x = torch.randn(N, C, H, W, device=device(), requires_grad=True)
+    dw = torch.randn(C, 1, 3, 3, device=device(), requires_grad=True)
+    pw = torch.randn(O, C, 1, 1, device=device(), requires_grad=True)
+    y = dwpw_conv2d(x, dw, pw, padding=1, activation="relu")
+    assert y.shape == (N, O, H, W)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not x.grad.any()
+    assert dw.grad.shape == dw.shape and not dw.grad.any()
+
+
+def test_no_channels_is_refused_as_torch_refuses_it():
+    x, dw = torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3)
+    with pytest.raises(ValueError, match="at least one channel"):
+        dwpw_conv2d(x, dw, torch.randn(0, 4, 1, 1))
+
+
+def test_tensors_on_another_device_are_named():
+    x, dw, pw = torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3), torch.randn(5, 4, 1, 1)
+    with pytest.raises(ValueError, match="pw_weight must be on cpu like the input, got meta"):
+        dwpw_conv2d(x, dw, pw.to("meta"))
+    with pytest.raises(ValueError, match="dw_bias must be on cpu like the input, got meta"):
+        dwpw_conv2d(x, dw, pw, dw_bias=torch.empty(4, device="meta"))
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_batch_32_of_real_images_at_every_level():
+    # Real data (handwritten digits: flat zero background, bright strokes) rather than normal noise, at
+    # the demo's batch size, forward and backward against the float64 reference.
+    from sklearn.datasets import load_digits
+    digits = torch.tensor(load_digits().images[:32], dtype=torch.float32) / 16  # (32, 8, 8) in [0, 1]
+    g = torch.Generator().manual_seed(0)
+    x = (digits[:, None] * torch.rand(1, 12, 1, 1, generator=g)).contiguous(memory_format=torch.channels_last)
+    dw = torch.randn(12, 1, 3, 3, generator=g) / 3
+    pw = torch.randn(20, 12, 1, 1, generator=g) / 12 ** 0.5
+    gy = torch.randn(32, 20, 8, 8, generator=g)
+    t64 = [t.double().requires_grad_() for t in (x, dw, pw)]
+    want = reference.dwpw_conv2d(*t64[:3], None, None, [1, 1], [1, 1], [1, 1], "relu6")
+    want.backward(gy.double())
+    for level in effops.cpu_isa.levels():
+        with effops.cpu_isa.use_cpu_isa(level), effops.use_backend("cpu"):
+            t = [v.clone().requires_grad_() for v in (x, dw, pw)]
+            y = dwpw_conv2d(*t, padding=1, activation="relu6")
+            y.backward(gy)
+        torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5, msg=level)
+        for got, ref in zip(t, t64):
+            torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-4, rtol=1e-4, msg=level)

@@ -7,7 +7,7 @@ from torch import nn
 
 import effops
 from effops import _backends
-from effops.ops import dwpw_conv2d, quantize_rowwise
+from effops.ops import quantize_rowwise
 from tests.conftest import TOL
 
 needs_cpu = pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
@@ -17,42 +17,6 @@ def _through_custom_op(fn, *args):
     # Forcing the backend the automatic choice took sends the call through the custom op.
     with effops.use_backend("cpu"):
         return fn(*args)
-
-
-@needs_cpu
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_dwpw_conv2d_inference_matches_the_custom_op_in_the_input_layout(layout):
-    torch.manual_seed(0)
-    x = torch.randn(1, 8, 9, 7).contiguous(memory_format=layout)  # tiny: the fused cpu kernel is chosen
-    dw, pw = torch.randn(8, 1, 3, 3), torch.randn(5, 8, 1, 1)
-    args = (x, dw, pw, torch.randn(8), torch.randn(5), 1, 1, 1, "relu")
-    assert _backends.select("dwpw_conv2d", "cpu", x, dw, pw, args[3], args[4], (1, 1), (1, 1), (1, 1), "relu") == "cpu"
-    with torch.no_grad(), _backends.record_choices() as tally:
-        y = dwpw_conv2d(*args)
-    assert tally == {"dwpw_conv2d": {"cpu": 1}}
-    expected = _through_custom_op(dwpw_conv2d, *args)
-    assert torch.equal(y, expected)
-    assert y.is_contiguous(memory_format=layout)
-
-
-@needs_cpu
-def test_dwpw_conv2d_training_keeps_the_custom_ops_autograd():
-    torch.manual_seed(0)
-    x = torch.randn(1, 8, 9, 7, requires_grad=True)
-    dw, pw = torch.randn(8, 1, 3, 3, requires_grad=True), torch.randn(5, 8, 1, 1, requires_grad=True)
-    y = dwpw_conv2d(x, dw, pw, None, None, 1, 1, 1, "relu")
-    if _backends.select("dwpw_conv2d", "cpu", x, dw, pw, None, None, (1, 1), (1, 1), (1, 1), "relu") == "reference":
-        assert "Convolution" in y.grad_fn.name()  # plain PyTorch, recorded by torch's autograd
-        tol = dict(atol=0, rtol=0)  # the same ops as the reference's below
-    else:
-        assert "effops_dwpw_conv2d" in y.grad_fn.name()
-        tol = dict(atol=1e-4, rtol=1e-4)  # fused sums in another order (as in test_dwpw_conv2d)
-    y.square().sum().backward()
-    xr, dwr, pwr = (t.detach().clone().requires_grad_() for t in (x, dw, pw))
-    from effops.reference import dwpw_conv2d as reference
-    reference.dwpw_conv2d(xr, dwr, pwr, None, None, (1, 1), (1, 1), (1, 1), "relu").square().sum().backward()
-    for got, want in ((x.grad, xr.grad), (dw.grad, dwr.grad), (pw.grad, pwr.grad)):
-        torch.testing.assert_close(got, want, **tol)
 
 
 @needs_cpu

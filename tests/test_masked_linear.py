@@ -11,9 +11,9 @@ from effops.reference import masked_linear as reference
 
 from conftest import TOL, device, run_at_every_cpu_level
 
-# The backends with masked_linear kernels, for conftest: the others are not offered (an instance that
-# could run on no machine).
-BACKENDS = ("reference", "cpu", "triton")
+# The ops these tests run, for conftest: a backend with no kernel for them is not offered (an instance
+# that could run on no machine).
+BACKEND_OPS = ("masked_linear",)
 
 
 def chosen(x, w, mask, bias=None, index=False):
@@ -477,6 +477,18 @@ def test_triton_two_of_four_compressed_path(dtype):
     want = reference.masked_linear(x.detach().float(), w.float(), mask)
     torch.testing.assert_close(y.float(), want, **TOL[dtype])
     torch.testing.assert_close(gx.float(), torch.ones(3, n, device=device()) @ (w.float() * mask), **TOL[dtype])
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_triton_automatic_choice_is_limited_to_sparse_block_masks():
+    # The CUDA policy (no GPU here: asked for its reason on meta tensors): block masks up to 50% dense.
+    from effops.ops.masked_linear import route_reason
+    x, w = torch.empty(4, 64, device="meta"), torch.empty(64, 64, device="meta")
+    assert route_reason(x, w, make_mask("block32", 64, 64, density=0.1).cpu(), "cuda") == ""
+    assert "cuBLAS" in route_reason(x, w, make_mask("full", 64, 64).cpu(), "cuda")
+    assert "not chosen automatically" in route_reason(x, w, make_mask("unstructured", 64, 64).cpu(), "cuda")
+    big = torch.empty(2 ** 16, 2 ** 15, device="meta")
+    assert "int32" in route_reason(big, torch.empty(8, 2 ** 15, device="meta"), torch.ones(8, 2 ** 15) > 0, "cuda")
 
 
 def test_automatic_dense_route_follows_updates():

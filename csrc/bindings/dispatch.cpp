@@ -2,16 +2,20 @@
 // which effops/_backends.py sets and reads them.
 #include "bindings/dispatch.h"
 
+#include <ATen/Version.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <cctype>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
 #include <utility>
+
+#include "cpu/cpu_features.h"
 
 namespace effops::dispatch {
 namespace {
@@ -77,6 +81,17 @@ Backend choose(const char* op, c10::DeviceType device, Backend ours, const char*
   }
   record(op, chosen);
   return chosen;
+}
+
+bool torch_bf16_is_native() {
+  if (cpu::detected_cpu_isa() != cpu::CpuIsa::kAvx512Bf16) return false;
+  if (at::get_cpu_capability() != "AVX512") return false;  // a string: its enum is not exported
+  const char* onednn = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (onednn == nullptr) return true;
+  std::string isa(onednn);
+  for (char& c : isa) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  return isa.empty() || isa == "ALL" || isa == "DEFAULT" || isa.find("BF16") != std::string::npos ||
+         isa.find("AMX") != std::string::npos || isa.find("AVX10") != std::string::npos;
 }
 
 void record(const char* op, Backend backend) {

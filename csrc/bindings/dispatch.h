@@ -41,6 +41,12 @@ Backend choose(const char* op, c10::DeviceType device, Backend ours, const char*
 // when none is).
 void record(const char* op, Backend backend);
 
+// Whether torch's own bf16 GEMMs and convolutions run natively here (oneDNN on AVX512-BF16, about 2.8x
+// their fp32 speed), which the speed rules of bf16 inputs compare against: the CPU has AVX512-BF16 (by
+// cpuid: capping effops does not slow torch down) and torch is not capped below it (ATEN_CPU_CAPABILITY,
+// ONEDNN_MAX_CPU_ISA, read per call as torch reads them at start).
+bool torch_bf16_is_native();
+
 // The op `name` registered from Python (a Triton route the CPU implementation calls when kTriton is
 // forced on CPU tensors), looked up on each use: it exists only once its Python module is imported.
 template <class Signature>

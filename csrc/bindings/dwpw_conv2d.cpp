@@ -1,9 +1,10 @@
 // Torch glue for the CPU dwpw_conv2d kernels (csrc/cpu/dwpw_conv2d.h): layout, weight packing, dtype
-// dispatch. The Python op layer (effops/ops/dwpw_conv2d.py) validates arguments; these ops take any
-// strides (channels-last or NCHW inputs are read as they are, others copied to NCHW). The forward returns x's layout (channels-last or NCHW),
-// the backward returns grad_x in x's layout too.
+// dispatch. The op (csrc/bindings/dwpw_conv2d_op.cpp) has checked the arguments; these take any
+// strides (channels-last or NCHW inputs are read as they are, others copied to NCHW). The forward
+// returns x's layout (channels-last or NCHW), the backward returns grad_x in x's layout too.
+#include "bindings/dwpw_conv2d_kernel.h"
+
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include "cpu/dwpw_conv2d.h"
 
@@ -72,7 +73,11 @@ void advise_huge_pages(const at::Tensor& t) {
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-at::Tensor forward(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
+}  // namespace
+
+namespace effops::bindings {
+
+at::Tensor dwpw_forward_cpu(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
                    const std::optional<at::Tensor>& dw_bias, const std::optional<at::Tensor>& pw_bias,
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t act) {
   const Shape s = make_shape(x, dw_weight, pw_weight, stride, padding, dilation, act);
@@ -93,7 +98,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& dw_weight, const at::T
 }
 
 // needs: bit i set = gradient i wanted (x, dw_weight, pw_weight, dw_bias, pw_bias); others come back empty.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwpw_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
     const std::optional<at::Tensor>& dw_bias, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t act, int64_t needs) {
@@ -133,17 +138,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
           g_pw.defined() ? out(g_pw.view(pw_weight.sizes())) : out(g_pw), out(g_dwb), out(g_pwb)};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(effops_cpu, m) {
-  m.def("dwpw_conv2d(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? dw_bias, Tensor? pw_bias, "
-        "int[] stride, int[] padding, int[] dilation, int activation) -> Tensor");
-  m.def("dwpw_conv2d_backward(Tensor grad_y, Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? dw_bias, "
-        "int[] stride, int[] padding, int[] dilation, int activation, int needs) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(effops_cpu, CPU, m) {
-  m.impl("dwpw_conv2d", &forward);
-  m.impl("dwpw_conv2d_backward", &backward);
-}
+}  // namespace effops::bindings

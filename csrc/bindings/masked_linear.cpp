@@ -11,19 +11,15 @@
 // forward reads it instead of the weight: it must come from the weight as it is now.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
-#include <ATen/Version.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <sstream>
 #include <tuple>
 
 #include "bindings/dispatch.h"
 #include "bindings/masked_linear_index.h"
 #include "bindings/masked_linear_kernels.h"
-#include "cpu/cpu_features.h"
 
 namespace effops::masked {
 namespace {
@@ -125,23 +121,8 @@ struct CpuLimits {
 constexpr CpuLimits kDefault{0.6, 0.15, 32, int64_t{1} << 23};
 constexpr CpuLimits kBf16Native{0.3, 0.04, 32, int64_t{1} << 23};
 
-// torch's own bf16 GEMMs run natively: the CPU has AVX512-BF16 and neither torch's dispatch level nor
-// oneDNN's is capped below it (effops.cpu_isa.cpu_has_native_bf16 says the same to Python).
-bool torch_bf16_native() {
-  using effops::cpu::CpuIsa;
-  if (effops::cpu::detected_cpu_isa() != CpuIsa::kAvx512Bf16) return false;
-  static const bool torch_avx512 = at::get_cpu_capability() == "AVX512";  // fixed when torch loads
-  if (!torch_avx512) return false;
-  const char* onednn = std::getenv("ONEDNN_MAX_CPU_ISA");
-  if (onednn == nullptr || *onednn == '\0') return true;
-  std::string v(onednn);
-  for (auto& c : v) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-  return v == "ALL" || v == "DEFAULT" || v.find("BF16") != std::string::npos || v.find("AMX") != std::string::npos ||
-         v.find("AVX10") != std::string::npos;
-}
-
 const CpuLimits& cpu_limits(at::ScalarType dtype) {
-  return dtype == at::kBFloat16 && torch_bf16_native() ? kBf16Native : kDefault;
+  return dtype == at::kBFloat16 && dispatch::torch_bf16_is_native() ? kBf16Native : kDefault;
 }
 
 // Why dense F.linear is faster for this product, or nullptr. Reads the index's summary only when the
@@ -416,6 +397,23 @@ std::vector<at::Tensor> masked_linear_index(const at::Tensor& mask) {
   return to_list(index, mask);
 }
 
+// Why the automatic choice runs plain ATen for these shapes and dtype on `device` ("cpu" or "cuda"), or ""
+// where it runs our kernels (tests of the policy; x and weight may be meta tensors, the mask is read).
+std::string route_reason(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                         const std::string& device) {
+  TORCH_CHECK_VALUE(device == "cpu" || device == "cuda", "device must be 'cpu' or 'cuda', got '", device, "'");
+  const int64_t rows = rows_of(x), N = weight.size(0), K = weight.size(1);
+  CallIndex call{mask, std::nullopt, std::nullopt};
+  const char* why;
+  if (device == "cpu") {
+    why = cpu_slower(rows, N, K, x.scalar_type(), [&]() -> const Index& { return call.get(); });
+  } else {
+    why = triton_cannot(rows, N, K);
+    if (why == nullptr && rows > 0) why = triton_slower(call.get());
+  }
+  return why == nullptr ? "" : why;
+}
+
 at::Tensor masked_linear_pack(const at::Tensor& weight, at::TensorList index_list) {
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D, got shape ", shape_str(weight.sizes()));
   TORCH_CHECK_TYPE(is_float(weight.scalar_type()), "weight must have dtype in (float32, bfloat16, float16), got ",
@@ -525,6 +523,11 @@ TORCH_LIBRARY_FRAGMENT(effops, m) {
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("masked_linear_index(Tensor mask) -> Tensor[]");
   m.def("masked_linear_pack(Tensor weight, Tensor[] index) -> Tensor");
+}
+
+TORCH_LIBRARY_FRAGMENT(effops_cpu, m) {
+  m.def("masked_linear_route_reason(Tensor x, Tensor weight, Tensor mask, str device) -> str",
+        &effops::masked::route_reason);
 }
 
 TORCH_LIBRARY_IMPL(effops, CPU, m) {

@@ -3,18 +3,13 @@
 Its parameters live in two nn.Conv2d submodules, `depthwise` and `pointwise`, exactly as in the block
 people write by hand, so a state_dict of that two-conv block loads as is.
 """
-import importlib
-
 import torch
 import torch.nn as nn
 
-from effops import _call_plan
 from effops.ops.dwpw_conv2d import ACTIVATIONS, dwpw_conv2d
 
-_op = importlib.import_module("effops.ops.dwpw_conv2d")  # the module (effops.ops.dwpw_conv2d is the function)
 
-
-class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
+class SeparableConv2d(nn.Module):
     """depthwise(groups=in_channels) -> activation -> pointwise(1x1), both with or without bias.
 
     activation: None, "relu", "relu6", "gelu" (exact erf form), "silu" or "hardswish".
@@ -64,27 +59,19 @@ class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
         return self.pointwise.out_channels
 
     def forward(self, x):
-        # Through the module's memo of its last calls (effops._call_plan): the op's checks and choice run
-        # again only when x's shape or layout, the grad mode, a parameter or a setting changed.
         if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        self._checked_convs()
         dw, pw = self.depthwise, self.pointwise
-        config = (_frozen(dw.stride), _frozen(dw.padding), _frozen(dw.dilation), self.activation)
+        pw_weight = pw.weight
         mask = getattr(pw, "mask", None)
         if isinstance(mask, torch.Tensor):
             # A pruned pointwise conv (effops.prune makes it a SparseConv1x1): the fused op is dense, so
             # it runs weight * mask, whose gradient is masked as the layer's own forward would make it
-            # (pruned weights stay exactly zero). A new tensor each call: no module memo for this form.
-            self._checked_convs()
-            pw_weight = pw.weight * mask.to(pw.weight.dtype)[:, :, None, None]
-            return _op._unmemoized(x, dw.weight, pw_weight, dw.bias, pw.bias, *config)
-        tensors = (dw.weight, pw.weight, dw.bias, pw.bias)
-        # The submodules' other settings are the op's fixed ones; they are checked where the memo is
-        # (re)built, and are in its key, so editing one (depthwise.padding_mode = "circular") is seen.
-        fixed = (dw.padding_mode, dw.groups, _frozen(pw.stride), _frozen(pw.padding), _frozen(pw.dilation), pw.groups)
-        return _call_plan.call(self, x, tensors, lambda: self._checked_convs() or _op.plan(x, *tensors, *config),
-                               lambda: self._checked_convs() or dwpw_conv2d(x, *tensors, *config), _op.autocast_args,
-                               extra=config + fixed + (_op.torch_uses_huge_pages(),))
+            # (pruned weights stay exactly zero).
+            pw_weight = pw_weight * mask.to(pw_weight.dtype)[:, :, None, None]
+        return dwpw_conv2d(x, dw.weight, pw_weight, dw.bias, pw.bias, dw.stride, dw.padding, dw.dilation,
+                           self.activation)
 
     def train(self, mode=True):
         if mode and self.folded_batchnorm:
@@ -103,11 +90,6 @@ class SeparableConv2d(_call_plan.RemembersCalls, nn.Module):
 
     def extra_repr(self):
         return "activation=%r" % (self.activation,)
-
-
-def _frozen(value):
-    """A list setting as a tuple: the memo's key must not hold a list the user can still edit in place."""
-    return tuple(value) if isinstance(value, list) else value
 
 
 def check_depthwise(conv):

@@ -16,6 +16,7 @@ from effops import _ext
 from effops.reference import masked_linear as reference
 
 PATTERNS = ("unstructured", "block", "2:4")
+BACKENDS = ("reference", "cpu", "triton")  # the backends with a kernel for this op (tests, `effops info`)
 
 
 def masked_linear(x, weight, mask, bias=None, *, pattern=None, block_size=None, index=None, packed=None):
@@ -59,6 +60,12 @@ def masked_linear_pack(weight, index):
     """The kept weights of a CPU weight in the forward kernel's layout (block panels or CSR values), for
     masked_linear(..., index=index, packed=...): a copy of what they are now. None without the extension."""
     return None if _OP is None else torch.ops.effops.masked_linear_pack(weight, index)
+
+
+def route_reason(x, weight, mask, device="cpu"):
+    """Why the automatic choice runs plain PyTorch for this call on `device` ("cpu" or "cuda"), or ""
+    where it runs effops' kernels. x and weight may be meta tensors; the mask's values are read."""
+    return torch.ops.effops_cpu.masked_linear_route_reason(x, weight, mask, device)
 
 
 def _under_transform():
