@@ -13,6 +13,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>  // baseline on x86-64: no per-level body needed
+#endif
+
 namespace effops::cpu {
 namespace {
 
@@ -43,8 +47,19 @@ inline int64_t bytes_in(const uint8_t* p, int64_t n) {
 }
 
 inline int64_t nonzero_in(const uint8_t* p, int64_t n) {
-  int64_t kept = 0;
-  for (int64_t i = 0; i < n; ++i) kept += p[i] != 0;
+  int64_t kept = 0, i = 0;
+#if defined(__SSE2__)
+  // 16 bytes a step: compare with zero, keep 1 per nonzero byte, sum by psadbw.
+  const __m128i zero = _mm_setzero_si128(), one = _mm_set1_epi8(1);
+  __m128i sums = zero;
+  for (; i + 16 <= n; i += 16) {
+    const __m128i is_zero = _mm_cmpeq_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)), zero);
+    sums = _mm_add_epi64(sums, _mm_sad_epu8(_mm_andnot_si128(is_zero, one), zero));
+  }
+  kept = _mm_cvtsi128_si64(sums) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(sums, sums));
+#endif
+  for (; i + 8 <= n; i += 8) kept += byte_sum(nonzero_bytes(load8(p + i)));
+  for (; i < n; ++i) kept += p[i] != 0;
   return kept;
 }
 
@@ -52,6 +67,18 @@ inline int64_t nonzero_in(const uint8_t* p, int64_t n) {
 template <class F>
 inline void for_each_kept(const uint8_t* p, int64_t k0, int64_t k1, F&& f) {
   int64_t k = k0;
+#if defined(__SSE2__)
+  const __m128i zero = _mm_setzero_si128();
+  for (; k + 16 <= k1; k += 16) {
+    unsigned bits = ~static_cast<unsigned>(
+                        _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k)), zero))) &
+                    0xFFFFu;
+    while (bits) {
+      f(k + __builtin_ctz(bits));
+      bits &= bits - 1;
+    }
+  }
+#endif
   for (; k + 8 <= k1; k += 8) {
     uint64_t bits = nonzero_bytes(load8(p + k));
     while (bits) {
@@ -99,13 +126,14 @@ void mask_row_lists(const uint8_t* m, int64_t N, int64_t K, const int64_t* ptr, 
 
 int64_t mask_col_counts(const uint8_t* m, int64_t N, int64_t K, int64_t* ptr) {
   // Parallel over column ranges; within one, each row adds its bytes' flags to the range's counts.
-  std::fill(ptr, ptr + K + 1, 0);
+  ptr[0] = 0;
   at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
-    int64_t* counts = ptr + 1;
+    std::vector<int32_t> counts(k1 - k0, 0);  // (32-bit: the byte compares widen to fewer lanes)
     for (int64_t n = 0; n < N; ++n) {
-      const uint8_t* line = m + n * K;
-      for (int64_t k = k0; k < k1; ++k) counts[k] += line[k] != 0;
+      const uint8_t* line = m + n * K + k0;
+      for (int64_t k = 0; k < k1 - k0; ++k) counts[k] += line[k] != 0;
     }
+    for (int64_t k = k0; k < k1; ++k) ptr[k + 1] = counts[k - k0];
   });
   for (int64_t k = 0; k < K; ++k) ptr[k + 1] += ptr[k];
   return ptr[K];
