@@ -678,3 +678,16 @@ def test_outputs_are_not_views(backend, shape):
     w = torch.randn(64, shape[-1], device=device())
     y = masked_linear(x, w, make_mask("block16", 64, shape[-1], density=0.1))
     assert y.shape == (*shape[:-1], 64) and not y._is_view()
+
+
+def test_plain_route_of_a_large_weight_in_slices():
+    # W * mask is made in slices of at most 8 MB (a larger fresh allocation page-faults every call): a
+    # 1100 x 4096 fp32 weight takes three, the last a partial one; with bias and leading batch dims.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 4096, generator=g)
+    w, b = torch.randn(1100, 4096, generator=g), torch.randn(1100, generator=g)
+    mask = torch.rand(1100, 4096, generator=g) < 0.5
+    with effops.use_backend("reference"):
+        y = masked_linear(x, w, mask, b)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w * mask, b), atol=1e-4, rtol=1e-5)
+    assert y.shape == (2, 3, 1100) and not y._is_view()
