@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu/masked_linear.h"
 
@@ -57,9 +58,34 @@ Index describe(const at::Tensor& mask) {
   const at::Tensor m = as_bool(mask);
   at::Tensor counts16;
   if (m.is_cpu()) {
-    counts16 = at::empty({(N + 15) / 16, (K + 15) / 16}, m.options().dtype(at::kLong));
-    effops::cpu::mask_block_counts(reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()), N, K, 16,
-                                   counts16.data_ptr<int64_t>());
+    // Plain loops over the per-16 counts: a few ATen ops per block size cost more than the scan itself
+    // on a 192 x 192 mask.
+    const int64_t r16 = (N + 15) / 16, c16 = (K + 15) / 16;
+    std::vector<int64_t> counts(r16 * c16);
+    effops::cpu::mask_block_counts(reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()), N, K, 16, counts.data());
+    for (const int64_t c : counts) index.nnz += c;
+    for (const int64_t b : kBlocks) {
+      const int64_t f = b / 16, rb = (N + b - 1) / b, cb = (K + b - 1) / b;
+      std::vector<int64_t> coarse(rb * cb, 0);
+      for (int64_t i = 0; i < r16; ++i)
+        for (int64_t j = 0; j < c16; ++j) coarse[(i / f) * cb + j / f] += counts[i * c16 + j];
+      bool constant = true;
+      for (int64_t i = 0; i < rb && constant; ++i)
+        for (int64_t j = 0; j < cb; ++j) {
+          const int64_t area = std::min(b, N - i * b) * std::min(b, K - j * b), c = coarse[i * cb + j];
+          if (c != 0 && c != area) {
+            constant = false;
+            break;
+          }
+        }
+      if (!constant) continue;
+      index.block = b;
+      index.kept_blocks = at::empty({rb, cb}, m.options());
+      bool* kept = index.kept_blocks.data_ptr<bool>();
+      for (int64_t i = 0; i < rb * cb; ++i) kept[i] = coarse[i] != 0;
+      break;
+    }
+    return index;
   } else {
     const int64_t rb = (N + 15) / 16, cb = (K + 15) / 16;
     counts16 = at::constant_pad_nd(m.to(at::kInt), {0, cb * 16 - K, 0, rb * 16 - N})
