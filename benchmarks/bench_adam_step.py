@@ -4,6 +4,7 @@ Cases (gradients fixed, the step timed alone):
 * fp32 transformer: a GPT-shaped parameter list (embedding + per layer qkv, out proj, two MLP
   matrices, biases, two LayerNorms): 102M parameters in full mode, 17M in quick mode.
 * fp32 many small tensors: 2,000 (quick: 500) tensors of 64..4,096 elements (per-tensor overhead).
+* fp32 small model: the transformer list at width 32 (52 tensors, 88K parameters): per-step overhead.
 * bf16 + fp32 master: bf16 params and grads. effops does it in one pass (AdamW(master_weights=True));
   the baseline is what users do today: copy the bf16 grads into fp32 master grads, torch's fused
   AdamW on the fp32 masters, copy the masters back into the bf16 params.
@@ -115,5 +116,8 @@ def run(quick, device):
     rows += fp32_case("fp32 transformer", big, device, rounds, min_time)
     count = 500 if quick else 2000
     rows += fp32_case("fp32 %d small tensors" % count, small_shapes(count), device, rounds, min_time)
+    # A small model (52 tensors, 88K params): the per-step overhead (the lists gathered, the op's call and
+    # checks) beside the arithmetic.
+    rows += fp32_case("fp32 small model", transformer_shapes(32, 4, 128), device, rounds, min_time)
     rows += master_case("bf16 params + fp32 master", big, device, rounds, min_time)
     return rows

@@ -2,7 +2,8 @@
 
 Per model, batch and layout, in one process, interleaved, medians (benchmarks.common.compare), the
 ratio against eager PyTorch on the original model:
-* eval: eager original; eager fused (fuse_separable; CNNs) or int8 (quantize) and pruned (prune 90%,
+* eval: eager original; eager fused (effops.fuse: inverted-residual blocks and separable chains; CNNs)
+  or int8 (quantize) and pruned (prune 90%,
   32 x 32 blocks, the classifier kept dense; transformers); torch.compile (inductor, freezing on) of
   the original and of the transformed model. NCHW and channels_last (model and input) for the CNNs.
 * train: one step (forward, backward, SGD) with frozen BatchNorm (train mode, BatchNorms in eval mode;
@@ -12,7 +13,7 @@ ratio against eager PyTorch on the original model:
   tally of aten allocations; compiled code allocates its buffers where the profiler does not see them).
 
     python -m benchmarks.bench_models [--models mobilenet_v2,vit_b_32] [--batches 1,16] [--no-compile]
-                                      [--no-train] [--out DIR]
+                                      [--no-train] [--layouts NCHW,channels_last] [--cpu-time] [--out DIR]
 `make bench` runs it through benchmarks/run.py (`run`): quick, MobileNetV2 and ViT-B/32 eager only; full,
 every model with torch.compile.
 """
@@ -28,9 +29,10 @@ from torch import nn
 
 import effops
 from benchmarks import models
-from benchmarks.common import compare, peak_memory
+from benchmarks.common import compare, cpu_time_fn, peak_memory, time_fn
 
 EVAL_BATCHES = (1, 16)
+CNN_LAYOUTS = ("NCHW", "channels_last")
 TRAIN_BATCH = 16
 
 
@@ -44,7 +46,7 @@ def _variants(name, model):
     """{label: eval-mode model}: the original and its transformed copies."""
     out = {"eager": model}
     if name in models.CNNS:
-        out["eager fused"] = _quiet(effops.fuse_separable, copy.deepcopy(model))
+        out["eager fused"] = _quiet(effops.fuse, copy.deepcopy(model))
     else:
         out["eager int8"] = _quiet(effops.quantize, copy.deepcopy(model))
         out["eager pruned"] = _quiet(effops.prune, copy.deepcopy(model), 0.9, pattern="block", block_size=32,
@@ -64,7 +66,7 @@ def _call(model, x):
     return lambda: model(x)
 
 
-def _eval_rows(name, model, batches, layouts, compiled, rounds, min_time):
+def _eval_rows(name, model, batches, layouts, compiled, rounds, min_time, timer=time_fn):
     rows = []
     variants = _variants(name, model)
     for layout in layouts:
@@ -82,7 +84,7 @@ def _eval_rows(name, model, batches, layouts, compiled, rounds, min_time):
             case = "eval b%d %s" % (batch, layout)
             with torch.no_grad():
                 got = compare("model " + name, case, impls, "eager", "cpu", rounds, min_time,
-                              extra=dict(mode="eval", load1=_load()))
+                              extra=dict(mode="eval", load1=_load()), timer=timer)
                 # Compiled code allocates its buffers outside the profiler's view: eager variants only.
                 memory = {k: peak_memory(fn) / 2 ** 20 for k, fn in impls.items() if k.startswith("eager")}
             for r in got:
@@ -117,7 +119,7 @@ def _step(model, x):
     return step
 
 
-def _train_rows(name, model, layouts, rounds, min_time):
+def _train_rows(name, model, layouts, rounds, min_time, timer=time_fn):
     rows = []
     for layout in layouts:
         x = models.example_input(name, TRAIN_BATCH)
@@ -127,7 +129,7 @@ def _train_rows(name, model, layouts, rounds, min_time):
             base = base.to(memory_format=torch.channels_last)
         if name in models.CNNS:
             original = _frozen_bn(base)
-            other = ("eager fused", _quiet(effops.fuse_separable, _frozen_bn(copy.deepcopy(base))))
+            other = ("eager fused", _quiet(effops.fuse, _frozen_bn(copy.deepcopy(base))))
         else:
             original = base.train()
             other = ("eager pruned", _quiet(effops.prune, copy.deepcopy(base), 0.9, pattern="block", block_size=32,
@@ -135,7 +137,8 @@ def _train_rows(name, model, layouts, rounds, min_time):
         impls = {"eager": _step(original, x), other[0]: _step(other[1], x)}
         case = "train b%d %s" % (TRAIN_BATCH, layout)
         got = compare("model " + name, case, impls, "eager", "cpu", rounds, min_time,
-                      extra=dict(mode="train (frozen BN)" if name in models.CNNS else "train", load1=_load()))
+                      extra=dict(mode="train (frozen BN)" if name in models.CNNS else "train", load1=_load()),
+                      timer=timer)
         memory = {}
         for k, fn in impls.items():
             for m in (original, other[1]):
@@ -147,7 +150,8 @@ def _train_rows(name, model, layouts, rounds, min_time):
     return rows
 
 
-def bench(names, batches=EVAL_BATCHES, compiled=True, train=True, rounds=3, min_time=0.2):
+def bench(names, batches=EVAL_BATCHES, compiled=True, train=True, rounds=3, min_time=0.2, cnn_layouts=CNN_LAYOUTS,
+          timer=time_fn):
     rows = []
     freezing = torch._inductor.config.freezing
     torch._inductor.config.freezing = True
@@ -157,10 +161,11 @@ def bench(names, batches=EVAL_BATCHES, compiled=True, train=True, rounds=3, min_
             torch.manual_seed(0)
             model = models.MODELS[name]()
             model = models.calibrate_batchnorm(model) if name in models.CNNS else model.eval()
-            layouts = ("NCHW", "channels_last") if name in models.CNNS else ("tokens",)
-            rows += _eval_rows(name, model, batches, layouts, compiled, rounds, min_time)
+            layouts = cnn_layouts if name in models.CNNS else ("tokens",)
+            rows += _eval_rows(name, model, batches, layouts, compiled, rounds, min_time, timer)
             if train:
-                rows += _train_rows(name, model, layouts if name in models.CNNS else ("tokens",), rounds, min_time)
+                rows += _train_rows(name, model, layouts if name in models.CNNS else ("tokens",), rounds, min_time,
+                                    timer)
     finally:
         torch._inductor.config.freezing = freezing
     return rows
@@ -180,16 +185,22 @@ def main():
     parser.add_argument("--batches", default=",".join(map(str, EVAL_BATCHES)))
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--layouts", default=",".join(CNN_LAYOUTS), help="the CNNs' layouts")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one thread, CPU time of the thread (robust on a shared machine) instead of wall clock")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timed sample (at least)")
     parser.add_argument("--out", default="bench-results/models")
     args = parser.parse_args()
+    if args.cpu_time:
+        torch.set_num_threads(1)
     from benchmarks import run as runner
     os.makedirs(args.out, exist_ok=True)
     start, rows, names = time.time(), [], args.models.split(",")
     for i, name in enumerate(names):  # results rewritten after each model: a stopped run keeps the finished
         rows += bench([name], [int(b) for b in args.batches.split(",")], not args.no_compile, not args.no_train,
-                      args.rounds, args.min_time)
+                      args.rounds, args.min_time, tuple(args.layouts.split(",")),
+                      cpu_time_fn if args.cpu_time else time_fn)
         runner.write_results(args.out, dict(
             machine=runner.machine_info("cpu"), quick=False, benchmarks=names[:i + 1], pending=names[i + 1:],
             errors={}, rows=rows, seconds=time.time() - start,

@@ -42,18 +42,31 @@ def time_fn(fn, device, min_time=0.2, warm_up=True):
     return m.median
 
 
+def cpu_time_fn(fn, device="cpu", min_time=0.2, warm_up=True):
+    """Median CPU seconds of this thread per call of fn() (run with torch.set_num_threads(1): the kernels
+    then run in this thread). Other processes on a shared machine slow wall clock, not this."""
+    if warm_up:
+        fn()
+    samples = []
+    while sum(samples) < min_time or len(samples) < 3:
+        start = time.thread_time()
+        fn()
+        samples.append(time.thread_time() - start)
+    return statistics.median(samples)
+
+
 def compare(op, case, impls, baseline, device="cpu", rounds=3, min_time=0.2, work=None, work_unit=None,
-            extra=None):
+            extra=None, timer=time_fn):
     """Time every impl of one case, interleaved over `rounds` rounds; one row per impl.
 
     impls: {name: zero-argument callable}; baseline: the name of the outside implementation the
     ratio is taken against (ratio > 1 means faster than the baseline). work: FLOPs or bytes per call,
-    giving a rate in work_unit/s ("GFLOP/s", "GB/s", "GOP/s").
+    giving a rate in work_unit/s ("GFLOP/s", "GB/s", "GOP/s"). timer: time_fn (wall clock) or cpu_time_fn.
     """
     samples = {name: [] for name in impls}
     for i in range(rounds):
         for name, fn in impls.items():
-            samples[name].append(time_fn(fn, device, min_time, warm_up=(i == 0)))
+            samples[name].append(timer(fn, device, min_time, warm_up=(i == 0)))
     medians = {name: statistics.median(s) for name, s in samples.items()}
     # Progress on stderr: a full sweep runs for many minutes.
     print("  %s | %s | %s" % (op, case, ", ".join("%s %.2fx" % (n, medians[baseline] / t) for n, t in medians.items())),

@@ -34,6 +34,12 @@ TOL = {
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
     torch.float16: dict(atol=2e-3, rtol=2e-3),
 }
+# A low-precision value computed in fp32 and rounded once when stored (the optimizer kernels), against
+# the same arithmetic rounded once: at most one unit in the last place apart (fp16: subnormals too).
+ROUNDED_ONCE = {
+    torch.bfloat16: dict(atol=0.0, rtol=2.0 ** -7),
+    torch.float16: dict(atol=2.0 ** -24, rtol=2.0 ** -10),
+}
 
 
 def device():

@@ -15,9 +15,8 @@ from torch import nn
 
 import effops
 from effops import _backends
-from effops.nn import Int8Linear, SeparableConv2d, SparseLinear
+from effops.nn import SeparableConv2d, SparseLinear
 from effops.reference import dwpw_conv2d as dwpw_reference
-from effops.reference import int8 as int8_reference
 from tests.conftest import TOL
 
 dwpw_op = importlib.import_module("effops.ops.dwpw_conv2d")
@@ -60,17 +59,6 @@ def _separable_expected(m, x):
     dw, pw = m.depthwise, m.pointwise
     return dwpw_reference.dwpw_conv2d(x, dw.weight, pw.weight, dw.bias, pw.bias, dw.stride, dw.padding, dw.dilation,
                                       m.activation)
-
-
-def test_int8_modules_keep_a_memo_too(monkeypatch):
-    torch.manual_seed(2)
-    q, xq = Int8Linear.from_linear(nn.Linear(40, 24)), torch.randn(3, 40)
-    int8_runners = _count_calls(monkeypatch, q, "_runner")
-    with torch.no_grad():
-        for _ in range(3):
-            torch.testing.assert_close(q(xq), int8_reference.int8_linear_dynamic(
-                xq, q.weight_packed, q.weight_scale, q.bias, 24, False), atol=1e-4, rtol=1e-5)
-    assert int8_runners.calls == 1
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -195,56 +183,6 @@ def test_separable_layout_change_after_a_memo():
     torch.testing.assert_close(y, _separable_expected(m, x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("swap", ["data", "module"])
-def test_int8_weights_swapped_after_a_memo(swap):
-    # `.data =` keeps the tensor and its version counter: only the data pointer shows the new weights,
-    # whose 7-bit correction must be derived again.
-    torch.manual_seed(4)
-    m = Int8Linear.from_linear(nn.Linear(40, 24), weight_bits=7)
-    x = torch.randn(3, 40)
-    with torch.no_grad():
-        m(x)
-        if swap == "data":
-            m.weight_packed.data = m.weight_packed.neg()
-        else:
-            m.weight_packed = m.weight_packed.neg()
-        expected = int8_reference.int8_linear_dynamic(x, m.weight_packed, m.weight_scale, m.bias, 24, False)
-        torch.testing.assert_close(m(x), expected, atol=1e-4, rtol=1e-5)
-
-
-def test_int8_mode_and_auto_rows_changed_after_a_memo(monkeypatch):
-    torch.manual_seed(5)
-    m = Int8Linear.from_linear(nn.Linear(40, 24))
-    x = torch.randn(3, 40)
-
-    def expected(weight_only):
-        return int8_reference.int8_linear_dynamic(x, m.weight_packed, m.weight_scale, m.bias, 24, weight_only)
-    with torch.no_grad():
-        torch.testing.assert_close(m(x), expected(False), atol=1e-4, rtol=1e-5)
-        m.mode = "weight_only"
-        torch.testing.assert_close(m(x), expected(True), atol=1e-4, rtol=1e-5)
-        m.mode = "auto"
-        m(x)
-        monkeypatch.setattr(importlib.import_module("effops.nn.int8_linear"), "AUTO_ROWS", 4)
-        torch.testing.assert_close(m(x), expected(True), atol=1e-4, rtol=1e-5)
-
-
-def test_load_state_dict_drops_the_memo():
-    # Int8Linear repacks a loaded weight into a new buffer: the memo must not keep the old one alive.
-    torch.manual_seed(6)
-    m = Int8Linear.from_linear(nn.Linear(40, 24))
-    x = torch.randn(3, 40)
-    with torch.no_grad():
-        m(x)
-    old = weakref.ref(m.weight_packed)
-    m.load_state_dict(Int8Linear.from_linear(nn.Linear(40, 24)).state_dict())
-    gc.collect()
-    assert old() is None
-    with torch.no_grad():
-        torch.testing.assert_close(m(x), int8_reference.int8_linear_dynamic(
-            x, m.weight_packed, m.weight_scale, m.bias, 24, False), atol=1e-4, rtol=1e-5)
-
-
 def test_non_strided_or_meta_input_gets_the_ops_answer():
     layer = _sparse_layer()
     x = torch.randn(3, 48)
@@ -338,48 +276,6 @@ def test_moving_a_module_drops_its_memo():
     layer.to("meta")
     gc.collect()
     assert old_mask() is None
-
-
-def _module_cases():
-    """(name, module, x, the op's path for that module without any memo): a memo must give exactly what
-    it gives."""
-    torch.manual_seed(8)
-    q = Int8Linear.from_linear(nn.Linear(40, 24))
-    int8_op = importlib.import_module("effops.ops.int8_gemm")
-    return [
-        ("int8", q, torch.randn(3, 40), lambda m, x: int8_op.int8_linear_dynamic(
-            x, m.weight_packed, m.weight_scale, m.bias, m.out_features, False)),
-    ]
-
-
-@pytest.mark.parametrize("case", [0], ids=["int8"])  # (SparseLinear, SeparableConv2d: no memo any more)
-@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
-def test_memo_under_autocast_gives_the_ops_answer(monkeypatch, case, training):
-    # Under autocast the memo's runner is given x and the weights cast per call (the weights change
-    # between steps); outputs and gradients must be the op path's, exactly (the same torch ops).
-    name, module, x, op_path = _module_cases()[case]
-    if training and name == "int8":
-        module.bias.requires_grad_(True)
-    twin = copy.deepcopy(module)
-    builds = _count_calls(monkeypatch, module, "_runner")
-    with torch.set_grad_enabled(training):
-        for step in range(3):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                got, want = module(x), op_path(twin, x)
-            assert got.dtype == torch.bfloat16
-            assert torch.equal(got, want), (name, step)
-            if training:
-                got.float().square().sum().backward()
-                want.float().square().sum().backward()
-                for (pname, p), q in zip(module.named_parameters(), twin.parameters()):
-                    if p.requires_grad:
-                        assert torch.equal(p.grad, q.grad), (name, pname, step)
-                with torch.no_grad():  # an optimizer step: the memo must see the new values
-                    for p, q in zip(module.parameters(), twin.parameters()):
-                        if p.requires_grad:
-                            p.sub_(0.1 * p.grad)
-                            q.sub_(0.1 * q.grad)
-    assert builds.calls == 1
 
 
 # ---------------------------------------------------------------------------------------------

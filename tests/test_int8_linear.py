@@ -1,5 +1,6 @@
 """Int8Linear and effops.quantize: modes, gradients, state_dict, the transform, and accuracy on a
 small MLP trained on real data (sklearn digits)."""
+import contextlib
 import copy
 import importlib
 import io
@@ -13,7 +14,8 @@ from torch import nn
 import effops
 from effops.nn import Int8Linear
 from effops.reference import int8 as reference
-from tests.conftest import device
+from tests.conftest import backends_on_device, device
+from tests.test_int8_ops import KERNELS
 
 
 def _linear(k=129, n=45, bias=True):
@@ -28,16 +30,16 @@ def _rel_err(y, ref):
 # ---------------------------------------------------------------------------------------------
 # Module: forward in every mode, on every backend
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["dynamic", "weight_only", "auto"])
-@pytest.mark.parametrize("lead", [(1,), (2, 3, 2)])
+def _module_params():
+    """(backend, mode) pairs with a kernel: triton has no weight-only one."""
+    return [pytest.param(p.values[0], mode, marks=p.marks, id="%s-%s" % (p.id, mode))
+            for mode in ("dynamic", "weight_only", "auto") for p in backends_on_device()
+            if p.values[0][0] in KERNELS["int8_linear_dynamic" + (" weight_only" if mode == "weight_only" else "")]]
+
+
+@pytest.mark.parametrize("backend,mode", _module_params(), indirect=["backend"])
+@pytest.mark.parametrize("lead", [(1,), (2, 3, 2), (0,)])
 def test_int8_linear_module_matches_reference_and_fp32(backend, mode, lead):
-    from effops import _backends
-    effops.ops.quantize_rowwise, effops.ops.int8_mm  # noqa: B018  (first access registers the kernels)
-    if backend not in _backends._kernels["int8_linear_dynamic"] or backend not in _backends._kernels[
-            "quantize_rowwise"]:
-        pytest.skip("%s backend has no Int8Linear kernels" % backend)
-    if backend == "triton" and mode != "dynamic":
-        pytest.skip("triton has no weight_only kernel (declines; checked in test_int8_ops)")
     lin = _linear()
     m = Int8Linear.from_linear(lin, mode=mode)
     x = torch.randn(*lead, 129, device=device())
@@ -46,24 +48,50 @@ def test_int8_linear_module_matches_reference_and_fp32(backend, mode, lead):
     rows = x.numel() // x.shape[-1]
     weight_only = mode == "weight_only" or (mode == "auto" and rows <= effops.nn.int8_linear.AUTO_ROWS)
     ref = reference.int8_linear_dynamic(x, m.weight_packed, m.weight_scale, m.bias, 45, weight_only)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * (ref.abs().max().item() if ref.numel() else 0.0))
     # And close to the fp32 layer it replaces (8-bit weights, 8-bit activations per row).
-    assert _rel_err(y, lin(x)) < 0.02
+    if x.numel():
+        assert _rel_err(y, lin(x)) < 0.02
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-def test_cpu_weight_only_declines_many_rows_and_falls_back():
+def test_cpu_weight_only_many_rows_runs_aten_automatically_and_the_kernel_when_forced():
+    # Past 16 rows dequantizing once and an fp32 GEMM is faster than the weight-only kernel: a speed
+    # rule, so the automatic choice takes the ATen route while a forced cpu backend still runs the kernel.
     from effops import _backends
-    from effops.ops.int8_gemm import WEIGHT_ONLY_MAX_ROWS
     m = Int8Linear.from_linear(_linear().cpu(), mode="weight_only")
-    args = (m.weight_packed, m.weight_scale, m.bias, 45, True)
-    small, big = torch.randn(WEIGHT_ONLY_MAX_ROWS, 129), torch.randn(WEIGHT_ONLY_MAX_ROWS + 1, 129)
-    assert _backends.select("int8_linear_dynamic", "cpu", small, *args) == "cpu"
-    assert _backends.select("int8_linear_dynamic", "cpu", big, *args) == "reference"
-    with effops.use_backend("cpu"):
-        with pytest.raises(effops.BackendError, match="weight_only with more than"):
-            m(big)
-    torch.testing.assert_close(m(big), reference.int8_linear_dynamic(big, *args))
+    big = torch.randn(17, 129)
+    expected = reference.int8_linear_dynamic(big, m.weight_packed, m.weight_scale, m.bias, 45, True)
+    for forced, ran in ((None, "reference"), ("cpu", "cpu")):
+        with _backends.record_choices() as tally, (effops.use_backend(forced) if forced else contextlib.nullcontext()):
+            got = m(big)
+        assert tally["int8_linear_dynamic"] == {ran: 1}
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    with _backends.record_choices() as tally:
+        m(big[:16])
+    assert tally["int8_linear_dynamic"] == {"cpu": 1}
+
+
+def test_mode_changed_after_calls():
+    torch.manual_seed(5)
+    m = Int8Linear.from_linear(nn.Linear(40, 24).to(device()))
+    x = torch.randn(3, 40, device=device())
+
+    def expected(weight_only):
+        return reference.int8_linear_dynamic(x, m.weight_packed, m.weight_scale, m.bias, 24, weight_only)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), expected(False), atol=1e-4, rtol=1e-5)
+        m.mode = "weight_only"
+        torch.testing.assert_close(m(x), expected(True), atol=1e-4, rtol=1e-5)
+
+
+def test_autocast_casts_the_input_only():
+    m = Int8Linear.from_linear(_linear(), mode="dynamic")
+    x = torch.randn(4, 129, device=device())
+    with torch.autocast(device().type, dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16 and m.weight_scale.dtype == torch.float32
+    assert torch.equal(y, m(x.to(torch.bfloat16)))
 
 
 def test_int8_linear_output_dtype_follows_input():

@@ -1,9 +1,10 @@
 """quantize_rowwise, int8_mm, int8_linear (and Int8Linear's op): every backend against the reference.
 
 Integer results (int8_mm, the quantized values and scales) are compared exactly; int8_linear's float
-output within the stated tolerance (fp32: 1e-5 relative to the output's magnitude; the epilogue may
-contract into an FMA; bf16/fp16: one rounding of the same fp32 value, conftest's TOL).
+output against the fp32 reference within one rounding to the output dtype (ONE_ROUNDING) plus fp32
+slack (the epilogue may contract into an FMA).
 """
+import importlib
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 import effops
 from effops import ops
 from effops.reference import int8 as reference
-from tests.conftest import TOL, device, run_at_every_cpu_level
+from tests.conftest import backends_on_device, device, run_at_every_cpu_level
 
 MAX_K = reference.MAX_K
 
@@ -20,23 +21,60 @@ def _exact_mm(a, b):
     return (a.cpu().long() @ b.cpu().long()).to(torch.int32)
 
 
-def _need_kernel(op, backend):
-    """Skip (with the reason) when `backend` has no kernel for `op` (e.g. cuda has no quantize kernel:
-    the Triton one serves CUDA tensors); forcing it would raise BackendError by design."""
-    from effops import _backends
-    ops.quantize_rowwise, ops.int8_mm  # noqa: B018  (first access imports the op modules: registers kernels)
-    if backend not in _backends._kernels.get(op, {}):
-        pytest.skip("%s backend has no %s kernel" % (backend, op))
+# The backends with a kernel for each op ("reference": the plain ATen route), as the op modules declare
+# them. Tests of an op take the `backend` fixture with these only, so no instance is generated that no
+# machine can run.
+_GEMM = importlib.import_module("effops.ops.int8_gemm")
+KERNELS = {
+    "quantize_rowwise": importlib.import_module("effops.ops.quantize_rowwise").BACKENDS,
+    "int8_mm": _GEMM.BACKENDS,
+    "int8_linear": _GEMM.BACKENDS,
+    "int8_linear_dynamic": _GEMM.DYNAMIC_BACKENDS,
+    "int8_linear_dynamic weight_only": tuple(b for b in _GEMM.DYNAMIC_BACKENDS if b != "triton"),
+}
+
+
+def with_backends(op):
+    """Parametrize the `backend` fixture (tests/conftest.py) with the backends that have a kernel for op."""
+    return pytest.mark.parametrize("backend", [p for p in backends_on_device() if p.values[0][0] in KERNELS[op]],
+                                   indirect=True)
+
+
+def dynamic_reference_fp32(x, packed, w_scale, bias, n, weight_only):
+    """reference.int8_linear_dynamic before its cast to x's dtype."""
+    w = reference.unpack_weight(packed, n, x.shape[-1])
+    if weight_only:
+        return torch.nn.functional.linear(x.float(), w.float() * w_scale[:, None], bias)
+    q, s = reference.quantize_rowwise(x)
+    return reference.int8_linear(q, s, w, w_scale, bias, torch.float32)
+
+
+def _weight_only_params(op="int8_linear_dynamic"):
+    """(backend, weight_only) pairs with a kernel: triton has no weight-only one."""
+    return [pytest.param(p.values[0], wo, marks=p.marks, id="%s-%s" % (p.id, "weight_only" if wo else "dynamic"))
+            for wo in (False, True) for p in backends_on_device()
+            if p.values[0][0] in KERNELS[op + (" weight_only" if wo else "")]]
+
+
+# Low-precision outputs are one rounding of the fp32 epilogue's value: compared with the fp32 reference,
+# each element is off by at most half a unit in the last place, i.e. 2**-8 (bf16) or 2**-11 (fp16) of
+# its magnitude. (Looser, a 1% error in a scale would pass: the conftest TOL of 2e-2 did.)
+ONE_ROUNDING = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _close_to_fp32(got, ref32, dtype, backend=None):
+    """got (in dtype) against the fp32 reference ref32: one rounding to dtype, plus fp32 slack (the
+    epilogue may contract into an FMA; the weight-only sums run in another order). Triton's interpreter
+    stores bf16 by truncation: one whole unit there (its rounding is checked on the GPU run)."""
+    rtol = ONE_ROUNDING[dtype] * 1.01
+    if backend == "triton" and device().type == "cpu" and dtype == torch.bfloat16:
+        rtol *= 2
+    scale = ref32.float().abs().max().clamp_min(1.0)
+    torch.testing.assert_close(got.float(), ref32.float(), rtol=rtol, atol=1e-5 * scale)
 
 
 def _randi8(*shape, low=-128, high=128):
     return torch.randint(low, high, shape, dtype=torch.int8, device=device())
-
-
-def _close(got, ref, dtype):
-    scale = ref.float().abs().max().clamp_min(1.0)
-    tol = TOL[dtype] if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.float(), ref.float(), rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,10 +166,10 @@ def test_int8_mm_bad_inputs():
 # ---------------------------------------------------------------------------------------------
 # quantize_rowwise: exact (bit-identical q and scale)
 # ---------------------------------------------------------------------------------------------
+@with_backends("quantize_rowwise")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5, 37), (97, 1025)])
 def test_quantize_rowwise_matches_reference(backend, dtype, shape):
-    _need_kernel("quantize_rowwise", backend)
     x = (torch.randn(shape) * 3).to(dtype).to(device())
     q, s = ops.quantize_rowwise(x)
     q_ref, s_ref = reference.quantize_rowwise(x)
@@ -145,8 +183,8 @@ def test_quantize_rowwise_matches_reference(backend, dtype, shape):
     assert (err <= s.unsqueeze(-1) / 2 + 1e-6 * x.float().abs()).all()
 
 
+@with_backends("quantize_rowwise")
 def test_quantize_rowwise_zero_rows_ties_and_extremes(backend):
-    _need_kernel("quantize_rowwise", backend)
     x = torch.zeros(6, 40)
     x[1, :6] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5])  # scale 1: exact ties
     x[2] = 1e30                                                   # huge
@@ -186,10 +224,10 @@ def check_non_finite_rows(quantize):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+@with_backends("quantize_rowwise")
 def test_quantize_rowwise_rows_with_nan_or_inf(backend):
     # A NaN or inf gave the cpu kernel [-127, 0, ...] (a sign flip) or finite garbage with a valid
     # scale: silently wrong values downstream. Such a row has no scale: NaN, with q = 0.
-    _need_kernel("quantize_rowwise", backend)
     check_non_finite_rows(ops.quantize_rowwise)
 
 
@@ -203,10 +241,10 @@ def test_int8_linear_module_gives_nan_rows_for_non_finite_inputs():
         assert torch.isfinite(y[4:]).all(), kwargs
 
 
+@with_backends("int8_linear_dynamic")
 @pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["2-D", "3-D"])
 def test_linear_outputs_are_not_views(backend, lead):
     # As F.linear's (a view breaks in-place use of a module output under FSDP2).
-    _need_kernel("int8_linear_dynamic", backend)
     m = effops.nn.Int8Linear.from_linear(torch.nn.Linear(64, 32)).to(device())
     x = torch.randn(*lead, 64, device=device())
     y = m(x)
@@ -230,8 +268,8 @@ def test_no_gradient_through_quantization_says_so_up_front():
         ops.int8_linear(q, s.detach().requires_grad_(), w, torch.ones(4, device=device()))
 
 
+@with_backends("quantize_rowwise")
 def test_quantize_rowwise_non_contiguous(backend):
-    _need_kernel("quantize_rowwise", backend)
     x = torch.randn(33, 20, device=device()).t()
     q, s = ops.quantize_rowwise(x)
     q_ref, s_ref = reference.quantize_rowwise(x.contiguous())
@@ -245,8 +283,8 @@ def test_quantize_rowwise_bad_inputs():
         ops.quantize_rowwise(torch.tensor(1.0))
     with pytest.raises(ValueError, match="row length"):
         ops.quantize_rowwise(torch.zeros(3, 0))
-    with pytest.raises(TypeError, match="torch.Tensor"):
-        ops.quantize_rowwise([1.0, 2.0])
+    with pytest.raises(RuntimeError, match="Expected a value of type 'Tensor' for argument 'x'"):
+        ops.quantize_rowwise([1.0, 2.0])  # torch's schema check, as for any ATen op
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,9 +305,9 @@ def test_int8_linear_matches_reference(backend, out_dtype, lead, k, n):
     x_int8, x_scale, w_int8, w_scale, bias = _linear_inputs(lead, k, n)
     for b in (bias, None):
         got = ops.int8_linear(x_int8, x_scale, w_int8, w_scale, b, out_dtype=out_dtype)
-        ref = reference.int8_linear(x_int8, x_scale, w_int8, w_scale, b, out_dtype)
+        ref32 = reference.int8_linear(x_int8, x_scale, w_int8, w_scale, b, torch.float32)
         assert got.dtype == out_dtype and got.shape == (*lead, n)
-        _close(got, ref, out_dtype)
+        _close_to_fp32(got, ref32, out_dtype, backend)
 
 
 def test_int8_linear_weights_with_min_value(backend):
@@ -278,7 +316,7 @@ def test_int8_linear_weights_with_min_value(backend):
     w_int8[0] = -128
     x_int8[0] = -128
     got = ops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias)
-    _close(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias), torch.float32)
+    _close_to_fp32(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias), torch.float32)
 
 
 def _strided(t):
@@ -292,7 +330,7 @@ def test_int8_linear_strided_scales_and_bias(backend):
     # Vectors viewed out of larger buffers: a kernel reading them at unit stride gives wrong sums.
     x_int8, x_scale, w_int8, w_scale, bias = _linear_inputs((9,), 70, 20)
     got = ops.int8_linear(x_int8, _strided(x_scale.unsqueeze(0)).squeeze(0), w_int8, _strided(w_scale), _strided(bias))
-    _close(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias), torch.float32)
+    _close_to_fp32(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias), torch.float32)
 
 
 def test_int8_linear_bad_inputs():
@@ -309,43 +347,97 @@ def test_int8_linear_bad_inputs():
         ops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias[:2])
     with pytest.raises(ValueError, match="out_dtype"):
         ops.int8_linear(x_int8, x_scale, w_int8, w_scale, out_dtype=torch.int32)
-    with pytest.raises(TypeError, match="out_dtype"):
-        ops.int8_linear(x_int8, x_scale, w_int8, w_scale, out_dtype="float32")
+    with pytest.raises(RuntimeError, match="Expected a value of type 'int' for argument 'out_dtype'"):
+        ops.int8_linear(x_int8, x_scale, w_int8, w_scale, out_dtype="float32")  # torch's schema check
     with pytest.raises(TypeError, match="x_int8 must have dtype"):
         ops.int8_linear(x_int8.float(), x_scale, w_int8, w_scale)
+
+
+def test_device_mismatch_is_refused():
+    # Every tensor argument on the input's device: a meta tensor beside CPU ones dispatches to the Meta
+    # implementation, whose checks are the same.
+    x_int8, x_scale, w_int8, w_scale, bias = (t.cpu() for t in _linear_inputs((4,), 8, 5))
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match="b must be on cpu like the input, got meta"):
+        ops.int8_mm(x_int8, w_int8.t().to(meta))
+    for i, name in ((1, "x_scale"), (2, "w_int8"), (3, "w_scale"), (4, "bias")):
+        args = [x_int8, x_scale, w_int8, w_scale, bias]
+        args[i] = args[i].to(meta)
+        with pytest.raises(ValueError, match="%s must be on cpu like the input, got meta" % name):
+            ops.int8_linear(*args)
+    w_q, w_s = reference.quantize_rowwise(torch.randn(5, 8))
+    args = [torch.randn(3, 8), reference.pack_weight(w_q), w_s, torch.zeros(5), 5, False, None]
+    from effops.ops.int8_gemm import int8_linear_dynamic
+    for i, name in ((1, "w_packed"), (2, "w_scale"), (3, "bias")):
+        bad = list(args)
+        bad[i] = bad[i].to(meta)
+        with pytest.raises(ValueError, match="%s must be on cpu like the input, got meta" % name):
+            int8_linear_dynamic(*bad)
+
+
+@pytest.mark.parametrize("m,n", [(0, 5), (3, 0), (0, 0)])
+def test_empty_batches_and_no_output_features(backend, m, n):
+    a, b = _randi8(m, 8), _randi8(8, n)
+    got = ops.int8_mm(a, b)
+    assert got.shape == (m, n) and got.dtype == torch.int32
+    x_int8, x_scale = _randi8(2, m, 8), torch.rand(2, m, device=device())
+    y = ops.int8_linear(x_int8, x_scale, _randi8(n, 8), torch.rand(n, device=device()), torch.rand(n, device=device()),
+                        out_dtype=torch.bfloat16)
+    assert y.shape == (2, m, n) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend,weight_only", _weight_only_params(), indirect=["backend"])
+@pytest.mark.parametrize("m,n", [(0, 5), (3, 0)])
+def test_dynamic_and_quantize_empty(backend, weight_only, m, n):
+    x = torch.randn(2, m, 8, device=device())
+    if backend in KERNELS["quantize_rowwise"]:
+        q, s = ops.quantize_rowwise(x)
+        assert q.shape == (2, m, 8) and s.shape == (2, m)
+    w_q, w_s = reference.quantize_rowwise(torch.randn(n, 8, device=device()))
+    from effops.ops.int8_gemm import int8_linear_dynamic
+    y = int8_linear_dynamic(x, reference.pack_weight(w_q), w_s, None, n, weight_only)
+    assert y.shape == (2, m, n) and y.dtype == torch.float32
+
+
+def test_dispatch_modes_see_the_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        ops.quantize_rowwise(torch.randn(3, 16, device=device()))
+    assert any("effops.quantize_rowwise" in name for name in seen)
 
 
 # ---------------------------------------------------------------------------------------------
 # Int8Linear's op (dynamic and weight-only) on every backend that has it
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("weight_only", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lead,k,n", [((1,), 33, 17), ((2, 3), 129, 45)])
+@pytest.mark.parametrize("backend,weight_only", _weight_only_params(), indirect=["backend"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead,k,n", [((1,), 33, 17), ((2, 3), 129, 45), ((17,), 64, 40)])
 def test_int8_linear_dynamic_matches_reference(backend, weight_only, dtype, lead, k, n):
-    _need_kernel("int8_linear_dynamic", backend)
-    if backend == "triton" and weight_only:
-        pytest.skip("triton declines weight_only (no kernel): covered by test_triton_declines_weight_only")
+    torch.manual_seed(0)
     x = torch.randn(*lead, k, device=device()).to(dtype)
     w_int8, w_scale = reference.quantize_rowwise(torch.randn(n, k, device=device()))
     packed, bias = reference.pack_weight(w_int8), torch.randn(n, device=device())
     from effops.ops.int8_gemm import int8_linear_dynamic
     got = int8_linear_dynamic(x, packed, w_scale, bias, n, weight_only)
-    ref = reference.int8_linear_dynamic(x, packed, w_scale, bias, n, weight_only)
     assert got.dtype == dtype and got.shape == (*lead, n)
-    _close(got, ref, dtype if not weight_only else dtype)
+    _close_to_fp32(got, dynamic_reference_fp32(x, packed, w_scale, bias, n, weight_only), dtype, backend)
 
 
-@pytest.mark.parametrize("weight_only", [False, True])
+@pytest.mark.parametrize("backend,weight_only", _weight_only_params(), indirect=["backend"])
 def test_int8_linear_dynamic_strided_operands(backend, weight_only):
-    _need_kernel("int8_linear_dynamic", backend)
-    if backend == "triton" and weight_only:
-        pytest.skip("triton declines weight_only (no kernel): covered by test_triton_declines_weight_only")
     x = torch.randn(5, 70, device=device())
     w_int8, w_scale = reference.quantize_rowwise(torch.randn(20, 70, device=device()))
     packed, bias = reference.pack_weight(w_int8), torch.randn(20, device=device())
     from effops.ops.int8_gemm import int8_linear_dynamic
     got = int8_linear_dynamic(x, _strided(packed), _strided(w_scale), _strided(bias), 20, weight_only)
-    _close(got, reference.int8_linear_dynamic(x, packed, w_scale, bias, 20, weight_only), torch.float32)
+    _close_to_fp32(got, reference.int8_linear_dynamic(x, packed, w_scale, bias, 20, weight_only), torch.float32)
 
 
 def test_triton_every_gpu_config(monkeypatch):
@@ -374,47 +466,26 @@ def test_triton_every_gpu_config(monkeypatch):
             assert torch.equal(ops.int8_mm(a, b).cpu(), _exact_mm(a, b)), config
             got = ops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype=torch.bfloat16)
             dyn = int8_linear_dynamic(x, packed, w_s, bias, n, False)
-        _close(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, torch.bfloat16), torch.bfloat16)
-        _close(dyn, reference.int8_linear_dynamic(x, packed, w_s, bias, n, False), torch.float32)
+        _close_to_fp32(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias), torch.bfloat16, "triton")
+        _close_to_fp32(dyn, reference.int8_linear_dynamic(x, packed, w_s, bias, n, False), torch.float32)
 
 
-def test_cuda_gemm_yields_to_triton_in_the_automatic_choice(monkeypatch):
-    # Not measured on a GPU yet: the autotuned, pipelined Triton GEMM is expected to beat the plain
-    # mma.sync kernel, so the cuda kernels decline the automatic choice (`faster`) where Triton is
-    # usable and takes the input, and stay the choice where Triton is missing or declines (2**31
-    # elements: its int32 offsets; the next in line would be the fp64 reference). Forcing
-    # use_backend("cuda") ignores `faster`.
+on_cuda = pytest.mark.skipif(device().type != "cuda", reason="the CUDA policy runs on CUDA tensors")
+
+
+@on_cuda
+def test_cuda_policy_prefers_triton_and_the_cuda_kernel_declines_its_grid_limit():
+    # Automatic on CUDA tensors: Triton where it is installed (autotuned, pipelined; expected faster than
+    # the plain mma.sync kernel), the CUDA C++ kernel where it is not. The CUDA kernel puts 64-wide column
+    # tiles on grid.y (<= 65535): one more column would fail at launch, so forcing it there raises.
     from effops import _backends
-    ops.int8_mm  # noqa: B018  (registers the kernels)
-
-    def inputs(m):
-        a = torch.empty(m, 1024, dtype=torch.int8, device="meta")
-        b = torch.empty(1024, 64, dtype=torch.int8, device="meta")
-        return {"int8_mm": (a, b),
-                "int8_linear": (a, torch.empty(m, device="meta"), b.t(), torch.empty(64, device="meta"), None,
-                                torch.float32)}
-    for triton_usable in (True, False):
-        monkeypatch.setattr(_backends, "_usable", lambda name, ok=triton_usable: ok if name == "triton" else True)
-        for m, triton_takes_it in ((4, True), (2 ** 21, False)):  # 2**21 x 1024 = 2**31 elements
-            for op, args in inputs(m).items():
-                reason = _backends._kernels[op]["cuda"].faster(*args)
-                assert bool(reason) == (triton_usable and triton_takes_it), (op, m, triton_usable, reason)
-
-
-def test_cuda_gemm_declines_more_columns_than_its_grid_launches():
-    # Column tiles on grid.y (<= 65535): one more column would fail at launch ("CUDA launch failed",
-    # seen in tests/test_cuda_emulation.py); declining lets the next backend take it.
-    from effops import _backends
-    from effops.ops.int8_gemm import CUDA_MAX_N
-    ops.int8_mm  # noqa: B018  (registers the kernels)
-    a = torch.empty(2, 8, dtype=torch.int8, device="meta")
-    for n in (CUDA_MAX_N, CUDA_MAX_N + 1):
-        b = torch.empty(8, n, dtype=torch.int8, device="meta")
-        scales = (torch.empty(2, device="meta"), torch.empty(n, device="meta"))
-        want = n > CUDA_MAX_N
-        assert bool(_backends._kernels["int8_mm"]["cuda"].supports(a, b)) == want
-        assert bool(_backends._kernels["int8_linear"]["cuda"].supports(a, scales[0], b.t(), scales[1], None,
-                                                                       torch.float32)) == want
+    a = _randi8(2, 8)
+    with _backends.record_choices() as tally:
+        ops.int8_mm(a, _randi8(8, 5))
+    assert tally["int8_mm"] == {"triton" if effops.backends()["triton"] else "cuda": 1}
+    b = torch.zeros(8, 65535 * 64 + 1, dtype=torch.int8, device=device())
+    with effops.use_backend("cuda"), pytest.raises(effops.BackendError, match="grid.y"):
+        ops.int8_mm(a, b)
 
 
 def test_triton_declines_weight_only():
@@ -485,35 +556,46 @@ def test_torch_compile_fullgraph_no_graph_breaks():
 # The cpu kernels at every instruction-set level this CPU runs (scalar included), against the reference.
 # ---------------------------------------------------------------------------------------------
 _LEVELS_SCRIPT = r"""
+import sys
 import torch, effops
-from effops import ops, _ext
+from effops import ops
 from effops.ops.int8_gemm import int8_linear_dynamic
 from effops.reference import int8 as R
+sys.path.insert(0, "tests")
+import test_int8_ops as t
 assert torch.ops.effops_cpu.cpu_isa() == LEVEL
 torch.manual_seed(0)
+# M = 13, 17: three and more 6-row micro-tiles, past the 8-row few-row path; 150: two 144-row tiles.
 with effops.use_backend("cpu"):
-    for m, k, n in [(1, 1, 1), (5, 7, 3), (17, 64, 16), (33, 130, 37)]:
+    for m, k, n in [(1, 1, 1), (5, 7, 3), (13, 64, 16), (17, 64, 16), (33, 130, 37), (150, 67, 21)]:
         a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
         b = torch.randint(-128, 128, (k, n), dtype=torch.int8)
         b[0, 0] = -128
         for bb in (b, b.clamp(-127, 127)):
-            assert torch.equal(ops.int8_mm(a, bb), (a.long() @ bb.long()).int())
+            assert torch.equal(ops.int8_mm(a, bb), (a.long() @ bb.long()).int()), (m, k, n)
+        # Integer rows holding a +-127 (row scale exactly 1) and weight scales 1: the output is the
+        # float of the exact int32 sum, for the 8-bit and the 7-bit weight kernels.
+        xi = torch.randint(-127, 128, (m, k)).float()
+        xi[:, 0] = 127.0
+        for lim, corr in ((127, False), (63, True)):
+            w = torch.randint(-lim, lim + 1, (n, k), dtype=torch.int8)
+            packed = R.pack_weight(w)
+            got = int8_linear_dynamic(xi, packed, torch.ones(n), None, n, False,
+                                      R.weight_correction(packed) if corr else None)
+            assert torch.equal(got, (xi.long() @ w.long().t()).float()), (m, k, n, lim)
         for dt in (torch.float32, torch.bfloat16, torch.float16):
             x = (torch.randn(m, k) * 3).to(dt)
             q, s = ops.quantize_rowwise(x)
             qr, sr = R.quantize_rowwise(x)
             assert torch.equal(q, qr) and torch.equal(s, sr)
             w, ws = R.quantize_rowwise(torch.randn(n, k))
-            y = ops.int8_linear(q, s, w, ws, torch.randn(n), out_dtype=dt)
+            bias = torch.randn(n)
+            t._close_to_fp32(ops.int8_linear(q, s, w, ws, bias, out_dtype=dt),
+                             R.int8_linear(q, s, w, ws, bias, torch.float32), dt)
             packed = R.pack_weight(w)
-            for wo in (False, True) if m <= 16 else (False,):  # cpu declines weight_only above 16 rows
-                got = int8_linear_dynamic(x, packed, ws, None, n, wo)
-                ref = R.int8_linear_dynamic(x, packed, ws, None, n, wo)
-                torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
-import sys
-sys.path.insert(0, "tests")
-import test_int8_ops as t
-with effops.use_backend("cpu"):
+            for wo in (False, True):  # forced, the cpu kernel runs weight_only at any row count
+                got = int8_linear_dynamic(x, packed, ws, bias, n, wo)
+                t._close_to_fp32(got, t.dynamic_reference_fp32(x, packed, ws, bias, n, wo), dt)
     t.check_non_finite_rows(ops.quantize_rowwise)
 """
 

@@ -9,6 +9,7 @@ fused=True against foreach=False). One configuration that amplifies rounding is 
 torch's own drift instead (test_parity_on_a_rounding_sensitive_configuration).
 """
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -139,6 +140,90 @@ def test_param_groups_none_grads_and_add_param_group():
     train(b, ob, 30)
     torch.testing.assert_close(flat(a), flat(b), **PARITY_TOL)
     assert oa.state[a[2].bias]["step"].item() == 30 and oa.state[a[4].weight]["step"].item() == 30
+
+
+def test_follows_gradients_and_hyper_parameters_changing_between_steps():
+    """Every step gathers the params that have a gradient now, with the group's settings now: a param
+    losing and regaining its gradient, lr and betas edited by hand, as torch's own AdamW follows them."""
+    def run(model, opt):
+        x, y = data()
+        for i in range(8):
+            opt.zero_grad()
+            F.mse_loss(model(x + 0.01 * i), y).backward()
+            if i % 3 == 1:
+                model[2].weight.grad = None
+            if i < 3:
+                model[4].bias.grad = None
+            opt.param_groups[0]["lr"] = 1e-3 * (i + 1)
+            opt.param_groups[0]["betas"] = (0.9 - 0.05 * i, 0.999)
+            opt.step()
+    a, b = mlp(), mlp()
+    oa = AdamW(a.parameters(), lr=1e-3)
+    run(a, oa)
+    run(b, torch.optim.AdamW(b.parameters(), lr=1e-3, foreach=False))
+    torch.testing.assert_close(flat(a), flat(b), **PARITY_TOL)
+    assert oa.state[a[4].bias]["step"].item() == 5 and oa.state[a[2].weight]["step"].item() == 8 - 3
+
+
+def test_one_op_call_per_group_bumping_versions_and_holding_no_gradient():
+    model = mlp()
+    opt = AdamW([dict(params=model[0].parameters()), dict(params=model[4].parameters(), lr=2e-3)], lr=1e-3)
+    train(model, opt, 2)
+    x, y = data()
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    p = model[0].weight
+    state = opt.state[p]
+    tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"]]
+    before = [t._version for t in tensors]
+    with _backends.record_choices() as tally:
+        opt.step()
+    expected = "cpu" if device().type == "cpu" and effops.backends()["cpu"] else None
+    if expected:
+        assert tally["adam_step"] == {expected: 2}
+    assert all(t._version > v for t, v in zip(tensors, before))
+    del tensors
+    grad = weakref.ref(p.grad)
+    opt.zero_grad()  # set_to_none frees the gradients: nothing kept them
+    assert grad() is None
+
+
+def test_a_bad_hyper_parameter_or_gradient_names_itself():
+    model = mlp()
+    opt = AdamW([dict(params=model[0].parameters()), dict(params=model[4].parameters())], lr=1e-3)
+    train(model, opt, 2)
+    before = flat(model).clone()
+    model[4].bias.grad_dtype = None  # (allows a gradient of another dtype)
+    model[4].bias.grad = model[4].bias.grad.double()
+    opt.param_groups[0]["params"], opt.param_groups[1]["params"] = opt.param_groups[1]["params"], \
+        opt.param_groups[0]["params"]  # the bad gradient in the first group called: nothing stepped yet
+    with pytest.raises(TypeError, match=r"grads\[1\] must have dtype float32"):
+        opt.step()
+    assert torch.equal(flat(model), before)
+    model[4].bias.grad = model[4].bias.grad.float()
+    opt.param_groups[1]["eps"] = "small"
+    with pytest.raises(TypeError, match="eps must be a float"):
+        opt.step()
+    opt.param_groups[1]["eps"] = 1e-8
+    opt.param_groups[1]["weight_decay"] = -1.0
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        opt.step()
+    assert torch.equal(flat(model), before)
+
+
+def test_float32_step_counts_stop_where_torchs_do():
+    """float32 step counts stop growing at 2**24 (torch: step_t += 1 in float32)."""
+    a, b = mlp(), mlp()
+    oa, ob = AdamW(a.parameters(), lr=1e-3), torch.optim.AdamW(b.parameters(), lr=1e-3, foreach=False)
+    train(a, oa, 1)
+    train(b, ob, 1)
+    for opt in (oa, ob):
+        for s in opt.state.values():
+            s["step"].fill_(2.0 ** 24 - 2)
+    train(a, oa, 3)
+    train(b, ob, 3)
+    assert all(s["step"].item() == 2.0 ** 24 for s in oa.state.values())
+    torch.testing.assert_close(flat(a), flat(b), **PARITY_TOL)
 
 
 def test_lr_schedulers_unchanged():

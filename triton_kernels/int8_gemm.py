@@ -145,7 +145,7 @@ def _launch_gemm(a, b_ptr_tensor, out, n, k, strides_b, packed, xs=None, ws=None
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers (registered as the "triton" kernels in effops/ops/{quantize_rowwise,int8_gemm}.py)
+# Launchers (the Triton routes of effops/ops/{quantize_rowwise,int8_gemm}.py)
 # ---------------------------------------------------------------------------------------------
 def quantize_rowwise(x):
     k = x.shape[-1]
@@ -178,8 +178,7 @@ def int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
     return with_leading_dims(out, x_int8)
 
 
-def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only):
-    assert not weight_only  # declined at registration
+def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features):
     k = x.shape[-1]
     q, s = quantize_rowwise(x.reshape(-1, k))
     out = torch.empty((q.shape[0], out_features), dtype=x.dtype, device=x.device)

@@ -11,6 +11,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/dwpw_conv2d.h"
 #include "cpu/int8_gemm.h"
+#include "cpu/inverted_residual.h"
 #include "cpu/masked_linear.h"
 
 #ifndef EFFOPS_BUILD_CUDA
@@ -53,6 +54,7 @@ std::string kernel_bodies() {
       {"int8_gemm", cpu::int8_gemm_body()},
       {"masked_linear", cpu::masked_linear_body()},
       {"dwpw_conv2d", cpu::dwpw::dwpw_body()},
+      {"inverted_residual", cpu::ir::inverted_residual_body()},
       {"adam_step", cpu::adam_step_body()},
   };
   std::string s = "{";

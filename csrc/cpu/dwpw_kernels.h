@@ -73,6 +73,48 @@ EFFOPS_AVX2_TARGET inline Avx2Vec verf(Avx2Vec a) {
   const __m256 y = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.f));
   return {_mm256_or_ps(y, sign)};
 }
+
+// The same functions on 512-bit vectors (the inverted-residual kernel's AVX-512 body): the AVX2 forms
+// above, instruction for instruction, with mask registers for the compares.
+EFFOPS_AVX512_TARGET inline Avx512Vec vmin(Avx512Vec a, Avx512Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
+EFFOPS_AVX512_TARGET inline Avx512Vec vinside(Avx512Vec h, float lo, float hi) {
+  const __mmask16 m = _mm512_cmp_ps_mask(h.v, _mm512_set1_ps(lo), _CMP_GT_OQ) &
+                      _mm512_cmp_ps_mask(h.v, _mm512_set1_ps(hi), _CMP_LT_OQ);
+  return {_mm512_maskz_mov_ps(m, _mm512_set1_ps(1.f))};
+}
+EFFOPS_AVX512_TARGET inline Avx512Vec vexp(Avx512Vec a) {
+  __m512 x = _mm512_min_ps(_mm512_max_ps(a.v, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.f));
+  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(88.72283935546875f), _CMP_GT_OQ),
+                         _mm512_set1_ps(INFINITY));
+  return {_mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), a.v)};
+}
+EFFOPS_AVX512_TARGET inline Avx512Vec verf(Avx512Vec a) {
+  const __m512 sign = _mm512_and_ps(a.v, _mm512_set1_ps(-0.f));
+  const __m512 x = _mm512_andnot_ps(_mm512_set1_ps(-0.f), a.v);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(x, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(p, t);
+  const __m512 e = vexp(Avx512Vec{_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x, x))}).v;
+  const __m512 y = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.f));
+  return {_mm512_or_ps(y, sign)};
+}
 #endif
 
 // act(h) and act'(h), as torch defines them (gelu: exact erf form; relu6 derivative 0 at 0 and 6).

@@ -4,6 +4,11 @@ The weights are quantized once (symmetric, per output channel) and kept packed i
 layout (reference.int8.pack_weight); the state_dict holds the plain (N, K) int8 weight instead, so it
 is portable and about a quarter of the fp32 size, and loading repacks it.
 
+State: weight_packed (int8 panels), weight_scale (fp32, per output channel), bias (fp32) and, with
+weight_bits=7, weight_corr (int32, -128 x the column sums: reference.int8.weight_correction). The
+derived forms (weight_packed, weight_corr) are built from the int8 weight at from_linear and at
+load_state_dict, and move with .to(); write new weights through load_state_dict, not into them.
+
 Modes:
 * "dynamic": activations quantized per row (per token) at run time, int8 x int8 GEMM with the scales,
   bias and cast fused into its epilogue. Twice the arithmetic rate of fp32 on AVX2.
@@ -27,9 +32,8 @@ the bias is a Parameter with requires_grad=False unless the user enables it.
 import torch
 from torch import nn
 
-from effops import _backends, _call_plan, ops
-from effops.ops import _checks
-from effops.ops.int8_gemm import _check_k, int8_linear_dynamic_runner, run_int8_linear_dynamic
+from effops.ops.int8_gemm import MAX_K, int8_linear_dynamic
+from effops.ops.quantize_rowwise import quantize_rowwise
 from effops.reference import int8 as reference
 
 MODES = ("dynamic", "weight_only", "auto")
@@ -42,12 +46,7 @@ WEIGHT_BITS = (8, 7)
 AUTO_ROWS = 0
 
 
-def _autocast_args(x, tensors, dtype):
-    """Under autocast the op casts x only (the int8 weights, fp32 scales and bias stay)."""
-    return x.to(dtype), tensors
-
-
-class Int8Linear(_call_plan.RemembersCalls, nn.Module):
+class Int8Linear(nn.Module):
     def __init__(self, in_features, out_features, bias=True, mode="auto", device=None, weight_bits=8):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -55,18 +54,20 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
                 raise TypeError("%s must be a positive int, got %r" % (name, v))
             if v < 1:
                 raise ValueError("%s must be a positive int, got %r" % (name, v))
-        _checks.choice("mode", mode, MODES)
+        if mode not in MODES:
+            raise ValueError("mode must be one of %s, got %r" % (MODES, mode))
         _check_weight_bits(weight_bits)
-        # Checked once here: forward skips the op's per-call checks (its int32 sums are exact up to MAX_K).
-        _check_k("in_features", in_features)
+        if in_features > MAX_K:
+            raise ValueError("in_features must be <= %d so that the int32 accumulator cannot overflow, got %d"
+                             % (MAX_K, in_features))
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
         self.weight_bits = weight_bits
         w = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         # Not persistent: the state_dict carries the plain weight as "weight" (see _save_to_state_dict).
-        self.register_buffer("weight_packed", reference.pack_weight(w), persistent=False)
+        self.register_buffer("weight_packed", None, persistent=False)
         # 7-bit weights: the CPU kernel's column correction (derived from the weights, so not saved).
-        self.register_buffer("weight_corr", reference.weight_correction(self.weight_packed) if weight_bits == 7
-                             else None, persistent=False)
+        self.register_buffer("weight_corr", None, persistent=False)
+        self._set_weight(w)
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
@@ -81,8 +82,8 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
                 weight_bits=weight_bits)
         with torch.no_grad():
             # 8 bits: the op (a kernel); 7 bits: the reference's definition (once per layer).
-            q, scale = ops.quantize_rowwise(w.float()) if weight_bits == 8 else reference.quantize_rowwise(w, 7)
-            m._set_packed(reference.pack_weight(q))
+            q, scale = quantize_rowwise(w.float()) if weight_bits == 8 else reference.quantize_rowwise(w, 7)
+            m._set_weight(q)
             m.weight_scale.copy_(scale)
             if linear.bias is not None:
                 m.bias.copy_(linear.bias.detach().float())
@@ -109,54 +110,18 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
         return self.weight.float() * self.weight_scale.unsqueeze(1)
 
     def forward(self, x):
-        # Through the module's memo of its last calls (effops._call_plan): checks and choice run again only
-        # when x's shape, the grad mode, a buffer (weight_packed: also its version) or a setting changed.
-        # weight_corr is derived from weight_packed (versioned in the key): the runner holds it.
-        tensors = (self.weight_packed, self.weight_scale, self.bias)
-        return _call_plan.call(self, x, tensors, lambda: self._runner(x), lambda: self._forward(x), _autocast_args,
-                               versioned=(0,),
-                               extra=(self.mode, self.out_features, self.in_features, self.weight_bits, AUTO_ROWS))
-
-    def _checked_args(self, x):
-        _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES, device=self.weight_scale.device)
-        if x.shape[-1] != self.in_features:
+        if x.dim() and x.shape[-1] != self.in_features:  # (a 0-dim x: the op says what it expects)
             raise ValueError("x's last dim must equal in_features %d, got shape %s" % (self.in_features, tuple(x.shape)))
-        weight_only = self.mode == "weight_only" or (self.mode == "auto" and x.numel() // x.shape[-1] <= AUTO_ROWS)
-        return (self.weight_packed, self.weight_scale, self.bias, self.out_features, weight_only, self._current_corr())
+        weight_only = self.mode == "weight_only" or (
+            self.mode == "auto" and AUTO_ROWS > 0 and x.numel() // self.in_features <= AUTO_ROWS)
+        return int8_linear_dynamic(x, self.weight_packed, self.weight_scale, self.bias, self.out_features, weight_only,
+                                   self.weight_corr)
 
-    def _forward(self, x):
-        return run_int8_linear_dynamic(x, *self._checked_args(x))
-
-    def _runner(self, x):
-        cast = _checks.autocast_dtype(x.device.type)
-        return int8_linear_dynamic_runner(x if cast is None else x.to(cast), *self._checked_args(x))
-
-    def _set_packed(self, packed):
-        self.weight_packed = packed
-        self._current_corr()  # derive weight_corr now (7-bit), so it is there before a first forward
-
-    def _packed_key(self):
-        p = self.weight_packed
-        return (p.data_ptr(), p._version, p.device)
-
-    def _current_corr(self):
-        """weight_corr, re-derived (and the weights' range re-checked) when weight_packed was replaced or
-        written in place since it was made: the 7-bit CPU kernel would silently compute wrong sums from a
-        stale correction or from weights outside [-63, 63]. One tuple compare a call otherwise (weights in
-        shared CPU memory: re-derived every call)."""
-        if self.weight_bits != 7 or torch.compiler.is_compiling():
-            return self.weight_corr
-        key = self._packed_key()
-        # In shared CPU memory another process may write the weights without moving this counter: then
-        # re-derived every call (the memo is off for it too: effops._call_plan.eager_key).
-        if key != getattr(self, "_corr_key", None) or _backends.shared_cpu(self.weight_packed):
-            p = self.weight_packed
-            if p.numel() and (int(p.min()) < -63 or int(p.max()) > 63):
-                raise ValueError("weight_bits=7 needs weights in [-63, 63]; weight_packed now holds values in "
-                                 "[%d, %d]" % (int(p.min()), int(p.max())))
-            self.weight_corr = reference.weight_correction(p)
-            self._corr_key = key
-        return self.weight_corr
+    def _set_weight(self, w_int8):
+        """Build the derived forms of an (out_features, in_features) int8 weight (in [-63, 63] for
+        weight_bits=7): the packed panels and, for 7-bit weights, the column correction."""
+        self.weight_packed = reference.pack_weight(w_int8)
+        self.weight_corr = reference.weight_correction(self.weight_packed) if self.weight_bits == 7 else None
 
     # ---- state_dict: plain int8 weight on disk, packed in memory ----
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -181,7 +146,8 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
                 "%s %s" % (w.dtype, tuple(w.shape)) if isinstance(w, torch.Tensor) else type(w).__name__))
             return
         # min/max, not abs(): an int8 abs(-128) wraps to -128 and would pass.
-        if self.weight_bits == 7 and w.numel() and (w.min().item() < -63 or w.max().item() > 63):
+        if self.weight_bits == 7 and w.numel() and w.device.type != "meta" and (w.min().item() < -63
+                                                                                  or w.max().item() > 63):
             # The 7-bit kernel's products of such weights would saturate: refuse rather than compute wrongly.
             error_msgs.append("%s: weight_bits=7 needs weights in [-63, 63], got values up to %d (an 8-bit "
                               "state_dict? load it into a module with weight_bits=8)"
@@ -190,7 +156,7 @@ class Int8Linear(_call_plan.RemembersCalls, nn.Module):
         # Outside inference_mode even when loaded inside it (as nn.Linear's in-place loading keeps its
         # parameters normal tensors): an inference-tensor buffer would break later calls that need grads.
         with torch.no_grad(), torch.inference_mode(False):
-            self._set_packed(reference.pack_weight(w.to(self.weight_scale.device)))
+            self._set_weight(w.to(self.weight_scale.device))
 
     def extra_repr(self):
         return "in_features=%d, out_features=%d, bias=%s, mode=%s%s" % (

@@ -15,11 +15,11 @@ between the two in both directions. Additions:
 * ``bf16_stochastic_round=True`` (bf16 params without master weights): the new param is rounded to
   bf16 stochastically, with bits from a counter-based generator seeded per step and param
   (effops/reference/stochastic_round.py), so updates below bf16's resolution are not lost.
-* float64 and complex128 params step in float64 on the reference backend (no compiled float64
-  kernel); any dtype outside torch's range is refused where its group is added.
-* Eager CPU steps after the first go through a cached plan (``_adam_plan.py``): one C++ call per
-  step with no per-tensor Python work; any change it cannot follow sends the step down the checked
-  path, which rebuilds the plan.
+* float64 and complex128 params step in float64 on the plain ATen route (no kernel has a float64
+  body); any dtype outside torch's range is refused where its group is added.
+
+A step gathers every group's lists (creating or adapting the state) and checks every group's
+hyper-parameters before stepping any, then calls the op once per group and device.
 
 ``foreach`` and ``fused`` are accepted for compatibility and ignored (the step is always fused);
 ``capturable`` and ``differentiable`` are not supported.
@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
-from effops.ops.adam_step import prepare_adam_step
-from effops.optim import _adam_plan
+from effops.ops import adam_step
 from effops.reference.stochastic_round import mix32_int
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -84,14 +83,12 @@ class Adam(Optimizer):
                         foreach=foreach, capturable=False, differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, master_weights=master_weights,
                         bf16_stochastic_round=bf16_stochastic_round)
-        self._plan = None
         super().__init__(params, defaults)
         # GradScaler: hand us grad_scale/found_inf instead of unscaling the gradients itself.
         self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
         super().__setstate__(state)  # torch's load_state_dict ends here too
-        self._plan = None
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -126,10 +123,8 @@ class Adam(Optimizer):
                 for key in _MASTER_KEYS:
                     if key in saved:
                         self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
-        self._plan = None
 
     def add_param_group(self, param_group):
-        self._plan = None  # (torch's __init__ calls this before ours sets anything)
         super().add_param_group(param_group)
         try:
             _check_group(self.param_groups[-1], len(self.param_groups) - 1)
@@ -263,38 +258,37 @@ class Adam(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        # Eager CPU steps go through a plan built after the last checked step (see _adam_plan.py): one
-        # C++ call with no per-tensor Python work. It declines (touching nothing) whenever anything
-        # changed; the checked path below then runs and builds a new plan.
-        plannable = grad_scale is None and found_inf is None and _adam_plan.may_run()
-        if plannable and self._plan is not None and self._plan.step(self):
-            return loss
-        self._plan = None
+        # Every group gathered (its state created or adapted) and its hyper-parameters checked before
+        # any is stepped: a bad group fails the whole step instead of leaving earlier groups stepped.
         calls = []
-        per_group = []
-        # Gather (and check, in adam_step) every group before touching any: a bad group fails the
-        # whole step instead of leaving earlier groups stepped.
         first_index = 0
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
-                         weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+        for index, group in enumerate(self.param_groups):
+            hyper = group_hyper(group, index)
+            hyper.update(amsgrad=group["amsgrad"], maximize=group["maximize"],
                          decoupled_weight_decay=group["decoupled_weight_decay"])
-            by_device = self._group_lists(group, first_index)
-            first_index += len(group["params"])
-            per_group.append(by_device)
-            for lists in by_device.values():
+            for lists in self._group_lists(group, first_index).values():
                 calls.append((lists, hyper))
-        runs = []
+            first_index += len(group["params"])
         for lists, hyper in calls:
-            scale = grad_scale.to(lists["params"][0].device) if grad_scale is not None else None
-            flag = found_inf.to(lists["params"][0].device) if found_inf is not None else None
-            runs.append(prepare_adam_step(**lists, **hyper, grad_scale=scale, found_inf=flag))
-        for run in runs:
-            run()
-        if plannable:
-            self._plan = _adam_plan.Plan.build(self, per_group)
+            device = lists["params"][0].device
+            adam_step(**lists, **hyper, grad_scale=None if grad_scale is None else grad_scale.to(device),
+                      found_inf=None if found_inf is None else found_inf.to(device))
         return loss
+
+
+def group_hyper(group, index):
+    """A group's lr, betas, eps and weight_decay as the op takes them, checked (a scheduler or the user
+    may have changed them since the group was added)."""
+    beta1, beta2 = group["betas"]
+    hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+    for name, value in hyper.items():
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+            raise TypeError("%s must be a float, got %r (param_groups[%d])" % (name, value, index))
+        value = hyper[name] = float(value)
+        if not (value >= 0.0 and (value < 1.0 or not name.startswith("beta"))):
+            raise ValueError("%s must be >= 0%s, got %r (param_groups[%d])"
+                             % (name, " and < 1" if name.startswith("beta") else "", value, index))
+    return hyper
 
 
 _FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay", "master_weights", "bf16_stochastic_round")

@@ -24,9 +24,8 @@ from itertools import chain
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from effops.ops.adam8bit_step import prepare_adam8bit_step
-from effops.ops.adam_step import prepare_adam_step
-from effops.optim.adam import _LOW_PRECISION, Adam, _is_dtensor
+from effops.ops import adam8bit_step, adam_step
+from effops.optim.adam import _LOW_PRECISION, Adam, _is_dtensor, group_hyper
 from effops.reference import adam8bit as quant
 
 CODE_KEYS = ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales")
@@ -141,11 +140,9 @@ class Adam8bit(Adam):
         found_inf = getattr(self, "found_inf", None)
         calls = []
         # Gather (and check) every group before stepping any: a bad group fails the whole step.
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
-                         weight_decay=group["weight_decay"], maximize=group["maximize"],
-                         decoupled_weight_decay=group["decoupled_weight_decay"])
+        for index, group in enumerate(self.param_groups):
+            hyper = group_hyper(group, index)
+            hyper.update(maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"])
             small, quantized = {}, {}
             for p in group["params"]:
                 grad = p.grad
@@ -174,16 +171,12 @@ class Adam8bit(Adam):
                 lists["master_params"].append(tensors[2])
                 lists["steps"].append(state["step"])
             for device, lists in small.items():
-                calls.append((prepare_adam_step, dict(lists, amsgrad=False, **hyper), device))
+                calls.append((adam_step, dict(lists, amsgrad=False, **hyper), device))
             for device, lists in quantized.items():
-                calls.append((prepare_adam8bit_step, dict(lists, **hyper), device))
-        runs = []
-        for prepare, kwargs, device in calls:
-            scale = grad_scale.to(device) if grad_scale is not None else None
-            flag = found_inf.to(device) if found_inf is not None else None
-            runs.append(prepare(**kwargs, grad_scale=scale, found_inf=flag))
-        for run in runs:
-            run()
+                calls.append((adam8bit_step, dict(lists, **hyper), device))
+        for op, kwargs, device in calls:
+            op(**kwargs, grad_scale=None if grad_scale is None else grad_scale.to(device),
+               found_inf=None if found_inf is None else found_inf.to(device))
         return loss
 
 

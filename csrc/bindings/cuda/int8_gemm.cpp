@@ -1,5 +1,6 @@
 // Torch glue for the CUDA int8 GEMM (csrc/cuda/int8_gemm.cu): effops_cuda::{int8_mm, int8_linear}.
-// Inputs arrive validated and contiguous from effops/ops/int8_gemm.py.
+// Internal ops the CUDA implementations of effops::int8_mm / int8_linear call (csrc/bindings/int8_gemm.cpp):
+// inputs arrive validated, 2-D and contiguous, with a float32 bias.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

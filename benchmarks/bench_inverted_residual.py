@@ -1,0 +1,135 @@
+"""effops.ops.inverted_residual on the blocks of MobileNetV2 (and MobileNetV3-Large / MNASNet shapes),
+channels_last, fp32 (--dtype for 16-bit): our fused kernel (backend "cpu", forced) and the automatic choice against the plain ATen
+route (backend "reference": the three convolutions, activations and add through torch's own kernels,
+the expanded tensor in memory), side by side in one process, interleaved, medians.
+
+    python -m benchmarks.bench_inverted_residual [--batches 1,16] [--cpu-time] [--dtype bfloat16]
+
+--cpu-time: one thread, CPU time of that thread (at::parallel_for and oneDNN then run in it), which the
+other processes of a shared machine do not inflate; the default is wall clock at torch's thread count.
+FLOPs per call: 2 x N x (H x W x Cin x Ch + OH x OW x Ch x (k^2 + Cout)).
+"""
+import argparse
+import importlib
+import statistics
+import sys
+import time
+
+import torch
+
+import effops
+from benchmarks.common import compare
+
+_op = importlib.import_module("effops.ops.inverted_residual")  # the module (effops.ops.inverted_residual is the function)
+
+# (name, Cin, hidden, Cout, input size, kernel, stride, activation): MobileNetV2's distinct blocks, and
+# the hardswish and 5x5 blocks of MobileNetV3-Large / MNASNet.
+BLOCKS = [
+    ("mv2 s2 16-96-24 @112", 16, 96, 24, 112, 3, 2, "relu6"),
+    ("mv2 24-144-24 @56", 24, 144, 24, 56, 3, 1, "relu6"),
+    ("mv2 s2 24-144-32 @56", 24, 144, 32, 56, 3, 2, "relu6"),
+    ("mv2 32-192-32 @28", 32, 192, 32, 28, 3, 1, "relu6"),
+    ("mv2 s2 32-192-64 @28", 32, 192, 64, 28, 3, 2, "relu6"),
+    ("mv2 64-384-64 @14", 64, 384, 64, 14, 3, 1, "relu6"),
+    ("mv2 64-384-96 @14", 64, 384, 96, 14, 3, 1, "relu6"),
+    ("mv2 96-576-96 @14", 96, 576, 96, 14, 3, 1, "relu6"),
+    ("mv2 s2 96-576-160 @14", 96, 576, 160, 14, 3, 2, "relu6"),
+    ("mv2 160-960-160 @7", 160, 960, 160, 7, 3, 1, "relu6"),
+    ("mv2 160-960-320 @7", 160, 960, 320, 7, 3, 1, "relu6"),
+    ("v3 80-184-80 @14 hardswish", 80, 184, 80, 14, 3, 1, "hardswish"),
+    ("mnas s2 40-240-80 @28 k5", 40, 240, 80, 28, 5, 2, "relu"),
+]
+
+
+def make(block, batch, dtype=torch.float32):
+    _, cin, hidden, cout, size, k, stride, act = block
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cin, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    weights = [torch.randn(hidden, cin, 1, 1, generator=g) / cin ** 0.5, torch.randn(hidden, generator=g) * 0.1,
+               torch.randn(hidden, 1, k, k, generator=g) / k, torch.randn(hidden, generator=g) * 0.1,
+               torch.randn(cout, hidden, 1, 1, generator=g) / hidden ** 0.5, torch.randn(cout, generator=g) * 0.1]
+    x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+    packed = _op.inverted_residual_pack(*weights)
+    residual = stride == 1 and cin == cout
+    out = (size + 2 * ((k - 1) // 2) - k) // stride + 1
+    flops = 2 * batch * (size * size * cin * hidden + out * out * hidden * (k * k + cout))
+    return (lambda: effops.ops.inverted_residual(x, *weights, stride, (k - 1) // 2, act, residual, packed)), flops
+
+
+def forced(backend, fn):
+    def call():
+        with effops.use_backend(backend):
+            return fn()
+    return call
+
+
+def impls(block, batch, dtype):
+    fn, flops = make(block, batch, dtype)
+    return {"reference": forced("reference", fn), "cpu": forced("cpu", fn), "effops": fn}, flops
+
+
+def cpu_time(fn, min_time=0.3):
+    """Median CPU seconds of this thread per call (one thread: the kernels run in it)."""
+    fn()
+    samples = []
+    while sum(samples) < min_time or len(samples) < 5:
+        start = time.thread_time()
+        fn()
+        samples.append(time.thread_time() - start)
+    return statistics.median(samples)
+
+
+def bench(batches, use_cpu_time, rounds=3, min_time=0.2, dtype=torch.float32):
+    rows = []
+    with torch.no_grad():
+        for batch in batches:
+            for block in BLOCKS:
+                fns, flops = impls(block, batch, dtype)
+                case = "%s b%d" % (block[0], batch)
+                if not use_cpu_time:
+                    rows += compare("inverted_residual", case, fns, "reference", "cpu", rounds, min_time,
+                                    work=flops, work_unit="GFLOP/s")
+                    continue
+                samples = {k: [] for k in fns}
+                for _ in range(rounds):
+                    for k, fn in fns.items():
+                        samples[k].append(cpu_time(fn))
+                med = {k: statistics.median(v) for k, v in samples.items()}
+                for k, t in med.items():
+                    rows.append(dict(op="inverted_residual", case=case, impl=k, time_ms=t * 1e3,
+                                     speedup=med["reference"] / t, GFLOPs=flops / t / 1e9))
+                print("  %s | %s" % (case, ", ".join("%s %.3f ms %.2fx" % (k, t * 1e3, med["reference"] / t)
+                                                     for k, t in med.items())), file=sys.stderr, flush=True)
+    return rows
+
+
+def run(quick, device):
+    if device != "cpu":
+        return []
+    return bench((16,) if quick else (1, 16), False, rounds=3 if not quick else 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--cpu-time", action="store_true", help="one thread, CPU time of the thread")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    args = parser.parse_args()
+    if args.cpu_time:
+        torch.set_num_threads(1)
+    rows = bench([int(b) for b in args.batches.split(",")], args.cpu_time, args.rounds,
+                 dtype=getattr(torch, args.dtype))
+    print("| case | reference ms | cpu ms | cpu vs reference | effops vs reference |")
+    print("|---|---|---|---|---|")
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["impl"]] = r
+    for case, r in by_case.items():
+        ms = lambda k: r[k]["time_ms"]  # noqa: E731
+        print("| %s | %.3f | %.3f | %.2fx | %.2fx |" % (case, ms("reference"), ms("cpu"), ms("reference") / ms("cpu"),
+                                                      ms("reference") / ms("effops")))
+
+
+if __name__ == "__main__":
+    main()

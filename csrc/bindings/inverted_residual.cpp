@@ -1,0 +1,300 @@
+// effops::inverted_residual: schema, argument checks, the CPU implementation (our fused kernel or the
+// plain ATen route, by a small speed policy), the Meta implementation for torch.compile, and the
+// weight packing op whose result modules keep as state (csrc/cpu/inverted_residual.h). The backward
+// and the autograd registration are in inverted_residual_backward.cpp.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <optional>
+#include <string>
+
+#include "bindings/inverted_residual.h"
+
+#include "bindings/dispatch.h"
+#include "cpu/cpu_features.h"
+
+namespace effops::bindings::inverted_residual {
+
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+int activation_code(const std::optional<c10::string_view>& name) {
+  if (!name.has_value() || *name == "none") return ir::kNone;
+  if (*name == "relu") return ir::kRelu;
+  if (*name == "relu6") return ir::kRelu6;
+  if (*name == "gelu") return ir::kGelu;
+  if (*name == "silu") return ir::kSilu;
+  if (*name == "hardswish") return ir::kHardswish;
+  TORCH_CHECK_VALUE(false, "activation must be one of None, 'relu', 'relu6', 'gelu', 'silu', 'hardswish', got '",
+                    *name, "'");
+}
+
+void check_weight(const at::Tensor& w, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(), ", got ",
+                   w.scalar_type());
+  TORCH_CHECK_VALUE(w.device() == x.device(), name, " must be on x's device ", x.device(), ", got ", w.device());
+}
+
+void check_bias(const OptTensor& b, const char* name, int64_t channels, const at::Tensor& x) {
+  if (!given(b)) return;
+  check_weight(*b, name, x);
+  TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == channels, name, " must have shape (", channels, "), got ",
+                    b->sizes());
+}
+
+ir::Shape checked_shape(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
+                        const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
+                        const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                        const std::optional<c10::string_view>& activation, bool residual) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                   "x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "stride must be two positive ints, got ",
+                    stride);
+  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+                    "padding must be two non-negative ints, got ", padding);
+  ir::Shape s{};
+  s.N = x.size(0), s.Cin = x.size(1), s.H = x.size(2), s.W = x.size(3);
+  s.expand = given(expand_weight);
+  TORCH_CHECK_VALUE(s.expand || !given(expand_bias), "expand_bias given without expand_weight");
+  if (s.expand) {
+    const at::Tensor& ew = *expand_weight;
+    check_weight(ew, "expand_weight", x);
+    TORCH_CHECK_VALUE(ew.dim() == 4 && ew.size(1) == s.Cin && ew.size(2) == 1 && ew.size(3) == 1,
+                      "expand_weight must have shape (hidden, ", s.Cin, ", 1, 1) for x's ", s.Cin,
+                      " channels, got ", ew.sizes());
+    s.Ch = ew.size(0);
+    check_bias(expand_bias, "expand_bias", s.Ch, x);
+  } else {
+    s.Ch = s.Cin;
+  }
+  check_weight(dw_weight, "dw_weight", x);
+  TORCH_CHECK_VALUE(dw_weight.dim() == 4 && dw_weight.size(0) == s.Ch && dw_weight.size(1) == 1,
+                    "dw_weight must have shape (", s.Ch, ", 1, kh, kw) (depthwise over the ", s.Ch,
+                    " expanded channels), got ", dw_weight.sizes());
+  check_bias(dw_bias, "dw_bias", s.Ch, x);
+  check_weight(project_weight, "project_weight", x);
+  TORCH_CHECK_VALUE(project_weight.dim() == 4 && project_weight.size(1) == s.Ch && project_weight.size(2) == 1 &&
+                        project_weight.size(3) == 1,
+                    "project_weight must have shape (out, ", s.Ch, ", 1, 1), got ", project_weight.sizes());
+  s.Cout = project_weight.size(0);
+  check_bias(project_bias, "project_bias", s.Cout, x);
+  s.KH = dw_weight.size(2), s.KW = dw_weight.size(3);
+  s.SH = stride[0], s.SW = stride[1], s.PH = padding[0], s.PW = padding[1];
+  const int64_t oh = s.H + 2 * s.PH - s.KH, ow = s.W + 2 * s.PW - s.KW;
+  TORCH_CHECK_VALUE(oh >= 0 && ow >= 0, "the depthwise kernel ", s.KH, "x", s.KW, " does not fit x's ", s.H, "x",
+                    s.W, " with padding ", padding);
+  s.OH = oh / s.SH + 1, s.OW = ow / s.SW + 1;
+  s.act = activation_code(activation);
+  s.residual = residual;
+  TORCH_CHECK_VALUE(!residual || (s.Cout == s.Cin && s.OH == s.H && s.OW == s.W),
+                    "residual needs an output of x's shape (out channels ", s.Cout, " vs ", s.Cin, ", size ", s.OH,
+                    "x", s.OW, " vs ", s.H, "x", s.W, ")");
+  return s;
+}
+
+at::MemoryFormat format_of(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                              : at::MemoryFormat::Contiguous;
+}
+
+// [R, K, 1, 1] -> [ceil(R/16)][K][16] fp32, zero past R, written at dst.
+void pack_panels(const at::Tensor& w, float* dst) {
+  const int64_t R = w.size(0), K = w.size(1), Rp = ir::padded(R);
+  at::Tensor padded = at::zeros({Rp, K}, w.options().dtype(at::kFloat).device(at::kCPU));
+  padded.narrow(0, 0, R).copy_(w.reshape({R, K}));
+  at::from_blob(dst, {Rp / ir::kPanel, K, ir::kPanel}, at::kFloat)
+      .copy_(padded.view({Rp / ir::kPanel, ir::kPanel, K}).permute({0, 2, 1}));
+}
+
+// [R] (or zeros when absent) -> [padded(R)] fp32 at dst.
+void pack_vector(const OptTensor& b, int64_t R, float* dst) {
+  at::Tensor out = at::from_blob(dst, {ir::padded(R)}, at::kFloat);
+  out.zero_();
+  if (given(b)) out.narrow(0, 0, R).copy_(*b);
+}
+
+at::Tensor pack(const ir::Shape& s, const OptTensor& expand_weight, const OptTensor& expand_bias,
+                const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
+                const OptTensor& project_bias) {
+  at::Tensor packed = at::zeros({ir::packed_size(s)}, at::kFloat);
+  const ir::Packed v = ir::packed_views(s, packed.data_ptr<float>());
+  const int64_t Chp = ir::padded(s.Ch);
+  if (s.expand) {
+    pack_panels(*expand_weight, const_cast<float*>(v.expand_w));
+    pack_vector(expand_bias, s.Ch, const_cast<float*>(v.expand_b));
+  }
+  // [Ch, 1, KH, KW] -> [KH*KW][Chp]: a tap's channels contiguous.
+  at::from_blob(const_cast<float*>(v.dw_w), {s.KH * s.KW, Chp}, at::kFloat)
+      .narrow(1, 0, s.Ch)
+      .copy_(dw_weight.reshape({s.Ch, s.KH * s.KW}).t());
+  pack_vector(dw_bias, s.Ch, const_cast<float*>(v.dw_b));
+  pack_panels(project_weight, const_cast<float*>(v.project_w));
+  pack_vector(project_bias, s.Cout, const_cast<float*>(v.project_b));
+  return packed;
+}
+
+// The packed weights for pack's shape (a Shape needs x only for N, H, W, which packing ignores).
+at::Tensor pack_op(const OptTensor& expand_weight, const OptTensor& expand_bias, const at::Tensor& dw_weight,
+                   const OptTensor& dw_bias, const at::Tensor& project_weight, const OptTensor& project_bias) {
+  const int64_t cin = given(expand_weight) ? expand_weight->size(1) : dw_weight.size(0);
+  const at::Tensor probe = at::empty({0, cin, dw_weight.size(2), dw_weight.size(3)},
+                                     dw_weight.options());
+  const ir::Shape s = checked_shape(probe, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
+                                    project_bias, {1, 1}, {0, 0}, std::nullopt, false);
+  return pack(s, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias);
+}
+
+// torch's own relu, relu6, silu and hardswish give effops' values at +-inf; its AVX-512 GELU returns
+// NaN at +inf, so GELU is corrected where h is infinite.
+at::Tensor activate(const at::Tensor& h, int act) {
+  switch (act) {
+    case ir::kRelu: return at::relu(h);
+    case ir::kRelu6: return at::hardtanh(h, 0, 6);
+    case ir::kSilu: return at::silu(h);
+    case ir::kHardswish: return at::hardswish(h);
+    case ir::kGelu: {
+      at::Tensor y = at::gelu(h);
+      const at::Tensor inf = h.isinf();
+      if (!inf.any().item<bool>()) return y;
+      return at::where(inf, at::where(h > 0, at::full({}, INFINITY, h.options()), at::full({}, NAN, h.options())), y);
+    }
+    default: return h;
+  }
+}
+
+}  // namespace effops::bindings::inverted_residual
+
+namespace {
+
+using namespace effops::bindings::inverted_residual;
+
+// The same block through ATen's convolutions (oneDNN), each tensor in memory.
+at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& expand_weight,
+                      const OptTensor& expand_bias, const at::Tensor& dw_weight, const OptTensor& dw_bias,
+                      const at::Tensor& project_weight, const OptTensor& project_bias) {
+  at::Tensor h = x;
+  if (s.expand) h = activate(at::conv2d(x, *expand_weight, expand_bias), s.act);
+  h = activate(at::conv2d(h, dw_weight, dw_bias, {s.SH, s.SW}, {s.PH, s.PW}, {1, 1}, s.Ch), s.act);
+  at::Tensor y = at::conv2d(h, project_weight, project_bias);
+  if (s.residual) y.add_(x);
+  return y.contiguous(format_of(x));
+}
+
+// Why our kernel cannot take this input, or nullptr.
+const char* kernel_declines(const ir::Shape& s, const at::Tensor& x) {
+  if (s.KH > 8 || s.KW > 8) return "depthwise kernels above 8x8";
+  if (x.numel() == 0 || s.Cout == 0 || s.Ch == 0) return "empty tensor";
+  return nullptr;
+}
+
+at::Tensor kernel_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& expand_weight,
+                        const OptTensor& expand_bias, const at::Tensor& dw_weight, const OptTensor& dw_bias,
+                        const at::Tensor& project_weight, const OptTensor& project_bias, const OptTensor& packed) {
+  at::Tensor weights;
+  if (given(packed)) {
+    TORCH_CHECK_VALUE(packed->scalar_type() == at::kFloat && packed->dim() == 1 &&
+                          packed->numel() == ir::packed_size(s) && packed->is_contiguous(),
+                      "packed must be the float32 vector inverted_residual_pack makes for these weights (",
+                      ir::packed_size(s), " values), got ", packed->scalar_type(), " ", packed->sizes());
+    weights = *packed;
+  } else {
+    weights = pack(s, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias);
+  }
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor y = at::empty({s.N, s.Cout, s.OH, s.OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_SWITCH(x.scalar_type(), "inverted_residual_cpu",
+                     AT_DISPATCH_CASE(at::kFloat, [&] {
+                       ir::forward<float>(s, xc.data_ptr<float>(), weights.data_ptr<float>(), y.data_ptr<float>());
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       ir::forward<c10::BFloat16>(s, xc.data_ptr<c10::BFloat16>(), weights.data_ptr<float>(),
+                                                  y.data_ptr<c10::BFloat16>());
+                     }) AT_DISPATCH_CASE(at::kHalf, [&] {
+                       ir::forward<c10::Half>(s, xc.data_ptr<c10::Half>(), weights.data_ptr<float>(),
+                                              y.data_ptr<c10::Half>());
+                     }));
+  return format_of(x) == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
+}
+
+// The speed policy: why plain ATen is faster for this input, or nullptr. Measured with
+// `python -m benchmarks.bench_inverted_residual --cpu-time [--dtype bfloat16]` (one thread, CPU time of
+// the thread, the 13 blocks of MobileNetV2 / MobileNetV3-Large / MNASNet at batch 1 and 16, AMD Zen 5,
+// 2026-12-07; docs/inverted_residual.md):
+// - fp32, AVX-512 body: our kernel 1.11-2.5x the ATen route at 7x7-28x28, 1.7-11x at 56x56-112x112.
+// - fp32, AVX2 body (torch capped to AVX2 too, as on the AVX2 machines): 0.57-0.91x, except where
+//   torch's expanded tensor is 29-77 MB (2.7-4.3x): fresh tensors that large are mmapped and page-fault
+//   on every call (docs/dwpw_conv2d.md); torch's THP_MEM_ALLOC_ENABLE=1 removes that.
+// - bf16 where torch has native bf16 (AVX512-BF16: oneDNN's vdpbf16ps, our kernel multiplies in fp32):
+//   0.65-0.99x at batch 16 on the 7x7-28x28 blocks, 1.06-1.8x at batch 1 (below 32M expand multiply-
+//   adds), 4.4-5.2x where the expanded tensor is 14-38 MB.
+constexpr int64_t kAvx2MinExpandedBytes = 16ll << 20;
+constexpr int64_t kBf16MinExpandedBytes = 8ll << 20;
+constexpr int64_t kBf16MaxExpandMacs = 32ll << 20;
+
+const char* aten_faster(const ir::Shape& s, at::ScalarType dtype) {
+  namespace cpu = effops::cpu;
+  const int64_t expanded_bytes = s.N * s.Ch * s.H * s.W * static_cast<int64_t>(c10::elementSize(dtype));
+  const char* thp = std::getenv("THP_MEM_ALLOC_ENABLE");
+  const bool torch_faults = thp == nullptr || std::string(thp) != "1";
+  if (!cpu::cpu_isa_at_least(cpu::CpuIsa::kAvx512)) {
+    if (torch_faults && expanded_bytes >= kAvx2MinExpandedBytes) return nullptr;
+    return "below AVX-512, oneDNN's convolutions are faster (0.57-0.91x) unless torch's expanded tensor "
+           "page-faults (16 MiB or more)";
+  }
+  if (dtype == at::kBFloat16 && cpu::detected_cpu_isa() >= cpu::CpuIsa::kAvx512Bf16 &&
+      s.N * s.H * s.W * s.Cin * s.Ch >= kBf16MaxExpandMacs &&
+      !(torch_faults && expanded_bytes >= kBf16MinExpandedBytes))
+    return "bf16 with native bf16 in oneDNN (vdpbf16ps) is faster where the block is large and its tensors "
+           "are recycled by malloc";
+  return nullptr;
+}
+
+at::Tensor forward_cpu(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
+                       const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
+                       const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                       std::optional<c10::string_view> activation, bool residual, const OptTensor& packed) {
+  const ir::Shape s = checked_shape(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
+                                    stride, padding, activation, residual);
+  using effops::dispatch::Backend;
+  const Backend route = effops::dispatch::choose("inverted_residual", c10::DeviceType::CPU, Backend::kCpu,
+                                                 kernel_declines(s, x), aten_faster(s, x.scalar_type()));
+  switch (route) {
+    case Backend::kCpu:
+      return kernel_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, packed);
+    case Backend::kReference:
+      return aten_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias);
+    case Backend::kTriton:  // forced on CPU tensors: Triton's interpreter (tests), registered from Python
+      return effops::dispatch::python_route<decltype(forward_cpu)>("effops::inverted_residual_triton")
+          .call(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride, padding,
+                activation, residual, packed);
+    default:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, "backend '", effops::dispatch::backend_name(route),
+                                  "' is forced but has no kernel for inverted_residual on CPU tensors");
+  }
+}
+
+at::Tensor forward_meta(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
+                        const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
+                        const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                        std::optional<c10::string_view> activation, bool residual, const OptTensor& packed) {
+  const ir::Shape s = checked_shape(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
+                                    stride, padding, activation, residual);
+  return at::empty({s.N, s.Cout, s.OH, s.OW}, x.options().memory_format(format_of(x)));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(effops, m) {
+  m.def("inverted_residual(Tensor x, Tensor? expand_weight, Tensor? expand_bias, Tensor dw_weight, "
+        "Tensor? dw_bias, Tensor project_weight, Tensor? project_bias, int[2] stride, int[2] padding, "
+        "str? activation, bool residual, Tensor? packed=None) -> Tensor");
+  m.def("inverted_residual_pack(Tensor? expand_weight, Tensor? expand_bias, Tensor dw_weight, Tensor? dw_bias, "
+        "Tensor project_weight, Tensor? project_bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(effops, CPU, m) {
+  m.impl("inverted_residual", &forward_cpu);
+  m.impl("inverted_residual_pack", &pack_op);
+}
+
+TORCH_LIBRARY_IMPL(effops, Meta, m) { m.impl("inverted_residual", &forward_meta); }

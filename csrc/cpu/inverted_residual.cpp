@@ -1,0 +1,393 @@
+// Fused inverted-residual block, forward (see inverted_residual.h for what is computed and the layout).
+//
+// Loop nest: parallel over (image, band of output rows); per band, per step of R output rows:
+//   1. expand the input rows the step reads that the ring does not hold yet (each row once per band):
+//        ring[ih % C][PW + iw][0..Chp) = act(x[ih][iw][:] @ We + be)     GEMM, M = new rows x W, K = Cin
+//   2. depthwise: d[p][c] = act(bd[c] + sum_taps ring[ih][ow * SW + kw][c] * wd[tap][c])
+//   3. project:   y[p][:] = d[p][:] @ Wp + bp (+ x[p][:])                  GEMM, M = R x OW, K = Ch
+// The two GEMMs run a register-blocked micro-kernel (MR pixels x NP panels of 16 columns, accumulators
+// in registers for the whole K loop) on the packed weight panels; bias, activation, residual and the
+// store are its epilogue. Every loop body is a template over the vector type V (ScalarVec, Avx2Vec,
+// Avx512Vec from simd.h), instantiated once per level inside a function compiled for that level.
+#include "cpu/inverted_residual.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/dwpw_kernels.h"  // act_forward: the activations of dwpw_conv2d, same codes
+#include "cpu/simd.h"
+
+namespace effops::cpu::ir {
+
+int64_t packed_size(const Shape& s) {
+  const int64_t Chp = padded(s.Ch), Coutp = padded(s.Cout);
+  return (s.expand ? Chp * s.Cin + Chp : 0) + s.KH * s.KW * Chp + Chp + Coutp * s.Ch + Coutp;
+}
+
+Packed packed_views(const Shape& s, const float* p) {
+  const int64_t Chp = padded(s.Ch), Coutp = padded(s.Cout);
+  Packed w{};
+  if (s.expand) {
+    w.expand_w = p, p += Chp * s.Cin;
+    w.expand_b = p, p += Chp;
+  }
+  w.dw_w = p, p += s.KH * s.KW * Chp;
+  w.dw_b = p, p += Chp;
+  w.project_w = p, p += Coutp * s.Ch;
+  w.project_b = p;
+  return w;
+}
+
+namespace {
+
+using dwpw::act_forward;
+
+// Register blocking per level. AVX2 (16 ymm): 6 pixels x 1 panel = 12 accumulators + 2 B + 1
+// broadcast. AVX-512 (32 zmm): 8 pixels x 3 panels = 24 accumulators + 3 B + 1 broadcast; 8 rows
+// cover the 7-pixel rows of the last stages in one call.
+template <class V> struct Blocking { static constexpr int MR = 6, NP = 1; };
+#if EFFOPS_HAVE_X86
+template <> struct Blocking<Avx512Vec> { static constexpr int MR = 8, NP = 3; };
+#endif
+
+// out[r][0..NP*16) = bias[0..NP*16) + sum_{k < K} a[r * a_rs + k] * b[q * b_ps + k * 16 + 0..16)
+// (q: the panel of the column), r < MR; out's row stride is NP * 16.
+template <class V, int MR, int NP>
+EFFOPS_INLINE void micro(const float* a, int64_t a_rs, const float* b, int64_t b_ps, int64_t K, const float* bias,
+                         float* out) {
+  constexpr int NV = kPanel / V::kWidth;
+  V acc[MR][NP * NV];
+  for (int q = 0; q < NP; ++q)
+    for (int v = 0; v < NV; ++v) acc[0][q * NV + v] = V::load(bias + q * kPanel + v * V::kWidth);
+  for (int r = 1; r < MR; ++r)
+    for (int v = 0; v < NP * NV; ++v) acc[r][v] = acc[0][v];
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NP * NV];
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < NV; ++v) bv[q * NV + v] = V::load(b + q * b_ps + k * kPanel + v * V::kWidth);
+    for (int r = 0; r < MR; ++r) {
+      const V ar = V::broadcast(a[r * a_rs + k]);
+      for (int v = 0; v < NP * NV; ++v) acc[r][v] = V::fma(ar, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NP * NV; ++v) acc[r][v].store(out + r * NP * kPanel + v * V::kWidth);
+}
+
+// The micro-kernel as its own function per level (noinline): inlined into the large band function the
+// compiler keeps that function's values in vector registers and spills accumulators (dwpw_kernels.h
+// measured 2x slower so); alone it gets every register.
+template <int MR, int NP>
+__attribute__((noinline)) EFFOPS_FLATTEN void micro_scalar(const float* a, int64_t a_rs, const float* b, int64_t b_ps,
+                                                           int64_t K, const float* bias, float* out) {
+  micro<ScalarVec, MR, NP>(a, a_rs, b, b_ps, K, bias, out);
+}
+#if EFFOPS_HAVE_X86
+template <int MR, int NP>
+__attribute__((noinline)) EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void micro_avx2(const float* a, int64_t a_rs,
+                                                                            const float* b, int64_t b_ps, int64_t K,
+                                                                            const float* bias, float* out) {
+  micro<Avx2Vec, MR, NP>(a, a_rs, b, b_ps, K, bias, out);
+}
+template <int MR, int NP>
+__attribute__((noinline)) EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void micro_avx512(const float* a, int64_t a_rs,
+                                                                                const float* b, int64_t b_ps,
+                                                                                int64_t K, const float* bias,
+                                                                                float* out) {
+  micro<Avx512Vec, MR, NP>(a, a_rs, b, b_ps, K, bias, out);
+}
+#endif
+
+// micro<V, rows, NP> for 1 <= rows <= R (the last rows of a GEMM), by recursion down from R.
+template <class V, int NP, int R = Blocking<V>::MR>
+EFFOPS_INLINE void micro_rows(int rows, const float* a, int64_t a_rs, const float* b, int64_t b_ps, int64_t K,
+                              const float* bias, float* out) {
+  if constexpr (R > 1) {
+    if (rows < R) return micro_rows<V, NP, R - 1>(rows, a, a_rs, b, b_ps, K, bias, out);
+  }
+#if EFFOPS_HAVE_X86
+  if constexpr (std::is_same_v<V, Avx512Vec>) return micro_avx512<R, NP>(a, a_rs, b, b_ps, K, bias, out);
+  if constexpr (std::is_same_v<V, Avx2Vec>) return micro_avx2<R, NP>(a, a_rs, b, b_ps, K, bias, out);
+#endif
+  micro_scalar<R, NP>(a, a_rs, b, b_ps, K, bias, out);
+}
+
+// C = A @ B + bias for A[M][K] (row stride a_rs, fp32) and B packed as [panels][K][16], handing each
+// block of results to epi(m0, rows, c0, width, out): rows x width values (width = np * 16 columns from
+// c0), out's row stride = width. Panels outer, pixels inner: one panel group (K x 48 floats) stays in
+// L1/L2 while the pixels stream past it.
+template <class V, typename Epi>
+EFFOPS_INLINE void gemm(int64_t M, int64_t K, const float* a, int64_t a_rs, const float* panels, int64_t npanels,
+                        const float* bias, Epi&& epi) {
+  constexpr int MR = Blocking<V>::MR, NP = Blocking<V>::NP;
+  alignas(64) float out[MR * NP * kPanel];
+  for (int64_t p0 = 0; p0 < npanels; p0 += NP) {
+    const int np = static_cast<int>(std::min<int64_t>(NP, npanels - p0));
+    const float* b = panels + p0 * K * kPanel;
+    const float* bb = bias + p0 * kPanel;
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int rows = static_cast<int>(std::min<int64_t>(MR, M - m0));
+      const float* am = a + m0 * a_rs;
+      if constexpr (NP >= 3) {
+        if (np == 3) micro_rows<V, 3>(rows, am, a_rs, b, K * kPanel, K, bb, out);
+      }
+      if constexpr (NP >= 2) {
+        if (np == 2) micro_rows<V, 2>(rows, am, a_rs, b, K * kPanel, K, bb, out);
+      }
+      if (np == 1) micro_rows<V, 1>(rows, am, a_rs, b, K * kPanel, K, bb, out);
+      epi(m0, rows, p0 * kPanel, np * kPanel, out);
+    }
+  }
+}
+
+// One depthwise output row: d[ow][0..Chp) = act(bd + sum over taps rows[kh][ow * SW + kw][:] * wd[tap][:]).
+// rows[kh]: the expanded input row of tap row kh, indexed from its left zero padding (or a zero row
+// above/below the image), so no tap needs a bounds check.
+template <class V>
+EFFOPS_INLINE void depthwise_row(const Shape& s, const float* const* rows, const float* wd, const float* bd,
+                                 int64_t Chp, float* d) {
+  constexpr int W = V::kWidth;
+  for (int64_t ow = 0; ow < s.OW; ++ow) {
+    const int64_t off = ow * s.SW * Chp;
+    float* dp = d + ow * Chp;
+    int64_t c = 0;
+    // Four vectors per step: four independent FMA chains hide the FMA latency.
+    for (; c + 4 * W <= Chp; c += 4 * W) {
+      V acc[4];
+      for (int u = 0; u < 4; ++u) acc[u] = V::load(bd + c + u * W);
+      for (int64_t kh = 0; kh < s.KH; ++kh) {
+        const float* xr = rows[kh] + off + c;
+        const float* wr = wd + kh * s.KW * Chp + c;
+        for (int64_t kw = 0; kw < s.KW; ++kw)
+          for (int u = 0; u < 4; ++u)
+            acc[u] = V::fma(V::load(xr + kw * Chp + u * W), V::load(wr + kw * Chp + u * W), acc[u]);
+      }
+      for (int u = 0; u < 4; ++u) act_forward(acc[u], s.act).store(dp + c + u * W);
+    }
+    for (; c < Chp; c += W) {
+      V acc = V::load(bd + c);
+      for (int64_t kh = 0; kh < s.KH; ++kh)
+        for (int64_t kw = 0; kw < s.KW; ++kw)
+          acc = V::fma(V::load(rows[kh] + off + kw * Chp + c), V::load(wd + (kh * s.KW + kw) * Chp + c), acc);
+      act_forward(acc, s.act).store(dp + c);
+    }
+  }
+}
+
+// depthwise_row for a KH x KW kernel known at compile time: per group of U channel vectors, the taps'
+// weights are loaded into registers once and the row's pixels stream past them (one load per FMA,
+// where depthwise_row loads the weight too). KH * KW * U weights + U accumulators must fit the vector
+// registers: 3x3 with U = 2 and 5x5 with U = 1 on AVX-512 (32 zmm), 3x3 with U = 1 on AVX2 (16 ymm).
+// Channels [0, C) of rows whose pixel stride is Chp.
+template <class V, int KH, int KW, int U>
+EFFOPS_INLINE void depthwise_row_fixed(const Shape& s, const float* const* rows, const float* wd, const float* bd,
+                                       int64_t C, int64_t Chp, float* d) {
+  constexpr int W = V::kWidth, T = KH * KW;
+  int64_t c = 0;
+  for (; c + U * W <= C; c += U * W) {
+    V w[T][U], b[U];
+    for (int t = 0; t < T; ++t)
+      for (int u = 0; u < U; ++u) w[t][u] = V::load(wd + t * Chp + c + u * W);
+    for (int u = 0; u < U; ++u) b[u] = V::load(bd + c + u * W);
+    for (int64_t ow = 0; ow < s.OW; ++ow) {
+      const int64_t off = ow * s.SW * Chp + c;
+      V acc[U];
+      for (int u = 0; u < U; ++u) acc[u] = b[u];
+      for (int kh = 0; kh < KH; ++kh)
+        for (int kw = 0; kw < KW; ++kw)
+          for (int u = 0; u < U; ++u)
+            acc[u] = V::fma(V::load(rows[kh] + off + kw * Chp + u * W), w[kh * KW + kw][u], acc[u]);
+      for (int u = 0; u < U; ++u) act_forward(acc[u], s.act).store(d + ow * Chp + c + u * W);
+    }
+  }
+  if constexpr (U > 1) {
+    if (c < C) {  // C is a multiple of 16: at most U - 1 vectors left
+      const float* r[KH];
+      for (int kh = 0; kh < KH; ++kh) r[kh] = rows[kh] + c;
+      depthwise_row_fixed<V, KH, KW, 1>(s, r, wd + c, bd + c, C - c, Chp, d + c);
+    }
+  }
+}
+
+// One depthwise output row, through the fixed-size body where this level's registers hold the taps.
+template <class V>
+EFFOPS_INLINE void depthwise_any(const Shape& s, const float* const* rows, const float* wd, const float* bd,
+                                 int64_t Chp, float* d) {
+#if EFFOPS_HAVE_X86
+  if constexpr (std::is_same_v<V, Avx512Vec>) {
+    if (s.KH == 3 && s.KW == 3) return depthwise_row_fixed<V, 3, 3, 2>(s, rows, wd, bd, Chp, Chp, d);
+    if (s.KH == 5 && s.KW == 5) return depthwise_row_fixed<V, 5, 5, 1>(s, rows, wd, bd, Chp, Chp, d);
+  }
+  if constexpr (std::is_same_v<V, Avx2Vec>) {
+    if (s.KH == 3 && s.KW == 3) return depthwise_row_fixed<V, 3, 3, 1>(s, rows, wd, bd, Chp, Chp, d);
+  }
+#endif
+  depthwise_row<V>(s, rows, wd, bd, Chp, d);
+}
+
+// How a band is cut into steps of R output rows, and the buffers that follows from (per task): a ring
+// of C expanded input rows (each Wp x Chp, zero where the padding is; row ih in slot ih % C), a zero
+// row for taps above or below the image, the step's depthwise output d[R * OW][Chp], an fp32 copy of
+// the step's input rows for 16-bit x.
+struct Plan {
+  int64_t R, C, Wp, Chp;
+};
+
+// Width of a ring row: left padding, the row, and zeros far enough right for the last tap.
+int64_t ring_width(const Shape& s) { return std::max(s.PW + s.W, (s.OW - 1) * s.SW + s.KW); }
+
+// R output rows per step: enough for ~64 pixels per project GEMM and ~64 / SH rows of the expand GEMM
+// (each GEMM call streams its weight panels once: with one 7-pixel row per call, the last stages read
+// 1.2 MB of weights from L3 per 7 pixels), but at most `rows` (the band) and buffers of ~512 KB (L2).
+Plan plan(const Shape& s, int64_t rows) {
+  Plan p{};
+  p.Wp = ring_width(s), p.Chp = padded(s.Ch);
+  p.R = std::max<int64_t>(1, std::min<int64_t>(rows, (64 + s.OW - 1) / s.OW));
+  const auto floats = [&](int64_t R) { return (((R - 1) * s.SH + s.KH) * p.Wp + R * s.OW) * p.Chp; };
+  while (p.R > 1 && floats(p.R) * 4 > (512 << 10)) --p.R;
+  p.C = (p.R - 1) * s.SH + s.KH;
+  return p;
+}
+
+struct Buffers {
+  std::vector<float> ring, zero, d, xrows;
+};
+
+// Output rows [oh0, oh1) of image n, in steps of p.R rows: expand the input rows the step reads that
+// the ring does not hold (one GEMM over their pixels: x's rows are contiguous in channels-last), the
+// depthwise of each output row into d, the project GEMM over the step's pixels (y's rows are contiguous).
+template <class V, typename T>
+EFFOPS_INLINE void band(const Shape& s, const Plan& p, const T* x, const Packed& w, T* y, int64_t n, int64_t oh0,
+                        int64_t oh1, Buffers& buf) {
+  const int64_t Chp = p.Chp, row_floats = p.Wp * Chp;
+  const int64_t ch_panels = Chp / kPanel, out_panels = padded(s.Cout) / kPanel;
+  const T* xn = x + n * s.H * s.W * s.Cin;
+  float* ring = buf.ring.data();
+  const float* rows[8];
+  int64_t next = oh0 * s.SH - s.PH;  // first input row the ring does not hold
+  for (int64_t o = oh0; o < oh1; o += p.R) {
+    const int64_t r = std::min(p.R, oh1 - o), lo = o * s.SH - s.PH, hi = lo + (r - 1) * s.SH + s.KH - 1;
+    const int64_t a0 = std::max<int64_t>({next, lo, 0}), a1 = std::min(hi, s.H - 1);
+    next = std::max(next, hi + 1);
+    // Expanded pixel m of the new rows (m = (ih - a0) * W + iw) goes to its ring slot, after the padding.
+    const auto slot = [&](int64_t m) { return ring + ((a0 + m / s.W) % p.C) * row_floats + (s.PW + m % s.W) * Chp; };
+    if (a0 <= a1 && !s.expand) {  // e = x: the rows themselves, in fp32 (the padding channels stay zero)
+      const T* xr = xn + a0 * s.W * s.Cin;
+      for (int64_t m = 0; m < (a1 - a0 + 1) * s.W; ++m) {
+        float* e = slot(m);
+        for (int64_t c = 0; c < s.Cin; ++c) e[c] = to_float(xr[m * s.Cin + c]);
+      }
+    } else if (a0 <= a1) {
+      const int64_t M = (a1 - a0 + 1) * s.W;
+      const float* a = reinterpret_cast<const float*>(xn + a0 * s.W * s.Cin);
+      if constexpr (!std::is_same_v<T, float>) {
+        const T* xr = xn + a0 * s.W * s.Cin;
+        for (int64_t i = 0; i < M * s.Cin; ++i) buf.xrows[i] = to_float(xr[i]);
+        a = buf.xrows.data();
+      }
+      gemm<V>(M, s.Cin, a, s.Cin, w.expand_w, ch_panels, w.expand_b,
+              [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
+                for (int i = 0; i < rows_; ++i) {
+                  float* e = slot(m0 + i) + c0;
+                  for (int64_t j = 0; j < width; j += V::kWidth)
+                    act_forward(V::load(out + i * width + j), s.act).store(e + j);
+                }
+              });
+    }
+    for (int64_t j = 0; j < r; ++j) {
+      const int64_t ih0 = (o + j) * s.SH - s.PH;
+      for (int64_t kh = 0; kh < s.KH; ++kh) {
+        const int64_t ih = ih0 + kh;
+        rows[kh] = ih >= 0 && ih < s.H ? ring + (ih % p.C) * row_floats : buf.zero.data();
+      }
+      depthwise_any<V>(s, rows, w.dw_w, w.dw_b, Chp, buf.d.data() + j * s.OW * Chp);
+    }
+    T* yo = y + (n * s.OH + o) * s.OW * s.Cout;
+    const T* res = s.residual ? xn + o * s.W * s.Cin : nullptr;  // stride 1, W == OW: the same pixels
+    gemm<V>(r * s.OW, s.Ch, buf.d.data(), Chp, w.project_w, out_panels, w.project_b,
+            [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
+              const int64_t full = std::min(width, (s.Cout - c0) / V::kWidth * V::kWidth);
+              for (int i = 0; i < rows_; ++i) {
+                const int64_t q = (m0 + i) * s.Cout + c0;
+                const float* oi = out + i * width;
+                int64_t j = 0;
+                for (; j < full; j += V::kWidth) {
+                  V v = V::load(oi + j);
+                  if (res) v = v + V::load(res + q + j);
+                  v.store(yo + q + j);
+                }
+                for (; j < width && c0 + j < s.Cout; ++j)
+                  yo[q + j] = from_float<T>(oi[j] + (res ? to_float(res[q + j]) : 0.f));
+              }
+            });
+  }
+}
+
+template <typename T>
+EFFOPS_FLATTEN void band_scalar(const Shape& s, const Plan& p, const T* x, const Packed& w, T* y, int64_t n,
+                                int64_t oh0, int64_t oh1, Buffers& buf) {
+  band<ScalarVec>(s, p, x, w, y, n, oh0, oh1, buf);
+}
+#if EFFOPS_HAVE_X86
+template <typename T>
+EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void band_avx2(const Shape& s, const Plan& p, const T* x, const Packed& w, T* y,
+                                                 int64_t n, int64_t oh0, int64_t oh1, Buffers& buf) {
+  band<Avx2Vec>(s, p, x, w, y, n, oh0, oh1, buf);
+}
+template <typename T>
+EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void band_avx512(const Shape& s, const Plan& p, const T* x, const Packed& w,
+                                                     T* y, int64_t n, int64_t oh0, int64_t oh1, Buffers& buf) {
+  band<Avx512Vec>(s, p, x, w, y, n, oh0, oh1, buf);
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+void forward(const Shape& s, const T* x, const float* packed, T* y) {
+  const Packed w = packed_views(s, packed);
+  // Bands per image: one when the batch alone keeps every thread busy (no halo rows expanded twice);
+  // otherwise enough bands for the threads, each re-expanding the KH - SH rows of halo above it.
+  const int64_t threads = at::get_num_threads();
+  const int64_t bands = std::min<int64_t>(s.OH, (threads + s.N - 1) / s.N);
+  const Plan p = plan(s, (s.OH + bands - 1) / bands);
+  const CpuIsa level = cpu_isa();
+  at::parallel_for(0, s.N * bands, 1, [&](int64_t begin, int64_t end) {
+    Buffers buf;
+    buf.ring.assign(p.C * p.Wp * p.Chp, 0.f);  // zeroed once: the padding columns are never written
+    buf.zero.assign(p.Wp * p.Chp, 0.f);
+    buf.d.assign(p.R * s.OW * p.Chp, 0.f);
+    if (!std::is_same_v<T, float>) buf.xrows.assign(p.C * s.W * s.Cin, 0.f);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / bands, b = i % bands;
+      const int64_t oh0 = b * s.OH / bands, oh1 = (b + 1) * s.OH / bands;
+#if EFFOPS_HAVE_X86
+      if (level >= CpuIsa::kAvx512) {
+        band_avx512<T>(s, p, x, w, y, n, oh0, oh1, buf);
+        continue;
+      }
+      if (level >= CpuIsa::kAvx2) {
+        band_avx2<T>(s, p, x, w, y, n, oh0, oh1, buf);
+        continue;
+      }
+#endif
+      band_scalar<T>(s, p, x, w, y, n, oh0, oh1, buf);
+    }
+  });
+}
+
+template void forward<float>(const Shape&, const float*, const float*, float*);
+template void forward<c10::BFloat16>(const Shape&, const c10::BFloat16*, const float*, c10::BFloat16*);
+template void forward<c10::Half>(const Shape&, const c10::Half*, const float*, c10::Half*);
+
+const char* inverted_residual_body() {
+  if (cpu_isa_at_least(CpuIsa::kAvx512)) return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel)";
+  if (cpu_isa_at_least(CpuIsa::kAvx2)) return "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel)";
+  return "scalar";
+}
+
+}  // namespace effops::cpu::ir

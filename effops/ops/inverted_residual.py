@@ -1,0 +1,84 @@
+"""effops::inverted_residual: expand 1x1 -> act -> depthwise k x k -> act -> project 1x1 [+ x], fused.
+
+The op is defined in C++ (csrc/bindings/inverted_residual.cpp: schema, argument checks, the CPU
+implementation with its speed policy, the Meta implementation for torch.compile); this function is a
+thin call of torch.ops.effops.inverted_residual. Semantics: effops/reference/inverted_residual.py.
+Its autograd is C++ too (csrc/bindings/inverted_residual_backward.cpp: only x and the weights are
+saved; the backward recomputes the expanded tensor a chunk of images at a time). Without the compiled
+extension (EFFOPS_NO_EXT=1, a pure-Python install) and inside torch.func transforms the reference runs
+(torch differentiates and batches it). The GPU forward is Triton (triton_kernels/inverted_residual.py),
+registered here for the CUDA key; it has no backward yet, and has never run on a GPU.
+"""
+import importlib.util
+
+import torch
+
+from effops import _ext
+from effops.ops import _checks
+from effops.reference import inverted_residual as reference
+
+ACTIVATIONS = reference.ACTIVATIONS
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+_registered = []
+
+
+def _triton_forward(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride, padding,
+                    activation, residual, packed=None):
+    from effops.triton_kernels.inverted_residual import inverted_residual_forward
+    return inverted_residual_forward(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
+                                     stride, padding, activation, residual)
+
+
+def _define_triton_route():
+    """effops::inverted_residual_triton: the Triton forward, which the C++ CPU implementation calls when
+    "triton" is forced on CPU tensors (Triton's interpreter, tests only). Defined at import when Triton is
+    installed (Triton itself is imported on the first call)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    lib = torch.library.Library("effops", "FRAGMENT")
+    lib.define("inverted_residual_triton(Tensor x, Tensor? expand_weight, Tensor? expand_bias, Tensor dw_weight, "
+               "Tensor? dw_bias, Tensor project_weight, Tensor? project_bias, int[2] stride, int[2] padding, "
+               "str? activation, bool residual, Tensor? packed=None) -> Tensor")
+    for key in ("CPU", "CUDA"):
+        lib.impl("inverted_residual_triton", _triton_forward, key)
+    return lib
+
+
+_TRITON_LIB = _define_triton_route()
+
+
+def _register_cuda():
+    """The Triton forward as effops::inverted_residual's CUDA implementation: once, on the first call (the
+    op's schema comes with the compiled extension, loaded then)."""
+    if _TRITON_LIB is not None and not _registered:
+        _TRITON_LIB.impl("inverted_residual", _triton_forward, "CUDA")
+        _registered.append(True)
+
+
+def inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride=1,
+                      padding=1, activation="relu6", residual=False, packed=None):
+    """y = project(act(depthwise(act(expand(x))))) [+ x], BatchNorms folded into the convs' weights.
+
+    expand_weight (hidden, Cin, 1, 1) or None (no expansion); dw_weight (hidden, 1, kh, kw);
+    project_weight (Cout, hidden, 1, 1); biases or None; stride and padding of the depthwise conv (int or
+    pair); activation None, "relu", "relu6", "gelu", "silu" or "hardswish"; residual adds x (stride 1,
+    Cout == Cin). packed: inverted_residual_pack of the same weights (a module builds it once), else the
+    CPU kernel packs them per call. The output takes x's memory format.
+    """
+    stride, padding = _checks.int_pair("stride", stride, minimum=1), _checks.int_pair("padding", padding, minimum=0)
+    if not _ext.load() or (not torch.compiler.is_compiling() and _functorch_wrapped(x)):
+        return reference.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
+                                           project_bias, stride, padding, activation, residual)
+    if not _registered and not torch.compiler.is_compiling():
+        _register_cuda()
+    return torch.ops.effops.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
+                                              project_bias, stride, padding, activation, residual, packed)
+
+
+def inverted_residual_pack(expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias):
+    """The weights in the CPU kernel's order (one float32 vector; csrc/cpu/inverted_residual.h), or None
+    without the compiled extension."""
+    if not _ext.load():
+        return None
+    return torch.ops.effops.inverted_residual_pack(expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
+                                                   project_bias)

@@ -1,0 +1,28 @@
+"""Reference: the inverted-residual block (MobileNetV2/V3, MNASNet, EfficientNet without squeeze-excitation)
+with plain PyTorch. The definition of correct.
+
+    e = act(conv1x1(x, expand_weight, expand_bias))          skipped when expand_weight is None (e = x)
+    d = act(depthwise(e, dw_weight, dw_bias, stride, padding))
+    y = conv1x1(d, project_weight, project_bias) [+ x]       residual: stride 1 and out channels == in
+
+Shapes follow nn.Conv2d: x (N, Cin, H, W); expand_weight (Ch, Cin, 1, 1); dw_weight (Ch, 1, kh, kw);
+project_weight (Cout, Ch, 1, 1); biases (channels,). A BatchNorm after a conv is folded into that conv's
+weight and bias before it gets here. One activation for both places, as in every network above; its
+values at +-inf and NaN are those of effops.reference.dwpw_conv2d.activate (_AT_INFINITY). The output
+takes x's memory format (channels_last in, channels_last out).
+"""
+import torch.nn.functional as F
+
+from effops.reference.dwpw_conv2d import ACTIVATIONS, activate, memory_format
+
+__all__ = ["ACTIVATIONS", "inverted_residual"]
+
+
+def inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
+                      stride=(1, 1), padding=(1, 1), activation="relu6", residual=False):
+    e = x if expand_weight is None else activate(F.conv2d(x, expand_weight, expand_bias), activation)
+    d = activate(F.conv2d(e, dw_weight, dw_bias, stride, padding, groups=e.shape[1]), activation)
+    y = F.conv2d(d, project_weight, project_bias)
+    if residual:
+        y = y + x
+    return y.contiguous(memory_format=memory_format(x))

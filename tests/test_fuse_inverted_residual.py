@@ -1,0 +1,119 @@
+"""effops.fuse / effops.fuse_inverted_residual on the benchmark networks (benchmarks/models.py) and on
+hand-written blocks: what is fused, what is skipped and why, and that the fused model computes the same."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import effops
+from effops.nn import InvertedResidual, SeparableConv2d
+from benchmarks import models
+
+SIZE = 64  # small images: the networks' structure is what matters here
+
+
+def calibrated(name):
+    torch.manual_seed(0)
+    return models.calibrate_batchnorm(models.MODELS[name](), batches=1, batch=2, size=SIZE)
+
+
+def count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+# name: (InvertedResidual blocks, of which with the residual in the op, SeparableConv2d, skipped)
+EXPECTED = {"mobilenet_v2": (16, 10, 1, 0), "mnasnet1_0": (16, 10, 1, 0), "mobilenet_v3_large": (6, 4, 1, 8),
+            "efficientnet_b0": (0, 0, 0, 16)}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_benchmark_networks(name):
+    model = calibrated(name)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        want = model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused, report = effops.fuse(copy.deepcopy(model), return_report=True)
+    blocks, in_op, separable, skipped = EXPECTED[name]
+    assert count(fused, InvertedResidual) == blocks
+    assert sum(m.residual for m in fused.modules() if isinstance(m, InvertedResidual)) == in_op
+    assert count(fused, SeparableConv2d) == separable
+    assert not any(m.training or m.packed is None for m in fused.modules() if isinstance(m, InvertedResidual))
+    assert len(report.changed) == blocks + separable and len(report.skipped) == skipped
+    assert len(report.skipped_for("squeeze-excitation")) == skipped
+    assert len(caught) == (1 if skipped else 0) and fused.fuse_report is report
+    with torch.no_grad():
+        got = fused(x)
+        got_cl = fused.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    scale = want.abs().max()
+    # fp32 through ~50 layers with BatchNorm folded into the weights: ~1e-5 of the output scale
+    assert (got - want).abs().max() <= 1e-4 * scale and (got_cl - want).abs().max() <= 1e-4 * scale
+    if blocks:
+        with pytest.raises(RuntimeError, match="folded"):
+            fused.train()
+
+
+class Plain(nn.Module):
+    """A block whose forward does more than the add: the add stays in the model, the rest is fused."""
+
+    def __init__(self, c=8, act=nn.ReLU6):
+        super().__init__()
+        self.expand, self.act1 = nn.Conv2d(c, 4 * c, 1), act()
+        self.dw, self.act2 = nn.Conv2d(4 * c, 4 * c, 3, padding=1, groups=4 * c), act()
+        self.project = nn.Conv2d(4 * c, c, 1)
+
+    def forward(self, x):
+        y = x + self.project(self.act2(self.dw(self.act1(self.expand(x)))))
+        return y * 0.5
+
+
+def test_residual_kept_in_the_model_when_its_owner_does_more():
+    model = Plain().eval()
+    x = torch.randn(1, 8, 7, 9)
+    with torch.no_grad():
+        want = model(x)
+        effops.fuse_inverted_residual(model)
+        assert isinstance(model.expand, InvertedResidual) and not model.expand.residual
+        assert isinstance(model.project, nn.Identity)
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_and_mixed_activations_exclude_and_untraceable_are_reported():
+    model = nn.Sequential(Plain(act=nn.LeakyReLU), Plain(), Plain())
+    model[2].act2 = nn.SiLU()
+    with pytest.warns(UserWarning, match="changed nothing"):
+        _, report = effops.fuse_inverted_residual(model, exclude="1", return_report=True)
+    reasons = dict(report.skipped)
+    assert "unsupported activation" in reasons["0.expand"] and reasons["1.expand"] == "excluded by name"
+    assert "different activations" in reasons["2.expand"] and not report.changed
+
+    class Branchy(Plain):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > 0 else x
+
+    with pytest.warns(UserWarning, match="changed nothing"):
+        _, report = effops.fuse_inverted_residual(Branchy(), return_report=True)
+    assert "cannot trace" in report.skipped[0][1]
+
+
+def test_train_mode_skips_batch_statistics_and_frozen_batchnorm_trains():
+    model = calibrated("mobilenet_v2").train()
+    with pytest.warns(UserWarning, match="changed nothing"):
+        _, report = effops.fuse(copy.deepcopy(model), return_report=True)
+    # 16 blocks, and the first (no expand conv) as a separable chain; each reported once
+    assert count(model, InvertedResidual) == 0 and len(report.skipped) == len(report.skipped_for("batch stat")) == 17
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.Dropout)):
+            m.eval()  # frozen BatchNorm: folded, and the fused model trains (no dropout: outputs comparable)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    want = model(x)
+    fused = effops.fuse(copy.deepcopy(model))
+    assert count(fused, InvertedResidual) == 16 and not any(
+        m.folded_batchnorm for m in fused.modules() if isinstance(m, InvertedResidual))
+    got = fused(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    got.square().mean().backward()
+    assert all(p.grad is not None for p in fused.parameters())

@@ -1,0 +1,283 @@
+"""effops.ops.inverted_residual on every CPU route (ATen, our kernel at every instruction-set level) against the reference."""
+import contextlib
+
+import pytest
+import torch
+
+import effops
+from effops import _ext
+from effops.ops import inverted_residual
+from effops.reference import inverted_residual as reference
+from conftest import TOL, backends_on_device
+
+needs_ext = pytest.mark.skipif(not _ext.load(), reason="effops._C not built: %s" % _ext.reason())
+# The backends with an inverted_residual route on CPU tensors: the plain ATen route and our kernel at
+# every instruction-set level (the `backend` fixture of conftest forces one per test).
+ROUTES = ("reference", "cpu")
+
+# (N, Cin, hidden, Cout, H, W, kernel, stride, activation, residual); hidden == Cin with expand=False below.
+# Channel counts off every vector and panel width on purpose; odd sizes; the MobileNet stage shapes' kinds.
+CASES = [
+    (2, 8, 48, 8, 9, 9, 3, 1, "relu6", True),
+    (1, 5, 30, 7, 8, 11, 3, 2, "silu", False),
+    (1, 17, 40, 23, 7, 6, 5, 1, "hardswish", False),
+    (2, 16, 96, 24, 13, 12, 3, 2, "relu", False),
+    (3, 24, 144, 24, 11, 7, 3, 1, "relu6", True),
+    (1, 12, 72, 12, 5, 9, 5, 1, "gelu", True),
+    (1, 3, 11, 4, 1, 1, 3, 1, None, False),
+    (2, 40, 243, 40, 6, 5, 5, 2, "silu", False),
+    (1, 8, 24, 8, 37, 40, 3, 1, "relu6", True),  # wide rows: steps of 2 output rows, the ring wraps
+    (1, 6, 36, 10, 41, 35, 5, 2, "relu", False),
+]
+IDS = ["%dx%d-%d-%d@%dx%d_k%d_s%d_%s%s" % (c[:8] + (c[8], "_res" if c[9] else "")) for c in CASES]
+
+
+def make(case, dtype=torch.float32, layout="channels_last", expand=True, seed=0):
+    """The case's tensors and the op's keyword arguments (padding (k - 1) // 2, as in the networks)."""
+    N, Cin, Ch, Cout, H, W, k, stride, act, residual = case
+    if not expand:
+        Ch = Cin
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, Cin, H, W, generator=g)
+    if layout == "noncontiguous":
+        x = torch.randn(N, Cin, H, 2 * W, generator=g)[..., ::2]
+    ew = torch.randn(Ch, Cin, 1, 1, generator=g) / Cin ** 0.5 if expand else None
+    eb = torch.randn(Ch, generator=g) * 0.3 if expand else None
+    dw = torch.randn(Ch, 1, k, k, generator=g) / k
+    db = torch.randn(Ch, generator=g) * 0.3
+    pw = torch.randn(Cout, Ch, 1, 1, generator=g) / Ch ** 0.5
+    pb = torch.randn(Cout, generator=g) * 0.3
+    tensors = [None if t is None else t.to(dtype) for t in (x, ew, eb, dw, db, pw, pb)]
+    if layout == "channels_last":
+        tensors[0] = tensors[0].contiguous(memory_format=torch.channels_last)
+    return tensors, dict(stride=stride, padding=(k - 1) // 2, activation=act, residual=residual)
+
+
+def expected(tensors, kw):
+    """The reference in float64: rounding kept out of the way."""
+    t64 = [None if t is None else t.double() for t in tensors]
+    return reference.inverted_residual(*t64, [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
+                                       kw["residual"])
+
+
+def kernel(tensors, kw, packed=None):
+    """The op with the route the `backend` fixture forces, whatever the speed policy says."""
+    return torch.ops.effops.inverted_residual(*tensors, [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
+                                              kw["residual"], packed)
+
+
+@pytest.fixture(params=[p for p in backends_on_device() if p.values[0][0] in ROUTES])
+def backend(request):
+    """conftest's backend fixture, over the routes this op has."""
+    name, level = request.param
+    with effops.use_backend(name), (effops.cpu_isa.use_cpu_isa(level) if level else contextlib.nullcontext()):
+        yield name if level is None else "%s-%s" % (name, level)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "noncontiguous"])
+def test_matches_reference(backend, case, layout):
+    tensors, kw = make(case, layout=layout)
+    got = kernel(tensors, kw)
+    want = expected(tensors, kw)
+    torch.testing.assert_close(got, want.float(), **TOL[torch.float32])
+    cl = layout == "channels_last"
+    assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]], ids=[IDS[0], IDS[3], IDS[5]])
+def test_without_expansion(backend, case):
+    """MobileNetV2's first block: no expand conv, the depthwise reads x itself."""
+    tensors, kw = make(case, expand=False)
+    got = kernel(tensors, kw)
+    torch.testing.assert_close(got, expected(tensors, kw).float(), **TOL[torch.float32])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16bit(backend, dtype):
+    """At most twice the error of torch's own same-precision block against the float64 reference."""
+    tensors, kw = make(CASES[4], dtype=dtype)
+    want = expected(tensors, kw)
+    got = kernel(tensors, kw)
+    assert got.dtype == dtype
+    torch_err = (reference.inverted_residual(*tensors, [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
+                                             kw["residual"]).double() - want).abs().max()
+    assert (got.double() - want).abs().max() <= 2 * torch_err
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
+@needs_ext
+def test_packed_weights(backend):
+    """Weights packed once (what a module keeps) give the same result as packing per call."""
+    tensors, kw = make(CASES[1])
+    packed = torch.ops.effops.inverted_residual_pack(*tensors[1:])
+    torch.testing.assert_close(kernel(tensors, kw, packed), kernel(tensors, kw), atol=0, rtol=0)
+    if backend.startswith("cpu"):  # the ATen route reads the weights themselves
+        with pytest.raises(ValueError, match="packed"):
+            kernel(tensors, kw, packed[:-1].clone())
+
+
+@needs_ext
+@pytest.mark.parametrize("activation", reference.ACTIVATIONS, ids=str)
+def test_extreme_values(backend, activation):
+    """inf, -inf and NaN in x, and values far out on the activations' tails, as the reference gives them."""
+    case = (1, 4, 20, 4, 6, 7, 3, 1, activation, True)
+    tensors, kw = make(case)
+    x, ew, _, dw, _, pw, _ = tensors
+    # Half the hidden channels see +inf, half -inf (so each activation's value at both ends is used);
+    # positive depthwise and project weights carry them to the output without cancelling.
+    ew.abs_()[10:] *= -1
+    dw.abs_()
+    pw.abs_()
+    x[0, :, 1, 1] = float("inf")
+    x[0, :, 4, 2] = -float("inf")
+    x[0, 2, 3, 5] = float("nan")
+    x[0, :, 0, 6] = 1e4
+    x[0, :, 5, 0] = -1e4
+    want = reference.inverted_residual(*tensors, [1, 1], [1, 1], activation, True)
+    got = kernel(tensors, kw)
+    assert want.isfinite().any() and not want.isfinite().all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3, equal_nan=True)
+
+
+GRAD_CASES = [(c, e) for c in (CASES[0], CASES[1], CASES[3], CASES[5], CASES[7]) for e in (True, False)]
+
+
+@needs_ext
+@pytest.mark.parametrize("case, expand", GRAD_CASES, ids=lambda c: "%dx%d-%d-%d@%d_s%d_%s" % (
+    c[0], c[1], c[2], c[3], c[4], c[7], c[8]) if isinstance(c, tuple) else "expand" if c else "noexpand")
+def test_gradients_match_reference_autograd(backend, case, expand):
+    """The C++ autograd (x and weights saved, the expanded tensor recomputed per chunk of images) against
+    torch's autograd through the float64 reference."""
+    check_gradients(case, expand)
+
+
+@needs_ext
+def test_gradients_in_chunks_of_images():
+    """4 MiB of expanded tensor per image: the cpu route's backward recomputes it 2 images at a time."""
+    with effops.use_backend("cpu"):
+        check_gradients((3, 5, 64, 5, 128, 128, 3, 1, "silu", True), True)
+
+
+def check_gradients(case, expand):
+    tensors, kw = make(case, expand=expand)
+    tensors = [None if t is None else t.requires_grad_() for t in tensors]
+    y = inverted_residual(*tensors, **kw)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [t for t in tensors if t is not None], gy)
+    t64 = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+    want = reference.inverted_residual(*t64, [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
+                                       kw["residual"])
+    wants = torch.autograd.grad(want, [t for t in t64 if t is not None], gy.double())
+    for g, w in zip(grads, wants):
+        # weight gradients sum over every pixel (49k in the largest case): fp32 error grows with the scale
+        torch.testing.assert_close(g, w.float(), atol=3e-5 * max(1.0, w.abs().max().item()), rtol=1e-4)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_automatic_choice_matches_reference(case):
+    """The op as users call it (its CPU implementation chooses the route)."""
+    tensors, kw = make(case)
+    torch.testing.assert_close(inverted_residual(*tensors, **kw), expected(tensors, kw).float(),
+                               **TOL[torch.float32])
+
+
+def test_op_large_kernel_and_empty_batch():
+    """A 9x9 depthwise (beyond the kernel's 8x8) and batch 0 still compute, through ATen."""
+    tensors, kw = make((1, 6, 18, 6, 12, 11, 9, 1, "relu6", True))
+    torch.testing.assert_close(inverted_residual(*tensors, **kw), expected(tensors, kw).float(), **TOL[torch.float32])
+    tensors, kw = make((0, 6, 18, 8, 5, 5, 3, 2, "relu", False))
+    y = inverted_residual(*tensors, **kw)
+    assert y.shape == (0, 8, 3, 3)
+
+
+@needs_ext
+def test_forced_kernel_declines_what_it_cannot_take():
+    """Forced, our kernel raises (never a quiet fallback) where the automatic choice runs ATen."""
+    for case, why in (((0, 6, 18, 8, 5, 5, 3, 2, "relu", False), "empty"),
+                      ((1, 6, 18, 6, 12, 11, 9, 1, "relu6", True), "8x8")):
+        tensors, kw = make(case)
+        with effops.use_backend("cpu"), pytest.raises(effops.BackendError, match=why):
+            kernel(tensors, kw)
+
+
+@needs_ext
+@pytest.mark.parametrize("change, error, name", [
+    (lambda t, kw: t.__setitem__(0, t[0].int()), TypeError, "x"),
+    (lambda t, kw: t.__setitem__(0, t[0][0]), ValueError, "x"),
+    (lambda t, kw: t.__setitem__(1, t[1][:, :3]), ValueError, "expand_weight"),
+    (lambda t, kw: t.__setitem__(2, t[2][:5]), ValueError, "expand_bias"),
+    (lambda t, kw: t.__setitem__(3, t[3].double()), TypeError, "dw_weight"),
+    (lambda t, kw: t.__setitem__(3, t[3][:7]), ValueError, "dw_weight"),
+    (lambda t, kw: t.__setitem__(4, t[4][:, None]), ValueError, "dw_bias"),
+    (lambda t, kw: t.__setitem__(5, t[5][:, :4]), ValueError, "project_weight"),
+    (lambda t, kw: t.__setitem__(6, t[6][:2]), ValueError, "project_bias"),
+    (lambda t, kw: kw.update(activation="tanh"), ValueError, "activation"),
+    (lambda t, kw: kw.update(stride=2), ValueError, "residual"),
+    (lambda t, kw: kw.update(stride=0), ValueError, "stride"),
+    (lambda t, kw: kw.update(stride="1"), TypeError, "stride"),
+    (lambda t, kw: kw.update(padding=-1), ValueError, "padding"),
+])
+def test_bad_arguments(change, error, name):
+    tensors, kw = make(CASES[0])
+    change(tensors, kw)
+    with pytest.raises(error, match=name):
+        inverted_residual(*tensors, **kw)
+
+
+@needs_ext
+def test_opcheck_and_compile():
+    """The op's schema and Meta implementation (torch.library.opcheck), and torch.compile(fullgraph=True)
+    with no graph break."""
+    tensors, kw = make(CASES[3])
+    args = (*tensors, [2, 2], [1, 1], "relu", False, None)
+    torch.library.opcheck(torch.ops.effops.inverted_residual.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    fn = torch.compile(lambda *t: inverted_residual(*t, **kw), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(*tensors), expected(tensors, kw).float(), **TOL[torch.float32])
+    assert sum(counters["graph_break"].values()) == 0
+
+
+@needs_ext
+def test_automatic_choice_follows_the_policy():
+    """Our kernel at AVX-512 (measured faster on every benchmarked block); below it, the ATen route for
+    a small block (oneDNN measured faster than our AVX2 body); `cpu_isa` as the machine has it."""
+    tensors, kw = make(CASES[4])
+    levels = effops.cpu_isa.levels()
+    expect = [("avx2", "reference")] + ([("avx512", "cpu")] if "avx512" in levels else [])
+    for level, route in expect:
+        with effops.cpu_isa.use_cpu_isa(level), effops._backends.record_choices() as tally:
+            inverted_residual(*tensors, **kw)
+        assert tally["inverted_residual"] == {route: 1}, (level, dict(tally))
+
+
+# Small enough for Triton's interpreter: (N, Cin, hidden, Cout, H, W, kernel, stride, activation, residual).
+TRITON_CASES = [(1, 8, 40, 8, 6, 7, 3, 1, "relu6", True), (2, 5, 20, 12, 5, 6, 5, 2, "hardswish", False),
+                (1, 4, 18, 4, 4, 5, 3, 1, "gelu", True), (1, 6, 36, 7, 3, 4, 3, 2, "silu", False)]
+needs_triton = pytest.mark.skipif(not effops.backends()["triton"], reason="triton backend not usable here")
+
+
+@needs_ext
+@needs_triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "%s_k%d_s%d" % (c[8], c[6], c[7]))
+@pytest.mark.parametrize("layout, expand, dtype", [("channels_last", True, torch.float32),
+                                                   ("nchw", True, torch.float32),
+                                                   ("channels_last", False, torch.float32),
+                                                   ("channels_last", True, torch.float16)],
+                         ids=["cl", "nchw", "noexpand", "fp16"])
+def test_triton_matches_reference(case, layout, expand, dtype):
+    """The Triton forward, forced on CPU tensors: Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+    tensors, kw = make(case, dtype=dtype, layout=layout, expand=expand)
+    with effops.use_backend("triton"):
+        got = kernel(tensors, kw)
+    torch.testing.assert_close(got.double(), expected(tensors, kw), **TOL[dtype])
+    assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                             torch.contiguous_format)
