@@ -4,12 +4,13 @@ Per case: a weight of transformer / MLP shape, a mask of one pattern at one spar
 impls (all in one process, interleaved):
   dense F.linear  the baseline: forward F.linear(x, W * mask) with W * mask precomputed;
                   forward+backward F.linear(x, W * mask) under autograd (what plain PyTorch does)
-  effops auto     effops.ops.masked_linear with the automatic backend choice
+  effops auto     effops.ops.masked_linear with the automatic backend choice (the mask scanned per call)
+  effops index    the same given the mask's index (masked_linear_index: what SparseLinear holds)
   effops cpu      the cpu backend forced (its kernels even where auto would decline; the full sweep
                   times it only where auto chooses another backend)
   torch CSR       torch.sparse.mm(W_csr, x^T) (forward only; CSR built outside the timing)
-Forward calls reuse the weight (inference: the cpu kernel's weight pack is cached); forward+backward
-calls bump the weight's version first (training: packs rebuilt every step).
+Nothing is cached between calls: the cpu kernels pack the kept weights on every call, forward and
+backward.
 rate: dense-equivalent GFLOP/s, 2*M*N*K per forward, 6*M*N*K per forward+backward, so a speedup over
 dense shows as a rate above dense's.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 import effops
 from benchmarks.common import compare
-from effops.ops.masked_linear import masked_linear
+from effops.ops.masked_linear import masked_linear, masked_linear_index
 
 LEVEL_DEPENDENT = True  # benchmarks.run times it at every CPU level
 FULL_SHAPES = [(4096, 4096, 256), (4096, 4096, 2048), (11008, 4096, 256), (4096, 11008, 256)]  # (N, K, M)
@@ -83,7 +84,10 @@ def run(quick, device):
             csr = wm.to_sparse_csr()
         xt = x.t().contiguous()
         name = "%dx%d M=%d %s %.0f%%%s" % (n, k, m, pattern, 100 * sparsity, "" if dtype == torch.float32 else " bf16")
-        chosen = effops._backends.select("masked_linear", "cpu", x, w, mask, None)
+        with torch.no_grad(), effops._backends.record_choices() as tally:
+            masked_linear(x, w, mask)
+        (chosen,) = tally["masked_linear"]
+        index = masked_linear_index(mask)
         extra = dict(sparsity=sparsity, auto_backend=chosen)
 
         def forced_cpu(fn):
@@ -95,6 +99,7 @@ def run(quick, device):
         fwd = {
             "dense F.linear": lambda: F.linear(x, wm),
             "effops auto": lambda: masked_linear(x, w, mask),
+            "effops index": lambda: masked_linear(x, w, mask, index=index),
         }
         if quick or chosen != "cpu":  # full sweep: when auto runs the cpu kernel, forcing it times the same code
             fwd["effops cpu"] = forced_cpu(lambda: masked_linear(x, w, mask))
@@ -110,12 +115,12 @@ def run(quick, device):
             F.linear(xg, wg * mask).sum().backward()
 
         def ours_fb():
-            # As after an optimizer step: the weight's version moves, so the cpu kernel's cached weight
-            # packs are rebuilt (forward and backward), as they are in training.
-            torch.autograd.graph.increment_version(wg)
             masked_linear(xg, wg, mask).sum().backward()
 
-        fb = {"dense F.linear": dense_fb, "effops auto": ours_fb}
+        def index_fb():
+            masked_linear(xg, wg, mask, index=index).sum().backward()
+
+        fb = {"dense F.linear": dense_fb, "effops auto": ours_fb, "effops index": index_fb}
         if quick or chosen != "cpu":
             fb["effops cpu"] = forced_cpu(ours_fb)
         rows += compare("masked_linear fwd+bwd", name, fb, "dense F.linear", rounds=rounds, min_time=min_time,

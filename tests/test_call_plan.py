@@ -19,7 +19,6 @@ from effops.nn import SeparableConv2d, SparseLinear
 from effops.reference import dwpw_conv2d as dwpw_reference
 from tests.conftest import TOL
 
-masked_op = importlib.import_module("effops.ops.masked_linear")
 dwpw_op = importlib.import_module("effops.ops.dwpw_conv2d")
 needs_cpu = pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 
@@ -62,44 +61,6 @@ def _separable_expected(m, x):
                                       m.activation)
 
 
-def test_repeated_calls_build_once_and_a_new_shape_rebuilds(monkeypatch):
-    plans = _count_calls(monkeypatch, masked_op, "plan")
-    layer = _sparse_layer()
-    x = torch.randn(5, 48)
-    with torch.no_grad():
-        for _ in range(3):
-            torch.testing.assert_close(layer(x), _masked_expected(layer, x), **TOL[torch.float32])
-        assert plans.calls == 1
-        layer(torch.randn(7, 48))
-        assert plans.calls == 2
-
-
-
-
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_sparse_conv1x1_keeps_a_memo(monkeypatch, layout):
-    # Its (out, in) weight view is a new tensor each call: through the functional memo (keyed on it)
-    # every call rebuilt. Now the module's memo, keyed on the conv weight; gradients still flow to it.
-    from effops.nn.sparse_linear import SparseConv1x1
-    plans = _count_calls(monkeypatch, masked_op, "conv1x1_plan")
-    torch.manual_seed(3)
-    conv = SparseConv1x1.from_conv(nn.Conv2d(12, 20, 1), torch.rand(20, 12) < 0.5)
-    x = torch.randn(2, 12, 5, 4)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    want = F.conv2d(x, conv.weight * conv.mask.view(20, 12, 1, 1), conv.bias)
-    for grad in (False, True):
-        with torch.set_grad_enabled(grad):
-            for _ in range(3):
-                y = conv(x)
-                torch.testing.assert_close(y, want.detach(), **TOL[torch.float32])
-    assert plans.calls == 2  # one per grad mode
-    (g,) = torch.autograd.grad(conv(x).square().sum(), [conv.weight])
-    (want_g,) = torch.autograd.grad(F.conv2d(x, conv.weight * conv.mask.view(20, 12, 1, 1), conv.bias).square().sum(),
-                                    [conv.weight])
-    torch.testing.assert_close(g, want_g, **TOL[torch.float32])
-
-
 @pytest.mark.parametrize("training", [False, True])
 def test_mask_edited_in_place_after_a_memo(training):
     # The mask's density steers the choice and its cached forms (W * mask, the mask in weight's dtype)
@@ -132,26 +93,6 @@ def _block_sparse_mask():
     """A 90% block-32 mask of a 256 -> 512 layer: the cpu block kernel's, at 64 rows."""
     torch.manual_seed(3)
     return (torch.rand(16, 8) < 0.1).repeat_interleave(32, 0).repeat_interleave(32, 1)
-
-
-@needs_cpu
-def test_mask_change_that_changes_the_backend():
-    # Dense mask: the reference runs; a 90% block-sparse mask at 64 x 256 -> 512: the cpu block kernel.
-    layer = SparseLinear.from_linear(nn.Linear(256, 512), torch.ones(512, 256, dtype=torch.bool))
-    x = torch.randn(64, 256)
-    sparse = _block_sparse_mask()
-    assert _backends.select("masked_linear", "cpu", x, layer.weight, sparse, layer.bias) == "cpu"
-    kernel = _Counter(_backends._kernels["masked_linear"]["cpu"].fn)
-    with torch.no_grad():
-        layer(x)
-        _backends._kernels["masked_linear"]["cpu"]._fn = kernel
-        try:
-            layer.set_mask(sparse)
-            y = layer(x)
-        finally:
-            _backends._kernels["masked_linear"]["cpu"]._fn = kernel.fn
-    assert kernel.calls == 1
-    torch.testing.assert_close(y, _masked_expected(layer, x), atol=1e-4, rtol=1e-4)  # 256-term sums, other order
 
 
 def test_grad_mode_switch_after_a_memo():
@@ -192,22 +133,6 @@ def test_requires_grad_switched_on_after_a_memo():
     gy = torch.randn_like(y)
     y.backward(gy)
     torch.testing.assert_close(layer.weight.grad, (gy.t() @ x) * layer.mask, atol=1e-4, rtol=1e-4)
-
-
-def test_forced_backend_is_honoured_after_a_memo():
-    layer = _sparse_layer()
-    x = torch.randn(5, 48)
-    reference = _Counter(_backends._kernels["masked_linear"]["reference"].fn)
-    with torch.no_grad():
-        layer(x)
-        _backends._kernels["masked_linear"]["reference"]._fn = reference
-        try:
-            with effops.use_backend("reference"):
-                y = layer(x)
-        finally:
-            _backends._kernels["masked_linear"]["reference"]._fn = reference.fn
-    assert reference.calls == 1  # the op's dispatch ran, not the memo's dense fallback
-    torch.testing.assert_close(y, _masked_expected(layer, x), **TOL[torch.float32])
 
 
 @needs_cpu
@@ -256,19 +181,6 @@ def test_separable_layout_change_after_a_memo():
         y = m(x.contiguous(memory_format=torch.channels_last))
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, _separable_expected(m, x), atol=1e-4, rtol=1e-4)
-
-
-def test_registering_a_kernel_drops_the_memo(monkeypatch):
-    plans = _count_calls(monkeypatch, masked_op, "plan")
-    layer = _sparse_layer()
-    x = torch.randn(5, 48)
-    with torch.no_grad():
-        layer(x)
-        kernel = _backends._kernels["masked_linear"]["reference"]
-        _backends.register_kernel("masked_linear", "reference", kernel._fn, supports=kernel.supports,
-                                  faster=kernel.faster)  # the same kernel again: the registry's generation moves
-        layer(x)
-    assert plans.calls == 2
 
 
 def test_non_strided_or_meta_input_gets_the_ops_answer():
@@ -334,18 +246,6 @@ def test_copies_and_pickles_build_their_own_memo():
         torch.testing.assert_close(loaded(x), before, atol=0, rtol=0)
 
 
-def test_inference_tensor_mask_is_never_memoized(monkeypatch):
-    # An inference tensor has no version counter, so an in-place edit could not be seen: no memo.
-    plans = _count_calls(monkeypatch, masked_op, "plan")
-    with torch.inference_mode():
-        layer = _sparse_layer()
-        x = torch.randn(5, 48)
-        layer(x)
-        layer.mask.copy_(torch.rand(48, 48) >= 0.5)
-        torch.testing.assert_close(layer(x), _masked_expected(layer, x), **TOL[torch.float32])
-    assert plans.calls == 0
-
-
 def test_bad_input_still_raises_after_a_memo():
     layer = _sparse_layer()
     with torch.no_grad():
@@ -378,48 +278,6 @@ def test_moving_a_module_drops_its_memo():
     assert old_mask() is None
 
 
-def _module_cases():
-    """(name, module, x, the op's path for that module without any memo): a memo must give exactly what
-    it gives."""
-    torch.manual_seed(8)
-    sparse = _sparse_layer()
-    sep = _separable()
-    return [
-        ("sparse", sparse, torch.randn(5, 48), lambda m, x: masked_op._unmemoized(x, m.weight, m.mask, m.bias, None, None)),
-        ("separable", sep, torch.randn(2, 6, 9, 8), lambda m, x: dwpw_op._unmemoized(
-            x, m.depthwise.weight, m.pointwise.weight, m.depthwise.bias, m.pointwise.bias, m.depthwise.stride,
-            m.depthwise.padding, m.depthwise.dilation, m.activation)),
-    ]
-
-
-@pytest.mark.parametrize("case", [0], ids=["sparse"])  # (SeparableConv2d and Int8Linear: no memo any more)
-@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
-def test_memo_under_autocast_gives_the_ops_answer(monkeypatch, case, training):
-    # Under autocast the memo's runner is given x and the weights cast per call (the weights change
-    # between steps); outputs and gradients must be the op path's, exactly (the same torch ops).
-    name, module, x, op_path = _module_cases()[case]
-    twin = copy.deepcopy(module)
-    builds = _count_calls(monkeypatch, masked_op if name == "sparse" else dwpw_op, "plan")
-    with torch.set_grad_enabled(training):
-        for step in range(3):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                got, want = module(x), op_path(twin, x)
-            assert got.dtype == torch.bfloat16
-            assert torch.equal(got, want), (name, step)
-            if training:
-                got.float().square().sum().backward()
-                want.float().square().sum().backward()
-                for (pname, p), q in zip(module.named_parameters(), twin.parameters()):
-                    if p.requires_grad:
-                        assert torch.equal(p.grad, q.grad), (name, pname, step)
-                with torch.no_grad():  # an optimizer step: the memo must see the new values
-                    for p, q in zip(module.parameters(), twin.parameters()):
-                        if p.requires_grad:
-                            p.sub_(0.1 * p.grad)
-                            q.sub_(0.1 * q.grad)
-    assert builds.calls == 1
-
-
 # ---------------------------------------------------------------------------------------------
 # The functional ops' memo of recent calls (call_function): no module, so the tensors are held weakly
 # and the call's non-tensor arguments join the key with their types.
@@ -427,21 +285,6 @@ def test_memo_under_autocast_gives_the_ops_answer(monkeypatch, case, training):
 def _masked_tensors(features=48, seed=0):
     torch.manual_seed(seed)
     return torch.randn(features, features), (torch.rand(features, features) >= 0.75), torch.randn(features)
-
-
-def test_functional_calls_build_once_per_tensors(monkeypatch):
-    plans = _count_calls(monkeypatch, masked_op, "plan")
-    w, mask, b = _masked_tensors()
-    x = torch.randn(5, 48)
-    for _ in range(3):
-        torch.testing.assert_close(effops.ops.masked_linear(x, w, mask, b), F.linear(x, w * mask, b),
-                                   **TOL[torch.float32])
-    assert plans.calls == 1
-    w2 = w.clone()  # another weight: another entry, its own answer
-    w2[0] = 1.0
-    torch.testing.assert_close(effops.ops.masked_linear(x, w2, mask, b), F.linear(x, w2 * mask, b),
-                               **TOL[torch.float32])
-    assert plans.calls == 2
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -459,27 +302,6 @@ def test_functional_mask_edited_in_place(training):
         gy = torch.randn_like(y)
         y.backward(gy)
         torch.testing.assert_close(w.grad, (gy.t() @ x) * mask, **TOL[torch.float32])
-
-
-def test_functional_entry_dies_with_its_tensors():
-    # Weak references: a dead mask's entry (and the mask forms its runner keeps) goes with it, so a
-    # new tensor that reuses its id and address never meets a stale runner.
-    memo = masked_op._MEMO
-    x = torch.randn(5, 48)
-    with torch.enable_grad():
-        w, mask, b = _masked_tensors(seed=4)
-        w.requires_grad_(True)  # the training runner keeps the mask in weight's dtype
-        effops.ops.masked_linear(x, w, mask, b)
-        keys = [k for k in memo.entries if id(mask) in k]
-        assert len(keys) == 1
-        del w, mask, b
-        gc.collect()
-        assert not any(k in memo.entries for k in keys)
-    for seed in range(5, 9):  # fresh tensors, likely at recycled addresses: each its own answer
-        w, mask, b = _masked_tensors(seed=seed)
-        torch.testing.assert_close(effops.ops.masked_linear(x, w, mask, b), F.linear(x, w * mask, b),
-                                   **TOL[torch.float32])
-        del w, mask, b
 
 
 def test_functional_settings_keep_their_types():
@@ -501,46 +323,6 @@ def test_functional_settings_and_shapes_after_a_memo():
     assert effops.ops.dwpw_conv2d(cl, dw, pw, padding=1).is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="x's spatial size"):
         effops.ops.dwpw_conv2d(x[..., :1, :1], dw, pw)
-
-
-def test_functional_memo_evicts_the_least_recently_used(monkeypatch):
-    monkeypatch.setattr(masked_op._MEMO, "entries", {})
-    monkeypatch.setattr(masked_op._MEMO, "limit", 3)
-    plans = _count_calls(monkeypatch, masked_op, "plan")
-    x = torch.randn(2, 48)
-    a, b, c, d = [_masked_tensors(seed=s) for s in range(4)]
-    for w, mask, bias in (a, b, c, a, d, a):  # a is used again before d comes: b goes, a stays
-        torch.testing.assert_close(effops.ops.masked_linear(x, w, mask, bias), F.linear(x, w * mask, bias),
-                                   **TOL[torch.float32])
-        assert len(masked_op._MEMO.entries) <= 3
-    assert plans.calls == 4  # a, b, c, d built once each
-    effops.ops.masked_linear(x, *b)
-    assert plans.calls == 5  # b was evicted
-
-
-def test_functional_memo_holds_no_mask_and_one_entry_per_call_site(monkeypatch):
-    # A runner must not hold the tensors it is given (the entry holds them weakly): fresh float masks
-    # each call (a learned mask's hard threshold) must die with their entries; and in-place edits of a
-    # mask replace its entry rather than add one per version.
-    monkeypatch.setattr(masked_op._MEMO, "entries", {})
-    x = torch.randn(2, 48)
-    w = torch.randn(48, 48, requires_grad=True)
-    scores = torch.randn(48, 48)
-    masks = []
-    for i in range(5):
-        mask = (scores > i * 0.1).float()
-        masked_linear_out = effops.ops.masked_linear(x, w, mask)
-        masks.append(weakref.ref(mask))
-        del mask, masked_linear_out
-    gc.collect()
-    assert all(m() is None for m in masks) and len(masked_op._MEMO.entries) == 0
-    mask = torch.rand(48, 48) > 0.5
-    with torch.no_grad():
-        for _ in range(5):
-            mask.copy_(torch.rand(48, 48) > 0.5)
-            torch.testing.assert_close(effops.ops.masked_linear(x, w, mask), F.linear(x, w * mask),
-                                       **TOL[torch.float32])
-    assert len(masked_op._MEMO.entries) == 1
 
 
 def test_function_memo_is_safe_under_threads():
@@ -603,45 +385,3 @@ def test_jit_trace_records_the_op_not_a_memo(grad):
             traced.load_state_dict(module.state_dict())
             torch.testing.assert_close(traced(x), module(x))
 
-
-def test_module_memo_keeps_its_last_four_calls(monkeypatch):
-    # Mixed batch sizes (a server) and train / eval steps taking turns rebuilt on every call with a
-    # memo of one call: four keys are kept, the least recently used goes.
-    plans = _count_calls(monkeypatch, masked_op, "plan")
-    layer = _sparse_layer()
-    inputs = [torch.randn(n, 48) for n in (1, 2, 3, 4, 5)]
-    with torch.no_grad():
-        for _ in range(3):
-            for x in inputs[:4]:
-                torch.testing.assert_close(layer(x), _masked_expected(layer, x), **TOL[torch.float32])
-        assert plans.calls == 4
-        layer(inputs[4])  # a fifth key: the least recently used (batch 1) goes
-        assert plans.calls == 5
-        layer(inputs[3]), layer(inputs[1])
-        assert plans.calls == 5
-        layer(inputs[0])
-        assert plans.calls == 6
-    layer(inputs[0]), layer(inputs[0])  # grad mode: a key of its own, then kept
-    assert plans.calls == 7
-
-
-def test_module_memo_drops_entries_of_replaced_tensors():
-    # The memo keeps several entries for other shapes and modes of x, never for tensors that were
-    # replaced or edited: those entries would keep the old weight, and what their runners derived
-    # (a dense W * mask), alive.
-    layer = _sparse_layer()
-    with torch.no_grad():
-        layer(torch.randn(2, 48))
-        old = weakref.ref(layer.weight)
-        layer.weight = nn.Parameter(torch.randn(48, 48))
-        for n in (2, 3, 4):
-            layer(torch.randn(n, 48))
-    gc.collect()
-    assert old() is None, "a memo entry keeps the replaced weight alive"
-    with torch.no_grad():
-        info = weakref.ref(effops.ops._sparse_index.mask_info(layer.mask))
-        layer.mask.logical_not_()  # edited in place: a new version, a new description
-        for n in (2, 3, 4):
-            layer(torch.randn(n, 48))
-    gc.collect()
-    assert info() is None, "a memo entry keeps the old mask's description (and its W * mask) alive"

@@ -7,9 +7,6 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OP_LAYER = ("effops.ops", "effops._backends", "effops._call_plan", "effops.nn", "effops.optim", "effops.transforms")
-# masked_matmul.py's masked_linear launcher still reads the mask index (effops.ops._sparse_index): moving
-# that launcher into the op layer is part of the op-layer rework (issue 16). No other file may join it.
-PENDING = {"masked_matmul.py"}
 
 
 def _imports(path):
@@ -31,4 +28,4 @@ def test_triton_kernels_import_no_op_layer():
         bad = sorted({m for m in _imports(path) if m.startswith(OP_LAYER)})
         if bad:
             leaks[os.path.basename(path)] = bad
-    assert set(leaks) <= PENDING, leaks
+    assert not leaks, leaks

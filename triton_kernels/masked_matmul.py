@@ -1,6 +1,7 @@
 """Triton kernels for effops::masked_linear: y = x @ (W * mask)^T + b and its backward.
 
-Block-sparse masks (constant over B x B blocks, B in 16/32/64), index from effops/ops/_sparse_index.py:
+Block-sparse masks (constant over B x B blocks, B in 16/32/64), walked through the block-CSR index the
+op builds from the mask (effops::masked_linear_index: ptr / idx per block-row, and per block-column):
 * `_block_mm_kernel`: out[M, R] = A[M, C] @ W'^T (+ bias). Program (m-tile of BM rows, block-row br of
   W') walks only the kept blocks of br through the block-CSR index (ptr, idx): one (BM x B) @ (B x B)
   tensor-core dot per kept block, fp32 accumulator, no atomics (each program owns its output tile).
@@ -10,8 +11,8 @@ Block-sparse masks (constant over B x B blocks, B in 16/32/64), index from effop
   gy[:, n-block]^T @ x[:, k-block] over M in BM chunks: the sampled product, nothing for pruned blocks.
 
 2:4 masks (K a multiple of 4): `_sparse24_mm_kernel` (forward) and `_sparse24_mm_t_kernel` (grad_x) read
-the weight compressed (two values per group of 4 inputs plus their int8 positions, built once per weight
-version), expand each tile in registers and run a dense tensor-core dot: half the weight bytes, the
+the weight compressed (two values per group of 4 inputs plus their int8 positions, built per call: the
+weight changes every training step), expand each tile in registers and run a dense tensor-core dot: half the weight bytes, the
 same FLOPs (Triton has no sparse tensor-core instruction). grad_weight goes through the masked path below.
 
 Any other mask (unstructured): `_masked_mm_kernel`, a tiled matmul (BM x BR output tile, BC-deep
@@ -27,7 +28,6 @@ import triton
 import triton.language as tl
 
 from effops._shapes import with_leading_dims
-from effops.ops import _sparse_index
 from effops.triton_kernels._aot import AotSpec
 
 
@@ -237,27 +237,34 @@ def _compress_24(weight, mask):
     return vals.reshape(n, k // 2).contiguous(), pos.reshape(n, k // 2).to(torch.int8).contiguous()
 
 
-def _compressed_24(info, weight):
-    """The 2:4 compressed weight, cached on the mask's description while the weight is unchanged."""
-    from effops.ops import _sparse_index
-    return _sparse_index.cached_weight_form(info, weight, ("triton24", weight.dtype),
-                                            lambda: _compress_24(weight, info.bool_mask))
-
-
-def _uses_24(info, weight):
-    return info.is_2_4 and not info.block and weight.shape[1] % 4 == 0
-
-
-def masked_linear(x, weight, mask, bias):
-    """The "triton" kernel of effops::masked_linear."""
-    info = _sparse_index.mask_info(mask)
+def _uses_24(mask, weight):
+    """A 2:4 mask (at most 2 kept of every 4 consecutive inputs) over in_features a multiple of 4."""
     n, k = weight.shape
-    x2, w, b = _sparse_index.linear_operands(x, weight, bias)
-    if info.block:
-        ptr, idx = info.block_rows(info.block)
-        y = _block_mm(x2, w, b, ptr, idx, info.block, False)
-    elif _uses_24(info, w):
-        vals, pos = _compressed_24(info, w)
+    return k % 4 == 0 and bool((mask.reshape(n, k // 4, 4) != 0).sum(-1).le(2).all())
+
+
+def _mask_u8(mask):
+    """The mask as contiguous uint8 (what the dense-with-mask kernel loads)."""
+    return (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
+
+
+def _block_coo(ptr, idx):
+    """(block-row, block-column) of every kept block, in block-CSR order (one program per block)."""
+    rows = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff())
+    return rows.contiguous(), idx
+
+
+def masked_linear(x, weight, mask, bias, block, rows_ptr, rows_idx):
+    """The "triton" kernel of effops::masked_linear. block: the mask's block size (0: not block-constant);
+    (rows_ptr, rows_idx): the block-CSR index of the kept blocks per block-row (read when block)."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    w = weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    if block:
+        y = _block_mm(x2, w, b, rows_ptr, rows_idx, block, False)
+    elif _uses_24(mask, w):
+        vals, pos = _compress_24(w, mask)
         m = x2.shape[0]
         y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
         _sparse24_mm_kernel[(_cdiv(m, TILE), _cdiv(n, TILE))](
@@ -265,33 +272,32 @@ def masked_linear(x, weight, mask, bias):
             BK=_masked_mm_depth(x2.dtype == torch.float32),
             HAS_BIAS=b is not None, IEEE=x2.dtype == torch.float32, num_warps=MASKED_MM_WARPS)
     else:
-        y = _masked_mm(x2, w, info.mask_u8(), b, (x2.shape[0], n), k, (k, 1, k, 1, k, 1), False)
+        y = _masked_mm(x2, w, _mask_u8(mask), b, (x2.shape[0], n), k, (k, 1, k, 1, k, 1), False)
     return with_leading_dims(y, x)
 
 
-def masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
-    """The "triton" kernel of effops::masked_linear_backward: (grad_x, grad_weight, grad_bias)."""
+def masked_linear_backward(grad_y, x, weight, mask, needs_input_grad, block, rows_ptr, rows_idx, cols_ptr, cols_idx):
+    """The "triton" kernel of effops::masked_linear_backward: (grad_x, grad_weight, grad_bias), None where
+    not needed. (cols_ptr, cols_idx): the block-CSR index per block-column (grad_x's product)."""
     need_x, need_w, need_b = needs_input_grad
-    info = _sparse_index.mask_info(mask)
     n, k = weight.shape
     g2 = grad_y.reshape(-1, n).contiguous()
     x2 = x.reshape(-1, k).contiguous()
     w = weight.contiguous()
     m = g2.shape[0]
     grad_x = grad_w = None
-    if info.block:
-        blk = info.block
+    if block:
         if need_x:
-            grad_x = _block_mm(g2, w, None, *info.block_cols(blk), blk, True).reshape(x.shape)
+            grad_x = _block_mm(g2, w, None, cols_ptr, cols_idx, block, True).reshape(x.shape)
         if need_w:
-            rows, cols = info.block_coo(blk)
+            rows, cols = _block_coo(rows_ptr, rows_idx)
             grad_w = torch.zeros_like(w)
             if rows.numel():
-                _block_grad_weight_kernel[(rows.numel(),)](g2, x2, grad_w, rows, cols, m, n, k, BLOCK=blk,
+                _block_grad_weight_kernel[(rows.numel(),)](g2, x2, grad_w, rows, cols, m, n, k, BLOCK=block,
                                                            BM=BM_BLOCK, IEEE=w.dtype == torch.float32)
-    elif _uses_24(info, w):
+    elif _uses_24(mask, w):
         if need_x:
-            vals, pos = _compressed_24(info, w)
+            vals, pos = _compress_24(w, mask)
             grad_x = torch.empty((m, k), dtype=g2.dtype, device=g2.device)
             _sparse24_mm_t_kernel[(_cdiv(m, TILE), _cdiv(k, TILE))](
                 g2, vals, pos, grad_x, m, n, k, BM=TILE, BN=_masked_mm_depth(g2.dtype == torch.float32), BK=TILE,
@@ -299,9 +305,9 @@ def masked_linear_backward(grad_y, x, weight, mask, needs_input_grad):
                 num_warps=MASKED_MM_WARPS)
             grad_x = grad_x.reshape(x.shape)
         if need_w:  # (gy^T @ x) * mask through the dense-with-mask kernel
-            grad_w = _masked_mm(g2, x2, info.mask_u8(), None, (n, k), m, (1, n, 1, k, k, 1), True)
+            grad_w = _masked_mm(g2, x2, _mask_u8(mask), None, (n, k), m, (1, n, 1, k, k, 1), True)
     else:
-        mask_u8 = info.mask_u8()
+        mask_u8 = _mask_u8(mask)
         if need_x:  # grad_x[M, K] = gy[M, N] @ (W * mask): B'[r=k, c=n] = W[n, k]
             grad_x = _masked_mm(g2, w, mask_u8, None, (m, k), n, (n, 1, 1, k, 1, k), False).reshape(x.shape)
         if need_w:  # grad_w[N, K] = (gy^T @ x) * mask: A'[n, m] = gy[m, n], B'[k, m] = x[m, k]

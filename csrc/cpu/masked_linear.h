@@ -1,7 +1,7 @@
 // Sparse masked matmul kernels for effops::masked_linear (torch-free: raw pointers and sizes).
 //
-// Two storage schemes for the kept weights, both indexed once per mask change on the Python side
-// (effops/ops/_sparse_index.py) and handed in as int64 (ptr, idx) arrays:
+// Two storage schemes for the kept weights, both walked through int64 (ptr, idx) arrays built from the
+// mask (csrc/bindings/masked_linear_index.cpp, from the scans below):
 //  * block: the mask is constant over b x b blocks (b in 16, 32, 64). A block-CSR index lists the
 //    kept blocks of each block-row of W' (W for the forward product, W^T for grad_x), so each output
 //    tile belongs to one thread and no atomics are needed. grad_weight is computed on kept blocks only.
@@ -60,6 +60,17 @@ void csr_sparse_mm(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int6
 template <typename T>
 void csr_sparse_grad_weight(const SpannedT& gyT, const SpannedT& xT, int64_t N, int64_t K, const int64_t* ptr,
                             const int64_t* idx, T* gw);
+
+// Mask scans for the index (mask_index.cpp). m: a row-major N x K byte mask.
+// counts[ceil(N/b) * ceil(K/b)]: the bytes summed per b x b block (edge blocks partial): kept entries
+// of a bool mask.
+void mask_block_counts(const uint8_t* m, int64_t N, int64_t K, int64_t b, int64_t* counts);
+// CSR of the nonzero bytes: ptr[N + 1] (returns ptr[N]), then idx[ptr[N]] (columns ascending in a row).
+int64_t mask_row_counts(const uint8_t* m, int64_t N, int64_t K, int64_t* ptr);
+void mask_row_lists(const uint8_t* m, int64_t N, int64_t K, const int64_t* ptr, int64_t* idx);
+// The same per column (CSC): ptr[K + 1], idx (rows ascending in a column).
+int64_t mask_col_counts(const uint8_t* m, int64_t N, int64_t K, int64_t* ptr);
+void mask_col_lists(const uint8_t* m, int64_t N, int64_t K, const int64_t* ptr, int64_t* idx);
 
 // Which body the block and CSR kernels run at the current level (for `python -m effops info`).
 const char* masked_linear_body();
