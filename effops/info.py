@@ -9,7 +9,6 @@ import importlib
 import importlib.util
 import os
 import platform
-import sys
 
 import torch
 
@@ -104,21 +103,14 @@ def cpu_level_lines(info):
 
 
 def kernel_lines():
-    """Per op, the backends with a registered kernel (importing effops.ops registers them all)."""
+    """Per op, the backends with a kernel (each op's policy picks among them: docs/architecture.md)."""
     try:
-        importlib.import_module("effops.ops")
+        ops = importlib.import_module("effops.ops")
     except ImportError as exc:  # a broken install: say so, keep the rest of the report
         return ["kernels per op: effops.ops does not import (%s: %s)" % (type(exc).__name__, exc)]
-    lines = ["kernels per op (automatic order on cpu: %s; on cuda: %s):"
-             % (" > ".join(_backends.AUTO_ORDER["cpu"]), " > ".join(_backends.AUTO_ORDER["cuda"]))]
-    table = {op: [b for b in _backends.BACKENDS if b in kernels] for op, kernels in _backends._kernels.items()
-             if not op.startswith("_test")}
-    for name in getattr(sys.modules["effops.ops"], "__all__", ()):
-        module = sys.modules.get("effops.ops." + name)
-        if getattr(module, "BACKENDS", None) is not None:  # an op on the C++ dispatch declares its backends
-            table[name] = list(module.BACKENDS)
-    for op in sorted(table):
-        lines.append("  %-30s %s" % (op, ", ".join(table[op])))
+    lines = ["kernels per op (each op's policy picks ours or torch's own ops, the reference route):"]
+    for name in sorted(ops.__all__):
+        lines.append("  %-30s %s" % (name, ", ".join(_backends.op_backends(name))))
     return lines
 
 

@@ -8,7 +8,6 @@ and TRITON_INTERPRET=0 to run every backend on the GPU instead.
 import contextlib
 import os
 import re
-import sys
 
 TEST_DEVICE = os.environ.get("EFFOPS_TEST_DEVICE", "cpu")
 if TEST_DEVICE == "cpu":
@@ -58,7 +57,7 @@ def backends_on_device():
     out = []
     for name in _backends.BACKENDS:
         ok, why = _backends.backend_reasons()[name]
-        runs = _backends._runs_on(name, device().type)
+        runs = _backends.runs_on(name, device().type)
         mark = [] if ok and runs else [pytest.mark.skip(reason="%s backend: %s" % (name, why if not ok else
                                                                                     "cannot run on " + TEST_DEVICE))]
         if name == "cpu" and ok and runs:
@@ -111,14 +110,6 @@ def pytest_runtest_call(item):
         pytest.skip(reason)
 
 
-def op_backends(op):
-    """The backends with a kernel for `op`: an op on the C++ dispatch declares them in its module's
-    BACKENDS (effops/ops/<op>.py), the others are in the Python registry."""
-    module = sys.modules.get("effops.ops." + op)
-    declared = getattr(module, "BACKENDS", None) if module is not None else None
-    return declared if declared is not None else _backends._kernels.get(op, ())
-
-
 def pytest_collection_modifyitems(config, items):
     """Drop instances that can run on no machine: the `backend` fixture forcing a backend that has no
     kernel for any op of the test module (its BACKEND_OPS). Modules without BACKEND_OPS keep them all."""
@@ -127,7 +118,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         backend = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
         ops = getattr(item.module, "BACKEND_OPS", None)
-        if isinstance(backend, tuple) and ops and not any(backend[0] in op_backends(op) for op in ops):
+        if isinstance(backend, tuple) and ops and not any(backend[0] in _backends.op_backends(op) for op in ops):
             drop.append(item)
         else:
             keep.append(item)

@@ -25,49 +25,6 @@ def test_extension_is_built_and_loaded():
     assert _ext.build_info()["cpu_isa_detected"] in effops.cpu_isa.LEVELS
 
 
-@pytest.fixture
-def toy_op():
-    """A private op with a reference kernel and a cpu kernel that cannot take odd sizes and is slower
-    than the reference on sizes above 100."""
-    name = "_test_toy_op"
-    _backends.register_kernel(name, "reference", lambda x: ("reference", x + 1))
-    _backends.register_kernel(name, "cpu", lambda x: ("cpu", x + 1),
-                              supports=lambda x: "odd size" if x.numel() % 2 else None,
-                              faster=lambda x: "reference faster" if x.numel() > 100 else None)
-    yield name
-    _backends._kernels.pop(name)
-
-
-@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-def test_automatic_choice_prefers_cpu_and_falls_back_when_declined(toy_op):
-    even, odd = torch.zeros(4), torch.zeros(3)
-    assert _backends.dispatch(toy_op, "cpu", even)[0] == "cpu"
-    assert _backends.dispatch(toy_op, "cpu", odd)[0] == "reference"
-    assert _backends.select(toy_op, "cpu", odd) == "reference"
-
-
-def test_use_backend_forces_and_restores(toy_op):
-    with effops.use_backend("reference"):
-        assert _backends.dispatch(toy_op, "cpu", torch.zeros(4))[0] == "reference"
-        assert _backends.forced_backend() == "reference"
-    assert _backends.forced_backend() is None
-
-
-@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-def test_speed_rule_applies_to_the_automatic_choice_only(toy_op):
-    big = torch.zeros(102)
-    assert _backends.select(toy_op, "cpu", big) == "reference"
-    with effops.use_backend("cpu"):
-        assert _backends.dispatch(toy_op, "cpu", big)[0] == "cpu"
-
-
-@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-def test_forced_backend_that_declines_raises_instead_of_falling_back(toy_op):
-    with effops.use_backend("cpu"):
-        with pytest.raises(effops.BackendError, match="declines.*odd size"):
-            _backends.dispatch(toy_op, "cpu", torch.zeros(3))
-
-
 def test_forcing_an_unusable_backend_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("cuda is usable here")
@@ -76,28 +33,10 @@ def test_forcing_an_unusable_backend_is_a_clear_error():
             pass
 
 
-def test_forcing_a_backend_without_a_kernel_for_the_op(toy_op):
-    if not _backends._status("triton")[0] or not _backends._runs_on("triton", "cpu"):
-        pytest.skip("triton cannot run on CPU tensors here")
-    with effops.use_backend("triton"):
-        with pytest.raises(effops.BackendError, match="no kernel"):
-            _backends.dispatch(toy_op, "cpu", torch.zeros(4))
-
-
 def test_unknown_backend_name_is_a_value_error():
     with pytest.raises(ValueError, match="use_backend"):
         with effops.use_backend("tpu"):
             pass
-
-
-def test_environment_variable_forces_a_backend(monkeypatch, toy_op):
-    monkeypatch.setenv("EFFOPS_BACKEND", "reference")
-    assert _backends.dispatch(toy_op, "cpu", torch.zeros(4))[0] == "reference"
-    monkeypatch.setenv("EFFOPS_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="EFFOPS_BACKEND"):
-        _backends.dispatch(toy_op, "cpu", torch.zeros(4))
-    monkeypatch.delenv("EFFOPS_BACKEND")  # read on every call (from os.environ's live dict): set, changed, gone
-    assert _backends.forced_backend() is None
 
 
 def test_import_is_fast_and_does_not_import_triton():
@@ -114,56 +53,6 @@ def test_info_report_names_backends_and_versions():
     text = report()
     for needle in ("torch " + torch.__version__, "backends:", "reference", "triton"):
         assert needle in text
-
-
-def test_record_choices_counts_the_backend_of_each_dispatch(toy_op):
-    with _backends.record_choices() as tally:
-        with effops.use_backend("reference"):
-            _backends.dispatch(toy_op, "cpu", torch.zeros(4))
-            _backends.dispatch(toy_op, "cpu", torch.zeros(3))
-    _backends.dispatch(toy_op, "cpu", torch.zeros(4))  # outside the block: not counted
-    assert tally == {toy_op: {"reference": 2}}
-
-
-@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-def test_eager_route_skips_the_custom_op_only_where_nothing_depends_on_it(toy_op):
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-    even = torch.zeros(4)
-    name, fn, direct = _backends.eager_route(toy_op, "cpu", even)
-    assert name == "cpu" and fn(even)[0] == "cpu" and direct
-    assert _backends.eager_route(toy_op, "cpu", torch.zeros(3))[:3:2] == ("reference", True)
-    # Forced backends and modes that must see the op as one node keep the custom op.
-    with effops.use_backend("cpu"):
-        assert _backends.eager_route(toy_op, "cpu", even) is None
-    with TorchFunctionMode():
-        assert _backends.eager_route(toy_op, "cpu", even) is None
-    with TorchDispatchMode():
-        assert _backends.eager_route(toy_op, "cpu", even) is None
-    # A kernel's output needs the custom op's autograd formula when a gradient is wanted (not direct:
-    # the custom op runs, with the choice made here, where grad mode is visible)...
-    wants_grad = torch.zeros(4, requires_grad=True)
-    assert _backends.eager_route(toy_op, "cpu", wants_grad)[:3:2] == ("cpu", False)
-    with torch.no_grad():
-        assert _backends.eager_route(toy_op, "cpu", wants_grad)[:3:2] == ("cpu", True)
-    # ...while the reference's plain ops are recorded by torch's own autograd, where the op says that
-    # gives its own formula (not so for a reference that rounds, like int8's straight-through gradient).
-    odd_wants_grad = torch.zeros(3, requires_grad=True)
-    assert _backends.eager_route(toy_op, "cpu", odd_wants_grad, reference_autograd=True)[:3:2] == ("reference", True)
-    assert _backends.eager_route(toy_op, "cpu", odd_wants_grad)[:3:2] == ("reference", False)
-    # A tensor subclass may carry its own dispatch: custom op. A module's Parameter is plain.
-    class Tagged(torch.Tensor):
-        pass
-    assert _backends.eager_route(toy_op, "cpu", even.as_subclass(Tagged)) is None
-    with torch.no_grad():
-        assert _backends.eager_route(toy_op, "cpu", torch.nn.Parameter(even))[:3:2] == ("cpu", True)
-    # A direct route is counted here; one through the custom op by dispatch, once, with the choice made here.
-    with _backends.record_choices() as tally:
-        _backends.eager_route(toy_op, "cpu", even)
-        route = _backends.eager_route(toy_op, "cpu", wants_grad)
-        assert _backends.through_custom_op(route, toy_op, lambda x: _backends.dispatch(toy_op, "cpu", x),
-                                           torch.zeros(3))[0] == "cpu"  # odd: would choose reference itself
-    assert tally == {toy_op: {"cpu": 2}}
 
 
 def test_triton_kernels_run_with_their_tensors_cuda_device_current(monkeypatch):
@@ -184,20 +73,15 @@ def test_triton_kernels_run_with_their_tensors_cuda_device_current(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", _Device)
     calls = []
-    _backends.register_kernel("_test_guard_op", "triton", lambda *args: calls.append(len(entered)) or "ran")
-    _backends.register_kernel("_test_guard_op", "cpu", lambda *args: calls.append(len(entered)) or "ran")
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            x = torch.empty(2, device="cuda:1")
-        assert _backends._kernels["_test_guard_op"]["triton"].fn(x, 3) == "ran"
-        assert entered == [torch.device("cuda:1")] and calls == [1]
-        assert _backends._kernels["_test_guard_op"]["triton"].fn([x], 3) == "ran"  # a list of tensors (adam)
-        assert entered[-1] == torch.device("cuda:1")
-        assert _backends._kernels["_test_guard_op"]["triton"].fn(torch.zeros(2), 3) == "ran"  # CPU: no guard
-        assert _backends._kernels["_test_guard_op"]["cpu"].fn(x) == "ran"  # other backends: no guard
-        assert len(entered) == 2
-    finally:
-        del _backends._kernels["_test_guard_op"]
+    launch = _backends.on_tensors_device(lambda *args: calls.append(len(entered)) or "ran")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(2, device="cuda:1")
+    assert launch(x, 3) == "ran"
+    assert entered == [torch.device("cuda:1")] and calls == [1]
+    assert launch([x], 3) == "ran"  # a list of tensors (adam)
+    assert entered[-1] == torch.device("cuda:1")
+    assert launch(torch.zeros(2), 3) == "ran"  # CPU: no guard
+    assert len(entered) == 2
 
 
 @pytest.mark.skipif(not _ext.load(), reason="compiled ops not built")

@@ -1,12 +1,12 @@
 """Kernels are leaves: the Triton launchers (triton_kernels/) import nothing from the op layer
-(effops.ops, effops._backends, effops._call_plan); shared helpers live in neutral modules (effops._shapes,
+(effops.ops, effops._backends); shared helpers live in neutral modules (effops._shapes,
 effops.reference). Read from the sources, so a new import anywhere in a kernel file fails here."""
 import ast
 import glob
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OP_LAYER = ("effops.ops", "effops._backends", "effops._call_plan", "effops.nn", "effops.optim", "effops.transforms")
+OP_LAYER = ("effops.ops", "effops._backends", "effops.nn", "effops.optim", "effops.transforms")
 
 
 def _imports(path):

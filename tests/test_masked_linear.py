@@ -691,3 +691,21 @@ def test_plain_route_of_a_large_weight_in_slices():
         y = masked_linear(x, w, mask, b)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w * mask, b), atol=1e-4, rtol=1e-5)
     assert y.shape == (2, 3, 1100) and not y._is_view()
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_forward_mode_ad_gets_the_references_tangents():
+    # Dual tensors carry tangents without requires_grad: our kernels (no forward-mode rule) would drop
+    # them silently; the reference's torch ops carry them.
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    mask = (torch.rand(16, 8) < 0.1).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    x, t, w = torch.randn(64, 256), torch.randn(64, 256), torch.randn(512, 256)
+    with torch.no_grad(), _backends.record_choices() as tally:
+        masked_linear(x, w, mask)
+    assert tally == {"masked_linear": {"cpu": 1}}  # without the dual level
+    with fwAD.dual_level():
+        out = masked_linear(fwAD.make_dual(x, t), w, mask)
+        tangent = fwAD.unpack_dual(out).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, torch.nn.functional.linear(t, w * mask), atol=1e-4, rtol=1e-4)

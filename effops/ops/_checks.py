@@ -1,9 +1,6 @@
-"""Argument checks shared by every op (each failure names the argument and what was expected), and the
-shaping of a kernel's 2-D output back to its input's leading dims."""
+"""The argument checks only Python can make (each failure names the argument and what was expected);
+the ops check tensors in C++."""
 import torch
-
-from effops._backends import autocast_dtype  # noqa: F401  (defined beside the backends; the ops read it here)
-from effops._shapes import with_leading_dims  # noqa: F401  (shared with the kernel launchers; the ops read it here)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -22,20 +19,6 @@ def tensor(name, value, *, ndim=None, min_ndim=None, dtypes=None, device=None):
     if device is not None and value.device != device:
         raise ValueError("%s must be on %s like the input, got %s" % (name, device, value.device))
     return value
-
-
-def optional_tensor(name, value, **kwargs):
-    return None if value is None else tensor(name, value, **kwargs)
-
-
-def same_dtype(name, value, dtype):
-    if value is not None and value.dtype != dtype:
-        raise TypeError("%s must have dtype %s like the input, got %s" % (name, dtype, value.dtype))
-
-
-def shape(name, value, expected):
-    if tuple(value.shape) != tuple(expected):
-        raise ValueError("%s must have shape %s, got %s" % (name, tuple(expected), tuple(value.shape)))
 
 
 def int_pair(name, value, *, minimum):

@@ -1,11 +1,10 @@
-"""The modules' memo of their last eager calls (effops._call_plan): a repeated call skips the op's checks
-and choice, and every change the checks or the choice depend on makes the next call redo them. Each
-test changes one thing after a memo exists and compares with the reference computed afresh, so a key
-that missed that thing returns a stale answer and fails it."""
+"""Repeated calls through the modules and the functional ops, with one thing changed between them (a
+mask edited in place, grad mode, a dtype, a setting, the layout, a copy, a move, a trace). Each test
+compares with the reference computed afresh: nothing an op derives may outlive the call that derived
+it, except the modules' explicit state, which must follow every change made through the module."""
 import copy
 import gc
 import weakref
-import importlib
 import pickle
 
 import pytest
@@ -14,31 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import effops
-from effops import _backends
 from effops.nn import SeparableConv2d, SparseLinear
 from effops.reference import dwpw_conv2d as dwpw_reference
 from tests.conftest import TOL
 
-dwpw_op = importlib.import_module("effops.ops.dwpw_conv2d")
 needs_cpu = pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-
-
-class _Counter:
-    """Wraps a function and counts its calls."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
-
-
-def _count_calls(monkeypatch, owner, name):
-    """owner.name replaced (for the test) by a _Counter around it."""
-    counter = _Counter(getattr(owner, name))
-    monkeypatch.setattr(owner, name, counter)
-    return counter
 
 
 def _sparse_layer(features=48, sparsity=0.75, seed=0):
@@ -62,7 +41,7 @@ def _separable_expected(m, x):
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_mask_edited_in_place_after_a_memo(training):
+def test_mask_edited_in_place_between_calls(training):
     # The mask's density steers the choice and its cached forms (W * mask, the mask in weight's dtype)
     # must follow an in-place edit. The weights are left as they are (no set_mask), so the old mask's
     # kept weights show in a stale W * mask, and a stale mask in the gradient's.
@@ -95,7 +74,7 @@ def _block_sparse_mask():
     return (torch.rand(16, 8) < 0.1).repeat_interleave(32, 0).repeat_interleave(32, 1)
 
 
-def test_grad_mode_switch_after_a_memo():
+def test_grad_mode_switch_between_calls():
     layer = _sparse_layer()
     x = torch.randn(5, 48, requires_grad=True)
     with torch.no_grad():
@@ -108,9 +87,9 @@ def test_grad_mode_switch_after_a_memo():
     torch.testing.assert_close(layer.weight.grad, w.grad * layer.mask, **TOL[torch.float32])  # masked gradient
 
 
-def test_weight_data_swapped_to_another_dtype_after_a_memo():
+def test_weight_data_swapped_to_another_dtype_between_calls():
     # `.data =` keeps the Parameter object (and x's dtype is unchanged): only the tensor's dtype and
-    # pointer show the change, and the op's check must answer as without a memo.
+    # pointer show the change, and the op's check must see it.
     layer = _sparse_layer()
     x = torch.randn(5, 48)
     with torch.no_grad():
@@ -120,9 +99,9 @@ def test_weight_data_swapped_to_another_dtype_after_a_memo():
             layer(x)
 
 
-def test_requires_grad_switched_on_after_a_memo():
-    # Nothing required a gradient: the memo holds a direct kernel call. A parameter that now requires one
-    # must get the op's autograd (the masked gradient), not the stale direct call.
+def test_requires_grad_switched_on_between_calls():
+    # Nothing required a gradient on the first call. A parameter that now requires one must get the op's
+    # autograd (the masked gradient).
     layer = SparseLinear.from_linear(nn.Linear(256, 512), _block_sparse_mask())
     layer.requires_grad_(False)
     x = torch.randn(64, 256)
@@ -136,8 +115,8 @@ def test_requires_grad_switched_on_after_a_memo():
 
 
 @needs_cpu
-def test_autocast_after_a_memo():
-    # The cpu kernel's memo (it runs in x's dtype): autocast must reach the op's cast.
+def test_autocast_between_calls():
+    # The cpu kernel ran in x's dtype on the first call: autocast must reach the op's cast.
     layer = SparseLinear.from_linear(nn.Linear(256, 512), _block_sparse_mask())
     x = torch.randn(64, 256)
     with torch.no_grad():
@@ -148,7 +127,7 @@ def test_autocast_after_a_memo():
     torch.testing.assert_close(y.float(), _masked_expected(layer, x), atol=0.1, rtol=0.02)  # 256-term bf16 sums
 
 
-def test_separable_settings_changed_after_a_memo():
+def test_separable_settings_changed_between_calls():
     m = _separable("relu")
     x = torch.randn(2, 6, 9, 8)
     with torch.no_grad():
@@ -161,7 +140,7 @@ def test_separable_settings_changed_after_a_memo():
     torch.testing.assert_close(y, _separable_expected(m, x), atol=1e-4, rtol=1e-4)
 
 
-def test_separable_setting_list_edited_in_place_after_a_memo():
+def test_separable_setting_list_edited_in_place_between_calls():
     m = _separable()
     m.depthwise.stride = [1, 1]
     x = torch.randn(1, 6, 8, 8)
@@ -173,7 +152,7 @@ def test_separable_setting_list_edited_in_place_after_a_memo():
     torch.testing.assert_close(y, _separable_expected(m, x), atol=1e-4, rtol=1e-4)
 
 
-def test_separable_layout_change_after_a_memo():
+def test_separable_layout_change_between_calls():
     m = _separable()
     x = torch.randn(2, 6, 9, 8)
     with torch.no_grad():
@@ -204,7 +183,7 @@ def test_torch_func_transforms_over_modules():
     base = copy.deepcopy(models[0]).to("meta")
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
-        models[0](x)  # a memo exists on the first model
+        models[0](x)  # an eager call on the first model first
         expected = torch.stack([_separable_expected(m, x) for m in models])
     got = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -233,7 +212,7 @@ def test_torch_func_transforms_over_modules():
         torch.testing.assert_close(tangent, F.linear(tb, big.weight * big.mask), atol=1e-4, rtol=1e-4)
 
 
-def test_copies_and_pickles_build_their_own_memo():
+def test_copies_and_pickles_answer_for_themselves():
     layer = _sparse_layer()
     x = torch.randn(5, 48)
     with torch.no_grad():
@@ -246,7 +225,7 @@ def test_copies_and_pickles_build_their_own_memo():
         torch.testing.assert_close(loaded(x), before, atol=0, rtol=0)
 
 
-def test_bad_input_still_raises_after_a_memo():
+def test_bad_input_still_raises_between_calls():
     layer = _sparse_layer()
     with torch.no_grad():
         layer(torch.randn(5, 48))
@@ -258,7 +237,7 @@ def test_bad_input_still_raises_after_a_memo():
             layer(torch.randn(5, 48, dtype=torch.float64))
 
 
-def test_compile_after_an_eager_memo():
+def test_compile_after_eager_calls():
     layer = _sparse_layer()
     x = torch.randn(5, 48)
     with torch.no_grad():
@@ -267,8 +246,8 @@ def test_compile_after_an_eager_memo():
         torch.testing.assert_close(compiled(x), eager, **TOL[torch.float32])
 
 
-def test_moving_a_module_drops_its_memo():
-    # .to() replaces the buffers: the memo must not keep the old ones alive until the next call.
+def test_moving_a_module_frees_the_old_buffers():
+    # .to() replaces the buffers: nothing derived from the old ones may keep them alive.
     layer = _sparse_layer()
     with torch.no_grad():
         layer(torch.randn(5, 48))
@@ -279,8 +258,7 @@ def test_moving_a_module_drops_its_memo():
 
 
 # ---------------------------------------------------------------------------------------------
-# The functional ops' memo of recent calls (call_function): no module, so the tensors are held weakly
-# and the call's non-tensor arguments join the key with their types.
+# The functional ops: no module, so nothing of the mask may be kept between calls.
 # ---------------------------------------------------------------------------------------------
 def _masked_tensors(features=48, seed=0):
     torch.manual_seed(seed)
@@ -289,7 +267,7 @@ def _masked_tensors(features=48, seed=0):
 
 @pytest.mark.parametrize("training", [False, True])
 def test_functional_mask_edited_in_place(training):
-    # As for the module: the cached mask forms must follow an in-place edit of the mask.
+    # As for the module: the op must follow an in-place edit of the mask.
     w, mask, b = _masked_tensors()
     w.requires_grad_(training)
     x = torch.randn(5, 48)
@@ -305,14 +283,14 @@ def test_functional_mask_edited_in_place(training):
 
 
 def test_functional_settings_keep_their_types():
-    # 1 == True == 1.0 in Python: a memo keyed on values alone would let stride=True through.
+    # 1 == True == 1.0 in Python: stride=True or padding=1.0 must not pass as 1.
     torch.manual_seed(5)
     x, dw, pw = torch.randn(1, 4, 7, 7), torch.randn(4, 1, 3, 3), torch.randn(6, 4, 1, 1)
     with pytest.raises(ValueError, match="pattern"):
         effops.ops.masked_linear(torch.randn(2, 48), *_masked_tensors(), pattern="blocks")
 
 
-def test_functional_settings_and_shapes_after_a_memo():
+def test_functional_settings_and_shapes_between_calls():
     torch.manual_seed(6)
     x, dw, pw = torch.randn(2, 4, 9, 8), torch.randn(4, 1, 3, 3), torch.randn(6, 4, 1, 1)
     for stride, activation in [(1, None), (2, None), (2, "gelu"), (1, "gelu")]:
@@ -325,57 +303,18 @@ def test_functional_settings_and_shapes_after_a_memo():
         effops.ops.dwpw_conv2d(x[..., :1, :1], dw, pw)
 
 
-def test_function_memo_is_safe_under_threads():
-    # Threads calling one op at once (a thread-pool server) on shared weights, so that their keys meet,
-    # with entries evicted (limit 3) and dropped by dying tensors all the while: the memo's dict changes
-    # must not race (KeyError and "dictionary changed size during iteration" before: every one of four
-    # runs of this test), and each call must get its own answer. Thread switches forced very often.
-    import sys
-    import threading
-    from effops import _call_plan
-    memo = _call_plan.FunctionMemo(limit=3)
-    weights = [torch.randn(4, 4) for _ in range(6)]
-    inputs = [torch.randn(n, 4) for n in (1, 2)]
-    errors, switch = [], sys.getswitchinterval()
-
-    def work(seed):
-        try:
-            for i in range(4000):
-                w, x = weights[(seed + i) % 6], inputs[i % 2]
-                got = _call_plan.call_function(memo, x, (w,), (), lambda: (lambda x, w: x @ w.t()),
-                                               lambda: x @ w.t(), None)
-                if not torch.equal(got, x @ w.t()):
-                    raise AssertionError("call %d got another call's answer" % i)
-                if i % 50 == seed:
-                    weights[(i // 50) % 6] = torch.randn(4, 4)  # the old one dies: its entries' callbacks run
-        except Exception as e:  # noqa: BLE001  (reported below with the thread's seed)
-            errors.append((seed, repr(e)))
-
-    sys.setswitchinterval(1e-7)
-    try:
-        threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(switch)
-    assert not errors, errors[:3]
-
-
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_jit_trace_records_the_op_not_a_memo(grad):
-    # torch.jit.trace after eager calls: the memo's W * mask (or the directly run kernel) was frozen into
-    # the graph as a constant, so a traced module given new weights computed with the old ones; a fresh
-    # SeparableConv2d traced in grad mode failed. The graph now holds the op itself.
+def test_jit_trace_records_the_op(grad):
+    # torch.jit.trace after eager calls: the graph must hold the op itself, never a W * mask frozen into it
+    # as a constant (a traced module given new weights must compute with them).
     torch.manual_seed(0)
     cases = [(SparseLinear(16, 8), torch.randn(3, 16), "effops::masked_linear"),
              (SeparableConv2d(4, 8, 3, padding=1, activation="relu"), torch.randn(2, 4, 6, 6), "effops::dwpw_conv2d")]
     for module, x, op in cases:
         module.eval()
         with torch.set_grad_enabled(grad):
-            module(x), module(x)  # memo made
+            module(x), module(x)  # eager calls first
             traced = torch.jit.trace(module, x)
             assert op in [n.kind() for n in traced.graph.nodes()]
             torch.testing.assert_close(traced(x), module(x))
