@@ -1,5 +1,7 @@
-"""The demo (`python -m effops.demo`): data loading and its errors, the models, the counts in the
-table, and tiny end-to-end runs (outputs, checkpoint reload, seeding, a missing piece, DDP)."""
+"""The demo (`python -m effops.demo`): data loading and its errors, the models and their fused forms,
+the counts in the table, and tiny end-to-end runs (outputs, checkpoint reload, seeding, a missing piece,
+DDP)."""
+import copy
 import importlib
 import json
 import os
@@ -27,7 +29,7 @@ def _importable(module, name):
         return False
 
 
-HAS_SEPARABLE = _importable("effops.nn", "SeparableConv2d")
+HAS_INVERTED_RESIDUAL = _importable("effops.nn", "InvertedResidual") and _importable("effops.transforms", "fuse")
 HAS_ADAMW = _importable("effops.optim", "AdamW")
 HAS_PRUNE = _importable("effops.transforms", "GradualPruner")
 HAS_QUANTIZE = _importable("effops.transforms", "quantize")
@@ -113,25 +115,77 @@ def test_cli_rejects_bad_options(argv):
 # ---------------------------------------------------------------------------------------------
 # models and counts
 # ---------------------------------------------------------------------------------------------
-def test_plain_model_has_two_convs_per_block_and_classifies_32x32():
+def test_plain_model_is_inverted_residual_blocks_and_classifies_32x32():
     m = models.plain_model(num_classes=7, width=4)
     blocks = [b for n, b in m.named_children() if n.startswith("block")]
-    assert blocks and all(b.depthwise.groups == b.depthwise.in_channels and b.pointwise.kernel_size == (1, 1)
-                          for b in blocks)
+    assert len(blocks) == 6 and all(isinstance(b, models.InvertedResidualBlock) for b in blocks)
+    for b in blocks:
+        c = b.conv
+        assert c.expand.kernel_size == (1, 1) and c.expand.out_channels == 6 * c.expand.in_channels
+        assert c.depthwise.groups == c.depthwise.in_channels and c.project.kernel_size == (1, 1)
+        assert isinstance(c.act1, nn.ReLU6) and isinstance(c.bn3, nn.BatchNorm2d)
+    assert [b.residual for b in blocks] == [True, False, True, False, True, False]
     assert m(torch.randn(2, 1, 32, 32)).shape == (2, 7)
-    assert set(models.prunable_layers(m)) == {"block%d.pointwise" % (i + 1) for i in range(len(blocks))} | {"fc1", "fc2"}
+    assert set(models.prunable_layers(m)) == {"fc1", "fc2"}
+    assert m.fc1.in_features == 16 * 4
 
 
-@pytest.mark.skipif(not HAS_SEPARABLE, reason="effops.nn.SeparableConv2d not in this build")
-def test_effops_model_matches_the_plain_model():
-    from effops.nn import SeparableConv2d
-    plain, fused = models.plain_model(width=4, seed=3), models.effops_model(width=4, seed=3)
-    assert sum(isinstance(m, SeparableConv2d) for m in fused.modules()) == 4
-    assert not any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.kernel_size == (3, 3)
-                   for n, m in fused.named_children())
-    plain.eval(), fused.eval()
-    x = torch.randn(3, 1, 32, 32)
-    torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=1e-5)
+def _trained_statistics(model):
+    """Give the BatchNorms statistics and affine values other than their initial ones (a fold of the
+    initial ones changes little)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t in (m.running_mean, m.bias):
+                    t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+                for t in (m.running_var, m.weight):
+                    t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+    return model
+
+
+@pytest.mark.skipif(not HAS_INVERTED_RESIDUAL, reason="effops.nn.InvertedResidual not in this build")
+def test_effops_inference_form_fuses_every_block_and_matches_the_plain_model():
+    from effops.nn import InvertedResidual
+    plain = _trained_statistics(models.plain_model(width=4, seed=3)).eval()
+    fused = stages.EffopsPipeline(parse_args(TINY)).inference_model(plain)
+    assert fused is not plain and not any(isinstance(m, InvertedResidual) for m in plain.modules())
+    blocks = [m for m in fused.modules() if isinstance(m, InvertedResidual)]
+    assert len(blocks) == 6 and all(b.folded_batchnorm for b in blocks)
+    assert sum(b.residual for b in blocks) == 3  # the adds of blocks 1, 3 and 5 run inside the op
+    assert not any(isinstance(m, nn.BatchNorm2d) for n, m in fused.named_modules() if n.startswith("block"))
+    x = torch.randn(5, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_INVERTED_RESIDUAL, reason="effops.nn.InvertedResidual not in this build")
+def test_frozen_bn_fine_tuning_form_trains_the_fused_blocks_like_the_plain_model():
+    """The fine-tuning form: BatchNorms frozen on both sides, the effops blocks fused in train mode
+    (their backward the fused op's); one step's loss and the input gradient match the plain model's."""
+    from effops.demo import train
+    from effops.nn import InvertedResidual
+    plain = models.freeze_batchnorm(_trained_statistics(models.plain_model(width=4, seed=3)))
+    fused, report = models.fuse_for_frozen_bn_training(copy.deepcopy(plain))
+    assert len(report.changed) == 6
+    blocks = [m for m in fused.modules() if isinstance(m, InvertedResidual)]
+    assert len(blocks) == 6 and not any(b.folded_batchnorm for b in blocks)
+    x = torch.randn(6, 1, 32, 32)
+    outs = []
+    for model in (plain, fused):
+        model.train()
+        models.freeze_batchnorm(model)
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        out.square().sum().backward()
+        outs.append((out, xi.grad))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-4, rtol=1e-4)
+    # train_step's model.train() keeps a frozen model's BatchNorms in eval mode
+    opt = torch.optim.SGD(fused.parameters(), lr=0.0)
+    train.train_step(fused, opt, x, torch.zeros(6, dtype=torch.int64), [torch.arange(6)], device="cpu", amp=False)
+    assert all(not m.training for m in fused.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(b.training for b in blocks)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -180,7 +234,7 @@ def test_prune_schedule_is_cubic_and_reaches_the_target():
 # ---------------------------------------------------------------------------------------------
 def _expected_available():
     """Which effops stages this build can run (each needs the earlier ones)."""
-    train = HAS_SEPARABLE and HAS_ADAMW
+    train = HAS_INVERTED_RESIDUAL and HAS_ADAMW
     prune = train and HAS_PRUNE
     return {"train": train, "prune": prune, "int8": prune and HAS_QUANTIZE}
 
@@ -215,16 +269,19 @@ def test_demo_end_to_end_writes_table_json_png_and_reloads_checkpoints(tmp_path,
                 assert r["optimizer_bytes_per_param"] is None
             else:
                 assert 8.0 <= r["optimizer_bytes_per_param"] < 8.1
-    plain_dense, plain_pruned = rows["train", "plain"], rows["prune", "plain"]
     # 80% of the pruned layers' weights are zero
     pruned_weights = sum(m.weight.numel() for m in models.prunable_layers(models.plain_model(width=4)).values())
-    assert plain_dense["nonzero_params"] - plain_pruned["nonzero_params"] >= 0.79 * pruned_weights
+    for side in ("plain", "effops") if expected["prune"] else ("plain",):
+        assert rows["train", side]["nonzero_params"] - rows["prune", side]["nonzero_params"] >= 0.79 * pruned_weights
     if expected["train"]:
         assert "train" in result["ratios"] and result["ratios"]["train"]["train_ms_per_step"] > 0
-        assert "adam_step" in result["backends_used"] and "dwpw_conv2d" in result["backends_used"]
+        # inference runs the fused blocks from the first stage on; fine-tuning trains them
+        assert {"adam_step", "inverted_residual"} <= set(result["backends_used"])
     if expected["prune"]:
-        # the same layers pruned to the same count on both sides (+-1 for rounding of the count)
-        assert abs(rows["prune", "effops"]["nonzero_params"] - plain_pruned["nonzero_params"]) <= 1
+        assert "inverted_residual_backward" in result["backends_used"]
+        # the same layers pruned on both sides (the BatchNorm folding changes the other counts)
+        assert any(n.endswith(": fc1, fc2") for n in result["notes"])
+        assert any("fused 6 blocks in train mode" in n for n in result["notes"])
     with open(os.path.join(out, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -249,17 +306,17 @@ def test_seeded_runs_repeat_their_accuracy_with_accumulation(tmp_path):
 
 def test_a_missing_effops_piece_is_reported_not_faked(tmp_path, monkeypatch):
     def missing(*args, **kwargs):
-        raise ImportError("No module named 'effops.nn.separable_conv'")
+        raise ImportError("No module named 'effops.nn.inverted_residual'")
     monkeypatch.setattr(models, "effops_model", missing)
     out = str(tmp_path / "out")
     assert main(TINY + ["--out", out, "--finetune-epochs", "1"]) == 0
     rows = {(r["stage"], r["impl"]): r for r in _rows(out)["rows"]}
     assert not rows["train", "effops"]["available"]
-    assert "effops.nn.SeparableConv2d not available in this build" in rows["train", "effops"]["note"]
+    assert "effops.nn.InvertedResidual not available in this build" in rows["train", "effops"]["note"]
     assert all(not rows[s, "effops"]["available"] for s in ("prune", "int8"))
     assert all(rows[s, "plain"]["available"] for s in ("train", "prune", "int8"))
-    # without effops.prune to say which layers it takes, the plain side prunes Linear and pointwise
-    assert any("block1.pointwise" in n for n in _rows(out)["notes"])
+    # without effops to say which layers it took, the plain side prunes the classifier head
+    assert any(n.endswith(": fc1, fc2") for n in _rows(out)["notes"])
 
 
 @pytest.mark.skipif(not _expected_available()["train"], reason="effops train stage not in this build")
@@ -267,8 +324,20 @@ def test_forced_reference_backend_and_amp(tmp_path):
     out = str(tmp_path / "out")
     assert main(TINY + ["--out", out, "--backend", "reference", "--amp"]) == 0
     result = _rows(out)
-    assert set(result["backends_used"]["dwpw_conv2d"].split(", ")) == {"reference"}
-    assert all(r["available"] for r in result["rows"] if r["impl"] == "plain")
+    # every effops op ran the forced backend; under --amp the blocks stay unfused, and the notes say why
+    assert result["backends_used"] and all(set(v.split(", ")) == {"reference"}
+                                           for v in result["backends_used"].values())
+    assert "inverted_residual" not in result["backends_used"]
+    assert any(n.startswith("--amp: the effops side runs the blocks unfused") for n in result["notes"])
+    assert all(r["available"] for r in result["rows"])
+
+
+@pytest.mark.skipif(not _expected_available()["train"], reason="effops train stage not in this build")
+def test_forced_reference_backend_runs_the_fused_blocks(tmp_path):
+    out = str(tmp_path / "out")
+    assert main(TINY + ["--out", out, "--backend", "reference", "--train-subset", "32"]) == 0
+    used = _rows(out)["backends_used"]
+    assert used["inverted_residual"] == "reference" and used["inverted_residual_backward"] == "reference"
 
 
 def test_torchrun_two_processes_ddp(tmp_path):

@@ -10,9 +10,9 @@ import torch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m effops.demo",
-        description="Train a small MobileNet-style CNN on real digits with effops (SeparableConv2d, fused AdamW, "
-                    "gradual pruning, int8 inference) beside the same model and schedule in plain PyTorch, and "
-                    "print a per-stage table of accuracy, size and time.")
+        description="Train a small MobileNetV2-style CNN of inverted-residual blocks on real digits with effops "
+                    "(fused InvertedResidual blocks, fused AdamW, gradual pruning, int8 inference) beside the same "
+                    "model and schedule in plain PyTorch, and print a per-stage table of accuracy, size and time.")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="image folder with one sub-folder per class (default: scikit-learn's digits)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),
                    help="the effops side's optimizer: effops.optim.AdamW (default) or AdamW8bit (8-bit states)")
-    p.add_argument("--width", type=int, default=24, help="channels of the stem; blocks go to 8x this (default 24)")
+    p.add_argument("--width", type=int, default=8, help="channels of the stem; the last block has 16x this (default 8)")
     p.add_argument("--backend", default=None, choices=("reference", "cpu", "cuda", "triton"),
                    help="force this effops backend (default: automatic choice)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -4,8 +4,9 @@ import io
 
 import torch
 
-# Tensors that describe a layer but are not its learned weights.
-_NOT_WEIGHTS = ("mask", "scale", "running_mean", "running_var", "num_batches_tracked")
+# Tensors that describe a layer but are not its learned weights (`packed`: InvertedResidual's weights in
+# its kernel's order, derived from the convs' weights).
+_NOT_WEIGHTS = ("mask", "scale", "running_mean", "running_var", "num_batches_tracked", "packed")
 
 
 def _module_weights(module):

@@ -108,7 +108,13 @@ class Demo:
         """Evaluate, time inference (sides interleaved), count, save and reload; one row per side."""
         x_test, y_test = self.data.x_test, self.data.y_test
         batch = x_test[:self.cfg.infer_batch]
-        live = {s.name: s.model for s in self.active()}
+        # Inference runs each side's inference form (effops: the fused eval-mode copy); counts and bytes are
+        # those of the model as trained and saved.
+        live = {}
+        for s in self.active():
+            m = self._try(s, stage, lambda: s.pipeline.inference_model(s.model))
+            if m is not None:
+                live[s.name] = m
         # int8 inference is its own precision: no bf16 autocast around it (torch.ao's int8 Linear
         # takes fp32 only).
         amp = self.cfg.amp and stage != "int8"
@@ -120,7 +126,7 @@ class Demo:
                            else "not run: %s stage unavailable" % side.unavailable[0])
                 self.rows.append(row)
                 continue
-            acc = train.accuracy(side.model, x_test, y_test, device=self.device, amp=amp)
+            acc = train.accuracy(live[side.name], x_test, y_test, device=self.device, amp=amp)
             nonzero, total = metrics.count_params(side.model)
             row.update(available=True, accuracy=acc, nonzero_params=nonzero, total_params=total,
                        model_bytes=metrics.checkpoint_bytes(side.model),
@@ -142,6 +148,7 @@ class Demo:
             warnings.simplefilter("ignore")  # TypedStorage deprecation from torch.ao's packed params
             # weights_only=False: torch.ao's int8 Linear stores packed params, which weights_only refuses.
             fresh.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        fresh = side.pipeline.inference_model(fresh)
         acc = train.accuracy(fresh, self.data.x_test, self.data.y_test, device=self.device, amp=amp)
         self.checkpoints.append(path)
         return path, acc
@@ -151,7 +158,7 @@ class Demo:
         p = side.pipeline
         model = p.build(self.num_classes)
         if stage in ("prune", "int8"):
-            model = p.prune_structure(model)
+            model = p.prune_structure(p.prepare_finetune(model))
         if stage == "int8":
             model = p.quantize(model)
         return model
@@ -175,12 +182,22 @@ class Demo:
         return self
 
     def prune(self):
-        """Fine-tune with fresh optimizers while the masks ramp to --sparsity. Both sides prune the
-        same layers: those effops.prune takes (Linear and 1x1 convs, here also the pointwise conv
-        inside each SeparableConv2d), or the plain model's Linear and pointwise convs when effops
-        cannot run this stage."""
+        """Fine-tune with BatchNorm frozen (effops: the blocks fused in train mode) and fresh optimizers
+        while the masks of the classifier head ramp to --sparsity, the same layers on both sides."""
         cfg = self.cfg
         effops_side, plain_side = self.sides
+        for side in self.active():
+            model = self._try(side, "prune", lambda: side.pipeline.prepare_finetune(side.model))
+            if model is not None:
+                side.model = model
+        if effops_side.unavailable is None and not effops_side.pipeline.fuses():
+            self.notes.append("--amp: the effops side runs the blocks unfused (torch's convolutions) in every "
+                              "stage: the fused InvertedResidual op has no autocast rule in this build")
+        elif effops_side.unavailable is None:
+            self.notes.append("fine-tuning with BatchNorm frozen (running statistics): effops fused %d blocks in "
+                              "train mode (InvertedResidual, BatchNorm folded into trainable convs); the first "
+                              "stage trains with batch statistics, which no fused block computes"
+                              % effops_side.pipeline.fused_blocks)
         steps = cfg.finetune_epochs * self.steps_per_epoch()
         schedule = stages.PruneSchedule(cfg.sparsity, steps)
         opts = self.optimizers("prune", cfg.lr * cfg.finetune_lr_scale)
@@ -200,9 +217,6 @@ class Demo:
         self.notes.append("pruned to %.0f%% (%s magnitude, cubic ramp over %d of %d fine-tuning steps, every %d "
                           "steps): %s" % (100 * cfg.sparsity, cfg.prune_scope, schedule.end, steps, schedule.every,
                                           ", ".join(layers) or "nothing"))
-        if not any(".pointwise" in n for n in layers):
-            self.notes.append("pointwise 1x1 convs not pruned: effops.prune does not take SeparableConv2d's "
-                              "pointwise weights in this build, so neither side prunes them")
         self.train_stage("prune", cfg.finetune_epochs, opts, on_steps)
         self.finish_stage("prune")
 

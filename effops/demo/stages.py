@@ -1,9 +1,12 @@
 """The two pipelines the demo runs side by side, stage by stage, on the same schedule.
 
-effops: SeparableConv2d model + effops.optim.AdamW -> effops.GradualPruner (SparseLinear, masked_linear)
-        -> effops.quantize (Int8Linear).
-plain:  two nn.Conv2d per block + torch.optim.AdamW -> torch.nn.utils.prune (l1 magnitude masks
-        re-applied on the same cubic schedule) -> torch.ao dynamic int8 quantization of the Linears.
+effops: plain module tree + effops.optim.AdamW (BatchNorm by batch statistics: nothing to fuse) ->
+        BatchNorm frozen, blocks fused in train mode (effops.nn.InvertedResidual's training step) +
+        effops.GradualPruner on the classifier head (SparseLinear, masked_linear) -> effops.quantize
+        (Int8Linear). Inference in every stage: effops.fuse on an eval-mode copy.
+plain:  the same modules + torch.optim.AdamW -> BatchNorm frozen + torch.nn.utils.prune (l1 magnitude
+        masks re-applied on the same cubic schedule) on the same layers -> torch.ao dynamic int8
+        quantization of the same Linears.
 
 An effops piece that this build lacks (ImportError) makes its stage raise Unavailable; the demo
 reports that stage as not available, it never substitutes something else under the effops name.
@@ -61,9 +64,37 @@ class EffopsPipeline(Pipeline):
     name = "effops"
 
     def build(self, num_classes):
-        model = _effops("effops.nn.SeparableConv2d", lambda: models.effops_model(num_classes, self.cfg.width,
-                                                                                  seed=self.cfg.seed))
+        model = _effops("effops.nn.InvertedResidual", lambda: models.effops_model(num_classes, self.cfg.width,
+                                                                                   seed=self.cfg.seed))
         return self.to_device(model)
+
+    def inference_model(self, model):
+        """The form inference runs: effops.fuse on an eval-mode copy (each block one InvertedResidual, its
+        BatchNorms folded in); the model itself once quantize has made it that form."""
+        if getattr(model, "effops_inference_form", False) or not self.fuses():
+            return model
+        import copy
+
+        import effops
+        fuse = _effops("effops.fuse", lambda: effops.fuse)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nothing left to fuse in an already fused model
+            return fuse(copy.deepcopy(model).eval())
+
+    def prepare_finetune(self, model):
+        """BatchNorm frozen and the blocks fused in train mode (models.fuse_for_frozen_bn_training): the
+        fine-tuning steps run the fused op. New Parameters: the optimizer is made after this."""
+        if not self.fuses():
+            self.fused_blocks = 0
+            return models.freeze_batchnorm(model)
+        model, report = _effops("effops.fuse", lambda: models.fuse_for_frozen_bn_training(model))
+        self.fused_blocks = len(report.changed)
+        return self.to_device(model)
+
+    def fuses(self):
+        """Whether this side fuses the blocks: not under --amp, where the fused op, which has no autocast
+        rule in this build, would get bf16 activations with fp32 weights (a TypeError)."""
+        return not self.cfg.amp
 
     def optimizer(self, params, lr):
         name = "AdamW8bit" if getattr(self.cfg, "optimizer", "adamw") == "adamw8bit" else "AdamW"
@@ -77,7 +108,8 @@ class EffopsPipeline(Pipeline):
         import effops
         GradualPruner = _effops("effops.GradualPruner", lambda: effops.GradualPruner)
         GradualPruner(model, schedule.target, end_step=schedule.end, frequency=schedule.every,
-                      pattern="unstructured", scope=self.cfg.prune_scope, optimizer=optimizer)
+                      pattern="unstructured", scope=self.cfg.prune_scope, optimizer=optimizer,
+                      exclude=_dense_parts(model))
         self.pruned_layers = [n for n, m in model.named_modules() if isinstance(getattr(m, "mask", None), torch.Tensor)]
         return model, None
 
@@ -85,13 +117,16 @@ class EffopsPipeline(Pipeline):
         """The pruned model's structure (masked layers) on a fresh model, to load a checkpoint into."""
         import effops
         prune = _effops("effops.prune", lambda: effops.prune)
-        return self.to_device(prune(model, self.cfg.sparsity, pattern="unstructured", scope=self.cfg.prune_scope))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the layers left dense are the ones excluded on purpose
+            return self.to_device(prune(model, self.cfg.sparsity, pattern="unstructured", scope=self.cfg.prune_scope,
+                                        exclude=_dense_parts(model)))
 
     def quantize(self, model):
-        """Pruned layers made dense again (zeros kept: SparseLinear.to_linear, SparseConv1x1.to_conv),
-        then effops.quantize on the Linear layers of at least 128 features (-> Int8Linear). Its default
-        (512 to 1024 features by instruction set) would leave this small model alone: here int8 saves memory,
-        not time."""
+        """Pruned layers made dense again (zeros kept: SparseLinear.to_linear, SparseConv1x1.to_conv), the
+        model in eval mode (its blocks fused since fine-tuning), then effops.quantize on the Linear layers of
+        at least 128 features (-> Int8Linear). Its default (512 to 1024 features by instruction set) would
+        leave this small model alone: here int8 saves memory, not time."""
         import effops
         quantize = _effops("effops.quantize", lambda: effops.quantize)
         for name, m in list(model.named_modules()):
@@ -100,7 +135,12 @@ class EffopsPipeline(Pipeline):
                 _set_submodule(model, name, m.to_linear())
             elif hasattr(m, "mask") and hasattr(m, "to_conv"):
                 _set_submodule(model, name, m.to_conv())
-        return self.to_device(quantize(model, min_features=128))
+        model = self.inference_model(model.eval())  # a copy: the training form stays as it was
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the 10-way head stays float, as min_features says
+            model = quantize(model, min_features=128)
+        model.effops_inference_form = True
+        return self.to_device(model)
 
     def int8_layers(self, model):
         return [n for n, m in model.named_modules() if type(m).__name__ == "Int8Linear"]
@@ -115,6 +155,13 @@ class PlainPipeline(Pipeline):
 
     def optimizer(self, params, lr):
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
+
+    def inference_model(self, model):
+        return model
+
+    def prepare_finetune(self, model):
+        """BatchNorm frozen, as on the effops side (its running statistics and affine kept)."""
+        return models.freeze_batchnorm(model)
 
     def start_pruning(self, model, schedule, optimizer, layer_names):
         """torch.nn.utils.prune on `layer_names`, re-applied as l1 magnitude masks on the schedule
@@ -175,8 +222,14 @@ def _set_submodule(model, name, module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _dense_parts(model):
+    """The children effops' pruning leaves alone: every one outside models.prunable_layers (the head)."""
+    head = set(models.prunable_layers(model))
+    return [n for n, m in model.named_children()
+            if n not in head and any(isinstance(c, (nn.Linear, nn.Conv2d)) for c in m.modules())]
+
+
 def plain_layer_names(effops_pruned, plain_model):
-    """The plain model's layers matching those effops pruned (effops names a pointwise conv
-    blockN.sep.pointwise, the plain model blockN.pointwise)."""
-    wanted = {n.replace(".sep.", ".") for n in effops_pruned}
+    """The plain model's layers matching those effops pruned."""
+    wanted = set(effops_pruned)
     return [n for n in models.prunable_layers(plain_model) if n in wanted]

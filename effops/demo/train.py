@@ -6,6 +6,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from effops.demo import models
+
 
 def _sync(device):
     if torch.device(device).type == "cuda":
@@ -40,6 +42,9 @@ def train_step(model, optimizer, x, y, micro_batches, *, device, amp, on_step=No
     Under DDP (model has no_sync) gradients are all-reduced only on the last micro-batch. Returns the
     mean loss over the micro-batches."""
     model.train()
+    inner = getattr(model, "module", model)  # under DDP, the model it wraps
+    if getattr(inner, "batchnorm_frozen", False):
+        models.freeze_batchnorm(inner)  # model.train() just put the BatchNorms back to batch statistics
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for i, idx in enumerate(micro_batches):
