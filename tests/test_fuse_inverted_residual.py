@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import effops
 from effops.nn import InvertedResidual, SeparableConv2d
+from effops.nn.sparse_linear import SparseConv1x1
 from benchmarks import models
 
 SIZE = 64  # small images: the networks' structure is what matters here
@@ -117,3 +118,19 @@ def test_train_mode_skips_batch_statistics_and_frozen_batchnorm_trains():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     got.square().mean().backward()
     assert all(p.grad is not None for p in fused.parameters())
+
+
+def test_prune_leaves_a_fused_blocks_convs_dense_and_says_so():
+    # InvertedResidual reads its convs' weights itself (packed): a SparseConv1x1 there would not enforce
+    # its mask (and the packed weights would go stale), so prune leaves them dense and reports why.
+    model = Plain().eval()
+    effops.fuse_inverted_residual(model)
+    x = torch.randn(1, 8, 7, 9)
+    with torch.no_grad():
+        want = model(x)
+    with pytest.warns(UserWarning):
+        _, report = effops.prune(model, 0.5, return_report=True)
+    assert count(model, SparseConv1x1) == 0
+    assert any("InvertedResidual reads its convs" in why for _, why in report.skipped)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=0, rtol=0)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effops.nn.inverted_residual import InvertedResidual
 from effops.nn.sparse_linear import SparseConv1x1, SparseLinear, is_pointwise_conv
 from effops.ops import _checks
 from effops.transforms import _report
@@ -125,6 +126,9 @@ def _why_dense(parent, name, module, owners):
     if isinstance(parent, nn.MultiheadAttention) and name == "out_proj":
         return ("nn.MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward), "
                 "so a mask there would not be enforced: left dense")
+    if isinstance(parent, InvertedResidual):
+        return ("effops.nn.InvertedResidual reads its convs' weights itself (packed for the fused op), so a "
+                "mask there would not be enforced: left dense (prune before effops.fuse to prune the model)")
     if type(module) not in (nn.Linear, nn.Conv2d, SparseLinear, SparseConv1x1):
         return "%s is a subclass of %s: a sparse module would replace its own forward" % (
             type(module).__name__, "nn.Linear" if isinstance(module, nn.Linear) else "nn.Conv2d")
