@@ -14,20 +14,11 @@
 #include <string>
 #include <vector>
 
+#include "bindings/arg_text.h"
+
 namespace effops::adam_args {
 
-// dtype names as Python prints them (torch.float32 -> "float32").
-inline const char* dtype_name(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return "float32";
-    case at::kBFloat16: return "bfloat16";
-    case at::kHalf: return "float16";
-    case at::kDouble: return "float64";
-    case at::kChar: return "int8";
-    case at::kByte: return "uint8";
-    default: return c10::toString(s);
-  }
-}
+using effops::bindings::dtype_name;
 
 inline void check_count(const char* name, size_t got, size_t n) {
   TORCH_CHECK_VALUE(got == n, name, " must have one entry per param (", n, "), got ", got);

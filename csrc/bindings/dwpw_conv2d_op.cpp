@@ -20,11 +20,14 @@
 #include <sstream>
 #include <string>
 
+#include "bindings/arg_text.h"
 #include "bindings/dispatch.h"
 #include "bindings/dwpw_conv2d_kernel.h"
 
 namespace {
 
+using effops::bindings::dtype_name;
+using effops::bindings::shape_str;
 using effops::dispatch::Backend;
 using Needs = std::array<bool, 5>;  // gradients wanted: x, dw_weight, pw_weight, dw_bias, pw_bias
 
@@ -33,24 +36,6 @@ constexpr const char* kActivations[] = {"relu", "relu6", "gelu", "silu", "hardsw
 // ---------------------------------------------------------------------------------------------
 // Arguments
 // ---------------------------------------------------------------------------------------------
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
-  s << (sizes.size() == 1 ? ",)" : ")");
-  return s.str();
-}
-
-const char* dtype_str(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kBFloat16: return "bfloat16";
-    case at::kHalf: return "float16";
-    case at::kDouble: return "float64";
-    default: return c10::toString(t);
-  }
-}
-
 // Sizes as ints: under torch.compile with dynamic shapes a size is symbolic, and reading it guards
 // (the policy and the checks specialize the graph on the sizes they read).
 int64_t size_of(const at::Tensor& t, int64_t d) { return t.sym_size(d).guard_int(__FILE__, __LINE__); }
@@ -78,7 +63,7 @@ bool autocast_on(c10::DeviceType device) {
 void check_float(const char* name, const at::Tensor& t) {
   const auto d = t.scalar_type();
   TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf, name,
-                   " must have dtype in (float32, bfloat16, float16), got ", dtype_str(d));
+                   " must have dtype in (float32, bfloat16, float16), got ", dtype_name(d));
 }
 
 void check_device(const char* name, const at::Tensor& t, const at::Tensor& x) {
@@ -86,8 +71,8 @@ void check_device(const char* name, const at::Tensor& t, const at::Tensor& x) {
 }
 
 void check_same_dtype(const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have dtype torch.", dtype_str(x.scalar_type()),
-                   " like the input, got torch.", dtype_str(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have dtype torch.", dtype_name(x.scalar_type()),
+                   " like the input, got torch.", dtype_name(t.scalar_type()));
 }
 
 void check_geometry(const char* name, at::IntArrayRef v, int64_t minimum) {

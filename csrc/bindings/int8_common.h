@@ -13,9 +13,13 @@
 #include <sstream>
 #include <string>
 
+#include "bindings/arg_text.h"
 #include "bindings/dispatch.h"
 
 namespace effops::int8 {
+
+using effops::bindings::dtype_name;
+using effops::bindings::shape_str;
 
 using dispatch::Backend;
 
@@ -27,16 +31,6 @@ constexpr int64_t kPackNR = 16;
 constexpr int64_t kPackKG = 4;
 
 inline int64_t ceil_div(int64_t n, int64_t m) { return (n + m - 1) / m; }
-
-inline std::string dtype_name(at::ScalarType t) { return std::string(c10::getDtypeNames(t).first); }
-
-inline std::string shape_str(at::IntArrayRef s) {  // as Python prints a shape: (3,), (2, 4)
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << (s.size() == 1 ? ",)" : ")");
-  return o.str();
-}
 
 inline bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 

@@ -17,6 +17,7 @@
 #include <sstream>
 #include <tuple>
 
+#include "bindings/arg_text.h"
 #include "bindings/dispatch.h"
 #include "bindings/masked_linear_index.h"
 #include "bindings/masked_linear_kernels.h"
@@ -28,24 +29,8 @@ using dispatch::Backend;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using OptIndex = std::optional<at::TensorList>;
 using OptTensor = std::optional<at::Tensor>;
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < s.size(); ++i) out << (i ? ", " : "") << s[i];
-  out << (s.size() == 1 ? ",)" : ")");
-  return out.str();
-}
-
-const char* dtype_str(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kBFloat16: return "bfloat16";
-    case at::kHalf: return "float16";
-    case at::kBool: return "bool";
-    default: return c10::toString(t);
-  }
-}
+using effops::bindings::dtype_name;
+using effops::bindings::shape_str;
 
 bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
@@ -60,25 +45,25 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
                 const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least 1 dims, got shape ", shape_str(x.sizes()));
   TORCH_CHECK_TYPE(is_float(x.scalar_type()), "x must have dtype in (float32, bfloat16, float16), got ",
-                   dtype_str(x.scalar_type()));
+                   dtype_name(x.scalar_type()));
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D, got shape ", shape_str(weight.sizes()));
   check_same_device("weight", weight, x);
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must have dtype ", dtype_str(x.scalar_type()),
-                   " like the input, got ", dtype_str(weight.scalar_type()));
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must have dtype ", dtype_name(x.scalar_type()),
+                   " like the input, got ", dtype_name(weight.scalar_type()));
   check_same_device("mask", mask, x);
   TORCH_CHECK_VALUE(mask.sizes() == weight.sizes(), "mask must have shape ", shape_str(weight.sizes()), ", got ",
                     shape_str(mask.sizes()));
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == weight.scalar_type(),
-                   "mask must be bool or have weight's dtype ", dtype_str(weight.scalar_type()), ", got ",
-                   dtype_str(mask.scalar_type()));
+                   "mask must be bool or have weight's dtype ", dtype_name(weight.scalar_type()), ", got ",
+                   dtype_name(mask.scalar_type()));
   TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "x's last dim must equal weight's in_features ", weight.size(1),
                     ", got shape ", shape_str(x.sizes()));
   if (bias.has_value() && bias->defined()) {
     check_same_device("bias", *bias, x);
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (", weight.size(0),
                       ",), got ", shape_str(bias->sizes()));
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have dtype ", dtype_str(x.scalar_type()),
-                     " like the input, got ", dtype_str(bias->scalar_type()));
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have dtype ", dtype_name(x.scalar_type()),
+                     " like the input, got ", dtype_name(bias->scalar_type()));
   }
 }
 
@@ -380,8 +365,8 @@ Grads masked_linear_backward_impl(const at::Tensor& grad_y, const at::Tensor& x,
   check_args(x, weight, mask, std::nullopt);
   TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(out_shape(x, weight.size(0))), "grad_y must have shape ",
                     shape_str(out_shape(x, weight.size(0))), ", got ", shape_str(grad_y.sizes()));
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), "grad_y must have dtype ", dtype_str(x.scalar_type()),
-                   " like the input, got ", dtype_str(grad_y.scalar_type()));
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), "grad_y must have dtype ", dtype_name(x.scalar_type()),
+                   " like the input, got ", dtype_name(grad_y.scalar_type()));
   check_same_device("grad_y", grad_y, x);
   CallIndex call{mask, index, std::nullopt};
   switch (route(x.device().type(), x, weight, call)) {
@@ -407,7 +392,7 @@ Grads masked_linear_backward_meta(const at::Tensor& grad_y, const at::Tensor& x,
 std::vector<at::Tensor> masked_linear_index(const at::Tensor& mask) {
   TORCH_CHECK_VALUE(mask.dim() == 2, "mask must be 2-D, got shape ", shape_str(mask.sizes()));
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || is_float(mask.scalar_type()),
-                   "mask must be bool or 0/1 floats, got ", dtype_str(mask.scalar_type()));
+                   "mask must be bool or 0/1 floats, got ", dtype_name(mask.scalar_type()));
   check_binary(mask);
   Index index = describe(mask);
   build_rows(index, mask);
@@ -435,7 +420,7 @@ std::string route_reason(const at::Tensor& x, const at::Tensor& weight, const at
 at::Tensor masked_linear_pack(const at::Tensor& weight, at::TensorList index_list) {
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D, got shape ", shape_str(weight.sizes()));
   TORCH_CHECK_TYPE(is_float(weight.scalar_type()), "weight must have dtype in (float32, bfloat16, float16), got ",
-                   dtype_str(weight.scalar_type()));
+                   dtype_name(weight.scalar_type()));
   TORCH_CHECK_VALUE(weight.is_cpu(), "masked_linear_pack packs for the CPU kernels, got weight on ", weight.device());
   // (from_list checks the index against a mask of the weight's shape and device; its values are not read)
   const Index index = from_list(index_list, at::empty(weight.sizes(), weight.options().dtype(at::kBool)));

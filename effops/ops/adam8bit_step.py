@@ -11,8 +11,8 @@ import importlib.util
 
 import torch
 
-from effops import _ext
-from effops.ops.adam_step import _check_bools, _floats, on_tensors_device
+from effops import _backends, _ext
+from effops.ops.adam_step import _check_bools, _floats
 from effops.reference import adam8bit as reference
 
 BACKENDS = ("reference", "cpu", "triton")  # the backends with a kernel for this op (tests, `effops info`)
@@ -64,10 +64,9 @@ def _triton_route(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes
 
     it = iter(masters)
     master_params = [next(it) if flag else None for flag in has_master]
-    with on_tensors_device(params[0].device):
-        launch(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales, master_params, steps,
-               lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
-               decoupled_weight_decay=decoupled_weight_decay, grad_scale=grad_scale)
+    launch(params, grads, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales, master_params, steps,
+           lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
+           decoupled_weight_decay=decoupled_weight_decay, grad_scale=grad_scale)
 
 
 # The Triton route, called by the C++ implementation (steps: the counts after this step, as floats).
@@ -78,4 +77,4 @@ if importlib.util.find_spec("triton") is not None:
                 "Tensor(g!)[] masters, bool[] has_master, float[] steps, float lr, float beta1, float beta2, "
                 "float eps, float weight_decay, bool maximize, bool decoupled_weight_decay, float? grad_scale) -> ()")
     for _key in ("CPU", "CUDA"):
-        _lib.impl("_adam8bit_step_triton", _triton_route, _key)
+        _lib.impl("_adam8bit_step_triton", _backends.on_tensors_device(_triton_route), _key)

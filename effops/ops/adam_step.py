@@ -5,14 +5,13 @@ a multi-tensor op as torch._fused_adamw_). This module is the Python function in
 arguments only Python can check), the Triton route the C++ implementation calls
 (`effops::_adam_step_triton`), and the plain-PyTorch step for an install without the extension.
 """
-import contextlib
 import importlib.util
 import numbers
 
 import torch
 from torch import Tensor
 
-from effops import _ext
+from effops import _backends, _ext
 from effops.reference import adam as reference
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")  # the backends with a kernel for this op (tests, `effops info`)
@@ -113,22 +112,16 @@ def _reference_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, maste
         torch._foreach_add_(list(steps), 1)
 
 
-def on_tensors_device(device):
-    """Triton launches on the current CUDA device, not the tensors': make theirs current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _triton_route(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, has_master, steps, lr, beta1, beta2,
                   eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale, stochastic_round_seeds):
     from effops.triton_kernels.adam_step import adam_step as launch
 
     it = iter(masters)
     master_params = [next(it) if flag else None for flag in has_master]
-    with on_tensors_device(params[0].device):
-        launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr=lr, beta1=beta1,
-               beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-               decoupled_weight_decay=decoupled_weight_decay, grad_scale=grad_scale,
-               stochastic_round_seeds=stochastic_round_seeds)
+    launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr=lr, beta1=beta1,
+           beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+           decoupled_weight_decay=decoupled_weight_decay, grad_scale=grad_scale,
+           stochastic_round_seeds=stochastic_round_seeds)
 
 
 # The Triton route, called by the C++ implementation (steps: the counts after this step, as floats).
@@ -139,4 +132,4 @@ if importlib.util.find_spec("triton") is not None:
                 "float[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
                 "bool maximize, bool decoupled_weight_decay, float? grad_scale, int[]? stochastic_round_seeds) -> ()")
     for _key in ("CPU", "CUDA"):
-        _lib.impl("_adam_step_triton", _triton_route, _key)
+        _lib.impl("_adam_step_triton", _backends.on_tensors_device(_triton_route), _key)
