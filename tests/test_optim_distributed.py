@@ -45,24 +45,26 @@ def _full(model):
                       for p in model.parameters()])
 
 
-def _init(rank, init_file):
+def _in_group(rank, init_file, body, *args):
+    """body(rank, *args) inside a gloo group; the group is destroyed after body returned, so that no
+    DDP/FSDP module of body's outlives it (see teardown)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=WORLD)
+    try:
+        body(rank, *args)
+    finally:
+        teardown()
 
 
-def _ddp_worker(rank, init_file):
+def _ddp_body(rank):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from effops.optim import AdamW
-    _init(rank, init_file)
-    try:
-        ours, ref = DDP(_model()), DDP(_model())
-        _train(ours, AdamW(ours.parameters(), lr=1e-2, amsgrad=True), rank, 10)
-        _train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, amsgrad=True, foreach=False), rank, 10)
-        torch.testing.assert_close(_full(ours), _full(ref), **TOL)
-        assert not torch.equal(_full(ours), _full(_model()))
-    finally:
-        teardown()  # barrier, then destroy: a gloo rank leaving alone aborted at exit
+    ours, ref = DDP(_model()), DDP(_model())
+    _train(ours, AdamW(ours.parameters(), lr=1e-2, amsgrad=True), rank, 10)
+    _train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, amsgrad=True, foreach=False), rank, 10)
+    torch.testing.assert_close(_full(ours), _full(ref), **TOL)
+    assert not torch.equal(_full(ours), _full(_model()))
 
 
 def _sharded(seed=0):
@@ -78,51 +80,47 @@ def _sharded(seed=0):
     return fully_shard(model, mesh=mesh)
 
 
-def _fsdp_worker(rank, init_file, ckpt_dir):
+def _fsdp_body(rank, ckpt_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
     from torch.distributed.tensor import DTensor
 
     from effops.optim import AdamW
-    _init(rank, init_file)
-    try:
-        ours, ref = _sharded(), _sharded()
-        opt = AdamW(ours.parameters(), lr=1e-2, weight_decay=0.05)
-        _train(ours, opt, rank, 5)
-        _train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05, foreach=False), rank, 5)
-        torch.testing.assert_close(_full(ours), _full(ref), **TOL)
-        p0 = next(ours.parameters())
-        assert isinstance(p0, DTensor) and isinstance(opt.state[p0]["exp_avg"], DTensor)  # sharded state
+    ours, ref = _sharded(), _sharded()
+    opt = AdamW(ours.parameters(), lr=1e-2, weight_decay=0.05)
+    _train(ours, opt, rank, 5)
+    _train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05, foreach=False), rank, 5)
+    torch.testing.assert_close(_full(ours), _full(ref), **TOL)
+    p0 = next(ours.parameters())
+    assert isinstance(p0, DTensor) and isinstance(opt.state[p0]["exp_avg"], DTensor)  # sharded state
 
-        dcp.save({"model": get_model_state_dict(ours), "optim": get_optimizer_state_dict(ours, opt)},
-                 checkpoint_id=ckpt_dir)
-        _train(ours, opt, rank, 5, start=5)
+    dcp.save({"model": get_model_state_dict(ours), "optim": get_optimizer_state_dict(ours, opt)},
+             checkpoint_id=ckpt_dir)
+    _train(ours, opt, rank, 5, start=5)
 
-        resumed = _sharded(seed=7)  # different init: everything must come from the checkpoint
-        opt2 = AdamW(resumed.parameters(), lr=1e-2, weight_decay=0.05)
-        state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, opt2)}
-        dcp.load(state, checkpoint_id=ckpt_dir)
-        set_model_state_dict(resumed, state["model"])
-        set_optimizer_state_dict(resumed, opt2, state["optim"])
-        assert opt2.state[next(resumed.parameters())]["step"].item() == 5
-        _train(resumed, opt2, rank, 5, start=5)
-        torch.testing.assert_close(_full(resumed), _full(ours), **TOL)
-    finally:
-        teardown()  # barrier, then destroy: a gloo rank leaving alone aborted at exit
+    resumed = _sharded(seed=7)  # different init: everything must come from the checkpoint
+    opt2 = AdamW(resumed.parameters(), lr=1e-2, weight_decay=0.05)
+    state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, opt2)}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_model_state_dict(resumed, state["model"])
+    set_optimizer_state_dict(resumed, opt2, state["optim"])
+    assert opt2.state[next(resumed.parameters())]["step"].item() == 5
+    _train(resumed, opt2, rank, 5, start=5)
+    torch.testing.assert_close(_full(resumed), _full(ours), **TOL)
 
 
-def _spawn(fn, *args):
+def _spawn(body, *args):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(fn, args=(os.path.join(tmp, "init"),) + args, nprocs=WORLD, join=True)
+        mp.spawn(_in_group, args=(os.path.join(tmp, "init"), body) + args, nprocs=WORLD, join=True)
 
 
 def test_ddp_matches_torch_adamw():
-    _spawn(_ddp_worker)
+    _spawn(_ddp_body)
 
 
 def test_fsdp2_matches_torch_and_sharded_checkpoint_resumes(tmp_path):
-    _spawn(_fsdp_worker, str(tmp_path / "ckpt"))
+    _spawn(_fsdp_body, str(tmp_path / "ckpt"))
 
 
 def _sparse_model(seed=0):
@@ -138,36 +136,32 @@ def _sparse_batch(step):
     return torch.randn(2 * 64, 512, generator=g), torch.randn(2 * 64, 8, generator=g)
 
 
-def _fsdp_sparse_worker(rank, init_file):
+def _fsdp_sparse_body(rank):
     # FSDP2 refills the unsharded weight at every all-gather without moving its version counter: the
     # block kernel's cached weight panels served the previous step's weights (training and eval).
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from effops.optim import AdamW
-    _init(rank, init_file)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        sharded, single = _sparse_model(), _sparse_model()  # single: one process, the whole batch
-        fully_shard(sharded[0], mesh=mesh)
-        fully_shard(sharded, mesh=mesh)
-        opt, opt1 = AdamW(sharded.parameters(), lr=1e-2), AdamW(single.parameters(), lr=1e-2)
-        probe = torch.randn(64, 512, generator=torch.Generator().manual_seed(99))
-        for step in range(4):
-            x, y = _sparse_batch(step)
-            mine = slice(64 * rank, 64 * (rank + 1))
-            opt.zero_grad()
-            F.mse_loss(sharded(x[mine]), y[mine]).backward()
-            opt.step()
-            opt1.zero_grad()
-            F.mse_loss(single(x), y).backward()
-            opt1.step()
-            with torch.no_grad():  # an eval pass between steps
-                torch.testing.assert_close(sharded(probe), single(probe), **TOL)
-        torch.testing.assert_close(_full(sharded), _full(single), **TOL)
-    finally:
-        teardown()  # barrier, then destroy: a gloo rank leaving alone aborted at exit
+    mesh = init_device_mesh("cpu", (WORLD,))
+    sharded, single = _sparse_model(), _sparse_model()  # single: one process, the whole batch
+    fully_shard(sharded[0], mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    opt, opt1 = AdamW(sharded.parameters(), lr=1e-2), AdamW(single.parameters(), lr=1e-2)
+    probe = torch.randn(64, 512, generator=torch.Generator().manual_seed(99))
+    for step in range(4):
+        x, y = _sparse_batch(step)
+        mine = slice(64 * rank, 64 * (rank + 1))
+        opt.zero_grad()
+        F.mse_loss(sharded(x[mine]), y[mine]).backward()
+        opt.step()
+        opt1.zero_grad()
+        F.mse_loss(single(x), y).backward()
+        opt1.step()
+        with torch.no_grad():  # an eval pass between steps
+            torch.testing.assert_close(sharded(probe), single(probe), **TOL)
+    torch.testing.assert_close(_full(sharded), _full(single), **TOL)
 
 
 def test_fsdp2_block_sparse_layer_trains_and_evaluates_on_current_weights():
-    _spawn(_fsdp_sparse_worker)
+    _spawn(_fsdp_sparse_body)

@@ -114,19 +114,23 @@ def _ddp_worker(rank, world, init_file, result_file):
     torch.manual_seed(0)
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
     try:
-        model = nn.Sequential(SparseLinear(32, 32, mask=block_mask(32, 32)), nn.ReLU(), nn.Linear(32, 4))
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
-        g = torch.Generator().manual_seed(rank)
-        for _ in range(3):
-            x, y = torch.randn(8, 32, generator=g), torch.randn(8, 4, generator=g)
-            opt.zero_grad()
-            nn.functional.mse_loss(ddp(x), y).backward()
-            opt.step()
-        if rank == 0:
-            torch.save({k: v.clone() for k, v in model.state_dict().items()}, result_file)
+        _ddp_train(rank, result_file)
     finally:
-        teardown()  # barrier, then destroy: a gloo rank leaving alone aborted at exit
+        teardown()  # after _ddp_train returned: its DDP wrapper must not outlive the group
+
+
+def _ddp_train(rank, result_file):
+    model = nn.Sequential(SparseLinear(32, 32, mask=block_mask(32, 32)), nn.ReLU(), nn.Linear(32, 4))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        x, y = torch.randn(8, 32, generator=g), torch.randn(8, 4, generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+    if rank == 0:
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, result_file)
 
 
 def test_ddp_two_processes_keep_pruned_weights_zero_and_agree():

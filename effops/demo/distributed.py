@@ -1,4 +1,5 @@
 """Data-parallel setup for `torchrun --nproc_per_node N -m effops.demo`: gloo on CPU, NCCL on GPUs."""
+import gc
 import os
 
 import torch
@@ -46,10 +47,14 @@ def all_equal(value):
 
 
 def teardown():
-    """Leave the process group together: rank 0 still writes the report while the others are done, and
-    a gloo rank that destroyed its group and exited while a peer still held it aborted once in ~30
-    two-process runs ("terminate called without an active exception" at exit; not reproduced since).
-    The barrier makes every rank destroy the group at the same point."""
+    """Leave the process group together, once every DDP/FSDP module of this process is released.
+
+    A wrapped module's reducer holds the process group. Left alive to interpreter exit, the group's gloo
+    threads are torn down during finalization, try to take the GIL, and abort the process ("terminate
+    called without an active exception"; about 1 in 16 two-process runs). So callers drop their
+    wrappers first (let the function that built them return), the collect here frees any cycle still
+    holding one, and the barrier makes every rank destroy the group at the same point."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
