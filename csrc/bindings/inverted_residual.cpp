@@ -93,6 +93,50 @@ ir::Shape checked_shape(const at::Tensor& x, const OptTensor& expand_weight, con
   return s;
 }
 
+Se checked_se(const at::Tensor& x, const ir::Shape& s, const OptTensor& reduce_w, const OptTensor& reduce_b,
+              const OptTensor& expand_w, const OptTensor& expand_b, c10::string_view act, c10::string_view gate) {
+  Se se;
+  se.on = given(reduce_w) || given(expand_w);
+  if (!se.on) {
+    TORCH_CHECK_VALUE(!given(reduce_b) && !given(expand_b), "se_reduce_bias / se_expand_bias given without the "
+                      "squeeze-excitation weights");
+    return se;
+  }
+  TORCH_CHECK_VALUE(given(reduce_w) && given(expand_w), "se_reduce_weight and se_expand_weight come together (",
+                    given(reduce_w) ? "se_expand_weight" : "se_reduce_weight", " is missing)");
+  check_weight(*reduce_w, "se_reduce_weight", x);
+  TORCH_CHECK_VALUE(reduce_w->dim() == 4 && reduce_w->size(1) == s.Ch && reduce_w->size(2) == 1 &&
+                        reduce_w->size(3) == 1 && reduce_w->size(0) > 0,
+                    "se_reduce_weight must have shape (squeeze, ", s.Ch, ", 1, 1) for the ", s.Ch,
+                    " expanded channels, got ", reduce_w->sizes());
+  const int64_t squeeze = reduce_w->size(0);
+  check_bias(reduce_b, "se_reduce_bias", squeeze, x);
+  check_weight(*expand_w, "se_expand_weight", x);
+  TORCH_CHECK_VALUE(expand_w->dim() == 4 && expand_w->size(0) == s.Ch && expand_w->size(1) == squeeze &&
+                        expand_w->size(2) == 1 && expand_w->size(3) == 1,
+                    "se_expand_weight must have shape (", s.Ch, ", ", squeeze, ", 1, 1), got ", expand_w->sizes());
+  check_bias(expand_b, "se_expand_bias", s.Ch, x);
+  se.reduce_w = reduce_w, se.reduce_b = given(reduce_b) ? reduce_b : std::nullopt;
+  se.expand_w = expand_w, se.expand_b = given(expand_b) ? expand_b : std::nullopt;
+  se.act = activation_code(std::optional<c10::string_view>(act));
+  TORCH_CHECK_VALUE(gate == "sigmoid" || gate == "hardsigmoid", "se_gate must be 'sigmoid' or 'hardsigmoid', got '",
+                    gate, "'");
+  se.gate = gate == "sigmoid" ? kSigmoid : kHardsigmoid;
+  return se;
+}
+
+SeGate se_gate(const Se& se, const at::Tensor& pooled) {
+  const auto cast = [&](const OptTensor& t) -> OptTensor {
+    return given(t) ? OptTensor(t->to(pooled.scalar_type())) : std::nullopt;
+  };
+  SeGate r;
+  r.z1 = at::conv2d(pooled, se.reduce_w->to(pooled.scalar_type()), cast(se.reduce_b));
+  r.a1 = activate(r.z1, se.act);
+  r.z2 = at::conv2d(r.a1, se.expand_w->to(pooled.scalar_type()), cast(se.expand_b));
+  r.g = se.gate == kSigmoid ? at::sigmoid(r.z2) : at::hardsigmoid(r.z2);
+  return r;
+}
+
 at::MemoryFormat format_of(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
                                                                               : at::MemoryFormat::Contiguous;
@@ -172,10 +216,11 @@ using namespace effops::bindings::inverted_residual;
 // The same block through ATen's convolutions (oneDNN), each tensor in memory.
 at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& expand_weight,
                       const OptTensor& expand_bias, const at::Tensor& dw_weight, const OptTensor& dw_bias,
-                      const at::Tensor& project_weight, const OptTensor& project_bias) {
+                      const at::Tensor& project_weight, const OptTensor& project_bias, const Se& se) {
   at::Tensor h = x;
   if (s.expand) h = activate(at::conv2d(x, *expand_weight, expand_bias), s.act);
   h = activate(at::conv2d(h, dw_weight, dw_bias, {s.SH, s.SW}, {s.PH, s.PW}, {1, 1}, s.Ch), s.act);
+  if (se.on) h = h * se_gate(se, h.mean({2, 3}, /*keepdim=*/true)).g;
   at::Tensor y = at::conv2d(h, project_weight, project_bias);
   if (s.residual) y.add_(x);
   return y.contiguous(format_of(x));
@@ -190,7 +235,8 @@ const char* kernel_declines(const ir::Shape& s, const at::Tensor& x) {
 
 at::Tensor kernel_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& expand_weight,
                         const OptTensor& expand_bias, const at::Tensor& dw_weight, const OptTensor& dw_bias,
-                        const at::Tensor& project_weight, const OptTensor& project_bias, const OptTensor& packed) {
+                        const at::Tensor& project_weight, const OptTensor& project_bias, const OptTensor& packed,
+                        const Se& se) {
   at::Tensor weights;
   if (given(packed)) {
     TORCH_CHECK_VALUE(packed->scalar_type() == at::kFloat && packed->dim() == 1 &&
@@ -203,16 +249,22 @@ at::Tensor kernel_route(const ir::Shape& s, const at::Tensor& x, const OptTensor
   }
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor y = at::empty({s.N, s.Cout, s.OH, s.OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  AT_DISPATCH_SWITCH(x.scalar_type(), "inverted_residual_cpu",
-                     AT_DISPATCH_CASE(at::kFloat, [&] {
-                       ir::forward<float>(s, xc.data_ptr<float>(), weights.data_ptr<float>(), y.data_ptr<float>());
-                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       ir::forward<c10::BFloat16>(s, xc.data_ptr<c10::BFloat16>(), weights.data_ptr<float>(),
-                                                  y.data_ptr<c10::BFloat16>());
-                     }) AT_DISPATCH_CASE(at::kHalf, [&] {
-                       ir::forward<c10::Half>(s, xc.data_ptr<c10::Half>(), weights.data_ptr<float>(),
-                                              y.data_ptr<c10::Half>());
-                     }));
+  const auto run = [&](auto type) {  // T: x's dtype (float, bf16 or fp16: checked)
+    using T = decltype(type);
+    const T* xp = xc.data_ptr<T>();
+    const float* wp = weights.data_ptr<float>();
+    at::Tensor scale;
+    if (se.on) {  // two passes: d's means, the gate from them (fp32 through ATen: N x Ch values), d scaled
+      at::Tensor means = at::empty({s.N, s.Ch}, x.options().dtype(at::kFloat));
+      ir::depthwise_means<T>(s, xp, wp, means.data_ptr<float>());
+      scale = at::zeros({s.N, ir::padded(s.Ch)}, means.options());
+      scale.narrow(1, 0, s.Ch).copy_(se_gate(se, means.view({s.N, s.Ch, 1, 1})).g.view({s.N, s.Ch}));
+    }
+    ir::forward<T>(s, xp, wp, y.data_ptr<T>(), se.on ? scale.data_ptr<float>() : nullptr);
+  };
+  if (x.scalar_type() == at::kFloat) run(float{});
+  else if (x.scalar_type() == at::kBFloat16) run(c10::BFloat16{});
+  else run(c10::Half{});
   return format_of(x) == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
 }
 
@@ -231,7 +283,7 @@ constexpr int64_t kAvx2MinExpandedBytes = 16ll << 20;
 constexpr int64_t kBf16MinExpandedBytes = 8ll << 20;
 constexpr int64_t kBf16MaxExpandMacs = 32ll << 20;
 
-const char* aten_faster(const ir::Shape& s, at::ScalarType dtype) {
+const char* aten_faster(const ir::Shape& s, const Se& se, at::ScalarType dtype) {
   namespace cpu = effops::cpu;
   const int64_t expanded_bytes = s.N * s.Ch * s.H * s.W * static_cast<int64_t>(c10::elementSize(dtype));
   const char* thp = std::getenv("THP_MEM_ALLOC_ENABLE");
@@ -252,21 +304,28 @@ const char* aten_faster(const ir::Shape& s, at::ScalarType dtype) {
 at::Tensor forward_cpu(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
                        const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
                        const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                       std::optional<c10::string_view> activation, bool residual, const OptTensor& packed) {
+                       std::optional<c10::string_view> activation, bool residual, const OptTensor& packed,
+                       const OptTensor& se_reduce_weight, const OptTensor& se_reduce_bias,
+                       const OptTensor& se_expand_weight, const OptTensor& se_expand_bias,
+                       c10::string_view se_activation, c10::string_view se_gate_name) {
   const ir::Shape s = checked_shape(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
                                     stride, padding, activation, residual);
+  const Se se = checked_se(x, s, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias, se_activation,
+                           se_gate_name);
   using effops::dispatch::Backend;
   const Backend route = effops::dispatch::choose("inverted_residual", c10::DeviceType::CPU, Backend::kCpu,
-                                                 kernel_declines(s, x), aten_faster(s, x.scalar_type()));
+                                                 kernel_declines(s, x), aten_faster(s, se, x.scalar_type()));
   switch (route) {
     case Backend::kCpu:
-      return kernel_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, packed);
+      return kernel_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, packed,
+                          se);
     case Backend::kReference:
-      return aten_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias);
+      return aten_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, se);
     case Backend::kTriton:  // forced on CPU tensors: Triton's interpreter (tests), registered from Python
       return effops::dispatch::python_route<decltype(forward_cpu)>("effops::inverted_residual_triton")
           .call(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride, padding,
-                activation, residual, packed);
+                activation, residual, packed, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias,
+                se_activation, se_gate_name);
     default:
       TORCH_CHECK_NOT_IMPLEMENTED(false, "backend '", effops::dispatch::backend_name(route),
                                   "' is forced but has no kernel for inverted_residual on CPU tensors");
@@ -276,9 +335,13 @@ at::Tensor forward_cpu(const at::Tensor& x, const OptTensor& expand_weight, cons
 at::Tensor forward_meta(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
                         const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
                         const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                        std::optional<c10::string_view> activation, bool residual, const OptTensor& packed) {
+                        std::optional<c10::string_view> activation, bool residual, const OptTensor& packed,
+                        const OptTensor& se_reduce_weight, const OptTensor& se_reduce_bias,
+                        const OptTensor& se_expand_weight, const OptTensor& se_expand_bias,
+                        c10::string_view se_activation, c10::string_view se_gate_name) {
   const ir::Shape s = checked_shape(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
                                     stride, padding, activation, residual);
+  checked_se(x, s, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias, se_activation, se_gate_name);
   return at::empty({s.N, s.Cout, s.OH, s.OW}, x.options().memory_format(format_of(x)));
 }
 
@@ -287,7 +350,9 @@ at::Tensor forward_meta(const at::Tensor& x, const OptTensor& expand_weight, con
 TORCH_LIBRARY_FRAGMENT(effops, m) {
   m.def("inverted_residual(Tensor x, Tensor? expand_weight, Tensor? expand_bias, Tensor dw_weight, "
         "Tensor? dw_bias, Tensor project_weight, Tensor? project_bias, int[2] stride, int[2] padding, "
-        "str? activation, bool residual, Tensor? packed=None) -> Tensor");
+        "str? activation, bool residual, Tensor? packed=None, Tensor? se_reduce_weight=None, "
+        "Tensor? se_reduce_bias=None, Tensor? se_expand_weight=None, Tensor? se_expand_bias=None, "
+        "str se_activation='relu', str se_gate='hardsigmoid') -> Tensor");
   m.def("inverted_residual_pack(Tensor? expand_weight, Tensor? expand_bias, Tensor dw_weight, Tensor? dw_bias, "
         "Tensor project_weight, Tensor? project_bias) -> Tensor");
 }

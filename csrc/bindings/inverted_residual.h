@@ -22,6 +22,26 @@ ir::Shape checked_shape(const at::Tensor& x, const OptTensor& expand_weight, con
                         const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
                         const std::optional<c10::string_view>& activation, bool residual);
 
+// A squeeze-excitation block between the depthwise conv and the project conv (MobileNetV3, EfficientNet):
+//   g = gate(conv1x1(act(conv1x1(mean_hw(d), reduce_w, reduce_b)), expand_w, expand_b)),  d = d * g
+// Its weights as nn.Conv2d's: reduce_w (squeeze, Ch, 1, 1), expand_w (Ch, squeeze, 1, 1).
+enum Gate : int { kSigmoid = 0, kHardsigmoid = 1 };
+struct Se {
+  bool on = false;
+  OptTensor reduce_w, reduce_b, expand_w, expand_b;
+  int act = 0, gate = kSigmoid;
+};
+
+// The squeeze-excitation arguments checked against x and the block's shape (absent: Se{}.on false).
+Se checked_se(const at::Tensor& x, const ir::Shape& s, const OptTensor& reduce_w, const OptTensor& reduce_b,
+              const OptTensor& expand_w, const OptTensor& expand_b, c10::string_view act, c10::string_view gate);
+
+// The gate's intermediates for pooled (N, Ch, 1, 1), in pooled's dtype (the backward needs them all).
+struct SeGate {
+  at::Tensor z1, a1, z2, g;  // reduce conv, its activation, expand conv, the gate
+};
+SeGate se_gate(const Se& se, const at::Tensor& pooled);
+
 // channels_last when x is laid out that way (and not also plainly contiguous), else contiguous.
 at::MemoryFormat format_of(const at::Tensor& x);
 

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -38,12 +39,40 @@ at::Tensor activation_backward(const at::Tensor& g, const at::Tensor& h, int act
   }
 }
 
+constexpr int kInputs = 11;  // x, expand w/b, dw w/b, project w/b, squeeze-excitation reduce w/b and expand w/b
+using Needs = std::array<bool, kInputs>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Gradients of the squeeze-excitation: given g_ds (the gradient at d * g), returns the gradient at d
+// (when need_d) and adds the SE weights' gradients into out[7..10].
+at::Tensor se_backward(const Se& se, const at::Tensor& d, const at::Tensor& pooled, const SeGate& sg,
+                       const at::Tensor& g_ds, bool need_d, const Needs& needs,
+                       const std::function<void(int, const at::Tensor&)>& add) {
+  const at::Tensor g_g = (g_ds * d).sum({2, 3}, /*keepdim=*/true);
+  const at::Tensor g_z2 = se.gate == kSigmoid ? at::sigmoid_backward(g_g, sg.g) : at::hardsigmoid_backward(g_g, sg.z2);
+  const int64_t squeeze = se.reduce_w->size(0), ch = d.size(1);
+  const bool need_z1 = need_d || needs[7] || needs[8];
+  auto [g_a1, g_w2, g_b2] = at::convolution_backward(g_z2, sg.a1, *se.expand_w, std::vector<int64_t>{ch}, {1, 1},
+                                                     {0, 0}, {1, 1}, false, {0, 0}, 1, {need_z1, needs[9], needs[10]});
+  add(9, g_w2), add(10, g_b2);
+  if (!need_z1) return at::Tensor();
+  const at::Tensor g_z1 = activation_backward(g_a1, sg.z1, se.act);
+  auto [g_pooled, g_w1, g_b1] = at::convolution_backward(g_z1, pooled, *se.reduce_w, std::vector<int64_t>{squeeze},
+                                                         {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+                                                         {need_d, needs[7], needs[8]});
+  add(7, g_w1), add(8, g_b1);
+  if (!need_d) return at::Tensor();
+  return g_ds * sg.g + g_pooled / static_cast<double>(d.size(2) * d.size(3));  // the mean's share
+}
+
 // Gradients of images [n0, n1) into the accumulators (weights summed over chunks, grad_x sliced).
-void chunk_backward(const ir::Shape& s, const at::Tensor& gy, const at::Tensor& x, const OptTensor& ew,
+void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, const at::Tensor& x, const OptTensor& ew,
                     const OptTensor& eb, const at::Tensor& dw, const OptTensor& db, const at::Tensor& pw,
-                    const OptTensor& pb, const std::array<bool, 7>& needs, std::vector<at::Tensor>& out) {
+                    const OptTensor& pb, const Needs& needs, std::vector<at::Tensor>& out) {
   const bool need_x = needs[0], need_e = needs[1] || needs[2], need_d = needs[3] || needs[4];
-  const bool need_d_in = need_x || need_e || need_d;  // anything below the project conv
+  const bool need_d_in = need_x || need_e || need_d;  // anything below the squeeze-excitation
+  const bool need_se = se.on && (needs[7] || needs[8] || needs[9] || needs[10]);
   at::Tensor pre_e, e = x;
   if (s.expand) {
     pre_e = at::conv2d(x, *ew, eb);
@@ -51,12 +80,21 @@ void chunk_backward(const ir::Shape& s, const at::Tensor& gy, const at::Tensor& 
   }
   const at::Tensor pre_d = at::conv2d(e, dw, db, {s.SH, s.SW}, {s.PH, s.PW}, {1, 1}, s.Ch);
   const at::Tensor d = activate(pre_d, s.act);
-  const auto add = [&](int i, const at::Tensor& g) {
+  at::Tensor pooled, ds = d;
+  SeGate sg;
+  if (se.on) {
+    pooled = d.mean({2, 3}, /*keepdim=*/true);
+    sg = se_gate(se, pooled);
+    ds = d * sg.g;
+  }
+  const std::function<void(int, const at::Tensor&)> add = [&](int i, const at::Tensor& g) {
     if (g.defined()) out[i] = out[i].defined() ? out[i].add_(g) : g;
   };
-  auto [g_d, g_pw, g_pb] = at::convolution_backward(gy, d, pw, std::vector<int64_t>{s.Cout}, {1, 1}, {0, 0}, {1, 1},
-                                                    false, {0, 0}, 1, {need_d_in, needs[5], needs[6]});
+  auto [g_ds, g_pw, g_pb] = at::convolution_backward(gy, ds, pw, std::vector<int64_t>{s.Cout}, {1, 1}, {0, 0}, {1, 1},
+                                                     false, {0, 0}, 1, {need_d_in || need_se, needs[5], needs[6]});
   add(5, g_pw), add(6, g_pb);
+  at::Tensor g_d = g_ds;
+  if (se.on && (need_d_in || need_se)) g_d = se_backward(se, d, pooled, sg, g_ds, need_d_in, needs, add);
   at::Tensor g_x;
   if (need_d_in) {
     const at::Tensor g_pre_d = activation_backward(g_d, pre_d, s.act);
@@ -80,11 +118,14 @@ void chunk_backward(const ir::Shape& s, const at::Tensor& gy, const at::Tensor& 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& ew, const OptTensor& eb, const at::Tensor& dw,
-    const OptTensor& db, const at::Tensor& pw, const OptTensor& pb, at::IntArrayRef stride, at::IntArrayRef padding,
-    std::optional<c10::string_view> activation, bool residual, std::array<bool, 7> needs) {
+Grads backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& ew, const OptTensor& eb,
+                   const at::Tensor& dw, const OptTensor& db, const at::Tensor& pw, const OptTensor& pb,
+                   at::IntArrayRef stride, at::IntArrayRef padding, std::optional<c10::string_view> activation,
+                   bool residual, const OptTensor& se_rw, const OptTensor& se_rb, const OptTensor& se_ew,
+                   const OptTensor& se_eb, c10::string_view se_activation, c10::string_view se_gate_name,
+                   Needs needs) {
   const ir::Shape s = checked_shape(x, ew, eb, dw, db, pw, pb, stride, padding, activation, residual);
+  const Se se = checked_se(x, s, se_rw, se_rb, se_ew, se_eb, se_activation, se_gate_name);
   TORCH_CHECK_VALUE(grad_y.dim() == 4 && grad_y.size(0) == s.N && grad_y.size(1) == s.Cout &&
                         grad_y.size(2) == s.OH && grad_y.size(3) == s.OW && grad_y.scalar_type() == x.scalar_type(),
                     "grad_y must have the output's shape (", s.N, ", ", s.Cout, ", ", s.OH, ", ", s.OW, ") and dtype ",
@@ -98,25 +139,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t per_image = s.Ch * s.H * s.W * static_cast<int64_t>(x.element_size());
   const int64_t chunk = route == Backend::kCpu ? std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, per_image))
                                                : std::max<int64_t>(1, s.N);
-  std::vector<at::Tensor> out(7);
+  std::vector<at::Tensor> out(kInputs);
   std::vector<at::Tensor> gx_parts;
   for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
     const int64_t n = std::min(chunk, s.N - n0);
     ir::Shape c = s;
     c.N = n;
-    std::vector<at::Tensor> part(7);
-    part[1] = out[1], part[2] = out[2], part[3] = out[3], part[4] = out[4], part[5] = out[5], part[6] = out[6];
-    chunk_backward(c, grad_y.narrow(0, n0, n), x.narrow(0, n0, n), ew, eb, dw, db, pw, pb, needs, part);
-    for (int i = 1; i < 7; ++i) out[i] = part[i];
+    std::vector<at::Tensor> part(out);  // the weights' sums so far; part[0] is this chunk's grad_x
+    part[0] = at::Tensor();
+    chunk_backward(c, se, grad_y.narrow(0, n0, n), x.narrow(0, n0, n), ew, eb, dw, db, pw, pb, needs, part);
+    for (int i = 1; i < kInputs; ++i) out[i] = part[i];
     if (needs[0]) gx_parts.push_back(part[0]);
   }
   if (needs[0]) out[0] = (gx_parts.size() == 1 ? gx_parts[0] : at::cat(gx_parts)).contiguous(format_of(x));
-  const auto result = [&](int i, const at::Tensor& like) {
-    if (!needs[i]) return at::Tensor();
-    return out[i].defined() ? out[i] : at::zeros_like(like);  // batch 0: nothing summed
+  const auto result = [&](int i, const OptTensor& like) {
+    if (!needs[i] || !given(like)) return at::Tensor();
+    return out[i].defined() ? out[i] : at::zeros_like(*like);  // batch 0: nothing summed
   };
-  return {result(0, x), result(1, ew.value_or(at::Tensor())), result(2, eb.value_or(at::Tensor())), result(3, dw),
-          result(4, db.value_or(at::Tensor())), result(5, pw), result(6, pb.value_or(at::Tensor()))};
+  return {result(0, x), result(1, ew), result(2, eb), result(3, dw), result(4, db), result(5, pw), result(6, pb),
+          result(7, se_rw), result(8, se_rb), result(9, se_ew), result(10, se_eb)};
+}
+
+// The forward op's C++ signature (the schema in inverted_residual.cpp).
+using ForwardSig = at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
+                              const OptTensor&, const at::Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
+                              std::optional<c10::string_view>, bool, const OptTensor&, const OptTensor&,
+                              const OptTensor&, const OptTensor&, const OptTensor&, c10::string_view,
+                              c10::string_view);
+
+c10::TypedOperatorHandle<ForwardSig> forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("effops::inverted_residual", "").typed<ForwardSig>();
+  return op;
+}
+
+OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+at::Tensor tensor(const OptTensor& o) { return given(o) ? *o : at::Tensor(); }
+std::optional<c10::string_view> view(const std::optional<std::string>& s) {
+  return s.has_value() ? std::optional<c10::string_view>(*s) : std::nullopt;
 }
 
 // The autograd of effops::inverted_residual: saves x and the weights, never an intermediate.
@@ -125,17 +185,21 @@ class InvertedResidualFunction : public torch::autograd::Function<InvertedResidu
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& ew, const OptTensor& eb,
                             const at::Tensor& dw, const OptTensor& db, const at::Tensor& pw, const OptTensor& pb,
                             std::vector<int64_t> stride, std::vector<int64_t> padding,
-                            std::optional<std::string> activation, bool residual, const OptTensor& packed) {
+                            std::optional<std::string> activation, bool residual, const OptTensor& packed,
+                            const OptTensor& se_rw, const OptTensor& se_rb, const OptTensor& se_ew,
+                            const OptTensor& se_eb, std::string se_activation, std::string se_gate_name) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const auto t = [](const OptTensor& o) { return given(o) ? *o : at::Tensor(); };
-    ctx->save_for_backward({x, t(ew), t(eb), dw, t(db), pw, t(pb)});
+    ctx->save_for_backward({x, tensor(ew), tensor(eb), dw, tensor(db), pw, tensor(pb), tensor(se_rw), tensor(se_rb),
+                            tensor(se_ew), tensor(se_eb)});
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["activation"] = activation.has_value() ? c10::IValue(*activation) : c10::IValue();
     ctx->saved_data["residual"] = residual;
-    return forward_op().call(x, ew, eb, dw, db, pw, pb, stride, padding,
-                             activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt,
-                             residual, packed);
+    ctx->saved_data["se_activation"] = se_activation;
+    ctx->saved_data["se_gate"] = se_gate_name;
+    ctx->saved_data["packed"] = given(packed);  // an input edge (without gradient) when given
+    return forward_op().call(x, ew, eb, dw, db, pw, pb, stride, padding, view(activation), residual, packed, se_rw,
+                             se_rb, se_ew, se_eb, se_activation, se_gate_name);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -145,65 +209,56 @@ class InvertedResidualFunction : public torch::autograd::Function<InvertedResidu
     const std::optional<std::string> activation =
         act.isNone() ? std::nullopt : std::optional<std::string>(act.toStringRef());
     // needs_input_grad counts only the inputs that were given (an absent optional is no input edge).
-    std::vector<bool> needs(7);
-    for (int i = 0, edge = 0; i < 7; ++i) needs[i] = saved[i].defined() && ctx->needs_input_grad(edge++);
+    Needs needs{};
+    for (int i = 0, edge = 0; i < kInputs; ++i) {
+      if (i == 7 && ctx->saved_data["packed"].toBool()) ++edge;  // packed's edge: before the SE weights
+      if (saved[i].defined()) needs[i] = ctx->needs_input_grad(edge++);
+    }
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("effops::inverted_residual_backward", "")
                                .typed<decltype(backward_cpu)>();
-    const std::array<bool, 7> flags{needs[0], needs[1], needs[2], needs[3], needs[4], needs[5], needs[6]};
-    auto [gx, gew, geb, gdw, gdb, gpw, gpb] =
+    auto [gx, gew, geb, gdw, gdb, gpw, gpb, grw, grb, gsw, gsb] =
         op.call(grads[0].contiguous(format_of(saved[0])), saved[0], opt(saved[1]), opt(saved[2]), saved[3],
-                opt(saved[4]), saved[5], opt(saved[6]), stride, padding,
-                activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt,
-                ctx->saved_data["residual"].toBool(), flags);
-    return {gx, gew, geb, gdw, gdb, gpw, gpb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-
- private:
-  static OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
-  static c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
-                                             const OptTensor&, const at::Tensor&, const OptTensor&, at::IntArrayRef,
-                                             at::IntArrayRef, std::optional<c10::string_view>, bool,
-                                             const OptTensor&)>
-  forward_op() {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("effops::inverted_residual", "")
-                               .typed<at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&,
-                                                 const at::Tensor&, const OptTensor&, const at::Tensor&,
-                                                 const OptTensor&, at::IntArrayRef, at::IntArrayRef,
-                                                 std::optional<c10::string_view>, bool, const OptTensor&)>();
-    return op;
+                opt(saved[4]), saved[5], opt(saved[6]), stride, padding, view(activation),
+                ctx->saved_data["residual"].toBool(), opt(saved[7]), opt(saved[8]), opt(saved[9]), opt(saved[10]),
+                ctx->saved_data["se_activation"].toStringRef(), ctx->saved_data["se_gate"].toStringRef(), needs);
+    const at::Tensor none;
+    return {gx, gew, geb, gdw, gdb, gpw, gpb, none, none, none, none, none, grw, grb, gsw, gsb, none, none};
   }
 };
 
 at::Tensor forward_autograd(const at::Tensor& x, const OptTensor& ew, const OptTensor& eb, const at::Tensor& dw,
                             const OptTensor& db, const at::Tensor& pw, const OptTensor& pb, at::IntArrayRef stride,
                             at::IntArrayRef padding, std::optional<c10::string_view> activation, bool residual,
-                            const OptTensor& packed) {
+                            const OptTensor& packed, const OptTensor& se_rw, const OptTensor& se_rb,
+                            const OptTensor& se_ew, const OptTensor& se_eb, c10::string_view se_activation,
+                            c10::string_view se_gate_name) {
   const auto grad = [&](const OptTensor& o) { return given(o) && o->requires_grad(); };
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || grad(ew) || grad(eb) || dw.requires_grad() || grad(db) ||
-                                       pw.requires_grad() || grad(pb))) {
+                                       pw.requires_grad() || grad(pb) || grad(se_rw) || grad(se_rb) || grad(se_ew) ||
+                                       grad(se_eb))) {
     at::AutoDispatchBelowADInplaceOrView guard;  // inference: no graph to record
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("effops::inverted_residual", "")
-                               .typed<decltype(forward_autograd)>();
-    return op.call(x, ew, eb, dw, db, pw, pb, stride, padding, activation, residual, packed);
+    return forward_op().call(x, ew, eb, dw, db, pw, pb, stride, padding, activation, residual, packed, se_rw, se_rb,
+                             se_ew, se_eb, se_activation, se_gate_name);
   }
   const auto o = [](const OptTensor& t) { return given(t) ? t : std::nullopt; };
   return InvertedResidualFunction::apply(
       x, o(ew), o(eb), dw, o(db), pw, o(pb), stride.vec(), padding.vec(),
       activation.has_value() ? std::optional<std::string>(std::string(*activation)) : std::nullopt, residual,
-      o(packed));
+      o(packed), o(se_rw), o(se_rb), o(se_ew), o(se_eb), std::string(se_activation), std::string(se_gate_name));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
-    const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& ew, const OptTensor& eb, const at::Tensor& dw,
-    const OptTensor& db, const at::Tensor& pw, const OptTensor& pb, at::IntArrayRef stride, at::IntArrayRef padding,
-    std::optional<c10::string_view> activation, bool residual, std::array<bool, 7> needs) {
-  checked_shape(x, ew, eb, dw, db, pw, pb, stride, padding, activation, residual);
+Grads backward_meta(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& ew, const OptTensor& eb,
+                    const at::Tensor& dw, const OptTensor& db, const at::Tensor& pw, const OptTensor& pb,
+                    at::IntArrayRef stride, at::IntArrayRef padding, std::optional<c10::string_view> activation,
+                    bool residual, const OptTensor& se_rw, const OptTensor& se_rb, const OptTensor& se_ew,
+                    const OptTensor& se_eb, c10::string_view se_activation, c10::string_view se_gate_name,
+                    Needs needs) {
+  const ir::Shape s = checked_shape(x, ew, eb, dw, db, pw, pb, stride, padding, activation, residual);
+  checked_se(x, s, se_rw, se_rb, se_ew, se_eb, se_activation, se_gate_name);
   const auto like = [&](int i, const OptTensor& t) { return needs[i] && given(t) ? at::empty_like(*t) : at::Tensor(); };
-  return {needs[0] ? at::empty_like(x) : at::Tensor(), like(1, ew), like(2, eb), like(3, dw), like(4, db),
-          like(5, pw), like(6, pb)};
+  return {like(0, x), like(1, ew), like(2, eb), like(3, dw), like(4, db), like(5, pw), like(6, pb),
+          like(7, se_rw), like(8, se_rb), like(9, se_ew), like(10, se_eb)};
 }
 
 }  // namespace
@@ -211,8 +266,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_FRAGMENT(effops, m) {
   m.def("inverted_residual_backward(Tensor grad_y, Tensor x, Tensor? expand_weight, Tensor? expand_bias, "
         "Tensor dw_weight, Tensor? dw_bias, Tensor project_weight, Tensor? project_bias, int[2] stride, "
-        "int[2] padding, str? activation, bool residual, bool[7] needs) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int[2] padding, str? activation, bool residual, Tensor? se_reduce_weight, Tensor? se_reduce_bias, "
+        "Tensor? se_expand_weight, Tensor? se_expand_bias, str se_activation, str se_gate, bool[11] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(effops, CPU, m) { m.impl("inverted_residual_backward", &backward_cpu); }

@@ -257,12 +257,19 @@ struct Buffers {
   std::vector<float> ring, zero, d, xrows;
 };
 
+// What a band ends in: the project GEMM into y (d scaled per channel first when scale is given), or,
+// in a squeeze-excitation block's first pass, d's per-channel sums added into sums[Chp] (no y).
+struct BandOut {
+  const float* scale;  // [Chp] of this image, or nullptr
+  float* sums;         // [Chp] of this band, or nullptr: the project is not run
+};
+
 // Output rows [oh0, oh1) of image n, in steps of p.R rows: expand the input rows the step reads that
 // the ring does not hold (one GEMM over their pixels: x's rows are contiguous in channels-last), the
 // depthwise of each output row into d, the project GEMM over the step's pixels (y's rows are contiguous).
 template <class V, typename T>
 EFFOPS_INLINE void band(const Shape& s, const Plan& p, const T* x, const Packed& w, T* y, int64_t n, int64_t oh0,
-                        int64_t oh1, Buffers& buf) {
+                        int64_t oh1, const BandOut& to, Buffers& buf) {
   const int64_t Chp = p.Chp, row_floats = p.Wp * Chp;
   const int64_t ch_panels = Chp / kPanel, out_panels = padded(s.Cout) / kPanel;
   const T* xn = x + n * s.H * s.W * s.Cin;
@@ -306,6 +313,19 @@ EFFOPS_INLINE void band(const Shape& s, const Plan& p, const T* x, const Packed&
       }
       depthwise_any<V>(s, rows, w.dw_w, w.dw_b, Chp, buf.d.data() + j * s.OW * Chp);
     }
+    if (to.sums != nullptr) {  // first pass: only d's sums
+      for (int64_t q = 0; q < r * s.OW; ++q)
+        for (int64_t c = 0; c < Chp; c += V::kWidth)
+          (V::load(to.sums + c) + V::load(buf.d.data() + q * Chp + c)).store(to.sums + c);
+      continue;
+    }
+    if (to.scale != nullptr) {
+      for (int64_t q = 0; q < r * s.OW; ++q)
+        for (int64_t c = 0; c < Chp; c += V::kWidth) {
+          float* dq = buf.d.data() + q * Chp + c;
+          (V::load(dq) * V::load(to.scale + c)).store(dq);
+        }
+    }
     T* yo = y + (n * s.OH + o) * s.OW * s.Cout;
     const T* res = s.residual ? xn + o * s.W * s.Cin : nullptr;  // stride 1, W == OW: the same pixels
     gemm<V>(r * s.OW, s.Ch, buf.d.data(), Chp, w.project_w, out_panels, w.project_b,
@@ -329,31 +349,28 @@ EFFOPS_INLINE void band(const Shape& s, const Plan& p, const T* x, const Packed&
 
 template <typename T>
 EFFOPS_FLATTEN void band_scalar(const Shape& s, const Plan& p, const T* x, const Packed& w, T* y, int64_t n,
-                                int64_t oh0, int64_t oh1, Buffers& buf) {
-  band<ScalarVec>(s, p, x, w, y, n, oh0, oh1, buf);
+                                int64_t oh0, int64_t oh1, const BandOut& to, Buffers& buf) {
+  band<ScalarVec>(s, p, x, w, y, n, oh0, oh1, to, buf);
 }
 #if EFFOPS_HAVE_X86
 template <typename T>
 EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void band_avx2(const Shape& s, const Plan& p, const T* x, const Packed& w, T* y,
-                                                 int64_t n, int64_t oh0, int64_t oh1, Buffers& buf) {
-  band<Avx2Vec>(s, p, x, w, y, n, oh0, oh1, buf);
+                                                 int64_t n, int64_t oh0, int64_t oh1, const BandOut& to,
+                                                 Buffers& buf) {
+  band<Avx2Vec>(s, p, x, w, y, n, oh0, oh1, to, buf);
 }
 template <typename T>
 EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void band_avx512(const Shape& s, const Plan& p, const T* x, const Packed& w,
-                                                     T* y, int64_t n, int64_t oh0, int64_t oh1, Buffers& buf) {
-  band<Avx512Vec>(s, p, x, w, y, n, oh0, oh1, buf);
+                                                     T* y, int64_t n, int64_t oh0, int64_t oh1, const BandOut& to,
+                                                     Buffers& buf) {
+  band<Avx512Vec>(s, p, x, w, y, n, oh0, oh1, to, buf);
 }
 #endif
 
-}  // namespace
-
-template <typename T>
-void forward(const Shape& s, const T* x, const float* packed, T* y) {
+// Runs the bands of every image: to(n, band) says where band `band` of image n ends (BandOut).
+template <typename T, typename To>
+void run_bands(const Shape& s, int64_t bands, const T* x, const float* packed, T* y, To&& to) {
   const Packed w = packed_views(s, packed);
-  // Bands per image: one when the batch alone keeps every thread busy (no halo rows expanded twice);
-  // otherwise enough bands for the threads, each re-expanding the KH - SH rows of halo above it.
-  const int64_t threads = at::get_num_threads();
-  const int64_t bands = std::min<int64_t>(s.OH, (threads + s.N - 1) / s.N);
   const Plan p = plan(s, (s.OH + bands - 1) / bands);
   const CpuIsa level = cpu_isa();
   at::parallel_for(0, s.N * bands, 1, [&](int64_t begin, int64_t end) {
@@ -365,24 +382,60 @@ void forward(const Shape& s, const T* x, const float* packed, T* y) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / bands, b = i % bands;
       const int64_t oh0 = b * s.OH / bands, oh1 = (b + 1) * s.OH / bands;
+      const BandOut out = to(n, b);
 #if EFFOPS_HAVE_X86
       if (level >= CpuIsa::kAvx512) {
-        band_avx512<T>(s, p, x, w, y, n, oh0, oh1, buf);
+        band_avx512<T>(s, p, x, w, y, n, oh0, oh1, out, buf);
         continue;
       }
       if (level >= CpuIsa::kAvx2) {
-        band_avx2<T>(s, p, x, w, y, n, oh0, oh1, buf);
+        band_avx2<T>(s, p, x, w, y, n, oh0, oh1, out, buf);
         continue;
       }
 #endif
-      band_scalar<T>(s, p, x, w, y, n, oh0, oh1, buf);
+      band_scalar<T>(s, p, x, w, y, n, oh0, oh1, out, buf);
     }
   });
 }
 
-template void forward<float>(const Shape&, const float*, const float*, float*);
-template void forward<c10::BFloat16>(const Shape&, const c10::BFloat16*, const float*, c10::BFloat16*);
-template void forward<c10::Half>(const Shape&, const c10::Half*, const float*, c10::Half*);
+// Bands per image: one when the batch alone keeps every thread busy (no halo rows expanded twice);
+// otherwise enough bands for the threads, each re-expanding the KH - SH rows of halo above it.
+int64_t bands_per_image(const Shape& s) {
+  const int64_t threads = at::get_num_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(s.OH, (threads + s.N - 1) / std::max<int64_t>(1, s.N)));
+}
+
+}  // namespace
+
+template <typename T>
+void forward(const Shape& s, const T* x, const float* packed, T* y, const float* scale) {
+  const int64_t Chp = padded(s.Ch);
+  run_bands(s, bands_per_image(s), x, packed, y, [&](int64_t n, int64_t) {
+    return BandOut{scale != nullptr ? scale + n * Chp : nullptr, nullptr};
+  });
+}
+
+template <typename T>
+void depthwise_means(const Shape& s, const T* x, const float* packed, float* means) {
+  const int64_t Chp = padded(s.Ch), bands = bands_per_image(s);
+  std::vector<float> sums(s.N * bands * Chp, 0.f);  // one row per band: no two threads add into one
+  run_bands(s, bands, x, packed, static_cast<T*>(nullptr),
+            [&](int64_t n, int64_t b) { return BandOut{nullptr, sums.data() + (n * bands + b) * Chp}; });
+  const float inv = 1.f / static_cast<float>(s.OH * s.OW);
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t c = 0; c < s.Ch; ++c) {
+      float total = 0.f;
+      for (int64_t b = 0; b < bands; ++b) total += sums[(n * bands + b) * Chp + c];
+      means[n * s.Ch + c] = total * inv;
+    }
+}
+
+template void forward<float>(const Shape&, const float*, const float*, float*, const float*);
+template void forward<c10::BFloat16>(const Shape&, const c10::BFloat16*, const float*, c10::BFloat16*, const float*);
+template void forward<c10::Half>(const Shape&, const c10::Half*, const float*, c10::Half*, const float*);
+template void depthwise_means<float>(const Shape&, const float*, const float*, float*);
+template void depthwise_means<c10::BFloat16>(const Shape&, const c10::BFloat16*, const float*, float*);
+template void depthwise_means<c10::Half>(const Shape&, const c10::Half*, const float*, float*);
 
 const char* inverted_residual_body() {
   if (cpu_isa_at_least(CpuIsa::kAvx512)) return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel)";

@@ -1,5 +1,5 @@
-// Fused inverted-residual block (MobileNetV2/V3, MNASNet, EfficientNet without squeeze-excitation) for
-// effops::inverted_residual. Torch-free: raw pointers and sizes.
+// Fused inverted-residual block (MobileNetV2/V3, MNASNet, EfficientNet; squeeze-excitation in two passes)
+// for effops::inverted_residual. Torch-free: raw pointers and sizes.
 //
 //   e = act(expand(x))            1x1 conv Cin -> Ch (absent when the block has no expansion: e = x)
 //   d = act(depthwise_kxk(e))     stride S, zero padding
@@ -49,9 +49,16 @@ struct Packed {
 int64_t packed_size(const Shape& s);
 Packed packed_views(const Shape& s, const float* base);
 
-// y = the block of x. packed: packed_size(s) floats laid out as above.
+// y = the block of x. packed: packed_size(s) floats laid out as above. scale (a squeeze-excitation
+// block's gate, or nullptr): [N][padded(Ch)] fp32, multiplies d per image and channel before project.
 template <typename T>
-void forward(const Shape& s, const T* x, const float* packed, T* y);
+void forward(const Shape& s, const T* x, const float* packed, T* y, const float* scale = nullptr);
+
+// The first pass of a block with squeeze-excitation: means[N][Ch] = the mean over output pixels of d,
+// per image and channel, computed as forward computes d (the expanded tensor and d never reach
+// memory). The gate follows from means outside the kernel; forward with that scale is the second pass.
+template <typename T>
+void depthwise_means(const Shape& s, const T* x, const float* packed, float* means);
 
 // Which body the forward runs at the current instruction-set level (for `python -m effops info`).
 const char* inverted_residual_body();

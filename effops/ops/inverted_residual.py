@@ -13,7 +13,7 @@ import importlib.util
 
 import torch
 
-from effops import _ext
+from effops import _backends, _ext
 from effops.ops import _checks
 from effops.reference import inverted_residual as reference
 
@@ -24,7 +24,17 @@ _registered = []
 
 
 def _triton_forward(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride, padding,
-                    activation, residual, packed=None):
+                    activation, residual, packed=None, se_reduce_weight=None, se_reduce_bias=None,
+                    se_expand_weight=None, se_expand_bias=None, se_activation="relu", se_gate="hardsigmoid"):
+    if se_reduce_weight is not None or se_expand_weight is not None:
+        # The Triton kernel has no squeeze-excitation pass yet: on CUDA the block runs as plain PyTorch,
+        # unless "triton" is forced, which never falls back.
+        if _backends.forced_backend() == "triton":
+            raise NotImplementedError("backend 'triton' is forced but its inverted_residual kernel has no "
+                                      "squeeze-excitation yet")
+        return reference.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
+                                           project_bias, stride, padding, activation, residual, se_reduce_weight,
+                                           se_reduce_bias, se_expand_weight, se_expand_bias, se_activation, se_gate)
     from effops.triton_kernels.inverted_residual import inverted_residual_forward
     return inverted_residual_forward(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
                                      stride, padding, activation, residual)
@@ -39,7 +49,9 @@ def _define_triton_route():
     lib = torch.library.Library("effops", "FRAGMENT")
     lib.define("inverted_residual_triton(Tensor x, Tensor? expand_weight, Tensor? expand_bias, Tensor dw_weight, "
                "Tensor? dw_bias, Tensor project_weight, Tensor? project_bias, int[2] stride, int[2] padding, "
-               "str? activation, bool residual, Tensor? packed=None) -> Tensor")
+               "str? activation, bool residual, Tensor? packed=None, Tensor? se_reduce_weight=None, "
+               "Tensor? se_reduce_bias=None, Tensor? se_expand_weight=None, Tensor? se_expand_bias=None, "
+               "str se_activation='relu', str se_gate='hardsigmoid') -> Tensor")
     for key in ("CPU", "CUDA"):
         lib.impl("inverted_residual_triton", _triton_forward, key)
     return lib
@@ -57,23 +69,33 @@ def _register_cuda():
 
 
 def inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride=1,
-                      padding=1, activation="relu6", residual=False, packed=None):
-    """y = project(act(depthwise(act(expand(x))))) [+ x], BatchNorms folded into the convs' weights.
+                      padding=1, activation="relu6", residual=False, packed=None, se_reduce_weight=None,
+                      se_reduce_bias=None, se_expand_weight=None, se_expand_bias=None, se_activation="relu",
+                      se_gate="hardsigmoid"):
+    """y = project(se(act(depthwise(act(expand(x)))))) [+ x], BatchNorms folded into the convs' weights.
 
     expand_weight (hidden, Cin, 1, 1) or None (no expansion); dw_weight (hidden, 1, kh, kw);
     project_weight (Cout, hidden, 1, 1); biases or None; stride and padding of the depthwise conv (int or
     pair); activation None, "relu", "relu6", "gelu", "silu" or "hardswish"; residual adds x (stride 1,
     Cout == Cin). packed: inverted_residual_pack of the same weights (a module builds it once), else the
     CPU kernel packs them per call. The output takes x's memory format.
+
+    Squeeze-excitation between the depthwise and the project conv (MobileNetV3, EfficientNet) when
+    se_reduce_weight (squeeze, hidden, 1, 1) and se_expand_weight (hidden, squeeze, 1, 1) are given, with
+    their biases, se_activation (as activation) and se_gate ("sigmoid" or "hardsigmoid"); the CPU kernel
+    computes it in two passes, the first only for d's per-channel means (effops/reference/inverted_residual.py).
     """
     stride, padding = _checks.int_pair("stride", stride, minimum=1), _checks.int_pair("padding", padding, minimum=0)
     if not _ext.load() or (not torch.compiler.is_compiling() and _functorch_wrapped(x)):
         return reference.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
-                                           project_bias, stride, padding, activation, residual)
+                                           project_bias, stride, padding, activation, residual, se_reduce_weight,
+                                           se_reduce_bias, se_expand_weight, se_expand_bias, se_activation, se_gate)
     if not _registered and not torch.compiler.is_compiling():
         _register_cuda()
     return torch.ops.effops.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
-                                              project_bias, stride, padding, activation, residual, packed)
+                                              project_bias, stride, padding, activation, residual, packed,
+                                              se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias,
+                                              se_activation, se_gate)
 
 
 def inverted_residual_pack(expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias):

@@ -1,0 +1,204 @@
+"""effops.ops.inverted_residual with squeeze-excitation (MobileNetV3, EfficientNet blocks) on every CPU route
+(ATen, our two-pass kernel at every instruction-set level) against the reference."""
+import pytest
+import torch
+
+import effops
+from effops import _ext
+from effops.ops import inverted_residual
+from effops.reference import inverted_residual as reference
+from conftest import TOL
+from test_inverted_residual import backend, make  # noqa: F401  (backend: the fixture, one route per test)
+
+needs_ext = pytest.mark.skipif(not _ext.load(), reason="effops._C not built: %s" % _ext.reason())
+
+# (block case as in test_inverted_residual, squeeze channels, se activation, gate)
+SE_CASES = [
+    ((2, 8, 48, 8, 9, 9, 3, 1, "hardswish", True), 12, "relu", "hardsigmoid"),  # MobileNetV3
+    ((1, 5, 30, 7, 8, 11, 3, 2, "silu", False), 2, "silu", "sigmoid"),  # EfficientNet, squeeze = Cin // 4
+    ((2, 16, 96, 24, 13, 12, 5, 2, "relu", False), 24, "relu", "hardsigmoid"),
+    ((1, 17, 40, 23, 7, 6, 5, 1, "silu", False), 5, "silu", "sigmoid"),
+    ((1, 8, 24, 8, 37, 40, 3, 1, "hardswish", True), 8, "relu", "hardsigmoid"),  # wide rows: several bands' sums
+    ((3, 6, 36, 6, 1, 1, 3, 1, "relu6", True), 9, "relu", "sigmoid"),  # one output pixel
+]
+SE_IDS = ["%s_sq%d_%s_%s%s" % (c[8], sq, a, g, "_s2" if c[7] == 2 else "") for c, sq, a, g in SE_CASES]
+
+
+def make_se(case, squeeze, se_act, gate, dtype=torch.float32, layout="channels_last", expand=True, seed=1):
+    tensors, kw = make(case, dtype=dtype, layout=layout, expand=expand)
+    hidden = tensors[3].shape[0]
+    g = torch.Generator().manual_seed(seed)
+    rw = torch.randn(squeeze, hidden, 1, 1, generator=g) / hidden ** 0.5
+    rb = torch.randn(squeeze, generator=g) * 0.3
+    sw = torch.randn(hidden, squeeze, 1, 1, generator=g) / squeeze ** 0.5
+    sb = torch.randn(hidden, generator=g) * 0.3 + 1.0  # gates mostly open, as trained networks have them
+    se = [t.to(dtype) for t in (rw, rb, sw, sb)]
+    return tensors + se, dict(kw, se_activation=se_act, se_gate=gate)
+
+
+def call_reference(tensors, kw):
+    return reference.inverted_residual(*tensors[:7], [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
+                                       kw["residual"], *tensors[7:], kw["se_activation"], kw["se_gate"])
+
+
+def expected(tensors, kw):
+    """The reference in float64: rounding kept out of the way."""
+    return call_reference([None if t is None else t.double() for t in tensors], kw)
+
+
+def call_op(tensors, kw):
+    """effops.ops.inverted_residual as users call it (the route by the speed policy)."""
+    se = dict(zip(("se_reduce_weight", "se_reduce_bias", "se_expand_weight", "se_expand_bias"), tensors[7:]))
+    return inverted_residual(*tensors[:7], **kw, **se)
+
+
+def kernel(tensors, kw, packed=None):
+    """The op with the route the `backend` fixture forces, whatever the speed policy says."""
+    return torch.ops.effops.inverted_residual(*tensors[:7], [kw["stride"]] * 2, [kw["padding"]] * 2,
+                                              kw["activation"], kw["residual"], packed, *tensors[7:],
+                                              kw["se_activation"], kw["se_gate"])
+
+
+@needs_ext
+@pytest.mark.parametrize("se_case", SE_CASES, ids=SE_IDS)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "noncontiguous"])
+def test_matches_reference(backend, se_case, layout):  # noqa: F811
+    tensors, kw = make_se(*se_case, layout=layout)
+    got = kernel(tensors, kw)
+    torch.testing.assert_close(got, expected(tensors, kw).float(), **TOL[torch.float32])
+    cl = layout == "channels_last"
+    assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+@needs_ext
+def test_the_gate_changes_the_output(backend):  # noqa: F811
+    """The squeeze-excitation is applied: the block without it gives another answer (a kernel that
+    dropped the scale would pass nothing above with gates near 1 otherwise)."""
+    tensors, kw = make_se(*SE_CASES[0])
+    tensors[10] = tensors[10] - 3.0  # hardsigmoid(z - 3): gates well inside (0, 1)
+    with_se = kernel(tensors, kw)
+    torch.testing.assert_close(with_se, expected(tensors, kw).float(), **TOL[torch.float32])
+    without = torch.ops.effops.inverted_residual(*tensors[:7], [1, 1], [1, 1], kw["activation"], True)
+    assert (with_se - without).abs().max() > 0.1
+
+
+@needs_ext
+@pytest.mark.parametrize("se_case", [SE_CASES[0], SE_CASES[1]], ids=SE_IDS[:2])
+def test_without_expansion(backend, se_case):  # noqa: F811
+    """MobileNetV3-Small's first block: no expand conv, squeeze-excitation on the depthwise output."""
+    tensors, kw = make_se(*se_case, expand=False)
+    torch.testing.assert_close(kernel(tensors, kw), expected(tensors, kw).float(), **TOL[torch.float32])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16bit(backend, dtype):  # noqa: F811
+    """At most twice the error of torch's own same-precision block against the float64 reference."""
+    tensors, kw = make_se(*SE_CASES[2], dtype=dtype)
+    want = expected(tensors, kw)
+    got = kernel(tensors, kw)
+    assert got.dtype == dtype
+    torch_err = (call_reference(tensors, kw).double() - want).abs().max()
+    assert (got.double() - want).abs().max() <= 2 * torch_err
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
+@needs_ext
+def test_packed_weights(backend):  # noqa: F811
+    """Packed block weights (the squeeze-excitation's are read as they are) give the per-call result."""
+    tensors, kw = make_se(*SE_CASES[1])
+    packed = torch.ops.effops.inverted_residual_pack(*tensors[1:7])
+    torch.testing.assert_close(kernel(tensors, kw, packed), kernel(tensors, kw), atol=0, rtol=0)
+
+
+GRAD_CASES = [SE_CASES[0], SE_CASES[1], SE_CASES[3], SE_CASES[5]]
+
+
+@needs_ext
+@pytest.mark.parametrize("se_case", GRAD_CASES, ids=[SE_IDS[i] for i in (0, 1, 3, 5)])
+@pytest.mark.parametrize("expand", [True, False], ids=["expand", "noexpand"])
+def test_gradients_match_reference_autograd(backend, se_case, expand):  # noqa: F811
+    """The C++ backward (the squeeze-excitation's gradients by hand, d recomputed) against torch's autograd
+    through the float64 reference, for every input and weight."""
+    check_gradients(se_case, expand)
+
+
+@needs_ext
+def test_gradients_in_chunks_of_images():
+    """4 MiB of expanded tensor per image: the cpu route's backward recomputes it 2 images at a time,
+    each chunk's squeeze-excitation on its own images."""
+    with effops.use_backend("cpu"):
+        check_gradients(((3, 5, 64, 5, 128, 128, 3, 1, "silu", True), 4, "silu", "sigmoid"), True)
+
+
+def check_gradients(se_case, expand, only=None):
+    tensors, kw = make_se(*se_case, expand=expand)
+    tensors = [None if t is None else t.requires_grad_(only is None or i in only) for i, t in enumerate(tensors)]
+    y = call_op(tensors, kw)
+    gy = torch.randn_like(y)
+    inputs = [t for t in tensors if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(y, inputs, gy)
+    t64 = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+    wants = torch.autograd.grad(call_reference(t64, kw), [t for t in t64 if t is not None and t.requires_grad],
+                                gy.double())
+    for g, w in zip(grads, wants):
+        torch.testing.assert_close(g, w.float(), atol=3e-5 * max(1.0, w.abs().max().item()), rtol=1e-4)
+
+
+@needs_ext
+@pytest.mark.parametrize("only", [(7,), (9, 10), (0,), (3, 8)], ids=["se_reduce_w", "se_expand", "x", "dw+se_rb"])
+def test_gradients_of_some_inputs(only):
+    """Only some inputs need gradients: the backward's edges line up with the given optional inputs."""
+    check_gradients(SE_CASES[0], True, only=only)
+
+
+def test_empty_batch_and_large_kernel():
+    """Batch 0 and a 9x9 depthwise (beyond the kernel's 8x8) still compute, through ATen."""
+    tensors, kw = make_se((1, 6, 18, 6, 12, 11, 9, 1, "relu6", True), 5, "relu", "sigmoid")
+    torch.testing.assert_close(call_op(tensors, kw), expected(tensors, kw).float(), **TOL[torch.float32])
+    tensors, kw = make_se((0, 6, 18, 8, 5, 5, 3, 2, "relu", False), 5, "relu", "sigmoid")
+    assert call_op(tensors, kw).shape == (0, 8, 3, 3)
+
+
+@needs_ext
+@pytest.mark.parametrize("change, error, name", [
+    (lambda t, kw: t.__setitem__(7, t[7][:, :5]), ValueError, "se_reduce_weight"),
+    (lambda t, kw: t.__setitem__(7, t[7].double()), TypeError, "se_reduce_weight"),
+    (lambda t, kw: t.__setitem__(8, t[8][:3]), ValueError, "se_reduce_bias"),
+    (lambda t, kw: t.__setitem__(9, t[9][:, :3]), ValueError, "se_expand_weight"),
+    (lambda t, kw: t.__setitem__(10, t[10][:7]), ValueError, "se_expand_bias"),
+    (lambda t, kw: t.__setitem__(9, None), ValueError, "se_expand_weight"),
+    (lambda t, kw: (t.__setitem__(7, None), t.__setitem__(9, None)), ValueError, "se_reduce_bias"),
+    (lambda t, kw: kw.update(se_gate="tanh"), ValueError, "se_gate"),
+    (lambda t, kw: kw.update(se_activation="tanh"), ValueError, "activation"),
+])
+def test_bad_arguments(change, error, name):
+    tensors, kw = make_se(*SE_CASES[0])
+    change(tensors, kw)
+    with pytest.raises(error, match=name):
+        call_op(tensors, kw)
+
+
+@needs_ext
+def test_opcheck_and_compile():
+    """The extended schema, the Meta implementation and the autograd registration (opcheck), and
+    torch.compile(fullgraph=True) with no graph break."""
+    tensors, kw = make_se(*SE_CASES[1])
+    args = (*tensors[:7], [2, 2], [1, 1], "silu", False, None, *tensors[7:], "silu", "sigmoid")
+    torch.library.opcheck(torch.ops.effops.inverted_residual.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    fn = torch.compile(lambda *t: call_op(t, kw), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(*tensors), expected(tensors, kw).float(), **TOL[torch.float32])
+    assert sum(counters["graph_break"].values()) == 0
+
+
+@needs_ext
+def test_triton_forced_refuses_squeeze_excitation():
+    """The Triton kernel has no squeeze-excitation pass: forced, it says so (never a quiet fallback)."""
+    pytest.importorskip("triton")
+    tensors, kw = make_se(*SE_CASES[0])
+    with effops.use_backend("triton"), pytest.raises(effops.BackendError, match="squeeze-excitation"):
+        kernel(tensors, kw)
