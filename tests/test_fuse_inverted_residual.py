@@ -25,8 +25,8 @@ def count(model, cls):
 
 
 # name: (InvertedResidual blocks, of which with the residual in the op, SeparableConv2d, skipped)
-EXPECTED = {"mobilenet_v2": (16, 10, 1, 0), "mnasnet1_0": (16, 10, 1, 0), "mobilenet_v3_large": (6, 4, 1, 8),
-            "efficientnet_b0": (0, 0, 0, 16)}
+EXPECTED = {"mobilenet_v2": (16, 10, 1, 0), "mnasnet1_0": (16, 10, 1, 0), "mobilenet_v3_large": (14, 9, 1, 0),
+            "efficientnet_b0": (16, 9, 0, 0)}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -134,3 +134,87 @@ def test_prune_leaves_a_fused_blocks_convs_dense_and_says_so():
     assert any("InvertedResidual reads its convs" in why for _, why in report.skipped)
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, atol=0, rtol=0)
+
+
+class SEBlock(nn.Module):
+    """A MobileNetV3/EfficientNet block written as model code does: expand, depthwise, a squeeze-excitation
+    module, project, the residual add in forward."""
+
+    def __init__(self, c=8, hidden=24, se=None, act=nn.Hardswish, expand=True):
+        super().__init__()
+        layers = [nn.Conv2d(c, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act()] if expand else []
+        layers += [nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), act()]
+        layers += [se if se is not None else models.SqueezeExcitation(hidden, 8)]
+        layers += [nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c)]
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def _random_bn(model):
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("expand", [True, False], ids=["expand", "no_expand"])
+def test_squeeze_excitation_block_is_fused_with_its_residual(expand):
+    torch.manual_seed(0)
+    model = _random_bn(nn.Sequential(SEBlock(hidden=24 if expand else 8, expand=expand), SEBlock(
+        hidden=24 if expand else 8, expand=expand, act=nn.SiLU,
+        se=models.SqueezeExcitation(24 if expand else 8, 4, act=nn.SiLU, gate=nn.Sigmoid))))
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        want = model(x)
+    _, report = effops.fuse_inverted_residual(model, return_report=True)
+    blocks = [m for m in model.modules() if isinstance(m, InvertedResidual)]
+    assert len(blocks) == 2 and all(b.residual and b.se_reduce is not None for b in blocks)
+    assert [(b.se_activation, b.se_gate) for b in blocks] == [("relu", "hardsigmoid"), ("silu", "sigmoid")]
+    assert (blocks[0].expand is None) == (not expand)
+    assert all("squeeze-excitation" in what for _, what in report.changed) and not report.skipped
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+
+
+class GateTanh(models.SqueezeExcitation):
+    def __init__(self, c):
+        super().__init__(c, 4, gate=nn.Tanh)
+
+
+class SEDoesMore(models.SqueezeExcitation):
+    def __init__(self, c):
+        super().__init__(c, 4)
+
+    def forward(self, x):
+        return x * self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x))))) + 1.0
+
+
+@pytest.mark.parametrize("se, reason", [(GateTanh, "another form"), (SEDoesMore, "not one module's whole")])
+def test_squeeze_excitation_that_cannot_be_fused_is_reported(se, reason):
+    model = _random_bn(SEBlock(se=se(24)))
+    with pytest.warns(UserWarning, match="changed nothing"):
+        _, report = effops.fuse(model, return_report=True)
+    assert len(report.skipped) == 1 and reason in report.skipped[0][1] and not report.changed
+
+
+def test_squeeze_excitation_block_trains_with_frozen_batchnorm():
+    """Fused in train mode with frozen BatchNorm: the SE's convs are the model's own parameters and
+    receive the gradients the unfused model gives them."""
+    torch.manual_seed(0)
+    model = _random_bn(SEBlock()).train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    fused = effops.fuse_inverted_residual(copy.deepcopy(model))
+    assert count(fused, InvertedResidual) == 1
+    x = torch.randn(2, 8, 9, 7)
+    model(x).square().mean().backward()
+    fused(x).square().mean().backward()
+    se, se_fused = model.block[6], next(m for m in fused.modules() if isinstance(m, InvertedResidual))
+    torch.testing.assert_close(se_fused.se_reduce.weight.grad, se.fc1.weight.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(se_fused.se_expand.bias.grad, se.fc2.bias.grad, atol=1e-5, rtol=1e-4)

@@ -2,9 +2,11 @@
 (ATen, our two-pass kernel at every instruction-set level) against the reference."""
 import pytest
 import torch
+from torch import nn
 
 import effops
 from effops import _ext
+from effops.nn import InvertedResidual
 from effops.ops import inverted_residual
 from effops.reference import inverted_residual as reference
 from conftest import TOL
@@ -202,3 +204,55 @@ def test_triton_forced_refuses_squeeze_excitation():
     tensors, kw = make_se(*SE_CASES[0])
     with effops.use_backend("triton"), pytest.raises(effops.BackendError, match="squeeze-excitation"):
         kernel(tensors, kw)
+
+
+def plain_block(block):
+    """The same block as plain torch modules (what a model writes), sharing the fused block's parameters."""
+    from benchmarks.models import SqueezeExcitation
+    acts = {"relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "relu6": nn.ReLU6}
+    gates = {"sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid}
+    se = SqueezeExcitation(block.se_reduce.in_channels, block.se_reduce.out_channels, act=acts[block.se_activation],
+                           gate=gates[block.se_gate])
+    se.fc1, se.fc2 = block.se_reduce, block.se_expand
+    layers = ([block.expand, acts[block.activation]()] if block.expand is not None else []) + [
+        block.depthwise, acts[block.activation](), se, block.project]
+    return nn.Sequential(*layers)
+
+
+@needs_ext
+@pytest.mark.parametrize("expand", [True, False], ids=["expand", "noexpand"])
+def test_module_trains_and_evaluates_as_the_plain_block(expand):
+    torch.manual_seed(0)
+    block = InvertedResidual(16, 64 if expand else 16, 24, 5, 2, activation="silu", expand=expand,
+                             squeeze_channels=4, se_activation="silu", se_gate="sigmoid")
+    plain = plain_block(block)
+    x = torch.randn(2, 16, 15, 14).contiguous(memory_format=torch.channels_last)
+    block(x).square().mean().backward()
+    grads = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    plain(x).square().mean().backward()
+    for g, p in zip(grads, block.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    block.eval()
+    assert block.packed is not None
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), plain(x), **TOL[torch.float32])
+    assert "se_gate='sigmoid'" in repr(block)
+    restored = InvertedResidual(16, 64 if expand else 16, 24, 5, 2, activation="silu", expand=expand,
+                                squeeze_channels=4, se_activation="silu", se_gate="sigmoid").eval()
+    restored.load_state_dict(block.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), block(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(se_gate="tanh"), "se_gate"),
+    (dict(se_activation=None), "se_activation"),
+])
+def test_module_refuses_bad_squeeze_excitation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        InvertedResidual(8, 32, 8, squeeze_channels=8, **kw)
+    with pytest.raises(ValueError, match="squeeze"):
+        InvertedResidual.from_convs(nn.Conv2d(8, 32, 1), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                                    nn.Conv2d(32, 8, 1), se=(nn.Conv2d(32, 8, 1), nn.Conv2d(4, 32, 1), "relu",
+                                                             "sigmoid"))

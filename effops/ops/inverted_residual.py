@@ -18,6 +18,7 @@ from effops.ops import _checks
 from effops.reference import inverted_residual as reference
 
 ACTIVATIONS = reference.ACTIVATIONS
+SE_GATES = tuple(reference.SE_GATES)
 BACKENDS = ("reference", "cpu", "triton")  # the backends with a kernel for this op (tests, `effops info`)
 _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 _registered = []
