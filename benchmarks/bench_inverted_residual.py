@@ -22,8 +22,9 @@ from benchmarks.common import compare
 
 _op = importlib.import_module("effops.ops.inverted_residual")  # the module (effops.ops.inverted_residual is the function)
 
-# (name, Cin, hidden, Cout, input size, kernel, stride, activation): MobileNetV2's distinct blocks, and
-# the hardswish and 5x5 blocks of MobileNetV3-Large / MNASNet.
+# (name, Cin, hidden, Cout, input size, kernel, stride, activation[, squeeze-excitation]): MobileNetV2's
+# distinct blocks, the hardswish and 5x5 blocks of MobileNetV3-Large / MNASNet, and blocks with
+# squeeze-excitation (squeeze channels, SE activation, gate) of MobileNetV3-Large and EfficientNet-B0.
 BLOCKS = [
     ("mv2 s2 16-96-24 @112", 16, 96, 24, 112, 3, 2, "relu6"),
     ("mv2 24-144-24 @56", 24, 144, 24, 56, 3, 1, "relu6"),
@@ -38,22 +39,42 @@ BLOCKS = [
     ("mv2 160-960-320 @7", 160, 960, 320, 7, 3, 1, "relu6"),
     ("v3 80-184-80 @14 hardswish", 80, 184, 80, 14, 3, 1, "hardswish"),
     ("mnas s2 40-240-80 @28 k5", 40, 240, 80, 28, 5, 2, "relu"),
+    ("v3 se 40-120-40 @28 k5", 40, 120, 40, 28, 5, 1, "relu", (32, "relu", "hardsigmoid")),
+    ("v3 se 112-672-112 @14 hardswish", 112, 672, 112, 14, 3, 1, "hardswish", (168, "relu", "hardsigmoid")),
+    ("v3 se 160-960-160 @7 k5 hardswish", 160, 960, 160, 7, 5, 1, "hardswish", (240, "relu", "hardsigmoid")),
+    ("effb0 se 32-32-16 @112 noexpand", 32, 32, 16, 112, 3, 1, "silu", (8, "silu", "sigmoid")),
+    ("effb0 se s2 16-96-24 @112", 16, 96, 24, 112, 3, 2, "silu", (4, "silu", "sigmoid")),
+    ("effb0 se 24-144-24 @56", 24, 144, 24, 56, 3, 1, "silu", (6, "silu", "sigmoid")),
+    ("effb0 se 40-240-40 @28 k5", 40, 240, 40, 28, 5, 1, "silu", (10, "silu", "sigmoid")),
+    ("effb0 se 80-480-80 @14", 80, 480, 80, 14, 3, 1, "silu", (20, "silu", "sigmoid")),
+    ("effb0 se 192-1152-192 @7 k5", 192, 1152, 192, 7, 5, 1, "silu", (48, "silu", "sigmoid")),
 ]
 
 
 def make(block, batch, dtype=torch.float32):
-    _, cin, hidden, cout, size, k, stride, act = block
+    _, cin, hidden, cout, size, k, stride, act = block[:8]
+    se = block[8] if len(block) > 8 else None
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, cin, size, size, generator=g).contiguous(memory_format=torch.channels_last)
-    weights = [torch.randn(hidden, cin, 1, 1, generator=g) / cin ** 0.5, torch.randn(hidden, generator=g) * 0.1,
+    expand = hidden != cin
+    weights = [torch.randn(hidden, cin, 1, 1, generator=g) / cin ** 0.5 if expand else None,
+               torch.randn(hidden, generator=g) * 0.1 if expand else None,
                torch.randn(hidden, 1, k, k, generator=g) / k, torch.randn(hidden, generator=g) * 0.1,
                torch.randn(cout, hidden, 1, 1, generator=g) / hidden ** 0.5, torch.randn(cout, generator=g) * 0.1]
-    x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+    x, weights = x.to(dtype), [None if w is None else w.to(dtype) for w in weights]
+    se_kw = {}
+    if se is not None:
+        squeeze, se_act, gate = se
+        se_kw = dict(se_reduce_weight=torch.randn(squeeze, hidden, 1, 1, generator=g).to(dtype) / hidden ** 0.5,
+                     se_reduce_bias=torch.zeros(squeeze, dtype=dtype),
+                     se_expand_weight=torch.randn(hidden, squeeze, 1, 1, generator=g).to(dtype) / squeeze ** 0.5,
+                     se_expand_bias=torch.ones(hidden, dtype=dtype), se_activation=se_act, se_gate=gate)
     packed = _op.inverted_residual_pack(*weights)
     residual = stride == 1 and cin == cout
     out = (size + 2 * ((k - 1) // 2) - k) // stride + 1
-    flops = 2 * batch * (size * size * cin * hidden + out * out * hidden * (k * k + cout))
-    return (lambda: effops.ops.inverted_residual(x, *weights, stride, (k - 1) // 2, act, residual, packed)), flops
+    flops = 2 * batch * ((size * size * cin * hidden if expand else 0) + out * out * hidden * (k * k + cout))
+    return (lambda: effops.ops.inverted_residual(x, *weights, stride, (k - 1) // 2, act, residual, packed,
+                                                 **se_kw)), flops
 
 
 def forced(backend, fn):
@@ -79,11 +100,11 @@ def cpu_time(fn, min_time=0.3):
     return statistics.median(samples)
 
 
-def bench(batches, use_cpu_time, rounds=3, min_time=0.2, dtype=torch.float32):
+def bench(batches, use_cpu_time, rounds=3, min_time=0.2, dtype=torch.float32, only=""):
     rows = []
     with torch.no_grad():
         for batch in batches:
-            for block in BLOCKS:
+            for block in [b for b in BLOCKS if only in b[0]]:
                 fns, flops = impls(block, batch, dtype)
                 case = "%s b%d" % (block[0], batch)
                 if not use_cpu_time:
@@ -115,11 +136,12 @@ def main():
     parser.add_argument("--cpu-time", action="store_true", help="one thread, CPU time of the thread")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--only", default="", help="blocks whose name contains this")
     args = parser.parse_args()
     if args.cpu_time:
         torch.set_num_threads(1)
     rows = bench([int(b) for b in args.batches.split(",")], args.cpu_time, args.rounds,
-                 dtype=getattr(torch, args.dtype))
+                 dtype=getattr(torch, args.dtype), only=args.only)
     print("| case | reference ms | cpu ms | cpu vs reference | effops vs reference |")
     print("|---|---|---|---|---|")
     by_case = {}

@@ -253,14 +253,16 @@ at::Tensor kernel_route(const ir::Shape& s, const at::Tensor& x, const OptTensor
     using T = decltype(type);
     const T* xp = xc.data_ptr<T>();
     const float* wp = weights.data_ptr<float>();
-    at::Tensor scale;
+    at::Tensor scale, d_kept;
     if (se.on) {  // two passes: d's means, the gate from them (fp32 through ATen: N x Ch values), d scaled
       at::Tensor means = at::empty({s.N, s.Ch}, x.options().dtype(at::kFloat));
-      ir::depthwise_means<T>(s, xp, wp, means.data_ptr<float>());
+      if (ir::keep_d(s)) d_kept = at::empty({ir::kept_d_size(s)}, means.options());
+      ir::depthwise_means<T>(s, xp, wp, means.data_ptr<float>(), d_kept.defined() ? d_kept.data_ptr<float>() : nullptr);
       scale = at::zeros({s.N, ir::padded(s.Ch)}, means.options());
       scale.narrow(1, 0, s.Ch).copy_(se_gate(se, means.view({s.N, s.Ch, 1, 1})).g.view({s.N, s.Ch}));
     }
-    ir::forward<T>(s, xp, wp, y.data_ptr<T>(), se.on ? scale.data_ptr<float>() : nullptr);
+    ir::forward<T>(s, xp, wp, y.data_ptr<T>(), se.on ? scale.data_ptr<float>() : nullptr,
+                   d_kept.defined() ? d_kept.data_ptr<float>() : nullptr);
   };
   if (x.scalar_type() == at::kFloat) run(float{});
   else if (x.scalar_type() == at::kBFloat16) run(c10::BFloat16{});

@@ -257,78 +257,99 @@ struct Buffers {
   std::vector<float> ring, zero, d, xrows;
 };
 
-// What a band ends in: the project GEMM into y (d scaled per channel first when scale is given), or,
-// in a squeeze-excitation block's first pass, d's per-channel sums added into sums[Chp] (no y).
+// What a band does (squeeze-excitation needs d's means before the project: two passes over the bands).
+//   plain:          expand, depthwise into a step buffer, project (d scaled per channel first if scale)
+//   first pass:     expand, depthwise, d's per-channel sums added into sums; no project. With d_store the
+//                   rows of d go there (the whole batch's d, in memory) for the second pass to read.
+//   second pass:    with d_load: d's rows read from there (no expand, no depthwise), scaled, project.
 struct BandOut {
-  const float* scale;  // [Chp] of this image, or nullptr
-  float* sums;         // [Chp] of this band, or nullptr: the project is not run
+  const float* scale = nullptr;  // [Chp] of this image
+  float* sums = nullptr;         // [Chp] of this band: the first pass
+  float* d_store = nullptr;      // [N][OH * OW][Chp]: the first pass keeps d
+  const float* d_load = nullptr; // the same: the second pass reads it
 };
 
-// Output rows [oh0, oh1) of image n, in steps of p.R rows: expand the input rows the step reads that
-// the ring does not hold (one GEMM over their pixels: x's rows are contiguous in channels-last), the
-// depthwise of each output row into d, the project GEMM over the step's pixels (y's rows are contiguous).
+// Expands the input rows output rows [o, o + r) read that the ring does not hold yet (next: the first
+// such row, advanced) and writes d's rows [o, o + r) (r * OW pixels, Chp channels) at d.
+template <class V, typename T>
+EFFOPS_INLINE void expand_and_depthwise(const Shape& s, const Plan& p, const T* xn, const Packed& w, int64_t o,
+                                        int64_t r, int64_t& next, float* d, Buffers& buf) {
+  const int64_t Chp = p.Chp, row_floats = p.Wp * Chp, ch_panels = Chp / kPanel;
+  float* ring = buf.ring.data();
+  const float* rows[8];
+  const int64_t lo = o * s.SH - s.PH, hi = lo + (r - 1) * s.SH + s.KH - 1;
+  const int64_t a0 = std::max<int64_t>({next, lo, 0}), a1 = std::min(hi, s.H - 1);
+  next = std::max(next, hi + 1);
+  // Expanded pixel m of the new rows (m = (ih - a0) * W + iw) goes to its ring slot, after the padding.
+  const auto slot = [&](int64_t m) { return ring + ((a0 + m / s.W) % p.C) * row_floats + (s.PW + m % s.W) * Chp; };
+  if (a0 <= a1 && !s.expand) {  // e = x: the rows themselves, in fp32 (the padding channels stay zero)
+    const T* xr = xn + a0 * s.W * s.Cin;
+    for (int64_t m = 0; m < (a1 - a0 + 1) * s.W; ++m) {
+      float* e = slot(m);
+      for (int64_t c = 0; c < s.Cin; ++c) e[c] = to_float(xr[m * s.Cin + c]);
+    }
+  } else if (a0 <= a1) {
+    const int64_t M = (a1 - a0 + 1) * s.W;
+    const float* a = reinterpret_cast<const float*>(xn + a0 * s.W * s.Cin);
+    if constexpr (!std::is_same_v<T, float>) {
+      const T* xr = xn + a0 * s.W * s.Cin;
+      for (int64_t i = 0; i < M * s.Cin; ++i) buf.xrows[i] = to_float(xr[i]);
+      a = buf.xrows.data();
+    }
+    gemm<V>(M, s.Cin, a, s.Cin, w.expand_w, ch_panels, w.expand_b,
+            [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
+              for (int i = 0; i < rows_; ++i) {
+                float* e = slot(m0 + i) + c0;
+                for (int64_t j = 0; j < width; j += V::kWidth)
+                  act_forward(V::load(out + i * width + j), s.act).store(e + j);
+              }
+            });
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    const int64_t ih0 = (o + j) * s.SH - s.PH;
+    for (int64_t kh = 0; kh < s.KH; ++kh) {
+      const int64_t ih = ih0 + kh;
+      rows[kh] = ih >= 0 && ih < s.H ? ring + (ih % p.C) * row_floats : buf.zero.data();
+    }
+    depthwise_any<V>(s, rows, w.dw_w, w.dw_b, Chp, d + j * s.OW * Chp);
+  }
+}
+
+// Output rows [oh0, oh1) of image n, in steps of p.R rows (BandOut says which pass): expand the input
+// rows the step reads that the ring does not hold (one GEMM over their pixels: x's rows are contiguous
+// in channels-last), the depthwise of each output row into d, the project GEMM over the step's pixels
+// (y's rows are contiguous).
 template <class V, typename T>
 EFFOPS_INLINE void band(const Shape& s, const Plan& p, const T* x, const Packed& w, T* y, int64_t n, int64_t oh0,
                         int64_t oh1, const BandOut& to, Buffers& buf) {
-  const int64_t Chp = p.Chp, row_floats = p.Wp * Chp;
-  const int64_t ch_panels = Chp / kPanel, out_panels = padded(s.Cout) / kPanel;
+  const int64_t Chp = p.Chp, out_panels = padded(s.Cout) / kPanel;
   const T* xn = x + n * s.H * s.W * s.Cin;
-  float* ring = buf.ring.data();
-  const float* rows[8];
   int64_t next = oh0 * s.SH - s.PH;  // first input row the ring does not hold
   for (int64_t o = oh0; o < oh1; o += p.R) {
-    const int64_t r = std::min(p.R, oh1 - o), lo = o * s.SH - s.PH, hi = lo + (r - 1) * s.SH + s.KH - 1;
-    const int64_t a0 = std::max<int64_t>({next, lo, 0}), a1 = std::min(hi, s.H - 1);
-    next = std::max(next, hi + 1);
-    // Expanded pixel m of the new rows (m = (ih - a0) * W + iw) goes to its ring slot, after the padding.
-    const auto slot = [&](int64_t m) { return ring + ((a0 + m / s.W) % p.C) * row_floats + (s.PW + m % s.W) * Chp; };
-    if (a0 <= a1 && !s.expand) {  // e = x: the rows themselves, in fp32 (the padding channels stay zero)
-      const T* xr = xn + a0 * s.W * s.Cin;
-      for (int64_t m = 0; m < (a1 - a0 + 1) * s.W; ++m) {
-        float* e = slot(m);
-        for (int64_t c = 0; c < s.Cin; ++c) e[c] = to_float(xr[m * s.Cin + c]);
-      }
-    } else if (a0 <= a1) {
-      const int64_t M = (a1 - a0 + 1) * s.W;
-      const float* a = reinterpret_cast<const float*>(xn + a0 * s.W * s.Cin);
-      if constexpr (!std::is_same_v<T, float>) {
-        const T* xr = xn + a0 * s.W * s.Cin;
-        for (int64_t i = 0; i < M * s.Cin; ++i) buf.xrows[i] = to_float(xr[i]);
-        a = buf.xrows.data();
-      }
-      gemm<V>(M, s.Cin, a, s.Cin, w.expand_w, ch_panels, w.expand_b,
-              [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
-                for (int i = 0; i < rows_; ++i) {
-                  float* e = slot(m0 + i) + c0;
-                  for (int64_t j = 0; j < width; j += V::kWidth)
-                    act_forward(V::load(out + i * width + j), s.act).store(e + j);
-                }
-              });
-    }
-    for (int64_t j = 0; j < r; ++j) {
-      const int64_t ih0 = (o + j) * s.SH - s.PH;
-      for (int64_t kh = 0; kh < s.KH; ++kh) {
-        const int64_t ih = ih0 + kh;
-        rows[kh] = ih >= 0 && ih < s.H ? ring + (ih % p.C) * row_floats : buf.zero.data();
-      }
-      depthwise_any<V>(s, rows, w.dw_w, w.dw_b, Chp, buf.d.data() + j * s.OW * Chp);
-    }
-    if (to.sums != nullptr) {  // first pass: only d's sums
-      for (int64_t q = 0; q < r * s.OW; ++q)
+    const int64_t r = std::min(p.R, oh1 - o), pixels = r * s.OW;
+    const int64_t at = (n * s.OH + o) * s.OW * Chp;  // the step's first d value in d_store / d_load
+    float* d = buf.d.data();
+    if (to.d_load != nullptr) {  // second pass: d scaled into the step buffer
+      for (int64_t q = 0; q < pixels * Chp; q += Chp)
         for (int64_t c = 0; c < Chp; c += V::kWidth)
-          (V::load(to.sums + c) + V::load(buf.d.data() + q * Chp + c)).store(to.sums + c);
-      continue;
-    }
-    if (to.scale != nullptr) {
-      for (int64_t q = 0; q < r * s.OW; ++q)
-        for (int64_t c = 0; c < Chp; c += V::kWidth) {
-          float* dq = buf.d.data() + q * Chp + c;
-          (V::load(dq) * V::load(to.scale + c)).store(dq);
-        }
+          (V::load(to.d_load + at + q + c) * V::load(to.scale + c)).store(d + q + c);
+    } else {
+      if (to.d_store != nullptr) d = to.d_store + at;
+      expand_and_depthwise<V>(s, p, xn, w, o, r, next, d, buf);
+      if (to.sums != nullptr) {  // first pass: d's sums, no project
+        for (int64_t q = 0; q < pixels; ++q)
+          for (int64_t c = 0; c < Chp; c += V::kWidth)
+            (V::load(to.sums + c) + V::load(d + q * Chp + c)).store(to.sums + c);
+        continue;
+      }
+      if (to.scale != nullptr) {
+        for (int64_t q = 0; q < pixels * Chp; q += Chp)
+          for (int64_t c = 0; c < Chp; c += V::kWidth) (V::load(d + q + c) * V::load(to.scale + c)).store(d + q + c);
+      }
     }
     T* yo = y + (n * s.OH + o) * s.OW * s.Cout;
     const T* res = s.residual ? xn + o * s.W * s.Cin : nullptr;  // stride 1, W == OW: the same pixels
-    gemm<V>(r * s.OW, s.Ch, buf.d.data(), Chp, w.project_w, out_panels, w.project_b,
+    gemm<V>(pixels, s.Ch, d, Chp, w.project_w, out_panels, w.project_b,
             [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
               const int64_t full = std::min(width, (s.Cout - c0) / V::kWidth * V::kWidth);
               for (int i = 0; i < rows_; ++i) {
@@ -407,20 +428,31 @@ int64_t bands_per_image(const Shape& s) {
 
 }  // namespace
 
+bool keep_d(const Shape& s) { return !s.expand || s.OH * s.OW * padded(s.Ch) * 4 <= kKeepDBytesPerImage; }
+
+int64_t kept_d_size(const Shape& s) { return s.N * s.OH * s.OW * padded(s.Ch); }
+
 template <typename T>
-void forward(const Shape& s, const T* x, const float* packed, T* y, const float* scale) {
+void forward(const Shape& s, const T* x, const float* packed, T* y, const float* scale, const float* d_kept) {
   const int64_t Chp = padded(s.Ch);
   run_bands(s, bands_per_image(s), x, packed, y, [&](int64_t n, int64_t) {
-    return BandOut{scale != nullptr ? scale + n * Chp : nullptr, nullptr};
+    BandOut to;
+    to.scale = scale != nullptr ? scale + n * Chp : nullptr;
+    to.d_load = d_kept;
+    return to;
   });
 }
 
 template <typename T>
-void depthwise_means(const Shape& s, const T* x, const float* packed, float* means) {
+void depthwise_means(const Shape& s, const T* x, const float* packed, float* means, float* d_kept) {
   const int64_t Chp = padded(s.Ch), bands = bands_per_image(s);
   std::vector<float> sums(s.N * bands * Chp, 0.f);  // one row per band: no two threads add into one
-  run_bands(s, bands, x, packed, static_cast<T*>(nullptr),
-            [&](int64_t n, int64_t b) { return BandOut{nullptr, sums.data() + (n * bands + b) * Chp}; });
+  run_bands(s, bands, x, packed, static_cast<T*>(nullptr), [&](int64_t n, int64_t b) {
+    BandOut to;
+    to.sums = sums.data() + (n * bands + b) * Chp;
+    to.d_store = d_kept;
+    return to;
+  });
   const float inv = 1.f / static_cast<float>(s.OH * s.OW);
   for (int64_t n = 0; n < s.N; ++n)
     for (int64_t c = 0; c < s.Ch; ++c) {
@@ -430,12 +462,14 @@ void depthwise_means(const Shape& s, const T* x, const float* packed, float* mea
     }
 }
 
-template void forward<float>(const Shape&, const float*, const float*, float*, const float*);
-template void forward<c10::BFloat16>(const Shape&, const c10::BFloat16*, const float*, c10::BFloat16*, const float*);
-template void forward<c10::Half>(const Shape&, const c10::Half*, const float*, c10::Half*, const float*);
-template void depthwise_means<float>(const Shape&, const float*, const float*, float*);
-template void depthwise_means<c10::BFloat16>(const Shape&, const c10::BFloat16*, const float*, float*);
-template void depthwise_means<c10::Half>(const Shape&, const c10::Half*, const float*, float*);
+template void forward<float>(const Shape&, const float*, const float*, float*, const float*, const float*);
+template void forward<c10::BFloat16>(const Shape&, const c10::BFloat16*, const float*, c10::BFloat16*, const float*,
+                                     const float*);
+template void forward<c10::Half>(const Shape&, const c10::Half*, const float*, c10::Half*, const float*,
+                                 const float*);
+template void depthwise_means<float>(const Shape&, const float*, const float*, float*, float*);
+template void depthwise_means<c10::BFloat16>(const Shape&, const c10::BFloat16*, const float*, float*, float*);
+template void depthwise_means<c10::Half>(const Shape&, const c10::Half*, const float*, float*, float*);
 
 const char* inverted_residual_body() {
   if (cpu_isa_at_least(CpuIsa::kAvx512)) return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel)";

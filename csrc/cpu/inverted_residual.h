@@ -51,14 +51,23 @@ Packed packed_views(const Shape& s, const float* base);
 
 // y = the block of x. packed: packed_size(s) floats laid out as above. scale (a squeeze-excitation
 // block's gate, or nullptr): [N][padded(Ch)] fp32, multiplies d per image and channel before project.
+// d_kept: nullptr, or d as depthwise_means kept it (then only the scale and the project run here).
 template <typename T>
-void forward(const Shape& s, const T* x, const float* packed, T* y, const float* scale = nullptr);
+void forward(const Shape& s, const T* x, const float* packed, T* y, const float* scale = nullptr,
+             const float* d_kept = nullptr);
 
 // The first pass of a block with squeeze-excitation: means[N][Ch] = the mean over output pixels of d,
-// per image and channel, computed as forward computes d (the expanded tensor and d never reach
-// memory). The gate follows from means outside the kernel; forward with that scale is the second pass.
+// per image and channel, computed as forward computes d (the expanded tensor never reaches memory). The
+// gate follows from means outside the kernel; forward with that scale is the second pass. d_kept:
+// nullptr (the second pass computes d again) or kept_d_size(s) floats where d is kept for it, which
+// pays where keep_d(s): d's bytes per image of the order of L2 (expanding twice costs more there than
+// writing and reading d once; above, recomputing wins), or a block without expansion (recomputing d
+// saves no expanded tensor). Measured: docs/inverted_residual.md.
 template <typename T>
-void depthwise_means(const Shape& s, const T* x, const float* packed, float* means);
+void depthwise_means(const Shape& s, const T* x, const float* packed, float* means, float* d_kept = nullptr);
+bool keep_d(const Shape& s);
+int64_t kept_d_size(const Shape& s);
+constexpr int64_t kKeepDBytesPerImage = 1 << 20;
 
 // Which body the forward runs at the current instruction-set level (for `python -m effops info`).
 const char* inverted_residual_body();
