@@ -281,3 +281,25 @@ def test_triton_matches_reference(case, layout, expand, dtype):
     torch.testing.assert_close(got.double(), expected(tensors, kw), **TOL[dtype])
     assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
                              torch.contiguous_format)
+
+
+@needs_ext
+def test_training_choice_follows_the_policy():
+    """In training, a block with less than 16 MiB of expanded tensor runs as torch's ops (autograd saving
+    it: measured as fast or faster), a larger one as our forward with the recomputing backward; both give
+    the reference's gradients."""
+    if effops._backends.forced_backend() is not None:
+        pytest.skip("a forced backend takes no policy")
+    for case, route in (((2, 8, 48, 8, 9, 9, 3, 1, "relu6", True), "reference"),
+                        ((2, 8, 64, 8, 182, 182, 3, 1, "relu6", True), "cpu")):
+        tensors, kw = make(case)
+        weights = [t.requires_grad_() for t in tensors[1:]]
+        with effops._backends.record_choices() as tally:
+            y = inverted_residual(*tensors, **kw)
+            y.square().mean().backward()
+        assert tally["inverted_residual"] == {route: 1}, dict(tally)
+        assert ("inverted_residual_backward" in tally) == (route == "cpu")
+        t64 = [t.detach().double().requires_grad_() for t in tensors[1:]]
+        expected([tensors[0].double()] + t64, kw).square().mean().backward()
+        for w, w64 in zip(weights, t64):
+            torch.testing.assert_close(w.grad, w64.grad.float(), atol=1e-5, rtol=1e-4)

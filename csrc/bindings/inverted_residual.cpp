@@ -207,11 +207,6 @@ at::Tensor activate(const at::Tensor& h, int act) {
   }
 }
 
-}  // namespace effops::bindings::inverted_residual
-
-namespace {
-
-using namespace effops::bindings::inverted_residual;
 
 // The same block through ATen's convolutions (oneDNN), each tensor in memory.
 at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& expand_weight,
@@ -225,6 +220,30 @@ at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& 
   if (s.residual) y.add_(x);
   return y.contiguous(format_of(x));
 }
+
+// In training, torch's own convolutions (autograd saving the expanded tensor) against our forward plus
+// a backward that recomputes it per chunk of images. Measured with one thread, CPU time, a forward and
+// backward of the blocks of `benchmarks.bench_inverted_residual` at batch 16 (AMD Zen 5): recomputing
+// is 1.3-2.2x faster where torch's expanded tensor is 24 MiB or more (fresh tensors that large are
+// mmapped and page-fault on every step), 0.70-1.04x below 16 MiB. So below kTrainMinExpandedBytes the
+// block runs as torch's ops (their gradients are torch's); above, memory and time both favour ours.
+constexpr int64_t kTrainMinExpandedBytes = 16ll << 20;
+
+const char* training_aten_faster(const ir::Shape& s, at::ScalarType dtype) {
+  const int64_t expanded_bytes = s.N * s.Ch * s.H * s.W * static_cast<int64_t>(c10::elementSize(dtype));
+  const char* thp = std::getenv("THP_MEM_ALLOC_ENABLE");
+  if (thp != nullptr && std::string(thp) == "1")
+    return "in training with THP_MEM_ALLOC_ENABLE=1, torch's convolutions saving the expanded tensor are faster";
+  if (expanded_bytes < kTrainMinExpandedBytes)
+    return "in training, torch's convolutions saving the expanded tensor are as fast or faster below 16 MiB of it";
+  return nullptr;
+}
+
+}  // namespace effops::bindings::inverted_residual
+
+namespace {
+
+using namespace effops::bindings::inverted_residual;
 
 // Why our kernel cannot take this input, or nullptr.
 const char* kernel_declines(const ir::Shape& s, const at::Tensor& x) {

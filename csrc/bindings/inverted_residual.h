@@ -42,6 +42,16 @@ struct SeGate {
 };
 SeGate se_gate(const Se& se, const at::Tensor& pooled);
 
+// The block through ATen's ops (oneDNN convolutions, each tensor in memory): the plain route. Called
+// above autograd, torch records its graph (the training route where training_aten_faster says so).
+at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& expand_weight,
+                      const OptTensor& expand_bias, const at::Tensor& dw_weight, const OptTensor& dw_bias,
+                      const at::Tensor& project_weight, const OptTensor& project_bias, const Se& se);
+
+// Why torch's own ops with saved activations train this block faster than our forward and recomputing
+// backward, or nullptr (the speed policy of a training step on CPU).
+const char* training_aten_faster(const ir::Shape& s, at::ScalarType dtype);
+
 // channels_last when x is laid out that way (and not also plainly contiguous), else contiguous.
 at::MemoryFormat format_of(const at::Tensor& x);
 

@@ -241,6 +241,14 @@ at::Tensor forward_autograd(const at::Tensor& x, const OptTensor& ew, const OptT
     return forward_op().call(x, ew, eb, dw, db, pw, pb, stride, padding, activation, residual, packed, se_rw, se_rb,
                              se_ew, se_eb, se_activation, se_gate_name);
   }
+  if (x.device().is_cpu() && effops::dispatch::forced_backend() == effops::dispatch::Backend::kAuto) {
+    const ir::Shape s = checked_shape(x, ew, eb, dw, db, pw, pb, stride, padding, activation, residual);
+    const Se se = checked_se(x, s, se_rw, se_rb, se_ew, se_eb, se_activation, se_gate_name);
+    if (training_aten_faster(s, x.scalar_type()) != nullptr) {  // torch's ops, recorded by its autograd
+      effops::dispatch::record("inverted_residual", effops::dispatch::Backend::kReference);
+      return aten_route(s, x, ew, eb, dw, db, pw, pb, se);
+    }
+  }
   const auto o = [](const OptTensor& t) { return given(t) ? t : std::nullopt; };
   return InvertedResidualFunction::apply(
       x, o(ew), o(eb), dw, o(db), pw, o(pb), stride.vec(), padding.vec(),
