@@ -63,7 +63,7 @@ void csr_sparse_grad_weight(const SpannedT& gyT, const SpannedT& xT, int64_t N, 
 
 // Mask scans for the index (mask_index.cpp). m: a row-major N x K byte mask.
 // counts[ceil(N/b) * ceil(K/b)]: the bytes summed per b x b block (edge blocks partial): kept entries
-// of a bool mask.
+// of a bool mask (b at most 255).
 void mask_block_counts(const uint8_t* m, int64_t N, int64_t K, int64_t b, int64_t* counts);
 // CSR of the nonzero bytes: ptr[N + 1] (returns ptr[N]), then idx[ptr[N]] (columns ascending in a row).
 int64_t mask_row_counts(const uint8_t* m, int64_t N, int64_t K, int64_t* ptr);
