@@ -9,7 +9,7 @@ impls (all in one process, interleaved):
   effops cpu      the cpu backend forced (its kernels even where auto would decline; the full sweep
                   times it only where auto chooses another backend)
   torch CSR       torch.sparse.mm(W_csr, x^T) (forward only; CSR built outside the timing)
-Nothing is cached between calls: the cpu kernels pack the kept weights on every call, forward and
+Nothing is cached between calls: the cpu kernels pack the kept weights on every call (as they walk them), forward and
 backward.
 rate: dense-equivalent GFLOP/s, 2*M*N*K per forward, 6*M*N*K per forward+backward, so a speedup over
 dense shows as a rate above dense's.

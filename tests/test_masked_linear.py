@@ -341,7 +341,7 @@ def test_pattern_hint_validates_the_mask():
 
 @pytest.mark.parametrize("kind,block", [("block64", 64), ("block32", 32), ("block16", 16), ("unstructured", 0),
                                         ("full", 64), ("empty", 64)])
-@pytest.mark.parametrize("shape", [(97, 123), (64, 64)], ids=["97x123", "64x64"])
+@pytest.mark.parametrize("shape", [(97, 123), (64, 64), (300, 1000)], ids=["97x123", "64x64", "300x1000"])
 def test_mask_index_describes_the_mask(kind, block, shape):
     n, k = shape
     mask = make_mask(kind, n, k).cpu()
@@ -356,6 +356,46 @@ def test_mask_index_describes_the_mask(kind, block, shape):
         assert ptr.tolist() == [0] + m.sum(1).cumsum(0).tolist()
         assert idx.tolist() == m.nonzero()[:, 1].tolist()
     assert masked_linear_index(mask.float())[0].tolist() == info.tolist()
+
+
+def test_mask_index_lists_at_every_row_density():
+    # The per-row lists are written 64 mask bytes at a time, 8 or 16 entries whatever the count, one at a
+    # time near a row's end: rows from empty to full, of widths around the 64-byte steps, must list
+    # exactly the kept columns.
+    g = torch.Generator().manual_seed(7)
+    for k in (1, 63, 64, 65, 200, 1000):
+        density = torch.linspace(0, 1, 40).unsqueeze(1)
+        mask = torch.rand(40, k, generator=g) < density
+        mask[5, :] = True
+        _, rows_ptr, rows_idx, cols_ptr, cols_idx = masked_linear_index(mask)
+        assert rows_ptr.tolist() == [0] + mask.sum(1).cumsum(0).tolist()
+        assert rows_idx.tolist() == mask.nonzero()[:, 1].tolist()
+        assert cols_idx.tolist() == mask.t().nonzero()[:, 1].tolist()
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("kind", ["block16", "block32", "unstructured"])
+@pytest.mark.parametrize("rows", [3, 37, 300, 600])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_kernels_reading_the_weight_equal_the_packed_weights(kind, rows, dtype):
+    # Without packed= the kernels pack the kept blocks block-row by block-row (up to 504 rows of x; all
+    # ahead above) or gather each row's kept weights (one batch span; all ahead over several): the
+    # same arithmetic as masked_linear_pack's copy, so the same bits, and the reference's values.
+    g = torch.Generator().manual_seed(5)
+    n, k = 97, 123
+    x = torch.randn(rows, k + 3, generator=g).to(dtype)[:, 3:]  # not contiguous
+    w = torch.randn(n, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    mask = make_mask(kind, n, k).cpu()
+    index = masked_linear_index(mask)
+    with torch.no_grad(), effops.use_backend("cpu"):
+        got = masked_linear(x, w, mask, bias, index=index)
+        packed = masked_linear(x, w, mask, bias, index=index, packed=masked_linear_pack(w, index))
+        auto = masked_linear(x, w, mask, bias)
+    assert torch.equal(got, packed)
+    assert torch.equal(got, auto)
+    want = reference.masked_linear(x.float(), w.float(), mask, bias.float())
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
 
 def test_mask_index_of_another_mask_is_refused():

@@ -237,12 +237,12 @@ at::Tensor cpu_forward(const at::Tensor& x, const at::Tensor& weight, const std:
   const at::Tensor x2 = x.reshape({M, K}).contiguous(), w = weight.contiguous();
   const std::optional<at::Tensor> b = has_bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   Index& index = call.rows();
-  // Packed per call unless given (O(kept weights)); CSR values contiguous: a small batch then reads
-  // density x the weight instead of most of its cache lines.
-  const at::Tensor kept = packed.has_value() && packed->defined() ? *packed : pack(w, index);
+  // The kernels read the weight itself (packing or gathering each row's kept weights as they reach it),
+  // or the packed weights when given.
+  const OptTensor kept = packed.has_value() && packed->defined() ? packed : std::nullopt;
   at::Tensor y;
   if (index.block) {
-    y = block_mm(x2, kept, N, b, index.rows_ptr, index.rows_idx, index.block);
+    y = block_mm(x2, w, false, kept, b, index.rows_ptr, index.rows_idx, index.block);
   } else {
     y = csr_mm(spanned_t(x2, true, 0), M, w, b, index.rows_ptr, index.rows_idx, false, kept);
   }
@@ -263,10 +263,9 @@ Grads cpu_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tens
   const at::Tensor w = weight.contiguous();
   Index& index = need[0] ? call.all() : call.rows();
   if (index.block) {
-    if (need[0]) {
-      const at::Tensor packed = block_pack(w, index.cols_ptr, index.cols_idx, index.block, true);
-      gx = block_mm(g2, packed, K, std::nullopt, index.cols_ptr, index.cols_idx, index.block).reshape(x.sizes());
-    }
+    if (need[0])
+      gx = block_mm(g2, w, true, std::nullopt, std::nullopt, index.cols_ptr, index.cols_idx, index.block)
+               .reshape(x.sizes());
     if (need[1]) gw = block_grad_weight(g2, x2, index.rows_ptr, index.rows_idx, index.block);
   } else {
     at::Tensor gT;

@@ -47,23 +47,32 @@ at::Tensor block_pack(const at::Tensor& weight, const at::Tensor& ptr, const at:
   return packed;
 }
 
-// out[M, R] = a @ W'^T (+ bias) with W' packed by block_pack.
-at::Tensor block_mm(const at::Tensor& a, const at::Tensor& packed, int64_t R, const std::optional<at::Tensor>& bias,
+// out[M, R] = a @ W'^T (+ bias), W' = weight or weight^T, or given packed by block_pack.
+at::Tensor block_mm(const at::Tensor& a, const at::Tensor& weight, bool transpose_w,
+                    const std::optional<at::Tensor>& packed, const std::optional<at::Tensor>& bias,
                     const at::Tensor& ptr, const at::Tensor& idx, int64_t block) {
   TORCH_CHECK(a.dim() == 2 && a.is_contiguous(), "a must be contiguous 2-D");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == a.scalar_type(),
+              "weight must be contiguous 2-D in a's dtype");
   TORCH_CHECK(block == 16 || block == 32 || block == 64, "block must be 16, 32 or 64");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t R = transpose_w ? K : N;
+  TORCH_CHECK(a.size(1) == (transpose_w ? N : K), "a has ", a.size(1), " columns, expected ", transpose_w ? N : K);
   const int64_t nbr = (R + block - 1) / block;
   check_index(ptr, idx, nbr);
-  TORCH_CHECK(packed.scalar_type() == packed_dtype(a.scalar_type()) && packed.is_contiguous() &&
-                  packed.numel() == ptr[nbr].item<int64_t>() * block * block,
-              "packed does not match the index");
+  const bool has_packed = packed.has_value() && packed->defined();
+  if (has_packed)
+    TORCH_CHECK(packed->scalar_type() == packed_dtype(a.scalar_type()) && packed->is_contiguous() &&
+                    packed->numel() == ptr[nbr].item<int64_t>() * block * block,
+                "packed does not match the index");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == R && bias->scalar_type() == a.scalar_type());
   at::Tensor out = at::empty({a.size(0), R}, a.options());
   EFFOPS_DISPATCH_FLOAT(a.scalar_type(), "masked_linear_block_mm", [&] {
     effops::cpu::block_sparse_mm<scalar_t>(a.data_ptr<scalar_t>(), a.size(0), a.size(1), R,
                                            has_bias ? bias->data_ptr<scalar_t>() : nullptr, ptr.data_ptr<int64_t>(),
-                                           idx.data_ptr<int64_t>(), block, packed.data_ptr(),
+                                           idx.data_ptr<int64_t>(), block, has_packed ? packed->data_ptr() : nullptr,
+                                           weight.data_ptr<scalar_t>(), transpose_w ? 1 : K, transpose_w ? K : 1,
                                            out.data_ptr<scalar_t>());
   });
   return out;

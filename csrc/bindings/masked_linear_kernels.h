@@ -9,11 +9,13 @@
 
 namespace effops::masked {
 
-// The kept blocks of W' packed as the block kernel's panels.
+// The kept blocks of W' packed as the block kernel's panels (a module's explicit state, pack_weights).
 at::Tensor block_pack(const at::Tensor& weight, const at::Tensor& ptr, const at::Tensor& idx, int64_t block,
                       bool transpose_w);
-// out[M, R] = a[M, C] @ W'^T (+ bias), W' given packed.
-at::Tensor block_mm(const at::Tensor& a, const at::Tensor& packed, int64_t R, const std::optional<at::Tensor>& bias,
+// out[M, R] = a[M, C] @ W'^T (+ bias), W' read from weight (packed in the kernel as it walks the
+// block-rows), or from packed (block_pack's panels of this weight) when given.
+at::Tensor block_mm(const at::Tensor& a, const at::Tensor& weight, bool transpose_w,
+                    const std::optional<at::Tensor>& packed, const std::optional<at::Tensor>& bias,
                     const at::Tensor& ptr, const at::Tensor& idx, int64_t block);
 // (gy^T @ x) on the kept blocks, zero elsewhere.
 at::Tensor block_grad_weight(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& ptr, const at::Tensor& idx,
@@ -24,7 +26,7 @@ at::Tensor block_grad_weight(const at::Tensor& gy, const at::Tensor& x, const at
 // gy^T and x^T) must share spans: pass the larger column count as `columns`.
 at::Tensor spanned_t(const at::Tensor& a, bool few_rows_ok, int64_t columns);
 // out[M, R] = a @ W'^T (+ bias) with a given as spanned_t(a); vals (optional): the kept weights of W' in
-// index order, read instead of W' by index.
+// index order, read instead of W' by index (without them the kernel gathers them from W').
 at::Tensor csr_mm(const at::Tensor& aT, int64_t M, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& ptr, const at::Tensor& idx, bool transpose_w, const std::optional<at::Tensor>& vals);
 // (gy^T @ x) at the kept weights, zero elsewhere; gyT and xT from spanned_t with shared spans.

@@ -22,10 +22,13 @@ template <typename T>
 void block_sparse_pack(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C, const int64_t* ptr,
                        const int64_t* idx, int64_t block, void* packed);
 
-// out[M, R] = a[M, C] @ W'^T (+ bias[R]) over the kept blocks, W' given packed (by the same T).
+// out[M, R] = a[M, C] @ W'^T (+ bias[R]) over the kept blocks, W' given packed by block_sparse_pack (by
+// the same T), or, with packed null, read from W'[r, c] = w[r * w_rs + c * w_cs] (packed block-row by
+// block-row as the kernel reaches it: no weight-sized buffer, and the panels stay in cache).
 template <typename T>
 void block_sparse_mm(const T* a, int64_t M, int64_t C, int64_t R, const T* bias, const int64_t* ptr,
-                     const int64_t* idx, int64_t block, const void* packed, T* out);
+                     const int64_t* idx, int64_t block, const void* packed, const T* w, int64_t w_rs, int64_t w_cs,
+                     T* out);
 
 // gw[N, K] (pre-zeroed) = (gy[M, N]^T @ x[M, K]) on the kept blocks of the block-CSR index only.
 template <typename T>
@@ -48,9 +51,10 @@ struct SpannedT {
 };
 
 // out[M, R] = a @ W'^T (+ bias) with a given as aT (above). Row r of W' keeps columns
-// idx[ptr[r] .. ptr[r+1]), values w[r * w_rs + c * w_cs], or vals[j] for the j-th kept weight when vals
-// is not null (a compressed copy: contiguous, so a small batch reads density x the weight's bytes
-// instead of most of its cache lines).
+// idx[ptr[r] .. ptr[r+1]), values w[r * w_rs + c * w_cs] (gathered row by row as the kernel reaches
+// the row, or all at once ahead when aT has several spans), or vals[j] for the j-th kept weight when
+// vals is not null (a compressed copy made ahead: contiguous, so a small batch reads density x the
+// weight's bytes instead of most of its cache lines).
 template <typename T>
 void csr_sparse_mm(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R, const T* bias,
                    const int64_t* ptr, const int64_t* idx, const T* vals, T* out);
@@ -63,7 +67,7 @@ void csr_sparse_grad_weight(const SpannedT& gyT, const SpannedT& xT, int64_t N, 
 
 // Mask scans for the index (mask_index.cpp). m: a row-major N x K byte mask.
 // counts[ceil(N/b) * ceil(K/b)]: the bytes summed per b x b block (edge blocks partial): kept entries
-// of a bool mask.
+// of a bool mask (b at most 255).
 void mask_block_counts(const uint8_t* m, int64_t N, int64_t K, int64_t b, int64_t* counts);
 // CSR of the nonzero bytes: ptr[N + 1] (returns ptr[N]), then idx[ptr[N]] (columns ascending in a row).
 int64_t mask_row_counts(const uint8_t* m, int64_t N, int64_t K, int64_t* ptr);

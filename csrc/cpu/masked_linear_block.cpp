@@ -6,8 +6,9 @@
 //   the micro-kernel reads 16 contiguous floats per k. bf16 weights: bf16 pairs,
 //   packed[br][p][j][k / 2][16][2], the operand order of vdpbf16ps (two k of one column per 32-bit
 //   word); the other levels split a word into two fp32 values in registers. The layout depends on the
-//   dtype only, never on the level, so a packed weight is right at every level. O(kept weights). The
-//   Python side caches it per (weight version, mask version), so inference packs once.
+//   dtype only, never on the level, so a packed weight is right at every level. O(kept weights).
+//   block_sparse_mm packs each block-row itself, just before walking it, unless given panels packed
+//   ahead (a module's pack_weights) or the rows span several chunks (then it packs all ahead, once).
 // block_sparse_mm: regroup a into 6-row tiles (fp32, or bf16 pairs for bf16), then one thread per
 //   block-row range; for each 6-row tile, for each panel, walk the kept blocks and accumulate a 6 x 16
 //   tile in registers (broadcast a[i, k], FMA with the panel row; or a pair and vdpbf16ps).
@@ -42,8 +43,10 @@ struct BlockMmArgs {
   int64_t M, C, R, block;
   const int64_t* ptr;
   const int64_t* idx;
-  const void* packed;    // W' panels, see the file comment (float, or bf16 pairs)
+  const void* packed;    // W' panels, see the file comment (float, or bf16 pairs); null: packed per block-row
   const int64_t* offset; // packed offset of each block-row, in weights
+  const void* w;         // W' (a T*) at w[r * w_rs + c * w_cs], read when packed is null
+  int64_t w_rs, w_cs;
   const void* a_packed;  // a in 6-row tiles: [tile][column or pair][6], zero-padded
 };
 
@@ -109,7 +112,13 @@ EFFOPS_ALWAYS_INLINE void store_tile(const float* tile, int w, int rows, int64_t
 template <typename E>
 constexpr int64_t kPerElem = std::is_same_v<E, uint32_t> ? 2 : 1;
 
-// One block-row range of the product: out[:, rows of br0..br1).
+template <typename T>
+void pack_block_row(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C, const int64_t* ptr,
+                    const int64_t* idx, int64_t b, int64_t br, void* dst_row);
+
+// One block-row range of the product: out[:, rows of br0..br1). Without g.packed, each block-row's
+// panels are packed from W' into `own` as the row is reached (one chunk of rows only: block_sparse_mm
+// packs ahead otherwise), so they are written and read in L2 and no weight-sized buffer is allocated.
 template <class Tile, typename T>
 EFFOPS_ALWAYS_INLINE void block_mm_rows(const BlockMmArgs& g, const T* bias, T* out, int64_t br0, int64_t br1) {
   using AE = typename Tile::AElem;
@@ -117,11 +126,24 @@ EFFOPS_ALWAYS_INLINE void block_mm_rows(const BlockMmArgs& g, const T* bias, T* 
   constexpr int kW = Tile::kPanels * kPanel;
   const int64_t b = g.block, panels = b / kPanel, a_cols = (g.C + kPerElem<AE> - 1) / kPerElem<AE>;
   alignas(64) float tile[kRows * kW];
+  std::vector<float> own;  // (4-byte elements; bf16 panels use half)
+  if (g.packed == nullptr) {
+    int64_t most = 0;
+    for (int64_t br = br0; br < br1; ++br) most = std::max(most, g.ptr[br + 1] - g.ptr[br]);
+    own.resize(static_cast<size_t>(most * b * b));
+  }
   for (int64_t chunk = 0; chunk < g.M; chunk += kChunkRows)
   for (int64_t br = br0; br < br1; ++br) {
     const int64_t nkept = g.ptr[br + 1] - g.ptr[br];
     const int64_t* kept = g.idx + g.ptr[br];
     const int64_t panel_stride = nkept * b * kPanel / kPerElem<PE>;
+    const PE* panels_br;
+    if (g.packed != nullptr) {
+      panels_br = static_cast<const PE*>(g.packed) + g.offset[br] / kPerElem<PE>;
+    } else {
+      pack_block_row(static_cast<const T*>(g.w), g.w_rs, g.w_cs, g.R, g.C, g.ptr, g.idx, b, br, own.data());
+      panels_br = reinterpret_cast<const PE*>(own.data());
+    }
     for (int64_t m0 = chunk; m0 < std::min(g.M, chunk + kChunkRows); m0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, g.M - m0));
       const AE* a_tile = static_cast<const AE*>(g.a_packed) + (m0 / kRows) * a_cols * kRows;
@@ -134,7 +156,7 @@ EFFOPS_ALWAYS_INLINE void block_mm_rows(const BlockMmArgs& g, const T* bias, T* 
         // The tile starts at the bias (row 0 filled, then copied: one conversion per column, not six).
         for (int64_t c = 0; c < w; ++c) tile[c] = (bias != nullptr && c < cols) ? to_float(bias[r0 + c]) : 0.f;
         for (int i = 1; i < kRows; ++i) std::memcpy(tile + i * w, tile, w * sizeof(float));
-        const PE* panel = static_cast<const PE*>(g.packed) + g.offset[br] / kPerElem<PE> + p * panel_stride;
+        const PE* panel = panels_br + p * panel_stride;
         if (np == 2)
           Tile::template run<Tile::kPanels>(a_tile, kept, nkept, b, g.C, panel, panel_stride, tile);
         else
@@ -350,8 +372,17 @@ void pack_a_tiles(const T* a, int64_t M, int64_t C, bool pairs, void* a_packed) 
 
 template <typename T>
 void block_sparse_mm(const T* a, int64_t M, int64_t C, int64_t R, const T* bias, const int64_t* ptr,
-                     const int64_t* idx, int64_t block, const void* packed, T* out) {
+                     const int64_t* idx, int64_t block, const void* packed, const T* w, int64_t w_rs, int64_t w_cs,
+                     T* out) {
   const int64_t b = block, nbr = (R + b - 1) / b;
+  // Several chunks of rows would pack each block-row once per chunk: pack all of W' once ahead instead
+  // (the kernels' own buffer: O(kept weights), made and dropped in this call).
+  std::unique_ptr<float[]> packed_here;
+  if (packed == nullptr && M > kChunkRows) {
+    packed_here.reset(new float[static_cast<size_t>(ptr[nbr] * b * b)]);  // (bf16 panels use half)
+    block_sparse_pack(w, w_rs, w_cs, R, C, ptr, idx, block, packed_here.get());
+    packed = packed_here.get();
+  }
   std::vector<int64_t> offset(nbr + 1);
   for (int64_t br = 0; br <= nbr; ++br) offset[br] = ptr[br] * b * b;
   // a in 6-row tiles: every block-row reads the tiles' kept columns, so converting and regrouping once
@@ -375,7 +406,7 @@ void block_sparse_mm(const T* a, int64_t M, int64_t C, int64_t R, const T* bias,
     a_packed = a_once.get();
   }
   pack_a_tiles(a, M, C, dpbf16, a_packed);
-  const BlockMmArgs g{M, C, R, b, ptr, idx, packed, offset.data(), a_packed};
+  const BlockMmArgs g{M, C, R, b, ptr, idx, packed, offset.data(), w, w_rs, w_cs, a_packed};
   at::parallel_for(0, nbr, block_row_grain(nbr), [&](int64_t br0, int64_t br1) {
     block_mm_rows_at_level<T>(g, bias, out, br0, br1, dpbf16);
   });
@@ -420,7 +451,7 @@ void block_sparse_grad_weight(const T* gy, const T* x, int64_t M, int64_t N, int
   template void block_sparse_pack<T>(const T*, int64_t, int64_t, int64_t, int64_t, const int64_t*,          \
                                      const int64_t*, int64_t, void*);                                       \
   template void block_sparse_mm<T>(const T*, int64_t, int64_t, int64_t, const T*, const int64_t*,           \
-                                   const int64_t*, int64_t, const void*, T*);                               \
+                                   const int64_t*, int64_t, const void*, const T*, int64_t, int64_t, T*);   \
   template void block_sparse_grad_weight<T>(const T*, const T*, int64_t, int64_t, int64_t, const int64_t*,  \
                                             const int64_t*, int64_t, T*);
 EFFOPS_INSTANTIATE(float)

@@ -6,7 +6,9 @@
 // rows. Only kept
 // weights are read. Loop nest per thread: batch spans (at most 256 rows), then rows r of its range,
 // then chunks of 64, then the kept columns of r: the chunks after the first find row r's kept columns
-// (kept x span floats, ~400 KB at 4096 inputs and 10% density) still in L2.
+// (kept x span floats, ~400 KB at 4096 inputs and 10% density) still in L2. Row r's kept weights are
+// gathered from W' into a row buffer first (unless given compressed), so every chunk reads them
+// contiguous; with several spans all rows are gathered once ahead instead.
 //
 // csr_sparse_grad_weight: a sampled dense-dense product: each kept (n, k) is one dot product of two
 // contiguous batch runs of gyT and xT, span by span, summed in fp32; nothing is computed for pruned
@@ -17,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 namespace effops::cpu {
@@ -25,14 +28,32 @@ namespace {
 constexpr int64_t kChunk = 64;    // batch rows per accumulator set
 constexpr int64_t kFewRows = 4;   // at most this many rows: the scalar per-row path
 
+// The most kept weights of one row among rows r0..r1.
+inline int64_t most_kept(const int64_t* ptr, int64_t r0, int64_t r1) {
+  int64_t most = 0;
+  for (int64_t r = r0; r < r1; ++r) most = std::max(most, ptr[r + 1] - ptr[r]);
+  return most;
+}
+
+// Row r's kept weights of W'[r, c] = w[r * w_rs + c * w_cs], gathered into dst (returned): contiguous
+// for the batch chunks that follow, which then find them in L1.
+template <typename T>
+inline const T* gather_row(const T* w, int64_t w_rs, int64_t w_cs, int64_t r, const int64_t* ptr, const int64_t* idx,
+                           T* dst) {
+  for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) dst[j - ptr[r]] = w[r * w_rs + idx[j] * w_cs];
+  return dst;
+}
+
 template <class Vec, typename T>
 EFFOPS_ALWAYS_INLINE void csr_mm_rows(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R,
                                       const T* bias, const int64_t* ptr, const int64_t* idx, const T* vals, T* out,
                                       int64_t r0, int64_t r1) {
   constexpr int NV = kChunk / Vec::kWidth;
   alignas(32) float tmp[kChunk];
+  std::vector<T> row_vals(vals == nullptr ? static_cast<size_t>(most_kept(ptr, r0, r1)) : 0);
   for (int64_t span = 0; span < M; span += aT.width)
   for (int64_t r = r0; r < r1; ++r) {
+    const T* kept_w = vals != nullptr ? vals + ptr[r] : gather_row(w, w_rs, w_cs, r, ptr, idx, row_vals.data());
     for (int64_t m0 = span; m0 < std::min(M, span + aT.width); m0 += kChunk) {
       const int64_t rows = std::min(kChunk, M - m0);
       Vec acc[NV];
@@ -40,7 +61,7 @@ EFFOPS_ALWAYS_INLINE void csr_mm_rows(const SpannedT& aT, int64_t M, const T* w,
       for (int v = 0; v < NV; ++v) acc[v] = init;
       for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
         const int64_t c = idx[j];
-        const Vec wv = Vec::broadcast(to_float(vals != nullptr ? vals[j] : w[r * w_rs + c * w_cs]));
+        const Vec wv = Vec::broadcast(to_float(kept_w[j - ptr[r]]));
         const float* src = aT.at(c, m0);
         for (int v = 0; v < NV; ++v) acc[v] = Vec::fma(wv, Vec::load(src + v * Vec::kWidth), acc[v]);
       }
@@ -133,7 +154,7 @@ void csr_mm_rows_few(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, in
     const float b = bias != nullptr ? to_float(bias[r]) : 0.f;
     for (int64_t i = 0; i < M; ++i) acc[i] = b;
     for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
-      const float wv = to_float(vals != nullptr ? vals[j] : w[r * w_rs + idx[j] * w_cs]);
+      const float wv = to_float(vals != nullptr ? vals[j] : w[r * w_rs + idx[j] * w_cs]);  // (each read once)
       const float* src = aT.at(idx[j], 0);  // one span
       for (int64_t i = 0; i < M; ++i) acc[i] += wv * src[i];
     }
@@ -145,6 +166,16 @@ template <typename T>
 void csr_sparse_mm(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R, const T* bias,
                    const int64_t* ptr, const int64_t* idx, const T* vals, T* out) {
   const CpuIsa level = cpu_isa();
+  // Without vals each row's kept weights are gathered as the row is reached; over several batch spans
+  // that would read W' once per span: gather them all once instead (O(kept weights), this call's own).
+  std::unique_ptr<T[]> gathered;
+  if (vals == nullptr && aT.spans > 1) {
+    gathered.reset(new T[static_cast<size_t>(ptr[R])]);
+    at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) gather_row(w, w_rs, w_cs, r, ptr, idx, gathered.get() + ptr[r]);
+    });
+    vals = gathered.get();
+  }
   at::parallel_for(0, R, row_grain(R), [&](int64_t r0, int64_t r1) {
     if (M <= kFewRows) return csr_mm_rows_few<T>(aT, M, w, w_rs, w_cs, R, bias, ptr, idx, vals, out, r0, r1);
 #if EFFOPS_HAVE_X86
