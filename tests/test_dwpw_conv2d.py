@@ -1,4 +1,5 @@
 """effops.ops.dwpw_conv2d on every backend against the reference (computed in float64)."""
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -313,6 +314,38 @@ def test_bad_inputs():
         dwpw_conv2d(x, dw, pw, activation="tanh")
     with pytest.raises(ValueError, match="too small"):
         dwpw_conv2d(x[..., :2, :2], dw, pw)
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("dev", ["cpu", "meta"])
+def test_fused_op_checks_a_direct_call(dev):
+    # The public op checks its arguments once and its call of _dwpw_conv2d does not check them again;
+    # a direct call of _dwpw_conv2d (a user's, or a compiled graph's node) gets the same errors, also
+    # right after a public call (the public op's mark ends with its call).
+    x = torch.randn(2, 4, 8, 8, device=dev)
+    dw, pw = torch.randn(4, 1, 3, 3, device=dev), torch.randn(6, 4, 1, 1, device=dev)
+    fused = torch.ops.effops._dwpw_conv2d.default
+
+    def call(x=x, dw=dw, pw=pw, dw_bias=None, stride=(1, 1), activation=None):
+        return fused(x, dw, pw, dw_bias, None, list(stride), [0, 0], [1, 1], activation)
+
+    for public_call_first in (False, True):
+        if public_call_first:  # on cpu tensors through the fused op (meta ones have no kernel of ours)
+            with effops.use_backend("cpu") if dev == "cpu" else contextlib.nullcontext():
+                assert dwpw_conv2d(x, dw, pw, activation="relu").shape == (2, 6, 6, 6)
+        with pytest.raises(ValueError, match=r"x must have 4 channels for dw_weight of shape \(4, 1, 3, 3\)"):
+            call(x=x[:, :3])
+        with pytest.raises(TypeError, match="pw_weight must have dtype torch.float32"):
+            call(pw=pw.half())
+        with pytest.raises(ValueError, match="dw_bias must have shape"):
+            call(dw_bias=torch.randn(5, device=dev))
+        with pytest.raises(ValueError, match="stride must be >= 1"):
+            call(stride=(1, 0))
+        with pytest.raises(ValueError, match="activation must be one of"):
+            call(activation="tanh")
+        with pytest.raises(ValueError, match="too small"):
+            call(x=x[..., :2, :2])
+    assert call(activation="silu").shape == (2, 6, 6, 6)
 
 
 # Shapes spanning several pixel tiles and row bands of the cpu kernels (many tiles, both backward

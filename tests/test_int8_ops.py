@@ -69,7 +69,7 @@ def _close_to_fp32(got, ref32, dtype, backend=None):
     rtol = ONE_ROUNDING[dtype] * 1.01
     if backend == "triton" and device().type == "cpu" and dtype == torch.bfloat16:
         rtol *= 2
-    scale = ref32.float().abs().max().clamp_min(1.0)
+    scale = ref32.float().abs().max().clamp_min(1.0) if ref32.numel() else 1.0  # max() of nothing raises
     torch.testing.assert_close(got.float(), ref32.float(), rtol=rtol, atol=1e-5 * scale)
 
 
@@ -367,12 +367,11 @@ def test_device_mismatch_is_refused():
             ops.int8_linear(*args)
     w_q, w_s = reference.quantize_rowwise(torch.randn(5, 8))
     args = [torch.randn(3, 8), reference.pack_weight(w_q), w_s, torch.zeros(5), 5, False, None]
-    from effops.ops.int8_gemm import int8_linear_dynamic
     for i, name in ((1, "w_packed"), (2, "w_scale"), (3, "bias")):
         bad = list(args)
         bad[i] = bad[i].to(meta)
         with pytest.raises(ValueError, match="%s must be on cpu like the input, got meta" % name):
-            int8_linear_dynamic(*bad)
+            ops.int8_linear_dynamic(*bad)
 
 
 @pytest.mark.parametrize("m,n", [(0, 5), (3, 0), (0, 0)])
@@ -394,8 +393,7 @@ def test_dynamic_and_quantize_empty(backend, weight_only, m, n):
         q, s = ops.quantize_rowwise(x)
         assert q.shape == (2, m, 8) and s.shape == (2, m)
     w_q, w_s = reference.quantize_rowwise(torch.randn(n, 8, device=device()))
-    from effops.ops.int8_gemm import int8_linear_dynamic
-    y = int8_linear_dynamic(x, reference.pack_weight(w_q), w_s, None, n, weight_only)
+    y = ops.int8_linear_dynamic(x, reference.pack_weight(w_q), w_s, None, n, weight_only)
     assert y.shape == (2, m, n) and y.dtype == torch.float32
 
 
@@ -424,10 +422,28 @@ def test_int8_linear_dynamic_matches_reference(backend, weight_only, dtype, lead
     x = torch.randn(*lead, k, device=device()).to(dtype)
     w_int8, w_scale = reference.quantize_rowwise(torch.randn(n, k, device=device()))
     packed, bias = reference.pack_weight(w_int8), torch.randn(n, device=device())
-    from effops.ops.int8_gemm import int8_linear_dynamic
-    got = int8_linear_dynamic(x, packed, w_scale, bias, n, weight_only)
+    got = ops.int8_linear_dynamic(x, packed, w_scale, bias, n, weight_only)
     assert got.dtype == dtype and got.shape == (*lead, n)
     _close_to_fp32(got, dynamic_reference_fp32(x, packed, w_scale, bias, n, weight_only), dtype, backend)
+
+
+def test_int8_linear_dynamic_is_exported_with_the_other_int8_ops():
+    assert "int8_linear_dynamic" in ops.__all__ and ops.int8_linear_dynamic is _GEMM.int8_linear_dynamic
+
+
+@pytest.mark.parametrize("backend,weight_only", _weight_only_params(), indirect=["backend"])
+@pytest.mark.parametrize("lead,k,n", [((), 97, 23), ((3, 1, 5), 123, 33), ((4,), 1, 17), ((0,), 31, 7),
+                                      ((2, 0, 3), 5, 1)], ids=["1-D", "4-D", "k1", "empty", "empty-4-D"])
+def test_int8_linear_dynamic_batch_dims_and_empty_input(backend, weight_only, lead, k, n):
+    # Through effops.ops: no leading dim, several, K = 1, and empty batches, against the reference.
+    torch.manual_seed(1)
+    x = torch.randn(*lead, k, device=device())
+    w_int8, w_scale = reference.quantize_rowwise(torch.randn(n, k, device=device()))
+    packed, bias = reference.pack_weight(w_int8), torch.randn(n, device=device())
+    got = ops.int8_linear_dynamic(x, packed, w_scale, bias, n, weight_only)
+    want = reference.int8_linear_dynamic(x, packed, w_scale, bias, n, weight_only)
+    assert got.shape == want.shape == (*lead, n) and got.dtype == torch.float32
+    _close_to_fp32(got, dynamic_reference_fp32(x, packed, w_scale, bias, n, weight_only), torch.float32, backend)
 
 
 @pytest.mark.parametrize("backend,weight_only", _weight_only_params(), indirect=["backend"])
@@ -435,8 +451,7 @@ def test_int8_linear_dynamic_strided_operands(backend, weight_only):
     x = torch.randn(5, 70, device=device())
     w_int8, w_scale = reference.quantize_rowwise(torch.randn(20, 70, device=device()))
     packed, bias = reference.pack_weight(w_int8), torch.randn(20, device=device())
-    from effops.ops.int8_gemm import int8_linear_dynamic
-    got = int8_linear_dynamic(x, _strided(packed), _strided(w_scale), _strided(bias), 20, weight_only)
+    got = ops.int8_linear_dynamic(x, _strided(packed), _strided(w_scale), _strided(bias), 20, weight_only)
     _close_to_fp32(got, reference.int8_linear_dynamic(x, packed, w_scale, bias, 20, weight_only), torch.float32)
 
 
@@ -448,7 +463,6 @@ def test_triton_every_gpu_config(monkeypatch):
     if not effops.backends()["triton"]:
         pytest.skip("triton not usable here")
     import importlib
-    from effops.ops.int8_gemm import int8_linear_dynamic
     tk = importlib.import_module("effops.triton_kernels.int8_gemm")
     monkeypatch.setattr(tk, "_interpreting", lambda t: True)  # the direct launch, with the config below
     m, k, n = 131, 200, 133  # > 1 tile in M and N with the 128-wide tiles, 4 k steps of 64, last one partial
@@ -465,7 +479,7 @@ def test_triton_every_gpu_config(monkeypatch):
         with effops.use_backend("triton"):
             assert torch.equal(ops.int8_mm(a, b).cpu(), _exact_mm(a, b)), config
             got = ops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype=torch.bfloat16)
-            dyn = int8_linear_dynamic(x, packed, w_s, bias, n, False)
+            dyn = ops.int8_linear_dynamic(x, packed, w_s, bias, n, False)
         _close_to_fp32(got, reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias), torch.bfloat16, "triton")
         _close_to_fp32(dyn, reference.int8_linear_dynamic(x, packed, w_s, bias, n, False), torch.float32)
 
@@ -491,12 +505,11 @@ def test_cuda_policy_prefers_triton_and_the_cuda_kernel_declines_its_grid_limit(
 def test_triton_declines_weight_only():
     if not effops.backends()["triton"]:
         pytest.skip("triton not usable here")
-    from effops.ops.int8_gemm import int8_linear_dynamic
     w_int8, w_scale = reference.quantize_rowwise(torch.randn(16, 8, device=device()))
     with effops.use_backend("triton"):
         with pytest.raises(effops.BackendError, match="weight_only"):
-            int8_linear_dynamic(torch.randn(2, 8, device=device()), reference.pack_weight(w_int8), w_scale, None, 16,
-                                True)
+            ops.int8_linear_dynamic(torch.randn(2, 8, device=device()), reference.pack_weight(w_int8), w_scale, None,
+                                    16, True)
 
 
 def test_pack_unpack_roundtrip():
@@ -559,7 +572,6 @@ _LEVELS_SCRIPT = r"""
 import sys
 import torch, effops
 from effops import ops
-from effops.ops.int8_gemm import int8_linear_dynamic
 from effops.reference import int8 as R
 sys.path.insert(0, "tests")
 import test_int8_ops as t
@@ -580,8 +592,8 @@ with effops.use_backend("cpu"):
         for lim, corr in ((127, False), (63, True)):
             w = torch.randint(-lim, lim + 1, (n, k), dtype=torch.int8)
             packed = R.pack_weight(w)
-            got = int8_linear_dynamic(xi, packed, torch.ones(n), None, n, False,
-                                      R.weight_correction(packed) if corr else None)
+            got = ops.int8_linear_dynamic(xi, packed, torch.ones(n), None, n, False,
+                                          R.weight_correction(packed) if corr else None)
             assert torch.equal(got, (xi.long() @ w.long().t()).float()), (m, k, n, lim)
         for dt in (torch.float32, torch.bfloat16, torch.float16):
             x = (torch.randn(m, k) * 3).to(dt)
@@ -594,7 +606,7 @@ with effops.use_backend("cpu"):
                              R.int8_linear(q, s, w, ws, bias, torch.float32), dt)
             packed = R.pack_weight(w)
             for wo in (False, True):  # forced, the cpu kernel runs weight_only at any row count
-                got = int8_linear_dynamic(x, packed, ws, bias, n, wo)
+                got = ops.int8_linear_dynamic(x, packed, ws, bias, n, wo)
                 t._close_to_fp32(got, t.dynamic_reference_fp32(x, packed, ws, bias, n, wo), dt)
     t.check_non_finite_rows(ops.quantize_rowwise)
 """

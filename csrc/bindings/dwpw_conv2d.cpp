@@ -22,11 +22,13 @@ namespace {
 using effops::cpu::dwpw::Shape;
 constexpr int64_t kNr = 16;  // the micro-kernel's column block
 
+// The op's check_args (dwpw_conv2d_op.cpp) has checked what is asserted here; its policy sends
+// kernels larger than 7x7 to the ATen route.
 Shape make_shape(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight, at::IntArrayRef stride,
                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t act) {
-  TORCH_CHECK(x.dim() == 4 && dw_weight.dim() == 4 && pw_weight.dim() == 4, "x and weights must be 4-D");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "stride/padding/dilation: 2 ints");
-  TORCH_CHECK(act >= 0 && act <= 5, "activation code must be 0..5");
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(x.dim() == 4 && dw_weight.dim() == 4 && pw_weight.dim() == 4);
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2);
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(act >= 0 && act <= 5);
   Shape s{};
   s.N = x.size(0), s.C = x.size(1), s.H = x.size(2), s.W = x.size(3), s.O = pw_weight.size(0);
   s.KH = dw_weight.size(2), s.KW = dw_weight.size(3);
@@ -34,9 +36,9 @@ Shape make_shape(const at::Tensor& x, const at::Tensor& dw_weight, const at::Ten
   s.OH = (s.H + 2 * s.PH - s.DH * (s.KH - 1) - 1) / s.SH + 1;
   s.OW = (s.W + 2 * s.PW - s.DW * (s.KW - 1) - 1) / s.SW + 1;
   s.act = static_cast<int>(act);
-  TORCH_CHECK(dw_weight.size(0) == s.C && pw_weight.size(1) == s.C, "weights do not match x's channels");
-  TORCH_CHECK(s.KH <= 8 && s.KW <= 8, "depthwise kernels up to 8x8");
-  TORCH_CHECK(s.OH > 0 && s.OW > 0 && s.SH > 0 && s.SW > 0 && s.DH > 0 && s.DW > 0, "bad convolution geometry");
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(dw_weight.size(0) == s.C && pw_weight.size(1) == s.C);
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(s.KH <= 8 && s.KW <= 8);
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(s.OH > 0 && s.OW > 0 && s.SH > 0 && s.SW > 0 && s.DH > 0 && s.DW > 0);
   return s;
 }
 

@@ -5,7 +5,8 @@
 //                         CompositeImplicitAutograd, so the policy sees grad mode and under
 //                         torch.compile the graph holds whichever route was chosen
 //   _dwpw_conv2d          our fused forward: CPU kernel, Triton (CUDA, or CPU tensors in the
-//                         interpreter), Meta, autocast; its autograd calls
+//                         interpreter), Meta, autocast; checks its arguments when called directly,
+//                         not again when the public op has (fused_op_checks); its autograd calls
 //   dwpw_conv2d_backward  the fused backward, which recomputes the depthwise output per tile instead of
 //                         keeping it: a training step holds only x, not the N x C x H' x W' intermediate
 #include <ATen/ATen.h>
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "bindings/arg_text.h"
 #include "bindings/dispatch.h"
@@ -135,6 +137,35 @@ int64_t check_args(const at::Tensor& x, const at::Tensor& dw_weight, const at::T
                     " is too small for kernel ", shape_str(at::IntArrayRef(sizes_of_tensor(dw_weight)).slice(2)), " with padding ", padding,
                     " and dilation ", dilation);
   return act;
+}
+
+// Checked once per call. The public op checks its arguments and then calls _dwpw_conv2d through the
+// dispatcher (autograd, autocast, then the device's implementation). A direct call of _dwpw_conv2d
+// (torch.ops.effops._dwpw_conv2d, or a node of a compiled graph) must get the same ValueError /
+// TypeError, so the device implementations check too, unless the public op has just done so: it marks
+// its call on this thread (CheckedByPublicOp), and the first implementation below takes the mark
+// (fused_op_checks), so a nested call checks again. The mark ends with the public op's call whether or
+// not an implementation took it (a Python fake kernel, say, takes none).
+thread_local bool t_checked_by_public_op = false;
+
+class CheckedByPublicOp {
+ public:
+  CheckedByPublicOp() : previous_(std::exchange(t_checked_by_public_op, true)) {}
+  ~CheckedByPublicOp() { t_checked_by_public_op = previous_; }
+  CheckedByPublicOp(const CheckedByPublicOp&) = delete;
+  CheckedByPublicOp& operator=(const CheckedByPublicOp&) = delete;
+
+ private:
+  bool previous_;
+};
+
+// The fused op's checks: check_args, or, when the public op has run them, only the activation's code.
+int64_t fused_op_checks(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight,
+                        const std::optional<at::Tensor>& dw_bias, const std::optional<at::Tensor>& pw_bias,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                        const std::optional<c10::string_view>& activation) {
+  if (std::exchange(t_checked_by_public_op, false)) return activation_code(activation);
+  return check_args(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation);
 }
 
 // channels_last when x is laid out that way (and not also plainly contiguous), as the reference says.
@@ -330,7 +361,7 @@ at::Tensor fused_forward_cpu(const at::Tensor& x, const at::Tensor& dw_weight, c
                              const std::optional<at::Tensor>& dw_bias, const std::optional<at::Tensor>& pw_bias,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                              std::optional<c10::string_view> activation) {
-  const int64_t act = check_args(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation);
+  const int64_t act = fused_op_checks(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation);
   switch (effops::dispatch::forced_backend()) {
     case Backend::kTriton:
       return effops::dispatch::python_route<ForwardSig>("effops::_dwpw_conv2d_triton")
@@ -349,7 +380,7 @@ at::Tensor fused_forward_cuda(const at::Tensor& x, const at::Tensor& dw_weight, 
                               const std::optional<at::Tensor>& dw_bias, const std::optional<at::Tensor>& pw_bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               std::optional<c10::string_view> activation) {
-  const int64_t act = check_args(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation);
+  const int64_t act = fused_op_checks(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation);
   if (effops::dispatch::forced_backend() == Backend::kReference || !has_triton_route())
     return aten_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, act);
   return effops::dispatch::python_route<ForwardSig>("effops::_dwpw_conv2d_triton")
@@ -361,7 +392,7 @@ at::Tensor fused_forward_meta(const at::Tensor& x, const at::Tensor& dw_weight, 
                               const std::optional<at::Tensor>& dw_bias, const std::optional<at::Tensor>& pw_bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               std::optional<c10::string_view> activation) {
-  check_args(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation);
+  fused_op_checks(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation);
   const auto out = output_hw(x, dw_weight, stride, padding, dilation);
   return at::empty({size_of(x, 0), size_of(pw_weight, 0), out[0], out[1]}, x.options().memory_format(memory_format(x)));
 }
@@ -547,6 +578,7 @@ at::Tensor dwpw_conv2d(const at::Tensor& x, const at::Tensor& dw_weight, const a
                               "backend 'triton' is forced but triton is not installed");
   const Backend route = effops::dispatch::choose("dwpw_conv2d", device, p.ours, p.cannot, p.slower);
   if (route == Backend::kReference) return aten_forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, act);
+  const CheckedByPublicOp checked;  // the fused op's implementation skips check_args, run above
   return fused_op().call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, activation);
 }
 

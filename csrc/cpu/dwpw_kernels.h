@@ -23,99 +23,66 @@ constexpr int kMr = 6;       // micro-kernel rows: 6 x 2 accumulators + 2 B vect
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// ---- the vector functions simd.h does not have: min, a (lo, hi) indicator, exp, erf ----
-EFFOPS_INLINE ScalarVec vmin(ScalarVec a, ScalarVec b) { return {a.v < b.v ? a.v : b.v}; }
+// ---- the vector functions simd.h does not have: a (lo, hi) indicator, exp, erf ----
+// The scalar level keeps the C library's exp and erf: it is the body the vector ones are checked
+// against. The vector levels share one polynomial of each (vexp, verf below).
 EFFOPS_INLINE ScalarVec vinside(ScalarVec h, float lo, float hi) { return {(h.v > lo && h.v < hi) ? 1.f : 0.f}; }
 EFFOPS_INLINE ScalarVec vexp(ScalarVec a) { return {std::exp(a.v)}; }
 EFFOPS_INLINE ScalarVec verf(ScalarVec a) { return {std::erf(a.v)}; }
 
 #if EFFOPS_HAVE_X86
-EFFOPS_AVX2_TARGET inline Avx2Vec vmin(Avx2Vec a, Avx2Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
 EFFOPS_AVX2_TARGET inline Avx2Vec vinside(Avx2Vec h, float lo, float hi) {
   __m256 m = _mm256_and_ps(_mm256_cmp_ps(h.v, _mm256_set1_ps(lo), _CMP_GT_OQ),
                            _mm256_cmp_ps(h.v, _mm256_set1_ps(hi), _CMP_LT_OQ));
   return {_mm256_and_ps(m, _mm256_set1_ps(1.f))};
 }
-// Cephes expf: exp(x) = 2^n * exp(r), r = x - n ln2 split in two parts, degree-6 polynomial (~1 ulp).
-EFFOPS_AVX2_TARGET inline Avx2Vec vexp(Avx2Vec a) {
-  __m256 x = _mm256_min_ps(_mm256_max_ps(a.v, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  // Overflow to +inf where std::exp does (above ln(FLT_MAX) = 88.7228; between the 88.3 clamp and that
-  // the result stays exp(88.3) ~ 2e38, below std::exp's, a difference no activation here shows), so
-  // silu(-inf) is -inf / inf = NaN as torch's -inf * sigmoid(-inf); NaN stays NaN (the clamp dropped it).
-  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(a.v, _mm256_set1_ps(88.72283935546875f), _CMP_GT_OQ));
-  return {_mm256_blendv_ps(y, a.v, _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q))};
-}
-// Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), odd extension.
-EFFOPS_AVX2_TARGET inline Avx2Vec verf(Avx2Vec a) {
-  const __m256 sign = _mm256_and_ps(a.v, _mm256_set1_ps(-0.f));
-  const __m256 x = _mm256_andnot_ps(_mm256_set1_ps(-0.f), a.v);
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(x, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.f)));
-  __m256 p = _mm256_set1_ps(1.061405429f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
-  p = _mm256_mul_ps(p, t);
-  const __m256 e = vexp(Avx2Vec{_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(x, x))}).v;
-  const __m256 y = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.f));
-  return {_mm256_or_ps(y, sign)};
-}
-
-// The same functions on 512-bit vectors (the inverted-residual kernel's AVX-512 body): the AVX2 forms
-// above, instruction for instruction, with mask registers for the compares.
-EFFOPS_AVX512_TARGET inline Avx512Vec vmin(Avx512Vec a, Avx512Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
 EFFOPS_AVX512_TARGET inline Avx512Vec vinside(Avx512Vec h, float lo, float hi) {
   const __mmask16 m = _mm512_cmp_ps_mask(h.v, _mm512_set1_ps(lo), _CMP_GT_OQ) &
                       _mm512_cmp_ps_mask(h.v, _mm512_set1_ps(hi), _CMP_LT_OQ);
   return {_mm512_maskz_mov_ps(m, _mm512_set1_ps(1.f))};
 }
-EFFOPS_AVX512_TARGET inline Avx512Vec vexp(Avx512Vec a) {
-  __m512 x = _mm512_min_ps(_mm512_max_ps(a.v, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.f));
-  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(88.72283935546875f), _CMP_GT_OQ),
-                         _mm512_set1_ps(INFINITY));
-  return {_mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), a.v)};
-}
-EFFOPS_AVX512_TARGET inline Avx512Vec verf(Avx512Vec a) {
-  const __m512 sign = _mm512_and_ps(a.v, _mm512_set1_ps(-0.f));
-  const __m512 x = _mm512_andnot_ps(_mm512_set1_ps(-0.f), a.v);
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(x, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
-  __m512 p = _mm512_set1_ps(1.061405429f);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-  p = _mm512_mul_ps(p, t);
-  const __m512 e = vexp(Avx512Vec{_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x, x))}).v;
-  const __m512 y = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.f));
-  return {_mm512_or_ps(y, sign)};
-}
 #endif
+
+// Cephes expf on Avx2Vec and Avx512Vec (the ScalarVec overload above wins for the scalar level):
+// exp(x) = 2^n * exp(r), r = x - n ln2 split in two parts, degree-6 polynomial (~1 ulp). No target
+// attribute: always inlined into the kernel bodies, which carry their level's.
+template <typename V>
+EFFOPS_INLINE V vexp(V a) {
+  V x = V::min(V::max(a, V::broadcast(-87.3f)), V::broadcast(88.3f));  // a NaN becomes -87.3 here
+  const V n = V::round(x * V::broadcast(1.44269504088896341f));
+  x = V::fnma(n, V::broadcast(0.693359375f), x);
+  x = V::fnma(n, V::broadcast(-2.12194440e-4f), x);
+  V p = V::broadcast(1.9875691500e-4f);
+  p = V::fma(p, x, V::broadcast(1.3981999507e-3f));
+  p = V::fma(p, x, V::broadcast(8.3334519073e-3f));
+  p = V::fma(p, x, V::broadcast(4.1665795894e-2f));
+  p = V::fma(p, x, V::broadcast(1.6666665459e-1f));
+  p = V::fma(p, x, V::broadcast(5.0000001201e-1f));
+  p = V::fma(p, x * x, x) + V::broadcast(1.f);
+  const V y = p * V::pow2(n);
+  // Overflow to +inf where std::exp does (above ln(FLT_MAX) = 88.7228; between the 88.3 clamp and that
+  // the result stays exp(88.3) ~ 2e38, below std::exp's, a difference no activation here shows), so
+  // silu(-inf) is -inf / inf = NaN as torch's -inf * sigmoid(-inf); NaN stays NaN (the clamp dropped it).
+  const V y_inf = V::select(V::greater(a, V::broadcast(88.72283935546875f)), V::broadcast(INFINITY), y);
+  return V::select(V::is_nan(a), a, y_inf);
+}
+
+// Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), odd extension: the sign bit of a or-ed
+// into erf(|a|).
+template <typename V>
+EFFOPS_INLINE V verf(V a) {
+  const V sign = a & V::broadcast(-0.f);
+  const V x = V::abs(a);
+  const V t = V::broadcast(1.f) / V::fma(x, V::broadcast(0.3275911f), V::broadcast(1.f));
+  V p = V::broadcast(1.061405429f);
+  p = V::fma(p, t, V::broadcast(-1.453152027f));
+  p = V::fma(p, t, V::broadcast(1.421413741f));
+  p = V::fma(p, t, V::broadcast(-0.284496736f));
+  p = V::fma(p, t, V::broadcast(0.254829592f));
+  p = p * t;
+  const V e = vexp(V::zero() - x * x);
+  return V::fnma(p, e, V::broadcast(1.f)) | sign;
+}
 
 // act(h) and act'(h), as torch defines them (gelu: exact erf form; relu6 derivative 0 at 0 and 6).
 template <typename V>
@@ -124,11 +91,11 @@ EFFOPS_INLINE V act_forward(V h, int act) {
     // Operand order matters: max_ps/min_ps (and the scalar a > b ? a : b) return the SECOND operand
     // when one is NaN, so h goes second and a NaN passes through, as in torch.
     case kRelu: return V::max(V::zero(), h);
-    case kRelu6: return vmin(V::broadcast(6.f), V::max(V::zero(), h));
+    case kRelu6: return V::min(V::broadcast(6.f), V::max(V::zero(), h));
     case kGelu: return V::broadcast(0.5f) * h * (V::broadcast(1.f) + verf(h * V::broadcast(0.70710678118654752f)));
     case kSilu: return h / (V::broadcast(1.f) + vexp(V::zero() - h));
     case kHardswish:  // h * relu6(h + 3) / 6, in torch's order of operations
-      return h * vmin(V::broadcast(6.f), V::max(V::zero(), h + V::broadcast(3.f))) / V::broadcast(6.f);
+      return h * V::min(V::broadcast(6.f), V::max(V::zero(), h + V::broadcast(3.f))) / V::broadcast(6.f);
     default: return h;
   }
 }

@@ -1,6 +1,7 @@
 // The SIMD vocabulary every CPU kernel uses: an fp32 vector type with load/store/fma and conversions
 // from and to bf16/fp16, in a scalar, an AVX2 (8 lanes) and an AVX-512 (16 lanes) flavour with the
-// same names.
+// same names. The lane masks of compares (`Mask`: a bool, an all-ones __m256 lane, a __mmask16 bit) are
+// only ever handed to `select`, so the three can differ in type.
 //
 // Kernels are templates over `Vec` and are instantiated once per level: inside a function marked
 // EFFOPS_AVX512_TARGET / EFFOPS_AVX2_TARGET (compiled for that instruction set although the file is
@@ -74,6 +75,32 @@ struct ScalarVec {
   static ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v > b.v ? a.v : b.v}; }
   static ScalarVec sqrt(ScalarVec a) { return {__builtin_sqrtf(a.v)}; }
   float reduce_add() const { return v; }
+  // For the polynomial approximations (dwpw_kernels.h's exp and erf). min and max return b where
+  // either is NaN, as min_ps/max_ps do.
+  using Mask = bool;
+  static ScalarVec min(ScalarVec a, ScalarVec b) { return {a.v < b.v ? a.v : b.v}; }
+  static ScalarVec fnma(ScalarVec a, ScalarVec b, ScalarVec c) { return {c.v - a.v * b.v}; }  // c - a * b
+  static ScalarVec round(ScalarVec a) { return {__builtin_rintf(a.v)}; }  // to nearest, ties to even
+  static ScalarVec abs(ScalarVec a) { return {__builtin_fabsf(a.v)}; }
+  // 2^n for n integral in [-126, 127]: the exponent field written directly.
+  static ScalarVec pow2(ScalarVec n) { return from_bits((static_cast<int32_t>(n.v) + 127) << 23); }
+  friend ScalarVec operator&(ScalarVec a, ScalarVec b) { return from_bits(a.bits() & b.bits()); }  // of the bit patterns
+  friend ScalarVec operator|(ScalarVec a, ScalarVec b) { return from_bits(a.bits() | b.bits()); }
+  static Mask greater(ScalarVec a, ScalarVec b) { return a.v > b.v; }  // false where either is NaN
+  static Mask is_nan(ScalarVec a) { return a.v != a.v; }
+  static ScalarVec select(Mask m, ScalarVec if_true, ScalarVec if_false) { return m ? if_true : if_false; }
+
+ private:
+  int32_t bits() const {
+    int32_t b;
+    std::memcpy(&b, &v, 4);
+    return b;
+  }
+  static ScalarVec from_bits(int32_t b) {
+    ScalarVec r;
+    std::memcpy(&r.v, &b, 4);
+    return r;
+  }
 };
 
 #if EFFOPS_HAVE_X86
@@ -126,6 +153,24 @@ struct Avx2Vec {
     s = _mm_hadd_ps(s, s);
     return _mm_cvtss_f32(s);
   }
+  using Mask = __m256;  // all-ones lanes where true
+  EFFOPS_AVX2_TARGET static Avx2Vec min(Avx2Vec a, Avx2Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
+  EFFOPS_AVX2_TARGET static Avx2Vec fnma(Avx2Vec a, Avx2Vec b, Avx2Vec c) { return {_mm256_fnmadd_ps(a.v, b.v, c.v)}; }
+  EFFOPS_AVX2_TARGET static Avx2Vec round(Avx2Vec a) {
+    return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  EFFOPS_AVX2_TARGET static Avx2Vec abs(Avx2Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.f), a.v)}; }
+  EFFOPS_AVX2_TARGET static Avx2Vec pow2(Avx2Vec n) {
+    const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(biased, 23))};
+  }
+  EFFOPS_AVX2_TARGET friend Avx2Vec operator&(Avx2Vec a, Avx2Vec b) { return {_mm256_and_ps(a.v, b.v)}; }
+  EFFOPS_AVX2_TARGET friend Avx2Vec operator|(Avx2Vec a, Avx2Vec b) { return {_mm256_or_ps(a.v, b.v)}; }
+  EFFOPS_AVX2_TARGET static Mask greater(Avx2Vec a, Avx2Vec b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ); }
+  EFFOPS_AVX2_TARGET static Mask is_nan(Avx2Vec a) { return _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q); }
+  EFFOPS_AVX2_TARGET static Avx2Vec select(Mask m, Avx2Vec if_true, Avx2Vec if_false) {
+    return {_mm256_blendv_ps(if_false.v, if_true.v, m)};
+  }
 };
 
 // ---- AVX-512: 16 fp32 lanes, the same members; compiled for the avx512 level. ----
@@ -170,6 +215,26 @@ struct Avx512Vec {
   EFFOPS_AVX512_TARGET static Avx512Vec max(Avx512Vec a, Avx512Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   EFFOPS_AVX512_TARGET static Avx512Vec sqrt(Avx512Vec a) { return {_mm512_sqrt_ps(a.v)}; }
   EFFOPS_AVX512_TARGET float reduce_add() const { return _mm512_reduce_add_ps(v); }
+  using Mask = __mmask16;  // one bit per lane
+  EFFOPS_AVX512_TARGET static Avx512Vec min(Avx512Vec a, Avx512Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
+  EFFOPS_AVX512_TARGET static Avx512Vec fnma(Avx512Vec a, Avx512Vec b, Avx512Vec c) {
+    return {_mm512_fnmadd_ps(a.v, b.v, c.v)};
+  }
+  EFFOPS_AVX512_TARGET static Avx512Vec round(Avx512Vec a) {
+    return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  }
+  EFFOPS_AVX512_TARGET static Avx512Vec abs(Avx512Vec a) { return {_mm512_andnot_ps(_mm512_set1_ps(-0.f), a.v)}; }
+  EFFOPS_AVX512_TARGET static Avx512Vec pow2(Avx512Vec n) {
+    const __m512i biased = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(biased, 23))};
+  }
+  EFFOPS_AVX512_TARGET friend Avx512Vec operator&(Avx512Vec a, Avx512Vec b) { return {_mm512_and_ps(a.v, b.v)}; }
+  EFFOPS_AVX512_TARGET friend Avx512Vec operator|(Avx512Vec a, Avx512Vec b) { return {_mm512_or_ps(a.v, b.v)}; }
+  EFFOPS_AVX512_TARGET static Mask greater(Avx512Vec a, Avx512Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
+  EFFOPS_AVX512_TARGET static Mask is_nan(Avx512Vec a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q); }
+  EFFOPS_AVX512_TARGET static Avx512Vec select(Mask m, Avx512Vec if_true, Avx512Vec if_false) {
+    return {_mm512_mask_mov_ps(if_false.v, m, if_true.v)};
+  }
 };
 #endif
 

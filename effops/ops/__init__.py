@@ -8,10 +8,10 @@ these modules is cheap (no Triton; kernels load on first use) and registers ever
 from effops.ops.adam8bit_step import adam8bit_step
 from effops.ops.adam_step import adam_step
 from effops.ops.dwpw_conv2d import dwpw_conv2d
-from effops.ops.int8_gemm import int8_linear, int8_mm
+from effops.ops.int8_gemm import int8_linear, int8_linear_dynamic, int8_mm
 from effops.ops.inverted_residual import inverted_residual
 from effops.ops.masked_linear import masked_linear
 from effops.ops.quantize_rowwise import quantize_rowwise
 
-__all__ = ["adam8bit_step", "adam_step", "dwpw_conv2d", "int8_linear", "int8_mm", "inverted_residual", "masked_linear",
-           "quantize_rowwise"]
+__all__ = ["adam8bit_step", "adam_step", "dwpw_conv2d", "int8_linear", "int8_linear_dynamic", "int8_mm",
+           "inverted_residual", "masked_linear", "quantize_rowwise"]

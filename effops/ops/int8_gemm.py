@@ -1,4 +1,4 @@
-"""effops.ops.int8_mm, int8_linear and Int8Linear's int8_linear_dynamic.
+"""effops.ops.int8_mm, int8_linear and int8_linear_dynamic (Int8Linear's op).
 
 The ops, their checks, their policies and autograd are C++ (csrc/bindings/int8_gemm.cpp,
 int8_linear_dynamic.cpp). This module adds what only Python can do (the reference inside torch.func
@@ -39,9 +39,20 @@ def int8_linear(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=torch.flo
 
 
 def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=False, w_corr=None):
-    """Int8Linear's forward: x (..., K) float, w_packed = reference.int8.pack_weight of an (N, K) int8
-    weight, w_scale (N,) fp32, bias (N,) fp32 or None. Output in x's dtype (autocast's under autocast).
-    x gets a straight-through gradient (x's rounding treated as identity); bias gets its usual gradient.
+    """Int8Linear's forward as an op: x (..., K) float against a packed int8 weight -> (..., N) in x's dtype.
+
+    x: (..., K) fp32, bf16 or fp16, any leading dims (none, or empty ones, included); w_packed:
+    reference.int8.pack_weight of an (N, K) int8 weight; w_scale: (N,) fp32 (per output channel);
+    bias: (N,) fp32 or None; out_features: N (the packed weight is padded to multiples of 16 x 4).
+    The output is in x's dtype (autocast's under autocast).
+
+    weight_only=False: x is quantized per row at run time (quantize_rowwise), multiplied with int32
+    accumulation, and dequantized in the GEMM's epilogue: (q @ w_int8^T) * x_scale[..., None] * w_scale
+    + bias. weight_only=True: x stays floating, y = x @ (w_int8 * w_scale)^T + bias in fp32. Both as
+    reference.int8.int8_linear_dynamic.
+
+    Gradients: x gets a straight-through one, grad_y @ (w_int8 * w_scale) (x's rounding treated as
+    identity); bias its usual one; the int8 weight and its scale none.
 
     w_corr: None, or reference.int8.weight_correction(w_packed) for weights that are all in [-63, 63]
     (Int8Linear's weight_bits=7), with which the CPU kernel skips the sign handling. It is a promise
