@@ -3,7 +3,11 @@ channels_last, fp32 (--dtype for 16-bit): our fused kernel (backend "cpu", force
 route (backend "reference": the three convolutions, activations and add through torch's own kernels,
 the expanded tensor in memory), side by side in one process, interleaved, medians.
 
-    python -m benchmarks.bench_inverted_residual [--batches 1,16] [--cpu-time] [--dtype bfloat16]
+    python -m benchmarks.bench_inverted_residual [--batches 1,16] [--cpu-time] [--dtype bfloat16] [--train]
+
+--train: a forward and backward of each block (x and every weight needing gradients), the ATen route
+being torch's autograd over the same ops (it saves the expanded tensor); our route the fused forward
+and the backward that recomputes it.
 
 --cpu-time: one thread, CPU time of that thread (at::parallel_for and oneDNN then run in it), which the
 other processes of a shared machine do not inflate; the default is wall clock at torch's thread count.
@@ -19,6 +23,7 @@ import torch
 
 import effops
 from benchmarks.common import compare
+from effops.reference import inverted_residual as reference
 
 _op = importlib.import_module("effops.ops.inverted_residual")  # the module (effops.ops.inverted_residual is the function)
 
@@ -51,7 +56,7 @@ BLOCKS = [
 ]
 
 
-def make(block, batch, dtype=torch.float32):
+def make(block, batch, dtype=torch.float32, train=False):
     _, cin, hidden, cout, size, k, stride, act = block[:8]
     se = block[8] if len(block) > 8 else None
     g = torch.Generator().manual_seed(0)
@@ -69,10 +74,20 @@ def make(block, batch, dtype=torch.float32):
                      se_reduce_bias=torch.zeros(squeeze, dtype=dtype),
                      se_expand_weight=torch.randn(hidden, squeeze, 1, 1, generator=g).to(dtype) / squeeze ** 0.5,
                      se_expand_bias=torch.ones(hidden, dtype=dtype), se_activation=se_act, se_gate=gate)
-    packed = _op.inverted_residual_pack(*weights)
     residual = stride == 1 and cin == cout
     out = (size + 2 * ((k - 1) // 2) - k) // stride + 1
     flops = 2 * batch * ((size * size * cin * hidden if expand else 0) + out * out * hidden * (k * k + cout))
+    if train:
+        for t in [x] + weights + [v for v in se_kw.values() if isinstance(v, torch.Tensor)]:
+            if t is not None:
+                t.requires_grad_()
+
+        def step(op=effops.ops.inverted_residual):
+            with torch.enable_grad():
+                op(x, *weights, (stride,) * 2, ((k - 1) // 2,) * 2, act, residual, **se_kw).sum().backward()
+        step.plain = lambda: step(reference.inverted_residual)  # torch's autograd over torch's ops
+        return step, 3 * flops
+    packed = _op.inverted_residual_pack(*weights)
     return (lambda: effops.ops.inverted_residual(x, *weights, stride, (k - 1) // 2, act, residual, packed,
                                                  **se_kw)), flops
 
@@ -84,9 +99,10 @@ def forced(backend, fn):
     return call
 
 
-def impls(block, batch, dtype):
-    fn, flops = make(block, batch, dtype)
-    return {"reference": forced("reference", fn), "cpu": forced("cpu", fn), "effops": fn}, flops
+def impls(block, batch, dtype, train=False):
+    fn, flops = make(block, batch, dtype, train)
+    plain = fn.plain if train else forced("reference", fn)
+    return {"reference": plain, "cpu": forced("cpu", fn), "effops": fn}, flops
 
 
 def cpu_time(fn, min_time=0.3):
@@ -100,12 +116,12 @@ def cpu_time(fn, min_time=0.3):
     return statistics.median(samples)
 
 
-def bench(batches, use_cpu_time, rounds=3, min_time=0.2, dtype=torch.float32, only=""):
+def bench(batches, use_cpu_time, rounds=3, min_time=0.2, dtype=torch.float32, only="", train=False):
     rows = []
     with torch.no_grad():
         for batch in batches:
             for block in [b for b in BLOCKS if only in b[0]]:
-                fns, flops = impls(block, batch, dtype)
+                fns, flops = impls(block, batch, dtype, train)
                 case = "%s b%d" % (block[0], batch)
                 if not use_cpu_time:
                     rows += compare("inverted_residual", case, fns, "reference", "cpu", rounds, min_time,
@@ -137,11 +153,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--only", default="", help="blocks whose name contains this")
+    parser.add_argument("--train", action="store_true", help="forward and backward")
     args = parser.parse_args()
     if args.cpu_time:
         torch.set_num_threads(1)
     rows = bench([int(b) for b in args.batches.split(",")], args.cpu_time, args.rounds,
-                 dtype=getattr(torch, args.dtype), only=args.only)
+                 dtype=getattr(torch, args.dtype), only=args.only, train=args.train)
     print("| case | reference ms | cpu ms | cpu vs reference | effops vs reference |")
     print("|---|---|---|---|---|")
     by_case = {}
