@@ -1,5 +1,6 @@
 """effops.ops.inverted_residual on every CPU route (ATen, our kernel at every instruction-set level) against the reference."""
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -303,3 +304,24 @@ def test_training_choice_follows_the_policy():
         expected([tensors[0].double()] + t64, kw).square().mean().backward()
         for w, w64 in zip(weights, t64):
             torch.testing.assert_close(w.grad, w64.grad.float(), atol=1e-5, rtol=1e-4)
+
+
+@needs_ext
+@pytest.mark.parametrize("with_se", [False, True], ids=["plain", "se"])
+def test_autocast_casts_like_torchs_convolutions(with_se):
+    """Under CPU autocast (bf16) fp32 inputs are cast as torch casts a convolution's: the result is the op on
+    the cast tensors, bf16, on every route; fp32 packed weights are not used for bf16 weights."""
+    from effops.nn import InvertedResidual
+    torch.manual_seed(0)
+    block = InvertedResidual(8, 32, 8, 3, 1, "hardswish", residual=True,
+                             squeeze_channels=8 if with_se else None).eval()
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        got = block(x)
+    assert got.dtype == torch.bfloat16
+    want = copy.deepcopy(block).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(got, want(x.to(torch.bfloat16)), atol=0, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # and in training (gradients reach the fp32 weights)
+        block.train()(x).float().square().mean().backward()
+    assert block.depthwise.weight.grad.dtype == torch.float32 and block.depthwise.weight.grad.abs().sum() > 0

@@ -1,4 +1,4 @@
-// effops::inverted_residual_backward and the autograd of effops::inverted_residual.
+// effops::inverted_residual_backward, and the autograd and autocast of effops::inverted_residual.
 //
 // The forward saves only x and the weights: the expanded tensor (6x the block's channels) and the
 // depthwise output are recomputed in the backward, a chunk of images at a time, and never exist for
@@ -9,6 +9,7 @@
 // plain ATen route) does the same arithmetic on the whole batch at once. A fused backward kernel (the
 // expanded tile recomputed in cache, as the forward does) is not written yet.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -256,6 +257,26 @@ at::Tensor forward_autograd(const at::Tensor& x, const OptTensor& ew, const OptT
       o(packed), o(se_rw), o(se_rb), o(se_ew), o(se_eb), std::string(se_activation), std::string(se_gate_name));
 }
 
+// Under autocast every floating input is cast to autocast's dtype, as torch's convolutions are. The
+// packed weights (fp32, built from the weights' own dtype) go along only when the weights already have
+// that dtype; otherwise the kernel packs the cast weights, so every route computes with the same ones.
+template <c10::DeviceType kDevice>
+at::Tensor forward_autocast(const at::Tensor& x, const OptTensor& ew, const OptTensor& eb, const at::Tensor& dw,
+                            const OptTensor& db, const at::Tensor& pw, const OptTensor& pb, at::IntArrayRef stride,
+                            at::IntArrayRef padding, std::optional<c10::string_view> activation, bool residual,
+                            const OptTensor& packed, const OptTensor& se_rw, const OptTensor& se_rb,
+                            const OptTensor& se_ew, const OptTensor& se_eb, c10::string_view se_activation,
+                            c10::string_view se_gate_name) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
+  const auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, kDevice); };
+  const auto cast_opt = [&](const OptTensor& t) { return given(t) ? OptTensor(cast(*t)) : std::nullopt; };
+  const OptTensor keep_packed = dw.scalar_type() == dtype ? packed : std::nullopt;
+  return forward_op().call(cast(x), cast_opt(ew), cast_opt(eb), cast(dw), cast_opt(db), cast(pw), cast_opt(pb),
+                           stride, padding, activation, residual, keep_packed, cast_opt(se_rw), cast_opt(se_rb),
+                           cast_opt(se_ew), cast_opt(se_eb), se_activation, se_gate_name);
+}
+
 Grads backward_meta(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& ew, const OptTensor& eb,
                     const at::Tensor& dw, const OptTensor& db, const at::Tensor& pw, const OptTensor& pb,
                     at::IntArrayRef stride, at::IntArrayRef padding, std::optional<c10::string_view> activation,
@@ -282,3 +303,7 @@ TORCH_LIBRARY_FRAGMENT(effops, m) {
 TORCH_LIBRARY_IMPL(effops, CPU, m) { m.impl("inverted_residual_backward", &backward_cpu); }
 TORCH_LIBRARY_IMPL(effops, Meta, m) { m.impl("inverted_residual_backward", &backward_meta); }
 TORCH_LIBRARY_IMPL(effops, Autograd, m) { m.impl("inverted_residual", &forward_autograd); }
+TORCH_LIBRARY_IMPL(effops, AutocastCPU, m) { m.impl("inverted_residual", &forward_autocast<c10::DeviceType::CPU>); }
+TORCH_LIBRARY_IMPL(effops, AutocastCUDA, m) {
+  m.impl("inverted_residual", &forward_autocast<c10::DeviceType::CUDA>);
+}

@@ -190,10 +190,7 @@ class Demo:
             model = self._try(side, "prune", lambda: side.pipeline.prepare_finetune(side.model))
             if model is not None:
                 side.model = model
-        if effops_side.unavailable is None and not effops_side.pipeline.fuses():
-            self.notes.append("--amp: the effops side runs the blocks unfused (torch's convolutions) in every "
-                              "stage: the fused InvertedResidual op has no autocast rule in this build")
-        elif effops_side.unavailable is None:
+        if effops_side.unavailable is None:
             self.notes.append("fine-tuning with BatchNorm frozen (running statistics): effops fused %d blocks in "
                               "train mode (InvertedResidual, BatchNorm folded into trainable convs); the first "
                               "stage trains with batch statistics, which no fused block computes"

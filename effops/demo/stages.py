@@ -92,9 +92,9 @@ class EffopsPipeline(Pipeline):
         return self.to_device(model)
 
     def fuses(self):
-        """Whether this side fuses the blocks: not under --amp, where the fused op, which has no autocast
-        rule in this build, would get bf16 activations with fp32 weights (a TypeError)."""
-        return not self.cfg.amp
+        """Whether this side fuses the blocks (always: under --amp the fused op casts as torch's
+        convolutions do)."""
+        return True
 
     def optimizer(self, params, lr):
         name = "AdamW8bit" if getattr(self.cfg, "optimizer", "adamw") == "adamw8bit" else "AdamW"
