@@ -11,6 +11,13 @@ output-channel block (KH x KW x ceil(Cout / BLOCK_O) times the expand's arithmet
 a halo tile between taps: correct and simple, its speed unmeasured (no GPU here); a halo tile in shared
 memory is the open work. Inputs and outputs are addressed through their strides (NCHW, channels_last).
 
+Squeeze-excitation (d * gate(mean_hw(d)) before the project) needs d's mean over the whole image first:
+two passes, as the CPU kernel. `_inverted_residual_sums_kernel`, one program per (BLOCK_P pixels, BLOCK_H
+hidden channels, image), computes the same d tile (`_depthwise_chunk`, shared with the forward) and
+stores its sum over the block's pixels (fp32 partial sums, added by torch: no atomics, the same means on
+every run); the op layer computes the gate from the means (N x hidden values, torch); the forward with
+HAS_SCALE multiplies d by it per (image, channel) before the project dot.
+
 Tiles are >= 16 in every tl.dot dimension. Under TRITON_INTERPRET=1 (tests on CPU tensors) bf16 dots run
 in fp32 (the interpreter computes bf16 dots wrongly; triton_kernels/dwpw_conv2d.py).
 """
