@@ -200,12 +200,17 @@ def test_opcheck_and_compile():
 
 
 @needs_ext
-def test_triton_forced_refuses_squeeze_excitation():
-    """The Triton kernel has no squeeze-excitation pass: forced, it says so (never a quiet fallback)."""
+def test_triton_forced_runs_squeeze_excitation():
+    """Forced "triton" runs a squeeze-excitation block through the Triton kernels (on CPU tensors: Triton's
+    interpreter; tests/test_inverted_residual_se_triton.py has the rest), not the CPU kernel nor the reference."""
     pytest.importorskip("triton")
+    if not effops._backends.runs_on("triton", "cpu"):
+        pytest.skip("Triton's interpreter is off (TRITON_INTERPRET)")
     tensors, kw = make_se(*SE_CASES[0])
-    with effops.use_backend("triton"), pytest.raises(effops.BackendError, match="squeeze-excitation"):
-        kernel(tensors, kw)
+    with effops.use_backend("triton"), effops._backends.record_choices() as tally:
+        got = kernel(tensors, kw)
+    assert tally["inverted_residual"] == {"triton": 1}, dict(tally)
+    torch.testing.assert_close(got, expected(tensors, kw).float(), **TOL[torch.float32])
 
 
 def plain_block(block):

@@ -12,10 +12,12 @@ registered here for the CUDA key; it has no backward yet, and has never run on a
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 
-from effops import _backends, _ext
+from effops import _ext
 from effops.ops import _checks
 from effops.reference import inverted_residual as reference
+from effops.reference.dwpw_conv2d import activate
 
 ACTIVATIONS = reference.ACTIVATIONS
 SE_GATES = tuple(reference.SE_GATES)
@@ -24,21 +26,29 @@ _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
 _registered = []
 
 
+def _se_gate(means, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias, se_activation, se_gate):
+    """The squeeze-excitation gate from d's means (fp32 [N, hidden]): two tiny 1x1 convs as matrix products,
+    in fp32 whatever x's dtype (as the CPU kernel's gate); fp32 [N, hidden]."""
+    rw, rb, ew, eb = (None if t is None else t.to(torch.float32) for t in (se_reduce_weight, se_reduce_bias,
+                                                                           se_expand_weight, se_expand_bias))
+    squeezed = activate(F.linear(means, rw.flatten(1), rb), se_activation)
+    return reference.SE_GATES[se_gate](F.linear(squeezed, ew.flatten(1), eb))
+
+
 def _triton_forward(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride, padding,
                     activation, residual, packed=None, se_reduce_weight=None, se_reduce_bias=None,
                     se_expand_weight=None, se_expand_bias=None, se_activation="relu", se_gate="hardsigmoid"):
+    from effops.triton_kernels import inverted_residual as kernels
+    scale = None
     if se_reduce_weight is not None or se_expand_weight is not None:
-        # The Triton kernel has no squeeze-excitation pass yet: on CUDA the block runs as plain PyTorch,
-        # unless "triton" is forced, which never falls back.
-        if _backends.forced_backend() == "triton":
-            raise NotImplementedError("backend 'triton' is forced but its inverted_residual kernel has no "
-                                      "squeeze-excitation yet")
-        return reference.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
-                                           project_bias, stride, padding, activation, residual, se_reduce_weight,
-                                           se_reduce_bias, se_expand_weight, se_expand_bias, se_activation, se_gate)
-    from effops.triton_kernels.inverted_residual import inverted_residual_forward
-    return inverted_residual_forward(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
-                                     stride, padding, activation, residual)
+        # Two passes, as the CPU kernel: d's per-channel means (no project), the gate from them in torch
+        # (N x hidden values), then the block with d scaled by the gate.
+        means = kernels.inverted_residual_means(x, expand_weight, expand_bias, dw_weight, dw_bias, stride, padding,
+                                                activation)
+        scale = _se_gate(means, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias, se_activation,
+                         se_gate)
+    return kernels.inverted_residual_forward(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
+                                             project_bias, stride, padding, activation, residual, scale)
 
 
 def _define_triton_route():
