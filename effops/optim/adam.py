@@ -326,9 +326,14 @@ class Adam(Optimizer):
 def _check_grads(calls):
     """Each call's gradients against its params, before any call steps, in the op's words: the op checks
     them too, but one call at a time, so a bad gradient in a later group would leave the earlier groups
-    stepped."""
+    stepped. Compared list against list at C speed; the per-param loop below runs only to name a mismatch."""
     for lists, _ in calls:
-        for i, (p, g) in enumerate(zip(lists["params"], lists["grads"])):
+        params, grads = lists["params"], lists["grads"]
+        if list(map(_DTYPE, grads)) == list(map(_DTYPE, params)) and \
+                list(map(_SHAPE, grads)) == list(map(_SHAPE, params)) and \
+                list(map(_DEVICE, grads)) == list(map(_DEVICE, params)):
+            continue
+        for i, (p, g) in enumerate(zip(params, grads)):
             if g.dtype != p.dtype:
                 raise TypeError("grads[%d] must have dtype %s like params[%d], got %s"
                                 % (i, str(p.dtype).replace("torch.", ""), i, str(g.dtype).replace("torch.", "")))
@@ -355,6 +360,8 @@ def group_hyper(group, index):
 _GRAD = attrgetter("grad")
 _DTYPE = attrgetter("dtype")
 _IS_SPARSE = attrgetter("is_sparse")
+_SHAPE = attrgetter("shape")
+_DEVICE = attrgetter("device")
 _GET_DEVICE = torch.Tensor.get_device
 _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _STEP = map(itemgetter, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"))
 _PLAIN_TYPES = frozenset((torch.nn.Parameter, torch.Tensor))
