@@ -568,3 +568,83 @@ def test_a_bad_gradient_in_a_later_group_steps_no_group(make):
     with pytest.raises(ValueError, match=r"grads\[0\] must have shape \(8,\)"):
         opt.step()
     assert torch.equal(a, before) and not opt.state[a].get("step", torch.zeros(1)).item()
+
+
+def test_plain_gathering_matches_the_checked_path_at_every_named_point():
+    """The common-case gathering (state read at C speed over the whole list) hands the op the same
+    tensors, in the same order, as the per-param checked path: at the first step, with params whose
+    gradient is None at some steps, after add_param_group (new params without state), after
+    load_state_dict (new state tensors) and after state replaced by hand (moved, as resume code does)."""
+    model = mlp()
+    opt = AdamW([dict(params=[model[0].weight, model[0].bias, model[2].weight])], lr=1e-3, amsgrad=True)
+
+    def same(group):
+        plain = opt._group_lists_plain(group)
+        if plain is None:
+            return None
+        # the checked path, one param at a time, without the plain path
+        want = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            s = opt.state[p]
+            lists = want.setdefault((p.device, p.dtype == torch.float64), dict(
+                params=[], grads=[], exp_avgs=[], exp_avg_sqs=[], max_exp_avg_sqs=[], steps=[]))
+            for key, t in (("params", p), ("grads", p.grad), ("exp_avgs", s["exp_avg"]),
+                           ("exp_avg_sqs", s["exp_avg_sq"]), ("max_exp_avg_sqs", s["max_exp_avg_sq"]),
+                           ("steps", s["step"])):
+                lists[key].append(t)
+        assert plain.keys() == want.keys()
+        for key in want:
+            for name, tensors in want[key].items():
+                assert len(plain[key][name]) == len(tensors)
+                assert all(a is b for a, b in zip(plain[key][name], tensors)), name
+        return True
+
+    x, y = data()
+    F.mse_loss(model(x), y).backward()
+    assert opt._group_lists_plain(opt.param_groups[0]) is None  # no state yet: the checked path creates it
+    train(model, opt, 2, skip_param=model[0].bias)  # bias: no gradient, no state
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    model[0].bias.grad = None
+    assert same(opt.param_groups[0])
+    model[0].bias.grad = torch.ones_like(model[0].bias)
+    assert opt._group_lists_plain(opt.param_groups[0]) is None  # a param with a gradient and no state
+    opt.step()
+    assert same(opt.param_groups[0])
+
+    opt.add_param_group(dict(params=list(model[4].parameters()), amsgrad=True))
+    train(model, opt, 1)
+    assert same(opt.param_groups[1])
+
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)
+    train(model, opt, 1)
+    assert same(opt.param_groups[0]) and same(opt.param_groups[1])
+    for s in opt.state.values():  # resume code moving the state: the step must read the new tensors
+        for k, v in list(s.items()):
+            s[k] = v.clone()
+    exp_avg = opt.state[model[2].weight]["exp_avg"]
+    before = exp_avg.clone()
+    train(model, opt, 1)
+    assert not torch.equal(exp_avg, before)
+    assert same(opt.param_groups[0])
+
+
+def test_plain_gathering_steps_as_torch_with_gradients_coming_and_going():
+    def run(model, opt):
+        x, y = data()
+        for i in range(12):
+            opt.zero_grad()
+            F.mse_loss(model(x + 0.01 * i), y).backward()
+            for j, p in enumerate(model.parameters()):
+                if (i + j) % 4 == 0:
+                    p.grad = None
+            opt.step()
+    a, b = mlp(), mlp()
+    oa = AdamW(a.parameters(), lr=1e-3, amsgrad=True)
+    run(a, oa)
+    run(b, torch.optim.AdamW(b.parameters(), lr=1e-3, amsgrad=True, foreach=False))
+    torch.testing.assert_close(flat(a), flat(b), **PARITY_TOL)
+    assert oa._group_lists_plain(oa.param_groups[0]) is not None  # the common case took the plain path

@@ -165,23 +165,28 @@ inline bool has_op(const char* name) {
 inline void run_and_bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& arguments = op.schema().arguments();
   const size_t start = stack->size() - arguments.size();
-  std::vector<at::Tensor> written;
+  // The written lists are held by their IValues (one reference per list, not per tensor: a step over
+  // thousands of small tensors would otherwise pay two atomic reference-count updates per tensor).
+  std::vector<c10::IValue> written;
   for (size_t i = 0; i < arguments.size(); ++i) {
     const c10::AliasInfo* alias = arguments[i].alias_info();
     if (alias == nullptr || !alias->isWrite()) continue;
     const c10::IValue& v = (*stack)[start + i];
-    if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorVector()) written.push_back(t);
-    } else if (v.isTensor()) {
-      written.push_back(v.toTensor());
-    }
+    if (v.isTensorList() || v.isTensor()) written.push_back(v);
   }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const at::Tensor& t : written) {
+  auto bump = [](const at::Tensor& t) {
     if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  };
+  for (const c10::IValue& v : written) {
+    if (v.isTensor()) {
+      bump(v.toTensor());
+      continue;
+    }
+    for (const c10::IValue& t : v.toListRef()) bump(t.toTensor());
   }
 }
 

@@ -39,6 +39,9 @@ struct Call : AdamStepCall {
   at::TensorList steps;
   at::OptionalIntArrayRef seeds;
   bool any_float64 = false;
+  // The first param whose grad or state is not dense in the param's element order (-1: none); found in
+  // the checking pass, so the policy walks no tensor again.
+  int64_t first_not_flat = -1;
 };
 
 bool low_precision(at::ScalarType s) { return s == at::kBFloat16 || s == at::kHalf; }
@@ -66,6 +69,7 @@ Call check(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   }
   Call c;
   c.masters = args::masters_per_param(masters, has_master, n);
+  const at::Device device = n ? params[0].device() : at::Device(at::kCPU);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& master = c.masters[i];
@@ -74,7 +78,6 @@ Call check(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      "] must have dtype in (float32, bfloat16, float16, float64), got ", args::dtype_name(dtype));
     TORCH_CHECK_VALUE(p.layout() == at::kStrided, "params[", i, "] must be a strided tensor");
     c.any_float64 |= dtype == at::kDouble;
-    const at::Device device = params[0].device();
     args::check_grad_layout("adam_step", grads[i], i);
     args::check_like(p, "params", i, dtype, "the param's", p.sizes(), device);
     args::check_like(grads[i], "grads", i, dtype, "the param's", p.sizes(), device);
@@ -89,6 +92,12 @@ Call check(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
     args::check_like(exp_avg_sqs[i], "exp_avg_sqs", i, state, why, p.sizes(), device);
     if (amsgrad) args::check_like(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, state, why, p.sizes(), device);
     args::check_step(steps[i], i);
+    if (c.first_not_flat < 0 &&
+        !(args::flat_like(p, p) && args::flat_like(grads[i], p) && args::flat_like(exp_avgs[i], p) &&
+          args::flat_like(exp_avg_sqs[i], p) && (!amsgrad || args::flat_like(max_exp_avg_sqs[i], p)) &&
+          (!master.defined() || args::flat_like(master, p)))) {
+      c.first_not_flat = static_cast<int64_t>(i);
+    }
     if (seeds.has_value()) {
       const int64_t seed = (*seeds)[i];
       TORCH_CHECK_VALUE(seed >= -1 && seed < (int64_t{1} << 32), "stochastic_round_seeds[", i,
@@ -127,17 +136,19 @@ std::string cannot(const Call& c, Backend kernel) {
   if (kernel == Backend::kCuda && !EFFOPS_BUILD_CUDA) return "the extension was built without CUDA kernels";
   if (kernel == Backend::kTriton && !args::has_op(kTritonRoute)) return "the Triton route is not registered";
   if (c.any_float64) return "float64 params step on the plain ATen route (no kernel has a float64 body)";
+  const auto not_flat = [](int64_t i) {
+    return "params[" + std::to_string(i) + "] or its grad/state is not dense with one shared layout";
+  };
+  if (!c.seeds.has_value()) return c.first_not_flat < 0 ? "" : not_flat(c.first_not_flat);
   for (size_t i = 0; i < c.params.size(); ++i) {
-    const at::Tensor& p = c.params[i];
     if (stochastic(c, i)) {
       if (kernel == Backend::kCuda) return "no stochastic rounding in the CUDA kernel";
       // The random bits follow the row-major index.
-      if (!p.is_contiguous()) return "params[" + std::to_string(i) + "] is rounded stochastically and is not contiguous";
+      if (!c.params[i].is_contiguous()) {
+        return "params[" + std::to_string(i) + "] is rounded stochastically and is not contiguous";
+      }
     }
-    bool flat = args::flat_like(p, p) && args::flat_like(c.grads[i], p) && args::flat_like(c.exp_avgs[i], p) &&
-                args::flat_like(c.exp_avg_sqs[i], p) && (!c.amsgrad || args::flat_like(c.max_exp_avg_sqs[i], p)) &&
-                (!c.masters[i].defined() || args::flat_like(c.masters[i], p));
-    if (!flat) return "params[" + std::to_string(i) + "] or its grad/state is not dense with one shared layout";
+    if (static_cast<int64_t>(i) == c.first_not_flat) return not_flat(c.first_not_flat);
   }
   return "";
 }

@@ -25,7 +25,8 @@ hyper-parameters before stepping any, then calls the op once per group and devic
 ``capturable`` and ``differentiable`` are not supported.
 """
 import numbers
-from itertools import chain
+from itertools import chain, compress, repeat
+from operator import attrgetter, contains, is_not, itemgetter
 
 import numpy as np
 import torch
@@ -162,6 +163,45 @@ class Adam(Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
         return state
 
+    def _group_lists_plain(self, group):
+        """_group_lists for the common group, or None where the checked path must run: every param with a
+        gradient is a plain fp32/bf16/fp16 tensor, all on one device, whose state exists with moments of
+        the param's dtype and nothing to adapt (no master copy, amsgrad's max present where asked). The
+        state is read afresh (nothing is kept between steps); each test runs over the whole list at C
+        speed (map, itemgetter), not as a Python statement per param: with thousands of small tensors
+        the per-param Python work was most of the step."""
+        if group["master_weights"] or group["bf16_stochastic_round"]:
+            return None
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        keep = list(map(is_not, grads, repeat(None)))  # (`None in grads` would call Tensor.__eq__ per grad)
+        if not all(keep):
+            params, grads = list(compress(params, keep)), list(compress(grads, keep))
+            if not params:
+                return {}
+        if not _PLAIN_TYPES.issuperset(map(type, params)) or len(set(map(_GET_DEVICE, params))) != 1:
+            return None
+        dtypes = list(map(_DTYPE, params))
+        if not _PLAIN_DTYPES.issuperset(dtypes) or (torch.float64 in dtypes and len(set(dtypes)) > 1):
+            return None  # complex params step through real views; float64 beside other dtypes is split off
+        if any(map(_IS_SPARSE, grads)):
+            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+        states = list(map(self.state.get, params))
+        if None in states or any(map(contains, states, repeat("master_param"))):
+            return None
+        try:
+            exp_avgs = list(map(_EXP_AVG, states))
+            exp_avg_sqs = list(map(_EXP_AVG_SQ, states))
+            max_exp_avg_sqs = list(map(_MAX_EXP_AVG_SQ, states)) if group["amsgrad"] else []
+            steps = list(map(_STEP, states))
+        except KeyError:  # a state without moments (a torch checkpoint for another layout): the checked path
+            return None
+        if list(map(_DTYPE, exp_avgs)) != dtypes:
+            return None
+        return {(params[0].device, dtypes[0] == torch.float64): dict(
+            params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
+            master_params=None, steps=steps)}
+
     def _group_lists(self, group, first_index=0):
         """{(device, is float64): argument lists for adam_step} for the params of `group` that have a
         gradient. float64 params (complex128 ones through their real views) get lists of their own:
@@ -175,6 +215,9 @@ class Adam(Optimizer):
         plain = lambda t: type(t) in tensor_types  # noqa: E731  (not a DTensor or other subclass)
         if group["bf16_stochastic_round"]:
             return self._group_lists_stochastic(group, first_index)
+        fast = self._group_lists_plain(group)
+        if fast is not None:
+            return fast
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -239,6 +282,8 @@ class Adam(Optimizer):
             # One param at a time through the checked path (it adapts the state and splits devices).
             lists = self._group_lists(dict(group, params=[p], bf16_stochastic_round=False))
             (key, one), = lists.items()
+            if one["master_params"] is None:  # the plain path's "no master copies"
+                one["master_params"] = [None]
             state = self.state[p]
             seed = -1
             if one["params"][0].dtype == torch.bfloat16 and one["master_params"][0] is None:
@@ -281,9 +326,14 @@ class Adam(Optimizer):
 def _check_grads(calls):
     """Each call's gradients against its params, before any call steps, in the op's words: the op checks
     them too, but one call at a time, so a bad gradient in a later group would leave the earlier groups
-    stepped."""
+    stepped. Compared list against list at C speed; the per-param loop below runs only to name a mismatch."""
     for lists, _ in calls:
-        for i, (p, g) in enumerate(zip(lists["params"], lists["grads"])):
+        params, grads = lists["params"], lists["grads"]
+        if list(map(_DTYPE, grads)) == list(map(_DTYPE, params)) and \
+                list(map(_SHAPE, grads)) == list(map(_SHAPE, params)) and \
+                list(map(_DEVICE, grads)) == list(map(_DEVICE, params)):
+            continue
+        for i, (p, g) in enumerate(zip(params, grads)):
             if g.dtype != p.dtype:
                 raise TypeError("grads[%d] must have dtype %s like params[%d], got %s"
                                 % (i, str(p.dtype).replace("torch.", ""), i, str(g.dtype).replace("torch.", "")))
@@ -307,6 +357,15 @@ def group_hyper(group, index):
     return hyper
 
 
+_GRAD = attrgetter("grad")
+_DTYPE = attrgetter("dtype")
+_IS_SPARSE = attrgetter("is_sparse")
+_SHAPE = attrgetter("shape")
+_DEVICE = attrgetter("device")
+_GET_DEVICE = torch.Tensor.get_device
+_EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _STEP = map(itemgetter, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"))
+_PLAIN_TYPES = frozenset((torch.nn.Parameter, torch.Tensor))
+_PLAIN_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.float64))
 _FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay", "master_weights", "bf16_stochastic_round")
 
 
