@@ -307,7 +307,8 @@ class GradualPruner:
     counted, so pass the optimizer GradScaler steps, not a wrapper around it). Each step puts the pruned
     weights back to exactly zero (momentum or Adam state could move them after a mask change) and,
     when the mask changes, clears the optimizer state of newly pruned weights.
-    The model's Linear / 1x1-conv layers become SparseLinear / SparseConv1x1 at construction.
+    The model's Linear / 1x1-conv layers and nn.MultiheadAttention become SparseLinear / SparseConv1x1 /
+    SparseMultiheadAttention at construction.
     """
 
     def __init__(self, model, target_sparsity, *, end_step, begin_step=0, frequency=1, initial_sparsity=0.0,
