@@ -266,3 +266,38 @@ def test_gradual_pruner_does_not_count_steps_grad_scaler_skipped():
         scaler.step(opt)
         scaler.update()
     assert pruner.step_count == 0 and pruner.current_sparsity == 0.0
+
+
+def test_gradual_pruning_of_attention_ramps_its_projections_and_keeps_exact_zeros():
+    from effops.nn import SparseMultiheadAttention
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Block()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # built before: from_mha keeps the Parameters
+    pruner = effops.GradualPruner(model, 0.75, end_step=4, frequency=2, pattern="block", block_size=16,
+                                  exclude="head", optimizer=opt)
+    attn = model.attn
+    assert isinstance(attn, SparseMultiheadAttention) and attn.in_proj.density == 1.0
+    densities = []
+    for _ in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 5, 64)), torch.randint(0, 10, (8,))).backward()
+        opt.step()
+        assert model.attn is attn  # re-pruned in place
+        densities.append(attn.in_proj.density)
+        for layer in (attn.in_proj, attn.out_proj):
+            assert not layer.weight[~layer.mask].any()
+            state = opt.state[layer.weight]
+            assert not state["exp_avg"][~layer.mask].any()  # cleared where newly pruned
+    assert densities == sorted(densities, reverse=True) and densities[-1] == 0.25 == attn.out_proj.density
+    for part in attn.in_proj.mask.split(64):  # q, k, v each at the target
+        assert part.float().mean().item() == 0.25

@@ -8,9 +8,12 @@
 Scores are weight magnitudes: |w| per weight ("unstructured"), the mean |w| of each b x b block
 ("block"), the two largest |w| of every 4 consecutive inputs ("2:4"). scope="layer" prunes each layer
 to `sparsity`; scope="global" ranks all layers' scores together (layers end up with different
-sparsities, the model with `sparsity`). Linear layers and 1x1 convolutions (linear over channels)
-are pruned; modules are swapped in place, reusing their Parameter objects, so an optimizer built
-before pruning keeps working (for 1x1 convs too: SparseConv1x1 keeps the conv's 4-D weight).
+sparsities, the model with `sparsity`). Linear layers, 1x1 convolutions (linear over channels) and
+nn.MultiheadAttention's projections are pruned; modules are swapped in place, reusing their Parameter
+objects, so an optimizer built before pruning keeps working (for 1x1 convs too: SparseConv1x1 keeps the
+conv's 4-D weight; SparseMultiheadAttention keeps in_proj_weight as its in_proj's weight).
+An attention's in-projection is scored as its three (E, E) parts, q, k and v, each pruned like a layer
+of its own (as the separate q / k / v Linears of other models are), unless block_size does not divide E.
 """
 import math
 
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effops.nn.inverted_residual import InvertedResidual
+from effops.nn.sparse_attention import SparseMultiheadAttention, unsupported_reason
 from effops.nn.sparse_linear import SparseConv1x1, SparseLinear, is_pointwise_conv
 from effops.ops import _checks
 from effops.transforms import _report
@@ -28,20 +32,23 @@ PATTERNS = ("unstructured", "block", "2:4")
 
 def prune(model, sparsity, pattern="unstructured", block_size=32, scope="layer", *, exclude=(),
           return_report=False):
-    """Prune the Linear and 1x1-conv layers of `model` by magnitude; returns `model` (changed in place),
-    or (model, TransformReport) with return_report=True.
+    """Prune the Linear and 1x1-conv layers and the attention projections of `model` by magnitude; returns
+    `model` (changed in place), or (model, TransformReport) with return_report=True.
 
     sparsity: fraction of weights (blocks for "block") to remove, in [0, 1]; "2:4" needs 0.5. Below 1,
     every layer keeps at least one weight (block), even where rounding or the global ranking would
     remove it all.
     exclude: module names or fnmatch patterns (e.g. "head" or "blocks.*.out") left dense, each with
     everything under it (effops.transforms._report).
+    nn.MultiheadAttention becomes effops.nn.SparseMultiheadAttention (in- and out-projection pruned;
+    excluding "<attention>.out_proj" keeps that one dense); nn.TransformerEncoderLayer / Encoder holding
+    one get their native fast paths turned off (they would read the weights themselves).
     Left dense, and reported with a warning: a layer whose weight another module reads directly, where
-    a mask could not be enforced (nn.MultiheadAttention's out_proj: attention reads out_proj.weight
-    itself; a weight tied to another module's, such as an LM head sharing the embedding's), and
-    subclasses of nn.Linear / nn.Conv2d (a SparseLinear would drop their own forward). 1x1 convs with
-    a stride, padding, dilation or groups are reported, not warned about.
-    nn.MultiheadAttention's in-projection is a parameter of the attention module, not a Linear: dense.
+    a mask could not be enforced (the out_proj of an nn.MultiheadAttention left dense: attention reads
+    out_proj.weight itself; a weight tied to another module's, such as an LM head sharing the
+    embedding's), attention SparseMultiheadAttention does not take (kdim / vdim, add_bias_kv,
+    add_zero_attn, subclasses), and subclasses of nn.Linear / nn.Conv2d (a SparseLinear would drop their
+    own forward). 1x1 convs with a stride, padding, dilation or groups are reported, not warned about.
     Layers already sparse are re-pruned from their current weights (pruned weights are zero, so
     they stay pruned when sparsity does not decrease).
     """
@@ -58,21 +65,32 @@ def _prune(model, sparsity, pattern, block_size, scope, exclude):
     targets = _targets(model, exclude, report)
     if not targets:
         return report
-    masks = _masks([_weight2d(m) for _, m in targets], sparsity, pattern, block_size, scope)
+    pieces = [_scored(m, dense_out, pattern, block_size) for _, m, dense_out in targets]
+    flat = _masks([w for ws in pieces for w in ws], sparsity, pattern, block_size, scope)
     hint = dict(pattern=pattern, block_size=block_size if pattern == "block" else None)
-    for (places, module), mask in zip(targets, masks):
-        if isinstance(module, (SparseLinear, SparseConv1x1)):
+    swapped = []
+    for (places, module, dense_out), ws in zip(targets, pieces):
+        mask, flat = flat[:len(ws)], flat[len(ws):]
+        if isinstance(module, (nn.MultiheadAttention, SparseMultiheadAttention)):
+            new = _prune_attention(module, mask, dense_out, hint)
+            what = "SparseMultiheadAttention (in_proj density %.3f, out_proj %s)" % (
+                new.in_proj.density, "dense" if dense_out else "density %.3f" % new.out_proj.density)
+        elif isinstance(module, (SparseLinear, SparseConv1x1)):
             module.pattern, module.block_size = hint["pattern"], hint["block_size"]
-            module.set_mask(mask)
+            module.set_mask(mask[0])
             new = module
         elif isinstance(module, nn.Linear):
-            new = SparseLinear.from_linear(module, mask, **hint)
+            new = SparseLinear.from_linear(module, mask[0], **hint)
         else:
-            new = SparseConv1x1.from_conv(module, mask, **hint)
+            new = SparseConv1x1.from_conv(module, mask[0], **hint)
+        if not isinstance(new, SparseMultiheadAttention):
+            what = "%s (density %.3f)" % (type(new).__name__, new.density)
         for parent, name, _ in places:  # a module registered in several places is swapped in each
             setattr(parent, name, new)
-        report.changed.append((places[0][2], "%s (density %.3f)" % (type(new).__name__, new.density)))
-    _report.keep_fast_path_off(model, [full for places, _ in targets for _, _, full in places])
+        report.changed.append((places[0][2], what))
+        swapped += [full for _, _, full in places]
+    _report.keep_fast_path_off(model, swapped)
+    _attention_fast_paths_off(model)
     return report
 
 
@@ -105,12 +123,18 @@ def _targets(model, exclude, report):
             if id(child) in found:
                 found[id(child)][0].append((module, name, full))
                 continue
+            if _is_attention(module) and id(module) in found:  # its projections go with it
+                if name == "out_proj" and found[id(module)][2]:
+                    skipped.add(id(child))
+                    report.skipped.append((full, _report.EXCLUDED))
+                continue
             why = _report.EXCLUDED if _report.excluded(full, exclude) else _why_dense(module, name, child, owners)
             if why:
                 skipped.add(id(child))
                 report.skipped.append((full, why))
-            else:
-                found[id(child)] = ([(module, name, full)], child)
+            else:  # (places, module, whether an attention's out_proj stays dense: excluded by name)
+                found[id(child)] = ([(module, name, full)], child,
+                                    _is_attention(child) and _report.excluded(full + ".out_proj", exclude))
     return list(found.values())
 
 
@@ -118,14 +142,35 @@ _NOT_POINTWISE = "1x1 conv with stride, padding, dilation, groups or padding mod
 
 
 def _is_candidate(module):
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
+    return (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
+            or _is_attention(module))
+
+
+def _is_attention(module):
+    return isinstance(module, (nn.MultiheadAttention, SparseMultiheadAttention))
 
 
 def _why_dense(parent, name, module, owners):
-    """None if `module` (parent's child `name`) can become a SparseLinear / SparseConv1x1, else why not."""
+    """None if `module` (parent's child `name`) can become a SparseLinear / SparseConv1x1 /
+    SparseMultiheadAttention, else why not."""
+    if isinstance(module, nn.MultiheadAttention):
+        why = (("%s is a subclass of nn.MultiheadAttention: SparseMultiheadAttention would replace its own "
+                "forward" % type(module).__name__) if type(module) is not nn.MultiheadAttention
+               else unsupported_reason(module))
+        if why:
+            return "SparseMultiheadAttention does not take it (%s): left dense" % why
+        others = [where for param in (module.in_proj_weight, module.out_proj.weight)
+                  for owner, where in owners.get(id(param), [])
+                  if owner not in (id(module), id(module.out_proj))]
+        if others:
+            return ("its projection weights are tied to %s: that module would read the pruned weights "
+                    "unmasked and its gradients would revive them" % ", ".join(others))
+        return None
+    if isinstance(module, SparseMultiheadAttention):
+        return None
     if isinstance(parent, nn.MultiheadAttention) and name == "out_proj":
         return ("nn.MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward), "
-                "so a mask there would not be enforced: left dense")
+                "so a mask there would not be enforced: left dense with its attention module")
     if isinstance(parent, InvertedResidual):
         return ("effops.nn.InvertedResidual reads its convs' weights itself (packed for the fused op), so a "
                 "mask there would not be enforced: left dense (prune before effops.fuse to prune the model)")
@@ -144,6 +189,52 @@ def _why_dense(parent, name, module, owners):
 def _weight2d(module):
     w = module.weight.detach()
     return w.reshape(w.shape[0], math.prod(w.shape[1:]))  # not -1: a layer with no outputs has 0 elements
+
+
+def _scored(module, dense_out, pattern, block_size):
+    """The weights to score for one target: its own, or an attention's in-projection parts and out_proj."""
+    if not _is_attention(module):
+        return [_weight2d(module)]
+    w = module.in_proj_weight.detach()
+    e = module.embed_dim
+    # q, k and v pruned as three layers, unless blocks would straddle their boundaries
+    parts = list(w.split(e)) if pattern != "block" or e % block_size == 0 else [w]
+    return parts + ([] if dense_out else [_weight2d(module.out_proj)])
+
+
+def _prune_attention(module, masks, dense_out, hint):
+    """`module` (nn.MultiheadAttention or SparseMultiheadAttention) with `masks` (in-projection parts,
+    then out_proj's unless dense_out) applied: a new SparseMultiheadAttention, or the same one re-masked."""
+    e = module.embed_dim
+    parts = 3 if masks[0].shape[0] == e else 1  # (scored as q, k, v, or whole)
+    in_mask = torch.cat(masks[:parts]) if parts == 3 else masks[0]
+    out_mask = None if dense_out else masks[parts]
+    if isinstance(module, nn.MultiheadAttention):
+        return SparseMultiheadAttention.from_mha(module, (in_mask, out_mask), **hint)
+    for name, mask in (("in_proj", in_mask), ("out_proj", out_mask)):
+        layer = getattr(module, name)
+        if mask is None:  # excluded by name: left as it is, as prune leaves an excluded layer
+            continue
+        if isinstance(layer, SparseLinear):
+            layer.pattern, layer.block_size = hint["pattern"], hint["block_size"]
+            layer.set_mask(mask)
+        else:  # left dense before (excluded by name), pruned now
+            setattr(module, name, SparseLinear.from_linear(layer, mask, **hint))
+    return module
+
+
+def _attention_fast_paths_off(model):
+    """nn.TransformerEncoderLayer and nn.TransformerEncoder run native kernels in eval mode that read
+    self_attn.in_proj_weight themselves (the same values, but never the sparse kernels), and the encoder
+    hands its layers nested tensors, which SparseMultiheadAttention does not take: turn both off where
+    a layer's self_attn is sparse (the layer's as _report.keep_fast_path_off does, by a no-op hook)."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(
+                isinstance(getattr(layer, "self_attn", None), SparseMultiheadAttention) for layer in module.layers):
+            module.use_nested_tensor = False
+        if isinstance(module, nn.TransformerEncoderLayer) and isinstance(module.self_attn, SparseMultiheadAttention) \
+                and not any(h is _report._fast_path_off for h in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(_report._fast_path_off)
 
 
 def _block_scores(w, b):
@@ -216,7 +307,8 @@ class GradualPruner:
     counted, so pass the optimizer GradScaler steps, not a wrapper around it). Each step puts the pruned
     weights back to exactly zero (momentum or Adam state could move them after a mask change) and,
     when the mask changes, clears the optimizer state of newly pruned weights.
-    The model's Linear / 1x1-conv layers become SparseLinear / SparseConv1x1 at construction.
+    The model's Linear / 1x1-conv layers and nn.MultiheadAttention become SparseLinear / SparseConv1x1 /
+    SparseMultiheadAttention at construction.
     """
 
     def __init__(self, model, target_sparsity, *, end_step, begin_step=0, frequency=1, initial_sparsity=0.0,
