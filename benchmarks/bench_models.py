@@ -37,7 +37,7 @@ TRAIN_BATCH = 16
 
 
 def _quiet(transform, *args, **kwargs):
-    with warnings.catch_warnings():  # the skips (squeeze-excitation, attention out_proj) are expected here
+    with warnings.catch_warnings():  # the skips (excluded heads, layers left dense) are expected here
         warnings.simplefilter("ignore")
         return transform(*args, **kwargs)
 

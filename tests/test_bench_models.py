@@ -43,13 +43,15 @@ def test_fuse_separable_finds_every_chain_and_keeps_the_outputs(name):
     assert err(got) <= 2 * err(want) + 1e-6, (err(got), err(want))
 
 
-def test_vit_b_32_transforms_leave_attention_dense_and_take_the_mlp():
+def test_vit_b_32_prune_takes_attention_and_mlp_quantize_leaves_attention_dense():
     model = models.VisionTransformer(depth=2).eval()  # ViT-B/32's layers, 2 of its 12 blocks (time)
-    with pytest.warns(UserWarning, match="out_proj"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left dense against the caller's will
         _, report = effops.prune(copy.deepcopy(model), 0.9, pattern="block", block_size=32, exclude="heads",
                                  return_report=True)
-    assert len(report.changed) == 4 and len(report.skipped_for("MultiheadAttention")) == 2
-    assert report.skipped_for("excluded") == ["heads.head"]
+    assert len(report.changed) == 6 and report.skipped == [("heads.head", "excluded by name")]
+    assert [n for n, _ in report.changed if n.endswith("self_attention")] == ["layers.0.self_attention",
+                                                                            "layers.1.self_attention"]
     with pytest.warns(UserWarning, match="out_proj"):
         _, report = effops.quantize(model, return_report=True)  # the default size policy takes 768-wide layers
     assert len(report.changed) == 5 and sum(isinstance(m, Int8Linear) for m in model.modules()) == 5

@@ -10,7 +10,7 @@ from torch import nn
 
 import effops
 from benchmarks import models
-from effops.nn import Int8Linear, SparseLinear
+from effops.nn import Int8Linear, SparseLinear, SparseMultiheadAttention
 from effops.transforms import _report
 from effops.transforms.quantize import default_min_features
 
@@ -32,26 +32,28 @@ class TiedLM(nn.Module):
         return self.lm_head(torch.relu(self.hidden(self.embed(ids))))
 
 
-def test_prune_leaves_attention_out_proj_dense_reports_it_and_masks_hold_under_adamw():
+def test_prune_takes_attention_keeps_an_excluded_out_proj_dense_and_masks_hold_under_adamw():
     torch.manual_seed(0)
     model = TinyViT()
-    with pytest.warns(UserWarning, match="out_proj.weight directly"):
-        _, report = effops.prune(model, 0.9, pattern="block", block_size=16, exclude="heads", return_report=True)
-    outs = ["layers.%d.self_attention.out_proj" % i for i in range(2)]
-    assert report.skipped_for("MultiheadAttention") == outs
-    assert report.skipped_for(_report.EXCLUDED) == ["heads.head"]  # "heads" covers its child
-    assert type(model.heads.head) is nn.Linear
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left dense against the caller's will
+        _, report = effops.prune(model, 0.9, pattern="block", block_size=16,
+                                 exclude=["heads", "layers.1.self_attention.out_proj"], return_report=True)
+    assert report.skipped_for(_report.EXCLUDED) == ["layers.1.self_attention.out_proj", "heads.head"]
+    assert type(model.heads.head) is nn.Linear  # "heads" covers its child
     for block in model.layers:
-        assert type(block.self_attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-        assert all(isinstance(m, SparseLinear) for m in (block.mlp[0], block.mlp[2]))
+        assert isinstance(block.self_attention, SparseMultiheadAttention)
+        assert all(isinstance(m, SparseLinear) for m in (block.mlp[0], block.mlp[2], block.self_attention.in_proj))
+    assert isinstance(model.layers[0].self_attention.out_proj, SparseLinear)
+    assert type(model.layers[1].self_attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         opt.zero_grad()
         model(torch.randn(3, 3, 32, 32)).square().mean().backward()
         opt.step()
     sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
-    assert len(sparse) == 4 and all(not m.weight[~m.mask].any() for m in sparse)
-    assert all(m.self_attention.out_proj.weight.count_nonzero() == 64 * 64 for m in model.layers)
+    assert len(sparse) == 7 and all(not m.weight[~m.mask].any() for m in sparse)
+    assert model.layers[1].self_attention.out_proj.weight.count_nonzero() == 64 * 64
 
 
 def test_prune_leaves_tied_weights_dense():
@@ -110,6 +112,7 @@ def test_transformer_encoder_layer_runs_the_swapped_layers_in_eval(transform, mo
 
 def test_exclude_means_the_same_in_every_transform():
     names = {"layers.0.mlp.0", "layers.0.mlp.2", "layers.1.mlp.0", "layers.1.mlp.2", "heads.head"}
+    attns = {"layers.0.self_attention", "layers.1.self_attention"}
     for exclude, kept in [("heads", {"heads.head"}), ("layers.*.mlp", names - {"heads.head"}),
                           (["layers.1", "heads.head"], {"layers.1.mlp.0", "layers.1.mlp.2", "heads.head"})]:
         for transform in ("prune", "quantize", "quantize-skip"):
@@ -123,7 +126,10 @@ def test_exclude_means_the_same_in_every_transform():
                 else:
                     _, report = effops.quantize(model, exclude, min_features=8, return_report=True)
             assert set(report.skipped_for(_report.EXCLUDED)) & names == kept, (transform, exclude)
-            assert {n for n, _ in report.changed} == names - kept, (transform, exclude)
+            want = names - kept
+            if transform == "prune":  # prune takes the attention modules too
+                want |= {a for a in attns if not _report.excluded(a, _report.exclude_patterns(exclude))}
+            assert {n for n, _ in report.changed} == want, (transform, exclude)
     with pytest.warns(UserWarning, match="'head' matches no module"):
         effops.prune(TinyViT(), 0.5, exclude=["head", "layers.*.self_attention"])  # "head": not a qualified name
     with pytest.raises(TypeError, match="exclude must be"):
