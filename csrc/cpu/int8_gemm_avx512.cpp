@@ -139,20 +139,38 @@ EFFOPS_ALWAYS_INLINE void micro(const uint8_t* a, int64_t group_stride, int64_t 
     for (int r = 0; r < MR; ++r) Zmm::store(c + (q * MR + r) * kInt8NR, kInline ? Zmm::sub(acc[r][q], colsum128[q]) : acc[r][q]);
 }
 
-// -128 * (column sums of np panels), 16 per panel: the starting sums of the VNNI path.
-EFFOPS_AVX512_VNNI_TARGET void column_correction(const int8_t* b, int64_t panel_bytes, int64_t groups, int np,
-                                                 int32_t* corr) {
+// -128 * (column sums of NP panels), 16 per panel: the starting sums of the VNNI path. All panels'
+// chains at once, two per panel: a lone chain is bound by vpdpbusd's latency, not its throughput.
+template <int NP>
+EFFOPS_AVX512_VNNI_TARGET void column_correction_np(const int8_t* b, int64_t panel_bytes, int64_t groups,
+                                                    int32_t* corr) {
   const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int q = 0; q < np; ++q) {
-    __m512i s0 = _mm512_setzero_si512(), s1 = s0;  // two chains: the adds' latency, not their count, bounds it
-    const int8_t* bp = b + q * panel_bytes;
-    int64_t g = 0;
-    for (; g + 1 < groups; g += 2) {
-      s0 = _mm512_dpbusd_epi32(s0, u128, _mm512_loadu_si512(bp + g * kGroupBytes));
-      s1 = _mm512_dpbusd_epi32(s1, u128, _mm512_loadu_si512(bp + (g + 1) * kGroupBytes));
+  __m512i s0[NP], s1[NP];
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q) s0[q] = s1[q] = _mm512_setzero_si512();
+  int64_t g = 0;
+  for (; g + 1 < groups; g += 2)
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) {
+      const int8_t* bp = b + q * panel_bytes + g * kGroupBytes;
+      s0[q] = _mm512_dpbusd_epi32(s0[q], u128, _mm512_loadu_si512(bp));
+      s1[q] = _mm512_dpbusd_epi32(s1[q], u128, _mm512_loadu_si512(bp + kGroupBytes));
     }
-    if (g < groups) s0 = _mm512_dpbusd_epi32(s0, u128, _mm512_loadu_si512(bp + g * kGroupBytes));
-    _mm512_storeu_si512(corr + q * kInt8NR, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_add_epi32(s0, s1)));
+  if (g < groups)
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q)
+      s0[q] = _mm512_dpbusd_epi32(s0[q], u128, _mm512_loadu_si512(b + q * panel_bytes + g * kGroupBytes));
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q)
+    _mm512_storeu_si512(corr + q * kInt8NR, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_add_epi32(s0[q], s1[q])));
+}
+
+void column_correction(const int8_t* b, int64_t panel_bytes, int64_t groups, int np, int32_t* corr) {
+  switch (np) {
+    case 1: return column_correction_np<1>(b, panel_bytes, groups, corr);
+    case 2: return column_correction_np<2>(b, panel_bytes, groups, corr);
+    case 3: return column_correction_np<3>(b, panel_bytes, groups, corr);
+    default: return column_correction_np<kNP>(b, panel_bytes, groups, corr);
   }
 }
 
@@ -255,17 +273,19 @@ void gemm_tiles(const uint8_t* a, int64_t M, int64_t kpad, const int8_t* b, int6
   at::parallel_for(0, std::min<int64_t>(tiles, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     alignas(64) int32_t c[kMR * kNP * kInt8NR];
     std::vector<int32_t> corr(per_tile_correction ? ncp * kInt8NR : 0);
+    int64_t corr_p0 = -1;  // the panel block corr holds: consecutive tiles of one block share it
     for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tiles;
          t = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t m0 = (t % tiles_m) * kMC, m1 = std::min(M, m0 + kMC);
       const int64_t p0 = (t / tiles_m) * ncp, p1 = std::min(panels, p0 + ncp);
       const int32_t* init = col_init ? col_init + p0 * kInt8NR : nullptr;
-      if (per_tile_correction) {
+      if (per_tile_correction && p0 != corr_p0) {
+        corr_p0 = p0;
         for (int64_t p = p0; p < p1; p += kNP)
           column_correction(b + p * panel_bytes, panel_bytes, groups, static_cast<int>(std::min<int64_t>(kNP, p1 - p)),
                             corr.data() + (p - p0) * kInt8NR);
-        init = corr.data();
       }
+      if (per_tile_correction) init = corr.data();
       for (int64_t i0 = m0; i0 < m1; i0 += rows_per_group) {  // one packed row group per micro-tile
         const int mr = static_cast<int>(std::min<int64_t>(rows_per_group, m1 - i0));
         const uint8_t* a_group = a + (i0 / rows_per_group) * groups * group_stride;
