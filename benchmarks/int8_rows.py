@@ -5,23 +5,69 @@ Single thread, thread CPU time (see benchmarks/int8_interleaved.py for why), K =
   per operation than small M.
 * --split M: the ratio time(one M-row call) / time(M/256 calls of 256 rows), interleaved over 6 rounds
   (medians): above 1 means the big call loses something that row chunks keep (cache locality).
+* --vs-fbgemm: the transformer shapes of issue #15 (M = 1, 8, 400 at K x N = 768 x 3072 and 3072 x 768,
+  M = 256 at 4096 x 4096), Int8Linear dynamic (8-bit and 7-bit weights) against torch's dynamic int8
+  Linear (FBGEMM), called in turn with the order alternating, 9 rounds: medians of the times and of the
+  per-round ratios ([min-max]), and with --peak GOP/s the % of a one-thread int8 peak.
 Usage: python -m benchmarks.int8_rows 1 16 256 2048 [--split 2048]
+       python -m benchmarks.int8_rows --vs-fbgemm [--peak 1080]
 """
 import argparse
 import statistics
 import time
 
+import warnings
+
 import torch
 
 import effops
+
+VS_FBGEMM_CASES = [(1, 768, 3072), (1, 3072, 768), (8, 768, 3072), (8, 3072, 768), (400, 768, 3072),
+                   (400, 3072, 768), (256, 4096, 4096)]
+
+
+def vs_fbgemm(peak=None, rounds=9):
+    for m, k, n in VS_FBGEMM_CASES:
+        torch.manual_seed(0)
+        lin, x = torch.nn.Linear(k, n), torch.randn(m, k)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+            fbgemm = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
+                                                            dtype=torch.qint8)
+        mods = {"fbgemm": fbgemm, "w8": effops.nn.Int8Linear.from_linear(lin, mode="dynamic"),
+                "w7": effops.nn.Int8Linear.from_linear(lin, mode="dynamic", weight_bits=7)}
+        reps = max(3, int(0.02 / (2 * m * k * n / 400e9 + 5e-6)))  # ~20 ms a contestant a round
+        times = {name: [] for name in mods}
+        for mod in mods.values():
+            mod(x)
+        for r in range(rounds):
+            for name in (list(mods) if r % 2 else list(mods)[::-1]):
+                s = time.thread_time()
+                for _ in range(reps):
+                    mods[name](x)
+                times[name].append((time.thread_time() - s) / reps)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        ratio = {name: [f / t for f, t in zip(times["fbgemm"], times[name])] for name in ("w8", "w7")}
+        line = "M=%-4d %4d x %-4d FBGEMM %8.1f us  8-bit %8.1f us %.2fx [%.2f-%.2f]  7-bit %.2fx" % (
+            m, k, n, med["fbgemm"] * 1e6, med["w8"] * 1e6, statistics.median(ratio["w8"]), min(ratio["w8"]),
+            max(ratio["w8"]), statistics.median(ratio["w7"]))
+        if peak:
+            line += "  8-bit %.0f%% of peak, FBGEMM %.0f%%" % tuple(
+                100 * 2 * m * k * n / med[name] / 1e9 / peak for name in ("w8", "fbgemm"))
+        print(line, flush=True)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("m", type=int, nargs="*")
     p.add_argument("--split", type=int, default=0)
+    p.add_argument("--vs-fbgemm", action="store_true")
+    p.add_argument("--peak", type=float, default=None, help="one-thread int8 peak, GOP/s, for the %% column")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.vs_fbgemm:
+        with torch.no_grad():
+            vs_fbgemm(args.peak)
     torch.manual_seed(0)
     k = n = 4096
     lin = torch.nn.Linear(k, n)

@@ -427,6 +427,28 @@ def test_int8_linear_dynamic_matches_reference(backend, weight_only, dtype, lead
     _close_to_fp32(got, dynamic_reference_fp32(x, packed, w_scale, bias, n, weight_only), dtype, backend)
 
 
+@with_backends("int8_linear_dynamic")
+@pytest.mark.parametrize("m", [1, 6, 8, 13, 150])
+@pytest.mark.parametrize("k", [256, 258])
+def test_int8_linear_dynamic_exact_integers(backend, m, k):
+    """The 8-bit dynamic path's int32 sums are exact for weights over the full int8 range (-128 included)
+    and activations at +-127: rows of integers with absmax 127 quantize to themselves (scale 1), so with
+    unit weight scales and no bias the fp32 output is the integer product itself (|C| < 2**24). K = 256:
+    on VNNI the GEMM reads the quantized rows in place (a + 128); K = 258: it packs them. M covers one
+    few-row tile (1, 6, 8), 6-row groups with a tail (13) and more than one row tile (150)."""
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    n = 37
+    x = torch.randint(-127, 128, (m, k), generator=gen)
+    x[:, 0] = 127
+    x[::2, 1:9] = -127
+    w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    w[::3, :16] = -128
+    got = ops.int8_linear_dynamic(x.float().to(device()), reference.pack_weight(w.to(device())),
+                                  torch.ones(n, device=device()), None, n)
+    want = (x.double() @ w.double().T).float()
+    assert torch.equal(got.cpu(), want)
+
+
 def test_int8_linear_dynamic_is_exported_with_the_other_int8_ops():
     assert "int8_linear_dynamic" in ops.__all__ and ops.int8_linear_dynamic is _GEMM.int8_linear_dynamic
 

@@ -106,15 +106,20 @@ at::Tensor cpu_kernel(const at::Tensor& x_in, const at::Tensor& w_packed_in, con
     const int64_t chunk = std::min(M, kRowChunk);
     auto q = at::empty({chunk, K}, x.options().dtype(at::kChar));
     auto xs = at::empty({M}, x.options().dtype(at::kFloat));
+    // On VNNI the 8-bit GEMM wants A as a + 128 too (int8_gemm_u8s8): quantized so, it reads it in place.
+    const bool shifted = w_corr.has_value() || cpu::int8_gemm_u8s8_direct();
     for (int64_t i0 = 0; i0 < M; i0 += chunk) {
       const int64_t rows = std::min(chunk, M - i0);
       cpu::quantize_rowwise<T>(x.data_ptr<T>() + i0 * K, rows, K, q.data_ptr<int8_t>(), xs.data_ptr<float>() + i0,
-                               w_corr.has_value());
+                               shifted);
       const Int8Epilogue epi{kind, out.data_ptr<T>() + i0 * N, N, xs.data_ptr<float>() + i0, w_scale.data_ptr<float>(),
                              b};
       if (w_corr)
         cpu::int8_gemm_u8s7(reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), K, rows, K,
                             w_packed.data_ptr<int8_t>(), N, w_corr->data_ptr<int32_t>(), epi);
+      else if (shifted)
+        cpu::int8_gemm_u8s8(reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), K, rows, K,
+                            w_packed.data_ptr<int8_t>(), N, epi);
       else
         cpu::int8_gemm_s8(q.data_ptr<int8_t>(), K, rows, K, w_packed.data_ptr<int8_t>(), N, epi);
     }

@@ -58,12 +58,22 @@ void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8
 void int8_gemm_u8s7(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                     const int32_t* col_corr, const Int8Epilogue& epi);
 bool int8_s8_takes_any_b();
+// Int8Linear's 8-bit path with A already shifted: a_u = a + 128 for int8 a (any value; quantize_rowwise(...,
+// offset128=true) writes it), B any int8 on VNNI (s8 layout). C = sum a b exactly: the VNNI body starts
+// the sums at -128 * the column sums of B (int8_gemm_avx512.cpp) and reads a_u in place when K is a
+// multiple of 4, so no per-call copy of A is made. Below VNNI it undoes the shift into a copy and runs
+// int8_gemm_s8 (int8_gemm_u8s8_direct() says whether this level takes a_u as it is).
+void int8_gemm_u8s8(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                    const Int8Epilogue& epi);
+bool int8_gemm_u8s8_direct();
 // The 512-bit bodies (int8_gemm_avx512.cpp), which the two entry points above run at the avx512 level
 // and up; false when they do not take the call (below that level, or A holding -128 without VNNI).
 bool int8_gemm_s8_avx512(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                          const Int8Epilogue& epi);
 bool int8_gemm_u8s7_avx512(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                            const int32_t* col_corr, const Int8Epilogue& epi);
+bool int8_gemm_u8s8_avx512(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
+                           const Int8Epilogue& epi);
 // Which body int8_gemm_s8 / int8_gemm_u8s7 run at the current level (for `python -m effops info`).
 const char* int8_gemm_body();
 // Any int8 values: A is widened to int16 internally, b_packed in the s16 layout.
