@@ -294,13 +294,15 @@ at::Tensor kernel_route(const ir::Shape& s, const at::Tensor& x, const OptTensor
 // the thread, the 13 blocks of MobileNetV2 / MobileNetV3-Large / MNASNet at batch 1 and 16, AMD Zen 5,
 // 2026-12-07; docs/inverted_residual.md):
 // - fp32, AVX-512 body: our kernel 1.11-2.5x the ATen route at 7x7-28x28, 1.7-11x at 56x56-112x112.
-// - fp32, AVX2 body (torch capped to AVX2 too, as on the AVX2 machines): 0.57-0.91x, except where
-//   torch's expanded tensor is 29-77 MB (2.7-4.3x): fresh tensors that large are mmapped and page-fault
-//   on every call (docs/dwpw_conv2d.md); torch's THP_MEM_ALLOC_ENABLE=1 removes that.
+// - fp32, AVX2 body (torch capped to AVX2 too, as on the AVX2 machines; 2026-12-07 04:00, after the
+//   micro-kernel's spill fix): 1.08-2.8x on the 13 blocks at batch 1 and 16. With squeeze-excitation
+//   (9 blocks): 0.74-1.63x at batch 1 (0.74x and 1.19x the two whose second pass expands again, the same
+//   time won and lost), 0.91-1.12x at batch 16 below 16 MiB of torch's expanded tensor, 1.6-2.4x above
+//   (torch's fresh tensors that large are mmapped and page-fault on every call, docs/dwpw_conv2d.md).
+//   No exception pays: our kernel at every level.
 // - bf16 where torch has native bf16 (AVX512-BF16: oneDNN's vdpbf16ps, our kernel multiplies in fp32):
 //   0.65-0.99x at batch 16 on the 7x7-28x28 blocks, 1.06-1.8x at batch 1 (below 32M expand multiply-
 //   adds), 4.4-5.2x where the expanded tensor is 14-38 MB.
-constexpr int64_t kAvx2MinExpandedBytes = 16ll << 20;
 constexpr int64_t kBf16MinExpandedBytes = 8ll << 20;
 constexpr int64_t kBf16MaxExpandMacs = 32ll << 20;
 
@@ -309,11 +311,7 @@ const char* aten_faster(const ir::Shape& s, const Se& se, at::ScalarType dtype) 
   const int64_t expanded_bytes = s.N * s.Ch * s.H * s.W * static_cast<int64_t>(c10::elementSize(dtype));
   const char* thp = std::getenv("THP_MEM_ALLOC_ENABLE");
   const bool torch_faults = thp == nullptr || std::string(thp) != "1";
-  if (!cpu::cpu_isa_at_least(cpu::CpuIsa::kAvx512)) {
-    if (torch_faults && expanded_bytes >= kAvx2MinExpandedBytes) return nullptr;
-    return "below AVX-512, oneDNN's convolutions are faster (0.57-0.91x) unless torch's expanded tensor "
-           "page-faults (16 MiB or more)";
-  }
+  if (!cpu::cpu_isa_at_least(cpu::CpuIsa::kAvx512)) return nullptr;  // the bf16 rule: against the AVX-512 body
   if (dtype == at::kBFloat16 && cpu::detected_cpu_isa() >= cpu::CpuIsa::kAvx512Bf16 &&
       s.N * s.H * s.W * s.Cin * s.Ch >= kBf16MaxExpandMacs &&
       !(torch_faults && expanded_bytes >= kBf16MinExpandedBytes))
