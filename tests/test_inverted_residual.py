@@ -249,15 +249,19 @@ def test_opcheck_and_compile():
 
 @needs_ext
 def test_automatic_choice_follows_the_policy():
-    """Our kernel at AVX-512 (measured faster on every benchmarked block); below it, the ATen route for
-    a small block (oneDNN measured faster than our AVX2 body); `cpu_isa` as the machine has it."""
+    """fp32: our kernel at every level (measured faster than the ATen route on every benchmarked block,
+    the AVX2 body included); bf16 where torch multiplies bf16 natively: the ATen route for a block with
+    32M expand multiply-adds or more and under 8 MiB of expanded tensor."""
     tensors, kw = make(CASES[4])
-    levels = effops.cpu_isa.levels()
-    expect = [("avx2", "reference")] + ([("avx512", "cpu")] if "avx512" in levels else [])
-    for level, route in expect:
+    for level in [lv for lv in ("avx2", "avx512") if lv in effops.cpu_isa.levels()]:
         with effops.cpu_isa.use_cpu_isa(level), effops._backends.record_choices() as tally:
             inverted_residual(*tensors, **kw)
-        assert tally["inverted_residual"] == {route: 1}, (level, dict(tally))
+        assert tally["inverted_residual"] == {"cpu": 1}, (level, dict(tally))
+    big, kw = make((16, 96, 576, 96, 14, 14, 3, 1, "relu6", True), dtype=torch.bfloat16)
+    with effops._backends.record_choices() as tally:
+        inverted_residual(*big, **kw)
+    native = effops.cpu_isa.cpu_has_native_bf16()
+    assert tally["inverted_residual"] == {"reference" if native else "cpu": 1}, dict(tally)
 
 
 # Small enough for Triton's interpreter: (N, Cin, hidden, Cout, H, W, kernel, stride, activation, residual).
