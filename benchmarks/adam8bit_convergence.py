@@ -1,10 +1,12 @@
 """Paired convergence checks: 8-bit Adam states, and bf16 params without master weights, against AdamW.
 
 Does training with 8-bit Adam states, or bf16 params without master weights, end where fp32-state
-AdamW does? Each comparison is paired: for a seed, every arm starts from the same initial weights and sees
-the same batches in the same order (the seed draws both), so the per-seed difference cancels most of
-the seed-to-seed spread; the script reports the mean of the per-seed differences and its standard
-error (sample standard deviation of the differences / sqrt(seeds)).
+AdamW does? Each comparison is paired: for a seed, every arm starts from the same initial weights
+and sees the same batches in the same order (the seed draws both), so no difference comes from
+those; the script reports the mean of the per-seed differences and its standard error (sample
+standard deviation of the differences / sqrt(seeds)). On the demo task the arms' accuracies on one
+seed are still hardly correlated (docs/adam.md), so it takes many seeds to resolve a few tenths of
+a point.
 
 * the demo's task: the demo's effops model (effops/demo/models.py: MobileNetV2-style CNN of
   inverted-residual blocks, width 8 as the demo's default; BatchNorm by batch statistics) on
