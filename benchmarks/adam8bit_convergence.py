@@ -1,17 +1,40 @@
-"""Does training with 8-bit Adam states end where fp32 AdamW does? Two runs, each with
-effops.optim.AdamW and effops.optim.AdamW8bit from the same initial weights and batches:
+"""Paired convergence checks: 8-bit Adam states, and bf16 params without master weights, against AdamW.
 
-* the demo's task: the demo's effops model (SeparableConv2d MobileNet-style CNN, width 24) on
-  scikit-learn's digits, the demo's recipe (lr 3e-3, weight decay 1e-4, batch 64, 8 epochs), test
-  accuracy after training, for several seeds (360 test images: one image is 0.28 points);
-* with --bf16: the demo's task with a bf16 model, AdamW with fp32 master weights against AdamW
-  without master weights, with bf16 stochastic rounding and with rounding to nearest;
+Does training with 8-bit Adam states, or bf16 params without master weights, end where fp32-state
+AdamW does? Each comparison is paired: for a seed, every arm starts from the same initial weights
+and sees the same batches in the same order (the seed draws both), so no difference comes from
+those; the script reports the mean of the per-seed differences and its standard error (sample
+standard deviation of the differences / sqrt(seeds)). On the demo task the arms' accuracies on one
+seed are still hardly correlated (docs/adam.md), so it takes many seeds to resolve a few tenths of
+a point.
+
+* the demo's task: the demo's effops model (effops/demo/models.py: MobileNetV2-style CNN of
+  inverted-residual blocks, width 8 as the demo's default; BatchNorm by batch statistics) on
+  scikit-learn's digits with the demo's recipe (lr 3e-3, weight decay 1e-4, batch 64, 8 epochs),
+  test accuracy after training (360 test images: one image is 0.28 points); effops.optim.AdamW8bit
+  against effops.optim.AdamW, fp32 model;
+* with --bf16: the same task with a bf16 model and effops.optim.AdamW, fp32 master weights
+  (master_weights=True) against no master weights with bf16 stochastic rounding
+  (bf16_stochastic_round=True) and, unless left out with --bf16-modes, with rounding to nearest;
+  differences are taken against the fp32-master arm;
 * a character-level transformer LM on text shipped with Python (pydoc's topic help,
-  pydoc_data/topics.py), a few hundred steps, loss on held-out text at the end.
+  pydoc_data/topics.py), a few hundred steps, loss on held-out text at the end (one seed).
 
-    python -m benchmarks.adam8bit_convergence [--seeds 3] [--lm-steps 400]
+    python -m benchmarks.adam8bit_convergence [--seeds N] [--width W] [--lm-steps S]
+        [--skip-digits] [--skip-lm] [--bf16] [--bf16-modes master,stochastic,nearest] [--threads T]
 
-Prints markdown tables (the figures in docs/adam.md come from this script).
+--seeds N        seeds 0..N-1 of every demo-task comparison (default 3)
+--width W        the demo model's width (default 8, the demo's default)
+--lm-steps S     steps of the char-level LM (default 400)
+--skip-digits    leave out the AdamW8bit vs AdamW demo-task comparison
+--skip-lm        leave out the char-level LM
+--bf16           also the bf16 comparison on the demo task
+--bf16-modes     which bf16 arms to run, comma-separated from master, stochastic, nearest (default
+                 all three; master is always run: it is the baseline of the differences)
+--threads T      torch threads (default 1)
+
+For example, the bf16 comparison alone: `--skip-digits --skip-lm --bf16 --seeds 40`. Prints a line
+per run as it ends, then markdown tables (the figures in docs/adam.md come from this script).
 """
 import argparse
 import math
@@ -30,7 +53,7 @@ OPTIMIZERS = {"AdamW": AdamW, "AdamW8bit": AdamW8bit}
 # ---------------------------------------------------------------------------------------------
 # The demo's task
 # ---------------------------------------------------------------------------------------------
-def digits_run(opt_cls, seed, epochs=8, lr=3e-3, weight_decay=1e-4, batch_size=64, width=24):
+def digits_run(opt_cls, seed, epochs=8, lr=3e-3, weight_decay=1e-4, batch_size=64, width=8):
     from effops.demo import data, models, train
     ds = data.load_digits(seed=0)
     model = models.effops_model(len(ds.classes), width, seed=seed)
@@ -42,17 +65,18 @@ def digits_run(opt_cls, seed, epochs=8, lr=3e-3, weight_decay=1e-4, batch_size=6
     return 100.0 * train.accuracy(model, ds.x_test, ds.y_test, device="cpu"), state_bytes_per_param(opt)
 
 
-BF16_MODES = {"fp32 master weights": dict(master_weights=True),
-              "no master, stochastic rounding": dict(bf16_stochastic_round=True),
-              "no master, round to nearest": dict()}
+# key (for --bf16-modes): (row name, AdamW options); "master" is the baseline of the differences
+BF16_MODES = {"master": ("fp32 master weights", dict(master_weights=True)),
+              "stochastic": ("no master, stochastic rounding", dict(bf16_stochastic_round=True)),
+              "nearest": ("no master, round to nearest", dict())}
 
 
-def digits_bf16_run(seed, mode, epochs=8, lr=3e-3, weight_decay=1e-4, batch_size=64, width=24):
-    """The demo's task with a bf16 model and AdamW in one of BF16_MODES."""
+def digits_bf16_run(seed, mode, epochs=8, lr=3e-3, weight_decay=1e-4, batch_size=64, width=8):
+    """The demo's task with a bf16 model and AdamW in one of BF16_MODES (its key)."""
     from effops.demo import data, models, train
     ds = data.load_digits(seed=0)
     model = models.effops_model(len(ds.classes), width, seed=seed).to(torch.bfloat16)
-    opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **BF16_MODES[mode])
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **BF16_MODES[mode][1])
     x_train, x_test = ds.x_train.to(torch.bfloat16), ds.x_test.to(torch.bfloat16)
     for epoch in range(epochs):
         for idx in train.epoch_batches(len(ds.y_train), batch_size, epoch, seed):
@@ -119,17 +143,31 @@ def lm_run(opt_cls, train_ids, val_ids, vocab, steps, seed, batch=32, ctx=64, lr
     return statistics.mean(val), state_bytes_per_param(opt)
 
 
+def paired(values, baseline):
+    """Mean and standard error of the per-seed differences values[i] - baseline[i]."""
+    diffs = [a - b for a, b in zip(values, baseline)]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return statistics.mean(diffs), se
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--lm-steps", type=int, default=400)
-    p.add_argument("--skip-digits", action="store_true")
-    p.add_argument("--skip-lm", action="store_true")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of the demo-task comparisons (default 3)")
+    p.add_argument("--width", type=int, default=8, help="the demo model's width (default 8, the demo's default)")
+    p.add_argument("--lm-steps", type=int, default=400, help="steps of the char-level LM (default 400)")
+    p.add_argument("--skip-digits", action="store_true", help="leave out the AdamW8bit vs AdamW demo-task comparison")
+    p.add_argument("--skip-lm", action="store_true", help="leave out the char-level LM")
     p.add_argument("--bf16", action="store_true",
-                   help="also the demo task with a bf16 model: fp32 master weights against stochastic rounding")
+                   help="also the demo task with a bf16 model: fp32 master weights against no master weights")
+    p.add_argument("--bf16-modes", default="master,stochastic,nearest",
+                   help="bf16 arms, comma-separated from %s (master always runs)" % ", ".join(BF16_MODES))
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared machine OpenMP teams wait for descheduled threads)")
     args = p.parse_args(argv)
+    modes = ["master"] + [m for m in args.bf16_modes.split(",") if m and m != "master"]
+    unknown = [m for m in modes if m not in BF16_MODES]
+    if unknown:
+        p.error("--bf16-modes: unknown %s (choose from %s)" % (", ".join(unknown), ", ".join(BF16_MODES)))
     torch.set_num_threads(args.threads)
     start = time.time()
     if not args.skip_digits:
@@ -137,25 +175,30 @@ def main(argv=None):
         state = {}
         for seed in range(args.seeds):
             for name, cls in OPTIMIZERS.items():
-                a, state[name] = digits_run(cls, seed)
+                a, state[name] = digits_run(cls, seed, width=args.width)
                 acc[name].append(a)
                 print("digits seed %d %s: %.2f%%" % (seed, name, a), flush=True)
-        print("\n| demo task (digits, %d seeds) | test accuracy per seed (%%) | mean | state bytes/param |" % args.seeds)
+        print("\n| demo task (digits, width %d, %d seeds) | test accuracy per seed (%%) | mean | state bytes/param |"
+              % (args.width, args.seeds))
         print("|---|---|---|---|")
         for name in OPTIMIZERS:
             print("| %s | %s | %.2f | %.2f |" % (name, ", ".join("%.2f" % a for a in acc[name]),
                                                  statistics.mean(acc[name]), state[name]))
-        print("| AdamW8bit - AdamW | | %+.2f points | |" % (statistics.mean(acc["AdamW8bit"]) - statistics.mean(acc["AdamW"])))
+        print("| AdamW8bit - AdamW, paired | | %+.2f +- %.2f points (mean of per-seed differences +- standard "
+              "error) | |" % paired(acc["AdamW8bit"], acc["AdamW"]))
     if args.bf16:
-        acc = {name: [] for name in BF16_MODES}
+        acc = {mode: [] for mode in modes}
         for seed in range(args.seeds):
-            for name in BF16_MODES:
-                acc[name].append(digits_bf16_run(seed, name))
-                print("digits bf16 seed %d %s: %.2f%%" % (seed, name, acc[name][-1]), flush=True)
-        print("\n| demo task, bf16 model, AdamW (%d seeds) | test accuracy per seed (%%) | mean |" % args.seeds)
-        print("|---|---|---|")
-        for name, values in acc.items():
-            print("| %s | %s | %.2f |" % (name, ", ".join("%.2f" % a for a in values), statistics.mean(values)))
+            for mode in modes:
+                acc[mode].append(digits_bf16_run(seed, mode, width=args.width))
+                print("digits bf16 seed %d %s: %.2f%%" % (seed, BF16_MODES[mode][0], acc[mode][-1]), flush=True)
+        print("\n| demo task, bf16 model, AdamW (width %d, %d seeds) | test accuracy per seed (%%) | mean | "
+              "minus fp32 master, paired (mean +- standard error) |" % (args.width, args.seeds))
+        print("|---|---|---|---|")
+        for mode, values in acc.items():
+            diff = "" if mode == "master" else "%+.2f +- %.2f points" % paired(values, acc["master"])
+            print("| %s | %s | %.2f | %s |" % (BF16_MODES[mode][0], ", ".join("%.2f" % a for a in values),
+                                              statistics.mean(values), diff))
     if not args.skip_lm:
         train_ids, val_ids, vocab = corpus()
         rows = {}
