@@ -8,7 +8,7 @@ from torch import nn
 import effops
 from benchmarks import models
 from effops.nn import SparseLinear, SparseMultiheadAttention
-from tests.conftest import TOL
+from conftest import TOL
 
 E, H = 96, 4  # 96: three 32-blocks per projection; head_dim 24
 
@@ -123,13 +123,27 @@ def test_key_padding_and_attention_masks(batch_first, kind, need_weights):
         check_against_mha(mha, sparse, qkv, dict(kw, need_weights=need_weights))
 
 
-def test_fully_masked_rows_give_what_multihead_attention_gives():
+def test_fully_masked_rows_attend_to_nothing():
+    """Defined here, not taken from torch (which gives NaN with explicit weights, zeros through SDPA's fused
+    kernels): a query whose keys are all masked has zero weights and a zero attention output, so the
+    output is out_proj's bias, whichever path runs; the other rows are nn.MultiheadAttention's."""
     mha, sparse = pair()
     q, k, v = inputs(True, 2, 4, 5, "kv")
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1] = True
+    causal_row = torch.zeros(4, 5, dtype=torch.bool)
+    causal_row[2] = True  # one query of each image sees no key
     for need_weights in (True, False):
-        check_against_mha(mha, sparse, (q, k, v), dict(key_padding_mask=pad, need_weights=need_weights), grads=False)
+        got, got_w = sparse(q, k, v, key_padding_mask=pad, need_weights=need_weights)
+        want, want_w = mha(q[:1], k[:1], v[:1], need_weights=need_weights)
+        torch.testing.assert_close(got[:1], want, **TOL[torch.float32])
+        torch.testing.assert_close(got[1], sparse.out_proj.bias.expand(4, E), atol=0, rtol=0)
+        if need_weights:
+            torch.testing.assert_close(got_w[:1], want_w, **TOL[torch.float32])
+            assert not got_w[1].any()
+        got, got_w = sparse(q, k, v, attn_mask=causal_row, need_weights=need_weights)
+        torch.testing.assert_close(got[:, 2], sparse.out_proj.bias.expand(2, E), atol=0, rtol=0)
+        assert got.isfinite().all() and (got_w is None or not got_w[:, 2].any())
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

@@ -144,10 +144,16 @@ class SparseMultiheadAttention(nn.Module):
         mask, is_causal = _attention_mask(key_padding_mask, attn_mask, is_causal, need_weights,
                                           n, heads, tgt, src, query.dtype)
         dropout_p = self.dropout if self.training else 0.0
+        # A query whose every key is masked attends to nothing: zero weights and a zero attention output
+        # (the output is out_proj's bias), on both paths below. Torch gives NaN through explicit weights and
+        # zero through SDPA's fused kernels; effops defines one answer.
+        empty = None if mask is None else torch.isneginf(mask).all(dim=-1, keepdim=True)
         weights = None
         if need_weights:  # as F.multi_head_attention_forward computes them
             scores = torch.matmul(q * (1.0 / math.sqrt(hd)), k.transpose(-2, -1))
             weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            if empty is not None:
+                weights = weights.masked_fill(empty, 0.0)
             attn = torch.matmul(F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights, v)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
@@ -155,6 +161,8 @@ class SparseMultiheadAttention(nn.Module):
                 weights = weights.squeeze(0)
         else:
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+            if empty is not None:
+                attn = attn.masked_fill(empty, 0.0)
         # (N, H, L, D) -> (N, L, E) or (L, N, E)
         attn = attn.permute(0, 2, 1, 3) if self.batch_first or not batched else attn.permute(2, 0, 1, 3)
         out = self.out_proj(attn.reshape(*attn.shape[:2], self.embed_dim))
