@@ -1,10 +1,13 @@
 // effops::inverted_residual: schema, argument checks, the CPU implementation (our fused kernel or the
-// plain ATen route, by a small speed policy), the Meta implementation for torch.compile, and the
+// plain ATen route, by a small speed policy), the CUDA implementation (the Triton forward, registered
+// from Python as effops::inverted_residual_triton, or the ATen route), the Meta implementation for
+// torch.compile, and the
 // weight packing op whose result modules keep as state (csrc/cpu/inverted_residual.h). The backward
 // and the autograd registration are in inverted_residual_backward.cpp.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -350,6 +353,49 @@ at::Tensor forward_cpu(const at::Tensor& x, const OptTensor& expand_weight, cons
   }
 }
 
+// Why the Triton forward (the CUDA route) cannot take this input, or nullptr.
+const char* triton_declines(const ir::Shape& s, const at::Tensor& x) {
+  if (!c10::Dispatcher::singleton().findSchema({"effops::inverted_residual_triton", ""}).has_value())
+    return "triton is not installed";
+  if (x.numel() == 0 || s.Cout == 0 || s.Ch == 0) return "empty tensor";
+  if (s.N > 65535) return "a batch above 65535 images (the Triton kernels' CUDA grid z)";
+  int64_t span = 1;  // elements one image of x reaches
+  for (int d = 1; d < 4; ++d) span += (x.size(d) - 1) * x.stride(d);
+  if (std::max({span, s.Cout * s.OH * s.OW, s.Cout * s.Ch, s.Ch * s.Cin}) >= (int64_t(1) << 31))
+    return "an image or weight spanning 2**31 elements or more (int32 offsets in the Triton kernels)";
+  return nullptr;
+}
+
+// On CUDA tensors: the Triton forward (no speed rule: it has never been measured against cuDNN), the
+// ATen route when forced or when Triton cannot take the input.
+at::Tensor forward_cuda(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
+                        const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
+                        const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                        std::optional<c10::string_view> activation, bool residual, const OptTensor& packed,
+                        const OptTensor& se_reduce_weight, const OptTensor& se_reduce_bias,
+                        const OptTensor& se_expand_weight, const OptTensor& se_expand_bias,
+                        c10::string_view se_activation, c10::string_view se_gate_name) {
+  const ir::Shape s = checked_shape(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
+                                    stride, padding, activation, residual);
+  const Se se = checked_se(x, s, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias, se_activation,
+                           se_gate_name);
+  using effops::dispatch::Backend;
+  const Backend route = effops::dispatch::choose("inverted_residual", c10::DeviceType::CUDA, Backend::kTriton,
+                                                 triton_declines(s, x), nullptr);
+  switch (route) {
+    case Backend::kTriton:  // packed is the CPU kernel's layout: the Triton kernels read the weights themselves
+      return effops::dispatch::python_route<decltype(forward_cuda)>("effops::inverted_residual_triton")
+          .call(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride, padding,
+                activation, residual, std::nullopt, se_reduce_weight, se_reduce_bias, se_expand_weight,
+                se_expand_bias, se_activation, se_gate_name);
+    case Backend::kReference:
+      return aten_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, se);
+    default:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, "backend '", effops::dispatch::backend_name(route),
+                                  "' is forced but has no kernel for inverted_residual");
+  }
+}
+
 at::Tensor forward_meta(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
                         const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
                         const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -379,5 +425,7 @@ TORCH_LIBRARY_IMPL(effops, CPU, m) {
   m.impl("inverted_residual", &forward_cpu);
   m.impl("inverted_residual_pack", &pack_op);
 }
+
+TORCH_LIBRARY_IMPL(effops, CUDA, m) { m.impl("inverted_residual", &forward_cuda); }
 
 TORCH_LIBRARY_IMPL(effops, Meta, m) { m.impl("inverted_residual", &forward_meta); }

@@ -5,9 +5,12 @@
 // the whole batch. Per chunk, through ATen (torch's convolution and activation backward kernels):
 //   e = act(expand(x)), d = act(depthwise(e)), then convolution_backward of project, depthwise, expand
 //   in turn, with the activations' derivatives between them (aten's *_backward formulas).
-// Routes: "cpu" (ours) recomputes per chunk of about kChunkBytes of expanded tensor; "reference" (the
-// plain ATen route) does the same arithmetic on the whole batch at once. A fused backward kernel (the
-// expanded tile recomputed in cache, as the forward does) is not written yet.
+// Routes on CPU tensors: "cpu" (ours) recomputes per chunk of about kCpuChunkBytes of expanded tensor;
+// "reference" (the plain ATen route) does the same arithmetic on the whole batch at once. On CUDA
+// tensors the same code runs on torch's CUDA ops (cuDNN): per chunk of kCudaChunkBytes automatically,
+// the whole batch when "reference" is forced; there is no Triton or CUDA kernel of ours for it, so a
+// forced "triton" or "cuda" backend raises. A fused backward kernel (the expanded tile recomputed in
+// cache, as the forward does) is not written yet.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -27,7 +30,10 @@ using namespace effops::bindings::inverted_residual;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kChunkBytes = 8ll << 20;  // expanded tensor per chunk: L3-sized, below glibc's mmap threshold
+constexpr int64_t kCpuChunkBytes = 8ll << 20;  // expanded tensor per chunk: L3-sized, below glibc's mmap threshold
+// On a GPU the chunk only bounds memory (cuDNN keeps nothing in cache across calls): large enough that
+// each convolution call covers many images. Not measured on a GPU.
+constexpr int64_t kCudaChunkBytes = 256ll << 20;
 
 at::Tensor activation_backward(const at::Tensor& g, const at::Tensor& h, int act) {
   switch (act) {
@@ -119,7 +125,9 @@ void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, cons
   }
 }
 
-Grads backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& ew, const OptTensor& eb,
+// Both devices' implementation (the route and chunk size differ; the arithmetic is torch's ops either way).
+template <c10::DeviceType kDevice>
+Grads backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& ew, const OptTensor& eb,
                    const at::Tensor& dw, const OptTensor& db, const at::Tensor& pw, const OptTensor& pb,
                    at::IntArrayRef stride, at::IntArrayRef padding, std::optional<c10::string_view> activation,
                    bool residual, const OptTensor& se_rw, const OptTensor& se_rb, const OptTensor& se_ew,
@@ -132,14 +140,19 @@ Grads backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const OptTenso
                     "grad_y must have the output's shape (", s.N, ", ", s.Cout, ", ", s.OH, ", ", s.OW, ") and dtype ",
                     x.scalar_type(), ", got ", grad_y.sizes(), " ", grad_y.scalar_type());
   using effops::dispatch::Backend;
-  const Backend route = effops::dispatch::choose("inverted_residual_backward", c10::DeviceType::CPU, Backend::kCpu,
-                                                 nullptr, nullptr);
+  constexpr bool kCpu = kDevice == c10::DeviceType::CPU;
+  // On CUDA the automatic route is torch's ops too (recorded as "reference"); chunked unless forced.
+  const Backend route = effops::dispatch::choose("inverted_residual_backward", kDevice,
+                                                 kCpu ? Backend::kCpu : Backend::kReference, nullptr, nullptr);
   TORCH_CHECK_NOT_IMPLEMENTED(route == Backend::kCpu || route == Backend::kReference, "backend '",
                               effops::dispatch::backend_name(route),
-                              "' is forced but has no kernel for inverted_residual_backward on CPU tensors");
+                              "' is forced but has no kernel for inverted_residual_backward");
+  const bool whole_batch = kCpu ? route == Backend::kReference
+                                : effops::dispatch::forced_backend() == Backend::kReference;
   const int64_t per_image = s.Ch * s.H * s.W * static_cast<int64_t>(x.element_size());
-  const int64_t chunk = route == Backend::kCpu ? std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, per_image))
-                                               : std::max<int64_t>(1, s.N);
+  const int64_t chunk_bytes = kCpu ? kCpuChunkBytes : kCudaChunkBytes;
+  const int64_t chunk = whole_batch ? std::max<int64_t>(1, s.N)
+                                    : std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, per_image));
   std::vector<at::Tensor> out(kInputs);
   std::vector<at::Tensor> gx_parts;
   for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
@@ -217,7 +230,7 @@ class InvertedResidualFunction : public torch::autograd::Function<InvertedResidu
     }
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("effops::inverted_residual_backward", "")
-                               .typed<decltype(backward_cpu)>();
+                               .typed<decltype(backward_impl<c10::DeviceType::CPU>)>();
     auto [gx, gew, geb, gdw, gdb, gpw, gpb, grw, grb, gsw, gsb] =
         op.call(grads[0].contiguous(format_of(saved[0])), saved[0], opt(saved[1]), opt(saved[2]), saved[3],
                 opt(saved[4]), saved[5], opt(saved[6]), stride, padding, view(activation),
@@ -300,7 +313,12 @@ TORCH_LIBRARY_FRAGMENT(effops, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(effops, CPU, m) { m.impl("inverted_residual_backward", &backward_cpu); }
+TORCH_LIBRARY_IMPL(effops, CPU, m) {
+  m.impl("inverted_residual_backward", &backward_impl<c10::DeviceType::CPU>);
+}
+TORCH_LIBRARY_IMPL(effops, CUDA, m) {
+  m.impl("inverted_residual_backward", &backward_impl<c10::DeviceType::CUDA>);
+}
 TORCH_LIBRARY_IMPL(effops, Meta, m) { m.impl("inverted_residual_backward", &backward_meta); }
 TORCH_LIBRARY_IMPL(effops, Autograd, m) { m.impl("inverted_residual", &forward_autograd); }
 TORCH_LIBRARY_IMPL(effops, AutocastCPU, m) { m.impl("inverted_residual", &forward_autocast<c10::DeviceType::CPU>); }

@@ -6,8 +6,10 @@ thin call of torch.ops.effops.inverted_residual. Semantics: effops/reference/inv
 Its autograd is C++ too (csrc/bindings/inverted_residual_backward.cpp: only x and the weights are
 saved; the backward recomputes the expanded tensor a chunk of images at a time). Without the compiled
 extension (EFFOPS_NO_EXT=1, a pure-Python install) and inside torch.func transforms the reference runs
-(torch differentiates and batches it). The GPU forward is Triton (triton_kernels/inverted_residual.py),
-registered here for the CUDA key; it has no backward yet, and has never run on a GPU.
+(torch differentiates and batches it). On CUDA tensors the C++ op calls the Triton forward
+(triton_kernels/inverted_residual.py, defined here as effops::inverted_residual_triton); the backward
+recomputes through torch's CUDA ops in chunks of images (no Triton backward yet). None of it has run on a
+GPU.
 """
 import importlib.util
 
@@ -23,7 +25,6 @@ ACTIVATIONS = reference.ACTIVATIONS
 SE_GATES = tuple(reference.SE_GATES)
 BACKENDS = ("reference", "cpu", "triton")  # the backends with a kernel for this op (tests, `effops info`)
 _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
-_registered = []
 
 
 def _se_gate(means, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias, se_activation, se_gate):
@@ -52,7 +53,7 @@ def _triton_forward(x, expand_weight, expand_bias, dw_weight, dw_bias, project_w
 
 
 def _define_triton_route():
-    """effops::inverted_residual_triton: the Triton forward, which the C++ CPU implementation calls when
+    """effops::inverted_residual_triton: the Triton forward, which the C++ op calls on CUDA tensors and when
     "triton" is forced on CPU tensors (Triton's interpreter, tests only). Defined at import when Triton is
     installed (Triton itself is imported on the first call)."""
     if importlib.util.find_spec("triton") is None:
@@ -69,14 +70,6 @@ def _define_triton_route():
 
 
 _TRITON_LIB = _define_triton_route()
-
-
-def _register_cuda():
-    """The Triton forward as effops::inverted_residual's CUDA implementation: once, on the first call (the
-    op's schema comes with the compiled extension, loaded then)."""
-    if _TRITON_LIB is not None and not _registered:
-        _TRITON_LIB.impl("inverted_residual", _triton_forward, "CUDA")
-        _registered.append(True)
 
 
 def inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride=1,
@@ -101,8 +94,6 @@ def inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project
         return reference.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
                                            project_bias, stride, padding, activation, residual, se_reduce_weight,
                                            se_reduce_bias, se_expand_weight, se_expand_bias, se_activation, se_gate)
-    if not _registered and not torch.compiler.is_compiling():
-        _register_cuda()
     return torch.ops.effops.inverted_residual(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
                                               project_bias, stride, padding, activation, residual, packed,
                                               se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias,
