@@ -163,8 +163,45 @@ def test_gradients_in_chunks_of_images():
         check_gradients((3, 5, 64, 5, 128, 128, 3, 1, "silu", True), True)
 
 
-def check_gradients(case, expand):
-    tensors, kw = make(case, expand=expand)
+@needs_ext
+@pytest.mark.parametrize("case", [(1, 5, 30, 7, 9, 11, 7, 2, "gelu", False), (2, 4, 24, 4, 6, 7, 1, 1, "hardswish", True)],
+                         ids=["k7_s2", "k1"])
+def test_gradients_with_other_kernel_sizes(backend, case):
+    """Kernel sizes besides 3 and 5 (the cpu route's depthwise backward has a body for any size beside those)."""
+    check_gradients(case, True)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [CASES[4], CASES[2], CASES[1]], ids=[IDS[4], IDS[2], IDS[1]])
+def test_gradients_in_low_precision(backend, case, dtype):
+    """bf16 / fp16 tensors, every intermediate stored in that dtype as torch's own ops store them (sums in fp32).
+    Against the float64 reference, each gradient's largest error relative to its largest value is at most
+    1.25x what torch's own ops give on the same inputs (their errors come mostly from ReLU6's edges, where
+    a rounded pre-activation lands on the other side of 0 or 6), plus one rounding of the dtype."""
+    def errors():
+        tensors, kw = make(case, dtype=dtype)
+        tensors = [None if t is None else t.requires_grad_() for t in tensors]
+        y = inverted_residual(*tensors, **kw)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        grads = torch.autograd.grad(y, [t for t in tensors if t is not None], gy)
+        t64 = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+        want = reference.inverted_residual(*t64, [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
+                                           kw["residual"])
+        wants = torch.autograd.grad(want, [t for t in t64 if t is not None], gy.double())
+        assert all(g.dtype == dtype for g in grads)
+        return [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(grads, wants)]
+
+    ours = errors()
+    with effops.use_backend("reference"):
+        torchs = errors()
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    for name, e, t in zip(("x", "expand_w", "expand_b", "dw_w", "dw_b", "project_w", "project_b"), ours, torchs):
+        assert e <= 1.25 * t + unit, (name, e, t)
+
+
+def check_gradients(case, expand, dtype=torch.float32, tol=dict(atol=3e-5, rtol=1e-4)):
+    tensors, kw = make(case, dtype=dtype, expand=expand)
     tensors = [None if t is None else t.requires_grad_() for t in tensors]
     y = inverted_residual(*tensors, **kw)
     gy = torch.randn_like(y)
@@ -174,8 +211,10 @@ def check_gradients(case, expand):
                                        kw["residual"])
     wants = torch.autograd.grad(want, [t for t in t64 if t is not None], gy.double())
     for g, w in zip(grads, wants):
-        # weight gradients sum over every pixel (49k in the largest case): fp32 error grows with the scale
-        torch.testing.assert_close(g, w.float(), atol=3e-5 * max(1.0, w.abs().max().item()), rtol=1e-4)
+        # weight gradients sum over every pixel (49k in the largest case): the error grows with the scale
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), w, atol=tol["atol"] * max(1.0, w.abs().max().item()),
+                                   rtol=tol["rtol"])
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 

@@ -225,11 +225,13 @@ at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& 
 }
 
 // In training, torch's own convolutions (autograd saving the expanded tensor) against our forward plus
-// a backward that recomputes it per chunk of images. Measured with one thread, CPU time, a forward and
-// backward of the blocks of `benchmarks.bench_inverted_residual` at batch 16 (AMD Zen 5): recomputing
-// is 1.3-2.2x faster where torch's expanded tensor is 24 MiB or more (fresh tensors that large are
-// mmapped and page-fault on every step), 0.70-1.04x below 16 MiB. So below kTrainMinExpandedBytes the
-// block runs as torch's ops (their gradients are torch's); above, memory and time both favour ours.
+// a backward that recomputes it per chunk of images (with our depthwise middle). Measured with one
+// thread, CPU time, a forward and backward of the blocks of `benchmarks.bench_inverted_residual --train`
+// at batch 16 (AMD Zen 5, avx512 body): recomputing is 2.1-2.9x faster where torch's expanded tensor is
+// 24 MiB or more (fresh tensors that large are mmapped and page-fault on every step), 0.72-1.25x below
+// 16 MiB (1.2-1.25x only for three of the five squeeze-excitation blocks there). So below
+// kTrainMinExpandedBytes the block runs as torch's ops (their gradients are torch's); above, memory and
+// time both favour ours.
 constexpr int64_t kTrainMinExpandedBytes = 16ll << 20;
 
 const char* training_aten_faster(const ir::Shape& s, at::ScalarType dtype) {
@@ -286,9 +288,7 @@ at::Tensor kernel_route(const ir::Shape& s, const at::Tensor& x, const OptTensor
     ir::forward<T>(s, xp, wp, y.data_ptr<T>(), se.on ? scale.data_ptr<float>() : nullptr,
                    d_kept.defined() ? d_kept.data_ptr<float>() : nullptr);
   };
-  if (x.scalar_type() == at::kFloat) run(float{});
-  else if (x.scalar_type() == at::kBFloat16) run(c10::BFloat16{});
-  else run(c10::Half{});
+  with_storage_type(x.scalar_type(), run);
   return format_of(x) == at::MemoryFormat::ChannelsLast ? y : y.contiguous();
 }
 

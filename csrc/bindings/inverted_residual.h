@@ -52,6 +52,14 @@ at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& 
 // backward, or nullptr (the speed policy of a training step on CPU).
 const char* training_aten_faster(const ir::Shape& s, at::ScalarType dtype);
 
+// f(T{}) with T the storage type of `dtype`: float, bf16 or fp16 (the dtypes checked_shape accepts).
+template <class F>
+void with_storage_type(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat) f(float{});
+  else if (dtype == at::kBFloat16) f(c10::BFloat16{});
+  else f(c10::Half{});
+}
+
 // channels_last when x is laid out that way (and not also plainly contiguous), else contiguous.
 at::MemoryFormat format_of(const at::Tensor& x);
 

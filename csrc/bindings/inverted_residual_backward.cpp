@@ -2,15 +2,18 @@
 //
 // The forward saves only x and the weights: the expanded tensor (6x the block's channels) and the
 // depthwise output are recomputed in the backward, a chunk of images at a time, and never exist for
-// the whole batch. Per chunk, through ATen (torch's convolution and activation backward kernels):
-//   e = act(expand(x)), d = act(depthwise(e)), then convolution_backward of project, depthwise, expand
-//   in turn, with the activations' derivatives between them (aten's *_backward formulas).
+// the whole batch. Per chunk: e = act(expand(x)) through ATen (oneDNN); on the "cpu" route with
+// channels-last x, the depthwise middle by our kernel (csrc/cpu/inverted_residual_depthwise.h: d in one
+// pass; then, from d's gradient, the depthwise weights' gradients and the gradient at expand's output,
+// both activations' derivatives included, in one more); the two 1x1 convolutions' backward through
+// ATen (aten::convolution_backward: oneDNN GEMMs), with the squeeze-excitation's gradients between.
+// Other layouts and the "reference" route run every step through ATen.
 // Routes on CPU tensors: "cpu" (ours) recomputes per chunk of about kCpuChunkBytes of expanded tensor;
-// "reference" (the plain ATen route) does the same arithmetic on the whole batch at once. On CUDA
-// tensors the same code runs on torch's CUDA ops (cuDNN): per chunk of kCudaChunkBytes automatically,
-// the whole batch when "reference" is forced; there is no Triton or CUDA kernel of ours for it, so a
-// forced "triton" or "cuda" backend raises. A fused backward kernel (the expanded tile recomputed in
-// cache, as the forward does) is not written yet.
+// "reference" (the plain ATen route) does the ATen arithmetic on the whole batch at once. On CUDA
+// tensors the ATen arithmetic runs on torch's CUDA ops (cuDNN): per chunk of kCudaChunkBytes
+// automatically, the whole batch when "reference" is forced; there is no Triton or CUDA kernel of ours
+// for it, so a forced "triton" or "cuda" backend raises. A fully fused backward kernel (the expanded
+// tile recomputed in cache, as the forward does, the 1x1 gradients included) is not written yet.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -18,11 +21,13 @@
 
 #include <array>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "bindings/dispatch.h"
 #include "bindings/inverted_residual.h"
+#include "cpu/inverted_residual_depthwise.h"
 
 namespace {
 
@@ -73,10 +78,58 @@ at::Tensor se_backward(const Se& se, const at::Tensor& d, const at::Tensor& pool
   return g_ds * sg.g + g_pooled / static_cast<double>(d.size(2) * d.size(3));  // the mean's share
 }
 
-// Gradients of images [n0, n1) into the accumulators (weights summed over chunks, grad_x sliced).
+// The depthwise conv and its activation, forward and backward, by our CPU kernel
+// (csrc/cpu/inverted_residual_depthwise.h): one pass each over the expanded tensor where torch's route
+// makes several. Channels-last tensors of x's dtype; the weights as the kernel reads them.
+struct DepthwiseKernel {
+  ir::DepthwiseShape shape;
+  at::Tensor w_taps, bias;  // fp32 [KH * KW][Ch] and [Ch] (undefined without a bias)
+
+  DepthwiseKernel(const ir::Shape& s, const at::Tensor& dw, const OptTensor& db)
+      : shape{s.N, s.Ch, s.H, s.W, s.OH, s.OW, s.KH, s.KW, s.SH, s.SW, s.PH, s.PW, s.act},
+        w_taps(dw.reshape({s.Ch, s.KH * s.KW}).t().to(at::kFloat).contiguous()),
+        bias(given(db) ? db->to(at::kFloat).contiguous() : at::Tensor()) {}
+
+  const float* b() const { return bias.defined() ? bias.data_ptr<float>() : nullptr; }
+
+  // d = act(depthwise(e) + b)
+  at::Tensor forward(const at::Tensor& e) const {
+    const at::Tensor ec = e.contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor d = at::empty({shape.N, shape.C, shape.OH, shape.OW}, ec.options(), at::MemoryFormat::ChannelsLast);
+    with_storage_type(ec.scalar_type(), [&](auto type) {
+      using T = decltype(type);
+      ir::depthwise_act_forward<T>(shape, ec.const_data_ptr<T>(), w_taps.const_data_ptr<float>(), b(),
+                                   d.mutable_data_ptr<T>());
+    });
+    return d;
+  }
+
+  // (gradient at pre_e, or at e where pre_e is undefined; the depthwise weight's; its bias')
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_d, const at::Tensor& e,
+                                                          const at::Tensor& pre_e, const at::Tensor& dw) const {
+    const auto cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor gc = g_d.contiguous(cl), ec = e.contiguous(cl);
+    const at::Tensor pc = pre_e.defined() ? pre_e.contiguous(cl) : at::Tensor();
+    at::Tensor g_in = at::empty_like(ec, cl);
+    at::Tensor g_w = at::empty({shape.KH * shape.KW, shape.C}, ec.options().dtype(at::kFloat));
+    at::Tensor g_b = at::empty({shape.C}, g_w.options());
+    with_storage_type(ec.scalar_type(), [&](auto type) {
+      using T = decltype(type);
+      ir::depthwise_act_backward<T>(shape, gc.const_data_ptr<T>(), ec.const_data_ptr<T>(),
+                                    pc.defined() ? pc.const_data_ptr<T>() : nullptr, w_taps.const_data_ptr<float>(),
+                                    b(), g_in.mutable_data_ptr<T>(), g_w.mutable_data_ptr<float>(),
+                                    g_b.mutable_data_ptr<float>());
+    });
+    return {g_in, g_w.t().reshape(dw.sizes()).to(dw.scalar_type()), g_b};
+  }
+};
+
+// Gradients of images [n0, n1) into the accumulators (weights summed over chunks, grad_x sliced). With
+// `kernel`, the depthwise middle is ours; otherwise every step is torch's.
 void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, const at::Tensor& x, const OptTensor& ew,
                     const OptTensor& eb, const at::Tensor& dw, const OptTensor& db, const at::Tensor& pw,
-                    const OptTensor& pb, const Needs& needs, std::vector<at::Tensor>& out) {
+                    const OptTensor& pb, const Needs& needs, const DepthwiseKernel* kernel,
+                    std::vector<at::Tensor>& out) {
   const bool need_x = needs[0], need_e = needs[1] || needs[2], need_d = needs[3] || needs[4];
   const bool need_d_in = need_x || need_e || need_d;  // anything below the squeeze-excitation
   const bool need_se = se.on && (needs[7] || needs[8] || needs[9] || needs[10]);
@@ -85,8 +138,13 @@ void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, cons
     pre_e = at::conv2d(x, *ew, eb);
     e = activate(pre_e, s.act);
   }
-  const at::Tensor pre_d = at::conv2d(e, dw, db, {s.SH, s.SW}, {s.PH, s.PW}, {1, 1}, s.Ch);
-  const at::Tensor d = activate(pre_d, s.act);
+  at::Tensor pre_d, d;
+  if (kernel != nullptr) {
+    d = kernel->forward(e);
+  } else {
+    pre_d = at::conv2d(e, dw, db, {s.SH, s.SW}, {s.PH, s.PW}, {1, 1}, s.Ch);
+    d = activate(pre_d, s.act);
+  }
   at::Tensor pooled, ds = d;
   SeGate sg;
   if (se.on) {
@@ -103,7 +161,20 @@ void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, cons
   at::Tensor g_d = g_ds;
   if (se.on && (need_d_in || need_se)) g_d = se_backward(se, d, pooled, sg, g_ds, need_d_in, needs, add);
   at::Tensor g_x;
-  if (need_d_in) {
+  if (need_d_in && kernel != nullptr) {
+    // g_in: the gradient at pre_e (at x without expansion), the expand activation's derivative applied
+    auto [g_in, g_dw, g_db] = kernel->backward(g_d, e, pre_e, dw);
+    if (needs[3]) add(3, g_dw);
+    if (needs[4]) add(4, g_db);
+    if (!s.expand) {
+      g_x = g_in;
+    } else if (need_x || need_e) {
+      auto [gx, g_ew, g_eb] = at::convolution_backward(g_in, x, *ew, std::vector<int64_t>{s.Ch}, {1, 1}, {0, 0},
+                                                       {1, 1}, false, {0, 0}, 1, {need_x, needs[1], needs[2]});
+      add(1, g_ew), add(2, g_eb);
+      g_x = gx;
+    }
+  } else if (need_d_in) {
     const at::Tensor g_pre_d = activation_backward(g_d, pre_d, s.act);
     auto [g_e, g_dw, g_db] = at::convolution_backward(
         g_pre_d, e, dw, std::vector<int64_t>{s.Ch}, {s.SH, s.SW}, {s.PH, s.PW}, {1, 1}, false, {0, 0}, s.Ch,
@@ -153,15 +224,21 @@ Grads backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTens
   const int64_t chunk_bytes = kCpu ? kCpuChunkBytes : kCudaChunkBytes;
   const int64_t chunk = whole_batch ? std::max<int64_t>(1, s.N)
                                     : std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, per_image));
+  // Our depthwise middle on the cpu route for channels-last blocks (other layouts: torch's ops throughout).
+  std::optional<DepthwiseKernel> kernel;
+  if (route == Backend::kCpu && format_of(x) == at::MemoryFormat::ChannelsLast && s.KH <= 8 && s.KW <= 8)
+    kernel.emplace(s, dw, db);
   std::vector<at::Tensor> out(kInputs);
   std::vector<at::Tensor> gx_parts;
   for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
     const int64_t n = std::min(chunk, s.N - n0);
     ir::Shape c = s;
     c.N = n;
+    if (kernel) kernel->shape.N = n;
     std::vector<at::Tensor> part(out);  // the weights' sums so far; part[0] is this chunk's grad_x
     part[0] = at::Tensor();
-    chunk_backward(c, se, grad_y.narrow(0, n0, n), x.narrow(0, n0, n), ew, eb, dw, db, pw, pb, needs, part);
+    chunk_backward(c, se, grad_y.narrow(0, n0, n), x.narrow(0, n0, n), ew, eb, dw, db, pw, pb, needs,
+                   kernel ? &*kernel : nullptr, part);
     for (int i = 1; i < kInputs; ++i) out[i] = part[i];
     if (needs[0]) gx_parts.push_back(part[0]);
   }

@@ -69,7 +69,8 @@ bool keep_d(const Shape& s);
 int64_t kept_d_size(const Shape& s);
 constexpr int64_t kKeepDBytesPerImage = 1 << 20;
 
-// Which body the forward runs at the current instruction-set level (for `python -m effops info`).
+// Which body the forward (and the backward's depthwise middle) runs at the current instruction-set level
+// (for `python -m effops info`).
 const char* inverted_residual_body();
 
 }  // namespace effops::cpu::ir
