@@ -615,7 +615,7 @@ with effops.use_backend("cpu"):
             w = torch.randint(-lim, lim + 1, (n, k), dtype=torch.int8)
             packed = R.pack_weight(w)
             got = ops.int8_linear_dynamic(xi, packed, torch.ones(n), None, n, False,
-                                          R.weight_correction(packed) if corr else None)
+                                          R.weight_correction(packed) if corr else None, 7 if corr else 8)
             assert torch.equal(got, (xi.long() @ w.long().t()).float()), (m, k, n, lim)
         for dt in (torch.float32, torch.bfloat16, torch.float16):
             x = (torch.randn(m, k) * 3).to(dt)

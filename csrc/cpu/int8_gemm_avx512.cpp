@@ -377,12 +377,13 @@ bool int8_gemm_u8s7_avx512(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K
 }
 
 bool int8_gemm_u8s8_avx512(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
-                           const Int8Epilogue& epi) {
+                           const int32_t* col_corr, const Int8Epilogue& epi) {
   if (!cpu_isa_at_least(CpuIsa::kAvx512Vnni)) return false;
   const int64_t kpad = ceil_to(K, kInt8KG);
   std::vector<uint8_t> ap;
   if (K != kpad) ap = pack_a(a_u, lda, M, K, kpad, 0);
-  gemm_tiles<VnniStep>(ap.empty() ? a_u : ap.data(), ap.empty() ? lda : 0, M, kpad, b_packed, N, nullptr, true, epi);
+  gemm_tiles<VnniStep>(ap.empty() ? a_u : ap.data(), ap.empty() ? lda : 0, M, kpad, b_packed, N, col_corr,
+                       col_corr == nullptr, epi);
   return true;
 }
 
@@ -394,7 +395,8 @@ bool int8_gemm_u8s7_avx512(const uint8_t*, int64_t, int64_t, int64_t, const int8
                            const Int8Epilogue&) {
   return false;
 }
-bool int8_gemm_u8s8_avx512(const uint8_t*, int64_t, int64_t, int64_t, const int8_t*, int64_t, const Int8Epilogue&) {
+bool int8_gemm_u8s8_avx512(const uint8_t*, int64_t, int64_t, int64_t, const int8_t*, int64_t, const int32_t*,
+                           const Int8Epilogue&) {
   return false;
 }
 #endif
