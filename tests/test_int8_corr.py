@@ -19,6 +19,7 @@ from effops.ops.int8_gemm import int8_linear_dynamic
 from effops.reference import int8 as reference
 from tests.conftest import device
 from tests.test_int8_ops import with_backends
+from tests.test_int8_weight7 import _exact, _integer_rows  # rows of +-127 integers; float() of exact sums
 
 MAX_K = reference.MAX_K
 cpu_only = pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
@@ -30,20 +31,6 @@ def _full_range_weights(n, k):
             torch.tensor([-128 if j % 2 else 127 for j in range(k)], dtype=torch.int8)]
     cols += [torch.randint(-128, 128, (k,), dtype=torch.int8) for _ in range(n - 3)]
     return torch.stack(cols[:n])
-
-
-def _integer_rows(m, k):
-    """Float rows of integers in [-127, 127], each holding a +-127: quantize_rowwise gives scale 1, q == x."""
-    rows = [torch.full((k,), -127.0), torch.full((k,), 127.0), torch.tensor([(-1.0) ** j * 127 for j in range(k)])]
-    while len(rows) < m:
-        r = torch.randint(-127, 128, (k,)).float()
-        r[torch.randint(0, k, ())] = 127.0 * (-1) ** len(rows)
-        rows.append(r)
-    return torch.stack(rows[:m])
-
-
-def _exact(x, w_int8):
-    return (x.long() @ w_int8.long().t()).float()  # float() of the exact sums: the epilogue with scales 1
 
 
 def test_weight_correction_definition():
