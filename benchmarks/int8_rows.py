@@ -81,13 +81,12 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.vs_fbgemm:
-        peak = args.peak
+        peak, before = args.peak, None
         if peak == "auto":
             from benchmarks import cpu_peak
-            before = cpu_peak.measure(threads=1)["int8_vnni_gops"]
-            peak = None
+            peak, before = None, cpu_peak.measure(threads=1)["int8_vnni_gops"]
         with torch.no_grad():
-            vs_fbgemm(float(peak) if peak else None, after_peak=before if args.peak == "auto" else None)
+            vs_fbgemm(float(peak) if peak else None, after_peak=before)
     torch.manual_seed(0)
     k = n = 4096
     lin = torch.nn.Linear(k, n)
