@@ -8,9 +8,11 @@ Single thread, thread CPU time (see benchmarks/int8_interleaved.py for why), K =
 * --vs-fbgemm: the transformer shapes of issue #15 (M = 1, 8, 400 at K x N = 768 x 3072 and 3072 x 768,
   M = 256 at 4096 x 4096), Int8Linear dynamic (8-bit and 7-bit weights) against torch's dynamic int8
   Linear (FBGEMM), called in turn with the order alternating, 9 rounds: medians of the times and of the
-  per-round ratios ([min-max]), and with --peak GOP/s the % of a one-thread int8 peak.
+  per-round ratios ([min-max]), and with --peak GOP/s the % of a one-thread int8 peak (--peak auto:
+  the one-thread vpdpbusd peak measured by benchmarks/cpu_peak.py before and after the cases, their
+  mean; on a shared machine the clock, and so the peak, moves between runs).
 Usage: python -m benchmarks.int8_rows 1 16 256 2048 [--split 2048]
-       python -m benchmarks.int8_rows --vs-fbgemm [--peak 1080]
+       python -m benchmarks.int8_rows --vs-fbgemm [--peak 1080 | --peak auto]
 """
 import argparse
 import statistics
@@ -26,7 +28,10 @@ VS_FBGEMM_CASES = [(1, 768, 3072), (1, 3072, 768), (8, 768, 3072), (8, 3072, 768
                    (400, 3072, 768), (256, 4096, 4096)]
 
 
-def vs_fbgemm(peak=None, rounds=9):
+def vs_fbgemm(peak=None, rounds=9, after_peak=None):
+    """after_peak: the peak measured before the cases; the % column is then printed at the end, against
+    the mean of that and a second measurement."""
+    lines = []
     for m, k, n in VS_FBGEMM_CASES:
         torch.manual_seed(0)
         lin, x = torch.nn.Linear(k, n), torch.randn(m, k)
@@ -51,10 +56,20 @@ def vs_fbgemm(peak=None, rounds=9):
         line = "M=%-4d %4d x %-4d FBGEMM %8.1f us  8-bit %8.1f us %.2fx [%.2f-%.2f]  7-bit %.2fx" % (
             m, k, n, med["fbgemm"] * 1e6, med["w8"] * 1e6, statistics.median(ratio["w8"]), min(ratio["w8"]),
             max(ratio["w8"]), statistics.median(ratio["w7"]))
+        gops = {name: 2 * m * k * n / med[name] / 1e9 for name in ("w8", "fbgemm")}
         if peak:
-            line += "  8-bit %.0f%% of peak, FBGEMM %.0f%%" % tuple(
-                100 * 2 * m * k * n / med[name] / 1e9 / peak for name in ("w8", "fbgemm"))
-        print(line, flush=True)
+            line += "  8-bit %.0f%% of peak, FBGEMM %.0f%%" % (100 * gops["w8"] / peak, 100 * gops["fbgemm"] / peak)
+        lines.append((line, gops))
+        if after_peak is None:
+            print(line, flush=True)
+    if after_peak is not None:
+        from benchmarks import cpu_peak
+        cpu_peak.measure.cache_clear()
+        again = cpu_peak.measure(threads=1)["int8_vnni_gops"]
+        peak = (after_peak + again) / 2
+        print("one-thread vpdpbusd peak measured before / after: %.0f / %.0f GOP/s" % (after_peak, again))
+        for line, gops in lines:
+            print(line + "  8-bit %.0f%% of peak, FBGEMM %.0f%%" % (100 * gops["w8"] / peak, 100 * gops["fbgemm"] / peak))
 
 
 def main():
@@ -62,12 +77,16 @@ def main():
     p.add_argument("m", type=int, nargs="*")
     p.add_argument("--split", type=int, default=0)
     p.add_argument("--vs-fbgemm", action="store_true")
-    p.add_argument("--peak", type=float, default=None, help="one-thread int8 peak, GOP/s, for the %% column")
+    p.add_argument("--peak", default=None, help="one-thread int8 peak, GOP/s, for the %% column, or 'auto'")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.vs_fbgemm:
+        peak, before = args.peak, None
+        if peak == "auto":
+            from benchmarks import cpu_peak
+            peak, before = None, cpu_peak.measure(threads=1)["int8_vnni_gops"]
         with torch.no_grad():
-            vs_fbgemm(args.peak)
+            vs_fbgemm(float(peak) if peak else None, after_peak=before)
     torch.manual_seed(0)
     k = n = 4096
     lin = torch.nn.Linear(k, n)

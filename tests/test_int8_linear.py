@@ -110,7 +110,7 @@ def test_weight_is_int8_per_channel_and_frozen():
     assert torch.equal(m.weight, w_q) and torch.equal(m.weight_scale, w_s)
     assert m.weight.dtype == torch.int8 and m.weight.abs().max() <= 127
     assert [n for n, p in m.named_parameters() if p.requires_grad] == []
-    assert {n for n, _ in m.named_buffers()} == {"weight_packed", "weight_scale"}
+    assert {n for n, _ in m.named_buffers()} == {"weight_packed", "weight_scale", "weight_corr"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -203,6 +203,36 @@ def test_quantize_rowwise_zero_rows_ties_and_extremes(backend):
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
+def near_tie_rows(rows=64, k=515):
+    """Rows whose quotients x / scale sit on and a few ulps around half-integers (n + 0.5), over row scales
+    from 2^-70 to 2^100: the rounding of the quotient (half to even, after an IEEE division; a reciprocal
+    would miss about 4% of these) and of the conversion to codes must both be the reference's. Each row's
+    first element is its absmax, 127 x a chosen scale."""
+    g = torch.Generator().manual_seed(7)
+    scales = torch.pow(2.0, torch.empty(rows).uniform_(-70, 100, generator=g)) * (1 + torch.rand(rows, generator=g))
+    x = torch.empty(rows, k)
+    for i, c in enumerate(scales.tolist()):
+        s = (torch.tensor(127 * c, dtype=torch.float32) / 127).item()  # the scale the quantizer will compute
+        n = torch.randint(-127, 127, (k,), generator=g).float() + 0.5
+        v = (n.double() * s).float()
+        ulps = torch.randint(-3, 4, (k,), generator=g)
+        for _ in range(3):  # nudge by up to 3 ulps either way
+            v = torch.where(ulps > 0, torch.nextafter(v, torch.tensor(float("inf"))), v)
+            v = torch.where(ulps < 0, torch.nextafter(v, torch.tensor(float("-inf"))), v)
+            ulps = ulps - ulps.sign()
+        x[i] = v.clamp(-127 * c, 127 * c)
+        x[i, 0] = 127 * c
+    return x
+
+
+@with_backends("quantize_rowwise")
+def test_quantize_rowwise_near_ties_bit_identical(backend):
+    x = near_tie_rows().to(device())
+    q, s = ops.quantize_rowwise(x)
+    q_ref, s_ref = reference.quantize_rowwise(x)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+
+
 def non_finite_rows():
     """Rows with +inf, NaN and -inf each at a position the vector loop reads and one its tail reads,
     a zero row and a normal one: the expected (q, scale) per row is independent of any backend."""
@@ -615,7 +645,7 @@ with effops.use_backend("cpu"):
             w = torch.randint(-lim, lim + 1, (n, k), dtype=torch.int8)
             packed = R.pack_weight(w)
             got = ops.int8_linear_dynamic(xi, packed, torch.ones(n), None, n, False,
-                                          R.weight_correction(packed) if corr else None)
+                                          R.weight_correction(packed) if corr else None, 7 if corr else 8)
             assert torch.equal(got, (xi.long() @ w.long().t()).float()), (m, k, n, lim)
         for dt in (torch.float32, torch.bfloat16, torch.float16):
             x = (torch.randn(m, k) * 3).to(dt)

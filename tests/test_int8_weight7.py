@@ -127,7 +127,8 @@ def test_reference_7bit_quantization_and_weights():
     corr = m.weight_corr.cpu()
     assert corr.dtype == torch.int32 and corr.shape == (48,)
     assert torch.equal(corr[:40], -128 * q.int().sum(1)) and (corr[40:] == 0).all()
-    assert Int8Linear.from_linear(lin).weight_corr is None  # the default 8-bit module has none
+    m8 = Int8Linear.from_linear(lin)  # the default 8-bit module keeps its weights' correction too
+    assert torch.equal(m8.weight_corr.cpu()[:40], -128 * m8.weight.cpu().int().sum(1))
     assert "weight_bits=7" in repr(m)
 
 
@@ -148,7 +149,7 @@ def test_state_dict_roundtrip_and_mismatched_bits():
     # 7-bit weights loaded into an 8-bit module: its kernel computes the same integers.
     m8 = Int8Linear(64, 32, device=device())
     m8.load_state_dict(sd)
-    assert m8.weight_corr is None and torch.equal(m8(x), m7(x))
+    assert torch.equal(m8.weight_corr, m7.weight_corr) and torch.equal(m8(x), m7(x))
     # An 8-bit state_dict cannot go into a 7-bit module (its products would saturate the 7-bit kernel).
     with pytest.raises(RuntimeError, match=r"weight_bits=7 needs weights in \[-63, 63\]"):
         Int8Linear(64, 32, weight_bits=7, device=device()).load_state_dict(Int8Linear.from_linear(lin).state_dict())
@@ -169,7 +170,7 @@ def test_gradient_compile_and_opcheck():
     torch.testing.assert_close(compiled(x.detach()), y_fast)
     torch.library.opcheck(torch.ops.effops.int8_linear_dynamic.default,
                           (x.detach().clone().requires_grad_(), m.weight_packed, m.weight_scale, m.bias, 10, False,
-                           m.weight_corr))
+                           m.weight_corr, 7))
 
 
 def test_no_autograd_path_respects_forced_backend():

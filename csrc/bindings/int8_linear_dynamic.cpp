@@ -4,17 +4,22 @@
 // under autocast). x gets a straight-through gradient (its rounding treated as identity), computed by
 // effops::int8_linear_dynamic_backward; the bias its usual one.
 //
-// w_corr (optional, int32): reference.int8.weight_correction(w_packed) for weights all in [-63, 63]
-// (Int8Linear's weight_bits=7), with which the CPU kernel runs its 7-bit-weight body. It is derived
-// state the caller keeps consistent with w_packed (Int8Linear builds both at conversion and loading):
-// its values are not checked per call, which would cost a pass over the weights.
+// w_corr (optional, int32, (ceil(N/16)*16,)): reference.int8.weight_correction(w_packed), -128 x the
+// weight's column sums, the starting sums of the CPU kernels that multiply a + 128 (unsigned) by the
+// weights. With it the VNNI body skips summing the weight's columns per call; weight_bits=7 (a promise
+// that every weight is in [-63, 63], Int8Linear's weight_bits=7) requires it and runs the 7-bit-weight
+// body at every level. It is derived state the caller keeps consistent with w_packed (Int8Linear builds
+// both at conversion and loading): its dtype, device and shape are checked, its values are not (that
+// would cost a pass over the weights per call, the whole cost of a one-row call).
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "bindings/int8_common.h"
 #include "cpu/int8_gemm.h"
@@ -27,7 +32,7 @@ using cpu::Int8Out;
 using OptTensor = std::optional<at::Tensor>;
 
 using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t, bool,
-                       const OptTensor&);
+                       const OptTensor&, int64_t);
 using RouteSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                                        bool);
@@ -39,7 +44,7 @@ constexpr const char* kTritonRoute = "effops::_int8_linear_dynamic_triton";
 constexpr int64_t kWeightOnlyMaxRows = 16;
 
 void check(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale, const OptTensor& bias,
-           int64_t n, const OptTensor& w_corr) {
+           int64_t n, const OptTensor& w_corr, int64_t weight_bits) {
   check_float("x", x);
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least 1 dims, got shape ", shape_str(x.sizes()));
   const int64_t k = x.size(-1);
@@ -56,6 +61,9 @@ void check(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_
     check_device("bias", *bias, x);
     check_shape("bias", *bias, {n});
   }
+  TORCH_CHECK_VALUE(weight_bits == 8 || weight_bits == 7, "weight_bits must be 8 or 7, got ", weight_bits);
+  TORCH_CHECK_VALUE(weight_bits == 8 || w_corr.has_value(),
+                    "w_corr must be given with weight_bits=7 (reference.int8.weight_correction(w_packed)), got None");
   if (w_corr) {
     check_dtype("w_corr", *w_corr, at::kInt);
     check_device("w_corr", *w_corr, x);
@@ -80,10 +88,11 @@ at::Tensor aten_route(const at::Tensor& x, const at::Tensor& w_packed, const at:
 }
 
 at::Tensor cpu_kernel(const at::Tensor& x_in, const at::Tensor& w_packed_in, const at::Tensor& w_scale_in,
-                      const OptTensor& bias_in, int64_t N, bool weight_only, const OptTensor& w_corr_in) {
+                      const OptTensor& bias_in, int64_t N, bool weight_only, const OptTensor& w_corr_in,
+                      int64_t weight_bits) {
   const int64_t K = x_in.size(-1), M = x_in.numel() / K;
   if (M == 0 || N == 0) return output(x_in, N);
-  const auto x = x_in.reshape({M, K}).contiguous();
+  const auto x = (x_in.dim() == 2 ? x_in : x_in.reshape({M, K})).contiguous();
   const auto w_packed = w_packed_in.contiguous(), w_scale = w_scale_in.contiguous();
   const OptTensor bias = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
@@ -104,24 +113,23 @@ at::Tensor cpu_kernel(const at::Tensor& x_in, const at::Tensor& w_packed_in, con
     // call took 1.06x (8-bit) and 1.15x (7-bit weights) the time of eight 256-row calls).
     constexpr int64_t kRowChunk = 256;
     const int64_t chunk = std::min(M, kRowChunk);
-    auto q = at::empty({chunk, K}, x.options().dtype(at::kChar));
-    auto xs = at::empty({M}, x.options().dtype(at::kFloat));
+    // Scratch, not tensors: two at::empty cost ~0.5 us of a one-row call's ~4 us fixed cost.
+    const std::unique_ptr<int8_t[]> q(new int8_t[chunk * K]);
+    std::vector<float> xs(M);
     // On VNNI the 8-bit GEMM wants A as a + 128 too (int8_gemm_u8s8): quantized so, it reads it in place.
-    const bool shifted = w_corr.has_value() || cpu::int8_gemm_u8s8_direct();
+    const bool w7 = weight_bits == 7, shifted = w7 || cpu::int8_gemm_u8s8_direct();
+    const int32_t* corr = w_corr ? w_corr->data_ptr<int32_t>() : nullptr;
     for (int64_t i0 = 0; i0 < M; i0 += chunk) {
       const int64_t rows = std::min(chunk, M - i0);
-      cpu::quantize_rowwise<T>(x.data_ptr<T>() + i0 * K, rows, K, q.data_ptr<int8_t>(), xs.data_ptr<float>() + i0,
-                               shifted);
-      const Int8Epilogue epi{kind, out.data_ptr<T>() + i0 * N, N, xs.data_ptr<float>() + i0, w_scale.data_ptr<float>(),
-                             b};
-      if (w_corr)
-        cpu::int8_gemm_u8s7(reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), K, rows, K,
-                            w_packed.data_ptr<int8_t>(), N, w_corr->data_ptr<int32_t>(), epi);
+      cpu::quantize_rowwise<T>(x.data_ptr<T>() + i0 * K, rows, K, q.get(), xs.data() + i0, shifted);
+      const Int8Epilogue epi{kind, out.data_ptr<T>() + i0 * N, N, xs.data() + i0, w_scale.data_ptr<float>(), b};
+      const auto* q_u = reinterpret_cast<const uint8_t*>(q.get());
+      if (w7)
+        cpu::int8_gemm_u8s7(q_u, K, rows, K, w_packed.data_ptr<int8_t>(), N, corr, epi);
       else if (shifted)
-        cpu::int8_gemm_u8s8(reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), K, rows, K,
-                            w_packed.data_ptr<int8_t>(), N, epi);
+        cpu::int8_gemm_u8s8(q_u, K, rows, K, w_packed.data_ptr<int8_t>(), N, corr, epi);
       else
-        cpu::int8_gemm_s8(q.data_ptr<int8_t>(), K, rows, K, w_packed.data_ptr<int8_t>(), N, epi);
+        cpu::int8_gemm_s8(q.get(), K, rows, K, w_packed.data_ptr<int8_t>(), N, epi);
     }
   });
   return with_leading_dims(out, x_in);
@@ -139,22 +147,24 @@ at::Tensor triton_route(const at::Tensor& x, const at::Tensor& w_packed, const a
 }
 
 at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                                   const OptTensor& bias, int64_t n, bool weight_only, const OptTensor& w_corr) {
-  check(x, w_packed, w_scale, bias, n, w_corr);
+                                   const OptTensor& bias, int64_t n, bool weight_only, const OptTensor& w_corr,
+                                   int64_t weight_bits) {
+  check(x, w_packed, w_scale, bias, n, w_corr, weight_bits);
   const bool many_rows = x.numel() / x.size(-1) > kWeightOnlyMaxRows;
   const char* slower = weight_only && many_rows
                            ? "weight_only with more than 16 rows: dequantizing once and an fp32 GEMM is faster"
                            : nullptr;
   switch (choose_cpu(kOp, nullptr, slower, kTritonRoute, triton_reason(x, w_packed, n, weight_only))) {
-    case Backend::kCpu: return cpu_kernel(x, w_packed, w_scale, bias, n, weight_only, w_corr);
+    case Backend::kCpu: return cpu_kernel(x, w_packed, w_scale, bias, n, weight_only, w_corr, weight_bits);
     case Backend::kTriton: return triton_route(x, w_packed, w_scale, bias, n);
     default: return aten_route(x, w_packed, w_scale, bias, n, weight_only);
   }
 }
 
 at::Tensor int8_linear_dynamic_cuda(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                                    const OptTensor& bias, int64_t n, bool weight_only, const OptTensor& w_corr) {
-  check(x, w_packed, w_scale, bias, n, w_corr);
+                                    const OptTensor& bias, int64_t n, bool weight_only, const OptTensor& w_corr,
+                                    int64_t weight_bits) {
+  check(x, w_packed, w_scale, bias, n, w_corr, weight_bits);
   switch (choose_cuda(kOp, "no CUDA C++ kernel for int8_linear_dynamic (the Triton route serves CUDA tensors)",
                       kTritonRoute, triton_reason(x, w_packed, n, weight_only))) {
     case Backend::kTriton: return triton_route(x, w_packed, w_scale, bias, n);
@@ -163,8 +173,9 @@ at::Tensor int8_linear_dynamic_cuda(const at::Tensor& x, const at::Tensor& w_pac
 }
 
 at::Tensor int8_linear_dynamic_meta(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                                    const OptTensor& bias, int64_t n, bool weight_only, const OptTensor& w_corr) {
-  check(x, w_packed, w_scale, bias, n, w_corr);
+                                    const OptTensor& bias, int64_t n, bool weight_only, const OptTensor& w_corr,
+                                    int64_t weight_bits) {
+  check(x, w_packed, w_scale, bias, n, w_corr, weight_bits);
   return output(x, n);
 }
 
@@ -187,13 +198,13 @@ class StraightThrough : public torch::autograd::Function<StraightThrough> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_packed,
                             const at::Tensor& w_scale, const OptTensor& bias, int64_t n, bool weight_only,
-                            const OptTensor& w_corr) {
+                            const OptTensor& w_corr, int64_t weight_bits) {
     ctx->save_for_backward({w_packed, w_scale});
     ctx->saved_data["in_features"] = x.size(-1);
     ctx->saved_data["has_bias"] = bias.has_value();
     at::AutoDispatchBelowADInplaceOrView below;
     static const auto op = find_op<Sig>("effops::int8_linear_dynamic");
-    return op.call(x, w_packed, w_scale, bias, n, weight_only, w_corr);
+    return op.call(x, w_packed, w_scale, bias, n, weight_only, w_corr, weight_bits);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -205,27 +216,30 @@ class StraightThrough : public torch::autograd::Function<StraightThrough> {
     auto [grad_x, grad_b] = op.call(grads[0].contiguous(), saved[0], saved[1], ctx->saved_data["in_features"].toInt(),
                                     need_bias);
     return {ctx->needs_input_grad(0) ? grad_x : at::Tensor(), at::Tensor(), at::Tensor(),
-            need_bias ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            need_bias ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor int8_linear_dynamic_autograd(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                                        const OptTensor& bias, int64_t n, bool weight_only, const OptTensor& w_corr) {
+                                        const OptTensor& bias, int64_t n, bool weight_only, const OptTensor& w_corr,
+                                        int64_t weight_bits) {
   if (at::GradMode::is_enabled() && (x.requires_grad() || (bias && bias->requires_grad())))
-    return StraightThrough::apply(x, w_packed, w_scale, bias, n, weight_only, w_corr);
+    return StraightThrough::apply(x, w_packed, w_scale, bias, n, weight_only, w_corr, weight_bits);
   // No gradient wanted (inference): no graph node to build.
   at::AutoDispatchBelowADInplaceOrView below;
   static const auto op = find_op<Sig>("effops::int8_linear_dynamic");
-  return op.call(x, w_packed, w_scale, bias, n, weight_only, w_corr);
+  return op.call(x, w_packed, w_scale, bias, n, weight_only, w_corr, weight_bits);
 }
 
 // Under autocast the op casts x only: the int8 weight, the fp32 scales and bias stay as they are.
 template <c10::DispatchKey key, c10::DeviceType device>
 at::Tensor int8_linear_dynamic_autocast(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                                        const OptTensor& bias, int64_t n, bool weight_only, const OptTensor& w_corr) {
+                                        const OptTensor& bias, int64_t n, bool weight_only, const OptTensor& w_corr,
+                                        int64_t weight_bits) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   static const auto op = find_op<Sig>("effops::int8_linear_dynamic");
-  return op.call(x.to(at::autocast::get_autocast_dtype(device)), w_packed, w_scale, bias, n, weight_only, w_corr);
+  return op.call(x.to(at::autocast::get_autocast_dtype(device)), w_packed, w_scale, bias, n, weight_only, w_corr,
+                 weight_bits);
 }
 
 }  // namespace
@@ -233,7 +247,7 @@ at::Tensor int8_linear_dynamic_autocast(const at::Tensor& x, const at::Tensor& w
 
 TORCH_LIBRARY_FRAGMENT(effops, m) {
   m.def("int8_linear_dynamic(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias, int out_features, "
-        "bool weight_only=False, Tensor? w_corr=None) -> Tensor");
+        "bool weight_only=False, Tensor? w_corr=None, int weight_bits=8) -> Tensor");
   m.def("int8_linear_dynamic_backward(Tensor grad_y, Tensor w_packed, Tensor w_scale, int in_features, "
         "bool need_bias) -> (Tensor, Tensor)");
 }

@@ -530,8 +530,8 @@ void int8_gemm_s8(const int8_t* a, int64_t lda, int64_t M, int64_t K, const int8
 bool int8_gemm_u8s8_direct() { return cpu_isa_at_least(CpuIsa::kAvx512Vnni); }
 
 void int8_gemm_u8s8(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
-                    const Int8Epilogue& epi) {
-  if (int8_gemm_u8s8_avx512(a_u, lda, M, K, b_packed, N, epi)) return;
+                    const int32_t* col_corr, const Int8Epilogue& epi) {
+  if (int8_gemm_u8s8_avx512(a_u, lda, M, K, b_packed, N, col_corr, epi)) return;
   std::vector<int8_t> a(static_cast<size_t>(M * K));
   for (int64_t i = 0; i < M; ++i)
     for (int64_t k = 0; k < K; ++k) a[i * K + k] = static_cast<int8_t>(a_u[i * lda + k] ^ 0x80);

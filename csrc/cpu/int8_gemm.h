@@ -60,11 +60,17 @@ void int8_gemm_u8s7(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const
 bool int8_s8_takes_any_b();
 // Int8Linear's 8-bit path with A already shifted: a_u = a + 128 for int8 a (any value; quantize_rowwise(...,
 // offset128=true) writes it), B any int8 on VNNI (s8 layout). C = sum a b exactly: the VNNI body starts
-// the sums at -128 * the column sums of B (int8_gemm_avx512.cpp) and reads a_u in place when K is a
-// multiple of 4, so no per-call copy of A is made. Below VNNI it undoes the shift into a copy and runs
-// int8_gemm_s8 (int8_gemm_u8s8_direct() says whether this level takes a_u as it is).
+// the sums at -128 * the column sums of B and reads a_u in place when K is a multiple of 4, so no
+// per-call copy of A is made. col_corr: nullptr, or those starting sums, -128 * sum_k b[k, n] for
+// n < ceil(N/16)*16 (zero in the padding; reference.int8.weight_correction, which Int8Linear keeps as
+// module state): the VNNI body then starts from them instead of summing B's columns per call
+// (int8_gemm_avx512.cpp). Overflow: |sum_k b| <= 128 K, so |col_corr| <= 16384 K < 2**31 for
+// K <= 131071, and the result |sum a b| <= 16384 K too; vpdpbusd's int32 adds wrap (no saturation), so a
+// partial sum that leaves int32 on the way still ends at the exact result. Below VNNI it undoes the
+// shift into a copy and runs int8_gemm_s8, ignoring col_corr (int8_gemm_u8s8_direct() says whether this
+// level takes a_u as it is).
 void int8_gemm_u8s8(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
-                    const Int8Epilogue& epi);
+                    const int32_t* col_corr, const Int8Epilogue& epi);
 bool int8_gemm_u8s8_direct();
 // The 512-bit bodies (int8_gemm_avx512.cpp), which the two entry points above run at the avx512 level
 // and up; false when they do not take the call (below that level, or A holding -128 without VNNI).
@@ -73,7 +79,7 @@ bool int8_gemm_s8_avx512(const int8_t* a, int64_t lda, int64_t M, int64_t K, con
 bool int8_gemm_u8s7_avx512(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
                            const int32_t* col_corr, const Int8Epilogue& epi);
 bool int8_gemm_u8s8_avx512(const uint8_t* a_u, int64_t lda, int64_t M, int64_t K, const int8_t* b_packed, int64_t N,
-                           const Int8Epilogue& epi);
+                           const int32_t* col_corr, const Int8Epilogue& epi);
 // Which body int8_gemm_s8 / int8_gemm_u8s7 run at the current level (for `python -m effops info`).
 const char* int8_gemm_body();
 // Any int8 values: A is widened to int16 internally, b_packed in the s16 layout.

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/cpu_features.h"
 #include "cpu/int8_gemm.h"
@@ -35,20 +36,59 @@ inline void non_finite_row(int64_t K, int8_t* q, float* scale, uint8_t flip) {
   *scale = std::nanf("");
 }
 
+#if EFFOPS_HAVE_X86
+// The AVX-512 body's quantizing pass over the row's first K / 64 * 64 values (returns that count): 64
+// codes a step, converted with round-to-nearest-even (embedded in the conversion, the same as vround),
+// packed with saturating packs and one permute into a single 64-byte store instead of a vpmovsdb /
+// vpmovusdb store per 16 codes (store_codes): quantize_rowwise 5-8% faster alone (one thread, M = 64 and
+// 400, K = 768 and 3072). (A reciprocal with an FMA correction step in place of the division, exact
+// too, gained nothing measurable beside it: the division is not what bounds this loop.)
+// The codes are in [-127, 127] (|x| <= absmax, so |x / scale| rounds to at most 127); the max keeps
+// -128 out anyway, as the generic clamp does.
+template <typename T>
+EFFOPS_AVX512_TARGET int64_t quantize_64s_avx512(const T* x, int64_t K, Avx512Vec vs, int8_t* q, uint8_t flip) {
+  // packs work per 128-bit lane: after them, dword 4 L + j holds vector j's lane L; put it at 4 j + L.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i lo = _mm512_set1_epi8(-127), flip_bytes = _mm512_set1_epi8(static_cast<char>(flip));
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __m512i i[4];
+    for (int j = 0; j < 4; ++j)
+      i[j] = _mm512_cvt_roundps_epi32((Avx512Vec::load(x + k + 16 * j) / vs).v,
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i words = _mm512_packs_epi32(i[0], i[1]), words2 = _mm512_packs_epi32(i[2], i[3]);
+    __m512i bytes = _mm512_max_epi8(_mm512_packs_epi16(words, words2), lo);
+    bytes = _mm512_xor_si512(_mm512_permutexvar_epi32(order, bytes), flip_bytes);
+    _mm512_storeu_si512(q + k, bytes);
+  }
+  return k;
+}
+#endif
+
 // One row at one level (Vec: ScalarVec, Avx2Vec, Avx512Vec): absmax and the NaN/inf probe, then
 // q = clamp(round_half_even(x / scale)) (a true division, as the reference), stored as int8, or with
 // flip as the unsigned q + 128 (= q ^ 0x80).
 template <class Vec, typename T>
 EFFOPS_ALWAYS_INLINE void quantize_row(const T* x, int64_t K, int8_t* q, float* scale, uint8_t flip) {
   constexpr int W = Vec::kWidth;
-  Vec vmax = Vec::zero(), vprobe = Vec::zero();
+  // Four chains of each: one max / FMA chain is bound by its latency (4 cycles a vector for the FMA).
+  // quantize_rowwise alone, one thread, K = 3072: M = 64 24.3 -> 18.5 us, M = 400 144 -> 130 us.
+  Vec vmax[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
+  Vec vprobe[4] = {Vec::zero(), Vec::zero(), Vec::zero(), Vec::zero()};
   int64_t k = 0;
+  for (; k + 4 * W <= K; k += 4 * W)
+    for (int j = 0; j < 4; ++j) {
+      const Vec v = Vec::load(x + k + j * W);
+      vmax[j] = Vec::max(vmax[j], vabs(v));
+      vprobe[j] = Vec::fma(v, Vec::zero(), vprobe[j]);
+    }
   for (; k + W <= K; k += W) {
     const Vec v = Vec::load(x + k);
-    vmax = Vec::max(vmax, vabs(v));
-    vprobe = Vec::fma(v, Vec::zero(), vprobe);
+    vmax[0] = Vec::max(vmax[0], vabs(v));
+    vprobe[0] = Vec::fma(v, Vec::zero(), vprobe[0]);
   }
-  float absmax = hmax(vmax), probe = vprobe.reduce_add();
+  float absmax = hmax(Vec::max(Vec::max(vmax[0], vmax[1]), Vec::max(vmax[2], vmax[3])));
+  float probe = ((vprobe[0] + vprobe[1]) + (vprobe[2] + vprobe[3])).reduce_add();
   for (; k < K; ++k) {
     const float v = to_float(x[k]);
     absmax = std::max(absmax, std::fabs(v));
@@ -56,10 +96,14 @@ EFFOPS_ALWAYS_INLINE void quantize_row(const T* x, int64_t K, int8_t* q, float* 
   }
   if (std::isnan(probe)) return non_finite_row(K, q, scale, flip);
   const float s = row_scale(absmax);
-  const Vec vs = Vec::broadcast(s), lo = Vec::broadcast(-127.0f), neg_hi = Vec::broadcast(-127.0f);
-  for (k = 0; k + W <= K; k += W) {
+  const Vec vs = Vec::broadcast(s), lo = Vec::broadcast(-127.0f), hi = Vec::broadcast(127.0f);
+  k = 0;
+#if EFFOPS_HAVE_X86
+  if constexpr (std::is_same_v<Vec, Avx512Vec>) k = quantize_64s_avx512(x, K, vs, q, flip);
+#endif
+  for (; k + W <= K; k += W) {
     const Vec r = vround(Vec::load(x + k) / vs);
-    const Vec c = Vec::zero() - Vec::max(Vec::zero() - Vec::max(r, lo), neg_hi);  // clamp to [-127, 127]
+    const Vec c = Vec::min(Vec::max(r, lo), hi);
     if (flip)
       store_codes(c + Vec::broadcast(128.0f), reinterpret_cast<uint8_t*>(q + k));
     else

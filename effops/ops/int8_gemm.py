@@ -38,7 +38,7 @@ def int8_linear(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=torch.flo
     return torch.ops.effops.int8_linear.default(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
 
 
-def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=False, w_corr=None):
+def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=False, w_corr=None, weight_bits=8):
     """Int8Linear's forward as an op: x (..., K) float against a packed int8 weight -> (..., N) in x's dtype.
 
     x: (..., K) fp32, bf16 or fp16, any leading dims (none, or empty ones, included); w_packed:
@@ -54,16 +54,21 @@ def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=Fa
     Gradients: x gets a straight-through one, grad_y @ (w_int8 * w_scale) (x's rounding treated as
     identity); bias its usual one; the int8 weight and its scale none.
 
-    w_corr: None, or reference.int8.weight_correction(w_packed) for weights that are all in [-63, 63]
-    (Int8Linear's weight_bits=7), with which the CPU kernel skips the sign handling. It is a promise
-    about w_packed, not checked per call: with other weights the CPU result is wrong.
+    w_corr: None, or reference.int8.weight_correction(w_packed) (int32, -128 x the weight's column sums;
+    Int8Linear keeps it as module state): with it the CPU kernel starts its sums there instead of summing
+    the weight's columns per call. Its dtype, device and shape are checked, its values are not (a pass
+    over the weights per call): a w_corr of other weights gives a wrong CPU result.
+    weight_bits: 8, or 7, a promise that every weight is in [-63, 63] (Int8Linear's weight_bits=7), with
+    which the CPU kernel skips the sign handling below VNNI; 7 requires w_corr. Neither changes the
+    definition (the result is the same integers either way).
     """
     if _backends.under_transform() or not _ext.load():
         # torch.func transforms and forward-mode AD differentiate and batch torch's own ops: the
         # reference, with the straight-through gradient written in them.
         return reference.int8_linear_dynamic_straight_through(x, w_packed, w_scale, bias, out_features, weight_only,
-                                                              w_corr)
-    return torch.ops.effops.int8_linear_dynamic.default(x, w_packed, w_scale, bias, out_features, weight_only, w_corr)
+                                                              w_corr, weight_bits)
+    return torch.ops.effops.int8_linear_dynamic.default(x, w_packed, w_scale, bias, out_features, weight_only, w_corr,
+                                                        weight_bits)
 
 
 # ---------------------------------------------------------------------------------------------

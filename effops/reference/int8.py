@@ -85,16 +85,17 @@ def unpack_weight(packed, out_features, in_features):
 
 
 def weight_correction(w_packed):
-    """int32 (N_pad,): -128 * the column sums of a packed weight, the starting value of the CPU kernel's
-    7-bit-weight path, which multiplies a + 128 (unsigned) by the weights (see csrc/cpu/int8_gemm.h)."""
+    """int32 (N_pad,): -128 * the column sums of a packed weight (any int8 values), the starting sums of
+    the CPU kernels that multiply a + 128 (unsigned) by the weights (see csrc/cpu/int8_gemm.h). Exact in
+    int32: |column sum| <= 128 K, so |-128 x it| <= 16384 K < 2**31 for K <= MAX_K."""
     return w_packed.sum(dim=(1, 3), dtype=torch.int32).reshape(-1) * -128
 
 
-def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None):
+def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None, weight_bits=8):
     """Int8Linear's forward on float x (..., K): output in x's dtype.
 
-    w_corr (weight_correction of 7-bit weights) only selects a faster CPU kernel computing the same
-    integers; the definition does not depend on it.
+    w_corr (weight_correction(w_packed)) and weight_bits (7: every weight in [-63, 63]) only select faster
+    CPU kernels computing the same integers; the definition does not depend on them.
 
     weight_only=False: x quantized per row at run time, int8 x int8 GEMM, dequantized epilogue.
     weight_only=True: x stays floating; y = x @ (w_int8 * w_scale)^T + bias computed in fp32.
@@ -107,7 +108,8 @@ def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w
     return int8_linear(q, s, w, w_scale, bias, out_dtype=x.dtype)
 
 
-def int8_linear_dynamic_straight_through(x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None):
+def int8_linear_dynamic_straight_through(x, w_packed, w_scale, bias, out_features, weight_only, w_corr=None,
+                                         weight_bits=8):
     """int8_linear_dynamic's values with its straight-through gradient, in torch's own autograd: for
     torch.func transforms and forward-mode AD, which differentiate torch ops (not a custom op's formula).
 
@@ -117,7 +119,7 @@ def int8_linear_dynamic_straight_through(x, w_packed, w_scale, bias, out_feature
     w = unpack_weight(w_packed, out_features, x.shape[-1])
     w_deq = w.float() * w_scale.float().unsqueeze(1)
     smooth = F.linear(x.float(), w_deq, None if bias is None else bias.float())
-    exact = int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr).float()
+    exact = int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only, w_corr, weight_bits).float()
     return (smooth + (exact - smooth).detach()).to(x.dtype)
 
 
