@@ -12,7 +12,7 @@ import effops
 from effops import _backends
 from effops.ops import dwpw_conv2d
 from effops.reference import dwpw_conv2d as reference
-from conftest import TOL, device, run_at_every_cpu_level
+from conftest import TOL, cpu_levels, device, run_at_every_cpu_level
 
 # The ops these tests run, for conftest: a backend with no kernel for them is not offered (an instance
 # that could run on no machine).
@@ -466,6 +466,33 @@ def test_cpu_backward_bands(case, threads):
         _cpu_backward_vs_reference(case, "nchw", "nchw", needs=(False, True, True, True, True))
     finally:
         torch.set_num_threads(old)
+
+
+# Channel counts around every level's micro-kernel blocking (AVX2: 6 pixels x 16 columns; AVX-512:
+# 8 pixels x 3 panels of 16 columns): 1, 2 or 3 panels in the last call, a partial panel, odd counts,
+# the depthwise channel loop's vector tails (4 vectors, 1 vector, an AVX2 vector inside the AVX-512
+# body, scalars), and pixel counts that leave 1..7 rows for the last call. In-process at every level.
+WIDE_CHANNELS = [
+    (2, 49, 97, 7, 9, 3, 1, 1, 1, True, True, "relu6"),
+    (1, 33, 47, 9, 5, 3, 2, 1, 1, False, True, "silu"),
+    (3, 71, 33, 5, 7, 5, 1, 2, 1, True, False, "hardswish"),
+    (1, 24, 16, 11, 3, 3, 1, 1, 2, True, True, "gelu"),
+    (2, 1, 1, 6, 6, 3, 1, 1, 1, True, True, "relu"),
+]
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("level", [pytest.param(lv, id=lv) for lv in cpu_levels()])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", WIDE_CHANNELS, ids=["c49o97", "c33o47s2", "c71o33k5", "c24o16d2", "c1o1"])
+def test_cpu_channel_tails_at_every_level(case, layout, level):
+    with effops.cpu_isa.use_cpu_isa(level):
+        tensors, kwargs = make(case, layout=layout, dev="cpu")
+        with effops.use_backend("cpu"):
+            y = dwpw_conv2d(*tensors, **kwargs)
+        torch.testing.assert_close(y, expected(tensors, kwargs).float(), atol=1e-4, rtol=1e-4)
+        _cpu_backward_vs_reference(case, layout, "nchw" if layout == "channels_last" else "channels_last")
+        _cpu_backward_vs_reference(case, layout, layout, torch.bfloat16)
 
 
 LEVELS_SCRIPT = r"""

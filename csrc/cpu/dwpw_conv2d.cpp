@@ -1,9 +1,9 @@
 // Fused depthwise + pointwise convolution, forward (see dwpw_conv2d.h for the layout; the backward is
 // in dwpw_conv2d_backward.cpp, the shared helpers in dwpw_kernels.h).
 //
-// Every loop body is a template over the vector type V (Avx2Vec or ScalarVec from simd.h). The two
-// entry points per tile (`*_avx2`, `*_scalar`) are marked `flatten`, so the whole tile computation is
-// inlined into them and the AVX2 one is compiled for AVX2+FMA; cpu_features picks one at run time.
+// Every loop body is a template over the vector type V (Avx512Vec, Avx2Vec or ScalarVec from simd.h).
+// The entry points per tile (`*_avx512`, `*_avx2`, `*_scalar`) are marked `flatten`, so the whole tile
+// computation is inlined into them, each compiled for its level; cpu_features picks one at run time.
 #include "cpu/dwpw_conv2d.h"
 
 #include <ATen/Parallel.h>
@@ -70,7 +70,10 @@ EFFOPS_INLINE void depthwise_tile(const Shape& s, const T* xn, const float* w, c
   for (int64_t p = 0; p < np; ++p) {
     const int64_t oh = (q0 + p) / s.OW, ow = (q0 + p) % s.OW;
     float* hp = h + p * Cp;
-    const int64_t c = depthwise_channels<V>(s, xn, w, b, oh, ow, 0, s.C, hp);
+    int64_t c = depthwise_channels<V>(s, xn, w, b, oh, ow, 0, s.C, hp);
+#if EFFOPS_HAVE_X86
+    if constexpr (V::kWidth > Avx2Vec::kWidth) c = depthwise_channels<Avx2Vec>(s, xn, w, b, oh, ow, c, s.C, hp);
+#endif
     depthwise_channels<ScalarVec>(s, xn, w, b, oh, ow, c, s.C, hp);
     if (act != kNone)  // while the row is in L1; pad columns hold 0 and act(0) == 0 for every activation
       for (int64_t k = 0; k < round_up(s.C, kNr); k += V::kWidth) act_forward(V::load(hp + k), act).store(hp + k);
@@ -82,8 +85,9 @@ EFFOPS_INLINE void depthwise_tile(const Shape& s, const T* xn, const float* w, c
 // Forward
 // ------------------------------------------------------------------------------------------------
 // Length of one stride-phase line of the NCHW depthwise (see depthwise_rows_nchw).
-// OW is rounded up to 8 so that a row's last vector may read past OW (its extra lanes are dropped).
-int64_t phase_len(const Shape& s) { return round_up(s.OW, 8) + (s.KW - 1) * s.DW / s.SW + 1; }
+// OW is rounded up to 16 (the widest vector) so that a row's last vector may read past OW (its extra
+// lanes are dropped).
+int64_t phase_len(const Shape& s) { return round_up(s.OW, 16) + (s.KW - 1) * s.DW / s.SW + 1; }
 // Input rows an NCHW band of `rows` output rows reads.
 int64_t band_input_rows(const Shape& s, int64_t rows) { return (rows - 1) * s.SH + (s.KH - 1) * s.DH + 1; }
 
@@ -172,29 +176,34 @@ template <typename V, typename T>
 EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw,
                                 const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A,
                                 bool nchw, float* lines) {
-  alignas(32) float out[kMr * kNr];
+  constexpr int MR = Blocking<V>::MR, NP = Blocking<V>::NP;
+  constexpr int64_t NC = NP * kNr;  // output columns per micro-kernel call
+  const int64_t panels = (s.O + kNr - 1) / kNr;
+  alignas(64) float out[kMaxMr * kMaxNp * kNr];
   if (nchw) {
     // NCHW: the tile is np / OW whole output rows, its depthwise output transposed, AT[C][Pp]. The
-    // pointwise product is the channels-last one (6 pixels x 16 outputs, B = the packed weight panel
-    // [C][16], L1-resident) with A read column-wise from AT: the 6 pixels of one k are 6 consecutive
-    // floats. The 6 x 16 result is stored transposed: 6 consecutive pixels of 16 output planes. (A
-    // 6 outputs x 16 pixels kernel over AT measured 3x slower at C = 256..512: it streamed all of AT
-    // from L2 for every 6 outputs.)
+    // pointwise product is the channels-last one (MR pixels x NP panels of 16 outputs, B = the packed
+    // weight panels [C][16], L1-resident) with A read column-wise from AT: the MR pixels of one k are
+    // MR consecutive floats. The result is stored transposed: consecutive pixels of each output plane.
+    // (A 6 outputs x 16 pixels kernel over AT measured 3x slower at C = 256..512: it streamed all of
+    // AT from L2 for every 6 outputs.)
     const int64_t Pp = round_up(np, kNr) + kNr;  // + 16: a power-of-two row stride would thrash L1 sets
     float* AT = A;
     depthwise_rows_nchw<V>(s, x + n * s.C * s.H * s.W, dw_w, dw_b, q0 / s.OW, np / s.OW, Pp, s.act, AT, lines);
     T* yn = y + n * s.O * s.OH * s.OW + q0;
     const int64_t OHW = s.OH * s.OW;
-    for (int64_t o = 0; o < s.O; o += kNr) {
+    for (int64_t o = 0; o < s.O; o += NC) {
+      const int64_t npan = std::min<int64_t>(NP, panels - o / kNr), ld = npan * kNr;
       const float* pwb = pw + (o / kNr) * s.C * kNr;
-      const int64_t cols = std::min<int64_t>(kNr, s.O - o);
-      for (int64_t r0 = 0; r0 < np; r0 += kMr) {
-        const int64_t rows = std::min<int64_t>(kMr, np - r0);
-        micro_rows<V>(rows, AT + r0, 1, Pp, pwb, kNr, s.C, [&](int r, int64_t v, V acc) { acc.store(out + r * kNr + v); });
+      const int64_t cols = std::min<int64_t>(ld, s.O - o);
+      for (int64_t r0 = 0; r0 < np; r0 += MR) {
+        const int64_t rows = std::min<int64_t>(MR, np - r0);
+        micro_rows<V>(rows, npan, AT + r0, 1, Pp, pwb, kNr, s.C * kNr, s.C,
+                      [&](int r, int64_t v, V acc) { acc.store(out + r * ld + v); });
         for (int64_t j = 0; j < cols; ++j) {
           T* yo = yn + (o + j) * OHW + r0;
           const float bias = pw_b ? pw_b[o + j] : 0.f;
-          for (int64_t r = 0; r < rows; ++r) yo[r] = from_float<T>(out[r * kNr + j] + bias);
+          for (int64_t r = 0; r < rows; ++r) yo[r] = from_float<T>(out[r * ld + j] + bias);
         }
       }
     }
@@ -202,19 +211,22 @@ EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, c
   }
   depthwise_tile<V>(s, x + n * s.H * s.W * s.C, dw_w, dw_b, q0, np, Cp, s.act, A);
   T* yt = y + (n * s.OH * s.OW + q0) * s.O;
-  for (int64_t o = 0; o < s.O; o += kNr) {
+  for (int64_t o = 0; o < s.O; o += NC) {
+    const int64_t npan = std::min<int64_t>(NP, panels - o / kNr), ld = npan * kNr;
     const float* pwb = pw + (o / kNr) * s.C * kNr;
-    const bool full = o + kNr <= s.O;
-    for (int64_t r0 = 0; r0 < np; r0 += kMr) {
-      const int64_t rows = std::min<int64_t>(kMr, np - r0);
-      micro_rows<V>(rows, A + r0 * Cp, Cp, 1, pwb, kNr, s.C, [&](int r, int64_t v, V acc) {
-        if (full) (acc + (pw_b ? V::load(pw_b + o + v) : V::zero())).store(yt + (r0 + r) * s.O + o + v);
-        else acc.store(out + r * kNr + v);
+    // Columns [o, o + full) are whole vectors inside O, stored straight from the accumulators; the
+    // rest (O's tail) goes through `out`.
+    const int64_t full = std::min(ld, (s.O - o) / V::kWidth * V::kWidth), cols = std::min(ld, s.O - o);
+    for (int64_t r0 = 0; r0 < np; r0 += MR) {
+      const int64_t rows = std::min<int64_t>(MR, np - r0);
+      micro_rows<V>(rows, npan, A + r0 * Cp, Cp, 1, pwb, kNr, s.C * kNr, s.C, [&](int r, int64_t v, V acc) {
+        if (v < full) (acc + (pw_b ? V::load(pw_b + o + v) : V::zero())).store(yt + (r0 + r) * s.O + o + v);
+        else acc.store(out + r * ld + v);
       });
-      if (full) continue;
+      if (full == cols) continue;
       for (int64_t r = 0; r < rows; ++r) {
         T* yr = yt + (r0 + r) * s.O + o;
-        for (int64_t j = 0; j < s.O - o; ++j) yr[j] = from_float<T>(out[r * kNr + j] + (pw_b ? pw_b[o + j] : 0.f));
+        for (int64_t j = full; j < cols; ++j) yr[j] = from_float<T>(out[r * ld + j] + (pw_b ? pw_b[o + j] : 0.f));
       }
     }
   }
@@ -235,6 +247,13 @@ EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void forward_tile_avx2(const Shape& s, const T
                                                          bool nchw, float* lines) {
   forward_tile<Avx2Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, nchw, lines);
 }
+template <typename T>
+EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void forward_tile_avx512(const Shape& s, const T* x, const float* dw_w,
+                                                             const float* dw_b, const float* pw, const float* pw_b,
+                                                             T* y, int64_t n, int64_t q0, int64_t np, int64_t Cp,
+                                                             float* A, bool nchw, float* lines) {
+  forward_tile<Avx512Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, nchw, lines);
+}
 #endif
 
 
@@ -250,13 +269,17 @@ void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, c
   const int64_t P = nchw ? rows * s.OW : tile_pixels(Cp), tiles = (OHW + P - 1) / P;
   const int64_t buf = nchw ? (round_up(P, kNr) + kNr) * s.C : P * Cp;
   const int64_t nlines = nchw ? band_input_rows(s, rows) * s.SW * phase_len(s) : 0;
-  const bool avx2 = use_avx2();
+  const bool avx2 = use_avx2(), avx512 = use_avx512();
   at::parallel_for(0, s.N * tiles, 1, [&](int64_t begin, int64_t end) {
     // Zeroed once: pad columns / tail pixels stay finite (the micro-kernel's extra lanes are dropped).
     std::vector<float> A(buf, 0.f), lines(nlines, 0.f);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / tiles, q0 = (i % tiles) * P, np = std::min(P, OHW - q0);
 #if EFFOPS_HAVE_X86
+      if (avx512) {
+        forward_tile_avx512<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), nchw, lines.data());
+        continue;
+      }
       if (avx2) {
         forward_tile_avx2<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), nchw, lines.data());
         continue;
@@ -274,7 +297,9 @@ EFFOPS_INSTANTIATE(float)
 EFFOPS_INSTANTIATE(c10::BFloat16)
 EFFOPS_INSTANTIATE(c10::Half)
 
-// The AVX2 body runs at every level above it: no 512-bit body yet (docs/dwpw_conv2d.md).
-const char* dwpw_body() { return use_avx2() ? "avx2 (fp32 FMA, 256-bit)" : "scalar"; }
+const char* dwpw_body() {
+  if (use_avx512()) return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel)";
+  return use_avx2() ? "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel)" : "scalar";
+}
 
 }  // namespace effops::cpu::dwpw
