@@ -493,6 +493,18 @@ def test_cpu_channel_tails_at_every_level(case, layout, level):
         torch.testing.assert_close(y, expected(tensors, kwargs).float(), atol=1e-4, rtol=1e-4)
         _cpu_backward_vs_reference(case, layout, "nchw" if layout == "channels_last" else "channels_last")
         _cpu_backward_vs_reference(case, layout, layout, torch.bfloat16)
+        # bf16 forward (channels-last at avx512_bf16: the vdpbf16ps pointwise, its A rounded to bf16 as
+        # torch rounds its intermediate): error against the float64 reference at most twice that of
+        # torch's own two bf16 convolutions (plus one bf16 ulp of the output's scale).
+        tensors, kwargs = make(case, dtype=torch.bfloat16, layout=layout, dev="cpu")
+        with effops.use_backend("cpu"):
+            y = dwpw_conv2d(*tensors, **kwargs)
+        with effops.use_backend("reference"):
+            y_torch = dwpw_conv2d(*tensors, **kwargs)
+        want = expected(tensors, kwargs)
+        scale = want.abs().max().item()
+        err, err_torch = ((t.double() - want).abs().max().item() for t in (y, y_torch))
+        assert y.dtype == torch.bfloat16 and err <= 2 * err_torch + scale * 2.0 ** -8, (err, err_torch)
 
 
 LEVELS_SCRIPT = r"""
