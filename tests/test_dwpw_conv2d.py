@@ -539,14 +539,57 @@ def test_cpu_every_level_matches_reference():
     run_at_every_cpu_level(LEVELS_SCRIPT)
 
 
+def _policy_shape(layout, N, C, O, H, device="meta", stride=1, dtype=torch.float32):
+    x = torch.empty(N, C, H, H, device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return (x, torch.empty(C, 1, 3, 3, device=device, dtype=dtype), torch.empty(O, C, 1, 1, device=device, dtype=dtype),
+            None, None, [stride] * 2, [1, 1], [1, 1], "relu6")
+
+
+@pytest.mark.skipif("avx512" not in cpu_levels(), reason="no AVX-512 on this CPU")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_automatic_choice_at_the_avx512_level(layout, monkeypatch):
+    # With the AVX-512 body the fp32 thresholds drop to 8 MiB (forward) and 4 MiB (training step): the
+    # body measured faster than torch's AVX-512 convolutions above them on the benchmark's shapes at
+    # batch 1, 8 and 32, and slower on some below (docs/dwpw_conv2d.md).
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+
+    def reason(N, C, O, H, stride=1, training=False, dtype=torch.float32):
+        args = _policy_shape(layout, N, C, O, H, stride=stride, dtype=dtype)
+        return dwpw.route_reason(args[0], args[1], args[2], *args[5:8], training=training)
+
+    with effops.cpu_isa.use_cpu_isa("avx512"):
+        for shape in [(8, 32, 64, 112), (8, 64, 128, 56), (8, 144, 24, 56), (32, 64, 128, 56)]:
+            assert reason(*shape) == "" and reason(*shape, training=True) == "", shape
+        assert reason(8, 96, 96, 56, stride=2, training=True) == ""   # x and grad_x 9.6 MB
+        assert "avx512 level" in reason(8, 96, 96, 56, stride=2)      # y 2.4 MB: torch's forward measured faster
+        for shape in [(32, 512, 512, 7), (8, 256, 256, 14), (1, 32, 64, 112)]:
+            assert "avx512 level" in reason(*shape) and "avx512 level" in reason(*shape, training=True), shape
+        assert "avx512 level" in reason(32, 256, 256, 14)              # 6.4 MB forward: torch
+        assert reason(32, 256, 256, 14, training=True) == ""           # 6.4 MB step: fused
+        # fp16 and bf16 keep the 32 MiB rule (not measured with this body); bf16 steps go to torch where
+        # its bf16 convolutions are native.
+        assert "32 MiB" in reason(8, 64, 128, 56, dtype=torch.float16)
+    with effops.cpu_isa.use_cpu_isa("avx2"):  # the AVX2 body: the 32 MiB rule
+        assert "32 MiB" in reason(8, 64, 128, 56) and "32 MiB" in reason(8, 64, 128, 56, training=True)
+
+
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
-    # The C++ policy (csrc/bindings/dwpw_conv2d_op.cpp): the fused forward is chosen where torch's
-    # largest tensor reaches 32 MiB (measured 2-4x faster there) and for tiny inputs; in between torch's
-    # convolutions run. A training step (autograd recording) is fused, forward and backward, where torch's
-    # largest tensor of the step (grad_x or the depthwise output / y) reaches 32 MiB.
+    # The C++ policy (csrc/bindings/dwpw_conv2d_op.cpp) for the AVX2 and scalar bodies: the fused forward
+    # is chosen where torch's largest tensor reaches 32 MiB (measured 2-4x faster there) and for tiny
+    # inputs; in between torch's convolutions run. A training step (autograd recording) is fused, forward
+    # and backward, where torch's largest tensor of the step (grad_x or the depthwise output / y) reaches
+    # 32 MiB. (The AVX-512 body's thresholds: the test above.)
     # Shapes are only described (meta tensors): the rule reads sizes, so 32 x 64 x 112 x 112 costs no memory.
+    level = "avx2" if "avx2" in cpu_levels() else "scalar"
+    with effops.cpu_isa.use_cpu_isa(level):
+        _follows_the_measured_crossover(layout, monkeypatch)
+
+
+def _follows_the_measured_crossover(layout, monkeypatch):
     def fwd(N, C, O, H, device="meta", stride=1):
         x = torch.empty(N, C, H, H, device=device)
         if layout == "channels_last":
@@ -599,10 +642,10 @@ def test_the_policy_sees_training_steps():
     # The public op is composite (above autograd), so its policy sees grad mode: a stride-2 block whose
     # x is large and whose output is small is where the step rule (fused: grad_x is big) and the
     # inference rule (torch: y is small) disagree. Meta tensors: sizes only.
-    x = torch.empty(32, 32, 112, 112, device="meta")  # x and grad_x 51 MB; depthwise output and y 12.8 MB
+    x = torch.empty(32, 32, 112, 112, device="meta")  # x and grad_x 51 MB; depthwise output and y 3.2 MB
     dw, pw = torch.empty(32, 1, 3, 3, device="meta"), torch.empty(32, 32, 1, 1, device="meta")
-    assert "largest tensor" in dwpw.route_reason(x, dw, pw, (2, 2), (1, 1), (1, 1))
-    assert dwpw.route_reason(x, dw, pw, (2, 2), (1, 1), (1, 1), training=True) == ""
+    assert "largest tensor" in dwpw.route_reason(x, dw, pw, (4, 4), (1, 1), (1, 1))
+    assert dwpw.route_reason(x, dw, pw, (4, 4), (1, 1), (1, 1), training=True) == ""
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")

@@ -25,6 +25,7 @@
 #include "bindings/arg_text.h"
 #include "bindings/dispatch.h"
 #include "bindings/dwpw_conv2d_kernel.h"
+#include "cpu/cpu_features.h"
 
 namespace {
 
@@ -188,6 +189,14 @@ bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->de
 // fused op wins: 1.4-1.5x inference, 1.65x a training step (benchmarks/bench_small_calls.py's blocks).
 constexpr int64_t kTinyMacs = int64_t(1) << 20;
 constexpr int64_t kLargeTensorBytes = int64_t(32) << 20;
+// The AVX-512 body (avx512 level and up), fp32, against torch's AVX-512 convolutions
+// (`python benchmarks/dwpw_levels.py 1|8|32`, one thread, CPU time, Zen 5; table in docs/dwpw_conv2d.md):
+// below 32 MiB too it measured faster where torch's largest tensor is 8 MiB or more in a forward
+// (1.09-1.68x at batch 8) and 4 MiB or more in a training step (1.09-3.0x), and slower under that on
+// some shapes (512 -> 512 @7 at batch 32, 3.2 MB: forward 0.78-1.00x, step 0.90-0.93x; the stride-2
+// 96 -> 96 forward at batch 8, 2.4 MB: 0.83-0.94x; 32 -> 64 @112 at batch 1, 3.2 MB: forward 0.83x).
+constexpr int64_t kAvx512ForwardBytes = int64_t(8) << 20;
+constexpr int64_t kAvx512StepBytes = int64_t(4) << 20;
 
 struct Sizes {
   int64_t macs;                 // multiply-adds of the pointwise product
@@ -221,20 +230,27 @@ bool nothing_to_fuse(const at::Tensor& x) { return numel_of(x) == 0; }
 
 const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::MemoryFormat format) {
   if (s.macs < kTinyMacs) return nullptr;
+  const bool avx512 = dtype == at::kFloat && effops::cpu::cpu_isa_at_least(effops::cpu::CpuIsa::kAvx512);
   if (training) {
     if (dtype == at::kBFloat16 && effops::dispatch::torch_bf16_is_native())
-      return "bf16 training step on a CPU with AVX512-BF16: torch's native bf16 convolutions measured as fast or "
-             "faster (benchmarks/dwpw_bf16_crossover.py)";
-    if (s.step_largest < kLargeTensorBytes)
+      return "bf16 training step on a CPU with AVX512-BF16 (avx512_bf16 level): torch's native bf16 convolutions "
+             "measured 1.4-1.9x faster below 32 MiB and as fast above (benchmarks/dwpw_levels.py bf16)";
+    if (avx512 && s.step_largest < kAvx512StepBytes)
+      return "fp32 training step whose largest tensor is under 4 MiB at the avx512 level: torch's autograd measured "
+             "as fast or faster on some shapes";
+    if (!avx512 && s.step_largest < kLargeTensorBytes)
       return "training step whose largest tensor is under 32 MiB (malloc recycles it): torch's autograd measured "
              "as fast or faster";
-    if (torch_uses_huge_pages() && format == at::MemoryFormat::ChannelsLast)
+    if (s.step_largest >= kLargeTensorBytes && torch_uses_huge_pages() && format == at::MemoryFormat::ChannelsLast)
       return "training step with THP_MEM_ALLOC_ENABLE=1 on channels_last: torch's autograd measured about as fast";
     return nullptr;
   }
-  if (s.forward_largest < kLargeTensorBytes)
+  if (avx512 && s.forward_largest < kAvx512ForwardBytes)
+    return "fp32 forward whose largest tensor is under 8 MiB at the avx512 level: torch's convolutions measured as "
+           "fast or faster on some shapes";
+  if (!avx512 && s.forward_largest < kLargeTensorBytes)
     return "torch's largest tensor is under 32 MiB (malloc recycles it): its convolutions measured as fast or faster";
-  if (torch_uses_huge_pages())
+  if (s.forward_largest >= kLargeTensorBytes && torch_uses_huge_pages())
     return "THP_MEM_ALLOC_ENABLE=1: torch's large tensors are on huge pages, where its convolutions measured about "
            "as fast";
   return nullptr;

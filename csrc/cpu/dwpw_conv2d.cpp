@@ -248,8 +248,7 @@ EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, c
       const int64_t cols = std::min<int64_t>(ld, s.O - o);
       for (int64_t r0 = 0; r0 < np; r0 += MR) {
         const int64_t rows = std::min<int64_t>(MR, np - r0);
-        micro_rows<V>(rows, npan, AT + r0, 1, Pp, pwb, kNr, s.C * kNr, s.C,
-                      [&](int r, int64_t v, V acc) { acc.store(out + r * ld + v); });
+        micro_call<V>(rows, npan, AT + r0, 1, Pp, pwb, kNr, s.C * kNr, s.C, out);  // out's row stride: ld
         for (int64_t j = 0; j < cols; ++j) {
           T* yo = yn + (o + j) * OHW + r0;
           const float bias = pw_b ? pw_b[o + j] : 0.f;
