@@ -9,6 +9,7 @@ against the first level (> 1: faster). torch runs at its own level: to emulate a
 too (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2) and pass avx2 only.
 
 Run: PYTHONPATH=. python benchmarks/dwpw_levels.py [batch=8] [levels=avx2,avx512] [rounds=5] [bf16]
+     [--shape C,O,H,stride] (one block instead of the six)
 """
 import statistics
 import sys
@@ -36,6 +37,11 @@ def cpu_time(fn, min_time=0.3):
 
 def main():
     args = sys.argv[1:]
+    shapes = SHAPES
+    if "--shape" in args:
+        i = args.index("--shape")
+        shapes = [tuple(int(v) for v in args[i + 1].split(","))]
+        del args[i:i + 2]
     dtype = torch.bfloat16 if "bf16" in args else torch.float32
     args = [a for a in args if a != "bf16"]
     batch = int(args[0]) if args else 8
@@ -44,7 +50,7 @@ def main():
     torch.set_num_threads(1)
     print("batch %d, %s, one thread, CPU time; torch capability %s; effops levels %s"
           % (batch, dtype, torch.backends.cpu.get_cpu_capability(), ",".join(levels)))
-    for C, O, H, stride in SHAPES:
+    for C, O, H, stride in shapes:
         for layout in ("nchw", "channels_last"):
             torch.manual_seed(0)
             x = torch.randn(batch, C, H, H, dtype=dtype)

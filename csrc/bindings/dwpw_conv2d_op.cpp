@@ -191,10 +191,11 @@ constexpr int64_t kTinyMacs = int64_t(1) << 20;
 constexpr int64_t kLargeTensorBytes = int64_t(32) << 20;
 // The AVX-512 body (avx512 level and up), fp32, against torch's AVX-512 convolutions
 // (`python benchmarks/dwpw_levels.py 1|8|32`, one thread, CPU time, Zen 5; table in docs/dwpw_conv2d.md):
-// below 32 MiB too it measured faster where torch's largest tensor is 8 MiB or more in a forward
-// (1.09-1.68x at batch 8) and 4 MiB or more in a training step (1.09-3.0x), and slower under that on
-// some shapes (512 -> 512 @7 at batch 32, 3.2 MB: forward 0.78-1.00x, step 0.90-0.93x; the stride-2
-// 96 -> 96 forward at batch 8, 2.4 MB: 0.83-0.94x; 32 -> 64 @112 at batch 1, 3.2 MB: forward 0.83x).
+// below 32 MiB too it measured faster where torch's largest tensor is 8 MiB or more in a stride-1
+// forward (1.09-1.68x at batch 8) and 4 MiB or more in a training step (1.09-3.0x), and slower under
+// that on some shapes (512 -> 512 @7 at batch 32, 3.2 MB: forward 0.78-1.00x, step 0.90-0.93x;
+// 32 -> 64 @112 at batch 1, 3.2 MB: forward 0.83x). The stride-2 forward (96 -> 96 @56) measured
+// 0.69-0.94x at batch 1, 8 and 32 (2.4 and 9.6 MB at batch 8 and 32): it keeps the 32 MiB line.
 constexpr int64_t kAvx512ForwardBytes = int64_t(8) << 20;
 constexpr int64_t kAvx512StepBytes = int64_t(4) << 20;
 
@@ -202,6 +203,7 @@ struct Sizes {
   int64_t macs;                 // multiply-adds of the pointwise product
   int64_t forward_largest;      // bytes of torch's largest forward tensor (depthwise output or y)
   int64_t step_largest;         // ... of a training step (grad_x too)
+  bool strided;                 // a stride above 1
 };
 
 Sizes sizes_of(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight, at::IntArrayRef stride,
@@ -210,7 +212,8 @@ Sizes sizes_of(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tenso
   const int64_t N = size_of(x, 0), C = size_of(x, 1), O = size_of(pw_weight, 0);
   const int64_t plane = out[0] * out[1];
   const int64_t largest = N * std::max(C, O) * plane * element_size;
-  return {N * plane * C * O, largest, std::max(largest, numel_of(x) * element_size)};
+  return {N * plane * C * O, largest, std::max(largest, numel_of(x) * element_size),
+          stride.size() == 2 && (stride[0] > 1 || stride[1] > 1)};
 }
 
 // torch's large tensors are on huge pages too (its THP_MEM_ALLOC_ENABLE switch): then they no longer
@@ -245,10 +248,10 @@ const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::
       return "training step with THP_MEM_ALLOC_ENABLE=1 on channels_last: torch's autograd measured about as fast";
     return nullptr;
   }
-  if (avx512 && s.forward_largest < kAvx512ForwardBytes)
+  if (avx512 && !s.strided && s.forward_largest < kAvx512ForwardBytes)
     return "fp32 forward whose largest tensor is under 8 MiB at the avx512 level: torch's convolutions measured as "
            "fast or faster on some shapes";
-  if (!avx512 && s.forward_largest < kLargeTensorBytes)
+  if ((!avx512 || s.strided) && s.forward_largest < kLargeTensorBytes)
     return "torch's largest tensor is under 32 MiB (malloc recycles it): its convolutions measured as fast or faster";
   if (s.forward_largest >= kLargeTensorBytes && torch_uses_huge_pages())
     return "THP_MEM_ALLOC_ENABLE=1: torch's large tensors are on huge pages, where its convolutions measured about "
