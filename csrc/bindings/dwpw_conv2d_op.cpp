@@ -234,10 +234,17 @@ bool nothing_to_fuse(const at::Tensor& x) { return numel_of(x) == 0; }
 const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::MemoryFormat format) {
   if (s.macs < kTinyMacs) return nullptr;
   const bool avx512 = dtype == at::kFloat && effops::cpu::cpu_isa_at_least(effops::cpu::CpuIsa::kAvx512);
+  // bf16 where torch's bf16 convolutions are native (AVX512-BF16, oneDNN not capped below it), measured at
+  // the avx512_bf16 level (`benchmarks/dwpw_levels.py 8|32|64 ... bf16`, docs/dwpw_conv2d.md): torch's
+  // channels-last forward won on most shapes at every size (fused 0.53-0.88x, and 0.62x at 64 x 64 -> 128
+  // @56 with a 51 MB y), though not all (144 -> 24 @56 1.18-3.77x, 32 x 32 -> 64 @112 1.50x): torch.
+  // Its NCHW forward and both layouts' steps won below 32 MiB on some shapes (fused 0.43-0.99x) and lost
+  // on every shape above it (fused 1.08-4.78x): the 32 MiB rule.
+  const bool native_bf16 = dtype == at::kBFloat16 && effops::dispatch::torch_bf16_is_native();
   if (training) {
-    if (dtype == at::kBFloat16 && effops::dispatch::torch_bf16_is_native())
-      return "bf16 training step on a CPU with AVX512-BF16 (avx512_bf16 level): torch's native bf16 convolutions "
-             "measured 1.4-1.9x faster below 32 MiB and as fast above (benchmarks/dwpw_levels.py bf16)";
+    if (native_bf16 && s.step_largest < kLargeTensorBytes)
+      return "bf16 training step under 32 MiB at the avx512_bf16 level: torch's native bf16 convolutions measured "
+             "faster on some shapes (the fused step 0.57-0.84x)";
     if (avx512 && s.step_largest < kAvx512StepBytes)
       return "fp32 training step whose largest tensor is under 4 MiB at the avx512 level: torch's autograd measured "
              "as fast or faster on some shapes";
@@ -248,6 +255,9 @@ const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::
       return "training step with THP_MEM_ALLOC_ENABLE=1 on channels_last: torch's autograd measured about as fast";
     return nullptr;
   }
+  if (native_bf16 && format == at::MemoryFormat::ChannelsLast)
+    return "bf16 channels_last forward at the avx512_bf16 level: torch's native bf16 convolutions measured faster "
+           "(the fused forward 0.53-0.88x on most shapes)";
   if (avx512 && !s.strided && s.forward_largest < kAvx512ForwardBytes)
     return "fp32 forward whose largest tensor is under 8 MiB at the avx512 level: torch's convolutions measured as "
            "fast or faster on some shapes";
