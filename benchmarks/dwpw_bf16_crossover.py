@@ -4,19 +4,29 @@ convolutions natively, while the fused kernel computes in fp32. Forward (no grad
 (forward + backward to x and both weights), the fused op forced and the automatic choice, interleaved
 medians, ratios against torch (> 1: faster).
 
-Run: PYTHONPATH=. python benchmarks/dwpw_bf16_crossover.py
+With --cpu-time: one thread and the CPU time of that thread (benchmarks.common.cpu_time_fn), robust
+against the load of a shared machine; the fused op then runs the body of the current effops level
+(EFFOPS_CPU_ISA caps it: at avx512_bf16 its channels-last forward takes the vdpbf16ps pointwise).
+
+Run: PYTHONPATH=. python benchmarks/dwpw_bf16_crossover.py [--cpu-time]
 """
+import sys
+
 import torch
 import torch.nn.functional as F
 
 import effops
-from benchmarks.common import compare
+from benchmarks.common import compare, cpu_time_fn, time_fn
 from effops.ops import dwpw_conv2d
 
 SHAPES = [(32, 32, 64, 112), (32, 64, 128, 56), (32, 144, 24, 56), (32, 256, 256, 14), (8, 64, 128, 56)]  # N, C, O, H
 
 
 def main():
+    timer = time_fn
+    if "--cpu-time" in sys.argv[1:]:
+        torch.set_num_threads(1)
+        timer = cpu_time_fn
     print("cpu level %s, torch capability %s" % (effops.cpu_isa.current(), torch.backends.cpu.get_cpu_capability()))
     for n, c, o, h in SHAPES:
         torch.manual_seed(0)
@@ -47,8 +57,10 @@ def main():
 
         case = "%dx%d->%d@%d bf16 channels_last" % (n, c, o, h)
         with torch.no_grad():
-            fwd = compare("fwd", case, {"torch": torch_fwd, "fused": fused_fwd, "auto": auto_fwd}, "torch", rounds=3)
-        step = compare("step", case, {"torch": torch_step, "fused": fused_step, "auto": auto_step}, "torch", rounds=3)
+            fwd = compare("fwd", case, {"torch": torch_fwd, "fused": fused_fwd, "auto": auto_fwd}, "torch", rounds=3,
+                          timer=timer)
+        step = compare("step", case, {"torch": torch_step, "fused": fused_step, "auto": auto_step}, "torch", rounds=3,
+                       timer=timer)
         print("%-36s forward fused %.2fx auto %.2fx | training step fused %.2fx auto %.2fx"
               % (case, fwd[1]["speedup"], fwd[2]["speedup"], step[1]["speedup"], step[2]["speedup"]), flush=True)
 

@@ -12,7 +12,7 @@ import effops
 from effops import _backends
 from effops.ops import dwpw_conv2d
 from effops.reference import dwpw_conv2d as reference
-from conftest import TOL, device, run_at_every_cpu_level
+from conftest import TOL, cpu_levels, device, run_at_every_cpu_level
 
 # The ops these tests run, for conftest: a backend with no kernel for them is not offered (an instance
 # that could run on no machine).
@@ -468,6 +468,45 @@ def test_cpu_backward_bands(case, threads):
         torch.set_num_threads(old)
 
 
+# Channel counts around every level's micro-kernel blocking (AVX2: 6 pixels x 16 columns; AVX-512:
+# 8 pixels x 3 panels of 16 columns): 1, 2 or 3 panels in the last call, a partial panel, odd counts,
+# the depthwise channel loop's vector tails (4 vectors, 1 vector, an AVX2 vector inside the AVX-512
+# body, scalars), and pixel counts that leave 1..7 rows for the last call. In-process at every level.
+WIDE_CHANNELS = [
+    (2, 49, 97, 7, 9, 3, 1, 1, 1, True, True, "relu6"),
+    (1, 33, 47, 9, 5, 3, 2, 1, 1, False, True, "silu"),
+    (3, 71, 33, 5, 7, 5, 1, 2, 1, True, False, "hardswish"),
+    (1, 24, 16, 11, 3, 3, 1, 1, 2, True, True, "gelu"),
+    (2, 1, 1, 6, 6, 3, 1, 1, 1, True, True, "relu"),
+]
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("level", [pytest.param(lv, id=lv) for lv in cpu_levels()])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", WIDE_CHANNELS, ids=["c49o97", "c33o47s2", "c71o33k5", "c24o16d2", "c1o1"])
+def test_cpu_channel_tails_at_every_level(case, layout, level):
+    with effops.cpu_isa.use_cpu_isa(level):
+        tensors, kwargs = make(case, layout=layout, dev="cpu")
+        with effops.use_backend("cpu"):
+            y = dwpw_conv2d(*tensors, **kwargs)
+        torch.testing.assert_close(y, expected(tensors, kwargs).float(), atol=1e-4, rtol=1e-4)
+        _cpu_backward_vs_reference(case, layout, "nchw" if layout == "channels_last" else "channels_last")
+        _cpu_backward_vs_reference(case, layout, layout, torch.bfloat16)
+        # bf16 forward (channels-last at avx512_bf16: the vdpbf16ps pointwise, its A rounded to bf16 as
+        # torch rounds its intermediate): error against the float64 reference at most twice that of
+        # torch's own two bf16 convolutions (plus one bf16 ulp of the output's scale).
+        tensors, kwargs = make(case, dtype=torch.bfloat16, layout=layout, dev="cpu")
+        with effops.use_backend("cpu"):
+            y = dwpw_conv2d(*tensors, **kwargs)
+        with effops.use_backend("reference"):
+            y_torch = dwpw_conv2d(*tensors, **kwargs)
+        want = expected(tensors, kwargs)
+        scale = want.abs().max().item()
+        err, err_torch = ((t.double() - want).abs().max().item() for t in (y, y_torch))
+        assert y.dtype == torch.bfloat16 and err <= 2 * err_torch + scale * 2.0 ** -8, (err, err_torch)
+
+
 LEVELS_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, "tests")
@@ -500,14 +539,58 @@ def test_cpu_every_level_matches_reference():
     run_at_every_cpu_level(LEVELS_SCRIPT)
 
 
+def _policy_shape(layout, N, C, O, H, device="meta", stride=1, dtype=torch.float32):
+    x = torch.empty(N, C, H, H, device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return (x, torch.empty(C, 1, 3, 3, device=device, dtype=dtype), torch.empty(O, C, 1, 1, device=device, dtype=dtype),
+            None, None, [stride] * 2, [1, 1], [1, 1], "relu6")
+
+
+@pytest.mark.skipif("avx512" not in cpu_levels(), reason="no AVX-512 on this CPU")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_automatic_choice_at_the_avx512_level(layout, monkeypatch):
+    # With the AVX-512 body the fp32 thresholds drop to 8 MiB (forward) and 4 MiB (training step): the
+    # body measured faster than torch's AVX-512 convolutions above them on the benchmark's shapes at
+    # batch 1, 8 and 32, and slower on some below (docs/dwpw_conv2d.md).
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+
+    def reason(N, C, O, H, stride=1, training=False, dtype=torch.float32):
+        args = _policy_shape(layout, N, C, O, H, stride=stride, dtype=dtype)
+        return dwpw.route_reason(args[0], args[1], args[2], *args[5:8], training=training)
+
+    with effops.cpu_isa.use_cpu_isa("avx512"):
+        for shape in [(8, 32, 64, 112), (8, 64, 128, 56), (8, 144, 24, 56), (32, 64, 128, 56)]:
+            assert reason(*shape) == "" and reason(*shape, training=True) == "", shape
+        assert reason(8, 96, 96, 56, stride=2, training=True) == ""   # x and grad_x 9.6 MB
+        # The stride-2 forward measured slower at every batch up to 32 (y 9.6 MB): the 32 MiB line.
+        assert "32 MiB" in reason(32, 96, 96, 56, stride=2) and "32 MiB" in reason(8, 96, 96, 56, stride=2)
+        for shape in [(32, 512, 512, 7), (8, 256, 256, 14), (1, 32, 64, 112)]:
+            assert "avx512 level" in reason(*shape) and "avx512 level" in reason(*shape, training=True), shape
+        assert "avx512 level" in reason(32, 256, 256, 14)              # 6.4 MB forward: torch
+        assert reason(32, 256, 256, 14, training=True) == ""           # 6.4 MB step: fused
+        # fp16 and bf16 keep the 32 MiB rule (not measured with this body); bf16 steps go to torch where
+        # its bf16 convolutions are native.
+        assert "32 MiB" in reason(8, 64, 128, 56, dtype=torch.float16)
+    with effops.cpu_isa.use_cpu_isa("avx2"):  # the AVX2 body: the 32 MiB rule
+        assert "32 MiB" in reason(8, 64, 128, 56) and "32 MiB" in reason(8, 64, 128, 56, training=True)
+
+
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_automatic_choice_follows_the_measured_crossover(layout, monkeypatch):
-    # The C++ policy (csrc/bindings/dwpw_conv2d_op.cpp): the fused forward is chosen where torch's
-    # largest tensor reaches 32 MiB (measured 2-4x faster there) and for tiny inputs; in between torch's
-    # convolutions run. A training step (autograd recording) is fused, forward and backward, where torch's
-    # largest tensor of the step (grad_x or the depthwise output / y) reaches 32 MiB.
+    # The C++ policy (csrc/bindings/dwpw_conv2d_op.cpp) for the AVX2 and scalar bodies: the fused forward
+    # is chosen where torch's largest tensor reaches 32 MiB (measured 2-4x faster there) and for tiny
+    # inputs; in between torch's convolutions run. A training step (autograd recording) is fused, forward
+    # and backward, where torch's largest tensor of the step (grad_x or the depthwise output / y) reaches
+    # 32 MiB. (The AVX-512 body's thresholds: the test above.)
     # Shapes are only described (meta tensors): the rule reads sizes, so 32 x 64 x 112 x 112 costs no memory.
+    level = "avx2" if "avx2" in cpu_levels() else "scalar"
+    with effops.cpu_isa.use_cpu_isa(level):
+        _follows_the_measured_crossover(layout, monkeypatch)
+
+
+def _follows_the_measured_crossover(layout, monkeypatch):
     def fwd(N, C, O, H, device="meta", stride=1):
         x = torch.empty(N, C, H, H, device=device)
         if layout == "channels_last":
@@ -560,10 +643,10 @@ def test_the_policy_sees_training_steps():
     # The public op is composite (above autograd), so its policy sees grad mode: a stride-2 block whose
     # x is large and whose output is small is where the step rule (fused: grad_x is big) and the
     # inference rule (torch: y is small) disagree. Meta tensors: sizes only.
-    x = torch.empty(32, 32, 112, 112, device="meta")  # x and grad_x 51 MB; depthwise output and y 12.8 MB
+    x = torch.empty(32, 32, 112, 112, device="meta")  # x and grad_x 51 MB; depthwise output and y 3.2 MB
     dw, pw = torch.empty(32, 1, 3, 3, device="meta"), torch.empty(32, 32, 1, 1, device="meta")
-    assert "largest tensor" in dwpw.route_reason(x, dw, pw, (2, 2), (1, 1), (1, 1))
-    assert dwpw.route_reason(x, dw, pw, (2, 2), (1, 1), (1, 1), training=True) == ""
+    assert "largest tensor" in dwpw.route_reason(x, dw, pw, (4, 4), (1, 1), (1, 1))
+    assert dwpw.route_reason(x, dw, pw, (4, 4), (1, 1), (1, 1), training=True) == ""
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
@@ -612,19 +695,28 @@ def test_triton_is_chosen_automatically_for_16_bit_only():
 
 
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
-def test_bf16_training_steps_run_torch_where_the_cpu_has_native_bf16(monkeypatch):
-    # torch's bf16 convolutions run natively on AVX512-BF16 CPUs: the fused step lost there
-    # (benchmarks/dwpw_bf16_crossover.py), so the step rule sends bf16 to torch's autograd; elsewhere
-    # (and in fp32) the size rule decides as before. oneDNN capped below AVX512-BF16 is not native.
-    x = torch.empty(32, 32, 112, 112, dtype=torch.bfloat16, device="meta")
-    dw = torch.empty(32, 1, 3, 3, dtype=torch.bfloat16, device="meta")
-    pw = torch.empty(64, 32, 1, 1, dtype=torch.bfloat16, device="meta")
+def test_bf16_rules_where_the_cpu_has_native_bf16(monkeypatch):
+    # torch's bf16 convolutions run natively on AVX512-BF16 CPUs (measured at the avx512_bf16 level,
+    # docs/dwpw_conv2d.md): its channels_last forward won at nearly every size, so a bf16 channels_last
+    # forward goes to torch; a bf16 step and an NCHW forward won below 32 MiB on some shapes and lost
+    # above it: the 32 MiB rule, with the level named. oneDNN capped below AVX512-BF16 is not native.
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     geometry = ((1, 1), (1, 1), (1, 1))
+
+    def reason(N, C, O, H, layout="nchw", training=False, dtype=torch.bfloat16):
+        args = _policy_shape(layout, N, C, O, H, dtype=dtype)
+        return dwpw.route_reason(args[0], args[1], args[2], *geometry, training=training)
+
     native = effops.cpu_isa.cpu_has_native_bf16()
-    assert ("AVX512-BF16" in dwpw.route_reason(x, dw, pw, *geometry, training=True)) == native
+    for layout in ("nchw", "channels_last"):
+        assert ("avx512_bf16" in reason(8, 64, 128, 56, layout, training=True)) == native  # 6.4 MB step
+        assert reason(32, 32, 64, 112, layout, training=True) == ""                        # 51 MB: fused
+    assert ("avx512_bf16" in reason(64, 64, 128, 56, "channels_last")) == native  # 51 MB y: torch's forward won
+    assert reason(64, 64, 128, 56, "nchw") == ""
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert dwpw.route_reason(x, dw, pw, *geometry, training=True) == ""
-    assert dwpw.route_reason(x.float(), dw.float(), pw.float(), *geometry, training=True) == ""
+    assert reason(64, 64, 128, 56, "channels_last") == ""
+    assert "avx512_bf16" not in reason(8, 64, 128, 56, training=True)
+    assert reason(32, 32, 64, 112, dtype=torch.float32, training=True) == ""
 
 
 def test_settings_keep_their_types():

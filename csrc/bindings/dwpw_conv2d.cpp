@@ -53,6 +53,15 @@ at::Tensor pack_columns(const at::Tensor& w2d) {
   return padded.view({Rp / kNr, kNr, K}).permute({0, 2, 1}).contiguous();
 }
 
+// [O, C] bf16 -> [ceil(O/16)][ceil(C/2)][16][2] bf16, zero-padded past O and C: each 32-bit word holds
+// the weights of channels 2k and 2k + 1 of one output, the B operand of vdpbf16ps (dwpw_conv2d.h).
+at::Tensor pack_bf16_pairs(const at::Tensor& w2d) {
+  const int64_t R = w2d.size(0), K = w2d.size(1), Rp = (R + kNr - 1) / kNr * kNr, K2 = (K + 1) / 2;
+  at::Tensor padded = at::zeros({Rp, 2 * K2}, w2d.options().dtype(at::kBFloat16));
+  padded.narrow(0, 0, R).narrow(1, 0, K).copy_(w2d);
+  return padded.view({Rp / kNr, kNr, K2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
 at::Tensor optional_float(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous().to(at::kFloat) : at::Tensor();
 }
@@ -89,12 +98,16 @@ at::Tensor dwpw_forward_cpu(const at::Tensor& x, const at::Tensor& dw_weight, co
   const at::Tensor xc = nchw ? x.contiguous() : x;
   const at::Tensor dw = pack_depthwise(dw_weight), pw = pack_columns(pw_weight.reshape({s.O, s.C}));
   const at::Tensor db = optional_float(dw_bias), pb = optional_float(pw_bias);
+  const at::Tensor pairs = x.scalar_type() == at::kBFloat16 && effops::cpu::dwpw::forward_takes_bf16_pairs(nchw)
+                               ? pack_bf16_pairs(pw_weight.reshape({s.O, s.C}))
+                               : at::Tensor();
   at::Tensor y = at::empty({s.N, s.O, s.OH, s.OW},
                            x.options().memory_format(nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast));
   advise_huge_pages(y);
   EFFOPS_DISPATCH_FLOAT(x.scalar_type(), "dwpw_conv2d_cpu", [&] {
     effops::cpu::dwpw::forward<scalar_t>(s, xc.data_ptr<scalar_t>(), dw.data_ptr<float>(), ptr_or_null(db),
-                                         ptr_or_null(pw), ptr_or_null(pb), y.data_ptr<scalar_t>(), nchw);
+                                         ptr_or_null(pw), ptr_or_null(pb), y.data_ptr<scalar_t>(), nchw,
+                                         pairs.defined() ? static_cast<const uint32_t*>(pairs.data_ptr()) : nullptr);
   });
   return y;
 }

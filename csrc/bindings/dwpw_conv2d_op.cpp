@@ -25,6 +25,7 @@
 #include "bindings/arg_text.h"
 #include "bindings/dispatch.h"
 #include "bindings/dwpw_conv2d_kernel.h"
+#include "cpu/cpu_features.h"
 
 namespace {
 
@@ -188,11 +189,21 @@ bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->de
 // fused op wins: 1.4-1.5x inference, 1.65x a training step (benchmarks/bench_small_calls.py's blocks).
 constexpr int64_t kTinyMacs = int64_t(1) << 20;
 constexpr int64_t kLargeTensorBytes = int64_t(32) << 20;
+// The AVX-512 body (avx512 level and up), fp32, against torch's AVX-512 convolutions
+// (`python benchmarks/dwpw_levels.py 1|8|32`, one thread, CPU time, Zen 5; table in docs/dwpw_conv2d.md):
+// below 32 MiB too it measured faster where torch's largest tensor is 8 MiB or more in a stride-1
+// forward (1.09-1.68x at batch 8) and 4 MiB or more in a training step (1.09-3.0x), and slower under
+// that on some shapes (512 -> 512 @7 at batch 32, 3.2 MB: forward 0.78-1.00x, step 0.90-0.93x;
+// 32 -> 64 @112 at batch 1, 3.2 MB: forward 0.83x). The stride-2 forward (96 -> 96 @56) measured
+// 0.69-0.94x at batch 1, 8 and 32 (2.4 and 9.6 MB at batch 8 and 32): it keeps the 32 MiB line.
+constexpr int64_t kAvx512ForwardBytes = int64_t(8) << 20;
+constexpr int64_t kAvx512StepBytes = int64_t(4) << 20;
 
 struct Sizes {
   int64_t macs;                 // multiply-adds of the pointwise product
   int64_t forward_largest;      // bytes of torch's largest forward tensor (depthwise output or y)
   int64_t step_largest;         // ... of a training step (grad_x too)
+  bool strided;                 // a stride above 1
 };
 
 Sizes sizes_of(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight, at::IntArrayRef stride,
@@ -201,7 +212,8 @@ Sizes sizes_of(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tenso
   const int64_t N = size_of(x, 0), C = size_of(x, 1), O = size_of(pw_weight, 0);
   const int64_t plane = out[0] * out[1];
   const int64_t largest = N * std::max(C, O) * plane * element_size;
-  return {N * plane * C * O, largest, std::max(largest, numel_of(x) * element_size)};
+  return {N * plane * C * O, largest, std::max(largest, numel_of(x) * element_size),
+          stride.size() == 2 && (stride[0] > 1 || stride[1] > 1)};
 }
 
 // torch's large tensors are on huge pages too (its THP_MEM_ALLOC_ENABLE switch): then they no longer
@@ -221,20 +233,37 @@ bool nothing_to_fuse(const at::Tensor& x) { return numel_of(x) == 0; }
 
 const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::MemoryFormat format) {
   if (s.macs < kTinyMacs) return nullptr;
+  const bool avx512 = dtype == at::kFloat && effops::cpu::cpu_isa_at_least(effops::cpu::CpuIsa::kAvx512);
+  // bf16 where torch's bf16 convolutions are native (AVX512-BF16, oneDNN not capped below it), measured at
+  // the avx512_bf16 level (`benchmarks/dwpw_levels.py 8|32|64 ... bf16`, docs/dwpw_conv2d.md): torch's
+  // channels-last forward won on most shapes at every size (fused 0.53-0.88x, and 0.62x at 64 x 64 -> 128
+  // @56 with a 51 MB y), though not all (144 -> 24 @56 1.18-3.77x, 32 x 32 -> 64 @112 1.50x): torch.
+  // Its NCHW forward and both layouts' steps won below 32 MiB on some shapes (fused 0.43-0.99x) and lost
+  // on every shape above it (fused 1.08-4.78x): the 32 MiB rule.
+  const bool native_bf16 = dtype == at::kBFloat16 && effops::dispatch::torch_bf16_is_native();
   if (training) {
-    if (dtype == at::kBFloat16 && effops::dispatch::torch_bf16_is_native())
-      return "bf16 training step on a CPU with AVX512-BF16: torch's native bf16 convolutions measured as fast or "
-             "faster (benchmarks/dwpw_bf16_crossover.py)";
-    if (s.step_largest < kLargeTensorBytes)
+    if (native_bf16 && s.step_largest < kLargeTensorBytes)
+      return "bf16 training step under 32 MiB at the avx512_bf16 level: torch's native bf16 convolutions measured "
+             "faster on some shapes (the fused step 0.57-0.84x)";
+    if (avx512 && s.step_largest < kAvx512StepBytes)
+      return "fp32 training step whose largest tensor is under 4 MiB at the avx512 level: torch's autograd measured "
+             "as fast or faster on some shapes";
+    if (!avx512 && s.step_largest < kLargeTensorBytes)
       return "training step whose largest tensor is under 32 MiB (malloc recycles it): torch's autograd measured "
              "as fast or faster";
-    if (torch_uses_huge_pages() && format == at::MemoryFormat::ChannelsLast)
+    if (s.step_largest >= kLargeTensorBytes && torch_uses_huge_pages() && format == at::MemoryFormat::ChannelsLast)
       return "training step with THP_MEM_ALLOC_ENABLE=1 on channels_last: torch's autograd measured about as fast";
     return nullptr;
   }
-  if (s.forward_largest < kLargeTensorBytes)
+  if (native_bf16 && format == at::MemoryFormat::ChannelsLast)
+    return "bf16 channels_last forward at the avx512_bf16 level: torch's native bf16 convolutions measured faster "
+           "(the fused forward 0.53-0.88x on most shapes)";
+  if (avx512 && !s.strided && s.forward_largest < kAvx512ForwardBytes)
+    return "fp32 forward whose largest tensor is under 8 MiB at the avx512 level: torch's convolutions measured as "
+           "fast or faster on some shapes";
+  if ((!avx512 || s.strided) && s.forward_largest < kLargeTensorBytes)
     return "torch's largest tensor is under 32 MiB (malloc recycles it): its convolutions measured as fast or faster";
-  if (torch_uses_huge_pages())
+  if (s.forward_largest >= kLargeTensorBytes && torch_uses_huge_pages())
     return "THP_MEM_ALLOC_ENABLE=1: torch's large tensors are on huge pages, where its convolutions measured about "
            "as fast";
   return nullptr;

@@ -1,9 +1,9 @@
 // Fused depthwise + pointwise convolution, forward (see dwpw_conv2d.h for the layout; the backward is
 // in dwpw_conv2d_backward.cpp, the shared helpers in dwpw_kernels.h).
 //
-// Every loop body is a template over the vector type V (Avx2Vec or ScalarVec from simd.h). The two
-// entry points per tile (`*_avx2`, `*_scalar`) are marked `flatten`, so the whole tile computation is
-// inlined into them and the AVX2 one is compiled for AVX2+FMA; cpu_features picks one at run time.
+// Every loop body is a template over the vector type V (Avx512Vec, Avx2Vec or ScalarVec from simd.h).
+// The entry points per tile (`*_avx512`, `*_avx2`, `*_scalar`) are marked `flatten`, so the whole tile
+// computation is inlined into them, each compiled for its level; cpu_features picks one at run time.
 #include "cpu/dwpw_conv2d.h"
 
 #include <ATen/Parallel.h>
@@ -62,17 +62,23 @@ EFFOPS_INLINE int64_t depthwise_channels(const Shape& s, const T* xn, const floa
 }
 
 // The depthwise output of pixels [q0, q0 + np) of image xn into h[np][Cp] (Cp: the row stride; columns
-// past C are left alone),
-// with the activation applied when `act` is given (the forward) or not (the backward needs h itself).
+// past C are left alone), with the activation applied when `act` is given. h16: null, or where the
+// rows go rounded to bf16 (same row stride; the vdpbf16ps product's A, pad columns written as 0).
 template <typename V, typename T>
 EFFOPS_INLINE void depthwise_tile(const Shape& s, const T* xn, const float* w, const float* b, int64_t q0, int64_t np,
-                                  int64_t Cp, int act, float* h) {
+                                  int64_t Cp, int act, float* h, c10::BFloat16* h16) {
   for (int64_t p = 0; p < np; ++p) {
     const int64_t oh = (q0 + p) / s.OW, ow = (q0 + p) % s.OW;
     float* hp = h + p * Cp;
-    const int64_t c = depthwise_channels<V>(s, xn, w, b, oh, ow, 0, s.C, hp);
+    int64_t c = depthwise_channels<V>(s, xn, w, b, oh, ow, 0, s.C, hp);
+#if EFFOPS_HAVE_X86
+    if constexpr (V::kWidth > Avx2Vec::kWidth) c = depthwise_channels<Avx2Vec>(s, xn, w, b, oh, ow, c, s.C, hp);
+#endif
     depthwise_channels<ScalarVec>(s, xn, w, b, oh, ow, c, s.C, hp);
-    if (act != kNone)  // while the row is in L1; pad columns hold 0 and act(0) == 0 for every activation
+    // While the row is in L1; pad columns hold 0 and act(0) == 0 for every activation.
+    if (h16 != nullptr)
+      for (int64_t k = 0; k < round_up(s.C, kNr); k += V::kWidth) act_forward(V::load(hp + k), act).store(h16 + p * Cp + k);
+    else if (act != kNone)
       for (int64_t k = 0; k < round_up(s.C, kNr); k += V::kWidth) act_forward(V::load(hp + k), act).store(hp + k);
   }
 }
@@ -82,8 +88,9 @@ EFFOPS_INLINE void depthwise_tile(const Shape& s, const T* xn, const float* w, c
 // Forward
 // ------------------------------------------------------------------------------------------------
 // Length of one stride-phase line of the NCHW depthwise (see depthwise_rows_nchw).
-// OW is rounded up to 8 so that a row's last vector may read past OW (its extra lanes are dropped).
-int64_t phase_len(const Shape& s) { return round_up(s.OW, 8) + (s.KW - 1) * s.DW / s.SW + 1; }
+// OW is rounded up to 16 (the widest vector) so that a row's last vector may read past OW (its extra
+// lanes are dropped).
+int64_t phase_len(const Shape& s) { return round_up(s.OW, 16) + (s.KW - 1) * s.DW / s.SW + 1; }
 // Input rows an NCHW band of `rows` output rows reads.
 int64_t band_input_rows(const Shape& s, int64_t rows) { return (rows - 1) * s.SH + (s.KH - 1) * s.DH + 1; }
 
@@ -119,6 +126,14 @@ EFFOPS_INLINE void depthwise_nchw_pixels(const Shape& s, const float* rows_in, i
 template <typename V, typename T>
 EFFOPS_INLINE void depthwise_rows_nchw(const Shape& s, const T* xn, const float* w, const float* b, int64_t oh0,
                                        int64_t rows, int64_t Pp, int act, float* AT, float* lines) {
+  // The row copies run in 256-bit vectors at every level: with 512-bit ones (their stores start a
+  // padding column off alignment) the AVX-512 forward of 8 x 144 -> 24 @56 NCHW measured 11.6 ms, most of
+  // it in this loop, against 5.1 ms so (one thread; the AVX2 body: 6.7-7.3 ms).
+#if EFFOPS_HAVE_X86
+  using CopyV = std::conditional_t<(V::kWidth > Avx2Vec::kWidth), Avx2Vec, V>;
+#else
+  using CopyV = V;
+#endif
   const int64_t Lm = phase_len(s), RI = band_input_rows(s, rows), ih_first = oh0 * s.SH - s.PH;
   const int64_t taps = s.KH * s.KW;
   float wk[64];  // this channel's taps (<= 8 x 8)
@@ -141,7 +156,7 @@ EFFOPS_INLINE void depthwise_rows_nchw(const Shape& s, const T* xn, const float*
         if (s.SW == 1) {
           const T* src = xr + (m_lo + r - s.PW);
           int64_t m = 0;
-          for (; m + V::kWidth <= m_hi - m_lo; m += V::kWidth) V::load(src + m).store(line + m_lo + m);
+          for (; m + CopyV::kWidth <= m_hi - m_lo; m += CopyV::kWidth) CopyV::load(src + m).store(line + m_lo + m);
           for (; m < m_hi - m_lo; ++m) line[m_lo + m] = to_float(src[m]);
         } else {
           for (int64_t m = m_lo; m < m_hi; ++m) line[m] = to_float(xr[m * s.SW + r - s.PW]);
@@ -168,53 +183,112 @@ EFFOPS_INLINE void depthwise_rows_nchw(const Shape& s, const T* xn, const float*
   }
 }
 
+#if EFFOPS_HAVE_X86
+// The pointwise product in bf16 (T = bf16 at the avx512_bf16 level, channels-last): out[r][q * 16 + j] =
+// sum over pairs k of a[r * a_rs + k] . b[q * b_ps + k * 16 + j], each a 32-bit word holding the bf16
+// values of channels 2k (low half) and 2k + 1 (high half). One vdpbf16ps per row, pair and panel adds
+// both products to 16 fp32 sums, where the fp32 body does two FMAs on twice the bytes. Blocking as
+// the fp32 AVX-512 body's (8 x 3 panels). masked_linear_micro.h's micro_blocks_dpbf16 is the same
+// instruction over kept blocks of a sparse weight.
+template <int R, int NP>
+__attribute__((noinline)) EFFOPS_AVX512_BF16_TARGET void micro_dpbf16(const uint32_t* a, int64_t a_rs,
+                                                                     const uint32_t* b, int64_t b_ps, int64_t K2,
+                                                                     float* out) {
+  __m512 acc[R][NP];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
+    __m512bh bv[NP];
+    for (int q = 0; q < NP; ++q) bv[q] = (__m512bh)_mm512_loadu_si512(b + q * b_ps + k * kNr);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_rs + k]));
+      for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av, bv[q]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NP; ++q) _mm512_storeu_ps(out + r * NP * kNr + q * kNr, acc[r][q]);
+}
+
+template <int R = Blocking<Avx512Vec>::MR, int NP = Blocking<Avx512Vec>::NP>
+EFFOPS_INLINE void micro_dpbf16_call(int64_t rows, int64_t np, const uint32_t* a, int64_t a_rs, const uint32_t* b,
+                                     int64_t b_ps, int64_t K2, float* out) {
+  if constexpr (NP > 1) {
+    if (np < NP) return micro_dpbf16_call<R, NP - 1>(rows, np, a, a_rs, b, b_ps, K2, out);
+  }
+  if constexpr (R > 1) {
+    if (rows < R) return micro_dpbf16_call<R - 1, NP>(rows, np, a, a_rs, b, b_ps, K2, out);
+  }
+  micro_dpbf16<R, NP>(a, a_rs, b, b_ps, K2, out);
+}
+#endif
+
 template <typename V, typename T>
 EFFOPS_INLINE void forward_tile(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw,
                                 const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A,
-                                bool nchw, float* lines) {
-  alignas(32) float out[kMr * kNr];
+                                bool nchw, float* lines, const uint32_t* pw_pairs, c10::BFloat16* A16) {
+  constexpr int MR = Blocking<V>::MR, NP = Blocking<V>::NP;
+  constexpr int64_t NC = NP * kNr;  // output columns per micro-kernel call
+  const int64_t panels = (s.O + kNr - 1) / kNr;
+  alignas(64) float out[kMaxMr * kMaxNp * kNr];
   if (nchw) {
     // NCHW: the tile is np / OW whole output rows, its depthwise output transposed, AT[C][Pp]. The
-    // pointwise product is the channels-last one (6 pixels x 16 outputs, B = the packed weight panel
-    // [C][16], L1-resident) with A read column-wise from AT: the 6 pixels of one k are 6 consecutive
-    // floats. The 6 x 16 result is stored transposed: 6 consecutive pixels of 16 output planes. (A
-    // 6 outputs x 16 pixels kernel over AT measured 3x slower at C = 256..512: it streamed all of AT
-    // from L2 for every 6 outputs.)
+    // pointwise product is the channels-last one (MR pixels x NP panels of 16 outputs, B = the packed
+    // weight panels [C][16], L1-resident) with A read column-wise from AT: the MR pixels of one k are
+    // MR consecutive floats. The result is stored transposed: consecutive pixels of each output plane.
+    // (A 6 outputs x 16 pixels kernel over AT measured 3x slower at C = 256..512: it streamed all of
+    // AT from L2 for every 6 outputs.)
     const int64_t Pp = round_up(np, kNr) + kNr;  // + 16: a power-of-two row stride would thrash L1 sets
     float* AT = A;
     depthwise_rows_nchw<V>(s, x + n * s.C * s.H * s.W, dw_w, dw_b, q0 / s.OW, np / s.OW, Pp, s.act, AT, lines);
     T* yn = y + n * s.O * s.OH * s.OW + q0;
     const int64_t OHW = s.OH * s.OW;
-    for (int64_t o = 0; o < s.O; o += kNr) {
+    for (int64_t o = 0; o < s.O; o += NC) {
+      const int64_t npan = std::min<int64_t>(NP, panels - o / kNr), ld = npan * kNr;
       const float* pwb = pw + (o / kNr) * s.C * kNr;
-      const int64_t cols = std::min<int64_t>(kNr, s.O - o);
-      for (int64_t r0 = 0; r0 < np; r0 += kMr) {
-        const int64_t rows = std::min<int64_t>(kMr, np - r0);
-        micro_rows<V>(rows, AT + r0, 1, Pp, pwb, kNr, s.C, [&](int r, int64_t v, V acc) { acc.store(out + r * kNr + v); });
+      const int64_t cols = std::min<int64_t>(ld, s.O - o);
+      for (int64_t r0 = 0; r0 < np; r0 += MR) {
+        const int64_t rows = std::min<int64_t>(MR, np - r0);
+        micro_call<V>(rows, npan, AT + r0, 1, Pp, pwb, kNr, s.C * kNr, s.C, out);  // out's row stride: ld
         for (int64_t j = 0; j < cols; ++j) {
           T* yo = yn + (o + j) * OHW + r0;
           const float bias = pw_b ? pw_b[o + j] : 0.f;
-          for (int64_t r = 0; r < rows; ++r) yo[r] = from_float<T>(out[r * kNr + j] + bias);
+          for (int64_t r = 0; r < rows; ++r) yo[r] = from_float<T>(out[r * ld + j] + bias);
         }
       }
     }
     return;
   }
-  depthwise_tile<V>(s, x + n * s.H * s.W * s.C, dw_w, dw_b, q0, np, Cp, s.act, A);
+  const bool dp = pw_pairs != nullptr;  // the vdpbf16ps product (forward(): avx512_bf16 level only)
+  depthwise_tile<V>(s, x + n * s.H * s.W * s.C, dw_w, dw_b, q0, np, Cp, s.act, A, dp ? A16 : nullptr);
+  const int64_t K2 = (s.C + 1) / 2;  // channel pairs
   T* yt = y + (n * s.OH * s.OW + q0) * s.O;
-  for (int64_t o = 0; o < s.O; o += kNr) {
+  for (int64_t o = 0; o < s.O; o += NC) {
+    const int64_t npan = std::min<int64_t>(NP, panels - o / kNr), ld = npan * kNr;
     const float* pwb = pw + (o / kNr) * s.C * kNr;
-    const bool full = o + kNr <= s.O;
-    for (int64_t r0 = 0; r0 < np; r0 += kMr) {
-      const int64_t rows = std::min<int64_t>(kMr, np - r0);
-      micro_rows<V>(rows, A + r0 * Cp, Cp, 1, pwb, kNr, s.C, [&](int r, int64_t v, V acc) {
-        if (full) (acc + (pw_b ? V::load(pw_b + o + v) : V::zero())).store(yt + (r0 + r) * s.O + o + v);
-        else acc.store(out + r * kNr + v);
-      });
-      if (full) continue;
+    // Columns [o, o + full) are whole vectors inside O, stored straight from the accumulators; the
+    // rest (O's tail) goes through `out`.
+    const int64_t full = std::min(ld, (s.O - o) / V::kWidth * V::kWidth), cols = std::min(ld, s.O - o);
+    for (int64_t r0 = 0; r0 < np; r0 += MR) {
+      const int64_t rows = std::min<int64_t>(MR, np - r0);
+      const auto epi = [&](int r, int64_t v, V acc) {
+        if (v < full) (acc + (pw_b ? V::load(pw_b + o + v) : V::zero())).store(yt + (r0 + r) * s.O + o + v);
+        else acc.store(out + r * ld + v);
+      };
+#if EFFOPS_HAVE_X86
+      if constexpr (std::is_same_v<V, Avx512Vec>) {
+        if (dp) {
+          micro_dpbf16_call(rows, npan, reinterpret_cast<const uint32_t*>(A16 + r0 * Cp), Cp / 2,
+                            pw_pairs + (o / kNr) * K2 * kNr, K2 * kNr, K2, out);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t v = 0; v < ld; v += V::kWidth) epi(static_cast<int>(r), v, V::load(out + r * ld + v));
+        }
+      }
+#endif
+      if (!dp) micro_rows<V>(rows, npan, A + r0 * Cp, Cp, 1, pwb, kNr, s.C * kNr, s.C, epi);
+      if (full == cols) continue;
       for (int64_t r = 0; r < rows; ++r) {
         T* yr = yt + (r0 + r) * s.O + o;
-        for (int64_t j = 0; j < s.O - o; ++j) yr[j] = from_float<T>(out[r * kNr + j] + (pw_b ? pw_b[o + j] : 0.f));
+        for (int64_t j = full; j < cols; ++j) yr[j] = from_float<T>(out[r * ld + j] + (pw_b ? pw_b[o + j] : 0.f));
       }
     }
   }
@@ -224,7 +298,7 @@ template <typename T>
 EFFOPS_FLATTEN void forward_tile_scalar(const Shape& s, const T* x, const float* dw_w, const float* dw_b,
                                         const float* pw, const float* pw_b, T* y, int64_t n, int64_t q0, int64_t np,
                                         int64_t Cp, float* A, bool nchw, float* lines) {
-  forward_tile<ScalarVec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, nchw, lines);
+  forward_tile<ScalarVec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, nchw, lines, nullptr, nullptr);
 }
 
 #if EFFOPS_HAVE_X86
@@ -233,16 +307,34 @@ EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void forward_tile_avx2(const Shape& s, const T
                                                          const float* dw_b, const float* pw, const float* pw_b, T* y,
                                                          int64_t n, int64_t q0, int64_t np, int64_t Cp, float* A,
                                                          bool nchw, float* lines) {
-  forward_tile<Avx2Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, nchw, lines);
+  forward_tile<Avx2Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, nchw, lines, nullptr, nullptr);
+}
+template <typename T>
+EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void forward_tile_avx512(const Shape& s, const T* x, const float* dw_w,
+                                                             const float* dw_b, const float* pw, const float* pw_b,
+                                                             T* y, int64_t n, int64_t q0, int64_t np, int64_t Cp,
+                                                             float* A, bool nchw, float* lines,
+                                                             const uint32_t* pw_pairs, c10::BFloat16* A16) {
+  forward_tile<Avx512Vec>(s, x, dw_w, dw_b, pw, pw_b, y, n, q0, np, Cp, A, nchw, lines, pw_pairs, A16);
 }
 #endif
 
 
 }  // namespace
 
+bool forward_takes_bf16_pairs(bool nchw) {
+#if EFFOPS_HAVE_X86
+  return !nchw && cpu_isa_at_least(CpuIsa::kAvx512Bf16);
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
-             const float* pw_b, T* y, bool nchw) {
+             const float* pw_b, T* y, bool nchw, const uint32_t* pw_pairs) {
+  if constexpr (!std::is_same_v<T, c10::BFloat16>) pw_pairs = nullptr;
+  if (!forward_takes_bf16_pairs(nchw)) pw_pairs = nullptr;  // the level was lowered since the caller asked
   const int64_t Cp = row_stride(s.C), OHW = s.OH * s.OW;
   // Channels-last: tiles of P pixels anywhere in the image. NCHW: tiles of whole output rows (the
   // depthwise runs along rows), about as many pixels, at least one row.
@@ -250,13 +342,19 @@ void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, c
   const int64_t P = nchw ? rows * s.OW : tile_pixels(Cp), tiles = (OHW + P - 1) / P;
   const int64_t buf = nchw ? (round_up(P, kNr) + kNr) * s.C : P * Cp;
   const int64_t nlines = nchw ? band_input_rows(s, rows) * s.SW * phase_len(s) : 0;
-  const bool avx2 = use_avx2();
+  const bool avx2 = use_avx2(), avx512 = use_avx512();
   at::parallel_for(0, s.N * tiles, 1, [&](int64_t begin, int64_t end) {
     // Zeroed once: pad columns / tail pixels stay finite (the micro-kernel's extra lanes are dropped).
     std::vector<float> A(buf, 0.f), lines(nlines, 0.f);
+    std::vector<c10::BFloat16> A16(pw_pairs ? buf : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / tiles, q0 = (i % tiles) * P, np = std::min(P, OHW - q0);
 #if EFFOPS_HAVE_X86
+      if (avx512) {
+        forward_tile_avx512<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), nchw, lines.data(),
+                               pw_pairs, A16.data());
+        continue;
+      }
       if (avx2) {
         forward_tile_avx2<T>(s, x, dw_w, dw_b, pw_packed, pw_b, y, n, q0, np, Cp, A.data(), nchw, lines.data());
         continue;
@@ -269,12 +367,16 @@ void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, c
 
 #define EFFOPS_INSTANTIATE(T)                                                                               \
   template void forward<T>(const Shape&, const T*, const float*, const float*, const float*, const float*, T*,   \
-                           bool);
+                           bool, const uint32_t*);
 EFFOPS_INSTANTIATE(float)
 EFFOPS_INSTANTIATE(c10::BFloat16)
 EFFOPS_INSTANTIATE(c10::Half)
 
-// The AVX2 body runs at every level above it: no 512-bit body yet (docs/dwpw_conv2d.md).
-const char* dwpw_body() { return use_avx2() ? "avx2 (fp32 FMA, 256-bit)" : "scalar"; }
+const char* dwpw_body() {
+  if (cpu_isa_at_least(CpuIsa::kAvx512Bf16))
+    return "avx512_bf16 (bf16 channels-last forward: vdpbf16ps pointwise; fp32 FMA, 512-bit, 8 x 48, otherwise)";
+  if (use_avx512()) return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel)";
+  return use_avx2() ? "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel)" : "scalar";
+}
 
 }  // namespace effops::cpu::dwpw

@@ -28,9 +28,17 @@ struct Shape {
 // nchw: false for channels-last x and y (x[N][H][W][C], y[N][OH][OW][O]); true for NCHW x and y
 // (x[N][C][H][W], y[N][O][OH][OW]): the depthwise then runs along rows into a transposed tile [C][P],
 // the same micro-kernel reads it column-wise and stores its results transposed into y's planes.
+// pw_pairs: null, or (T = bf16, where forward_takes_bf16_pairs(nchw)) the pointwise weight as bf16 pairs
+// [ceil(O/16)][ceil(C/2)][16] 32-bit words (channel 2k in the low half, 2k + 1 in the high half,
+// zero-padded past O and C): the pointwise product then runs in bf16 by vdpbf16ps with fp32 sums,
+// its A (the depthwise output after the activation) rounded to bf16 as torch's two bf16 convolutions
+// round their intermediate.
 template <typename T>
 void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
-             const float* pw_b, T* y, bool nchw);
+             const float* pw_b, T* y, bool nchw, const uint32_t* pw_pairs = nullptr);
+
+// Whether forward() at the current level takes pw_pairs for a bf16 x (channels-last at avx512_bf16).
+bool forward_takes_bf16_pairs(bool nchw);
 
 // Gradients from gy (T), computed per band of output rows of one image (see dwpw_conv2d_backward.cpp).
 // x_nchw: x is x[N][C][H][W] (else x[N][H][W][C]) and gx is written in the same layout; gy_nchw: gy is

@@ -30,7 +30,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 bool divides(int64_t b, int64_t a) { return a % b == 0; }  // exact for negative a too
 
 struct Geometry {  // per-call sizes of the buffers
-  int64_t Cv;         // channels rounded up to 8: vector loops run to Cv, pad channels hold zeros
+  int64_t Cv;         // channels rounded up to the vector width: vector loops run to Cv, pad channels hold zeros
   int64_t Cp;         // row stride of the fp32 channel rows (row_stride(C) >= round_up(C, 16))
   int64_t Op;         // row stride of the GY panel
   int64_t cr;         // output rows per chunk
@@ -40,11 +40,13 @@ struct Geometry {  // per-call sizes of the buffers
   int64_t padL, OWg;  // G ring: zero columns left of ow = 0 (taps that reach before it), row length
 };
 
-Geometry geometry(const Shape& s) {
+// vw: the vector width of the body that runs (1, 8 or 16; 8 for the scalar body too).
+Geometry geometry(const Shape& s, int64_t vw) {
   Geometry g;
-  g.Cv = round_up(s.C, 8);
+  vw = std::max<int64_t>(vw, 8);
+  g.Cv = round_up(s.C, vw);
   g.Cp = row_stride(s.C);
-  g.Op = round_up(s.O, 8) + 8;  // + 8: not a power of two
+  g.Op = round_up(s.O, vw) + vw;  // + vw: not a power of two
   g.cr = std::min(s.OH, std::max<int64_t>(1, tile_pixels(g.Cp) / s.OW));
   g.Wx = (s.OW - 1) * s.SW + (s.KW - 1) * s.DW + 1;
   g.RX = (g.cr - 1) * s.SH + (s.KH - 1) * s.DH + 1;
@@ -109,18 +111,19 @@ EFFOPS_AVX2_TARGET inline void transpose8(__m256 r[8]) {
 // The NCHW <-> channels-last steps of the backward (x rows in, gy panel in, grad_x rows out): 8 x 8
 // blocks transposed in registers on AVX2 (the scalar element-by-element loop measured ~2 cycles per
 // element, the largest extra cost of NCHW over channels-last); tails element by element.
+// The AVX-512 body uses the same 8 x 8 blocks (AVX2 instructions are part of its level).
 template <typename V, typename TS, typename TD>
 EFFOPS_INLINE void transpose(const TS* src, int64_t src_ld, int64_t K, int64_t J, TD* dst, int64_t dst_ld) {
   int64_t k0 = 0;
 #if EFFOPS_HAVE_X86
-  if constexpr (std::is_same_v<V, Avx2Vec>) {
+  if constexpr (V::kWidth >= Avx2Vec::kWidth) {
     for (; k0 + 8 <= K; k0 += 8) {
       int64_t j0 = 0;
       for (; j0 + 8 <= J; j0 += 8) {
         __m256 r[8];
-        for (int i = 0; i < 8; ++i) r[i] = V::load(src + (k0 + i) * src_ld + j0).v;
+        for (int i = 0; i < 8; ++i) r[i] = Avx2Vec::load(src + (k0 + i) * src_ld + j0).v;
         transpose8(r);
-        for (int i = 0; i < 8; ++i) V{r[i]}.store(dst + (j0 + i) * dst_ld + k0);
+        for (int i = 0; i < 8; ++i) Avx2Vec{r[i]}.store(dst + (j0 + i) * dst_ld + k0);
       }
       for (int64_t j = j0; j < J; ++j)
         for (int64_t k = k0; k < k0 + 8; ++k) dst[j * dst_ld + k] = from_float<TD>(to_float(src[k * src_ld + j]));
@@ -252,11 +255,14 @@ EFFOPS_INLINE void grad_tile(const Args<T>& a, int64_t r, int64_t np, const floa
   // Ring offset of each pixel, once per chunk: a division per pixel in the micro-kernel's epilogue
   // (12 per 6 x 16 block) cost as much as a quarter of the block's FMAs at O = 128.
   for (int64_t p = 0; p < np; ++p) goff[p] = (ring_row(g, G, r + p / s.OW) - G) + (g.padL + p % s.OW) * g.Cp;
-  for (int64_t cb = 0; cb < round_up(s.C, kNr); cb += kNr) {
+  constexpr int MR = Blocking<V>::MR, NP = Blocking<V>::NP;
+  const int64_t panels = (s.C + kNr - 1) / kNr;
+  for (int64_t cb = 0; cb < panels * kNr; cb += NP * kNr) {
+    const int64_t npan = std::min<int64_t>(NP, panels - cb / kNr);
     const float* wb = a.pwT + (cb / kNr) * s.O * kNr;
-    for (int64_t r0 = 0; r0 < np; r0 += kMr) {
-      const int64_t rows = std::min<int64_t>(kMr, np - r0);
-      micro_rows<V>(rows, GY + r0 * g.Op, g.Op, 1, wb, kNr, s.O, [&](int rr, int64_t v, V gv) {
+    for (int64_t r0 = 0; r0 < np; r0 += MR) {
+      const int64_t rows = std::min<int64_t>(MR, np - r0);
+      micro_rows<V>(rows, npan, GY + r0 * g.Op, g.Op, 1, wb, kNr, s.O * kNr, s.O, [&](int rr, int64_t v, V gv) {
         const int64_t p = r0 + rr;
         if (s.act != kNone) gv = gv * act_derivative(V::load(H + p * g.Cp + cb + v), s.act);
         gv.store(G + goff[p] + cb + v);
@@ -293,17 +299,20 @@ EFFOPS_INLINE void weight_grads(const Args<T>& a, const Partials& part, int64_t 
   const Geometry& g = a.g;
   const int64_t p0 = (oh0 - r) * s.OW, np = (oh1 - oh0) * s.OW;
   if (part.g_pwb)
-    for (int64_t o = 0; o < round_up(s.O, 8); o += V::kWidth) {
+    for (int64_t o = 0; o < g.Op - std::max<int64_t>(8, V::kWidth); o += V::kWidth) {
       V acc = V::zero();
       for (int64_t p = p0; p < p0 + np; ++p) acc = acc + V::load(GY + p * g.Op + o);
       (V::load(part.g_pwb + o) + acc).store(part.g_pwb + o);
     }
   if (part.g_pw) {
     // g_pw[o][c] += sum_p GY[p][o] * A[p][c]: rows are outputs, the reduction runs over the pixels.
-    for (int64_t o0 = 0; o0 < s.O; o0 += kMr) {
-      const int64_t rows = std::min<int64_t>(kMr, s.O - o0);
-      for (int64_t cb = 0; cb < round_up(s.C, kNr); cb += kNr)
-        micro_rows<V>(rows, GY + p0 * g.Op + o0, 1, g.Op, AH + p0 * g.Cp + cb, g.Cp, np, [&](int rr, int64_t v, V acc) {
+    constexpr int MR = Blocking<V>::MR, NP = Blocking<V>::NP;
+    const int64_t panels = (s.C + kNr - 1) / kNr;
+    for (int64_t o0 = 0; o0 < s.O; o0 += MR) {
+      const int64_t rows = std::min<int64_t>(MR, s.O - o0);
+      for (int64_t cb = 0; cb < panels * kNr; cb += NP * kNr)
+        micro_rows<V>(rows, std::min<int64_t>(NP, panels - cb / kNr), GY + p0 * g.Op + o0, 1, g.Op,
+                      AH + p0 * g.Cp + cb, g.Cp, kNr, np, [&](int rr, int64_t v, V acc) {
           float* dst = part.g_pw + (o0 + rr) * g.Cp + cb + v;
           (V::load(dst) + acc).store(dst);
         });
@@ -461,6 +470,11 @@ EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void backward_band_avx2(const Args<T>& a, Work
                                                           int64_t b0, int64_t b1) {
   backward_band<Avx2Vec>(a, wk, part, n, b0, b1);
 }
+template <typename T>
+EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void backward_band_avx512(const Args<T>& a, Work& wk, const Partials& part,
+                                                              int64_t n, int64_t b0, int64_t b1) {
+  backward_band<Avx512Vec>(a, wk, part, n, b0, b1);
+}
 #endif
 
 }  // namespace
@@ -469,7 +483,8 @@ template <typename T>
 void backward(const Shape& s, const T* x, bool x_nchw, const T* gy, bool gy_nchw, const float* dw_w,
               const float* dw_b, const float* pw_packed_t, T* gx, float* g_dw, float* g_pw, float* g_dwb,
               float* g_pwb) {
-  const Geometry g = geometry(s);
+  const bool avx2 = use_avx2(), avx512 = use_avx512();
+  const Geometry g = geometry(s, avx512 ? 16 : 8);
   const int64_t taps = s.KH * s.KW;
   // The depthwise weights and bias padded to Cv channels (zeros), so channel vectors need no tail.
   std::vector<float> w(taps * g.Cv, 0.f), b(dw_b ? g.Cv : 0, 0.f);
@@ -490,7 +505,6 @@ void backward(const Shape& s, const T* x, bool x_nchw, const T* gy, bool gy_nchw
     return Partials{g_dw ? base : nullptr, g_pw ? base + n_dw : nullptr, g_dwb ? base + n_dw + n_pw : nullptr,
                     g_pwb ? base + n_dw + n_pw + n_dwb : nullptr};
   };
-  const bool avx2 = use_avx2();
   at::parallel_for(0, s.N * nb, 1, [&](int64_t begin, int64_t end) {
     const Partials part = partials(at::get_thread_num());
     const int64_t np = g.cr * s.OW;
@@ -501,6 +515,10 @@ void backward(const Shape& s, const T* x, bool x_nchw, const T* gy, bool gy_nchw
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / nb, k = i % nb, b0 = k * s.OH / nb, b1 = (k + 1) * s.OH / nb;
 #if EFFOPS_HAVE_X86
+      if (avx512) {
+        backward_band_avx512<T>(a, wk, part, n, b0, b1);
+        continue;
+      }
       if (avx2) {
         backward_band_avx2<T>(a, wk, part, n, b0, b1);
         continue;

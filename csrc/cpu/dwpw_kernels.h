@@ -1,6 +1,6 @@
 // Internal helpers shared by the dwpw_conv2d forward (dwpw_conv2d.cpp) and backward
 // (dwpw_conv2d_backward.cpp): activation functions and derivatives in vector form, the
-// register-blocked 6 x 16 micro-kernel, tile sizes. Not a public header: everything is in an
+// register-blocked micro-kernel (6 x 16 on AVX2, 8 x 48 on AVX-512), tile sizes. Not a public header: everything is in an
 // anonymous namespace, so each kernel file gets its own (inlined) copy.
 #pragma once
 
@@ -18,8 +18,8 @@ namespace {
 #define EFFOPS_INLINE inline __attribute__((always_inline))
 #define EFFOPS_FLATTEN __attribute__((flatten))
 
-constexpr int64_t kNr = 16;  // micro-kernel columns (2 AVX2 vectors)
-constexpr int kMr = 6;       // micro-kernel rows: 6 x 2 accumulators + 2 B vectors + 1 broadcast <= 16 ymm
+constexpr int64_t kNr = 16;  // columns of one packed weight panel (2 AVX2 vectors, 1 AVX-512 vector)
+constexpr int kMr = 6;       // AVX2 micro-kernel rows: 6 x 2 accumulators + 2 B vectors + 1 broadcast <= 16 ymm
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -123,84 +123,114 @@ EFFOPS_INLINE V act_derivative(V h, int act) {
 }
 
 
-// out[R][16] = sum_k a[r * a_rs + k * a_ks] * b[k * b_ks + 0..16): the register-blocked product,
-// 6 x 2 AVX2 accumulators + 2 B vectors + 1 broadcast = 15 of the 16 ymm registers.
-template <typename V, int R, typename TA>
-EFFOPS_INLINE void micro(const TA* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks, int64_t K,
-                         float* out) {
+// Register blocking per level: MR rows x NP panels of kNr = 16 columns. AVX2 (16 ymm): 6 x 1 panel =
+// 12 accumulators + 2 B vectors + 1 broadcast. AVX-512 (32 zmm): 8 x 3 panels = 24 accumulators + 3 B +
+// 1 broadcast (inverted_residual.cpp's blocking); a single 16-column panel would leave 6 independent
+// FMA chains per K step, too few for two FMA pipes of 4 cycles' latency.
+template <class V> struct Blocking { static constexpr int MR = kMr, NP = 1; };
+#if EFFOPS_HAVE_X86
+template <> struct Blocking<Avx512Vec> { static constexpr int MR = 8, NP = 3; };
+#endif
+constexpr int kMaxMr = 8, kMaxNp = 3;  // the largest blocking above (epilogue buffers)
+
+// out[r][q * 16 + j] = sum_k a[r * a_rs + k * a_ks] * b[q * b_ps + k * b_ks + j] for r < R, q < NP,
+// j < 16: the register-blocked product (out's row stride NP * 16). b_ps: the stride between the 16-column
+// panels (K * 16 for packed weights, 16 for a plain row-major B).
+template <typename V, int R, int NP, typename TA>
+EFFOPS_INLINE void micro(const TA* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks, int64_t b_ps,
+                         int64_t K, float* out) {
   constexpr int NV = kNr / V::kWidth;
-  V acc[R][NV];
+  V acc[R][NP * NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+    for (int v = 0; v < NP * NV; ++v) acc[r][v] = V::zero();
   for (int64_t k = 0; k < K; ++k) {
-    V bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * b_ks + v * V::kWidth);
+    V bv[NP * NV];
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < NV; ++v) bv[q * NV + v] = V::load(b + q * b_ps + k * b_ks + v * V::kWidth);
     for (int r = 0; r < R; ++r) {
       const V av = V::broadcast(to_float(a[r * a_rs + k * a_ks]));
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+      for (int v = 0; v < NP * NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v].store(out + r * kNr + v * V::kWidth);
+    for (int v = 0; v < NP * NV; ++v) acc[r][v].store(out + r * NP * kNr + v * V::kWidth);
 }
 
-// The micro-kernel as its own function (noinline): inlined into a large tile function, the compiler
-// kept that function's constants in ymm registers and spilled an accumulator to the stack (a store ->
-// load chain in the inner loop, measured 2x slower). On its own it gets all 16 registers.
-template <int R, typename TA>
+// The micro-kernel as its own function per level (noinline): inlined into a large tile function, the
+// compiler kept that function's constants in vector registers and spilled an accumulator to the stack
+// (a store -> load chain in the inner loop, measured 2x slower). On its own it gets every register.
+template <int R, int NP, typename TA>
 __attribute__((noinline)) EFFOPS_FLATTEN void micro_scalar(const TA* a, int64_t a_rs, int64_t a_ks, const float* b,
-                                                           int64_t b_ks, int64_t K, float* out) {
-  micro<ScalarVec, R>(a, a_rs, a_ks, b, b_ks, K, out);
+                                                           int64_t b_ks, int64_t b_ps, int64_t K, float* out) {
+  micro<ScalarVec, R, NP>(a, a_rs, a_ks, b, b_ks, b_ps, K, out);
 }
 
 #if EFFOPS_HAVE_X86
-template <int R, typename TA>
+template <int R, int NP, typename TA>
 __attribute__((noinline)) EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void micro_avx2(const TA* a, int64_t a_rs, int64_t a_ks,
-                                                                            const float* b, int64_t b_ks, int64_t K,
-                                                                            float* out) {
-  micro<Avx2Vec, R>(a, a_rs, a_ks, b, b_ks, K, out);
+                                                                            const float* b, int64_t b_ks, int64_t b_ps,
+                                                                            int64_t K, float* out) {
+  micro<Avx2Vec, R, NP>(a, a_rs, a_ks, b, b_ks, b_ps, K, out);
+}
+template <int R, int NP, typename TA>
+__attribute__((noinline)) EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void micro_avx512(const TA* a, int64_t a_rs,
+                                                                                int64_t a_ks, const float* b,
+                                                                                int64_t b_ks, int64_t b_ps, int64_t K,
+                                                                                float* out) {
+  micro<Avx512Vec, R, NP>(a, a_rs, a_ks, b, b_ks, b_ps, K, out);
 }
 #endif
 
-template <typename V, int R, typename TA>
-EFFOPS_INLINE void micro_call(const TA* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks, int64_t K,
-                              float* out) {
+// micro<V, rows, np> for 1 <= rows <= R and 1 <= np <= NP (the last rows and panels of a product), by
+// recursion down from the level's blocking.
+template <typename V, int R = Blocking<V>::MR, int NP = Blocking<V>::NP, typename TA>
+EFFOPS_INLINE void micro_call(int64_t rows, int64_t np, const TA* a, int64_t a_rs, int64_t a_ks, const float* b,
+                              int64_t b_ks, int64_t b_ps, int64_t K, float* out) {
+  if constexpr (NP > 1) {
+    if (np < NP) return micro_call<V, R, NP - 1>(rows, np, a, a_rs, a_ks, b, b_ks, b_ps, K, out);
+  }
+  if constexpr (R > 1) {
+    if (rows < R) return micro_call<V, R - 1, NP>(rows, np, a, a_rs, a_ks, b, b_ks, b_ps, K, out);
+  }
 #if EFFOPS_HAVE_X86
-  if constexpr (std::is_same_v<V, Avx2Vec>) {
-    micro_avx2<R>(a, a_rs, a_ks, b, b_ks, K, out);
-    return;
-  }
+  if constexpr (std::is_same_v<V, Avx512Vec>) return micro_avx512<R, NP>(a, a_rs, a_ks, b, b_ks, b_ps, K, out);
+  if constexpr (std::is_same_v<V, Avx2Vec>) return micro_avx2<R, NP>(a, a_rs, a_ks, b, b_ks, b_ps, K, out);
 #endif
-  micro_scalar<R>(a, a_rs, a_ks, b, b_ks, K, out);
+  micro_scalar<R, NP>(a, a_rs, a_ks, b, b_ks, b_ps, K, out);
 }
 
-// rows (1..6) x 16 results, each accumulator vector then handed to epi(r, column, value).
+// rows (1..MR) x np (1..NP) panels of 16 results, each accumulator vector then handed to
+// epi(r, column, value) (column: 0 .. np * 16, in steps of V::kWidth).
 template <typename V, typename TA, typename Epi>
-EFFOPS_INLINE void micro_rows(int64_t rows, const TA* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks,
-                              int64_t K, Epi&& epi) {
-  alignas(32) float out[kMr * kNr];
-  switch (rows) {
-    case 6: micro_call<V, 6>(a, a_rs, a_ks, b, b_ks, K, out); break;
-    case 5: micro_call<V, 5>(a, a_rs, a_ks, b, b_ks, K, out); break;
-    case 4: micro_call<V, 4>(a, a_rs, a_ks, b, b_ks, K, out); break;
-    case 3: micro_call<V, 3>(a, a_rs, a_ks, b, b_ks, K, out); break;
-    case 2: micro_call<V, 2>(a, a_rs, a_ks, b, b_ks, K, out); break;
-    default: micro_call<V, 1>(a, a_rs, a_ks, b, b_ks, K, out); break;
-  }
+EFFOPS_INLINE void micro_rows(int64_t rows, int64_t np, const TA* a, int64_t a_rs, int64_t a_ks, const float* b,
+                              int64_t b_ks, int64_t b_ps, int64_t K, Epi&& epi) {
+  alignas(64) float out[kMaxMr * kMaxNp * kNr];
+  micro_call<V>(rows, np, a, a_rs, a_ks, b, b_ks, b_ps, K, out);
+  // out's row stride is the np of the instantiation that ran: micro_call<V, R, np> wrote np * 16.
+  const int64_t ld = np * kNr;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t v = 0; v < kNr; v += V::kWidth) epi(static_cast<int>(r), v, V::load(out + r * kNr + v));
+    for (int64_t v = 0; v < ld; v += V::kWidth) epi(static_cast<int>(r), v, V::load(out + r * ld + v));
 }
 
 // Row stride of the fp32 tile buffers: channels rounded up to the micro-kernel's 16 columns, plus 16
 // so that the stride is never a power of two (those map every few rows to the same L1 set).
 int64_t row_stride(int64_t C) { return round_up(C, kNr) + kNr; }
 
-// Pixels per tile: one fp32 tile buffer of P x Cp stays within ~64 KB (L2), P a multiple of kMr.
-int64_t tile_pixels(int64_t Cp) { return std::max<int64_t>(kMr, (16384 / Cp) / kMr * kMr); }
+// Pixels per tile: one fp32 tile buffer of P x Cp stays within ~64 KB (L2), P a multiple of every
+// level's micro-kernel rows (6 and 8).
+int64_t tile_pixels(int64_t Cp) { return std::max<int64_t>(24, (16384 / Cp) / 24 * 24); }
 
 bool use_avx2() {
 #if EFFOPS_HAVE_X86
   return has_avx2_fma();
+#else
+  return false;
+#endif
+}
+
+bool use_avx512() {
+#if EFFOPS_HAVE_X86
+  return cpu_isa_at_least(CpuIsa::kAvx512);
 #else
   return false;
 #endif
