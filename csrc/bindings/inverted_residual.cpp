@@ -322,37 +322,6 @@ const char* aten_faster(const ir::Shape& s, at::ScalarType dtype) {
   return nullptr;
 }
 
-at::Tensor forward_cpu(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
-                       const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
-                       const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                       std::optional<c10::string_view> activation, bool residual, const OptTensor& packed,
-                       const OptTensor& se_reduce_weight, const OptTensor& se_reduce_bias,
-                       const OptTensor& se_expand_weight, const OptTensor& se_expand_bias,
-                       c10::string_view se_activation, c10::string_view se_gate_name) {
-  const ir::Shape s = checked_shape(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias,
-                                    stride, padding, activation, residual);
-  const Se se = checked_se(x, s, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias, se_activation,
-                           se_gate_name);
-  using effops::dispatch::Backend;
-  const Backend route = effops::dispatch::choose("inverted_residual", c10::DeviceType::CPU, Backend::kCpu,
-                                                 kernel_declines(s, x), aten_faster(s, x.scalar_type()));
-  switch (route) {
-    case Backend::kCpu:
-      return kernel_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, packed,
-                          se);
-    case Backend::kReference:
-      return aten_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, se);
-    case Backend::kTriton:  // forced on CPU tensors: Triton's interpreter (tests), registered from Python
-      return effops::dispatch::python_route<decltype(forward_cpu)>("effops::inverted_residual_triton")
-          .call(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride, padding,
-                activation, residual, packed, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias,
-                se_activation, se_gate_name);
-    default:
-      TORCH_CHECK_NOT_IMPLEMENTED(false, "backend '", effops::dispatch::backend_name(route),
-                                  "' is forced but has no kernel for inverted_residual on CPU tensors");
-  }
-}
-
 // Why the Triton forward (the CUDA route) cannot take this input, or nullptr.
 const char* triton_declines(const ir::Shape& s, const at::Tensor& x) {
   if (!c10::Dispatcher::singleton().findSchema({"effops::inverted_residual_triton", ""}).has_value())
@@ -366,9 +335,12 @@ const char* triton_declines(const ir::Shape& s, const at::Tensor& x) {
   return nullptr;
 }
 
-// On CUDA tensors: the Triton forward (no speed rule: it has never been measured against cuDNN), the
-// ATen route when forced or when Triton cannot take the input.
-at::Tensor forward_cuda(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
+// The op on `kDevice` tensors. CPU: our kernel or the ATen route by the speed policy above; "triton"
+// forced runs the Triton forward in Triton's interpreter (tests). CUDA: the Triton forward (no speed
+// rule: it has never been measured against cuDNN), the ATen route when forced or when Triton cannot
+// take the input.
+template <c10::DeviceType kDevice>
+at::Tensor forward_impl(const at::Tensor& x, const OptTensor& expand_weight, const OptTensor& expand_bias,
                         const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
                         const OptTensor& project_bias, at::IntArrayRef stride, at::IntArrayRef padding,
                         std::optional<c10::string_view> activation, bool residual, const OptTensor& packed,
@@ -380,16 +352,22 @@ at::Tensor forward_cuda(const at::Tensor& x, const OptTensor& expand_weight, con
   const Se se = checked_se(x, s, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias, se_activation,
                            se_gate_name);
   using effops::dispatch::Backend;
-  const Backend route = effops::dispatch::choose("inverted_residual", c10::DeviceType::CUDA, Backend::kTriton,
-                                                 triton_declines(s, x), nullptr);
+  constexpr bool kCpu = kDevice == c10::DeviceType::CPU;
+  const Backend route =
+      kCpu ? effops::dispatch::choose("inverted_residual", kDevice, Backend::kCpu, kernel_declines(s, x),
+                                      aten_faster(s, x.scalar_type()))
+           : effops::dispatch::choose("inverted_residual", kDevice, Backend::kTriton, triton_declines(s, x), nullptr);
   switch (route) {
-    case Backend::kTriton:  // packed is the CPU kernel's layout: the Triton kernels read the weights themselves
-      return effops::dispatch::python_route<decltype(forward_cuda)>("effops::inverted_residual_triton")
+    case Backend::kCpu:
+      return kernel_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, packed,
+                          se);
+    case Backend::kReference:
+      return aten_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, se);
+    case Backend::kTriton:  // registered from Python; packed is the CPU kernel's layout, which Triton never reads
+      return effops::dispatch::python_route<decltype(forward_impl<kDevice>)>("effops::inverted_residual_triton")
           .call(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, stride, padding,
                 activation, residual, std::nullopt, se_reduce_weight, se_reduce_bias, se_expand_weight,
                 se_expand_bias, se_activation, se_gate_name);
-    case Backend::kReference:
-      return aten_route(s, x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, se);
     default:
       TORCH_CHECK_NOT_IMPLEMENTED(false, "backend '", effops::dispatch::backend_name(route),
                                   "' is forced but has no kernel for inverted_residual");
@@ -422,10 +400,10 @@ TORCH_LIBRARY_FRAGMENT(effops, m) {
 }
 
 TORCH_LIBRARY_IMPL(effops, CPU, m) {
-  m.impl("inverted_residual", &forward_cpu);
+  m.impl("inverted_residual", &forward_impl<c10::DeviceType::CPU>);
   m.impl("inverted_residual_pack", &pack_op);
 }
 
-TORCH_LIBRARY_IMPL(effops, CUDA, m) { m.impl("inverted_residual", &forward_cuda); }
+TORCH_LIBRARY_IMPL(effops, CUDA, m) { m.impl("inverted_residual", &forward_impl<c10::DeviceType::CUDA>); }
 
 TORCH_LIBRARY_IMPL(effops, Meta, m) { m.impl("inverted_residual", &forward_meta); }
