@@ -244,7 +244,8 @@ at::Tensor cpu_forward(const at::Tensor& x, const at::Tensor& weight, const std:
   if (index.block) {
     y = block_mm(x2, w, false, kept, b, index.rows_ptr, index.rows_idx, index.block);
   } else {
-    y = csr_mm(spanned_t(x2, true, 0), M, w, b, index.rows_ptr, index.rows_idx, false, kept);
+    y = csr_mm(spanned_t(x2, true, 0, csr_bf16_spans(x2.scalar_type(), M)), M, w, b, index.rows_ptr,
+               index.rows_idx, false, kept);
   }
   return with_leading_dims(y, x);
 }
