@@ -304,9 +304,20 @@ void pack_block_row(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C
   // Panel by panel, the output written in order: for each k, the 16 rows of the panel (their b-wide
   // runs of W stay in L1 across the k loop). Writing in the order W is read instead scattered every
   // value to its own cache line of the panel (a third of a training step's packing time).
+  // Each block's rows are b separate runs of W (R x C, mostly not in cache): their loads are started two
+  // blocks ahead, so the misses overlap instead of each packing step waiting for its own (a few % of a
+  // bf16 call that packs per block-row).
+  constexpr int64_t kAhead = 2;
+  auto prefetch_block = [&](int64_t j) {
+    if (j >= nkept) return;
+    for (int64_t rr = 0; rr < b && br * b + rr < R; ++rr)
+      __builtin_prefetch(w + (br * b + rr) * w_rs + kept[j] * b);
+  };
+  for (int64_t j = 0; j < kAhead; ++j) prefetch_block(j);
   for (int64_t j = 0; j < nkept; ++j) {
     const int64_t c0 = kept[j] * b;
     const int64_t kc = std::min(b, C - c0);
+    prefetch_block(j + kAhead);
     for (int64_t p = 0; p < b / kPanel; ++p) {
       const T* rows[kPanel];
       for (int64_t i = 0; i < kPanel; ++i) {
@@ -314,6 +325,21 @@ void pack_block_row(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C
         rows[i] = r < R ? w + r * w_rs + c0 : nullptr;
       }
       Out* block = dst + (p * nkept + j) * b * kPanel;
+      const bool full = kc == b && br * b + (p + 1) * kPanel <= R;
+      if (full) {
+        // No edge inside: plain copies. bf16: a word of two k of one row is a word of the panel (a 16 x
+        // b/2 transpose of 32-bit words), where the general loop below moved and tested 16-bit values
+        // one by one (its cost was most of a bf16 call's packing).
+        if constexpr (kBf16Pairs<T>) {
+          uint32_t* o = reinterpret_cast<uint32_t*>(block);
+          for (int64_t q = 0; q < b / 2; ++q)
+            for (int64_t i = 0; i < kPanel; ++i) std::memcpy(o + q * kPanel + i, rows[i] + 2 * q, 4);
+        } else {
+          for (int64_t k = 0; k < b; ++k)
+            for (int64_t i = 0; i < kPanel; ++i) block[k * kPanel + i] = value(rows[i][k]);
+        }
+        continue;
+      }
       if constexpr (kBf16Pairs<T>) {
         for (int64_t k2 = 0; k2 < b; k2 += 2)
           for (int64_t i = 0; i < kPanel; ++i) {
@@ -362,7 +388,10 @@ void pack_a_tiles(const T* a, int64_t M, int64_t C, bool pairs, void* a_packed) 
           if (pairs) {
             const int64_t npairs = (C + 1) / 2;
             uint32_t* dst = static_cast<uint32_t*>(a_packed) + t * npairs * kRows;
-            for (int64_t q = 0; q < npairs; ++q) {
+            int64_t q = 0;
+            if (m < M)  // whole pairs of a row are words of a: copied as such
+              for (; q < C / 2; ++q) std::memcpy(dst + q * kRows + i, src + 2 * q, 4);
+            for (; q < npairs; ++q) {
               const uint32_t lo = m < M ? src[2 * q].x : 0;
               const uint32_t hi = (m < M && 2 * q + 1 < C) ? src[2 * q + 1].x : 0;
               dst[q * kRows + i] = lo | (hi << 16);
