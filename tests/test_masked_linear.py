@@ -505,19 +505,23 @@ def test_automatic_choice_uses_cpu_only_where_it_wins():
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 def test_automatic_choice_in_bf16_follows_whether_torch_runs_bf16_natively(monkeypatch):
     # Where the CPU has AVX512-BF16 torch's dense bf16 GEMM is ~2.8x its fp32 one: the block kernel is
-    # taken up to 30% density and the CSR kernel up to 6% with at least 128 rows (measured: kBf16Native
-    # in csrc/bindings/masked_linear.cpp). oneDNN capped below AVX512-BF16 (read on every call) is not native.
+    # taken up to 30% density and the CSR kernel up to 6% with at least 128 rows when the mask is
+    # scanned per call, up to 12% from 32 rows given the index (measured: kBf16Native in
+    # csrc/bindings/masked_linear.cpp). oneDNN capped below AVX512-BF16 (read on every call) is not native.
     x = torch.randn(256, 1024, dtype=torch.bfloat16)
     w = torch.randn(1024, 1024, dtype=torch.bfloat16)
     block40 = make_mask("block32", 1024, 1024, density=0.4).cpu()
     csr10 = make_mask("unstructured", 1024, 1024, density=0.1).cpu()
     csr5 = make_mask("unstructured", 1024, 1024, density=0.05).cpu()
-    cases = [("AVX2", ["cpu", "cpu", "cpu", "cpu"])]
+    csr20 = make_mask("unstructured", 1024, 1024, density=0.2).cpu()
+    cases = [("AVX2", ["cpu", "cpu", "cpu", "cpu"], ["cpu", "cpu", "reference"])]
     if effops.cpu_isa.cpu_has_native_bf16():
-        cases.append(("", ["reference", "reference", "cpu", "reference"]))
-    for onednn, want in cases:
+        cases.append(("", ["reference", "reference", "cpu", "reference"], ["cpu", "cpu", "reference"]))
+    for onednn, want, want_indexed in cases:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
         assert [chosen(x, w, m) for m in (block40, csr10, csr5)] + [chosen(x[:64], w, csr5)] == want
+        assert [chosen(x, w, csr10, index=True), chosen(x[:64], w, csr5, index=True),
+                chosen(x, w, csr20, index=True)] == want_indexed
         # fp32 never takes the bf16 table
         assert chosen(x.float(), w.float(), block40) == "cpu"
 
