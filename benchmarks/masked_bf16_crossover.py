@@ -1,8 +1,10 @@
 """Crossover of the masked_linear cpu kernels in bf16 against torch's own bf16 F.linear on the dense
-masked weight, for the speed rules of effops/ops/masked_linear.py (_CPU_LIMITS["bf16_native"]): on a
-CPU with AVX512-BF16 torch's bf16 GEMM runs about 2.8x its fp32 one, so the kernels win at lower
-densities there than in fp32. Forward (inference: the weight pack cached) and forward+backward
-(training: packs rebuilt every step), the cpu backend forced, interleaved medians (benchmarks.common).
+masked weight made ahead, for the speed rules of the op (kBf16Native in csrc/bindings/masked_linear.cpp):
+on a CPU with AVX512-BF16 torch's bf16 GEMM runs about 2.8x its fp32 one, so the kernels win at lower
+densities there than in fp32. Forward and forward+backward, the mask given alone (scanned on every
+call, the weights packed as the kernels walk them), the cpu backend forced beside the automatic choice,
+interleaved medians (benchmarks.common). The tiers given an index or packed weights:
+benchmarks/masked_bf16_rows.py.
 
 Run: PYTHONPATH=. python benchmarks/masked_bf16_crossover.py [pattern, default block32] [densities]
      [--cpu-time] [--shapes NxKxM,...] [--no-step]

@@ -500,7 +500,7 @@ const char* masked_linear_body() {
     case CpuIsa::kAvx2: return "avx2 (fp32 FMA, 256-bit)";
     case CpuIsa::kAvx512:
     case CpuIsa::kAvx512Vnni: return "avx512 (fp32 FMA, 512-bit)";
-    default: return "avx512_bf16 (bf16 block products by vdpbf16ps; fp32 FMA, 512-bit, otherwise)";
+    default: return "avx512_bf16 (bf16 block and CSR products by vdpbf16ps; fp32 FMA, 512-bit, otherwise)";
   }
 }
 
