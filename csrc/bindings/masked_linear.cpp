@@ -106,7 +106,9 @@ void check_binary(const at::Tensor& mask) {
 //   index (no mask scan: SparseLinear) the forward wins further: 1.22x / 1.39x / 1.23x at 10% (4096 at
 //   256 rows, 2048 at 128, 4096 at 64), 0.97x / 1.09x / 1.10x at 15%; with packed weights too
 //   (SparseLinear.pack_weights) 1.47x / 1.78x / 1.83x at 10%, 1.10x / 1.35x / 1.39x at 15%,
-//   0.86x / 1.02x / 1.16x at 20% (benchmarks/masked_bf16_rows.py). Hence 12% / 15% from 32 rows for
+//   0.86x / 1.02x / 1.16x at 20% (benchmarks/masked_bf16_rows.py); 64 rows at 12% / 15%: index 1.14x /
+//   1.01x (4096), 1.21x / 1.20x (2048), packed 1.65x / 1.38x, 1.91x / 1.54x; 32 rows lose given the index
+//   alone at 12% (0.76-0.94x) and with packed weights at 15% (0.92x). Hence 12% / 15% from 64 rows for
 //   those forwards; the backward keeps the first tier (its kernels read fp32 spans).
 // The CSR tiers, by what the call is given: the mask alone (scanned on every call), its index, or the
 // index and packed weights (forward only).
@@ -116,7 +118,7 @@ struct CpuLimits {
   int64_t csr_min_rows[3], min_macs;
 };
 constexpr CpuLimits kDefault{0.6, {0.15, 0.15, 0.15}, {32, 32, 32}, int64_t{1} << 23};
-constexpr CpuLimits kBf16Native{0.3, {0.06, 0.12, 0.15}, {128, 32, 32}, int64_t{1} << 23};
+constexpr CpuLimits kBf16Native{0.3, {0.06, 0.12, 0.15}, {128, 64, 64}, int64_t{1} << 23};
 
 const CpuLimits& cpu_limits(at::ScalarType dtype) {
   return dtype == at::kBFloat16 && dispatch::torch_bf16_is_native() ? kBf16Native : kDefault;
