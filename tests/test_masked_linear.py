@@ -302,9 +302,10 @@ def test_empty_batches(backend, shape, n, kind):
     torch.testing.assert_close(gb, g2.sum(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["block16", "unstructured"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_non_finite_x_at_pruned_inputs(backend, kind, value):
+def test_non_finite_x_at_pruned_inputs(backend, kind, value, dtype):
     # Documented (docs/masked_linear.md): the plain route computes F.linear(x, weight * mask), where a
     # pruned weight still multiplies its input (0 * NaN = NaN, 0 * inf = NaN): the row of x turns NaN.
     # The sparse kernels skip pruned weights: an input every weight prunes never reaches the output. The
@@ -312,19 +313,88 @@ def test_non_finite_x_at_pruned_inputs(backend, kind, value):
     n, k = 32, 64
     mask = make_mask(kind, n, k)
     mask[:, 32:48] = False  # inputs 32..47 (one 16-block column) pruned for every output
-    x = torch.randn(6, k, device=device())
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter computes bf16 wrongly (DESIGN-NOTES); bf16 is for the GPU run")
+    x = torch.randn(6, k, device=device()).to(dtype)  # 6 rows: the CSR kernel's vector bodies (bf16: pairs)
     x[2, 43] = value
-    w = torch.randn(n, k, device=device())
-    y = masked_linear(x, w, mask)
+    w = torch.randn(n, k, device=device()).to(dtype)
+    y = masked_linear(x, w, mask).float()
     finite_rows = [0, 1, 3, 4, 5]
-    want = torch.nn.functional.linear(x, w * mask)
-    torch.testing.assert_close(y[finite_rows], want[finite_rows], **TOL[torch.float32])
+    want = torch.nn.functional.linear(x.float(), w.float() * mask)
+    torch.testing.assert_close(y[finite_rows], want[finite_rows], **TOL[dtype])
     skips = backend == "cpu" or (backend == "triton" and kind == "block16")
     if skips:
-        torch.testing.assert_close(y[2], torch.nn.functional.linear(x[2].nan_to_num(0, 0, 0), w * mask),
-                                   **TOL[torch.float32])
+        torch.testing.assert_close(y[2], torch.nn.functional.linear(x[2].float().nan_to_num(0, 0, 0), w.float() * mask),
+                                   **TOL[dtype])
     else:
         assert y[2].isnan().all()
+
+
+def bf16_product_bound(x, w, mask, bias):
+    """Elementwise bound of a bf16 product's error against the fp32 reference when computed with fp32
+    sums and rounded once to bf16: half a bf16 unit of the result (2**-9 relative; 2**-8 allowed) plus
+    fp32 summation error (K * 2**-24 of the sum of |terms|, with margin). A dropped, doubled or
+    misplaced kept weight is ~|x w| off: far outside."""
+    k = x.shape[-1]
+    terms = torch.nn.functional.linear(x.float().abs(), (w.float() * mask).abs())
+    want = reference.masked_linear(x.float(), w.float(), mask, None if bias is None else bias.float())
+    return want, want.abs() * 2.0 ** -8 + terms * (4 * k * 2.0 ** -24) + 1e-30
+
+
+# bf16 at every level: the vdpbf16ps bodies at avx512_bf16 (CSR: pairs of a row's kept weights, an odd
+# last one alone; batch values interleaved per 32-row halves of 64-row chunks; block: pairs of k), the
+# fp32 bodies below it. Shapes: rows 5 (just above the CSR kernel's per-row path), 63/65 (around one
+# 64-row chunk), 300 (several batch spans); odd in/out sizes; leading batch dims; densities 0 and 1.
+BF16_CASES = [  # (x shape, out_features, mask kind, density)
+    ((5, 123), 97, "unstructured", 0.3),
+    ((63, 77), 33, "unstructured", 0.1),
+    ((65, 200), 40, "unstructured", 0.5),
+    ((3, 100, 51), 29, "unstructured", 0.2),
+    ((300, 70), 40, "unstructured", 0.05),
+    ((7, 70), 41, "unstructured", 0.0),
+    ((66, 70), 41, "unstructured", 1.0),
+    ((2, 5, 130), 97, "block32", 0.4),
+    ((70, 96), 64, "block16", 1.0),
+    ((9, 65), 50, "2:4", 0.5),
+]
+
+
+@pytest.mark.parametrize("x_shape,n,kind,density", BF16_CASES,
+                         ids=["%s-%s-%g" % (c[2], "x".join(map(str, c[0])), c[3]) for c in BF16_CASES])
+def test_bf16_matches_reference_within_one_rounding(backend, x_shape, n, kind, density):
+    if backend != "cpu":
+        # (torch's own bf16 F.linear rounds more than once: the bias is added to a rounded product)
+        pytest.skip("one rounding is the cpu kernels' property; torch's bf16 product is check()'s baseline")
+    g = torch.Generator().manual_seed(7)
+    k = x_shape[-1]
+    # x as a non-contiguous view (every other column of a wider tensor)
+    x = torch.randn(*x_shape[:-1], 2 * k, generator=g).to(device(), torch.bfloat16)[..., ::2]
+    w = torch.randn(n, k, generator=g).to(device(), torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(device(), torch.bfloat16)
+    mask = make_mask(kind, n, k, density) if density not in (0.0, 1.0) else (
+        make_mask("empty" if density == 0 else "full", n, k))
+    if kind == "unstructured" and 0 < density < 1:
+        mask[1] = False              # a row with no kept weight: its output is the bias
+        mask[2] = False
+        mask[2, 5] = True            # one kept weight: the unpaired-weight path alone
+        mask[3, :3] = True           # an odd count next to others
+    for b in (bias, None):
+        y = masked_linear(x, w, mask, b)
+        assert y.dtype == torch.bfloat16 and y.shape == (*x_shape[:-1], n)
+        want, bound = bf16_product_bound(x, w, mask, b)
+        err = (y.float() - want).abs()
+        assert (err <= bound).all(), "max error %g where the bound is %g" % (
+            err.max().item(), bound.flatten()[err.flatten().argmax()].item())
+    if kind == "unstructured" and 0 < density < 1:
+        assert not y[..., 1].any()  # (the last call had no bias)
+
+
+def test_bf16_gradients_match_reference(backend):
+    if backend == "triton":
+        pytest.skip("the Triton interpreter computes bf16 wrongly (DESIGN-NOTES); bf16 is for the GPU run")
+    # The backward in bf16 is unchanged by the vdpbf16ps forward bodies: the fitted rule of check().
+    for kind in ("unstructured", "block32"):
+        check((2, 40, 70), 48, kind, torch.bfloat16, density=0.2)
 
 
 def test_pattern_hint_validates_the_mask():
@@ -435,19 +505,25 @@ def test_automatic_choice_uses_cpu_only_where_it_wins():
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 def test_automatic_choice_in_bf16_follows_whether_torch_runs_bf16_natively(monkeypatch):
     # Where the CPU has AVX512-BF16 torch's dense bf16 GEMM is ~2.8x its fp32 one: the block kernel is
-    # taken up to 30% density and the CSR kernel only below 4% (measured: kBf16Native in
+    # taken up to 30% density and the CSR kernel up to 6% with at least 128 rows when the mask is
+    # scanned per call, up to 12% from 64 rows given the index (measured: kBf16Native in
     # csrc/bindings/masked_linear.cpp). oneDNN capped below AVX512-BF16 (read on every call) is not native.
     x = torch.randn(256, 1024, dtype=torch.bfloat16)
     w = torch.randn(1024, 1024, dtype=torch.bfloat16)
     block40 = make_mask("block32", 1024, 1024, density=0.4).cpu()
     csr10 = make_mask("unstructured", 1024, 1024, density=0.1).cpu()
-    csr2 = make_mask("unstructured", 1024, 1024, density=0.02).cpu()
-    cases = [("AVX2", ["cpu", "cpu", "cpu"])]
+    csr5 = make_mask("unstructured", 1024, 1024, density=0.05).cpu()
+    csr20 = make_mask("unstructured", 1024, 1024, density=0.2).cpu()
+    cases = [("AVX2", ["cpu", "cpu", "cpu", "cpu"], ["cpu", "cpu", "reference"])]
     if effops.cpu_isa.cpu_has_native_bf16():
-        cases.append(("", ["reference", "reference", "cpu"]))
-    for onednn, want in cases:
+        cases.append(("", ["reference", "reference", "cpu", "reference"], ["cpu", "cpu", "reference"]))
+    for onednn, want, want_indexed in cases:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
-        assert [chosen(x, w, m) for m in (block40, csr10, csr2)] == want
+        assert [chosen(x, w, m) for m in (block40, csr10, csr5)] + [chosen(x[:64], w, csr5)] == want
+        assert [chosen(x, w, csr10, index=True), chosen(x[:64], w, csr5, index=True),
+                chosen(x, w, csr20, index=True)] == want_indexed
+        if onednn == "":
+            assert chosen(x[:32], w, csr5, index=True) == "reference"
         # fp32 never takes the bf16 table
         assert chosen(x.float(), w.float(), block40) == "cpu"
 

@@ -97,14 +97,28 @@ void check_binary(const at::Tensor& mask) {
 //   (benchmarks/bench_masked_linear.py runs every level).
 // - kBf16Native (bf16 where torch's bf16 F.linear runs natively, ~2.8x its fp32): at avx512_bf16
 //   (Zen 4), benchmarks/masked_bf16_crossover.py: block-32 forward / forward+backward 1.8x /
-//   1.05-1.8x at 30%, 1.2-1.4x / 0.93-1.46x at 45%; CSR 1.1-1.7x / 1.3-2.5x at 2%, 1.05-1.16x /
-//   1.1-1.9x at 5%, 0.76-0.86x at 10%.
+//   1.05-1.8x at 30%, 1.2-1.4x / 0.93-1.46x at 45%. CSR with its vdpbf16ps body (avx512_bf16 level,
+//   Zen 5, `--cpu-time`: one thread, the mask scanned per call), forward against torch's bf16 F.linear
+//   on the masked weight made ahead: 4096x4096 / 2048x2048 at 256 rows 1.35x / 1.33x at 5%, 1.10x /
+//   1.15x at 8%, 0.97x at 10% (4096); at 128 rows 1.09x / 1.09x at 5%, 1.04x / 1.03x at 6%, 0.95x /
+//   0.96x at 8%; at 64 rows 0.79-0.85x at every density (3-10%); at 2048 rows 2.3x at 5%, 1.5x at 10%.
+//   Forward+backward 1.1-2.5x wherever the forward wins. Hence 6% and at least 128 rows. Given the
+//   index (no mask scan: SparseLinear) the forward wins further: 1.22x / 1.39x / 1.23x at 10% (4096 at
+//   256 rows, 2048 at 128, 4096 at 64), 0.97x / 1.09x / 1.10x at 15%; with packed weights too
+//   (SparseLinear.pack_weights) 1.47x / 1.78x / 1.83x at 10%, 1.10x / 1.35x / 1.39x at 15%,
+//   0.86x / 1.02x / 1.16x at 20% (benchmarks/masked_bf16_rows.py); 64 rows at 12% / 15%: index 1.14x /
+//   1.01x (4096), 1.21x / 1.20x (2048), packed 1.65x / 1.38x, 1.91x / 1.54x; 32 rows lose given the index
+//   alone at 12% (0.76-0.94x) and with packed weights at 15% (0.92x). Hence 12% / 15% from 64 rows for
+//   those forwards; the backward keeps the first tier (its kernels read fp32 spans).
+// The CSR tiers, by what the call is given: the mask alone (scanned on every call), its index, or the
+// index and packed weights (forward only).
+enum Given { kMaskOnly = 0, kIndexGiven = 1, kPackedGiven = 2 };
 struct CpuLimits {
-  double block_max_density, csr_max_density;
-  int64_t csr_min_rows, min_macs;
+  double block_max_density, csr_max_density[3];
+  int64_t csr_min_rows[3], min_macs;
 };
-constexpr CpuLimits kDefault{0.6, 0.15, 32, int64_t{1} << 23};
-constexpr CpuLimits kBf16Native{0.3, 0.04, 32, int64_t{1} << 23};
+constexpr CpuLimits kDefault{0.6, {0.15, 0.15, 0.15}, {32, 32, 32}, int64_t{1} << 23};
+constexpr CpuLimits kBf16Native{0.3, {0.06, 0.12, 0.15}, {128, 64, 64}, int64_t{1} << 23};
 
 const CpuLimits& cpu_limits(at::ScalarType dtype) {
   return dtype == at::kBFloat16 && dispatch::torch_bf16_is_native() ? kBf16Native : kDefault;
@@ -113,12 +127,13 @@ const CpuLimits& cpu_limits(at::ScalarType dtype) {
 // Why dense F.linear is faster for this product, or nullptr. Reads the index's summary only when the
 // product is large enough to ask (`index` described on first need).
 template <class Describe>
-const char* cpu_slower(int64_t rows, int64_t N, int64_t K, at::ScalarType dtype, Describe&& describe) {
+const char* cpu_slower(int64_t rows, int64_t N, int64_t K, at::ScalarType dtype, Given given, Describe&& describe) {
   const CpuLimits& limits = cpu_limits(dtype);
   if (rows * N * K < limits.min_macs) return "product too small: dense F.linear is faster";
   const Index& index = describe();
-  if (!index.block && rows < limits.csr_min_rows) return "too few rows for the CSR kernel to beat dense F.linear";
-  if (index.density() > (index.block ? limits.block_max_density : limits.csr_max_density))
+  if (!index.block && rows < limits.csr_min_rows[given])
+    return "too few rows for the CSR kernel to beat dense F.linear";
+  if (index.density() > (index.block ? limits.block_max_density : limits.csr_max_density[given]))
     return "mask too dense for the sparse kernels to beat dense F.linear";
   return nullptr;
 }
@@ -244,7 +259,8 @@ at::Tensor cpu_forward(const at::Tensor& x, const at::Tensor& weight, const std:
   if (index.block) {
     y = block_mm(x2, w, false, kept, b, index.rows_ptr, index.rows_idx, index.block);
   } else {
-    y = csr_mm(spanned_t(x2, true, 0), M, w, b, index.rows_ptr, index.rows_idx, false, kept);
+    y = csr_mm(spanned_t(x2, true, 0, csr_bf16_spans(x2.scalar_type(), M)), M, w, b, index.rows_ptr,
+               index.rows_idx, false, kept);
   }
   return with_leading_dims(y, x);
 }
@@ -308,13 +324,14 @@ Grads triton_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
 // Device implementations
 // ---------------------------------------------------------------------------------------------------
 // The route of one call on `device`, forcing included; a forced backend that cannot run raises.
-Backend route(c10::DeviceType device, const at::Tensor& x, const at::Tensor& weight, CallIndex& call) {
+// given: what the CPU speed rule may count on (the forward's index and packed weights).
+Backend route(c10::DeviceType device, const at::Tensor& x, const at::Tensor& weight, CallIndex& call, Given given) {
   const int64_t rows = rows_of(x), N = weight.size(0), K = weight.size(1);
   Backend chosen;
   if (device == c10::DeviceType::CPU) {
     const bool forced = dispatch::forced_backend() != Backend::kAuto;
     // (forced, the speed rule does not apply: no need to scan the mask for it)
-    const char* slower = forced ? nullptr : cpu_slower(rows, N, K, x.scalar_type(), [&]() -> const Index& {
+    const char* slower = forced ? nullptr : cpu_slower(rows, N, K, x.scalar_type(), given, [&]() -> const Index& {
       return call.get();
     });
     chosen = dispatch::choose("masked_linear", device, Backend::kCpu, nullptr, slower);
@@ -352,7 +369,10 @@ at::Tensor masked_linear_impl(const at::Tensor& x, const at::Tensor& weight, con
   CallIndex call{mask, index, std::nullopt};
   if (index.has_value()) call.get();  // a given index is checked against the mask whichever route runs
   check_packed(packed, weight, call);
-  switch (route(x.device().type(), x, weight, call)) {
+  const Given given = packed.has_value() && packed->defined() ? kPackedGiven
+                      : index.has_value()                     ? kIndexGiven
+                                                              : kMaskOnly;
+  switch (route(x.device().type(), x, weight, call, given)) {
     case Backend::kCpu: return cpu_forward(x, weight, bias, packed, call);
     case Backend::kTriton: return triton_forward(x, weight, mask, bias, call);
     default: return aten_forward(x, weight, mask, bias);
@@ -368,7 +388,7 @@ Grads masked_linear_backward_impl(const at::Tensor& grad_y, const at::Tensor& x,
                    " like the input, got ", dtype_name(grad_y.scalar_type()));
   check_same_device("grad_y", grad_y, x);
   CallIndex call{mask, index, std::nullopt};
-  switch (route(x.device().type(), x, weight, call)) {
+  switch (route(x.device().type(), x, weight, call, kMaskOnly)) {
     case Backend::kCpu: return cpu_backward(grad_y, x, weight, need, call);
     case Backend::kTriton: return triton_backward(grad_y, x, weight, mask, need, call);
     default: return aten_backward(grad_y, x, weight, mask, need);
@@ -408,7 +428,7 @@ std::string route_reason(const at::Tensor& x, const at::Tensor& weight, const at
   CallIndex call{mask, std::nullopt, std::nullopt};
   const char* why;
   if (device == "cpu") {
-    why = cpu_slower(rows, N, K, x.scalar_type(), [&]() -> const Index& { return call.get(); });
+    why = cpu_slower(rows, N, K, x.scalar_type(), kMaskOnly, [&]() -> const Index& { return call.get(); });
   } else {
     why = triton_cannot(rows, N, K);
     if (why == nullptr && rows > 0) why = triton_slower(call.get());

@@ -95,17 +95,20 @@ at::Tensor block_grad_weight(const at::Tensor& gy, const at::Tensor& x, const at
   return gw;
 }
 
-// aT: a^T in batch spans as the CSR kernels take it (effops::cpu::SpannedT): fp32 [spans, C, width],
-// width a multiple of 64 covering M rows (or, for at most 4 rows, one unpadded span).
-static effops::cpu::SpannedT spanned(const at::Tensor& t, int64_t M, int64_t C, const char* name) {
-  TORCH_CHECK(t.dim() == 3 && t.is_contiguous() && t.scalar_type() == at::kFloat, name,
-              " must be contiguous fp32 [spans, C, width]");
+// aT: a^T in batch spans as the CSR kernels take it (effops::cpu::Spanned): [spans, C, width] fp32 (or
+// bf16 for the vdpbf16ps body), width a multiple of 64 covering M rows (or, for at most 4 rows, one
+// unpadded span).
+template <typename S>
+static effops::cpu::Spanned<S> spanned(const at::Tensor& t, int64_t M, int64_t C, const char* name) {
+  const at::ScalarType dtype = std::is_same_v<S, float> ? at::kFloat : at::kBFloat16;
+  TORCH_CHECK(t.dim() == 3 && t.is_contiguous() && t.scalar_type() == dtype, name,
+              " must be contiguous [spans, C, width] of ", dtype);
   TORCH_CHECK(t.size(1) == C, name, " has ", t.size(1), " columns, expected ", C);
   const int64_t spans = t.size(0), width = t.size(2);
   TORCH_CHECK((width % 64 == 0 && width > 0 && spans * width >= M && (spans - 1) * width < M) ||
                   (M <= 4 && spans == 1 && width == M),
               name, "'s spans must be multiples of 64 rows covering the batch (or one unpadded span of <= 4 rows)");
-  return {t.data_ptr<float>(), C, spans, width};
+  return {static_cast<const S*>(t.data_ptr()), C, spans, width};
 }
 
 // out[M, R] = a @ W'^T (+ bias) with a given as aT (above).
@@ -116,7 +119,9 @@ at::Tensor csr_mm(const at::Tensor& aT, int64_t M, const at::Tensor& weight, con
   const int64_t N = weight.size(0), K = weight.size(1);
   const int64_t R = transpose_w ? K : N, C = transpose_w ? N : K;
   const int64_t w_rs = transpose_w ? 1 : K, w_cs = transpose_w ? K : 1;
-  const effops::cpu::SpannedT a = spanned(aT, M, C, "aT");
+  const bool bf16_spans = aT.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!bf16_spans || (weight.scalar_type() == at::kBFloat16 && M > 4 && effops::cpu::csr_bf16_spans_run()),
+              "bf16 aT is for bf16 weights, more than 4 rows, at the avx512_bf16 level");
   check_index(ptr, idx, R);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == R && bias->scalar_type() == weight.scalar_type());
@@ -125,11 +130,21 @@ at::Tensor csr_mm(const at::Tensor& aT, int64_t M, const at::Tensor& weight, con
     TORCH_CHECK(vals->is_contiguous() && vals->numel() == idx.numel() && vals->scalar_type() == weight.scalar_type(),
                 "vals must hold one value per kept weight, in weight's dtype");
   at::Tensor out = at::empty({M, R}, weight.options());
+  if (bf16_spans) {
+    using T = c10::BFloat16;
+    effops::cpu::csr_sparse_mm<T, uint16_t>(spanned<uint16_t>(aT, M, C, "aT"), M, weight.data_ptr<T>(), w_rs, w_cs, R,
+                                            has_bias ? bias->data_ptr<T>() : nullptr, ptr.data_ptr<int64_t>(),
+                                            idx.data_ptr<int64_t>(), has_vals ? vals->data_ptr<T>() : nullptr,
+                                            out.data_ptr<T>());
+    return out;
+  }
+  const effops::cpu::SpannedT a = spanned<float>(aT, M, C, "aT");
   EFFOPS_DISPATCH_FLOAT(weight.scalar_type(), "masked_linear_csr_mm", [&] {
-    effops::cpu::csr_sparse_mm<scalar_t>(a, M, weight.data_ptr<scalar_t>(), w_rs, w_cs, R,
-                                         has_bias ? bias->data_ptr<scalar_t>() : nullptr, ptr.data_ptr<int64_t>(),
-                                         idx.data_ptr<int64_t>(), has_vals ? vals->data_ptr<scalar_t>() : nullptr,
-                                         out.data_ptr<scalar_t>());
+    effops::cpu::csr_sparse_mm<scalar_t, float>(a, M, weight.data_ptr<scalar_t>(), w_rs, w_cs, R,
+                                                has_bias ? bias->data_ptr<scalar_t>() : nullptr,
+                                                ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(),
+                                                has_vals ? vals->data_ptr<scalar_t>() : nullptr,
+                                                out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -140,7 +155,7 @@ at::Tensor csr_grad_weight(const at::Tensor& gyT, const at::Tensor& xT, const at
                   gyT.size(2) % 64 == 0,
               "gyT and xT must be [spans, C, width] with equal spans padded to multiples of 64");
   const int64_t N = gyT.size(1), K = xT.size(1), rows = gyT.size(0) * gyT.size(2);
-  const effops::cpu::SpannedT g = spanned(gyT, rows, N, "gyT"), x = spanned(xT, rows, K, "xT");
+  const effops::cpu::SpannedT g = spanned<float>(gyT, rows, N, "gyT"), x = spanned<float>(xT, rows, K, "xT");
   check_index(ptr, idx, N);
   at::Tensor gw = at::zeros({N, K}, gyT.options().dtype(dtype));
   EFFOPS_DISPATCH_FLOAT(dtype, "masked_linear_csr_grad_weight", [&] {
@@ -150,21 +165,27 @@ at::Tensor csr_grad_weight(const at::Tensor& gyT, const at::Tensor& xT, const at
   return gw;
 }
 
-at::Tensor spanned_t(const at::Tensor& a, bool few_rows_ok, int64_t columns) {
+at::Tensor spanned_t(const at::Tensor& a, bool few_rows_ok, int64_t columns, bool bf16) {
   const int64_t m = a.size(0), c = a.size(1);
   if (few_rows_ok && m <= 4) return a.t().to(at::kFloat).contiguous().unsqueeze(0);
+  TORCH_CHECK(!bf16 || a.scalar_type() == at::kBFloat16, "bf16 spans of a ", a.scalar_type(), " operand");
   // A span of ~6 MB at most: at 4096 inputs 256 rows; at 11008 inputs 128 rows (measured 256 x 4096 x
   // 11008, 90% unstructured: 1.4-2.2x dense with 256-row spans, 2.2-3.0x with 128).
+  // (bf16 spans take the same rows: 64 or 256 rows per span measured the same for the vdpbf16ps body)
   const int64_t max_chunks = std::max<int64_t>(1, std::min<int64_t>(4, (6 << 20) / (4 * 64 * std::max<int64_t>(std::max(columns, c), 1))));
   const int64_t chunks = (m + 63) / 64;
   const int64_t spans = (chunks + max_chunks - 1) / max_chunks;
   const int64_t width = 64 * ((chunks + spans - 1) / spans);
-  at::Tensor out = at::zeros({spans, c, width}, a.options().dtype(at::kFloat));
+  at::Tensor out = at::zeros({spans, c, width}, a.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   for (int64_t s = 0; s < spans; ++s) {
     const int64_t rows = std::min(width, m - s * width);
     out.select(0, s).narrow(1, 0, rows).copy_(a.narrow(0, s * width, rows).t());
   }
   return out;
+}
+
+bool csr_bf16_spans(at::ScalarType dtype, int64_t rows) {
+  return dtype == at::kBFloat16 && rows > 4 && effops::cpu::csr_bf16_spans_run();
 }
 
 at::Tensor gather_values(const at::Tensor& weight, const at::Tensor& ptr, const at::Tensor& idx, bool transpose_w) {

@@ -23,8 +23,11 @@ at::Tensor block_grad_weight(const at::Tensor& gy, const at::Tensor& x, const at
 
 // a[M, C] as the CSR kernels' transposed fp32 operand in batch spans (effops::cpu::SpannedT). few_rows_ok:
 // up to 4 rows stay one unpadded span (the kernel's per-row path). Operands used together (grad_weight's
-// gy^T and x^T) must share spans: pass the larger column count as `columns`.
-at::Tensor spanned_t(const at::Tensor& a, bool few_rows_ok, int64_t columns);
+// gy^T and x^T) must share spans: pass the larger column count as `columns`. bf16 (a bf16 a, more than 4
+// rows, csr_bf16_spans()): the spans in bf16, for csr_mm's vdpbf16ps body.
+at::Tensor spanned_t(const at::Tensor& a, bool few_rows_ok, int64_t columns, bool bf16 = false);
+// Whether csr_mm takes bf16 spans of a bf16 operand of `rows` rows here (the avx512_bf16 level).
+bool csr_bf16_spans(at::ScalarType dtype, int64_t rows);
 // out[M, R] = a @ W'^T (+ bias) with a given as spanned_t(a); vals (optional): the kept weights of W' in
 // index order, read instead of W' by index (without them the kernel gathers them from W').
 at::Tensor csr_mm(const at::Tensor& aT, int64_t M, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -41,23 +41,31 @@ void block_sparse_grad_weight(const T* gy, const T* x, int64_t M, int64_t N, int
 // values are contiguous and the whole span is one block of memory (C x width floats), so a kernel that
 // walks the batch span by span touches few pages (a plain [C, Mpad] layout at 2048 rows put every
 // 1 KB slice on its own page: a TLB miss per slice).
-struct SpannedT {
-  const float* data;
+// S: float, or uint16_t holding bf16 bits (SpannedBf16, for bf16 inputs at the avx512_bf16 level: the
+// values as they are, half the bytes, the operand of vdpbf16ps).
+template <typename S>
+struct Spanned {
+  const S* data;
   int64_t C, spans, width;
-  const float* at(int64_t c, int64_t m) const {
+  const S* at(int64_t c, int64_t m) const {
     const int64_t s = m / width;
     return data + (s * C + c) * width + (m - s * width);
   }
 };
+using SpannedT = Spanned<float>;
+using SpannedBf16 = Spanned<uint16_t>;
 
 // out[M, R] = a @ W'^T (+ bias) with a given as aT (above). Row r of W' keeps columns
 // idx[ptr[r] .. ptr[r+1]), values w[r * w_rs + c * w_cs] (gathered row by row as the kernel reaches
 // the row, or all at once ahead when aT has several spans), or vals[j] for the j-th kept weight when
 // vals is not null (a compressed copy made ahead: contiguous, so a small batch reads density x the
 // weight's bytes instead of most of its cache lines).
-template <typename T>
-void csr_sparse_mm(const SpannedT& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R, const T* bias,
+// S (the span element) float: any level. S uint16_t (bf16 spans, T bf16, more than 4 rows): the
+// vdpbf16ps body, avx512_bf16 level only (csr_bf16_spans_run() says whether it runs here).
+template <typename T, typename S>
+void csr_sparse_mm(const Spanned<S>& aT, int64_t M, const T* w, int64_t w_rs, int64_t w_cs, int64_t R, const T* bias,
                    const int64_t* ptr, const int64_t* idx, const T* vals, T* out);
+bool csr_bf16_spans_run();
 
 // gw[N, K] (pre-zeroed) at the kept (n, k) of the CSR index: dot(gy[:, n], x[:, k]) over the batch,
 // gy and x given as gyT (C = N) and xT (C = K) with the same spans.

@@ -126,6 +126,7 @@ EFFOPS_ALWAYS_INLINE void block_mm_rows(const BlockMmArgs& g, const T* bias, T* 
   constexpr int kW = Tile::kPanels * kPanel;
   const int64_t b = g.block, panels = b / kPanel, a_cols = (g.C + kPerElem<AE> - 1) / kPerElem<AE>;
   alignas(64) float tile[kRows * kW];
+  alignas(64) float bias_row[64] = {};  // (b is at most 64)
   std::vector<float> own;  // (4-byte elements; bf16 panels use half)
   if (g.packed == nullptr) {
     int64_t most = 0;
@@ -144,6 +145,12 @@ EFFOPS_ALWAYS_INLINE void block_mm_rows(const BlockMmArgs& g, const T* bias, T* 
       pack_block_row(static_cast<const T*>(g.w), g.w_rs, g.w_cs, g.R, g.C, g.ptr, g.idx, b, br, own.data());
       panels_br = reinterpret_cast<const PE*>(own.data());
     }
+    // The bias of the block-row's columns in fp32, zero past R. Converted here, not per tile: a masked
+    // vector load of a null bias (the compiler's form of `bias ? bias[c] : 0` per tile) took a quarter
+    // of the bf16 forward's time (masked loads touching an unmapped page are a microcode assist).
+    if (bias != nullptr) {
+      for (int64_t c = 0; c < b; ++c) bias_row[c] = br * b + c < g.R ? to_float(bias[br * b + c]) : 0.f;
+    }
     for (int64_t m0 = chunk; m0 < std::min(g.M, chunk + kChunkRows); m0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, g.M - m0));
       const AE* a_tile = static_cast<const AE*>(g.a_packed) + (m0 / kRows) * a_cols * kRows;
@@ -153,9 +160,8 @@ EFFOPS_ALWAYS_INLINE void block_mm_rows(const BlockMmArgs& g, const T* bias, T* 
         const int np = static_cast<int>(std::min<int64_t>(Tile::kPanels, panels - p));
         const int w = np * kPanel;  // the tile's row stride this call
         const int64_t cols = std::min<int64_t>(w, g.R - r0);
-        // The tile starts at the bias (row 0 filled, then copied: one conversion per column, not six).
-        for (int64_t c = 0; c < w; ++c) tile[c] = (bias != nullptr && c < cols) ? to_float(bias[r0 + c]) : 0.f;
-        for (int i = 1; i < kRows; ++i) std::memcpy(tile + i * w, tile, w * sizeof(float));
+        // The tile starts at the bias (converted once per block-row above).
+        for (int i = 0; i < kRows; ++i) std::memcpy(tile + i * w, bias_row + p * kPanel, w * sizeof(float));
         const PE* panel = panels_br + p * panel_stride;
         if (np == 2)
           Tile::template run<Tile::kPanels>(a_tile, kept, nkept, b, g.C, panel, panel_stride, tile);
@@ -298,9 +304,20 @@ void pack_block_row(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C
   // Panel by panel, the output written in order: for each k, the 16 rows of the panel (their b-wide
   // runs of W stay in L1 across the k loop). Writing in the order W is read instead scattered every
   // value to its own cache line of the panel (a third of a training step's packing time).
+  // Each block's rows are b separate runs of W (R x C, mostly not in cache): their loads are started two
+  // blocks ahead, so the misses overlap instead of each packing step waiting for its own (a few % of a
+  // bf16 call that packs per block-row).
+  constexpr int64_t kAhead = 2;
+  auto prefetch_block = [&](int64_t j) {
+    if (j >= nkept) return;
+    for (int64_t rr = 0; rr < b && br * b + rr < R; ++rr)
+      __builtin_prefetch(w + (br * b + rr) * w_rs + kept[j] * b);
+  };
+  for (int64_t j = 0; j < kAhead; ++j) prefetch_block(j);
   for (int64_t j = 0; j < nkept; ++j) {
     const int64_t c0 = kept[j] * b;
     const int64_t kc = std::min(b, C - c0);
+    prefetch_block(j + kAhead);
     for (int64_t p = 0; p < b / kPanel; ++p) {
       const T* rows[kPanel];
       for (int64_t i = 0; i < kPanel; ++i) {
@@ -308,6 +325,21 @@ void pack_block_row(const T* w, int64_t w_rs, int64_t w_cs, int64_t R, int64_t C
         rows[i] = r < R ? w + r * w_rs + c0 : nullptr;
       }
       Out* block = dst + (p * nkept + j) * b * kPanel;
+      const bool full = kc == b && br * b + (p + 1) * kPanel <= R;
+      if (full) {
+        // No edge inside: plain copies. bf16: a word of two k of one row is a word of the panel (a 16 x
+        // b/2 transpose of 32-bit words), where the general loop below moved and tested 16-bit values
+        // one by one (its cost was most of a bf16 call's packing).
+        if constexpr (kBf16Pairs<T>) {
+          uint32_t* o = reinterpret_cast<uint32_t*>(block);
+          for (int64_t q = 0; q < b / 2; ++q)
+            for (int64_t i = 0; i < kPanel; ++i) std::memcpy(o + q * kPanel + i, rows[i] + 2 * q, 4);
+        } else {
+          for (int64_t k = 0; k < b; ++k)
+            for (int64_t i = 0; i < kPanel; ++i) block[k * kPanel + i] = value(rows[i][k]);
+        }
+        continue;
+      }
       if constexpr (kBf16Pairs<T>) {
         for (int64_t k2 = 0; k2 < b; k2 += 2)
           for (int64_t i = 0; i < kPanel; ++i) {
@@ -356,7 +388,10 @@ void pack_a_tiles(const T* a, int64_t M, int64_t C, bool pairs, void* a_packed) 
           if (pairs) {
             const int64_t npairs = (C + 1) / 2;
             uint32_t* dst = static_cast<uint32_t*>(a_packed) + t * npairs * kRows;
-            for (int64_t q = 0; q < npairs; ++q) {
+            int64_t q = 0;
+            if (m < M)  // whole pairs of a row are words of a: copied as such
+              for (; q < C / 2; ++q) std::memcpy(dst + q * kRows + i, src + 2 * q, 4);
+            for (; q < npairs; ++q) {
               const uint32_t lo = m < M ? src[2 * q].x : 0;
               const uint32_t hi = (m < M && 2 * q + 1 < C) ? src[2 * q + 1].x : 0;
               dst[q * kRows + i] = lo | (hi << 16);
@@ -465,7 +500,7 @@ const char* masked_linear_body() {
     case CpuIsa::kAvx2: return "avx2 (fp32 FMA, 256-bit)";
     case CpuIsa::kAvx512:
     case CpuIsa::kAvx512Vnni: return "avx512 (fp32 FMA, 512-bit)";
-    default: return "avx512_bf16 (bf16 block products by vdpbf16ps; fp32 FMA, 512-bit, otherwise)";
+    default: return "avx512_bf16 (bf16 block and CSR products by vdpbf16ps; fp32 FMA, 512-bit, otherwise)";
   }
 }
 

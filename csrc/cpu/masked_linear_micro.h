@@ -34,6 +34,14 @@ EFFOPS_ALWAYS_INLINE void micro(const TA* a, int64_t a_is, int64_t a_ks, const T
     for (int v = 0; v < NV; ++v) acc[i][v].store(tile + i * 16 + v * Vec::kWidth);
 }
 
+// Start loading `bytes` from p. The tile kernels below call it for the next kept block's columns of the
+// a tile: x's regrouped tiles come from L3 (a chunk of x does not fit L2), in one short run per kept
+// block that the hardware prefetcher does not foresee (bf16 block-32 90% at 4096 x 4096, 256 rows:
+// 5.5-6.1x torch's bf16 F.linear without it, 6.6-7.0x with it).
+EFFOPS_ALWAYS_INLINE void prefetch_run(const void* p, int64_t bytes) {
+  for (int64_t l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char*>(p) + l);
+}
+
 // The forward/grad_x tile over all kept blocks of one block-row, accumulators kept in registers
 // across blocks: 6 rows x NP neighbouring panels of 16 output columns (NP = 2 where 32 registers hold
 // the 12 accumulators, so each broadcast of a feeds two panels). a is a packed 6-row tile of the dense
@@ -52,6 +60,7 @@ EFFOPS_ALWAYS_INLINE void micro_blocks(const float* a, const int64_t* kept, int6
     const int64_t kc = C - c0 < b ? C - c0 : b;
     const float* aj = a + c0 * MR;
     const float* pj = panel + j * b * 16;
+    if (j + 1 < nkept) prefetch_run(a + kept[j + 1] * b * MR, b * MR * 4);
     for (int64_t k = 0; k < kc; ++k) {
       Vec bv[NP * NV];
       for (int q = 0; q < NP; ++q)
@@ -83,6 +92,7 @@ EFFOPS_ALWAYS_INLINE void micro_blocks_pairs(const float* a, const int64_t* kept
     const int64_t kc = C - c0 < b ? C - c0 : b;
     const float* aj = a + c0 * MR;
     const uint32_t* pj = panel + j * (b / 2) * 16;
+    if (j + 1 < nkept) prefetch_run(a + kept[j + 1] * b * MR, b * MR * 4);
     for (int64_t r = 0; 2 * r < kc; ++r) {
       Vec even[NP * NV], odd[NP * NV];
       for (int q = 0; q < NP; ++q)
@@ -120,6 +130,7 @@ EFFOPS_AVX512_BF16_TARGET inline void micro_blocks_dpbf16(const uint32_t* a, con
     const int64_t c0 = kept[j] * b;
     const int64_t pairs = ((C - c0 < b ? C - c0 : b) + 1) / 2;
     const uint32_t* aj = a + (c0 / 2) * MR;
+    if (j + 1 < nkept) prefetch_run(a + (kept[j + 1] * b / 2) * MR, b * MR * 2);
     const uint32_t* pj = panel + j * (b / 2) * 16;
     for (int64_t r = 0; r < pairs; ++r) {
       __m512bh bv[NP];
