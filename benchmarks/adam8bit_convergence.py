@@ -40,7 +40,10 @@ standard deviation of the differences / sqrt(seeds)).
 --threads T      torch threads (default 1)
 
 For example, the bf16 comparison alone: `--skip-digits --skip-lm --bf16 --seeds 40`. Prints a line
-per run as it ends, then markdown tables (the figures in docs/adam.md come from this script).
+per run as it ends, then markdown tables (the figures in docs/adam.md come from this script). With
+the cosine recipe the per-seed differences spread by about 0.6 points (AdamW8bit) and 0.9 points
+(bf16 without master weights), standard deviation: 40 seeds give standard errors of 0.09 and 0.14.
+Every seed is its own run, so `--first-seed` splits a long comparison into processes.
 """
 import argparse
 import math
