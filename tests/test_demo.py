@@ -229,6 +229,38 @@ def test_prune_schedule_is_cubic_and_reaches_the_target():
     assert s.updates_at(s.every) and s.updates_at(70) and not s.updates_at(71)
 
 
+def test_lr_schedule_warms_up_then_decays_towards_zero():
+    from effops.demo.train import lr_factor
+    total = 200  # warm-up: 5% = 10 steps
+    f = [lr_factor(s, total) for s in range(total)]
+    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up, the peak at step 9
+    assert f[10] == 1.0 and f[10 + 95] == pytest.approx(0.5)  # cosine: half way through the decay, half the peak
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # never rises after warm-up
+    assert 0.0 < f[-1] < 1e-3  # the last step still moves, by almost nothing
+    assert lr_factor(0, 1) == 1.0  # a one-step stage: warm-up and peak in one
+    assert [lr_factor(s, total, "constant") for s in (0, 50, 199)] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, total, "linear")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_both_sides_step_on_the_scheduled_lr(schedule):
+    from effops.demo.run import Demo
+    from effops.demo.train import lr_factor
+    demo = Demo(parse_args(TINY + ["--epochs", "2", "--lr", "0.01", "--lr-schedule", schedule]))
+    for side in demo.sides:
+        side.model = demo._try(side, "train", lambda: side.pipeline.build(demo.num_classes))
+    opts = demo.optimizers("train", 0.01)
+    seen = {name: [] for name in opts}
+    # on_step runs right after optimizer.step(): the lr that step used
+    on_steps = {name: (lambda name=name: seen[name].append(opts[name].param_groups[0]["lr"])) for name in opts}
+    demo.train_stage("train", 2, opts, on_steps)
+    total = 2 * demo.steps_per_epoch()
+    assert "plain" in seen and total == 6
+    for name, lrs in seen.items():
+        assert lrs == pytest.approx([0.01 * lr_factor(s, total, schedule) for s in range(total)]), name
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +316,7 @@ def test_demo_end_to_end_writes_table_json_png_and_reloads_checkpoints(tmp_path,
         # the same layers pruned on both sides (the BatchNorm folding changes the other counts)
         assert any(n.endswith(": fc1, fc2") for n in result["notes"])
         assert any("fused 6 blocks in train mode" in n for n in result["notes"])
+    assert any("cosine decay" in n for n in result["notes"])  # the default lr schedule, said in the notes
     with open(os.path.join(out, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

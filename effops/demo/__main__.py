@@ -24,6 +24,9 @@ def parse_args(argv=None):
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per optimizer step over all processes")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
+                   help="per stage: linear warm-up over 5%% of the steps, then cosine decay towards 0 (default), or "
+                        "a constant lr")
     p.add_argument("--finetune-lr-scale", type=float, default=0.3, help="fine-tuning lr = lr x this")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"),

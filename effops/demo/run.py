@@ -83,6 +83,9 @@ class Demo:
         wrapped = {s.name: distributed.wrap(s.model, self.device) for s in self.active()}
         sides = self.active()
         x, y = self.data.x_train, self.data.y_train
+        # The lr schedule runs over this stage's steps (warm-up and decay per stage, as per optimizer).
+        scheds = {name: train.lr_scheduler(opt, epochs * self.steps_per_epoch(), self.cfg.lr_schedule)
+                  for name, opt in opts.items()}
         total = epochs * self.steps_per_epoch() * len(sides)
         with _progress(total, "%-5s" % stage, self.rank == 0 and self.cfg.progress) as bar:
             for epoch in range(epochs):
@@ -95,6 +98,7 @@ class Demo:
                         loss, ms = train.timed_train_step(wrapped[side.name], opts[side.name], x, y, micro,
                                                           device=self.device, amp=self.cfg.amp,
                                                           on_step=on_steps.get(side.name))
+                        scheds[side.name].step()
                         side.step += 1
                         side.loss.append((side.step, loss))
                         times.append(ms)
@@ -173,6 +177,7 @@ class Demo:
         with backend, metrics.record_backends() as seen:
             for side in self.sides:
                 side.model = self._try(side, "train", lambda: side.pipeline.build(self.num_classes))
+            self.notes.append(_schedule_note(cfg))
             self.train_stage("train", cfg.epochs, self.optimizers("train", cfg.lr), {})
             self.finish_stage("train")
             self.prune()
@@ -234,6 +239,13 @@ class Demo:
                 layers = plain_side.pipeline.int8_layers(q)
         self.notes.append("int8 layers: %s" % (", ".join(layers or []) or "none"))
         self.finish_stage("int8")
+
+
+def _schedule_note(cfg):
+    if cfg.lr_schedule == "constant":
+        return "lr constant: %g (training), %g (fine-tuning)" % (cfg.lr, cfg.lr * cfg.finetune_lr_scale)
+    return ("lr per stage: linear warm-up over %d%% of the steps to %g (training) / %g (fine-tuning), then cosine "
+            "decay towards 0" % (round(100 * train.WARMUP_FRACTION), cfg.lr, cfg.lr * cfg.finetune_lr_scale))
 
 
 def _use_backend(name):

@@ -1,5 +1,6 @@
 """Training and evaluation loops shared by both pipelines (they must run the same schedule)."""
 import contextlib
+import math
 import statistics
 import time
 
@@ -34,6 +35,34 @@ def epoch_batches(n, batch_size, epoch, seed, rank=0, world=1):
 def optimizer_steps(batches, accum):
     """Group micro-batches into optimizer steps of `accum` micro-batches each (the last may be shorter)."""
     return [batches[i:i + accum] for i in range(0, len(batches), accum)]
+
+
+SCHEDULES = ("cosine", "constant")
+WARMUP_FRACTION = 0.05
+
+
+def lr_factor(step, total_steps, schedule="cosine", warmup_fraction=WARMUP_FRACTION):
+    """The learning rate of optimizer step `step` (0-based) of `total_steps`, as a fraction of the peak.
+
+    cosine: linear warm-up over the first warmup_fraction of the steps, then a cosine decay from 1 towards 0
+    (the last step takes a small, non-zero lr). The decay is what makes the final accuracy repeatable: at a constant lr the
+    weights still move by lr-sized steps at the end, and eval-mode BatchNorm (running statistics, an
+    average over the last few batches of weights that kept moving) can be off by many points on one
+    seed and not the next. constant: the peak lr throughout (the demo's former recipe)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError("schedule must be one of %s, got %r" % (", ".join(SCHEDULES), schedule))
+    warmup = max(1, int(round(warmup_fraction * total_steps)))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(step - warmup, total_steps - warmup) / max(1, total_steps - warmup)  # 0 right after warm-up
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_scheduler(optimizer, total_steps, schedule="cosine"):
+    """A LambdaLR over `optimizer` following lr_factor (step it after every optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, schedule))
 
 
 def train_step(model, optimizer, x, y, micro_batches, *, device, amp, on_step=None):
