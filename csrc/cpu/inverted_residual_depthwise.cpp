@@ -25,12 +25,12 @@ using dwpw::act_derivative;
 using dwpw::act_forward;
 
 constexpr int64_t kAhead = 4;  // pixels ahead that prefetch() asks for
-constexpr int64_t kMaxTaps = 64;  // 8 x 8, the largest depthwise kernel the block's kernels take
+constexpr int64_t kMaxTaps = 64;  // 8 x 8: the binding sends larger kernels through ATen
 
-// A hint to fetch p's line into L1: a block's pass over a row reads one line of each pixel's channels,
-// a stride the hardware prefetchers were measured not to follow (the loads of g_d and pre_e waited on
-// memory).
-// The address is computed as an integer: `ahead` may point past the tensor (a prefetch never faults).
+// A hint to fetch base[ahead]'s line into L1: a block's pass over a row reads one line of each pixel's
+// channels, a stride the hardware prefetchers were measured not to follow (the loads of g_d and pre_e
+// waited on memory). The address is computed as an integer: it may lie past the tensor, which a
+// prefetch never faults on.
 template <typename T>
 EFFOPS_INLINE void prefetch(const T* base, int64_t ahead) {
 #if EFFOPS_HAVE_X86
