@@ -179,6 +179,9 @@ def test_gradients_in_low_precision(backend, case, dtype):
     Against the float64 reference, each gradient's largest error relative to its largest value is at most
     1.25x what torch's own ops give on the same inputs (their errors come mostly from ReLU6's edges, where
     a rounded pre-activation lands on the other side of 0 or 6), plus one rounding of the dtype."""
+    if backend == "reference":
+        pytest.skip("the reference route is torch's ops: it would be compared with itself")
+
     def errors():
         tensors, kw = make(case, dtype=dtype)
         tensors = [None if t is None else t.requires_grad_() for t in tensors]

@@ -120,7 +120,7 @@ struct DepthwiseKernel {
                                     b(), g_in.mutable_data_ptr<T>(), g_w.mutable_data_ptr<float>(),
                                     g_b.mutable_data_ptr<float>());
     });
-    return {g_in, g_w.t().reshape(dw.sizes()).to(dw.scalar_type()), g_b};
+    return {g_in, g_w.t().reshape(dw.sizes()).to(dw.scalar_type()), g_b.to(dw.scalar_type())};
   }
 };
 
