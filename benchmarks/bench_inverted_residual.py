@@ -4,10 +4,16 @@ route (backend "reference": the three convolutions, activations and add through 
 the expanded tensor in memory), side by side in one process, interleaved, medians.
 
     python -m benchmarks.bench_inverted_residual [--batches 1,16] [--cpu-time] [--dtype bfloat16] [--train]
+        [--compiled]
 
 --train: a forward and backward of each block (x and every weight needing gradients), the ATen route
 being torch's autograd over the same ops (it saves the expanded tensor); our route the fused forward
 and the backward that recomputes it.
+
+--compiled: also the block as torch's plain modules (convolutions and torch's activations) under
+torch.compile with inductor's freezing (BatchNorm folded, weights prepacked, activations and the
+residual add fused into oneDNN's convolutions), eval only: what a fused block has to beat inside a
+compiled model.
 
 --cpu-time: one thread, CPU time of that thread (at::parallel_for and oneDNN then run in it), which the
 other processes of a shared machine do not inflate; the default is wall clock at torch's thread count.
@@ -56,7 +62,7 @@ BLOCKS = [
 ]
 
 
-def make(block, batch, dtype=torch.float32, train=False):
+def make(block, batch, dtype=torch.float32, train=False, parts=False):
     _, cin, hidden, cout, size, k, stride, act = block[:8]
     se = block[8] if len(block) > 8 else None
     g = torch.Generator().manual_seed(0)
@@ -87,9 +93,68 @@ def make(block, batch, dtype=torch.float32, train=False):
                 op(x, *weights, (stride,) * 2, ((k - 1) // 2,) * 2, act, residual, **se_kw).sum().backward()
         step.plain = lambda: step(reference.inverted_residual)  # torch's autograd over torch's ops
         return step, 3 * flops
+    if parts:
+        return None, x, weights, se_kw
     packed = _op.inverted_residual_pack(*weights)
     return (lambda: effops.ops.inverted_residual(x, *weights, stride, (k - 1) // 2, act, residual, packed,
                                                  **se_kw)), flops
+
+
+_TORCH_ACTIVATIONS = {"relu": torch.nn.ReLU, "relu6": torch.nn.ReLU6, "silu": torch.nn.SiLU,
+                      "hardswish": torch.nn.Hardswish, "gelu": torch.nn.GELU}
+
+
+class PlainBlock(torch.nn.Module):
+    """The block as a user's unfused model computes it (BatchNorm already folded into the convs)."""
+
+    def __init__(self, block, weights, se_kw):
+        super().__init__()
+        _, cin, hidden, cout, _, k, stride, act = block[:8]
+        ew, eb, dw, db, pw, pb = weights
+        conv = lambda w, b, **kw: torch.nn.Conv2d(w.shape[1] * kw.get("groups", 1), w.shape[0], w.shape[2:],  # noqa: E731
+                                                 bias=b is not None, **kw)
+        self.expand = conv(ew, eb) if ew is not None else None
+        self.depthwise = conv(dw, db, stride=stride, padding=(k - 1) // 2, groups=hidden)
+        self.project = conv(pw, pb)
+        self.act = _TORCH_ACTIVATIONS[act]()
+        self.se = None
+        if se_kw:
+            squeeze = se_kw["se_reduce_weight"]
+            self.se = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), conv(squeeze, se_kw["se_reduce_bias"]),
+                                          _TORCH_ACTIVATIONS[se_kw["se_activation"]](),
+                                          conv(se_kw["se_expand_weight"], se_kw["se_expand_bias"]),
+                                          torch.nn.Sigmoid() if se_kw["se_gate"] == "sigmoid" else torch.nn.Hardsigmoid())
+            with torch.no_grad():
+                for m, w, b in ((self.se[1], squeeze, se_kw["se_reduce_bias"]),
+                                (self.se[3], se_kw["se_expand_weight"], se_kw["se_expand_bias"])):
+                    m.weight.copy_(w), m.bias.copy_(b)
+        with torch.no_grad():
+            for m, w, b in ((self.expand, ew, eb), (self.depthwise, dw, db), (self.project, pw, pb)):
+                if m is not None:
+                    m.weight.copy_(w), m.bias.copy_(b)
+        self.residual = stride == 1 and cin == cout
+        self.eval()
+
+    def forward(self, x):
+        e = x if self.expand is None else self.act(self.expand(x))
+        d = self.act(self.depthwise(e))
+        if self.se is not None:
+            d = d * self.se(d)
+        y = self.project(d)
+        return y + x if self.residual else y
+
+
+def compiled_block(block, batch, dtype):
+    """The block's plain modules under torch.compile with freezing, compiled by a first call."""
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
+    torch._dynamo.reset()  # a fresh module per block: without a reset dynamo stops compiling after 8
+    fn, x, weights, se_kw = make(block, batch, dtype, parts=True)
+    model = PlainBlock(block, weights, se_kw).to(dtype).to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, dynamic=False)
+    with torch.no_grad():
+        compiled(x)
+    return lambda: compiled(x)
 
 
 def forced(backend, fn):
@@ -99,10 +164,13 @@ def forced(backend, fn):
     return call
 
 
-def impls(block, batch, dtype, train=False):
+def impls(block, batch, dtype, train=False, compiled=False):
     fn, flops = make(block, batch, dtype, train)
     plain = fn.plain if train else forced("reference", fn)
-    return {"reference": plain, "cpu": forced("cpu", fn), "effops": fn}, flops
+    out = {"reference": plain, "cpu": forced("cpu", fn), "effops": fn}
+    if compiled and not train:
+        out["compiled"] = compiled_block(block, batch, dtype)
+    return out, flops
 
 
 def cpu_time(fn, min_time=0.3):
@@ -116,12 +184,13 @@ def cpu_time(fn, min_time=0.3):
     return statistics.median(samples)
 
 
-def bench(batches, use_cpu_time, rounds=3, min_time=0.2, dtype=torch.float32, only="", train=False):
+def bench(batches, use_cpu_time, rounds=3, min_time=0.2, dtype=torch.float32, only="", train=False,
+          compiled=False):
     rows = []
     with torch.no_grad():
         for batch in batches:
             for block in [b for b in BLOCKS if only in b[0]]:
-                fns, flops = impls(block, batch, dtype, train)
+                fns, flops = impls(block, batch, dtype, train, compiled)
                 case = "%s b%d" % (block[0], batch)
                 if not use_cpu_time:
                     rows += compare("inverted_residual", case, fns, "reference", "cpu", rounds, min_time,
@@ -154,20 +223,26 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--only", default="", help="blocks whose name contains this")
     parser.add_argument("--train", action="store_true", help="forward and backward")
+    parser.add_argument("--compiled", action="store_true", help="also the plain block under torch.compile (freezing)")
     args = parser.parse_args()
     if args.cpu_time:
         torch.set_num_threads(1)
     rows = bench([int(b) for b in args.batches.split(",")], args.cpu_time, args.rounds,
-                 dtype=getattr(torch, args.dtype), only=args.only, train=args.train)
-    print("| case | reference ms | cpu ms | cpu vs reference | effops vs reference |")
-    print("|---|---|---|---|---|")
+                 dtype=getattr(torch, args.dtype), only=args.only, train=args.train, compiled=args.compiled)
+    with_compiled = any(r["impl"] == "compiled" for r in rows)
+    print("| case | reference ms | cpu ms | cpu vs reference | effops vs reference |"
+          + (" compiled ms | effops vs compiled |" if with_compiled else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if with_compiled else ""))
     by_case = {}
     for r in rows:
         by_case.setdefault(r["case"], {})[r["impl"]] = r
     for case, r in by_case.items():
         ms = lambda k: r[k]["time_ms"]  # noqa: E731
-        print("| %s | %.3f | %.3f | %.2fx | %.2fx |" % (case, ms("reference"), ms("cpu"), ms("reference") / ms("cpu"),
-                                                      ms("reference") / ms("effops")))
+        line = "| %s | %.3f | %.3f | %.2fx | %.2fx |" % (case, ms("reference"), ms("cpu"), ms("reference") / ms("cpu"),
+                                                       ms("reference") / ms("effops"))
+        if "compiled" in r:
+            line += " %.3f | %.2fx |" % (ms("compiled"), ms("compiled") / ms("effops"))
+        print(line)
 
 
 if __name__ == "__main__":
