@@ -151,7 +151,11 @@ def on_tensors_device(fn):
 def under_transform():
     """True inside a torch.func transform (vmap, grad, jvp: their tensors look plain but wrap others) or
     a forward-mode AD level (dual tensors carry tangents without requires_grad): the ops' C++ kernels
-    would drop what they carry, so the Python functions run the reference there."""
+    would drop what they carry, so the Python functions run the reference there. False while
+    torch.compile traces: the ops have fake kernels and autograd, and the graph must hold them (dynamo
+    reports a functorch interpreter while it traces, which would put the reference in every graph)."""
+    if torch.compiler.is_compiling():
+        return False
     return (torch._C._functorch.peek_interpreter_stack() is not None
             or torch.autograd.forward_ad._current_level >= 0)
 

@@ -125,6 +125,40 @@ def test_compiled_ops_follow_the_forced_backend_and_the_environment(monkeypatch)
 
 
 @pytest.mark.skipif(not _ext.load(), reason="compiled ops not built")
+def test_compiled_graphs_call_the_ops_not_the_reference():
+    # A graph of torch.compile holds effops' ops (their kernels run, and are recorded), not the Python
+    # reference the functions use inside torch.func transforms.
+    torch._dynamo.reset()
+    x = torch.randn(3, 24)
+    lin = effops.nn.Int8Linear.from_linear(torch.nn.Linear(24, 16), mode="dynamic")
+
+    def fn(x, *dwpw):
+        q, s = effops.ops.quantize_rowwise(x)
+        return q, s, lin(x), effops.ops.dwpw_conv2d(*dwpw, activation="relu6")
+
+    from torch._functorch.aot_autograd import aot_module_simplified
+    graph_ops = set()
+
+    def backend(gm, example_inputs):  # aot_eager, noting the ops of the graph it runs
+        def forward(g, _):
+            graph_ops.update(str(n.target) for n in g.graph.nodes if n.op == "call_function")
+            return g
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward)
+
+    args = _dwpw_args()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    with effops.use_backend("cpu"):
+        compiled(x, *args)  # traced under "cpu": dwpw_conv2d's choice is made while tracing
+        with _backends.record_choices() as tally:
+            got = compiled(x, *args)
+    assert tally == {"quantize_rowwise": {"cpu": 1}, "int8_linear_dynamic": {"cpu": 1}}
+    assert "effops._dwpw_conv2d.default" in graph_ops  # the fused kernel's op, not the reference's convolutions
+    assert "aten.convolution.default" not in graph_ops
+    for g, want in zip(got, fn(x, *args)):
+        torch.testing.assert_close(g, want)
+
+
+@pytest.mark.skipif(not _ext.load(), reason="compiled ops not built")
 def test_a_forced_backend_that_cannot_run_raises_never_falls_back(monkeypatch):
     args = _dwpw_args()
     monkeypatch.setenv("EFFOPS_BACKEND", "cuda")  # (use_backend itself refuses an unusable backend)
