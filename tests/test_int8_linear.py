@@ -37,6 +37,26 @@ def _module_params():
             if p.values[0][0] in KERNELS["int8_linear_dynamic" + (" weight_only" if mode == "weight_only" else "")]]
 
 
+def test_bias_parametrized_or_absent_reaches_the_op():
+    """forward reads a registered bias from _parameters; a parametrized bias (a property in place of the
+    Parameter) or no bias at all must still be what the op gets."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, b):
+            return 2 * b
+
+    lin = _linear()
+    x = torch.randn(3, lin.in_features, device=device())
+    m = Int8Linear.from_linear(lin, mode="dynamic")
+    with torch.no_grad():
+        plain = m(x)
+        parametrize.register_parametrization(m, "bias", Double())
+        torch.testing.assert_close(m(x), plain + m.bias / 2, rtol=1e-5, atol=1e-5)
+        no_bias = Int8Linear.from_linear(_linear(bias=False), mode="dynamic")
+        torch.testing.assert_close(no_bias(x), plain - lin.bias.detach().float(), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend,mode", _module_params(), indirect=["backend"])
 @pytest.mark.parametrize("lead", [(1,), (2, 3, 2), (0,)])
 def test_int8_linear_module_matches_reference_and_fp32(backend, mode, lead):

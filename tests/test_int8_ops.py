@@ -242,6 +242,21 @@ def non_finite_rows():
     return x
 
 
+def non_finite_long_rows():
+    """The same for rows of 2 x 64 + 5 values, which the AVX-512 body's 64-value passes read (its absmax
+    pass takes the largest bit pattern of |x|, so an inf or a NaN, of either sign, is the pattern it must
+    see): +inf, NaN, -inf and a NaN with its sign bit set inside those passes, NaN in the tail; then a
+    zero row, a row of -0.0, a row of tiny values (1e-35), and a normal row
+    whose absmax is a negative value in the last 64-value block."""
+    x = torch.randn(10, 133)
+    x[0, 5], x[1, 63], x[2, 127], x[4, 131] = float("inf"), float("nan"), float("-inf"), float("nan")
+    x[3, 100] = torch.tensor(-0x400000, dtype=torch.int32).view(torch.float32)  # 0xffc00000: -NaN
+    x[5], x[6] = 0.0, -0.0
+    x[7] = torch.linspace(-1e-35, 1e-35, 133)
+    x[8, 120] = -50.0
+    return x
+
+
 def check_non_finite_rows(quantize):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = non_finite_rows().to(dtype).to(device())
@@ -251,9 +266,32 @@ def check_non_finite_rows(quantize):
         q_ref, s_ref = reference.quantize_rowwise(x)
         assert torch.equal(q, q_ref)
         torch.testing.assert_close(s, s_ref, equal_nan=True, atol=0, rtol=0)
+        x = non_finite_long_rows().to(dtype).to(device())
+        q, s = quantize(x)
+        assert torch.isnan(s[:5]).all() and (q[:5] == 0).all()
+        assert (s[5:7] == 1.0).all() and (q[5:7] == 0).all() and torch.isfinite(s[5:]).all()
+        assert q[8, 120].item() == -127
+        q_ref, s_ref = reference.quantize_rowwise(x)
+        assert torch.equal(q, q_ref)
+        torch.testing.assert_close(s, s_ref, equal_nan=True, atol=0, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_quantize_rowwise_subnormal_rows_cpu():
+    """Rows of subnormal values (their bit patterns, which the AVX-512 absmax pass compares as integers,
+    are the smallest), long enough for its 64-value passes, as the reference quantizes them."""
+    x = torch.linspace(-1e-39, 1e-39, 3 * 133).reshape(3, 133)
+    x[1, 70] = -3e-39
+    x[2] *= 1e-6  # a few denormal steps only
+    for dtype in (torch.float32, torch.bfloat16):
+        with effops.use_backend("cpu"):
+            q, s = ops.quantize_rowwise(x.to(dtype))
+        q_ref, s_ref = reference.quantize_rowwise(x.to(dtype))
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+        assert q[1, 70].item() == -127
+
+
 @with_backends("quantize_rowwise")
 def test_quantize_rowwise_rows_with_nan_or_inf(backend):
     # A NaN or inf gave the cpu kernel [-127, 0, ...] (a sign flip) or finite garbage with a valid
@@ -479,6 +517,38 @@ def test_int8_linear_dynamic_exact_integers(backend, m, k):
     assert torch.equal(got.cpu(), want)
 
 
+@with_backends("int8_linear_dynamic")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_linear_dynamic_every_row_count_and_panel_mix(backend, dtype, with_bias):
+    """M = 1..9 (each few-row micro-tile height, and 9: a 6-row group and a 3-row tail) and 13, 20 (6-row
+    groups with 1- and 2-row tails), against N that are whole 16-column panels (16, 64, 128: the AVX-512
+    micro-kernels store the output themselves) or end in a partial one (69, 130: that micro-tile goes
+    through the scratch tile and the generic epilogue), in every output dtype, with and without bias."""
+    torch.manual_seed(1)
+    k = 132
+    for n in (16, 64, 69, 128, 130):
+        w_int8, w_scale = reference.quantize_rowwise(torch.randn(n, k, device=device()))
+        packed = reference.pack_weight(w_int8)
+        bias = torch.randn(n, device=device()) if with_bias else None
+        for m in (*range(1, 10), 13, 20):
+            x = (torch.randn(m, k, device=device()) * 2).to(dtype)
+            got = ops.int8_linear_dynamic(x, packed, w_scale, bias, n)
+            assert got.dtype == dtype and got.shape == (m, n)
+            _close_to_fp32(got, dynamic_reference_fp32(x, packed, w_scale, bias, n, False), dtype, backend)
+
+
+@with_backends("int8_mm")
+def test_int8_mm_exact_every_row_count_and_panel_mix(backend):
+    """int8_mm's int32 output through the same store paths (whole panels stored by the micro-kernel,
+    a partial last panel through the scratch tile), M = 1..9 and 13, extreme values in both operands."""
+    for n in (16, 64, 69, 130):
+        for m in (*range(1, 10), 13):
+            a, b = _randi8(m, 67), _randi8(67, n)
+            a[0, :5], b[:5, 0] = -128, -128
+            assert torch.equal(ops.int8_mm(a, b).cpu(), _exact_mm(a, b)), (m, n)
+
+
 def test_int8_linear_dynamic_is_exported_with_the_other_int8_ops():
     assert "int8_linear_dynamic" in ops.__all__ and ops.int8_linear_dynamic is _GEMM.int8_linear_dynamic
 
@@ -631,7 +701,10 @@ assert torch.ops.effops_cpu.cpu_isa() == LEVEL
 torch.manual_seed(0)
 # M = 13, 17: three and more 6-row micro-tiles, past the 8-row few-row path; 150: two 144-row tiles.
 with effops.use_backend("cpu"):
-    for m, k, n in [(1, 1, 1), (5, 7, 3), (13, 64, 16), (17, 64, 16), (33, 130, 37), (150, 67, 21)]:
+    # (8, 68, 64), (3, 64, 80): whole 16-column panels, which the AVX-512 micro-kernels store themselves,
+    # beside a partial one (80 = 64 + 16: a 4-panel and a 1-panel micro-tile).
+    for m, k, n in [(1, 1, 1), (5, 7, 3), (13, 64, 16), (17, 64, 16), (33, 130, 37), (150, 67, 21), (8, 68, 64),
+                    (3, 64, 80)]:
         a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
         b = torch.randint(-128, 128, (k, n), dtype=torch.int8)
         b[0, 0] = -128

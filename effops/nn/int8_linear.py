@@ -117,9 +117,11 @@ class Int8Linear(nn.Module):
             self.mode == "auto" and AUTO_ROWS > 0 and x.numel() // self.in_features <= AUTO_ROWS)
         # The buffers straight from _buffers: Module.__getattr__ costs ~0.45 us a tensor, and three of them
         # were a quarter of a one-row call's fixed cost (7.3 -> 5.8 us a call at 1 x 64 x 64, one thread).
-        # (bias stays an attribute: a parametrization may put a property there.)
-        buffers = self._buffers
-        return int8_linear_dynamic(x, buffers["weight_packed"], buffers["weight_scale"], self.bias, self.out_features,
+        # The bias too, where it is a registered Parameter; otherwise (None, or a parametrization's
+        # property) the attribute.
+        buffers, params = self._buffers, self._parameters
+        bias = params["bias"] if "bias" in params else self.bias
+        return int8_linear_dynamic(x, buffers["weight_packed"], buffers["weight_scale"], bias, self.out_features,
                                    weight_only, buffers["weight_corr"], self.weight_bits)
 
     def _set_weight(self, w_int8):
