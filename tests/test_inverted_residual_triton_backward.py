@@ -15,7 +15,7 @@ from effops import _backends, _ext
 from effops.ops import inverted_residual
 from effops.reference import inverted_residual as reference
 from effops.reference.dwpw_conv2d import activate
-from conftest import device
+from conftest import TOL, device
 from test_inverted_residual_se import make_se
 
 pytest.importorskip("triton")
@@ -94,7 +94,10 @@ def test_gradients_match_reference(case, squeeze, se_act, gate, layout, expand):
 def test_gradients_in_low_precision(case, dtype):
     """16-bit tensors: each gradient's largest error against the float64 reference, relative to its largest value,
     at most 1.25x that of torch's ops on the same inputs (forced "reference"), plus one rounding of the dtype.
-    (In the interpreter a bf16 store truncates: see the kernel module's docstring.)"""
+    The squeeze-excitation's weight gradients come from torch's 16-bit ops on both routes, from d: ours is closer
+    to the float64 d (e is never rounded), and on the SE case torch's ops given the float64 d rounded to bf16 err
+    by 1.5e-2 where given torch's own d they happen to err by 4e-3. They are held to the dtype's tolerance
+    (conftest's TOL) instead when that is larger."""
     def errors(backend):
         tensors, kw = leaves(*case, dtype=dtype)
         gy, got = grads(tensors, kw, backend=backend)
@@ -104,29 +107,30 @@ def test_gradients_in_low_precision(case, dtype):
 
     unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     for i, (e, t) in enumerate(zip(errors("triton"), errors("reference"))):
-        assert e <= 1.25 * t + unit, (i, e, t)
+        assert e <= max(1.25 * t + unit, TOL[dtype]["rtol"] if i >= 7 else 0.0), (i, e, t)
 
 
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS, ids=str)
 def test_activation_derivatives_at_their_edges(activation):
     """The middle alone, with pre_e and pre_d exactly on the activations' edges (0, 6, -3, 3): the derivatives
     there are torch's *_backward ops' (relu' 0 at 0; relu6' 0 at 0 and 6; hardswish' 0 at -3 and 1 at 3 since
-    torch 2.7). A 1x1 depthwise with weight 1 and no bias makes pre_d = e exactly. (Not NaN: torch's vectorized
-    and scalar hardswish_backward differ there.)"""
+    torch 2.7). An identity expand conv without bias and a 1x1 depthwise by 1 make pre_e = x and pre_d = e exactly.
+    (Not NaN: torch's vectorized and scalar hardswish_backward differ there.)"""
     from effops.triton_kernels.inverted_residual_backward import depthwise_act, depthwise_act_backward
     edges = torch.tensor([-3.0, 0.0, 3.0, 6.0, -1.5, 2.0, 7.0, -4.0])
-    pre_e = edges[torch.arange(5 * 6 * 7) % 8].reshape(1, 5, 6, 7).to(device()).requires_grad_()
+    x = edges[torch.arange(5 * 6 * 7) % 8].reshape(1, 5, 6, 7).to(device()).requires_grad_()
+    ew = torch.eye(5, device=device()).reshape(5, 5, 1, 1)
     dw = torch.ones(5, 1, 1, 1, device=device())
-    g_d = torch.randn(pre_e.shape, generator=torch.Generator().manual_seed(2)).to(pre_e)
-    e = activate(pre_e, activation)
-    want = torch.autograd.grad(e, pre_e, g_d, retain_graph=True)[0]  # at e itself: no expansion
-    got = depthwise_act_backward(g_d, pre_e.detach(), None, dw, None, [1, 1], [0, 0], activation)[0]
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, )
-    d = depthwise_act(e.detach(), dw, None, [1, 1], [0, 0], activation)
-    torch.testing.assert_close(d, activate(e, activation), atol=1e-6, rtol=1e-6, )
-    want = torch.autograd.grad(activate(e, activation), pre_e, g_d)[0]  # through both activations
-    got = depthwise_act_backward(g_d, e.detach(), pre_e.detach(), dw, None, [1, 1], [0, 0], activation)[0]
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, )
+    g_d = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x)
+    e = activate(x, activation)
+    want = torch.autograd.grad(e, x, g_d, retain_graph=True)[0]  # no expansion: d = act(x)
+    got = depthwise_act_backward(g_d, x.detach(), None, None, dw, None, [1, 1], [0, 0], activation)[0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    d = depthwise_act(x.detach(), ew, None, dw, None, [1, 1], [0, 0], activation)
+    torch.testing.assert_close(d, activate(e, activation), atol=1e-6, rtol=1e-6)
+    want = torch.autograd.grad(activate(e, activation), x, g_d)[0]  # through both activations
+    got = depthwise_act_backward(g_d, x.detach(), ew, None, dw, None, [1, 1], [0, 0], activation)[0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_bf16_stores_round_to_nearest():
@@ -137,8 +141,8 @@ def test_bf16_stores_round_to_nearest():
     e = torch.randn(2, 40, 9, 7, generator=torch.Generator().manual_seed(4)).to(device(), torch.bfloat16)
     dw = torch.full((40, 1, 1, 1), 1 / 3, device=device()).to(torch.bfloat16)
     want = (e.float() * dw.float().flatten()[:, None, None]).to(torch.bfloat16)
-    torch.testing.assert_close(depthwise_act(e, dw, None, [1, 1], [0, 0], None), want, atol=0, rtol=0)
-    got = depthwise_act_backward(e, e, None, dw, None, [1, 1], [0, 0], None)[0]  # grad_d = e: the same products
+    torch.testing.assert_close(depthwise_act(e, None, None, dw, None, [1, 1], [0, 0], None), want, atol=0, rtol=0)
+    got = depthwise_act_backward(e, e, None, None, dw, None, [1, 1], [0, 0], None)[0]  # grad_d = e: the same products
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 

@@ -2,18 +2,19 @@
 //
 // The forward saves only x and the weights: the expanded tensor (6x the block's channels) and the
 // depthwise output are recomputed in the backward, a chunk of images at a time, and never exist for
-// the whole batch. Per chunk: e = act(expand(x)) through torch's ops; the depthwise middle (d in one
-// pass; then, from d's gradient, the depthwise weights' gradients and the gradient at expand's output,
-// both activations' derivatives included) by one of two implementations of DepthwiseMiddle: our CPU
-// kernel (csrc/cpu/inverted_residual_depthwise.h; the "cpu" route with channels-last x) or the Triton
-// kernels (triton_kernels/inverted_residual_backward.py; the "triton" route); the two 1x1 convolutions'
-// backward through aten::convolution_backward, with the squeeze-excitation's gradients between.
+// the whole batch. Per chunk, the depthwise middle (d in one pass; then, from d's gradient, the depthwise
+// weights' gradients and the gradient at expand's output, both activations' derivatives included) by one of
+// two implementations of DepthwiseMiddle: our CPU kernel (csrc/cpu/inverted_residual_depthwise.h; the "cpu"
+// route with channels-last x), which reads e = act(expand(x)) computed through torch's ops, or the Triton
+// kernels (triton_kernels/inverted_residual_backward.py; the "triton" route), which recompute e per tile from
+// x so that it is never in memory; then the two 1x1 convolutions' backward through
+// aten::convolution_backward, with the squeeze-excitation's gradients between.
 // Routes: "cpu" (CPU tensors, chunks of about kCpuChunkBytes of expanded tensor; other layouts run torch's
 // ops for the middle too); "triton" (CUDA tensors automatically, chunks of kCudaChunkBytes; CPU tensors
 // only when forced, in Triton's interpreter: tests); "reference" (forced: torch's ops on the whole batch at
 // once; on CUDA also where Triton declines the input, then chunked). A forced "cuda" raises: there is no
-// CUDA C++ kernel for it. A fully fused backward (the expanded tile recomputed in cache, as the forward
-// does, the 1x1 gradients included) is not written yet; the Triton middle has never run on a GPU.
+// CUDA C++ kernel for it. A fully fused backward (the 1x1 gradients in the same pass, in cache) is not
+// written yet; the Triton middle has never run on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -81,16 +82,19 @@ at::Tensor se_backward(const Se& se, const at::Tensor& d, const at::Tensor& pool
 }
 
 // The depthwise middle of a chunk's backward: d = act(depthwise(e) + b), and from d's gradient the
-// depthwise weight's and bias' gradients and the gradient at pre_e (at e where pre_e is undefined: a block
-// without expansion) with both activations' derivatives applied, in one pass for d and one (CPU) or two
-// (Triton) for the gradients, where torch's route makes five. Two implementations: our CPU kernel and the
-// Triton kernels.
+// depthwise weight's and bias' gradients and the gradient at pre_e (at x without expansion) with both
+// activations' derivatives applied, in one pass for d and one (CPU) or two (Triton) for the gradients, where
+// torch's route makes five. Two implementations: our CPU kernel, which reads e and pre_e (chunk_backward
+// computes them through torch's ops), and the Triton kernels, which recompute them per tile from x.
 class DepthwiseMiddle {
  public:
   virtual ~DepthwiseMiddle() = default;
-  virtual at::Tensor forward(const at::Tensor& e) const = 0;
-  // (the gradient at pre_e or e, in e's dtype; the depthwise weight's and bias' gradients, in dw's dtype)
-  virtual std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_d, const at::Tensor& e,
+  // Whether it reads e and pre_e (else they are not computed: undefined tensors).
+  virtual bool reads_expanded() const = 0;
+  virtual at::Tensor forward(const at::Tensor& x, const at::Tensor& e) const = 0;
+  // (the gradient at pre_e or x, in x's dtype; the depthwise weight's and bias' gradients, in dw's dtype)
+  virtual std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_d, const at::Tensor& x,
+                                                                  const at::Tensor& e,
                                                                   const at::Tensor& pre_e) const = 0;
 };
 
@@ -104,7 +108,9 @@ class DepthwiseKernel final : public DepthwiseMiddle {
         w_taps_(dw.reshape({s.Ch, s.KH * s.KW}).t().to(at::kFloat).contiguous()),
         bias_(given(db) ? db->to(at::kFloat).contiguous() : at::Tensor()) {}
 
-  at::Tensor forward(const at::Tensor& e) const override {
+  bool reads_expanded() const override { return true; }
+
+  at::Tensor forward(const at::Tensor&, const at::Tensor& e) const override {
     const at::Tensor ec = e.contiguous(at::MemoryFormat::ChannelsLast);
     const ir::DepthwiseShape s = shape_of(ec);
     at::Tensor d = at::empty({s.N, s.C, s.OH, s.OW}, ec.options(), at::MemoryFormat::ChannelsLast);
@@ -116,7 +122,8 @@ class DepthwiseKernel final : public DepthwiseMiddle {
     return d;
   }
 
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_d, const at::Tensor& e,
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_d, const at::Tensor&,
+                                                          const at::Tensor& e,
                                                           const at::Tensor& pre_e) const override {
     const auto cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor gc = g_d.contiguous(cl), ec = e.contiguous(cl);
@@ -149,33 +156,38 @@ class DepthwiseKernel final : public DepthwiseMiddle {
 
 // The Triton kernels (triton_kernels/inverted_residual_backward.py), through the ops that
 // effops/ops/inverted_residual.py registers from Python: on CUDA tensors, or on CPU tensors in Triton's
-// interpreter (tests). Any memory format (the kernels read strides).
+// interpreter (tests). They read x and the expand weights (e and pre_e recomputed per tile, as the forward
+// kernel does: the expanded tensor is never in memory), any memory format (the kernels read strides).
 class TritonDepthwise final : public DepthwiseMiddle {
  public:
-  using ForwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, at::IntArrayRef,
-                                at::IntArrayRef, std::optional<c10::string_view>);
+  using ForwardSig = at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
+                                const OptTensor&, at::IntArrayRef, at::IntArrayRef, std::optional<c10::string_view>);
   using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&, at::IntArrayRef,
-      at::IntArrayRef, std::optional<c10::string_view>);
+      const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&, const OptTensor&,
+      at::IntArrayRef, at::IntArrayRef, std::optional<c10::string_view>);
   static constexpr const char* kForwardOp = "effops::inverted_residual_depthwise_triton";
   static constexpr const char* kBackwardOp = "effops::inverted_residual_depthwise_backward_triton";
 
-  TritonDepthwise(const ir::Shape& s, const at::Tensor& dw, const OptTensor& db,
-                  std::optional<c10::string_view> activation)
-      : stride_{s.SH, s.SW}, padding_{s.PH, s.PW}, dw_(dw), db_(db), activation_(activation) {}
+  TritonDepthwise(const ir::Shape& s, const OptTensor& ew, const OptTensor& eb, const at::Tensor& dw,
+                  const OptTensor& db, std::optional<c10::string_view> activation)
+      : stride_{s.SH, s.SW}, padding_{s.PH, s.PW}, ew_(ew), eb_(eb), dw_(dw), db_(db), activation_(activation) {}
 
-  at::Tensor forward(const at::Tensor& e) const override {
-    return effops::dispatch::python_route<ForwardSig>(kForwardOp).call(e, dw_, db_, stride_, padding_, activation_);
+  bool reads_expanded() const override { return false; }
+
+  at::Tensor forward(const at::Tensor& x, const at::Tensor&) const override {
+    return effops::dispatch::python_route<ForwardSig>(kForwardOp)
+        .call(x, ew_, eb_, dw_, db_, stride_, padding_, activation_);
   }
 
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_d, const at::Tensor& e,
-                                                          const at::Tensor& pre_e) const override {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_d, const at::Tensor& x,
+                                                          const at::Tensor&, const at::Tensor&) const override {
     return effops::dispatch::python_route<BackwardSig>(kBackwardOp)
-        .call(g_d, e, pre_e.defined() ? OptTensor(pre_e) : std::nullopt, dw_, db_, stride_, padding_, activation_);
+        .call(g_d, x, ew_, eb_, dw_, db_, stride_, padding_, activation_);
   }
 
  private:
   std::array<int64_t, 2> stride_, padding_;
+  OptTensor ew_, eb_;
   at::Tensor dw_;
   OptTensor db_;
   std::optional<c10::string_view> activation_;  // a view of backward_impl's argument, which outlives this
@@ -207,13 +219,13 @@ void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, cons
   const bool need_d_in = need_x || need_e || need_d;  // anything below the squeeze-excitation
   const bool need_se = se.on && (needs[7] || needs[8] || needs[9] || needs[10]);
   at::Tensor pre_e, e = x;
-  if (s.expand) {
+  if (s.expand && (middle == nullptr || middle->reads_expanded())) {
     pre_e = at::conv2d(x, *ew, eb);
     e = activate(pre_e, s.act);
   }
   at::Tensor pre_d, d;
   if (middle != nullptr) {
-    d = middle->forward(e);
+    d = middle->forward(x, e);
   } else {
     pre_d = at::conv2d(e, dw, db, {s.SH, s.SW}, {s.PH, s.PW}, {1, 1}, s.Ch);
     d = activate(pre_d, s.act);
@@ -236,7 +248,7 @@ void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, cons
   at::Tensor g_x;
   if (need_d_in && middle != nullptr) {
     // g_in: the gradient at pre_e (at x without expansion), the expand activation's derivative applied
-    auto [g_in, g_dw, g_db] = middle->backward(g_d, e, pre_e);
+    auto [g_in, g_dw, g_db] = middle->backward(g_d, x, e, pre_e);
     if (needs[3]) add(3, g_dw);
     if (needs[4]) add(4, g_db);
     if (!s.expand) {
@@ -311,7 +323,7 @@ Grads backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTens
   if (route == Backend::kCpu && format_of(x) == at::MemoryFormat::ChannelsLast && s.KH <= 8 && s.KW <= 8)
     middle = std::make_unique<DepthwiseKernel>(s, dw, db);
   else if (route == Backend::kTriton)
-    middle = std::make_unique<TritonDepthwise>(s, dw, db, activation);
+    middle = std::make_unique<TritonDepthwise>(s, ew, eb, dw, db, activation);
   std::vector<at::Tensor> out(kInputs);
   std::vector<at::Tensor> gx_parts;
   for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
