@@ -3,9 +3,9 @@
 torch's ops, against torch's autograd through the float64 reference.
 
 On CPU tensors the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before Triton is
-imported), at Python speed: small shapes, chosen so that pixels span more than one BLOCK_P block and hidden
-channels more than one BLOCK_C block somewhere. With EFFOPS_TEST_DEVICE=cuda the same tests run the compiled
-kernels on the GPU.
+imported), at Python speed: small shapes, chosen so that pixels span more than one BLOCK_P block, hidden
+channels more than one BLOCK_C block and input channels more than one BLOCK_CIN chunk somewhere. With
+EFFOPS_TEST_DEVICE=cuda the same tests run the compiled kernels on the GPU.
 """
 import pytest
 import torch
@@ -36,6 +36,7 @@ CASES = [
     ((1, 6, 18, 6, 5, 7, 7, 2, "gelu", False), 0, None, None, "channels_last", True),
     ((2, 4, 24, 4, 6, 5, 1, 1, None, True), 0, None, None, "nchw", True),
     ((1, 3, 33, 4, 11, 3, 5, 1, "relu6", False), 4, "relu", "sigmoid", "channels_last", True),  # 33 px in, k5 halo
+    ((2, 37, 24, 6, 5, 4, 3, 2, "hardswish", False), 0, None, None, "nchw", True),  # Cin: two BLOCK_CIN chunks
 ]
 IDS = ["%s_k%d_s%d%s%s_%s%s" % (c[8], c[6], c[7], "_res" if c[9] else "", "_se" if sq else "",
                                 "cl" if layout == "channels_last" else "nchw", "" if expand else "_noexpand")
