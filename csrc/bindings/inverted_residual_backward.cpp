@@ -2,25 +2,28 @@
 //
 // The forward saves only x and the weights: the expanded tensor (6x the block's channels) and the
 // depthwise output are recomputed in the backward, a chunk of images at a time, and never exist for
-// the whole batch. Per chunk: e = act(expand(x)) through ATen (oneDNN); on the "cpu" route with
-// channels-last x, the depthwise middle by our kernel (csrc/cpu/inverted_residual_depthwise.h: d in one
-// pass; then, from d's gradient, the depthwise weights' gradients and the gradient at expand's output,
-// both activations' derivatives included, in one more); the two 1x1 convolutions' backward through
-// ATen (aten::convolution_backward: oneDNN GEMMs), with the squeeze-excitation's gradients between.
-// Other layouts and the "reference" route run every step through ATen.
-// Routes on CPU tensors: "cpu" (ours) recomputes per chunk of about kCpuChunkBytes of expanded tensor;
-// "reference" (the plain ATen route) does the ATen arithmetic on the whole batch at once. On CUDA
-// tensors the ATen arithmetic runs on torch's CUDA ops (cuDNN): per chunk of kCudaChunkBytes
-// automatically, the whole batch when "reference" is forced; there is no Triton or CUDA kernel of ours
-// for it, so a forced "triton" or "cuda" backend raises. A fully fused backward kernel (the expanded
-// tile recomputed in cache, as the forward does, the 1x1 gradients included) is not written yet.
+// the whole batch. Per chunk, the depthwise middle (d in one pass; then, from d's gradient, the depthwise
+// weights' gradients and the gradient at expand's output, both activations' derivatives included) by one of
+// two implementations of DepthwiseMiddle: our CPU kernel (csrc/cpu/inverted_residual_depthwise.h; the "cpu"
+// route with channels-last x), which reads e = act(expand(x)) computed through torch's ops, or the Triton
+// kernels (triton_kernels/inverted_residual_backward.py; the "triton" route), which recompute e per tile from
+// x so that it is never in memory; then the two 1x1 convolutions' backward through
+// aten::convolution_backward, with the squeeze-excitation's gradients between.
+// Routes: "cpu" (CPU tensors, chunks of about kCpuChunkBytes of expanded tensor; other layouts run torch's
+// ops for the middle too); "triton" (CUDA tensors automatically, chunks of kCudaChunkBytes; CPU tensors
+// only when forced, in Triton's interpreter: tests); "reference" (forced: torch's ops on the whole batch at
+// once; on CUDA also where Triton declines the input, then chunked). A forced "cuda" raises: there is no
+// CUDA C++ kernel for it. A fully fused backward (the 1x1 gradients in the same pass, in cache) is not
+// written yet; the Triton middle has never run on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -78,69 +81,151 @@ at::Tensor se_backward(const Se& se, const at::Tensor& d, const at::Tensor& pool
   return g_ds * sg.g + g_pooled / static_cast<double>(d.size(2) * d.size(3));  // the mean's share
 }
 
-// The depthwise conv and its activation, forward and backward, by our CPU kernel
-// (csrc/cpu/inverted_residual_depthwise.h): one pass each over the expanded tensor where torch's route
-// makes several. Channels-last tensors of x's dtype; the weights as the kernel reads them.
-struct DepthwiseKernel {
-  ir::DepthwiseShape shape;
-  at::Tensor w_taps, bias;  // fp32 [KH * KW][Ch] and [Ch] (undefined without a bias)
+// The depthwise middle of a chunk's backward: d = act(depthwise(e) + b), and from d's gradient the
+// depthwise weight's and bias' gradients and the gradient at pre_e (at x without expansion) with both
+// activations' derivatives applied, in one pass for d and one (CPU) or two (Triton) for the gradients, where
+// torch's route makes five. Two implementations: our CPU kernel, which reads e and pre_e (chunk_backward
+// computes them through torch's ops), and the Triton kernels, which recompute them per tile from x.
+class DepthwiseMiddle {
+ public:
+  virtual ~DepthwiseMiddle() = default;
+  // Whether it reads e and pre_e (else they are not computed: undefined tensors).
+  virtual bool reads_expanded() const = 0;
+  virtual at::Tensor forward(const at::Tensor& x, const at::Tensor& e) const = 0;
+  // (the gradient at pre_e or x, in x's dtype; the depthwise weight's and bias' gradients, in dw's dtype)
+  virtual std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_d, const at::Tensor& x,
+                                                                  const at::Tensor& e,
+                                                                  const at::Tensor& pre_e) const = 0;
+};
 
+// Our CPU kernel (csrc/cpu/inverted_residual_depthwise.h): channels-last tensors of x's dtype, the weights
+// as the kernel reads them.
+class DepthwiseKernel final : public DepthwiseMiddle {
+ public:
   DepthwiseKernel(const ir::Shape& s, const at::Tensor& dw, const OptTensor& db)
-      : shape{s.N, s.Ch, s.H, s.W, s.OH, s.OW, s.KH, s.KW, s.SH, s.SW, s.PH, s.PW, s.act},
-        w_taps(dw.reshape({s.Ch, s.KH * s.KW}).t().to(at::kFloat).contiguous()),
-        bias(given(db) ? db->to(at::kFloat).contiguous() : at::Tensor()) {}
+      : shape_{s.N, s.Ch, s.H, s.W, s.OH, s.OW, s.KH, s.KW, s.SH, s.SW, s.PH, s.PW, s.act},
+        dw_(dw),
+        w_taps_(dw.reshape({s.Ch, s.KH * s.KW}).t().to(at::kFloat).contiguous()),
+        bias_(given(db) ? db->to(at::kFloat).contiguous() : at::Tensor()) {}
 
-  const float* b() const { return bias.defined() ? bias.data_ptr<float>() : nullptr; }
+  bool reads_expanded() const override { return true; }
 
-  // d = act(depthwise(e) + b)
-  at::Tensor forward(const at::Tensor& e) const {
+  at::Tensor forward(const at::Tensor&, const at::Tensor& e) const override {
     const at::Tensor ec = e.contiguous(at::MemoryFormat::ChannelsLast);
-    at::Tensor d = at::empty({shape.N, shape.C, shape.OH, shape.OW}, ec.options(), at::MemoryFormat::ChannelsLast);
+    const ir::DepthwiseShape s = shape_of(ec);
+    at::Tensor d = at::empty({s.N, s.C, s.OH, s.OW}, ec.options(), at::MemoryFormat::ChannelsLast);
     with_storage_type(ec.scalar_type(), [&](auto type) {
       using T = decltype(type);
-      ir::depthwise_act_forward<T>(shape, ec.const_data_ptr<T>(), w_taps.const_data_ptr<float>(), b(),
+      ir::depthwise_act_forward<T>(s, ec.const_data_ptr<T>(), w_taps_.const_data_ptr<float>(), b(),
                                    d.mutable_data_ptr<T>());
     });
     return d;
   }
 
-  // (gradient at pre_e, or at e where pre_e is undefined; the depthwise weight's; its bias')
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_d, const at::Tensor& e,
-                                                          const at::Tensor& pre_e, const at::Tensor& dw) const {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_d, const at::Tensor&,
+                                                          const at::Tensor& e,
+                                                          const at::Tensor& pre_e) const override {
     const auto cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor gc = g_d.contiguous(cl), ec = e.contiguous(cl);
     const at::Tensor pc = pre_e.defined() ? pre_e.contiguous(cl) : at::Tensor();
+    const ir::DepthwiseShape s = shape_of(ec);
     at::Tensor g_in = at::empty_like(ec, cl);
-    at::Tensor g_w = at::empty({shape.KH * shape.KW, shape.C}, ec.options().dtype(at::kFloat));
-    at::Tensor g_b = at::empty({shape.C}, g_w.options());
+    at::Tensor g_w = at::empty({s.KH * s.KW, s.C}, ec.options().dtype(at::kFloat));
+    at::Tensor g_b = at::empty({s.C}, g_w.options());
     with_storage_type(ec.scalar_type(), [&](auto type) {
       using T = decltype(type);
-      ir::depthwise_act_backward<T>(shape, gc.const_data_ptr<T>(), ec.const_data_ptr<T>(),
-                                    pc.defined() ? pc.const_data_ptr<T>() : nullptr, w_taps.const_data_ptr<float>(),
+      ir::depthwise_act_backward<T>(s, gc.const_data_ptr<T>(), ec.const_data_ptr<T>(),
+                                    pc.defined() ? pc.const_data_ptr<T>() : nullptr, w_taps_.const_data_ptr<float>(),
                                     b(), g_in.mutable_data_ptr<T>(), g_w.mutable_data_ptr<float>(),
                                     g_b.mutable_data_ptr<float>());
     });
-    return {g_in, g_w.t().reshape(dw.sizes()).to(dw.scalar_type()), g_b.to(dw.scalar_type())};
+    return {g_in, g_w.t().reshape(dw_.sizes()).to(dw_.scalar_type()), g_b.to(dw_.scalar_type())};
+  }
+
+ private:
+  ir::DepthwiseShape shape_;
+  at::Tensor dw_, w_taps_, bias_;  // w_taps_: fp32 [KH * KW][Ch]; bias_: [Ch] fp32 (undefined without a bias)
+
+  const float* b() const { return bias_.defined() ? bias_.data_ptr<float>() : nullptr; }
+  ir::DepthwiseShape shape_of(const at::Tensor& e) const {  // this chunk's images
+    ir::DepthwiseShape s = shape_;
+    s.N = e.size(0);
+    return s;
   }
 };
 
+// The Triton kernels (triton_kernels/inverted_residual_backward.py), through the ops that
+// effops/ops/inverted_residual.py registers from Python: on CUDA tensors, or on CPU tensors in Triton's
+// interpreter (tests). They read x and the expand weights (e and pre_e recomputed per tile, as the forward
+// kernel does: the expanded tensor is never in memory), any memory format (the kernels read strides).
+class TritonDepthwise final : public DepthwiseMiddle {
+ public:
+  using ForwardSig = at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
+                                const OptTensor&, at::IntArrayRef, at::IntArrayRef, std::optional<c10::string_view>);
+  using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&, const OptTensor&,
+      at::IntArrayRef, at::IntArrayRef, std::optional<c10::string_view>);
+  static constexpr const char* kForwardOp = "effops::inverted_residual_depthwise_triton";
+  static constexpr const char* kBackwardOp = "effops::inverted_residual_depthwise_backward_triton";
+
+  TritonDepthwise(const ir::Shape& s, const OptTensor& ew, const OptTensor& eb, const at::Tensor& dw,
+                  const OptTensor& db, std::optional<c10::string_view> activation)
+      : stride_{s.SH, s.SW}, padding_{s.PH, s.PW}, ew_(ew), eb_(eb), dw_(dw), db_(db), activation_(activation) {}
+
+  bool reads_expanded() const override { return false; }
+
+  at::Tensor forward(const at::Tensor& x, const at::Tensor&) const override {
+    return effops::dispatch::python_route<ForwardSig>(kForwardOp)
+        .call(x, ew_, eb_, dw_, db_, stride_, padding_, activation_);
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g_d, const at::Tensor& x,
+                                                          const at::Tensor&, const at::Tensor&) const override {
+    return effops::dispatch::python_route<BackwardSig>(kBackwardOp)
+        .call(g_d, x, ew_, eb_, dw_, db_, stride_, padding_, activation_);
+  }
+
+ private:
+  std::array<int64_t, 2> stride_, padding_;
+  OptTensor ew_, eb_;
+  at::Tensor dw_;
+  OptTensor db_;
+  std::optional<c10::string_view> activation_;  // a view of backward_impl's argument, which outlives this
+};
+
+// Why the Triton depthwise middle cannot take this input, or nullptr. A batch of 0 runs (no chunk, no
+// launch); grids are at most 65535 images per launch (backward_impl's chunks are capped to that).
+const char* triton_declines(const ir::Shape& s, const at::Tensor& x) {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  if (!dispatcher.findSchema({TritonDepthwise::kForwardOp, ""}).has_value() ||
+      !dispatcher.findSchema({TritonDepthwise::kBackwardOp, ""}).has_value())
+    return "triton is not installed";
+  if (s.Cin == 0 || s.Ch == 0 || s.Cout == 0 || s.H == 0 || s.W == 0 || s.OH <= 0 || s.OW <= 0)
+    return "empty tensor";
+  int64_t span = 1;  // elements one image of x reaches (e is x without expansion)
+  for (int d = 1; d < 4; ++d) span += (x.size(d) - 1) * x.stride(d);
+  if (std::max({span, s.Ch * s.H * s.W, s.Ch * s.OH * s.OW}) >= (int64_t(1) << 31))
+    return "an image spanning 2**31 elements or more (int32 offsets in the Triton kernels)";
+  return nullptr;
+}
+
 // Gradients of images [n0, n1) into the accumulators (weights summed over chunks, grad_x sliced). With
-// `kernel`, the depthwise middle is ours; otherwise every step is torch's.
+// `middle`, the depthwise middle is ours (CPU kernel or Triton); otherwise every step is torch's.
 void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, const at::Tensor& x, const OptTensor& ew,
                     const OptTensor& eb, const at::Tensor& dw, const OptTensor& db, const at::Tensor& pw,
-                    const OptTensor& pb, const Needs& needs, const DepthwiseKernel* kernel,
+                    const OptTensor& pb, const Needs& needs, const DepthwiseMiddle* middle,
                     std::vector<at::Tensor>& out) {
   const bool need_x = needs[0], need_e = needs[1] || needs[2], need_d = needs[3] || needs[4];
   const bool need_d_in = need_x || need_e || need_d;  // anything below the squeeze-excitation
   const bool need_se = se.on && (needs[7] || needs[8] || needs[9] || needs[10]);
   at::Tensor pre_e, e = x;
-  if (s.expand) {
+  if (s.expand && (middle == nullptr || middle->reads_expanded())) {
     pre_e = at::conv2d(x, *ew, eb);
     e = activate(pre_e, s.act);
   }
   at::Tensor pre_d, d;
-  if (kernel != nullptr) {
-    d = kernel->forward(e);
+  if (middle != nullptr) {
+    d = middle->forward(x, e);
   } else {
     pre_d = at::conv2d(e, dw, db, {s.SH, s.SW}, {s.PH, s.PW}, {1, 1}, s.Ch);
     d = activate(pre_d, s.act);
@@ -161,9 +246,9 @@ void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, cons
   at::Tensor g_d = g_ds;
   if (se.on && (need_d_in || need_se)) g_d = se_backward(se, d, pooled, sg, g_ds, need_d_in, needs, add);
   at::Tensor g_x;
-  if (need_d_in && kernel != nullptr) {
+  if (need_d_in && middle != nullptr) {
     // g_in: the gradient at pre_e (at x without expansion), the expand activation's derivative applied
-    auto [g_in, g_dw, g_db] = kernel->backward(g_d, e, pre_e, dw);
+    auto [g_in, g_dw, g_db] = middle->backward(g_d, x, e, pre_e);
     if (needs[3]) add(3, g_dw);
     if (needs[4]) add(4, g_db);
     if (!s.expand) {
@@ -196,7 +281,9 @@ void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, cons
   }
 }
 
-// Both devices' implementation (the route and chunk size differ; the arithmetic is torch's ops either way).
+// Both devices' implementation: the route picks the depthwise middle (our CPU kernel, the Triton kernels, or
+// torch's ops) and the chunk size; the expand and project convolutions' backward and the squeeze-excitation
+// are torch's ops on every route.
 template <c10::DeviceType kDevice>
 Grads backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& ew, const OptTensor& eb,
                    const at::Tensor& dw, const OptTensor& db, const at::Tensor& pw, const OptTensor& pb,
@@ -212,37 +299,45 @@ Grads backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTens
                     x.scalar_type(), ", got ", grad_y.sizes(), " ", grad_y.scalar_type());
   using effops::dispatch::Backend;
   constexpr bool kCpu = kDevice == c10::DeviceType::CPU;
-  // On CUDA the automatic route is torch's ops too (recorded as "reference"); chunked unless forced.
-  const Backend route = effops::dispatch::choose("inverted_residual_backward", kDevice,
-                                                 kCpu ? Backend::kCpu : Backend::kReference, nullptr, nullptr);
-  TORCH_CHECK_NOT_IMPLEMENTED(route == Backend::kCpu || route == Backend::kReference, "backend '",
-                              effops::dispatch::backend_name(route),
-                              "' is forced but has no kernel for inverted_residual_backward");
-  const bool whole_batch = kCpu ? route == Backend::kReference
-                                : effops::dispatch::forced_backend() == Backend::kReference;
+  constexpr const char* kOp = "inverted_residual_backward";
+  // CPU: our kernel (the Triton kernels only when forced: the interpreter). CUDA: the Triton middle, torch's
+  // ops where Triton declines (no speed rule: never measured against cuDNN).
+  const char* triton_cannot = triton_declines(s, x);
+  const Backend route = kCpu ? effops::dispatch::choose(kOp, kDevice, Backend::kCpu, nullptr, nullptr)
+                             : effops::dispatch::choose(kOp, kDevice, Backend::kTriton, triton_cannot, nullptr);
+  TORCH_CHECK_NOT_IMPLEMENTED(route == Backend::kCpu || route == Backend::kReference || route == Backend::kTriton,
+                              "backend '", effops::dispatch::backend_name(route), "' is forced but has no kernel for ",
+                              kOp);
+  TORCH_CHECK_NOT_IMPLEMENTED(route != Backend::kTriton || triton_cannot == nullptr,
+                              "backend 'triton' is forced but declines this ", kOp, " input: ", triton_cannot);
+  // Forced "reference": torch's ops on the whole batch at once (the reference's arithmetic); otherwise chunks.
+  const bool whole_batch = effops::dispatch::forced_backend() == Backend::kReference;
   const int64_t per_image = s.Ch * s.H * s.W * static_cast<int64_t>(x.element_size());
   const int64_t chunk_bytes = kCpu ? kCpuChunkBytes : kCudaChunkBytes;
-  const int64_t chunk = whole_batch ? std::max<int64_t>(1, s.N)
-                                    : std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, per_image));
-  // Our depthwise middle on the cpu route for channels-last blocks (other layouts: torch's ops throughout).
-  std::optional<DepthwiseKernel> kernel;
+  int64_t chunk = whole_batch ? std::max<int64_t>(1, s.N)
+                              : std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, per_image));
+  if (route == Backend::kTriton) chunk = std::min<int64_t>(chunk, 65535);  // the kernels' CUDA grid z
+  // Our depthwise middle: the CPU kernel for channels-last blocks (other layouts: torch's ops throughout),
+  // the Triton kernels for any layout.
+  std::unique_ptr<DepthwiseMiddle> middle;
   if (route == Backend::kCpu && format_of(x) == at::MemoryFormat::ChannelsLast && s.KH <= 8 && s.KW <= 8)
-    kernel.emplace(s, dw, db);
+    middle = std::make_unique<DepthwiseKernel>(s, dw, db);
+  else if (route == Backend::kTriton)
+    middle = std::make_unique<TritonDepthwise>(s, ew, eb, dw, db, activation);
   std::vector<at::Tensor> out(kInputs);
   std::vector<at::Tensor> gx_parts;
   for (int64_t n0 = 0; n0 < s.N; n0 += chunk) {
     const int64_t n = std::min(chunk, s.N - n0);
     ir::Shape c = s;
     c.N = n;
-    if (kernel) kernel->shape.N = n;
     std::vector<at::Tensor> part(out);  // the weights' sums so far; part[0] is this chunk's grad_x
     part[0] = at::Tensor();
     chunk_backward(c, se, grad_y.narrow(0, n0, n), x.narrow(0, n0, n), ew, eb, dw, db, pw, pb, needs,
-                   kernel ? &*kernel : nullptr, part);
+                   middle.get(), part);
     for (int i = 1; i < kInputs; ++i) out[i] = part[i];
     if (needs[0]) gx_parts.push_back(part[0]);
   }
-  if (needs[0]) out[0] = (gx_parts.size() == 1 ? gx_parts[0] : at::cat(gx_parts)).contiguous(format_of(x));
+  if (!gx_parts.empty()) out[0] = (gx_parts.size() == 1 ? gx_parts[0] : at::cat(gx_parts)).contiguous(format_of(x));
   const auto result = [&](int i, const OptTensor& like) {
     if (!needs[i] || !given(like)) return at::Tensor();
     return out[i].defined() ? out[i] : at::zeros_like(*like);  // batch 0: nothing summed

@@ -8,7 +8,10 @@ saved; the backward recomputes the expanded tensor a chunk of images at a time).
 extension (EFFOPS_NO_EXT=1, a pure-Python install) and inside torch.func transforms the reference runs
 (torch differentiates and batches it). On CUDA tensors the C++ op calls the Triton forward
 (triton_kernels/inverted_residual.py, defined here as effops::inverted_residual_triton); the backward
-recomputes through torch's CUDA ops in chunks of images (no Triton backward yet). None of it has run on a
+recomputes per chunk of images with its depthwise middle in Triton (triton_kernels/inverted_residual_backward.py,
+defined here as effops::inverted_residual_depthwise_triton and effops::inverted_residual_depthwise_backward_triton;
+they recompute the expanded tensor per tile from x) and the 1x1 convolutions' and squeeze-excitation's backward
+through torch's CUDA ops. None of it has run on a
 GPU.
 """
 import importlib.util
@@ -52,10 +55,25 @@ def _triton_forward(x, expand_weight, expand_bias, dw_weight, dw_bias, project_w
                                              project_bias, stride, padding, activation, residual, scale)
 
 
+def _triton_depthwise(x, expand_weight, expand_bias, dw_weight, dw_bias, stride, padding, activation):
+    from effops.triton_kernels import inverted_residual_backward as kernels
+    return kernels.depthwise_act(x, expand_weight, expand_bias, dw_weight, dw_bias, stride, padding, activation)
+
+
+def _triton_depthwise_backward(grad_d, x, expand_weight, expand_bias, dw_weight, dw_bias, stride, padding,
+                               activation):
+    from effops.triton_kernels import inverted_residual_backward as kernels
+    return kernels.depthwise_act_backward(grad_d, x, expand_weight, expand_bias, dw_weight, dw_bias, stride, padding,
+                                          activation)
+
+
 def _define_triton_route():
-    """effops::inverted_residual_triton: the Triton forward, which the C++ op calls on CUDA tensors and when
-    "triton" is forced on CPU tensors (Triton's interpreter, tests only). Defined at import when Triton is
-    installed (Triton itself is imported on the first call)."""
+    """The Triton routes the C++ ops call on CUDA tensors and when "triton" is forced on CPU tensors (Triton's
+    interpreter, tests only): effops::inverted_residual_triton (the forward) and, for the backward's depthwise
+    middle, effops::inverted_residual_depthwise_triton (d = act(depthwise(e) + b), e = act(expand(x)) recomputed
+    per tile) and effops::inverted_residual_depthwise_backward_triton (the gradients at the expand conv's output,
+    or at x without one, and of the depthwise weight and bias). Defined at import when Triton is installed (Triton itself is imported on
+    the first call)."""
     if importlib.util.find_spec("triton") is None:
         return None
     lib = torch.library.Library("effops", "FRAGMENT")
@@ -64,8 +82,15 @@ def _define_triton_route():
                "str? activation, bool residual, Tensor? packed=None, Tensor? se_reduce_weight=None, "
                "Tensor? se_reduce_bias=None, Tensor? se_expand_weight=None, Tensor? se_expand_bias=None, "
                "str se_activation='relu', str se_gate='hardsigmoid') -> Tensor")
+    lib.define("inverted_residual_depthwise_triton(Tensor x, Tensor? expand_weight, Tensor? expand_bias, "
+               "Tensor dw_weight, Tensor? dw_bias, int[2] stride, int[2] padding, str? activation) -> Tensor")
+    lib.define("inverted_residual_depthwise_backward_triton(Tensor grad_d, Tensor x, Tensor? expand_weight, "
+               "Tensor? expand_bias, Tensor dw_weight, Tensor? dw_bias, int[2] stride, int[2] padding, "
+               "str? activation) -> (Tensor, Tensor, Tensor)")
     for key in ("CPU", "CUDA"):
         lib.impl("inverted_residual_triton", _triton_forward, key)
+        lib.impl("inverted_residual_depthwise_triton", _triton_depthwise, key)
+        lib.impl("inverted_residual_depthwise_backward_triton", _triton_depthwise_backward, key)
     return lib
 
 
