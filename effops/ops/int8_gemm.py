@@ -69,7 +69,9 @@ def int8_linear_dynamic(x, w_packed, w_scale, bias, out_features, weight_only=Fa
                                                               w_corr, weight_bits)
     op = _DYNAMIC_OP.get("op")
     if op is None:  # looked up once: torch.ops.effops.int8_linear_dynamic.default costs ~0.2 us a call
-        op = _DYNAMIC_OP["op"] = torch.ops.effops.int8_linear_dynamic.default
+        op = torch.ops.effops.int8_linear_dynamic.default
+        if not torch.compiler.is_compiling():  # (a store while dynamo traces would recompile the next call)
+            _DYNAMIC_OP["op"] = op
     return op(x, w_packed, w_scale, bias, out_features, weight_only, w_corr, weight_bits)
 
 
