@@ -46,8 +46,8 @@ def _act(h, ACT: tl.constexpr):
 
 @triton.jit
 def _act_backward(g, h, ACT: tl.constexpr):
-    """g * act'(h), with torch's conventions (relu' = 0 at 0; relu6' = 0 at 0 and 6; hardswish' = h / 3 + 1/2
-    at -3 and 3)."""
+    """g * act'(h), with torch's conventions (relu' = 0 at 0; relu6' = 0 at 0 and 6; hardswish' = 0 at -3 and
+    1 at 3, as effops.reference.dwpw_conv2d.activation_backward defines it)."""
     if ACT == 1:
         g = tl.where(h > 0.0, g, 0.0)
     elif ACT == 2:
@@ -59,8 +59,8 @@ def _act_backward(g, h, ACT: tl.constexpr):
     elif ACT == 4:
         s = tl.sigmoid(h)
         g = g * s * (1.0 + h * (1.0 - s))
-    elif ACT == 5:  # torch's branches: 0 below -3, h / 3 + 1/2 on [-3, 3], 1 above (and for NaN)
-        g = tl.where(h < -3.0, 0.0, tl.where(h <= 3.0, g * (h / 3.0 + 0.5), g))
+    elif ACT == 5:  # 0 up to -3 included, h / 3 + 1/2 on (-3, 3), 1 from 3 on (and for NaN)
+        g = tl.where(h <= -3.0, 0.0, tl.where(h < 3.0, g * (h / 3.0 + 0.5), g))
     return g
 
 

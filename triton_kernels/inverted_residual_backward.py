@@ -59,15 +59,12 @@ def _stored(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
 def _act_grad(g, h, ACT: tl.constexpr):
     """g * act'(h) as torch's *_backward ops give it (torch 2.13; hardswish's edges since 2.7, pytorch/pytorch#148049):
     relu' (threshold_backward) 0 up to 0 included, relu6' (hardtanh_backward) 0 up to 0 and from 6 on, hardswish'
-    0 up to -3 included, h / 3 + 1/2 on (-3, 3), 1 from 3 on. dwpw_conv2d's _act_backward has hardswish's older
-    closed [-3, 3] band (-1/2 at -3, 3/2 at 3); gelu and silu are its. (At NaN these three give g, as torch's
-    scalar loops do; its vectorized ones differ there.)"""
+    0 up to -3 included, h / 3 + 1/2 on (-3, 3), 1 from 3 on (dwpw_conv2d's _act_backward, which also gives gelu
+    and silu). (At NaN relu and relu6 give g here, as torch's scalar loops do; its vectorized ones differ there.)"""
     if ACT == 1:
         return tl.where(h <= 0.0, 0.0, g)
     elif ACT == 2:
         return tl.where((h <= 0.0) | (h >= 6.0), 0.0, g)
-    elif ACT == 5:
-        return tl.where(h <= -3.0, 0.0, tl.where(h < 3.0, g * (h / 3.0 + 0.5), g))
     return _act_backward(g, h, ACT)
 
 

@@ -52,7 +52,8 @@ def activate(h, activation):
 
 
 def activation_backward(grad_a, h, activation):
-    """grad of activate(h) given grad of its output, through aten's own backward formulas."""
+    """grad of activate(h) given grad of its output, through aten's own backward formulas (hardswish's
+    written out)."""
     if activation is None:
         return grad_a
     if activation == "relu":
@@ -64,7 +65,10 @@ def activation_backward(grad_a, h, activation):
     if activation == "silu":
         return torch.ops.aten.silu_backward(grad_a, h)
     if activation == "hardswish":
-        return torch.ops.aten.hardswish_backward(grad_a, h)
+        # Written out, not aten's: torch moved the edges in 2.7 (pytorch/pytorch#148049; before, h / 3 + 1/2
+        # on [-3, 3] with both ends). Defined as torch 2.7+ gives it: 0 up to -3 included, h / 3 + 1/2 on
+        # (-3, 3), 1 from 3 on and for NaN.
+        return torch.where(h <= -3, torch.zeros_like(grad_a), torch.where(h < 3, grad_a * (h / 3 + 0.5), grad_a))
     raise ValueError("activation must be one of %s, got %r" % (ACTIVATIONS, activation))
 
 
