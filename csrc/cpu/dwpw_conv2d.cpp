@@ -285,6 +285,86 @@ EFFOPS_AVX512_BF16_TARGET EFFOPS_INLINE void depthwise_tile_pairs(const Shape& s
   }
 }
 
+// The depthwise of J consecutive output pixels of one row for 16 channels (lanes of m; the others 0),
+// for kernel width KW and stride S (dilation 1 along the row): each input pixel of a kernel row is
+// loaded and widened once into registers and feeds the up to KW outputs that read it (the per-pixel
+// form widens it once per tap: KW times). xr: the input rows' pixel 0 at channel c, row step x_kh;
+// iw0: the input column of output pixel 0's first tap. Edge: some of the J * S + KW - S columns lie
+// outside [0, W) (they read as 0). Masked: m is not all 16 lanes (masked loads only then: with a full
+// mask they measured several times slower than plain loads on Zen 5).
+template <int KW, int S, int J, bool Edge, bool Masked>
+EFFOPS_AVX512_BF16_TARGET EFFOPS_INLINE void depthwise_strip(const c10::BFloat16* xr, int64_t x_kh, int64_t C,
+                                                            int64_t W, int64_t iw0, const float* w, int64_t w_kh,
+                                                            const float* b, int64_t nkh, __mmask16 m, int act,
+                                                            int64_t jn, uint32_t* out, int64_t out_rs) {
+  constexpr int NI = (J - 1) * S + KW;
+  __m512 acc[J];
+  const __m512 bias = b ? load_f32<Masked>(b, m) : _mm512_setzero_ps();
+  for (int j = 0; j < J; ++j) acc[j] = bias;
+  // Pointers stepped by C rather than indexed by i * C: the indexed form kept its NI offsets on the
+  // stack (general registers run out).
+  for (int64_t kh = 0; kh < nkh; ++kh) {
+    const c10::BFloat16* xp = xr + kh * x_kh + iw0 * C;
+    __m512 in[NI];
+    for (int i = 0; i < NI; ++i, xp += C)
+      in[i] = !Edge || (iw0 + i >= 0 && iw0 + i < W) ? load_bf16<Masked>(xp, m) : _mm512_setzero_ps();
+    const float* wp = w + kh * w_kh;
+    for (int kw = 0; kw < KW; ++kw, wp += C) {
+      const __m512 wv = load_f32<Masked>(wp, m);
+      for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(in[j * S + kw], wv, acc[j]);
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    if (j < jn)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j * out_rs),
+                          (__m256i)_mm512_cvtneps_pbh(act_forward(Avx512Vec{acc[j]}, act).v));
+}
+
+// depthwise_tile_pairs for kernel width KW and stride S along rows (dilation 1 there): the tile's
+// pixels as runs along output rows, J pixels x 16 channels at a time (depthwise_strip).
+template <int KW, int S>
+EFFOPS_AVX512_BF16_TARGET EFFOPS_INLINE void depthwise_tile_strips(const Shape& s, const c10::BFloat16* xn,
+                                                                  const float* w, const float* b, int64_t q0,
+                                                                  int64_t np, int64_t Cp, uint32_t* A16) {
+  constexpr int J = S == 1 ? 8 : 6;  // registers: (J - 1) * S + KW inputs + J sums + a weight <= 32
+  const int64_t C = s.C, W = s.W, OW = s.OW, row_words = Cp / 2, act = s.act;
+  for (int64_t p = 0; p < np;) {
+    const int64_t oh = (q0 + p) / OW, ow_a = (q0 + p) % OW, len = std::min(OW - ow_a, np - p);
+    int64_t ih0, kh0, kh1;
+    tap_range_fast(oh, s.SH, s.PH, s.DH, s.KH, s.H, ih0, kh0, kh1);
+    const c10::BFloat16* xr = xn + (ih0 + kh0 * s.DH) * W * C;
+    const float* wk = w + kh0 * KW * C;
+    for (int64_t j0 = 0; j0 < len; j0 += J) {
+      const int64_t iw0 = (ow_a + j0) * S - s.PW, jn = std::min<int64_t>(J, len - j0);
+      const bool edge = iw0 < 0 || iw0 + (J - 1) * S + KW > W;
+      uint32_t* out = A16 + (p + j0) * row_words;
+      // (Not a lambda: one is not compiled for this level unless inlined.)
+      const int64_t x_kh = s.DH * W * C, w_kh = KW * C, nkh = kh1 - kh0;
+      int64_t c = 0;
+      for (; c + 16 <= C; c += 16) {
+        const float* bc = b ? b + c : nullptr;
+        if (edge)
+          depthwise_strip<KW, S, J, true, false>(xr + c, x_kh, C, W, iw0, wk + c, w_kh, bc, nkh, 0xffff, act, jn,
+                                                 out + c / 2, row_words);
+        else
+          depthwise_strip<KW, S, J, false, false>(xr + c, x_kh, C, W, iw0, wk + c, w_kh, bc, nkh, 0xffff, act, jn,
+                                                  out + c / 2, row_words);
+      }
+      if (c < C) {
+        const __mmask16 m = static_cast<__mmask16>((1u << (C - c)) - 1);
+        const float* bc = b ? b + c : nullptr;
+        if (edge)
+          depthwise_strip<KW, S, J, true, true>(xr + c, x_kh, C, W, iw0, wk + c, w_kh, bc, nkh, m, act, jn,
+                                                out + c / 2, row_words);
+        else
+          depthwise_strip<KW, S, J, false, true>(xr + c, x_kh, C, W, iw0, wk + c, w_kh, bc, nkh, m, act, jn,
+                                                 out + c / 2, row_words);
+      }
+    }
+    p += len;
+  }
+}
+
 // The pointwise product in bf16: y[r][o + q * 16 + j] = bias + sum over pairs k of a[r * a_rs + k] .
 // b[q * b_ps + k * 16 + j], each 32-bit word holding the bf16 values of channels 2k (low half) and
 // 2k + 1 (high half); one vdpbf16ps per row, pair and panel adds both products to 16 fp32 sums, where
@@ -363,7 +443,17 @@ EFFOPS_AVX512_BF16_TARGET EFFOPS_FLATTEN void forward_tile_bf16_pairs(const Shap
                                                                      const uint32_t* pw_pairs, const float* pw_b,
                                                                      c10::BFloat16* y, int64_t n, int64_t q0,
                                                                      int64_t np, int64_t Cp, uint32_t* A16) {
-  depthwise_tile_pairs(s, x + n * s.H * s.W * s.C, dw_w, dw_b, q0, np, Cp, A16);
+  const c10::BFloat16* xn = x + n * s.H * s.W * s.C;
+  // Strips along rows for the usual kernels (3, 5, 7 wide, stride 1 or 2, no dilation along rows).
+  const int strip = s.DW != 1 || s.SW > 2 ? 0 : s.SW * 10 + static_cast<int>(s.KW);
+  switch (strip) {
+    case 13: depthwise_tile_strips<3, 1>(s, xn, dw_w, dw_b, q0, np, Cp, A16); break;
+    case 23: depthwise_tile_strips<3, 2>(s, xn, dw_w, dw_b, q0, np, Cp, A16); break;
+    case 15: depthwise_tile_strips<5, 1>(s, xn, dw_w, dw_b, q0, np, Cp, A16); break;
+    case 25: depthwise_tile_strips<5, 2>(s, xn, dw_w, dw_b, q0, np, Cp, A16); break;
+    case 17: depthwise_tile_strips<7, 1>(s, xn, dw_w, dw_b, q0, np, Cp, A16); break;
+    default: depthwise_tile_pairs(s, xn, dw_w, dw_b, q0, np, Cp, A16);
+  }
   const int64_t K2 = (s.C + 1) / 2, panels = (s.O + kNr - 1) / kNr, a_rs = Cp / 2;
   c10::BFloat16* yt = y + (n * s.OH * s.OW + q0) * s.O;
   for (int64_t pan = 0; pan < panels;) {
