@@ -582,7 +582,9 @@ template <typename T>
 void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
              const float* pw_b, T* y, bool nchw, const uint32_t* pw_pairs) {
   if constexpr (!std::is_same_v<T, c10::BFloat16>) pw_pairs = nullptr;
-  if (!forward_takes_bf16_pairs(nchw)) pw_pairs = nullptr;  // the level was lowered since the caller asked
+  // Given the pairs, the caller packed no fp32 panels (pw_packed may be null): the pairs body runs even if
+  // the level was lowered since the caller asked forward_takes_bf16_pairs, as long as the CPU has it.
+  if (nchw || static_cast<int>(detected_cpu_isa()) < static_cast<int>(CpuIsa::kAvx512Bf16)) pw_pairs = nullptr;
   const int64_t Cp = row_stride(s.C), OHW = s.OH * s.OW;
   // Channels-last: tiles of P pixels anywhere in the image. NCHW: tiles of whole output rows (the
   // depthwise runs along rows), about as many pixels, at least one row.
@@ -635,7 +637,8 @@ EFFOPS_INSTANTIATE(c10::Half)
 
 const char* dwpw_body() {
   if (cpu_isa_at_least(CpuIsa::kAvx512Bf16))
-    return "avx512_bf16 (bf16 channels-last forward: vdpbf16ps pointwise; fp32 FMA, 512-bit, 8 x 48, otherwise)";
+    return "avx512_bf16 (bf16 channels-last forward: depthwise to bf16 pairs, vdpbf16ps pointwise 6 x 64; fp32 FMA, "
+           "512-bit, 8 x 48, otherwise)";
   if (use_avx512()) return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel)";
   return use_avx2() ? "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel)" : "scalar";
 }
