@@ -182,10 +182,10 @@ EFFOPS_INLINE void depthwise_rows_nchw(const Shape& s, const T* xn, const float*
 
 #if EFFOPS_HAVE_X86
 // ---- bf16 channels-last forward at the avx512_bf16 level (T = bf16, pw_pairs given) ----
-// The depthwise output never exists in fp32 memory: each 32 channels of one pixel are summed in two
-// fp32 registers (bf16 loads widened, fp32 weights), the activation applied there, and the pair packed
-// into 16 bf16-pair words by one vcvtne2ps2bf16 (round to nearest even, as torch rounds its bf16
-// intermediate), the A operand of the vdpbf16ps product, row stride Cp bf16. Channels past C are
+// The depthwise output never exists in fp32 memory: it is summed in fp32 registers (bf16 loads widened,
+// fp32 weights), the activation applied there, and rounded into bf16-pair words by vcvtneps2bf16 /
+// vcvtne2ps2bf16 (round to nearest even, as torch rounds its bf16 intermediate): the A operand of the
+// vdpbf16ps product, row stride Cp bf16. Channels past C are
 // masked to 0 at the loads (act(0) == 0), so the pad words of a row are 0 without a second pass.
 // (The fp32 tile buffer, its activation pass and a scalar bf16 rounding per vector, which this
 // replaces, measured about half of the forward at 8 x 64 -> 128 @56.)
@@ -304,10 +304,11 @@ EFFOPS_AVX512_BF16_TARGET EFFOPS_INLINE void depthwise_strip(const c10::BFloat16
   // Pointers stepped by C rather than indexed by i * C: the indexed form kept its NI offsets on the
   // stack (general registers run out).
   for (int64_t kh = 0; kh < nkh; ++kh) {
-    const c10::BFloat16* xp = xr + kh * x_kh + iw0 * C;
+    const c10::BFloat16* row = xr + kh * x_kh;
+    int64_t off = iw0 * C;  // an offset, not a pointer: left of the image it would point before x
     __m512 in[NI];
-    for (int i = 0; i < NI; ++i, xp += C)
-      in[i] = !Edge || (iw0 + i >= 0 && iw0 + i < W) ? load_bf16<Masked>(xp, m) : _mm512_setzero_ps();
+    for (int i = 0; i < NI; ++i, off += C)
+      in[i] = !Edge || (iw0 + i >= 0 && iw0 + i < W) ? load_bf16<Masked>(row + off, m) : _mm512_setzero_ps();
     const float* wp = w + kh * w_kh;
     for (int kw = 0; kw < KW; ++kw, wp += C) {
       const __m512 wv = load_f32<Masked>(wp, m);
