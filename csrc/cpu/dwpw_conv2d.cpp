@@ -339,7 +339,7 @@ EFFOPS_AVX512_BF16_TARGET EFFOPS_INLINE void depthwise_tile_strips(const Shape& 
       const int64_t iw0 = (ow_a + j0) * S - s.PW, jn = std::min<int64_t>(J, len - j0);
       const bool edge = iw0 < 0 || iw0 + (J - 1) * S + KW > W;
       uint32_t* out = A16 + (p + j0) * row_words;
-      // Prefetch (into L2) the input rows that the next output row reads first, at these columns:
+      // Prefetch the input rows that the next output row reads first, at these columns:
       // one output row later they are there. At batch 32 (x 13 MB, out of cache) the tap loads
       // otherwise waited on memory, each new input row being a fresh stream to the hardware.
       for (int64_t r = 0; r < s.SH; ++r) {
@@ -348,7 +348,7 @@ EFFOPS_AVX512_BF16_TARGET EFFOPS_INLINE void depthwise_tile_strips(const Shape& 
         const int64_t c0 = std::max<int64_t>(0, iw0), c1 = std::min<int64_t>(W, iw0 + J * S);
         const char* a = reinterpret_cast<const char*>(xn + (ihp * W + c0) * C);
         const char* e = reinterpret_cast<const char*>(xn + (ihp * W + c1) * C);
-        for (; a < e; a += 64) _mm_prefetch(a, _MM_HINT_T1);
+        for (; a < e; a += 64) _mm_prefetch(a, _MM_HINT_T0);
       }
       // (Not a lambda: one is not compiled for this level unless inlined.)
       const int64_t x_kh = s.DH * W * C, w_kh = KW * C, nkh = kh1 - kh0;
