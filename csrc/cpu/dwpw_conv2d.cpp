@@ -416,7 +416,8 @@ __attribute__((noinline)) EFFOPS_AVX512_BF16_TARGET void micro_dpbf16(const uint
       int q = 0;
       for (; q + 1 < NP; q += 2)
         _mm512_storeu_si512(y + r * y_rs + q * kNr, (__m512i)_mm512_cvtne2ps_pbh(acc[r][q + 1], acc[r][q]));
-      if (q < NP) _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * y_rs + q * kNr), (__m256i)_mm512_cvtneps_pbh(acc[r][q]));
+      if (q < NP)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * y_rs + q * kNr), (__m256i)_mm512_cvtneps_pbh(acc[r][q]));
     }
     return;
   }
