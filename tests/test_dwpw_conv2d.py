@@ -493,18 +493,69 @@ def test_cpu_channel_tails_at_every_level(case, layout, level):
         torch.testing.assert_close(y, expected(tensors, kwargs).float(), atol=1e-4, rtol=1e-4)
         _cpu_backward_vs_reference(case, layout, "nchw" if layout == "channels_last" else "channels_last")
         _cpu_backward_vs_reference(case, layout, layout, torch.bfloat16)
-        # bf16 forward (channels-last at avx512_bf16: the vdpbf16ps pointwise, its A rounded to bf16 as
-        # torch rounds its intermediate): error against the float64 reference at most twice that of
-        # torch's own two bf16 convolutions (plus one bf16 ulp of the output's scale).
-        tensors, kwargs = make(case, dtype=torch.bfloat16, layout=layout, dev="cpu")
-        with effops.use_backend("cpu"):
-            y = dwpw_conv2d(*tensors, **kwargs)
-        with effops.use_backend("reference"):
-            y_torch = dwpw_conv2d(*tensors, **kwargs)
-        want = expected(tensors, kwargs)
-        scale = want.abs().max().item()
-        err, err_torch = ((t.double() - want).abs().max().item() for t in (y, y_torch))
-        assert y.dtype == torch.bfloat16 and err <= 2 * err_torch + scale * 2.0 ** -8, (err, err_torch)
+        _bf16_forward_within_torch_error(case, layout)
+
+
+def _bf16_forward_within_torch_error(case, layout):
+    """bf16 forward (channels-last at avx512_bf16: the depthwise rounded to bf16 pairs and the vdpbf16ps
+    pointwise, its A rounded to bf16 as torch rounds its intermediate): error against the float64
+    reference at most twice that of torch's own two bf16 convolutions (plus one bf16 ulp of the output's
+    scale)."""
+    tensors, kwargs = make(case, dtype=torch.bfloat16, layout=layout, dev="cpu")
+    with effops.use_backend("cpu"):
+        y = dwpw_conv2d(*tensors, **kwargs)
+    with effops.use_backend("reference"):
+        y_torch = dwpw_conv2d(*tensors, **kwargs)
+    want = expected(tensors, kwargs)
+    scale = want.abs().max().item()
+    err, err_torch = ((t.double() - want).abs().max().item() for t in (y, y_torch))
+    assert y.dtype == torch.bfloat16 and y.shape == want.shape, (y.dtype, y.shape)
+    assert err <= 2 * err_torch + scale * 2.0 ** -8, (err, err_torch)
+
+
+# The bf16 channels-last forward of the avx512_bf16 level (dwpw_conv2d.cpp, forward_tile_bf16_pairs):
+# the depthwise in strips along rows for 3, 5 and 7 wide kernels at stride 1 and 2 (7 at stride 2 and
+# any dilation along rows take the per-pixel form), rows wide enough for strips inside the image and
+# at both edges, tiles starting inside a row; channel counts with a 16- and 32-channel tail (masked
+# loads) or none; 1 to 5 panels of outputs (blocks of 4, 3 + 2) with a column tail; every activation.
+# At every level (the others run their own bodies on the same cases).
+BF16_STRIPS = [
+    (2, 33, 80, 30, 31, 3, 1, 1, 1, True, True, "relu6"),
+    (1, 48, 17, 21, 40, 3, 2, 1, 1, False, True, "gelu"),
+    (1, 20, 64, 19, 25, 5, 1, 2, 1, True, False, "silu"),
+    (2, 64, 24, 17, 23, 5, 2, 2, 1, True, True, "hardswish"),
+    (1, 96, 33, 13, 29, 7, 1, 3, 1, False, False, "relu"),
+    (1, 31, 16, 15, 22, 7, 2, 3, 1, True, True, None),
+    (1, 16, 1, 12, 26, (3, 5), 1, (0, 2), 1, True, True, "relu6"),
+    (1, 40, 50, 9, 20, 3, 1, 0, 1, True, True, "gelu"),
+    (1, 32, 96, 8, 70, 3, 1, 1, (1, 2), False, True, "silu"),
+]
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("level", [pytest.param(lv, id=lv) for lv in cpu_levels()])
+@pytest.mark.parametrize("case", BF16_STRIPS, ids=["k3s1c33o80", "k3s2c48o17", "k5s1c20", "k5s2c64o24", "k7s1c96",
+                                                   "k7s2c31", "k3x5p0c16o1", "p0c40", "d12c32o96"])
+def test_cpu_bf16_channels_last_forward_at_every_level(case, level):
+    with effops.cpu_isa.use_cpu_isa(level):
+        _bf16_forward_within_torch_error(case, "channels_last")
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cpu_bf16_channels_last_non_finite(activation, k):
+    # NaN and inf through the bf16 channels-last forward (the strips for 3x3, the per-pixel form for
+    # 1x1): at the same positions as through torch's own bf16 convolutions.
+    x, dw, pw = _non_finite_inputs()
+    x = x.expand(2, 16, 3, 8).contiguous(memory_format=torch.channels_last).bfloat16()
+    dw = (dw.expand(16, 1, k, k) / k).contiguous().bfloat16()
+    pw = pw.bfloat16()
+    want = F.conv2d(reference.activate(F.conv2d(x, dw, None, 1, k // 2, 1, 16), activation), pw)
+    with effops.use_backend("cpu"):
+        got = dwpw_conv2d(x, dw, pw, padding=k // 2, activation=activation)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want.float(), equal_nan=True, atol=0.1, rtol=0.05)
 
 
 LEVELS_SCRIPT = r"""
@@ -697,9 +748,10 @@ def test_triton_is_chosen_automatically_for_16_bit_only():
 @pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
 def test_bf16_rules_where_the_cpu_has_native_bf16(monkeypatch):
     # torch's bf16 convolutions run natively on AVX512-BF16 CPUs (measured at the avx512_bf16 level,
-    # docs/dwpw_conv2d.md): its channels_last forward won at nearly every size, so a bf16 channels_last
-    # forward goes to torch; a bf16 step and an NCHW forward won below 32 MiB on some shapes and lost
-    # above it: the 32 MiB rule, with the level named. oneDNN capped below AVX512-BF16 is not native.
+    # docs/dwpw_conv2d.md): a bf16 step and an NCHW forward won below 32 MiB on some shapes and lost
+    # above it: the 32 MiB rule, with the level named. A bf16 channels_last forward: the fused one of
+    # the avx512_bf16 level (vdpbf16ps) at every size; with the kernels capped below that level, torch.
+    # oneDNN capped below AVX512-BF16 is not native.
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     geometry = ((1, 1), (1, 1), (1, 1))
 
@@ -711,7 +763,11 @@ def test_bf16_rules_where_the_cpu_has_native_bf16(monkeypatch):
     for layout in ("nchw", "channels_last"):
         assert ("avx512_bf16" in reason(8, 64, 128, 56, layout, training=True)) == native  # 6.4 MB step
         assert reason(32, 32, 64, 112, layout, training=True) == ""                        # 51 MB: fused
-    assert ("avx512_bf16" in reason(64, 64, 128, 56, "channels_last")) == native  # 51 MB y: torch's forward won
+    for n in (1, 8, 64):  # the vdpbf16ps forward measured as fast or faster at every batch
+        assert reason(n, 64, 128, 56, "channels_last") == "", n
+    if native:
+        with effops.cpu_isa.use_cpu_isa("avx512"):  # the fp32-FMA body on bf16 tensors: torch's won
+            assert "avx512_bf16" in reason(8, 64, 128, 56, "channels_last")
     assert reason(64, 64, 128, 56, "nchw") == ""
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert reason(64, 64, 128, 56, "channels_last") == ""

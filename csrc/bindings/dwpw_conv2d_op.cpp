@@ -26,6 +26,7 @@
 #include "bindings/dispatch.h"
 #include "bindings/dwpw_conv2d_kernel.h"
 #include "cpu/cpu_features.h"
+#include "cpu/dwpw_conv2d.h"
 
 namespace {
 
@@ -235,11 +236,13 @@ const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::
   if (s.macs < kTinyMacs) return nullptr;
   const bool avx512 = dtype == at::kFloat && effops::cpu::cpu_isa_at_least(effops::cpu::CpuIsa::kAvx512);
   // bf16 where torch's bf16 convolutions are native (AVX512-BF16, oneDNN not capped below it), measured at
-  // the avx512_bf16 level (`benchmarks/dwpw_levels.py 8|32|64 ... bf16`, docs/dwpw_conv2d.md): torch's
-  // channels-last forward won on most shapes at every size (fused 0.53-0.88x, and 0.62x at 64 x 64 -> 128
-  // @56 with a 51 MB y), though not all (144 -> 24 @56 1.18-3.77x, 32 x 32 -> 64 @112 1.50x): torch.
-  // Its NCHW forward and both layouts' steps won below 32 MiB on some shapes (fused 0.43-0.99x) and lost
-  // on every shape above it (fused 1.08-4.78x): the 32 MiB rule.
+  // the avx512_bf16 level (`benchmarks/dwpw_levels.py 8|32|64 ... bf16`, docs/dwpw_conv2d.md): its NCHW
+  // forward and both layouts' steps won below 32 MiB on some shapes (fused 0.43-0.99x) and lost on every
+  // shape above it (fused 1.08-4.78x): the 32 MiB rule. Its channels-last forward: the fused forward of
+  // the avx512_bf16 level (depthwise straight to bf16 pairs, vdpbf16ps pointwise) measured as fast or
+  // faster on every benchmarked block at batch 1, 8 and 32 (docs/dwpw_conv2d.md, "bf16 channels-last
+  // forward, rewritten"): fused at every size. Below that level (EFFOPS_CPU_ISA or use_cpu_isa capped
+  // at avx512 or lower: the fp32-FMA body on bf16 tensors) torch's won (that body 0.46-0.56x at batch 8): torch.
   const bool native_bf16 = dtype == at::kBFloat16 && effops::dispatch::torch_bf16_is_native();
   if (training) {
     if (native_bf16 && s.step_largest < kLargeTensorBytes)
@@ -255,9 +258,11 @@ const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::
       return "training step with THP_MEM_ALLOC_ENABLE=1 on channels_last: torch's autograd measured about as fast";
     return nullptr;
   }
-  if (native_bf16 && format == at::MemoryFormat::ChannelsLast)
-    return "bf16 channels_last forward at the avx512_bf16 level: torch's native bf16 convolutions measured faster "
-           "(the fused forward 0.53-0.88x on most shapes)";
+  if (native_bf16 && format == at::MemoryFormat::ChannelsLast) {
+    if (effops::cpu::dwpw::forward_takes_bf16_pairs(/*nchw=*/false)) return nullptr;
+    return "bf16 channels_last forward with the kernels capped below the avx512_bf16 level: torch's native bf16 "
+           "convolutions measured faster (the fp32-FMA body 0.46-0.56x at batch 8)";
+  }
   if (avx512 && !s.strided && s.forward_largest < kAvx512ForwardBytes)
     return "fp32 forward whose largest tensor is under 8 MiB at the avx512 level: torch's convolutions measured as "
            "fast or faster on some shapes";

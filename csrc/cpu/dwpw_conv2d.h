@@ -7,6 +7,7 @@
 //      A[P][Cp] (fp32, channels-last, Cp = C rounded up to 16) sized to stay in L2;
 //   2. pointwise: y[P][O] = A @ Wpw^T by a register-blocked micro-kernel (6 pixels x 16 outputs,
 //      12 AVX2 accumulators), reading the pointwise weights packed as [ceil(O/16)][C][16].
+// (bf16 channels-last at the avx512_bf16 level: A in bf16 pairs, the product by vdpbf16ps; see pw_pairs.)
 // The intermediate never reaches memory. The backward recomputes it per tile (see dwpw_conv2d.cpp).
 #pragma once
 
@@ -30,9 +31,9 @@ struct Shape {
 // the same micro-kernel reads it column-wise and stores its results transposed into y's planes.
 // pw_pairs: null, or (T = bf16, where forward_takes_bf16_pairs(nchw)) the pointwise weight as bf16 pairs
 // [ceil(O/16)][ceil(C/2)][16] 32-bit words (channel 2k in the low half, 2k + 1 in the high half,
-// zero-padded past O and C): the pointwise product then runs in bf16 by vdpbf16ps with fp32 sums,
-// its A (the depthwise output after the activation) rounded to bf16 as torch's two bf16 convolutions
-// round their intermediate.
+// zero-padded past O and C), and pw_packed may then be null: the forward then runs the avx512_bf16
+// body, the depthwise output (after the activation) rounded to bf16 pairs as torch's two bf16
+// convolutions round their intermediate and the pointwise product by vdpbf16ps with fp32 sums.
 template <typename T>
 void forward(const Shape& s, const T* x, const float* dw_w, const float* dw_b, const float* pw_packed,
              const float* pw_b, T* y, bool nchw, const uint32_t* pw_pairs = nullptr);
