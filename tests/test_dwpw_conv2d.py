@@ -233,6 +233,22 @@ def test_non_finite_values_propagate_as_in_torch(backend, activation):
     non_finite_check(activation)
 
 
+@pytest.mark.parametrize("activation", ["relu", "relu6", "hardswish", "gelu", "silu"])
+def test_gradients_at_the_activations_edges(backend, activation):
+    # A 1x1 depthwise of weight 1 makes the pre-activation x itself, so act' is taken exactly at relu's 0,
+    # relu6's 0 and 6 and hardswish's -3 and 3, where the reference defines it (hardswish: 0 at -3, 1 at 3).
+    edges = torch.tensor([-3.0, 3.0, 0.0, 6.0, -3.5, 3.5, -2.5, 2.5])
+    x = torch.stack([edges.roll(c) for c in range(16)]).view(1, 16, 1, 8).to(device()).requires_grad_()
+    g = torch.Generator().manual_seed(0)
+    pw = torch.randn(8, 16, 1, 1, generator=g).to(device())
+    grad_y = torch.randn(1, 8, 1, 8, generator=g).to(device())
+    y = dwpw_conv2d(x, torch.ones(16, 1, 1, 1, device=device()), pw, activation=activation)
+    (gx,) = torch.autograd.grad(y, [x], grad_y)
+    grad_a = torch.einsum("nohw,oc->nchw", grad_y, pw.flatten(1))
+    want = reference.activation_backward(grad_a, x.detach(), activation)
+    torch.testing.assert_close(gx, want, atol=1e-5, rtol=1e-5)
+
+
 def test_unbatched_input_as_conv2d_takes_it():
     tensors, kwargs = make(CASES[0])
     x = tensors[0][:1]

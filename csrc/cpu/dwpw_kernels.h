@@ -114,10 +114,9 @@ EFFOPS_INLINE V act_derivative(V h, int act) {
       V sig = V::broadcast(1.f) / (V::broadcast(1.f) + vexp(V::zero() - h));
       return sig * (V::broadcast(1.f) + h * (V::broadcast(1.f) - sig));
     }
-    case kHardswish:  // torch: 0 below -3, h / 3 + 1/2 on [-3, 3] (both ends included), 1 above 3
-      return vinside(h, std::nextafter(-3.f, -INFINITY), std::nextafter(3.f, INFINITY)) *
-                 (h / V::broadcast(3.f) + V::broadcast(0.5f)) +
-             vinside(h, 3.f, INFINITY);
+    case kHardswish:  // the reference's (torch 2.7+'s): 0 up to -3 included, h / 3 + 1/2 on (-3, 3), 1 from 3 on
+      return vinside(h, -3.f, 3.f) * (h / V::broadcast(3.f) + V::broadcast(0.5f)) +
+             vinside(h, std::nextafter(3.f, -INFINITY), INFINITY);
     default: return V::broadcast(1.f);
   }
 }
