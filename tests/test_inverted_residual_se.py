@@ -22,8 +22,9 @@ SE_CASES = [
     ((1, 17, 40, 23, 7, 6, 5, 1, "silu", False), 5, "silu", "sigmoid"),
     ((1, 8, 24, 8, 37, 40, 3, 1, "hardswish", True), 8, "relu", "hardsigmoid"),  # wide rows: several bands' sums
     ((3, 6, 36, 6, 1, 1, 3, 1, "relu6", True), 9, "relu", "sigmoid"),  # one output pixel
-    # d of more than kKeepDBytesPerImage (1 MiB) per image: the second pass computes d again, not keeps it
-    ((1, 4, 32, 4, 91, 90, 3, 1, "silu", True), 8, "silu", "sigmoid"),
+    # d of more than kKeepDBytesPerImage (4 MiB) per image, 92 x 90 x 128 fp32: the second pass computes d
+    # again, not keeps it
+    ((1, 4, 128, 4, 92, 90, 3, 1, "silu", True), 8, "silu", "sigmoid"),
 ]
 SE_IDS = ["%s_sq%d_%s_%s%s" % (c[8], sq, a, g, "_s2" if c[7] == 2 else "") for c, sq, a, g in SE_CASES]
 
