@@ -181,3 +181,31 @@ def test_a_forced_backend_holds_on_its_own_thread_only():
             other.join()
             effops.ops.dwpw_conv2d(*args)
     assert tally == {"dwpw_conv2d": {"cpu": 1, "reference": 1}}
+
+
+@pytest.mark.skipif(not _ext.load(), reason="compiled ops not built")
+def test_a_backward_takes_the_backend_forced_at_its_forward():
+    # torch runs a CUDA tensor's backward on a device thread of the autograd engine, where use_backend()
+    # around the forward would not reach; here the backward runs on another thread the same way.
+    import threading
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 9, 9, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weights = [torch.randn(24, 8, 1, 1, generator=g), torch.randn(24, generator=g), torch.randn(24, 1, 3, 3, generator=g),
+               torch.randn(24, generator=g), torch.randn(8, 24, 1, 1, generator=g), torch.randn(8, generator=g)]
+    weights = [w.requires_grad_() for w in weights]
+
+    def forward():
+        return effops.ops.inverted_residual(x, *weights, 1, 1, "relu6", True)
+
+    with effops.use_backend("reference"):
+        y = forward()
+    with _backends.record_choices() as tally:
+        other = threading.Thread(target=lambda: y.sum().backward())
+        other.start()
+        other.join()
+    assert tally == {"inverted_residual_backward": {"reference": 1}}
+    with effops.use_backend("reference"):
+        y = forward()
+    with _backends.record_choices() as tally, effops.use_backend("cpu"):  # the backward's own thread forces: it wins
+        y.sum().backward()
+    assert tally == {"inverted_residual_backward": {"cpu": 1}}

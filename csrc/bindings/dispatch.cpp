@@ -67,6 +67,15 @@ Backend forced_backend() {
   return b;
 }
 
+Backend forced_on_this_thread() { return forced_here; }
+
+ForwardBackendGuard::ForwardBackendGuard(int64_t at_forward) : previous_(forced_here) {
+  TORCH_CHECK(at_forward >= 0 && at_forward < 5, "ForwardBackendGuard: no backend ", at_forward);
+  if (forced_here == Backend::kAuto) forced_here = static_cast<Backend>(at_forward);
+}
+
+ForwardBackendGuard::~ForwardBackendGuard() { forced_here = previous_; }
+
 Backend choose(const char* op, c10::DeviceType device, Backend ours, const char* cannot, const char* slower) {
   const Backend forced = forced_backend();
   Backend chosen;

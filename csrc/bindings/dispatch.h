@@ -27,6 +27,26 @@ const char* backend_name(Backend b);
 // it may change at run time), else kAuto. An EFFOPS_BACKEND that names no backend raises ValueError.
 Backend forced_backend();
 
+// The backend use_backend() forces on this thread (kAuto where none; EFFOPS_BACKEND, the same on every
+// thread, is not part of it).
+Backend forced_on_this_thread();
+
+// For an autograd Function's backward: the backend use_backend() forced when its forward ran
+// (forced_on_this_thread(), saved in the context), in force for the backward's scope unless the
+// backward's own thread forces one. torch runs a backward on another thread than the forward's where the
+// tensors are on CUDA (a device thread of the autograd engine), where the forward's use_backend() would
+// otherwise not reach it and the backward would quietly run the automatic choice.
+class ForwardBackendGuard {
+ public:
+  explicit ForwardBackendGuard(int64_t at_forward);
+  ~ForwardBackendGuard();
+  ForwardBackendGuard(const ForwardBackendGuard&) = delete;
+  ForwardBackendGuard& operator=(const ForwardBackendGuard&) = delete;
+
+ private:
+  Backend previous_;
+};
+
 // The route of one call on `device` tensors, by the op's policy:
 //   cannot: why our kernel cannot compute this input (nullptr: it can);
 //   slower: why plain ATen is faster here (nullptr: our kernel is, or no measurement says otherwise).

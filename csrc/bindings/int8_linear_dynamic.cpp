@@ -200,6 +200,7 @@ class StraightThrough : public torch::autograd::Function<StraightThrough> {
                             const at::Tensor& w_scale, const OptTensor& bias, int64_t n, bool weight_only,
                             const OptTensor& w_corr, int64_t weight_bits) {
     ctx->save_for_backward({w_packed, w_scale});
+    ctx->saved_data["forced_backend"] = static_cast<int64_t>(effops::dispatch::forced_on_this_thread());
     ctx->saved_data["in_features"] = x.size(-1);
     ctx->saved_data["has_bias"] = bias.has_value();
     at::AutoDispatchBelowADInplaceOrView below;
@@ -209,6 +210,7 @@ class StraightThrough : public torch::autograd::Function<StraightThrough> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    const effops::dispatch::ForwardBackendGuard forward_backend(ctx->saved_data["forced_backend"].toInt());
     const auto saved = ctx->get_saved_variables();
     // needs_input_grad counts tensor inputs only: bias is the fourth where it is given.
     const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3);

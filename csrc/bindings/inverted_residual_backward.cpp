@@ -377,6 +377,7 @@ class InvertedResidualFunction : public torch::autograd::Function<InvertedResidu
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, tensor(ew), tensor(eb), dw, tensor(db), pw, tensor(pb), tensor(se_rw), tensor(se_rb),
                             tensor(se_ew), tensor(se_eb)});
+    ctx->saved_data["forced_backend"] = static_cast<int64_t>(effops::dispatch::forced_on_this_thread());
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["activation"] = activation.has_value() ? c10::IValue(*activation) : c10::IValue();
@@ -389,6 +390,7 @@ class InvertedResidualFunction : public torch::autograd::Function<InvertedResidu
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const effops::dispatch::ForwardBackendGuard forward_backend(ctx->saved_data["forced_backend"].toInt());
     const auto saved = ctx->get_saved_variables();
     const auto stride = ctx->saved_data["stride"].toIntVector(), padding = ctx->saved_data["padding"].toIntVector();
     const c10::IValue act = ctx->saved_data["activation"];

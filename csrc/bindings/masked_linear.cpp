@@ -475,6 +475,7 @@ class MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFuncti
                             const OptTensor& packed) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({x, weight, mask});
+    ctx->saved_data["forced_backend"] = static_cast<int64_t>(effops::dispatch::forced_on_this_thread());
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     if (index.has_value()) ctx->saved_data["index"] = c10::List<at::Tensor>(index->vec());
     return forward_op().call(x, weight, mask, bias, index, packed);
@@ -482,6 +483,7 @@ class MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFuncti
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
+    const effops::dispatch::ForwardBackendGuard forward_backend(ctx->saved_data["forced_backend"].toInt());
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &mask = saved[2];
     const at::Tensor& grad_y = grad_outputs[0];
