@@ -632,8 +632,8 @@ EFFOPS_INSTANTIATE(c10::Half)
 
 const char* dwpw_body() {
   if (cpu_isa_at_least(CpuIsa::kAvx512Bf16))
-    return "avx512_bf16 (bf16 channels-last forward: depthwise to bf16 pairs, vdpbf16ps pointwise 6 x 64; fp32 FMA, "
-           "512-bit, 8 x 48, otherwise)";
+    return "avx512_bf16 (bf16 channels-last forward: depthwise to bf16 pairs, vdpbf16ps pointwise 6 x 64; bf16 "
+           "backward: its two pointwise products by vdpbf16ps 6 x 64; fp32 FMA, 512-bit, 8 x 48, otherwise)";
   if (use_avx512()) return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel)";
   return use_avx2() ? "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel)" : "scalar";
 }
