@@ -574,6 +574,72 @@ def test_cpu_bf16_channels_last_non_finite(activation, k):
     torch.testing.assert_close(got.float(), want.float(), equal_nan=True, atol=0.1, rtol=0.05)
 
 
+def _bf16_backward_within_torch_error(case, x_layout, gy_layout, needs=(True,) * 5):
+    """bf16 backward (at avx512_bf16: g_a = gy @ W_pw and g_pw = gy^T @ act(h) by vdpbf16ps, act(h) rounded
+    to bf16 as torch's bf16 backward takes it): each gradient's error against the float64 reference at
+    most twice that of torch's own bf16 autograd through its two convolutions (plus one bf16 ulp of the
+    gradient's scale)."""
+    tensors, kwargs = make(case, dtype=torch.bfloat16, layout=x_layout, dev="cpu")
+    x, dw, pw, dwb, pwb = tensors
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    conv = (pair(kwargs["stride"]), pair(kwargs["padding"]), pair(kwargs["dilation"]), kwargs["activation"])
+    t64 = [None if t is None else t.double().requires_grad_() for t in tensors]
+    y64 = composed(t64, kwargs)
+    gy = torch.randn(y64.shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+    if gy_layout == "channels_last":
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    need = [needs[0], needs[1], needs[2], needs[3] and dwb is not None, needs[4] and pwb is not None]
+    with effops.use_backend("cpu"):
+        got = torch.ops.effops.dwpw_conv2d_backward(gy, x, dw, pw, dwb, *conv, need)
+    want = torch.autograd.grad(y64, [t for t in t64 if t is not None], gy.double())
+    tt = [None if t is None else t.detach().requires_grad_() for t in tensors]
+    theirs = torch.autograd.grad(composed(tt, kwargs), [t for t in tt if t is not None], gy)
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    for j, i in enumerate(present):
+        if not need[i]:
+            assert got[i].numel() == 0
+            continue
+        g, w, t = got[i], want[j], theirs[j]
+        assert g.dtype == torch.bfloat16 and g.shape == w.shape, (i, g.dtype, g.shape)
+        scale = w.abs().max().item()
+        err, err_torch = ((v.double() - w).abs().max().item() for v in (g, t))
+        assert err <= 2 * err_torch + scale * 2.0 ** -8, (i, err, err_torch)
+
+
+# The bf16 backward at every level (the vdpbf16ps products at avx512_bf16): odd and tail channel and
+# output counts (pairs over outputs with a pad half, 1-4 panels of 16 channels, 1-6 rows a call), odd
+# pixel counts per chunk (pairs over pixels with a pad pixel), stride 2, dilation, every activation and
+# none (g_pw from h itself), both layouts of x and gy, subsets of the gradients, several bands.
+BF16_BACKWARD = BF16_STRIPS[:6] + [WIDE_CHANNELS[0], WIDE_CHANNELS[4], LARGE[1], NCHW_TILES[3], CASES[10]]
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("level", [pytest.param(lv, id=lv) for lv in cpu_levels()])
+@pytest.mark.parametrize("case", BF16_BACKWARD, ids=["k3s1c33o80", "k3s2c48o17", "k5s1c20", "k5s2c64o24",
+                                                    "k7s1c96", "k7s2c31", "c49o97", "c1o1", "c130s2", "k7s3c17",
+                                                    "hardswish"])
+def test_cpu_bf16_backward_at_every_level(case, level):
+    with effops.cpu_isa.use_cpu_isa(level):
+        _bf16_backward_within_torch_error(case, "channels_last", "channels_last")
+        _bf16_backward_within_torch_error(case, "nchw", "nchw")
+        _bf16_backward_within_torch_error(case, "channels_last", "nchw", needs=(False, False, True, False, True))
+        _bf16_backward_within_torch_error(case, "nchw", "channels_last", needs=(True, True, False, True, False))
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_bf16_backward_bands(threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for case in [(1, 16, 8, 80, 300, 3, 2, 2, 2, True, True, "relu"),
+                     (1, 8, 12, 64, 300, 7, 1, 6, 2, True, False, "gelu")]:
+            _bf16_backward_within_torch_error(case, "channels_last", "channels_last")
+            _bf16_backward_within_torch_error(case, "nchw", "nchw", needs=(False, True, True, True, True))
+    finally:
+        torch.set_num_threads(old)
+
+
 LEVELS_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, "tests")

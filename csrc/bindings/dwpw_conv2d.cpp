@@ -140,7 +140,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwpw_back
   const bool x_nchw = nchw(x), gy_nchw = nchw(grad_y);
   const at::Tensor xc = x_nchw ? x.contiguous() : x, gyc = gy_nchw ? grad_y.contiguous() : grad_y;
   const at::Tensor dw = pack_depthwise(dw_weight), db = optional_float(dw_bias);
-  const at::Tensor pwT = pack_columns(pw_weight.reshape({s.O, s.C}).t());
+  // The bf16 pairs replace the fp32 panels where the kernel takes them (as in the forward).
+  const at::Tensor pairsT = x.scalar_type() == at::kBFloat16 && effops::cpu::dwpw::backward_takes_bf16_pairs()
+                                ? pack_bf16_pairs(pw_weight.reshape({s.O, s.C}).t())
+                                : at::Tensor();
+  const at::Tensor pwT = pairsT.defined() ? at::Tensor() : pack_columns(pw_weight.reshape({s.O, s.C}).t());
   const auto f32 = x.options().dtype(at::kFloat);
   const auto want = [&](int i) { return (needs >> i) & 1; };
   at::Tensor gx;
@@ -156,9 +160,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwpw_back
   auto mut = [](at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
   EFFOPS_DISPATCH_FLOAT(x.scalar_type(), "dwpw_conv2d_backward_cpu", [&] {
     effops::cpu::dwpw::backward<scalar_t>(s, xc.data_ptr<scalar_t>(), x_nchw, gyc.data_ptr<scalar_t>(), gy_nchw,
-                                          dw.data_ptr<float>(), ptr_or_null(db), pwT.data_ptr<float>(),
+                                          dw.data_ptr<float>(), ptr_or_null(db), ptr_or_null(pwT),
                                           gx.defined() ? gx.data_ptr<scalar_t>() : nullptr, mut(g_dw), mut(g_pw),
-                                          mut(g_dwb), mut(g_pwb));
+                                          mut(g_dwb), mut(g_pwb),
+                                          pairsT.defined() ? static_cast<const uint32_t*>(pairsT.data_ptr()) : nullptr);
   });
   const auto dt = x.scalar_type();
   const auto out = [&](const at::Tensor& t) { return t.defined() ? t.to(dt) : at::empty({0}, x.options()); };

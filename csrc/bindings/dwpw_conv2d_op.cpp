@@ -237,7 +237,8 @@ const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::
   const bool avx512 = dtype == at::kFloat && effops::cpu::cpu_isa_at_least(effops::cpu::CpuIsa::kAvx512);
   // bf16 where torch's bf16 convolutions are native (AVX512-BF16, oneDNN not capped below it), measured at
   // the avx512_bf16 level (`benchmarks/dwpw_levels.py 8|32|64 ... bf16`, docs/dwpw_conv2d.md): its NCHW
-  // forward and both layouts' steps won below 32 MiB on some shapes (fused 0.43-0.99x) and lost on every
+  // forward and both layouts' steps won below 32 MiB on some shapes (fused 0.43-0.99x; the steps with the
+  // vdpbf16ps backward products still 0.76-0.91x at 256/512 channels, parity at 64 -> 128 @56) and lost on every
   // shape above it (fused 1.08-4.78x): the 32 MiB rule. Its channels-last forward: the fused forward of
   // the avx512_bf16 level (depthwise straight to bf16 pairs, vdpbf16ps pointwise) measured as fast or
   // faster on every benchmarked block at batch 1, 8 and 32 (docs/dwpw_conv2d.md, "bf16 channels-last
@@ -247,7 +248,7 @@ const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::
   if (training) {
     if (native_bf16 && s.step_largest < kLargeTensorBytes)
       return "bf16 training step under 32 MiB at the avx512_bf16 level: torch's native bf16 convolutions measured "
-             "faster on some shapes (the fused step 0.57-0.84x)";
+             "faster on some shapes (the fused step with vdpbf16ps backward products 0.76-0.91x)";
     if (avx512 && s.step_largest < kAvx512StepBytes)
       return "fp32 training step whose largest tensor is under 4 MiB at the avx512 level: torch's autograd measured "
              "as fast or faster on some shapes";

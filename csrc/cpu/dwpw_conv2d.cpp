@@ -397,14 +397,7 @@ __attribute__((noinline)) EFFOPS_AVX512_BF16_TARGET void micro_dpbf16(const uint
   __m512 acc[R][NP];
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K2; ++k) {
-    __m512bh bv[NP];
-    for (int q = 0; q < NP; ++q) bv[q] = (__m512bh)_mm512_loadu_si512(b + q * b_ps + k * kNr);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_rs + k]));
-      for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av, bv[q]);
-    }
-  }
+  dpbf16_accumulate<R, NP>(acc, a, a_rs, 1, b, kNr, b_ps, K2);
   if (bias)
     for (int q = 0; q < NP; ++q) {
       const __m512 bq = _mm512_maskz_loadu_ps(column_mask(cols - q * kNr), bias + q * kNr);
@@ -639,8 +632,8 @@ EFFOPS_INSTANTIATE(c10::Half)
 
 const char* dwpw_body() {
   if (cpu_isa_at_least(CpuIsa::kAvx512Bf16))
-    return "avx512_bf16 (bf16 channels-last forward: depthwise to bf16 pairs, vdpbf16ps pointwise 6 x 64; fp32 FMA, "
-           "512-bit, 8 x 48, otherwise)";
+    return "avx512_bf16 (bf16 channels-last forward: depthwise to bf16 pairs, vdpbf16ps pointwise 6 x 64; bf16 "
+           "backward: its two pointwise products by vdpbf16ps 6 x 64; fp32 FMA, 512-bit, 8 x 48, otherwise)";
   if (use_avx512()) return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel)";
   return use_avx2() ? "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel)" : "scalar";
 }

@@ -46,10 +46,17 @@ bool forward_takes_bf16_pairs(bool nchw);
 // gy[N][O][OH][OW] (else gy[N][OH][OW][O]). pw_packed_t: the pointwise weight transposed and packed as
 // [ceil(C/16)][O][16] (zero-padded past C). Outputs (each may be null when not wanted), all written,
 // none accumulated into: gx (T, x's layout); g_dw: [KH*KW][C]; g_pw: [O][C]; g_dwb: [C]; g_pwb: [O] (fp32).
+// pw_pairs_t: null, or (T = bf16, where backward_takes_bf16_pairs()) the pointwise weight transposed as
+// bf16 pairs [ceil(C/16)][ceil(O/2)][16] words (outputs 2k, 2k + 1 of one channel): the products
+// G = gy @ Wpw and g_pw = gy^T @ act(h) then run by vdpbf16ps with fp32 sums, act(h) rounded to bf16
+// as torch's bf16 backward takes it, and pw_packed_t may be null.
 template <typename T>
 void backward(const Shape& s, const T* x, bool x_nchw, const T* gy, bool gy_nchw, const float* dw_w,
               const float* dw_b, const float* pw_packed_t, T* gx, float* g_dw, float* g_pw, float* g_dwb,
-              float* g_pwb);
+              float* g_pwb, const uint32_t* pw_pairs_t = nullptr);
+
+// Whether backward() at the current level takes pw_pairs_t for bf16 (avx512_bf16).
+bool backward_takes_bf16_pairs();
 
 // Which body the forward and backward run at the current level (for `python -m effops info`).
 const char* dwpw_body();

@@ -41,13 +41,13 @@ struct Geometry {  // per-call sizes of the buffers
 };
 
 // vw: the vector width of the body that runs (1, 8 or 16; 8 for the scalar body too).
-Geometry geometry(const Shape& s, int64_t vw) {
+Geometry geometry(const Shape& s, int64_t vw, int64_t min_pixels = 0) {
   Geometry g;
   vw = std::max<int64_t>(vw, 8);
   g.Cv = round_up(s.C, vw);
   g.Cp = row_stride(s.C);
   g.Op = round_up(s.O, vw) + vw;  // + vw: not a power of two
-  g.cr = std::min(s.OH, std::max<int64_t>(1, tile_pixels(g.Cp) / s.OW));
+  g.cr = std::min(s.OH, std::max<int64_t>(1, std::max(min_pixels, tile_pixels(g.Cp)) / s.OW));
   g.Wx = (s.OW - 1) * s.SW + (s.KW - 1) * s.DW + 1;
   g.RX = (g.cr - 1) * s.SH + (s.KH - 1) * s.DH + 1;
   // An input row not yet written needs output rows from at most `span` rows before the chunk's first.
@@ -69,6 +69,7 @@ struct Args {
   const float* w;    // [KH*KW][Cv], zero past C
   const float* b;    // [Cv] or null
   const float* pwT;  // [ceil(C/16)][O][16]
+  const uint32_t* pwT_pairs;  // null, or [ceil(C/16)][ceil(O/2)][16] bf16-pair words: the bf16 products
   T* gx;             // null: not wanted
   bool need_g;       // G is needed (grad_x, g_dw or g_dwb)
   bool need_a;       // A = act(H) is needed (g_pw with an activation)
@@ -84,6 +85,10 @@ struct Partials {  // one thread's sums (null: not wanted)
 struct Work {  // one thread's buffers, zeroed once: pad channels and pad columns stay zero
   std::vector<float> X, H, A, GY, G, row;
   std::vector<int64_t> goff;  // ring offsets of a chunk's pixels
+  // The bf16 products only: the chunk's gy as bf16 rows [pixel][Op] (read as pairs over outputs), gy
+  // and A as pairs over pixels ([pixel pair][Op] and [pixel pair][Cp] words).
+  std::vector<c10::BFloat16> GY16;
+  std::vector<uint32_t> GYT, AP;
 };
 
 #if EFFOPS_HAVE_X86
@@ -246,15 +251,19 @@ EFFOPS_INLINE void pack_gy(const Args<T>& a, int64_t n, int64_t r, int64_t np, f
 // Row of the G ring holding output row oh.
 EFFOPS_INLINE float* ring_row(const Geometry& g, float* G, int64_t oh) { return G + (oh % g.RG) * g.OWg * g.Cp; }
 
+// Ring offset of each pixel, once per chunk: a division per pixel in the micro-kernel's epilogue
+// (12 per 6 x 16 block) cost as much as a quarter of the block's FMAs at O = 128.
+EFFOPS_INLINE void ring_offsets(const Geometry& g, const Shape& s, int64_t r, int64_t np, float* G, int64_t* goff) {
+  for (int64_t p = 0; p < np; ++p) goff[p] = (ring_row(g, G, r + p / s.OW) - G) + (g.padL + p % s.OW) * g.Cp;
+}
+
 // G[oh][ow] = (GY @ Wpw) * act'(H) for the chunk's pixels (output rows from r), into the ring.
 template <typename V, typename T>
 EFFOPS_INLINE void grad_tile(const Args<T>& a, int64_t r, int64_t np, const float* GY, const float* H, float* G,
                              int64_t* goff) {
   const Shape& s = a.s;
   const Geometry& g = a.g;
-  // Ring offset of each pixel, once per chunk: a division per pixel in the micro-kernel's epilogue
-  // (12 per 6 x 16 block) cost as much as a quarter of the block's FMAs at O = 128.
-  for (int64_t p = 0; p < np; ++p) goff[p] = (ring_row(g, G, r + p / s.OW) - G) + (g.padL + p % s.OW) * g.Cp;
+  ring_offsets(g, s, r, np, G, goff);
   constexpr int MR = Blocking<V>::MR, NP = Blocking<V>::NP;
   const int64_t panels = (s.C + kNr - 1) / kNr;
   for (int64_t cb = 0; cb < panels * kNr; cb += NP * kNr) {
@@ -269,6 +278,110 @@ EFFOPS_INLINE void grad_tile(const Args<T>& a, int64_t r, int64_t np, const floa
       });
     }
   }
+}
+
+#if EFFOPS_HAVE_X86
+// ---- the bf16 products at the avx512_bf16 level (T = bf16, pwT_pairs given) ----
+// G = GY @ Wpw and g_pw += GY^T @ A by vdpbf16ps with fp32 sums, on the operands torch's bf16
+// convolution backward takes: gy (bf16 already), the weight (bf16 already) and A = act(H) rounded to
+// bf16 (vcvtneps2bf16, round to nearest even, as torch's bf16 intermediate). Everything else (the
+// depthwise recompute, act'(H), G, grad_x, g_dw) stays fp32 as in the fp32-FMA body.
+
+// GY16[p][o] = gy of the chunk's np pixels from output row r, bf16 (exact: gy is bf16); pad columns stay 0.
+template <typename V>
+EFFOPS_INLINE void pack_gy16(const Args<c10::BFloat16>& a, int64_t n, int64_t r, int64_t np, c10::BFloat16* GY16) {
+  const Shape& s = a.s;
+  if (a.gy_nchw) {
+    transpose<V>(a.gy + n * s.O * s.OH * s.OW + r * s.OW, s.OH * s.OW, s.O, np, GY16, a.g.Op);
+    return;
+  }
+  const c10::BFloat16* src = a.gy + (n * s.OH + r) * s.OW * s.O;
+  for (int64_t p = 0; p < np; ++p) std::copy(src + p * s.O, src + (p + 1) * s.O, GY16 + p * a.g.Op);
+}
+
+// Rows p0 .. p0 + np of `rows` (row stride ld, `cols` columns, a multiple of 16) as pairs over rows:
+// out[k][j] = bf16(rows[p0 + 2k][j]) | bf16(rows[p0 + 2k + 1][j]) << 16, the row past an odd np as 0.
+// From fp32 (A: rounded to nearest even) or bf16 (GY16: exact).
+EFFOPS_AVX512_BF16_TARGET EFFOPS_INLINE __m512i bf16_bits32(const float* p) {
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p)));
+}
+EFFOPS_AVX512_BF16_TARGET EFFOPS_INLINE __m512i bf16_bits32(const c10::BFloat16* p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <typename TR>
+__attribute__((noinline)) EFFOPS_AVX512_BF16_TARGET void pair_rows(const TR* rows, int64_t ld, int64_t np,
+                                                                  int64_t cols, uint32_t* out, int64_t out_ld) {
+  for (int64_t k = 0; 2 * k < np; ++k) {
+    const TR* r0 = rows + 2 * k * ld;
+    const bool two = 2 * k + 1 < np;
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __m512i lo = bf16_bits32(r0 + j);
+      const __m512i hi = two ? _mm512_slli_epi32(bf16_bits32(r0 + ld + j), 16) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + k * out_ld + j, _mm512_or_si512(lo, hi));
+    }
+  }
+}
+
+// rows (1..6) x np (1..4) panels of 16 fp32 sums of the vdpbf16ps product, each vector then handed to
+// epi(r, column, value), as micro_rows.
+template <typename V, typename Epi>
+EFFOPS_INLINE void micro_dpbf16_rows_f32(int64_t rows, int64_t np, const uint32_t* a, int64_t a_rs, int64_t a_ks,
+                                         const uint32_t* b, int64_t b_ks, int64_t b_ps, int64_t K2, Epi&& epi) {
+  alignas(64) float out[6 * 4 * kNr];
+  micro_dpbf16_f32_call(rows, np, a, a_rs, a_ks, b, b_ks, b_ps, K2, out);
+  const int64_t ld = np * kNr;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t v = 0; v < ld; v += V::kWidth) epi(static_cast<int>(r), v, V::load(out + r * ld + v));
+}
+
+// grad_tile by vdpbf16ps: G = (GY16 @ Wpw) * act'(H), pairs over outputs, 6 pixels x 4 panels of 16 channels.
+template <typename V>
+EFFOPS_INLINE void grad_tile_pairs(const Args<c10::BFloat16>& a, int64_t np, const c10::BFloat16* GY16,
+                                   const float* H, float* G, const int64_t* goff) {
+  const Shape& s = a.s;
+  const Geometry& g = a.g;
+  const int64_t panels = (s.C + kNr - 1) / kNr, K2 = (s.O + 1) / 2;
+  const uint32_t* gw = reinterpret_cast<const uint32_t*>(GY16);
+  for (int64_t pan = 0; pan < panels; pan += 4) {
+    const int64_t npan = std::min<int64_t>(4, panels - pan), cb = pan * kNr;
+    const uint32_t* b = a.pwT_pairs + pan * K2 * kNr;
+    for (int64_t r0 = 0; r0 < np; r0 += 6)
+      micro_dpbf16_rows_f32<V>(std::min<int64_t>(6, np - r0), npan, gw + r0 * g.Op / 2, g.Op / 2, 1, b, kNr, K2 * kNr,
+                               K2, [&](int rr, int64_t v, V gv) {
+        const int64_t p = r0 + rr;
+        if (s.act != kNone) gv = gv * act_derivative(V::load(H + p * g.Cp + cb + v), s.act);
+        gv.store(G + goff[p] + cb + v);
+      });
+  }
+}
+
+// g_pw[o][c] += sum over the pixels [p0, p0 + np) of GY16[p][o] * A[p][c] by vdpbf16ps, pairs over pixels.
+template <typename V>
+EFFOPS_INLINE void pw_grad_pairs(const Args<c10::BFloat16>& a, Work& wk, float* g_pw, int64_t p0, int64_t np,
+                                 const float* AH) {
+  const Shape& s = a.s;
+  const Geometry& g = a.g;
+  pair_rows(wk.GY16.data() + p0 * g.Op, g.Op, np, round_up(s.O, kNr), wk.GYT.data(), g.Op);
+  pair_rows(AH + p0 * g.Cp, g.Cp, np, g.Cv, wk.AP.data(), g.Cp);
+  const int64_t panels = (s.C + kNr - 1) / kNr, K2 = (np + 1) / 2;
+  for (int64_t o0 = 0; o0 < s.O; o0 += 6)
+    for (int64_t pan = 0; pan < panels; pan += 4)
+      micro_dpbf16_rows_f32<V>(std::min<int64_t>(6, s.O - o0), std::min<int64_t>(4, panels - pan), wk.GYT.data() + o0,
+                               1, g.Op, wk.AP.data() + pan * kNr, g.Cp, kNr, K2, [&](int rr, int64_t v, V acc) {
+        float* dst = g_pw + (o0 + rr) * g.Cp + pan * kNr + v;
+        (V::load(dst) + acc).store(dst);
+      });
+}
+#endif
+
+// Whether the band runs the bf16 products (only the AVX-512 body for bf16, given the pairs).
+template <typename V, typename T>
+constexpr bool pairs_body() {
+#if EFFOPS_HAVE_X86
+  return std::is_same_v<V, Avx512Vec> && std::is_same_v<T, c10::BFloat16>;
+#else
+  return false;
+#endif
 }
 
 // g_dw[kh][0..KW) += sum over output rows [oh0, oh1) of G * X[tap] for one channel vector c: the KW
@@ -292,9 +405,9 @@ EFFOPS_INLINE void dw_grad_row(const Args<T>& a, int64_t kh, int64_t c, int64_t 
   for (int k = 0; k < KW; ++k) (V::load(out + k * g.Cv) + acc[k]).store(out + k * g.Cv);
 }
 
-template <typename V, typename T>
-EFFOPS_INLINE void weight_grads(const Args<T>& a, const Partials& part, int64_t r, int64_t oh0, int64_t oh1,
-                                const float* X, const float* AH, const float* GY, float* G) {
+template <typename V, typename T, typename TG>
+EFFOPS_INLINE void weight_grads(const Args<T>& a, Work& wk, const Partials& part, int64_t r, int64_t oh0, int64_t oh1,
+                                const float* X, const float* AH, const TG* GY, float* G) {
   const Shape& s = a.s;
   const Geometry& g = a.g;
   const int64_t p0 = (oh0 - r) * s.OW, np = (oh1 - oh0) * s.OW;
@@ -304,7 +417,14 @@ EFFOPS_INLINE void weight_grads(const Args<T>& a, const Partials& part, int64_t 
       for (int64_t p = p0; p < p0 + np; ++p) acc = acc + V::load(GY + p * g.Op + o);
       (V::load(part.g_pwb + o) + acc).store(part.g_pwb + o);
     }
-  if (part.g_pw) {
+  bool pw_done = false;
+  if constexpr (pairs_body<V, T>()) {
+    if (part.g_pw && a.pwT_pairs) {
+      pw_grad_pairs<V>(a, wk, part.g_pw, p0, np, AH);
+      pw_done = true;
+    }
+  }
+  if (part.g_pw && !pw_done) {
     // g_pw[o][c] += sum_p GY[p][o] * A[p][c]: rows are outputs, the reduction runs over the pixels.
     constexpr int MR = Blocking<V>::MR, NP = Blocking<V>::NP;
     const int64_t panels = (s.C + kNr - 1) / kNr;
@@ -445,9 +565,24 @@ EFFOPS_INLINE void backward_band(const Args<T>& a, Work& wk, const Partials& par
     load_x<V>(a, n, r * s.SH - s.PH, (rows - 1) * s.SH + (s.KH - 1) * s.DH + 1, X);
     float* A = own && a.need_a ? wk.A.data() : nullptr;
     depthwise<V>(a, X, np, H, A);
-    pack_gy<V>(a, n, r, np, wk.GY.data());
-    if (a.need_g) grad_tile<V>(a, r, np, wk.GY.data(), H, G, wk.goff.data());
-    if (own) weight_grads<V>(a, part, r, own0, own1, X, a.need_a ? wk.A.data() : H, wk.GY.data(), G);
+    const float* AH = a.need_a ? wk.A.data() : H;
+    bool done_pairs = false;
+    if constexpr (pairs_body<V, T>()) {
+      if (a.pwT_pairs) {
+        pack_gy16<V>(a, n, r, np, wk.GY16.data());
+        if (a.need_g) {
+          ring_offsets(g, s, r, np, G, wk.goff.data());
+          grad_tile_pairs<V>(a, np, wk.GY16.data(), H, G, wk.goff.data());
+        }
+        if (own) weight_grads<V>(a, wk, part, r, own0, own1, X, AH, wk.GY16.data(), G);
+        done_pairs = true;
+      }
+    }
+    if (!done_pairs) {
+      pack_gy<V>(a, n, r, np, wk.GY.data());
+      if (a.need_g) grad_tile<V>(a, r, np, wk.GY.data(), H, G, wk.goff.data());
+      if (own) weight_grads<V>(a, wk, part, r, own0, own1, X, AH, wk.GY.data(), G);
+    }
     if (!a.gx) continue;
     const int64_t done = r + rows;  // output rows < done are in the ring
     for (; next < hi; ++next) {
@@ -479,18 +614,35 @@ EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void backward_band_avx512(const Args<T>& a, 
 
 }  // namespace
 
+bool backward_takes_bf16_pairs() {
+#if EFFOPS_HAVE_X86
+  return cpu_isa_at_least(CpuIsa::kAvx512Bf16);
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 void backward(const Shape& s, const T* x, bool x_nchw, const T* gy, bool gy_nchw, const float* dw_w,
               const float* dw_b, const float* pw_packed_t, T* gx, float* g_dw, float* g_pw, float* g_dwb,
-              float* g_pwb) {
+              float* g_pwb, const uint32_t* pw_pairs_t) {
   const bool avx2 = use_avx2(), avx512 = use_avx512();
-  const Geometry g = geometry(s, avx512 ? 16 : 8);
+  // The pairs run the vdpbf16ps products: bf16 only, and only where the CPU has them (the caller asked
+  // backward_takes_bf16_pairs at the level then in force; see forward()).
+  if (!std::is_same_v<T, c10::BFloat16> || !avx512 ||
+      static_cast<int>(detected_cpu_isa()) < static_cast<int>(CpuIsa::kAvx512Bf16))
+    pw_pairs_t = nullptr;
+  // With the bf16 products, chunks of at least 96 pixels: the pixel pairs are the reduction of the g_pw
+  // product, and at 512 channels one fp32 tile holds 24 pixels (12 pairs a call, its epilogue as long as
+  // its loop). The backward alone, one thread: 8 x 512 -> 512 @7 2.2-2.4 against 2.3-2.7 ms, 256 @14
+  // 1.33-1.40 against 1.44-1.52 ms; 64 -> 128 @56 (192 pixels a tile already) unchanged.
+  const Geometry g = geometry(s, avx512 ? 16 : 8, pw_pairs_t ? 96 : 0);
   const int64_t taps = s.KH * s.KW;
   // The depthwise weights and bias padded to Cv channels (zeros), so channel vectors need no tail.
   std::vector<float> w(taps * g.Cv, 0.f), b(dw_b ? g.Cv : 0, 0.f);
   for (int64_t t = 0; t < taps; ++t) std::copy(dw_w + t * s.C, dw_w + (t + 1) * s.C, w.begin() + t * g.Cv);
   if (dw_b) std::copy(dw_b, dw_b + s.C, b.begin());
-  const Args<T> a{s, g, x, x_nchw, gy, gy_nchw, w.data(), dw_b ? b.data() : nullptr, pw_packed_t, gx,
+  const Args<T> a{s, g, x, x_nchw, gy, gy_nchw, w.data(), dw_b ? b.data() : nullptr, pw_packed_t, pw_pairs_t, gx,
                   gx || g_dw || g_dwb, g_pw && s.act != kNone};
   // Bands per image: enough tasks for the threads when the batch is small. A band with grad_x
   // recomputes its halo rows, so those bands stay at least 2 chunks tall.
@@ -511,7 +663,10 @@ void backward(const Shape& s, const T* x, bool x_nchw, const T* gy, bool gy_nchw
     Work wk{std::vector<float>(g.RX * g.Wx * g.Cp, 0.f), std::vector<float>(np * g.Cp, 0.f),
             std::vector<float>(a.need_a ? np * g.Cp : 0, 0.f), std::vector<float>(np * g.Op, 0.f),
             std::vector<float>(a.need_g ? g.RG * g.OWg * g.Cp : 0, 0.f),
-            std::vector<float>(gx ? s.W * g.Cp : 0, 0.f), std::vector<int64_t>(np)};
+            std::vector<float>(gx ? s.W * g.Cp : 0, 0.f), std::vector<int64_t>(np),
+            std::vector<c10::BFloat16>(pw_pairs_t ? np * g.Op : 0, c10::BFloat16(0.f)),
+            std::vector<uint32_t>(pw_pairs_t && g_pw ? (np + 1) / 2 * g.Op : 0, 0u),
+            std::vector<uint32_t>(pw_pairs_t && g_pw ? (np + 1) / 2 * g.Cp : 0, 0u)};
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / nb, k = i % nb, b0 = k * s.OH / nb, b1 = (k + 1) * s.OH / nb;
 #if EFFOPS_HAVE_X86
@@ -540,7 +695,7 @@ void backward(const Shape& s, const T* x, bool x_nchw, const T* gy, bool gy_nchw
 
 #define EFFOPS_INSTANTIATE(T)                                                                                  \
   template void backward<T>(const Shape&, const T*, bool, const T*, bool, const float*, const float*, const float*, \
-                            T*, float*, float*, float*, float*);
+                            T*, float*, float*, float*, float*, const uint32_t*);
 EFFOPS_INSTANTIATE(float)
 EFFOPS_INSTANTIATE(c10::BFloat16)
 EFFOPS_INSTANTIATE(c10::Half)

@@ -211,6 +211,55 @@ EFFOPS_INLINE void micro_rows(int64_t rows, int64_t np, const TA* a, int64_t a_r
     for (int64_t v = 0; v < ld; v += V::kWidth) epi(static_cast<int>(r), v, V::load(out + r * ld + v));
 }
 
+#if EFFOPS_HAVE_X86
+// ---- vdpbf16ps products (avx512_bf16 level) ----
+// acc[r][q] += sum over pairs k of a[r * a_rs + k * a_ks] . b[q * b_ps + k * b_ks + 0..16): each 32-bit word
+// holds two bf16 values, and one vdpbf16ps adds both products of a word to 16 fp32 sums. The loop of
+// the bf16 forward's pointwise product (y = A @ W, pairs over channels) and of the backward's two
+// (G = GY @ W^T, pairs over outputs; g_pw = GY^T @ A, pairs over pixels).
+template <int R, int NP>
+EFFOPS_AVX512_BF16_TARGET EFFOPS_INLINE void dpbf16_accumulate(__m512 (&acc)[R][NP], const uint32_t* a, int64_t a_rs,
+                                                               int64_t a_ks, const uint32_t* b, int64_t b_ks,
+                                                               int64_t b_ps, int64_t K2) {
+  for (int64_t k = 0; k < K2; ++k) {
+    __m512bh bv[NP];
+    for (int q = 0; q < NP; ++q) bv[q] = (__m512bh)_mm512_loadu_si512(b + q * b_ps + k * b_ks);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_rs + k * a_ks]));
+      for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av, bv[q]);
+    }
+  }
+}
+
+// The fp32 sums of dpbf16_accumulate from zero into out[R][NP * 16] (noinline: every register to itself,
+// as micro_avx512).
+template <int R, int NP>
+__attribute__((noinline)) EFFOPS_AVX512_BF16_TARGET void micro_dpbf16_f32(const uint32_t* a, int64_t a_rs,
+                                                                         int64_t a_ks, const uint32_t* b,
+                                                                         int64_t b_ks, int64_t b_ps, int64_t K2,
+                                                                         float* out) {
+  __m512 acc[R][NP];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_setzero_ps();
+  dpbf16_accumulate<R, NP>(acc, a, a_rs, a_ks, b, b_ks, b_ps, K2);
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NP; ++q) _mm512_storeu_ps(out + (r * NP + q) * kNr, acc[r][q]);
+}
+
+// micro_dpbf16_f32<rows, np> for 1 <= rows <= R, 1 <= np <= NP (out's row stride: np * 16).
+template <int R = 6, int NP = 4>
+EFFOPS_INLINE void micro_dpbf16_f32_call(int64_t rows, int64_t np, const uint32_t* a, int64_t a_rs, int64_t a_ks,
+                                         const uint32_t* b, int64_t b_ks, int64_t b_ps, int64_t K2, float* out) {
+  if constexpr (NP > 1) {
+    if (np < NP) return micro_dpbf16_f32_call<R, NP - 1>(rows, np, a, a_rs, a_ks, b, b_ks, b_ps, K2, out);
+  }
+  if constexpr (R > 1) {
+    if (rows < R) return micro_dpbf16_f32_call<R - 1, NP>(rows, np, a, a_rs, a_ks, b, b_ks, b_ps, K2, out);
+  }
+  micro_dpbf16_f32<R, NP>(a, a_rs, a_ks, b, b_ks, b_ps, K2, out);
+}
+#endif
+
 // Row stride of the fp32 tile buffers: channels rounded up to the micro-kernel's 16 columns, plus 16
 // so that the stride is never a power of two (those map every few rows to the same L1 set).
 int64_t row_stride(int64_t C) { return round_up(C, kNr) + kNr; }
