@@ -509,6 +509,7 @@ class FusedDwpw : public torch::autograd::Function<FusedDwpw> {
                             at::IntArrayRef dilation, std::optional<c10::string_view> activation) {
     // Only the inputs are kept: the backward recomputes the depthwise output tile by tile.
     ctx->save_for_backward({x, dw_weight, pw_weight, dw_bias.value_or(at::Tensor())});
+    ctx->saved_data["forced_backend"] = static_cast<int64_t>(effops::dispatch::forced_on_this_thread());
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
@@ -524,6 +525,7 @@ class FusedDwpw : public torch::autograd::Function<FusedDwpw> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
+    const effops::dispatch::ForwardBackendGuard forward_backend(ctx->saved_data["forced_backend"].toInt());
     const auto saved = ctx->get_saved_variables();
     const auto stride = ctx->saved_data["stride"].toIntVector(), padding = ctx->saved_data["padding"].toIntVector(),
                dilation = ctx->saved_data["dilation"].toIntVector();
