@@ -56,19 +56,6 @@ def _stored(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(g, h, ACT: tl.constexpr):
-    """g * act'(h) as torch's *_backward ops give it (torch 2.13; hardswish's edges since 2.7, pytorch/pytorch#148049):
-    relu' (threshold_backward) 0 up to 0 included, relu6' (hardtanh_backward) 0 up to 0 and from 6 on, hardswish'
-    0 up to -3 included, h / 3 + 1/2 on (-3, 3), 1 from 3 on (dwpw_conv2d's _act_backward, which also gives gelu
-    and silu). (At NaN relu and relu6 give g here, as torch's scalar loops do; its vectorized ones differ there.)"""
-    if ACT == 1:
-        return tl.where(h <= 0.0, 0.0, g)
-    elif ACT == 2:
-        return tl.where((h <= 0.0) | (h >= 6.0), 0.0, g)
-    return _act_backward(g, h, ACT)
-
-
-@triton.jit
 def _tile(P, PW_, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's tile: (image, pixel offsets, their rows and columns in a P-pixel image PW_ wide, pixel
     mask, channel offsets, channel mask)."""
@@ -139,7 +126,7 @@ def _depthwise_act_grad_kernel(gd_ptr, x_ptr, ew_ptr, eb_ptr, dw_ptr, db_ptr, gp
                  SH, SW, PH, PW, KH, KW, ACT, EXPAND, HAS_EB, HAS_DB, LOWP, BLOCK_P, BLOCK_CIN, BLOCK_C)
     gd = tl.load(gd_ptr + n.to(tl.int64) * sgn + offs_c[None, :] * sgc + oh[:, None] * sgh + ow[:, None] * sgw,
                  mask=mask, other=0.0).to(tl.float32)
-    g = tl.where(mask, _act_grad(gd, pre, ACT), 0.0)  # 0 off the tile: its rows hold act'(bias), not 0
+    g = tl.where(mask, _act_backward(gd, pre, ACT), 0.0)  # 0 off the tile: its rows hold act'(bias), not 0
     tl.store(gpre_ptr + n.to(tl.int64) * spn + offs_c[None, :] * spc + oh[:, None] * sph + ow[:, None] * spw, g,
              mask=mask)
     row = n.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
@@ -180,7 +167,7 @@ def _depthwise_transpose_kernel(gpre_ptr, dw_ptr, x_ptr, ew_ptr, eb_ptr, gin_ptr
     if EXPAND:  # pre_e at the pixels themselves: the expand product without its activation
         pre = _expanded_tap(x_ptr + n.to(tl.int64) * sxn, ew_ptr, eb_ptr, offs_c, mask_c, ih, iw, mask_p, CIN, C,
                             sxc, sxh, sxw, 0, EXPAND, HAS_EB, LOWP, BLOCK_P, BLOCK_CIN, BLOCK_C)
-        g = _act_grad(g, pre, ACT)
+        g = _act_backward(g, pre, ACT)
     gin = gin_ptr + n.to(tl.int64) * sin + offs_c[None, :] * sic + ih[:, None] * sih + iw[:, None] * siw
     tl.store(gin, _stored(g, gin_ptr.dtype.element_ty, RNE_BF16), mask=mask)
 
