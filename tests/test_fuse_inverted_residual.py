@@ -1,6 +1,7 @@
 """effops.fuse / effops.fuse_inverted_residual on the benchmark networks (benchmarks/models.py) and on
 hand-written blocks: what is fused, what is skipped and why, and that the fused model computes the same."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -218,3 +219,28 @@ def test_squeeze_excitation_block_trains_with_frozen_batchnorm():
     se, se_fused = model.block[6], next(m for m in fused.modules() if isinstance(m, InvertedResidual))
     torch.testing.assert_close(se_fused.se_reduce.weight.grad, se.fc1.weight.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(se_fused.se_expand.bias.grad, se.fc2.bias.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_nchw_model_keeps_channels_last_through_fused_blocks():
+    """Under torch.compile with inductor's freezing, an NCHW model's convolutions run channels-last (inductor's
+    layout optimization); the fused ops take any layout (flexible_layout), so inductor hands them those
+    channels-last tensors instead of converting to NCHW and back around every block. The compiled fused model
+    computes what the eager original does."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    model = calibrated("mnasnet1_0").eval()
+    fused = effops.fuse(copy.deepcopy(model))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        got, code = run_and_get_code(torch.compile(fused), x)
+        want = model(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * want.abs().max().item())
+    # the strides inductor checks on every fused block's output: channels-last (C's stride 1), as its input's
+    outputs = re.findall(r"assert_size_stride\(\w+, \(([\d, ]+)\), \(([\d, ]+)\), "
+                         r"'torch\.ops\.effops\.inverted_residual\.default'\)", "\n".join(code))
+    assert len(outputs) == EXPECTED["mnasnet1_0"][0]
+    for sizes, strides in outputs:
+        assert int(strides.split(",")[1]) == 1, (sizes, strides)

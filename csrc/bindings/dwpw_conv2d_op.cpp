@@ -635,8 +635,11 @@ std::string route_reason(const at::Tensor& x, const at::Tensor& dw_weight, const
 TORCH_LIBRARY_FRAGMENT(effops, m) {
   m.def("dwpw_conv2d(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? dw_bias=None, Tensor? pw_bias=None, "
         "int[2] stride=1, int[2] padding=0, int[2] dilation=1, str? activation=None) -> Tensor");
+  // Any strides in, the output in x's memory format: inductor may pass the channels-last tensors of its
+  // layout optimization instead of converting them back to the strides seen in eager (as inverted_residual).
   m.def("_dwpw_conv2d(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? dw_bias, Tensor? pw_bias, "
-        "int[2] stride, int[2] padding, int[2] dilation, str? activation) -> Tensor");
+        "int[2] stride, int[2] padding, int[2] dilation, str? activation) -> Tensor",
+        {at::Tag::flexible_layout});
   m.def("dwpw_conv2d_backward(Tensor grad_y, Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? dw_bias, "
         "int[2] stride, int[2] padding, int[2] dilation, str? activation, bool[5] needs_input_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
