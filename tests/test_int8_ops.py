@@ -538,6 +538,32 @@ def test_int8_linear_dynamic_every_row_count_and_panel_mix(backend, dtype, with_
             _close_to_fp32(got, dynamic_reference_fp32(x, packed, w_scale, bias, n, False), dtype, backend)
 
 
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("weight_bits", [8, 7])
+def test_int8_linear_dynamic_cpu_bit_identical_to_reference(weight_bits):
+    """At every CPU level the op's output equals reference.int8_linear_dynamic bit for bit, bias and
+    all: the epilogue's (acc * xs) * ws is rounded before the bias is added, as the reference's separate
+    ops do (an FMA there gave 1-ulp differences that depended on a row's place in its micro-tile). Rows:
+    few-row tiles (1-9), 6-row groups with tails, and around the row tiles and chunks (143-145, 399-401,
+    513); K a multiple of 4 (rows read in place) and not (packed); N of whole and partial panels."""
+    gen = torch.Generator().manual_seed(weight_bits)
+    for k, n in ((68, 64), (130, 69)):
+        w = torch.randint(-63 if weight_bits == 7 else -128, 64 if weight_bits == 7 else 128, (n, k), generator=gen,
+                          dtype=torch.int8)
+        packed, w_scale = reference.pack_weight(w), torch.rand(n, generator=gen) / 50 + 1e-3
+        corr = reference.weight_correction(packed)
+        for m in (1, 5, 8, 9, 13, 143, 145, 399, 400, 401, 513):
+            x = torch.randn(m, k, generator=gen) * 3
+            for bias in (None, torch.randn(n, generator=gen)):
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    xd = x.to(dtype)
+                    want = reference.int8_linear_dynamic(xd, packed, w_scale, bias, n, False)
+                    for level in effops.cpu_isa.levels():
+                        with effops.cpu_isa.use_cpu_isa(level), effops.use_backend("cpu"):
+                            got = ops.int8_linear_dynamic(xd, packed, w_scale, bias, n, False, corr, weight_bits)
+                        assert torch.equal(got, want), (level, k, n, m, bias is None, dtype)
+
+
 @with_backends("int8_mm")
 def test_int8_mm_exact_every_row_count_and_panel_mix(backend):
     """int8_mm's int32 output through the same store paths (whole panels stored by the micro-kernel,

@@ -148,7 +148,7 @@ EFFOPS_ALWAYS_INLINE void fused_store(const __m512i (&acc)[MR][NP], const FusedO
       const __m512 xs = Zmm::bcastf(f.row_scale[r]);
 #pragma GCC unroll 4
       for (int q = 0; q < NP; ++q) {
-        __m512 v = Zmm::mulf(Zmm::mulf(Zmm::cvtf(acc[r][q]), xs), ws[q]);
+        __m512 v = int8_epilogue_rounded(Zmm::mulf(Zmm::mulf(Zmm::cvtf(acc[r][q]), xs), ws[q]));
         if (f.bias) v = Zmm::addf(v, bias[q]);
         Avx512Vec{v}.store(out + r * f.ldo + q * kInt8NR);
       }
@@ -259,7 +259,8 @@ EFFOPS_AVX512_TARGET void epilogue(const int32_t* c, int mr, int64_t i0, int64_t
     if (nc != kInt8NR) {
       for (int r = 0; r < mr; ++r)
         for (int j = 0; j < nc; ++j) {
-          float v = static_cast<float>(c[r * kInt8NR + j]) * e.row_scale[i0 + r] * e.col_scale[j0 + j];
+          float v = int8_epilogue_rounded(static_cast<float>(c[r * kInt8NR + j]) * e.row_scale[i0 + r] *
+                                          e.col_scale[j0 + j]);
           if (e.bias) v += e.bias[j0 + j];
           out[(i0 + r) * e.ldo + j0 + j] = from_float<OutT>(v);
         }
@@ -269,7 +270,7 @@ EFFOPS_AVX512_TARGET void epilogue(const int32_t* c, int mr, int64_t i0, int64_t
     const __m512 bias = e.bias ? _mm512_loadu_ps(e.bias + j0) : _mm512_setzero_ps();
     for (int r = 0; r < mr; ++r) {
       __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(c + r * kInt8NR));
-      v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(e.row_scale[i0 + r])), ws);
+      v = int8_epilogue_rounded(_mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(e.row_scale[i0 + r])), ws));
       if (e.bias) v = _mm512_add_ps(v, bias);
       Avx512Vec{v}.store(out + (i0 + r) * e.ldo + j0);
     }
