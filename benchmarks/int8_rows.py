@@ -10,9 +10,11 @@ Single thread, thread CPU time (see benchmarks/int8_interleaved.py for why), K =
   Linear (FBGEMM), called in turn with the order alternating, 9 rounds: medians of the times and of the
   per-round ratios ([min-max]), and with --peak GOP/s the % of a one-thread int8 peak (--peak auto:
   the one-thread vpdpbusd peak measured by benchmarks/cpu_peak.py before and after the cases, their
-  mean; on a shared machine the clock, and so the peak, moves between runs).
+  mean; on a shared machine the clock, and so the peak, moves between runs). --threads N: N threads
+  for every contestant (and the peak), timed in wall-clock time (one thread's CPU time would miss the
+  others' work), so waits for a busy core count: quote such figures from a quiet machine only.
 Usage: python -m benchmarks.int8_rows 1 16 256 2048 [--split 2048]
-       python -m benchmarks.int8_rows --vs-fbgemm [--peak 1080 | --peak auto]
+       python -m benchmarks.int8_rows --vs-fbgemm [--peak 1080 | --peak auto] [--threads 2]
 """
 import argparse
 import statistics
@@ -28,9 +30,10 @@ VS_FBGEMM_CASES = [(1, 768, 3072), (1, 3072, 768), (8, 768, 3072), (8, 3072, 768
                    (400, 3072, 768), (256, 4096, 4096)]
 
 
-def vs_fbgemm(peak=None, rounds=9, after_peak=None):
+def vs_fbgemm(peak=None, rounds=9, after_peak=None, threads=1):
     """after_peak: the peak measured before the cases; the % column is then printed at the end, against
     the mean of that and a second measurement."""
+    clock = time.thread_time if threads == 1 else time.perf_counter
     lines = []
     for m, k, n in VS_FBGEMM_CASES:
         torch.manual_seed(0)
@@ -47,10 +50,10 @@ def vs_fbgemm(peak=None, rounds=9, after_peak=None):
             mod(x)
         for r in range(rounds):
             for name in (list(mods) if r % 2 else list(mods)[::-1]):
-                s = time.thread_time()
+                s = clock()
                 for _ in range(reps):
                     mods[name](x)
-                times[name].append((time.thread_time() - s) / reps)
+                times[name].append((clock() - s) / reps)
         med = {name: statistics.median(v) for name, v in times.items()}
         ratio = {name: [f / t for f, t in zip(times["fbgemm"], times[name])] for name in ("w8", "w7")}
         line = "M=%-4d %4d x %-4d FBGEMM %8.1f us  8-bit %8.1f us %.2fx [%.2f-%.2f]  7-bit %.2fx" % (
@@ -65,9 +68,9 @@ def vs_fbgemm(peak=None, rounds=9, after_peak=None):
     if after_peak is not None:
         from benchmarks import cpu_peak
         cpu_peak.measure.cache_clear()
-        again = cpu_peak.measure(threads=1)["int8_vnni_gops"]
+        again = cpu_peak.measure(threads=threads)["int8_vnni_gops"]
         peak = (after_peak + again) / 2
-        print("one-thread vpdpbusd peak measured before / after: %.0f / %.0f GOP/s" % (after_peak, again))
+        print("%d-thread vpdpbusd peak measured before / after: %.0f / %.0f GOP/s" % (threads, after_peak, again))
         for line, gops in lines:
             print(line + "  8-bit %.0f%% of peak, FBGEMM %.0f%%" % (100 * gops["w8"] / peak, 100 * gops["fbgemm"] / peak))
 
@@ -77,16 +80,18 @@ def main():
     p.add_argument("m", type=int, nargs="*")
     p.add_argument("--split", type=int, default=0)
     p.add_argument("--vs-fbgemm", action="store_true")
-    p.add_argument("--peak", default=None, help="one-thread int8 peak, GOP/s, for the %% column, or 'auto'")
+    p.add_argument("--peak", default=None, help="int8 peak at --threads, GOP/s, for the %% column, or 'auto'")
+    p.add_argument("--threads", type=int, default=1, help="threads; above 1 wall-clock times (--vs-fbgemm only)")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads if args.vs_fbgemm else 1)
     if args.vs_fbgemm:
         peak, before = args.peak, None
         if peak == "auto":
             from benchmarks import cpu_peak
-            peak, before = None, cpu_peak.measure(threads=1)["int8_vnni_gops"]
+            peak, before = None, cpu_peak.measure(threads=args.threads)["int8_vnni_gops"]
         with torch.no_grad():
-            vs_fbgemm(float(peak) if peak else None, after_peak=before)
+            vs_fbgemm(float(peak) if peak else None, after_peak=before, threads=args.threads)
+        torch.set_num_threads(1)
     torch.manual_seed(0)
     k = n = 4096
     lin = torch.nn.Linear(k, n)

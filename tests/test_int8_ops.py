@@ -538,12 +538,58 @@ def test_int8_linear_dynamic_every_row_count_and_panel_mix(backend, dtype, with_
             _close_to_fp32(got, dynamic_reference_fp32(x, packed, w_scale, bias, n, False), dtype, backend)
 
 
+def _bit_identical_cases(weight_bits):
+    """(x, packed, w_scale, bias, corr) for test_int8_linear_dynamic_cpu_bit_identical_to_reference."""
+    gen = torch.Generator().manual_seed(weight_bits)
+    # (K, N, rows, dtypes): N of 4 whole panels, 11 (two runs of 4, then 3), 12 and a partial one, and
+    # 37.5 over three panel blocks (K = 1024: 16 panels a block) with a 1-row tail tile.
+    shapes = [(68, 64, (1, 5, 8, 9, 13, 143, 145, 399, 400, 401, 513), (torch.float32, torch.bfloat16, torch.float16)),
+              (130, 69, (1, 9, 13, 145, 401), (torch.float32, torch.bfloat16, torch.float16)),
+              (68, 176, (7, 12, 20, 150, 400), (torch.float32, torch.float16)),
+              (132, 200, (11, 18, 149, 257), (torch.float32, torch.bfloat16)),
+              (1024, 600, (145,), (torch.float32,))]
+    for k, n, rows, dtypes in shapes:
+        lo, hi = (-63, 64) if weight_bits == 7 else (-128, 128)
+        w = torch.randint(lo, hi, (n, k), generator=gen, dtype=torch.int8)
+        packed, w_scale = reference.pack_weight(w), torch.rand(n, generator=gen) / 50 + 1e-3
+        corr = reference.weight_correction(packed)
+        for m in rows:
+            x = torch.randn(m, k, generator=gen) * 3
+            for bias in (None, torch.randn(n, generator=gen)):
+                for dtype in dtypes:
+                    yield x.to(dtype), packed, w_scale, bias, corr
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+@pytest.mark.parametrize("weight_bits", [8, 7])
+def test_int8_linear_dynamic_cpu_bit_identical_to_reference(weight_bits):
+    """At every CPU level the op's output equals reference.int8_linear_dynamic bit for bit, bias and
+    all: the epilogue's (acc * xs) * ws is rounded before the bias is added, as the reference's separate
+    ops do (an FMA there gave 1-ulp differences that depended on a row's place in its micro-tile). Rows:
+    few-row tiles (1-9), 6-row groups with tails, and around the row tiles and chunks (143-145, 399-401,
+    513); K a multiple of 4 (rows read in place) and not (packed); N of whole and partial panels, several
+    4-panel micro-tiles in a row (the AVX-512 bodies' runs of micro-tiles, micro_run) and the leftovers
+    after them; with the weight correction given and (8-bit: int8_gemm_u8s8 sums the columns per tile)
+    without."""
+    for x, packed, w_scale, bias, corr in _bit_identical_cases(weight_bits):
+        n = w_scale.numel()
+        want = reference.int8_linear_dynamic(x, packed, w_scale, bias, n, False)
+        for level in effops.cpu_isa.levels():
+            with effops.cpu_isa.use_cpu_isa(level), effops.use_backend("cpu"):
+                got = ops.int8_linear_dynamic(x, packed, w_scale, bias, n, False, corr, weight_bits)
+                assert torch.equal(got, want), (level, x.shape, n, bias is None, x.dtype)
+                if weight_bits == 8:
+                    got = ops.int8_linear_dynamic(x, packed, w_scale, bias, n, False, None, 8)
+                    assert torch.equal(got, want), (level, x.shape, n, bias is None, x.dtype, "no w_corr")
+
+
 @with_backends("int8_mm")
 def test_int8_mm_exact_every_row_count_and_panel_mix(backend):
     """int8_mm's int32 output through the same store paths (whole panels stored by the micro-kernel,
-    a partial last panel through the scratch tile), M = 1..9 and 13, extreme values in both operands."""
-    for n in (16, 64, 69, 130):
-        for m in (*range(1, 10), 13):
+    a partial last panel through the scratch tile, runs of 6 x 4 micro-tiles with the column correction
+    computed per tile), M = 1..9, 13, 20 and 151, extreme values in both operands."""
+    for n in (16, 64, 69, 130, 200):
+        for m in (*range(1, 10), 13, 20, 151):
             a, b = _randi8(m, 67), _randi8(67, n)
             a[0, :5], b[:5, 0] = -128, -128
             assert torch.equal(ops.int8_mm(a, b).cpu(), _exact_mm(a, b)), (m, n)

@@ -289,7 +289,7 @@ void epilogue_scalar(const int32_t* c, int mr, int64_t i0, int64_t j0, int nc, c
   for (int r = 0; r < mr; ++r) {
     const float xs = e.row_scale[i0 + r];
     for (int j = 0; j < nc; ++j) {
-      float v = static_cast<float>(c[r * kInt8NR + j]) * xs * e.col_scale[j0 + j];
+      float v = int8_epilogue_rounded(static_cast<float>(c[r * kInt8NR + j]) * xs * e.col_scale[j0 + j]);
       if (e.bias) v += e.bias[j0 + j];
       out[(i0 + r) * e.ldo + j0 + j] = from_float<OutT>(v);
     }
@@ -302,7 +302,7 @@ void epilogue_int32(const int32_t* c, int mr, int64_t i0, int64_t j0, int nc, co
 }
 
 #if EFFOPS_HAVE_X86
-// Same arithmetic and order as epilogue_scalar ((acc * xs) * ws + bias, no FMA contraction).
+// Same arithmetic and order as epilogue_scalar ((acc * xs) * ws + bias, no FMA: int8_epilogue_rounded).
 template <typename OutT>
 EFFOPS_AVX2_TARGET void epilogue_avx2(const int32_t* c, int mr, int64_t i0, int64_t j0, int nc,
                                       const Int8Epilogue& e) {
@@ -312,7 +312,7 @@ EFFOPS_AVX2_TARGET void epilogue_avx2(const int32_t* c, int mr, int64_t i0, int6
     const __m256 xs = _mm256_set1_ps(e.row_scale[i0 + r]);
     for (int h = 0; h < 2; ++h) {
       __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * kInt8NR + 8 * h)));
-      v = _mm256_mul_ps(_mm256_mul_ps(v, xs), _mm256_loadu_ps(e.col_scale + j0 + 8 * h));
+      v = int8_epilogue_rounded(_mm256_mul_ps(_mm256_mul_ps(v, xs), _mm256_loadu_ps(e.col_scale + j0 + 8 * h)));
       if (e.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(e.bias + j0 + 8 * h));
       Avx2Vec{v}.store(out + (i0 + r) * e.ldo + j0 + 8 * h);
     }

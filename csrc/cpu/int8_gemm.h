@@ -34,6 +34,18 @@ bool int8_contains_min(const int8_t* p, int64_t n);  // any -128?
 
 enum class Int8Out { kInt32, kFloat, kBFloat16, kHalf };
 
+// The epilogue's product (acc * xs) * ws, rounded, before the bias is added: GCC contracts x * y + z
+// into one FMA (its default -ffp-contract=fast, -std=c++20 included), which rounds once where the
+// reference's multiply and add round twice, so 1-ulp differences that depended on where a row fell in
+// its micro-tile. The empty asm makes the value opaque: the add after it stays an add.
+template <class V>
+inline __attribute__((always_inline)) V int8_epilogue_rounded(V v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+v"(v));
+#endif
+  return v;
+}
+
 struct Int8Epilogue {
   Int8Out kind;
   void* out;                // M x N, row stride ldo, element type per `kind`
