@@ -3,6 +3,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import re
 
 import pytest
 import torch
@@ -295,6 +296,31 @@ def test_torch_compile_fullgraph_no_graph_break():
     torch.testing.assert_close(out, f(*args))
     for g, a in zip(grads, args):
         torch.testing.assert_close(g, a.grad)
+
+
+
+@pytest.mark.skipif(not effops.backends()["cpu"], reason="cpu backend not built")
+def test_compiled_nchw_model_hands_the_fused_op_channels_last_tensors():
+    """_dwpw_conv2d takes any layout (flexible_layout): in an NCHW model compiled by inductor, whose layout
+    optimization runs the convolutions channels-last, the fused op gets those channels-last tensors (no
+    conversion around it) and its output follows them; the compiled model computes what eager does."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                effops.nn.SeparableConv2d(16, 24, 3, padding=1, activation="relu"),
+                                torch.nn.Conv2d(24, 8, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 20, 20)
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        got, code = run_and_get_code(torch.compile(model), x)
+        want = model(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    checks = re.findall(r"assert_size_stride\(\w+, \(2, 24, 20, 20\), \(([\d, ]+)\), "
+                        r"'torch\.ops\.effops\._dwpw_conv2d\.default'\)", "\n".join(code))
+    assert checks == ["9600, 1, 480, 24"], checks  # channels-last
 
 
 def test_bad_inputs():
