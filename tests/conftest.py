@@ -141,3 +141,23 @@ def run_at_every_cpu_level(script):
     for level in cpu_levels():
         with effops.cpu_isa.use_cpu_isa(level):
             exec(compile(script, "<script at %s>" % level, "exec"), {"__name__": "__level_script__", "LEVEL": level})
+
+
+def compiled_with_freezing(model, x):
+    """model(x) under torch.compile (inductor, freezing on, no_grad), compiled fresh: (the output, the
+    sizes and strides inductor's generated code asserts for each op's outputs, {op: [(sizes, strides)]})."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            got, code = run_and_get_code(torch.compile(model), x)
+    finally:
+        torch._dynamo.reset()
+    strides = {}
+    for sizes, st, op in re.findall(r"assert_size_stride\(\w+, \(([\d, ]*)\), \(([\d, ]*)\), '([\w.]+)'\)",
+                                    "\n".join(code)):
+        strides.setdefault(op, []).append((tuple(int(v) for v in sizes.split(",") if v.strip()),
+                                           tuple(int(v) for v in st.split(",") if v.strip())))
+    return got, strides

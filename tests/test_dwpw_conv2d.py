@@ -3,7 +3,6 @@ import contextlib
 import importlib
 import importlib.util
 import os
-import re
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import effops
 from effops import _backends
 from effops.ops import dwpw_conv2d
 from effops.reference import dwpw_conv2d as reference
-from conftest import TOL, cpu_levels, device, run_at_every_cpu_level
+from conftest import TOL, compiled_with_freezing, cpu_levels, device, run_at_every_cpu_level
 
 # The ops these tests run, for conftest: a backend with no kernel for them is not offered (an instance
 # that could run on no machine).
@@ -304,23 +303,16 @@ def test_compiled_nchw_model_hands_the_fused_op_channels_last_tensors():
     """_dwpw_conv2d takes any layout (flexible_layout): in an NCHW model compiled by inductor, whose layout
     optimization runs the convolutions channels-last, the fused op gets those channels-last tensors (no
     conversion around it) and its output follows them; the compiled model computes what eager does."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor.utils import run_and_get_code
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
                                 effops.nn.SeparableConv2d(16, 24, 3, padding=1, activation="relu"),
                                 torch.nn.Conv2d(24, 8, 3, padding=1)).eval()
     x = torch.randn(2, 3, 20, 20)
-    torch._dynamo.reset()
-    with torch.no_grad(), inductor_config.patch(freezing=True):
-        got, code = run_and_get_code(torch.compile(model), x)
+    got, strides = compiled_with_freezing(model, x)
+    with torch.no_grad():
         want = model(x)
-    torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
-    checks = re.findall(r"assert_size_stride\(\w+, \(2, 24, 20, 20\), \(([\d, ]+)\), "
-                        r"'torch\.ops\.effops\._dwpw_conv2d\.default'\)", "\n".join(code))
-    assert checks == ["9600, 1, 480, 24"], checks  # channels-last
+    assert strides["torch.ops.effops._dwpw_conv2d.default"] == [((2, 24, 20, 20), (9600, 1, 480, 24))]  # channels-last
 
 
 def test_bad_inputs():

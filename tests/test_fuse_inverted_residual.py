@@ -1,7 +1,6 @@
 """effops.fuse / effops.fuse_inverted_residual on the benchmark networks (benchmarks/models.py) and on
 hand-written blocks: what is fused, what is skipped and why, and that the fused model computes the same."""
 import copy
-import re
 import warnings
 
 import pytest
@@ -12,6 +11,7 @@ import effops
 from effops.nn import InvertedResidual, SeparableConv2d
 from effops.nn.sparse_linear import SparseConv1x1
 from benchmarks import models
+from conftest import compiled_with_freezing
 
 SIZE = 64  # small images: the networks' structure is what matters here
 
@@ -226,21 +226,15 @@ def test_compiled_nchw_model_keeps_channels_last_through_fused_blocks():
     layout optimization); the fused ops take any layout (flexible_layout), so inductor hands them those
     channels-last tensors instead of converting to NCHW and back around every block. The compiled fused model
     computes what the eager original does."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor.utils import run_and_get_code
-
     model = calibrated("mnasnet1_0").eval()
     fused = effops.fuse(copy.deepcopy(model))
     x = torch.randn(2, 3, SIZE, SIZE)
-    torch._dynamo.reset()
-    with torch.no_grad(), inductor_config.patch(freezing=True):
-        got, code = run_and_get_code(torch.compile(fused), x)
+    got, strides = compiled_with_freezing(fused, x)
+    with torch.no_grad():
         want = model(x)
-    torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * want.abs().max().item())
     # the strides inductor checks on every fused block's output: channels-last (C's stride 1), as its input's
-    outputs = re.findall(r"assert_size_stride\(\w+, \(([\d, ]+)\), \(([\d, ]+)\), "
-                         r"'torch\.ops\.effops\.inverted_residual\.default'\)", "\n".join(code))
+    outputs = strides["torch.ops.effops.inverted_residual.default"]
     assert len(outputs) == EXPECTED["mnasnet1_0"][0]
-    for sizes, strides in outputs:
-        assert int(strides.split(",")[1]) == 1, (sizes, strides)
+    for sizes, st in outputs:
+        assert st[1] == 1, (sizes, st)
