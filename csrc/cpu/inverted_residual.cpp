@@ -215,7 +215,50 @@ EFFOPS_INLINE void depthwise_row_fixed(const Shape& s, const float* const* rows,
   }
 }
 
-// One depthwise output row, through the fixed-size body where this level's registers hold the taps.
+// depthwise_row for a KH x KW kernel and stride SW known at compile time, P output pixels at a time:
+// per channel vector, each input pixel of a tap row is loaded once and feeds every one of the P
+// accumulators whose window holds it, and a tap row's KW weights are loaded once per P pixels. Loads
+// per output pixel and vector: KH (KW + (P - 1) SW + KW) / P, against KH KW with the weights held in
+// registers (depthwise_row_fixed) and 2 KH KW in depthwise_row; P + KW + 1 registers, which a 5x5 kernel
+// fits in AVX2's 16 (its 25 weights do not). The loop runs pixel block outer, channels inner, so a block
+// reads a few pixels of KH rows (L1) where channels outer streams whole rows from L2. P = 7 divides the
+// widths of these networks (112, 56, 28, 14, 7); another width >= P ends with a block overlapping the
+// one before (its first pixels computed and written twice, the same values).
+template <class V, int KH, int KW, int SW, int P>
+EFFOPS_INLINE void depthwise_row_cols(const Shape& s, const float* const* rows, const float* wd, const float* bd,
+                                      int64_t Chp, float* d) {
+  constexpr int W = V::kWidth, span = (P - 1) * SW + KW;
+  for (int64_t ow0 = 0; ow0 < s.OW; ow0 += P) {
+    const int64_t o = std::min<int64_t>(ow0, s.OW - P);
+    for (int64_t c = 0; c < Chp; c += W) {
+      V acc[P];
+      const V b = V::load(bd + c);
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) acc[p] = b;
+#pragma GCC unroll 8
+      for (int kh = 0; kh < KH; ++kh) {
+        const float* xr = rows[kh] + o * SW * Chp + c;
+        V w[KW];
+#pragma GCC unroll 8
+        for (int kw = 0; kw < KW; ++kw) w[kw] = V::load(wd + (kh * KW + kw) * Chp + c);
+#pragma GCC unroll 32
+        for (int j = 0; j < span; ++j) {
+          const V xv = V::load(xr + j * Chp);
+#pragma GCC unroll 8
+          for (int p = 0; p < P; ++p) {
+            const int kw = j - p * SW;  // the tap of pixel p that reads input pixel j
+            if (kw >= 0 && kw < KW) acc[p] = V::fma(xv, w[kw], acc[p]);
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) act_forward(acc[p], s.act).store(d + (o + p) * Chp + c);
+    }
+  }
+}
+
+// One depthwise output row, through the fixed-size body where this level's registers hold the taps
+// (AVX-512), or the one that reuses each loaded input pixel across output pixels (AVX2).
 template <class V>
 EFFOPS_INLINE void depthwise_any(const Shape& s, const float* const* rows, const float* wd, const float* bd,
                                  int64_t Chp, float* d) {
@@ -225,10 +268,32 @@ EFFOPS_INLINE void depthwise_any(const Shape& s, const float* const* rows, const
     if (s.KH == 5 && s.KW == 5) return depthwise_row_fixed<V, 5, 5, 1>(s, rows, wd, bd, Chp, Chp, d);
   }
   if constexpr (std::is_same_v<V, Avx2Vec>) {
+    constexpr int P = 7;
+    if (s.OW >= P && s.KH == s.KW && (s.KH == 3 || s.KH == 5) && (s.SW == 1 || s.SW == 2)) {
+      if (s.KH == 3)
+        return s.SW == 1 ? depthwise_row_cols<V, 3, 3, 1, P>(s, rows, wd, bd, Chp, d)
+                         : depthwise_row_cols<V, 3, 3, 2, P>(s, rows, wd, bd, Chp, d);
+      return s.SW == 1 ? depthwise_row_cols<V, 5, 5, 1, P>(s, rows, wd, bd, Chp, d)
+                       : depthwise_row_cols<V, 5, 5, 2, P>(s, rows, wd, bd, Chp, d);
+    }
     if (s.KH == 3 && s.KW == 3) return depthwise_row_fixed<V, 3, 3, 1>(s, rows, wd, bd, Chp, Chp, d);
   }
 #endif
   depthwise_row<V>(s, rows, wd, bd, Chp, d);
+}
+
+// f(std::integral_constant<int, act>{}): the activation a compile-time constant inside f, so act_forward
+// folds its switch away in f's loops.
+template <typename F>
+EFFOPS_INLINE void with_act(int act, F&& f) {
+  switch (act) {
+    case kRelu: return f(std::integral_constant<int, kRelu>{});
+    case kRelu6: return f(std::integral_constant<int, kRelu6>{});
+    case kGelu: return f(std::integral_constant<int, kGelu>{});
+    case kSilu: return f(std::integral_constant<int, kSilu>{});
+    case kHardswish: return f(std::integral_constant<int, kHardswish>{});
+    default: return f(std::integral_constant<int, kNone>{});
+  }
 }
 
 // How a band is cut into steps of R output rows, and the buffers that follows from (per task): a ring
@@ -291,6 +356,9 @@ EFFOPS_INLINE void expand_and_depthwise(const Shape& s, const Plan& p, const T* 
       for (int64_t c = 0; c < s.Cin; ++c) e[c] = to_float(xr[m * s.Cin + c]);
     }
   } else if (a0 <= a1) {
+    // The epilogue runs once per MR x 16 tile, which with a small K (16-24 input channels: the 112x112
+    // and 56x56 blocks) costs as much as the tile's FMAs: one division per tile (not per pixel) finds
+    // the ring slot, and the activation is a constant of the loop (with_act), not a switch per vector.
     const int64_t M = (a1 - a0 + 1) * s.W;
     const float* a = reinterpret_cast<const float*>(xn + a0 * s.W * s.Cin);
     if constexpr (!std::is_same_v<T, float>) {
@@ -298,14 +366,19 @@ EFFOPS_INLINE void expand_and_depthwise(const Shape& s, const Plan& p, const T* 
       for (int64_t i = 0; i < M * s.Cin; ++i) buf.xrows[i] = to_float(xr[i]);
       a = buf.xrows.data();
     }
-    gemm<V>(M, s.Cin, a, s.Cin, w.expand_w, ch_panels, w.expand_b,
-            [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
-              for (int i = 0; i < rows_; ++i) {
-                float* e = slot(m0 + i) + c0;
-                for (int64_t j = 0; j < width; j += V::kWidth)
-                  act_forward(V::load(out + i * width + j), s.act).store(e + j);
-              }
-            });
+    with_act(s.act, [&](auto act) {
+      gemm<V>(M, s.Cin, a, s.Cin, w.expand_w, ch_panels, w.expand_b,
+              [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
+                int64_t iw = m0 % s.W;
+                float* e = slot(m0) + c0;
+                for (int i = 0; i < rows_; ++i) {
+                  for (int64_t j = 0; j < width; j += V::kWidth)
+                    act_forward(V::load(out + i * width + j), act).store(e + j);
+                  e += Chp;
+                  if (++iw == s.W) iw = 0, e = slot(m0 + i + 1) + c0;  // the next input row's slot
+                }
+              });
+    });
   }
   for (int64_t j = 0; j < r; ++j) {
     const int64_t ih0 = (o + j) * s.SH - s.PH;
