@@ -321,7 +321,7 @@ Plan plan(const Shape& s, int64_t rows) {
 }
 
 struct Buffers {
-  std::vector<float> ring, zero, d, xrows;
+  std::vector<float> ring, zero, d, xrows, project_w;  // project_w: the gate-scaled project weights
 };
 
 // What a band does (squeeze-excitation needs d's means before the project: two passes over the bands).
@@ -399,32 +399,40 @@ EFFOPS_INLINE void band(const Shape& s, const Plan& p, const T* x, const Packed&
                         int64_t oh1, const BandOut& to, Buffers& buf) {
   const int64_t Chp = p.Chp, out_panels = padded(s.Cout) / kPanel;
   const T* xn = x + n * s.H * s.W * s.Cin;
+  // project(d * scale) = d @ (Wp with row k times scale[k]): the gate scales the Ch x Coutp weights once
+  // per band, not each of d's pixels (a pass over d, which the second pass then reads in place).
+  const float* project_w = w.project_w;
+  if (to.scale != nullptr && to.sums == nullptr) {
+    buf.project_w.resize(out_panels * s.Ch * kPanel);
+    for (int64_t q = 0; q < out_panels; ++q)
+      for (int64_t k = 0; k < s.Ch; ++k) {
+        const V g = V::broadcast(to.scale[k]);
+        const int64_t i = (q * s.Ch + k) * kPanel;
+        for (int64_t j = 0; j < kPanel; j += V::kWidth) (V::load(w.project_w + i + j) * g).store(&buf.project_w[i + j]);
+      }
+    project_w = buf.project_w.data();
+  }
   int64_t next = oh0 * s.SH - s.PH;  // first input row the ring does not hold
   for (int64_t o = oh0; o < oh1; o += p.R) {
     const int64_t r = std::min(p.R, oh1 - o), pixels = r * s.OW;
     const int64_t at = (n * s.OH + o) * s.OW * Chp;  // the step's first d value in d_store / d_load
-    float* d = buf.d.data();
-    if (to.d_load != nullptr) {  // second pass: d scaled into the step buffer
-      for (int64_t q = 0; q < pixels * Chp; q += Chp)
-        for (int64_t c = 0; c < Chp; c += V::kWidth)
-          (V::load(to.d_load + at + q + c) * V::load(to.scale + c)).store(d + q + c);
-    } else {
-      if (to.d_store != nullptr) d = to.d_store + at;
-      expand_and_depthwise<V>(s, p, xn, w, o, r, next, d, buf);
-      if (to.sums != nullptr) {  // first pass: d's sums, no project
-        for (int64_t q = 0; q < pixels; ++q)
-          for (int64_t c = 0; c < Chp; c += V::kWidth)
-            (V::load(to.sums + c) + V::load(d + q * Chp + c)).store(to.sums + c);
+    const float* d = to.d_load != nullptr ? to.d_load + at : buf.d.data();  // second pass: d as kept
+    if (to.d_load == nullptr) {
+      float* dw = to.d_store != nullptr ? to.d_store + at : buf.d.data();
+      expand_and_depthwise<V>(s, p, xn, w, o, r, next, dw, buf);
+      d = dw;
+      if (to.sums != nullptr) {  // first pass: d's sums, no project (a channel vector's sum in a register)
+        for (int64_t c = 0; c < Chp; c += V::kWidth) {
+          V sum = V::load(to.sums + c);
+          for (int64_t q = 0; q < pixels; ++q) sum = sum + V::load(d + q * Chp + c);
+          sum.store(to.sums + c);
+        }
         continue;
-      }
-      if (to.scale != nullptr) {
-        for (int64_t q = 0; q < pixels * Chp; q += Chp)
-          for (int64_t c = 0; c < Chp; c += V::kWidth) (V::load(d + q + c) * V::load(to.scale + c)).store(d + q + c);
       }
     }
     T* yo = y + (n * s.OH + o) * s.OW * s.Cout;
     const T* res = s.residual ? xn + o * s.W * s.Cin : nullptr;  // stride 1, W == OW: the same pixels
-    gemm<V>(pixels, s.Ch, d, Chp, w.project_w, out_panels, w.project_b,
+    gemm<V>(pixels, s.Ch, d, Chp, project_w, out_panels, w.project_b,
             [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
               const int64_t full = std::min(width, (s.Cout - c0) / V::kWidth * V::kWidth);
               for (int i = 0; i < rows_; ++i) {
