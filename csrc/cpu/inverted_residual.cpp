@@ -265,6 +265,9 @@ EFFOPS_INLINE void depthwise_any(const Shape& s, const float* const* rows, const
 #if EFFOPS_HAVE_X86
   if constexpr (std::is_same_v<V, Avx512Vec>) {
     if (s.KH == 3 && s.KW == 3) return depthwise_row_fixed<V, 3, 3, 2>(s, rows, wd, bd, Chp, Chp, d);
+    if (s.OW >= 7 && s.KH == 5 && s.KW == 5 && (s.SW == 1 || s.SW == 2))
+      return s.SW == 1 ? depthwise_row_cols<V, 5, 5, 1, 7>(s, rows, wd, bd, Chp, d)
+                       : depthwise_row_cols<V, 5, 5, 2, 7>(s, rows, wd, bd, Chp, d);
     if (s.KH == 5 && s.KW == 5) return depthwise_row_fixed<V, 5, 5, 1>(s, rows, wd, bd, Chp, Chp, d);
   }
   if constexpr (std::is_same_v<V, Avx2Vec>) {
