@@ -54,30 +54,48 @@ template <class V> struct Blocking { static constexpr int MR = 6, NP = 1; };
 template <> struct Blocking<Avx512Vec> { static constexpr int MR = 8, NP = 3; };
 #endif
 
+// acc[r][..] += a[r * a_rs + k] * b's panels at k, r < MR: one k step of micro.
+template <class V, int MR, int NP>
+EFFOPS_INLINE void micro_k(V (&acc)[MR][NP * (kPanel / V::kWidth)], const float* a, int64_t a_rs, const float* b,
+                           int64_t b_ps, int64_t k) {
+  constexpr int NV = kPanel / V::kWidth;
+  V bv[NP * NV];
+  for (int q = 0; q < NP; ++q)
+    for (int v = 0; v < NV; ++v) bv[q * NV + v] = V::load(b + q * b_ps + k * kPanel + v * V::kWidth);
+  for (int r = 0; r < MR; ++r) {
+    const V ar = V::broadcast(a[r * a_rs + k]);
+    for (int v = 0; v < NP * NV; ++v) acc[r][v] = V::fma(ar, bv[v], acc[r][v]);
+  }
+}
+
 // out[r][0..NP*16) = bias[0..NP*16) + sum_{k < K} a[r * a_rs + k] * b[q * b_ps + k * 16 + 0..16)
 // (q: the panel of the column), r < MR; out's row stride is NP * 16.
 template <class V, int MR, int NP>
 EFFOPS_INLINE void micro(const float* a, int64_t a_rs, const float* b, int64_t b_ps, int64_t K, const float* bias,
                          float* out) {
   constexpr int NV = kPanel / V::kWidth;
+  // The last rows of a GEMM (MR of 1 to 3) have too few accumulators to cover the FMA latency: S sets of
+  // them, each over every S-th k, summed at the end.
+  constexpr int S = MR * NP * NV >= 8 ? 1 : (8 + MR * NP * NV - 1) / (MR * NP * NV);
   // The bias in its own registers, copied to every row: copying row 0 into the others instead made GCC
   // keep row 0 on the stack through the K loop (AVX2 6 x 16: a store and a reload per FMA pair).
-  V bias_v[NP * NV], acc[MR][NP * NV];
+  V bias_v[NP * NV], acc[S][MR][NP * NV];
   for (int q = 0; q < NP; ++q)
     for (int v = 0; v < NV; ++v) bias_v[q * NV + v] = V::load(bias + q * kPanel + v * V::kWidth);
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NP * NV; ++v) acc[r][v] = bias_v[v];
-  for (int64_t k = 0; k < K; ++k) {
-    V bv[NP * NV];
-    for (int q = 0; q < NP; ++q)
-      for (int v = 0; v < NV; ++v) bv[q * NV + v] = V::load(b + q * b_ps + k * kPanel + v * V::kWidth);
-    for (int r = 0; r < MR; ++r) {
-      const V ar = V::broadcast(a[r * a_rs + k]);
-      for (int v = 0; v < NP * NV; ++v) acc[r][v] = V::fma(ar, bv[v], acc[r][v]);
+    for (int v = 0; v < NP * NV; ++v) {
+      acc[0][r][v] = bias_v[v];
+      for (int u = 1; u < S; ++u) acc[u][r][v] = V::zero();
     }
-  }
+  int64_t k = 0;
+  for (; k + S <= K; k += S)
+    for (int u = 0; u < S; ++u) micro_k<V, MR, NP>(acc[u], a, a_rs, b, b_ps, k + u);
+  for (; k < K; ++k) micro_k<V, MR, NP>(acc[0], a, a_rs, b, b_ps, k);
+  for (int u = 1; u < S; ++u)
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NP * NV; ++v) acc[0][r][v] = acc[0][r][v] + acc[u][r][v];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NP * NV; ++v) acc[r][v].store(out + r * NP * kPanel + v * V::kWidth);
+    for (int v = 0; v < NP * NV; ++v) acc[0][r][v].store(out + r * NP * kPanel + v * V::kWidth);
 }
 
 // The micro-kernel as its own function per level (noinline): inlined into the large band function the
