@@ -3,8 +3,9 @@
 // Loop nest: parallel over (image, band of output rows); per band, per step of R output rows:
 //   1. expand the input rows the step reads that the ring does not hold yet (each row once per band):
 //        ring[ih % C][PW + iw][0..Chp) = act(x[ih][iw][:] @ We + be)     GEMM, M = new rows x W, K = Cin
-//   2. depthwise: d[p][c] = act(bd[c] + sum_taps ring[ih][ow * SW + kw][c] * wd[tap][c])
+//   2. depthwise: d[p][c] = act(bd[c] + sum_taps ring[ih][ow * SW + kw][c] * wd[tap][c])   (7 pixels at a time)
 //   3. project:   y[p][:] = d[p][:] @ Wp + bp (+ x[p][:])                  GEMM, M = R x OW, K = Ch
+//      (with squeeze-excitation's gate g: d @ (g[k] Wp[k][:]), the image's weights scaled once)
 // The two GEMMs run a register-blocked micro-kernel (MR pixels x NP panels of 16 columns, accumulators
 // in registers for the whole K loop) on the packed weight panels; bias, activation, residual and the
 // store are its epilogue. Every loop body is a template over the vector type V (ScalarVec, Avx2Vec,
@@ -578,9 +579,11 @@ template void depthwise_means<c10::Half>(const Shape&, const c10::Half*, const f
 
 const char* inverted_residual_body() {
   if (cpu_isa_at_least(CpuIsa::kAvx512))
-    return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel; backward depthwise in 16-channel blocks)";
+    return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel, depthwise 7 pixels at a time; backward depthwise in "
+           "16-channel blocks)";
   if (cpu_isa_at_least(CpuIsa::kAvx2))
-    return "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel; backward depthwise in 8-channel blocks)";
+    return "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel, depthwise 7 pixels at a time; backward depthwise in "
+           "8-channel blocks)";
   return "scalar";
 }
 
