@@ -277,9 +277,9 @@ EFFOPS_INLINE void depthwise_row_cols(const Shape& s, const float* const* rows, 
 }
 
 // One depthwise output row: at the vector levels, 3x3 and 5x5 kernels of stride 1 or 2 on rows of at
-// least 7 output pixels through depthwise_row_cols (measured at b16, one thread, against the bodies
-// below: AVX2 1.2-1.4x on the 5x5 blocks of MNASNet / MobileNetV3, AVX-512 1.07-1.44x; 3x3 AVX2 1.05-1.25x,
-// AVX-512 1.0-1.08x); narrower rows through the body that holds the taps in registers where they fit.
+// least 7 output pixels through depthwise_row_cols (whole blocks of MNASNet / MobileNetV3, b16, one
+// thread, against the bodies below: AVX-512 5x5 1.07-1.44x, 3x3 1.00-1.08x; AVX2, with the expand epilogue
+// change, 5x5 1.06-1.38x, 3x3 1.03-1.25x); narrower rows through the bodies below.
 template <class V>
 EFFOPS_INLINE void depthwise_any(const Shape& s, const float* const* rows, const float* wd, const float* bd,
                                  int64_t Chp, float* d) {
