@@ -4,7 +4,7 @@ route (backend "reference": the three convolutions, activations and add through 
 the expanded tensor in memory), side by side in one process, interleaved, medians.
 
     python -m benchmarks.bench_inverted_residual [--batches 1,16] [--cpu-time] [--dtype bfloat16] [--train]
-        [--compiled]
+        [--compiled] [--models mnasnet1_0,mobilenet_v3_large]
 
 --train: a forward and backward of each block (x and every weight needing gradients), the ATen route
 being torch's autograd over the same ops (it saves the expanded tensor); our route the fused forward
@@ -14,6 +14,9 @@ and the backward that recomputes it.
 torch.compile with inductor's freezing (BatchNorm folded, weights prepacked, activations and the
 residual add fused into oneDNN's convolutions), eval only: what a fused block has to beat inside a
 compiled model.
+
+--models: instead of the list below, the distinct fused blocks of these models (benchmarks/models.py
+after effops.fuse), named "<model> <index>" by their first position in the model, with their shapes.
 
 --cpu-time: one thread, CPU time of that thread (at::parallel_for and oneDNN then run in it), which the
 other processes of a shared machine do not inflate; the default is wall clock at torch's thread count.
@@ -60,6 +63,32 @@ BLOCKS = [
     ("effb0 se 80-480-80 @14", 80, 480, 80, 14, 3, 1, "silu", (20, "silu", "sigmoid")),
     ("effb0 se 192-1152-192 @7 k5", 192, 1152, 192, 7, 5, 1, "silu", (48, "silu", "sigmoid")),
 ]
+
+
+def model_blocks(names):
+    """The distinct inverted residuals of these benchmark models after effops.fuse, as BLOCKS entries
+    (input size from a 224x224 forward; the first of equal blocks names them)."""
+    from benchmarks import models
+    from effops.nn import InvertedResidual
+    seen, blocks = set(), []
+    for name in names:
+        model = effops.fuse(getattr(models, name)().eval())
+        found = []
+        hooks = [m.register_forward_pre_hook(lambda m, a, i=i: found.append((i, m, a[0].shape[-1])))
+                 for i, m in enumerate(m for m in model.modules() if isinstance(m, InvertedResidual))]
+        with torch.no_grad():
+            model(torch.randn(1, 3, 224, 224))
+        for h in hooks:
+            h.remove()
+        for i, m, size in found:
+            d = m.depthwise
+            se = None if m.se_reduce is None else (m.se_reduce.out_channels, m.se_activation, m.se_gate)
+            shape = (m.in_channels, d.in_channels, m.out_channels, size, d.kernel_size[0], d.stride[0],
+                     m.activation) + ((se,) if se else ())
+            if shape not in seen:
+                seen.add(shape)
+                blocks.append(("%s %d" % (name, i),) + shape)
+    return blocks
 
 
 def make(block, batch, dtype=torch.float32, train=False, parts=False):
@@ -185,11 +214,11 @@ def cpu_time(fn, min_time=0.3):
 
 
 def bench(batches, use_cpu_time, rounds=3, min_time=0.2, dtype=torch.float32, only="", train=False,
-          compiled=False):
+          compiled=False, blocks=BLOCKS):
     rows = []
     with torch.no_grad():
         for batch in batches:
-            for block in [b for b in BLOCKS if only in b[0]]:
+            for block in [b for b in blocks if only in b[0]]:
                 fns, flops = impls(block, batch, dtype, train, compiled)
                 case = "%s b%d" % (block[0], batch)
                 if not use_cpu_time:
@@ -224,11 +253,14 @@ def main():
     parser.add_argument("--only", default="", help="blocks whose name contains this")
     parser.add_argument("--train", action="store_true", help="forward and backward")
     parser.add_argument("--compiled", action="store_true", help="also the plain block under torch.compile (freezing)")
+    parser.add_argument("--models", default="", help="the distinct blocks of these models (benchmarks/models.py)")
     args = parser.parse_args()
     if args.cpu_time:
         torch.set_num_threads(1)
+    blocks = model_blocks(args.models.split(",")) if args.models else BLOCKS
     rows = bench([int(b) for b in args.batches.split(",")], args.cpu_time, args.rounds,
-                 dtype=getattr(torch, args.dtype), only=args.only, train=args.train, compiled=args.compiled)
+                 dtype=getattr(torch, args.dtype), only=args.only, train=args.train, compiled=args.compiled,
+                 blocks=blocks)
     with_compiled = any(r["impl"] == "compiled" for r in rows)
     print("| case | reference ms | cpu ms | cpu vs reference | effops vs reference |"
           + (" compiled ms | effops vs compiled |" if with_compiled else ""))

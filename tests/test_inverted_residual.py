@@ -29,6 +29,12 @@ CASES = [
     (2, 40, 243, 40, 6, 5, 5, 2, "silu", False),
     (1, 8, 24, 8, 37, 40, 3, 1, "relu6", True),  # wide rows: steps of 2 output rows, the ring wraps
     (1, 6, 36, 10, 41, 35, 5, 2, "relu", False),
+    # The AVX2 depthwise computes 7 output pixels of a row at a time: a width of 7 (rows 4 above), of 14,
+    # of 8 and 18 (the last 7 overlapping the ones before), under 7 (another body); here 3x3 stride 2
+    # with 8, 5x5 stride 1 with 14 and 5x5 stride 2 with 7 output pixels.
+    (1, 8, 40, 16, 9, 15, 3, 2, "relu6", False),
+    (2, 10, 56, 10, 7, 14, 5, 1, "hardswish", True),
+    (1, 6, 33, 9, 6, 13, 5, 2, "silu", False),
 ]
 IDS = ["%dx%d-%d-%d@%dx%d_k%d_s%d_%s%s" % (c[:8] + (c[8], "_res" if c[9] else "")) for c in CASES]
 

@@ -3,8 +3,9 @@
 // Loop nest: parallel over (image, band of output rows); per band, per step of R output rows:
 //   1. expand the input rows the step reads that the ring does not hold yet (each row once per band):
 //        ring[ih % C][PW + iw][0..Chp) = act(x[ih][iw][:] @ We + be)     GEMM, M = new rows x W, K = Cin
-//   2. depthwise: d[p][c] = act(bd[c] + sum_taps ring[ih][ow * SW + kw][c] * wd[tap][c])
+//   2. depthwise: d[p][c] = act(bd[c] + sum_taps ring[ih][ow * SW + kw][c] * wd[tap][c])   (7 pixels at a time)
 //   3. project:   y[p][:] = d[p][:] @ Wp + bp (+ x[p][:])                  GEMM, M = R x OW, K = Ch
+//      (with squeeze-excitation's gate g: d @ (g[k] Wp[k][:]), the image's weights scaled once)
 // The two GEMMs run a register-blocked micro-kernel (MR pixels x NP panels of 16 columns, accumulators
 // in registers for the whole K loop) on the packed weight panels; bias, activation, residual and the
 // store are its epilogue. Every loop body is a template over the vector type V (ScalarVec, Avx2Vec,
@@ -54,30 +55,48 @@ template <class V> struct Blocking { static constexpr int MR = 6, NP = 1; };
 template <> struct Blocking<Avx512Vec> { static constexpr int MR = 8, NP = 3; };
 #endif
 
+// acc[r][..] += a[r * a_rs + k] * b's panels at k, r < MR: one k step of micro.
+template <class V, int MR, int NP>
+EFFOPS_INLINE void micro_k(V (&acc)[MR][NP * (kPanel / V::kWidth)], const float* a, int64_t a_rs, const float* b,
+                           int64_t b_ps, int64_t k) {
+  constexpr int NV = kPanel / V::kWidth;
+  V bv[NP * NV];
+  for (int q = 0; q < NP; ++q)
+    for (int v = 0; v < NV; ++v) bv[q * NV + v] = V::load(b + q * b_ps + k * kPanel + v * V::kWidth);
+  for (int r = 0; r < MR; ++r) {
+    const V ar = V::broadcast(a[r * a_rs + k]);
+    for (int v = 0; v < NP * NV; ++v) acc[r][v] = V::fma(ar, bv[v], acc[r][v]);
+  }
+}
+
 // out[r][0..NP*16) = bias[0..NP*16) + sum_{k < K} a[r * a_rs + k] * b[q * b_ps + k * 16 + 0..16)
 // (q: the panel of the column), r < MR; out's row stride is NP * 16.
 template <class V, int MR, int NP>
 EFFOPS_INLINE void micro(const float* a, int64_t a_rs, const float* b, int64_t b_ps, int64_t K, const float* bias,
                          float* out) {
   constexpr int NV = kPanel / V::kWidth;
+  // The last rows of a GEMM (MR of 1 to 3) have too few accumulators to cover the FMA latency: S sets of
+  // them, each over every S-th k, summed at the end.
+  constexpr int S = MR * NP * NV >= 8 ? 1 : (8 + MR * NP * NV - 1) / (MR * NP * NV);
   // The bias in its own registers, copied to every row: copying row 0 into the others instead made GCC
   // keep row 0 on the stack through the K loop (AVX2 6 x 16: a store and a reload per FMA pair).
-  V bias_v[NP * NV], acc[MR][NP * NV];
+  V bias_v[NP * NV], acc[S][MR][NP * NV];
   for (int q = 0; q < NP; ++q)
     for (int v = 0; v < NV; ++v) bias_v[q * NV + v] = V::load(bias + q * kPanel + v * V::kWidth);
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NP * NV; ++v) acc[r][v] = bias_v[v];
-  for (int64_t k = 0; k < K; ++k) {
-    V bv[NP * NV];
-    for (int q = 0; q < NP; ++q)
-      for (int v = 0; v < NV; ++v) bv[q * NV + v] = V::load(b + q * b_ps + k * kPanel + v * V::kWidth);
-    for (int r = 0; r < MR; ++r) {
-      const V ar = V::broadcast(a[r * a_rs + k]);
-      for (int v = 0; v < NP * NV; ++v) acc[r][v] = V::fma(ar, bv[v], acc[r][v]);
+    for (int v = 0; v < NP * NV; ++v) {
+      acc[0][r][v] = bias_v[v];
+      for (int u = 1; u < S; ++u) acc[u][r][v] = V::zero();
     }
-  }
+  int64_t k = 0;
+  for (; k + S <= K; k += S)
+    for (int u = 0; u < S; ++u) micro_k<V, MR, NP>(acc[u], a, a_rs, b, b_ps, k + u);
+  for (; k < K; ++k) micro_k<V, MR, NP>(acc[0], a, a_rs, b, b_ps, k);
+  for (int u = 1; u < S; ++u)
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NP * NV; ++v) acc[0][r][v] = acc[0][r][v] + acc[u][r][v];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NP * NV; ++v) acc[r][v].store(out + r * NP * kPanel + v * V::kWidth);
+    for (int v = 0; v < NP * NV; ++v) acc[0][r][v].store(out + r * NP * kPanel + v * V::kWidth);
 }
 
 // The micro-kernel as its own function per level (noinline): inlined into the large band function the
@@ -215,10 +234,65 @@ EFFOPS_INLINE void depthwise_row_fixed(const Shape& s, const float* const* rows,
   }
 }
 
-// One depthwise output row, through the fixed-size body where this level's registers hold the taps.
+// depthwise_row for a KH x KW kernel and stride SW known at compile time, P output pixels at a time:
+// per channel vector, each input pixel of a tap row is loaded once and feeds every one of the P
+// accumulators whose window holds it, and a tap row's KW weights are loaded once per P pixels. Loads
+// per output pixel and vector: KH (KW + (P - 1) SW + KW) / P, against KH KW with the weights held in
+// registers (depthwise_row_fixed) and 2 KH KW in depthwise_row; P + KW + 1 registers, which a 5x5 kernel
+// fits in AVX2's 16 (its 25 weights do not). The loop runs pixel block outer, channels inner, so a block
+// reads a few pixels of KH rows (L1) where channels outer streams whole rows from L2. P = 7 divides the
+// widths of these networks (112, 56, 28, 14, 7); another width >= P ends with a block overlapping the
+// one before (its first pixels computed and written twice, the same values).
+template <class V, int KH, int KW, int SW, int P>
+EFFOPS_INLINE void depthwise_row_cols(const Shape& s, const float* const* rows, const float* wd, const float* bd,
+                                      int64_t Chp, float* d) {
+  constexpr int W = V::kWidth, span = (P - 1) * SW + KW;
+  for (int64_t ow0 = 0; ow0 < s.OW; ow0 += P) {
+    const int64_t o = std::min<int64_t>(ow0, s.OW - P);
+    for (int64_t c = 0; c < Chp; c += W) {
+      V acc[P];
+      const V b = V::load(bd + c);
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) acc[p] = b;
+#pragma GCC unroll 8
+      for (int kh = 0; kh < KH; ++kh) {
+        const float* xr = rows[kh] + o * SW * Chp + c;
+        V w[KW];
+#pragma GCC unroll 8
+        for (int kw = 0; kw < KW; ++kw) w[kw] = V::load(wd + (kh * KW + kw) * Chp + c);
+#pragma GCC unroll 32
+        for (int j = 0; j < span; ++j) {
+          const V xv = V::load(xr + j * Chp);
+#pragma GCC unroll 8
+          for (int p = 0; p < P; ++p) {
+            const int kw = j - p * SW;  // the tap of pixel p that reads input pixel j
+            if (kw >= 0 && kw < KW) acc[p] = V::fma(xv, w[kw], acc[p]);
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) act_forward(acc[p], s.act).store(d + (o + p) * Chp + c);
+    }
+  }
+}
+
+// One depthwise output row: at the vector levels, 3x3 and 5x5 kernels of stride 1 or 2 on rows of at
+// least 7 output pixels through depthwise_row_cols (whole blocks of MNASNet / MobileNetV3, b16, one
+// thread, against the bodies below: AVX-512 5x5 1.07-1.44x, 3x3 1.00-1.08x; AVX2, with the expand epilogue
+// change, 5x5 1.06-1.38x, 3x3 1.03-1.25x); narrower rows through the bodies below.
 template <class V>
 EFFOPS_INLINE void depthwise_any(const Shape& s, const float* const* rows, const float* wd, const float* bd,
                                  int64_t Chp, float* d) {
+  constexpr int P = 7;
+  if constexpr (V::kWidth > 1) {
+    if (s.OW >= P && s.KH == s.KW && (s.KH == 3 || s.KH == 5) && (s.SW == 1 || s.SW == 2)) {
+      if (s.KH == 3)
+        return s.SW == 1 ? depthwise_row_cols<V, 3, 3, 1, P>(s, rows, wd, bd, Chp, d)
+                         : depthwise_row_cols<V, 3, 3, 2, P>(s, rows, wd, bd, Chp, d);
+      return s.SW == 1 ? depthwise_row_cols<V, 5, 5, 1, P>(s, rows, wd, bd, Chp, d)
+                       : depthwise_row_cols<V, 5, 5, 2, P>(s, rows, wd, bd, Chp, d);
+    }
+  }
 #if EFFOPS_HAVE_X86
   if constexpr (std::is_same_v<V, Avx512Vec>) {
     if (s.KH == 3 && s.KW == 3) return depthwise_row_fixed<V, 3, 3, 2>(s, rows, wd, bd, Chp, Chp, d);
@@ -229,6 +303,20 @@ EFFOPS_INLINE void depthwise_any(const Shape& s, const float* const* rows, const
   }
 #endif
   depthwise_row<V>(s, rows, wd, bd, Chp, d);
+}
+
+// f(std::integral_constant<int, act>{}): the activation a compile-time constant inside f, so act_forward
+// folds its switch away in f's loops.
+template <typename F>
+EFFOPS_INLINE void with_act(int act, F&& f) {
+  switch (act) {
+    case kRelu: return f(std::integral_constant<int, kRelu>{});
+    case kRelu6: return f(std::integral_constant<int, kRelu6>{});
+    case kGelu: return f(std::integral_constant<int, kGelu>{});
+    case kSilu: return f(std::integral_constant<int, kSilu>{});
+    case kHardswish: return f(std::integral_constant<int, kHardswish>{});
+    default: return f(std::integral_constant<int, kNone>{});
+  }
 }
 
 // How a band is cut into steps of R output rows, and the buffers that follows from (per task): a ring
@@ -256,7 +344,7 @@ Plan plan(const Shape& s, int64_t rows) {
 }
 
 struct Buffers {
-  std::vector<float> ring, zero, d, xrows;
+  std::vector<float> ring, zero, d, xrows, project_w;  // project_w: the gate-scaled project weights
 };
 
 // What a band does (squeeze-excitation needs d's means before the project: two passes over the bands).
@@ -291,6 +379,9 @@ EFFOPS_INLINE void expand_and_depthwise(const Shape& s, const Plan& p, const T* 
       for (int64_t c = 0; c < s.Cin; ++c) e[c] = to_float(xr[m * s.Cin + c]);
     }
   } else if (a0 <= a1) {
+    // The epilogue runs once per MR x 16 tile, which with a small K (16-24 input channels: the 112x112
+    // and 56x56 blocks) costs as much as the tile's FMAs: one division per tile (not per pixel) finds
+    // the ring slot, and the activation is a constant of the loop (with_act), not a switch per vector.
     const int64_t M = (a1 - a0 + 1) * s.W;
     const float* a = reinterpret_cast<const float*>(xn + a0 * s.W * s.Cin);
     if constexpr (!std::is_same_v<T, float>) {
@@ -298,14 +389,19 @@ EFFOPS_INLINE void expand_and_depthwise(const Shape& s, const Plan& p, const T* 
       for (int64_t i = 0; i < M * s.Cin; ++i) buf.xrows[i] = to_float(xr[i]);
       a = buf.xrows.data();
     }
-    gemm<V>(M, s.Cin, a, s.Cin, w.expand_w, ch_panels, w.expand_b,
-            [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
-              for (int i = 0; i < rows_; ++i) {
-                float* e = slot(m0 + i) + c0;
-                for (int64_t j = 0; j < width; j += V::kWidth)
-                  act_forward(V::load(out + i * width + j), s.act).store(e + j);
-              }
-            });
+    with_act(s.act, [&](auto act) {
+      gemm<V>(M, s.Cin, a, s.Cin, w.expand_w, ch_panels, w.expand_b,
+              [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
+                int64_t iw = m0 % s.W;
+                float* e = slot(m0) + c0;
+                for (int i = 0; i < rows_; ++i) {
+                  for (int64_t j = 0; j < width; j += V::kWidth)
+                    act_forward(V::load(out + i * width + j), act).store(e + j);
+                  e += Chp;
+                  if (++iw == s.W) iw = 0, e = slot(m0 + i + 1) + c0;  // the next input row's slot
+                }
+              });
+    });
   }
   for (int64_t j = 0; j < r; ++j) {
     const int64_t ih0 = (o + j) * s.SH - s.PH;
@@ -326,32 +422,40 @@ EFFOPS_INLINE void band(const Shape& s, const Plan& p, const T* x, const Packed&
                         int64_t oh1, const BandOut& to, Buffers& buf) {
   const int64_t Chp = p.Chp, out_panels = padded(s.Cout) / kPanel;
   const T* xn = x + n * s.H * s.W * s.Cin;
+  // project(d * scale) = d @ (Wp with row k times scale[k]): the gate scales the Ch x Coutp weights once
+  // per band, not each of d's pixels (a pass over d, which the second pass then reads in place).
+  const float* project_w = w.project_w;
+  if (to.scale != nullptr && to.sums == nullptr) {
+    buf.project_w.resize(out_panels * s.Ch * kPanel);
+    for (int64_t q = 0; q < out_panels; ++q)
+      for (int64_t k = 0; k < s.Ch; ++k) {
+        const V g = V::broadcast(to.scale[k]);
+        const int64_t i = (q * s.Ch + k) * kPanel;
+        for (int64_t j = 0; j < kPanel; j += V::kWidth) (V::load(w.project_w + i + j) * g).store(&buf.project_w[i + j]);
+      }
+    project_w = buf.project_w.data();
+  }
   int64_t next = oh0 * s.SH - s.PH;  // first input row the ring does not hold
   for (int64_t o = oh0; o < oh1; o += p.R) {
     const int64_t r = std::min(p.R, oh1 - o), pixels = r * s.OW;
     const int64_t at = (n * s.OH + o) * s.OW * Chp;  // the step's first d value in d_store / d_load
-    float* d = buf.d.data();
-    if (to.d_load != nullptr) {  // second pass: d scaled into the step buffer
-      for (int64_t q = 0; q < pixels * Chp; q += Chp)
-        for (int64_t c = 0; c < Chp; c += V::kWidth)
-          (V::load(to.d_load + at + q + c) * V::load(to.scale + c)).store(d + q + c);
-    } else {
-      if (to.d_store != nullptr) d = to.d_store + at;
-      expand_and_depthwise<V>(s, p, xn, w, o, r, next, d, buf);
-      if (to.sums != nullptr) {  // first pass: d's sums, no project
-        for (int64_t q = 0; q < pixels; ++q)
-          for (int64_t c = 0; c < Chp; c += V::kWidth)
-            (V::load(to.sums + c) + V::load(d + q * Chp + c)).store(to.sums + c);
+    const float* d = to.d_load != nullptr ? to.d_load + at : buf.d.data();  // second pass: d as kept
+    if (to.d_load == nullptr) {
+      float* dw = to.d_store != nullptr ? to.d_store + at : buf.d.data();
+      expand_and_depthwise<V>(s, p, xn, w, o, r, next, dw, buf);
+      d = dw;
+      if (to.sums != nullptr) {  // first pass: d's sums, no project (a channel vector's sum in a register)
+        for (int64_t c = 0; c < Chp; c += V::kWidth) {
+          V sum = V::load(to.sums + c);
+          for (int64_t q = 0; q < pixels; ++q) sum = sum + V::load(d + q * Chp + c);
+          sum.store(to.sums + c);
+        }
         continue;
-      }
-      if (to.scale != nullptr) {
-        for (int64_t q = 0; q < pixels * Chp; q += Chp)
-          for (int64_t c = 0; c < Chp; c += V::kWidth) (V::load(d + q + c) * V::load(to.scale + c)).store(d + q + c);
       }
     }
     T* yo = y + (n * s.OH + o) * s.OW * s.Cout;
     const T* res = s.residual ? xn + o * s.W * s.Cin : nullptr;  // stride 1, W == OW: the same pixels
-    gemm<V>(pixels, s.Ch, d, Chp, w.project_w, out_panels, w.project_b,
+    gemm<V>(pixels, s.Ch, d, Chp, project_w, out_panels, w.project_b,
             [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
               const int64_t full = std::min(width, (s.Cout - c0) / V::kWidth * V::kWidth);
               for (int i = 0; i < rows_; ++i) {
@@ -475,9 +579,11 @@ template void depthwise_means<c10::Half>(const Shape&, const c10::Half*, const f
 
 const char* inverted_residual_body() {
   if (cpu_isa_at_least(CpuIsa::kAvx512))
-    return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel; backward depthwise in 16-channel blocks)";
+    return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel, depthwise 7 pixels at a time; backward depthwise in "
+           "16-channel blocks)";
   if (cpu_isa_at_least(CpuIsa::kAvx2))
-    return "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel; backward depthwise in 8-channel blocks)";
+    return "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel, depthwise 7 pixels at a time; backward depthwise in "
+           "8-channel blocks)";
   return "scalar";
 }
 
