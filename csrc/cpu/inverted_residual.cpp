@@ -422,10 +422,13 @@ EFFOPS_INLINE void band(const Shape& s, const Plan& p, const T* x, const Packed&
                         int64_t oh1, const BandOut& to, Buffers& buf) {
   const int64_t Chp = p.Chp, out_panels = padded(s.Cout) / kPanel;
   const T* xn = x + n * s.H * s.W * s.Cin;
-  // project(d * scale) = d @ (Wp with row k times scale[k]): the gate scales the Ch x Coutp weights once
-  // per band, not each of d's pixels (a pass over d, which the second pass then reads in place).
+  // project(d * scale) = d @ (Wp with row k times scale[k]): the gate scales whichever has fewer values,
+  // the Ch x Coutp weights once per band (then the second pass reads a kept d in place) or the band's
+  // pixels of d (the 7x7 and 14x14 blocks, whose Ch x Cout weights outnumber a band's d).
+  const bool gate = to.scale != nullptr && to.sums == nullptr;
+  const bool gate_d = gate && s.Ch * padded(s.Cout) > (oh1 - oh0) * s.OW * Chp;
   const float* project_w = w.project_w;
-  if (to.scale != nullptr && to.sums == nullptr) {
+  if (gate && !gate_d) {
     buf.project_w.resize(out_panels * s.Ch * kPanel);
     for (int64_t q = 0; q < out_panels; ++q)
       for (int64_t k = 0; k < s.Ch; ++k) {
@@ -452,6 +455,12 @@ EFFOPS_INLINE void band(const Shape& s, const Plan& p, const T* x, const Packed&
         }
         continue;
       }
+    }
+    if (gate_d) {  // d * scale into the step buffer (in place when d is there already)
+      float* ds = buf.d.data();
+      for (int64_t q = 0; q < pixels * Chp; q += Chp)
+        for (int64_t c = 0; c < Chp; c += V::kWidth) (V::load(d + q + c) * V::load(to.scale + c)).store(ds + q + c);
+      d = ds;
     }
     T* yo = y + (n * s.OH + o) * s.OW * s.Cout;
     const T* res = s.residual ? xn + o * s.W * s.Cin : nullptr;  // stride 1, W == OW: the same pixels
