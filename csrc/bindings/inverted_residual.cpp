@@ -393,8 +393,8 @@ TORCH_LIBRARY_FRAGMENT(effops, m) {
   // flexible_layout: any strides in, the output in x's memory format (channels_last or contiguous). Under
   // torch.compile inductor may then hand the op the channels-last tensors its layout optimization made of
   // an NCHW model, instead of converting them back to NCHW around every block (what needs_exact_strides, the
-  // default for custom ops, does: 1.25x slower on MNASNet's compiled NCHW model at batch 16,
-  // docs/inverted_residual.md).
+  // default for custom ops, does: 1.3x slower on MNASNet's compiled NCHW model at batch 16,
+  // docs/perf/models.md).
   m.def("inverted_residual(Tensor x, Tensor? expand_weight, Tensor? expand_bias, Tensor dw_weight, "
         "Tensor? dw_bias, Tensor project_weight, Tensor? project_bias, int[2] stride, int[2] padding, "
         "str? activation, bool residual, Tensor? packed=None, Tensor? se_reduce_weight=None, "
