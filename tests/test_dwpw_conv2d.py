@@ -610,8 +610,11 @@ def _bf16_backward_within_torch_error(case, x_layout, gy_layout, needs=(True,) *
     with effops.use_backend("cpu"):
         got = torch.ops.effops.dwpw_conv2d_backward(gy, x, dw, pw, dwb, *conv, need)
     want = torch.autograd.grad(y64, [t for t in t64 if t is not None], gy.double())
-    tt = [None if t is None else t.detach().requires_grad_() for t in tensors]
-    theirs = torch.autograd.grad(composed(tt, kwargs), [t for t in tt if t is not None], gy)
+    # torch's error through NCHW copies: its channels-last bf16 depthwise weight gradient with dilation reads
+    # memory it never wrote (torch 2.13: NaN 9 times in 10 after a freed tensor of NaN), which made this
+    # bound NaN at random; its NCHW route is sound.
+    tt = [None if t is None else t.detach().contiguous().requires_grad_() for t in tensors]
+    theirs = torch.autograd.grad(composed(tt, kwargs), [t for t in tt if t is not None], gy.contiguous())
     present = [i for i, t in enumerate(tensors) if t is not None]
     for j, i in enumerate(present):
         if not need[i]:
