@@ -856,11 +856,10 @@ def test_bf16_rules_where_the_cpu_has_native_bf16(monkeypatch):
     # the avx512_bf16 level (vdpbf16ps) at every size; with the kernels capped below that level, torch.
     # oneDNN capped below AVX512-BF16 is not native.
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    geometry = ((1, 1), (1, 1), (1, 1))
-
-    def reason(N, C, O, H, layout="nchw", training=False, dtype=torch.bfloat16):
+    def reason(N, C, O, H, layout="nchw", training=False, dtype=torch.bfloat16, dilation=1):
         args = _policy_shape(layout, N, C, O, H, dtype=dtype)
-        return dwpw.route_reason(args[0], args[1], args[2], *geometry, training=training)
+        return dwpw.route_reason(args[0], args[1], args[2], (1, 1), (dilation,) * 2, (dilation,) * 2,
+                                 training=training)
 
     native = effops.cpu_isa.cpu_has_native_bf16()
     for layout in ("nchw", "channels_last"):
@@ -869,6 +868,9 @@ def test_bf16_rules_where_the_cpu_has_native_bf16(monkeypatch):
     if native:  # without native bf16 (AVX2 CPUs, oneDNN capped) the 32 MiB rule alone applies: checked below
         for n in (1, 8, 64):  # the vdpbf16ps forward measured as fast or faster at every batch
             assert reason(n, 64, 128, 56, "channels_last") == "", n
+        # torch's native bf16 step is unsound for a dilated channels-last depthwise (docs/dwpw_conv2d.md): ours
+        assert reason(8, 64, 128, 56, "channels_last", training=True, dilation=2) == ""
+        assert "avx512_bf16" in reason(8, 64, 128, 56, "nchw", training=True, dilation=2)
         with effops.cpu_isa.use_cpu_isa("avx512"):  # the fp32-FMA body on bf16 tensors: torch's won
             assert "avx512_bf16" in reason(8, 64, 128, 56, "channels_last")
     assert reason(64, 64, 128, 56, "nchw") == ""

@@ -205,6 +205,7 @@ struct Sizes {
   int64_t forward_largest;      // bytes of torch's largest forward tensor (depthwise output or y)
   int64_t step_largest;         // ... of a training step (grad_x too)
   bool strided;                 // a stride above 1
+  bool dilated;                 // a dilation above 1
 };
 
 Sizes sizes_of(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tensor& pw_weight, at::IntArrayRef stride,
@@ -214,7 +215,8 @@ Sizes sizes_of(const at::Tensor& x, const at::Tensor& dw_weight, const at::Tenso
   const int64_t plane = out[0] * out[1];
   const int64_t largest = N * std::max(C, O) * plane * element_size;
   return {N * plane * C * O, largest, std::max(largest, numel_of(x) * element_size),
-          stride.size() == 2 && (stride[0] > 1 || stride[1] > 1)};
+          stride.size() == 2 && (stride[0] > 1 || stride[1] > 1),
+          dilation.size() == 2 && (dilation[0] > 1 || dilation[1] > 1)};
 }
 
 // torch's large tensors are on huge pages too (its THP_MEM_ALLOC_ENABLE switch): then they no longer
@@ -246,6 +248,9 @@ const char* cpu_slower(const Sizes& s, at::ScalarType dtype, bool training, at::
   // at avx512 or lower: the fp32-FMA body on bf16 tensors) torch's won (that body 0.46-0.56x at batch 8): torch.
   const bool native_bf16 = dtype == at::kBFloat16 && effops::dispatch::torch_bf16_is_native();
   if (training) {
+    // Never where torch's step is wrong: its native bf16 depthwise weight gradient of a dilated channels-last
+    // input reads memory it never wrote (torch 2.13; NaN at random, docs/dwpw_conv2d.md): ours, any size.
+    if (native_bf16 && s.dilated && format == at::MemoryFormat::ChannelsLast) return nullptr;
     if (native_bf16 && s.step_largest < kLargeTensorBytes)
       return "bf16 training step under 32 MiB at the avx512_bf16 level: torch's native bf16 convolutions measured "
              "faster on some shapes (the fused step with vdpbf16ps backward products 0.76-0.91x)";
