@@ -9,7 +9,7 @@ import effops
 from effops import _ext
 from effops.ops import inverted_residual
 from effops.reference import inverted_residual as reference
-from conftest import TOL, backends_on_device
+from conftest import TOL, backends_on_device, cpu_levels
 
 needs_ext = pytest.mark.skipif(not _ext.load(), reason="effops._C not built: %s" % _ext.reason())
 # The backends with an inverted_residual route on CPU tensors: the plain ATen route and our kernel at
@@ -178,11 +178,12 @@ def test_gradients_with_other_kernel_sizes(backend, case):
 
 
 @needs_ext
+@pytest.mark.parametrize("n_threads", [1, 2], ids=["1thread", "2threads"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", [CASES[4], CASES[2], CASES[1]], ids=[IDS[4], IDS[2], IDS[1]])
-def test_gradients_in_low_precision(backend, case, dtype):
-    """bf16 / fp16 tensors, every intermediate stored in that dtype as torch's own ops store them (sums in fp32).
-    Against the float64 reference, each gradient's largest error relative to its largest value is at most
+def test_gradients_in_low_precision(backend, case, dtype, n_threads):
+    """bf16 / fp16 tensors (the chunked backward stores every intermediate in that dtype as torch's own ops
+    do, the fused one keeps them in fp32; sums in fp32). Against the float64 reference, each gradient's largest error relative to its largest value is at most
     1.25x what torch's own ops give on the same inputs (their errors come mostly from ReLU6's edges, where
     a rounded pre-activation lands on the other side of 0 or 6), plus one rounding of the dtype."""
     if backend == "reference":
@@ -201,7 +202,8 @@ def test_gradients_in_low_precision(backend, case, dtype):
         assert all(g.dtype == dtype for g in grads)
         return [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(grads, wants)]
 
-    ours = errors()
+    with threads(n_threads):  # one thread: the fused backward for every case; two: for CASES[4] (3 images)
+        ours = errors()
     with effops.use_backend("reference"):
         torchs = errors()
     unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
@@ -209,11 +211,14 @@ def test_gradients_in_low_precision(backend, case, dtype):
         assert e <= 1.25 * t + unit, (name, e, t)
 
 
-def check_gradients(case, expand, dtype=torch.float32, tol=dict(atol=3e-5, rtol=1e-4)):
-    tensors, kw = make(case, dtype=dtype, expand=expand)
+def check_gradients(case, expand, dtype=torch.float32, tol=dict(atol=3e-5, rtol=1e-4), layout="channels_last",
+                    grad_layout="channels_last"):
+    tensors, kw = make(case, dtype=dtype, expand=expand, layout=layout)
     tensors = [None if t is None else t.requires_grad_() for t in tensors]
     y = inverted_residual(*tensors, **kw)
     gy = torch.randn_like(y)
+    if grad_layout == "nchw":
+        gy = gy.contiguous()
     grads = torch.autograd.grad(y, [t for t in tensors if t is not None], gy)
     t64 = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
     want = reference.inverted_residual(*t64, [kw["stride"]] * 2, [kw["padding"]] * 2, kw["activation"],
@@ -224,7 +229,62 @@ def check_gradients(case, expand, dtype=torch.float32, tol=dict(atol=3e-5, rtol=
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), w, atol=tol["atol"] * max(1.0, w.abs().max().item()),
                                    rtol=tol["rtol"])
-    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                  torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def backward_ops(case, layout="channels_last"):
+    """The names of the ops one backward of the case runs."""
+    tensors, kw = make(case, layout=layout)
+    tensors = [None if t is None else t.requires_grad_() for t in tensors]
+    y = inverted_residual(*tensors, **kw)
+    with torch.profiler.profile() as prof:
+        y.backward(torch.ones_like(y))
+    return {e.name for e in prof.events()}
+
+
+# Beside CASES: a 1x1 depthwise of stride 2 on rows of 65 output pixels (steps of one output row: each
+# skips an odd input row, read by no tap, and the last row is never read: their gradient is zero) and a 7x7
+# one (the general depthwise body).
+FUSED_CASES = CASES + [(2, 4, 24, 4, 8, 130, 1, 2, "relu", False), (1, 5, 30, 7, 9, 11, 7, 2, "gelu", False)]
+
+
+@needs_ext
+@pytest.mark.parametrize("level", cpu_levels())
+@pytest.mark.parametrize("case", FUSED_CASES, ids=IDS + ["k1_s2", "k7_s2"])
+def test_fused_backward_matches_reference_autograd(level, case):
+    """With one thread every block with expansion and without squeeze-excitation, any batch, runs the fully
+    fused backward (none of torch's convolutions in it) at every instruction-set level; its gradients
+    against torch's autograd through the float64 reference, x channels-last with g_y of either layout, and
+    NCHW x."""
+    with effops.use_backend("cpu"), effops.cpu_isa.use_cpu_isa(level), threads(1):
+        ops = backward_ops(case)
+        assert "effops::inverted_residual_backward" in ops and "aten::convolution_backward" not in ops, ops
+        check_gradients(case, True, grad_layout="nchw" if case[0] > 1 else "channels_last")
+        if case is CASES[3] or case is CASES[4]:
+            check_gradients(case, True, layout="nchw")
+
+
+@needs_ext
+def test_fused_backward_needs_an_image_per_thread():
+    """The fused backward runs images in parallel: with fewer images than threads the chunked backward
+    (torch's 1x1 convolutions) runs instead; both give the reference's gradients."""
+    with effops.use_backend("cpu"), threads(2):
+        for n, fused in ((1, False), (2, True), (3, True)):
+            case = (n, 8, 48, 8, 9, 9, 3, 1, "relu6", True)
+            ops = backward_ops(case)
+            assert ("aten::convolution_backward" not in ops) == fused, (n, ops)
+            check_gradients(case, True)
 
 
 @needs_ext
@@ -337,25 +397,33 @@ def test_triton_matches_reference(case, layout, expand, dtype):
 
 
 @needs_ext
-def test_training_choice_follows_the_policy():
-    """In training, a block with less than 16 MiB of expanded tensor runs as torch's ops (autograd saving
-    it: measured as fast or faster), a larger one as our forward with the recomputing backward; both give
-    the reference's gradients."""
+@pytest.mark.parametrize("case, dtype, route", [
+    ((2, 8, 48, 8, 9, 9, 3, 1, "relu6", True), torch.float32, "reference"),     # fused backward, 9x9 output
+    ((2, 8, 48, 8, 14, 14, 3, 1, "relu6", True), torch.float32, "cpu"),         # fused backward, 14x14 output
+    ((1, 8, 48, 8, 14, 14, 3, 1, "relu6", True), torch.float32, "reference"),   # an image for two threads
+    ((2, 8, 64, 8, 182, 182, 3, 1, "relu6", True), torch.float32, "cpu"),       # 16 MiB or more
+    ((2, 8, 48, 8, 14, 14, 3, 2, "relu6", False), torch.bfloat16, "cpu"),       # 16-bit, fused, stride 2
+    ((2, 8, 48, 8, 14, 14, 3, 1, "relu6", True), torch.bfloat16, "reference"),  # 16-bit, fused, stride 1
+], ids=["fused-9x9", "fused-14x14", "1-image", "16MiB", "bf16-s2", "bf16-s1"])
+def test_training_choice_follows_the_policy(case, dtype, route):
+    """In training (two threads), a block the fused backward takes runs ours where it measured ahead (fp32:
+    an output of 14x14 pixels or more; 16-bit: stride 2); otherwise one with less than 16 MiB of expanded
+    tensor runs as torch's ops (autograd saving it), a larger one as ours. Both give the reference's
+    gradients."""
     if effops._backends.forced_backend() is not None:
         pytest.skip("a forced backend takes no policy")
-    for case, route in (((2, 8, 48, 8, 9, 9, 3, 1, "relu6", True), "reference"),
-                        ((2, 8, 64, 8, 182, 182, 3, 1, "relu6", True), "cpu")):
-        tensors, kw = make(case)
-        weights = [t.requires_grad_() for t in tensors[1:]]
-        with effops._backends.record_choices() as tally:
-            y = inverted_residual(*tensors, **kw)
-            y.square().mean().backward()
-        assert tally["inverted_residual"] == {route: 1}, dict(tally)
-        assert ("inverted_residual_backward" in tally) == (route == "cpu")
-        t64 = [t.detach().double().requires_grad_() for t in tensors[1:]]
-        expected([tensors[0].double()] + t64, kw).square().mean().backward()
-        for w, w64 in zip(weights, t64):
-            torch.testing.assert_close(w.grad, w64.grad.float(), atol=1e-5, rtol=1e-4)
+    tensors, kw = make(case, dtype=dtype)
+    weights = [t.requires_grad_() for t in tensors[1:]]
+    with threads(2), effops._backends.record_choices() as tally:
+        y = inverted_residual(*tensors, **kw)
+        y.float().square().mean().backward()
+    assert tally["inverted_residual"] == {route: 1}, dict(tally)
+    assert ("inverted_residual_backward" in tally) == (route == "cpu")
+    t64 = [t.detach().double().requires_grad_() for t in tensors[1:]]
+    expected([tensors[0].double()] + t64, kw).square().mean().backward()
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for w, w64 in zip(weights, t64):
+        torch.testing.assert_close(w.grad.double(), w64.grad, **tol)
 
 
 @needs_ext

@@ -48,9 +48,9 @@ at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& 
                       const OptTensor& expand_bias, const at::Tensor& dw_weight, const OptTensor& dw_bias,
                       const at::Tensor& project_weight, const OptTensor& project_bias, const Se& se);
 
-// Why torch's own ops with saved activations train this block faster than our forward and recomputing
-// backward, or nullptr (the speed policy of a training step on CPU).
-const char* training_aten_faster(const ir::Shape& s, at::ScalarType dtype);
+// Why torch's own ops with saved activations train this block faster than our forward and backward, or
+// nullptr (the speed policy of a training step on CPU). fused_backward: the fused backward takes the block.
+const char* training_aten_faster(const ir::Shape& s, at::ScalarType dtype, bool fused_backward);
 
 // f(T{}) with T the storage type of `dtype`: float, bf16 or fp16 (the dtypes checked_shape accepts).
 template <class F>

@@ -13,9 +13,13 @@
 // ops for the middle too); "triton" (CUDA tensors automatically, chunks of kCudaChunkBytes; CPU tensors
 // only when forced, in Triton's interpreter: tests); "reference" (forced: torch's ops on the whole batch at
 // once; on CUDA also where Triton declines the input, then chunked). A forced "cuda" raises: there is no
-// CUDA C++ kernel for it. A fully fused backward (the 1x1 gradients in the same pass, in cache) is not
-// written yet; the Triton middle has never run on a GPU.
+// CUDA C++ kernel for it. The Triton middle has never run on a GPU.
+// The "cpu" route runs the fully fused backward instead (csrc/cpu/inverted_residual_fused_backward.h: the
+// 1x1 convolutions' gradients in the same pass, nothing of expanded size in memory) for blocks with
+// expansion and without squeeze-excitation, kernels up to 8x8, and at least one image per thread (it runs
+// images in parallel); x of another layout is copied to channels-last, as the forward kernel copies it.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -31,6 +35,7 @@
 #include "bindings/dispatch.h"
 #include "bindings/inverted_residual.h"
 #include "cpu/inverted_residual_depthwise.h"
+#include "cpu/inverted_residual_fused_backward.h"
 
 namespace {
 
@@ -281,6 +286,40 @@ void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, cons
   }
 }
 
+// Whether the fused CPU backward takes this block (see the file's comment).
+bool fused_backward_takes(const ir::Shape& s, const Se& se) {
+  return s.expand && !se.on && s.KH <= 8 && s.KW <= 8 && s.N >= at::get_num_threads();
+}
+
+Grads fused_backward_cpu(const ir::Shape& s, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ew,
+                         const OptTensor& eb, const at::Tensor& dw, const OptTensor& db, const at::Tensor& pw,
+                         const OptTensor& pb, const Needs& needs) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor xc = x.contiguous(cl), gyc = grad_y.contiguous(cl);
+  const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const at::Tensor ew32 = f32(ew), dw32 = f32(dw), pw32 = f32(pw);
+  const at::Tensor eb32 = given(eb) ? f32(*eb) : at::Tensor(), db32 = given(db) ? f32(*db) : at::Tensor();
+  const auto opts = x.options().dtype(at::kFloat);
+  at::Tensor g_x = at::empty_like(xc, cl), g_ew = at::empty({s.Ch, s.Cin}, opts), g_eb = at::empty({s.Ch}, opts);
+  at::Tensor g_dw = at::empty({s.Ch, s.KH * s.KW}, opts), g_db = at::empty({s.Ch}, opts);
+  at::Tensor g_pw = at::empty({s.Cout, s.Ch}, opts), g_pb = at::empty({s.Cout}, opts);
+  const ir::BackwardWeights w{ew32.const_data_ptr<float>(), eb32.defined() ? eb32.const_data_ptr<float>() : nullptr,
+                              dw32.const_data_ptr<float>(), db32.defined() ? db32.const_data_ptr<float>() : nullptr,
+                              pw32.const_data_ptr<float>()};
+  const ir::WeightGrads g{g_ew.mutable_data_ptr<float>(), g_eb.mutable_data_ptr<float>(),
+                          g_dw.mutable_data_ptr<float>(), g_db.mutable_data_ptr<float>(),
+                          g_pw.mutable_data_ptr<float>(), g_pb.mutable_data_ptr<float>()};
+  with_storage_type(x.scalar_type(), [&](auto type) {
+    using T = decltype(type);
+    ir::fused_backward<T>(s, xc.const_data_ptr<T>(), gyc.const_data_ptr<T>(), w, g_x.mutable_data_ptr<T>(), g);
+  });
+  const auto like = [&](int i, const at::Tensor& grad, const OptTensor& weight) {
+    return needs[i] && given(weight) ? grad.reshape(weight->sizes()).to(weight->scalar_type()) : at::Tensor();
+  };
+  return {needs[0] ? g_x.contiguous(format_of(x)) : at::Tensor(), like(1, g_ew, ew), like(2, g_eb, eb), like(3, g_dw, dw), like(4, g_db, db),
+          like(5, g_pw, pw), like(6, g_pb, pb), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+}
+
 // Both devices' implementation: the route picks the depthwise middle (our CPU kernel, the Triton kernels, or
 // torch's ops) and the chunk size; the expand and project convolutions' backward and the squeeze-excitation
 // are torch's ops on every route.
@@ -310,6 +349,8 @@ Grads backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTens
                               kOp);
   TORCH_CHECK_NOT_IMPLEMENTED(route != Backend::kTriton || triton_cannot == nullptr,
                               "backend 'triton' is forced but declines this ", kOp, " input: ", triton_cannot);
+  if (route == Backend::kCpu && fused_backward_takes(s, se))
+    return fused_backward_cpu(s, grad_y, x, *ew, eb, dw, db, pw, pb, needs);
   // Forced "reference": torch's ops on the whole batch at once (the reference's arithmetic); otherwise chunks.
   const bool whole_batch = effops::dispatch::forced_backend() == Backend::kReference;
   const int64_t per_image = s.Ch * s.H * s.W * static_cast<int64_t>(x.element_size());
@@ -432,7 +473,8 @@ at::Tensor forward_autograd(const at::Tensor& x, const OptTensor& ew, const OptT
   if (x.device().is_cpu() && effops::dispatch::forced_backend() == effops::dispatch::Backend::kAuto) {
     const ir::Shape s = checked_shape(x, ew, eb, dw, db, pw, pb, stride, padding, activation, residual);
     const Se se = checked_se(x, s, se_rw, se_rb, se_ew, se_eb, se_activation, se_gate_name);
-    if (training_aten_faster(s, x.scalar_type()) != nullptr) {  // torch's ops, recorded by its autograd
+    // torch's ops, recorded by its autograd
+    if (training_aten_faster(s, x.scalar_type(), fused_backward_takes(s, se)) != nullptr) {
       effops::dispatch::record("inverted_residual", effops::dispatch::Backend::kReference);
       return aten_route(s, x, ew, eb, dw, db, pw, pb, se);
     }

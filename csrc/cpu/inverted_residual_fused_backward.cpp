@@ -1,0 +1,385 @@
+// The fused backward of an inverted-residual block (see inverted_residual_fused_backward.h for the steps).
+//
+// Parallel over images: each task owns whole images, so no input row's gradient comes from two tasks and
+// no halo is recomputed; the weight gradients are summed per task and then over tasks in the order of
+// their first image (the same sums for the same thread count). The GEMMs are the forward's micro-kernels
+// (inverted_residual_gemm.h); every loop body is a template over the vector type V, instantiated once per
+// instruction-set level inside a function compiled for that level.
+#include "cpu/inverted_residual_fused_backward.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/dwpw_kernels.h"  // act_forward, act_derivative: the activations of dwpw_conv2d, same codes
+#include "cpu/inverted_residual_gemm.h"
+#include "cpu/simd.h"
+
+namespace effops::cpu::ir {
+namespace {
+
+using dwpw::act_derivative;
+using dwpw::act_forward;
+
+constexpr int64_t kMaxTaps = 64;  // 8 x 8: the binding sends larger kernels to the chunked backward
+
+// B[k][n] = at(k, n) packed for gemm: [padded(N) / 16][K][16], zero past N.
+template <class F>
+std::vector<float> pack_panels(int64_t K, int64_t N, F&& at) {
+  const int64_t panels = padded(N) / kPanel;
+  std::vector<float> out(panels * K * kPanel, 0.f);
+  for (int64_t q = 0; q < panels; ++q)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < kPanel && q * kPanel + j < N; ++j) out[(q * K + k) * kPanel + j] = at(k, q * kPanel + j);
+  return out;
+}
+
+// The weights as the steps read them (fp32, zero padding), built once per call.
+struct Packs {
+  int64_t Chp, Cinp, Coutp, taps;
+  std::vector<float> expand_w;   // [Chp / 16][Cin][16]   e = act(x @ expand_w^T + expand_b)
+  std::vector<float> expand_b;   // [Chp]
+  std::vector<float> expand_t;   // [Cinp / 16][Ch][16]   g_x = g_pre_e @ expand_w
+  std::vector<float> dw_w;       // [taps][Chp]           tap-major: channels contiguous for vectors
+  std::vector<float> dw_b;       // [Chp]
+  std::vector<float> project_t;  // [Chp / 16][Cout][16]  g_d = g_y @ project_w
+  std::vector<float> zeros;      // the GEMMs without a bias
+};
+
+Packs pack(const Shape& s, const BackwardWeights& w) {
+  Packs p;
+  p.Chp = padded(s.Ch), p.Cinp = padded(s.Cin), p.Coutp = padded(s.Cout), p.taps = s.KH * s.KW;
+  p.expand_w = pack_panels(s.Cin, s.Ch, [&](int64_t k, int64_t n) { return w.expand_w[n * s.Cin + k]; });
+  p.expand_t = pack_panels(s.Ch, s.Cin, [&](int64_t k, int64_t n) { return w.expand_w[k * s.Cin + n]; });
+  p.project_t = pack_panels(s.Cout, s.Ch, [&](int64_t k, int64_t n) { return w.project_w[k * s.Ch + n]; });
+  p.expand_b.assign(p.Chp, 0.f);
+  p.dw_b.assign(p.Chp, 0.f);
+  p.dw_w.assign(p.taps * p.Chp, 0.f);
+  for (int64_t c = 0; c < s.Ch; ++c) {
+    if (w.expand_b != nullptr) p.expand_b[c] = w.expand_b[c];
+    if (w.dw_b != nullptr) p.dw_b[c] = w.dw_b[c];
+    for (int64_t t = 0; t < p.taps; ++t) p.dw_w[t * p.Chp + c] = w.dw_w[c * p.taps + t];
+  }
+  p.zeros.assign(std::max(p.Chp, p.Cinp), 0.f);
+  return p;
+}
+
+// One task's sums of the weight gradients (fp32, padded widths).
+struct Sums {
+  std::vector<float> expand_w;   // [Cin][Chp]
+  std::vector<float> expand_b;   // [Chp]
+  std::vector<float> dw_w;       // [taps][Chp]
+  std::vector<float> dw_b;       // [Chp]
+  std::vector<float> project_w;  // [Chp][Coutp]
+  std::vector<float> project_b;  // [Coutp]
+};
+
+// Steps of R output rows; a ring of C input rows, each Wp pixels wide (left padding, the row, zeros far
+// enough right for the last tap).
+struct Plan {
+  int64_t R, C, Wp;
+};
+
+// R: ~64 output pixels per step (each GEMM call streams its weight panels once), fewer where the step's
+// buffers (three rings and the step's rows) would pass ~1 MB (L2).
+Plan plan(const Shape& s, const Packs& w) {
+  Plan p{};
+  p.Wp = std::max(s.PW + s.W, (s.OW - 1) * s.SW + s.KW);
+  p.R = std::max<int64_t>(1, std::min<int64_t>(s.OH, (64 + s.OW - 1) / s.OW));
+  const auto floats = [&](int64_t R) {
+    const int64_t C = (R - 1) * s.SH + s.KH;
+    return 3 * C * p.Wp * w.Chp + C * s.W * (w.Chp + s.Cin) + R * s.OW * (3 * w.Chp + w.Coutp);
+  };
+  while (p.R > 1 && floats(p.R) * 4 > (1 << 20)) --p.R;
+  p.C = (p.R - 1) * s.SH + s.KH;
+  return p;
+}
+
+struct Buffers {
+  std::vector<float> e, de, ge;    // rings [C][Wp][Chp]: e, act'(pre_e), g_e (input row ih in slot ih % C)
+  std::vector<float> zero, trash;  // [Wp][Chp]: taps above or below the image read zeros and write trash
+  std::vector<float> d, dd, gd;    // [R * OW][Chp]: the step's d, act'(pre_d), g_pre_d
+  std::vector<float> gy;           // [R * OW][Coutp]: the step's g_y in fp32
+  std::vector<float> xrows;        // [C * W][Cin]: x rows in fp32 (16-bit x)
+  std::vector<float> gpe;          // [C * W][Chp]: g_pre_e of complete input rows
+};
+
+// Depthwise of output row `row` (its tap rows e[kh]): d and act'(pre_d) at d + row * OW * Chp.
+// K: the kernel size when square and 3 or 5 (the taps unroll; their weights stay in registers), else 0.
+template <class V, int K, int A>
+EFFOPS_INLINE void depthwise_row(const Shape& s, const Packs& w, const float* const* e, float* d, float* dd) {
+  const int64_t KH = K ? K : s.KH, KW = K ? K : s.KW, Chp = w.Chp;
+  for (int64_t c = 0; c < Chp; c += V::kWidth) {
+    V wt[kMaxTaps];
+    for (int64_t t = 0; t < KH * KW; ++t) wt[t] = V::load(w.dw_w.data() + t * Chp + c);
+    const V bias = V::load(w.dw_b.data() + c);
+    for (int64_t ow = 0; ow < s.OW; ++ow) {
+      V pre = bias;
+      for (int64_t kh = 0; kh < KH; ++kh)
+        for (int64_t kw = 0; kw < KW; ++kw)
+          pre = V::fma(V::load(e[kh] + (ow * s.SW + kw) * Chp + c), wt[kh * KW + kw], pre);
+      act_forward(pre, A).store(d + ow * Chp + c);
+      act_derivative(pre, A).store(dd + ow * Chp + c);
+    }
+  }
+}
+
+// Depthwise backward of output row `row` from g_pre_d (gd, the row's pixels): the weight and bias gradient
+// sums (in registers along the row), and g_e += g_pre_d * w into the tap rows ge[kh].
+template <class V, int K>
+EFFOPS_INLINE void depthwise_backward_row(const Shape& s, const Packs& w, const float* gd, const float* const* e,
+                                          float* const* ge, Sums& sum) {
+  const int64_t KH = K ? K : s.KH, KW = K ? K : s.KW, Chp = w.Chp;
+  for (int64_t c = 0; c < Chp; c += V::kWidth) {
+    V wt[kMaxTaps], sw[kMaxTaps];
+    for (int64_t t = 0; t < KH * KW; ++t)
+      wt[t] = V::load(w.dw_w.data() + t * Chp + c), sw[t] = V::load(sum.dw_w.data() + t * Chp + c);
+    V sb = V::load(sum.dw_b.data() + c);
+    for (int64_t ow = 0; ow < s.OW; ++ow) {
+      const V g = V::load(gd + ow * Chp + c);
+      sb = sb + g;
+      for (int64_t kh = 0; kh < KH; ++kh)
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          const int64_t t = kh * KW + kw, at = (ow * s.SW + kw) * Chp + c;
+          sw[t] = V::fma(g, V::load(e[kh] + at), sw[t]);
+          V::fma(g, wt[t], V::load(ge[kh] + at)).store(ge[kh] + at);
+        }
+    }
+    for (int64_t t = 0; t < KH * KW; ++t) sw[t].store(sum.dw_w.data() + t * Chp + c);
+    sb.store(sum.dw_b.data() + c);
+  }
+}
+
+// f(k) with k a std::integral_constant: the kernel size when it is square and 3 or 5, else 0.
+template <class F>
+EFFOPS_INLINE void with_kernel_size(const Shape& s, F&& f) {
+  if (s.KH == 3 && s.KW == 3) return f(std::integral_constant<int, 3>{});
+  if (s.KH == 5 && s.KW == 5) return f(std::integral_constant<int, 5>{});
+  f(std::integral_constant<int, 0>{});
+}
+
+// sum[c] += the sum over P rows of a[p * Chp + c], c < Chp.
+template <class V>
+EFFOPS_INLINE void add_rows(int64_t P, int64_t Chp, const float* a, float* sum) {
+  for (int64_t c = 0; c < Chp; c += V::kWidth) {
+    V acc = V::load(sum + c);
+    for (int64_t p = 0; p < P; ++p) acc = acc + V::load(a + p * Chp + c);
+    acc.store(sum + c);
+  }
+}
+
+// The whole backward of image n (the steps in the header).
+template <class V, typename T>
+EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T* x, const T* g_y, T* g_x, int64_t n,
+                         Buffers& b, Sums& sum) {
+  const int64_t Chp = w.Chp, Coutp = w.Coutp, ring_row = p.Wp * Chp;
+  const T* xn = x + n * s.H * s.W * s.Cin;
+  const T* gyn = g_y + n * s.OH * s.OW * s.Cout;
+  T* gxn = g_x + n * s.H * s.W * s.Cin;
+  const auto slot = [&](int64_t ih) { return ih % p.C * ring_row; };  // input row ih's ring offset
+  // x's rows [a, a + rows) in fp32: x itself when T is float
+  const auto x_rows = [&](int64_t a, int64_t rows) -> const float* {
+    if constexpr (std::is_same_v<T, float>) {
+      return xn + a * s.W * s.Cin;
+    } else {
+      const T* xr = xn + a * s.W * s.Cin;
+      for (int64_t i = 0; i < rows * s.W * s.Cin; ++i) b.xrows[i] = to_float(xr[i]);
+      return b.xrows.data();
+    }
+  };
+  int64_t next = 0;  // the first input row not expanded yet (rows below it no step reads were skipped)
+  int64_t done = 0;  // the first input row whose g_x is not written yet
+  for (int64_t o = 0; o < s.OH; o += p.R) {
+    const int64_t r = std::min(p.R, s.OH - o), pixels = r * s.OW;
+    // 1. Expand the input rows the step reads that the ring does not hold; their g_e starts at zero.
+    const int64_t lo = o * s.SH - s.PH, hi = lo + (r - 1) * s.SH + s.KH - 1;
+    const int64_t a0 = std::max<int64_t>({next, lo, 0}), a1 = std::min(hi, s.H - 1);
+    if (a0 <= a1) {
+      for (int64_t ih = a0; ih <= a1; ++ih) std::fill_n(b.ge.data() + slot(ih), ring_row, 0.f);
+      const float* xa = x_rows(a0, a1 - a0 + 1);
+      with_act(s.act, [&](auto act) {
+        gemm<V>((a1 - a0 + 1) * s.W, s.Cin, xa, s.Cin, w.expand_w.data(), Chp / kPanel, w.expand_b.data(),
+                [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
+                  int64_t ih = a0 + m0 / s.W, iw = m0 % s.W;
+                  for (int i = 0; i < rows_; ++i) {
+                    const int64_t at = slot(ih) + (s.PW + iw) * Chp + c0;
+                    for (int64_t j = 0; j < width; j += V::kWidth) {
+                      const V pre = V::load(out + i * width + j);
+                      act_forward(pre, act).store(b.e.data() + at + j);
+                      act_derivative(pre, act).store(b.de.data() + at + j);
+                    }
+                    if (++iw == s.W) iw = 0, ++ih;
+                  }
+                });
+      });
+      next = a1 + 1;
+    }
+    // Tap rows of output row o + j: the ring's, or the zero row (reads) and the trash row (writes).
+    const float* e_rows[8];
+    float* ge_rows[8];
+    const auto tap_rows = [&](int64_t j) {
+      const int64_t ih0 = (o + j) * s.SH - s.PH;
+      for (int64_t kh = 0; kh < s.KH; ++kh) {
+        const int64_t ih = ih0 + kh;
+        const bool in = ih >= 0 && ih < s.H;
+        e_rows[kh] = in ? b.e.data() + slot(ih) : b.zero.data();
+        ge_rows[kh] = in ? b.ge.data() + slot(ih) : b.trash.data();
+      }
+    };
+    // 2. d and act'(pre_d) of the step's pixels.
+    with_kernel_size(s, [&](auto k) {
+      with_act(s.act, [&](auto act) {
+        for (int64_t j = 0; j < r; ++j) {
+          tap_rows(j);
+          depthwise_row<V, decltype(k)::value, decltype(act)::value>(s, w, e_rows, b.d.data() + j * s.OW * Chp,
+                                                                     b.dd.data() + j * s.OW * Chp);
+        }
+      });
+    });
+    // 3. The project conv's gradients, and g_pre_d = (g_y @ project_w) * act'(pre_d).
+    const T* gys = gyn + o * s.OW * s.Cout;
+    for (int64_t q = 0; q < pixels; ++q)
+      for (int64_t c = 0; c < s.Cout; ++c) b.gy[q * Coutp + c] = to_float(gys[q * s.Cout + c]);
+    add_rows<V>(pixels, Coutp, b.gy.data(), sum.project_b.data());
+    wgrad<V>(s.Ch, Coutp / kPanel, pixels, b.d.data(), Chp, b.gy.data(), Coutp, sum.project_w.data());
+    gemm<V>(pixels, s.Cout, b.gy.data(), Coutp, w.project_t.data(), Chp / kPanel, w.zeros.data(),
+            [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
+              for (int i = 0; i < rows_; ++i) {
+                const int64_t at = (m0 + i) * Chp + c0;
+                for (int64_t j = 0; j < width; j += V::kWidth)
+                  (V::load(out + i * width + j) * V::load(b.dd.data() + at + j)).store(b.gd.data() + at + j);
+              }
+            });
+    // 4. The depthwise's gradients; g_e of the tap rows.
+    with_kernel_size(s, [&](auto k) {
+      for (int64_t j = 0; j < r; ++j) {
+        tap_rows(j);
+        depthwise_backward_row<V, decltype(k)::value>(s, w, b.gd.data() + j * s.OW * Chp, e_rows, ge_rows, sum);
+      }
+    });
+    // 5. Input rows no later step reads (all of them after the last step): g_pre_e, the expand conv's
+    //    gradients and g_x, at most a ring's rows at a time.
+    const int64_t upto = o + r == s.OH ? s.H : std::min(s.H, (o + r) * s.SH - s.PH);
+    while (done < upto) {
+      const int64_t f1 = std::min(upto, done + p.C), P = (f1 - done) * s.W;
+      for (int64_t ih = done; ih < f1; ++ih) {
+        float* dst = b.gpe.data() + (ih - done) * s.W * Chp;
+        if (ih >= next) {  // never read by a tap (rows a stride or the padding skips): no gradient
+          std::fill_n(dst, s.W * Chp, 0.f);
+          continue;
+        }
+        const int64_t at = slot(ih) + s.PW * Chp;
+        for (int64_t i = 0; i < s.W * Chp; i += V::kWidth)
+          (V::load(b.ge.data() + at + i) * V::load(b.de.data() + at + i)).store(dst + i);
+      }
+      add_rows<V>(P, Chp, b.gpe.data(), sum.expand_b.data());
+      wgrad<V>(s.Cin, Chp / kPanel, P, x_rows(done, f1 - done), s.Cin, b.gpe.data(), Chp, sum.expand_w.data());
+      T* gxs = gxn + done * s.W * s.Cin;
+      const T* res = s.residual ? gyn + done * s.W * s.Cout : nullptr;  // stride 1, Cout == Cin: same pixels
+      gemm<V>(P, s.Ch, b.gpe.data(), Chp, w.expand_t.data(), w.Cinp / kPanel, w.zeros.data(),
+              [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
+                const int64_t full = std::min(width, (s.Cin - c0) / V::kWidth * V::kWidth);
+                for (int i = 0; i < rows_; ++i) {
+                  const int64_t q = (m0 + i) * s.Cin + c0;
+                  const float* oi = out + i * width;
+                  int64_t j = 0;
+                  for (; j < full; j += V::kWidth) {
+                    V v = V::load(oi + j);
+                    if (res) v = v + V::load(res + q + j);
+                    v.store(gxs + q + j);
+                  }
+                  for (; j < width && c0 + j < s.Cin; ++j)
+                    gxs[q + j] = from_float<T>(oi[j] + (res ? to_float(res[q + j]) : 0.f));
+                }
+              });
+      done = f1;
+    }
+  }
+}
+
+template <typename T>
+EFFOPS_FLATTEN void image_scalar(const Shape& s, const Plan& p, const Packs& w, const T* x, const T* g_y, T* g_x,
+                                 int64_t n, Buffers& b, Sums& sum) {
+  image<ScalarVec>(s, p, w, x, g_y, g_x, n, b, sum);
+}
+#if EFFOPS_HAVE_X86
+template <typename T>
+EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void image_avx2(const Shape& s, const Plan& p, const Packs& w, const T* x,
+                                                  const T* g_y, T* g_x, int64_t n, Buffers& b, Sums& sum) {
+  image<Avx2Vec>(s, p, w, x, g_y, g_x, n, b, sum);
+}
+template <typename T>
+EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void image_avx512(const Shape& s, const Plan& p, const Packs& w, const T* x,
+                                                      const T* g_y, T* g_x, int64_t n, Buffers& b, Sums& sum) {
+  image<Avx512Vec>(s, p, w, x, g_y, g_x, n, b, sum);
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+void fused_backward(const Shape& s, const T* x, const T* g_y, const BackwardWeights& wt, T* g_x,
+                    const WeightGrads& g) {
+  const Packs w = pack(s, wt);
+  const Plan p = plan(s, w);
+  const int64_t Chp = w.Chp, Coutp = w.Coutp, taps = w.taps;
+  const CpuIsa level = cpu_isa();
+  std::vector<Sums> parts(std::max<int64_t>(1, s.N));  // parts[begin]: the task that starts at image begin
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    Sums& sum = parts[begin];
+    sum.expand_w.assign(s.Cin * Chp, 0.f), sum.expand_b.assign(Chp, 0.f);
+    sum.dw_w.assign(taps * Chp, 0.f), sum.dw_b.assign(Chp, 0.f);
+    sum.project_w.assign(Chp * Coutp, 0.f), sum.project_b.assign(Coutp, 0.f);
+    Buffers b;
+    b.e.assign(p.C * p.Wp * Chp, 0.f);  // zeroed once: the padding columns are never written
+    b.de.assign(p.C * p.Wp * Chp, 0.f);
+    b.ge.assign(p.C * p.Wp * Chp, 0.f);
+    b.zero.assign(p.Wp * Chp, 0.f);
+    b.trash.assign(p.Wp * Chp, 0.f);
+    b.d.assign(p.R * s.OW * Chp, 0.f);
+    b.dd.assign(p.R * s.OW * Chp, 0.f);
+    b.gd.assign(p.R * s.OW * Chp, 0.f);
+    b.gy.assign(p.R * s.OW * Coutp, 0.f);  // the padding channels stay zero
+    if (!std::is_same_v<T, float>) b.xrows.assign(p.C * s.W * s.Cin, 0.f);
+    b.gpe.assign(p.C * s.W * Chp, 0.f);
+    for (int64_t n = begin; n < end; ++n) {
+#if EFFOPS_HAVE_X86
+      if (level >= CpuIsa::kAvx512) {
+        image_avx512<T>(s, p, w, x, g_y, g_x, n, b, sum);
+        continue;
+      }
+      if (level >= CpuIsa::kAvx2) {
+        image_avx2<T>(s, p, w, x, g_y, g_x, n, b, sum);
+        continue;
+      }
+#endif
+      image_scalar<T>(s, p, w, x, g_y, g_x, n, b, sum);
+    }
+  });
+  // The tasks' sums in the order of their first image, into the weights' layouts.
+  std::fill_n(g.expand_w, s.Ch * s.Cin, 0.f), std::fill_n(g.expand_b, s.Ch, 0.f);
+  std::fill_n(g.dw_w, s.Ch * taps, 0.f), std::fill_n(g.dw_b, s.Ch, 0.f);
+  std::fill_n(g.project_w, s.Cout * s.Ch, 0.f), std::fill_n(g.project_b, s.Cout, 0.f);
+  for (const Sums& sum : parts) {
+    if (sum.expand_w.empty()) continue;  // no task started at this image
+    for (int64_t c = 0; c < s.Ch; ++c) {
+      for (int64_t k = 0; k < s.Cin; ++k) g.expand_w[c * s.Cin + k] += sum.expand_w[k * Chp + c];
+      for (int64_t t = 0; t < taps; ++t) g.dw_w[c * taps + t] += sum.dw_w[t * Chp + c];
+      for (int64_t o = 0; o < s.Cout; ++o) g.project_w[o * s.Ch + c] += sum.project_w[c * Coutp + o];
+      g.expand_b[c] += sum.expand_b[c], g.dw_b[c] += sum.dw_b[c];
+    }
+    for (int64_t o = 0; o < s.Cout; ++o) g.project_b[o] += sum.project_b[o];
+  }
+}
+
+template void fused_backward<float>(const Shape&, const float*, const float*, const BackwardWeights&, float*,
+                                    const WeightGrads&);
+template void fused_backward<c10::BFloat16>(const Shape&, const c10::BFloat16*, const c10::BFloat16*,
+                                            const BackwardWeights&, c10::BFloat16*, const WeightGrads&);
+template void fused_backward<c10::Half>(const Shape&, const c10::Half*, const c10::Half*, const BackwardWeights&,
+                                        c10::Half*, const WeightGrads&);
+
+}  // namespace effops::cpu::ir
