@@ -9,8 +9,8 @@ from effops import _ext
 from effops.nn import InvertedResidual
 from effops.ops import inverted_residual
 from effops.reference import inverted_residual as reference
-from conftest import TOL
-from test_inverted_residual import backend, make  # noqa: F401  (backend: the fixture, one route per test)
+from conftest import TOL, cpu_levels
+from test_inverted_residual import backend, make, threads  # noqa: F401  (backend: the fixture, one route per test)
 
 needs_ext = pytest.mark.skipif(not _ext.load(), reason="effops._C not built: %s" % _ext.reason())
 
@@ -134,6 +134,41 @@ def test_gradients_in_chunks_of_images():
     each chunk's squeeze-excitation on its own images."""
     with effops.use_backend("cpu"):
         check_gradients(((3, 5, 64, 5, 128, 128, 3, 1, "silu", True), 4, "silu", "sigmoid"), True)
+
+
+@needs_ext
+@pytest.mark.parametrize("level", cpu_levels())
+@pytest.mark.parametrize("se_case", SE_CASES, ids=SE_IDS)
+def test_fused_backward_matches_reference_autograd(level, se_case):
+    """With one thread a squeeze-excitation block with expansion runs the fused backward (a first pass for
+    d's means and the gradient at the gate; torch's convolutions only in the SE's own backward, on
+    [N, Ch, 1, 1] tensors: 2 calls, where the chunked backward makes 4): every gradient against torch's
+    autograd through the float64 reference, at every instruction-set level."""
+    with effops.use_backend("cpu"), effops.cpu_isa.use_cpu_isa(level), threads(1):
+        tensors, kw = make_se(*se_case)
+        tensors = [None if t is None else t.requires_grad_() for t in tensors]
+        y = call_op(tensors, kw)
+        with torch.profiler.profile() as prof:
+            y.backward(torch.ones_like(y))
+        calls = [e.name for e in prof.events()].count("aten::convolution_backward")
+        assert calls == 2, calls
+        check_gradients(se_case, True)
+
+
+@needs_ext
+@pytest.mark.parametrize("size, route", [(28, "cpu"), (14, "reference")], ids=["28x28", "14x14"])
+def test_training_choice_follows_the_policy(size, route):
+    """In training (two threads, fp32), a squeeze-excitation block the fused backward takes runs ours where
+    its output has 28x28 pixels or more (measured ahead there; at 14x14 0.87-1.94x), else, below 16 MiB of
+    expanded tensor, torch's ops."""
+    if effops._backends.forced_backend() is not None:
+        pytest.skip("a forced backend takes no policy")
+    tensors, kw = make_se((2, 8, 48, 8, size, size, 3, 1, "hardswish", True), 12, "relu", "hardsigmoid")
+    tensors = [t.requires_grad_() for t in tensors if t is not None]
+    with threads(2), effops._backends.record_choices() as tally:
+        call_op(tensors, kw).square().mean().backward()
+    assert tally["inverted_residual"] == {route: 1}, dict(tally)
+    assert ("inverted_residual_backward" in tally) == (route == "cpu")
 
 
 def check_gradients(se_case, expand, only=None):

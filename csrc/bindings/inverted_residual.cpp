@@ -227,21 +227,25 @@ at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& 
 // In training, torch's own convolutions (autograd saving the expanded tensor) against our forward plus our
 // backward. `python -m benchmarks.bench_inverted_residual --train --cpu-time --batches 16,1` (one thread,
 // CPU time, forward and backward of each block; AMD Zen 5; docs/inverted_residual.md, "Backward"):
-// - the fused backward (fused_backward: channels-last, expansion, no squeeze-excitation, an image per
-//   thread), fp32: 1.10-6.1x torch's at the avx512 body and 1.03-4.8x at avx2 (torch capped too) where
-//   the output has 14x14 pixels or more, batch 16 and 1; at 7x7 0.91-0.97x (b16), 0.83-1.15x (b1). With
+// - the fused backward (fused_backward: expansion, an image per thread), fp32, without squeeze-excitation:
+//   1.10-6.1x torch's at the avx512 body and 1.03-4.8x at avx2 (torch capped too) where the output has
+//   14x14 pixels or more, batch 16 and 1; at 7x7 0.91-0.97x (b16), 0.83-1.15x (b1). With
 //   THP_MEM_ALLOC_ENABLE=1 (torch's large tensors on huge pages, its step faster) still 1.06-2.65x at 14x14
-//   and up. bf16 (torch's native there): 3.7-8.3x on the stride-2 blocks, 0.57-1.0x on most stride-1 ones.
+//   and up. With squeeze-excitation (one more pass): 1.05-4.1x where the output has 28x28 pixels or more,
+//   0.87-1.94x at 14x14, 0.71-1.34x at 7x7. bf16 without squeeze-excitation (torch's native there):
+//   3.7-8.3x on the stride-2 blocks, 0.57-1.0x on most stride-1 ones.
 // - the chunked backward (the other blocks): 2.1-2.9x where torch's expanded tensor is 24 MiB or more
 //   (fresh tensors that large are mmapped and page-fault on every step), 0.72-1.25x below 16 MiB.
 // So: ours where the fused backward measured ahead, otherwise below kTrainMinExpandedBytes (or with
 // THP_MEM_ALLOC_ENABLE=1) torch's ops (their gradients are torch's), above it ours.
 constexpr int64_t kTrainMinExpandedBytes = 16ll << 20;
-constexpr int64_t kTrainFusedMinPixels = 14 * 14;
+constexpr int64_t kTrainFusedMinPixels = 14 * 14, kTrainFusedSeMinPixels = 28 * 28;
 
-const char* training_aten_faster(const ir::Shape& s, at::ScalarType dtype, bool fused_backward) {
-  if (fused_backward && (dtype == at::kFloat ? s.OH * s.OW >= kTrainFusedMinPixels : s.SH > 1 || s.SW > 1))
-    return nullptr;
+const char* training_aten_faster(const ir::Shape& s, at::ScalarType dtype, bool fused_backward, bool se) {
+  if (fused_backward) {
+    if (dtype == at::kFloat && s.OH * s.OW >= (se ? kTrainFusedSeMinPixels : kTrainFusedMinPixels)) return nullptr;
+    if (dtype != at::kFloat && !se && (s.SH > 1 || s.SW > 1)) return nullptr;
+  }
   const int64_t expanded_bytes = s.N * s.Ch * s.H * s.W * static_cast<int64_t>(c10::elementSize(dtype));
   const char* thp = std::getenv("THP_MEM_ALLOC_ENABLE");
   if (thp != nullptr && std::string(thp) == "1")

@@ -49,8 +49,9 @@ at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& 
                       const at::Tensor& project_weight, const OptTensor& project_bias, const Se& se);
 
 // Why torch's own ops with saved activations train this block faster than our forward and backward, or
-// nullptr (the speed policy of a training step on CPU). fused_backward: the fused backward takes the block.
-const char* training_aten_faster(const ir::Shape& s, at::ScalarType dtype, bool fused_backward);
+// nullptr (the speed policy of a training step on CPU). fused_backward: the fused backward takes the block;
+// se: it has squeeze-excitation.
+const char* training_aten_faster(const ir::Shape& s, at::ScalarType dtype, bool fused_backward, bool se);
 
 // f(T{}) with T the storage type of `dtype`: float, bf16 or fp16 (the dtypes checked_shape accepts).
 template <class F>

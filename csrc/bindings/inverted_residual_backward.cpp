@@ -16,8 +16,9 @@
 // CUDA C++ kernel for it. The Triton middle has never run on a GPU.
 // The "cpu" route runs the fully fused backward instead (csrc/cpu/inverted_residual_fused_backward.h: the
 // 1x1 convolutions' gradients in the same pass, nothing of expanded size in memory) for blocks with
-// expansion and without squeeze-excitation, kernels up to 8x8, and at least one image per thread (it runs
-// images in parallel); x of another layout is copied to channels-last, as the forward kernel copies it.
+// expansion, kernels up to 8x8, and at least one image per thread (it runs images in parallel); x of
+// another layout is copied to channels-last, as the forward kernel copies it. A squeeze-excitation block
+// takes a first pass for d's means and the gate's gradient, the SE's own backward through torch's ops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
@@ -64,15 +65,14 @@ using Needs = std::array<bool, kInputs>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                          at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// Gradients of the squeeze-excitation: given g_ds (the gradient at d * g), returns the gradient at d
-// (when need_d) and adds the SE weights' gradients into out[7..10].
-at::Tensor se_backward(const Se& se, const at::Tensor& d, const at::Tensor& pooled, const SeGate& sg,
-                       const at::Tensor& g_ds, bool need_d, const Needs& needs,
-                       const std::function<void(int, const at::Tensor&)>& add) {
-  const at::Tensor g_g = (g_ds * d).sum({2, 3}, /*keepdim=*/true);
+// The squeeze-excitation's own backward: given g_g (the gradient at the gate g, [N, Ch, 1, 1]), adds the
+// SE weights' gradients into out[7..10] and returns the gradient at pooled (d's means) when need_pooled.
+at::Tensor se_gate_backward(const Se& se, const at::Tensor& pooled, const SeGate& sg, const at::Tensor& g_g,
+                            bool need_pooled, const Needs& needs,
+                            const std::function<void(int, const at::Tensor&)>& add) {
   const at::Tensor g_z2 = se.gate == kSigmoid ? at::sigmoid_backward(g_g, sg.g) : at::hardsigmoid_backward(g_g, sg.z2);
-  const int64_t squeeze = se.reduce_w->size(0), ch = d.size(1);
-  const bool need_z1 = need_d || needs[7] || needs[8];
+  const int64_t squeeze = se.reduce_w->size(0), ch = pooled.size(1);
+  const bool need_z1 = need_pooled || needs[7] || needs[8];
   auto [g_a1, g_w2, g_b2] = at::convolution_backward(g_z2, sg.a1, *se.expand_w, std::vector<int64_t>{ch}, {1, 1},
                                                      {0, 0}, {1, 1}, false, {0, 0}, 1, {need_z1, needs[9], needs[10]});
   add(9, g_w2), add(10, g_b2);
@@ -80,8 +80,18 @@ at::Tensor se_backward(const Se& se, const at::Tensor& d, const at::Tensor& pool
   const at::Tensor g_z1 = activation_backward(g_a1, sg.z1, se.act);
   auto [g_pooled, g_w1, g_b1] = at::convolution_backward(g_z1, pooled, *se.reduce_w, std::vector<int64_t>{squeeze},
                                                          {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
-                                                         {need_d, needs[7], needs[8]});
+                                                         {need_pooled, needs[7], needs[8]});
   add(7, g_w1), add(8, g_b1);
+  return need_pooled ? g_pooled : at::Tensor();
+}
+
+// Gradients of the squeeze-excitation: given g_ds (the gradient at d * g), returns the gradient at d
+// (when need_d) and adds the SE weights' gradients into out[7..10].
+at::Tensor se_backward(const Se& se, const at::Tensor& d, const at::Tensor& pooled, const SeGate& sg,
+                       const at::Tensor& g_ds, bool need_d, const Needs& needs,
+                       const std::function<void(int, const at::Tensor&)>& add) {
+  const at::Tensor g_g = (g_ds * d).sum({2, 3}, /*keepdim=*/true);
+  const at::Tensor g_pooled = se_gate_backward(se, pooled, sg, g_g, need_d, needs, add);
   if (!need_d) return at::Tensor();
   return g_ds * sg.g + g_pooled / static_cast<double>(d.size(2) * d.size(3));  // the mean's share
 }
@@ -287,13 +297,13 @@ void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, cons
 }
 
 // Whether the fused CPU backward takes this block (see the file's comment).
-bool fused_backward_takes(const ir::Shape& s, const Se& se) {
-  return s.expand && !se.on && s.KH <= 8 && s.KW <= 8 && s.N >= at::get_num_threads();
+bool fused_backward_takes(const ir::Shape& s) {
+  return s.expand && s.KH <= 8 && s.KW <= 8 && s.N >= at::get_num_threads();
 }
 
-Grads fused_backward_cpu(const ir::Shape& s, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ew,
-                         const OptTensor& eb, const at::Tensor& dw, const OptTensor& db, const at::Tensor& pw,
-                         const OptTensor& pb, const Needs& needs) {
+Grads fused_backward_cpu(const ir::Shape& s, const Se& se, const at::Tensor& grad_y, const at::Tensor& x,
+                         const at::Tensor& ew, const OptTensor& eb, const at::Tensor& dw, const OptTensor& db,
+                         const at::Tensor& pw, const OptTensor& pb, const Needs& needs) {
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(cl), gyc = grad_y.contiguous(cl);
   const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
@@ -309,15 +319,49 @@ Grads fused_backward_cpu(const ir::Shape& s, const at::Tensor& grad_y, const at:
   const ir::WeightGrads g{g_ew.mutable_data_ptr<float>(), g_eb.mutable_data_ptr<float>(),
                           g_dw.mutable_data_ptr<float>(), g_db.mutable_data_ptr<float>(),
                           g_pw.mutable_data_ptr<float>(), g_pb.mutable_data_ptr<float>()};
+  // Squeeze-excitation: a first pass for d's means and the gradient at the gate; the gate and the SE's own
+  // backward through torch's ops on those [N, Ch] tensors (fp32: the forward kernel's gate is fp32 too).
+  std::vector<at::Tensor> se_grads(kInputs);
+  at::Tensor gate, mean_grad;
+  if (se.on) {
+    const int64_t Chp = ir::padded(s.Ch);
+    at::Tensor means = at::empty({s.N, Chp}, opts), gate_grad = at::empty({s.N, Chp}, opts);
+    with_storage_type(x.scalar_type(), [&](auto type) {
+      using T = decltype(type);
+      ir::fused_backward_se_sums<T>(s, xc.const_data_ptr<T>(), gyc.const_data_ptr<T>(), w,
+                                    means.mutable_data_ptr<float>(), gate_grad.mutable_data_ptr<float>());
+    });
+    const at::Tensor pooled = means.narrow(1, 0, s.Ch).reshape({s.N, s.Ch, 1, 1});
+    const SeGate sg = se_gate(se, pooled);
+    const at::Tensor g_pooled =
+        se_gate_backward(se, pooled, sg, gate_grad.narrow(1, 0, s.Ch).reshape({s.N, s.Ch, 1, 1}), true, needs,
+                         [&](int i, const at::Tensor& t) { se_grads[i] = t; });
+    gate = at::zeros({s.N, Chp}, opts), mean_grad = at::zeros({s.N, Chp}, opts);
+    gate.narrow(1, 0, s.Ch).copy_(sg.g.reshape({s.N, s.Ch}));
+    mean_grad.narrow(1, 0, s.Ch).copy_(g_pooled.reshape({s.N, s.Ch}) / static_cast<double>(s.OH * s.OW));
+  }
+  const ir::SeTerms terms{gate.defined() ? gate.const_data_ptr<float>() : nullptr,
+                          mean_grad.defined() ? mean_grad.const_data_ptr<float>() : nullptr};
   with_storage_type(x.scalar_type(), [&](auto type) {
     using T = decltype(type);
-    ir::fused_backward<T>(s, xc.const_data_ptr<T>(), gyc.const_data_ptr<T>(), w, g_x.mutable_data_ptr<T>(), g);
+    ir::fused_backward<T>(s, xc.const_data_ptr<T>(), gyc.const_data_ptr<T>(), w, g_x.mutable_data_ptr<T>(), g,
+                          se.on ? &terms : nullptr);
   });
   const auto like = [&](int i, const at::Tensor& grad, const OptTensor& weight) {
-    return needs[i] && given(weight) ? grad.reshape(weight->sizes()).to(weight->scalar_type()) : at::Tensor();
+    return needs[i] && given(weight) && grad.defined() ? grad.reshape(weight->sizes()).to(weight->scalar_type())
+                                                       : at::Tensor();
   };
-  return {needs[0] ? g_x.contiguous(format_of(x)) : at::Tensor(), like(1, g_ew, ew), like(2, g_eb, eb), like(3, g_dw, dw), like(4, g_db, db),
-          like(5, g_pw, pw), like(6, g_pb, pb), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  return {needs[0] ? g_x.contiguous(format_of(x)) : at::Tensor(),
+          like(1, g_ew, ew),
+          like(2, g_eb, eb),
+          like(3, g_dw, dw),
+          like(4, g_db, db),
+          like(5, g_pw, pw),
+          like(6, g_pb, pb),
+          like(7, se_grads[7], se.reduce_w),
+          like(8, se_grads[8], se.reduce_b),
+          like(9, se_grads[9], se.expand_w),
+          like(10, se_grads[10], se.expand_b)};
 }
 
 // Both devices' implementation: the route picks the depthwise middle (our CPU kernel, the Triton kernels, or
@@ -349,8 +393,8 @@ Grads backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTens
                               kOp);
   TORCH_CHECK_NOT_IMPLEMENTED(route != Backend::kTriton || triton_cannot == nullptr,
                               "backend 'triton' is forced but declines this ", kOp, " input: ", triton_cannot);
-  if (route == Backend::kCpu && fused_backward_takes(s, se))
-    return fused_backward_cpu(s, grad_y, x, *ew, eb, dw, db, pw, pb, needs);
+  if (route == Backend::kCpu && fused_backward_takes(s))
+    return fused_backward_cpu(s, se, grad_y, x, *ew, eb, dw, db, pw, pb, needs);
   // Forced "reference": torch's ops on the whole batch at once (the reference's arithmetic); otherwise chunks.
   const bool whole_batch = effops::dispatch::forced_backend() == Backend::kReference;
   const int64_t per_image = s.Ch * s.H * s.W * static_cast<int64_t>(x.element_size());
@@ -474,7 +518,7 @@ at::Tensor forward_autograd(const at::Tensor& x, const OptTensor& ew, const OptT
     const ir::Shape s = checked_shape(x, ew, eb, dw, db, pw, pb, stride, padding, activation, residual);
     const Se se = checked_se(x, s, se_rw, se_rb, se_ew, se_eb, se_activation, se_gate_name);
     // torch's ops, recorded by its autograd
-    if (training_aten_faster(s, x.scalar_type(), fused_backward_takes(s, se)) != nullptr) {
+    if (training_aten_faster(s, x.scalar_type(), fused_backward_takes(s), se.on) != nullptr) {
       effops::dispatch::record("inverted_residual", effops::dispatch::Backend::kReference);
       return aten_route(s, x, ew, eb, dw, db, pw, pb, se);
     }

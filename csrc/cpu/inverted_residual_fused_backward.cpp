@@ -171,10 +171,12 @@ EFFOPS_INLINE void add_rows(int64_t P, int64_t Chp, const float* a, float* sum) 
   }
 }
 
-// The whole backward of image n (the steps in the header).
+// The whole backward of image n (the steps in the header); se: a squeeze-excitation block's terms or
+// nullptr. With se_sums (the squeeze-excitation's first pass, [2][Chp] of this image): steps 1-2 and step
+// 3's GEMM only, adding d into se_sums[c] and d * (g_y @ project_w) into se_sums[Chp + c].
 template <class V, typename T>
 EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T* x, const T* g_y, T* g_x, int64_t n,
-                         Buffers& b, Sums& sum) {
+                         const SeTerms* se, float* se_sums, Buffers& b, Sums& sum) {
   const int64_t Chp = w.Chp, Coutp = w.Coutp, ring_row = p.Wp * Chp;
   const T* xn = x + n * s.H * s.W * s.Cin;
   const T* gyn = g_y + n * s.OH * s.OW * s.Cout;
@@ -243,14 +245,38 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
     const T* gys = gyn + o * s.OW * s.Cout;
     for (int64_t q = 0; q < pixels; ++q)
       for (int64_t c = 0; c < s.Cout; ++c) b.gy[q * Coutp + c] = to_float(gys[q * s.Cout + c]);
+    if (se_sums != nullptr) {  // the squeeze-excitation's first pass: d's sums and the gate's gradient
+      gemm<V>(pixels, s.Cout, b.gy.data(), Coutp, w.project_t.data(), Chp / kPanel, w.zeros.data(),
+              [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
+                for (int i = 0; i < rows_; ++i)
+                  for (int64_t j = 0; j < width; j += V::kWidth) {
+                    const V d = V::load(b.d.data() + (m0 + i) * Chp + c0 + j);
+                    float *sd = se_sums + c0 + j, *sg = se_sums + Chp + c0 + j;
+                    (V::load(sd) + d).store(sd);
+                    V::fma(V::load(out + i * width + j), d, V::load(sg)).store(sg);
+                  }
+              });
+      continue;
+    }
+    // With squeeze-excitation the project conv reads d * g, and d's gradient is g times the project's
+    // plus the mean's share.
+    const float* gate = se != nullptr ? se->gate + n * Chp : nullptr;
+    const float* mean_grad = se != nullptr ? se->mean_grad + n * Chp : nullptr;
+    if (gate != nullptr)
+      for (int64_t q = 0; q < pixels * Chp; q += Chp)
+        for (int64_t c = 0; c < Chp; c += V::kWidth)
+          (V::load(b.d.data() + q + c) * V::load(gate + c)).store(b.d.data() + q + c);
     add_rows<V>(pixels, Coutp, b.gy.data(), sum.project_b.data());
     wgrad<V>(s.Ch, Coutp / kPanel, pixels, b.d.data(), Chp, b.gy.data(), Coutp, sum.project_w.data());
     gemm<V>(pixels, s.Cout, b.gy.data(), Coutp, w.project_t.data(), Chp / kPanel, w.zeros.data(),
             [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
               for (int i = 0; i < rows_; ++i) {
                 const int64_t at = (m0 + i) * Chp + c0;
-                for (int64_t j = 0; j < width; j += V::kWidth)
-                  (V::load(out + i * width + j) * V::load(b.dd.data() + at + j)).store(b.gd.data() + at + j);
+                for (int64_t j = 0; j < width; j += V::kWidth) {
+                  V g_d = V::load(out + i * width + j);
+                  if (gate != nullptr) g_d = V::fma(g_d, V::load(gate + c0 + j), V::load(mean_grad + c0 + j));
+                  (g_d * V::load(b.dd.data() + at + j)).store(b.gd.data() + at + j);
+                }
               }
             });
     // 4. The depthwise's gradients; g_e of the tap rows.
@@ -300,38 +326,45 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
   }
 }
 
+// image's arguments past the plan and weights (one struct: the per-level entries below stay short).
 template <typename T>
-EFFOPS_FLATTEN void image_scalar(const Shape& s, const Plan& p, const Packs& w, const T* x, const T* g_y, T* g_x,
-                                 int64_t n, Buffers& b, Sums& sum) {
-  image<ScalarVec>(s, p, w, x, g_y, g_x, n, b, sum);
+struct ImageArgs {
+  const T *x, *g_y;
+  T* g_x;
+  const SeTerms* se;
+  float* se_sums;  // [N][2][Chp] in the squeeze-excitation's first pass, else nullptr
+};
+
+template <typename T>
+EFFOPS_FLATTEN void image_scalar(const Shape& s, const Plan& p, const Packs& w, const ImageArgs<T>& a, int64_t n,
+                                 float* se_sums, Buffers& b, Sums& sum) {
+  image<ScalarVec>(s, p, w, a.x, a.g_y, a.g_x, n, a.se, se_sums, b, sum);
 }
 #if EFFOPS_HAVE_X86
 template <typename T>
-EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void image_avx2(const Shape& s, const Plan& p, const Packs& w, const T* x,
-                                                  const T* g_y, T* g_x, int64_t n, Buffers& b, Sums& sum) {
-  image<Avx2Vec>(s, p, w, x, g_y, g_x, n, b, sum);
+EFFOPS_AVX2_TARGET EFFOPS_FLATTEN void image_avx2(const Shape& s, const Plan& p, const Packs& w, const ImageArgs<T>& a,
+                                                  int64_t n, float* se_sums, Buffers& b, Sums& sum) {
+  image<Avx2Vec>(s, p, w, a.x, a.g_y, a.g_x, n, a.se, se_sums, b, sum);
 }
 template <typename T>
-EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void image_avx512(const Shape& s, const Plan& p, const Packs& w, const T* x,
-                                                      const T* g_y, T* g_x, int64_t n, Buffers& b, Sums& sum) {
-  image<Avx512Vec>(s, p, w, x, g_y, g_x, n, b, sum);
+EFFOPS_AVX512_TARGET EFFOPS_FLATTEN void image_avx512(const Shape& s, const Plan& p, const Packs& w,
+                                                      const ImageArgs<T>& a, int64_t n, float* se_sums, Buffers& b,
+                                                      Sums& sum) {
+  image<Avx512Vec>(s, p, w, a.x, a.g_y, a.g_x, n, a.se, se_sums, b, sum);
 }
 #endif
 
-}  // namespace
-
+// image over the batch, images in parallel; parts[begin] gets the sums of the task that starts at image
+// begin (nullptr: none kept, the squeeze-excitation's first pass).
 template <typename T>
-void fused_backward(const Shape& s, const T* x, const T* g_y, const BackwardWeights& wt, T* g_x,
-                    const WeightGrads& g) {
-  const Packs w = pack(s, wt);
-  const Plan p = plan(s, w);
-  const int64_t Chp = w.Chp, Coutp = w.Coutp, taps = w.taps;
+void run_images(const Shape& s, const Plan& p, const Packs& w, const ImageArgs<T>& a, std::vector<Sums>* parts) {
+  const int64_t Chp = w.Chp, Coutp = w.Coutp;
   const CpuIsa level = cpu_isa();
-  std::vector<Sums> parts(std::max<int64_t>(1, s.N));  // parts[begin]: the task that starts at image begin
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    Sums& sum = parts[begin];
+    Sums local;
+    Sums& sum = parts != nullptr ? (*parts)[begin] : local;
     sum.expand_w.assign(s.Cin * Chp, 0.f), sum.expand_b.assign(Chp, 0.f);
-    sum.dw_w.assign(taps * Chp, 0.f), sum.dw_b.assign(Chp, 0.f);
+    sum.dw_w.assign(w.taps * Chp, 0.f), sum.dw_b.assign(Chp, 0.f);
     sum.project_w.assign(Chp * Coutp, 0.f), sum.project_b.assign(Coutp, 0.f);
     Buffers b;
     b.e.assign(p.C * p.Wp * Chp, 0.f);  // zeroed once: the padding columns are never written
@@ -346,19 +379,32 @@ void fused_backward(const Shape& s, const T* x, const T* g_y, const BackwardWeig
     if (!std::is_same_v<T, float>) b.xrows.assign(p.C * s.W * s.Cin, 0.f);
     b.gpe.assign(p.C * s.W * Chp, 0.f);
     for (int64_t n = begin; n < end; ++n) {
+      float* se_sums = a.se_sums != nullptr ? a.se_sums + n * 2 * Chp : nullptr;
 #if EFFOPS_HAVE_X86
       if (level >= CpuIsa::kAvx512) {
-        image_avx512<T>(s, p, w, x, g_y, g_x, n, b, sum);
+        image_avx512<T>(s, p, w, a, n, se_sums, b, sum);
         continue;
       }
       if (level >= CpuIsa::kAvx2) {
-        image_avx2<T>(s, p, w, x, g_y, g_x, n, b, sum);
+        image_avx2<T>(s, p, w, a, n, se_sums, b, sum);
         continue;
       }
 #endif
-      image_scalar<T>(s, p, w, x, g_y, g_x, n, b, sum);
+      image_scalar<T>(s, p, w, a, n, se_sums, b, sum);
     }
   });
+}
+
+}  // namespace
+
+template <typename T>
+void fused_backward(const Shape& s, const T* x, const T* g_y, const BackwardWeights& wt, T* g_x, const WeightGrads& g,
+                    const SeTerms* se) {
+  const Packs w = pack(s, wt);
+  const Plan p = plan(s, w);
+  const int64_t Chp = w.Chp, Coutp = w.Coutp, taps = w.taps;
+  std::vector<Sums> parts(std::max<int64_t>(1, s.N));  // parts[begin]: the task that starts at image begin
+  run_images(s, p, w, ImageArgs<T>{x, g_y, g_x, se, nullptr}, &parts);
   // The tasks' sums in the order of their first image, into the weights' layouts.
   std::fill_n(g.expand_w, s.Ch * s.Cin, 0.f), std::fill_n(g.expand_b, s.Ch, 0.f);
   std::fill_n(g.dw_w, s.Ch * taps, 0.f), std::fill_n(g.dw_b, s.Ch, 0.f);
@@ -375,11 +421,29 @@ void fused_backward(const Shape& s, const T* x, const T* g_y, const BackwardWeig
   }
 }
 
-template void fused_backward<float>(const Shape&, const float*, const float*, const BackwardWeights&, float*,
-                                    const WeightGrads&);
-template void fused_backward<c10::BFloat16>(const Shape&, const c10::BFloat16*, const c10::BFloat16*,
-                                            const BackwardWeights&, c10::BFloat16*, const WeightGrads&);
-template void fused_backward<c10::Half>(const Shape&, const c10::Half*, const c10::Half*, const BackwardWeights&,
-                                        c10::Half*, const WeightGrads&);
+template <typename T>
+void fused_backward_se_sums(const Shape& s, const T* x, const T* g_y, const BackwardWeights& wt, float* means,
+                            float* gate_grad) {
+  const Packs w = pack(s, wt);
+  const Plan p = plan(s, w);
+  const int64_t Chp = w.Chp;
+  std::vector<float> sums(s.N * 2 * Chp, 0.f);  // [N][means, gate_grad][Chp]
+  run_images(s, p, w, ImageArgs<T>{x, g_y, nullptr, nullptr, sums.data()}, nullptr);
+  const float inv = 1.f / static_cast<float>(s.OH * s.OW);
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t c = 0; c < Chp; ++c) {
+      means[n * Chp + c] = sums[(2 * n) * Chp + c] * inv;
+      gate_grad[n * Chp + c] = sums[(2 * n + 1) * Chp + c];
+    }
+}
+
+#define EFFOPS_INSTANTIATE(T)                                                                                    \
+  template void fused_backward<T>(const Shape&, const T*, const T*, const BackwardWeights&, T*, const WeightGrads&, \
+                                  const SeTerms*);                                                               \
+  template void fused_backward_se_sums<T>(const Shape&, const T*, const T*, const BackwardWeights&, float*, float*);
+EFFOPS_INSTANTIATE(float)
+EFFOPS_INSTANTIATE(c10::BFloat16)
+EFFOPS_INSTANTIATE(c10::Half)
+#undef EFFOPS_INSTANTIATE
 
 }  // namespace effops::cpu::ir
