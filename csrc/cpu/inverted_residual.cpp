@@ -458,11 +458,11 @@ template void depthwise_means<c10::Half>(const Shape&, const c10::Half*, const f
 
 const char* inverted_residual_body() {
   if (cpu_isa_at_least(CpuIsa::kAvx512))
-    return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel, depthwise 7 pixels at a time; backward depthwise in "
-           "16-channel blocks)";
+    return "avx512 (fp32 FMA, 512-bit, 8 x 48 micro-kernel, depthwise 7 pixels at a time; fused backward with "
+           "the same micro-kernels, chunked backward's depthwise in 16-channel blocks)";
   if (cpu_isa_at_least(CpuIsa::kAvx2))
-    return "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel, depthwise 7 pixels at a time; backward depthwise in "
-           "8-channel blocks)";
+    return "avx2 (fp32 FMA, 256-bit, 6 x 16 micro-kernel, depthwise 7 pixels at a time; fused backward with "
+           "the same micro-kernels, chunked backward's depthwise in 8-channel blocks)";
   return "scalar";
 }
 
