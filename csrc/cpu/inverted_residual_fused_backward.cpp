@@ -107,46 +107,80 @@ struct Buffers {
   std::vector<float> gpe;          // [C * W][Chp]: g_pre_e of complete input rows
 };
 
-// Depthwise of output row `row` (its tap rows e[kh]): d and act'(pre_d) at d + row * OW * Chp.
+// Depthwise of one output row (its tap rows e[kh]): d and act'(pre_d) of its pixels at d and dd.
 // K: the kernel size when square and 3 or 5 (the taps unroll; their weights stay in registers), else 0.
+// Four pixels at a time: four independent FMA chains (one pixel's KH x KW FMAs are a chain whose latency
+// the loop otherwise waits on).
 template <class V, int K, int A>
 EFFOPS_INLINE void depthwise_row(const Shape& s, const Packs& w, const float* const* e, float* d, float* dd) {
-  const int64_t KH = K ? K : s.KH, KW = K ? K : s.KW, Chp = w.Chp;
+  constexpr int P = 4;
+  const int64_t KH = K ? K : s.KH, KW = K ? K : s.KW, Chp = w.Chp, step = s.SW * Chp;
   for (int64_t c = 0; c < Chp; c += V::kWidth) {
     V wt[kMaxTaps];
     for (int64_t t = 0; t < KH * KW; ++t) wt[t] = V::load(w.dw_w.data() + t * Chp + c);
     const V bias = V::load(w.dw_b.data() + c);
-    for (int64_t ow = 0; ow < s.OW; ++ow) {
+    const auto finish = [&](int64_t ow, V pre) {
+      act_forward(pre, A).store(d + ow * Chp + c);
+      act_derivative(pre, A).store(dd + ow * Chp + c);
+    };
+    int64_t ow = 0;
+    for (; ow + P <= s.OW; ow += P) {
+      V pre[P];
+      for (int p = 0; p < P; ++p) pre[p] = bias;
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        const float* er = e[kh] + ow * step + c;
+        for (int64_t kw = 0; kw < KW; ++kw)
+          for (int p = 0; p < P; ++p) pre[p] = V::fma(V::load(er + p * step + kw * Chp), wt[kh * KW + kw], pre[p]);
+      }
+      for (int p = 0; p < P; ++p) finish(ow + p, pre[p]);
+    }
+    for (; ow < s.OW; ++ow) {
       V pre = bias;
       for (int64_t kh = 0; kh < KH; ++kh)
         for (int64_t kw = 0; kw < KW; ++kw)
-          pre = V::fma(V::load(e[kh] + (ow * s.SW + kw) * Chp + c), wt[kh * KW + kw], pre);
-      act_forward(pre, A).store(d + ow * Chp + c);
-      act_derivative(pre, A).store(dd + ow * Chp + c);
+          pre = V::fma(V::load(e[kh] + ow * step + kw * Chp + c), wt[kh * KW + kw], pre);
+      finish(ow, pre);
     }
   }
 }
 
-// Depthwise backward of output row `row` from g_pre_d (gd, the row's pixels): the weight and bias gradient
-// sums (in registers along the row), and g_e += g_pre_d * w into the tap rows ge[kh].
-template <class V, int K>
+// Depthwise backward of one output row from g_pre_d (gd, the row's pixels): the weight and bias gradient
+// sums (in registers along the row), and g_e += g_pre_d * w into the tap rows ge[kh]. A pixel's
+// contributions to g_e gather in registers (a window of KW columns per tap row, sliding by the stride);
+// a column goes to memory once no later pixel of the row reaches it, one read-modify-write per column
+// and tap row where adding each tap into memory made every pixel wait on the previous one's stores.
+// S: the stride when K is and it is 1 or 2 (the window's shifts unroll), else 0.
+template <class V, int K, int S>
 EFFOPS_INLINE void depthwise_backward_row(const Shape& s, const Packs& w, const float* gd, const float* const* e,
                                           float* const* ge, Sums& sum) {
-  const int64_t KH = K ? K : s.KH, KW = K ? K : s.KW, Chp = w.Chp;
+  const int64_t KH = K ? K : s.KH, KW = K ? K : s.KW, SW = S ? S : s.SW, Chp = w.Chp;
   for (int64_t c = 0; c < Chp; c += V::kWidth) {
-    V wt[kMaxTaps], sw[kMaxTaps];
-    for (int64_t t = 0; t < KH * KW; ++t)
+    V wt[kMaxTaps], sw[kMaxTaps], win[kMaxTaps];  // win[kh * KW + j]: column ow * SW + j of tap row kh
+    for (int64_t t = 0; t < KH * KW; ++t) {
       wt[t] = V::load(w.dw_w.data() + t * Chp + c), sw[t] = V::load(sum.dw_w.data() + t * Chp + c);
+      win[t] = V::zero();
+    }
     V sb = V::load(sum.dw_b.data() + c);
     for (int64_t ow = 0; ow < s.OW; ++ow) {
       const V g = V::load(gd + ow * Chp + c);
       sb = sb + g;
-      for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        const float* er = e[kh] + ow * SW * Chp + c;
+        float* gr = ge[kh] + ow * SW * Chp + c;
+        V* wk = win + kh * KW;
         for (int64_t kw = 0; kw < KW; ++kw) {
-          const int64_t t = kh * KW + kw, at = (ow * s.SW + kw) * Chp + c;
-          sw[t] = V::fma(g, V::load(e[kh] + at), sw[t]);
-          V::fma(g, wt[t], V::load(ge[kh] + at)).store(ge[kh] + at);
+          sw[kh * KW + kw] = V::fma(g, V::load(er + kw * Chp), sw[kh * KW + kw]);
+          wk[kw] = V::fma(g, wt[kh * KW + kw], wk[kw]);
         }
+        // Columns ow * SW + [0, SW) are complete (the next pixel starts at (ow + 1) * SW): out of the window.
+        for (int64_t j = 0; j < std::min(SW, KW); ++j) (V::load(gr + j * Chp) + wk[j]).store(gr + j * Chp);
+        for (int64_t j = 0; j < KW; ++j) wk[j] = j + SW < KW ? wk[j + SW] : V::zero();
+      }
+    }
+    // The last pixel's window past its stride: columns (OW - 1) * SW + [SW, KW).
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      float* gr = ge[kh] + (s.OW * SW) * Chp + c;
+      for (int64_t j = 0; j + SW < KW; ++j) (V::load(gr + j * Chp) + win[kh * KW + j]).store(gr + j * Chp);
     }
     for (int64_t t = 0; t < KH * KW; ++t) sw[t].store(sum.dw_w.data() + t * Chp + c);
     sb.store(sum.dw_b.data() + c);
@@ -281,10 +315,17 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
             });
     // 4. The depthwise's gradients; g_e of the tap rows.
     with_kernel_size(s, [&](auto k) {
-      for (int64_t j = 0; j < r; ++j) {
-        tap_rows(j);
-        depthwise_backward_row<V, decltype(k)::value>(s, w, b.gd.data() + j * s.OW * Chp, e_rows, ge_rows, sum);
-      }
+      constexpr int K = decltype(k)::value;
+      const auto rows = [&](auto stride) {
+        for (int64_t j = 0; j < r; ++j) {
+          tap_rows(j);
+          depthwise_backward_row<V, K, decltype(stride)::value>(s, w, b.gd.data() + j * s.OW * Chp, e_rows,
+                                                                ge_rows, sum);
+        }
+      };
+      if (K != 0 && s.SW == 1) return rows(std::integral_constant<int, K ? 1 : 0>{});
+      if (K != 0 && s.SW == 2) return rows(std::integral_constant<int, K ? 2 : 0>{});
+      rows(std::integral_constant<int, 0>{});
     });
     // 5. Input rows no later step reads (all of them after the last step): g_pre_e, the expand conv's
     //    gradients and g_x, at most a ring's rows at a time.
