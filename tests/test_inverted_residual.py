@@ -183,9 +183,10 @@ def test_gradients_with_other_kernel_sizes(backend, case):
 @pytest.mark.parametrize("case", [CASES[4], CASES[2], CASES[1]], ids=[IDS[4], IDS[2], IDS[1]])
 def test_gradients_in_low_precision(backend, case, dtype, n_threads):
     """bf16 / fp16 tensors (the chunked backward stores every intermediate in that dtype as torch's own ops
-    do, the fused one keeps them in fp32; sums in fp32). Against the float64 reference, each gradient's largest error relative to its largest value is at most
-    1.25x what torch's own ops give on the same inputs (their errors come mostly from ReLU6's edges, where
-    a rounded pre-activation lands on the other side of 0 or 6), plus one rounding of the dtype."""
+    do, the fused one keeps them in fp32; sums in fp32). Against the float64 reference, each gradient's
+    largest error relative to its largest value is at most 1.25x what torch's own ops give on the same
+    inputs (their errors come mostly from ReLU6's edges, where a rounded pre-activation lands on the other
+    side of 0 or 6), plus one rounding of the dtype."""
     if backend == "reference":
         pytest.skip("the reference route is torch's ops: it would be compared with itself")
 

@@ -156,6 +156,26 @@ def test_fused_backward_matches_reference_autograd(level, se_case):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_backward_in_low_precision(dtype):
+    """16-bit tensors through the fused backward (one thread): its intermediates are fp32 and only the
+    gradients are rounded to the dtype, so each gradient's largest error against the float64 reference on
+    the same (rounded) inputs is within a few of the dtype's roundings of its largest value."""
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    with effops.use_backend("cpu"), threads(1):
+        tensors, kw = make_se(*SE_CASES[0], dtype=dtype)
+        tensors = [t.requires_grad_() for t in tensors]
+        y = call_op(tensors, kw)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        grads = torch.autograd.grad(y, tensors, gy)
+    t64 = [t.detach().double().requires_grad_() for t in tensors]
+    wants = torch.autograd.grad(call_reference(t64, kw), t64, gy.double())
+    for i, (g, w) in enumerate(zip(grads, wants)):
+        assert g.dtype == dtype
+        assert (g.double() - w).abs().max() <= 4 * unit * w.abs().max(), i
+
+
+@needs_ext
 @pytest.mark.parametrize("size, route", [(28, "cpu"), (14, "reference")], ids=["28x28", "14x14"])
 def test_training_choice_follows_the_policy(size, route):
     """In training (two threads, fp32), a squeeze-excitation block the fused backward takes runs ours where

@@ -67,20 +67,23 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 
 // The squeeze-excitation's own backward: given g_g (the gradient at the gate g, [N, Ch, 1, 1]), adds the
 // SE weights' gradients into out[7..10] and returns the gradient at pooled (d's means) when need_pooled.
+// In pooled's dtype, as se_gate computes (the fused backward's pooled is fp32 whatever the weights').
 at::Tensor se_gate_backward(const Se& se, const at::Tensor& pooled, const SeGate& sg, const at::Tensor& g_g,
                             bool need_pooled, const Needs& needs,
                             const std::function<void(int, const at::Tensor&)>& add) {
   const at::Tensor g_z2 = se.gate == kSigmoid ? at::sigmoid_backward(g_g, sg.g) : at::hardsigmoid_backward(g_g, sg.z2);
   const int64_t squeeze = se.reduce_w->size(0), ch = pooled.size(1);
   const bool need_z1 = need_pooled || needs[7] || needs[8];
-  auto [g_a1, g_w2, g_b2] = at::convolution_backward(g_z2, sg.a1, *se.expand_w, std::vector<int64_t>{ch}, {1, 1},
-                                                     {0, 0}, {1, 1}, false, {0, 0}, 1, {need_z1, needs[9], needs[10]});
+  const at::ScalarType dtype = pooled.scalar_type();
+  auto [g_a1, g_w2, g_b2] =
+      at::convolution_backward(g_z2, sg.a1, se.expand_w->to(dtype), std::vector<int64_t>{ch}, {1, 1}, {0, 0},
+                               {1, 1}, false, {0, 0}, 1, {need_z1, needs[9], needs[10]});
   add(9, g_w2), add(10, g_b2);
   if (!need_z1) return at::Tensor();
   const at::Tensor g_z1 = activation_backward(g_a1, sg.z1, se.act);
-  auto [g_pooled, g_w1, g_b1] = at::convolution_backward(g_z1, pooled, *se.reduce_w, std::vector<int64_t>{squeeze},
-                                                         {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
-                                                         {need_pooled, needs[7], needs[8]});
+  auto [g_pooled, g_w1, g_b1] =
+      at::convolution_backward(g_z1, pooled, se.reduce_w->to(dtype), std::vector<int64_t>{squeeze}, {1, 1},
+                               {0, 0}, {1, 1}, false, {0, 0}, 1, {need_pooled, needs[7], needs[8]});
   add(7, g_w1), add(8, g_b1);
   return need_pooled ? g_pooled : at::Tensor();
 }

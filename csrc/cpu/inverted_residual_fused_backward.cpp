@@ -149,7 +149,7 @@ EFFOPS_INLINE void depthwise_row(const Shape& s, const Packs& w, const float* co
 // contributions to g_e gather in registers (a window of KW columns per tap row, sliding by the stride);
 // a column goes to memory once no later pixel of the row reaches it, one read-modify-write per column
 // and tap row where adding each tap into memory made every pixel wait on the previous one's stores.
-// S: the stride when K is and it is 1 or 2 (the window's shifts unroll), else 0.
+// S: the stride when K is not 0 and the stride is 1 or 2 (the window's shifts unroll), else 0.
 template <class V, int K, int S>
 EFFOPS_INLINE void depthwise_backward_row(const Shape& s, const Packs& w, const float* gd, const float* const* e,
                                           float* const* ge, Sums& sum) {
