@@ -244,9 +244,9 @@ def threads(n):
         torch.set_num_threads(before)
 
 
-def backward_ops(case, layout="channels_last"):
+def backward_ops(case, layout="channels_last", expand=True):
     """The names of the ops one backward of the case runs."""
-    tensors, kw = make(case, layout=layout)
+    tensors, kw = make(case, layout=layout, expand=expand)
     tensors = [None if t is None else t.requires_grad_() for t in tensors]
     y = inverted_residual(*tensors, **kw)
     with torch.profiler.profile() as prof:
@@ -262,18 +262,18 @@ FUSED_CASES = CASES + [(2, 4, 24, 4, 8, 130, 1, 2, "relu", False), (1, 5, 30, 7,
 
 @needs_ext
 @pytest.mark.parametrize("level", cpu_levels())
+@pytest.mark.parametrize("expand", [True, False], ids=["expand", "noexpand"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=IDS + ["k1_s2", "k7_s2"])
-def test_fused_backward_matches_reference_autograd(level, case):
-    """With one thread every block with expansion and without squeeze-excitation, any batch, runs the fully
-    fused backward (none of torch's convolutions in it) at every instruction-set level; its gradients
-    against torch's autograd through the float64 reference, x channels-last with g_y of either layout, and
-    NCHW x."""
+def test_fused_backward_matches_reference_autograd(level, case, expand):
+    """With one thread every block, any batch, runs the fully fused backward (none of torch's convolutions
+    in it) at every instruction-set level; its gradients against torch's autograd through the float64
+    reference, x channels-last with g_y of either layout, and NCHW x."""
     with effops.use_backend("cpu"), effops.cpu_isa.use_cpu_isa(level), threads(1):
-        ops = backward_ops(case)
+        ops = backward_ops(case, expand=expand)
         assert "effops::inverted_residual_backward" in ops and "aten::convolution_backward" not in ops, ops
-        check_gradients(case, True, grad_layout="nchw" if case[0] > 1 else "channels_last")
+        check_gradients(case, expand, grad_layout="nchw" if case[0] > 1 else "channels_last")
         if case is CASES[3] or case is CASES[4]:
-            check_gradients(case, True, layout="nchw")
+            check_gradients(case, expand, layout="nchw")
 
 
 @needs_ext

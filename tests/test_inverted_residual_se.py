@@ -138,21 +138,22 @@ def test_gradients_in_chunks_of_images():
 
 @needs_ext
 @pytest.mark.parametrize("level", cpu_levels())
+@pytest.mark.parametrize("expand", [True, False], ids=["expand", "noexpand"])
 @pytest.mark.parametrize("se_case", SE_CASES, ids=SE_IDS)
-def test_fused_backward_matches_reference_autograd(level, se_case):
-    """With one thread a squeeze-excitation block with expansion runs the fused backward (a first pass for
-    d's means and the gradient at the gate; torch's convolutions only in the SE's own backward, on
-    [N, Ch, 1, 1] tensors: 2 calls, where the chunked backward makes 4): every gradient against torch's
-    autograd through the float64 reference, at every instruction-set level."""
+def test_fused_backward_matches_reference_autograd(level, se_case, expand):
+    """With one thread a squeeze-excitation block runs the fused backward (a first pass for d's means and
+    the gradient at the gate; torch's convolutions only in the SE's own backward, on [N, Ch, 1, 1] tensors:
+    2 calls, where the chunked backward makes 3 or 4): every gradient against torch's autograd through the
+    float64 reference, at every instruction-set level."""
     with effops.use_backend("cpu"), effops.cpu_isa.use_cpu_isa(level), threads(1):
-        tensors, kw = make_se(*se_case)
+        tensors, kw = make_se(*se_case, expand=expand)
         tensors = [None if t is None else t.requires_grad_() for t in tensors]
         y = call_op(tensors, kw)
         with torch.profiler.profile() as prof:
             y.backward(torch.ones_like(y))
         calls = [e.name for e in prof.events()].count("aten::convolution_backward")
         assert calls == 2, calls
-        check_gradients(se_case, True)
+        check_gradients(se_case, expand)
 
 
 @needs_ext

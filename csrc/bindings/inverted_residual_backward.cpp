@@ -15,10 +15,10 @@
 // once; on CUDA also where Triton declines the input, then chunked). A forced "cuda" raises: there is no
 // CUDA C++ kernel for it. The Triton middle has never run on a GPU.
 // The "cpu" route runs the fully fused backward instead (csrc/cpu/inverted_residual_fused_backward.h: the
-// 1x1 convolutions' gradients in the same pass, nothing of expanded size in memory) for blocks with
-// expansion, kernels up to 8x8, and at least one image per thread (it runs images in parallel); x of
-// another layout is copied to channels-last, as the forward kernel copies it. A squeeze-excitation block
-// takes a first pass for d's means and the gate's gradient, the SE's own backward through torch's ops.
+// 1x1 convolutions' gradients in the same pass, nothing of expanded size in memory) for kernels up to
+// 8x8 and at least one image per thread (it runs images in parallel); x of another layout is copied to
+// channels-last, as the forward kernel copies it. A squeeze-excitation block takes a first pass for d's
+// means and the gate's gradient, the SE's own backward through torch's ops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
@@ -301,25 +301,28 @@ void chunk_backward(const ir::Shape& s, const Se& se, const at::Tensor& gy, cons
 
 // Whether the fused CPU backward takes this block (see the file's comment).
 bool fused_backward_takes(const ir::Shape& s) {
-  return s.expand && s.KH <= 8 && s.KW <= 8 && s.N >= at::get_num_threads();
+  return s.KH <= 8 && s.KW <= 8 && s.N >= at::get_num_threads();
 }
 
 Grads fused_backward_cpu(const ir::Shape& s, const Se& se, const at::Tensor& grad_y, const at::Tensor& x,
-                         const at::Tensor& ew, const OptTensor& eb, const at::Tensor& dw, const OptTensor& db,
+                         const OptTensor& ew, const OptTensor& eb, const at::Tensor& dw, const OptTensor& db,
                          const at::Tensor& pw, const OptTensor& pb, const Needs& needs) {
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(cl), gyc = grad_y.contiguous(cl);
   const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
-  const at::Tensor ew32 = f32(ew), dw32 = f32(dw), pw32 = f32(pw);
+  const at::Tensor ew32 = s.expand ? f32(*ew) : at::Tensor(), dw32 = f32(dw), pw32 = f32(pw);
   const at::Tensor eb32 = given(eb) ? f32(*eb) : at::Tensor(), db32 = given(db) ? f32(*db) : at::Tensor();
   const auto opts = x.options().dtype(at::kFloat);
-  at::Tensor g_x = at::empty_like(xc, cl), g_ew = at::empty({s.Ch, s.Cin}, opts), g_eb = at::empty({s.Ch}, opts);
+  at::Tensor g_x = at::empty_like(xc, cl);
+  at::Tensor g_ew = s.expand ? at::empty({s.Ch, s.Cin}, opts) : at::Tensor();
+  at::Tensor g_eb = s.expand ? at::empty({s.Ch}, opts) : at::Tensor();
   at::Tensor g_dw = at::empty({s.Ch, s.KH * s.KW}, opts), g_db = at::empty({s.Ch}, opts);
   at::Tensor g_pw = at::empty({s.Cout, s.Ch}, opts), g_pb = at::empty({s.Cout}, opts);
-  const ir::BackwardWeights w{ew32.const_data_ptr<float>(), eb32.defined() ? eb32.const_data_ptr<float>() : nullptr,
-                              dw32.const_data_ptr<float>(), db32.defined() ? db32.const_data_ptr<float>() : nullptr,
-                              pw32.const_data_ptr<float>()};
-  const ir::WeightGrads g{g_ew.mutable_data_ptr<float>(), g_eb.mutable_data_ptr<float>(),
+  const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; };
+  const auto mut = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<float>() : nullptr; };
+  const ir::BackwardWeights w{ptr(ew32), ptr(eb32),
+                              ptr(dw32), ptr(db32), ptr(pw32)};
+  const ir::WeightGrads g{mut(g_ew), mut(g_eb),
                           g_dw.mutable_data_ptr<float>(), g_db.mutable_data_ptr<float>(),
                           g_pw.mutable_data_ptr<float>(), g_pb.mutable_data_ptr<float>()};
   // Squeeze-excitation: a first pass for d's means and the gradient at the gate; the gate and the SE's own
@@ -397,7 +400,7 @@ Grads backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTens
   TORCH_CHECK_NOT_IMPLEMENTED(route != Backend::kTriton || triton_cannot == nullptr,
                               "backend 'triton' is forced but declines this ", kOp, " input: ", triton_cannot);
   if (route == Backend::kCpu && fused_backward_takes(s))
-    return fused_backward_cpu(s, se, grad_y, x, *ew, eb, dw, db, pw, pb, needs);
+    return fused_backward_cpu(s, se, grad_y, x, ew, eb, dw, db, pw, pb, needs);
   // Forced "reference": torch's ops on the whole batch at once (the reference's arithmetic); otherwise chunks.
   const bool whole_batch = effops::dispatch::forced_backend() == Backend::kReference;
   const int64_t per_image = s.Ch * s.H * s.W * static_cast<int64_t>(x.element_size());

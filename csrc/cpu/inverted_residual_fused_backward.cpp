@@ -52,8 +52,10 @@ struct Packs {
 Packs pack(const Shape& s, const BackwardWeights& w) {
   Packs p;
   p.Chp = padded(s.Ch), p.Cinp = padded(s.Cin), p.Coutp = padded(s.Cout), p.taps = s.KH * s.KW;
-  p.expand_w = pack_panels(s.Cin, s.Ch, [&](int64_t k, int64_t n) { return w.expand_w[n * s.Cin + k]; });
-  p.expand_t = pack_panels(s.Ch, s.Cin, [&](int64_t k, int64_t n) { return w.expand_w[k * s.Cin + n]; });
+  if (s.expand) {
+    p.expand_w = pack_panels(s.Cin, s.Ch, [&](int64_t k, int64_t n) { return w.expand_w[n * s.Cin + k]; });
+    p.expand_t = pack_panels(s.Ch, s.Cin, [&](int64_t k, int64_t n) { return w.expand_w[k * s.Cin + n]; });
+  }
   p.project_t = pack_panels(s.Cout, s.Ch, [&](int64_t k, int64_t n) { return w.project_w[k * s.Ch + n]; });
   p.expand_b.assign(p.Chp, 0.f);
   p.dw_b.assign(p.Chp, 0.f);
@@ -111,7 +113,7 @@ struct Buffers {
 // K: the kernel size when square and 3 or 5 (the taps unroll; their weights stay in registers), else 0.
 // Four pixels at a time: four independent FMA chains (one pixel's KH x KW FMAs are a chain whose latency
 // the loop otherwise waits on).
-template <class V, int K, int A>
+template <class V, int K>
 EFFOPS_INLINE void depthwise_row(const Shape& s, const Packs& w, const float* const* e, float* d, float* dd) {
   constexpr int P = 4;
   const int64_t KH = K ? K : s.KH, KW = K ? K : s.KW, Chp = w.Chp, step = s.SW * Chp;
@@ -120,8 +122,8 @@ EFFOPS_INLINE void depthwise_row(const Shape& s, const Packs& w, const float* co
     for (int64_t t = 0; t < KH * KW; ++t) wt[t] = V::load(w.dw_w.data() + t * Chp + c);
     const V bias = V::load(w.dw_b.data() + c);
     const auto finish = [&](int64_t ow, V pre) {
-      act_forward(pre, A).store(d + ow * Chp + c);
-      act_derivative(pre, A).store(dd + ow * Chp + c);
+      act_forward(pre, s.act).store(d + ow * Chp + c);
+      act_derivative(pre, s.act).store(dd + ow * Chp + c);
     };
     int64_t ow = 0;
     for (; ow + P <= s.OW; ow += P) {
@@ -195,6 +197,22 @@ EFFOPS_INLINE void with_kernel_size(const Shape& s, F&& f) {
   f(std::integral_constant<int, 0>{});
 }
 
+// One output row's depthwise: with gd == nullptr the forward (d and act'(pre_d) into d and dd), else the
+// backward from g_pre_d = gd (the sums into sum, g_e into the tap rows ge). The kernel size and stride
+// become compile-time constants here; the activation stays a switch per vector (one body per activation
+// too doubled this file's compile time, and the switch measured no slower).
+template <class V>
+EFFOPS_INLINE void depthwise_any(const Shape& s, const Packs& w, const float* const* e, float* const* ge,
+                                 const float* gd, float* d, float* dd, Sums* sum) {
+  with_kernel_size(s, [&](auto k) {
+    constexpr int K = decltype(k)::value;
+    if (gd == nullptr) return depthwise_row<V, K>(s, w, e, d, dd);
+    if (K != 0 && s.SW == 1) return depthwise_backward_row<V, K, K ? 1 : 0>(s, w, gd, e, ge, *sum);
+    if (K != 0 && s.SW == 2) return depthwise_backward_row<V, K, K ? 2 : 0>(s, w, gd, e, ge, *sum);
+    depthwise_backward_row<V, K, 0>(s, w, gd, e, ge, *sum);
+  });
+}
+
 // sum[c] += the sum over P rows of a[p * Chp + c], c < Chp.
 template <class V>
 EFFOPS_INLINE void add_rows(int64_t P, int64_t Chp, const float* a, float* sum) {
@@ -230,27 +248,34 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
   int64_t done = 0;  // the first input row whose g_x is not written yet
   for (int64_t o = 0; o < s.OH; o += p.R) {
     const int64_t r = std::min(p.R, s.OH - o), pixels = r * s.OW;
-    // 1. Expand the input rows the step reads that the ring does not hold; their g_e starts at zero.
+    // 1. Expand the input rows the step reads that the ring does not hold (without an expand conv: copy
+    //    them); their g_e starts at zero.
     const int64_t lo = o * s.SH - s.PH, hi = lo + (r - 1) * s.SH + s.KH - 1;
     const int64_t a0 = std::max<int64_t>({next, lo, 0}), a1 = std::min(hi, s.H - 1);
     if (a0 <= a1) {
       for (int64_t ih = a0; ih <= a1; ++ih) std::fill_n(b.ge.data() + slot(ih), ring_row, 0.f);
       const float* xa = x_rows(a0, a1 - a0 + 1);
-      with_act(s.act, [&](auto act) {
-        gemm<V>((a1 - a0 + 1) * s.W, s.Cin, xa, s.Cin, w.expand_w.data(), Chp / kPanel, w.expand_b.data(),
-                [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
-                  int64_t ih = a0 + m0 / s.W, iw = m0 % s.W;
-                  for (int i = 0; i < rows_; ++i) {
-                    const int64_t at = slot(ih) + (s.PW + iw) * Chp + c0;
-                    for (int64_t j = 0; j < width; j += V::kWidth) {
-                      const V pre = V::load(out + i * width + j);
-                      act_forward(pre, act).store(b.e.data() + at + j);
-                      act_derivative(pre, act).store(b.de.data() + at + j);
+      if (!s.expand) {  // e = x (Cin == Ch channels; the padding channels of the ring stay zero)
+        for (int64_t ih = a0; ih <= a1; ++ih)
+          for (int64_t iw = 0; iw < s.W; ++iw)
+            std::copy_n(xa + ((ih - a0) * s.W + iw) * s.Cin, s.Cin, b.e.data() + slot(ih) + (s.PW + iw) * Chp);
+      } else {
+        with_act(s.act, [&](auto act) {
+          gemm<V>((a1 - a0 + 1) * s.W, s.Cin, xa, s.Cin, w.expand_w.data(), Chp / kPanel, w.expand_b.data(),
+                  [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
+                    int64_t ih = a0 + m0 / s.W, iw = m0 % s.W;
+                    for (int i = 0; i < rows_; ++i) {
+                      const int64_t at = slot(ih) + (s.PW + iw) * Chp + c0;
+                      for (int64_t j = 0; j < width; j += V::kWidth) {
+                        const V pre = V::load(out + i * width + j);
+                        act_forward(pre, act).store(b.e.data() + at + j);
+                        act_derivative(pre, act).store(b.de.data() + at + j);
+                      }
+                      if (++iw == s.W) iw = 0, ++ih;
                     }
-                    if (++iw == s.W) iw = 0, ++ih;
-                  }
-                });
-      });
+                  });
+        });
+      }
       next = a1 + 1;
     }
     // Tap rows of output row o + j: the ring's, or the zero row (reads) and the trash row (writes).
@@ -266,15 +291,11 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
       }
     };
     // 2. d and act'(pre_d) of the step's pixels.
-    with_kernel_size(s, [&](auto k) {
-      with_act(s.act, [&](auto act) {
-        for (int64_t j = 0; j < r; ++j) {
-          tap_rows(j);
-          depthwise_row<V, decltype(k)::value, decltype(act)::value>(s, w, e_rows, b.d.data() + j * s.OW * Chp,
-                                                                     b.dd.data() + j * s.OW * Chp);
-        }
-      });
-    });
+    for (int64_t j = 0; j < r; ++j) {
+      tap_rows(j);
+      depthwise_any<V>(s, w, e_rows, ge_rows, nullptr, b.d.data() + j * s.OW * Chp,
+                            b.dd.data() + j * s.OW * Chp, nullptr);
+    }
     // 3. The project conv's gradients, and g_pre_d = (g_y @ project_w) * act'(pre_d).
     const T* gys = gyn + o * s.OW * s.Cout;
     for (int64_t q = 0; q < pixels; ++q)
@@ -314,21 +335,12 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
               }
             });
     // 4. The depthwise's gradients; g_e of the tap rows.
-    with_kernel_size(s, [&](auto k) {
-      constexpr int K = decltype(k)::value;
-      const auto rows = [&](auto stride) {
-        for (int64_t j = 0; j < r; ++j) {
-          tap_rows(j);
-          depthwise_backward_row<V, K, decltype(stride)::value>(s, w, b.gd.data() + j * s.OW * Chp, e_rows,
-                                                                ge_rows, sum);
-        }
-      };
-      if (K != 0 && s.SW == 1) return rows(std::integral_constant<int, K ? 1 : 0>{});
-      if (K != 0 && s.SW == 2) return rows(std::integral_constant<int, K ? 2 : 0>{});
-      rows(std::integral_constant<int, 0>{});
-    });
+    for (int64_t j = 0; j < r; ++j) {
+      tap_rows(j);
+      depthwise_any<V>(s, w, e_rows, ge_rows, b.gd.data() + j * s.OW * Chp, nullptr, nullptr, &sum);
+    }
     // 5. Input rows no later step reads (all of them after the last step): g_pre_e, the expand conv's
-    //    gradients and g_x, at most a ring's rows at a time.
+    //    gradients and g_x (without an expand conv g_x = g_e), at most a ring's rows at a time.
     const int64_t upto = o + r == s.OH ? s.H : std::min(s.H, (o + r) * s.SH - s.PH);
     while (done < upto) {
       const int64_t f1 = std::min(upto, done + p.C), P = (f1 - done) * s.W;
@@ -339,13 +351,22 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
           continue;
         }
         const int64_t at = slot(ih) + s.PW * Chp;
-        for (int64_t i = 0; i < s.W * Chp; i += V::kWidth)
-          (V::load(b.ge.data() + at + i) * V::load(b.de.data() + at + i)).store(dst + i);
+        for (int64_t i = 0; i < s.W * Chp; i += V::kWidth) {
+          const V g_e = V::load(b.ge.data() + at + i);
+          (s.expand ? g_e * V::load(b.de.data() + at + i) : g_e).store(dst + i);
+        }
+      }
+      T* gxs = gxn + done * s.W * s.Cin;
+      const T* res = s.residual ? gyn + done * s.W * s.Cout : nullptr;  // stride 1, Cout == Cin: same pixels
+      if (!s.expand) {
+        for (int64_t q = 0; q < P; ++q)
+          for (int64_t c = 0; c < s.Cin; ++c)
+            gxs[q * s.Cin + c] = from_float<T>(b.gpe[q * Chp + c] + (res ? to_float(res[q * s.Cin + c]) : 0.f));
+        done = f1;
+        continue;
       }
       add_rows<V>(P, Chp, b.gpe.data(), sum.expand_b.data());
       wgrad<V>(s.Cin, Chp / kPanel, P, x_rows(done, f1 - done), s.Cin, b.gpe.data(), Chp, sum.expand_w.data());
-      T* gxs = gxn + done * s.W * s.Cin;
-      const T* res = s.residual ? gyn + done * s.W * s.Cout : nullptr;  // stride 1, Cout == Cin: same pixels
       gemm<V>(P, s.Ch, b.gpe.data(), Chp, w.expand_t.data(), w.Cinp / kPanel, w.zeros.data(),
               [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
                 const int64_t full = std::min(width, (s.Cin - c0) / V::kWidth * V::kWidth);
@@ -447,16 +468,18 @@ void fused_backward(const Shape& s, const T* x, const T* g_y, const BackwardWeig
   std::vector<Sums> parts(std::max<int64_t>(1, s.N));  // parts[begin]: the task that starts at image begin
   run_images(s, p, w, ImageArgs<T>{x, g_y, g_x, se, nullptr}, &parts);
   // The tasks' sums in the order of their first image, into the weights' layouts.
-  std::fill_n(g.expand_w, s.Ch * s.Cin, 0.f), std::fill_n(g.expand_b, s.Ch, 0.f);
+  if (s.expand) std::fill_n(g.expand_w, s.Ch * s.Cin, 0.f), std::fill_n(g.expand_b, s.Ch, 0.f);
   std::fill_n(g.dw_w, s.Ch * taps, 0.f), std::fill_n(g.dw_b, s.Ch, 0.f);
   std::fill_n(g.project_w, s.Cout * s.Ch, 0.f), std::fill_n(g.project_b, s.Cout, 0.f);
   for (const Sums& sum : parts) {
     if (sum.expand_w.empty()) continue;  // no task started at this image
     for (int64_t c = 0; c < s.Ch; ++c) {
-      for (int64_t k = 0; k < s.Cin; ++k) g.expand_w[c * s.Cin + k] += sum.expand_w[k * Chp + c];
+      if (s.expand)
+        for (int64_t k = 0; k < s.Cin; ++k) g.expand_w[c * s.Cin + k] += sum.expand_w[k * Chp + c];
       for (int64_t t = 0; t < taps; ++t) g.dw_w[c * taps + t] += sum.dw_w[t * Chp + c];
       for (int64_t o = 0; o < s.Cout; ++o) g.project_w[o * s.Ch + c] += sum.project_w[c * Coutp + o];
-      g.expand_b[c] += sum.expand_b[c], g.dw_b[c] += sum.dw_b[c];
+      if (s.expand) g.expand_b[c] += sum.expand_b[c];
+      g.dw_b[c] += sum.dw_b[c];
     }
     for (int64_t o = 0; o < s.Cout; ++o) g.project_b[o] += sum.project_b[o];
   }

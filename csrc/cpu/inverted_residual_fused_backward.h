@@ -1,5 +1,5 @@
-// The fused backward of an inverted-residual block with expansion (effops::inverted_residual_backward's
-// CPU route for batches of at least one image per thread). Torch-free: raw pointers and sizes.
+// The fused backward of an inverted-residual block (effops::inverted_residual_backward's CPU route for
+// batches of at least one image per thread). Torch-free: raw pointers and sizes.
 //
 // Like the forward (inverted_residual.h), each task walks one image's output rows in steps of a few
 // rows and keeps a ring of the input rows the current step reads, here three per row: e = act(pre_e),
@@ -20,14 +20,14 @@
 
 namespace effops::cpu::ir {
 
-// The block's weights as torch holds them, fp32 contiguous: expand_w [Ch][Cin], expand_b [Ch] or nullptr,
-// dw_w [Ch][KH * KW], dw_b [Ch] or nullptr, project_w [Cout][Ch].
+// The block's weights as torch holds them, fp32 contiguous: expand_w [Ch][Cin] (nullptr without expansion),
+// expand_b [Ch] or nullptr, dw_w [Ch][KH * KW], dw_b [Ch] or nullptr, project_w [Cout][Ch].
 struct BackwardWeights {
   const float *expand_w, *expand_b, *dw_w, *dw_b, *project_w;
 };
 
 // The weights' gradients, fp32, overwritten, in the weights' layouts (expand_b [Ch], dw_b [Ch],
-// project_b [Cout]).
+// project_b [Cout]; expand_w and expand_b unused without expansion).
 struct WeightGrads {
   float *expand_w, *expand_b, *dw_w, *dw_b, *project_w, *project_b;
 };
@@ -39,8 +39,8 @@ struct SeTerms {
   const float *gate, *mean_grad;
 };
 
-// s.expand must hold (a block without expansion has no expanded tensor to keep out of memory). x, g_y,
-// g_x: channels-last [N][H][W][Cin], [N][OH][OW][Cout], [N][H][W][Cin]; T = float, bf16 or fp16.
+// x, g_y, g_x: channels-last [N][H][W][Cin], [N][OH][OW][Cout], [N][H][W][Cin]; T = float, bf16 or fp16.
+// Without expansion (s.expand false) e is x: step 1 copies its rows, step 5 writes g_x = g_e.
 // se: nullptr, or the terms of a squeeze-excitation block (from fused_backward_se_sums).
 template <typename T>
 void fused_backward(const Shape& s, const T* x, const T* g_y, const BackwardWeights& w, T* g_x, const WeightGrads& g,
