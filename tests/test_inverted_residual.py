@@ -405,23 +405,26 @@ def test_triton_matches_reference(case, layout, expand, dtype):
     ((2, 8, 64, 8, 182, 182, 3, 1, "relu6", True), torch.float32, "cpu"),       # 16 MiB or more
     ((2, 8, 48, 8, 14, 14, 3, 2, "relu6", False), torch.bfloat16, "cpu"),       # 16-bit, fused, stride 2
     ((2, 8, 48, 8, 14, 14, 3, 1, "relu6", True), torch.bfloat16, "reference"),  # 16-bit, fused, stride 1
-], ids=["fused-9x9", "fused-14x14", "1-image", "16MiB", "bf16-s2", "bf16-s1"])
+    ((2, 48, 48, 8, 28, 28, 3, 1, "relu6", False), torch.float32, "reference"),  # no expand conv, < 16 MiB
+], ids=["fused-9x9", "fused-14x14", "1-image", "16MiB", "bf16-s2", "bf16-s1", "noexpand"])
 def test_training_choice_follows_the_policy(case, dtype, route):
     """In training (two threads), a block the fused backward takes runs ours where it measured ahead (fp32:
-    an output of 14x14 pixels or more; 16-bit: stride 2); otherwise one with less than 16 MiB of expanded
-    tensor runs as torch's ops (autograd saving it), a larger one as ours. Both give the reference's
-    gradients."""
+    an output of 14x14 pixels or more; 16-bit: stride 2; not blocks without an expand conv); otherwise one
+    with less than 16 MiB of expanded tensor runs as torch's ops (autograd saving it), a larger one as ours.
+    Both give the reference's gradients."""
     if effops._backends.forced_backend() is not None:
         pytest.skip("a forced backend takes no policy")
-    tensors, kw = make(case, dtype=dtype)
-    weights = [t.requires_grad_() for t in tensors[1:]]
+    expand = case[1] != case[2]
+    tensors, kw = make(case, dtype=dtype, expand=expand)
+    weights = [t.requires_grad_() for t in tensors[1:] if t is not None]
     with threads(2), effops._backends.record_choices() as tally:
         y = inverted_residual(*tensors, **kw)
         y.float().square().mean().backward()
     assert tally["inverted_residual"] == {route: 1}, dict(tally)
     assert ("inverted_residual_backward" in tally) == (route == "cpu")
-    t64 = [t.detach().double().requires_grad_() for t in tensors[1:]]
+    t64 = [None if t is None else t.detach().double().requires_grad_() for t in tensors[1:]]
     expected([tensors[0].double()] + t64, kw).square().mean().backward()
+    t64 = [t for t in t64 if t is not None]
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for w, w64 in zip(weights, t64):
         torch.testing.assert_close(w.grad.double(), w64.grad, **tol)

@@ -233,7 +233,9 @@ at::Tensor aten_route(const ir::Shape& s, const at::Tensor& x, const OptTensor& 
 //   THP_MEM_ALLOC_ENABLE=1 (torch's large tensors on huge pages, its step faster) still 1.06-2.65x at 14x14
 //   and up. With squeeze-excitation (one more pass): 1.05-4.1x where the output has 28x28 pixels or more,
 //   0.87-1.94x at 14x14, 0.71-1.34x at 7x7. bf16 without squeeze-excitation (torch's native there):
-//   3.7-8.3x on the stride-2 blocks, 0.57-1.0x on most stride-1 ones.
+//   3.7-8.3x on the stride-2 blocks, 0.57-1.0x on most stride-1 ones. Blocks without an expand conv
+//   (MobileNetV3's and EfficientNet-B0's first, 112x112): 1.18-3.05x at b16, but at b1 down to 0.81x
+//   (avx2, with squeeze-excitation): the 16 MiB rule below takes them (ours at b16, torch's at b1).
 // - the chunked backward (the other blocks): 2.1-2.9x where torch's expanded tensor is 24 MiB or more
 //   (fresh tensors that large are mmapped and page-fault on every step), 0.72-1.25x below 16 MiB.
 // So: ours where the fused backward measured ahead, otherwise below kTrainMinExpandedBytes (or with
@@ -242,7 +244,7 @@ constexpr int64_t kTrainMinExpandedBytes = 16ll << 20;
 constexpr int64_t kTrainFusedMinPixels = 14 * 14, kTrainFusedSeMinPixels = 28 * 28;
 
 const char* training_aten_faster(const ir::Shape& s, at::ScalarType dtype, bool fused_backward, bool se) {
-  if (fused_backward) {
+  if (fused_backward && s.expand) {
     if (dtype == at::kFloat && s.OH * s.OW >= (se ? kTrainFusedSeMinPixels : kTrainFusedMinPixels)) return nullptr;
     if (dtype != at::kFloat && !se && (s.SH > 1 || s.SW > 1)) return nullptr;
   }
