@@ -336,19 +336,7 @@ EFFOPS_INLINE void band(const Shape& s, const Plan& p, const T* x, const Packed&
     const T* res = s.residual ? xn + o * s.W * s.Cin : nullptr;  // stride 1, W == OW: the same pixels
     gemm<V>(pixels, s.Ch, d, Chp, project_w, out_panels, w.project_b,
             [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
-              const int64_t full = std::min(width, (s.Cout - c0) / V::kWidth * V::kWidth);
-              for (int i = 0; i < rows_; ++i) {
-                const int64_t q = (m0 + i) * s.Cout + c0;
-                const float* oi = out + i * width;
-                int64_t j = 0;
-                for (; j < full; j += V::kWidth) {
-                  V v = V::load(oi + j);
-                  if (res) v = v + V::load(res + q + j);
-                  v.store(yo + q + j);
-                }
-                for (; j < width && c0 + j < s.Cout; ++j)
-                  yo[q + j] = from_float<T>(oi[j] + (res ? to_float(res[q + j]) : 0.f));
-              }
+              store_rows<V>(m0, rows_, c0, width, out, s.Cout, res, yo);
             });
   }
 }

@@ -369,19 +369,7 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
       wgrad<V>(s.Cin, Chp / kPanel, P, x_rows(done, f1 - done), s.Cin, b.gpe.data(), Chp, sum.expand_w.data());
       gemm<V>(P, s.Ch, b.gpe.data(), Chp, w.expand_t.data(), w.Cinp / kPanel, w.zeros.data(),
               [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
-                const int64_t full = std::min(width, (s.Cin - c0) / V::kWidth * V::kWidth);
-                for (int i = 0; i < rows_; ++i) {
-                  const int64_t q = (m0 + i) * s.Cin + c0;
-                  const float* oi = out + i * width;
-                  int64_t j = 0;
-                  for (; j < full; j += V::kWidth) {
-                    V v = V::load(oi + j);
-                    if (res) v = v + V::load(res + q + j);
-                    v.store(gxs + q + j);
-                  }
-                  for (; j < width && c0 + j < s.Cin; ++j)
-                    gxs[q + j] = from_float<T>(oi[j] + (res ? to_float(res[q + j]) : 0.f));
-                }
+                store_rows<V>(m0, rows_, c0, width, out, s.Cin, res, gxs);
               });
       done = f1;
     }

@@ -214,6 +214,26 @@ EFFOPS_INLINE void wgrad(int64_t M, int64_t npanels, int64_t P, const float* a, 
   }
 }
 
+// An epilogue's block (rows x width fp32 values from column c0, row stride width) into rows m0.. of a
+// channels-last tensor of C channels per pixel, in its storage type T, adding res at the same places when
+// given (a residual): the forward's project output and the backward's g_x.
+template <class V, typename T>
+EFFOPS_INLINE void store_rows(int64_t m0, int rows, int64_t c0, int64_t width, const float* out, int64_t C,
+                              const T* res, T* dst) {
+  const int64_t full = std::min(width, (C - c0) / V::kWidth * V::kWidth);
+  for (int i = 0; i < rows; ++i) {
+    const int64_t q = (m0 + i) * C + c0;
+    const float* oi = out + i * width;
+    int64_t j = 0;
+    for (; j < full; j += V::kWidth) {
+      V v = V::load(oi + j);
+      if (res) v = v + V::load(res + q + j);
+      v.store(dst + q + j);
+    }
+    for (; j < width && c0 + j < C; ++j) dst[q + j] = from_float<T>(oi[j] + (res ? to_float(res[q + j]) : 0.f));
+  }
+}
+
 // f(std::integral_constant<int, act>{}): the activation a compile-time constant inside f, so act_forward
 // folds its switch away in f's loops.
 template <typename F>
