@@ -320,11 +320,8 @@ Grads fused_backward_cpu(const ir::Shape& s, const Se& se, const at::Tensor& gra
   at::Tensor g_pw = at::empty({s.Cout, s.Ch}, opts), g_pb = at::empty({s.Cout}, opts);
   const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; };
   const auto mut = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<float>() : nullptr; };
-  const ir::BackwardWeights w{ptr(ew32), ptr(eb32),
-                              ptr(dw32), ptr(db32), ptr(pw32)};
-  const ir::WeightGrads g{mut(g_ew), mut(g_eb),
-                          g_dw.mutable_data_ptr<float>(), g_db.mutable_data_ptr<float>(),
-                          g_pw.mutable_data_ptr<float>(), g_pb.mutable_data_ptr<float>()};
+  const ir::BackwardWeights w{ptr(ew32), ptr(eb32), ptr(dw32), ptr(db32), ptr(pw32)};
+  const ir::WeightGrads g{mut(g_ew), mut(g_eb), mut(g_dw), mut(g_db), mut(g_pw), mut(g_pb)};
   // Squeeze-excitation: a first pass for d's means and the gradient at the gate; the gate and the SE's own
   // backward through torch's ops on those [N, Ch] tensors (fp32: the forward kernel's gate is fp32 too).
   std::vector<at::Tensor> se_grads(kInputs);
