@@ -64,6 +64,13 @@ void with_storage_type(at::ScalarType dtype, F&& f) {
 // channels_last when x is laid out that way (and not also plainly contiguous), else contiguous.
 at::MemoryFormat format_of(const at::Tensor& x);
 
+// The weights packed as the CPU kernel reads them (csrc/cpu/inverted_residual.h's layout, fp32), and one
+// [R, K(, 1, 1)] weight as a gemm B operand ([padded(R) / 16][K][16], zero past R) written at dst.
+at::Tensor pack(const ir::Shape& s, const OptTensor& expand_weight, const OptTensor& expand_bias,
+                const at::Tensor& dw_weight, const OptTensor& dw_bias, const at::Tensor& project_weight,
+                const OptTensor& project_bias);
+void pack_panels(const at::Tensor& w, float* dst);
+
 // activation(h) through ATen, with effops' values at +-inf (effops/reference/dwpw_conv2d.py, _AT_INFINITY).
 at::Tensor activate(const at::Tensor& h, int act);
 

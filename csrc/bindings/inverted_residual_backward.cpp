@@ -309,10 +309,15 @@ Grads fused_backward_cpu(const ir::Shape& s, const Se& se, const at::Tensor& gra
                          const at::Tensor& pw, const OptTensor& pb, const Needs& needs) {
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor xc = x.contiguous(cl), gyc = grad_y.contiguous(cl);
-  const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
-  const at::Tensor ew32 = s.expand ? f32(*ew) : at::Tensor(), dw32 = f32(dw), pw32 = f32(pw);
-  const at::Tensor eb32 = given(eb) ? f32(*eb) : at::Tensor(), db32 = given(db) ? f32(*db) : at::Tensor();
   const auto opts = x.options().dtype(at::kFloat);
+  // The forward's packed weights, and the two transposed products' panels (once per call, for both passes).
+  const at::Tensor packed = pack(s, ew, eb, dw, db, pw, std::nullopt);
+  at::Tensor project_t = at::empty({ir::padded(s.Ch) * s.Cout}, opts), expand_t;
+  pack_panels(pw.reshape({s.Cout, s.Ch}).t(), project_t.mutable_data_ptr<float>());
+  if (s.expand) {
+    expand_t = at::empty({ir::padded(s.Cin) * s.Ch}, opts);
+    pack_panels(ew->reshape({s.Ch, s.Cin}).t(), expand_t.mutable_data_ptr<float>());
+  }
   at::Tensor g_x = at::empty_like(xc, cl);
   at::Tensor g_ew = s.expand ? at::empty({s.Ch, s.Cin}, opts) : at::Tensor();
   at::Tensor g_eb = s.expand ? at::empty({s.Ch}, opts) : at::Tensor();
@@ -320,7 +325,7 @@ Grads fused_backward_cpu(const ir::Shape& s, const Se& se, const at::Tensor& gra
   at::Tensor g_pw = at::empty({s.Cout, s.Ch}, opts), g_pb = at::empty({s.Cout}, opts);
   const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; };
   const auto mut = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<float>() : nullptr; };
-  const ir::BackwardWeights w{ptr(ew32), ptr(eb32), ptr(dw32), ptr(db32), ptr(pw32)};
+  const ir::BackwardWeights w{ptr(packed), ptr(expand_t), ptr(project_t)};
   const ir::WeightGrads g{mut(g_ew), mut(g_eb), mut(g_dw), mut(g_db), mut(g_pw), mut(g_pb)};
   // Squeeze-excitation: a first pass for d's means and the gradient at the gate; the gate and the SE's own
   // backward through torch's ops on those [N, Ch] tensors (fp32: the forward kernel's gate is fp32 too).

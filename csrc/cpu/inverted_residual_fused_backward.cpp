@@ -26,45 +26,24 @@ using dwpw::act_forward;
 
 constexpr int64_t kMaxTaps = 64;  // 8 x 8: the binding sends larger kernels to the chunked backward
 
-// B[k][n] = at(k, n) packed for gemm: [padded(N) / 16][K][16], zero past N.
-template <class F>
-std::vector<float> pack_panels(int64_t K, int64_t N, F&& at) {
-  const int64_t panels = padded(N) / kPanel;
-  std::vector<float> out(panels * K * kPanel, 0.f);
-  for (int64_t q = 0; q < panels; ++q)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < kPanel && q * kPanel + j < N; ++j) out[(q * K + k) * kPanel + j] = at(k, q * kPanel + j);
-  return out;
-}
-
-// The weights as the steps read them (fp32, zero padding), built once per call.
+// The weights as the steps read them (BackwardWeights' arrays, no copies), and their padded widths.
 struct Packs {
   int64_t Chp, Cinp, Coutp, taps;
-  std::vector<float> expand_w;   // [Chp / 16][Cin][16]   e = act(x @ expand_w^T + expand_b)
-  std::vector<float> expand_b;   // [Chp]
-  std::vector<float> expand_t;   // [Cinp / 16][Ch][16]   g_x = g_pre_e @ expand_w
-  std::vector<float> dw_w;       // [taps][Chp]           tap-major: channels contiguous for vectors
-  std::vector<float> dw_b;       // [Chp]
-  std::vector<float> project_t;  // [Chp / 16][Cout][16]  g_d = g_y @ project_w
-  std::vector<float> zeros;      // the GEMMs without a bias
+  const float* expand_w;   // [Chp / 16][Cin][16]   e = act(x @ expand_w^T + expand_b)
+  const float* expand_b;   // [Chp]
+  const float* expand_t;   // [Cinp / 16][Ch][16]   g_x = g_pre_e @ expand_w
+  const float* dw_w;       // [taps][Chp]           tap-major: channels contiguous for vectors
+  const float* dw_b;       // [Chp]
+  const float* project_t;  // [Chp / 16][Cout][16]  g_d = g_y @ project_w
+  std::vector<float> zeros;  // the GEMMs without a bias
 };
 
-Packs pack(const Shape& s, const BackwardWeights& w) {
+Packs views(const Shape& s, const BackwardWeights& w) {
+  const Packed f = packed_views(s, w.packed);
   Packs p;
   p.Chp = padded(s.Ch), p.Cinp = padded(s.Cin), p.Coutp = padded(s.Cout), p.taps = s.KH * s.KW;
-  if (s.expand) {
-    p.expand_w = pack_panels(s.Cin, s.Ch, [&](int64_t k, int64_t n) { return w.expand_w[n * s.Cin + k]; });
-    p.expand_t = pack_panels(s.Ch, s.Cin, [&](int64_t k, int64_t n) { return w.expand_w[k * s.Cin + n]; });
-  }
-  p.project_t = pack_panels(s.Cout, s.Ch, [&](int64_t k, int64_t n) { return w.project_w[k * s.Ch + n]; });
-  p.expand_b.assign(p.Chp, 0.f);
-  p.dw_b.assign(p.Chp, 0.f);
-  p.dw_w.assign(p.taps * p.Chp, 0.f);
-  for (int64_t c = 0; c < s.Ch; ++c) {
-    if (w.expand_b != nullptr) p.expand_b[c] = w.expand_b[c];
-    if (w.dw_b != nullptr) p.dw_b[c] = w.dw_b[c];
-    for (int64_t t = 0; t < p.taps; ++t) p.dw_w[t * p.Chp + c] = w.dw_w[c * p.taps + t];
-  }
+  p.expand_w = f.expand_w, p.expand_b = f.expand_b, p.expand_t = w.expand_t;
+  p.dw_w = f.dw_w, p.dw_b = f.dw_b, p.project_t = w.project_t;
   p.zeros.assign(std::max(p.Chp, p.Cinp), 0.f);
   return p;
 }
@@ -119,8 +98,8 @@ EFFOPS_INLINE void depthwise_row(const Shape& s, const Packs& w, const float* co
   const int64_t KH = K ? K : s.KH, KW = K ? K : s.KW, Chp = w.Chp, step = s.SW * Chp;
   for (int64_t c = 0; c < Chp; c += V::kWidth) {
     V wt[kMaxTaps];
-    for (int64_t t = 0; t < KH * KW; ++t) wt[t] = V::load(w.dw_w.data() + t * Chp + c);
-    const V bias = V::load(w.dw_b.data() + c);
+    for (int64_t t = 0; t < KH * KW; ++t) wt[t] = V::load(w.dw_w + t * Chp + c);
+    const V bias = V::load(w.dw_b + c);
     const auto finish = [&](int64_t ow, V pre) {
       act_forward(pre, s.act).store(d + ow * Chp + c);
       act_derivative(pre, s.act).store(dd + ow * Chp + c);
@@ -159,7 +138,7 @@ EFFOPS_INLINE void depthwise_backward_row(const Shape& s, const Packs& w, const 
   for (int64_t c = 0; c < Chp; c += V::kWidth) {
     V wt[kMaxTaps], sw[kMaxTaps], win[kMaxTaps];  // win[kh * KW + j]: column ow * SW + j of tap row kh
     for (int64_t t = 0; t < KH * KW; ++t) {
-      wt[t] = V::load(w.dw_w.data() + t * Chp + c), sw[t] = V::load(sum.dw_w.data() + t * Chp + c);
+      wt[t] = V::load(w.dw_w + t * Chp + c), sw[t] = V::load(sum.dw_w.data() + t * Chp + c);
       win[t] = V::zero();
     }
     V sb = V::load(sum.dw_b.data() + c);
@@ -261,7 +240,7 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
             std::copy_n(xa + ((ih - a0) * s.W + iw) * s.Cin, s.Cin, b.e.data() + slot(ih) + (s.PW + iw) * Chp);
       } else {
         with_act(s.act, [&](auto act) {
-          gemm<V>((a1 - a0 + 1) * s.W, s.Cin, xa, s.Cin, w.expand_w.data(), Chp / kPanel, w.expand_b.data(),
+          gemm<V>((a1 - a0 + 1) * s.W, s.Cin, xa, s.Cin, w.expand_w, Chp / kPanel, w.expand_b,
                   [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
                     int64_t ih = a0 + m0 / s.W, iw = m0 % s.W;
                     for (int i = 0; i < rows_; ++i) {
@@ -301,7 +280,7 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
     for (int64_t q = 0; q < pixels; ++q)
       for (int64_t c = 0; c < s.Cout; ++c) b.gy[q * Coutp + c] = to_float(gys[q * s.Cout + c]);
     if (se_sums != nullptr) {  // the squeeze-excitation's first pass: d's sums and the gate's gradient
-      gemm<V>(pixels, s.Cout, b.gy.data(), Coutp, w.project_t.data(), Chp / kPanel, w.zeros.data(),
+      gemm<V>(pixels, s.Cout, b.gy.data(), Coutp, w.project_t, Chp / kPanel, w.zeros.data(),
               [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
                 for (int i = 0; i < rows_; ++i)
                   for (int64_t j = 0; j < width; j += V::kWidth) {
@@ -323,7 +302,7 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
           (V::load(b.d.data() + q + c) * V::load(gate + c)).store(b.d.data() + q + c);
     add_rows<V>(pixels, Coutp, b.gy.data(), sum.project_b.data());
     wgrad<V>(s.Ch, Coutp / kPanel, pixels, b.d.data(), Chp, b.gy.data(), Coutp, sum.project_w.data());
-    gemm<V>(pixels, s.Cout, b.gy.data(), Coutp, w.project_t.data(), Chp / kPanel, w.zeros.data(),
+    gemm<V>(pixels, s.Cout, b.gy.data(), Coutp, w.project_t, Chp / kPanel, w.zeros.data(),
             [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
               for (int i = 0; i < rows_; ++i) {
                 const int64_t at = (m0 + i) * Chp + c0;
@@ -367,7 +346,7 @@ EFFOPS_INLINE void image(const Shape& s, const Plan& p, const Packs& w, const T*
       }
       add_rows<V>(P, Chp, b.gpe.data(), sum.expand_b.data());
       wgrad<V>(s.Cin, Chp / kPanel, P, x_rows(done, f1 - done), s.Cin, b.gpe.data(), Chp, sum.expand_w.data());
-      gemm<V>(P, s.Ch, b.gpe.data(), Chp, w.expand_t.data(), w.Cinp / kPanel, w.zeros.data(),
+      gemm<V>(P, s.Ch, b.gpe.data(), Chp, w.expand_t, w.Cinp / kPanel, w.zeros.data(),
               [&](int64_t m0, int rows_, int64_t c0, int64_t width, const float* out) {
                 store_rows<V>(m0, rows_, c0, width, out, s.Cin, res, gxs);
               });
@@ -450,7 +429,7 @@ void run_images(const Shape& s, const Plan& p, const Packs& w, const ImageArgs<T
 template <typename T>
 void fused_backward(const Shape& s, const T* x, const T* g_y, const BackwardWeights& wt, T* g_x, const WeightGrads& g,
                     const SeTerms* se) {
-  const Packs w = pack(s, wt);
+  const Packs w = views(s, wt);
   const Plan p = plan(s, w);
   const int64_t Chp = w.Chp, Coutp = w.Coutp, taps = w.taps;
   std::vector<Sums> parts(std::max<int64_t>(1, s.N));  // parts[begin]: the task that starts at image begin
@@ -476,7 +455,7 @@ void fused_backward(const Shape& s, const T* x, const T* g_y, const BackwardWeig
 template <typename T>
 void fused_backward_se_sums(const Shape& s, const T* x, const T* g_y, const BackwardWeights& wt, float* means,
                             float* gate_grad) {
-  const Packs w = pack(s, wt);
+  const Packs w = views(s, wt);
   const Plan p = plan(s, w);
   const int64_t Chp = w.Chp;
   std::vector<float> sums(s.N * 2 * Chp, 0.f);  // [N][means, gate_grad][Chp]

@@ -20,10 +20,13 @@
 
 namespace effops::cpu::ir {
 
-// The block's weights as torch holds them, fp32 contiguous: expand_w [Ch][Cin] (nullptr without expansion),
-// expand_b [Ch] or nullptr, dw_w [Ch][KH * KW], dw_b [Ch] or nullptr, project_w [Cout][Ch].
+// The weights as the steps read them: the forward's packed weights (inverted_residual_pack's layout,
+// packed_size(s) floats; the project panels and bias unused) and the panels of the two transposed products,
+// packed as the forward packs a [R][K] weight for gemm ([padded(R) / 16][K][16], zero past R):
+//   expand_t  = pack(expand_w^T)   [padded(Cin) / 16][Ch][16]   g_x = g_pre_e @ expand_w (nullptr without expansion)
+//   project_t = pack(project_w^T)  [padded(Ch) / 16][Cout][16]  g_d = g_y @ project_w
 struct BackwardWeights {
-  const float *expand_w, *expand_b, *dw_w, *dw_b, *project_w;
+  const float *packed, *expand_t, *project_t;
 };
 
 // The weights' gradients, fp32, overwritten, in the weights' layouts (expand_b [Ch], dw_b [Ch],
