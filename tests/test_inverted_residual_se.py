@@ -161,7 +161,8 @@ def test_fused_backward_matches_reference_autograd(level, se_case, expand):
 def test_fused_backward_in_low_precision(dtype):
     """16-bit tensors through the fused backward (one thread): its intermediates are fp32 and only the
     gradients are rounded to the dtype, so each gradient's largest error against the float64 reference on
-    the same (rounded) inputs is within a few of the dtype's roundings of its largest value."""
+    the same (rounded) inputs is within 1.5 units of the dtype's rounding of its largest value (measured up
+    to 0.83)."""
     unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     with effops.use_backend("cpu"), threads(1):
         tensors, kw = make_se(*SE_CASES[0], dtype=dtype)
@@ -173,7 +174,7 @@ def test_fused_backward_in_low_precision(dtype):
     wants = torch.autograd.grad(call_reference(t64, kw), t64, gy.double())
     for i, (g, w) in enumerate(zip(grads, wants)):
         assert g.dtype == dtype
-        assert (g.double() - w).abs().max() <= 4 * unit * w.abs().max(), i
+        assert (g.double() - w).abs().max() <= 1.5 * unit * w.abs().max(), i
 
 
 @needs_ext

@@ -390,11 +390,13 @@ void run_images(const Shape& s, const Plan& p, const Packs& w, const ImageArgs<T
   const int64_t Chp = w.Chp, Coutp = w.Coutp;
   const CpuIsa level = cpu_isa();
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    Sums local;
-    Sums& sum = parts != nullptr ? (*parts)[begin] : local;
-    sum.expand_w.assign(s.Cin * Chp, 0.f), sum.expand_b.assign(Chp, 0.f);
-    sum.dw_w.assign(w.taps * Chp, 0.f), sum.dw_b.assign(Chp, 0.f);
-    sum.project_w.assign(Chp * Coutp, 0.f), sum.project_b.assign(Coutp, 0.f);
+    Sums unused;  // the squeeze-excitation's first pass sums no weight gradient
+    Sums& sum = parts != nullptr ? (*parts)[begin] : unused;
+    if (parts != nullptr) {
+      sum.expand_w.assign(s.Cin * Chp, 0.f), sum.expand_b.assign(Chp, 0.f);
+      sum.dw_w.assign(w.taps * Chp, 0.f), sum.dw_b.assign(Chp, 0.f);
+      sum.project_w.assign(Chp * Coutp, 0.f), sum.project_b.assign(Coutp, 0.f);
+    }
     Buffers b;
     b.e.assign(p.C * p.Wp * Chp, 0.f);  // zeroed once: the padding columns are never written
     b.de.assign(p.C * p.Wp * Chp, 0.f);
